@@ -1,0 +1,95 @@
+"""`llm-fleet` command line: validate and render specs, run the sandbox, run the flows."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from manifests.spec import SpecError, load_spec
+
+
+def _validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            spec = load_spec(path)
+        except SpecError as exc:
+            print(f"✗ {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"✓ {path}: {spec.name} — {spec.model.id} on {spec.engine.kind}, "
+              f"{spec.accelerator.count}× {spec.accelerator.type}{' spot' if spec.accelerator.spot else ''}, "
+              f"{spec.target}{'' if spec.target != 'gke' else ' ' + spec.cluster.mode}")
+    return 1 if failed else 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from manifests.render import render
+
+    try:
+        spec = load_spec(args.file)
+        objs = render(spec, color=args.color, revision=args.revision)
+    except SpecError as exc:
+        print(f"✗ {exc}", file=sys.stderr)
+        return 1
+    yaml.safe_dump_all(objs, sys.stdout, sort_keys=False)
+    return 0
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from sandbox.app import main as sandbox_main
+
+    argv = ["--time-scale", str(args.time_scale)]
+    if args.state_dir:
+        argv += ["--state-dir", str(args.state_dir)]
+    return sandbox_main(argv) or 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from llm_fleet.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-fleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check model-deployment specs; one clear error per bad file")
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("render", help="print the Kubernetes objects of a spec as a YAML stream")
+    p.add_argument("file", type=Path)
+    p.add_argument("--color", choices=["blue", "green"], default="blue")
+    p.add_argument("--revision", help="model revision (commit) to pin; default: the spec's")
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("sandbox", help="the loopback GKE/Compute/Kubernetes/HF/Slack emulators")
+    sp = p.add_subparsers(dest="sandbox_command", required=True)
+    up = sp.add_parser("up", help="start the sandbox and write <state-dir>/env and kubeconfig")
+    up.add_argument("--state-dir", type=Path, default=Path(".sandbox"))
+    up.add_argument("--time-scale", type=float, default=1.0,
+                    help="multiply cloud delays (cluster create, node boot, weight load); 0.01 = 100× faster")
+    up.set_defaults(func=_sandbox)
+
+    p = sub.add_parser("demo", help="the main job: sandbox + Prefect server + flows, a whole lifecycle")
+    p.add_argument("--state-dir", type=Path, default=Path(".sandbox"))
+    p.add_argument("--time-scale", type=float, default=0.02)
+    p.add_argument("--spec", type=Path, default=Path("deployments/gemma2-2b-it-vllm-l4.yaml"))
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the Prefect server (UI) and sandbox up after the lifecycle, until Ctrl-C")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Every Kubernetes name and label the product uses, derived in one place."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from manifests.spec import DeploymentSpec
+
+Color = Literal["blue", "green"]
+COLORS: tuple[Color, Color] = ("blue", "green")
+COLOR_LABEL = "llm-fleet.dev/color"
+REVISION_ANNOTATION = "llm-fleet.dev/model-revision"
+SPEC_HASH_ANNOTATION = "llm-fleet.dev/spec-hash"
+FIELD_MANAGER = "llm-fleet"
+OPERATOR_ACCOUNT = "llm-fleet-operator"
+
+
+def other(color: Color) -> Color:
+    return "green" if color == "blue" else "blue"
+
+
+def deployment(spec: DeploymentSpec, color: Color) -> str:
+    return f"{spec.name}-{color}"
+
+
+def service(spec: DeploymentSpec) -> str:
+    return spec.name
+
+
+def preview_service(spec: DeploymentSpec) -> str:
+    return f"{spec.name}-preview"
+
+
+def cache_claim(spec: DeploymentSpec) -> str:
+    return f"{spec.name}-cache"
+
+
+def ingress(spec: DeploymentSpec) -> str:
+    return spec.name
+
+
+def hpa(spec: DeploymentSpec) -> str:
+    return spec.name
+
+
+def alerts(spec: DeploymentSpec) -> str:
+    return f"{spec.name}-alerts"
+
+
+def instance_labels(spec: DeploymentSpec) -> dict[str, str]:
+    """Labels that identify everything a spec owns (teardown selects on these)."""
+    return {"app.kubernetes.io/instance": spec.name, "app.kubernetes.io/managed-by": "llm-fleet"}
+
+
+def common_labels(spec: DeploymentSpec) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": spec.engine.kind,
+        **instance_labels(spec),
+        "app.kubernetes.io/part-of": "llm-fleet",
+        "hf.co/model": spec.model.label,
+        "hf.co/task": spec.model.task,
+    }
+
+
+def selector(spec: DeploymentSpec, color: Color) -> dict[str, str]:
+    """What a color's pods carry and what the live/preview Services select on."""
+    return {"app.kubernetes.io/instance": spec.name, COLOR_LABEL: color}
+
+
+def pod_labels(spec: DeploymentSpec, color: Color) -> dict[str, str]:
+    return {**common_labels(spec), "app.kubernetes.io/component": "model-server", COLOR_LABEL: color}

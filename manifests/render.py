@@ -1,0 +1,365 @@
+"""Spec (+ color) -> Kubernetes objects as plain dicts. Pure: no I/O, no clients, no Prefect."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from manifests import names
+from manifests.names import Color
+from manifests.spec import DeploymentSpec, SpecError
+
+Obj = dict[str, Any]
+GPU = "nvidia.com/gpu"
+
+
+def _meta(spec: DeploymentSpec, name: str, *, labels: dict[str, str] | None = None,
+          annotations: dict[str, str] | None = None, namespaced: bool = True) -> Obj:
+    meta: Obj = {"name": name, "labels": {**names.common_labels(spec), **(labels or {})}}
+    if namespaced:
+        meta["namespace"] = spec.namespace
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def namespace(spec: DeploymentSpec) -> Obj:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": spec.namespace, "labels": {"app.kubernetes.io/part-of": "llm-fleet"}}}
+
+
+def cache_claim(spec: DeploymentSpec) -> Obj:
+    pvc_spec: Obj = {"accessModes": [spec.cache.access_mode], "resources": {"requests": {"storage": spec.cache.size}}}
+    if spec.cache.storage_class:
+        pvc_spec["storageClassName"] = spec.cache.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _meta(spec, names.cache_claim(spec)), "spec": pvc_spec}
+
+
+def workload_account(spec: DeploymentSpec) -> Obj | None:
+    if not spec.service_account:
+        return None
+    ann = {"iam.gke.io/gcp-service-account": spec.gcp_service_account} if spec.gcp_service_account else None
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(spec, spec.service_account, annotations=ann)}
+
+
+def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
+    """What a Prefect worker running in the cluster needs to run every flow in this namespace."""
+    name = names.OPERATOR_ACCOUNT
+    rules = [
+        {"apiGroups": [""], "resources": ["pods", "pods/log", "events", "endpoints"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["services", "services/proxy", "secrets", "persistentvolumeclaims",
+                                          "serviceaccounts"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "replicasets"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+        {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+        {"apiGroups": ["monitoring.googleapis.com", "monitoring.coreos.com"],
+         "resources": ["podmonitorings", "rules", "prometheusrules"],
+         "verbs": ["get", "list", "create", "update", "patch", "delete"]},
+    ]
+    labels = {"app.kubernetes.io/component": "operator"}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, name, labels=labels)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(spec, name, labels=labels),
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(spec, name, labels=labels),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": spec.namespace}]},
+    ]
+
+
+def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
+    eng, model = spec.engine, spec.model
+    port = eng.container_port
+    token = {"name": spec.secret.env,
+             "valueFrom": {"secretKeyRef": {"name": spec.secret.name, "key": spec.secret.key}}}
+    env: list[Obj] = [token, {"name": "HF_HOME", "value": spec.cache.mount_path}]
+    args: list[str] = []
+    command = eng.command
+    if eng.kind == "vllm":
+        args = [f"--model={model.id}", f"--revision={revision}", f"--port={port}",
+                f"--tensor-parallel-size={eng.tensor_parallel}", f"--dtype={eng.dtype}"]
+        if eng.quantization:
+            args.append(f"--quantization={eng.quantization}")
+        if eng.max_model_len:
+            args.append(f"--max-model-len={eng.max_model_len}")
+        if eng.gpu_memory_utilization:
+            args.append(f"--gpu-memory-utilization={eng.gpu_memory_utilization}")
+        if eng.max_concurrent_requests:
+            args.append(f"--max-num-seqs={eng.max_concurrent_requests}")
+    elif eng.kind == "tgi":
+        # TGI is configured through its environment, the way seeds 000 and 003 do it.
+        env += [{"name": "MODEL_ID", "value": model.id}, {"name": "REVISION", "value": revision},
+                {"name": "NUM_SHARD", "value": str(eng.tensor_parallel)}, {"name": "PORT", "value": str(port)},
+                {"name": "HUGGINGFACE_HUB_CACHE", "value": spec.cache.mount_path}]
+        if eng.dtype != "auto" and not eng.quantization:
+            env.append({"name": "DTYPE", "value": eng.dtype})
+        if eng.quantization:
+            env.append({"name": "QUANTIZE", "value": eng.quantization})
+        if eng.max_model_len:
+            env += [{"name": "MAX_INPUT_LENGTH", "value": str(eng.max_model_len - 1)},
+                    {"name": "MAX_TOTAL_TOKENS", "value": str(eng.max_model_len)}]
+        if eng.max_concurrent_requests:
+            env.append({"name": "MAX_CONCURRENT_REQUESTS", "value": str(eng.max_concurrent_requests)})
+    else:  # sglang
+        command = command or ["python3", "-m", "sglang.launch_server"]
+        args = ["--model-path", model.id, "--revision", revision, "--host", "0.0.0.0", "--port", str(port),
+                "--tp", str(eng.tensor_parallel), "--dtype", eng.dtype, "--enable-metrics"]
+        if eng.quantization:
+            args += ["--quantization", eng.quantization]
+        if eng.max_model_len:
+            args += ["--context-length", str(eng.max_model_len)]
+    if spec.expose.api_key_secret:
+        secret, key = spec.expose.api_key_secret.split("/", 1)
+        var = {"vllm": "VLLM_API_KEY", "tgi": "API_KEY", "sglang": "API_KEY"}[eng.kind]
+        env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+        if eng.kind == "sglang":
+            args += ["--api-key", f"$({var})"]
+    args += list(eng.extra_args)
+    env += [{"name": k, "value": v} for k, v in sorted(eng.env.items())]
+
+    gpus = str(spec.accelerator.count)
+    load_s = spec.default_load_timeout().total_seconds()
+    period = 10
+    container: Obj = {
+        "name": eng.kind,
+        "image": eng.image_ref,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"requests": {GPU: gpus}, "limits": {GPU: gpus}},
+        # A startup probe absorbs the slow weight load; liveness only begins once it passes,
+        # so a hung server is still restarted without a 10-minute initialDelaySeconds.
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
+                         "failureThreshold": max(3, math.ceil(load_s / period))},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5,
+                           "failureThreshold": 3, "timeoutSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 30,
+                          "failureThreshold": 3, "timeoutSeconds": 10},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
+                         {"name": "cache", "mountPath": spec.cache.mount_path}],
+    }
+    if command:
+        container["command"] = list(command)
+    if args:
+        container["args"] = args
+    return container
+
+
+def _placement(spec: DeploymentSpec) -> Obj:
+    acc = spec.accelerator
+    selector = {"cloud.google.com/gke-accelerator": acc.type}
+    if acc.spot:
+        selector["cloud.google.com/gke-spot"] = "true"
+    if spec.cluster.mode == "autopilot":
+        # Autopilot provisions a GPU node for this selector by itself (seed 000).
+        return {"nodeSelector": selector}
+    selector["cloud.google.com/gke-nodepool"] = acc.pool.name
+    tolerations = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+    if acc.spot:
+        tolerations.append({"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                            "effect": "NoSchedule"})
+    return {"nodeSelector": selector, "tolerations": tolerations}
+
+
+def spec_hash(spec: DeploymentSpec, revision: str) -> str:
+    """Changes when anything that the pods run changes: used to tell a release from a no-op."""
+    data = spec.model_dump(mode="json", include={"model", "engine", "accelerator", "cache", "secret", "expose"})
+    data["revision"] = revision
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None = None,
+                     replicas: int | None = None) -> Obj:
+    revision = revision or spec.model.revision
+    pod_labels = names.pod_labels(spec, color)
+    annotations = {names.REVISION_ANNOTATION: revision, names.SPEC_HASH_ANNOTATION: spec_hash(spec, revision)}
+    pod_annotations = dict(annotations)
+    if spec.monitoring.scrape == "annotations":
+        pod_annotations.update({"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+                                "prometheus.io/port": str(spec.engine.container_port)})
+    volumes: list[Obj] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.engine.shm_size}}]
+    if spec.cache.enabled:
+        volumes.append({"name": "cache", "persistentVolumeClaim": {"claimName": names.cache_claim(spec)}})
+    else:
+        volumes.append({"name": "cache", "emptyDir": {}})
+    pod_spec: Obj = {
+        "containers": [_engine_container(spec, revision)],
+        "volumes": volumes,
+        # Model servers drain in-flight generations before exit.
+        "terminationGracePeriodSeconds": 60,
+        **_placement(spec),
+    }
+    if spec.service_account:
+        pod_spec["serviceAccountName"] = spec.service_account
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(spec, names.deployment(spec, color),
+                          labels={"app.kubernetes.io/component": "model-server", names.COLOR_LABEL: color},
+                          annotations=annotations),
+        "spec": {
+            "replicas": spec.replicas if replicas is None else replicas,
+            "selector": {"matchLabels": names.selector(spec, color)},
+            # A GPU node holds one replica: surge would wait for a node that autoscaling may not add.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "progressDeadlineSeconds": int(spec.default_load_timeout().total_seconds()),
+            "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
+        },
+    }
+
+
+def _service(spec: DeploymentSpec, name: str, color: Color, *, preview: bool) -> Obj:
+    annotations: dict[str, str] = {}
+    ing = spec.expose.ingress
+    if not preview and ing is not None and ing.class_name == "gce":
+        annotations["cloud.google.com/neg"] = '{"ingress": true}'  # container-native LB (seed 004)
+    if not preview and spec.monitoring.scrape == "annotations":
+        annotations.update({"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+                            "prometheus.io/port": str(spec.expose.port)})
+    role = "preview" if preview else "live"
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(spec, name, labels={"llm-fleet.dev/role": role}, annotations=annotations or None),
+        "spec": {
+            "type": "ClusterIP" if preview else spec.expose.service_type,
+            "selector": names.selector(spec, color),
+            "ports": [{"name": "http", "port": spec.expose.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def live_service(spec: DeploymentSpec, color: Color) -> Obj:
+    return _service(spec, names.service(spec), color, preview=False)
+
+
+def preview_service(spec: DeploymentSpec, color: Color) -> Obj:
+    return _service(spec, names.preview_service(spec), color, preview=True)
+
+
+def ingress(spec: DeploymentSpec) -> Obj | None:
+    ing = spec.expose.ingress
+    if ing is None:
+        return None
+    annotations: dict[str, str] = {}
+    body: Obj = {}
+    if ing.class_name == "gce":
+        # GCE ingress still keys on the annotation, not ingressClassName.
+        annotations["kubernetes.io/ingress.class"] = "gce"
+        if ing.static_ip_name:
+            annotations["kubernetes.io/ingress.global-static-ip-name"] = ing.static_ip_name
+    else:
+        body["ingressClassName"] = "nginx"
+        annotations.update({
+            "nginx.ingress.kubernetes.io/proxy-body-size": ing.proxy_body_size,
+            "nginx.ingress.kubernetes.io/proxy-read-timeout": str(ing.read_timeout_s),
+            # Token streams must reach the client as they are generated.
+            "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+        })
+        if ing.rate_limit_rps:
+            annotations["nginx.ingress.kubernetes.io/limit-rps"] = str(ing.rate_limit_rps)
+    if ing.cluster_issuer:
+        annotations["cert-manager.io/cluster-issuer"] = ing.cluster_issuer
+    backend = {"service": {"name": names.service(spec), "port": {"number": spec.expose.port}}}
+    rule: Obj = {"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]}}
+    if ing.host:
+        rule["host"] = ing.host
+    body["rules"] = [rule]
+    if ing.tls_secret:
+        body["tls"] = [{"hosts": [ing.host], "secretName": ing.tls_secret}]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": _meta(spec, names.ingress(spec), annotations=annotations or None), "spec": body}
+
+
+def autoscaler(spec: DeploymentSpec, color: Color) -> Obj | None:
+    hpa = spec.autoscaling
+    if hpa is None:
+        return None
+    metric = hpa.metric or spec.engine.defaults.queue_metric
+    metrics: list[Obj] = [{"type": "Pods", "pods": {
+        "metric": {"name": metric},
+        "target": {"type": "AverageValue", "averageValue": f"{hpa.target_queue:g}"}}}]
+    if hpa.cpu_utilization:
+        metrics.append({"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": hpa.cpu_utilization}}})
+    return {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(spec, names.hpa(spec)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names.deployment(spec, color)},
+            "minReplicas": hpa.min_replicas, "maxReplicas": hpa.max_replicas, "metrics": metrics,
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 0,
+                            "policies": [{"type": "Percent", "value": 100, "periodSeconds": 30}]},
+                "scaleDown": {"stabilizationWindowSeconds": int(hpa.scale_down_stabilization.total_seconds()),
+                              "policies": [{"type": "Percent", "value": 50, "periodSeconds": 60}]},
+            },
+        },
+    }
+
+
+def monitoring(spec: DeploymentSpec) -> list[Obj]:
+    """Google Managed Prometheus scraping and alert rules (CRDs: not schema-validated offline)."""
+    out: list[Obj] = []
+    mon = spec.monitoring
+    if mon.scrape == "podmonitoring":
+        out.append({
+            "apiVersion": "monitoring.googleapis.com/v1", "kind": "PodMonitoring",
+            "metadata": _meta(spec, spec.name),
+            "spec": {"selector": {"matchLabels": names.instance_labels(spec)},
+                     "endpoints": [{"port": "http", "path": "/metrics",
+                                    "interval": f"{int(mon.interval.total_seconds())}s"}]},
+        })
+    if mon.alerts is not None:
+        a, eng = mon.alerts, spec.engine.kind
+        queue = spec.engine.defaults.queue_metric
+        latency = {"vllm": "vllm:e2e_request_latency_seconds_bucket", "tgi": "tgi_request_duration_bucket",
+                   "sglang": "sglang:e2e_request_latency_seconds_bucket"}[eng]
+        sel = f'namespace="{spec.namespace}"'
+        rules = [
+            {"alert": "LLMHighLatency", "for": "2m", "labels": {"severity": "warning"},
+             "expr": f"histogram_quantile(0.95, sum by (le) (rate({latency}{{{sel}}}[5m]))) > {a.p95_latency_s:g}",
+             "annotations": {"summary": f"{spec.name}: p95 latency above {a.p95_latency_s:g}s"}},
+            {"alert": "LLMQueueBackingUp", "for": "5m", "labels": {"severity": "warning"},
+             "expr": f"max({queue}{{{sel}}}) > {a.queue_size}",
+             "annotations": {"summary": f"{spec.name}: more than {a.queue_size} requests queued"}},
+        ]
+        if a.min_success_rps is not None and eng == "tgi":
+            rules.append({"alert": "LLMLowThroughput", "for": "10m", "labels": {"severity": "warning"},
+                          "expr": f"sum(rate(tgi_request_success{{{sel}}}[5m])) < {a.min_success_rps:g}",
+                          "annotations": {"summary": f"{spec.name}: throughput below {a.min_success_rps:g} req/s"}})
+        group = {"name": f"{spec.name}-serving", "interval": f"{int(mon.interval.total_seconds())}s", "rules": rules}
+        if mon.scrape == "podmonitoring":
+            out.append({"apiVersion": "monitoring.googleapis.com/v1", "kind": "Rules",
+                        "metadata": _meta(spec, names.alerts(spec)), "spec": {"groups": [group]}})
+        else:
+            out.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+                        "metadata": _meta(spec, names.alerts(spec)), "spec": {"groups": [group]}})
+    return out
+
+
+def render(spec: DeploymentSpec, *, color: Color = "blue", revision: str | None = None,
+           rbac: bool = True) -> list[Obj]:
+    """Every object a spec needs with ``color`` live, in apply order (namespace first)."""
+    if spec.target != "gke":
+        raise SpecError("target", f"target {spec.target} has no Kubernetes objects",
+                        "render specs with target: gke; Vertex AI endpoints are not rendered")
+    objs: list[Obj | None] = [namespace(spec)]
+    if rbac:
+        objs += operator_rbac(spec)
+    objs += [workload_account(spec), cache_claim(spec) if spec.cache.enabled else None,
+             model_deployment(spec, color, revision=revision),
+             live_service(spec, color), preview_service(spec, color),
+             ingress(spec), autoscaler(spec, color), *monitoring(spec)]
+    return [o for o in objs if o is not None]
+
+
+def object_key(obj: Obj) -> tuple[str, str, str, str]:
+    meta = obj["metadata"]
+    return obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"]

@@ -1,0 +1,547 @@
+"""The model-deployment spec: one YAML file under deployments/ describes one served model.
+
+Loading never raises a pydantic traceback at the user: every problem becomes one ``SpecError``
+naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import zoneinfo
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from croniter import croniter
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from manifests.catalog import ACCELERATORS, BYTES_PER_PARAM, ENGINES, VLM_SUPPORT, required_gib
+
+
+class SpecError(Exception):
+    """A spec problem: which field, what is wrong, how to fix it."""
+
+    def __init__(self, field: str, problem: str, fix: str = "", *, source: str | None = None) -> None:
+        self.field, self.problem, self.fix, self.source = field, problem, fix, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field}: {problem}" + (f" — {fix}" if fix else ""))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def _duration(value: Any) -> Any:
+    """Accept 90, "90s", "30m", "2h", "1d" as well as pydantic's own timedelta forms."""
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+DNS_LABEL = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
+K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelRef(_Model):
+    id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="a Hub repo id such as google/gemma-2-2b-it")
+    revision: str = "main"
+    task: Literal["text-generation", "image-text-to-text"] = "text-generation"
+
+    @property
+    def is_vision(self) -> bool:
+        return self.task == "image-text-to-text"
+
+    @property
+    def label(self) -> str:
+        """The id as a label value, the way seed 000 writes hf.co/model (org--name)."""
+        return self.id.replace("/", "--")[:63].rstrip("-_.")
+
+
+class EngineSpec(_Model):
+    kind: Literal["vllm", "tgi", "sglang"] = "vllm"
+    image: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Literal["awq", "gptq", "fp8", "int8", "bitsandbytes", "eetq"] | None = None
+    tensor_parallel: int = Field(1, ge=1, le=8)
+    max_model_len: int | None = Field(None, ge=128)
+    gpu_memory_utilization: float | None = Field(None, gt=0.1, le=1.0)
+    max_concurrent_requests: int | None = Field(None, ge=1)
+    port: int | None = Field(None, ge=1, le=65535)
+    shm_size: str = Field("2Gi", pattern=K8S_QUANTITY)
+    extra_args: list[str] = []
+    env: dict[str, str] = {}
+    # For engines whose image needs an explicit command (seed 004 runs the OpenAI entrypoint).
+    command: list[str] | None = None
+
+    @property
+    def defaults(self):
+        return ENGINES[self.kind]
+
+    @property
+    def image_ref(self) -> str:
+        return self.image or self.defaults.image
+
+    @property
+    def container_port(self) -> int:
+        return self.port or self.defaults.port
+
+    @property
+    def weight_format(self) -> str:
+        return self.quantization or self.dtype
+
+
+class ClusterSpec(_Model):
+    project: str = Field(pattern=r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$",
+                         description="a GCP project id: 6-30 lowercase letters, digits or '-'")
+    location: str = Field(pattern=r"^[a-z]+-[a-z]+\d+(-[a-z])?$",
+                          description="a region (us-central1) or a zone (us-central1-a)")
+    name: str = Field("llm-fleet", pattern=DNS_LABEL)
+    mode: Literal["autopilot", "standard"] = "standard"
+    release_channel: Literal["rapid", "regular", "stable"] = "regular"
+    version: str | None = Field(None, pattern=r"^1\.\d+(\.\d+(-gke\.\d+)?)?$")
+    workload_identity: bool = True
+    image_streaming: bool = True
+    # Node locations in failover order (zones of `location`'s region); empty = GKE's choice.
+    zones: list[str] = []
+    # Other regions to try, in order, when every zone is stocked out.
+    failover_regions: list[str] = []
+
+    @property
+    def region(self) -> str:
+        return self.location if self.location.count("-") == 1 else self.location.rsplit("-", 1)[0]
+
+    @property
+    def is_zonal(self) -> bool:
+        return self.location.count("-") == 2
+
+
+class PoolSpec(_Model):
+    name: str = Field("gpu-pool", pattern=DNS_LABEL)
+    min_nodes: int = Field(0, ge=0)
+    max_nodes: int = Field(2, ge=1, le=100)
+    initial_nodes: int = Field(1, ge=0)
+    disk_size_gb: int = Field(200, ge=50)
+    local_ssd_count: int = Field(0, ge=0)
+
+
+class AcceleratorSpec(_Model):
+    type: str = "nvidia-l4"
+    count: int = Field(1, ge=1, le=8)  # GPUs per replica (= per node: one replica per GPU node)
+    machine_type: str | None = None
+    spot: bool = False
+    pool: PoolSpec = PoolSpec()
+
+    @property
+    def info(self):
+        return ACCELERATORS[self.type]
+
+    @property
+    def machine(self) -> str:
+        return self.machine_type or self.info.machine_types[self.count]
+
+
+class CacheSpec(_Model):
+    enabled: bool = True
+    size: str = Field("100Gi", pattern=K8S_QUANTITY)
+    storage_class: str | None = "standard-rwo"
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"] = "ReadWriteOnce"
+    mount_path: str = "/data"
+
+
+class SecretSpec(_Model):
+    """Where the HF token comes from and how the pods see it (never its value)."""
+
+    name: str = Field("hf-secret", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    key: str = Field("hf_token", pattern=r"^[-._a-zA-Z0-9]+$")
+    env: str = Field("HF_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    # Prefect Secret block holding the token; falls back to the HF_TOKEN environment variable.
+    prefect_block: str | None = "hf-token"
+
+
+class IngressSpec(_Model):
+    class_name: Literal["gce", "nginx"] = Field("gce", alias="class")
+    host: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    tls_secret: str | None = None
+    cluster_issuer: str | None = None  # cert-manager issuer that fills tls_secret
+    static_ip_name: str | None = None  # gce: kubernetes.io/ingress.global-static-ip-name
+    rate_limit_rps: int | None = Field(None, ge=1)  # nginx: per client IP
+    proxy_body_size: str = "10m"
+    read_timeout_s: int = Field(300, ge=1)
+
+
+class ExposeSpec(_Model):
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = Field(8080, ge=1, le=65535)
+    ingress: IngressSpec | None = None
+    # Require an API key (engine-native --api-key) read from this Secret key ("secret/key").
+    api_key_secret: str | None = Field(None, pattern=r"^[a-z0-9][-a-z0-9.]*/[-._a-zA-Z0-9]+$")
+
+
+class AutoscalingSpec(_Model):
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1, le=100)
+    metric: str | None = None  # defaults to the engine's queue gauge
+    target_queue: float = Field(10, gt=0)  # average queued requests per pod
+    cpu_utilization: int | None = Field(None, ge=1, le=100)
+    scale_down_stabilization: Duration = timedelta(minutes=5)
+
+
+class AlertSpec(_Model):
+    p95_latency_s: float = Field(5.0, gt=0)
+    queue_size: int = Field(50, ge=1)
+    min_success_rps: float | None = Field(None, ge=0)
+
+
+class MonitoringSpec(_Model):
+    scrape: Literal["annotations", "podmonitoring", "none"] = "podmonitoring"
+    interval: Duration = timedelta(seconds=30)
+    alerts: AlertSpec | None = None
+
+
+class AnalysisSpec(_Model):
+    requests: int = Field(20, ge=1)
+    max_error_rate: float = Field(0.0, ge=0, le=1)
+    max_p95_latency_s: float = Field(10.0, gt=0)
+    min_tokens_per_s: float | None = Field(None, gt=0)
+
+
+class ReleaseSpec(_Model):
+    strategy: Literal["blue-green"] = "blue-green"
+    smoke_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence."], min_length=1)
+    smoke_max_tokens: int = Field(32, ge=1, le=4096)
+    # Each smoke answer must match this regex (None: any non-empty answer).
+    expect: str | None = None
+    pre_promotion: AnalysisSpec = AnalysisSpec()
+    post_promotion: AnalysisSpec = AnalysisSpec()
+    scale_down_delay: Duration = timedelta(minutes=5)
+    auto_promote: bool = True
+
+    @field_validator("expect")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"{v!r} is not a regular expression ({exc}); escape literal brackets") from None
+        return v
+
+
+class ScheduleSpec(_Model):
+    timezone: str = "UTC"
+    park: str | None = None  # cron: when to scale to zero
+    wake: str | None = None  # cron: when to be serving again (prewarm starts earlier)
+    idle_after: Duration | None = None  # park when no request for this long
+    prewarm: Duration = timedelta(minutes=5)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {v!r}; use an IANA name such as Europe/Paris") from exc
+        return v
+
+    @field_validator("park", "wake")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None and not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a cron expression; use five fields, e.g. '0 20 * * 1-5'")
+        return v
+
+
+class VertexSpec(_Model):
+    """Seed 002: Gemma on a Vertex AI endpoint (spec only for now)."""
+
+    endpoint_display_name: str
+    machine_type: str = "g2-standard-12"
+    accelerator_type: Literal["NVIDIA_L4", "NVIDIA_TESLA_T4", "NVIDIA_TESLA_A100", "NVIDIA_H100_80GB"] = "NVIDIA_L4"
+    accelerator_count: int = Field(1, ge=1, le=8)
+    min_replica_count: int = Field(1, ge=1)
+    max_replica_count: int = Field(1, ge=1)
+    serving_container_image_uri: str = (
+        "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:latest"
+    )
+    artifact_uri: str | None = None
+    health_route: str = "/health"
+    predict_route: str = "/generate"
+    port: int = 8080
+
+
+def _shorthand(key: str):
+    def to_mapping(value: Any) -> Any:
+        return {key: value} if isinstance(value, str) else value
+
+    return BeforeValidator(to_mapping)
+
+
+class DeploymentSpec(_Model):
+    name: str = Field(pattern=DNS_LABEL, description="a DNS label: lowercase letters, digits and '-', "
+                      "starting with a letter, at most 40 characters (it prefixes every object name)")
+    target: Literal["gke", "vertex"] = "gke"
+    model: Annotated[ModelRef, _shorthand("id")]
+    engine: Annotated[EngineSpec, _shorthand("kind")] = EngineSpec()
+    cluster: ClusterSpec
+    accelerator: Annotated[AcceleratorSpec, _shorthand("type")] = AcceleratorSpec()
+    namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    replicas: int = Field(1, ge=0, le=100)
+    cache: CacheSpec = CacheSpec()
+    secret: SecretSpec = SecretSpec()
+    expose: ExposeSpec = ExposeSpec()
+    autoscaling: AutoscalingSpec | None = None
+    monitoring: MonitoringSpec = MonitoringSpec()
+    release: ReleaseSpec = ReleaseSpec()
+    schedule: ScheduleSpec | None = None
+    slack_channel: str | None = Field(None, pattern=r"^[#@]?[-_a-z0-9.]{1,80}$")
+    # Kubernetes service account of the pods (workload identity, seed 004).
+    service_account: str | None = Field(None, pattern=DNS_LABEL)
+    gcp_service_account: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.gserviceaccount\.com$",
+                                            description="a Google service account e-mail (...@PROJECT.iam.gserviceaccount.com)")
+    # Upper bound for "pod created -> model answers"; default sized to the model.
+    load_timeout: Duration | None = None
+    # On a failed deploy keep the failing pods for debugging (they cost GPU money).
+    keep_for_debug: bool = False
+    vertex: VertexSpec | None = None
+
+    # Cross-field checks: raised as SpecError so the field path is exact.
+    @model_validator(mode="after")
+    def _consistent(self) -> DeploymentSpec:
+        acc, eng = self.accelerator, self.engine
+        if acc.type not in ACCELERATORS:
+            close = difflib.get_close_matches(acc.type, ACCELERATORS, n=1)
+            raise SpecError("accelerator.type", f"unknown accelerator {acc.type!r}",
+                            f"use {close[0]!r}" if close else f"use one of {', '.join(ACCELERATORS)}")
+        if acc.machine_type is None and acc.count not in acc.info.machine_types:
+            raise SpecError("accelerator.count", f"{acc.type} nodes come with "
+                            f"{'/'.join(map(str, acc.info.machine_types))} GPUs, not {acc.count}",
+                            "pick one of those counts or set accelerator.machine_type")
+        if eng.tensor_parallel > acc.count:
+            raise SpecError("engine.tensor_parallel",
+                            f"{eng.tensor_parallel} shards need {eng.tensor_parallel} GPUs per replica "
+                            f"but accelerator.count is {acc.count}",
+                            f"set accelerator.count to {eng.tensor_parallel} or lower engine.tensor_parallel")
+        if self.model.is_vision:
+            family = self.model.id.split("/", 1)[1].lower()
+            if not any(family.startswith(p) for p in VLM_SUPPORT[eng.kind]):
+                able = [k for k, fams in VLM_SUPPORT.items() if any(family.startswith(p) for p in fams)]
+                raise SpecError("engine.kind", f"{eng.kind} cannot serve the vision-language model {self.model.id}",
+                                f"use engine.kind {' or '.join(able)}" if able else "pick a supported VLM")
+        if eng.quantization and eng.kind == "tgi" and eng.quantization in ("int8",):
+            raise SpecError("engine.quantization", "TGI has no plain int8 mode", "use bitsandbytes, eetq, awq or gptq")
+        pool = acc.pool
+        if pool.min_nodes > pool.max_nodes:
+            raise SpecError("accelerator.pool.min_nodes", f"{pool.min_nodes} is above max_nodes {pool.max_nodes}",
+                            "lower min_nodes or raise max_nodes")
+        if not pool.min_nodes <= pool.initial_nodes <= pool.max_nodes:
+            raise SpecError("accelerator.pool.initial_nodes",
+                            f"{pool.initial_nodes} is outside [{pool.min_nodes}, {pool.max_nodes}]",
+                            "set it between min_nodes and max_nodes")
+        if self.cluster.mode == "standard" and self.target == "gke" and self.replicas > pool.max_nodes:
+            raise SpecError("replicas", f"{self.replicas} replicas need {self.replicas} GPU nodes but "
+                            f"accelerator.pool.max_nodes is {pool.max_nodes}",
+                            f"raise accelerator.pool.max_nodes to {self.replicas}")
+        for i, zone in enumerate(self.cluster.zones):
+            if not zone.startswith(self.cluster.region + "-"):
+                raise SpecError(f"cluster.zones[{i}]", f"{zone} is not in region {self.cluster.region}",
+                                f"use zones like {self.cluster.region}-a")
+        if self.cluster.is_zonal and self.cluster.failover_regions:
+            raise SpecError("cluster.failover_regions", "a zonal cluster cannot move to another region",
+                            "set cluster.location to a region to allow regional failover")
+        ing = self.expose.ingress
+        if ing is not None:
+            if ing.tls_secret and not ing.host:
+                raise SpecError("expose.ingress.host", "TLS needs a host name for the certificate",
+                                "set expose.ingress.host (e.g. llm.example.com) or drop tls_secret")
+            if ing.cluster_issuer and not ing.tls_secret:
+                raise SpecError("expose.ingress.tls_secret", "cert-manager needs a Secret name to write the cert to",
+                                "set expose.ingress.tls_secret")
+            if ing.rate_limit_rps and ing.class_name != "nginx":
+                raise SpecError("expose.ingress.rate_limit_rps", "the GCE load balancer has no per-client rate limit",
+                                "use ingress class nginx, or Cloud Armor outside this spec")
+            if ing.static_ip_name and ing.class_name != "gce":
+                raise SpecError("expose.ingress.static_ip_name", "a global static IP only applies to class gce",
+                                "drop static_ip_name or use class gce")
+        hpa = self.autoscaling
+        if hpa is not None and hpa.min_replicas > hpa.max_replicas:
+            raise SpecError("autoscaling.min_replicas", f"{hpa.min_replicas} is above max_replicas {hpa.max_replicas}",
+                            "lower min_replicas or raise max_replicas")
+        if hpa is not None and self.cluster.mode == "standard" and hpa.max_replicas > pool.max_nodes:
+            raise SpecError("autoscaling.max_replicas", f"{hpa.max_replicas} replicas cannot fit on "
+                            f"{pool.max_nodes} GPU nodes", f"raise accelerator.pool.max_nodes to {hpa.max_replicas}")
+        sched = self.schedule
+        if sched is not None and (sched.park is None) != (sched.wake is None):
+            missing = "wake" if sched.wake is None else "park"
+            raise SpecError(f"schedule.{missing}", "park and wake go together",
+                            f"set schedule.{missing} too, or use schedule.idle_after alone")
+        if self.target == "vertex" and self.vertex is None:
+            raise SpecError("vertex", "target vertex needs a vertex section",
+                            "add vertex.endpoint_display_name (and machine/accelerator settings)")
+        if self.service_account is None and self.gcp_service_account is not None:
+            raise SpecError("service_account", "workload identity needs a Kubernetes service account to annotate",
+                            "set service_account (e.g. vllm)")
+        return self
+
+    # ---- derived values the rest of the product uses ----------------------------------------
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.accelerator.count
+
+    @property
+    def max_gpus(self) -> int:
+        """GPUs the spec may hold at once (quota must cover this): two colors during a release."""
+        replicas = max(self.replicas, self.autoscaling.max_replicas if self.autoscaling else 0)
+        if self.cluster.mode == "standard":
+            replicas = max(replicas, self.accelerator.pool.max_nodes)
+        return replicas * self.accelerator.count
+
+    def default_load_timeout(self, params: int | None = None) -> timedelta:
+        """Pod scheduled -> model answering: node boot + image pull + weights, with margin."""
+        if self.load_timeout is not None:
+            return self.load_timeout
+        b = (params or 7_000_000_000) / 1e9
+        return timedelta(seconds=600 + 60 * b)
+
+
+class FitReport(BaseModel):
+    params: int
+    weight_format: str
+    weights_gib: float
+    required_gib: float
+    available_gib: float
+    fits: bool
+
+    def message(self, spec: DeploymentSpec) -> str:
+        return (f"{spec.model.id} needs ~{self.required_gib:.1f} GiB ({self.params / 1e9:.2f}B params × "
+                f"{BYTES_PER_PARAM[self.weight_format]:g} bytes as {self.weight_format}, +20% and 1 GiB headroom) "
+                f"but {spec.accelerator.count} × {spec.accelerator.type} has {self.available_gib:.0f} GiB")
+
+
+def check_fit(spec: DeploymentSpec, params: int) -> FitReport:
+    """Do the weights fit the GPUs of one replica? Pure; the HF preflight supplies ``params``."""
+    fmt = spec.engine.weight_format
+    need = required_gib(params, fmt)
+    have = spec.accelerator.info.memory_gib * spec.accelerator.count
+    return FitReport(params=params, weight_format=fmt, weights_gib=round(params * BYTES_PER_PARAM[fmt] / 2**30, 2),
+                     required_gib=round(need, 2), available_gib=have, fits=need <= have)
+
+
+def fit_fix(spec: DeploymentSpec, report: FitReport) -> str:
+    """The cheapest change that makes ``report`` fit, as advice."""
+    for count in sorted(spec.accelerator.info.machine_types):
+        if count > spec.accelerator.count and report.required_gib <= spec.accelerator.info.memory_gib * count:
+            return (f"set accelerator.count: {count} and engine.tensor_parallel: {count}, "
+                    "or use a quantized variant (engine.quantization: awq)")
+    return "use a larger accelerator (nvidia-a100-80gb / nvidia-h100-80gb) or a quantized variant"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "constrained-", "str", "dict", "json-or-python")):
+            continue  # pydantic's union/validator branch names, not user fields
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = DeploymentSpec
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return model if isinstance(model, type) else None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return None
+    return model
+
+
+def _to_spec_error(err: ValidationError, source: str | None) -> SpecError:
+    first = err.errors(include_url=False)[0]
+    loc = tuple(first["loc"])
+    path = _field_path(loc)
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = list(parent.model_fields) if parent else []
+        aliases = [f.alias for f in (parent.model_fields.values() if parent else []) if f.alias]
+        close = difflib.get_close_matches(str(loc[-1]), known + aliases, n=1)
+        fix = f"did you mean {close[0]!r}?" if close else (f"known fields: {', '.join(known)}" if known else "remove it")
+        return SpecError(path, "unknown field", fix, source=source)
+    if kind == "missing":
+        return SpecError(path, "is required", "add it to the spec", source=source)
+    if kind == "literal_error":
+        return SpecError(path, f"{first.get('input')!r} is not allowed", msg.replace("Input should be", "use"),
+                         source=source)
+    if kind == "string_pattern_mismatch":
+        parent = _model_at(loc[:-1])
+        field = parent.model_fields.get(str(loc[-1])) if parent else None
+        hint = field.description if field is not None and field.description else None
+        return SpecError(path, f"{first.get('input')!r} is not valid",
+                         f"use {hint}" if hint else f"match the pattern {first.get('ctx', {}).get('pattern')}",
+                         source=source)
+    if kind == "value_error":
+        return SpecError(path, msg.removeprefix("Value error, "), source=source)
+    return SpecError(path, msg, f"got {first.get('input')!r}", source=source)
+
+
+def parse_spec(data: Any, *, source: str | None = None) -> DeploymentSpec:
+    if not isinstance(data, dict):
+        raise SpecError("(top level)", "a spec is a YAML mapping", "start with 'name: ...'", source=source)
+    try:
+        return DeploymentSpec.model_validate(data)
+    except SpecError as exc:
+        exc.source = source
+        exc.args = (str(SpecError(exc.field, exc.problem, exc.fix, source=source)),)
+        raise
+    except ValidationError as exc:
+        raise _to_spec_error(exc, source) from None
+
+
+def load_spec(path: str | Path) -> DeploymentSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError("(file)", f"cannot read {path}: {exc.strerror}", "check the path", source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError("(yaml)", f"not valid YAML{where}", "fix the indentation or quoting there",
+                        source=str(path)) from None
+    return parse_spec(data, source=str(path))
+
+
+def resolve_spec(spec: DeploymentSpec | str | Path | dict[str, Any]) -> DeploymentSpec:
+    """Flows accept a spec object, a path to a YAML file, or a mapping (Prefect parameters)."""
+    if isinstance(spec, DeploymentSpec):
+        return spec
+    if isinstance(spec, dict):
+        return parse_spec(spec, source="(parameters)")
+    return load_spec(spec)

@@ -1,0 +1,348 @@
+"""Shared plumbing for the loopback emulators: scaled time, fault injection, a JSON HTTP handler.
+
+Every emulator is a stdlib ``ThreadingHTTPServer`` on 127.0.0.1 with a port picked by the OS. The
+real client libraries talk to these servers over real HTTP; nothing here is imported by ``flows/``
+or ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+class Clock:
+    """Cloud delays expressed in real-world seconds, scaled for the sandbox.
+
+    ``time_scale=1.0`` waits as long as GCP would; ``0.01`` makes a 5-minute cluster create take 3 s.
+    """
+
+    def __init__(self, time_scale: float = 1.0) -> None:
+        if time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        self.time_scale = time_scale
+
+    def scaled(self, cloud_seconds: float) -> float:
+        return max(0.0, cloud_seconds * self.time_scale)
+
+    def sleep(self, cloud_seconds: float, stop: threading.Event | None = None) -> bool:
+        """Sleep a scaled cloud duration; returns False if ``stop`` was set meanwhile."""
+        delay = self.scaled(cloud_seconds)
+        if stop is None:
+            time.sleep(delay)
+            return True
+        return not stop.wait(delay)
+
+    def call_later(self, cloud_seconds: float, fn: Callable[[], Any]) -> threading.Timer:
+        timer = threading.Timer(self.scaled(cloud_seconds), fn)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+# Realistic defaults, in cloud seconds (scaled by Clock.time_scale).
+DEFAULT_DELAYS: dict[str, float] = {
+    "cluster_create": 300.0,
+    "cluster_delete": 180.0,
+    "node_pool_create": 120.0,
+    "node_pool_delete": 60.0,
+    "node_pool_resize": 30.0,
+    "node_boot": 60.0,
+    "autopilot_node_provision": 90.0,
+    "image_pull": 45.0,
+    # weight load: seconds per billion parameters (download from cache/Hub + load to GPU)
+    "weight_load_per_b_params": 15.0,
+    "weight_load_min": 20.0,
+}
+
+
+@dataclass
+class FaultRule:
+    """Make matching requests fail (or slow down) ``count`` times; ``count=None`` means forever."""
+
+    service: str  # "gke", "compute", "kube", "hub", "slack", "model", "control" or "*"
+    method: str = "*"  # HTTP method or "*"
+    path: str = ".*"  # regex searched in the request path (without query)
+    status: int | None = None  # HTTP status to return; None = pass through after latency
+    count: int | None = 1
+    latency: float = 0.0  # real seconds added before answering (not scaled)
+    hang: bool = False  # never answer (until the sandbox stops)
+    body: dict[str, Any] | None = None  # custom JSON body for the error
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "1"}
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    hits: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class Faults:
+    """Thread-safe registry of fault rules, consulted by every handler before it answers."""
+
+    def __init__(self) -> None:
+        self._rules: list[FaultRule] = []
+        self._lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def add(self, rule: FaultRule | None = None, **kwargs: Any) -> FaultRule:
+        rule = rule or FaultRule(**kwargs)
+        re.compile(rule.path)  # fail early on a bad pattern
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def clear(self, service: str | None = None) -> None:
+        with self._lock:
+            self._rules = [r for r in self._rules if service is not None and r.service != service]
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r.to_dict() for r in self._rules]
+
+    def take(self, service: str, method: str, path: str) -> FaultRule | None:
+        """The first live rule matching this request, with one use consumed."""
+        with self._lock:
+            for rule in self._rules:
+                if rule.service not in ("*", service):
+                    continue
+                if rule.method not in ("*", method.upper()):
+                    continue
+                if not re.search(rule.path, path):
+                    continue
+                if rule.count is not None and rule.hits >= rule.count:
+                    continue
+                rule.hits += 1
+                return rule
+        return None
+
+
+class HttpError(Exception):
+    """Raised by route handlers; rendered by the emulator's ``error_body``."""
+
+    def __init__(self, status: int, message: str, *, reason: str = "", headers: dict[str, str] | None = None,
+                 body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason or HTTPStatus(status).phrase
+        self.headers = headers or {}
+        self.body = body
+
+
+Route = tuple[str, re.Pattern[str], Callable[..., Any]]
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Base request handler: routing by (method, regex), JSON in/out, faults, request log.
+
+    Subclasses set ``service`` and ``routes`` (built with :func:`route`) and may override
+    ``error_body`` to shape errors the way their real API does. Route functions are called as
+    ``fn(handler, **path_groups)`` and return a JSON-able value (200), a ``(status, value)`` tuple,
+    or ``None`` when they wrote the response themselves (streams, watches).
+    """
+
+    service = "?"
+    routes: list[Route] = []
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else every small reply stalls ~40 ms (delayed ACK)
+    server: SandboxHTTPServer
+
+    # ---- helpers for route functions -------------------------------------------------
+    @property
+    def url(self):
+        return urlsplit(self.path)
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(self.url.query, keep_blank_values=True)
+
+    def q(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def body_bytes(self) -> bytes:
+        if not hasattr(self, "_body"):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self._body = self.rfile.read(length)
+            elif self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        break
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                self._body = b"".join(chunks)
+            else:
+                self._body = b""
+        return self._body
+
+    def json_body(self) -> Any:
+        raw = self.body_bytes()
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise HttpError(400, f"request body is not JSON: {exc}") from exc
+
+    def send_json(self, status: int, value: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(value).encode() if not isinstance(value, bytes | bytearray) else bytes(value)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_text(self, status: int, text: str | bytes, content_type: str = "text/plain; charset=utf-8",
+                  headers: dict[str, str] | None = None) -> None:
+        data = text.encode() if isinstance(text, str) else text
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def start_chunked(self, status: int = 200, content_type: str = "application/json",
+                      headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def write_chunk(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        if not data:
+            return
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # ---- to override -----------------------------------------------------------------
+    def error_body(self, err: HttpError) -> Any:
+        return err.body if err.body is not None else {"error": {"code": err.status, "message": err.message}}
+
+    # ---- dispatch --------------------------------------------------------------------
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # requests are recorded in server.requests instead of stderr
+
+    def _dispatch(self) -> None:
+        path = self.url.path
+        self.server.record(self.command, path)
+        rule = self.server.faults.take(self.service, self.command, path) if self.server.faults else None
+        if rule is not None:
+            if rule.hang:
+                self.server.faults.stop.wait()
+                self.close_connection = True
+                return
+            if rule.latency:
+                time.sleep(rule.latency)
+            if rule.status is not None:
+                self.body_bytes()  # drain so keep-alive stays in sync
+                err = HttpError(rule.status, f"injected fault {rule.id}", headers=rule.headers, body=rule.body)
+                self.send_json(err.status, self.error_body(err), headers=err.headers)
+                return
+        for method, pattern, fn in type(self).routes:
+            if method != self.command and not (method == "GET" and self.command == "HEAD"):
+                continue
+            m = pattern.fullmatch(path)
+            if not m:
+                continue
+            try:
+                result = fn(self, **m.groupdict())
+            except HttpError as err:
+                self.body_bytes()
+                self.send_json(err.status, self.error_body(err), headers=err.headers)
+                return
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                return
+            if result is None:
+                return
+            status, value = result if isinstance(result, tuple) else (200, result)
+            self.send_json(status, value)
+            return
+        self.body_bytes()
+        err = HttpError(404, f"no route for {self.command} {path}", reason="NotFound")
+        self.send_json(404, self.error_body(err))
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
+
+
+def route(routes: list[Route], method: str, pattern: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering ``fn`` for ``method`` and a full-match path regex with named groups."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        routes.append((method, re.compile(pattern), fn))
+        return fn
+
+    return deco
+
+
+class SandboxHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, handler: type[JsonHandler], *, state: Any, faults: Faults | None, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), handler)
+        self.state = state
+        self.faults = faults
+        self.request_count = 0
+        self._count_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def record(self, method: str, path: str) -> None:
+        with self._count_lock:
+            self.request_count += 1
+
+    def start(self) -> SandboxHTTPServer:
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"sandbox-{self.RequestHandlerClass.service}-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def serve(handler: type[JsonHandler], *, state: Any, faults: Faults | None, port: int = 0) -> SandboxHTTPServer:
+    """Start ``handler`` on 127.0.0.1 in a daemon thread and return the running server."""
+    return SandboxHTTPServer(handler, state=state, faults=faults, port=port).start()
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
