@@ -26,15 +26,16 @@ from pydantic import (
 )
 
 from manifests.catalog import ACCELERATORS, BYTES_PER_PARAM, ENGINES, VLM_SUPPORT, required_gib
+from manifests.errors import FleetError
 
 
-class SpecError(Exception):
+class SpecError(FleetError):
     """A spec problem: which field, what is wrong, how to fix it."""
 
     def __init__(self, field: str, problem: str, fix: str = "", *, source: str | None = None) -> None:
-        self.field, self.problem, self.fix, self.source = field, problem, fix, source
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field}: {problem}" + (f" — {fix}" if fix else ""))
+        super().__init__(f"{where}{field}: {problem}", fix)
+        self.field, self.problem, self.source = field, problem, source
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")

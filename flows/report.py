@@ -1,0 +1,125 @@
+"""A run's story: named steps with timings, mirrored to one Slack thread and to Prefect artifacts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from manifests.errors import FleetError
+from tasks.settings import get_settings
+from tasks.slack import post_slack, update_slack
+
+ICONS = {"running": "⏳", "ok": "✅", "failed": "❌", "skipped": "⏭️"}
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "running"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    """Create one per flow run. ``secrets`` are scrubbed from everything it writes anywhere."""
+
+    flow: str
+    subject: str
+    channel: str | None = None
+    secrets: list[str] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    ts: str | None = None
+    status: str = "running"
+    outcome: str = ""
+
+    def __post_init__(self) -> None:
+        self.channel = self.channel or get_settings().slack_channel
+        self.ts = post_slack(channel=self.channel, text=self._text())
+
+    def scrub(self, text: str) -> str:
+        for s in self.secrets:
+            if s:
+                text = text.replace(s, "***")
+        return text
+
+    def _text(self) -> str:
+        head = f"{ICONS.get(self.status, '')} *{self.flow}* `{self.subject}` — {self.status}"
+        lines = [head] + [f"{ICONS[s.status]} {s.name}" + (f": {s.detail}" if s.detail else "")
+                          + (f" ({s.seconds:.1f}s)" if s.status != "running" else "") for s in self.steps]
+        if self.outcome:
+            lines.append(self.outcome)
+        return self.scrub("\n".join(lines))
+
+    def _sync(self) -> None:
+        if self.ts:
+            update_slack(channel=self.channel, ts=self.ts, text=self._text())
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[Step]:
+        """Run a named step; its result is written in place in the Slack thread head."""
+        step = Step(name)
+        self.steps.append(step)
+        self._sync()
+        start = time.monotonic()
+        try:
+            yield step
+        except BaseException as exc:
+            step.status = "failed"
+            step.detail = step.detail or _one_line(exc)
+            raise
+        else:
+            if step.status == "running":
+                step.status = "ok"
+        finally:
+            step.seconds = time.monotonic() - start
+            get_run_logger().info("%s %s %s", ICONS[step.status], name, self.scrub(step.detail))
+            self._sync()
+
+    def skip(self, name: str, why: str) -> None:
+        self.steps.append(Step(name, "skipped", why))
+        self._sync()
+
+    def succeed(self, outcome: str) -> None:
+        self.status, self.outcome = "succeeded", outcome
+        self._sync()
+
+    def fail(self, exc: BaseException) -> None:
+        self.status = "failed"
+        fix = exc.fix if isinstance(exc, FleetError) and exc.fix else "see the Prefect flow run logs"
+        self.outcome = f"Cause: {_one_line(exc)}"
+        self._sync()
+        if self.ts:
+            post_slack(channel=self.channel, thread_ts=self.ts,
+                       text=self.scrub(f"❌ {self.flow} failed: {exc}\nNext step: {fix}"))
+
+    def table_artifact(self, key: str, rows: list[dict], description: str) -> None:
+        clean = [{k: self.scrub(str(v)) for k, v in r.items()} for r in rows]
+        create_table_artifact(key=key, table=clean, description=self.scrub(description))
+
+    def markdown_artifact(self, key: str, extra: str = "") -> None:
+        lines = [f"# {self.flow}: `{self.subject}` — {self.status}", "", "| step | result | detail | seconds |",
+                 "|---|---|---|---|"]
+        lines += [f"| {s.name} | {ICONS[s.status]} {s.status} | {s.detail} | {s.seconds:.1f} |" for s in self.steps]
+        if self.outcome:
+            lines += ["", self.outcome]
+        if extra:
+            lines += ["", extra]
+        create_markdown_artifact(key=key, markdown=self.scrub("\n".join(lines)), description=self.flow)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes only."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]

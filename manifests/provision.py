@@ -1,0 +1,245 @@
+"""Pure decisions for provision_cluster: quota math, zone candidates, GKE request bodies, drift.
+
+Observations come in as plain values (read by tasks/), decisions go out as values (acted on by flows/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from manifests.spec import DeploymentSpec
+
+QUOTA_URL = "https://console.cloud.google.com/iam-admin/quotas"
+GLOBAL_GPU_METRIC = "GPUS_ALL_REGIONS"
+SYSTEM_POOL = "default-pool"
+SYSTEM_MACHINE = "e2-standard-4"
+
+
+@dataclass(frozen=True)
+class QuotaReading:
+    metric: str
+    scope: str  # a region, or "global"
+    limit: float
+    usage: float
+
+    @property
+    def free(self) -> float:
+        return self.limit - self.usage
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Preflight:
+    checks: list[Check] = field(default_factory=list)
+    # (region, zone) in the order node-pool creation should try them.
+    candidates: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def table(self) -> list[dict[str, str]]:
+        return [{"check": c.name, "result": "ok" if c.ok else "FAILED", "detail": c.detail, "fix": c.fix}
+                for c in self.checks]
+
+
+def regions(spec: DeploymentSpec) -> list[str]:
+    return [spec.cluster.region, *spec.cluster.failover_regions]
+
+
+def quota_metric(spec: DeploymentSpec) -> str:
+    return spec.accelerator.info.quota_metric_for(spot=spec.accelerator.spot)
+
+
+def check_quota(spec: DeploymentSpec, reading: QuotaReading, *, need: int) -> Check:
+    missing = need - reading.free
+    name = f"quota {reading.metric} ({reading.scope})"
+    if missing <= 0:
+        return Check(name, True, f"need {need}, free {reading.free:g} (limit {reading.limit:g}, used {reading.usage:g})")
+    where = "all regions" if reading.scope == "global" else f"region {reading.scope}"
+    return Check(name, False,
+                 f"{missing:g} GPU(s) missing in {reading.metric} for {where}: need {need}, "
+                 f"free {reading.free:g} (limit {reading.limit:g}, used {reading.usage:g})",
+                 f"request {reading.metric} ≥ {reading.usage + need:g} in {where} at {QUOTA_URL}"
+                 f"?project={spec.cluster.project}, or lower accelerator.pool.max_nodes / replicas")
+
+
+def zone_candidates(spec: DeploymentSpec, offered: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """Zones to try, in order: the spec's zones first, then the region's other zones offering the GPU."""
+    out: list[tuple[str, str]] = []
+    for region in regions(spec):
+        zones = sorted(offered.get(region, []))
+        if spec.cluster.is_zonal and region == spec.cluster.region:
+            zones = [z for z in zones if z == spec.cluster.location]
+        preferred = [z for z in spec.cluster.zones if z in zones]
+        rest = [] if spec.cluster.zones and region == spec.cluster.region else [z for z in zones if z not in preferred]
+        out += [(region, z) for z in preferred + rest]
+    return out
+
+
+def check_zones(spec: DeploymentSpec, offered: dict[str, list[str]]) -> tuple[Check, list[tuple[str, str]]]:
+    acc = spec.accelerator.type
+    missing = [z for z in spec.cluster.zones if z not in offered.get(spec.cluster.region, [])]
+    candidates = zone_candidates(spec, offered)
+    if missing:
+        have = ", ".join(sorted(offered.get(spec.cluster.region, []))) or "none"
+        return Check(f"{acc} offered in zones", False, f"{', '.join(missing)} do(es) not offer {acc}",
+                     f"use zones that do (in {spec.cluster.region}: {have})"), candidates
+    if not candidates:
+        return Check(f"{acc} offered in zones", False, f"no zone of {', '.join(regions(spec))} offers {acc}",
+                     "pick another cluster.location or accelerator.type"), candidates
+    return Check(f"{acc} offered in zones", True, ", ".join(z for _, z in candidates)), candidates
+
+
+def check_version(spec: DeploymentSpec, server_config: dict[str, Any]) -> Check:
+    """The release channel exists and the pinned version (if any) is offered on it."""
+    channel = spec.cluster.release_channel.upper()
+    channels = {c.get("channel"): c for c in server_config.get("channels", [])}
+    if channel not in channels:
+        return Check("GKE release channel", False, f"channel {channel} not offered in {spec.cluster.location}",
+                     f"use one of {', '.join(sorted(channels)) or 'RAPID, REGULAR, STABLE'}")
+    want = spec.cluster.version
+    if want is None:
+        return Check("GKE release channel", True, f"{channel}, default {channels[channel].get('defaultVersion')}")
+    valid = channels[channel].get("validVersions", [])
+    if not any(v == want or v.startswith(want + ".") for v in valid):
+        newest = ", ".join(sorted({".".join(v.split(".")[:2]) for v in valid}, reverse=True)[:4])
+        return Check("GKE version", False, f"{want} is not offered on {channel}", f"use one of {newest}")
+    return Check("GKE version", True, f"{want} on {channel}")
+
+
+# ---- request bodies (proto field names, snake_case) -------------------------------------------------
+
+def cluster_body(spec: DeploymentSpec, *, location: str, zones: list[str]) -> dict[str, Any]:
+    c = spec.cluster
+    body: dict[str, Any] = {
+        "name": c.name,
+        "release_channel": {"channel": c.release_channel.upper()},
+        "logging_config": {"component_config": {"enable_components": ["SYSTEM_COMPONENTS", "WORKLOADS"]}},
+        "monitoring_config": {"component_config": {"enable_components": ["SYSTEM_COMPONENTS"]},
+                              "managed_prometheus_config": {"enabled": True}},
+        "resource_labels": {"managed-by": "llm-fleet", "llm-fleet-spec": spec.name},
+    }
+    if c.version:
+        body["initial_cluster_version"] = c.version
+    if c.mode == "autopilot":
+        body["autopilot"] = {"enabled": True}
+        return body
+    if c.workload_identity:
+        body["workload_identity_config"] = {"workload_pool": f"{c.project}.svc.id.goog"}
+    body["ip_allocation_policy"] = {"use_ip_aliases": True}
+    body["shielded_nodes"] = {"enabled": True}
+    if zones:
+        body["locations"] = zones[:1]  # the small system pool lives in one zone (seed 004)
+    if c.image_streaming:
+        # Image streaming cuts multi-GB serving-image pulls from minutes to seconds.
+        body["node_pool_defaults"] = {"node_config_defaults": {"gcfs_config": {"enabled": True}}}
+    body["node_pools"] = [{"name": SYSTEM_POOL, "initial_node_count": 1,
+                           "config": {"machine_type": SYSTEM_MACHINE, "disk_size_gb": 100},
+                           "autoscaling": {"enabled": True, "min_node_count": 1, "max_node_count": 3},
+                           "management": {"auto_repair": True, "auto_upgrade": True}}]
+    return body
+
+
+def node_pool_body(spec: DeploymentSpec, *, zone: str) -> dict[str, Any]:
+    acc, pool = spec.accelerator, spec.accelerator.pool
+    config: dict[str, Any] = {
+        "machine_type": acc.machine,
+        "disk_size_gb": pool.disk_size_gb,
+        "accelerators": [{"accelerator_count": acc.count, "accelerator_type": acc.type,
+                          "gpu_driver_installation_config": {"gpu_driver_version": "LATEST"}}],
+        "spot": acc.spot,
+        "labels": {"llm-fleet.dev/spec": spec.name},
+        "shielded_instance_config": {"enable_secure_boot": True, "enable_integrity_monitoring": True},
+    }
+    if spec.cluster.image_streaming:
+        config["gcfs_config"] = {"enabled": True}
+    if pool.local_ssd_count:
+        config["ephemeral_storage_local_ssd_config"] = {"local_ssd_count": pool.local_ssd_count}
+    if spec.cluster.workload_identity:
+        config["workload_metadata_config"] = {"mode": "GKE_METADATA"}
+    return {
+        "name": pool.name,
+        "initial_node_count": pool.initial_nodes,
+        "locations": [zone],
+        "config": config,
+        "autoscaling": {"enabled": True, "min_node_count": pool.min_nodes, "max_node_count": pool.max_nodes},
+        "management": {"auto_repair": True, "auto_upgrade": True},
+    }
+
+
+@dataclass(frozen=True)
+class Drift:
+    field: str
+    want: Any
+    have: Any
+    updatable: bool
+
+
+def pool_drift(spec: DeploymentSpec, pool: dict[str, Any]) -> list[Drift]:
+    """Differences between an existing pool (proto dict, snake_case) and the spec."""
+    acc, want = spec.accelerator, spec.accelerator.pool
+    cfg = pool.get("config", {})
+    accs = cfg.get("accelerators") or [{}]
+    auto = pool.get("autoscaling", {})
+    pairs = [
+        ("accelerator.machine_type", acc.machine, cfg.get("machine_type"), False),
+        ("accelerator.type", acc.type, accs[0].get("accelerator_type"), False),
+        ("accelerator.count", acc.count, int(accs[0].get("accelerator_count") or 0), False),
+        ("accelerator.spot", acc.spot, bool(cfg.get("spot") or cfg.get("preemptible")), False),
+        ("accelerator.pool.min_nodes", want.min_nodes, int(auto.get("min_node_count") or 0), True),
+        ("accelerator.pool.max_nodes", want.max_nodes, int(auto.get("max_node_count") or 0), True),
+    ]
+    return [Drift(f, w, h, u) for f, w, h, u in pairs if w != h]
+
+
+def stockout(message: str) -> bool:
+    return "ZONE_RESOURCE_POOL_EXHAUSTED" in message or "does not have enough resources" in message
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str  # create | update | keep | wait
+    target: str
+    why: str
+
+
+def plan_provision(spec: DeploymentSpec, *, cluster: dict[str, Any] | None, pool: dict[str, Any] | None,
+                   preflight: Preflight) -> list[Action]:
+    """What provision_cluster would do, given what exists. Used for dry runs and for the report."""
+    c = spec.cluster
+    actions: list[Action] = []
+    where = f"{c.project}/{c.location}"
+    if cluster is None:
+        actions.append(Action("create", f"{c.mode} cluster {c.name} in {where}",
+                              f"release channel {c.release_channel}" + (f", version {c.version}" if c.version else "")))
+    else:
+        actions.append(Action("keep", f"cluster {c.name} ({cluster.get('status', '?')})", "already exists"))
+    if c.mode == "standard":
+        acc, p = spec.accelerator, spec.accelerator.pool
+        zones = ", ".join(z for _, z in preflight.candidates) or "none"
+        what = (f"node pool {p.name}: {acc.machine} with {acc.count}× {acc.type}"
+                f"{' spot' if acc.spot else ''}, autoscaling {p.min_nodes}..{p.max_nodes}")
+        if pool is None:
+            actions.append(Action("create", what, f"try zones in order: {zones}"))
+        else:
+            drift = pool_drift(spec, pool)
+            if not drift:
+                actions.append(Action("keep", what, "already matches the spec"))
+            for d in drift:
+                actions.append(Action("update" if d.updatable else "refuse", f"node pool {p.name} {d.field}",
+                                      f"spec {d.want} != live {d.have}"))
+    actions.append(Action("write", f"kubeconfig for {c.name}", "endpoint + CA + Google token"))
+    return actions

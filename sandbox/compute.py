@@ -1,0 +1,632 @@
+"""Compute Engine emulator: regions, zones, quotas, accelerator types, managed instance groups.
+
+Speaks the Compute v1 REST dialect that ``google.cloud.compute_v1`` clients (``transport="rest"``) and
+``gcloud compute`` send: ``/compute/v1/projects/{project}/regions/{region}``, ``.../regions``,
+``.../zones[/{zone}]``, ``.../zones/{zone}/acceleratorTypes[/{type}]``,
+``.../aggregated/acceleratorTypes``, ``/compute/v1/projects/{project}`` (project info with the
+``GPUS_ALL_REGIONS`` quota), and read-only ``instanceGroupManagers`` / ``instances`` for the node
+pools the GKE emulator creates. Replies are built with the ``compute_v1`` message types so they parse
+in the real client.
+
+Python API (used by the GKE emulator and the control API):
+
+* ``reserve(region, metric, n)`` / ``reserve_many(region, {metric: n})`` / ``release(...)`` move the
+  regional usage and, for GPU and CPU metrics, the project-wide ``GPUS_ALL_REGIONS`` /
+  ``CPUS_ALL_REGIONS`` usage; a shortfall raises :class:`QuotaExceeded` and changes nothing.
+* ``set_quota(region_or_None, metric, limit)``; ``set_stockout(zone, accelerator_or_None, on=True)``;
+  ``offers(zone, accelerator)``; ``stocked_out(zone, accelerator)``.
+
+Quota state is kept per project (any project id is accepted, created lazily from the defaults);
+stockouts are physical and shared by every project.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from google.cloud import compute_v1
+
+from sandbox.core import Clock, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
+
+API_BASE = "https://www.googleapis.com/compute/v1"
+CREATION_TS = "2016-05-01T00:00:00.000-07:00"
+
+# region -> (zone suffixes, description)
+REGIONS: dict[str, tuple[str, str]] = {
+    "us-central1": ("abcf", "Council Bluffs, Iowa, North America"),
+    "us-east1": ("bcd", "Moncks Corner, South Carolina, North America"),
+    "us-east4": ("abc", "Ashburn, Virginia, North America"),
+    "us-west1": ("abc", "The Dalles, Oregon, North America"),
+    "us-west4": ("abc", "Las Vegas, Nevada, North America"),
+    "europe-west1": ("bcd", "St. Ghislain, Belgium, Europe"),
+    "europe-west4": ("abc", "Eemshaven, Netherlands, Europe"),
+    "asia-southeast1": ("abc", "Jurong West, Singapore, APAC"),
+    "asia-northeast1": ("abc", "Tokyo, Japan, APAC"),
+}
+
+# accelerator type -> (description, maximumCardsPerInstance, regional quota metric)
+ACCELERATOR_TYPES: dict[str, tuple[str, int, str]] = {
+    "nvidia-l4": ("NVIDIA L4", 8, "NVIDIA_L4_GPUS"),
+    "nvidia-l4-vws": ("NVIDIA L4 Virtual Workstation", 8, "NVIDIA_L4_VWS_GPUS"),
+    "nvidia-tesla-t4": ("NVIDIA T4", 4, "NVIDIA_T4_GPUS"),
+    "nvidia-tesla-t4-vws": ("NVIDIA Tesla T4 Virtual Workstation", 4, "NVIDIA_T4_VWS_GPUS"),
+    "nvidia-tesla-p100": ("NVIDIA Tesla P100", 4, "NVIDIA_P100_GPUS"),
+    "nvidia-tesla-p100-vws": ("NVIDIA Tesla P100 Virtual Workstation", 4, "NVIDIA_P100_VWS_GPUS"),
+    "nvidia-tesla-a100": ("NVIDIA A100 40GB", 16, "NVIDIA_A100_GPUS"),
+    "nvidia-a100-80gb": ("NVIDIA A100 80GB", 8, "NVIDIA_A100_80GB_GPUS"),
+    "nvidia-h100-80gb": ("NVIDIA H100 80GB", 8, "NVIDIA_H100_GPUS"),
+}
+
+_L4 = ("nvidia-l4", "nvidia-l4-vws")
+_T4 = ("nvidia-tesla-t4", "nvidia-tesla-t4-vws")
+_P100 = ("nvidia-tesla-p100", "nvidia-tesla-p100-vws")
+_A100 = ("nvidia-tesla-a100",)
+_A100_80 = ("nvidia-a100-80gb",)
+_H100 = ("nvidia-h100-80gb",)
+
+# Which accelerators each zone offers, with the gaps real regions have (us-central1-f and
+# europe-west1-d have no L4, us-east1-c has no L4, most zones have no H100...).
+ZONE_ACCELERATORS: dict[str, tuple[str, ...]] = {
+    "us-central1-a": _L4 + _T4 + _A100 + _A100_80 + _H100,
+    "us-central1-b": _L4 + _T4 + _A100 + _H100,
+    "us-central1-c": _L4 + _T4 + _P100 + _A100 + _A100_80 + _H100,
+    "us-central1-f": _T4 + _P100 + _A100,
+    "us-east1-b": _L4 + _T4 + _P100,
+    "us-east1-c": _T4 + _P100 + _A100,
+    "us-east1-d": _L4 + _T4,
+    "us-east4-a": _L4 + _T4 + _A100_80 + _H100,
+    "us-east4-b": _T4,
+    "us-east4-c": _L4 + _T4 + _A100_80 + _H100,
+    "us-west1-a": _L4 + _T4 + _P100 + _H100,
+    "us-west1-b": _L4 + _T4 + _P100 + _A100,
+    "us-west1-c": _L4,
+    "us-west4-a": _L4 + _T4 + _H100,
+    "us-west4-b": _A100_80 + _T4,
+    "us-west4-c": _L4 + _T4,
+    "europe-west1-b": _L4 + _T4 + _P100,
+    "europe-west1-c": _L4 + _T4,
+    "europe-west1-d": _T4 + _P100,
+    "europe-west4-a": _L4 + _T4 + _A100 + _A100_80 + _H100,
+    "europe-west4-b": _L4 + _T4 + _A100 + _H100,
+    "europe-west4-c": _L4 + _T4 + _H100,
+    "asia-southeast1-a": _L4 + _T4 + _A100_80,
+    "asia-southeast1-b": _L4 + _T4 + _A100,
+    "asia-southeast1-c": _L4 + _T4 + _A100 + _A100_80 + _H100,
+    "asia-northeast1-a": _T4 + _A100,
+    "asia-northeast1-b": _L4,
+    "asia-northeast1-c": _L4 + _T4 + _A100 + _H100,
+}
+
+DEFAULT_GPU_LIMIT = 8.0
+DEFAULT_REGIONAL_QUOTAS: dict[str, float] = {
+    "CPUS": 200.0,
+    "DISKS_TOTAL_GB": 40960.0,
+    "SSD_TOTAL_GB": 2048.0,
+    "LOCAL_SSD_TOTAL_GB": 6000.0,
+    "STATIC_ADDRESSES": 8.0,
+    "IN_USE_ADDRESSES": 64.0,
+    "INSTANCES": 240.0,
+    "INSTANCE_GROUPS": 100.0,
+    "INSTANCE_GROUP_MANAGERS": 100.0,
+    "INSTANCE_TEMPLATES": 100.0,
+    "PREEMPTIBLE_CPUS": 0.0,
+    "N2_CPUS": 200.0,
+    "N2D_CPUS": 200.0,
+    "C2_CPUS": 200.0,
+    "A2_CPUS": 200.0,
+    **{m: DEFAULT_GPU_LIMIT for _, _, m in ACCELERATOR_TYPES.values()},
+    **{f"PREEMPTIBLE_{m}": DEFAULT_GPU_LIMIT for _, _, m in ACCELERATOR_TYPES.values()},
+}
+DEFAULT_PROJECT_QUOTAS: dict[str, float] = {
+    "GPUS_ALL_REGIONS": 16.0,
+    "CPUS_ALL_REGIONS": 400.0,
+    "SNAPSHOTS": 5000.0,
+    "NETWORKS": 15.0,
+    "FIREWALLS": 200.0,
+    "IMAGES": 2000.0,
+    "STATIC_ADDRESSES": 8.0,
+    "ROUTES": 250.0,
+    "FORWARDING_RULES": 45.0,
+    "TARGET_POOLS": 50.0,
+    "HEALTH_CHECKS": 75.0,
+    "IN_USE_ADDRESSES": 23.0,
+    "TARGET_HTTP_PROXIES": 10.0,
+    "URL_MAPS": 10.0,
+    "BACKEND_SERVICES": 50.0,
+    "INSTANCE_TEMPLATES": 100.0,
+    "SUBNETWORKS": 275.0,
+    "SSL_CERTIFICATES": 30.0,
+}
+# regional metrics that also count against a project-wide one
+GLOBAL_COUNTERPART = {"CPUS": "CPUS_ALL_REGIONS"}
+
+
+def is_gpu_metric(metric: str) -> bool:
+    return metric.endswith("_GPUS") and "NVIDIA" in metric
+
+
+def accelerator_metric(accelerator: str, *, spot: bool = False) -> str:
+    """Regional quota metric for an accelerator type (``PREEMPTIBLE_`` variant for spot/preemptible)."""
+    if accelerator not in ACCELERATOR_TYPES:
+        raise KeyError(accelerator)
+    metric = ACCELERATOR_TYPES[accelerator][2]
+    return f"PREEMPTIBLE_{metric}" if spot else metric
+
+
+def region_of(zone: str) -> str:
+    return zone.rsplit("-", 1)[0]
+
+
+def zones_of(region: str) -> list[str]:
+    suffixes = REGIONS[region][0]
+    return [f"{region}-{s}" for s in suffixes]
+
+
+def _num(n: float) -> str:
+    return f"{float(n):.1f}"
+
+
+def _id(*parts: str) -> str:
+    """A stable numeric id, like Compute's uint64 ids (as a string)."""
+    key = "/".join(parts).encode()
+    return str(zlib.crc32(key) * 7919 + 1000000000000000000 + zlib.adler32(key))
+
+
+def to_dict(cls: Any, msg: Any) -> dict[str, Any]:
+    """Proto-plus message -> the JSON dict its REST transport expects (camelCase, enums as names)."""
+    return json.loads(cls.to_json(msg, use_integers_for_enums=False, always_print_fields_with_no_presence=False,
+                                  indent=None))
+
+
+class QuotaExceeded(Exception):
+    """A reservation that would take usage past the limit."""
+
+    def __init__(self, *, project: str, metric: str, region: str | None, requested: float, limit: float,
+                 usage: float) -> None:
+        self.project, self.metric, self.region = project, metric, region
+        self.requested, self.limit, self.usage = requested, limit, usage
+        self.available = max(0.0, limit - usage)
+        self.short = requested - self.available
+        scope = "regional quota" if region else "quota"
+        # The text GKE returns (code=403) when a node pool or cluster would exceed a quota.
+        super().__init__(
+            f"Insufficient {scope} to satisfy request: resource \"{metric}\": request requires "
+            f"'{_num(requested)}' and is short '{_num(self.short)}'. project has a quota of "
+            f"'{_num(limit)}' with '{_num(self.available)}' available. View and manage quotas at "
+            f"https://console.cloud.google.com/iam-admin/quotas?usage=USED&project={project}."
+        )
+
+    @property
+    def compute_message(self) -> str:
+        """The shorter text Compute itself uses (instance inserts, MIG resizes)."""
+        where = f" in region {self.region}" if self.region else ""
+        return f"Quota '{self.metric}' exceeded.  Limit: {_num(self.limit)}{where}."
+
+
+class _ProjectQuota:
+    def __init__(self) -> None:
+        self.regional: dict[str, dict[str, list[float]]] = {
+            r: {m: [lim, 0.0] for m, lim in DEFAULT_REGIONAL_QUOTAS.items()} for r in REGIONS
+        }
+        self.project: dict[str, list[float]] = {m: [lim, 0.0] for m, lim in DEFAULT_PROJECT_QUOTAS.items()}
+
+
+class Compute:
+    """Compute Engine quotas, zones and accelerator types over REST (service name ``"compute"``)."""
+
+    def __init__(self, *, clock: Clock, faults: Faults, project: str = "sandbox-project") -> None:
+        self.clock = clock
+        self.faults = faults
+        self.project = project
+        self.project_number = str(100000000000 + zlib.crc32(project.encode()) % 900000000000)
+        self._lock = threading.RLock()
+        self._quotas: dict[str, _ProjectQuota] = {}
+        self._stockouts: set[tuple[str, str | None]] = set()
+        # (project, zone, name) -> {"targetSize": int, "baseInstanceName": str, "instances": [names], ...}
+        self._migs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._server: SandboxHTTPServer | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._server is None:
+            self._server = serve(ComputeHandler, state=self, faults=self.faults)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("Compute emulator is not started")
+        return self._server.url
+
+    # ---- catalogue ---------------------------------------------------------------------
+    @staticmethod
+    def regions() -> list[str]:
+        return list(REGIONS)
+
+    @staticmethod
+    def zones(region: str | None = None) -> list[str]:
+        if region is None:
+            return [z for r in REGIONS for z in zones_of(r)]
+        return zones_of(region) if region in REGIONS else []
+
+    @staticmethod
+    def is_zone(location: str) -> bool:
+        return location in ZONE_ACCELERATORS
+
+    @staticmethod
+    def is_region(location: str) -> bool:
+        return location in REGIONS
+
+    @staticmethod
+    def offers(zone: str, accelerator: str) -> bool:
+        """Whether ``zone`` has ``accelerator`` at all (regardless of stockouts)."""
+        return accelerator in ZONE_ACCELERATORS.get(zone, ())
+
+    # ---- stockouts ---------------------------------------------------------------------
+    def set_stockout(self, zone: str, accelerator: str | None = None, on: bool = True) -> None:
+        """Mark ``zone`` out of ``accelerator`` (``None``: out of every machine) for new VMs."""
+        if zone not in ZONE_ACCELERATORS:
+            raise ValueError(f"unknown zone {zone!r}")
+        if accelerator is not None and accelerator not in ACCELERATOR_TYPES:
+            raise ValueError(f"unknown accelerator type {accelerator!r}")
+        with self._lock:
+            if on:
+                self._stockouts.add((zone, accelerator))
+            else:
+                self._stockouts.discard((zone, accelerator))
+
+    def clear_stockouts(self) -> None:
+        with self._lock:
+            self._stockouts.clear()
+
+    def stocked_out(self, zone: str, accelerator: str | None = None) -> bool:
+        """Whether a new VM (with ``accelerator``, or a plain one for ``None``) cannot start in ``zone``."""
+        with self._lock:
+            return (zone, None) in self._stockouts or (accelerator is not None and (zone, accelerator) in
+                                                        self._stockouts)
+
+    @staticmethod
+    def stockout_message(project: str, zone: str) -> str:
+        return (f"The zone 'projects/{project}/zones/{zone}' does not have enough resources available to "
+                f"fulfill the request.  Try a different zone, or try again later.")
+
+    # ---- quotas ------------------------------------------------------------------------
+    def _q(self, project: str | None) -> _ProjectQuota:
+        project = project or self.project
+        q = self._quotas.get(project)
+        if q is None:
+            q = self._quotas[project] = _ProjectQuota()
+        return q
+
+    def set_quota(self, region: str | None, metric: str, limit: float, *, project: str | None = None) -> None:
+        """Set a regional quota limit (``region=None``: a project-wide one such as ``GPUS_ALL_REGIONS``)."""
+        with self._lock:
+            q = self._q(project)
+            if region is None:
+                q.project.setdefault(metric, [0.0, 0.0])[0] = float(limit)
+            else:
+                if region not in REGIONS:
+                    raise ValueError(f"unknown region {region!r}")
+                q.regional[region].setdefault(metric, [0.0, 0.0])[0] = float(limit)
+
+    def quota(self, region: str | None, metric: str, *, project: str | None = None) -> dict[str, float]:
+        """``{"limit", "usage", "available"}`` of one metric."""
+        with self._lock:
+            q = self._q(project)
+            table = q.project if region is None else q.regional[region]
+            limit, usage = table.get(metric, [0.0, 0.0])
+            return {"limit": limit, "usage": usage, "available": max(0.0, limit - usage)}
+
+    def _charges(self, q: _ProjectQuota, region: str, amounts: Mapping[str, float]
+                 ) -> list[tuple[dict[str, list[float]], str, str | None, float]]:
+        charges: list[tuple[dict[str, list[float]], str, str | None, float]] = []
+        gpus = 0.0
+        for metric, n in amounts.items():
+            if not n:
+                continue
+            charges.append((q.regional[region], metric, region, float(n)))
+            if is_gpu_metric(metric):
+                gpus += float(n)
+            if metric in GLOBAL_COUNTERPART:
+                charges.append((q.project, GLOBAL_COUNTERPART[metric], None, float(n)))
+        if gpus:
+            charges.append((q.project, "GPUS_ALL_REGIONS", None, gpus))
+        return charges
+
+    def reserve_many(self, region: str, amounts: Mapping[str, float], *, project: str | None = None) -> None:
+        """Take all of ``amounts`` at once or nothing (raises :class:`QuotaExceeded`)."""
+        if region not in REGIONS:
+            raise ValueError(f"unknown region {region!r}")
+        with self._lock:
+            q = self._q(project)
+            charges = self._charges(q, region, amounts)
+            for table, metric, reg, n in charges:
+                limit, usage = table.setdefault(metric, [0.0, 0.0])
+                if n > 0 and usage + n > limit + 1e-9:
+                    raise QuotaExceeded(project=project or self.project, metric=metric, region=reg,
+                                        requested=n, limit=limit, usage=usage)
+            for table, metric, _, n in charges:
+                table[metric][1] += n
+
+    def reserve(self, region: str, metric: str, n: float, *, project: str | None = None) -> None:
+        self.reserve_many(region, {metric: n}, project=project)
+
+    def release_many(self, region: str, amounts: Mapping[str, float], *, project: str | None = None) -> None:
+        with self._lock:
+            q = self._q(project)
+            for table, metric, _, n in self._charges(q, region, amounts):
+                entry = table.setdefault(metric, [0.0, 0.0])
+                entry[1] = max(0.0, entry[1] - n)
+
+    def release(self, region: str, metric: str, n: float, *, project: str | None = None) -> None:
+        self.release_many(region, {metric: n}, project=project)
+
+    def quota_used(self, *, project: str | None = None) -> dict[str, Any]:
+        """Non-zero usage: ``{"project": {metric: usage}, "regions": {region: {metric: usage}}}``."""
+        with self._lock:
+            q = self._q(project)
+            return {
+                "project": {m: u for m, (_, u) in q.project.items() if u},
+                "regions": {r: {m: u for m, (_, u) in t.items() if u} for r, t in q.regional.items()
+                            if any(u for _, u in t.values())},
+            }
+
+    # ---- managed instance groups (registered by the GKE emulator) -----------------------
+    def set_mig(self, zone: str, name: str, *, instances: list[str], base_instance_name: str,
+                project: str | None = None) -> None:
+        with self._lock:
+            key = (project or self.project, zone, name)
+            mig = self._migs.setdefault(key, {"created": True})
+            mig["instances"] = list(instances)
+            mig["baseInstanceName"] = base_instance_name
+
+    def delete_mig(self, zone: str, name: str, *, project: str | None = None) -> None:
+        with self._lock:
+            self._migs.pop((project or self.project, zone, name), None)
+
+    # ---- snapshot ----------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "project": self.project,
+                "quotas": {
+                    p: {"project": {m: {"limit": lim, "usage": u} for m, (lim, u) in q.project.items()},
+                        "regions": {r: {m: {"limit": lim, "usage": u} for m, (lim, u) in t.items()
+                                        if "GPUS" in m or m == "CPUS"}
+                                    for r, t in q.regional.items()}}
+                    for p, q in self._quotas.items()
+                },
+                "quota_used": self.quota_used(),
+                "stockouts": sorted([{"zone": z, "accelerator": a} for z, a in self._stockouts],
+                                    key=lambda d: (d["zone"], d["accelerator"] or "")),
+                "instance_group_managers": [
+                    {"project": p, "zone": z, "name": n, "targetSize": len(m["instances"]),
+                     "instances": list(m["instances"])}
+                    for (p, z, n), m in sorted(self._migs.items())
+                ],
+            }
+
+    # ---- REST resources ----------------------------------------------------------------
+    def _link(self, project: str, *parts: str) -> str:
+        return "/".join([API_BASE, "projects", project, *parts])
+
+    def region_resource(self, project: str, region: str) -> dict[str, Any]:
+        if region not in REGIONS:
+            raise _not_found(f"projects/{project}/regions/{region}")
+        with self._lock:
+            table = self._q(project).regional[region]
+            quotas = [compute_v1.Quota(metric=m, limit=lim, usage=u) for m, (lim, u) in table.items()]
+        msg = compute_v1.Region(
+            kind="compute#region", id=int(_id("region", region)), creation_timestamp=CREATION_TS,
+            name=region, description=region, status="UP",
+            zones=[self._link(project, "zones", z) for z in zones_of(region)],
+            quotas=quotas, self_link=self._link(project, "regions", region), supports_pzs=False,
+        )
+        return to_dict(compute_v1.Region, msg)
+
+    def zone_resource(self, project: str, zone: str) -> dict[str, Any]:
+        if zone not in ZONE_ACCELERATORS:
+            raise _not_found(f"projects/{project}/zones/{zone}")
+        msg = compute_v1.Zone(
+            kind="compute#zone", id=int(_id("zone", zone)), creation_timestamp=CREATION_TS, name=zone,
+            description=zone, status="UP", region=self._link(project, "regions", region_of(zone)),
+            self_link=self._link(project, "zones", zone), supports_pzs=False,
+            available_cpu_platforms=["Intel Sapphire Rapids", "Intel Cascade Lake", "AMD Milan"],
+        )
+        return to_dict(compute_v1.Zone, msg)
+
+    def accelerator_resource(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        description, max_cards, _ = ACCELERATOR_TYPES[name]
+        msg = compute_v1.AcceleratorType(
+            kind="compute#acceleratorType", id=int(_id("acc", zone, name)), creation_timestamp=CREATION_TS,
+            name=name, description=description, zone=self._link(project, "zones", zone),
+            self_link=self._link(project, "zones", zone, "acceleratorTypes", name),
+            maximum_cards_per_instance=max_cards,
+        )
+        return to_dict(compute_v1.AcceleratorType, msg)
+
+    def project_resource(self, project: str) -> dict[str, Any]:
+        with self._lock:
+            table = self._q(project).project
+            quotas = [compute_v1.Quota(metric=m, limit=lim, usage=u) for m, (lim, u) in table.items()]
+        number = self.project_number if project == self.project else _id("project", project)[:12]
+        msg = compute_v1.Project(
+            kind="compute#project", id=int(number), creation_timestamp=CREATION_TS, name=project,
+            quotas=quotas, self_link=self._link(project),
+            default_service_account=f"{number}-compute@developer.gserviceaccount.com",
+            default_network_tier="PREMIUM", xpn_project_status="UNSPECIFIED_XPN_PROJECT_STATUS",
+            common_instance_metadata=compute_v1.Metadata(kind="compute#metadata", fingerprint="sandbox="),
+            vm_dns_setting="ZONAL_ONLY",
+        )
+        return to_dict(compute_v1.Project, msg)
+
+    def mig_resource(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        with self._lock:
+            mig = self._migs.get((project, zone, name))
+            if mig is None:
+                raise _not_found(f"projects/{project}/zones/{zone}/instanceGroupManagers/{name}")
+            size = len(mig["instances"])
+            base = mig["baseInstanceName"]
+        msg = compute_v1.InstanceGroupManager(
+            kind="compute#instanceGroupManager", id=int(_id("igm", project, zone, name)), name=name,
+            zone=self._link(project, "zones", zone), creation_timestamp=CREATION_TS,
+            base_instance_name=base, target_size=size, fingerprint="sandbox=",
+            instance_group=self._link(project, "zones", zone, "instanceGroups", name.removesuffix("-grp")),
+            instance_template=self._link(project, "global", "instanceTemplates", base),
+            self_link=self._link(project, "zones", zone, "instanceGroupManagers", name),
+            status=compute_v1.InstanceGroupManagerStatus(is_stable=True),
+        )
+        return to_dict(compute_v1.InstanceGroupManager, msg)
+
+    def instances_in(self, project: str, zone: str) -> list[dict[str, Any]]:
+        with self._lock:
+            names = [(n, m["baseInstanceName"]) for (p, z, _), m in self._migs.items() if p == project and
+                     z == zone for n in m["instances"]]
+        out = []
+        for name, _base in sorted(names):
+            msg = compute_v1.Instance(
+                kind="compute#instance", id=int(_id("vm", project, zone, name)), name=name, status="RUNNING",
+                zone=self._link(project, "zones", zone), creation_timestamp=CREATION_TS,
+                self_link=self._link(project, "zones", zone, "instances", name),
+            )
+            out.append(to_dict(compute_v1.Instance, msg))
+        return out
+
+
+# ---- REST handler ------------------------------------------------------------------------
+
+_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                 501: "NOT_IMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_REASONS = {400: "invalid", 401: "required", 403: "forbidden", 404: "notFound", 409: "alreadyExists",
+            429: "rateLimitExceeded", 500: "backendError", 503: "backendError"}
+
+
+def _not_found(resource: str) -> HttpError:
+    return HttpError(404, f"The resource '{resource}' was not found", reason="notFound")
+
+
+def compute_error_body(err: HttpError) -> dict[str, Any]:
+    if err.body is not None:
+        return err.body
+    reason = err.reason if err.reason and err.reason[0].islower() else _REASONS.get(err.status, "error")
+    return {"error": {"code": err.status, "message": err.message,
+                      "errors": [{"message": err.message, "domain": "global", "reason": reason}]}}
+
+
+_P = r"/compute/v1/projects/(?P<project>[^/]+)"
+_ROUTES: list = []
+
+
+class ComputeHandler(JsonHandler):
+    service = "compute"
+    routes = _ROUTES
+    server: SandboxHTTPServer
+
+    @property
+    def compute(self) -> Compute:
+        return self.server.state
+
+    def error_body(self, err: HttpError) -> Any:
+        return compute_error_body(err)
+
+
+def _list_reply(kind: str, project: str, path: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"kind": kind, "id": f"projects/{project}/{path}", "items": items,
+            "selfLink": f"{API_BASE}/projects/{project}/{path}"}
+
+
+@route(_ROUTES, "GET", _P)
+def _get_project(h: ComputeHandler, project: str):
+    return h.compute.project_resource(project)
+
+
+@route(_ROUTES, "GET", _P + r"/regions")
+def _list_regions(h: ComputeHandler, project: str):
+    items = [h.compute.region_resource(project, r) for r in REGIONS]
+    return _list_reply("compute#regionList", project, "regions", items)
+
+
+@route(_ROUTES, "GET", _P + r"/regions/(?P<region>[^/]+)")
+def _get_region(h: ComputeHandler, project: str, region: str):
+    return h.compute.region_resource(project, region)
+
+
+@route(_ROUTES, "GET", _P + r"/zones")
+def _list_zones(h: ComputeHandler, project: str):
+    items = [h.compute.zone_resource(project, z) for z in ZONE_ACCELERATORS]
+    return _list_reply("compute#zoneList", project, "zones", items)
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)")
+def _get_zone(h: ComputeHandler, project: str, zone: str):
+    return h.compute.zone_resource(project, zone)
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/acceleratorTypes")
+def _list_accelerators(h: ComputeHandler, project: str, zone: str):
+    if zone not in ZONE_ACCELERATORS:
+        raise _not_found(f"projects/{project}/zones/{zone}")
+    items = [h.compute.accelerator_resource(project, zone, a) for a in ZONE_ACCELERATORS[zone]]
+    return _list_reply("compute#acceleratorTypeList", project, f"zones/{zone}/acceleratorTypes", items)
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/acceleratorTypes/(?P<name>[^/]+)")
+def _get_accelerator(h: ComputeHandler, project: str, zone: str, name: str):
+    if zone not in ZONE_ACCELERATORS:
+        raise _not_found(f"projects/{project}/zones/{zone}")
+    if name not in ZONE_ACCELERATORS[zone]:
+        raise _not_found(f"projects/{project}/zones/{zone}/acceleratorTypes/{name}")
+    return h.compute.accelerator_resource(project, zone, name)
+
+
+@route(_ROUTES, "GET", _P + r"/aggregated/acceleratorTypes")
+def _aggregated_accelerators(h: ComputeHandler, project: str):
+    items: dict[str, Any] = {}
+    for zone, accelerators in ZONE_ACCELERATORS.items():
+        if accelerators:
+            items[f"zones/{zone}"] = {
+                "acceleratorTypes": [h.compute.accelerator_resource(project, zone, a) for a in accelerators]}
+        else:  # pragma: no cover - every catalogued zone has at least one
+            items[f"zones/{zone}"] = {"warning": {
+                "code": "NO_RESULTS_ON_PAGE", "message": f"There are no results for scope 'zones/{zone}' on this page.",
+                "data": [{"key": "scope", "value": f"zones/{zone}"}]}}
+    return {"kind": "compute#acceleratorTypeAggregatedList", "id": f"projects/{project}/aggregated/acceleratorTypes",
+            "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/acceleratorTypes"}
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/instanceGroupManagers/(?P<name>[^/]+)")
+def _get_mig(h: ComputeHandler, project: str, zone: str, name: str):
+    return h.compute.mig_resource(project, zone, name)
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/instanceGroupManagers")
+def _list_migs(h: ComputeHandler, project: str, zone: str):
+    with h.compute._lock:
+        names = sorted(n for (p, z, n) in h.compute._migs if p == project and z == zone)
+    items = [h.compute.mig_resource(project, zone, n) for n in names]
+    return _list_reply("compute#instanceGroupManagerList", project, f"zones/{zone}/instanceGroupManagers", items)
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/instances")
+def _list_instances(h: ComputeHandler, project: str, zone: str):
+    if zone not in ZONE_ACCELERATORS:
+        raise _not_found(f"projects/{project}/zones/{zone}")
+    return _list_reply("compute#instanceList", project, f"zones/{zone}/instances",
+                       h.compute.instances_in(project, zone))
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)")
+def _get_instance(h: ComputeHandler, project: str, zone: str, name: str):
+    for item in h.compute.instances_in(project, zone):
+        if item["name"] == name:
+            return item
+    raise _not_found(f"projects/{project}/zones/{zone}/instances/{name}")

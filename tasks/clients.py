@@ -1,0 +1,156 @@
+"""The one place that makes clients. The sandbox and real GCP differ only in the settings used here."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry, if_exception_type
+
+from tasks.settings import Settings, get_settings
+
+# Transient for Google APIs: retried with backoff. 400/403/404/409 and quota errors are not.
+GOOGLE_TRANSIENT = (gexc.TooManyRequests, gexc.ServiceUnavailable, gexc.InternalServerError,
+                    gexc.BadGateway, gexc.GatewayTimeout, gexc.DeadlineExceeded, ConnectionError)
+
+
+def google_retry(settings: Settings | None = None) -> Retry:
+    """Explicit retry for every Google call: the library defaults retry 503 for 20 s to 10 min."""
+    s = settings or get_settings()
+    return Retry(predicate=if_exception_type(*GOOGLE_TRANSIENT), initial=s.retry_initial_s,
+                 maximum=s.retry_max_s, multiplier=2.0, timeout=s.retry_deadline_s)
+
+
+def gcp_credentials(settings: Settings | None = None):
+    s = settings or get_settings()
+    if s.gcp_auth == "anonymous":
+        from google.auth.credentials import AnonymousCredentials
+
+        return AnonymousCredentials()
+    if s.gcp_auth == "block":
+        # prefect-gcp is optional and slow to import: only here, only when asked for.
+        from prefect_gcp import GcpCredentials
+
+        return GcpCredentials.load(s.gcp_credentials_block).get_credentials_from_service_account()
+    import google.auth
+
+    creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    return creds
+
+
+def _options(endpoint: str | None) -> dict[str, Any] | None:
+    return {"api_endpoint": endpoint} if endpoint else None
+
+
+def cluster_manager(settings: Settings | None = None):
+    from google.cloud import container_v1
+
+    s = settings or get_settings()
+    # REST, sync: the async REST transport is broken, and REST works through plain HTTP proxies.
+    return container_v1.ClusterManagerClient(credentials=gcp_credentials(s), transport="rest",
+                                             client_options=_options(s.gke_endpoint))
+
+
+def compute_clients(settings: Settings | None = None):
+    """(regions, projects, accelerator types) Compute clients."""
+    from google.cloud import compute_v1
+
+    s = settings or get_settings()
+    creds, opts = gcp_credentials(s), _options(s.compute_endpoint)
+    return (compute_v1.RegionsClient(credentials=creds, transport="rest", client_options=opts),
+            compute_v1.ProjectsClient(credentials=creds, transport="rest", client_options=opts),
+            compute_v1.AcceleratorTypesClient(credentials=creds, transport="rest", client_options=opts))
+
+
+def google_access_token(settings: Settings | None = None) -> str | None:
+    """A bearer token for the GKE master (what gke-gcloud-auth-plugin would fetch)."""
+    s = settings or get_settings()
+    creds = gcp_credentials(s)
+    if s.gcp_auth == "anonymous":
+        return None
+    import google.auth.transport.requests
+
+    creds.refresh(google.auth.transport.requests.Request())
+    return creds.token
+
+
+def kubeconfig_path(*, project: str, location: str, cluster: str, settings: Settings | None = None) -> Path:
+    s = settings or get_settings()
+    return s.kube_dir / f"{project}_{location}_{cluster}.yaml"
+
+
+def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str, ca_cert_b64: str,
+                     token: str | None, settings: Settings | None = None) -> Path:
+    """Like `gcloud container clusters get-credentials`, but with a token instead of the auth plugin."""
+    s = settings or get_settings()
+    name = f"gke_{project}_{location}_{cluster}"
+    server = endpoint if "://" in endpoint else f"{s.cluster_scheme}://{endpoint}"
+    cluster_entry: dict[str, Any] = {"server": server}
+    if server.startswith("https://") and ca_cert_b64:
+        cluster_entry["certificate-authority-data"] = ca_cert_b64
+    user: dict[str, Any] = {"token": token} if token else {}
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": name,
+        "clusters": [{"name": name, "cluster": cluster_entry}],
+        "users": [{"name": name, "user": user}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
+    }
+    path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.touch(mode=0o600)
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return path
+
+
+def kube_client(kubeconfig: Path | str | None = None):
+    """A kubernetes ApiClient for a kubeconfig file (default: $KUBECONFIG / ~/.kube/config)."""
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=str(kubeconfig) if kubeconfig else None)
+
+
+def kube_http(api_client, *, timeout: float = 30.0):
+    """An httpx client that talks to the API server with the same credentials (service proxy, streams)."""
+    import httpx
+
+    cfg = api_client.configuration
+    headers = {}
+    auth = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
+    if auth:
+        headers["Authorization"] = auth
+    verify: Any = True
+    if cfg.ssl_ca_cert:
+        verify = cfg.ssl_ca_cert
+    elif not cfg.verify_ssl:
+        verify = False
+    cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
+    return httpx.Client(base_url=cfg.host, headers=headers, verify=verify, cert=cert, timeout=timeout)
+
+
+def hf_api(token: str | None, settings: Settings | None = None):
+    from huggingface_hub import HfApi
+
+    s = settings or get_settings()
+    return HfApi(endpoint=s.hf_endpoint, token=token or False)
+
+
+def slack_client(settings: Settings | None = None):
+    """A Slack WebClient that waits out 429s, or None when no token is configured."""
+    from slack_sdk import WebClient
+    from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
+
+    s = settings or get_settings()
+    if s.slack_token is None:
+        return None
+    client = WebClient(token=s.slack_token.get_secret_value(), base_url=s.slack_api_url, timeout=10)
+    client.retry_handlers.extend([RateLimitErrorRetryHandler(max_retry_count=2), ConnectionErrorRetryHandler()])
+    return client
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()

@@ -1,0 +1,61 @@
+"""Where the product's endpoints and credentials come from: the environment (or a .env file).
+
+Real GCP is the default; `llm-fleet sandbox up` writes an env file that points every endpoint at
+the loopback sandbox. Nothing else differs between the two.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_FLEET_", extra="ignore")
+
+    # Google Cloud: None = the real googleapis endpoints.
+    gke_endpoint: str | None = None
+    compute_endpoint: str | None = None
+    # adc = Application Default Credentials; anonymous = sandbox; block = a prefect-gcp GcpCredentials block.
+    gcp_auth: Literal["adc", "anonymous", "block"] = "adc"
+    gcp_credentials_block: str | None = None
+    # Real GKE masters speak https with the cluster CA; the sandbox's API speaks plain http.
+    cluster_scheme: Literal["https", "http"] = "https"
+    kube_dir: Path = Path.home() / ".llm-fleet" / "kube"
+
+    hf_endpoint: str = Field("https://huggingface.co", validation_alias=AliasChoices("HF_ENDPOINT",
+                                                                                       "LLM_FLEET_HF_ENDPOINT"))
+    hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "LLM_FLEET_HF_TOKEN"))
+
+    slack_token: SecretStr | None = Field(None, validation_alias=AliasChoices("SLACK_BOT_TOKEN",
+                                                                              "LLM_FLEET_SLACK_TOKEN"))
+    slack_api_url: str = "https://slack.com/api/"
+    slack_channel: str = "#llm-fleet"
+
+    # Retries of transient errors (429, 5xx, network): exponential backoff with jitter.
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 30.0
+    retry_deadline_s: float = 300.0
+    call_timeout_s: float = 60.0
+    task_retries: int = 3
+
+    # Long-running GKE operations: polled with backoff (not busy-polled) up to this long.
+    operation_timeout_s: float = 3600.0
+    poll_initial_s: float = 2.0
+    poll_max_s: float = 15.0
+    # Sandbox only: multiply model-load timeouts (the sandbox's clock is scaled).
+    time_scale: float = 1.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    get_settings.cache_clear()
+    return get_settings()

@@ -1,0 +1,44 @@
+"""Slack: one thread per flow run. Slack being down or misconfigured never fails a flow."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from tasks.clients import slack_client
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run: fall back to the module logger
+        import logging
+
+        return logging.getLogger("llm_fleet.slack")
+
+
+@task(retries=0)
+def post_slack(*, channel: str, text: str, thread_ts: str | None = None) -> str | None:
+    """Post a message (or a thread reply); returns its ts, or None when Slack is off or failing."""
+    client = slack_client()
+    if client is None:
+        return None
+    try:
+        resp = client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts, unfurl_links=False)
+    except Exception as exc:  # noqa: BLE001 - notifications are best effort by design
+        _logger().warning("Slack post to %s failed (%s); continuing without it", channel, exc)
+        return None
+    return resp.get("ts")
+
+
+@task(retries=0)
+def update_slack(*, channel: str, ts: str, text: str) -> bool:
+    """Edit a message in place (the thread's head shows the run's progress)."""
+    client = slack_client()
+    if client is None or not ts:
+        return False
+    try:
+        client.chat_update(channel=channel, ts=ts, text=text)
+    except Exception as exc:  # noqa: BLE001
+        _logger().warning("Slack update in %s failed (%s); continuing without it", channel, exc)
+        return False
+    return True
