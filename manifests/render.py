@@ -117,12 +117,6 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
             args += ["--quantization", eng.quantization]
         if eng.max_model_len:
             args += ["--context-length", str(eng.max_model_len)]
-    if spec.expose.api_key_secret:
-        secret, key = spec.expose.api_key_secret.split("/", 1)
-        var = {"vllm": "VLLM_API_KEY", "tgi": "API_KEY", "sglang": "API_KEY"}[eng.kind]
-        env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-        if eng.kind == "sglang":
-            args += ["--api-key", f"$({var})"]
     args += list(eng.extra_args)
     env += [{"name": k, "value": v} for k, v in sorted(eng.env.items())]
 
@@ -264,6 +258,10 @@ def ingress(spec: DeploymentSpec) -> Obj | None:
         })
         if ing.rate_limit_rps:
             annotations["nginx.ingress.kubernetes.io/limit-rps"] = str(ing.rate_limit_rps)
+        if ing.auth_secret:
+            annotations.update({"nginx.ingress.kubernetes.io/auth-type": "basic",
+                                "nginx.ingress.kubernetes.io/auth-secret": ing.auth_secret,
+                                "nginx.ingress.kubernetes.io/auth-realm": "llm-fleet"})
     if ing.cluster_issuer:
         annotations["cert-manager.io/cluster-issuer"] = ing.cluster_issuer
     backend = {"service": {"name": names.service(spec), "port": {"number": spec.expose.port}}}

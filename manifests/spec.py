@@ -183,14 +183,15 @@ class IngressSpec(_Model):
     rate_limit_rps: int | None = Field(None, ge=1)  # nginx: per client IP
     proxy_body_size: str = "10m"
     read_timeout_s: int = Field(300, ge=1)
+    # Edge auth (seed 003's API-key proxy): an htpasswd Secret checked by ingress-nginx, so only
+    # the public endpoint needs credentials; in-cluster probes and the flows' checks do not.
+    auth_secret: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 class ExposeSpec(_Model):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     port: int = Field(8080, ge=1, le=65535)
     ingress: IngressSpec | None = None
-    # Require an API key (engine-native --api-key) read from this Secret key ("secret/key").
-    api_key_secret: str | None = Field(None, pattern=r"^[a-z0-9][-a-z0-9.]*/[-._a-zA-Z0-9]+$")
 
 
 class AutoscalingSpec(_Model):
@@ -375,6 +376,9 @@ class DeploymentSpec(_Model):
             if ing.rate_limit_rps and ing.class_name != "nginx":
                 raise SpecError("expose.ingress.rate_limit_rps", "the GCE load balancer has no per-client rate limit",
                                 "use ingress class nginx, or Cloud Armor outside this spec")
+            if ing.auth_secret and ing.class_name != "nginx":
+                raise SpecError("expose.ingress.auth_secret", "the GCE load balancer cannot check credentials",
+                                "use ingress class nginx, or IAP outside this spec")
             if ing.static_ip_name and ing.class_name != "gce":
                 raise SpecError("expose.ingress.static_ip_name", "a global static IP only applies to class gce",
                                 "drop static_ip_name or use class gce")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from tasks.clients import GOOGLE_TRANSIENT
@@ -38,5 +39,6 @@ def retry_transient(task, task_run, state) -> bool:  # Prefect's retry_condition
 def task_retries() -> dict[str, Any]:
     """Options for @task: exponential backoff with jitter, only for transient errors."""
     s = get_settings()
+    # Side-effecting calls are never cached (and secrets are never hashed into cache keys).
     return {"retries": s.task_retries, "retry_delay_seconds": exponential_backoff(backoff_factor=s.retry_initial_s),
-            "retry_jitter_factor": 0.5, "retry_condition_fn": retry_transient}
+            "retry_jitter_factor": 0.5, "retry_condition_fn": retry_transient, "cache_policy": NO_CACHE}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.clients import slack_client
 
@@ -16,7 +17,7 @@ def _logger():
         return logging.getLogger("llm_fleet.slack")
 
 
-@task(retries=0)
+@task(retries=0, cache_policy=NO_CACHE)
 def post_slack(*, channel: str, text: str, thread_ts: str | None = None) -> str | None:
     """Post a message (or a thread reply); returns its ts, or None when Slack is off or failing."""
     client = slack_client()
@@ -30,7 +31,7 @@ def post_slack(*, channel: str, text: str, thread_ts: str | None = None) -> str 
     return resp.get("ts")
 
 
-@task(retries=0)
+@task(retries=0, cache_policy=NO_CACHE)
 def update_slack(*, channel: str, ts: str, text: str) -> bool:
     """Edit a message in place (the thread's head shows the run's progress)."""
     client = slack_client()

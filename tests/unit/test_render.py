@@ -113,7 +113,6 @@ def test_seed_003_llama_tgi_cache_hpa_ingress_monitoring():
     assert env["MAX_TOTAL_TOKENS"]["value"] == "4096" and env["MAX_CONCURRENT_REQUESTS"]["value"] == "128"
     assert env["HUGGINGFACE_HUB_CACHE"]["value"] == "/cache"
     assert env["HUGGING_FACE_HUB_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "huggingface-token", "key": "token"}
-    assert env["API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "tgi-api-key", "key": "key"}
     (pvc,) = by_kind(objs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["resources"]["requests"]["storage"] == "100Gi"
     assert {"name": "cache", "persistentVolumeClaim": {"claimName": "llama2-tgi-cache"}} in pod["volumes"]
@@ -127,6 +126,8 @@ def test_seed_003_llama_tgi_cache_hpa_ingress_monitoring():
     assert ing["spec"]["ingressClassName"] == "nginx" and ann["nginx.ingress.kubernetes.io/limit-rps"] == "10"
     assert ing["spec"]["tls"] == [{"hosts": ["llm.example.com"], "secretName": "llm-tls"}]
     assert ann["cert-manager.io/cluster-issuer"] == "letsencrypt-prod"
+    assert ann["nginx.ingress.kubernetes.io/auth-type"] == "basic"
+    assert ann["nginx.ingress.kubernetes.io/auth-secret"] == "tgi-api-users"
     assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     (rule,) = by_kind(objs, "PrometheusRule")
     exprs = " ".join(r["expr"] for r in rule["spec"]["groups"][0]["rules"])

@@ -86,6 +86,7 @@ BAD = [
     (with_("expose.ingress", {"class": "nginx", "host": "a.b", "cluster_issuer": "le"}),
      "expose.ingress.tls_secret", "tls_secret"),
     (with_("expose.ingress", {"class": "traefik"}), "expose.ingress.class", "gce"),
+    (with_("expose.ingress", {"class": "gce", "auth_secret": "users"}), "expose.ingress.auth_secret", "nginx"),
     (with_("engine.kind", "ollama"), "engine.kind", "vllm"),
     (with_("engine.tensor_paralel", 1), "engine.tensor_paralel", "tensor_parallel"),
     (with_("replica", 2), "replica", "replicas"),

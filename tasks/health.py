@@ -1,0 +1,123 @@
+"""Talk to the model through its Service: readiness by the engine's own endpoints, smoke prompts.
+
+Requests go through the API server's service proxy, so the flow needs no port-forward and no public
+IP — the same path works on GKE and on the sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prefect import task
+
+from manifests.errors import DeployError, SmokeTestError
+from tasks.clients import kube_client, kube_http
+from tasks.retry import task_retries
+
+
+def service_base(namespace: str, service: str, port: str = "http") -> str:
+    return f"/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy"
+
+
+def _client(kubeconfig: str | None, timeout: float = 60.0) -> httpx.Client:
+    return kube_http(kube_client(kubeconfig), timeout=timeout)
+
+
+@task(**task_retries())
+def check_engine_ready(*, kubeconfig: str | None, namespace: str, service: str, engine: str, model_id: str) -> dict[str, Any]:
+    """The engine says the model is loaded: /v1/models (vLLM, SGLang) or /health + /info (TGI)."""
+    base = service_base(namespace, service)
+    with _client(kubeconfig) as http:
+        if engine == "tgi":
+            health = http.get(f"{base}/health")
+            if health.status_code != 200:
+                raise DeployError(f"TGI /health answered {health.status_code}", "wait and rerun", reason="NotReady")
+            info = http.get(f"{base}/info").json()
+            served = info.get("model_id")
+        else:
+            resp = http.get(f"{base}/v1/models")
+            if resp.status_code != 200:
+                raise DeployError(f"{engine} /v1/models answered {resp.status_code}", "wait and rerun",
+                                  reason="NotReady")
+            info = resp.json()
+            served = next((m.get("id") for m in info.get("data", [])), None)
+    if served != model_id:
+        raise DeployError(f"the Service answers with model {served!r}, expected {model_id}",
+                          "another deployment shares the Service selector; check the labels", reason="WrongModel")
+    return {"model": served}
+
+
+@dataclass
+class SmokeResult:
+    prompt: str
+    answer: str
+    latency_s: float
+    tokens: int
+    tokens_per_s: float
+    streamed: bool
+
+
+def _generate(http: httpx.Client, base: str, engine: str, model_id: str, prompt: str, max_tokens: int,
+              stream: bool) -> tuple[str, int]:
+    if engine == "tgi":
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": max_tokens, "seed": 42}}
+        if not stream:
+            resp = http.post(f"{base}/generate", json=body)
+            resp.raise_for_status()
+            data = resp.json()
+            text = data.get("generated_text", "")
+            return text, int((data.get("details") or {}).get("generated_tokens") or len(text.split()))
+        text, tokens = "", 0
+        with http.stream("POST", f"{base}/generate_stream", json=body) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    event = json.loads(line[5:])
+                    tokens += 1
+                    if event.get("generated_text") is not None:
+                        text = event["generated_text"]
+        return text, tokens
+    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if not stream:
+        resp = http.post(f"{base}/v1/completions", json=body)
+        resp.raise_for_status()
+        data = resp.json()
+        return data["choices"][0].get("text", ""), int((data.get("usage") or {}).get("completion_tokens") or 0)
+    parts: list[str] = []
+    with http.stream("POST", f"{base}/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                parts.append(json.loads(line[5:])["choices"][0].get("text", ""))
+    return "".join(parts), len(parts)
+
+
+@task(**task_retries())
+def smoke_test(*, kubeconfig: str | None, namespace: str, service: str, engine: str, model_id: str,
+               prompts: list[str], max_tokens: int, expect: str | None = None, stream: bool = True) -> list[SmokeResult]:
+    """Each prompt must get a non-empty answer (matching ``expect``); the last one is also streamed."""
+    import re
+
+    base = service_base(namespace, service)
+    results: list[SmokeResult] = []
+    runs = [(p, False) for p in prompts] + ([(prompts[-1], True)] if stream and prompts else [])
+    with _client(kubeconfig, timeout=120) as http:
+        for prompt, streamed in runs:
+            start = time.perf_counter()
+            try:
+                answer, tokens = _generate(http, base, engine, model_id, prompt, max_tokens, streamed)
+            except httpx.HTTPStatusError as exc:
+                raise SmokeTestError(f"smoke prompt failed: HTTP {exc.response.status_code} from {engine}",
+                                     "read the model server logs", reason="SmokeFailed") from None
+            elapsed = time.perf_counter() - start
+            if not answer.strip() or (expect and not re.search(expect, answer)):
+                raise SmokeTestError(f"smoke prompt got a bad answer: {answer[:80]!r}",
+                                     "check the model revision and engine args (dtype, max_model_len)",
+                                     reason="WrongAnswer")
+            results.append(SmokeResult(prompt[:60], answer[:200], round(elapsed, 4), tokens,
+                                       round(tokens / elapsed, 1) if elapsed > 0 else 0.0, streamed))
+    return results

@@ -1,0 +1,277 @@
+"""Thin tasks, one per Kubernetes verb. Apply is server-side apply with our field manager."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import watch
+from kubernetes.client.rest import ApiException
+from prefect import get_run_logger, task
+from pydantic import SecretStr
+
+from manifests.errors import DeployError, FleetError
+from manifests.names import FIELD_MANAGER
+from manifests.rollout import Progress, diagnose
+from tasks.clients import kube_client
+from tasks.retry import task_retries
+
+# (apiVersion, kind) -> (plural, namespaced) for every kind the product renders or reads.
+KINDS: dict[tuple[str, str], tuple[str, bool]] = {
+    ("v1", "Namespace"): ("namespaces", False),
+    ("v1", "ServiceAccount"): ("serviceaccounts", True),
+    ("v1", "Secret"): ("secrets", True),
+    ("v1", "ConfigMap"): ("configmaps", True),
+    ("v1", "Service"): ("services", True),
+    ("v1", "PersistentVolumeClaim"): ("persistentvolumeclaims", True),
+    ("v1", "Pod"): ("pods", True),
+    ("apps/v1", "Deployment"): ("deployments", True),
+    ("networking.k8s.io/v1", "Ingress"): ("ingresses", True),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
+    ("monitoring.googleapis.com/v1", "PodMonitoring"): ("podmonitorings", True),
+    ("monitoring.googleapis.com/v1", "Rules"): ("rules", True),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ("prometheusrules", True),
+}
+
+
+def object_path(api_version: str, kind: str, name: str | None = None, namespace: str | None = None) -> str:
+    plural, namespaced = KINDS[(api_version, kind)]
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    if namespaced:
+        base += f"/namespaces/{namespace}"
+    return f"{base}/{plural}" + (f"/{name}" if name else "")
+
+
+def _call(api: k8s.ApiClient, method: str, path: str, *, body: Any = None, query: list | None = None,
+          content_type: str = "application/json") -> Any:
+    return api.call_api(path, method, query_params=query or [], header_params={
+        "Accept": "application/json", "Content-Type": content_type}, body=body, response_type="object",
+        auth_settings=["BearerToken"], _return_http_data_only=True, _request_timeout=60)
+
+
+@dataclass
+class Applied:
+    kind: str
+    name: str
+    action: str  # created | configured | unchanged
+    changed: list[str] = field(default_factory=list)  # fields that differed from the live object
+
+
+def _diff(desired: Any, live: Any, path: str = "") -> list[str]:
+    """Fields of ``desired`` whose live value differs (server-added fields are not drift)."""
+    if isinstance(desired, dict) and isinstance(live, dict):
+        out: list[str] = []
+        for k, v in desired.items():
+            out += _diff(v, live.get(k), f"{path}.{k}" if path else k)
+        return out
+    if isinstance(desired, list) and isinstance(live, list) and len(desired) == len(live):
+        out = []
+        for i, (d, lv) in enumerate(zip(desired, live, strict=True)):
+            out += _diff(d, lv, f"{path}[{i}]")
+        return out
+    if desired != live and not (isinstance(desired, int | str) and str(desired) == str(live)):
+        return [path]
+    return []
+
+
+@task(**task_retries())
+def apply_object(*, kubeconfig: str | None, obj: dict[str, Any]) -> Applied:
+    """Server-side apply (idempotent); reports what a hand edit or an older spec had changed."""
+    api = kube_client(kubeconfig)
+    meta = obj["metadata"]
+    path = object_path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
+    try:
+        live = _call(api, "GET", path)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        live = None
+    changed = _diff({k: v for k, v in obj.items() if k in ("metadata", "spec", "data", "rules", "roleRef",
+                                                             "subjects")}, live) if live else []
+    changed = [c for c in changed if not c.startswith("metadata.namespace")]
+    result = _call(api, "PATCH", path, body=obj, content_type="application/apply-patch+yaml",
+                   query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+    if live is None:
+        action = "created"
+    elif result["metadata"].get("resourceVersion") == live["metadata"].get("resourceVersion"):
+        action = "unchanged"
+    else:
+        action = "configured"
+    if changed and live is not None:
+        get_run_logger().warning("%s/%s differed from the spec at %s (hand edit or older spec): reapplied",
+                                 obj["kind"], meta["name"], ", ".join(changed[:5]))
+    return Applied(obj["kind"], meta["name"], action, changed)
+
+
+@task(**task_retries())
+def get_object(*, kubeconfig: str | None, api_version: str, kind: str, name: str,
+               namespace: str | None = None) -> dict[str, Any] | None:
+    try:
+        return _call(kube_client(kubeconfig), "GET", object_path(api_version, kind, name, namespace))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+@task(**task_retries())
+def list_objects(*, kubeconfig: str | None, api_version: str, kind: str, namespace: str | None = None,
+                 label_selector: str = "") -> list[dict[str, Any]]:
+    query = [("labelSelector", label_selector)] if label_selector else []
+    return _call(kube_client(kubeconfig), "GET", object_path(api_version, kind, None, namespace),
+                 query=query).get("items", [])
+
+
+@task(**task_retries())
+def delete_object(*, kubeconfig: str | None, api_version: str, kind: str, name: str,
+                  namespace: str | None = None) -> bool:
+    """Delete (foreground for owners); False when it was already gone."""
+    try:
+        _call(kube_client(kubeconfig), "DELETE", object_path(api_version, kind, name, namespace),
+              body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"})
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+@task(**task_retries())
+def ensure_secret(*, kubeconfig: str | None, namespace: str, name: str, key: str, value: SecretStr,
+                  labels: dict[str, str] | None = None) -> str:
+    """Create or update one key of an Opaque Secret. Returns created|updated|unchanged, never the value."""
+    core = k8s.CoreV1Api(kube_client(kubeconfig))
+    encoded = base64.b64encode(value.get_secret_value().encode()).decode()
+    try:
+        live = core.read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        body = k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels=labels),
+                            type="Opaque", data={key: encoded})
+        try:
+            core.create_namespaced_secret(namespace, body)
+        except ApiException as exc2:
+            raise FleetError(f"could not create Secret {namespace}/{name} (HTTP {exc2.status})",
+                             "check the operator's RBAC for secrets") from None
+        return "created"
+    if (live.data or {}).get(key) == encoded:
+        return "unchanged"
+    core.patch_namespaced_secret(name, namespace, {"data": {key: encoded}})
+    return "updated"
+
+
+@task(**task_retries())
+def read_secret_key(*, kubeconfig: str | None, namespace: str, name: str, key: str) -> SecretStr | None:
+    try:
+        live = k8s.CoreV1Api(kube_client(kubeconfig)).read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    raw = (live.data or {}).get(key)
+    return SecretStr(base64.b64decode(raw).decode()) if raw else None
+
+
+@task(**task_retries())
+def patch_service_selector(*, kubeconfig: str | None, namespace: str, name: str,
+                           selector: dict[str, str], expect: dict[str, str] | None = None) -> dict[str, str]:
+    """Point a Service at other pods: one merge-patch, guarded by resourceVersion, then read back."""
+    core = k8s.CoreV1Api(kube_client(kubeconfig))
+    live = core.read_namespaced_service(name, namespace)
+    if expect is not None and live.spec.selector != expect:
+        raise FleetError(f"Service {name} selects {live.spec.selector}, expected {expect}",
+                         "another release is in flight or someone edited the Service; rerun release_model")
+    body = {"metadata": {"resourceVersion": live.metadata.resource_version}, "spec": {"selector": selector}}
+    patched = core.patch_namespaced_service(name, namespace, body,
+                                            _content_type="application/merge-patch+json")
+    if patched.spec.selector != selector:
+        raise FleetError(f"Service {name} selector is {patched.spec.selector} after the patch", "rerun the release")
+    return patched.spec.selector
+
+
+@task(**task_retries())
+def scale_deployment(*, kubeconfig: str | None, namespace: str, name: str, replicas: int) -> int:
+    apps = k8s.AppsV1Api(kube_client(kubeconfig))
+    apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}},
+                                           _content_type="application/merge-patch+json")
+    return replicas
+
+
+@task(**task_retries())
+def pod_logs(*, kubeconfig: str | None, namespace: str, pod: str, previous: bool = False,
+             tail: int = 20) -> list[str]:
+    core = k8s.CoreV1Api(kube_client(kubeconfig))
+    try:
+        text = core.read_namespaced_pod_log(pod, namespace, tail_lines=tail, previous=previous)
+    except ApiException:
+        if not previous:
+            return []
+        text = core.read_namespaced_pod_log(pod, namespace, tail_lines=tail)
+    return [ln for ln in str(text).splitlines() if ln.strip()][-tail:]
+
+
+def _selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+@task(**task_retries())
+def wait_pods_ready(*, kubeconfig: str | None, namespace: str, selector: dict[str, str], desired: int,
+                    timeout_s: float) -> Progress:
+    """Watch the pods (no sleep loop) until ``desired`` are Ready; fail fast with the real cause.
+
+    Pending for lack of a GPU node keeps waiting (an autoscaler may add one) but is named if the
+    timeout hits; image pull errors, crash loops and OOM kills fail at once with the pod's last logs.
+    """
+    api = kube_client(kubeconfig)
+    core = k8s.CoreV1Api(api)
+    label_selector = _selector(selector)
+    deadline = time.monotonic() + timeout_s
+    pods: dict[str, dict[str, Any]] = {}
+    last = Progress("waiting", "NoPods", "no pods yet")
+    log = get_run_logger()
+    while True:
+        listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
+        pods = {p.metadata.name: api.sanitize_for_serialization(p) for p in listing.items}
+        rv = listing.metadata.resource_version
+        progress = diagnose(list(pods.values()), desired=desired)
+        if progress.state != "waiting":
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        w = watch.Watch()
+        for event in w.stream(core.list_namespaced_pod, namespace, label_selector=label_selector,
+                              resource_version=rv, timeout_seconds=max(1, int(remaining) + 1),
+                              _request_timeout=remaining + 5):
+            obj = api.sanitize_for_serialization(event["object"])
+            if event["type"] == "DELETED":
+                pods.pop(obj["metadata"]["name"], None)
+            elif event["type"] in ("ADDED", "MODIFIED"):
+                pods[obj["metadata"]["name"]] = obj
+            progress = diagnose(list(pods.values()), desired=desired)
+            if (progress.reason, progress.message) != (last.reason, last.message):
+                log.info("waiting: %s", progress.message)
+                last = progress
+            if progress.state != "waiting" or time.monotonic() >= deadline:
+                w.stop()
+                break
+        if progress.state != "waiting" or time.monotonic() >= deadline:
+            break
+    if progress.state == "ready":
+        return progress
+    if progress.state == "waiting":
+        minutes = timeout_s / 60
+        raise DeployError(f"the model was not ready after {minutes:.1f} min: {progress.message}",
+                          progress.fix or "raise load_timeout, or check the pod's logs",
+                          reason="Unschedulable" if progress.reason == "Unschedulable" else "LoadTimeout",
+                          logs=pod_logs.fn(kubeconfig=kubeconfig, namespace=namespace, pod=progress.pod)
+                          if progress.pod else [])
+    raise DeployError(progress.message, progress.fix, reason=progress.reason,
+                      logs=pod_logs.fn(kubeconfig=kubeconfig, namespace=namespace, pod=progress.pod,
+                                       previous=progress.previous_logs) if progress.pod else [])
