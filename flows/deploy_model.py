@@ -46,7 +46,8 @@ def live_color(spec: DeploymentSpec, kubeconfig: str) -> Color | None:
 
 
 def load_timeout_s(spec: DeploymentSpec, params: int | None) -> float:
-    return spec.default_load_timeout(params).total_seconds() * get_settings().time_scale
+    s = get_settings()
+    return max(spec.default_load_timeout(params).total_seconds() * s.time_scale, s.min_load_timeout_s)
 
 
 def wait_until_answering(spec: DeploymentSpec, *, kubeconfig: str, color: Color, replicas: int,

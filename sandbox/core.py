@@ -104,6 +104,13 @@ class Faults:
         with self._lock:
             self._rules = [r for r in self._rules if service is not None and r.service != service]
 
+    def remove(self, rule_id: str) -> bool:
+        """Drop one rule by id; False if there was none."""
+        with self._lock:
+            before = len(self._rules)
+            self._rules = [r for r in self._rules if r.id != rule_id]
+            return len(self._rules) < before
+
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
             return [r.to_dict() for r in self._rules]
@@ -250,6 +257,8 @@ class JsonHandler(BaseHTTPRequestHandler):
         pass  # requests are recorded in server.requests instead of stderr
 
     def _dispatch(self) -> None:
+        # One handler instance serves every request of a keep-alive connection: forget the last body.
+        self.__dict__.pop("_body", None)
         path = self.url.path
         self.server.record(self.command, path)
         rule = self.server.faults.take(self.service, self.command, path) if self.server.faults else None

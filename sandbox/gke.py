@@ -754,8 +754,9 @@ class Gke:
         initial = int(data.pop("initialNodeCount", 0) or 0)
         pools_in = data.pop("nodePools", []) or []
         node_config = data.pop("nodeConfig", None)
-        if autopilot and (initial or pools_in):
-            raise _bad("Autopilot clusters cannot be created with node pools or an initial node count.")
+        if autopilot:
+            # gcloud create-auto sends a template "default-pool"; Autopilot provisions nodes itself
+            initial, pools_in = 0, []
         if not autopilot:
             if initial and pools_in:
                 raise _bad("Cannot specify both cluster.initial_node_count and cluster.node_pools.")
@@ -1456,3 +1457,12 @@ def _server_config(h: GkeHandler, project: str, location: str):
     if location not in REGIONS and location not in {z for r in REGIONS for z in zones_of(r)}:
         raise _bad(f"Location \"{location}\" is not a valid region or zone.")
     return h.gke.server_config(project, location)
+
+
+@route(_ROUTES, "GET", r"/v1/projects/(?P<project>[^/]+)/services/(?P<service>[^/:]+)")
+def _service_usage(h: GkeHandler, project: str, service: str):
+    """Service Usage ``services.get`` (``gcloud container clusters create`` checks the API is enabled):
+    served here so ``CLOUDSDK_API_ENDPOINT_OVERRIDES_SERVICEUSAGE`` can point at the GKE emulator."""
+    number = h.gke._number(project)
+    return {"name": f"projects/{number}/services/{service}", "parent": f"projects/{number}",
+            "config": {"name": service, "title": service.split(".")[0].title() + " API"}, "state": "ENABLED"}

@@ -47,8 +47,10 @@ class Settings(BaseSettings):
     operation_timeout_s: float = 3600.0
     poll_initial_s: float = 2.0
     poll_max_s: float = 15.0
-    # Sandbox only: multiply model-load timeouts (the sandbox's clock is scaled).
+    # Sandbox only: multiply model-load timeouts (the sandbox's clock is scaled), with a floor so
+    # scheduling jitter on a busy machine is not mistaken for a slow model.
     time_scale: float = 1.0
+    min_load_timeout_s: float = 0.0
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,212 @@
+"""deploy_model against the sandbox: every bundled scenario end to end, preflight and failure causes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.flows.conftest import spec_dict
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+SCENARIOS = ["paligemma2-tgi-autopilot.yaml", "gemma2-2b-it-vllm-l4.yaml", "llama2-7b-tgi-nginx.yaml",
+             "mistral-7b-vllm-spot.yaml", "qwen2.5-7b-sglang.yaml"]
+
+
+def provision(spec: dict) -> None:
+    from flows.provision_cluster import provision_cluster
+
+    provision_cluster(spec=spec)
+
+
+def deploy(spec: dict, **kw):
+    from flows.deploy_model import deploy_model
+
+    return deploy_model(spec=spec, **kw)
+
+
+def kube(spec: dict):
+    """A kubernetes client for the spec's cluster, built the way the product builds it."""
+    from kubernetes import client
+
+    from tasks.gke import get_credentials
+
+    c = spec["cluster"]
+    path = get_credentials.fn(project=c["project"], location=c["location"], name=c.get("name", "llm-fleet"))
+    from tasks.clients import kube_client
+
+    api = kube_client(path)
+    return client.CoreV1Api(api), client.AppsV1Api(api), api
+
+
+def managed_objects(spec: dict) -> set[tuple[str, str]]:
+    """(kind, name) of every llm-fleet object of this spec in its namespace, read from the sandbox."""
+    core, apps, api = kube(spec)
+    from kubernetes import client
+
+    ns = spec.get("namespace", "default")
+    sel = f"app.kubernetes.io/instance={spec['name']}"
+    found = set()
+    for kind, items in [
+        ("Deployment", apps.list_namespaced_deployment(ns, label_selector=sel).items),
+        ("Service", core.list_namespaced_service(ns, label_selector=sel).items),
+        ("PersistentVolumeClaim", core.list_namespaced_persistent_volume_claim(ns, label_selector=sel).items),
+        ("ServiceAccount", core.list_namespaced_service_account(ns, label_selector=sel).items),
+        ("Ingress", client.NetworkingV1Api(api).list_namespaced_ingress(ns, label_selector=sel).items),
+        ("HorizontalPodAutoscaler",
+         client.AutoscalingV2Api(api).list_namespaced_horizontal_pod_autoscaler(ns, label_selector=sel).items),
+        ("Role", client.RbacAuthorizationV1Api(api).list_namespaced_role(ns, label_selector=sel).items),
+        ("RoleBinding", client.RbacAuthorizationV1Api(api).list_namespaced_role_binding(ns, label_selector=sel).items),
+    ]:
+        found |= {(kind, o.metadata.name) for o in items}
+    custom = client.CustomObjectsApi(api)
+    for group, plural, kind in [("monitoring.googleapis.com", "podmonitorings", "PodMonitoring"),
+                                ("monitoring.googleapis.com", "rules", "Rules"),
+                                ("monitoring.coreos.com", "prometheusrules", "PrometheusRule")]:
+        items = custom.list_namespaced_custom_object(group, "v1", ns, plural, label_selector=sel)["items"]
+        found |= {(kind, o["metadata"]["name"]) for o in items}
+    return found
+
+
+def rendered(spec: dict) -> set[tuple[str, str]]:
+    from manifests.render import render
+    from manifests.spec import parse_spec
+
+    return {(o["kind"], o["metadata"]["name"]) for o in render(parse_spec(spec)) if o["kind"] != "Namespace"}
+
+
+def routed_model(spec: dict) -> str:
+    """Ask the live Service which model answers — through the API server's service proxy."""
+    from tasks.clients import kube_http
+
+    _, _, api = kube(spec)
+    ns = spec.get("namespace", "default")
+    with kube_http(api) as http:
+        base = f"/api/v1/namespaces/{ns}/services/{spec['name']}:http/proxy"
+        if spec["engine"] == "tgi" or (isinstance(spec["engine"], dict) and spec["engine"]["kind"] == "tgi"):
+            return http.get(f"{base}/info").json()["model_id"]
+        return http.get(f"{base}/v1/models").json()["data"][0]["id"]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_end_to_end(name, sbc):
+    spec = spec_dict(name)
+    provision(spec)
+    result = deploy(spec)
+    model_id = spec["model"] if isinstance(spec["model"], str) else spec["model"]["id"]
+    assert result["color"] == "blue" and len(result["revision"]) == 40
+    assert all(r["tokens"] > 0 for r in result["smoke"])
+    assert routed_model(spec) == model_id
+    core, apps, _ = kube(spec)
+    ns = spec.get("namespace", "default")
+    dep = apps.read_namespaced_deployment(f"{spec['name']}-blue", ns)
+    assert dep.status.ready_replicas == spec.get("replicas", 1)
+    assert managed_objects(spec) == rendered(spec)
+    # The token Secret exists with the key the pods read, and nothing else carries the token.
+    secret = core.read_namespaced_secret(spec.get("secret", {}).get("name", "hf-secret"), ns)
+    assert set(secret.data) == {spec.get("secret", {}).get("key", "hf_token")}
+
+
+def test_rerun_changes_nothing(sbc):
+    spec = spec_dict("qwen2.5-7b-sglang.yaml")
+    provision(spec)
+    deploy(spec)
+    _, apps, _ = kube(spec)
+    rv = apps.read_namespaced_deployment("qwen-sglang-blue", "default").metadata.resource_version
+    again = deploy(spec)
+    assert {o["action"] for o in again["objects"]} == {"unchanged"}
+    assert apps.read_namespaced_deployment("qwen-sglang-blue", "default").metadata.resource_version == rv
+
+
+@pytest.mark.parametrize(("token", "model", "match", "fix"), [
+    ("hf_not_a_token", None, "token is invalid", "settings/tokens"),
+    ("hf_sandbox_nogate", None, "no access to the gated model", "accept the license at https://huggingface.co/"),
+    (None, {"id": "google/gemma-2-2b-it", "revision": "no-such-branch"}, "revision 'no-such-branch'", "tree/main"),
+    (None, {"id": "meta-llama/Llama-3.1-70B-Instruct"}, "GiB", "accelerator"),
+    (None, {"id": "google/gemma-3000"}, "was not found", "model.id"),
+])
+def test_hub_preflight_fails_before_any_kubernetes_object(token, model, match, fix, sbc, monkeypatch):
+    from manifests.errors import PreflightError
+    from tasks.settings import reload_settings
+
+    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
+    if model:
+        spec["model"] = model
+    provision(spec)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+        reload_settings()
+    try:
+        with pytest.raises(PreflightError) as info:
+            deploy(spec)
+    finally:
+        monkeypatch.undo()
+        reload_settings()
+    assert match in str(info.value) and fix in info.value.fix
+    assert managed_objects(spec) == set()
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("image_pull_error", "ImagePullBackOff|ErrImagePull"),
+    ("crash_loop", "CrashLoopBackOff"),
+    ("oom", "OOMKilled"),
+    ("hang_load", "LoadTimeout"),
+])
+def test_rollout_failures_name_the_cause_and_stop_paying(mode, reason, sbc):
+    import re
+
+    from manifests.errors import DeployError
+
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", name=f"fail-{mode.replace('_', '-')}", load_timeout="40m")
+    provision(spec)
+    if mode == "hang_load":
+        sbc.add_behavior(match={"labels": {"app.kubernetes.io/instance": spec["name"]}}, mode="slow_load",
+                         load_seconds=10_000)
+    else:
+        sbc.add_behavior(match={"labels": {"app.kubernetes.io/instance": spec["name"]}}, mode=mode)
+    with pytest.raises(DeployError) as info:
+        deploy(spec)
+    assert re.fullmatch(reason, info.value.reason), info.value.reason
+    if mode in ("crash_loop", "oom"):
+        assert info.value.logs, "the pod's last log lines are attached"
+    if mode == "oom":
+        assert any("out of memory" in line.lower() for line in info.value.logs)
+    _, apps, _ = kube(spec)
+    assert apps.read_namespaced_deployment(f"{spec['name']}-blue", "default").spec.replicas == 0
+
+
+def test_token_never_leaks(sbc, caplog):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml", slack_channel="#deploy-leak")
+    provision(spec)
+    with caplog.at_level("DEBUG"):
+        deploy(spec)
+    token = os.environ["HF_TOKEN"]
+    assert token not in caplog.text
+
+    async def artifacts_and_logs():
+        async with get_client() as client:
+            arts = await client.read_artifacts()
+            logs = await client.read_logs()
+            runs = await client.read_flow_runs()
+            return ([str(a.data) for a in arts], [lg.message for lg in logs],
+                    [str(r.parameters) for r in runs])
+
+    arts, logs, params = asyncio.run(artifacts_and_logs())
+    assert arts and not any(token in a for a in arts)
+    assert not any(token in m for m in logs)
+    assert not any(token in p for p in params)
+    texts = [m["text"] for m in sbc.slack_messages(channel="#deploy-leak")]
+    assert texts and not any(token in t for t in texts)
+
+
+def test_dry_run_touches_nothing(sbc):
+    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
+    provision(spec)
+    result = deploy(spec, dry_run=True)
+    assert result["dry_run"] and {r["action"] for r in result["plan"]} <= {"create", "apply"}
+    assert managed_objects(spec) == set()
