@@ -5,15 +5,16 @@ Speaks the Compute v1 REST dialect that ``google.cloud.compute_v1`` clients (``t
 ``.../zones[/{zone}]``, ``.../zones/{zone}/acceleratorTypes[/{type}]``,
 ``.../aggregated/acceleratorTypes``, ``/compute/v1/projects/{project}`` (project info with the
 ``GPUS_ALL_REGIONS`` quota), and read-only ``instanceGroupManagers`` / ``instances`` for the node
-pools the GKE emulator creates. Replies are built with the ``compute_v1`` message types so they parse
-in the real client.
+pools the GKE emulator creates. This module does not import ``compute_v1`` (~8 s to import); the
+tests parse every reply strictly with its message types.
 
 Python API (used by the GKE emulator and the control API):
 
 * ``reserve(region, metric, n)`` / ``reserve_many(region, {metric: n})`` / ``release(...)`` move the
   regional usage and, for GPU and CPU metrics, the project-wide ``GPUS_ALL_REGIONS`` /
   ``CPUS_ALL_REGIONS`` usage; a shortfall raises :class:`QuotaExceeded` and changes nothing.
-* ``set_quota(region_or_None, metric, limit)``; ``set_stockout(zone, accelerator_or_None, on=True)``;
+* ``set_quota(region_or_None, metric, limit)``; ``set_stockout(zone, accelerator, on=True)`` with an
+  accelerator type, ``None`` (every GPU type) or ``"*"`` (every VM, CPU-only too);
   ``offers(zone, accelerator)``; ``stocked_out(zone, accelerator)``.
 
 Quota state is kept per project (any project id is accepted, created lazily from the defaults);
@@ -22,13 +23,11 @@ stockouts are physical and shared by every project.
 
 from __future__ import annotations
 
-import json
+import re
 import threading
 import zlib
 from collections.abc import Mapping
 from typing import Any
-
-from google.cloud import compute_v1
 
 from sandbox.core import Clock, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
 
@@ -101,6 +100,7 @@ ZONE_ACCELERATORS: dict[str, tuple[str, ...]] = {
     "asia-northeast1-c": _L4 + _T4 + _A100 + _H100,
 }
 
+ANY_MACHINE = "*"  # set_stockout(zone, "*"): no VM at all starts there
 DEFAULT_GPU_LIMIT = 8.0
 DEFAULT_REGIONAL_QUOTAS: dict[str, float] = {
     "CPUS": 200.0,
@@ -174,12 +174,6 @@ def _id(*parts: str) -> str:
     """A stable numeric id, like Compute's uint64 ids (as a string)."""
     key = "/".join(parts).encode()
     return str(zlib.crc32(key) * 7919 + 1000000000000000000 + zlib.adler32(key))
-
-
-def to_dict(cls: Any, msg: Any) -> dict[str, Any]:
-    """Proto-plus message -> the JSON dict its REST transport expects (camelCase, enums as names)."""
-    return json.loads(cls.to_json(msg, use_integers_for_enums=False, always_print_fields_with_no_presence=False,
-                                  indent=None))
 
 
 class QuotaExceeded(Exception):
@@ -272,11 +266,12 @@ class Compute:
 
     # ---- stockouts ---------------------------------------------------------------------
     def set_stockout(self, zone: str, accelerator: str | None = None, on: bool = True) -> None:
-        """Mark ``zone`` out of ``accelerator`` (``None``: out of every machine) for new VMs."""
+        """Mark ``zone`` out of capacity for new VMs: of one ``accelerator`` type, of every accelerator
+        (``None``: GPU VMs fail, plain CPU VMs still start), or of everything (``"*"``)."""
         if zone not in ZONE_ACCELERATORS:
             raise ValueError(f"unknown zone {zone!r}")
-        if accelerator is not None and accelerator not in ACCELERATOR_TYPES:
-            raise ValueError(f"unknown accelerator type {accelerator!r}")
+        if accelerator not in (None, ANY_MACHINE) and accelerator not in ACCELERATOR_TYPES:
+            raise ValueError(f"unknown accelerator type {accelerator!r} (or None for every GPU, '*' for every VM)")
         with self._lock:
             if on:
                 self._stockouts.add((zone, accelerator))
@@ -288,10 +283,12 @@ class Compute:
             self._stockouts.clear()
 
     def stocked_out(self, zone: str, accelerator: str | None = None) -> bool:
-        """Whether a new VM (with ``accelerator``, or a plain one for ``None``) cannot start in ``zone``."""
+        """Whether a new VM with ``accelerator`` (``None``: a plain CPU VM) cannot start in ``zone``."""
         with self._lock:
-            return (zone, None) in self._stockouts or (accelerator is not None and (zone, accelerator) in
-                                                        self._stockouts)
+            if (zone, ANY_MACHINE) in self._stockouts:
+                return True
+            return accelerator is not None and ((zone, None) in self._stockouts or
+                                                (zone, accelerator) in self._stockouts)
 
     @staticmethod
     def stockout_message(project: str, zone: str) -> str:
@@ -418,55 +415,54 @@ class Compute:
     def _link(self, project: str, *parts: str) -> str:
         return "/".join([API_BASE, "projects", project, *parts])
 
+    # Replies are plain camelCase JSON (what compute_v1's REST transport parses), built by hand:
+    # importing google.cloud.compute_v1 costs ~8 s, too slow for `sandbox up`. The tests parse every
+    # reply strictly with compute_v1 messages, so a field the client does not know fails there.
     def region_resource(self, project: str, region: str) -> dict[str, Any]:
         if region not in REGIONS:
             raise _not_found(f"projects/{project}/regions/{region}")
         with self._lock:
             table = self._q(project).regional[region]
-            quotas = [compute_v1.Quota(metric=m, limit=lim, usage=u) for m, (lim, u) in table.items()]
-        msg = compute_v1.Region(
-            kind="compute#region", id=int(_id("region", region)), creation_timestamp=CREATION_TS,
-            name=region, description=region, status="UP",
-            zones=[self._link(project, "zones", z) for z in zones_of(region)],
-            quotas=quotas, self_link=self._link(project, "regions", region), supports_pzs=False,
-        )
-        return to_dict(compute_v1.Region, msg)
+            quotas = [{"metric": m, "limit": lim, "usage": u} for m, (lim, u) in table.items()]
+        return {
+            "kind": "compute#region", "id": _id("region", region), "creationTimestamp": CREATION_TS,
+            "name": region, "description": region, "status": "UP",
+            "zones": [self._link(project, "zones", z) for z in zones_of(region)],
+            "quotas": quotas, "selfLink": self._link(project, "regions", region), "supportsPzs": False,
+        }
 
     def zone_resource(self, project: str, zone: str) -> dict[str, Any]:
         if zone not in ZONE_ACCELERATORS:
             raise _not_found(f"projects/{project}/zones/{zone}")
-        msg = compute_v1.Zone(
-            kind="compute#zone", id=int(_id("zone", zone)), creation_timestamp=CREATION_TS, name=zone,
-            description=zone, status="UP", region=self._link(project, "regions", region_of(zone)),
-            self_link=self._link(project, "zones", zone), supports_pzs=False,
-            available_cpu_platforms=["Intel Sapphire Rapids", "Intel Cascade Lake", "AMD Milan"],
-        )
-        return to_dict(compute_v1.Zone, msg)
+        return {
+            "kind": "compute#zone", "id": _id("zone", zone), "creationTimestamp": CREATION_TS, "name": zone,
+            "description": zone, "status": "UP", "region": self._link(project, "regions", region_of(zone)),
+            "selfLink": self._link(project, "zones", zone), "supportsPzs": False,
+            "availableCpuPlatforms": ["Intel Sapphire Rapids", "Intel Cascade Lake", "AMD Milan"],
+        }
 
     def accelerator_resource(self, project: str, zone: str, name: str) -> dict[str, Any]:
         description, max_cards, _ = ACCELERATOR_TYPES[name]
-        msg = compute_v1.AcceleratorType(
-            kind="compute#acceleratorType", id=int(_id("acc", zone, name)), creation_timestamp=CREATION_TS,
-            name=name, description=description, zone=self._link(project, "zones", zone),
-            self_link=self._link(project, "zones", zone, "acceleratorTypes", name),
-            maximum_cards_per_instance=max_cards,
-        )
-        return to_dict(compute_v1.AcceleratorType, msg)
+        return {
+            "kind": "compute#acceleratorType", "id": _id("acc", zone, name), "creationTimestamp": CREATION_TS,
+            "name": name, "description": description, "zone": self._link(project, "zones", zone),
+            "selfLink": self._link(project, "zones", zone, "acceleratorTypes", name),
+            "maximumCardsPerInstance": max_cards,
+        }
 
     def project_resource(self, project: str) -> dict[str, Any]:
         with self._lock:
             table = self._q(project).project
-            quotas = [compute_v1.Quota(metric=m, limit=lim, usage=u) for m, (lim, u) in table.items()]
+            quotas = [{"metric": m, "limit": lim, "usage": u} for m, (lim, u) in table.items()]
         number = self.project_number if project == self.project else _id("project", project)[:12]
-        msg = compute_v1.Project(
-            kind="compute#project", id=int(number), creation_timestamp=CREATION_TS, name=project,
-            quotas=quotas, self_link=self._link(project),
-            default_service_account=f"{number}-compute@developer.gserviceaccount.com",
-            default_network_tier="PREMIUM", xpn_project_status="UNSPECIFIED_XPN_PROJECT_STATUS",
-            common_instance_metadata=compute_v1.Metadata(kind="compute#metadata", fingerprint="sandbox="),
-            vm_dns_setting="ZONAL_ONLY",
-        )
-        return to_dict(compute_v1.Project, msg)
+        return {
+            "kind": "compute#project", "id": number, "creationTimestamp": CREATION_TS, "name": project,
+            "commonInstanceMetadata": {"kind": "compute#metadata", "fingerprint": "sandbox="},
+            "quotas": quotas, "selfLink": self._link(project),
+            "defaultServiceAccount": f"{number}-compute@developer.gserviceaccount.com",
+            "xpnProjectStatus": "UNSPECIFIED_XPN_PROJECT_STATUS", "defaultNetworkTier": "PREMIUM",
+            "vmDnsSetting": "ZONAL_ONLY",
+        }
 
     def mig_resource(self, project: str, zone: str, name: str) -> dict[str, Any]:
         with self._lock:
@@ -475,30 +471,28 @@ class Compute:
                 raise _not_found(f"projects/{project}/zones/{zone}/instanceGroupManagers/{name}")
             size = len(mig["instances"])
             base = mig["baseInstanceName"]
-        msg = compute_v1.InstanceGroupManager(
-            kind="compute#instanceGroupManager", id=int(_id("igm", project, zone, name)), name=name,
-            zone=self._link(project, "zones", zone), creation_timestamp=CREATION_TS,
-            base_instance_name=base, target_size=size, fingerprint="sandbox=",
-            instance_group=self._link(project, "zones", zone, "instanceGroups", name.removesuffix("-grp")),
-            instance_template=self._link(project, "global", "instanceTemplates", base),
-            self_link=self._link(project, "zones", zone, "instanceGroupManagers", name),
-            status=compute_v1.InstanceGroupManagerStatus(is_stable=True),
-        )
-        return to_dict(compute_v1.InstanceGroupManager, msg)
+        return {
+            "kind": "compute#instanceGroupManager", "id": _id("igm", project, zone, name),
+            "creationTimestamp": CREATION_TS, "name": name, "zone": self._link(project, "zones", zone),
+            "instanceTemplate": self._link(project, "global", "instanceTemplates", base),
+            "instanceGroup": self._link(project, "zones", zone, "instanceGroups", name.removesuffix("-grp")),
+            "baseInstanceName": base, "fingerprint": "sandbox=", "targetSize": size,
+            "currentActions": {"none": size, "creating": 0, "deleting": 0, "recreating": 0, "refreshing": 0,
+                               "restarting": 0, "abandoning": 0, "verifying": 0,
+                               "creatingWithoutRetries": 0},
+            "status": {"isStable": True},
+            "selfLink": self._link(project, "zones", zone, "instanceGroupManagers", name),
+        }
 
     def instances_in(self, project: str, zone: str) -> list[dict[str, Any]]:
         with self._lock:
-            names = [(n, m["baseInstanceName"]) for (p, z, _), m in self._migs.items() if p == project and
-                     z == zone for n in m["instances"]]
-        out = []
-        for name, _base in sorted(names):
-            msg = compute_v1.Instance(
-                kind="compute#instance", id=int(_id("vm", project, zone, name)), name=name, status="RUNNING",
-                zone=self._link(project, "zones", zone), creation_timestamp=CREATION_TS,
-                self_link=self._link(project, "zones", zone, "instances", name),
-            )
-            out.append(to_dict(compute_v1.Instance, msg))
-        return out
+            names = sorted(n for (p, z, _), m in self._migs.items() if p == project and z == zone
+                           for n in m["instances"])
+        return [{
+            "kind": "compute#instance", "id": _id("vm", project, zone, name), "creationTimestamp": CREATION_TS,
+            "name": name, "status": "RUNNING", "zone": self._link(project, "zones", zone),
+            "selfLink": self._link(project, "zones", zone, "instances", name),
+        } for name in names]
 
 
 # ---- REST handler ------------------------------------------------------------------------
@@ -575,7 +569,9 @@ def _get_zone(h: ComputeHandler, project: str, zone: str):
 def _list_accelerators(h: ComputeHandler, project: str, zone: str):
     if zone not in ZONE_ACCELERATORS:
         raise _not_found(f"projects/{project}/zones/{zone}")
-    items = [h.compute.accelerator_resource(project, zone, a) for a in ZONE_ACCELERATORS[zone]]
+    wanted = _name_filter(h.q("filter"))
+    items = [h.compute.accelerator_resource(project, zone, a) for a in ZONE_ACCELERATORS[zone]
+             if wanted is None or a == wanted]
     return _list_reply("compute#acceleratorTypeList", project, f"zones/{zone}/acceleratorTypes", items)
 
 
@@ -588,10 +584,20 @@ def _get_accelerator(h: ComputeHandler, project: str, zone: str, name: str):
     return h.compute.accelerator_resource(project, zone, name)
 
 
+def _name_filter(expr: str | None) -> str | None:
+    """The name in a ``name = X`` / ``name eq X`` list filter (the only form the sandbox honours)."""
+    if not expr:
+        return None
+    m = re.fullmatch(r'\s*\(?\s*name\s*(?:=|eq)\s*"?([\w.-]+)"?\s*\)?\s*', expr)
+    return m.group(1) if m else None
+
+
 @route(_ROUTES, "GET", _P + r"/aggregated/acceleratorTypes")
 def _aggregated_accelerators(h: ComputeHandler, project: str):
+    wanted = _name_filter(h.q("filter"))
     items: dict[str, Any] = {}
     for zone, accelerators in ZONE_ACCELERATORS.items():
+        accelerators = tuple(a for a in accelerators if wanted is None or a == wanted)
         if accelerators:
             items[f"zones/{zone}"] = {
                 "acceleratorTypes": [h.compute.accelerator_resource(project, zone, a) for a in accelerators]}

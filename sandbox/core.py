@@ -115,11 +115,11 @@ class Faults:
         with self._lock:
             return [r.to_dict() for r in self._rules]
 
-    def take(self, service: str, method: str, path: str) -> FaultRule | None:
-        """The first live rule matching this request, with one use consumed."""
+    def take(self, service: str, method: str, path: str, *, exact: bool = False) -> FaultRule | None:
+        """The first live rule matching this request, with one use consumed (``exact``: ignore "*" rules)."""
         with self._lock:
             for rule in self._rules:
-                if rule.service not in ("*", service):
+                if rule.service not in ((service,) if exact else ("*", service)):
                     continue
                 if rule.method not in ("*", method.upper()):
                     continue

@@ -10,13 +10,14 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import watch
 from kubernetes.client.rest import ApiException
-from prefect import get_run_logger, task
+from prefect import task
 from pydantic import SecretStr
 
 from manifests.errors import DeployError, FleetError
 from manifests.names import FIELD_MANAGER
 from manifests.rollout import Progress, diagnose
 from tasks.clients import kube_client
+from tasks.log import logger
 from tasks.retry import task_retries
 
 # (apiVersion, kind) -> (plural, namespaced) for every kind the product renders or reads.
@@ -103,7 +104,7 @@ def apply_object(*, kubeconfig: str | None, obj: dict[str, Any]) -> Applied:
     else:
         action = "configured"
     if changed and live is not None:
-        get_run_logger().warning("%s/%s differed from the spec at %s (hand edit or older spec): reapplied",
+        logger().warning("%s/%s differed from the spec at %s (hand edit or older spec): reapplied",
                                  obj["kind"], meta["name"], ", ".join(changed[:5]))
     return Applied(obj["kind"], meta["name"], action, changed)
 
@@ -234,7 +235,7 @@ def wait_pods_ready(*, kubeconfig: str | None, namespace: str, selector: dict[st
     deadline = time.monotonic() + timeout_s
     pods: dict[str, dict[str, Any]] = {}
     last = Progress("waiting", "NoPods", "no pods yet")
-    log = get_run_logger()
+    log = logger()
     while True:
         listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
         pods = {p.metadata.name: api.sanitize_for_serialization(p) for p in listing.items}

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.clients import slack_client
-
-
-def _logger():
-    try:
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - outside a run: fall back to the module logger
-        import logging
-
-        return logging.getLogger("llm_fleet.slack")
+from tasks.log import logger
 
 
 @task(retries=0, cache_policy=NO_CACHE)
@@ -26,7 +18,7 @@ def post_slack(*, channel: str, text: str, thread_ts: str | None = None) -> str 
     try:
         resp = client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts, unfurl_links=False)
     except Exception as exc:  # noqa: BLE001 - notifications are best effort by design
-        _logger().warning("Slack post to %s failed (%s); continuing without it", channel, exc)
+        logger().warning("Slack post to %s failed (%s); continuing without it", channel, exc)
         return None
     return resp.get("ts")
 
@@ -40,6 +32,6 @@ def update_slack(*, channel: str, ts: str, text: str) -> bool:
     try:
         client.chat_update(channel=channel, ts=ts, text=text)
     except Exception as exc:  # noqa: BLE001
-        _logger().warning("Slack update in %s failed (%s); continuing without it", channel, exc)
+        logger().warning("Slack update in %s failed (%s); continuing without it", channel, exc)
         return False
     return True

@@ -51,6 +51,8 @@ def sbc(sandbox):
     client = SandboxClient(sandbox.env()["LLM_FLEET_SANDBOX_URL"])
     yield client
     client.clear_faults()
+    client.clear_behaviors()
+    client.clear_stockouts()
 
 
 def unique_project() -> str:

@@ -1,0 +1,123 @@
+"""A small httpx client of the sandbox control API, for tests, benchmarks and users' scripts.
+
+    sb = SandboxClient.from_env()                      # LLM_FLEET_SANDBOX_URL
+    sb.add_fault(service="gke", method="POST", path="/nodePools", status=503, count=2)
+    sb.set_stockout("us-central1-a", "nvidia-l4")
+    sb.set_quota("us-central1", "NVIDIA_L4_GPUS", 1)
+    sb.state()["quota_used"]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+
+class SandboxError(RuntimeError):
+    """The control API refused a request (bad fault rule, unknown zone, ...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class SandboxClient:
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> SandboxClient:
+        url = os.environ.get("LLM_FLEET_SANDBOX_URL")
+        if not url:
+            raise RuntimeError("LLM_FLEET_SANDBOX_URL is not set: run `llm-fleet sandbox up` and source its env file")
+        return cls(url, **kwargs)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SandboxClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        resp = self._http.request(method, path, json=json, params={k: v for k, v in (params or {}).items()
+                                                                   if v is not None})
+        if resp.status_code >= 400:
+            try:
+                err = resp.json().get("error", {})
+                message = err.get("message", resp.text) if isinstance(err, dict) else str(err)
+            except ValueError:
+                message = resp.text
+            raise SandboxError(resp.status_code, message)
+        return resp.json()
+
+    # ---- inspection ----------------------------------------------------------------------
+    def health(self) -> bool:
+        try:
+            return bool(self._call("GET", "/healthz").get("ok"))
+        except (httpx.HTTPError, SandboxError):
+            return False
+
+    def state(self) -> dict[str, Any]:
+        return self._call("GET", "/sandbox/state")
+
+    def quota_used(self, project: str | None = None) -> dict[str, Any]:
+        """Non-zero usage: ``{"project": {metric: n}, "regions": {region: {metric: n}}}``."""
+        return self._call("GET", "/sandbox/quota", params={"project": project})
+
+    # ---- faults --------------------------------------------------------------------------
+    def add_fault(self, **rule: Any) -> dict[str, Any]:
+        """Add a FaultRule (``service`` required; ``method``, ``path`` regex, ``status``, ``count``,
+        ``latency``, ``hang``, ``body``, ``headers``); returns it with its ``id``."""
+        return self._call("POST", "/sandbox/faults", json=rule)
+
+    def faults(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/sandbox/faults")["faults"]
+
+    def remove_fault(self, rule_id: str) -> None:
+        self._call("DELETE", f"/sandbox/faults/{rule_id}")
+
+    def clear_faults(self, service: str | None = None) -> None:
+        self._call("DELETE", "/sandbox/faults", params={"service": service})
+
+    # ---- capacity ------------------------------------------------------------------------
+    def set_stockout(self, zone: str, accelerator: str | None = None, on: bool = True) -> list[dict[str, Any]]:
+        """``accelerator``: one type, ``None`` for every GPU type, ``"*"`` for every VM (CPU-only too)."""
+        return self._call("POST", "/sandbox/stockouts", json={"zone": zone, "accelerator": accelerator, "on": on})[
+            "stockouts"]
+
+    def clear_stockouts(self) -> None:
+        self._call("DELETE", "/sandbox/stockouts")
+
+    def stockouts(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/sandbox/stockouts")["stockouts"]
+
+    def set_quota(self, region: str | None, metric: str, limit: float, *, project: str | None = None
+                  ) -> dict[str, Any]:
+        """Set a regional quota limit (``region=None`` for a project-wide metric like GPUS_ALL_REGIONS) of
+        ``project`` (default: the sandbox's project; every project id has its own quotas)."""
+        return self._call("POST", "/sandbox/quota", json={"region": region, "metric": metric, "limit": limit,
+                                                          "project": project})
+
+    # ---- model-server behaviors ------------------------------------------------------------
+    def add_behavior(self, **behavior: Any) -> Any:
+        return self._call("POST", "/sandbox/behaviors", json=behavior)
+
+    def behaviors(self) -> list[Any]:
+        return self._call("GET", "/sandbox/behaviors")["behaviors"]
+
+    def remove_behavior(self, rule_id: str) -> None:
+        self._call("DELETE", f"/sandbox/behaviors/{rule_id}")
+
+    def clear_behaviors(self) -> None:
+        self._call("DELETE", "/sandbox/behaviors")
+
+    # ---- slack -----------------------------------------------------------------------------
+    def slack_messages(self, channel: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "/sandbox/slack/messages", params={"channel": channel})["messages"]

@@ -1,0 +1,132 @@
+"""Shared helpers for the kube emulator tests: a stand-in model runtime and client builders.
+
+``StubRuntime`` follows the runtime contract of docs/sandbox-contract.md (``start(pod, on_ready,
+on_exit) -> PodServer``, ``behavior_for(pod)``) with a trivial HTTP server per pod, so these tests do
+not depend on the real model servers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from sandbox.core import Clock, JsonHandler, route, serve
+
+ROUTES: list = []
+
+
+@route(ROUTES, "GET", r"/health")
+def _health(h: JsonHandler) -> Any:
+    srv = h.server.state
+    srv.requests_served += 1
+    return (200, {"status": "ok"}) if srv.ready else (503, {"status": "loading"})
+
+
+@route(ROUTES, "GET", r"/whoami")
+def _whoami(h: JsonHandler) -> Any:
+    srv = h.server.state
+    srv.requests_served += 1
+    return {"pod": srv.pod_name, "port": srv.port}
+
+
+@route(ROUTES, "POST", r"/echo")
+def _echo(h: JsonHandler) -> Any:
+    h.server.state.requests_served += 1
+    return {"got": h.json_body(), "query": h.url.query}
+
+
+class _Handler(JsonHandler):
+    service = "model"
+    routes = ROUTES
+
+
+class StubServer:
+    def __init__(self, pod: dict, on_ready: Any, on_exit: Any, *, load_s: float, mode: str) -> None:
+        self.pod_name = pod["metadata"]["name"]
+        self.ready = False
+        self.requests_served = 0
+        self._logs = [f"INFO starting stub server for {self.pod_name}", "INFO loading weights"]
+        self._server = serve(_Handler, state=self, faults=None)
+        self.port = self._server.port
+        self._stopped = threading.Event()
+
+        def finish() -> None:
+            if self._stopped.is_set():
+                return
+            if mode == "crash_loop":
+                self._logs.append("ERROR ValueError: bad engine args")
+                on_exit(1, "Error")
+            elif mode == "oom":
+                self._logs.append("ERROR torch.OutOfMemoryError: CUDA out of memory")
+                on_exit(137, "OOMKilled")
+            else:
+                self.ready = True
+                self._logs.append("INFO Application startup complete.")
+                on_ready()
+
+        if load_s <= 0:
+            finish()
+        else:
+            t = threading.Timer(load_s, finish)
+            t.daemon = True
+            t.start()
+
+    def logs(self) -> list[str]:
+        return list(self._logs)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.ready = False
+        self._server.stop()
+
+
+class StubRuntime:
+    """Modes per pod (by the ``mode`` label, else ``default_mode``): ok, crash_loop, oom, image_pull_error."""
+
+    def __init__(self, clock: Clock, load_s: float = 20.0, default_mode: str = "ok") -> None:
+        self.clock = clock
+        self.load_s = load_s
+        self.default_mode = default_mode
+        self.started: list[StubServer] = []
+
+    def behavior_for(self, pod: dict) -> Any:
+        return SimpleNamespace(mode=(pod["metadata"].get("labels") or {}).get("mode", self.default_mode))
+
+    def start(self, pod: dict, *, on_ready: Any, on_exit: Any) -> StubServer:
+        server = StubServer(pod, on_ready, on_exit, load_s=self.clock.scaled(self.load_s),
+                            mode=self.behavior_for(pod).mode)
+        self.started.append(server)
+        return server
+
+
+def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def deployment(name: str, *, replicas: int = 1, image: str = "vllm/vllm-openai:v0.6.3", gpus: int = 0,
+               labels: dict | None = None, node_selector: dict | None = None, tolerations: list | None = None,
+               strategy: dict | None = None, progress_deadline: int | None = None) -> dict:
+    labels = labels or {"app": name}
+    container: dict = {"name": "server", "image": image, "ports": [{"name": "http", "containerPort": 8000}]}
+    if gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    pod_spec: dict = {"containers": [container]}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    spec: dict = {"replicas": replicas, "selector": {"matchLabels": {"app": labels["app"]}},
+                  "template": {"metadata": {"labels": labels}, "spec": pod_spec}}
+    if strategy:
+        spec["strategy"] = strategy
+    if progress_deadline is not None:
+        spec["progressDeadlineSeconds"] = progress_deadline
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}, "spec": spec}
