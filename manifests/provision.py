@@ -112,8 +112,8 @@ def check_version(spec: DeploymentSpec, server_config: dict[str, Any]) -> Check:
                      f"use one of {', '.join(sorted(channels)) or 'RAPID, REGULAR, STABLE'}")
     want = spec.cluster.version
     if want is None:
-        return Check("GKE release channel", True, f"{channel}, default {channels[channel].get('defaultVersion')}")
-    valid = channels[channel].get("validVersions", [])
+        return Check("GKE release channel", True, f"{channel}, default {channels[channel].get('default_version')}")
+    valid = channels[channel].get("valid_versions", [])
     if not any(v == want or v.startswith(want + ".") for v in valid):
         newest = ", ".join(sorted({".".join(v.split(".")[:2]) for v in valid}, reverse=True)[:4])
         return Check("GKE version", False, f"{want} is not offered on {channel}", f"use one of {newest}")

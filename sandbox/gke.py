@@ -259,6 +259,8 @@ class Gke:
         self._stop = threading.Event()
         self._server: SandboxHTTPServer | None = None
         self.autoscaler = ClusterAutoscaler(self)
+        # Autopilot node -> (project, region, quota it holds, cluster)
+        self._autopilot_nodes: dict[str, tuple[str, str, dict[str, float], str]] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -358,7 +360,9 @@ class Gke:
                 for c in self._clusters.values() for p in c.pools.values()
             ]
             ops = [dict(o.data) for o in self._ops.values()]
-        return {"clusters": clusters, "node_pools": pools, "operations": ops,
+            autopilot = [{"node": n, "project": p, "region": r, "cluster": c, "quota": q}
+                         for n, (p, r, q, c) in self._autopilot_nodes.items()]
+        return {"clusters": clusters, "node_pools": pools, "operations": ops, "autopilot_nodes": autopilot,
                 "autoscaler": self.autoscaler.snapshot()}
 
     def cluster(self, name: str, location: str = "-", project: str | None = None) -> dict[str, Any] | None:
@@ -476,6 +480,60 @@ class Gke:
     def _kube_remove(self, name: str) -> None:
         if self.kube is not None:
             self.kube.remove_node(name)
+
+    # ---- Autopilot nodes (provisioned by the kube emulator, paid for here) ------------------
+    def autopilot_node_event(self, event_type: str, name: str, cluster_name: str, labels: dict[str, str],
+                             capacity: dict[str, Any]) -> None:
+        """Autopilot nodes hold Compute quota like any VM; one that cannot start (stockout, quota) is
+        taken away again, so its pod stays Pending as on GKE."""
+        if event_type == "DELETED":
+            with self._lock:
+                held = self._autopilot_nodes.pop(name, None)
+            if held is not None:
+                project, region, amounts, _ = held
+                self.compute.release_many(region, amounts, project=project)
+            return
+        if event_type != "ADDED":
+            return
+        with self._lock:
+            if name in self._autopilot_nodes:
+                return
+            matches = [c for c in self._clusters.values() if c.autopilot and c.name == cluster_name and
+                       not c.deleting]
+            cluster = matches[-1] if matches else None
+        if cluster is None:
+            return
+        acc = labels.get("cloud.google.com/gke-accelerator")
+        acc = acc if acc in ACCELERATOR_TYPES else None
+        gpus = int(parse_quantity(capacity.get("nvidia.com/gpu", 0)))
+        spot = labels.get("cloud.google.com/gke-spot") == "true" or \
+            labels.get("cloud.google.com/gke-provisioning") == "spot"
+        amounts: dict[str, float] = {"CPUS": parse_quantity(capacity.get("cpu", 0))}
+        if acc and gpus:
+            amounts[accelerator_metric(acc, spot=spot)] = float(gpus)
+        zones = [z for z in cluster.data.get("locations", []) if acc is None or self.compute.offers(z, acc)]
+        zone = labels.get("topology.kubernetes.io/zone") or (zones[0] if zones else cluster.location)
+        problem = None
+        if self.compute.stocked_out(zone, acc):
+            problem = self.compute.stockout_message(cluster.project, zone)
+        else:
+            try:
+                self.compute.reserve_many(cluster.region, amounts, project=cluster.project)
+            except QuotaExceeded as exc:
+                problem = exc.compute_message
+        if problem is None:
+            with self._lock:
+                self._autopilot_nodes[name] = (cluster.project, cluster.region, amounts, cluster.name)
+            return
+        self.autoscaler._record("autopilot_scale_up_failed", "", name, problem)
+        self._kube_remove(name)
+
+    def _remove_autopilot_nodes(self, cluster: _Cluster) -> None:
+        with self._lock:
+            names = [n for n, (p, r, _, c) in self._autopilot_nodes.items()
+                     if (p, r, c) == (cluster.project, cluster.region, cluster.name)]
+        for name in names:
+            self._kube_remove(name)
 
     # ---- nodes -----------------------------------------------------------------------------
     @staticmethod
@@ -902,6 +960,7 @@ class Gke:
                     self.compute.delete_mig(zone, self._mig_name(pool, zone), project=cluster.project)
             if cluster.autopilot:
                 self._kube_autopilot(cluster, False)
+                self._remove_autopilot_nodes(cluster)
             with self._lock:
                 self._clusters.pop((cluster.project, cluster.location, name), None)
 
@@ -1301,6 +1360,8 @@ class Gke:
 
 # ---- cluster autoscaler ----------------------------------------------------------------------
 
+AUTOPILOT_NODE_LABEL = "sandbox.llm-fleet.dev/autopilot"  # set by the kube emulator on the nodes it provisions
+
 _UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
           "m": 1e-3}
 
@@ -1408,30 +1469,45 @@ class ClusterAutoscaler:
         self._unneeded_since: dict[str, float] = {}
         self._backoff_until: dict[int, float] = {}
         self._busy: dict[int, int] = {}  # id(pool) -> scale-ups in flight
+        self._unsubscribe: Any = None
         self.events: list[dict[str, Any]] = []  # what it did, for snapshot() and tests
 
     def start(self) -> None:
         kube = self.gke.kube
-        if self._thread is not None or kube is None or self._pods_source() is None:
+        if self._thread is not None or kube is None:
             return
         self._stop.clear()
         subscribe = getattr(kube, "subscribe", None)
-        if callable(subscribe):
+        if callable(subscribe) and self._unsubscribe is None:
             with contextlib.suppress(Exception):
-                subscribe(self._on_event)
+                self._unsubscribe = subscribe(self._on_event)
+        if self._pods_source() is None:
+            return
         self._thread = threading.Thread(target=self._loop, name="gke-autoscaler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        if callable(self._unsubscribe):
+            with contextlib.suppress(Exception):
+                self._unsubscribe()
+        self._unsubscribe = None
         if self._thread is not None:
             self._thread.join(timeout=2)
             self._thread = None
 
     def _on_event(self, event_type: str, obj: Any) -> None:
-        if isinstance(obj, dict) and (obj.get("kind") == "Pod" or "containers" in (obj.get("spec") or {})):
+        if not isinstance(obj, dict):
+            return
+        if obj.get("kind") == "Pod" or "containers" in (obj.get("spec") or {}):
             self._wake.set()
+        elif obj.get("kind") == "Node":
+            meta = obj.get("metadata") or {}
+            cluster = (meta.get("labels") or {}).get(AUTOPILOT_NODE_LABEL)
+            if cluster:
+                self.gke.autopilot_node_event(event_type, meta.get("name", ""), cluster, meta.get("labels") or {},
+                                              (obj.get("status") or {}).get("capacity") or {})
 
     # ---- reading the kube emulator ---------------------------------------------------------------
     def _pods_source(self) -> Callable[[], list[dict[str, Any]]] | None:

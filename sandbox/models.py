@@ -1198,11 +1198,19 @@ class _ModelHandler(JsonHandler):
     def pod(self) -> PodServer:
         return self.server.state
 
-    def _dispatch(self) -> None:
+    def _gate(self) -> bool:
+        """Answer the request before routing (True if it did). For engines that are closed while loading."""
+        return False
+
+    def _model_dispatch(self) -> None:
         if self.pod._stop.is_set():
             self.close_connection = True
             return
-        super()._dispatch()
+        if self._gate():
+            return
+        JsonHandler._dispatch(self)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _model_dispatch
 
     def send_response(self, code: int, message: str | None = None) -> None:
         super().send_response(code, message)
@@ -1501,13 +1509,14 @@ class TgiHandler(_ModelHandler):
             kind = "template_error"
         return {"error": err.message, "error_type": kind}
 
-    def _dispatch(self) -> None:
-        if not self.pod._stop.is_set() and not self.pod.ready and self.url.path not in ("/metrics",):
-            # the router only starts once the shards are ready
+    def _gate(self) -> bool:
+        if not self.pod.ready and self.url.path != "/metrics":
+            # the router only serves once the shards are ready
+            self.__dict__.pop("_body", None)
             self.body_bytes()
             self.send_json(503, {"error": "Model is loading", "error_type": "unhealthy"})
-            return
-        super()._dispatch()
+            return True
+        return False
 
 
 def _tgi_params(h: TgiHandler, body: dict[str, Any]) -> tuple[str, dict[str, Any], Completion]:

@@ -113,11 +113,15 @@ def _status(handler: BaseHTTPRequestHandler, code: int, message: str) -> None:
 
 
 def proxy(handler: BaseHTTPRequestHandler, ports: list[int], path: str, *, service: str | None = None,
-          pool: ConnectionPool | None = None, headers: dict[str, str] | None = None) -> None:
+          pool: ConnectionPool | None = None, headers: dict[str, str] | None = None,
+          drop_headers: tuple[str, ...] = ()) -> None:
     """Forward ``handler``'s current request to one of ``ports`` (127.0.0.1) at ``path``, reply streamed.
 
     ``path`` may carry its own query string; otherwise the handler's query is appended. ``headers``
-    are added to (or replace) the forwarded ones. With no port, or none answering: a 503 ``Status``.
+    are added to (or replace) the forwarded ones; ``drop_headers`` are not forwarded (the real API
+    server's service proxy drops ``Authorization``). With no port, or none answering: a 503 ``Status``
+    (``service`` names the Service in its message); a backend that accepted the request but never
+    answers within the pool's timeout: 504 (never resent elsewhere).
     """
     pool = pool or POOL
     body = _body(handler)
@@ -127,7 +131,8 @@ def proxy(handler: BaseHTTPRequestHandler, ports: list[int], path: str, *, servi
             path = f"{path}?{query}"
     if not path.startswith("/"):
         path = "/" + path
-    fwd = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP}
+    dropped = _HOP | {h.lower() for h in drop_headers}
+    fwd = {k: v for k, v in handler.headers.items() if k.lower() not in dropped}
     fwd.update(headers or {})
     client = handler.client_address[0] if handler.client_address else "127.0.0.1"
     prior = handler.headers.get("X-Forwarded-For")

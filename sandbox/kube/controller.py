@@ -199,13 +199,17 @@ class Controller:
         with self.runs_lock:
             runs = list(self.runs.values())
             self.runs.clear()
+        servers = []
         for run in runs:
             with run.lock:
                 run.stopped = True
                 server, run.server = run.server, None
             if server is not None:
-                self._executor.submit(self._stop_server, server)
+                servers.append(server)
         self._executor.shutdown(wait=True, cancel_futures=False)
+        if servers:  # each HTTP server takes a poll interval to shut down: do them side by side
+            with ThreadPoolExecutor(max_workers=min(64, len(servers))) as pool:
+                list(pool.map(self._stop_server, servers))
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kube-stop")
@@ -1182,7 +1186,7 @@ class Controller:
         if pod["metadata"].get("deletionTimestamp") and grace > 0:
             return pod
         if not (pod.get("spec") or {}).get("nodeName") or grace <= 0 or self._stop.is_set():
-            self._halt(pod["metadata"]["uid"])
+            self._release(self._halt(pod["metadata"]["uid"]))
             try:
                 return self.store.delete(PODS, ns, name)
             except HttpError:
@@ -1238,11 +1242,16 @@ class Controller:
         with self.runs_lock:
             self.runs.pop(uid, None)
         self._autopilot_pending.pop(uid, None)
-        if server is not None:
-            try:
-                self._executor.submit(self._stop_server, server)
-            except RuntimeError:
-                self._stop_server(server)
+        self._release(server)
+
+    def _release(self, server: Any) -> None:
+        """Stop a model server off the calling thread (shutting an HTTP server down takes a poll)."""
+        if server is None:
+            return
+        try:
+            self._executor.submit(self._stop_server, server)
+        except RuntimeError:
+            self._stop_server(server)
 
     # ---- logs -------------------------------------------------------------------------------
     def pod_logs(self, ns: str, name: str, container: str | None, previous: bool) -> list[str]:

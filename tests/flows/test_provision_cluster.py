@@ -47,7 +47,8 @@ def run(spec, **kw):
 
 
 def test_standard_cluster_and_l4_pool(sbc):
-    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
+    # min_nodes 1: an idle min-0 pool is scaled down by the sandbox's cluster autoscaler, as on GKE.
+    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml", accelerator__pool__min_nodes=1)
     project = spec["cluster"]["project"]
     result = run(spec)
     (cluster,) = clusters(project)
@@ -58,7 +59,7 @@ def test_standard_cluster_and_l4_pool(sbc):
     assert pool["name"] == "gpupool" and pool["status"] == "RUNNING"
     assert pool["config"]["machine_type"] == "g2-standard-8"
     assert pool["config"]["accelerators"][0]["accelerator_type"] == "nvidia-l4"
-    assert pool["autoscaling"]["min_node_count"] == 0 and pool["autoscaling"]["max_node_count"] == 2
+    assert pool["autoscaling"]["min_node_count"] == 1 and pool["autoscaling"]["max_node_count"] == 2
     assert pool["locations"] == ["europe-west1-b"]
     # One node booted (initial_nodes: 1) holds one L4 of the regional quota.
     assert quota_usage(project, "europe-west1", "NVIDIA_L4_GPUS") == 1
@@ -127,7 +128,7 @@ def test_accelerator_missing_in_zone_fails_before_anything_exists(sbc):
 
 
 def test_stockout_fails_over_to_next_zone(sbc):
-    spec = spec_dict("mistral-7b-vllm-spot.yaml")
+    spec = spec_dict("mistral-7b-vllm-spot.yaml", accelerator__pool__min_nodes=1)
     project = spec["cluster"]["project"]
     sbc.set_stockout(zone="us-central1-a", on=True)
     try:

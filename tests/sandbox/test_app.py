@@ -256,3 +256,78 @@ def test_main_serves_until_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out
     assert "kubectl get pods -A" in out and f". {state.resolve() / 'env'}" in out and "stopped" in out
+
+
+def _gpu_pod(name: str, accelerator: str = "nvidia-l4") -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"nodeSelector": {"cloud.google.com/gke-accelerator": accelerator},
+                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                     "containers": [{"name": "main", "image": "busybox:1.36", "command": ["sleep", "3600"],
+                                     "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+
+
+def _until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_cluster_autoscaler_with_the_real_kube(sb, client):
+    from kubernetes import client as k8s
+
+    gke = _gke(sb)
+    loc = "projects/ca-project/locations/us-east1-b"
+    op = gke.create_cluster(parent=loc, cluster=container_v1.Cluster(name="ca", initial_node_count=1), retry=None)
+    httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
+    pool = container_v1.NodePool(
+        name="gpu-ca", initial_node_count=0,
+        autoscaling=container_v1.NodePoolAutoscaling(enabled=True, min_node_count=0, max_node_count=1),
+        config=container_v1.NodeConfig(machine_type="n1-standard-8", accelerators=[
+            container_v1.AcceleratorConfig(accelerator_count=1, accelerator_type="nvidia-tesla-t4")]))
+    op = gke.create_node_pool(parent=f"{loc}/clusters/ca", node_pool=pool, retry=None)
+    assert "error" not in httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10).json()
+
+    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=sb.kube.url)))
+    core.create_namespaced_pod("default", _gpu_pod("t4-job", "nvidia-tesla-t4"))
+
+    def node_of_pod():
+        return core.read_namespaced_pod("t4-job", "default").spec.node_name
+
+    try:
+        assert _until(lambda: node_of_pod() is not None)
+        node = core.read_node(node_of_pod())
+        assert node.metadata.labels["cloud.google.com/gke-nodepool"] == "gpu-ca"
+        assert sb.compute.quota("us-east1", "NVIDIA_T4_GPUS", project="ca-project")["usage"] == 1
+    finally:
+        core.delete_namespaced_pod("t4-job", "default", grace_period_seconds=0)
+    assert _until(lambda: not core.list_node(label_selector="cloud.google.com/gke-nodepool=gpu-ca").items)
+    assert sb.compute.quota("us-east1", "NVIDIA_T4_GPUS", project="ca-project")["usage"] == 0
+    op = gke.delete_cluster(name=f"{loc}/clusters/ca", retry=None)
+    httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
+
+
+def test_autopilot_nodes_hold_quota(sb, client):
+    from kubernetes import client as k8s
+
+    gke = _gke(sb)
+    loc = "projects/ap-project/locations/us-west1"
+    op = gke.create_cluster(parent=loc, cluster=container_v1.Cluster(
+        name="ap", autopilot=container_v1.Autopilot(enabled=True)), retry=None)
+    httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
+    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=sb.kube.url)))
+    core.create_namespaced_pod("default", _gpu_pod("ap-job"))
+    try:
+        assert _until(lambda: core.read_namespaced_pod("ap-job", "default").spec.node_name is not None)
+        node = core.read_namespaced_pod("ap-job", "default").spec.node_name
+        assert sb.compute.quota("us-west1", "NVIDIA_L4_GPUS", project="ap-project")["usage"] == 1
+        held = {n["node"]: n for n in client.state()["gke"]["autopilot_nodes"]}
+        assert held[node]["cluster"] == "ap" and held[node]["quota"]["NVIDIA_L4_GPUS"] == 1
+    finally:
+        core.delete_namespaced_pod("ap-job", "default", grace_period_seconds=0)
+    op = gke.delete_cluster(name=f"{loc}/clusters/ap", retry=None)
+    httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
+    assert _until(lambda: sb.compute.quota("us-west1", "NVIDIA_L4_GPUS", project="ap-project")["usage"] == 0)
+    assert client.state()["gke"]["autopilot_nodes"] == []

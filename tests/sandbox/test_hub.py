@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
@@ -137,7 +138,7 @@ def test_auth_check_gated_access(hub):
 def test_hf_hub_download_config(hub, tmp_path):
     a = api(hub)
     path = a.hf_hub_download("google/gemma-2-2b-it", "config.json", cache_dir=tmp_path)
-    cfg = json.loads(open(path).read())
+    cfg = json.loads(Path(path).read_text())
     assert cfg["model_type"] == "gemma2" and cfg["max_position_embeddings"] == 8192
     assert cfg["torch_dtype"] == "bfloat16"
     assert hub.resolve("google/gemma-2-2b-it") in path  # snapshots/<commit sha>/config.json
@@ -146,9 +147,9 @@ def test_hf_hub_download_config(hub, tmp_path):
     # the module-level function with endpoint=, and the text_config of a VLM
     p = hf_hub_download("google/paligemma2-3b-pt-224", "config.json", endpoint=hub.url, token=READ,
                         cache_dir=tmp_path)
-    assert json.loads(open(p).read())["text_config"]["max_position_embeddings"] == 8192
-    tok = json.loads(open(a.hf_hub_download("Qwen/Qwen2.5-7B-Instruct", "tokenizer_config.json",
-                                            cache_dir=tmp_path)).read())
+    assert json.loads(Path(p).read_text())["text_config"]["max_position_embeddings"] == 8192
+    tok = json.loads(Path(a.hf_hub_download("Qwen/Qwen2.5-7B-Instruct", "tokenizer_config.json",
+                                            cache_dir=tmp_path)).read_text())
     assert "<|im_start|>" in tok["chat_template"]
     with pytest.raises(GatedRepoError):
         api(hub, NOGATE).hf_hub_download("google/gemma-2-2b-it", "config.json", cache_dir=tmp_path / "n")

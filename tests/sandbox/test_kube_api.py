@@ -312,9 +312,16 @@ def test_generation_status_and_scale_subresources(apps, ns):
     scale.spec.replicas = 1
     scale.metadata.resource_version = "1"  # stale: the controller has written status since
     _raises(lambda: apps.replace_namespaced_deployment_scale("g", ns, scale), 409, "Conflict")
-    scale = apps.read_namespaced_deployment_scale("g", ns)
-    scale.spec.replicas = 1
-    assert apps.replace_namespaced_deployment_scale("g", ns, scale).spec.replicas == 1
+    for _ in range(50):  # the controller keeps writing status while pods start: retry on conflict
+        scale = apps.read_namespaced_deployment_scale("g", ns)
+        scale.spec.replicas = 1
+        try:
+            assert apps.replace_namespaced_deployment_scale("g", ns, scale).spec.replicas == 1
+            break
+        except ApiException as exc:
+            assert exc.status == 409
+    else:
+        raise AssertionError("replace_namespaced_deployment_scale kept conflicting")
 
 
 def test_dry_run_does_not_persist(core, ns):

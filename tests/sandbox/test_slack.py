@@ -123,7 +123,8 @@ def test_channel_and_message_errors(slack):
 
 
 def test_rate_limit_is_retried_by_rate_limit_handler(slack):
-    slack.set_rate_limit("chat.postMessage", calls=1, per_seconds=1.0, retry_after=0)
+    # Retry-After: 1 -> the handler sleeps 1 s + jitter, past the 0.5 s window
+    slack.set_rate_limit("chat.postMessage", calls=1, per_seconds=0.5, retry_after=1)
     c = client(slack, retry=True)
     t0 = time.perf_counter()
     c.chat_postMessage(channel="#llm-fleet", text="one")

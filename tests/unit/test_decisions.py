@@ -43,8 +43,8 @@ def test_zone_not_offering_accelerator_fails_with_alternatives():
 
 
 def test_version_check():
-    cfg = {"channels": [{"channel": "STABLE", "defaultVersion": "1.30.5-gke.1", "validVersions": ["1.30.5-gke.1"]},
-                        {"channel": "RAPID", "defaultVersion": "1.33.1-gke.1", "validVersions": ["1.33.1-gke.1"]}]}
+    cfg = {"channels": [{"channel": "STABLE", "default_version": "1.30.5-gke.1", "valid_versions": ["1.30.5-gke.1"]},
+                        {"channel": "RAPID", "default_version": "1.33.1-gke.1", "valid_versions": ["1.33.1-gke.1"]}]}
     pali = load_spec(ROOT / "deployments/paligemma2-tgi-autopilot.yaml")
     assert prov.check_version(pali, cfg).ok
     bad = parse_spec({**pali.model_dump(mode="json", by_alias=True),

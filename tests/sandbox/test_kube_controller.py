@@ -1,0 +1,438 @@
+"""The sandbox cluster's controllers: deployments, rollouts, scheduler, kubelet states, Autopilot, endpoints."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+
+from sandbox.core import Clock, Faults
+from sandbox.kube import KubeCluster
+from tests.sandbox.kube_support import StubRuntime, deployment, wait_for
+
+SCALE = 0.002
+L4 = {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@pytest.fixture
+def runtime():
+    return StubRuntime(Clock(SCALE))
+
+
+@pytest.fixture
+def kube(runtime):
+    k = KubeCluster(clock=runtime.clock, faults=Faults(), runtime=runtime)
+    k.start()
+    yield k
+    k.stop()
+
+
+@pytest.fixture
+def api(kube):
+    return client.ApiClient(client.Configuration(host=kube.url))
+
+
+@pytest.fixture
+def core(api):
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture
+def apps(api):
+    return client.AppsV1Api(api)
+
+
+def gpu_node(kube, name, gpus=1, labels=None, taint=True):
+    kube.add_node(name, labels={**L4, **(labels or {})}, capacity={"nvidia.com/gpu": str(gpus)},
+                  taints=[GPU_TAINT] if taint else [])
+
+
+def gpu_deployment(name, **kw):
+    kw.setdefault("gpus", 1)
+    kw.setdefault("node_selector", dict(L4))
+    kw.setdefault("tolerations", TOLERATE_GPU)
+    return deployment(name, **kw)
+
+
+def pods(core, ns="default", selector=None):
+    return core.list_namespaced_pod(ns, label_selector=selector).items
+
+
+def ready(p) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+
+
+def events_for(core, name, ns="default"):
+    return [(e.reason, e.message) for e in core.list_namespaced_event(
+        ns, field_selector=f"involvedObject.name={name}").items]
+
+
+# ---- deployments -----------------------------------------------------------------------------------
+def test_deployment_becomes_available(kube, core, apps):
+    gpu_node(kube, "n1", gpus=2)
+    apps.create_namespaced_deployment("default", gpu_deployment("m", replicas=2))
+    wait_for(lambda: (apps.read_namespaced_deployment("m", "default").status.ready_replicas or 0) == 2)
+    d = apps.read_namespaced_deployment("m", "default")
+    assert (d.status.replicas, d.status.updated_replicas, d.status.available_replicas) == (2, 2, 2)
+    assert d.status.observed_generation == d.metadata.generation
+    conds = {c.type: (c.status, c.reason) for c in d.status.conditions}
+    assert conds == {"Available": ("True", "MinimumReplicasAvailable"),
+                     "Progressing": ("True", "NewReplicaSetAvailable")}
+    rs = apps.list_namespaced_replica_set("default").items
+    assert len(rs) == 1 and rs[0].metadata.owner_references[0].kind == "Deployment"
+    h = rs[0].metadata.labels["pod-template-hash"]
+    assert rs[0].metadata.name == f"m-{h}" and rs[0].metadata.annotations["deployment.kubernetes.io/revision"] == "1"
+    ps = pods(core, selector="app=m")
+    assert all(p.metadata.labels["pod-template-hash"] == h and p.metadata.name.startswith(f"m-{h}-") for p in ps)
+    p = ps[0]
+    assert p.status.phase == "Running" and p.spec.node_name == "n1" and p.status.pod_ip.startswith("10.")
+    cs = p.status.container_statuses[0]
+    assert cs.ready and cs.started and cs.state.running.started_at and cs.restart_count == 0
+    reasons = [r for r, _ in events_for(core, p.metadata.name)]
+    assert reasons[:2] == ["Scheduled", "Pulling"] and {"Pulled", "Created", "Started"} <= set(reasons)
+    assert any(r == "ScalingReplicaSet" for r, _ in events_for(core, "m"))
+
+
+def test_readiness_is_visible_at_once(kube, core, apps, runtime):
+    """on_ready -> Ready on the watch within 0.25 s (no polling in between)."""
+    gpu_node(kube, "n1")
+    runtime.load_s = 100  # 0.2 s real
+    ready_at: list[float] = []
+    real_start = runtime.start
+
+    def start(pod, *, on_ready, on_exit):
+        def mark():
+            ready_at.append(time.monotonic())
+            on_ready()
+        return real_start(pod, on_ready=mark, on_exit=on_exit)
+
+    runtime.start = start
+    rv = core.list_namespaced_pod("default").metadata.resource_version
+    apps.create_namespaced_deployment("default", gpu_deployment("fast"))
+    w = watch.Watch()
+    seen_at = None
+    for ev in w.stream(core.list_namespaced_pod, "default", resource_version=rv, timeout_seconds=10):
+        if ready(ev["object"]):
+            seen_at = time.monotonic()
+            w.stop()
+    assert seen_at is not None and ready_at
+    assert seen_at - ready_at[0] < 0.25
+
+
+def test_scale_up_and_down_stops_servers(kube, core, apps, runtime):
+    gpu_node(kube, "n1", gpus=4)
+    apps.create_namespaced_deployment("default", gpu_deployment("s", replicas=3))
+    wait_for(lambda: len(kube.ready_pod_ports("default", {"app": "s"})) == 3)
+    apps.patch_namespaced_deployment_scale("s", "default", {"spec": {"replicas": 1}},
+                                           _content_type="application/merge-patch+json")
+    wait_for(lambda: len(pods(core, selector="app=s")) == 1)
+    assert len(kube.ready_pod_ports("default", {"app": "s"})) == 1
+    wait_for(lambda: sum(1 for s in runtime.started if not s._stopped.is_set()) == 1)
+    apps.patch_namespaced_deployment("default" and "s", "default", {"spec": {"replicas": 0}})
+    wait_for(lambda: not pods(core, selector="app=s"))
+    wait_for(lambda: all(s._stopped.is_set() for s in runtime.started))
+    d = wait_for(lambda: (d := apps.read_namespaced_deployment("s", "default")).status.replicas is None and d)
+    assert {c.type: c.status for c in d.status.conditions} == {"Available": "True", "Progressing": "True"}
+
+
+def test_rolling_update_replaces_pods(kube, core, apps):
+    gpu_node(kube, "n1", gpus=2)
+    apps.create_namespaced_deployment("default", gpu_deployment("r", replicas=1))
+    wait_for(lambda: (apps.read_namespaced_deployment("r", "default").status.ready_replicas or 0) == 1)
+    old = {p.metadata.name for p in pods(core, selector="app=r")}
+    apps.patch_namespaced_deployment("r", "default", {"spec": {"template": {"spec": {"containers": [
+        {"name": "server", "image": "vllm/vllm-openai:v0.7.0"}]}}}})
+
+    def done():
+        d = apps.read_namespaced_deployment("r", "default")
+        ps = pods(core, selector="app=r")
+        return (d.status.updated_replicas == 1 and d.status.ready_replicas == 1 and len(ps) == 1
+                and ps[0].metadata.name not in old and ready(ps[0]))
+
+    wait_for(done)
+    rss = {r.metadata.name: r for r in apps.list_namespaced_replica_set("default").items}
+    assert len(rss) == 2
+    assert sorted((r.spec.replicas, r.metadata.annotations["deployment.kubernetes.io/revision"])
+                  for r in rss.values()) == [(0, "1"), (1, "2")]
+    d = apps.read_namespaced_deployment("r", "default")
+    assert d.metadata.generation == 2 and d.status.observed_generation == 2
+    assert d.metadata.annotations is None or "deployment.kubernetes.io/revision" not in (d.metadata.annotations or {})
+
+
+def test_rolling_update_without_surge_fits_one_gpu(kube, core, apps):
+    """maxSurge 0 / maxUnavailable 1 on a single GPU: the old pod goes first, then the new one runs."""
+    gpu_node(kube, "n1", gpus=1)
+    strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    apps.create_namespaced_deployment("default", gpu_deployment("ns0", strategy=strategy))
+    wait_for(lambda: len(kube.ready_pod_ports("default", {"app": "ns0"})) == 1)
+    apps.patch_namespaced_deployment("ns0", "default", {"spec": {"template": {"metadata": {
+        "annotations": {"rev": "2"}}}}})
+    wait_for(lambda: [p for p in pods(core, selector="app=ns0")
+                      if ready(p) and (p.metadata.annotations or {}).get("rev") == "2"], timeout=10)
+
+
+def test_recreate_strategy(kube, core, apps):
+    gpu_node(kube, "n1", gpus=2)
+    apps.create_namespaced_deployment("default", gpu_deployment("rc", replicas=2, strategy={"type": "Recreate"}))
+    wait_for(lambda: len(kube.ready_pod_ports("default", {"app": "rc"})) == 2)
+    seen_mixed = []
+
+    def watch_mix(stop):
+        while not stop.is_set():
+            hashes = {p.metadata.labels["pod-template-hash"] for p in pods(core, selector="app=rc")}
+            if len(hashes) > 1:
+                seen_mixed.append(hashes)
+            time.sleep(0.005)
+
+    stop = threading.Event()
+    t = threading.Thread(target=watch_mix, args=(stop,))
+    t.start()
+    apps.patch_namespaced_deployment("rc", "default", {"spec": {"template": {"metadata": {
+        "annotations": {"rev": "2"}}}}})
+    wait_for(lambda: len([p for p in pods(core, selector="app=rc")
+                          if ready(p) and (p.metadata.annotations or {}).get("rev") == "2"]) == 2)
+    stop.set()
+    t.join()
+    assert not seen_mixed  # never old and new pods at once
+
+
+def test_progress_deadline_exceeded(kube, core, apps):
+    apps.create_namespaced_deployment("default", gpu_deployment("late", progress_deadline=30))  # 0.06 s
+    d = wait_for(lambda: any(c.reason == "ProgressDeadlineExceeded" for c in
+                             apps.read_namespaced_deployment("late", "default").status.conditions or [])
+                 and apps.read_namespaced_deployment("late", "default"))
+    conds = {c.type: (c.status, c.reason) for c in d.status.conditions}
+    assert conds["Progressing"] == ("False", "ProgressDeadlineExceeded")
+    assert conds["Available"] == ("False", "MinimumReplicasUnavailable")
+    # progress (a node appears, the pod becomes ready) clears it
+    gpu_node(kube, "n1")
+    wait_for(lambda: {c.type: c.reason for c in apps.read_namespaced_deployment("late", "default").status.conditions}
+             .get("Progressing") == "NewReplicaSetAvailable")
+
+
+# ---- scheduler -------------------------------------------------------------------------------------
+def _pending_message(core, selector):
+    def get():
+        for p in pods(core, selector=selector):
+            for c in p.status.conditions or []:
+                if c.type == "PodScheduled" and c.status == "False":
+                    return p, c
+        return None
+
+    return wait_for(get)
+
+
+def test_unschedulable_reasons(kube, core, apps):
+    apps.create_namespaced_deployment("default", gpu_deployment("u"))
+    p, c = _pending_message(core, "app=u")
+    assert c.reason == "Unschedulable" and c.message == "no nodes available to schedule pods"
+    assert p.status.phase == "Pending"
+    apps.delete_namespaced_deployment("u", "default")
+    wait_for(lambda: not pods(core, selector="app=u"))
+    kube.add_node("cpu", capacity={"cpu": "8"})
+    gpu_node(kube, "busy", gpus=1, labels={"cloud.google.com/gke-accelerator": "nvidia-l4"})
+    gpu_node(kube, "a100", gpus=1, labels={"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"})
+    filler = gpu_deployment("filler")
+    filler["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"] = "busy"
+    apps.create_namespaced_deployment("default", filler)
+    apps.create_namespaced_deployment("default", gpu_deployment("u2", tolerations=[]))
+    wait_for(lambda: [p for p in pods(core, selector="app=filler") if p.spec.node_name == "busy"])
+    apps.create_namespaced_deployment("default", gpu_deployment("u3"))
+
+    def message(sel):
+        return wait_for(lambda: next((c.message for p in pods(core, selector=sel) for c in p.status.conditions or []
+                                      if c.type == "PodScheduled" and c.status == "False"
+                                      and "3 " not in c.message[:3] and c.message.startswith("0/3")), None))
+
+    assert message("app=u3") == ("0/3 nodes are available: 1 Insufficient nvidia.com/gpu, "
+                                 "2 node(s) didn't match Pod's node affinity/selector.")
+    m = message("app=u2")
+    assert "node(s) had untolerated taint {nvidia.com/gpu: present}" in m
+    pod = pods(core, selector="app=u3")[0].metadata.name
+    assert ("FailedScheduling", "0/3 nodes are available: 1 Insufficient nvidia.com/gpu, "
+            "2 node(s) didn't match Pod's node affinity/selector.") in events_for(core, pod)
+
+
+def test_pending_pod_schedules_when_a_node_arrives_and_gpus_are_counted(kube, core, apps):
+    apps.create_namespaced_deployment("default", gpu_deployment("w", replicas=3, gpus=2))
+    _pending_message(core, "app=w")
+    gpu_node(kube, "big", gpus=4)
+    wait_for(lambda: len([p for p in pods(core, selector="app=w") if p.spec.node_name == "big"]) == 2)
+    time.sleep(0.05)
+    assert len([p for p in pods(core, selector="app=w") if p.spec.node_name]) == 2  # 4 GPUs, 2 each
+    gpu_node(kube, "big2", gpus=2)
+    wait_for(lambda: len(kube.ready_pod_ports("default", {"app": "w"})) == 3)
+
+
+def test_remove_node_evicts_and_replaces(kube, core, apps, runtime):
+    gpu_node(kube, "n1")
+    apps.create_namespaced_deployment("default", gpu_deployment("e"))
+    first = wait_for(lambda: [p for p in pods(core, selector="app=e") if ready(p)])[0]
+    assert kube.remove_node("n1")
+    assert not kube.remove_node("n1")
+    wait_for(lambda: [p for p in pods(core, selector="app=e") if p.metadata.name != first.metadata.name
+                      and p.status.phase == "Pending"])
+    assert kube.ready_pod_ports("default", {"app": "e"}) == []
+    wait_for(lambda: all(s._stopped.is_set() for s in runtime.started))
+    gpu_node(kube, "n2")
+    wait_for(lambda: [p for p in pods(core, selector="app=e") if ready(p) and p.spec.node_name == "n2"])
+
+
+# ---- kubelet states --------------------------------------------------------------------------------
+def test_image_pull_error(kube, core, apps):
+    gpu_node(kube, "n1")
+    apps.create_namespaced_deployment("default", gpu_deployment("img", labels={"app": "img",
+                                                                                "mode": "image_pull_error"}))
+
+    def waiting(reason):
+        return wait_for(lambda: next((p for p in pods(core, selector="app=img")
+                                      if p.status.container_statuses and
+                                      p.status.container_statuses[0].state.waiting and
+                                      p.status.container_statuses[0].state.waiting.reason == reason), None))
+
+    p = waiting("ErrImagePull")
+    assert "failed to pull and unpack image" in p.status.container_statuses[0].state.waiting.message
+    waiting("ImagePullBackOff")
+    evs = events_for(core, p.metadata.name)
+    assert any(r == "Failed" and m.startswith('Failed to pull image "vllm/vllm-openai:v0.6.3"') for r, m in evs)
+    with pytest.raises(ApiException) as info:
+        core.read_namespaced_pod_log(p.metadata.name, "default")
+    assert info.value.status == 400 and "trying and failing to pull image" in info.value.body
+
+
+@pytest.mark.parametrize(("mode", "code", "reason"), [("crash_loop", 1, "Error"), ("oom", 137, "OOMKilled")])
+def test_crash_loop_backoff(kube, core, apps, mode, code, reason):
+    gpu_node(kube, "n1")
+    apps.create_namespaced_deployment("default", gpu_deployment("c", labels={"app": "c", "mode": mode}))
+    p = wait_for(lambda: next((p for p in pods(core, selector="app=c") if p.status.container_statuses
+                               and p.status.container_statuses[0].restart_count >= 2), None))
+    cs = p.status.container_statuses[0]
+    assert cs.last_state.terminated.exit_code == code and cs.last_state.terminated.reason == reason
+    assert p.status.phase == "Running" and not ready(p)
+    p = wait_for(lambda: next((p for p in pods(core, selector="app=c") if p.status.container_statuses[0].state.waiting
+                               and p.status.container_statuses[0].state.waiting.reason == "CrashLoopBackOff"), None))
+    assert "back-off" in p.status.container_statuses[0].state.waiting.message
+    previous = core.read_namespaced_pod_log(p.metadata.name, "default", previous=True)
+    assert ("CUDA out of memory" if mode == "oom" else "bad engine args") in previous
+    assert core.read_namespaced_pod_log(p.metadata.name, "default", previous=True, tail_lines=1).count("\n") == 1
+    assert any(r == "BackOff" for r, _ in events_for(core, p.metadata.name))
+
+
+def test_logs_and_pod_delete(kube, core, apps, runtime):
+    gpu_node(kube, "n1")
+    core.create_namespaced_pod("default", {"metadata": {"name": "solo", "labels": {"app": "solo"}}, "spec": {
+        "containers": [{"name": "s", "image": "vllm/vllm-openai:v1"}], "tolerations": TOLERATE_GPU}})
+    wait_for(lambda: ready(core.read_namespaced_pod("solo", "default")))
+    text = core.read_namespaced_pod_log("solo", "default")
+    assert "Application startup complete." in text
+    assert core.read_namespaced_pod_log("solo", "default", tail_lines=1) == "INFO Application startup complete.\n"
+    with pytest.raises(ApiException) as info:
+        core.read_namespaced_pod_log("solo", "default", previous=True)
+    assert info.value.status == 400
+    core.delete_namespaced_pod("solo", "default")
+    wait_for(lambda: not pods(core, selector="app=solo"))
+    assert runtime.started[0]._stopped.is_set()
+
+
+# ---- Autopilot -------------------------------------------------------------------------------------
+def test_autopilot_provisions_and_removes_nodes(kube, core, apps):
+    kube.autopilot_idle_seconds = 50  # 0.1 s
+    kube.enable_autopilot("ap-1")
+    apps.create_namespaced_deployment("default", deployment("ap", gpus=1, node_selector=dict(L4)))
+    p = wait_for(lambda: next((p for p in pods(core, selector="app=ap") if ready(p)), None))
+    node = core.read_node(p.spec.node_name)
+    assert node.metadata.name.startswith("gk3-ap-1-")
+    assert node.metadata.labels["cloud.google.com/gke-accelerator"] == "nvidia-l4"
+    assert node.status.capacity["nvidia.com/gpu"] == "1"
+    assert any(r == "TriggeredScaleUp" for r, _ in events_for(core, p.metadata.name))
+    apps.delete_namespaced_deployment("ap", "default")
+    wait_for(lambda: not core.list_node().items)
+
+
+def test_autopilot_off_leaves_pods_pending(kube, core, apps):
+    apps.create_namespaced_deployment("default", deployment("ap", gpus=1, node_selector=dict(L4)))
+    _pending_message(core, "app=ap")
+    time.sleep(0.3)  # longer than a scaled Autopilot provision
+    assert not core.list_node().items
+
+
+# ---- services, HPA, namespaces ---------------------------------------------------------------------
+def test_service_backends_follow_the_selector(kube, core, apps):
+    gpu_node(kube, "n1", gpus=2)
+    apps.create_namespaced_deployment("default", gpu_deployment("blue", labels={"app": "blue", "color": "blue"}))
+    apps.create_namespaced_deployment("default", gpu_deployment("green", labels={"app": "green", "color": "green"}))
+    core.create_namespaced_service("default", {"metadata": {"name": "live"}, "spec": {
+        "selector": {"color": "blue"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    blue = wait_for(lambda: kube.ready_pod_ports("default", {"color": "blue"}))
+    green = wait_for(lambda: kube.ready_pod_ports("default", {"color": "green"}))
+    assert kube.service_backends("default", "live") == blue
+    core.patch_namespaced_service("live", "default", {"spec": {"selector": {"color": "green"}}},
+                                  _content_type="application/merge-patch+json")
+    assert kube.service_backends("default", "live") == green  # at call time, no controller lag
+    ep = wait_for(lambda: (e := core.read_namespaced_endpoints("live", "default")).subsets and
+                  e.subsets[0].addresses[0].target_ref.name.startswith("green") and e)
+    assert ep.subsets[0].ports[0].name == "http"
+    assert kube.service_backends("default", "missing") == []
+
+
+def test_hpa_keeps_replicas_within_bounds(kube, api, apps):
+    hpa = client.AutoscalingV2Api(api)
+    apps.create_namespaced_deployment("default", deployment("h", replicas=1))
+    hpa.create_namespaced_horizontal_pod_autoscaler("default", {"metadata": {"name": "h"}, "spec": {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "h"}, "minReplicas": 2,
+        "maxReplicas": 4}})
+    wait_for(lambda: apps.read_namespaced_deployment("h", "default").spec.replicas == 2)
+    h = wait_for(lambda: (h := hpa.read_namespaced_horizontal_pod_autoscaler("h", "default")).status.desired_replicas
+                 == 2 and h)
+    assert {c.type for c in h.status.conditions} >= {"AbleToScale", "ScalingActive"}
+    apps.patch_namespaced_deployment_scale("h", "default", {"spec": {"replicas": 0}},
+                                           _content_type="application/merge-patch+json")
+    time.sleep(0.1)
+    assert apps.read_namespaced_deployment("h", "default").spec.replicas == 0  # scaled to zero: HPA disabled
+
+
+def test_namespace_delete_stops_servers(kube, core, apps, runtime):
+    gpu_node(kube, "n1")
+    core.create_namespace({"metadata": {"name": "gone"}})
+    apps.create_namespaced_deployment("gone", gpu_deployment("m"))
+    wait_for(lambda: kube.ready_pod_ports("gone", {"app": "m"}))
+    core.delete_namespace("gone")
+    wait_for(lambda: "gone" not in {n.metadata.name for n in core.list_namespace().items})
+    wait_for(lambda: all(s._stopped.is_set() for s in runtime.started))
+
+
+# ---- scale -----------------------------------------------------------------------------------------
+def _rss_mib() -> float:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_fifty_deployments_hundred_pods(kube, core, apps):
+    for i in range(13):
+        gpu_node(kube, f"g{i}", gpus=8)
+    before = _rss_mib()
+    start = time.monotonic()
+    for i in range(50):
+        ns = f"m{i}"
+        core.create_namespace({"metadata": {"name": ns}})
+        apps.create_namespaced_deployment(ns, gpu_deployment("model", replicas=2))
+        core.create_namespaced_service(ns, {"metadata": {"name": "model"}, "spec": {
+            "selector": {"app": "model"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    wait_for(lambda: sum(1 for p in core.list_pod_for_all_namespaces().items if ready(p)) == 100, timeout=25)
+    elapsed = time.monotonic() - start
+    assert all(len(kube.service_backends(f"m{i}", "model")) == 2 for i in range(50))
+    t0 = time.monotonic()
+    listing = core.list_pod_for_all_namespaces()
+    assert len(listing.items) == 100 and time.monotonic() - t0 < 2
+    grown = _rss_mib() - before
+    assert grown < 300, f"RSS grew {grown:.0f} MiB for 100 pods"
+    assert elapsed < 25

@@ -1,0 +1,171 @@
+"""Real kubectl against the sandbox API server: get, describe, apply, wait, scale, logs, delete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from sandbox.core import Clock, Faults
+from sandbox.kube import KubeCluster
+from tests.sandbox.kube_support import StubRuntime
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+SCALE = 0.002
+
+MANIFEST = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: demo
+  labels: {app: web}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: vllm
+        image: vllm/vllm-openai:v0.6.3
+        args: ["--model=facebook/opt-125m"]
+        ports: [{name: http, containerPort: 8000}]
+        env: [{name: LEVEL, value: "1"}, {name: OTHER, value: "x"}]
+        resources: {limits: {nvidia.com/gpu: "1"}}
+      tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+"""
+
+
+@pytest.fixture(scope="module")
+def kube():
+    clock = Clock(SCALE)
+    k = KubeCluster(clock=clock, faults=Faults(), runtime=StubRuntime(clock))
+    k.start()
+    k.add_node("gpu-node-1", labels={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+               capacity={"nvidia.com/gpu": "4"}, taints=[{"key": "nvidia.com/gpu", "value": "present",
+                                                          "effect": "NoSchedule"}])
+    k.add_node("cpu-node-1", capacity={"cpu": "8", "memory": "32Gi"})
+    yield k
+    k.stop()
+
+
+@pytest.fixture(scope="module")
+def kubectl(kube, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    config = home / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sandbox",
+        "clusters": [{"name": "sandbox", "cluster": {"server": kube.url}}],
+        "users": [{"name": "sandbox", "user": {"token": "sandbox"}}],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "sandbox"}}]}))
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "KUBECONFIG": str(config)}
+
+    def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["kubectl", f"--cache-dir={home / 'cache'}", *args], input=stdin, text=True,
+                              capture_output=True, env=env, timeout=60)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def test_version_and_get_nodes(kubectl):
+    version = json.loads(kubectl("version", "-o", "json").stdout)
+    assert version["serverVersion"]["minor"] == "30"
+    out = kubectl("get", "nodes").stdout
+    assert out.split("\n")[0].split() == ["NAME", "STATUS", "ROLES", "AGE", "VERSION"]
+    assert "gpu-node-1" in out and "cpu-node-1" in out and " Ready " in out
+    wide = kubectl("get", "nodes", "-o", "wide").stdout
+    assert "INTERNAL-IP" in wide and "10.128." in wide
+    labels = kubectl("get", "node", "gpu-node-1", "-o",
+                     "jsonpath={.metadata.labels.cloud\\.google\\.com/gke-accelerator}").stdout
+    assert labels == "nvidia-l4"
+
+
+def test_apply_wait_describe_scale_logs_delete(kubectl, kube):
+    out = kubectl("apply", "-f", "-", stdin=MANIFEST).stdout
+    assert "namespace/demo created" in out and "deployment.apps/web created" in out and "service/web created" in out
+    out = kubectl("wait", "--for=condition=Available", "deploy/web", "-n", "demo", "--timeout=30s").stdout
+    assert "condition met" in out
+    assert kubectl("get", "deploy", "web", "-n", "demo", "-o", "jsonpath={.status.readyReplicas}").stdout == "1"
+
+    # re-apply with one env value changed: a strategic merge patch with $setElementOrder
+    out = kubectl("apply", "-f", "-", stdin=MANIFEST.replace('value: "1"', 'value: "2"')).stdout
+    assert "deployment.apps/web configured" in out and "service/web unchanged" in out
+    env = kubectl("get", "deploy", "web", "-n", "demo", "-o",
+                  "jsonpath={.spec.template.spec.containers[0].env[*].value}").stdout
+    assert env == "2 x"
+    assert "successfully rolled out" in kubectl("rollout", "status", "deploy/web", "-n", "demo",
+                                                "--timeout=30s").stdout
+
+    described = kubectl("describe", "deployment", "web", "-n", "demo").stdout
+    for text in ("Replicas:               1 desired | 1 updated | 1 total | 1 available | 0 unavailable",
+                 "StrategyType:           RollingUpdate", "RollingUpdateStrategy:  25% max unavailable, 25% max surge",
+                 "Available      True    MinimumReplicasAvailable", "NewReplicaSet:", "ScalingReplicaSet",
+                 "nvidia.com/gpu:  1"):
+        assert text in described, described
+
+    assert "deployment.apps/web scaled" in kubectl("scale", "deploy/web", "-n", "demo", "--replicas=2").stdout
+    kubectl("wait", "--for=jsonpath={.status.readyReplicas}=2", "deploy/web", "-n", "demo", "--timeout=30s")
+    table = kubectl("get", "pods", "-n", "demo", "-l", "app=web").stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    assert len(table) == 3 and all("1/1" in row and "Running" in row for row in table[1:])
+    assert len(kube.service_backends("demo", "web")) == 2
+
+    logs = kubectl("logs", "deploy/web", "-n", "demo").stdout
+    assert "Application startup complete." in logs
+    pod = kubectl("get", "pods", "-n", "demo", "-o", "jsonpath={.items[0].metadata.name}").stdout
+    assert "Scheduled" in kubectl("describe", "pod", pod, "-n", "demo").stdout
+    assert kubectl("logs", pod, "-n", "demo", "--tail=1").stdout == "INFO Application startup complete.\n"
+
+    out = kubectl("delete", "-f", "-", stdin=MANIFEST).stdout
+    assert 'namespace "demo" deleted' in out
+    gone = kubectl("get", "ns", "demo", check=False)
+    assert gone.returncode == 1 and 'namespaces "demo" not found' in gone.stderr
+    assert not [p for p in kube.snapshot()["pods"] if p["namespace"] == "demo"]
+
+
+def test_server_side_apply_and_errors(kubectl):
+    cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg, namespace: default}\ndata: {a: '1'}\n"
+    assert "configmap/cfg serverside-applied" in kubectl("apply", "--server-side", "-f", "-", stdin=cm).stdout
+    assert "serverside-applied" in kubectl("apply", "--server-side", "-f", "-",
+                                           stdin=cm.replace("'1'", "'2'")).stdout
+    assert kubectl("get", "cm", "cfg", "-o", "jsonpath={.data.a}").stdout == "2"
+    missing = kubectl("get", "deploy", "nope", check=False)
+    assert missing.returncode == 1
+    assert 'Error from server (NotFound): deployments.apps "nope" not found' in missing.stderr
+    bad = kubectl("create", "configmap", "Bad_Name", check=False)
+    assert bad.returncode == 1 and "is invalid" in bad.stderr
+    assert 'configmap "cfg" deleted' in kubectl("delete", "cm", "cfg").stdout
+
+
+def test_get_all_namespaces_and_events(kubectl):
+    kubectl("create", "namespace", "other")
+    kubectl("create", "deployment", "plain", "--image=vllm/vllm-openai:v0.6.3", "-n", "other")
+    kubectl("wait", "--for=condition=Available", "deploy/plain", "-n", "other", "--timeout=30s")
+    out = kubectl("get", "pods", "-A").stdout
+    assert out.split("\n")[0].split()[:2] == ["NAMESPACE", "NAME"] and "other" in out
+    events = kubectl("get", "events", "-n", "other").stdout
+    assert "LAST SEEN" in events and "ScalingReplicaSet" in events
+    assert "deployment.apps/plain" in kubectl("get", "all", "-n", "other").stdout

@@ -1,0 +1,328 @@
+"""Service routing over real HTTP: proxy() forwarding and streaming, ServicePorts following its resolver."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+
+import httpx
+import pytest
+
+from sandbox.core import Clock, Faults, JsonHandler, route, serve
+from sandbox.models import ModelRuntime
+from sandbox.routing import ConnectionPool, ServicePorts, proxy
+
+# ---- an echo backend and a front server that calls proxy(), like the API server's service proxy ----
+
+_ECHO: list = []
+
+
+class EchoHandler(JsonHandler):
+    service = "echo"
+    routes = _ECHO
+
+
+def _echo(h: EchoHandler):
+    h.server.state.append(h.client_address[1])
+    return {"method": h.command, "path": h.url.path, "query": h.url.query, "body": h.body_bytes().decode(),
+            "headers": {k.lower(): v for k, v in h.headers.items()}, "port": h.server.port}
+
+
+for _m in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+    route(_ECHO, _m, r"/echo/.*")(_echo)
+
+
+@route(_ECHO, "GET", r"/stream")
+def _stream(h: EchoHandler):
+    h.start_chunked(200, "text/event-stream")
+    for i in range(3):
+        h.write_chunk(f"data: {i}\n\n")
+        time.sleep(0.15)
+    h.end_chunked()
+
+
+@route(_ECHO, "DELETE", r"/nothing")
+def _nothing(h: EchoHandler):
+    h.send_response(204)
+    h.end_headers()
+
+
+_FRONT: list = []
+
+
+class FrontHandler(JsonHandler):
+    service = "kube"
+    routes = _FRONT
+
+
+def _front(h: FrontHandler, rest: str):
+    proxy(h, h.server.state["ports"], "/" + rest, service="svc", drop_headers=("Authorization",))
+
+
+for _m in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+    route(_FRONT, _m, r"/api/v1/namespaces/ns/services/svc:http/proxy/(?P<rest>.*)")(_front)
+
+
+@pytest.fixture
+def echo():
+    servers = [serve(EchoHandler, state=[], faults=None) for _ in range(2)]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def front(echo):
+    state = {"ports": [echo[0].port]}
+    srv = serve(FrontHandler, state=state, faults=None)
+    yield srv, state
+    srv.stop()
+
+
+BASE = "/api/v1/namespaces/ns/services/svc:http/proxy"
+
+
+def test_proxy_forwards_method_path_query_headers_and_body(front):
+    srv, _ = front
+    with httpx.Client(base_url=srv.url) as http:
+        r = http.post(f"{BASE}/echo/a/b?x=1&y=two", json={"k": "v"},
+                      headers={"X-Test": "yes", "Authorization": "Bearer cluster-token"})
+        got = r.json()
+        assert r.status_code == 200
+        assert (got["method"], got["path"], got["query"]) == ("POST", "/echo/a/b", "x=1&y=two")
+        assert json.loads(got["body"]) == {"k": "v"}
+        assert got["headers"]["x-test"] == "yes" and got["headers"]["content-type"] == "application/json"
+        assert "authorization" not in got["headers"]  # like the API server's service proxy
+        assert got["headers"]["x-forwarded-for"] == "127.0.0.1"
+        for method in ("PUT", "PATCH", "DELETE", "GET"):
+            assert http.request(method, f"{BASE}/echo/m").json()["method"] == method
+        assert http.head(f"{BASE}/echo/h").status_code == 200
+        r = http.delete(f"{BASE}/nothing")
+        assert r.status_code == 204 and r.content == b""
+
+
+def test_proxy_streams_chunks_as_they_come(front):
+    srv, _ = front
+    arrivals = []
+    with httpx.Client() as http, http.stream("GET", f"{srv.url}{BASE}/stream") as r:
+        t0 = time.perf_counter()  # headers are in: the backend has sent its first event and sleeps
+        assert r.headers["content-type"] == "text/event-stream"
+        for line in r.iter_lines():
+            if line:
+                arrivals.append((line, time.perf_counter() - t0))
+    assert [a[0] for a in arrivals] == ["data: 0", "data: 1", "data: 2"]
+    # each event is relayed when the backend writes it, not when the backend finishes
+    assert arrivals[0][1] < 0.1 and arrivals[2][1] - arrivals[0][1] >= 0.25
+
+
+def test_proxy_reuses_backend_connections(front, echo):
+    srv, _ = front
+    with httpx.Client(base_url=srv.url) as http:
+        for _ in range(30):
+            assert http.get(f"{BASE}/echo/x").status_code == 200
+    assert len(echo[0].state) == 30 and len(set(echo[0].state)) <= 2  # 30 requests, one pooled connection
+
+
+def test_proxy_skips_dead_backends_and_503_without_any(front, echo):
+    srv, state = front
+    dead = serve(EchoHandler, state=[], faults=None)
+    dead_port = dead.port
+    dead.stop()
+    state["ports"] = [dead_port, echo[0].port, dead_port, echo[1].port]
+    with httpx.Client(base_url=srv.url) as http:
+        ports = [http.get(f"{BASE}/echo/x").json()["port"] for _ in range(8)]
+        assert set(ports) == {echo[0].port, echo[1].port}
+        state["ports"] = [dead_port]
+        r = http.get(f"{BASE}/echo/x")
+        assert r.status_code == 503 and r.json()["reason"] == "ServiceUnavailable"
+        assert "connection refused" in r.json()["message"]
+        state["ports"] = []
+        r = http.get(f"{BASE}/echo/x")
+        assert r.status_code == 503 and r.json()["message"] == 'no endpoints available for service "svc"'
+
+
+def test_stale_pooled_connection_is_retried(echo):
+    pool = ConnectionPool()
+    a = serve(EchoHandler, state=[], faults=None)
+    port = a.port
+    routes = ServicePorts(lambda ns, n: [port], pool=pool)
+    try:
+        url = f"http://127.0.0.1:{routes.open('ns', 'svc')}"
+        assert httpx.get(url + "/echo/1").status_code == 200
+        a.stop()  # the pooled connection's server goes away...
+        b = serve(EchoHandler, state=[], faults=None, port=port)  # ...and comes back on the same port
+        try:
+            assert httpx.get(url + "/echo/2").json()["port"] == port
+        finally:
+            b.stop()
+    finally:
+        routes.stop()
+
+
+# ---- ServicePorts in front of real model servers ---------------------------------------------------
+
+@pytest.fixture
+def runtime():
+    rt = ModelRuntime(clock=Clock(0.0002), faults=Faults())
+    yield rt
+    rt.stop()
+
+
+def _pod(name: str, model: str = "Qwen/Qwen2.5-1.5B-Instruct") -> dict:
+    return {"metadata": {"name": name, "namespace": "prod", "uid": f"uid-{name}"},
+            "spec": {"containers": [{"image": "vllm/vllm-openai:v0.10.2", "args": [f"--model={model}"],
+                                     "ports": [{"containerPort": 8000}]}]}}
+
+
+def _servers(rt: ModelRuntime, *names: str, model: str = "Qwen/Qwen2.5-1.5B-Instruct"):
+    out = [rt.start(_pod(n, model)) for n in names]
+    for s in out:
+        assert s.wait_ready(5)
+    return out
+
+
+def test_service_follows_its_resolver_at_every_request(runtime):
+    blue, green = _servers(runtime, "blue-0", "green-0")
+    backends = {("prod", "llm"): [blue.port]}
+    calls = []
+
+    def resolve(ns: str, name: str) -> list[int]:
+        calls.append((ns, name))
+        return backends.get((ns, name), [])
+
+    routes = ServicePorts(resolve)
+    try:
+        port = routes.open("prod", "llm")
+        assert routes.open("prod", "llm") == port  # idempotent
+        assert routes.ports() == {"prod/llm": port} and routes.url("prod", "llm") == f"http://127.0.0.1:{port}"
+        body = {"prompt": "What is Kubernetes?", "max_tokens": 4}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(5):
+                assert http.post("/v1/completions", json=body).status_code == 200
+            assert (blue.requests_served, green.requests_served) == (5, 0)
+            backends[("prod", "llm")] = [green.port]  # "patch the selector": the very next request moves
+            for _ in range(5):
+                assert http.post("/v1/completions", json=body).status_code == 200
+            assert (blue.requests_served, green.requests_served) == (5, 5)
+            backends[("prod", "llm")] = [blue.port, green.port]  # both Ready: round robin
+            for _ in range(10):
+                http.post("/v1/completions", json=body)
+            assert (blue.requests_served, green.requests_served) == (10, 10)
+            blue.stop()  # a pod dies before the endpoints catch up: skipped
+            for _ in range(4):
+                assert http.post("/v1/completions", json=body).status_code == 200
+            assert green.requests_served == 14
+            backends[("prod", "llm")] = []
+            r = http.get("/v1/models")
+            assert r.status_code == 503 and "no endpoints available" in r.json()["message"]
+        assert len(calls) == 25
+        assert routes.snapshot()["prod/llm"]["requests"] == 25
+    finally:
+        routes.stop()
+
+
+def test_service_streams_sse_from_the_model(runtime):
+    (server,) = _servers(runtime, "s-0")
+    routes = ServicePorts(lambda ns, n: [server.port])
+    try:
+        url = f"http://127.0.0.1:{routes.open('prod', 'llm')}"
+        with httpx.stream("POST", url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 6, "stream": True}) as r:
+            lines = [ln for ln in r.iter_lines() if ln]
+        assert lines[-1] == "data: [DONE]" and len(lines) == 1 + 6 + 1 + 1
+        assert server.requests_served == 1
+    finally:
+        routes.stop()
+
+
+def test_close_and_kube_events(runtime):
+    routes = ServicePorts(lambda ns, n: [])
+    try:
+        routes.on_event("ADDED", {"kind": "Service", "metadata": {"namespace": "a", "name": "s1"}})
+        routes.on_event("ADDED", {"kind": "Service", "metadata": {"namespace": "a", "name": "s2"}})
+        routes.on_event("ADDED", {"kind": "Pod", "metadata": {"namespace": "a", "name": "p"}})
+        assert set(routes.ports()) == {"a/s1", "a/s2"}
+        port = routes.port("a", "s1")
+        routes.on_event("DELETED", {"kind": "Service", "metadata": {"namespace": "a", "name": "s1"}})
+        assert set(routes.ports()) == {"a/s2"} and routes.port("a", "s1") is None
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        assert routes.close("a", "s2") and not routes.close("a", "s2")
+    finally:
+        routes.stop()
+
+
+def test_resolver_errors_and_route_faults(runtime):
+    (server,) = _servers(runtime, "f-0")
+
+    class Kube:  # an object with service_backends, like KubeCluster
+        def service_backends(self, ns: str, name: str) -> list[int]:
+            if name == "gone":
+                raise KeyError(name)
+            return [server.port]
+
+    faults = Faults()
+    routes = ServicePorts(Kube(), faults=faults)
+    try:
+        gone = f"http://127.0.0.1:{routes.open('prod', 'gone')}"
+        assert httpx.get(gone + "/health").status_code == 503
+        url = f"http://127.0.0.1:{routes.open('prod', 'llm')}"
+        faults.add(service="route", path="^/v1/models$", status=502, count=1)
+        assert httpx.get(url + "/v1/models").status_code == 502
+        assert httpx.get(url + "/v1/models").status_code == 200
+    finally:
+        routes.stop()
+
+
+def test_routing_overhead_is_small(runtime):
+    (server,) = _servers(runtime, "b-0")
+    routes = ServicePorts(lambda ns, n: [server.port])
+    try:
+        url = f"http://127.0.0.1:{routes.open('prod', 'llm')}"
+
+        def timed(base: str) -> list[float]:
+            out = []
+            with httpx.Client(base_url=base) as http:
+                for _ in range(20):
+                    http.get("/health")
+                for _ in range(150):
+                    t0 = time.perf_counter()
+                    http.get("/health")
+                    out.append(time.perf_counter() - t0)
+            return out
+
+        direct, routed = timed(server.url), timed(url)
+        added_ms = (statistics.median(routed) - statistics.median(direct)) * 1000
+        assert added_ms < 5.0, added_ms  # the bench (bench/sandbox_routing.py) measures the real number
+    finally:
+        routes.stop()
+
+
+def test_concurrent_clients_through_one_route(runtime):
+    servers = _servers(runtime, "c-0", "c-1", "c-2")
+    routes = ServicePorts(lambda ns, n: [s.port for s in servers])
+    errors: list[BaseException] = []
+    try:
+        url = f"http://127.0.0.1:{routes.open('prod', 'llm')}"
+
+        def worker():
+            try:
+                with httpx.Client(base_url=url, timeout=10) as http:
+                    for _ in range(10):
+                        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+                        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not errors, errors[:1]
+        assert sum(s.requests_served for s in servers) == 80
+        assert all(s.requests_served > 10 for s in servers)
+    finally:
+        routes.stop()
