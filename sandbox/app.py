@@ -48,6 +48,7 @@ from typing import Any
 
 import yaml
 
+from sandbox.client import SandboxClient
 from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
 from sandbox.gke import Gke
@@ -180,6 +181,10 @@ class Sandbox:
             raise RuntimeError("sandbox is not started")
         return self._control.url
 
+    def client(self) -> SandboxClient:
+        """A :class:`~sandbox.client.SandboxClient` of this sandbox's control API."""
+        return SandboxClient(self.url)
+
     def urls(self) -> dict[str, str]:
         return {
             "control": self.url,
@@ -295,6 +300,8 @@ class Sandbox:
             f"  kubectl get pods -A\n"
             f"  gcloud container clusters list\n"
             f"  gcloud compute regions describe us-central1\n"
+            f"  (gcloud clusters create/get-credentials add an https context for the cluster to this\n"
+            f"   kubeconfig; the sandbox API is plain http: `kubectl config use-context sandbox` afterwards)\n"
             f"  curl -s {self.url}/sandbox/state | head\n\n"
             f"Faults:   curl -XPOST {self.url}/sandbox/faults -d '{{\"service\":\"gke\",\"status\":503,\"count\":2}}'\n"
             f"Stockout: curl -XPOST {self.url}/sandbox/stockouts -d '{{\"zone\":\"us-central1-a\",\"accelerator\":\"nvidia-l4\"}}'\n"

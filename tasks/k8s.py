@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,9 +51,14 @@ def object_path(api_version: str, kind: str, name: str | None = None, namespace:
 
 def _call(api: k8s.ApiClient, method: str, path: str, *, body: Any = None, query: list | None = None,
           content_type: str = "application/json") -> Any:
-    return api.call_api(path, method, query_params=query or [], header_params={
-        "Accept": "application/json", "Content-Type": content_type}, body=body, response_type="object",
-        auth_settings=["BearerToken"], _return_http_data_only=True, _request_timeout=60)
+    """One raw API call for kinds the typed client has no method for (CRDs) or verbs it lacks (apply)."""
+    params = api.param_serialize(method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
+                                 header_params={"Accept": "application/json", "Content-Type": content_type})
+    resp = api.call_api(*params, _request_timeout=60)
+    resp.read()
+    if not 200 <= resp.status < 300:
+        raise ApiException(http_resp=resp)
+    return json.loads(resp.data) if resp.data else {}
 
 
 @dataclass

@@ -334,7 +334,8 @@ class KubeCluster:
             from sandbox.routing import proxy as route_proxy
         except ImportError:
             route_proxy = fallback_proxy
-        route_proxy(h, ports, full)
+        # like the real API server's proxy: the caller's credentials do not reach the backend
+        route_proxy(h, ports, full, service=target, drop_headers=("Authorization",))
 
     # ---- inspection -------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -368,7 +369,7 @@ class KubeCluster:
         return out
 
 
-def fallback_proxy(h: Any, ports: list[int], path: str) -> None:
+def fallback_proxy(h: Any, ports: list[int], path: str, **_: Any) -> None:
     """Forward one request to one backend (used only when sandbox.routing is not available)."""
     port = random.choice(ports)
     body = h.body_bytes()

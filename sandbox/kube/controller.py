@@ -987,6 +987,11 @@ class Controller:
         if pod is None or pod["metadata"]["uid"] != uid or pod["metadata"].get("deletionTimestamp"):
             return
         image = pod["spec"]["containers"][0].get("image", "")
+        if attempt and attempt % 2 == 0:  # the kubelet pulls again after the back-off
+            self.event(pod, "Normal", "Pulling", f'Pulling image "{image}"', host=pod["spec"].get("nodeName", ""))
+            if self._behavior(pod) != "image_pull_error":  # a counted fault ran out: this pull works
+                self.after(DEFAULT_DELAYS["image_pull"], ("start", ns, name, uid, True))
+                return
         repo = image.split(":")[0]
         err = (f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": '
                f"{repo}: not found")

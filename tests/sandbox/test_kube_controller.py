@@ -436,3 +436,59 @@ def test_fifty_deployments_hundred_pods(kube, core, apps):
     grown = _rss_mib() - before
     assert grown < 300, f"RSS grew {grown:.0f} MiB for 100 pods"
     assert elapsed < 25
+
+
+# ---- with the real model runtime and router (sandbox/models.py, sandbox/routing.py) -----------------
+@pytest.fixture
+def real():
+    models = pytest.importorskip("sandbox.models")
+    from sandbox.hub import Hub
+
+    clock, faults = Clock(SCALE), Faults()
+    runtime = models.ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))
+    k = KubeCluster(clock=clock, faults=faults, runtime=runtime)
+    k.start()
+    gpu_node(k, "l4-1", gpus=2)
+    yield k, runtime, client.ApiClient(client.Configuration(host=k.url))
+    k.stop()
+    runtime.stop()
+
+
+def vllm_deployment(name, labels=None):
+    d = gpu_deployment(name, labels=labels or {"app": name})
+    d["spec"]["template"]["spec"]["containers"][0]["args"] = ["--model=facebook/opt-125m", "--port=8000"]
+    return d
+
+
+def test_real_runtime_serves_through_the_service_proxy(real):
+    import httpx
+
+    kube, runtime, api = real
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    apps.create_namespaced_deployment("default", vllm_deployment("opt"))
+    core.create_namespaced_service("default", {"metadata": {"name": "opt"}, "spec": {
+        "selector": {"app": "opt"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    wait_for(lambda: kube.service_backends("default", "opt"), timeout=20)
+    with httpx.Client(base_url=kube.url, timeout=30) as http:
+        models = http.get("/api/v1/namespaces/default/services/opt:http/proxy/v1/models").json()
+        assert models["data"][0]["id"] == "facebook/opt-125m"
+    pod = pods(core, selector="app=opt")[0].metadata.name
+    assert "facebook/opt-125m" in core.read_namespaced_pod_log(pod, "default")
+
+
+def test_real_runtime_failure_modes(real):
+    kube, runtime, api = real
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    runtime.behaviors.add(mode="crash_loop", labels={"app": "bad"})
+    runtime.behaviors.add(mode="image_pull_error", labels={"app": "img"}, count=1)
+    apps.create_namespaced_deployment("default", vllm_deployment("bad"))
+    apps.create_namespaced_deployment("default", vllm_deployment("img"))
+    p = wait_for(lambda: next((p for p in pods(core, selector="app=bad") if p.status.container_statuses
+                               and p.status.container_statuses[0].restart_count >= 1
+                               and p.status.container_statuses[0].state.waiting), None), timeout=20)
+    assert p.status.container_statuses[0].state.waiting.reason == "CrashLoopBackOff"
+    assert core.read_namespaced_pod_log(p.metadata.name, "default", previous=True)
+    # a counted image pull fault: ErrImagePull, back-off, then the next pull works and the pod is Ready
+    wait_for(lambda: any(r == "Failed" for pd in pods(core, selector="app=img")
+                         for r, _ in events_for(core, pd.metadata.name)), timeout=20)
+    wait_for(lambda: kube.ready_pod_ports("default", {"app": "img"}), timeout=20)
