@@ -101,7 +101,7 @@ ZONE_ACCELERATORS: dict[str, tuple[str, ...]] = {
 }
 
 ANY_MACHINE = "*"  # set_stockout(zone, "*"): no VM at all starts there
-DEFAULT_GPU_LIMIT = 8.0
+DEFAULT_GPU_LIMIT = 16.0  # enough for the bundled seed 003 (HPA max 10 replicas)
 DEFAULT_REGIONAL_QUOTAS: dict[str, float] = {
     "CPUS": 200.0,
     "DISKS_TOTAL_GB": 40960.0,
@@ -122,7 +122,7 @@ DEFAULT_REGIONAL_QUOTAS: dict[str, float] = {
     **{f"PREEMPTIBLE_{m}": DEFAULT_GPU_LIMIT for _, _, m in ACCELERATOR_TYPES.values()},
 }
 DEFAULT_PROJECT_QUOTAS: dict[str, float] = {
-    "GPUS_ALL_REGIONS": 16.0,
+    "GPUS_ALL_REGIONS": 32.0,
     "CPUS_ALL_REGIONS": 400.0,
     "SNAPSHOTS": 5000.0,
     "NETWORKS": 15.0,

@@ -185,9 +185,12 @@ def set_node_pool_autoscaling(*, project: str, location: str, cluster: str, name
 
 @task(**task_retries())
 def set_node_pool_size(*, project: str, location: str, cluster: str, name: str, nodes: int) -> str:
-    op = cluster_manager().set_node_pool_size(
-        name=f"{_parent(project, location)}/clusters/{cluster}/nodePools/{name}", node_count=nodes, **_call_opts())
-    return op.name
+    from google.cloud import container_v1
+
+    # This RPC has no flattened arguments: it takes only a request message.
+    request = container_v1.SetNodePoolSizeRequest(
+        name=f"{_parent(project, location)}/clusters/{cluster}/nodePools/{name}", node_count=nodes)
+    return cluster_manager().set_node_pool_size(request=request, **_call_opts()).name
 
 
 @task(**task_retries())

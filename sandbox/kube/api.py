@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import secrets
 import select
 import socket
 import sys
 import time
 import traceback
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -22,7 +19,7 @@ from sandbox.kube import resources as res
 from sandbox.kube.defaults import apply_defaults, validate
 from sandbox.kube.resources import RType
 from sandbox.kube.selectors import object_filter, selector_string
-from sandbox.kube.store import Gone, conflict, not_found, status_error
+from sandbox.kube.store import Gone, _rng, clone, conflict, new_uid, not_found, status_error
 from sandbox.kube.tables import table
 
 if TYPE_CHECKING:
@@ -41,7 +38,7 @@ APPLY_CBOR = "application/apply-patch+cbor"
 
 def _rand(n: int = 5) -> str:
     alphabet = "bcdfghjklmnpqrstvwxz2456789"
-    return "".join(secrets.choice(alphabet) for _ in range(n))
+    return "".join(_rng.choice(alphabet) for _ in range(n))
 
 
 def _bad_request(message: str) -> HttpError:
@@ -60,7 +57,7 @@ class KubeApi:
                check_namespace: bool = True) -> Obj:
         if not isinstance(body, dict):
             raise _bad_request("the body of the request was in an unknown format")
-        obj = copy.deepcopy(body)
+        obj = clone(body)
         self._check_type(t, obj)
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
@@ -80,17 +77,19 @@ class KubeApi:
         for k in ("uid", "resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink",
                   "managedFields"):
             meta.pop(k, None)
-        meta["uid"] = str(uuid.uuid4())
+        meta["uid"] = new_uid()
         meta["creationTimestamp"] = now_rfc3339()
         if t.generation:
             meta["generation"] = 1
         if t.has_status and t.kind not in ("Node",):
             obj.pop("status", None)
         obj["apiVersion"], obj["kind"] = t.api_version, t.kind
+        requested = clone(obj)  # the creator owns what it sent, not the defaults filled in below
         apply_defaults(t, obj)
         self.cluster.admit(t, obj, None)
         if manager:
-            patches.record_update(None, obj, manager=manager, now=meta["creationTimestamp"])
+            patches.record_update(None, requested, manager=manager, now=meta["creationTimestamp"])
+            meta["managedFields"] = requested["metadata"]["managedFields"]
         if dry_run:
             if self.store.get(t, meta.get("namespace", ""), meta["name"]) is not None:
                 from sandbox.kube.store import already_exists
@@ -120,11 +119,11 @@ class KubeApi:
     def _merge_update(self, t: RType, live: Obj, new: Obj, subresource: str) -> Obj:
         """The object to store when ``new`` replaces ``live`` through the main resource or /status."""
         if subresource == "status":
-            out = copy.deepcopy(live)
+            out = clone(live)
             if "status" in new:
                 out["status"] = new["status"]
             return out
-        out = copy.deepcopy(new)
+        out = clone(new)
         meta = out.setdefault("metadata", {})
         live_meta = live["metadata"]
         for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"):
@@ -416,7 +415,7 @@ class KubeApi:
             raise invalid(res.RType("autoscaling", "v1", "scale", "Scale"), name,
                           [("spec.replicas", "FieldValueInvalid",
                             f"Invalid value: {replicas}: must be greater than or equal to 0")])
-        body = copy.deepcopy(live)
+        body = clone(live)
         body["spec"]["replicas"] = replicas
         out = self._finish_update(t, live, body, manager=manager, subresource="scale", expect_rv=rv,
                                   dry_run=dry_run)

@@ -9,6 +9,7 @@ import queue
 import random
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,6 +23,7 @@ from sandbox.kube.selectors import match_selector_dict
 from sandbox.kube.store import Event, Store, not_found, status_error
 
 Obj = dict[str, Any]
+LEASES = res.BY_KEY[("coordination.k8s.io", "leases")]
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -206,10 +208,17 @@ class KubeCluster:
         if node_taints:
             node["spec"]["taints"] = node_taints
         live = self.store.get(NODES, "", name)
-        if live is None:
-            return self.api.create(NODES, None, node)
-        node["metadata"] = dict(live["metadata"], labels=labels)
-        return self.store.replace(NODES, node)
+        if live is not None:
+            node["metadata"] = dict(live["metadata"], labels=labels)
+            return self.store.replace(NODES, node)
+        created = self.api.create(NODES, None, node)
+        renew = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        with contextlib.suppress(Exception):  # the kubelet's heartbeat object (kubectl describe node shows it)
+            self.api.create(LEASES, "kube-node-lease", {
+                "metadata": {"name": name, "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name,
+                                                                "uid": created["metadata"]["uid"]}]},
+                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": renew}})
+        return created
 
     @staticmethod
     def _taint(t: Any) -> Obj:
@@ -233,6 +242,8 @@ class KubeCluster:
             self.store.delete(NODES, "", name)
         except Exception:
             return False
+        with contextlib.suppress(Exception):
+            self.store.delete(LEASES, "kube-node-lease", name)
         pods, _ = self.store.list(PODS, None, lambda p: (p.get("spec") or {}).get("nodeName") == name)
         for p in pods:
             with contextlib.suppress(Exception):

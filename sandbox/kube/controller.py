@@ -10,11 +10,11 @@ readiness is visible to watchers at once.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
+import heapq
+import itertools
 import json
 import queue
-import secrets
 import sys
 import threading
 import time
@@ -27,7 +27,7 @@ from sandbox.core import DEFAULT_DELAYS, HttpError, now_rfc3339
 from sandbox.kube import resources as res
 from sandbox.kube.defaults import GPU, parse_quantity
 from sandbox.kube.selectors import match_label_selector, match_selector_dict
-from sandbox.kube.store import Event, not_found, status_error
+from sandbox.kube.store import Event, clone, new_uid, not_found, rand_hex, status_error
 
 if TYPE_CHECKING:
     from sandbox.kube.cluster import KubeCluster
@@ -169,8 +169,10 @@ class Controller:
         self._stop = threading.Event()
         self.runs: dict[str, PodRun] = {}
         self.runs_lock = threading.Lock()
-        self._timers: set[threading.Timer] = set()
-        self._tlock = threading.Lock()
+        self._timers: list[tuple[float, int, tuple[Any, ...]]] = []
+        self._tcond = threading.Condition()
+        self._tseq = itertools.count()
+        self._timer_thread: threading.Thread | None = None
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kube-stop")
         self._ip = 0
         self._progress: dict[tuple[str, str], tuple[Any, float]] = {}
@@ -188,14 +190,17 @@ class Controller:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="kube-controller", daemon=True)
         self._thread.start()
+        self._timer_thread = threading.Thread(target=self._timer_loop, name="kube-timers", daemon=True)
+        self._timer_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._queue.put(None)
-        with self._tlock:
-            for t in self._timers:
-                t.cancel()
+        with self._tcond:
             self._timers.clear()
+            self._tcond.notify_all()
+        if self._timer_thread is not None:
+            self._timer_thread.join(timeout=2)
         with self.runs_lock:
             runs = list(self.runs.values())
             self.runs.clear()
@@ -219,19 +224,28 @@ class Controller:
         self.after_real(self.clock.scaled(cloud_seconds), key)
 
     def after_real(self, seconds: float, key: tuple[Any, ...]) -> None:
+        """Enqueue ``key`` after ``seconds`` (one timer thread and a heap, not a thread per timer)."""
         if self._stop.is_set():
             return
+        with self._tcond:
+            heapq.heappush(self._timers, (time.monotonic() + max(0.0, seconds), next(self._tseq), key))
+            self._tcond.notify()
 
-        def fire() -> None:
-            with self._tlock:
-                self._timers.discard(timer)
-            self.enqueue(key)
-
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        with self._tlock:
-            self._timers.add(timer)
-        timer.start()
+    def _timer_loop(self) -> None:
+        while True:
+            with self._tcond:
+                while not self._stop.is_set():
+                    now = time.monotonic()
+                    if self._timers and self._timers[0][0] <= now:
+                        break
+                    self._tcond.wait(self._timers[0][0] - now if self._timers else None)
+                if self._stop.is_set():
+                    return
+                due = []
+                while self._timers and self._timers[0][0] <= time.monotonic():
+                    due.append(heapq.heappop(self._timers)[2])
+            for key in due:
+                self.enqueue(key)
 
     def enqueue(self, key: tuple[Any, ...]) -> None:
         with self._plock:
@@ -372,7 +386,7 @@ class Controller:
             self._event_seq = max(self._event_seq + 1, time.time_ns())
             name = f"{meta['name']}.{self._event_seq:x}"
         ev = {"apiVersion": "v1", "kind": "Event",
-              "metadata": {"name": name, "namespace": ns, "uid": secrets.token_hex(16),
+              "metadata": {"name": name, "namespace": ns, "uid": new_uid(),
                            "creationTimestamp": now},
               "involvedObject": {"kind": obj.get("kind"), "namespace": meta.get("namespace"), "name": meta["name"],
                                  "uid": meta.get("uid"), "apiVersion": obj.get("apiVersion"),
@@ -420,7 +434,7 @@ class Controller:
         replicas = int(spec.get("replicas", 1))
         uid = d["metadata"]["uid"]
         rss = self._owned(RSS, ns, uid)
-        tmpl = copy.deepcopy(spec["template"])
+        tmpl = clone(spec["template"])
         h = template_hash(tmpl)
         new_rs = next((r for r in rss if (r["metadata"].get("labels") or {}).get("pod-template-hash") == h), None)
         olds = [r for r in rss if r is not new_rs]
@@ -531,9 +545,9 @@ class Controller:
     def _create_rs(self, d: Obj, tmpl: Obj, h: str, replicas: int, revision: int) -> Obj:
         meta = d["metadata"]
         labels = dict((tmpl.get("metadata") or {}).get("labels") or {}, **{"pod-template-hash": h})
-        tmpl = copy.deepcopy(tmpl)
+        tmpl = clone(tmpl)
         tmpl.setdefault("metadata", {})["labels"] = labels
-        selector = copy.deepcopy(d["spec"]["selector"])
+        selector = clone(d["spec"]["selector"])
         selector.setdefault("matchLabels", {})["pod-template-hash"] = h
         strategy = d["spec"].get("strategy") or {}
         surge = _int_or_percent((strategy.get("rollingUpdate") or {}).get("maxSurge", 0), d["spec"]["replicas"], True)
@@ -629,7 +643,7 @@ class Controller:
 
         def fn(obj: Obj) -> Obj:
             st = obj.setdefault("status", {})
-            before = copy.deepcopy(st)
+            before = clone(st)
             st["observedGeneration"] = obj["metadata"].get("generation", 1)
             for k, v in (("replicas", len(all_pods)), ("updatedReplicas", updated), ("readyReplicas", ready),
                          ("availableReplicas", ready),
@@ -732,7 +746,7 @@ class Controller:
         self.store.mutate(RSS, ns, name, fn)
 
     def _pod_from_template(self, rs: Obj) -> Obj:
-        tmpl = copy.deepcopy(rs["spec"]["template"])
+        tmpl = clone(rs["spec"]["template"])
         meta = tmpl.get("metadata") or {}
         rsm = rs["metadata"]
         pod_meta: Obj = {"generateName": f"{rsm['name']}-", "namespace": rsm["namespace"],
@@ -1049,7 +1063,7 @@ class Controller:
             gen = run.gen
             run.ready = False
             run.started_at = now_rfc3339()
-            run.container_id = "containerd://" + secrets.token_hex(32)
+            run.container_id = "containerd://" + rand_hex(64)
             run.server = None
             run.plain = False
             runtime = self.cluster.runtime
@@ -1553,7 +1567,7 @@ class Controller:
         if not accel or uid in self._autopilot_pending:
             return
         cluster = clusters[0]
-        node = f"gk3-{cluster}-nap-{secrets.token_hex(2)}-{secrets.token_hex(4)}"[:63]
+        node = f"gk3-{cluster}-nap-{rand_hex(4)}-{rand_hex(8)}"[:63]
         self._autopilot_pending[uid] = node
         self.event(pod, "Normal", "TriggeredScaleUp", f"pod triggered scale-up: [{{https://www.googleapis.com/"
                    f"compute/v1/projects/sandbox/zones/-/instanceGroups/{node[:-9]}-grp 0->1 (max: 1000)}}]",

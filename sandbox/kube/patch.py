@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
 from sandbox.core import HttpError
+from sandbox.kube.store import clone
 
 Obj = dict[str, Any]
 
@@ -52,7 +52,7 @@ def merge_key_for(field: str, items: list[Any]) -> str | None:
 # ---- JSON merge patch -----------------------------------------------------------------------
 def merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return clone(patch)
     out = dict(target) if isinstance(target, dict) else {}
     for k, v in patch.items():
         if v is None:
@@ -65,9 +65,9 @@ def merge_patch(target: Any, patch: Any) -> Any:
 # ---- strategic merge patch ------------------------------------------------------------------
 def strategic_merge(target: Any, patch: Any, field: str = "") -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return clone(patch)
     if patch.get("$patch") == "replace":
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+        return {k: clone(v) for k, v in patch.items() if k != "$patch"}
     if patch.get("$patch") == "delete":
         return None
     out = dict(target) if isinstance(target, dict) else {}
@@ -91,7 +91,7 @@ def strategic_merge(target: Any, patch: Any, field: str = "") -> Any:
             else:
                 out[k] = merged
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = clone(v)
     if isinstance(retain, list):
         out = {k: v for k, v in out.items() if k in retain}
     return out
@@ -101,9 +101,9 @@ def _merge_list(live: Any, patch: list[Any], field: str) -> list[Any]:
     live = live if isinstance(live, list) else []
     key = merge_key_for(field, [p for p in patch if not (isinstance(p, dict) and p.get("$patch") == "replace")])
     if any(isinstance(p, dict) and p.get("$patch") == "replace" for p in patch):
-        return [copy.deepcopy(p) for p in patch if not (isinstance(p, dict) and "$patch" in p)]
+        return [clone(p) for p in patch if not (isinstance(p, dict) and "$patch" in p)]
     if key is None or not all(isinstance(i, dict) for i in live):
-        return [copy.deepcopy(p) for p in patch]
+        return [clone(p) for p in patch]
     out = [dict(i) for i in live]
     for item in patch:
         idx = next((n for n, cur in enumerate(out) if cur.get(key) == item.get(key)), None)
@@ -182,26 +182,26 @@ def _add(doc: Any, parts: list[str], value: Any) -> Any:
 def json_patch(doc: Any, ops: Any) -> Any:
     if not isinstance(ops, list):
         raise HttpError(400, "json patch must be a list of operations", reason="BadRequest")
-    doc = copy.deepcopy(doc)
+    doc = clone(doc)
     for op in ops:
         kind, path = op.get("op"), _pointer(op.get("path", ""))
         if kind == "add":
-            doc = _add(doc, path, copy.deepcopy(op.get("value")))
+            doc = _add(doc, path, clone(op.get("value")))
         elif kind == "remove":
             _remove(doc, path)
         elif kind == "replace":
             if not path:
-                doc = copy.deepcopy(op.get("value"))
+                doc = clone(op.get("value"))
             else:
                 _get(doc, path)
                 parent, last = _parent(doc, path)
                 if isinstance(parent, list):
-                    parent[int(last)] = copy.deepcopy(op.get("value"))
+                    parent[int(last)] = clone(op.get("value"))
                 else:
-                    parent[last] = copy.deepcopy(op.get("value"))
+                    parent[last] = clone(op.get("value"))
         elif kind in ("move", "copy"):
             src = _pointer(op.get("from", ""))
-            value = _remove(doc, src) if kind == "move" else copy.deepcopy(_get(doc, src))
+            value = _remove(doc, src) if kind == "move" else clone(_get(doc, src))
             doc = _add(doc, path, value)
         elif kind == "test":
             if _get(doc, path) != op.get("value"):
@@ -324,7 +324,7 @@ def apply_merge(live: Any, config: Any, field: str = "") -> Any:
     if isinstance(config, list):
         key = merge_key_for(field, config)
         if key is None or not isinstance(live, list) or not all(isinstance(i, dict) for i in live):
-            return copy.deepcopy(config)
+            return clone(config)
         out = []
         live_by_key = {json.dumps(i.get(key)): i for i in live}
         seen = set()
@@ -333,9 +333,9 @@ def apply_merge(live: Any, config: Any, field: str = "") -> Any:
             seen.add(k)
             out.append(apply_merge(live_by_key.get(k), item, field))
         # items applied by someone else stay, after ours
-        out += [copy.deepcopy(i) for i in live if json.dumps(i.get(key)) not in seen]
+        out += [clone(i) for i in live if json.dumps(i.get(key)) not in seen]
         return out
-    return copy.deepcopy(config)
+    return clone(config)
 
 
 def path_string(path: Path) -> str:
@@ -391,7 +391,7 @@ def server_side_apply(live: Obj | None, config: Obj, *, manager: str, force: boo
             m = dict(m)
             m["fieldsV1"] = to_fields_v1(theirs)
             new_others.append(m)
-    base = copy.deepcopy(live) if live is not None else {}
+    base = clone(live) if live is not None else {}
     for p in sorted(old_paths - new_paths - owned_by_others, key=len, reverse=True):
         _delete_at(base, p)
     body = {k: v for k, v in config.items() if k not in ("status",)}

@@ -88,6 +88,7 @@ TYPES: list[RType] = [
     _t("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short=("pdb",), subresources=("status",),
        generation=True, has_status=True),
     _t("storage.k8s.io", "v1", "storageclasses", "StorageClass", namespaced=False, short=("sc",)),
+    _t("coordination.k8s.io", "v1", "leases", "Lease"),
     _t("monitoring.googleapis.com", "v1", "podmonitorings", "PodMonitoring", subresources=("status",),
        generation=True, has_status=True),
     _t("monitoring.googleapis.com", "v1", "clusterpodmonitorings", "ClusterPodMonitoring", namespaced=False,

@@ -6,8 +6,8 @@ streams, the controller, ``snapshot()``) may hold references without copying.
 
 from __future__ import annotations
 
-import copy
 import queue
+import random
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -19,6 +19,29 @@ from sandbox.kube.resources import RType
 
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace or "", name)
+_rng = random.Random()
+
+
+def clone(o: Any) -> Any:
+    """Deep copy of JSON-like data (several times faster than copy.deepcopy)."""
+    if isinstance(o, dict):
+        return {k: clone(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [clone(v) for v in o]
+    return o
+
+
+def new_uid() -> str:
+    """A random v4 UUID (os.urandom per call is slow under load; these need not be secret)."""
+    n = _rng.getrandbits(128)
+    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)
+    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def rand_hex(n: int) -> str:
+    return f"{_rng.getrandbits(4 * n):0{n}x}"
 
 
 def status_error(code: int, reason: str, message: str, *, name: str | None = None, group: str | None = None,
@@ -201,7 +224,7 @@ class Store:
             old = self.get(t, namespace, name)
             if old is None:
                 return None
-            new = fn(copy.deepcopy(old))
+            new = fn(clone(old))
             if new is None:
                 return old
             return self.replace(t, new)

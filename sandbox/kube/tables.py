@@ -193,6 +193,12 @@ def _ep_row(e: Obj) -> list[Any]:
     return [e["metadata"]["name"], text or "<none>", _age(e)]
 
 
+def _pdb_row(p: Obj) -> list[Any]:
+    spec, st = p.get("spec") or {}, p.get("status") or {}
+    return [p["metadata"]["name"], spec.get("minAvailable", "N/A"), spec.get("maxUnavailable", "N/A"),
+            st.get("disruptionsAllowed", 0), _age(p)]
+
+
 def _default_row(o: Obj) -> list[Any]:
     return [o["metadata"]["name"], _age(o)]
 
@@ -226,6 +232,8 @@ PRINTERS: dict[str, tuple[list[Column], Callable[[Obj], list[Any]]]] = {
     "Secret": ([NAME, ("Type", "string", 0), ("Data", "string", 0), AGE], _secret_row),
     "ConfigMap": ([NAME, ("Data", "string", 0), AGE], _cm_row),
     "Endpoints": ([NAME, ("Endpoints", "string", 0), AGE], _ep_row),
+    "PodDisruptionBudget": ([NAME, ("Min Available", "string", 0), ("Max Unavailable", "string", 0),
+                             ("Allowed Disruptions", "integer", 0), AGE], _pdb_row),
 }
 
 

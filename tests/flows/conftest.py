@@ -59,9 +59,9 @@ def unique_project() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-def spec_dict(name: str, **overrides) -> dict:
+def spec_dict(filename: str, **overrides) -> dict:
     """A bundled spec as a dict, in a project of its own so tests never share clusters or quota."""
-    data = yaml.safe_load((ROOT / "deployments" / name).read_text())
+    data = yaml.safe_load((ROOT / "deployments" / filename).read_text())
     data = copy.deepcopy(data)
     data["cluster"]["project"] = unique_project()
     for dotted, value in overrides.items():

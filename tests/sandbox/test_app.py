@@ -20,6 +20,7 @@ from google.cloud import container_v1
 
 from sandbox.app import Sandbox
 from sandbox.client import SandboxClient, SandboxError
+from sandbox.compute import DEFAULT_PROJECT_QUOTAS
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_ENV = {
@@ -145,7 +146,8 @@ def test_control_api_state_faults_stockouts_quota(sb, client):
     assert got["limit"] == 2 and got["usage"] == 0
     got = client.set_quota(None, "GPUS_ALL_REGIONS", 4, project="other-project")
     assert got["project"] == "other-project" and got["limit"] == 4
-    assert sb.compute.quota(None, "GPUS_ALL_REGIONS")["limit"] == 16  # the sandbox project is untouched
+    # the sandbox project is untouched
+    assert sb.compute.quota(None, "GPUS_ALL_REGIONS")["limit"] == DEFAULT_PROJECT_QUOTAS["GPUS_ALL_REGIONS"]
     assert client.quota_used() == {"project": {}, "regions": {}}
     client.set_quota("us-central1", "NVIDIA_L4_GPUS", 8)
 
@@ -233,7 +235,7 @@ def test_real_gcloud_against_the_sandbox(sb):
     assert cluster["location"] == "europe-west1" and cluster["status"] == "RUNNING"
     assert procs[1].returncode == 0, info_err
     quotas = {q["metric"]: q for q in json.loads(info)["quotas"]}
-    assert quotas["GPUS_ALL_REGIONS"]["limit"] == 16
+    assert quotas["GPUS_ALL_REGIONS"]["limit"] == DEFAULT_PROJECT_QUOTAS["GPUS_ALL_REGIONS"]
 
 
 def test_main_serves_until_sigterm(tmp_path):
@@ -300,7 +302,7 @@ def test_cluster_autoscaler_with_the_real_kube(sb, client):
         assert _until(lambda: node_of_pod() is not None)
         node = core.read_node(node_of_pod())
         assert node.metadata.labels["cloud.google.com/gke-nodepool"] == "gpu-ca"
-        assert sb.compute.quota("us-east1", "NVIDIA_T4_GPUS", project="ca-project")["usage"] == 1
+        assert sb.compute.quota("us-east1", "NVIDIA_T4_GPUS", project="ca-project")["usage"] == 1  # reserved first
     finally:
         core.delete_namespaced_pod("t4-job", "default", grace_period_seconds=0)
     assert _until(lambda: not core.list_node(label_selector="cloud.google.com/gke-nodepool=gpu-ca").items)
@@ -322,7 +324,8 @@ def test_autopilot_nodes_hold_quota(sb, client):
     try:
         assert _until(lambda: core.read_namespaced_pod("ap-job", "default").spec.node_name is not None)
         node = core.read_namespaced_pod("ap-job", "default").spec.node_name
-        assert sb.compute.quota("us-west1", "NVIDIA_L4_GPUS", project="ap-project")["usage"] == 1
+        # node events reach GKE on the kube emulator's subscriber thread: a moment after the bind
+        assert _until(lambda: sb.compute.quota("us-west1", "NVIDIA_L4_GPUS", project="ap-project")["usage"] == 1)
         held = {n["node"]: n for n in client.state()["gke"]["autopilot_nodes"]}
         assert held[node]["cluster"] == "ap" and held[node]["quota"]["NVIDIA_L4_GPUS"] == 1
     finally:

@@ -11,10 +11,20 @@ from google.api_core.retry import Retry, if_exception_type
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import compute_v1
 
-from sandbox.compute import ACCELERATOR_TYPES, REGIONS, ZONE_ACCELERATORS, Compute, QuotaExceeded
+from sandbox.compute import (
+    ACCELERATOR_TYPES,
+    DEFAULT_GPU_LIMIT,
+    DEFAULT_PROJECT_QUOTAS,
+    REGIONS,
+    ZONE_ACCELERATORS,
+    Compute,
+    QuotaExceeded,
+)
 from sandbox.core import Clock, Faults
 
 P = "sandbox-project"
+GPU_LIMIT = DEFAULT_GPU_LIMIT  # per region and GPU metric
+ALL_GPUS = DEFAULT_PROJECT_QUOTAS["GPUS_ALL_REGIONS"]
 
 
 @pytest.fixture
@@ -45,8 +55,8 @@ def test_region_quotas_parse_in_real_client(compute):
                    "NVIDIA_A100_GPUS", "NVIDIA_A100_80GB_GPUS", "NVIDIA_H100_GPUS", "CPUS"):
         limit, usage = _quota(region, metric)
         assert limit > 0 and usage == 0
-    assert _quota(region, "NVIDIA_L4_GPUS") == (8.0, 0.0)
-    assert _quota(region, "PREEMPTIBLE_NVIDIA_L4_GPUS") == (8.0, 0.0)
+    assert _quota(region, "NVIDIA_L4_GPUS") == (GPU_LIMIT, 0.0)
+    assert _quota(region, "PREEMPTIBLE_NVIDIA_L4_GPUS") == (GPU_LIMIT, 0.0)
 
     names = [r.name for r in compute_v1.RegionsClient(**_opts(compute)).list(project=P, retry=None)]
     assert names == list(REGIONS)
@@ -55,7 +65,7 @@ def test_region_quotas_parse_in_real_client(compute):
 def test_project_info_has_gpus_all_regions(compute):
     project = compute_v1.ProjectsClient(**_opts(compute)).get(project=P, retry=None)
     assert project.name == P
-    assert _quota(project, "GPUS_ALL_REGIONS") == (16.0, 0.0)
+    assert _quota(project, "GPUS_ALL_REGIONS") == (ALL_GPUS, 0.0)
     assert project.default_service_account.endswith("-compute@developer.gserviceaccount.com")
 
 
@@ -64,16 +74,16 @@ def test_reserve_and_release_move_regional_and_global_usage(compute):
     projects = compute_v1.ProjectsClient(**_opts(compute))
     compute.reserve("us-central1", "PREEMPTIBLE_NVIDIA_L4_GPUS", 3)
     compute.reserve_many("europe-west4", {"NVIDIA_L4_GPUS": 2, "CPUS": 16})
-    assert _quota(regions.get(project=P, region="us-central1", retry=None), "PREEMPTIBLE_NVIDIA_L4_GPUS") == (8, 3)
+    assert _quota(regions.get(project=P, region="us-central1", retry=None), "PREEMPTIBLE_NVIDIA_L4_GPUS") == (GPU_LIMIT, 3)
     assert _quota(regions.get(project=P, region="europe-west4", retry=None), "CPUS")[1] == 16
     project = projects.get(project=P, retry=None)
-    assert _quota(project, "GPUS_ALL_REGIONS") == (16, 5)
+    assert _quota(project, "GPUS_ALL_REGIONS") == (ALL_GPUS, 5)
     assert _quota(project, "CPUS_ALL_REGIONS")[1] == 16
 
     compute.release("us-central1", "PREEMPTIBLE_NVIDIA_L4_GPUS", 3)
     compute.release_many("europe-west4", {"NVIDIA_L4_GPUS": 2, "CPUS": 16})
     assert compute.quota_used() == {"project": {}, "regions": {}}
-    assert _quota(projects.get(project=P, retry=None), "GPUS_ALL_REGIONS") == (16, 0)
+    assert _quota(projects.get(project=P, retry=None), "GPUS_ALL_REGIONS") == (ALL_GPUS, 0)
 
 
 def test_quota_exceeded_is_all_or_nothing(compute):
