@@ -28,23 +28,24 @@ def _client(kubeconfig: str | None, timeout: float = 60.0) -> httpx.Client:
 
 
 @task(**task_retries())
-def check_engine_ready(*, kubeconfig: str | None, namespace: str, service: str, engine: str, model_id: str) -> dict[str, Any]:
+def check_engine_ready(*, kubeconfig: str | None, namespace: str, service: str, engine: str,
+                       model_id: str) -> dict[str, Any]:
     """The engine says the model is loaded: /v1/models (vLLM, SGLang) or /health + /info (TGI)."""
     base = service_base(namespace, service)
-    with _client(kubeconfig) as http:
-        if engine == "tgi":
-            health = http.get(f"{base}/health")
-            if health.status_code != 200:
-                raise DeployError(f"TGI /health answered {health.status_code}", "wait and rerun", reason="NotReady")
-            info = http.get(f"{base}/info").json()
-            served = info.get("model_id")
-        else:
-            resp = http.get(f"{base}/v1/models")
-            if resp.status_code != 200:
-                raise DeployError(f"{engine} /v1/models answered {resp.status_code}", "wait and rerun",
-                                  reason="NotReady")
-            info = resp.json()
-            served = next((m.get("id") for m in info.get("data", [])), None)
+    http = _client(kubeconfig)
+    if engine == "tgi":
+        health = http.get(f"{base}/health")
+        if health.status_code != 200:
+            raise DeployError(f"TGI /health answered {health.status_code}", "wait and rerun", reason="NotReady")
+        info = http.get(f"{base}/info").json()
+        served = info.get("model_id")
+    else:
+        resp = http.get(f"{base}/v1/models")
+        if resp.status_code != 200:
+            raise DeployError(f"{engine} /v1/models answered {resp.status_code}", "wait and rerun",
+                              reason="NotReady")
+        info = resp.json()
+        served = next((m.get("id") for m in info.get("data", [])), None)
     if served != model_id:
         raise DeployError(f"the Service answers with model {served!r}, expected {model_id}",
                           "another deployment shares the Service selector; check the labels", reason="WrongModel")
@@ -105,19 +106,19 @@ def smoke_test(*, kubeconfig: str | None, namespace: str, service: str, engine: 
     base = service_base(namespace, service)
     results: list[SmokeResult] = []
     runs = [(p, False) for p in prompts] + ([(prompts[-1], True)] if stream and prompts else [])
-    with _client(kubeconfig, timeout=120) as http:
-        for prompt, streamed in runs:
-            start = time.perf_counter()
-            try:
-                answer, tokens = _generate(http, base, engine, model_id, prompt, max_tokens, streamed)
-            except httpx.HTTPStatusError as exc:
-                raise SmokeTestError(f"smoke prompt failed: HTTP {exc.response.status_code} from {engine}",
-                                     "read the model server logs", reason="SmokeFailed") from None
-            elapsed = time.perf_counter() - start
-            if not answer.strip() or (expect and not re.search(expect, answer)):
-                raise SmokeTestError(f"smoke prompt got a bad answer: {answer[:80]!r}",
-                                     "check the model revision and engine args (dtype, max_model_len)",
-                                     reason="WrongAnswer")
-            results.append(SmokeResult(prompt[:60], answer[:200], round(elapsed, 4), tokens,
-                                       round(tokens / elapsed, 1) if elapsed > 0 else 0.0, streamed))
+    http = _client(kubeconfig, timeout=120)
+    for prompt, streamed in runs:
+        start = time.perf_counter()
+        try:
+            answer, tokens = _generate(http, base, engine, model_id, prompt, max_tokens, streamed)
+        except httpx.HTTPStatusError as exc:
+            raise SmokeTestError(f"smoke prompt failed: HTTP {exc.response.status_code} from {engine}",
+                                 "read the model server logs", reason="SmokeFailed") from None
+        elapsed = time.perf_counter() - start
+        if not answer.strip() or (expect and not re.search(expect, answer)):
+            raise SmokeTestError(f"smoke prompt got a bad answer: {answer[:80]!r}",
+                                 "check the model revision and engine args (dtype, max_model_len)",
+                                 reason="WrongAnswer")
+        results.append(SmokeResult(prompt[:60], answer[:200], round(elapsed, 4), tokens,
+                                   round(tokens / elapsed, 1) if elapsed > 0 else 0.0, streamed))
     return results
