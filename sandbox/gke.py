@@ -2,7 +2,7 @@
 ``gcloud container`` send it.
 
 Clusters and node pools are long-running operations with realistic (time-scaled) durations. Nodes
-are real ``Node`` objects in the sandbox Kubernetes API (``kube.add_node`` / ``kube.remove_node``),
+are real ``Node`` objects in the cluster's Kubernetes API (``kube.add_node`` / ``kube.remove_node``),
 and every node holds Compute quota (the GPU metric — ``PREEMPTIBLE_*`` for spot/preemptible — plus
 ``CPUS``, and the project-wide ``GPUS_ALL_REGIONS`` / ``CPUS_ALL_REGIONS``) for as long as it exists.
 
@@ -21,9 +21,17 @@ Semantics mirrored from GKE:
 * node counts (``initialNodeCount``, ``setSize``, autoscaling bounds) are per zone, as in GKE.
 * Autopilot clusters have no node pools; the kube emulator provisions their nodes itself.
 
-The cluster ``endpoint`` is the sandbox Kubernetes API as ``127.0.0.1:PORT``, served over **plain
-http** (real GKE endpoints are https): the product must treat a sandbox endpoint as http, or simply use
-the kubeconfig the sandbox writes.
+Each cluster has its own Kubernetes API server, as on GKE: with ``kube_factory`` (what the composed
+sandbox passes) ``kube_factory(project, location, name)`` builds and starts one when the cluster is
+created (before the create call returns, so ``endpoint`` is set from the first reply on), node pools
+add and remove their nodes there, Autopilot provisioning and the cluster autoscaler act on it alone, and
+deleting the cluster releases it (``kube_release(project, location, name, kube)``, default
+``kube.stop()``) before the delete operation is DONE: its API server refuses connections and its model
+servers are gone. Without a factory every cluster shares the one ``kube`` given (unit tests).
+
+The cluster ``endpoint`` is that Kubernetes API as ``127.0.0.1:PORT``, served over **plain http**
+(real GKE endpoints are https): the product must treat a sandbox endpoint as http, or simply use the
+kubeconfig the sandbox writes.
 """
 
 from __future__ import annotations
@@ -220,6 +228,13 @@ class _Cluster:
         self.pools: dict[str, _Pool] = {}
         self.busy: str | None = None  # cluster-level operation in flight
         self.deleting = False
+        self.kube: Any = None  # this cluster's Kubernetes API (KubeCluster), or the shared one
+        self.owns_kube = False  # built by Gke.kube_factory: released when the cluster is deleted
+        self.unsubscribe: Callable[[], Any] | None = None  # the autoscaler's kube subscription
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.project, self.location, self.name
 
     @property
     def name(self) -> str:
@@ -245,11 +260,15 @@ class Gke:
     """GKE control plane over REST (service name ``"gke"``)."""
 
     def __init__(self, *, clock: Clock, faults: Faults, compute: Compute, kube: Any = None,
+                 kube_factory: Callable[[str, str, str], Any] | None = None,
+                 kube_release: Callable[[str, str, str, Any], Any] | None = None,
                  delays: dict[str, float] | None = None) -> None:
         self.clock = clock
         self.faults = faults
         self.compute = compute
-        self.kube = kube
+        self.kube = kube  # shared by every cluster when there is no kube_factory
+        self.kube_factory = kube_factory
+        self.kube_release = kube_release
         self.delays = {**DEFAULT_DELAYS, **GKE_DELAYS, **(delays or {})}
         self.wait_timeout = 60.0  # real seconds an ``:wait`` may block at most
         self._lock = threading.RLock()
@@ -259,8 +278,9 @@ class Gke:
         self._stop = threading.Event()
         self._server: SandboxHTTPServer | None = None
         self.autoscaler = ClusterAutoscaler(self)
-        # Autopilot node -> (project, region, quota it holds, cluster)
-        self._autopilot_nodes: dict[str, tuple[str, str, dict[str, float], str]] = {}
+        # (id(kube), Autopilot node) -> what it holds: {"kube", "project", "location", "region", "cluster",
+        # "quota"} (the record keeps the kube alive, so its id cannot be reused meanwhile)
+        self._autopilot_nodes: dict[tuple[int, str], dict[str, Any]] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -277,6 +297,14 @@ class Gke:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        # the clusters' own API servers go too (side by side: each takes a poll interval to stop)
+        with self._lock:
+            owned = [c for c in self._clusters.values() if c.owns_kube and c.kube is not None]
+        stoppers = [threading.Thread(target=self._close_kube, args=(c,), daemon=True) for c in owned]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=10)
 
     @property
     def url(self) -> str:
@@ -360,10 +388,18 @@ class Gke:
                 for c in self._clusters.values() for p in c.pools.values()
             ]
             ops = [dict(o.data) for o in self._ops.values()]
-            autopilot = [{"node": n, "project": p, "region": r, "cluster": c, "quota": q}
-                         for n, (p, r, q, c) in self._autopilot_nodes.items()]
+            autopilot = [{"node": n, **{k: v for k, v in rec.items() if k != "kube"}}
+                         for (_, n), rec in self._autopilot_nodes.items()]
         return {"clusters": clusters, "node_pools": pools, "operations": ops, "autopilot_nodes": autopilot,
                 "autoscaler": self.autoscaler.snapshot()}
+
+    def cluster_kube(self, name: str, location: str = "-", project: str | None = None) -> Any:
+        """The Kubernetes API object of a cluster (``None`` if there is no such cluster)."""
+        with self._lock:
+            try:
+                return self._get_cluster(project or self.compute.project, location, name).kube
+            except HttpError:
+                return None
 
     def cluster(self, name: str, location: str = "-", project: str | None = None) -> dict[str, Any] | None:
         """The cluster as the API would return it (``None`` if absent)."""
@@ -451,55 +487,100 @@ class Gke:
                        f"Please wait and try again once it is done.")
 
     # ---- kube ------------------------------------------------------------------------------
-    def _kube_endpoint(self) -> str:
-        url = getattr(self.kube, "url", None) if self.kube is not None else None
+    @staticmethod
+    def _kube_endpoint(kube: Any) -> str:
+        url = getattr(kube, "url", None) if kube is not None else None
         if not url:
             return "127.0.0.1"
         return url.split("://", 1)[-1].rstrip("/")
 
+    def _open_kube(self, project: str, location: str, name: str) -> tuple[Any, bool]:
+        """``(kube, owned)``: a fresh started API server from the factory, else the shared one."""
+        if self.kube_factory is None:
+            return self.kube, False
+        try:
+            return self.kube_factory(project, location, name), True
+        except Exception as exc:
+            raise _err(500, "INTERNAL", f"sandbox: could not start the cluster's Kubernetes API: {exc!r}") from exc
+
+    def _release_kube(self, project: str, location: str, name: str, kube: Any) -> None:
+        try:
+            if self.kube_release is not None:
+                self.kube_release(project, location, name, kube)
+            elif hasattr(kube, "stop"):
+                kube.stop()
+        except Exception:  # pragma: no cover - a broken release must not fail the operation
+            import traceback
+
+            traceback.print_exc()
+
+    def _attach_kube(self, cluster: _Cluster, kube: Any, owned: bool) -> None:
+        """Caller holds the lock. Per-cluster kubes feed this cluster's autoscaler/Autopilot hooks."""
+        cluster.kube, cluster.owns_kube = kube, owned
+        subscribe = getattr(kube, "subscribe", None)
+        if owned and callable(subscribe):
+            with contextlib.suppress(Exception):
+                cluster.unsubscribe = subscribe(lambda t, o: self.autoscaler.on_kube_event(kube, t, o))
+
+    def _close_kube(self, cluster: _Cluster) -> None:
+        """Drop the cluster's hooks and, if it owns its API server, release (stop) it."""
+        with self._lock:
+            kube, owned, unsubscribe = cluster.kube, cluster.owns_kube, cluster.unsubscribe
+            cluster.unsubscribe = None
+            if owned:
+                cluster.kube, cluster.owns_kube = None, False
+        if callable(unsubscribe):
+            with contextlib.suppress(Exception):
+                unsubscribe()
+        if owned and kube is not None:
+            self._release_kube(cluster.project, cluster.location, cluster.name, kube)
+
     def _kube_autopilot(self, cluster: _Cluster, enabled: bool) -> None:
-        """Tell the kube emulator that ``cluster`` is Autopilot (it then provisions nodes for pods)."""
-        if self.kube is None:
+        """Tell the cluster's kube emulator that it is Autopilot (it then provisions nodes for pods)."""
+        kube = cluster.kube
+        if kube is None:
             return
-        method = getattr(self.kube, "enable_autopilot" if enabled else "disable_autopilot", None)
+        method = getattr(kube, "enable_autopilot" if enabled else "disable_autopilot", None)
         if callable(method):
             method(cluster.name)
             return
-        clusters = getattr(self.kube, "autopilot_clusters", None)
+        clusters = getattr(kube, "autopilot_clusters", None)
         if clusters is not None:
             if enabled:
                 clusters.add(cluster.name)
             else:
                 clusters.discard(cluster.name)
 
-    def _kube_add(self, name: str, labels: dict[str, str], capacity: dict[str, str],
+    @staticmethod
+    def _kube_add(cluster: _Cluster, name: str, labels: dict[str, str], capacity: dict[str, str],
                   taints: list[dict[str, str]]) -> None:
-        if self.kube is not None:
-            self.kube.add_node(name, labels=labels, capacity=capacity, taints=taints)
+        if cluster.kube is not None:
+            cluster.kube.add_node(name, labels=labels, capacity=capacity, taints=taints)
 
-    def _kube_remove(self, name: str) -> None:
-        if self.kube is not None:
-            self.kube.remove_node(name)
+    @staticmethod
+    def _kube_remove(kube: Any, name: str) -> None:
+        if kube is not None:
+            kube.remove_node(name)
 
     # ---- Autopilot nodes (provisioned by the kube emulator, paid for here) ------------------
-    def autopilot_node_event(self, event_type: str, name: str, cluster_name: str, labels: dict[str, str],
-                             capacity: dict[str, Any]) -> None:
-        """Autopilot nodes hold Compute quota like any VM; one that cannot start (stockout, quota) is
-        taken away again, so its pod stays Pending as on GKE."""
+    def autopilot_node_event(self, kube: Any, event_type: str, name: str, cluster_name: str,
+                             labels: dict[str, str], capacity: dict[str, Any]) -> None:
+        """Autopilot nodes of ``kube`` hold Compute quota of its cluster's project like any VM; one that
+        cannot start (stockout, quota) is taken away again, so its pod stays Pending as on GKE."""
+        key = (id(kube), name)
         if event_type == "DELETED":
             with self._lock:
-                held = self._autopilot_nodes.pop(name, None)
+                held = self._autopilot_nodes.pop(key, None)
             if held is not None:
-                project, region, amounts, _ = held
-                self.compute.release_many(region, amounts, project=project)
+                self.compute.release_many(held["region"], held["quota"], project=held["project"])
             return
         if event_type != "ADDED":
             return
         with self._lock:
-            if name in self._autopilot_nodes:
+            if key in self._autopilot_nodes:
                 return
-            matches = [c for c in self._clusters.values() if c.autopilot and c.name == cluster_name and
-                       not c.deleting]
+            matches = [c for c in self._clusters.values() if c.kube is kube and c.autopilot and
+                       c.name == cluster_name and not c.deleting]
             cluster = matches[-1] if matches else None
         if cluster is None:
             return
@@ -523,17 +604,28 @@ class Gke:
                 problem = exc.compute_message
         if problem is None:
             with self._lock:
-                self._autopilot_nodes[name] = (cluster.project, cluster.region, amounts, cluster.name)
+                if not cluster.deleting:  # else the cluster's teardown has begun: give it back at once
+                    self._autopilot_nodes[key] = {"kube": kube, "project": cluster.project,
+                                                  "location": cluster.location, "region": cluster.region,
+                                                  "cluster": cluster.name, "quota": amounts}
+                    return
+            self.compute.release_many(cluster.region, amounts, project=cluster.project)
             return
         self.autoscaler._record("autopilot_scale_up_failed", "", name, problem)
-        self._kube_remove(name)
+        self._kube_remove(kube, name)
 
     def _remove_autopilot_nodes(self, cluster: _Cluster) -> None:
+        """Give back the quota of the cluster's Autopilot nodes now (not when the node events arrive:
+        a per-cluster API server is stopped right after) and remove the nodes."""
+        kube = cluster.kube
         with self._lock:
-            names = [n for n, (p, r, _, c) in self._autopilot_nodes.items()
-                     if (p, r, c) == (cluster.project, cluster.region, cluster.name)]
-        for name in names:
-            self._kube_remove(name)
+            mine = [k for k, rec in self._autopilot_nodes.items()
+                    if rec["kube"] is kube and (rec["project"], rec["location"], rec["cluster"]) == cluster.key]
+            held = [(k[1], self._autopilot_nodes.pop(k)) for k in mine]
+        for name, rec in held:
+            self.compute.release_many(rec["region"], rec["quota"], project=rec["project"])
+            with contextlib.suppress(Exception):
+                self._kube_remove(kube, name)
 
     # ---- nodes -----------------------------------------------------------------------------
     @staticmethod
@@ -628,7 +720,7 @@ class Gke:
                 error = f"[QUOTA_EXCEEDED]: Instance '{name}' creation failed: {exc.compute_message}"
                 break
             labels, capacity, taints = self._node_spec(cluster, pool, zone, name)
-            self._kube_add(name, labels, capacity, taints)
+            self._kube_add(cluster, name, labels, capacity, taints)
             started.append(name)
         with self._lock:
             pool.nodes.setdefault(zone, []).extend(started)
@@ -646,7 +738,7 @@ class Gke:
             victims = names[keep:]
             pool.nodes[zone] = names[:keep]
         for name in reversed(victims):
-            self._kube_remove(name)
+            self._kube_remove(cluster.kube, name)
             self.compute.release_many(cluster.region, self._node_quota(pool.data), project=cluster.project)
         with self._lock:
             self._sync_mig(cluster, pool, zone)
