@@ -8,6 +8,38 @@
 ``llm-fleet sandbox up`` calls :func:`main`, which writes ``<state-dir>/env`` and
 ``<state-dir>/kubeconfig`` and serves until SIGINT/SIGTERM.
 
+Kubernetes APIs, one per cluster as on GKE:
+
+* ``sb.kube`` is the default ``KubeCluster`` (context ``sandbox`` of the kubeconfig written at start-up,
+  so ``kubectl`` works right after ``sandbox up``); no GKE cluster uses it.
+* every GKE cluster gets its own ``KubeCluster`` (own API server port, store, controller, nodes and
+  Service ports) when it is created; the cluster's ``endpoint`` is that API server's ``127.0.0.1:PORT``.
+  Deleting the cluster stops it: connections are refused, its model servers and Service ports close.
+  ``sb.cluster_kube(name, location, project)`` finds one; ``sb.cluster_kubes`` holds them all.
+* the ModelRuntime (model servers of every pod), Hub, Slack, Compute and faults are shared; a fault with
+  ``service="kube"`` applies to every Kubernetes API.
+* every kubeconfig :meth:`Sandbox.write_env` wrote (``<state-dir>/kubeconfig``) is kept up to date: a
+  context (and cluster and user of the same name) ``gke_<project>_<location>_<name>`` per GKE cluster,
+  as ``gcloud container clusters get-credentials`` names them, over plain http. ``current-context``
+  stays ``sandbox`` until a cluster is created, then moves to the newest cluster; when the current
+  cluster is deleted it moves to the newest remaining one (or back to ``sandbox``). Entries gcloud
+  writes for a sandbox cluster (https, auth plugin) are repaired to plain http within a second; other
+  entries are left alone.
+* each Service of each API gets a loopback port (``sandbox.routing.ServicePorts``) that routes to its
+  Ready pods at every request, shown under ``service_ports`` in the state.
+
+``GET /sandbox/state`` shape (the parts about Kubernetes)::
+
+    {"urls": {"kube": <default API url>, ...},
+     "kube": {<KubeCluster.snapshot() of the default API>, "context": "sandbox",
+              "service_ports": {"ns/svc": {"port", "requests"}}},
+     "clusters_kube": {"<project>/<location>/<name>": {<KubeCluster.snapshot()>, "project", "location",
+                                                      "cluster", "context": "gke_<p>_<l>_<n>",
+                                                      "service_ports": {...}}},
+     "kube_contexts": {"current": <current-context of the state-dir kubeconfig>,
+                       "contexts": {<context>: <server url>}},
+     "gke": ..., "runtime": <every model server, of every cluster>, ...}
+
 Control API (``service="control"``; only fault rules naming ``"control"`` explicitly apply to it, so
 a ``"*"`` rule can never lock you out of clearing faults):
 
@@ -52,11 +84,43 @@ from sandbox.client import SandboxClient
 from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
 from sandbox.gke import Gke
+from sandbox.routing import ServicePorts
 
 HF_TOKEN = "hf_sandbox_read"
 SLACK_TOKEN = "xoxb-sandbox-token"
 GCLOUD_TOKEN = "sandbox-access-token"
 KUBE_CONTEXT = "sandbox"
+KUBECONFIG_CHECK_SECONDS = 0.5  # how often kubeconfigs are checked for gcloud's https entries
+
+
+def gke_context(project: str, location: str, name: str) -> str:
+    """The kubeconfig context gcloud names a GKE cluster by."""
+    return f"gke_{project}_{location}_{name}"
+
+
+@dataclasses.dataclass
+class ClusterKube:
+    """The Kubernetes API of one GKE cluster, and what the sandbox wired to it."""
+
+    project: str
+    location: str
+    name: str
+    kube: Any  # sandbox.kube.KubeCluster
+    routes: ServicePorts
+    unsubscribe: Any
+    created: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        return f"{self.project}/{self.location}/{self.name}"
+
+    @property
+    def context(self) -> str:
+        return gke_context(self.project, self.location, self.name)
+
+    @property
+    def url(self) -> str:
+        return self.kube.url
 
 
 class _ControlFaults:
@@ -96,16 +160,28 @@ class Sandbox:
         self.faults = Faults()
         self.hub = Hub(faults=self.faults, clock=self.clock)
         self.runtime = ModelRuntime(clock=self.clock, faults=self.faults, hub=self.hub)
+        self._kube_class = KubeCluster
+        # the default API (context "sandbox"); every GKE cluster gets its own (see _new_cluster_kube)
         self.kube = KubeCluster(clock=self.clock, faults=self.faults, runtime=self.runtime)
+        self.kube_routes = ServicePorts(self.kube, faults=self.faults)
+        self._kube_routes_unsubscribe: Any = None
+        self.cluster_kubes: dict[tuple[str, str, str], ClusterKube] = {}
         self.compute = Compute(clock=self.clock, faults=self.faults, project=project)
-        self.gke = Gke(clock=self.clock, faults=self.faults, compute=self.compute, kube=self.kube)
+        self.gke = Gke(clock=self.clock, faults=self.faults, compute=self.compute,
+                       kube_factory=self._new_cluster_kube, kube_release=self._drop_cluster_kube)
         self.slack = Slack(faults=self.faults, clock=self.clock, token=SLACK_TOKEN)
         self._given_state_dir = Path(state_dir) if state_dir is not None else None
         self.state_dir: Path | None = self._given_state_dir
         self._tmp_dir: Path | None = None
         self._control: SandboxHTTPServer | None = None
         self._started = False
+        self._stopping = False
         self._stop_event = threading.Event()
+        self._kc_lock = threading.RLock()  # cluster_kubes and the kubeconfig files
+        self._kubeconfigs: dict[Path, int] = {}  # kubeconfigs to keep up to date -> mtime_ns we wrote
+        self._managed_contexts: set[str] = {KUBE_CONTEXT}  # every context this sandbox ever wrote
+        self._keeper: threading.Thread | None = None
+        self._out: Any = None  # run_forever's stream: cluster APIs coming and going are announced there
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _parts(self) -> list[Any]:
@@ -123,6 +199,7 @@ class Sandbox:
                 if hasattr(part, "start"):
                     part.start()
                 started.append(part)
+            self._kube_routes_unsubscribe = self.kube.subscribe(self.kube_routes.on_event)
             self._control = serve(ControlHandler, state=self, faults=_ControlFaults(self.faults))  # type: ignore[arg-type]
         except BaseException:
             for part in reversed(started):
@@ -130,27 +207,45 @@ class Sandbox:
                     part.stop()
             raise
         self._started = True
+        self._stopping = False
         if self.state_dir is None:
             self._tmp_dir = Path(tempfile.mkdtemp(prefix="llm-fleet-sandbox-"))
             self.state_dir = self._tmp_dir
         self.state_dir = self.state_dir.resolve()
         self.write_env(self.state_dir)
+        self._keeper = threading.Thread(target=self._keep_kubeconfigs, name="sandbox-kubeconfig", daemon=True)
+        self._keeper.start()
         return self
 
     def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        self._stopping = True  # cluster APIs released from now on leave the kubeconfig alone
         self.faults.stop.set()  # release requests held by "hang" faults
         self._stop_event.set()
-        # each server's shutdown waits out its poll interval: stop them side by side
+        if callable(self._kube_routes_unsubscribe):
+            self._kube_routes_unsubscribe()
+            self._kube_routes_unsubscribe = None
+        # each server's shutdown waits out its poll interval: stop them side by side (Gke.stop stops
+        # the clusters' APIs, side by side too)
         stoppers = [threading.Thread(target=_quiet_stop, args=(part,), daemon=True)
-                    for part in [self._control, *reversed(self._parts())] if part is not None]
+                    for part in [self._control, self.kube_routes, *reversed(self._parts())] if part is not None]
         self._control = None
         for t in stoppers:
             t.start()
         for t in stoppers:
             t.join(timeout=10)
+        with self._kc_lock:
+            leftovers = list(self.cluster_kubes.values())  # (only if Gke.stop timed out)
+            self.cluster_kubes.clear()
+            self._kubeconfigs.clear()
+        for entry in leftovers:
+            _quiet_stop(entry.kube)
+            _quiet_stop(entry.routes)
+        if self._keeper is not None:
+            self._keeper.join(timeout=2)
+            self._keeper = None
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
@@ -231,15 +326,167 @@ class Sandbox:
             "CLOUDSDK_API_ENDPOINT_OVERRIDES_SERVICEUSAGE": self.gke.url + "/",
         }
 
-    def kubeconfig(self) -> dict[str, Any]:
-        return {
-            "apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": KUBE_CONTEXT, "cluster": {"server": self.kube.url}}],
-            "users": [{"name": KUBE_CONTEXT, "user": {}}],
-            "contexts": [{"name": KUBE_CONTEXT, "context": {"cluster": KUBE_CONTEXT, "user": KUBE_CONTEXT,
-                                                            "namespace": "default"}}],
-            "current-context": KUBE_CONTEXT,
-        }
+    # ---- one Kubernetes API per GKE cluster ----------------------------------------------------------
+    def _new_cluster_kube(self, project: str, location: str, name: str) -> Any:
+        """Gke's ``kube_factory``: a started KubeCluster for a new cluster, its Service ports, a context."""
+        kube = self._kube_class(clock=self.clock, faults=self.faults, runtime=self.runtime)
+        kube.start()
+        routes = ServicePorts(kube, faults=self.faults)
+        entry = ClusterKube(project, location, name, kube, routes, kube.subscribe(routes.on_event))
+        with self._kc_lock:
+            old = self.cluster_kubes.get((project, location, name))
+            self.cluster_kubes[(project, location, name)] = entry
+            if not self._stopping:
+                self._sync_kubeconfigs(switch_to=entry.context)
+        if old is not None:  # pragma: no cover - Gke never builds two for one live cluster
+            self._stop_cluster_kube(old)
+        self._announce(f"cluster {entry.key}: Kubernetes API {kube.url}; kubectl context {entry.context} "
+                       f"(now current)")
+        return kube
+
+    def _drop_cluster_kube(self, project: str, location: str, name: str, kube: Any) -> None:
+        """Gke's ``kube_release``: the cluster is deleted: stop its API, model servers and Service ports."""
+        with self._kc_lock:
+            entry = self.cluster_kubes.get((project, location, name))
+            if entry is not None and entry.kube is kube:
+                del self.cluster_kubes[(project, location, name)]
+            else:
+                entry = None
+        if entry is None:
+            _quiet_stop(kube)
+            return
+        self._stop_cluster_kube(entry)
+        with self._kc_lock:
+            if not self._stopping:
+                self._sync_kubeconfigs()
+        if not self._stopping:
+            self._announce(f"cluster {entry.key} deleted: its Kubernetes API is stopped")
+
+    @staticmethod
+    def _stop_cluster_kube(entry: ClusterKube) -> None:
+        with contextlib.suppress(Exception):
+            entry.unsubscribe()
+        # the API server (and the model servers of its pods) and the Service ports, side by side
+        ports = list(entry.routes.ports())
+        closers = [threading.Thread(target=_quiet_stop, args=(entry.kube,), daemon=True)]
+        closers += [threading.Thread(target=entry.routes.close, args=tuple(key.split("/", 1)), daemon=True)
+                    for key in ports]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(timeout=10)
+        _quiet_stop(entry.routes)
+
+    def cluster_kube(self, name: str, location: str | None = None, project: str | None = None) -> Any:
+        """The KubeCluster of GKE cluster ``name`` (``None`` if there is none); ``location`` and
+        ``project`` narrow it down (default project: the sandbox's)."""
+        project = project or self.project
+        with self._kc_lock:
+            for (p, loc, n), entry in reversed(self.cluster_kubes.items()):
+                if n == name and p == project and (location in (None, "-") or loc == location):
+                    return entry.kube
+        return None
+
+    def kube_contexts(self) -> dict[str, str]:
+        """``context -> API server url``: ``sandbox`` first, then one per GKE cluster, oldest first."""
+        with self._kc_lock:
+            out = {KUBE_CONTEXT: self.kube.url}
+            for entry in self.cluster_kubes.values():
+                with contextlib.suppress(RuntimeError):  # (a stopped one is being dropped)
+                    out[entry.context] = entry.url
+            return out
+
+    def kubeconfig(self, current: str | None = None) -> dict[str, Any]:
+        """A kubeconfig with a context per Kubernetes API; ``current`` defaults to the newest cluster's
+        context (``sandbox`` while there is no GKE cluster)."""
+        contexts = self.kube_contexts()
+        if current not in contexts:
+            current = list(contexts)[-1]
+        config: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "preferences": {},
+                                  "clusters": [], "users": [], "contexts": [], "current-context": current}
+        self._put_contexts(config, contexts)
+        return config
+
+    @staticmethod
+    def _put_contexts(config: dict[str, Any], contexts: dict[str, str]) -> None:
+        for name, server in contexts.items():
+            config["clusters"].append({"name": name, "cluster": {"server": server}})
+            config["users"].append({"name": name, "user": {}})
+            config["contexts"].append({"name": name, "context": {"cluster": name, "user": name,
+                                                                  "namespace": "default"}})
+
+    def _write_kubeconfig(self, path: Path, config: dict[str, Any]) -> None:
+        """Caller holds ``_kc_lock``. Atomic (a reader never sees half a file), mode 0600."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        tmp.chmod(0o600)
+        os.replace(tmp, path)
+        self._kubeconfigs[path] = path.stat().st_mtime_ns
+
+    def _sync_kubeconfigs(self, switch_to: str | None = None, only: Path | None = None) -> None:
+        """Caller holds ``_kc_lock``. Rewrite the sandbox's contexts in every kubeconfig it wrote, keeping
+        entries it does not own (and the user's current-context, unless a cluster was just created)."""
+        contexts = self.kube_contexts()
+        self._managed_contexts |= set(contexts)
+        for path in [only] if only is not None else list(self._kubeconfigs):
+            try:
+                loaded = yaml.safe_load(path.read_text()) if path.exists() else None
+            except (OSError, yaml.YAMLError):
+                loaded = None
+            config = loaded if isinstance(loaded, dict) else {"apiVersion": "v1", "kind": "Config"}
+            for section in ("clusters", "users", "contexts"):
+                entries = config.get(section) if isinstance(config.get(section), list) else []
+                config[section] = [e for e in entries if not isinstance(e, dict) or
+                                   e.get("name") not in self._managed_contexts]
+            self._put_contexts(config, contexts)
+            current = switch_to or config.get("current-context")
+            names = {e.get("name") for e in config["contexts"] if isinstance(e, dict)}
+            if current not in names:
+                current = list(contexts)[-1]
+            config["current-context"] = current
+            config.setdefault("preferences", {})
+            with contextlib.suppress(OSError):
+                self._write_kubeconfig(path, config)
+
+    def _kubeconfig_needs_repair(self, path: Path) -> bool:
+        """Someone else (gcloud create/get-credentials) wrote an https entry for a sandbox cluster?"""
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return False
+        if not isinstance(config, dict):
+            return False
+        contexts = self.kube_contexts()
+        clusters = {e.get("name"): e.get("cluster") or {} for e in config.get("clusters") or []
+                    if isinstance(e, dict)}
+        users = {e.get("name"): e.get("user") or {} for e in config.get("users") or [] if isinstance(e, dict)}
+        for name, server in contexts.items():
+            if name == KUBE_CONTEXT:
+                continue
+            if name in clusters and (clusters[name].get("server") != server or users.get(name)):
+                return True
+        return False
+
+    def _keep_kubeconfigs(self) -> None:
+        while not self._stop_event.wait(KUBECONFIG_CHECK_SECONDS):
+            with self._kc_lock:
+                if self._stopping:
+                    return
+                for path, written in list(self._kubeconfigs.items()):
+                    try:
+                        mtime = path.stat().st_mtime_ns
+                    except OSError:
+                        continue
+                    if mtime != written:
+                        self._kubeconfigs[path] = mtime
+                        if self._kubeconfig_needs_repair(path):
+                            self._sync_kubeconfigs(only=path)
+
+    def _announce(self, message: str) -> None:
+        out = self._out
+        if out is not None:
+            with contextlib.suppress(Exception):
+                print(message, file=out, flush=True)
 
     def write_env(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``<dir>/env`` (``export K=V``), ``<dir>/kubeconfig`` and a gcloud config dir."""
@@ -253,9 +500,8 @@ class Sandbox:
         (gcloud / "configurations" / "config_default").write_text(
             f"[core]\nproject = {self.project}\ndisable_usage_reporting = True\n"
             "[component_manager]\ndisable_update_check = True\n")
-        kubeconfig = d / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump(self.kubeconfig(), sort_keys=False))
-        kubeconfig.chmod(0o600)
+        with self._kc_lock:  # a fresh file; kept up to date as clusters come and go
+            self._write_kubeconfig(d / "kubeconfig", self.kubeconfig())
         lines = ["# llm-fleet sandbox: `set -a; . ./env; set +a` (or `source env`) to use it", ""]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
         path = d / "env"
@@ -273,6 +519,17 @@ class Sandbox:
             except Exception as exc:  # one broken snapshot must not hide the others
                 return {"error": repr(exc)}
 
+        def kube_snap(kube: Any, routes: ServicePorts, **extra: Any) -> dict[str, Any]:
+            got = snap(kube)
+            got = got if isinstance(got, dict) else {"error": "no snapshot"}
+            return {**got, **extra, "service_ports": snap(routes)}
+
+        with self._kc_lock:
+            entries = list(self.cluster_kubes.values())
+        current = None
+        if self.state_dir is not None:
+            with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
+                current = yaml.safe_load((self.state_dir / "kubeconfig").read_text()).get("current-context")
         return {
             "project": self.project,
             "time_scale": self.clock.time_scale,
@@ -283,7 +540,10 @@ class Sandbox:
             "faults": self.faults.list(),
             "compute": snap(self.compute),
             "gke": snap(self.gke),
-            "kube": snap(self.kube),
+            "kube": kube_snap(self.kube, self.kube_routes, context=KUBE_CONTEXT),
+            "clusters_kube": {e.key: kube_snap(e.kube, e.routes, project=e.project, location=e.location,
+                                               cluster=e.name, context=e.context) for e in entries},
+            "kube_contexts": {"current": current, "contexts": self.kube_contexts()},
             "runtime": snap(self.runtime),
             "hub": snap(self.hub),
             "slack": snap(self.slack),
@@ -300,9 +560,13 @@ class Sandbox:
             f"  kubectl get pods -A\n"
             f"  gcloud container clusters list\n"
             f"  gcloud compute regions describe us-central1\n"
-            f"  (gcloud clusters create/get-credentials add an https context for the cluster to this\n"
-            f"   kubeconfig; the sandbox API is plain http: `kubectl config use-context sandbox` afterwards)\n"
             f"  curl -s {self.url}/sandbox/state | head\n\n"
+            f"Kubernetes: `kubectl` starts on the default API (context {KUBE_CONTEXT}). Every GKE cluster you\n"
+            f"  create gets its own API server, and {self.state_dir or '.'}/kubeconfig a context\n"
+            f"  gke_<project>_<location>_<name> for it (plain http); the newest cluster becomes the\n"
+            f"  current context, a deleted one's context goes. `kubectl config get-contexts` lists them,\n"
+            f"  `kubectl config use-context {KUBE_CONTEXT}` returns to the default API. (gcloud's own\n"
+            f"  https entries for sandbox clusters are rewritten to http within a second.)\n\n"
             f"Faults:   curl -XPOST {self.url}/sandbox/faults -d '{{\"service\":\"gke\",\"status\":503,\"count\":2}}'\n"
             f"Stockout: curl -XPOST {self.url}/sandbox/stockouts -d '{{\"zone\":\"us-central1-a\",\"accelerator\":\"nvidia-l4\"}}'\n"
             f"Stop with Ctrl-C."
@@ -312,6 +576,7 @@ class Sandbox:
         """Start (if needed), print how to use the sandbox, serve until SIGINT/SIGTERM, stop cleanly."""
         out = out or sys.stdout
         self.start()
+        self._out = out
         installed: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -323,6 +588,7 @@ class Sandbox:
         finally:
             for sig, handler in installed.items():
                 signal.signal(sig, handler)
+            self._out = None
             self.stop()
             print("llm-fleet sandbox stopped.", file=out, flush=True)
         return 0

@@ -942,7 +942,7 @@ class Gke:
             data.update({
                 "location": location, "zone": location, "locations": zones,
                 "selfLink": f"{API_BASE}/projects/{number}/locations/{location}/clusters/{name}",
-                "id": secrets.token_hex(16), "endpoint": self._kube_endpoint(),
+                "id": secrets.token_hex(16), "endpoint": "",
                 "initialClusterVersion": data.get("initialClusterVersion") or version,
                 "currentMasterVersion": version, "currentNodeVersion": version,
                 "createTime": _now(), "status": "PROVISIONING",
@@ -969,6 +969,19 @@ class Gke:
                     raise _bad(f"Duplicate node pool name {pool.name}.")
                 pools.append(pool)
             self._check_pool_quota(cluster, pools)
+        # the cluster's own API server, started outside the lock (a few ms) before the reply names it
+        kube, owned = self._open_kube(project, location, name)
+        with self._lock:
+            clash = (project, location, name) in self._clusters
+            if clash or self._stop.is_set():
+                if owned:  # lost a race with an identical create: its API server is not needed
+                    threading.Thread(target=self._release_kube, args=(project, location, name, kube),
+                                     daemon=True).start()
+                if not clash:
+                    raise _err(503, "UNAVAILABLE", "The sandbox is shutting down.")
+                raise _err(409, "ALREADY_EXISTS", f"Already exists: {self._cluster_path(project, location, name)}.")
+            self._attach_kube(cluster, kube, owned)
+            data["endpoint"] = self._kube_endpoint(kube)
             for pool in pools:
                 cluster.pools[pool.name] = pool
             self._clusters[(project, location, name)] = cluster
@@ -1053,6 +1066,8 @@ class Gke:
             if cluster.autopilot:
                 self._kube_autopilot(cluster, False)
                 self._remove_autopilot_nodes(cluster)
+            # its API server goes with it (model servers stopped, ports closed) before the op is DONE
+            self._close_kube(cluster)
             with self._lock:
                 self._clusters.pop((cluster.project, cluster.location, name), None)
 
@@ -1547,8 +1562,9 @@ class ClusterAutoscaler:
     ``autoscaler_scale_down_unneeded`` are removed, down to ``minNodeCount`` per zone. Neither creates
     a GKE operation, as in GKE. Autopilot node provisioning belongs to the kube emulator.
 
-    The sandbox has one Kubernetes API for every cluster, so a pending pod may grow a matching pool of
-    any RUNNING cluster; set ``enabled = False`` to turn the autoscaler off.
+    It looks at each cluster's own Kubernetes API: a pending pod grows a pool of its own cluster only
+    (clusters that share one kube, as in unit tests, are scanned together). Set ``enabled = False`` to
+    turn the autoscaler off.
     """
 
     def __init__(self, gke: Gke) -> None:
@@ -1557,7 +1573,7 @@ class ClusterAutoscaler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._seen_pending: set[tuple[str, str]] = set()
+        self._seen_pending: set[tuple[int, str, str]] = set()  # (id(kube), namespace, name)
         self._unneeded_since: dict[str, float] = {}
         self._backoff_until: dict[int, float] = {}
         self._busy: dict[int, int] = {}  # id(pool) -> scale-ups in flight
@@ -1566,15 +1582,16 @@ class ClusterAutoscaler:
 
     def start(self) -> None:
         kube = self.gke.kube
-        if self._thread is not None or kube is None:
+        if self._thread is not None or (kube is None and self.gke.kube_factory is None):
             return
         self._stop.clear()
-        subscribe = getattr(kube, "subscribe", None)
-        if callable(subscribe) and self._unsubscribe is None:
-            with contextlib.suppress(Exception):
-                self._unsubscribe = subscribe(self._on_event)
-        if self._pods_source() is None:
-            return
+        if kube is not None:  # the shared kube; per-cluster kubes are subscribed by Gke._attach_kube
+            subscribe = getattr(kube, "subscribe", None)
+            if callable(subscribe) and self._unsubscribe is None:
+                with contextlib.suppress(Exception):
+                    self._unsubscribe = subscribe(lambda t, o: self.on_kube_event(kube, t, o))
+            if self.gke.kube_factory is None and self._pods_source(kube) is None:
+                return
         self._thread = threading.Thread(target=self._loop, name="gke-autoscaler", daemon=True)
         self._thread.start()
 
@@ -1589,7 +1606,9 @@ class ClusterAutoscaler:
             self._thread.join(timeout=2)
             self._thread = None
 
-    def _on_event(self, event_type: str, obj: Any) -> None:
+    def on_kube_event(self, kube: Any, event_type: str, obj: Any) -> None:
+        """A subscriber of ``kube`` (a cluster's Kubernetes API): pods wake the scan, Autopilot nodes
+        are paid for by that cluster."""
         if not isinstance(obj, dict):
             return
         if obj.get("kind") == "Pod" or "containers" in (obj.get("spec") or {}):
@@ -1598,12 +1617,15 @@ class ClusterAutoscaler:
             meta = obj.get("metadata") or {}
             cluster = (meta.get("labels") or {}).get(AUTOPILOT_NODE_LABEL)
             if cluster:
-                self.gke.autopilot_node_event(event_type, meta.get("name", ""), cluster, meta.get("labels") or {},
+                self.gke.autopilot_node_event(kube, event_type, meta.get("name", ""), cluster,
+                                              meta.get("labels") or {},
                                               (obj.get("status") or {}).get("capacity") or {})
 
     # ---- reading the kube emulator ---------------------------------------------------------------
-    def _pods_source(self) -> Callable[[], list[dict[str, Any]]] | None:
-        kube = self.gke.kube
+    @staticmethod
+    def _pods_source(kube: Any) -> Callable[[], list[dict[str, Any]]] | None:
+        if kube is None:
+            return None
         fn = getattr(kube, "list_pods", None)
         if callable(fn):
             return fn
@@ -1618,8 +1640,8 @@ class ClusterAutoscaler:
             return from_store
         return None
 
-    def _pods(self) -> list[dict[str, Any]]:
-        source = self._pods_source()
+    def _pods(self, kube: Any) -> list[dict[str, Any]]:
+        source = self._pods_source(kube)
         if source is None:
             return []
         try:
@@ -1660,22 +1682,35 @@ class ClusterAutoscaler:
 
     def scan(self) -> None:
         now = time.monotonic()
-        pods = self._pods()
-        pools = self._pools()
-        pending = [p for p in pods if _is_unschedulable(p)]
-        keys = {(p["metadata"].get("namespace", ""), p["metadata"].get("name", "")) for p in pending}
-        # a pod must be seen pending on two scans in a row: the scheduler gets a chance first
-        confirmed = [p for p in pending if (p["metadata"].get("namespace", ""), p["metadata"].get("name", ""))
-                     in self._seen_pending]
-        self._seen_pending = keys
-        self._scale_up(confirmed, pools, now)
-        self._scale_down(pods, pending, pools, now)
+        by_kube: dict[int, tuple[Any, list[tuple[_Cluster, _Pool]]]] = {}
+        for cluster, pool in self._pools():
+            if cluster.kube is not None:
+                by_kube.setdefault(id(cluster.kube), (cluster.kube, []))[1].append((cluster, pool))
+        seen: set[tuple[int, str, str]] = set()
+        for kid, (kube, pools) in by_kube.items():  # each cluster's pods grow that cluster's pools only
+            if self._pods_source(kube) is None:
+                continue
+            pods = self._pods(kube)
+            pending = [p for p in pods if _is_unschedulable(p)]
+            keys = {(kid, p["metadata"].get("namespace", ""), p["metadata"].get("name", "")) for p in pending}
+            # a pod must be seen pending on two scans in a row: the scheduler gets a chance first
+            confirmed = [p for p in pending if (kid, p["metadata"].get("namespace", ""),
+                                                p["metadata"].get("name", "")) in self._seen_pending]
+            seen |= keys
+            self._scale_up(confirmed, pools, now, all_pods=pods)
+            self._scale_down(pods, pending, pools, now)
+        self._seen_pending = seen
 
     def _template(self, cluster: _Cluster, pool: _Pool) -> tuple[dict[str, str], dict[str, str], list[dict]]:
         zone = (pool.data.get("locations") or [cluster.location])[0]
         return self.gke._node_spec(cluster, pool, zone, f"{pool.base}-xxxx")
 
-    def _scale_up(self, pending: list[dict[str, Any]], pools: list[tuple[_Cluster, _Pool]], now: float) -> None:
+    def _scale_up(self, pending: list[dict[str, Any]], pools: list[tuple[_Cluster, _Pool]], now: float,
+                  all_pods: list[dict[str, Any]] | None = None) -> None:
+        # nodes of a pool with nothing on them yet (typically just booted: the scheduler has not bound
+        # the pod that asked for them) count as room, as the real autoscaler's scheduling simulation does
+        used = {(p.get("spec") or {}).get("nodeName") for p in all_pods or []
+                if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and not _is_daemon(p)}
         wants: dict[int, tuple[_Cluster, _Pool, list[dict[str, Any]]]] = {}
         for pod in pending:
             for cluster, pool in pools:
@@ -1693,7 +1728,9 @@ class ClusterAutoscaler:
                     if req.get(resource):
                         per_node = min(per_node, max(1, int(parse_quantity(capacity.get(resource, 0)) //
                                                             req[resource])))
-            needed = -(-len(pods) // per_node) - self._busy.get(id(pool), 0)
+            with self.gke._lock:
+                empty = sum(1 for names in pool.nodes.values() for n in names if n not in used)
+            needed = -(-len(pods) // per_node) - self._busy.get(id(pool), 0) - empty
             if needed <= 0:
                 continue
             self._grow(cluster, pool, needed)

@@ -10,7 +10,7 @@ import queue
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,7 +130,7 @@ class Gone(Exception):
 
 
 class Store:
-    def __init__(self, history: int = 20000) -> None:
+    def __init__(self, history: int = 10000) -> None:
         self.lock = threading.RLock()
         self._rv = 1000
         self._objects: dict[tuple[str, str], dict[Key, Obj]] = {}
@@ -276,10 +276,6 @@ class Store:
                 w.closed = True
                 w.queue.put(None)
             self._watchers.clear()
-
-    def history_since(self, since: int) -> Iterable[Event]:
-        with self.lock:
-            return [ev for ev in self._history if ev.rv > since]
 
 
 def _same(old: Obj, new: Obj) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import container_v1
@@ -79,8 +80,6 @@ def test_start_is_fast_env_file_and_clean_stop(tmp_path):
                              env={"PATH": os.environ["PATH"]}).stdout.decode()
         sourced = dict(line.split("=", 1) for line in out.split("\0") if "=" in line)
         assert {k: sourced[k] for k in env} == env
-
-        import yaml
 
         kubeconfig = yaml.safe_load((state / "kubeconfig").read_text())
         (cluster,) = kubeconfig["clusters"]
@@ -177,7 +176,8 @@ def test_gke_nodes_become_kubernetes_nodes(sb, client):
     assert done["status"] == "DONE" and "error" not in done
 
     cluster = gke.get_cluster(name=f"{loc}/clusters/app-c1", retry=None)
-    assert f"http://{cluster.endpoint}" == sb.kube.url
+    # the cluster's own API server, not the default one
+    assert f"http://{cluster.endpoint}" == sb.cluster_kube("app-c1").url != sb.kube.url
     cfg = k8s.Configuration(host=f"http://{cluster.endpoint}")
     core = k8s.CoreV1Api(k8s.ApiClient(cfg))
     gpu_nodes = core.list_node(label_selector="cloud.google.com/gke-nodepool=gpu").items
@@ -189,9 +189,11 @@ def test_gke_nodes_become_kubernetes_nodes(sb, client):
     assert [(t.key, t.effect) for t in node.spec.taints or []] == [("nvidia.com/gpu", "NoSchedule")]
     assert client.quota_used()["regions"]["us-central1"]["PREEMPTIBLE_NVIDIA_L4_GPUS"] == 1
 
+    assert sb.kube.nodes() == []  # the default API has none of it
     op = gke.delete_cluster(name=f"{loc}/clusters/app-c1", retry=None)
     httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
-    assert core.list_node(label_selector="cloud.google.com/gke-nodepool").items == []
+    assert not _port_open(f"http://{cluster.endpoint}")  # its API server went with it
+    assert sb.cluster_kube("app-c1") is None
     assert client.quota_used() == {"project": {}, "regions": {}}
 
 
@@ -292,7 +294,8 @@ def test_cluster_autoscaler_with_the_real_kube(sb, client):
     op = gke.create_node_pool(parent=f"{loc}/clusters/ca", node_pool=pool, retry=None)
     assert "error" not in httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10).json()
 
-    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=sb.kube.url)))
+    endpoint = gke.get_cluster(name=f"{loc}/clusters/ca", retry=None).endpoint
+    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=f"http://{endpoint}")))
     core.create_namespaced_pod("default", _gpu_pod("t4-job", "nvidia-tesla-t4"))
 
     def node_of_pod():
@@ -319,7 +322,8 @@ def test_autopilot_nodes_hold_quota(sb, client):
     op = gke.create_cluster(parent=loc, cluster=container_v1.Cluster(
         name="ap", autopilot=container_v1.Autopilot(enabled=True)), retry=None)
     httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
-    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=sb.kube.url)))
+    endpoint = gke.get_cluster(name=f"{loc}/clusters/ap", retry=None).endpoint
+    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=f"http://{endpoint}")))
     core.create_namespaced_pod("default", _gpu_pod("ap-job"))
     try:
         assert _until(lambda: core.read_namespaced_pod("ap-job", "default").spec.node_name is not None)
@@ -328,9 +332,190 @@ def test_autopilot_nodes_hold_quota(sb, client):
         assert _until(lambda: sb.compute.quota("us-west1", "NVIDIA_L4_GPUS", project="ap-project")["usage"] == 1)
         held = {n["node"]: n for n in client.state()["gke"]["autopilot_nodes"]}
         assert held[node]["cluster"] == "ap" and held[node]["quota"]["NVIDIA_L4_GPUS"] == 1
+        assert held[node]["project"] == "ap-project"
+        assert [n["name"] for n in client.state()["clusters_kube"]["ap-project/us-west1/ap"]["nodes"]] == [node]
     finally:
         core.delete_namespaced_pod("ap-job", "default", grace_period_seconds=0)
     op = gke.delete_cluster(name=f"{loc}/clusters/ap", retry=None)
     httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
     assert _until(lambda: sb.compute.quota("us-west1", "NVIDIA_L4_GPUS", project="ap-project")["usage"] == 0)
     assert client.state()["gke"]["autopilot_nodes"] == []
+
+
+# ---- one Kubernetes API per GKE cluster -----------------------------------------------------------------
+
+def _kubectl(home: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess:
+    """Real kubectl with a fresh HOME (the dispatcher caches the server version per host:port there)."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home)}
+    return subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={home / 'cache'}", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def _vllm_deployment(name: str) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                         "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.6.3",
+                                         "args": ["--model=facebook/opt-125m"],
+                                         "ports": [{"name": "http", "containerPort": 8000}],
+                                         "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}}}
+
+
+@pytest.fixture
+def own_sb(tmp_path):
+    """A sandbox of its own: the kubeconfig's contexts depend on every cluster created in it."""
+    with Sandbox.running(time_scale=0.001, state_dir=tmp_path / "state") as sandbox:
+        yield sandbox
+
+
+def test_every_cluster_has_its_own_kubernetes_api(own_sb, tmp_path):
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    sb = own_sb
+    gke = _gke(sb)
+    projects = ("iso-one", "iso-two")
+    parents = {p: f"projects/{p}/locations/us-central1-a" for p in projects}
+    ops = {p: gke.create_cluster(parent=parents[p], cluster=container_v1.Cluster(name="llm", initial_node_count=1),
+                                 retry=None) for p in projects}
+    for p in projects:
+        assert "error" not in httpx.post(f"{sb.gke.url}/v1/{parents[p]}/operations/{ops[p].name}:wait",
+                                         timeout=10).json()
+    endpoints = {p: gke.get_cluster(name=f"{parents[p]}/clusters/llm", retry=None).endpoint for p in projects}
+    assert len({*endpoints.values(), sb.kube.url.removeprefix("http://")}) == 3
+    core = {p: k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=f"http://{endpoints[p]}"))) for p in projects}
+    default_core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=sb.kube.url)))
+
+    # the same Secret in the same namespace of both clusters: each sees its own
+    for p in projects:
+        core[p].create_namespaced_secret("default", {"metadata": {"name": "hf-secret"},
+                                                     "stringData": {f"token-{p}": "x"}})
+    assert {p: set(core[p].read_namespaced_secret("hf-secret", "default").data) for p in projects} == {
+        p: {f"token-{p}"} for p in projects}
+    core["iso-one"].create_namespaced_config_map("default", {"metadata": {"name": "only-in-one"}})
+    for other in (core["iso-two"], default_core):
+        with pytest.raises(ApiException) as err:
+            other.read_namespaced_config_map("only-in-one", "default")
+        assert err.value.status == 404
+
+    # a node pool's nodes appear in its own cluster only
+    pool = container_v1.NodePool(name="gpu", initial_node_count=1, config=container_v1.NodeConfig(
+        machine_type="g2-standard-8",
+        accelerators=[container_v1.AcceleratorConfig(accelerator_count=1, accelerator_type="nvidia-l4")]))
+    op = gke.create_node_pool(parent=f"{parents['iso-two']}/clusters/llm", node_pool=pool, retry=None)
+    assert "error" not in httpx.post(f"{sb.gke.url}/v1/{parents['iso-two']}/operations/{op.name}:wait",
+                                     timeout=10).json()
+    gpu = "cloud.google.com/gke-nodepool=gpu"
+    assert len(core["iso-two"].list_node(label_selector=gpu).items) == 1
+    assert core["iso-one"].list_node(label_selector=gpu).items == [] and default_core.list_node().items == []
+    assert len(core["iso-one"].list_node().items) == 1  # its default-pool node
+
+    # a model server in iso-two
+    k8s.AppsV1Api(core["iso-two"].api_client).create_namespaced_deployment("default", _vllm_deployment("opt"))
+    key_two, key_one = "iso-two/us-central1-a/llm", "iso-one/us-central1-a/llm"
+
+    def ready_port() -> int | None:
+        pods = SandboxClient(sb.url).state()["clusters_kube"][key_two]["pods"]
+        return next((p["port"] for p in pods if p["ready"] and p["port"]), None)
+
+    assert _until(lambda: ready_port() is not None, timeout=20)
+    model_port = ready_port()
+    assert httpx.get(f"http://127.0.0.1:{model_port}/v1/models").json()["data"][0]["id"] == "facebook/opt-125m"
+
+    # the control API shows each cluster's objects apart; "kube" stays the default API
+    state = SandboxClient(sb.url).state()
+    assert state["kube"]["url"] == sb.kube.url and state["kube"]["context"] == "sandbox"
+    assert set(state["clusters_kube"]) == {key_one, key_two}
+    two = state["clusters_kube"][key_two]
+    assert two["url"] == f"http://{endpoints['iso-two']}" and two["context"] == "gke_iso-two_us-central1-a_llm"
+    assert two["project"] == "iso-two" and two["cluster"] == "llm"
+    assert [p["name"] for p in state["clusters_kube"][key_one]["pods"]] == [] and len(two["pods"]) == 1
+    assert "only-in-one" in {o["metadata"]["name"] for o in state["clusters_kube"][key_one]["objects"]["configmaps"]}
+    assert state["kube_contexts"]["current"] == "gke_iso-two_us-central1-a_llm"
+
+    # the state dir's kubeconfig: a context per cluster, the newest current; real kubectl uses them
+    kubeconfig = sb.state_dir / "kubeconfig"
+    config = yaml.safe_load(kubeconfig.read_text())
+    contexts = [c["name"] for c in config["contexts"]]
+    assert contexts == ["sandbox", "gke_iso-one_us-central1-a_llm", "gke_iso-two_us-central1-a_llm"]
+    assert config["current-context"] == "gke_iso-two_us-central1-a_llm"
+    servers = {c["name"]: c["cluster"]["server"] for c in config["clusters"]}
+    assert servers["gke_iso-one_us-central1-a_llm"] == f"http://{endpoints['iso-one']}"
+    if shutil.which("kubectl"):
+        home = tmp_path / "home"
+        out = _kubectl(home, kubeconfig, "--context", "gke_iso-two_us-central1-a_llm", "get", "nodes",
+                       "-l", gpu, "-o", "name")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("node/") == 1
+        out = _kubectl(home, kubeconfig, "--context", "gke_iso-one_us-central1-a_llm", "get", "nodes", "-l", gpu)
+        assert out.returncode == 0 and "No resources found" in out.stderr, out.stderr
+        out = _kubectl(home, kubeconfig, "get", "secret", "hf-secret", "-o", "jsonpath={.data}")  # current: iso-two
+        assert out.returncode == 0 and "token-iso-two" in out.stdout, out.stderr
+
+    # deleting a cluster stops its API server and its model servers and drops its context
+    op = gke.delete_cluster(name=f"{parents['iso-two']}/clusters/llm", retry=None)
+    done = httpx.post(f"{sb.gke.url}/v1/{parents['iso-two']}/operations/{op.name}:wait", timeout=10).json()
+    assert done["status"] == "DONE" and "error" not in done
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{endpoints['iso-two']}/version")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{model_port}/health")
+    state = SandboxClient(sb.url).state()
+    assert set(state["clusters_kube"]) == {key_one}
+    assert not [p for p in state["runtime"]["pods"] if p["port"] == model_port]
+    config = yaml.safe_load(kubeconfig.read_text())
+    assert [c["name"] for c in config["contexts"]] == ["sandbox", "gke_iso-one_us-central1-a_llm"]
+    assert config["current-context"] == "gke_iso-one_us-central1-a_llm"  # the newest remaining one
+    assert core["iso-one"].read_namespaced_config_map("only-in-one", "default").metadata.name == "only-in-one"
+    op = gke.delete_cluster(name=f"{parents['iso-one']}/clusters/llm", retry=None)
+    httpx.post(f"{sb.gke.url}/v1/{parents['iso-one']}/operations/{op.name}:wait", timeout=10)
+    config = yaml.safe_load(kubeconfig.read_text())
+    assert [c["name"] for c in config["contexts"]] == ["sandbox"] and config["current-context"] == "sandbox"
+    assert sb.cluster_kubes == {}
+
+
+def test_kubeconfig_keeps_foreign_entries_and_repairs_gcloud_https(own_sb):
+    sb = own_sb
+    kubeconfig = sb.state_dir / "kubeconfig"
+    config = yaml.safe_load(kubeconfig.read_text())
+    # someone else's entry, and the user's choice of context, survive cluster changes
+    config["clusters"].append({"name": "elsewhere", "cluster": {"server": "https://10.0.0.1"}})
+    config["users"].append({"name": "elsewhere", "user": {"token": "t"}})
+    config["contexts"].append({"name": "elsewhere", "context": {"cluster": "elsewhere", "user": "elsewhere"}})
+    kubeconfig.write_text(yaml.safe_dump(config))
+    gke = _gke(sb)
+    parent = "projects/kc-project/locations/us-central1-a"
+    op = gke.create_cluster(parent=parent, cluster=container_v1.Cluster(name="kc", initial_node_count=1), retry=None)
+    context = "gke_kc-project_us-central1-a_kc"
+    config = yaml.safe_load(kubeconfig.read_text())  # written when the create was accepted
+    assert [c["name"] for c in config["contexts"]] == ["elsewhere", "sandbox", context]
+    assert config["current-context"] == context
+    httpx.post(f"{sb.gke.url}/v1/{parent}/operations/{op.name}:wait", timeout=10)
+    endpoint = gke.get_cluster(name=f"{parent}/clusters/kc", retry=None).endpoint
+
+    # what `gcloud container clusters create/get-credentials` writes: https and an auth plugin
+    for section, entry in (("clusters", {"server": f"https://{endpoint}", "certificate-authority-data": "eA=="}),
+                           ("users", {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
+                                               "command": "gke-gcloud-auth-plugin"}})):
+        for e in config[section]:
+            if e["name"] == context:
+                e[section[:-1]] = entry
+    config["current-context"] = "elsewhere"
+    kubeconfig.write_text(yaml.safe_dump(config))
+
+    def repaired() -> bool:
+        got = yaml.safe_load(kubeconfig.read_text())
+        return {c["name"]: c["cluster"] for c in got["clusters"]}[context] == {"server": f"http://{endpoint}"}
+
+    assert _until(repaired, timeout=3)
+    config = yaml.safe_load(kubeconfig.read_text())
+    assert {u["name"]: u["user"] for u in config["users"]}[context] == {}
+    assert config["current-context"] == "elsewhere"  # the user's choice
+    assert {c["name"]: c["cluster"] for c in config["clusters"]}["elsewhere"] == {"server": "https://10.0.0.1"}
+    op = gke.delete_cluster(name=f"{parent}/clusters/kc", retry=None)
+    httpx.post(f"{sb.gke.url}/v1/{parent}/operations/{op.name}:wait", timeout=10)
+    config = yaml.safe_load(kubeconfig.read_text())
+    assert [c["name"] for c in config["contexts"]] == ["elsewhere", "sandbox"]
+    assert config["current-context"] == "elsewhere"

@@ -573,3 +573,145 @@ def test_autoscaler_backs_off_on_stockout(env):
     assert env.kube.pool_nodes("gpu") == {} and env.used("NVIDIA_L4_GPUS") == 0
     env.compute.set_stockout("us-central1-a", "nvidia-l4", on=False)
     assert _until(lambda: len(env.kube.pool_nodes("gpu")) == 1)  # after the backoff it tries again
+
+
+# ---- one Kubernetes API per cluster (kube_factory) ---------------------------------------------------
+
+class ClusterKube(RecordingKube):
+    """A per-cluster stand-in: its own url, started/stopped flags and subscribers."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.url = f"http://127.0.0.1:{port}"
+        self.started, self.stopped = True, False
+        self.subscribers: list = []
+
+    def enable_autopilot(self, name: str) -> None:
+        self.autopilot_clusters.add(name)
+
+    def disable_autopilot(self, name: str) -> None:
+        self.autopilot_clusters.discard(name)
+
+    def subscribe(self, fn):
+        self.subscribers.append(fn)
+        return lambda: self.subscribers.remove(fn)
+
+    def emit(self, event_type: str, obj: dict) -> None:
+        for fn in list(self.subscribers):
+            fn(event_type, obj)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class FactoryEnv(Env):
+    def __init__(self) -> None:
+        self.faults = Faults()
+        clock = Clock(0.001)
+        self.compute = Compute(clock=clock, faults=self.faults, project=P)
+        self.kubes: dict[tuple[str, str, str], ClusterKube] = {}
+        self.released: list[tuple[str, str, str]] = []
+        ports = iter(range(7000, 8000))
+
+        def factory(project: str, location: str, name: str) -> ClusterKube:
+            kube = self.kubes[(project, location, name)] = ClusterKube(next(ports))
+            return kube
+
+        def release(project: str, location: str, name: str, kube: ClusterKube) -> None:
+            assert self.kubes[(project, location, name)] is kube
+            self.released.append((project, location, name))
+            kube.stop()
+
+        self.gke = Gke(clock=clock, faults=self.faults, compute=self.compute, kube_factory=factory,
+                       kube_release=release)
+        self.compute.start()
+        self.gke.start()
+        self.client = container_v1.ClusterManagerClient(
+            credentials=AnonymousCredentials(), transport="rest", client_options={"api_endpoint": self.gke.url})
+
+
+@pytest.fixture
+def fenv():
+    e = FactoryEnv()
+    yield e
+    e.stop()
+
+
+def _create(env: Env, project: str, location: str, cluster: container_v1.Cluster) -> container_v1.Operation:
+    op = env.client.create_cluster(parent=f"projects/{project}/locations/{location}", cluster=cluster, retry=None)
+    return env.wait(op, f"projects/{project}/locations/{location}")
+
+
+def test_each_cluster_gets_its_own_kube_with_its_own_nodes(fenv):
+    loc = "us-central1-a"
+    first = fenv.client.create_cluster(parent=f"projects/p-one/locations/{loc}", retry=None,
+                                       cluster=container_v1.Cluster(name="llm", initial_node_count=1))
+    # the API server exists from the create reply on: the endpoint is known while PROVISIONING
+    got = fenv.client.get_cluster(name=f"projects/p-one/locations/{loc}/clusters/llm", retry=None)
+    one = fenv.kubes[("p-one", loc, "llm")]
+    assert got.endpoint == one.url.removeprefix("http://")
+    fenv.wait(first, f"projects/p-one/locations/{loc}")
+    _create(fenv, "p-two", loc, container_v1.Cluster(name="llm", initial_node_count=1))
+    two = fenv.kubes[("p-two", loc, "llm")]
+    endpoints = {fenv.client.get_cluster(name=f"projects/{p}/locations/{loc}/clusters/llm", retry=None).endpoint
+                 for p in ("p-one", "p-two")}
+    assert endpoints == {one.url.removeprefix("http://"), two.url.removeprefix("http://")} and one is not two
+    assert fenv.gke.cluster_kube("llm", loc, "p-two") is two
+
+    pool = f"projects/p-two/locations/{loc}/clusters/llm"
+    fenv.wait(fenv.client.create_node_pool(parent=pool, node_pool=_gpu_pool(), retry=None),
+              f"projects/p-two/locations/{loc}")
+    assert len(two.pool_nodes("gpu")) == 1 and one.pool_nodes("gpu") == {}
+    assert len(one.nodes) == 1 and len(two.nodes) == 2  # default-pool + gpu
+
+    op = fenv.client.delete_cluster(name=f"projects/p-two/locations/{loc}/clusters/llm", retry=None)
+    fenv.wait(op, f"projects/p-two/locations/{loc}")
+    # released before the operation was DONE; the other cluster's API is untouched
+    assert fenv.released == [("p-two", loc, "llm")] and two.stopped and two.nodes == {}
+    assert not one.stopped and len(one.nodes) == 1
+    assert fenv.gke.cluster_kube("llm", loc, "p-two") is None
+
+
+def test_autopilot_and_autoscaler_act_per_cluster(fenv):
+    region = "us-central1"
+    for p in ("p-one", "p-two"):  # same name, two projects: Autopilot nodes are paid by their own project
+        _create(fenv, p, region, container_v1.Cluster(name="auto", autopilot=container_v1.Autopilot(enabled=True)))
+    one, two = fenv.kubes[("p-one", region, "auto")], fenv.kubes[("p-two", region, "auto")]
+    assert one.autopilot_clusters == {"auto"} == two.autopilot_clusters and len(one.subscribers) == 1
+    node = {"kind": "Node", "metadata": {"name": "gk3-auto-nap-1", "labels": {
+        "sandbox.llm-fleet.dev/autopilot": "auto", "cloud.google.com/gke-accelerator": "nvidia-l4"}},
+        "status": {"capacity": {"cpu": "4", "nvidia.com/gpu": "1"}}}
+    two.emit("ADDED", node)
+    assert fenv.compute.quota(region, "NVIDIA_L4_GPUS", project="p-two")["usage"] == 1
+    assert fenv.compute.quota(region, "NVIDIA_L4_GPUS", project="p-one")["usage"] == 0
+    (held,) = fenv.gke.snapshot()["autopilot_nodes"]
+    assert held["project"] == "p-two" and held["cluster"] == "auto" and held["location"] == region
+    # deleting the cluster gives the quota back at once and drops its hooks
+    fenv.wait(fenv.client.delete_cluster(name=f"projects/p-two/locations/{region}/clusters/auto", retry=None),
+              f"projects/p-two/locations/{region}")
+    assert fenv.compute.quota(region, "NVIDIA_L4_GPUS", project="p-two")["usage"] == 0
+    assert two.subscribers == [] and two.autopilot_clusters == set() and two.stopped
+    assert fenv.gke.snapshot()["autopilot_nodes"] == []
+
+    # two Standard clusters with matching autoscaled pools: a pending pod grows its own cluster's pool
+    for p in ("p-one", "p-two"):
+        _create(fenv, p, "us-central1-a", container_v1.Cluster(name="std", initial_node_count=1))
+        fenv.wait(fenv.client.create_node_pool(parent=f"projects/{p}/locations/us-central1-a/clusters/std",
+                                               node_pool=_gpu_pool(count=0, autoscaling=(0, 2)), retry=None),
+                  f"projects/{p}/locations/us-central1-a")
+    std_one, std_two = (fenv.kubes[(p, "us-central1-a", "std")] for p in ("p-one", "p-two"))
+    std_two.pods.append(_pod("blue"))
+    assert _until(lambda: len(std_two.pool_nodes("gpu")) == 1)
+    std_two.pods[0] = _pod("blue", node=next(iter(std_two.pool_nodes("gpu"))))  # the scheduler placed it
+    time.sleep(0.2)
+    assert std_one.pool_nodes("gpu") == {} and len(std_two.pool_nodes("gpu")) == 1
+    assert fenv.compute.quota("us-central1", "NVIDIA_L4_GPUS", project="p-two")["usage"] == 1
+    assert fenv.compute.quota("us-central1", "NVIDIA_L4_GPUS", project="p-one")["usage"] == 0
+
+
+def test_stopping_gke_releases_every_cluster_api(fenv):
+    _create(fenv, "p-one", "us-central1-a", container_v1.Cluster(name="a", initial_node_count=1))
+    _create(fenv, "p-two", "us-central1-a", container_v1.Cluster(name="b", initial_node_count=1))
+    fenv.gke.stop()
+    assert sorted(fenv.released) == [("p-one", "us-central1-a", "a"), ("p-two", "us-central1-a", "b")]
+    assert all(k.stopped for k in fenv.kubes.values())
