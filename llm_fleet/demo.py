@@ -70,24 +70,40 @@ def _run(name: str, spec: str, env: dict[str, str], timeout: float = 900) -> Any
     return run
 
 
-def _summarise_sandbox(url: str) -> None:
+def _show(title: str, cmd: list[str], env: dict[str, str]) -> None:
+    """Run a real CLI (kubectl, gcloud) against the sandbox and print what it says."""
+    if shutil.which(cmd[0]) is None:
+        return
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    _say(f"\n$ {' '.join(cmd)}    # {title}")
+    _say((res.stdout or res.stderr).rstrip())
+
+
+def _summarise(spec_path: str, env: dict[str, str], state_dir: Path) -> None:
+    from manifests.spec import load_spec
     from sandbox.client import SandboxClient
 
-    state = SandboxClient(url).state()
-    _say("\n— What the sandbox holds now —")
-    for c in state.get("gke", {}).get("clusters", []):
-        pools = ", ".join(f"{p.get('name')}({p.get('status')})" for p in c.get("nodePools", []))
-        _say(f"  cluster {c.get('name')} [{c.get('status')}] in {c.get('location')}  pools: {pools}")
-    quota = state.get("compute", {}).get("usage") or state.get("compute", {}).get("quota_used")
-    if quota:
-        _say(f"  GPU quota used: {quota}")
-    kube = state.get("kube", {})
-    for pod in kube.get("pods", []):
-        _say(f"  pod {pod.get('namespace')}/{pod.get('name')}: {pod.get('phase')} ready={pod.get('ready')}")
-    for svc in kube.get("services", []):
-        _say(f"  service {svc.get('namespace')}/{svc.get('name')} → selector {svc.get('selector')}")
-    for msg in state.get("slack", {}).get("messages", [])[:3]:
-        _say("  slack: " + str(msg.get("text", "")).replace("\n", "\n         "))
+    spec = load_spec(ROOT / spec_path)
+    _say("\n— What the sandbox holds now (asked with the real CLIs) —")
+    tool_env = {**env, "HOME": str(state_dir / "home")}  # kubectl caches discovery per HOME
+    _show("GKE clusters", ["gcloud", "container", "clusters", "list", f"--project={spec.cluster.project}"], tool_env)
+    c = spec.cluster
+    # Where provision_cluster wrote the cluster's kubeconfig (LLM_FLEET_KUBE_DIR).
+    kubeconfig = str(Path(env["LLM_FLEET_KUBE_DIR"]) / f"{c.project}_{c.location}_{c.name}.yaml")
+    if Path(kubeconfig).exists():
+        kc = ["kubectl", "--kubeconfig", kubeconfig]
+        _show("GPU nodes", [*kc, "get", "nodes", "-L", "cloud.google.com/gke-accelerator"], tool_env)
+        _show("what deploy_model applied", [*kc, "get", "deploy,svc,pods", "-n", spec.namespace,
+                                            "-l", f"app.kubernetes.io/instance={spec.name}"], tool_env)
+        _show("which color the live Service routes to",
+              [*kc, "get", "svc", spec.name, "-n", spec.namespace, "-o", "jsonpath={.spec.selector}"], tool_env)
+        _show("the model, through the Service",
+              [*kc, "get", "--raw", f"/api/v1/namespaces/{spec.namespace}/services/{spec.name}:http/proxy"
+               + ("/info" if spec.engine.kind == "tgi" else "/v1/models")], tool_env)
+    msgs = SandboxClient(env["LLM_FLEET_SANDBOX_URL"]).slack_messages()
+    heads = [m for m in msgs if not m.get("thread_ts") or m.get("thread_ts") == m.get("ts")]
+    for msg in heads:
+        _say("\nslack " + str(msg.get("channel", "")) + ": " + str(msg.get("text", "")).replace("\n", "\n    "))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -137,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
                 break
         for step in ("release_model", "park_model"):
             _say(f"\n… {step}: not built yet (next issues); the lifecycle stops after deploy for now")
-        _summarise_sandbox(sandbox.env()["LLM_FLEET_SANDBOX_URL"])
+        _summarise(spec, env, state_dir)
         _say(f"\nPrefect UI: http://127.0.0.1:{port}  ·  kubectl: `source {state_dir}/env && kubectl get pods -A`")
         if args.keep_running:
             _say("Running until Ctrl-C …")
