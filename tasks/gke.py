@@ -175,12 +175,11 @@ def set_node_pool_autoscaling(*, project: str, location: str, cluster: str, name
                               min_nodes: int, max_nodes: int) -> str:
     from google.cloud import container_v1
 
-    op = cluster_manager().set_node_pool_autoscaling(
+    request = container_v1.SetNodePoolAutoscalingRequest(
         name=f"{_parent(project, location)}/clusters/{cluster}/nodePools/{name}",
         autoscaling=container_v1.NodePoolAutoscaling(enabled=True, min_node_count=min_nodes,
-                                                     max_node_count=max_nodes),
-        **_call_opts())
-    return op.name
+                                                     max_node_count=max_nodes))
+    return cluster_manager().set_node_pool_autoscaling(request=request, **_call_opts()).name
 
 
 @task(**task_retries())

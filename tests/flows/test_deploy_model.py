@@ -210,3 +210,17 @@ def test_dry_run_touches_nothing(sbc):
     result = deploy(spec, dry_run=True)
     assert result["dry_run"] and {r["action"] for r in result["plan"]} <= {"create", "apply"}
     assert managed_objects(spec) == set()
+
+
+def test_hand_edit_is_reported_and_reverted(sbc):
+    spec = spec_dict("qwen2.5-7b-sglang.yaml")
+    provision(spec)
+    deploy(spec)
+    core, _, _ = kube(spec)
+    # Someone relabels the live Service by hand (kubectl label --overwrite ...).
+    core.patch_namespaced_service("qwen-sglang", "default", {"metadata": {"labels": {"llm-fleet.dev/role": "x"}}})
+    again = deploy(spec)
+    svc = next(o for o in again["objects"] if o["kind"] == "Service" and o["name"] == "qwen-sglang")
+    assert svc["action"] == "configured"
+    assert svc["changed"] == ["metadata.labels.llm-fleet.dev/role"]
+    assert core.read_namespaced_service("qwen-sglang", "default").metadata.labels["llm-fleet.dev/role"] == "live"

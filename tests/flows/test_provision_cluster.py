@@ -192,3 +192,21 @@ def test_get_cluster_does_not_exist_is_none(sandbox):
     from tasks.gke import get_cluster
 
     assert get_cluster.fn(project="t-nothing-here", location="us-central1", name="nope") is None
+
+
+def test_pool_drift_is_updated_where_gke_allows_and_refused_otherwise(sbc):
+    from manifests.errors import DriftError
+
+    spec = spec_dict("qwen2.5-7b-sglang.yaml")
+    project = spec["cluster"]["project"]
+    run(spec)
+    spec["accelerator"] = {"type": "nvidia-l4", "pool": {"max_nodes": 4}}
+    run(spec)  # autoscaling bounds: updated in place
+    (pool,) = gpu_pools(project, "us-central1", "llm-fleet")
+    assert pool["autoscaling"]["max_node_count"] == 4
+    spec["accelerator"] = {"type": "nvidia-l4", "machine_type": "g2-standard-12", "pool": {"max_nodes": 4}}
+    with pytest.raises(DriftError, match="accelerator.machine_type") as info:
+        run(spec)
+    assert "g2-standard-8" in str(info.value)
+    (pool,) = gpu_pools(project, "us-central1", "llm-fleet")
+    assert pool["config"]["machine_type"] == "g2-standard-8"  # nothing was changed behind the user's back
