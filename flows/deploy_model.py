@@ -15,12 +15,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import SecretStr
 
+from flows.provision_cluster import find_cluster
 from flows.report import Report, artifact_key
 from manifests import names
 from manifests.errors import DeployError, PreflightError
 from manifests.names import Color
 from manifests.render import model_deployment, object_key, render
-from manifests.spec import DeploymentSpec, SpecError, check_fit, fit_fix, resolve_spec
+from manifests.spec import DeploymentSpec, check_fit, fit_fix, resolve_gke_spec
 from tasks import gke, health, hf, k8s
 from tasks.settings import get_settings
 
@@ -79,10 +80,7 @@ def deploy_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.
                  dry_run: bool = False) -> dict[str, Any]:
     """HF preflight → Secret → cache, Deployment, Service, Ingress, HPA, monitoring → model answers → smoke test."""
     log = get_run_logger()
-    spec = resolve_spec(spec)
-    if spec.target != "gke":
-        raise SpecError("target", f"deploy_model deploys to GKE; this spec targets {spec.target}",
-                        "Vertex AI endpoints are not deployable yet; use target: gke")
+    spec = resolve_gke_spec(spec, flow="deploy_model")
     c = spec.cluster
     report = Report("deploy_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
     key = artifact_key("deploy", spec.name)
@@ -159,8 +157,8 @@ def deploy_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.
 
 def _cluster_location(spec: DeploymentSpec) -> str:
     """Where provision_cluster put the cluster: the spec's location or a failover region."""
-    for location in [spec.cluster.location, *spec.cluster.failover_regions]:
-        if gke.get_cluster(project=spec.cluster.project, location=location, name=spec.cluster.name):
-            return location
-    raise PreflightError(f"cluster {spec.cluster.name} does not exist in {spec.cluster.project}/"
-                         f"{spec.cluster.location}", "run provision_cluster with this spec first")
+    location, cluster = find_cluster(spec)
+    if cluster is None:
+        raise PreflightError(f"cluster {spec.cluster.name} does not exist in {spec.cluster.project}/"
+                             f"{spec.cluster.location}", "run provision_cluster with this spec first")
+    return location

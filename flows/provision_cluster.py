@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,7 +15,7 @@ from prefect import flow, get_run_logger
 from flows.report import Report, artifact_key
 from manifests import provision as prov
 from manifests.errors import DriftError, PreflightError, QuotaError, StockoutError
-from manifests.spec import DeploymentSpec, SpecError, resolve_spec
+from manifests.spec import DeploymentSpec, resolve_gke_spec
 from tasks import compute, gke
 
 
@@ -160,13 +159,11 @@ def provision_with_failover(spec: DeploymentSpec, *, location: str, candidates: 
 
 
 @flow(name="provision_cluster", log_prints=True)
-def provision_cluster(spec: Any = "deployments/gemma2-2b-it-vllm-l4.yaml", dry_run: bool = False) -> dict[str, Any]:
+def provision_cluster(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+                      dry_run: bool = False) -> dict[str, Any]:
     """GPU quota and zone preflight → GKE cluster → GPU node pool (with stockout failover) → kubeconfig."""
     log = get_run_logger()
-    spec = resolve_spec(spec if not isinstance(spec, Path) else str(spec))
-    if spec.target != "gke":
-        raise SpecError("target", f"provision_cluster runs GKE specs, this one targets {spec.target}",
-                        "use a spec with target: gke")
+    spec = resolve_gke_spec(spec, flow="provision_cluster")
     c = spec.cluster
     report = Report("provision_cluster", f"{spec.name} → {c.project}/{c.location}/{c.name}", spec.slack_channel)
     key = artifact_key("provision", spec.name)

@@ -550,3 +550,12 @@ def resolve_spec(spec: DeploymentSpec | str | Path | dict[str, Any]) -> Deployme
     if isinstance(spec, dict):
         return parse_spec(spec, source="(parameters)")
     return load_spec(spec)
+
+
+def resolve_gke_spec(spec: DeploymentSpec | str | Path | dict[str, Any], *, flow: str) -> DeploymentSpec:
+    """resolve_spec, refusing specs the GKE flows cannot run (Vertex AI is spec-only for now)."""
+    spec = resolve_spec(spec)
+    if spec.target != "gke":
+        raise SpecError("target", f"{flow} runs on GKE; this spec targets {spec.target}",
+                        "Vertex AI endpoints are not deployable yet; use target: gke")
+    return spec

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from sandbox.core import Clock, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
+from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
 
 API_BASE = "https://www.googleapis.com/compute/v1"
 CREATION_TS = "2016-05-01T00:00:00.000-07:00"
@@ -209,7 +209,7 @@ class _ProjectQuota:
         self.project: dict[str, list[float]] = {m: [lim, 0.0] for m, lim in DEFAULT_PROJECT_QUOTAS.items()}
 
 
-class Compute:
+class Compute(Emulator):
     """Compute Engine quotas, zones and accelerator types over REST (service name ``"compute"``)."""
 
     def __init__(self, *, clock: Clock, faults: Faults, project: str = "sandbox-project") -> None:
@@ -222,24 +222,10 @@ class Compute:
         self._stockouts: set[tuple[str, str | None]] = set()
         # (project, zone, name) -> {"targetSize": int, "baseInstanceName": str, "instances": [names], ...}
         self._migs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._handler = ComputeHandler
         self._server: SandboxHTTPServer | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
-    def start(self) -> None:
-        if self._server is None:
-            self._server = serve(ComputeHandler, state=self, faults=self.faults)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("Compute emulator is not started")
-        return self._server.url
-
     # ---- catalogue ---------------------------------------------------------------------
     @staticmethod
     def regions() -> list[str]:

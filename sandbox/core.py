@@ -348,6 +348,29 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         self.server_close()
 
 
+class Emulator:
+    """start/stop/url for an emulator served by one handler class (set ``_handler`` in ``__init__``)."""
+
+    _handler: type[JsonHandler]
+    faults: Faults
+    _server: SandboxHTTPServer | None = None
+
+    def start(self) -> None:
+        if self._server is None:
+            self._server = serve(self._handler, state=self, faults=self.faults)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} emulator is not started")
+        return self._server.url
+
+
 def serve(handler: type[JsonHandler], *, state: Any, faults: Faults | None, port: int = 0) -> SandboxHTTPServer:
     """Start ``handler`` on 127.0.0.1 in a daemon thread and return the running server."""
     return SandboxHTTPServer(handler, state=state, faults=faults, port=port).start()

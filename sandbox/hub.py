@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
-from sandbox.core import Clock, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
+from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -311,7 +311,7 @@ DEFAULT_USERS: dict[str, HubUser] = {
 EPOCH = 1719792000.0  # 2024-07-01: catalogue history dates are relative to this
 
 
-class Hub:
+class Hub(Emulator):
     """The Hub API on 127.0.0.1 (service ``"hub"`` for faults)."""
 
     def __init__(self, *, faults: Faults, clock: Clock | None = None,
@@ -321,27 +321,13 @@ class Hub:
         self.users: dict[str, HubUser] = copy.deepcopy(users if users is not None else DEFAULT_USERS)
         self.repos: dict[str, Repo] = {}
         self._lock = threading.RLock()
+        self._handler = HubHandler
         self._server: SandboxHTTPServer | None = None
         if catalogue:
             for i, (repo_id, meta) in enumerate(CATALOGUE.items()):
                 self._add_catalogue(repo_id, i, meta)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._server is None:
-            self._server = serve(HubHandler, state=self, faults=self.faults)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("hub is not started")
-        return self._server.url
-
     # ---- catalogue management ----------------------------------------------------------------------
     def _files(self, repo: Repo, config: dict[str, Any], chat_template: str | None, rev_no: int
                ) -> tuple[dict[str, bytes], dict[str, int]]:

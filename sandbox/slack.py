@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
-from sandbox.core import Clock, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
+from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
 
 TOKEN_PREFIX = "xoxb-sandbox"
 TEAM_ID, TEAM = "T0SANDBOX1", "Sandbox"
@@ -59,7 +59,7 @@ def _channel_id(name: str) -> str:
     return "C0" + out
 
 
-class Slack:
+class Slack(Emulator):
     """Slack Web API on 127.0.0.1 (service ``"slack"`` for faults)."""
 
     def __init__(self, *, faults: Faults, clock: Clock | None = None, token: str = "xoxb-sandbox-token",
@@ -77,26 +77,12 @@ class Slack:
         self._limits: dict[str, tuple[int, float, int | None]] = {}  # method -> (calls, window s, retry_after)
         self._calls: dict[str, deque[float]] = {}
         self.calls: list[dict[str, Any]] = []  # every API call: method, ok, error (for assertions)
+        self._handler = SlackHandler
         self._server: SandboxHTTPServer | None = None
         for name in ("general", "llm-fleet", "random"):
             self.add_channel(name)
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._server is None:
-            self._server = serve(SlackHandler, state=self, faults=self.faults)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("slack is not started")
-        return self._server.url
-
     @property
     def api_url(self) -> str:
         """What to pass as ``WebClient(base_url=...)``."""

@@ -174,3 +174,11 @@ def test_validate_cli_exit_codes(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 1
     assert "engine.tensor_parallel" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_gke_flows_refuse_vertex_specs_clearly():
+    from manifests.spec import resolve_gke_spec
+
+    with pytest.raises(SpecError, match="target: .*Vertex AI endpoints are not deployable yet"):
+        resolve_gke_spec(ROOT / "deployments/gemma-vertex.yaml", flow="deploy_model")
+    assert resolve_gke_spec(ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml", flow="x").target == "gke"
