@@ -210,3 +210,18 @@ def test_pool_drift_is_updated_where_gke_allows_and_refused_otherwise(sbc):
     assert "g2-standard-8" in str(info.value)
     (pool,) = gpu_pools(project, "us-central1", "llm-fleet")
     assert pool["config"]["machine_type"] == "g2-standard-8"  # nothing was changed behind the user's back
+
+
+def test_every_zone_stocked_out_moves_to_the_failover_region(sbc):
+    spec = spec_dict("mistral-7b-vllm-spot.yaml", accelerator__pool__min_nodes=1)
+    project = spec["cluster"]["project"]
+    for zone in ("us-central1-a", "us-central1-b"):
+        sbc.set_stockout(zone=zone, on=True)
+    result = run(spec)
+    assert result["location"] == "us-east1"
+    (cluster,) = clusters(project)  # the first region's cluster was removed, not left behind
+    assert cluster["location"] == "us-east1" and cluster["status"] == "RUNNING"
+    (pool,) = gpu_pools(project, "us-east1", "vllm-serving-cluster")
+    assert pool["locations"][0].startswith("us-east1-")
+    assert [a["result"] for a in result["attempts"]] == ["stockout", "stockout", "cluster removed", "created"]
+    assert quota_usage(project, "us-central1", "PREEMPTIBLE_NVIDIA_L4_GPUS") == 0
