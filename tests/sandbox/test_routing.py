@@ -232,6 +232,10 @@ def test_service_streams_sse_from_the_model(runtime):
                 "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 6, "stream": True}) as r:
             lines = [ln for ln in r.iter_lines() if ln]
         assert lines[-1] == "data: [DONE]" and len(lines) == 1 + 6 + 1 + 1
+        # The server counts a request once its stream has closed, which may trail the client by a moment.
+        deadline = time.monotonic() + 5
+        while server.requests_served < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert server.requests_served == 1
     finally:
         routes.stop()
