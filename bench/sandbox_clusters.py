@@ -30,15 +30,13 @@ def rss_mib() -> float:
 
 
 def deployment(name: str, replicas: int) -> dict:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}}, "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                         "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.6.3",
-                                         "args": ["--model=facebook/opt-125m"],
-                                         "ports": [{"name": "http", "containerPort": 8000}],
-                                         "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}}}
+    """What deploy_model applies for the bundled SGLang spec, renamed: the product's own rendering."""
+    from manifests.render import model_deployment
+    from manifests.spec import load_spec, parse_spec
+
+    data = load_spec(ROOT / "deployments/qwen2.5-7b-sglang.yaml").model_dump(mode="json", by_alias=True)
+    data["accelerator"]["pool"] = {"max_nodes": 100}
+    return model_deployment(parse_spec({**data, "name": name, "replicas": replicas}), "blue")
 
 
 def main() -> int:
@@ -90,7 +88,7 @@ def main() -> int:
             k.start()
             start_ms.append((time.perf_counter() - t0) * 1000)
             k.stop()
-        pool = container_v1.NodePool(name="gpu", initial_node_count=per_cluster_pods, config=container_v1.NodeConfig(
+        pool = container_v1.NodePool(name="gpu-pool", initial_node_count=per_cluster_pods, config=container_v1.NodeConfig(
             machine_type="g2-standard-8",
             accelerators=[container_v1.AcceleratorConfig(accelerator_count=1, accelerator_type="nvidia-l4")]))
         ops = [(parent, gke.create_node_pool(parent=f"{parent}/clusters/bench", node_pool=pool, retry=None))

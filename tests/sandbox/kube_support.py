@@ -113,9 +113,12 @@ def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
 
 def deployment(name: str, *, replicas: int = 1, image: str = "vllm/vllm-openai:v0.6.3", gpus: int = 0,
                labels: dict | None = None, node_selector: dict | None = None, tolerations: list | None = None,
-               strategy: dict | None = None, progress_deadline: int | None = None) -> dict:
+               strategy: dict | None = None, progress_deadline: int | None = None,
+               args: list[str] | None = None) -> dict:
     labels = labels or {"app": name}
     container: dict = {"name": "server", "image": image, "ports": [{"name": "http", "containerPort": 8000}]}
+    if args:
+        container["args"] = args
     if gpus:
         container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
     pod_spec: dict = {"containers": [container]}

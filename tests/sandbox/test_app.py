@@ -22,6 +22,7 @@ from google.cloud import container_v1
 from sandbox.app import Sandbox
 from sandbox.client import SandboxClient, SandboxError
 from sandbox.compute import DEFAULT_PROJECT_QUOTAS
+from tests.sandbox.kube_support import deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_ENV = {
@@ -351,17 +352,6 @@ def _kubectl(home: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedPr
                           capture_output=True, text=True, env=env, timeout=60)
 
 
-def _vllm_deployment(name: str) -> dict:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                         "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.6.3",
-                                         "args": ["--model=facebook/opt-125m"],
-                                         "ports": [{"name": "http", "containerPort": 8000}],
-                                         "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}}}
-
 
 @pytest.fixture
 def own_sb(tmp_path):
@@ -413,7 +403,9 @@ def test_every_cluster_has_its_own_kubernetes_api(own_sb, tmp_path):
     assert len(core["iso-one"].list_node().items) == 1  # its default-pool node
 
     # a model server in iso-two
-    k8s.AppsV1Api(core["iso-two"].api_client).create_namespaced_deployment("default", _vllm_deployment("opt"))
+    k8s.AppsV1Api(core["iso-two"].api_client).create_namespaced_deployment("default", deployment(
+        "opt", gpus=1, args=["--model=facebook/opt-125m"], node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]))
     key_two, key_one = "iso-two/us-central1-a/llm", "iso-one/us-central1-a/llm"
 
     def ready_port() -> int | None:
