@@ -1241,11 +1241,7 @@ class Gke:
                     del cluster.pools[name]
                 cluster.data["etag"] = secrets.token_hex(8)
 
-        def finish() -> None:
-            if pool.busy == op.data["name"]:
-                pool.busy = None
-
-        self._launch(op, work, finish)
+        self._launch(op, work, lambda: self._release_pool(pool, op))
         return self._op_reply(op)
 
     def set_node_pool_size(self, project: str, location: str, cluster_name: str, name: str,
@@ -1265,6 +1261,14 @@ class Gke:
             self._touch()
         return self._launch_resize(cluster, pool, op, size)
 
+    @staticmethod
+    def _release_pool(pool: _Pool, op: _Op, *, settle: bool = False) -> None:
+        """An operation's end: the pool takes new operations again (and a resize settles to RUNNING)."""
+        if pool.busy == op.data["name"]:
+            pool.busy = None
+        if settle and pool.data.get("status") == "RECONCILING":
+            pool.data["status"] = "RUNNING"
+
     def _launch_resize(self, cluster: _Cluster, pool: _Pool, op: _Op, size: int) -> dict[str, Any]:
         def work(op: _Op) -> None:
             grow = any(size > len(pool.nodes.get(z, [])) for z in pool.data["locations"])
@@ -1275,13 +1279,7 @@ class Gke:
             if errors:
                 raise _OpFailed("RESOURCE_EXHAUSTED", errors[0])
 
-        def finish() -> None:
-            if pool.busy == op.data["name"]:
-                pool.busy = None
-            if pool.data.get("status") == "RECONCILING":
-                pool.data["status"] = "RUNNING"
-
-        self._launch(op, work, finish)
+        self._launch(op, work, lambda: self._release_pool(pool, op, settle=True))
         return self._op_reply(op)
 
     def _set_autoscaling(self, cluster: _Cluster, pool: _Pool, autoscaling: dict[str, Any]) -> dict[str, Any]:
@@ -1307,11 +1305,7 @@ class Gke:
             def work(op: _Op) -> None:
                 self._sleep(op, "quick_update")
 
-            def finish() -> None:
-                if pool.busy == op.data["name"]:
-                    pool.busy = None
-
-            self._launch(op, work, finish)
+            self._launch(op, work, lambda: self._release_pool(pool, op))
             return self._op_reply(op)
         return self._launch_resize(cluster, pool, op, target)
 
@@ -1387,13 +1381,7 @@ class Gke:
             if errors:
                 raise _OpFailed("RESOURCE_EXHAUSTED", errors[0])
 
-        def finish() -> None:
-            if pool.busy == op.data["name"]:
-                pool.busy = None
-            if pool.data.get("status") == "RECONCILING":
-                pool.data["status"] = "RUNNING"
-
-        self._launch(op, work, finish)
+        self._launch(op, work, lambda: self._release_pool(pool, op, settle=True))
         return self._op_reply(op)
 
     def _check_quota_delta(self, cluster: _Cluster, pool: _Pool, new: dict[str, Any]) -> None:
