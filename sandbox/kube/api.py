@@ -15,12 +15,14 @@ import yaml
 
 from sandbox.core import HttpError, JsonHandler, now_rfc3339, route
 from sandbox.kube import patch as patches
+from sandbox.kube import portforward
 from sandbox.kube import resources as res
 from sandbox.kube.defaults import apply_defaults, validate
 from sandbox.kube.resources import RType
 from sandbox.kube.selectors import object_filter, selector_string
 from sandbox.kube.store import Gone, _rng, clone, conflict, new_uid, not_found, status_error
 from sandbox.kube.tables import table
+from sandbox.kube.watchfaults import break_watch
 
 if TYPE_CHECKING:
     from sandbox.kube.cluster import KubeCluster
@@ -561,6 +563,8 @@ def _watch_stream(h: KubeHandler, t: RType, namespace: str | None, pred: Any) ->
         return
     deadline = time.monotonic() + timeout
     stop = _cluster(h).stopping
+    fault = getattr(h, "fault", None)  # an injected watch_expire / watch_drop (sandbox.kube.watchfaults)
+    fault_at = time.monotonic() + fault.after if fault else None
 
     def send(etype: str, obj: Obj) -> None:
         if as_table:
@@ -578,8 +582,13 @@ def _watch_stream(h: KubeHandler, t: RType, namespace: str | None, pred: Any) ->
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if fault_at is not None and time.monotonic() >= fault_at:
+                break_watch(h, fault, store)
+                return
             try:
-                item = watcher.queue.get(timeout=min(1.0, remaining))
+                wait = min(1.0, remaining) if fault_at is None else max(0.0, min(1.0, remaining,
+                                                                                 fault_at - time.monotonic()))
+                item = watcher.queue.get(timeout=wait)
             except Exception:  # queue.Empty
                 if _client_gone(h):
                     return
@@ -700,6 +709,11 @@ def _handle(h: KubeHandler, path: str) -> Any:
     if sub == "log":
         cluster.controller.serve_logs(h, ns, name)
         return None
+    if sub == "portforward":
+        portforward.serve_portforward(h, cluster, ns, name)
+        return None
+    if sub in ("exec", "attach"):
+        portforward.refuse_exec(sub, name)
     if sub == "scale":
         if (t.group, t.plural) not in SCALE_OWNERS:
             raise status_error(404, "NotFound", "the server could not find the requested resource")

@@ -61,7 +61,8 @@ TYPES: list[RType] = [
        has_status=True),
     _t("", "v1", "nodes", "Node", namespaced=False, short=("no",), subresources=("status", "proxy"),
        has_status=True),
-    _t("", "v1", "pods", "Pod", short=("po",), subresources=("status", "log", "proxy"), categories=("all",),
+    _t("", "v1", "pods", "Pod", short=("po",), subresources=("status", "log", "proxy", "portforward", "exec",
+                                                            "attach"), categories=("all",),
        has_status=True),
     _t("", "v1", "services", "Service", short=("svc",), subresources=("status", "proxy"), categories=("all",),
        has_status=True),
@@ -124,6 +125,8 @@ def _sub_resource(t: RType, sub: str) -> dict[str, Any]:
         entry.update(group="autoscaling", version="v1", kind="Scale")
     elif sub == "log":
         entry.update(kind="Pod", verbs=["get"])
+    elif sub in ("portforward", "exec", "attach"):
+        entry.update(kind=f"Pod{sub.capitalize()}Options", verbs=["create", "get"])
     elif sub == "proxy":
         entry.update(kind="ServiceProxyOptions" if t.kind == "Service" else f"{t.kind}ProxyOptions",
                      verbs=["create", "delete", "get", "patch", "update"])
