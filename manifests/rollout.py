@@ -33,6 +33,8 @@ class Progress:
     pod: str | None = None
     ready: int = 0
     previous_logs: bool = False  # the logs worth showing are from the crashed run
+    pods: tuple[str, ...] = ()  # the Ready pods of the new ReplicaSet (when ready)
+    replicaset: str = ""
 
     @property
     def fix(self) -> str:
@@ -95,3 +97,59 @@ def diagnose(pods: list[dict[str, Any]], *, desired: int) -> Progress:
         v = views[0]
         return Progress("waiting", v.waiting or v.phase, f"pod {v.name} is {v.waiting or v.phase}", v.name, ready)
     return Progress("waiting", "NoPods", "no pods yet", None, ready)
+
+
+# ---- rollout status: what `kubectl rollout status` checks, plus why the new pods are not there ------
+
+REVISION_KEY = "deployment.kubernetes.io/revision"
+TEMPLATE_HASH = "pod-template-hash"
+
+
+def new_replicaset(deployment: dict[str, Any], replicasets: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ReplicaSet of the Deployment's current template: owned by it, same revision annotation."""
+    meta = deployment.get("metadata", {})
+    uid, revision = meta.get("uid"), (meta.get("annotations") or {}).get(REVISION_KEY)
+    owned = [rs for rs in replicasets
+             if any(o.get("uid") == uid for o in rs.get("metadata", {}).get("ownerReferences") or [])]
+    for rs in owned:
+        if revision and (rs["metadata"].get("annotations") or {}).get(REVISION_KEY) == revision:
+            return rs
+    return None
+
+
+def rollout_progress(deployment: dict[str, Any], new_pods: list[dict[str, Any]], *,
+                     replicaset: str = "") -> Progress:
+    """Complete when the controller has seen the newest spec and every replica is updated and available.
+
+    ``new_pods`` are the pods of the new ReplicaSet only: old Ready pods never count, and their
+    causes (crash loop, OOM, unschedulable) are what a failed rollout reports.
+    """
+    meta, spec, status = deployment.get("metadata", {}), deployment.get("spec", {}), deployment.get("status") or {}
+    want = int(spec.get("replicas", 1) if spec.get("replicas") is not None else 1)
+    generation, observed = int(meta.get("generation") or 0), int(status.get("observedGeneration") or 0)
+    ready_pods = tuple(sorted(view(p).name for p in new_pods if view(p).ready and not view(p).deleting))
+    if observed < generation:
+        return Progress("waiting", "Observing", f"waiting for the controller to observe generation {generation}",
+                        ready=len(ready_pods))
+    updated, available = int(status.get("updatedReplicas") or 0), int(status.get("availableReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    if updated == want and available == want and total == want and len(ready_pods) == want:
+        return Progress("ready", "Complete", f"{want} of {want} updated replicas available", ready=want,
+                        pods=ready_pods, replicaset=replicaset)
+    cause = diagnose(new_pods, desired=max(want, 1))
+    if cause.state == "failed":
+        return Progress("failed", cause.reason, cause.message, cause.pod, len(ready_pods),
+                        cause.previous_logs, replicaset=replicaset)
+    progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), {})
+    if progressing.get("reason") == "ProgressDeadlineExceeded":
+        reason = "Unschedulable" if cause.reason == "Unschedulable" else "LoadTimeout"
+        return Progress("failed", reason, f"rollout exceeded its progress deadline: {cause.message}", cause.pod,
+                        len(ready_pods), replicaset=replicaset)
+    if cause.state == "ready":
+        reason, detail = "Rolling", "new pods Ready, old ones going away"
+    else:
+        reason = cause.reason
+        detail = cause.message if cause.reason != "NoPods" or not replicaset else f"no pods of {replicaset} yet"
+    return Progress("waiting", reason,
+                    f"{updated}/{want} updated, {available}/{want} available; {detail}", cause.pod,
+                    len(ready_pods), replicaset=replicaset)

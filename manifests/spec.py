@@ -217,20 +217,30 @@ class MonitoringSpec(_Model):
 
 class AnalysisSpec(_Model):
     requests: int = Field(20, ge=1)
+    concurrency: int = Field(4, ge=1, le=64)
     max_error_rate: float = Field(0.0, ge=0, le=1)
     max_p95_latency_s: float = Field(10.0, gt=0)
     min_tokens_per_s: float | None = Field(None, gt=0)
+    # Candidate p50 latency ÷ the live color's, measured side by side (pre-promotion only; None: off).
+    max_latency_ratio: float | None = Field(1.5, gt=1)
+    # Post-promotion: keep analysing for this long, one batch per interval (a failure switches back at once).
+    window: Duration = timedelta(seconds=60)
+    interval: Duration = timedelta(seconds=10)
 
 
 class ReleaseSpec(_Model):
-    strategy: Literal["blue-green"] = "blue-green"
+    # blue-green: the candidate runs beside the live color (2x GPUs); recreate: the live color stops first
+    # (the model is down while the new one loads — announced in the plan and on Slack).
+    strategy: Literal["blue-green", "recreate"] = "blue-green"
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence."], min_length=1)
     smoke_max_tokens: int = Field(32, ge=1, le=4096)
     # Each smoke answer must match this regex (None: any non-empty answer).
     expect: str | None = None
     pre_promotion: AnalysisSpec = AnalysisSpec()
     post_promotion: AnalysisSpec = AnalysisSpec()
-    scale_down_delay: Duration = timedelta(minutes=5)
+    # The old color stays warm this long after the switch (Argo's scaleDownDelaySeconds, for iptables/NEG
+    # propagation) — and rollback_model can switch back instantly meanwhile.
+    scale_down_delay: Duration = timedelta(seconds=30)
     auto_promote: bool = True
 
     @field_validator("expect")
@@ -249,7 +259,10 @@ class ScheduleSpec(_Model):
     park: str | None = None  # cron: when to scale to zero
     wake: str | None = None  # cron: when to be serving again (prewarm starts earlier)
     idle_after: Duration | None = None  # park when no request for this long
+    # Lead time of a scheduled wake until wakes were measured; then the p95 of measured wake times.
     prewarm: Duration = timedelta(minutes=5)
+    # May idle parking act between a scheduled wake and the next scheduled park?
+    idle_in_awake_window: bool = False
 
     @field_validator("timezone")
     @classmethod
@@ -266,6 +279,19 @@ class ScheduleSpec(_Model):
         if v is not None and not croniter.is_valid(v):
             raise ValueError(f"{v!r} is not a cron expression; use five fields, e.g. '0 20 * * 1-5'")
         return v
+
+
+class HoldSpec(_Model):
+    """Requests that arrive while parked: an always-on CPU proxy holds them and asks for a wake."""
+
+    enabled: bool = True
+    max_queue: int = Field(10_000, ge=1)  # Knative's activator holds up to 10,000 per revision
+    timeout: Duration = timedelta(seconds=300)  # Knative's request timeout; past it: 503 + Retry-After
+    retry_after: Duration = timedelta(seconds=30)
+    # An image of this package (`python -m llm_fleet.holdproxy`); the sandbox runs `local/...` images.
+    image: str = "ghcr.io/llm-fleet/llm-fleet:0.1.0"
+    # The Prefect API as the cluster reaches it (default: the one the flow uses).
+    prefect_api_url: str | None = None
 
 
 class VertexSpec(_Model):
@@ -310,6 +336,7 @@ class DeploymentSpec(_Model):
     monitoring: MonitoringSpec = MonitoringSpec()
     release: ReleaseSpec = ReleaseSpec()
     schedule: ScheduleSpec | None = None
+    hold: HoldSpec = HoldSpec()
     slack_channel: str | None = Field(None, pattern=r"^[#@]?[-_a-z0-9.]{1,80}$")
     # Kubernetes service account of the pods (workload identity, seed 004).
     service_account: str | None = Field(None, pattern=DNS_LABEL)

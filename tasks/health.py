@@ -122,3 +122,47 @@ def smoke_test(*, kubeconfig: str | None, namespace: str, service: str, engine: 
         results.append(SmokeResult(prompt[:60], answer[:200], round(elapsed, 4), tokens,
                                    round(tokens / elapsed, 1) if elapsed > 0 else 0.0, streamed))
     return results
+
+
+@task(**task_retries())
+def analyze(*, kubeconfig: str | None, namespace: str, service: str, engine: str, model_id: str,
+            prompts: list[str], max_tokens: int, requests: int, concurrency: int = 4,
+            expect: str | None = None) -> dict[str, Any]:
+    """``requests`` generations through ``service`` (``concurrency`` at a time): error rate, latency, speed.
+
+    A wrong answer (empty, or not matching ``expect``) counts as an error, like a 5xx: a model that
+    answers garbage is not healthy. Returns figures only; judging them is the release policy's job.
+    """
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = service_base(namespace, service)
+    http = _client(kubeconfig, timeout=120)
+
+    def one(i: int) -> tuple[float, int, str | None]:
+        prompt = prompts[i % len(prompts)]
+        start = time.perf_counter()
+        try:
+            answer, tokens = _generate(http, base, engine, model_id, prompt, max_tokens, False)
+        except httpx.HTTPStatusError as exc:
+            return time.perf_counter() - start, 0, f"HTTP {exc.response.status_code}"
+        except httpx.HTTPError as exc:
+            return time.perf_counter() - start, 0, type(exc).__name__
+        elapsed = time.perf_counter() - start
+        if not answer.strip() or (expect and not re.search(expect, answer)):
+            return elapsed, tokens, f"wrong answer {answer[:40]!r}"
+        return elapsed, tokens, None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, requests))) as pool:
+        results = list(pool.map(one, range(requests)))
+    ok = [r for r in results if r[2] is None]
+    errors = [r[2] for r in results if r[2] is not None]
+    latencies = sorted(r[0] for r in ok) or [0.0]
+
+    def pct(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 4)
+
+    busy = sum(r[0] for r in ok)
+    return {"service": service, "requests": requests, "errors": len(errors), "error_rate": len(errors) / requests,
+            "first_error": errors[0] if errors else None, "p50_s": pct(0.5), "p95_s": pct(0.95),
+            "tokens_per_s": round(sum(r[1] for r in ok) / busy, 1) if busy > 0 else 0.0}

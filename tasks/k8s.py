@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +19,7 @@ from pydantic import SecretStr
 
 from manifests.errors import DeployError, FleetError
 from manifests.names import FIELD_MANAGER
-from manifests.rollout import Progress, diagnose
+from manifests.rollout import TEMPLATE_HASH, Progress, diagnose, new_replicaset, rollout_progress
 from tasks.clients import kube_client
 from tasks.log import logger
 from tasks.retry import task_retries
@@ -185,21 +188,47 @@ def read_secret_key(*, kubeconfig: str | None, namespace: str, name: str, key: s
     return SecretStr(base64.b64decode(raw).decode()) if raw else None
 
 
+class SelectorConflict(FleetError):
+    """The Service changed since it was read (resourceVersion mismatch): re-observe and re-decide."""
+
+
 @task(**task_retries())
 def patch_service_selector(*, kubeconfig: str | None, namespace: str, name: str,
-                           selector: dict[str, str], expect: dict[str, str] | None = None) -> dict[str, str]:
-    """Point a Service at other pods: one merge-patch, guarded by resourceVersion, then read back."""
-    core = k8s.CoreV1Api(kube_client(kubeconfig))
-    live = core.read_namespaced_service(name, namespace)
-    if expect is not None and live.spec.selector != expect:
-        raise FleetError(f"Service {name} selects {live.spec.selector}, expected {expect}",
-                         "another release is in flight or someone edited the Service; rerun release_model")
-    body = {"metadata": {"resourceVersion": live.metadata.resource_version}, "spec": {"selector": selector}}
-    patched = core.patch_namespaced_service(name, namespace, body,
-                                            _content_type="application/merge-patch+json")
-    if patched.spec.selector != selector:
-        raise FleetError(f"Service {name} selector is {patched.spec.selector} after the patch", "rerun the release")
-    return patched.spec.selector
+                           selector: dict[str, str], expect: dict[str, str] | None = None,
+                           resource_version: str | None = None) -> dict[str, Any]:
+    """Point a Service at other pods: one merge-patch guarded by the resourceVersion the caller read.
+
+    ``expect`` is the selector the caller believes is live; a Service that moved meanwhile, or a 409
+    from the API server, raises SelectorConflict and nothing is changed. Returns the patched Service.
+    """
+    api = kube_client(kubeconfig)
+    path = object_path("v1", "Service", name, namespace)
+    if resource_version is None or expect is not None:
+        live = _call(api, "GET", path)
+        if expect is not None and (live["spec"].get("selector") or {}) != expect:
+            raise SelectorConflict(f"Service {name} selects {live['spec'].get('selector')}, expected {expect}",
+                                   "another release moved it or someone edited the Service; rerun release_model")
+        resource_version = resource_version or live["metadata"]["resourceVersion"]
+    body = {"metadata": {"resourceVersion": resource_version}, "spec": {"selector": selector}}
+    try:
+        patched = _call(api, "PATCH", path, body=body, content_type="application/merge-patch+json")
+    except ApiException as exc:
+        if exc.status == 409:
+            raise SelectorConflict(f"Service {name} changed since it was read (resourceVersion "
+                                   f"{resource_version})", "re-observe and decide again") from None
+        raise
+    if (patched["spec"].get("selector") or {}) != selector:
+        raise FleetError(f"Service {name} selector is {patched['spec'].get('selector')} after the patch",
+                         "rerun the release")
+    return patched
+
+
+@task(**task_retries())
+def annotate(*, kubeconfig: str | None, api_version: str, kind: str, name: str, namespace: str | None,
+             annotations: dict[str, str | None]) -> dict[str, Any]:
+    """Merge-patch annotations (None removes one): the product's records live on the cluster itself."""
+    return _call(kube_client(kubeconfig), "PATCH", object_path(api_version, kind, name, namespace),
+                 body={"metadata": {"annotations": annotations}}, content_type="application/merge-patch+json")
 
 
 @task(**task_retries())
@@ -282,3 +311,186 @@ def wait_pods_ready(*, kubeconfig: str | None, namespace: str, selector: dict[st
     raise DeployError(progress.message, progress.fix, reason=progress.reason,
                       logs=pod_logs.fn(kubeconfig=kubeconfig, namespace=namespace, pod=progress.pod,
                                        previous=progress.previous_logs) if progress.pod else [])
+
+
+# ---- watching: list, then watch from the list's resourceVersion; relist when the watch ends or expires ----
+
+class _Informer(threading.Thread):
+    """Keeps ``self.items`` (name -> object dict) current for one list call and signals every change.
+
+    A watch that ends (server timeout, dropped connection, API server restart) or expires
+    (410 Gone) is not an error: the informer relists and watches again, as client-go's reflector does.
+    """
+
+    def __init__(self, api: k8s.ApiClient, list_fn: Any, changed: queue.Queue, **kwargs: Any) -> None:
+        super().__init__(daemon=True)
+        self.api, self.list_fn, self.changed, self.kwargs = api, list_fn, changed, kwargs
+        self.items: dict[str, dict[str, Any]] = {}
+        self.synced = threading.Event()
+        self._halt = threading.Event()
+        self._watch: watch.Watch | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        backoff = 0.05
+        while not self._halt.is_set():
+            try:
+                listing = self.list_fn(**self.kwargs, _request_timeout=60)
+                self.items = {i.metadata.name: self.api.sanitize_for_serialization(i) for i in listing.items}
+                self.synced.set()
+                self.changed.put(self)
+                self._watch = watch.Watch()
+                for event in self._watch.stream(self.list_fn, **self.kwargs,
+                                                resource_version=listing.metadata.resource_version,
+                                                timeout_seconds=300, _request_timeout=330):
+                    if self._halt.is_set():
+                        return
+                    obj = self.api.sanitize_for_serialization(event["object"])
+                    if event["type"] == "ERROR":
+                        break  # 410 Gone and friends: relist
+                    name = (obj.get("metadata") or {}).get("name")
+                    if event["type"] == "DELETED":
+                        self.items.pop(name, None)
+                    elif name:
+                        self.items[name] = obj
+                    self.changed.put(self)
+                backoff = 0.05
+            except ApiException as exc:
+                if exc.status not in (410, 429, 500, 502, 503, 504) and exc.status:
+                    self.error = exc
+                    self.changed.put(self)
+                    return
+            except Exception:  # noqa: BLE001 - connection dropped: relist after a short backoff
+                if self._halt.is_set():
+                    return
+            self._halt.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+
+def _watch_until(informers: list[_Informer], evaluate: Any, *, timeout_s: float, log_prefix: str) -> Any:
+    """Run ``evaluate()`` on every change until it returns a non-waiting Progress or time runs out."""
+    changed: queue.Queue = informers[0].changed
+    for inf in informers:
+        inf.start()
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    log = logger()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            with contextlib.suppress(queue.Empty):
+                changed.get(timeout=max(0.0, min(remaining, 5.0)))
+            for inf in informers:
+                if inf.error is not None:
+                    raise inf.error
+            if all(inf.synced.is_set() for inf in informers):
+                progress = evaluate()
+                if last is None or (progress.reason, progress.message) != (last.reason, last.message):
+                    log.info("%s: %s", log_prefix, progress.message)
+                last = progress
+                if progress.state != "waiting":
+                    return progress
+            if time.monotonic() >= deadline:
+                return last
+    finally:
+        for inf in informers:
+            inf.stop()
+
+
+def _raise_for(progress: Progress | None, *, kubeconfig: str | None, namespace: str, timeout_s: float,
+               what: str) -> Progress:
+    if progress is not None and progress.state == "ready":
+        return progress
+    if progress is None:
+        raise DeployError(f"{what}: the cluster did not answer within {timeout_s:.0f}s", "check the API server",
+                          reason="LoadTimeout")
+    logs = (pod_logs.fn(kubeconfig=kubeconfig, namespace=namespace, pod=progress.pod,
+                        previous=progress.previous_logs) if progress.pod else [])
+    if progress.state == "waiting":
+        raise DeployError(f"{what} was not ready after {timeout_s / 60:.1f} min: {progress.message}",
+                          progress.fix or "raise load_timeout, or check the pod's logs",
+                          reason="Unschedulable" if progress.reason == "Unschedulable" else "LoadTimeout",
+                          logs=logs)
+    raise DeployError(f"{what}: {progress.message}", progress.fix or "read the pod's logs", reason=progress.reason,
+                      logs=logs)
+
+
+@task(**task_retries())
+def wait_rollout(*, kubeconfig: str | None, namespace: str, name: str, timeout_s: float) -> Progress:
+    """Like `kubectl rollout status`, watched: observedGeneration, updated == available == desired.
+
+    Only the new ReplicaSet's pods count (by pod-template-hash), and their causes fail the wait
+    at once: image pull errors, crash loops, OOM kills; an unschedulable pod or the Deployment's
+    progress deadline fails it once the deadline passes — with the pod's last log lines.
+    """
+    api = kube_client(kubeconfig)
+    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+    changed: queue.Queue = queue.Queue()
+    dep_inf = _Informer(api, apps.list_namespaced_deployment, changed, namespace=namespace,
+                        field_selector=f"metadata.name={name}")
+    dep = apps.read_namespaced_deployment(name, namespace)
+    selector = _selector(dep.spec.selector.match_labels or {})
+    pod_inf = _Informer(api, core.list_namespaced_pod, changed, namespace=namespace, label_selector=selector)
+    rs_inf = _Informer(api, apps.list_namespaced_replica_set, changed, namespace=namespace, label_selector=selector)
+
+    def evaluate() -> Progress:
+        d = dep_inf.items.get(name)
+        if d is None:
+            return Progress("failed", "Deleted", f"Deployment {name} was deleted during the rollout")
+        rs = new_replicaset(d, list(rs_inf.items.values()))
+        if rs is None:
+            return rollout_progress(d, [])
+        pod_hash = (rs["metadata"].get("labels") or {}).get(TEMPLATE_HASH)
+        pods = [p for p in pod_inf.items.values() if (p["metadata"].get("labels") or {}).get(TEMPLATE_HASH) == pod_hash]
+        return rollout_progress(d, pods, replicaset=rs["metadata"]["name"])
+
+    progress = _watch_until([dep_inf, pod_inf, rs_inf], evaluate, timeout_s=timeout_s, log_prefix=f"rollout {name}")
+    return _raise_for(progress, kubeconfig=kubeconfig, namespace=namespace, timeout_s=timeout_s,
+                      what=f"Deployment {name}")
+
+
+def endpoint_pods(endpoints: dict[str, Any] | None) -> set[str]:
+    """Names of the Ready pods an Endpoints object lists (what kube-proxy routes to)."""
+    out: set[str] = set()
+    for subset in (endpoints or {}).get("subsets") or []:
+        for addr in subset.get("addresses") or []:
+            ref = addr.get("targetRef") or {}
+            out.add(ref.get("name") or addr.get("ip"))
+    return out
+
+
+class EndpointsNotReady(FleetError):
+    """The Service's endpoints never listed exactly the expected pods."""
+
+
+@task(**task_retries())
+def wait_endpoints(*, kubeconfig: str | None, namespace: str, service: str, pods: set[str] | list[str],
+                   timeout_s: float) -> set[str]:
+    """Until the Service's endpoints list exactly ``pods`` (endpoint lag after Ready is normal, not fatal)."""
+    api = kube_client(kubeconfig)
+    core = k8s.CoreV1Api(api)
+    want = set(pods)
+    changed: queue.Queue = queue.Queue()
+    inf = _Informer(api, core.list_namespaced_endpoints, changed, namespace=namespace,
+                    field_selector=f"metadata.name={service}")
+
+    def evaluate() -> Progress:
+        have = endpoint_pods(inf.items.get(service))
+        if have == want:
+            return Progress("ready", "Endpoints", f"{service} lists {len(want)} pod(s)", ready=len(want),
+                            pods=tuple(sorted(want)))
+        extra, missing = sorted(have - want), sorted(want - have)
+        return Progress("waiting", "EndpointLag", f"{service} endpoints: waiting for {missing or '-'}, "
+                        f"still listing {extra or '-'}")
+
+    progress = _watch_until([inf], evaluate, timeout_s=timeout_s, log_prefix=f"endpoints {service}")
+    if progress is None or progress.state != "ready":
+        raise EndpointsNotReady(f"Service {service} endpoints did not converge in {timeout_s:.0f}s: "
+                                f"{progress.message if progress else 'no answer'}",
+                                "check the Service selector and the pods' readiness probes")
+    return want

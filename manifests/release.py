@@ -1,0 +1,239 @@
+"""Pure decisions for release_model: what the cluster runs, what the spec wants, and the steps between.
+
+Like Argo Rollouts' blue-green: the live Service's selector names the live color; a change is a new
+color beside it (the candidate), checked through the preview Service, then one checked selector switch,
+checked again, and the old color kept warm for ``scale_down_delay`` before it is scaled to 0. The pod
+template of the live color is never changed in place. Observations come in as values (read by tasks/),
+the plan goes out as a value (acted on by flows/release_model.py, printed by dry runs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from manifests import names
+from manifests.names import Color
+from manifests.provision import Check, QuotaReading
+from manifests.spec import DeploymentSpec
+
+HISTORY_ANNOTATION = "llm-fleet.dev/release-history"
+RELEASE_ANNOTATION = "llm-fleet.dev/release"  # the release in flight: candidate color + revision
+HISTORY_KEEP = 10
+
+
+@dataclass(frozen=True)
+class ColorState:
+    """One color's Deployment as the cluster reports it."""
+
+    color: Color
+    exists: bool = False
+    replicas: int = 0  # spec.replicas
+    available: int = 0  # status.availableReplicas
+    updated: int = 0  # status.updatedReplicas
+    generation: int = 0
+    observed_generation: int = 0
+    revision: str | None = None  # llm-fleet.dev/model-revision annotation
+    spec_hash: str | None = None  # llm-fleet.dev/spec-hash annotation
+
+    @property
+    def warm(self) -> bool:
+        """Fully rolled out and serving: safe to route traffic to."""
+        return (self.exists and self.replicas > 0 and self.observed_generation >= self.generation
+                and self.updated == self.replicas == self.available)
+
+    @classmethod
+    def from_deployment(cls, color: Color, dep: dict[str, Any] | None) -> ColorState:
+        if not dep:
+            return cls(color)
+        meta, spec, status = dep.get("metadata", {}), dep.get("spec", {}), dep.get("status") or {}
+        ann = meta.get("annotations") or {}
+        return cls(color, True, int(spec.get("replicas") or 0), int(status.get("availableReplicas") or 0),
+                   int(status.get("updatedReplicas") or 0), int(meta.get("generation") or 0),
+                   int(status.get("observedGeneration") or 0), ann.get(names.REVISION_ANNOTATION),
+                   ann.get(names.SPEC_HASH_ANNOTATION))
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster says, read fresh at the start of every run (no local state)."""
+
+    live: Color | None  # from the live Service's selector; None before the first deploy
+    service_version: str | None  # the live Service's resourceVersion, for the checked switch
+    colors: dict[Color, ColorState]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    in_flight: dict[str, Any] | None = None  # RELEASE_ANNOTATION of an interrupted release
+
+    @classmethod
+    def from_objects(cls, service: dict[str, Any] | None, deployments: dict[Color, dict[str, Any] | None]
+                     ) -> Observed:
+        meta = (service or {}).get("metadata", {})
+        color = ((service or {}).get("spec", {}).get("selector") or {}).get(names.COLOR_LABEL)
+        ann = meta.get("annotations") or {}
+        return cls(color if color in names.COLORS else None, meta.get("resourceVersion"),
+                   {c: ColorState.from_deployment(c, deployments.get(c)) for c in names.COLORS},
+                   _json(ann.get(HISTORY_ANNOTATION), []), _json(ann.get(RELEASE_ANNOTATION), None))
+
+
+@dataclass(frozen=True)
+class Desired:
+    revision: str  # a resolved commit sha
+    spec_hash: str
+    replicas: int
+
+
+# The release's named steps, in order. Each is idempotent: a rerun after a crash repeats it harmlessly.
+STEPS = ("capacity", "bring_up", "preview", "pre_analysis", "switch", "post_analysis", "scale_down", "record")
+RECREATE_STEPS = ("capacity", "stop_live", "bring_up", "preview", "pre_analysis", "switch", "post_analysis",
+                  "scale_down", "record")
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    action: Literal["first_deploy", "noop", "release", "finish", "clean_up"]
+    reason: str
+    live: Color | None  # serving now
+    candidate: Color | None  # to bring up beside it
+    steps: tuple[str, ...] = ()
+    revision: str = ""
+    live_revision: str | None = None
+    retire: Color | None = None  # scaled to 0 at the end (the old live color)
+
+    def table(self) -> list[dict[str, str]]:
+        head = {"step": "plan", "detail": f"{self.action}: {self.reason}"}
+        return [head] + [{"step": s, "detail": STEP_TEXT[s].format(
+            live=self.live, candidate=self.candidate, retire=self.retire, revision=self.revision[:12])}
+            for s in self.steps]
+
+
+STEP_TEXT = {
+    "capacity": "check the GPU pool and quota hold both colors at once",
+    "stop_live": "recreate: scale {live} to 0 (announced downtime)",
+    "bring_up": "apply {candidate} at {revision} and wait for its rollout",
+    "preview": "point the preview Service at {candidate}; wait for its endpoints",
+    "pre_analysis": "engine, smoke prompts, error rate and latency through the preview Service, vs {live}",
+    "switch": "patch the live Service's selector {live} → {candidate} (checked by resourceVersion)",
+    "post_analysis": "analysis through the live Service; switch back to {live} on failure",
+    "scale_down": "keep {retire} warm for scale_down_delay, then scale it to 0",
+    "record": "append the release to the history on the live Service",
+}
+
+
+def plan_release(observed: Observed, desired: Desired, *, strategy: str = "blue-green") -> ReleasePlan:
+    """The steps from what the cluster runs to what the spec wants. Pure, total, printed before acting."""
+    live = observed.live
+    if live is None or not observed.colors[live].exists:
+        return ReleasePlan("first_deploy", "no color serves yet: nothing to protect, deploy directly",
+                           None, "blue", revision=desired.revision)
+    cur = observed.colors[live]
+    other = observed.colors[names.other(live)]
+    if cur.spec_hash == desired.spec_hash and cur.replicas > 0:
+        if other.exists and other.replicas > 0:
+            # A crash after the switch (or an abandoned candidate): finish by scaling the other color down.
+            why = ("the live color already runs the desired revision; the other color is still up"
+                   if other.spec_hash != desired.spec_hash or other.revision != desired.revision
+                   else "an earlier run switched but did not scale down")
+            return ReleasePlan("clean_up", why, live, None, ("scale_down",), desired.revision, cur.revision,
+                               retire=names.other(live))
+        return ReleasePlan("noop", f"{live} already runs {desired.revision[:12]} (spec {desired.spec_hash})",
+                           live, None, (), desired.revision, cur.revision)
+    steps = RECREATE_STEPS if strategy == "recreate" else STEPS
+    resume = " (resuming: the candidate is already up)" if (
+        other.spec_hash == desired.spec_hash and other.warm) else ""
+    return ReleasePlan("release", f"{live} runs {(cur.revision or '?')[:12]}, spec wants "
+                       f"{desired.revision[:12]}{resume}", live, names.other(live), steps,
+                       desired.revision, cur.revision, retire=live)
+
+
+def check_capacity(spec: DeploymentSpec, *, live_replicas: int, candidate_replicas: int,
+                   pool_max_nodes: int | None, pool_nodes: int, quota: QuotaReading | None,
+                   strategy: str = "blue-green") -> list[Check]:
+    """Both colors at once need GPUs for both; say which knob to turn when they don't fit."""
+    if strategy == "recreate":
+        return [Check("capacity", True, "recreate: the old color stops first (downtime announced)")]
+    need_replicas = live_replicas + candidate_replicas
+    checks: list[Check] = []
+    per_node = spec.accelerator.count
+    fix_recreate = "or set release.strategy: recreate (the model is down while the new one loads)"
+    if spec.cluster.mode == "standard" and pool_max_nodes is not None:
+        ok = pool_max_nodes >= need_replicas
+        checks.append(Check(
+            "GPU pool max nodes", ok,
+            f"{need_replicas} replicas during the release ({live_replicas} live + {candidate_replicas} candidate), "
+            f"pool max {pool_max_nodes}",
+            "" if ok else f"raise accelerator.pool.max_nodes to {need_replicas} and rerun provision_cluster, "
+                          + fix_recreate))
+    if quota is not None:
+        extra_nodes = max(0, need_replicas - pool_nodes) if spec.cluster.mode == "standard" else candidate_replicas
+        need = extra_nodes * per_node
+        ok = quota.free >= need
+        checks.append(Check(
+            f"quota {quota.metric} ({quota.scope})", ok,
+            f"need {need} more GPU(s) for the candidate, free {quota.free:g}",
+            "" if ok else f"request more {quota.metric} quota in {quota.scope}, " + fix_recreate))
+    return checks
+
+
+@dataclass(frozen=True)
+class AnalysisVerdict:
+    ok: bool
+    reason: str
+
+
+def judge(figures: dict[str, Any], *, max_error_rate: float, max_p95_s: float, min_tokens_per_s: float | None,
+          baseline: dict[str, Any] | None = None, max_latency_ratio: float | None = None) -> AnalysisVerdict:
+    """Analysis figures against the release policy (and against the live color, when measured)."""
+    if figures["error_rate"] > max_error_rate:
+        return AnalysisVerdict(False, f"error rate {figures['error_rate']:.1%} above {max_error_rate:.1%} "
+                               f"({figures['errors']} of {figures['requests']} requests failed: "
+                               f"{figures.get('first_error') or '?'})")
+    if figures["p95_s"] > max_p95_s:
+        return AnalysisVerdict(False, f"p95 latency {figures['p95_s']:.2f}s above {max_p95_s:g}s")
+    if min_tokens_per_s and figures["tokens_per_s"] < min_tokens_per_s:
+        return AnalysisVerdict(False, f"{figures['tokens_per_s']:.1f} tokens/s below {min_tokens_per_s:g}")
+    if baseline and max_latency_ratio and baseline.get("p50_s"):
+        ratio = figures["p50_s"] / baseline["p50_s"]
+        if ratio > max_latency_ratio:
+            return AnalysisVerdict(False, f"{ratio:.1f}× slower than the live color (p50 {figures['p50_s']:.3f}s "
+                                   f"vs {baseline['p50_s']:.3f}s; limit {max_latency_ratio:g}×)")
+    return AnalysisVerdict(True, f"{figures['requests']} requests, {figures['errors']} errors, "
+                           f"p95 {figures['p95_s']:.3f}s, {figures['tokens_per_s']:.0f} tokens/s")
+
+
+@dataclass
+class ReleaseRecord:
+    revision: str
+    spec_hash: str
+    color: Color
+    previous_revision: str | None
+    previous_color: Color | None
+    started: str
+    result: str  # promoted | rolled_back | failed
+    cause: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def with_record(history: list[dict[str, Any]], record: ReleaseRecord) -> str:
+    """The history annotation value with ``record`` appended (the newest HISTORY_KEEP kept)."""
+    return json.dumps((history + [asdict(record)])[-HISTORY_KEEP:], separators=(",", ":"), sort_keys=True)
+
+
+def previous_promoted(history: list[dict[str, Any]], current_revision: str | None) -> dict[str, Any] | None:
+    """The newest promoted release whose revision differs from what serves now (what rollback goes back to)."""
+    for rec in reversed(history):
+        if rec.get("result") == "promoted" and rec.get("revision") != current_revision:
+            return rec
+    for rec in reversed(history):  # the first deploy's revision is the previous release's previous_revision
+        if rec.get("result") == "promoted" and rec.get("previous_revision") not in (None, current_revision):
+            return {"revision": rec["previous_revision"], "color": rec.get("previous_color")}
+    return None
+
+
+def _json(raw: str | None, default: Any) -> Any:
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return default
