@@ -48,7 +48,9 @@ a ``"*"`` rule can never lock you out of clearing faults):
 ``GET  /sandbox/state``                  urls, env, quota used, faults and every emulator's snapshot
 ``GET  /sandbox/faults``                 fault rules (FaultRule JSON, with ``hits``)
 ``POST /sandbox/faults``                 add a rule: ``{"service", "method", "path", "status", "count",
-                                         "latency", "hang", "body", "headers"}`` → the rule with its id
+                                         "latency", "hang", "body", "headers", "action", "after",
+                                         "query"}`` → the rule with its id (``action``: reset, truncate,
+                                         watch_expire, watch_drop — see ``sandbox.core.ACTIONS``)
 ``DELETE /sandbox/faults[?service=S]``   clear all rules (or one service's)
 ``DELETE /sandbox/faults/{id}``          remove one rule
 ``GET/POST/DELETE /sandbox/stockouts``   list / ``{"zone", "accelerator": type|null (every GPU)|"*"
@@ -133,8 +135,8 @@ class _ControlFaults:
     def stop(self) -> threading.Event:
         return self._faults.stop
 
-    def take(self, service: str, method: str, path: str) -> FaultRule | None:
-        return self._faults.take("control", method, path, exact=True)
+    def take(self, service: str, method: str, path: str, *, query: str = "") -> FaultRule | None:
+        return self._faults.take("control", method, path, exact=True, query=query)
 
 
 def _quiet_stop(part: Any) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -78,11 +80,23 @@ class FaultRule:
     hang: bool = False  # never answer (until the sandbox stops)
     body: dict[str, Any] | None = None  # custom JSON body for the error
     headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "1"}
+    # What the network or server does instead of answering (see ACTIONS); None = the status/latency above.
+    action: str | None = None
+    after: float = 0.0  # watch actions: real seconds of normal streaming before the fault hits
+    query: str = ""  # regex searched in the query string, e.g. "watch=(1|true|True)"
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     hits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
+
+
+# reset: the TCP connection is reset (RST) before any reply, as a crashed proxy or LB does.
+# truncate: a 200 whose body stops short of its Content-Length (the client sees a broken read).
+# watch_expire: a watch streams normally for ``after`` s, then gets the 410 Expired ERROR event the API
+#   server sends when etcd has compacted past the watch's resourceVersion (old versions stay gone).
+# watch_drop: a watch streams for ``after`` s, then the connection closes mid-stream (API server restart).
+ACTIONS = ("reset", "truncate", "watch_expire", "watch_drop")
 
 
 class Faults:
@@ -96,6 +110,9 @@ class Faults:
     def add(self, rule: FaultRule | None = None, **kwargs: Any) -> FaultRule:
         rule = rule or FaultRule(**kwargs)
         re.compile(rule.path)  # fail early on a bad pattern
+        re.compile(rule.query)
+        if rule.action is not None and rule.action not in ACTIONS:
+            raise ValueError(f"unknown fault action {rule.action!r}; valid: {', '.join(ACTIONS)}")
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -115,7 +132,7 @@ class Faults:
         with self._lock:
             return [r.to_dict() for r in self._rules]
 
-    def take(self, service: str, method: str, path: str, *, exact: bool = False) -> FaultRule | None:
+    def take(self, service: str, method: str, path: str, *, exact: bool = False, query: str = "") -> FaultRule | None:
         """The first live rule matching this request, with one use consumed (``exact``: ignore "*" rules)."""
         with self._lock:
             for rule in self._rules:
@@ -124,6 +141,8 @@ class Faults:
                 if rule.method not in ("*", method.upper()):
                     continue
                 if not re.search(rule.path, path):
+                    continue
+                if rule.query and not re.search(rule.query, query):
                     continue
                 if rule.count is not None and rule.hits >= rule.count:
                     continue
@@ -259,9 +278,16 @@ class JsonHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         # One handler instance serves every request of a keep-alive connection: forget the last body.
         self.__dict__.pop("_body", None)
+        self.fault: FaultRule | None = None  # a watch action, carried out by the route that streams
         path = self.url.path
         self.server.record(self.command, path)
-        rule = self.server.faults.take(self.service, self.command, path) if self.server.faults else None
+        rule = (self.server.faults.take(self.service, self.command, path, query=self.url.query)
+                if self.server.faults else None)
+        if rule is not None and rule.action in ("reset", "truncate"):
+            self._break_connection(rule.action)
+            return
+        if rule is not None and rule.action is not None:
+            self.fault, rule = rule, None
         if rule is not None:
             if rule.hang:
                 self.server.faults.stop.wait()
@@ -299,6 +325,22 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_json(404, self.error_body(err))
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
+
+    def _break_connection(self, action: str) -> None:
+        self.body_bytes()
+        self.close_connection = True
+        if action == "truncate":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "4096")
+            self.end_headers()
+            self.wfile.write(b'{"partial": ')
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
 
 
 def route(routes: list[Route], method: str, pattern: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -69,6 +69,7 @@ from sandbox.core import (
     route,
     serve,
 )
+from sandbox.kube import addons
 
 API_BASE = "https://container.googleapis.com/v1"
 
@@ -995,6 +996,7 @@ class Gke:
             if autopilot:
                 self._kube_autopilot(cluster, True)
             self._sleep(op, "cluster_create")
+            addons.sync(cluster.kube, cluster.data)  # e.g. Filestore CSI -> the *-rwx StorageClasses
             errors = []
             for pool in list(cluster.pools.values()):
                 errs = self._resize(cluster, pool, int(pool.data.get("initialNodeCount", 0) or 0))
@@ -1138,6 +1140,8 @@ class Gke:
                     for p in [pool] if pool else list(cluster.pools.values()):
                         p.data.setdefault("config", {})["imageType"] = update["desiredImageType"]
                 d["etag"] = secrets.token_hex(8)
+            if "desiredAddonsConfig" in update:
+                addons.sync(cluster.kube, cluster.data)
 
         def finish() -> None:
             if pool is not None and pool.busy == op.data["name"]:

@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from sandbox.core import Clock, Faults, SandboxHTTPServer, now_rfc3339, serve
+from sandbox.kube import admission
 from sandbox.kube import resources as res
 from sandbox.kube.api import KubeApi, KubeHandler
 from sandbox.kube.controller import AUTOPILOT_LABEL, NODES, PODS, SVCS, Controller, is_ready
+from sandbox.kube.endpointslices import EndpointSlices
 from sandbox.kube.resources import RType
 from sandbox.kube.selectors import match_selector_dict
+from sandbox.kube.storage import Storage
 from sandbox.kube.store import Event, Store, not_found, status_error
 
 Obj = dict[str, Any]
@@ -62,6 +65,8 @@ class KubeCluster:
         self._node_ports: set[int] = set()
         self.store.add_hook(self.controller.on_event)
         self.store.add_hook(self._publish)
+        self.storage = Storage(self)  # claims bind like GKE's provisioners (sandbox.kube.storage)
+        EndpointSlices(self)  # discovery.k8s.io/v1 mirrors of each Service's Endpoints
         self._bootstrap()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -112,14 +117,17 @@ class KubeCluster:
             self.api.create(sc, None, {"metadata": {"name": name, "annotations": ann,
                                                     "labels": {"addonmanager.kubernetes.io/mode": "EnsureExists"}},
                                        "provisioner": "pd.csi.storage.gke.io", "parameters": {"type": disk},
-                                       "reclaimPolicy": "Delete", "volumeBindingMode": "WaitForFirstConsumer",
-                                       "allowVolumeExpansion": True})
+                                       "reclaimPolicy": "Delete", "allowVolumeExpansion": True,
+                                       # GKE's legacy "standard" class binds at once; the CSI ones wait for a pod
+                                       "volumeBindingMode": "Immediate" if name == "standard" else
+                                       "WaitForFirstConsumer"})
         ic = res.BY_KEY[("networking.k8s.io", "ingressclasses")]
         self.api.create(ic, None, {"metadata": {"name": "gce"}, "spec": {"controller": "k8s.io/ingress-gce"}})
-        self.api.create(ic, None, {"metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}})
+        # no "nginx" IngressClass: GKE has none until ingress-nginx is installed (helm/kubectl apply creates it)
 
     # ---- admission (defaults that need cluster state) -----------------------------------------
     def admit(self, t: RType, obj: Obj, old: Obj | None) -> None:
+        admission.admit(self, t.kind, obj, old)  # GKE's admission plugins (toleration, Autopilot, default class)
         if t.kind == "Service":
             spec = obj.setdefault("spec", {})
             old_spec = (old or {}).get("spec") or {}
@@ -143,16 +151,6 @@ class KubeCluster:
                 obj["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.1", "ipMode": "VIP"}]}}
             elif old is not None:
                 obj["status"] = {"loadBalancer": {}}
-        elif t.kind == "PersistentVolumeClaim":
-            spec = obj["spec"]
-            spec.setdefault("volumeName", f"pvc-{obj['metadata']['uid']}")
-            obj["status"] = {"phase": "Bound", "accessModes": list(spec.get("accessModes") or []),
-                             "capacity": {"storage": ((spec.get("resources") or {}).get("requests") or {})
-                                          .get("storage", "1Gi")}}
-            ann = obj["metadata"].setdefault("annotations", {})
-            ann.setdefault("pv.kubernetes.io/bind-completed", "yes")
-            ann.setdefault("pv.kubernetes.io/bound-by-controller", "yes")
-            ann.setdefault("volume.kubernetes.io/storage-provisioner", "pd.csi.storage.gke.io")
         elif t.kind == "Ingress":
             obj["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}
 

@@ -843,6 +843,10 @@ class Controller:
             or [])]
         for pod in pending:
             gpu, cpu, mem = _gpus(pod), _requests(pod, "cpu"), _requests(pod, "memory")
+            volumes = self.cluster.storage.blocked(pod) if hasattr(self.cluster, "storage") else None
+            if volumes:  # the VolumeBinding plugin: no node fits a pod whose claims cannot bind
+                self._unschedulable(pod, f"0/{len(nodes)} nodes are available: {volumes}.")
+                continue
             reasons: Counter[str] = Counter()
             fits = []
             for n in schedulable:
@@ -882,6 +886,8 @@ class Controller:
                 u["memory"] += mem
                 u["pods"] += 1
                 self._idle_since.pop(nname, None)
+                if hasattr(self.cluster, "storage"):
+                    self.cluster.storage.bind_for(pod)  # PreBind: provision WaitForFirstConsumer claims
                 self.bind(pod, node)
             else:
                 if not nodes:

@@ -96,9 +96,9 @@ TYPES: list[RType] = [
        subresources=("status",), generation=True, has_status=True),
     _t("monitoring.googleapis.com", "v1", "rules", "Rules", subresources=("status",), generation=True,
        has_status=True),
-    _t("monitoring.coreos.com", "v1", "prometheusrules", "PrometheusRule", short=("promrule",), generation=True),
-    _t("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", short=("smon",), generation=True),
-    _t("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor", short=("pmon",), generation=True),
+    # No monitoring.coreos.com (PrometheusRule, ServiceMonitor): GKE ships only GMP's CRDs; the
+    # prometheus-operator CRDs exist only where someone installed them.
+    _t("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
 ]
 
 BY_KEY: dict[tuple[str, str], RType] = {t.key: t for t in TYPES}

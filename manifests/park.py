@@ -1,0 +1,447 @@
+"""Park and wake, the pure part: what a park records, the hold proxy's objects, schedules, idle decisions.
+
+No I/O. ``flows/park.py`` observes the cluster, calls these, and applies what they return;
+``bench/park_week.py`` replays a week of traffic through the same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+
+from manifests import names
+from manifests.names import Color
+from manifests.spec import DeploymentSpec, ScheduleSpec
+
+Obj = dict[str, Any]
+
+# What park changed, on the live Service itself: wake restores exactly this (and a rerun sees it).
+PARK_RECORD = "llm-fleet.dev/park-record"
+# Idle tracking for park_idle: the request counter last seen and when it last moved.
+ACTIVITY = "llm-fleet.dev/activity"
+HOLD_COLOR = "hold"  # the color label the hold proxy's pods carry: the live Service selects it while parked
+WAKE_EVENT = "llm-fleet.model.wake-requested"
+HOLD_PORT = 8080
+# Most recent measured wakes kept for the prewarm p95.
+WAKE_HISTORY = 20
+MIN_WAKES_FOR_P95 = 3
+
+
+# ---- names ------------------------------------------------------------------------------------------
+
+def hold_deployment_name(spec: DeploymentSpec) -> str:
+    return f"{spec.name}-hold"
+
+
+def awake_service_name(spec: DeploymentSpec) -> str:
+    """The Service that always selects the model's own pods: the hold proxy forwards to it, wake checks it."""
+    return f"{spec.name}-awake"
+
+
+def resource_id(spec: DeploymentSpec) -> str:
+    return f"llm-fleet.model.{spec.name}"
+
+
+def wake_variable(spec: DeploymentSpec) -> str:
+    """Prefect Variable holding the measured wake times (names: lowercase, digits, underscores)."""
+    return "llm_fleet_wake_s_" + re.sub(r"[^a-z0-9]+", "_", spec.name.lower())
+
+
+def hold_selector(spec: DeploymentSpec) -> dict[str, str]:
+    return {"app.kubernetes.io/instance": spec.name, names.COLOR_LABEL: HOLD_COLOR}
+
+
+# ---- the park record --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PoolState:
+    """A Standard GPU pool's settings as GKE reports them (node counts are per zone, as in GKE)."""
+
+    name: str
+    autoscaling: bool
+    min_nodes: int
+    max_nodes: int
+    nodes_per_zone: int
+
+
+@dataclass(frozen=True)
+class ParkRecord:
+    color: Color
+    replicas: int
+    selector: dict[str, str]
+    parked_at: str
+    pool: PoolState | None = None  # None on Autopilot: the nodes go with the pods
+    held: bool = False  # the live Service was pointed at the hold proxy
+
+    def to_annotation(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_annotation(cls, text: str | None) -> ParkRecord | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        pool = data.pop("pool", None)
+        return cls(**data, pool=PoolState(**pool) if pool else None)
+
+
+def read_record(service: Obj | None) -> ParkRecord | None:
+    ann = ((service or {}).get("metadata") or {}).get("annotations") or {}
+    return ParkRecord.from_annotation(ann.get(PARK_RECORD))
+
+
+def pool_state(pool: Obj, node_count: int, zones: int) -> PoolState:
+    """From a get_node_pool dict (proto field names) and the pool's nodes as Kubernetes lists them."""
+    auto = pool.get("autoscaling") or {}
+    return PoolState(name=pool["name"], autoscaling=bool(auto.get("enabled")),
+                     min_nodes=int(auto.get("min_node_count") or 0), max_nodes=int(auto.get("max_node_count") or 0),
+                     nodes_per_zone=math.ceil(node_count / max(1, zones)))
+
+
+# ---- the hold proxy's objects ---------------------------------------------------------------------
+
+def awake_service(spec: DeploymentSpec, color: Color) -> Obj:
+    """ClusterIP Service on the model's own pods: where the hold proxy forwards, what wake checks."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": awake_service_name(spec), "namespace": spec.namespace,
+                     "labels": {**names.common_labels(spec), "llm-fleet.dev/role": "awake"}},
+        "spec": {"type": "ClusterIP", "selector": names.selector(spec, color),
+                 "ports": [{"name": "http", "port": spec.expose.port, "targetPort": "http", "protocol": "TCP"}]},
+    }
+
+
+def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
+                          spec_ref: str | None = None) -> Obj:
+    """The always-on, CPU-only proxy that holds requests while the model is parked."""
+    hold = spec.hold
+    labels = {**names.common_labels(spec), "app.kubernetes.io/component": "hold-proxy",
+              names.COLOR_LABEL: HOLD_COLOR}
+    env = {
+        "HOLD_MODEL": spec.name,
+        "HOLD_ENGINE": spec.engine.kind,
+        "HOLD_NAMESPACE": spec.namespace,
+        "HOLD_UPSTREAM_SERVICE": awake_service_name(spec),
+        "HOLD_UPSTREAM_PORT": str(spec.expose.port),
+        "HOLD_MAX_QUEUE": str(hold.max_queue),
+        "HOLD_TIMEOUT_S": f"{hold.timeout.total_seconds():g}",
+        "HOLD_RETRY_AFTER_S": f"{math.ceil(hold.retry_after.total_seconds())}",
+        "HOLD_EVENT": WAKE_EVENT,
+        "HOLD_RESOURCE_ID": resource_id(spec),
+        "HOLD_SPEC": spec_ref or spec.name,
+    }
+    if hold.prefect_api_url or prefect_api_url:
+        env["PREFECT_API_URL"] = hold.prefect_api_url or prefect_api_url
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 2}
+    container = {
+        "name": "hold-proxy", "image": hold.image,
+        "command": ["python", "-m", "llm_fleet.holdproxy"],
+        "ports": [{"name": "http", "containerPort": HOLD_PORT, "protocol": "TCP"}],
+        "env": [{"name": "PORT", "value": str(HOLD_PORT)}] + [{"name": k, "value": v} for k, v in env.items()],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
+    }
+    selector = {"app.kubernetes.io/instance": spec.name, "app.kubernetes.io/component": "hold-proxy"}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": hold_deployment_name(spec), "namespace": spec.namespace,
+                     "labels": {**names.common_labels(spec), "app.kubernetes.io/component": "hold-proxy"}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": {**labels, **selector}},
+                         # held requests finish or get their 503 before the pod goes
+                         "spec": {"containers": [container],
+                                  "terminationGracePeriodSeconds": int(hold.timeout.total_seconds()) + 5}},
+        },
+    }
+
+
+# ---- schedules ----------------------------------------------------------------------------------------
+
+def _tz(schedule: ScheduleSpec) -> ZoneInfo:
+    return ZoneInfo(schedule.timezone)
+
+
+def last_fire(cron: str, now: datetime, tz: ZoneInfo) -> datetime:
+    return croniter(cron, now.astimezone(tz)).get_prev(datetime)
+
+
+def next_fire(cron: str, now: datetime, tz: ZoneInfo) -> datetime:
+    return croniter(cron, now.astimezone(tz)).get_next(datetime)
+
+
+def in_awake_window(schedule: ScheduleSpec | None, now: datetime) -> bool:
+    """Between a scheduled wake and the next scheduled park (False without park/wake crons)."""
+    if schedule is None or not schedule.park or not schedule.wake:
+        return False
+    tz = _tz(schedule)
+    return last_fire(schedule.wake, now, tz) > last_fire(schedule.park, now, tz)
+
+
+def p95(values: list[float]) -> float:
+    """Nearest-rank 95th percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def prewarm_s(schedule: ScheduleSpec, wake_seconds: list[float]) -> float:
+    """How early a scheduled wake starts: p95 of measured wakes, or schedule.prewarm until there are enough."""
+    if len(wake_seconds) >= MIN_WAKES_FOR_P95:
+        return p95(wake_seconds)
+    return schedule.prewarm.total_seconds()
+
+
+def add_wake(history: list[float], seconds: float) -> list[float]:
+    return [*history, round(seconds, 3)][-WAKE_HISTORY:]
+
+
+_NUM = re.compile(r"^\d+$")
+
+
+def _expand_dow(field_: str) -> list[int] | None:
+    if field_ == "*":
+        return None
+    out: list[int] = []
+    for part in field_.split(","):
+        if _NUM.match(part):
+            out.append(int(part) % 7)
+        elif m := re.match(r"^(\d+)-(\d+)$", part):
+            out += [d % 7 for d in range(int(m.group(1)), int(m.group(2)) + 1)]
+        else:
+            raise ValueError(part)
+    return sorted(set(out))
+
+
+def shift_cron(cron: str, minutes: int) -> str | None:
+    """``cron`` fired ``minutes`` earlier (whole minutes), or None when the expression can't be shifted.
+
+    Handles the common shape: numeric minute and hour(s), day of month/month ``*``, day of week ``*`` or
+    numbers/ranges (moved back a day when the shift crosses midnight).
+    """
+    if minutes <= 0:
+        return cron
+    parts = cron.split()
+    if len(parts) != 5:
+        return None
+    minute, hour, dom, month, dow = parts
+    if not _NUM.match(minute) or dom != "*" or month != "*":
+        return None
+    try:
+        hours = [int(h) for h in hour.split(",")]
+        days = _expand_dow(dow)
+    except ValueError:
+        return None
+    shifted = [(h * 60 + int(minute) - minutes) for h in hours]
+    if len({t % 60 for t in shifted}) != 1 or any(t < -1440 for t in shifted):
+        return None
+    crosses = {t < 0 for t in shifted}
+    if len(crosses) != 1:
+        return None
+    new_minute = shifted[0] % 60
+    new_hours = ",".join(str((t % 1440) // 60) for t in shifted)
+    if crosses.pop() and days is not None:
+        dow = ",".join(str(d) for d in sorted({(d - 1) % 7 for d in days}))
+    return f"{new_minute} {new_hours} {dom} {month} {dow}"
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """One Prefect deployment schedule the specs ask for (the slug identifies it across syncs)."""
+
+    slug: str
+    deployment: str  # "flow/deployment"
+    cron: str
+    timezone: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+SLUG_PREFIX = "llm-fleet-"
+
+
+def desired_schedules(spec: DeploymentSpec, *, spec_ref: str, wake_seconds: list[float],
+                      park_deployment: str = "park_model/default",
+                      wake_deployment: str = "wake_model/default") -> list[ScheduleEntry]:
+    """The park and (prewarmed) wake schedules of one spec."""
+    sched = spec.schedule
+    if sched is None or not sched.park or not sched.wake:
+        return []
+    lead_s = prewarm_s(sched, wake_seconds)
+    lead_min = math.ceil(lead_s / 60)
+    wake_cron = shift_cron(sched.wake, lead_min)
+    note = f"prewarm {lead_min} min ({'p95 of ' + str(len(wake_seconds)) + ' wakes' if len(wake_seconds) >= MIN_WAKES_FOR_P95 else 'schedule.prewarm'})"
+    if wake_cron is None:
+        wake_cron, note = sched.wake, f"no prewarm: cannot shift {sched.wake!r} by {lead_min} min"
+    params = {"spec": spec_ref}
+    return [
+        ScheduleEntry(f"{SLUG_PREFIX}park-{spec.name}", park_deployment, sched.park, sched.timezone,
+                      {**params, "reason": "schedule"}, "scheduled park"),
+        ScheduleEntry(f"{SLUG_PREFIX}wake-{spec.name}", wake_deployment, wake_cron, sched.timezone,
+                      {**params, "reason": "schedule"}, note),
+    ]
+
+
+@dataclass(frozen=True)
+class ScheduleChange:
+    action: Literal["create", "update", "delete", "unchanged"]
+    slug: str
+    deployment: str
+    cron: str
+    timezone: str
+    id: str | None = None  # the existing schedule's id (update/delete)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_schedules(desired: list[ScheduleEntry], existing: dict[str, list[dict[str, Any]]]) -> list[ScheduleChange]:
+    """What to change so the deployments' llm-fleet schedules equal ``desired``.
+
+    ``existing``: deployment -> its schedules as ``{"id", "slug", "cron", "timezone", "parameters"}``; only
+    slugs with our prefix are ours (hand-made schedules are left alone).
+    """
+    out: list[ScheduleChange] = []
+    want = {(d.deployment, d.slug): d for d in desired}
+    for dep, items in existing.items():
+        for s in items:
+            slug = s.get("slug") or ""
+            if not slug.startswith(SLUG_PREFIX):
+                continue
+            d = want.pop((dep, slug), None)
+            if d is None:
+                out.append(ScheduleChange("delete", slug, dep, s.get("cron", ""), s.get("timezone", ""), s["id"]))
+            elif (s.get("cron"), s.get("timezone"), s.get("parameters") or {}) != (d.cron, d.timezone, d.parameters):
+                out.append(ScheduleChange("update", slug, dep, d.cron, d.timezone, s["id"], d.parameters))
+            else:
+                out.append(ScheduleChange("unchanged", slug, dep, d.cron, d.timezone, s["id"], d.parameters))
+    out += [ScheduleChange("create", d.slug, d.deployment, d.cron, d.timezone, None, d.parameters)
+            for d in want.values()]
+    return out
+
+
+# ---- idle policy ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metrics:
+    running: float
+    waiting: float
+    requests: float  # a counter of requests seen (finished or failed)
+
+
+_METRICS = {
+    "vllm": (("vllm:num_requests_running",), ("vllm:num_requests_waiting",),
+             ("vllm:request_success", "vllm:request_success_total")),
+    "tgi": (("tgi_batch_current_size",), ("tgi_queue_size",), ("tgi_request_count", "tgi_request_count_total")),
+    "sglang": (("sglang:num_running_reqs",), ("sglang:num_queue_reqs",),
+               ("sglang:num_requests", "sglang:num_requests_total")),
+}
+
+
+def parse_metrics(text: str, engine: str) -> Metrics:
+    """The engine's in-flight gauges and request counter from a Prometheus /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    running_names, waiting_names, count_names = _METRICS[engine]
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith(("_bucket", "_created")):
+                continue
+            sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
+
+    def pick(candidates: tuple[str, ...]) -> float:
+        return next((sums[n] for n in candidates if n in sums), 0.0)
+
+    return Metrics(pick(running_names), pick(waiting_names), pick(count_names))
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Stored on the live Service: the counter value last seen and when traffic was last seen."""
+
+    requests: float
+    last_active: str  # ISO time
+
+    def to_annotation(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_annotation(cls, text: str | None) -> Activity | None:
+        return cls(**json.loads(text)) if text else None
+
+
+def observe_activity(previous: Activity | None, metrics: Metrics, now: datetime) -> tuple[Activity, bool]:
+    """(new record, whether the idle time is known): busy or a moved counter resets the idle clock.
+
+    A first observation (no record) starts the clock now: an idle time is only claimed once seen.
+    """
+    busy = metrics.running + metrics.waiting > 0
+    if previous is None:
+        return Activity(metrics.requests, now.isoformat()), False
+    if busy or metrics.requests != previous.requests:
+        return Activity(metrics.requests, now.isoformat()), True
+    return previous, True
+
+
+@dataclass(frozen=True)
+class Observed:
+    model: str
+    parked: bool
+    replicas: int
+    in_flight: float  # running + waiting
+    last_active: datetime | None  # None: not known yet
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    idle_for_s: float | None
+    action: Literal["park", "keep", "skip"]
+    reason: str
+
+    def row(self) -> dict[str, Any]:
+        idle = "unknown" if self.idle_for_s is None else human(self.idle_for_s)
+        return {"model": self.model, "idle for": idle, "action": self.action, "reason": self.reason}
+
+
+def human(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def decide_park(observed: Observed, policy: ScheduleSpec | None, now: datetime) -> Decision:
+    """Park a model idle longer than ``idle_after`` — never inside a schedule's awake window unless allowed."""
+    m = observed.model
+    idle = None if observed.last_active is None else max(0.0, (now - observed.last_active).total_seconds())
+    if observed.parked:
+        return Decision(m, idle, "skip", "already parked")
+    if observed.replicas == 0:
+        return Decision(m, idle, "skip", "no replicas running (not parked by llm-fleet)")
+    if policy is None or policy.idle_after is None:
+        return Decision(m, idle, "keep", "no schedule.idle_after in the spec")
+    if observed.in_flight > 0:
+        return Decision(m, 0.0, "keep", f"{observed.in_flight:g} request(s) in flight")
+    if idle is None:
+        return Decision(m, None, "keep", "first observation: idle time starts now")
+    limit = policy.idle_after.total_seconds()
+    if in_awake_window(policy, now) and not policy.idle_in_awake_window:
+        return Decision(m, idle, "keep", f"inside the scheduled awake window (wake {policy.wake!r}, "
+                                         f"park {policy.park!r}, {policy.timezone})")
+    if idle < limit:
+        return Decision(m, idle, "keep", f"idle {human(idle)} < idle_after {human(limit)}")
+    return Decision(m, idle, "park", f"idle {human(idle)} ≥ idle_after {human(limit)}")
+
+
+def iso_now() -> str:
+    from datetime import UTC
+
+    return datetime.now(UTC).isoformat()
