@@ -62,8 +62,7 @@ def managed_objects(spec: dict) -> set[tuple[str, str]]:
         found |= {(kind, o.metadata.name) for o in items}
     custom = client.CustomObjectsApi(api)
     for group, plural, kind in [("monitoring.googleapis.com", "podmonitorings", "PodMonitoring"),
-                                ("monitoring.googleapis.com", "rules", "Rules"),
-                                ("monitoring.coreos.com", "prometheusrules", "PrometheusRule")]:
+                                ("monitoring.googleapis.com", "rules", "Rules")]:
         items = custom.list_namespaced_custom_object(group, "v1", ns, plural, label_selector=sel)["items"]
         found |= {(kind, o["metadata"]["name"]) for o in items}
     return found

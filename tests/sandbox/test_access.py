@@ -19,6 +19,7 @@ import yaml
 
 from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
+from tests.sandbox.access_support import httpx_kwargs, kubeconfig
 from tests.sandbox.kube_support import wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -87,11 +88,7 @@ def kube():
 def kubectl(kube, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     config = home / "kubeconfig"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sandbox",
-        "clusters": [{"name": "sandbox", "cluster": {"server": kube.url}}],
-        "users": [{"name": "sandbox", "user": {"token": "sandbox"}}],
-        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "sandbox"}}]}))
+    config.write_text(yaml.safe_dump(kubeconfig(kube)))
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "KUBECONFIG": str(config)}
     base = ["kubectl", f"--cache-dir={home / 'cache'}"]
 
@@ -185,11 +182,13 @@ def test_exec_is_refused_clearly(kubectl):
 
 
 def test_websocket_port_forward_is_refused_so_new_kubectl_falls_back(kube):
-    pod = wait_for(lambda: next(iter(kube.store.list(kube.store and __import__(
-        "sandbox.kube.controller", fromlist=["PODS"]).PODS, "default")[0]), None))
+    from sandbox.kube.controller import PODS
+
+    pod = wait_for(lambda: next(iter(kube.store.list(PODS, "default")[0]), None))
     name = pod["metadata"]["name"]
-    r = httpx.get(f"{kube.url}/api/v1/namespaces/default/pods/{name}/portforward?ports=8000",
-                  headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+    kw = httpx_kwargs(kube)
+    r = httpx.Client(**kw).get(f"/api/v1/namespaces/default/pods/{name}/portforward?ports=8000",
+                  headers={**kw.get("headers", {}), "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
                            "Sec-WebSocket-Protocol": "SPDY/3.1+portforward.k8s.io"})
     assert r.status_code == 400 and r.json()["kind"] == "Status"

@@ -69,7 +69,8 @@ def test_discovery_documents(kube):
         assert http.get("/api").json()["versions"] == ["v1"]
         groups = {g["name"] for g in http.get("/apis").json()["groups"]}
         assert {"apps", "networking.k8s.io", "autoscaling", "rbac.authorization.k8s.io", "policy",
-                "monitoring.googleapis.com", "monitoring.coreos.com"} <= groups
+                "monitoring.googleapis.com", "discovery.k8s.io"} <= groups
+        assert "monitoring.coreos.com" not in groups  # GKE ships GMP's CRDs only (no prometheus-operator)
         apps_list = http.get("/apis/apps/v1").json()
         names = {r["name"]: r for r in apps_list["resources"]}
         assert names["deployments"]["shortNames"] == ["deploy"]
@@ -182,10 +183,10 @@ def test_other_groups_crud(api, ns):
     patched = custom.patch_namespaced_custom_object("monitoring.googleapis.com", "v1", ns, "podmonitorings", "m",
                                                     {"spec": {"endpoints": [{"port": "http", "interval": "15s"}]}})
     assert patched["spec"]["endpoints"][0]["interval"] == "15s" and patched["metadata"]["generation"] == 2
-    custom.create_namespaced_custom_object("monitoring.coreos.com", "v1", ns, "prometheusrules", {
-        "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "r"},
+    custom.create_namespaced_custom_object("monitoring.googleapis.com", "v1", ns, "rules", {
+        "apiVersion": "monitoring.googleapis.com/v1", "kind": "Rules", "metadata": {"name": "r"},
         "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "up == 0"}]}]}})
-    listed = custom.list_namespaced_custom_object("monitoring.coreos.com", "v1", ns, "prometheusrules")
+    listed = custom.list_namespaced_custom_object("monitoring.googleapis.com", "v1", ns, "rules")
     assert [i["metadata"]["name"] for i in listed["items"]] == ["r"]
     custom.delete_namespaced_custom_object("monitoring.googleapis.com", "v1", ns, "podmonitorings", "m")
     with pytest.raises(ApiException) as info:
