@@ -69,6 +69,8 @@ from typing import Any
 
 from sandbox.core import DEFAULT_DELAYS, Clock, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
 
+# Images with their own serving protocol register a handler picker here (sandbox/vertex.py: Model Garden vLLM).
+HANDLER_OVERRIDES: list[Callable[[ContainerInfo], type | None]] = []
 MODES = ("ok", "slow_load", "crash_loop", "oom", "image_pull_error", "wrong_answers", "http_500", "hang")
 MATCH_KEYS = ("namespace", "labels", "model", "name", "engine")
 ENGINE_DEFAULT_PORTS = {"vllm": 8000, "tgi": 80, "sglang": 30000, "generic": 80}
@@ -752,7 +754,8 @@ class PodServer:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tgi_duration = Histogram(TGI_BUCKETS)
         self.model_meta = runtime.model_meta(info)
-        handler = {"vllm": VllmHandler, "tgi": TgiHandler, "sglang": SglangHandler}.get(info.engine, GenericHandler)
+        handler = next((h for f in HANDLER_OVERRIDES if (h := f(info)) is not None), None) or {
+            "vllm": VllmHandler, "tgi": TgiHandler, "sglang": SglangHandler}.get(info.engine, GenericHandler)
         self._server = _PodHTTPServer(handler, state=self, faults=runtime.faults)
         self._server.run()
         self._loader = threading.Thread(target=self._load, name=f"model-load-{self.name}", daemon=True)
