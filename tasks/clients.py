@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,37 @@ def _kube_http(api_client, timeout: float):
         verify = cfg.ssl_ca_cert or cfg.verify_ssl
     cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
     return httpx.Client(base_url=cfg.host, headers=headers, verify=verify, cert=cert, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class VertexClients:
+    models: Any  # aiplatform_v1.ModelServiceClient
+    endpoints: Any  # aiplatform_v1.EndpointServiceClient
+    predictions: Any  # aiplatform_v1.PredictionServiceClient
+    session: Any  # google.auth AuthorizedSession: rawPredict's raw body and Cloud Quotas (no GAPIC client)
+    base_url: str  # the regional Vertex endpoint, with scheme
+    quotas_url: str
+
+
+def vertex_clients(region: str, settings: Settings | None = None) -> VertexClients:
+    """Vertex AI clients of one region (the API is regional), REST like the GKE/Compute clients."""
+    s = settings or get_settings()
+    return _vertex_clients(region, s.vertex_endpoint, s.cloudquotas_endpoint, s.gcp_auth, s.gcp_credentials_block)
+
+
+@lru_cache(maxsize=16)
+def _vertex_clients(region: str, endpoint: str | None, quotas: str, auth: str, block: str | None) -> VertexClients:
+    # aiplatform is big: imported here, so `import flows` stays fast.
+    from google.auth.transport.requests import AuthorizedSession
+    from google.cloud import aiplatform_v1
+
+    creds = gcp_credentials()
+    host = endpoint or f"https://{region}-aiplatform.googleapis.com"
+    kw: dict[str, Any] = {"credentials": creds, "transport": "rest", "client_options": {"api_endpoint": host}}
+    return VertexClients(models=aiplatform_v1.ModelServiceClient(**kw),
+                         endpoints=aiplatform_v1.EndpointServiceClient(**kw),
+                         predictions=aiplatform_v1.PredictionServiceClient(**kw),
+                         session=AuthorizedSession(creds), base_url=host.rstrip("/"), quotas_url=quotas.rstrip("/"))
 
 
 def hf_api(token: str | None, settings: Settings | None = None):

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     # Google Cloud: None = the real googleapis endpoints.
     gke_endpoint: str | None = None
     compute_endpoint: str | None = None
+    # Vertex AI (None = https://REGION-aiplatform.googleapis.com) and Cloud Quotas (Vertex GPU quota).
+    vertex_endpoint: str | None = None
+    cloudquotas_endpoint: str = "https://cloudquotas.googleapis.com"
     # adc = Application Default Credentials; anonymous = sandbox; block = a prefect-gcp GcpCredentials block.
     gcp_auth: Literal["adc", "anonymous", "block"] = "adc"
     gcp_credentials_block: str | None = None
