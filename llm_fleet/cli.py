@@ -54,6 +54,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def _webhook(args: argparse.Namespace) -> int:
+    from llm_fleet.webhook import main as webhook_main
+
+    return webhook_main(host=args.host, port=args.port, specs=args.spec, secret_block=args.secret_block)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true",
                    help="leave the Prefect server (UI) and sandbox up after the lifecycle, until Ctrl-C")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("webhook", help="receive Hugging Face Hub repo webhooks; a push to a tracked branch "
+                                       "emits llm-fleet.model.revision (secret: $LLM_FLEET_WEBHOOK_SECRET)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--spec", type=Path, action="append", default=[],
+                   help="a spec to map pushes to (repeatable; default: every spec under deployments/)")
+    p.add_argument("--secret-block", help="read the secret from this Prefect Secret block instead of the env")
+    p.set_defaults(func=_webhook)
     return parser
 
 

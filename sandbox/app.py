@@ -60,6 +60,10 @@ a ``"*"`` rule can never lock you out of clearing faults):
 ``GET/POST/DELETE /sandbox/behaviors``   model-server behaviors (the runtime's Behaviors: ``{"mode",
                                          "match", "load_seconds", "count", ...}``); ``DELETE .../{id}``
 ``GET  /sandbox/slack/messages``         messages posted to the Slack emulator (``?channel=C``)
+``POST /sandbox/hub/revisions``          a new commit ``{"repo", "branch": "main", "title"}`` → its sha;
+                                         the repo's Hub webhooks are notified
+``GET/POST/DELETE .../hub/webhooks``     Hub repo webhooks ``{"url", "secret", "repos": [...]}`` and
+                                         their deliveries; ``DELETE .../{id}``
 =======================================  ============================================================
 """
 
@@ -780,6 +784,42 @@ def _set_vertex_quota(h: ControlHandler):
 @route(_ROUTES, "GET", r"/sandbox/slack/messages")
 def _slack_messages(h: ControlHandler):
     return {"messages": h.sb.slack.messages(h.q("channel") or None)}
+
+
+@route(_ROUTES, "POST", r"/sandbox/hub/revisions")
+def _push_revision(h: ControlHandler):
+    """A new commit on a branch (as a push to the Hub would make); the repo's webhooks are notified."""
+    body = _body_dict(h)
+    if not body.get("repo"):
+        raise HttpError(400, "a revision needs a repo (and optionally a branch and a title)")
+    branch = body.get("branch") or "main"
+    try:
+        sha = h.sb.hub.push_revision(body["repo"], branch, title=body.get("title") or "Update model weights")
+    except KeyError as exc:
+        raise HttpError(404, str(exc.args[0]) if exc.args else "no such repo") from exc
+    return 201, {"repo": body["repo"], "branch": branch, "sha": sha}
+
+
+@route(_ROUTES, "GET", r"/sandbox/hub/webhooks")
+def _hub_webhooks(h: ControlHandler):
+    return {"webhooks": h.sb.hub.webhooks.list()}
+
+
+@route(_ROUTES, "POST", r"/sandbox/hub/webhooks")
+def _add_hub_webhook(h: ControlHandler):
+    body = _body_dict(h)
+    try:
+        hook = h.sb.hub.webhooks.add(str(body.get("url") or ""), secret=body.get("secret"), repos=body.get("repos"))
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from exc
+    return 201, hook.public()
+
+
+@route(_ROUTES, "DELETE", r"/sandbox/hub/webhooks/(?P<hook_id>[^/]+)")
+def _remove_hub_webhook(h: ControlHandler, hook_id: str):
+    if not h.sb.hub.webhooks.remove(hook_id):
+        raise HttpError(404, f"no webhook {hook_id}")
+    return {"removed": hook_id}
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

@@ -129,3 +129,21 @@ class SandboxClient:
     # ---- slack -----------------------------------------------------------------------------
     def slack_messages(self, channel: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "/sandbox/slack/messages", params={"channel": channel})["messages"]
+
+    # ---- hub -------------------------------------------------------------------------------
+    def push_revision(self, repo: str, *, branch: str = "main", title: str | None = None) -> str:
+        """A new commit on ``branch`` of a Hub repo (its webhooks fire); returns the commit sha."""
+        return self._call("POST", "/sandbox/hub/revisions", json={"repo": repo, "branch": branch,
+                                                                  "title": title})["sha"]
+
+    def add_hub_webhook(self, url: str, *, secret: str | None = None, repos: list[str] | None = None
+                        ) -> dict[str, Any]:
+        """Register a Hub repo webhook (every repo when ``repos`` is empty); returns it with its ``id``."""
+        return self._call("POST", "/sandbox/hub/webhooks", json={"url": url, "secret": secret, "repos": repos})
+
+    def hub_webhooks(self) -> list[dict[str, Any]]:
+        """Registered webhooks with their ``deliveries`` (status of each POST), secrets omitted."""
+        return self._call("GET", "/sandbox/hub/webhooks")["webhooks"]
+
+    def remove_hub_webhook(self, hook_id: str) -> None:
+        self._call("DELETE", f"/sandbox/hub/webhooks/{hook_id}")

@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
+from sandbox.hub_webhooks import Webhooks
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -323,6 +324,7 @@ class Hub(Emulator):
         self._lock = threading.RLock()
         self._handler = HubHandler
         self._server: SandboxHTTPServer | None = None
+        self.webhooks = Webhooks()  # repo webhooks: a push POSTs the Hub's payload
         if catalogue:
             for i, (repo_id, meta) in enumerate(CATALOGUE.items()):
                 self._add_catalogue(repo_id, i, meta)
@@ -427,8 +429,13 @@ class Hub(Emulator):
                 new_files[path] = data.encode() if isinstance(data, str) else data
             sha = _sha(repo_id, branch, len(repo.commits), time.time_ns())
             repo.commits.append(Commit(sha, title, time.time(), new_files, dict(base.lfs)))
+            old_sha = repo.branches.get(branch)
             repo.branches[branch] = sha
-            return sha
+            hook_args = dict(repo_id=repo.id, private=repo.private, tags=list(repo.tags), head_sha=repo.branches["main"],
+                             updated_refs=[{"ref": f"refs/heads/{branch}", "oldSha": old_sha, "newSha": sha}])
+        if self._server is not None:
+            self.webhooks.repo_content_updated(**hook_args, hub_url=self.url)
+        return sha
 
     def add_tag(self, repo_id: str, tag: str, revision: str = "main") -> str:
         with self._lock:

@@ -7,6 +7,7 @@ a flow parameter, an artifact, a Slack message or an exception message.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from huggingface_hub.errors import (
@@ -105,3 +106,20 @@ def check_gated_access(*, model_id: str, token: SecretStr) -> None:
     except RepositoryNotFoundError:
         raise PreflightError(f"model {model_id} was not found on the Hub (or is private to another account)",
                              "check model.id for typos") from None
+
+
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@task(**task_retries())
+def branch_head(*, model_id: str, revision: str, token: SecretStr | None) -> str | None:
+    """The commit a branch points to now; None when ``revision`` is not a branch (a commit or a tag is pinned)."""
+    if COMMIT_SHA.match(revision):
+        return None
+    name = revision.removeprefix("refs/heads/")
+    try:
+        refs = hf_api(token.get_secret_value() if token else None).list_repo_refs(model_id)
+    except RepositoryNotFoundError:
+        raise PreflightError(f"model {model_id} was not found on the Hub (or is private to another account)",
+                             "check model.id for typos") from None
+    return next((b.target_commit for b in refs.branches if b.name == name), None)
