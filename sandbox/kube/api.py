@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sandbox.core import HttpError, JsonHandler, now_rfc3339, route
+from sandbox.kube import autoscaling, portforward
 from sandbox.kube import patch as patches
-from sandbox.kube import portforward
 from sandbox.kube import resources as res
 from sandbox.kube.defaults import apply_defaults, validate
 from sandbox.kube.resources import RType
@@ -668,6 +668,8 @@ def _delete_options(h: KubeHandler) -> Obj:
 def _handle(h: KubeHandler, path: str) -> Any:
     cluster = _cluster(h)
     api = cluster.api
+    if path.startswith("/apis/metrics.k8s.io/"):
+        return autoscaling.serve_metrics_api(h, cluster, path)
     t, namespace, name, sub, rest = _resolve(path)
     method = h.command
     dry_run = bool(h.q("dryRun"))

@@ -641,9 +641,17 @@ class Controller:
         min_available = replicas - unavailable
         available_ok = ready >= min_available
 
+        new_revision = (new_rs["metadata"].get("annotations") or {}).get("deployment.kubernetes.io/revision")
+
         def fn(obj: Obj) -> Obj:
             st = obj.setdefault("status", {})
             before = clone(st)
+            # The deployment controller mirrors the new ReplicaSet's revision onto the Deployment
+            # (deployment_util.SetDeploymentRevision); `kubectl rollout status/history` read it.
+            ann = obj["metadata"].setdefault("annotations", {})
+            revision_changed = bool(new_revision) and ann.get("deployment.kubernetes.io/revision") != new_revision
+            if revision_changed:
+                ann["deployment.kubernetes.io/revision"] = new_revision
             st["observedGeneration"] = obj["metadata"].get("generation", 1)
             for k, v in (("replicas", len(all_pods)), ("updatedReplicas", updated), ("readyReplicas", ready),
                          ("availableReplicas", ready),
@@ -681,7 +689,7 @@ class Controller:
             # Available first, then Progressing: the order kubectl describe shows
             conds.sort(key=lambda c: {"Available": 0, "Progressing": 1}.get(c.get("type"), 2))
             st["conditions"] = conds
-            if st == before:
+            if st == before and not revision_changed:
                 return None  # type: ignore[return-value]
             return obj
 
@@ -1471,60 +1479,12 @@ class Controller:
 
     # ---- HPA / PDB --------------------------------------------------------------------------
     def sync_hpa(self, ns: str, name: str) -> None:
-        hpa = self.store.get(HPAS, ns, name)
-        if hpa is None:
-            return
-        spec = hpa.get("spec") or {}
-        ref = spec.get("scaleTargetRef") or {}
-        target = self.store.get(DEPLOYS, ns, ref.get("name", "")) if ref.get("kind") == "Deployment" else None
-        lo, hi = int(spec.get("minReplicas", 1)), int(spec.get("maxReplicas", 1))
-        now = now_rfc3339()
-        conds: list[Obj] = list((hpa.get("status") or {}).get("conditions") or [])
-        if target is None:
-            conds = _set_condition(conds, "AbleToScale", "False", "FailedGetScale",
-                                   f'the HPA controller was unable to get the target\'s current scale: deployments.apps '
-                                   f'"{ref.get("name")}" not found', now, probe=False)
-            current, desired = 0, 0
-        else:
-            current = int(target["spec"].get("replicas", 1))
-            conds = _set_condition(conds, "AbleToScale", "True", "SucceededGetScale",
-                                   "the HPA controller was able to get the target's current scale", now, probe=False)
-            if current == 0:
-                desired = 0
-                conds = _set_condition(conds, "ScalingActive", "False", "ScalingDisabled",
-                                       "scaling is disabled since the replica count of the target is zero", now,
-                                       probe=False)
-            else:
-                desired = max(lo, min(hi, current))
-                conds = _set_condition(conds, "ScalingActive", "True", "ValidMetricFound",
-                                       "the HPA was able to successfully calculate a replica count", now, probe=False)
-                limited = desired != current
-                conds = _set_condition(conds, "ScalingLimited", "True" if limited else "False",
-                                       "TooFewReplicas" if desired > current else
-                                       ("TooManyReplicas" if limited else "DesiredWithinRange"),
-                                       "the desired replica count is less than the minimum replica count"
-                                       if desired > current else
-                                       ("the desired replica count is more than the maximum replica count" if limited
-                                        else "the desired count is within the acceptable range"), now, probe=False)
-                if limited:
-                    self.cluster.api.set_scale(DEPLOYS, ns, ref["name"], {"spec": {"replicas": desired}})
-                    self.event(hpa, "Normal", "SuccessfulRescale", f"New size: {desired}; reason: Current number of "
-                               f"replicas {'below Spec.MinReplicas' if desired > current else 'above Spec.MaxReplicas'}",
-                               component="horizontal-pod-autoscaler")
+        """The HPA controller with its metrics sources lives in sandbox.kube.autoscaling."""
+        from sandbox.kube.autoscaling import HpaController
 
-        def fn(h: Obj) -> Obj | None:
-            st = {"currentReplicas": int((target or {}).get("status", {}).get("replicas", 0)),
-                  "desiredReplicas": desired, "currentMetrics": None, "conditions": conds}
-            if target is not None and desired != current:
-                st["lastScaleTime"] = now
-            elif (h.get("status") or {}).get("lastScaleTime"):
-                st["lastScaleTime"] = h["status"]["lastScaleTime"]
-            if h.get("status") == st:
-                return None
-            h["status"] = st
-            return h
-
-        self.store.mutate(HPAS, ns, name, fn)
+        if getattr(self, "_hpa", None) is None:
+            self._hpa = HpaController(self)
+        self._hpa.sync(ns, name)
 
     def sync_pdbs(self, ns: str) -> None:
         pdbs, _ = self.store.list(PDBS, ns)

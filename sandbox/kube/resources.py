@@ -99,6 +99,12 @@ TYPES: list[RType] = [
     # No monitoring.coreos.com (PrometheusRule, ServiceMonitor): GKE ships only GMP's CRDs; the
     # prometheus-operator CRDs exist only where someone installed them.
     _t("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
+    # what a custom metrics adapter registers (sandbox.kube.autoscaling reads them)
+    _t("apiregistration.k8s.io", "v1", "apiservices", "APIService", namespaced=False, subresources=("status",),
+       has_status=True),
+    # metrics-server: computed on read (sandbox.kube.autoscaling.serve_metrics_api), never stored
+    _t("metrics.k8s.io", "v1beta1", "pods", "PodMetrics"),
+    _t("metrics.k8s.io", "v1beta1", "nodes", "NodeMetrics", namespaced=False),
 ]
 
 BY_KEY: dict[tuple[str, str], RType] = {t.key: t for t in TYPES}
