@@ -3,26 +3,48 @@
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import google.auth.exceptions
+import requests
 import yaml
 from google.api_core import exceptions as gexc
-from google.api_core.retry import Retry, if_exception_type
+from google.api_core.retry import Retry
 
 from tasks.settings import Settings, get_settings
 
 # Transient for Google APIs: retried with backoff. 400/403/404/409 and quota errors are not.
+# The REST transport raises requests' own exceptions for resets, timeouts and cut-off bodies: those
+# are OSErrors, not builtin ConnectionErrors, so they are listed by name.
 GOOGLE_TRANSIENT = (gexc.TooManyRequests, gexc.ServiceUnavailable, gexc.InternalServerError,
-                    gexc.BadGateway, gexc.GatewayTimeout, gexc.DeadlineExceeded, ConnectionError)
+                    gexc.BadGateway, gexc.GatewayTimeout, gexc.DeadlineExceeded, ConnectionError, TimeoutError,
+                    requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                    requests.exceptions.ChunkedEncodingError, google.auth.exceptions.TransportError)
+# GKE runs one mutating operation per cluster: others get 400 FAILED_PRECONDITION until it is done
+# ("Cluster is running incompatible operation operation-…", reason CLUSTER_ALREADY_HAS_OPERATION, or
+# "Operation operation-… is currently upgrading cluster C. Please wait and try again once it is done.").
+_GKE_BUSY = re.compile(r"incompatible operation|is currently .*please wait and try again", re.I | re.S)
+
+
+def gke_busy(exc: BaseException) -> bool:
+    """GKE said another operation holds the cluster: wait and retry, the request itself is fine."""
+    if not isinstance(exc, gexc.BadRequest | gexc.FailedPrecondition):
+        return False
+    return getattr(exc, "reason", None) == "CLUSTER_ALREADY_HAS_OPERATION" or bool(_GKE_BUSY.search(str(exc)))
+
+
+def google_transient(exc: BaseException) -> bool:
+    return isinstance(exc, GOOGLE_TRANSIENT) or gke_busy(exc)
 
 
 def google_retry(settings: Settings | None = None) -> Retry:
     """Explicit retry for every Google call: the library defaults retry 503 for 20 s to 10 min."""
     s = settings or get_settings()
-    return Retry(predicate=if_exception_type(*GOOGLE_TRANSIENT), initial=s.retry_initial_s,
+    return Retry(predicate=google_transient, initial=s.retry_initial_s,
                  maximum=s.retry_max_s, multiplier=2.0, timeout=s.retry_deadline_s)
 
 

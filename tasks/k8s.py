@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import queue
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client as k8s
-from kubernetes import watch
 from kubernetes.client.rest import ApiException
 from prefect import task
 from pydantic import SecretStr
@@ -23,6 +19,8 @@ from manifests.rollout import TEMPLATE_HASH, Progress, diagnose, new_replicaset,
 from tasks.clients import kube_client
 from tasks.log import logger
 from tasks.retry import task_retries
+from tasks.settings import get_settings
+from tasks.watching import Informer, watch_until
 
 # (apiVersion, kind) -> (plural, namespaced) for every kind the product renders or reads.
 KINDS: dict[tuple[str, str], tuple[str, bool]] = {
@@ -57,7 +55,7 @@ def _call(api: k8s.ApiClient, method: str, path: str, *, body: Any = None, query
     """One raw API call for kinds the typed client has no method for (CRDs) or verbs it lacks (apply)."""
     params = api.param_serialize(method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
                                  header_params={"Accept": "application/json", "Content-Type": content_type})
-    resp = api.call_api(*params, _request_timeout=60)
+    resp = api.call_api(*params, _request_timeout=get_settings().call_timeout_s)
     resp.read()
     if not 200 <= resp.status < 300:
         raise ApiException(http_resp=resp)
@@ -266,39 +264,14 @@ def wait_pods_ready(*, kubeconfig: str | None, namespace: str, selector: dict[st
     """
     api = kube_client(kubeconfig)
     core = k8s.CoreV1Api(api)
-    label_selector = _selector(selector)
-    deadline = time.monotonic() + timeout_s
-    pods: dict[str, dict[str, Any]] = {}
-    last = Progress("waiting", "NoPods", "no pods yet")
-    log = logger()
-    while True:
-        listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
-        pods = {p.metadata.name: api.sanitize_for_serialization(p) for p in listing.items}
-        rv = listing.metadata.resource_version
-        progress = diagnose(list(pods.values()), desired=desired)
-        if progress.state != "waiting":
-            break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        w = watch.Watch()
-        for event in w.stream(core.list_namespaced_pod, namespace, label_selector=label_selector,
-                              resource_version=rv, timeout_seconds=max(1, int(remaining) + 1),
-                              _request_timeout=remaining + 5):
-            obj = api.sanitize_for_serialization(event["object"])
-            if event["type"] == "DELETED":
-                pods.pop(obj["metadata"]["name"], None)
-            elif event["type"] in ("ADDED", "MODIFIED"):
-                pods[obj["metadata"]["name"]] = obj
-            progress = diagnose(list(pods.values()), desired=desired)
-            if (progress.reason, progress.message) != (last.reason, last.message):
-                log.info("waiting: %s", progress.message)
-                last = progress
-            if progress.state != "waiting" or time.monotonic() >= deadline:
-                w.stop()
-                break
-        if progress.state != "waiting" or time.monotonic() >= deadline:
-            break
+    # An informer, not a single watch: an expired (410) or dropped watch relists instead of failing.
+    pods = Informer(api, core.list_namespaced_pod, queue.Queue(), namespace=namespace,
+                    label_selector=_selector(selector))
+    progress = watch_until([pods], lambda: diagnose(list(pods.items.values()), desired=desired),
+                           timeout_s=timeout_s, log_prefix="waiting")
+    if progress is None:
+        raise DeployError(f"the cluster's API server did not answer within {timeout_s:.0f}s",
+                          "check the cluster in the GKE console; rerun deploy_model", reason="LoadTimeout")
     if progress.state == "ready":
         return progress
     if progress.state == "waiting":
@@ -313,94 +286,7 @@ def wait_pods_ready(*, kubeconfig: str | None, namespace: str, selector: dict[st
                                        previous=progress.previous_logs) if progress.pod else [])
 
 
-# ---- watching: list, then watch from the list's resourceVersion; relist when the watch ends or expires ----
-
-class _Informer(threading.Thread):
-    """Keeps ``self.items`` (name -> object dict) current for one list call and signals every change.
-
-    A watch that ends (server timeout, dropped connection, API server restart) or expires
-    (410 Gone) is not an error: the informer relists and watches again, as client-go's reflector does.
-    """
-
-    def __init__(self, api: k8s.ApiClient, list_fn: Any, changed: queue.Queue, **kwargs: Any) -> None:
-        super().__init__(daemon=True)
-        self.api, self.list_fn, self.changed, self.kwargs = api, list_fn, changed, kwargs
-        self.items: dict[str, dict[str, Any]] = {}
-        self.synced = threading.Event()
-        self._halt = threading.Event()
-        self._watch: watch.Watch | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        backoff = 0.05
-        while not self._halt.is_set():
-            try:
-                listing = self.list_fn(**self.kwargs, _request_timeout=60)
-                self.items = {i.metadata.name: self.api.sanitize_for_serialization(i) for i in listing.items}
-                self.synced.set()
-                self.changed.put(self)
-                self._watch = watch.Watch()
-                for event in self._watch.stream(self.list_fn, **self.kwargs,
-                                                resource_version=listing.metadata.resource_version,
-                                                timeout_seconds=300, _request_timeout=330):
-                    if self._halt.is_set():
-                        return
-                    obj = self.api.sanitize_for_serialization(event["object"])
-                    if event["type"] == "ERROR":
-                        break  # 410 Gone and friends: relist
-                    name = (obj.get("metadata") or {}).get("name")
-                    if event["type"] == "DELETED":
-                        self.items.pop(name, None)
-                    elif name:
-                        self.items[name] = obj
-                    self.changed.put(self)
-                backoff = 0.05
-            except ApiException as exc:
-                if exc.status not in (410, 429, 500, 502, 503, 504) and exc.status:
-                    self.error = exc
-                    self.changed.put(self)
-                    return
-            except Exception:  # noqa: BLE001 - connection dropped: relist after a short backoff
-                if self._halt.is_set():
-                    return
-            self._halt.wait(backoff)
-            backoff = min(backoff * 2, 2.0)
-
-    def stop(self) -> None:
-        self._halt.set()
-        if self._watch is not None:
-            self._watch.stop()
-
-
-def _watch_until(informers: list[_Informer], evaluate: Any, *, timeout_s: float, log_prefix: str) -> Any:
-    """Run ``evaluate()`` on every change until it returns a non-waiting Progress or time runs out."""
-    changed: queue.Queue = informers[0].changed
-    for inf in informers:
-        inf.start()
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    log = logger()
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            with contextlib.suppress(queue.Empty):
-                changed.get(timeout=max(0.0, min(remaining, 5.0)))
-            for inf in informers:
-                if inf.error is not None:
-                    raise inf.error
-            if all(inf.synced.is_set() for inf in informers):
-                progress = evaluate()
-                if last is None or (progress.reason, progress.message) != (last.reason, last.message):
-                    log.info("%s: %s", log_prefix, progress.message)
-                last = progress
-                if progress.state != "waiting":
-                    return progress
-            if time.monotonic() >= deadline:
-                return last
-    finally:
-        for inf in informers:
-            inf.stop()
-
+# ---- rollout waits: Informer + watch_until (tasks.watching) relist when a watch ends or expires ----
 
 def _raise_for(progress: Progress | None, *, kubeconfig: str | None, namespace: str, timeout_s: float,
                what: str) -> Progress:
@@ -431,12 +317,12 @@ def wait_rollout(*, kubeconfig: str | None, namespace: str, name: str, timeout_s
     api = kube_client(kubeconfig)
     core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
     changed: queue.Queue = queue.Queue()
-    dep_inf = _Informer(api, apps.list_namespaced_deployment, changed, namespace=namespace,
+    dep_inf = Informer(api, apps.list_namespaced_deployment, changed, namespace=namespace,
                         field_selector=f"metadata.name={name}")
     dep = apps.read_namespaced_deployment(name, namespace)
     selector = _selector(dep.spec.selector.match_labels or {})
-    pod_inf = _Informer(api, core.list_namespaced_pod, changed, namespace=namespace, label_selector=selector)
-    rs_inf = _Informer(api, apps.list_namespaced_replica_set, changed, namespace=namespace, label_selector=selector)
+    pod_inf = Informer(api, core.list_namespaced_pod, changed, namespace=namespace, label_selector=selector)
+    rs_inf = Informer(api, apps.list_namespaced_replica_set, changed, namespace=namespace, label_selector=selector)
 
     def evaluate() -> Progress:
         d = dep_inf.items.get(name)
@@ -449,7 +335,7 @@ def wait_rollout(*, kubeconfig: str | None, namespace: str, name: str, timeout_s
         pods = [p for p in pod_inf.items.values() if (p["metadata"].get("labels") or {}).get(TEMPLATE_HASH) == pod_hash]
         return rollout_progress(d, pods, replicaset=rs["metadata"]["name"])
 
-    progress = _watch_until([dep_inf, pod_inf, rs_inf], evaluate, timeout_s=timeout_s, log_prefix=f"rollout {name}")
+    progress = watch_until([dep_inf, pod_inf, rs_inf], evaluate, timeout_s=timeout_s, log_prefix=f"rollout {name}")
     return _raise_for(progress, kubeconfig=kubeconfig, namespace=namespace, timeout_s=timeout_s,
                       what=f"Deployment {name}")
 
@@ -476,7 +362,7 @@ def wait_endpoints(*, kubeconfig: str | None, namespace: str, service: str, pods
     core = k8s.CoreV1Api(api)
     want = set(pods)
     changed: queue.Queue = queue.Queue()
-    inf = _Informer(api, core.list_namespaced_endpoints, changed, namespace=namespace,
+    inf = Informer(api, core.list_namespaced_endpoints, changed, namespace=namespace,
                     field_selector=f"metadata.name={service}")
 
     def evaluate() -> Progress:
@@ -488,9 +374,35 @@ def wait_endpoints(*, kubeconfig: str | None, namespace: str, service: str, pods
         return Progress("waiting", "EndpointLag", f"{service} endpoints: waiting for {missing or '-'}, "
                         f"still listing {extra or '-'}")
 
-    progress = _watch_until([inf], evaluate, timeout_s=timeout_s, log_prefix=f"endpoints {service}")
+    progress = watch_until([inf], evaluate, timeout_s=timeout_s, log_prefix=f"endpoints {service}")
     if progress is None or progress.state != "ready":
         raise EndpointsNotReady(f"Service {service} endpoints did not converge in {timeout_s:.0f}s: "
                                 f"{progress.message if progress else 'no answer'}",
                                 "check the Service selector and the pods' readiness probes")
     return want
+
+
+class PodsRemain(FleetError):
+    """Pods that should be gone are still there after the wait."""
+
+
+@task(**task_retries())
+def wait_pods_gone(*, kubeconfig: str | None, namespace: str, selector: dict[str, str], timeout_s: float) -> int:
+    """Watch until no pod matches ``selector`` (Terminating ones count until they are deleted)."""
+    api = kube_client(kubeconfig)
+    core = k8s.CoreV1Api(api)
+    changed: queue.Queue = queue.Queue()
+    inf = Informer(api, core.list_namespaced_pod, changed, namespace=namespace, label_selector=_selector(selector))
+
+    def evaluate() -> Progress:
+        left = sorted(inf.items)
+        if not left:
+            return Progress("ready", "Gone", "no pods left")
+        return Progress("waiting", "Terminating", f"{len(left)} pod(s) left: {', '.join(left[:3])}")
+
+    progress = watch_until([inf], evaluate, timeout_s=timeout_s, log_prefix=f"pods {_selector(selector)}")
+    if progress is None or progress.state != "ready":
+        raise PodsRemain(f"pods {_selector(selector)} still exist after {timeout_s:.0f}s: "
+                         f"{progress.message if progress else 'no answer'}",
+                         "check for finalizers or a controller scaling them back up (an HPA, another run)")
+    return 0

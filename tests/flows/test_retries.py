@@ -1,0 +1,157 @@
+"""Issue 13.2: each transient class is retried and each permanent class is not — over real HTTP.
+
+Every fault here is consumed by the first request(s) it matches; a retried call then succeeds, so a
+permanent error that was wrongly retried would show up as a success (and as more hits than one).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from google.api_core import exceptions as gexc
+from kubernetes.client.rest import ApiException
+
+from manifests.provision import cluster_body
+from manifests.spec import parse_spec
+from sandbox import fault_presets as fp
+from tasks import gke, k8s
+from tests.flows.conftest import spec_dict
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _hits(sbc, rule: dict) -> int:
+    return next(f["hits"] for f in sbc.faults() if f["id"] == rule["id"])
+
+
+@pytest.fixture
+def kubeconfig(sandbox, tmp_path):
+    """The sandbox's default API (context "sandbox"), in a kubeconfig of our own: the shared one's
+    current context follows the newest GKE cluster."""
+    config = yaml.safe_load(Path(sandbox.env()["KUBECONFIG"]).read_text())
+    config["current-context"] = "sandbox"
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture
+def short_call_timeout(monkeypatch):
+    from tasks.settings import reload_settings
+
+    monkeypatch.setenv("LLM_FLEET_CALL_TIMEOUT_S", "0.5")
+    reload_settings()
+    yield 0.5
+    monkeypatch.delenv("LLM_FLEET_CALL_TIMEOUT_S")
+    reload_settings()
+
+
+def _namespace(kubeconfig: str) -> str:
+    ns = f"r-{uuid.uuid4().hex[:8]}"
+    k8s.apply_object(kubeconfig=kubeconfig, obj={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    return ns
+
+
+# ---- Google (GKE REST via requests) ---------------------------------------------------------------
+
+GOOGLE_TRANSIENT = {
+    "connection reset (requests ConnectionError)": lambda p: fp.connection_reset(service="gke", method="GET", path=p),
+    "cut-off body (requests ChunkedEncodingError)": lambda p: fp.truncated_body(service="gke", method="GET", path=p),
+    "read timeout (requests ReadTimeout)": lambda p: fp.read_timeout(service="gke", method="GET", path=p, seconds=2),
+    "503": lambda p: {"service": "gke", "method": "GET", "path": p, "status": 503},
+}
+
+
+@pytest.mark.parametrize("case", list(GOOGLE_TRANSIENT))
+def test_google_transient_errors_are_retried(sbc, short_call_timeout, case):
+    project = f"t-{uuid.uuid4().hex[:12]}"
+    rule = sbc.add_fault(**GOOGLE_TRANSIENT[case](f"/projects/{project}/"))
+    assert gke.list_clusters(project=project, location="us-central1") == []
+    assert _hits(sbc, rule) == 1
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 409])
+def test_google_permanent_errors_are_not_retried(sbc, status):
+    project = f"t-{uuid.uuid4().hex[:12]}"
+    rule = sbc.add_fault(service="gke", method="GET", path=f"/projects/{project}/", status=status)
+    with pytest.raises(gexc.GoogleAPICallError) as err:
+        gke.list_clusters(project=project, location="us-central1")
+    assert err.value.code == status
+    assert _hits(sbc, rule) == 1
+
+
+def test_gke_busy_cluster_waits_and_retries_the_mutation(sbc):
+    """'Cluster is running incompatible operation' (400 FAILED_PRECONDITION): wait, retry, cluster created."""
+    spec = parse_spec(spec_dict("gemma2-2b-it-vllm-l4.yaml"))
+    project, location = spec.cluster.project, spec.cluster.location
+    rule = sbc.add_fault(**fp.gke_incompatible_operation(path=f"/projects/{project}/.*/clusters$", count=2))
+    body = cluster_body(spec, location=location, zones=list(spec.cluster.zones or []) or [f"{location}-a"])
+    op = gke.create_cluster(project=project, location=location, body=body)
+    assert op is not None
+    gke.wait_operation(project=project, location=location, operation=op)
+    assert (gke.get_cluster(project=project, location=location, name=spec.cluster.name) or {})["status"] == "RUNNING"
+    assert _hits(sbc, rule) == 2
+
+
+def test_gke_other_failed_precondition_is_not_retried(sbc):
+    project = f"t-{uuid.uuid4().hex[:12]}"
+    body = {"error": {"code": 400, "status": "FAILED_PRECONDITION",
+                      "message": "Cluster c is being deleted and cannot be modified."}}
+    rule = sbc.add_fault(service="gke", method="GET", path=f"/projects/{project}/", status=400, body=body)
+    with pytest.raises(gexc.BadRequest):
+        gke.list_clusters(project=project, location="us-central1")
+    assert _hits(sbc, rule) == 1
+
+
+# ---- Kubernetes (kubernetes client via urllib3) ----------------------------------------------------
+
+def _kube_transient(path: str) -> dict[str, dict]:
+    return {
+        "connection reset": fp.connection_reset(service="kube", method="GET", path=path, count=5),
+        "cut-off body": fp.truncated_body(service="kube", method="GET", path=path, count=5),
+        "read timeout": fp.read_timeout(service="kube", method="GET", path=path, seconds=2, count=5),
+        "500": fp.kube_status(500, "InternalError", "Internal error occurred: etcdserver: leader changed", path=path),
+        "503": fp.kube_status(503, "ServiceUnavailable", "the server is currently unable to handle the request",
+                              path=path),
+        "504": fp.kube_status(504, "Timeout", "the server was unable to return a response in the time allotted",
+                              path=path),
+    }
+
+
+KUBE_TRANSIENT = list(_kube_transient("x"))
+
+
+@pytest.mark.parametrize("case", KUBE_TRANSIENT)
+def test_kube_transient_errors_are_retried(sbc, kubeconfig, short_call_timeout, case):
+    ns = _namespace(kubeconfig)
+    rule = sbc.add_fault(**_kube_transient(f"/namespaces/{ns}/configmaps$")[case])
+    assert k8s.list_objects(kubeconfig=kubeconfig, api_version="v1", kind="ConfigMap", namespace=ns) == []
+    # resets, cut-off bodies and timeouts: urllib3 retries a GET 3 times itself; 5 hits need our retries too
+    assert _hits(sbc, rule) == rule["count"]
+
+
+def test_kube_429_waits_for_retry_after(sbc, kubeconfig):
+    ns = _namespace(kubeconfig)
+    rule = sbc.add_fault(**fp.kube_too_many_requests(retry_after=1, path=f"/namespaces/{ns}/configmaps$"))
+    start = time.monotonic()
+    assert k8s.list_objects(kubeconfig=kubeconfig, api_version="v1", kind="ConfigMap", namespace=ns) == []
+    assert time.monotonic() - start >= 1.0  # a lower bound: the retry waited out Retry-After (test retries: 10 ms)
+    assert _hits(sbc, rule) == 1
+
+
+@pytest.mark.parametrize("code,reason", [(400, "BadRequest"), (403, "Forbidden"), (404, "NotFound"),
+                                         (409, "Conflict"), (422, "Invalid")])
+def test_kube_permanent_errors_are_not_retried(sbc, kubeconfig, code, reason):
+    ns = _namespace(kubeconfig)
+    rule = sbc.add_fault(**fp.kube_status(code, reason, f"injected {reason}", path=f"/namespaces/{ns}/configmaps/c$",
+                                          method="PATCH"))
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": ns}, "data": {"a": "1"}}
+    with pytest.raises(ApiException) as err:
+        k8s.apply_object(kubeconfig=kubeconfig, obj=cm)
+    assert err.value.status == code
+    assert _hits(sbc, rule) == 1
+    assert k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="ConfigMap", name="c", namespace=ns) is None
