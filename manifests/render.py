@@ -165,7 +165,8 @@ def _placement(spec: DeploymentSpec) -> Obj:
 
 def spec_hash(spec: DeploymentSpec, revision: str) -> str:
     """Changes when anything that the pods run changes: used to tell a release from a no-op."""
-    data = spec.model_dump(mode="json", include={"model", "engine", "accelerator", "cache", "secret", "expose"})
+    data = spec.model_dump(mode="json", include={"model", "engine", "accelerator", "cache", "secret", "expose"},
+                           exclude={"cache": {"keep_on_teardown"}})  # teardown policy: not what the pods run
     data["revision"] = revision
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

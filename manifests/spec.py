@@ -162,6 +162,8 @@ class CacheSpec(_Model):
     storage_class: str | None = "standard-rwo"
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"] = "ReadWriteOnce"
     mount_path: str = "/data"
+    # teardown deletes the cache PVC (and its downloaded weights) unless this is true.
+    keep_on_teardown: bool = False
 
 
 class SecretSpec(_Model):

@@ -1,0 +1,102 @@
+"""Fleets of specs, pure: the bundled spec picker, fleet files, and who shares what.
+
+A fleet file is a YAML list of spec paths (or a mapping with ``specs:``), relative to the file:
+
+    # deployments/fleets/demo.yaml
+    specs:
+      - ../gemma2-2b-it-vllm-l4.yaml
+      - ../qwen2.5-7b-sglang.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from manifests.spec import DeploymentSpec, SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DIR = ROOT / "deployments"
+
+
+def bundled_specs() -> list[str]:
+    """Paths (relative to the repo) of the bundled specs: what the UI's spec picker offers."""
+    return [f"deployments/{p.name}" for p in sorted(BUNDLED_DIR.glob("*.yaml"))]
+
+
+# A dropdown in the Prefect UI (the parameter schema is an enum of the bundled specs). Flows accept
+# ``SpecPath | str`` so any other file (or a mapping) still works from the CLI and the API.
+SpecPath = Literal[tuple(bundled_specs())]  # type: ignore[valid-type]
+
+
+def bundled_fleets() -> list[str]:
+    """Fleet files bundled under deployments/fleets/ (kept apart so spec globs never see them)."""
+    return [f"deployments/fleets/{p.name}" for p in sorted((BUNDLED_DIR / "fleets").glob("*.yaml"))]
+
+
+def fleet_paths(data: Any, *, base: Path, source: str = "(fleet)") -> list[Path]:
+    """The spec paths a fleet file lists, resolved against the file's directory (then the repo)."""
+    items = data.get("specs") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise SpecError("specs", "a fleet file is a non-empty list of spec paths",
+                        "write `specs: [deployments/a.yaml, deployments/b.yaml]`", source=source)
+    out: list[Path] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise SpecError(f"specs[{i}]", f"{item!r} is not a path", "list spec file paths as strings",
+                            source=source)
+        for cand in (base / item, ROOT / item, Path(item)):
+            if cand.exists():
+                out.append(cand.resolve())
+                break
+        else:
+            raise SpecError(f"specs[{i}]", f"{item} does not exist", f"check the path (relative to {base})",
+                            source=source)
+    if len(set(out)) != len(out):
+        raise SpecError("specs", "a spec is listed twice", "list each spec once", source=source)
+    return out
+
+
+def load_fleet(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError("(file)", f"cannot read {path}: {exc.strerror}", "check the path", source=str(path)) from None
+    return fleet_paths(data, base=path.parent, source=str(path))
+
+
+def check_fleet_specs(specs: list[DeploymentSpec]) -> None:
+    """Two specs of one name in one project would fight over the same objects."""
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, s in enumerate(specs):
+        key = (s.cluster.project, s.namespace, s.name)
+        if key in seen:
+            raise SpecError(f"specs[{i}].name", f"{s.name} is already used by specs[{seen[key]}] in "
+                            f"{s.cluster.project}/{s.namespace}", "give each model its own name")
+        seen[key] = i
+
+
+def cluster_key(spec: DeploymentSpec) -> tuple[str, str, str]:
+    return spec.cluster.project, spec.cluster.location, spec.cluster.name
+
+
+def pool_key(spec: DeploymentSpec) -> tuple[str, str, str, str]:
+    return (*cluster_key(spec), spec.accelerator.pool.name)
+
+
+def same_cluster(a: DeploymentSpec, b: DeploymentSpec) -> bool:
+    return cluster_key(a) == cluster_key(b)
+
+
+def uses_pool(a: DeploymentSpec, b: DeploymentSpec) -> bool:
+    """On Autopilot there is no pool: GKE provisions nodes per pod."""
+    return a.cluster.mode == "standard" and b.cluster.mode == "standard" and pool_key(a) == pool_key(b)
+
+
+def load_specs(paths: list[str | Path]) -> list[DeploymentSpec]:
+    return [load_spec(p) for p in paths]

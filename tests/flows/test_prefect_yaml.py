@@ -1,0 +1,157 @@
+"""`prefect --no-prompt deploy --all` on a fresh local server creates every flow's deployment with its
+schedules, triggers, concurrency and parameter forms, read back over the Prefect API."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from deploy.gke_variant import IMAGE_DIR, gke_variant
+from tests.flows.server_support import ROOT, prefect_cli, prefect_server
+
+PREFECT_YAML = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+
+
+def flows_in_repo() -> dict[str, str]:
+    """Every `@flow(name=...)` under flows/: flow name -> entrypoint."""
+    out = {}
+    for path in sorted((ROOT / "flows").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call) and getattr(dec.func, "id", "") == "flow":
+                    name = next((k.value.value for k in dec.keywords if k.arg == "name"), node.name)
+                    out[name] = f"flows/{path.name}:{node.name}"
+    return out
+
+
+def test_every_flow_in_the_repo_is_a_deployment():
+    local = {d["entrypoint"] for d in PREFECT_YAML["deployments"]}
+    missing = {n: e for n, e in flows_in_repo().items() if e not in local}
+    assert not missing, f"flows without a deployment in prefect.yaml: {missing}"
+    for d in PREFECT_YAML["deployments"]:
+        assert (ROOT / d["entrypoint"].split(":")[0]).exists(), d["entrypoint"]
+        assert d.get("description") and "llm-fleet" in d.get("tags", []), d["entrypoint"]
+
+
+def test_pull_step_has_no_machine_specific_path():
+    text = (ROOT / "prefect.yaml").read_text()
+    assert str(ROOT) not in text and "$LLM_FLEET_HOME" not in text.split("\npull:")[1].split("\n\n")[0]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    # A copy of the project in a fresh directory: the pull step must point at *that* clone.
+    clone = tmp_path_factory.mktemp("clone") / "llm-fleet"
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.pyc", ".ruff_cache",
+                                                               ".pytest_cache", "node_modules"))
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as (api, env):
+        prefect_cli("work-pool", "create", "local", "--type", "process", env=env)
+        prefect_cli("--no-prompt", "deploy", "--all", env=env, cwd=clone)
+        # The production variant: same deployments on a kubernetes pool with the repo's job template.
+        (clone / "deploy" / "prefect.gke.yaml").write_text(yaml.safe_dump(gke_variant(PREFECT_YAML, pool="gke",
+                                                                                      image="flows:test")))
+        prefect_cli("work-pool", "create", "gke", "--type", "kubernetes", "--base-job-template",
+                    str(ROOT / "deploy" / "gke-job-template.json"), env=env)
+        prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.gke.yaml", env=env, cwd=clone)
+        with httpx.Client(base_url=api, timeout=30) as http:
+            deployments = http.post("/deployments/filter", json={"limit": 200}).json()
+            flows = {f["id"]: f["name"] for f in http.post("/flows/filter", json={"limit": 200}).json()}
+            automations = http.post("/automations/filter", json={"limit": 200}).json()
+            pool = http.get("/work_pools/gke").json()
+        local = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "local"}
+        gke = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "gke"}
+        local_ids = {d["id"] for d in local.values()}
+        yield {"deployments": local, "gke": gke, "gke_pool": pool, "clone": clone,
+               "automations": [a for a in automations if any(x.get("deployment_id") in local_ids
+                                                             for x in a["actions"])]}
+
+
+def _declared():
+    return {f"{d['entrypoint'].split(':')[1]}/{d['name']}": d for d in PREFECT_YAML["deployments"]}
+
+
+def test_deploy_all_creates_every_deployment(deployed):
+    names = {e.split(":")[1] for e in flows_in_repo().values()}
+    got = deployed["deployments"]
+    assert {k.split("/")[0] for k in got} >= names
+    for key, want in _declared().items():
+        d = got[key]
+        assert d["work_pool_name"] == "local"
+        assert d["description"] == want["description"].strip()
+        assert set(want["tags"]) <= set(d["tags"])
+        # The pull step points at the clone deploy ran in, not at this checkout.
+        step = d["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+        assert Path(step["directory"]) == deployed["clone"]
+        for param, value in (want.get("parameters") or {}).items():
+            assert d["parameters"][param] == value
+
+
+def test_schedules_triggers_and_concurrency_read_back(deployed):
+    got = deployed["deployments"]
+    by_deployment: dict[str, list[dict]] = {}
+    for a in deployed["automations"]:
+        for action in a["actions"]:
+            if action.get("deployment_id"):
+                by_deployment.setdefault(action["deployment_id"], []).append(a)
+    for key, want in _declared().items():
+        d = got[key]
+        crons = sorted((s["schedule"].get("cron") or s["schedule"].get("interval")) for s in d["schedules"])
+        assert crons == sorted((s.get("cron") or s.get("interval")) for s in want.get("schedules", [])), key
+        if want.get("schedules"):
+            assert all(s["active"] for s in d["schedules"])
+        triggers = by_deployment.get(d["id"], [])
+        assert len(triggers) == len(want.get("triggers", [])), key
+        for auto, trig in zip(triggers, want.get("triggers", []), strict=True):
+            assert auto["trigger"]["expect"] == trig["expect"]
+            assert auto["actions"][0]["type"] == "run-deployment"
+            assert auto["actions"][0]["parameters"] == trig.get("parameters", {})
+        limit = want.get("concurrency_limit")
+        if limit:
+            assert d["concurrency_limit"] == limit["limit"], key
+            assert d["global_concurrency_limit"]["limit"] == limit["limit"]
+            assert d["concurrency_options"]["collision_strategy"] == limit["collision_strategy"]
+        else:
+            assert d.get("concurrency_limit") is None, key
+
+
+def test_scheduled_flows_have_schedules(deployed):
+    scheduled = {"check_fleet", "gpu_report", "park_idle", "watch_revisions"}
+    for key, d in deployed["deployments"].items():
+        if key.split("/")[0] in scheduled:
+            assert d["schedules"], f"{key} has no schedule"
+
+
+def test_parameters_show_as_forms(deployed):
+    """The spec picker is an enum of the bundled specs; dry_run is a boolean; every flow takes a spec."""
+    from manifests.fleet import bundled_specs
+
+    for key, d in deployed["deployments"].items():
+        props = d["parameter_openapi_schema"]["properties"]
+        if "dry_run" in props:
+            assert props["dry_run"]["type"] == "boolean", key
+        spec = props.get("spec")
+        if spec is None:
+            continue
+        text = str(spec) + str(d["parameter_openapi_schema"].get("definitions", {}))
+        if key.split("/")[0] in {"teardown", "check_fleet", "gpu_report", "deploy_fleet"}:
+            assert all(p in text for p in bundled_specs()), f"{key}: no spec picker: {spec}"
+
+
+def test_kubernetes_variant_runs_the_same_deployments_in_the_image(deployed):
+    assert deployed["gke_pool"]["type"] == "kubernetes"
+    template = deployed["gke_pool"]["base_job_template"]
+    assert template["variables"]["properties"]["service_account_name"]["default"] == "llm-fleet-operator"
+    assert {k.replace("/gke", "/default") for k in deployed["gke"]} == set(deployed["deployments"])
+    for key, d in deployed["gke"].items():
+        key = key.replace("/gke", "/default")
+        assert d["job_variables"]["image"] == "flows:test"
+        assert d["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == IMAGE_DIR
+        assert [s["schedule"] for s in d["schedules"]] == [s["schedule"] for s in deployed["deployments"][key]["schedules"]]
