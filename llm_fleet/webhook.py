@@ -95,9 +95,13 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # else each reply stalls ~40 ms
     protocol_version = "HTTP/1.1"
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # The path only: a query may carry ?secret=, which must never reach a log.
+        self.log_message("%s %s %s", self.command, urlsplit(self.path).path, code)
+
     def log_message(self, fmt: str, *args: Any) -> None:
         if self.server.verbose:
-            sys.stderr.write("webhook: " + fmt % args + "\n")
+            sys.stderr.write("webhook: " + (fmt % args).replace(self.server.secret, "***") + "\n")
 
     def _reply(self, status: int, body: dict[str, Any], *, close: bool = False) -> None:
         data = json.dumps(body).encode()
