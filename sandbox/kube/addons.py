@@ -51,3 +51,46 @@ def sync(kube: Any, cluster_data: dict[str, Any]) -> None:
     if kube is None or not hasattr(kube, "store"):
         return
     set_filestore(kube, filestore_enabled(cluster_data))
+
+
+# ---- what users install themselves (kubectl apply / helm), as the objects those manifests create --------
+APISERVICES = res.BY_KEY[("apiregistration.k8s.io", "apiservices")]
+NAMESPACES = res.BY_KEY[("", "namespaces")]
+SERVICES = res.BY_KEY[("", "services")]
+INGRESS_CLASSES = res.BY_KEY[("networking.k8s.io", "ingressclasses")]
+STACKDRIVER_ADAPTER = ("https://raw.githubusercontent.com/GoogleCloudPlatform/k8s-stackdriver/master/"
+                       "custom-metrics-stackdriver-adapter/deploy/production/adapter_new_resource_model.yaml")
+
+
+def install_custom_metrics_adapter(kube: KubeCluster, *, kind: str = "stackdriver") -> None:
+    """What ``kubectl apply -f adapter_new_resource_model.yaml`` registers (or helm prometheus-adapter):
+    its namespace, Service and the custom/external metrics APIServices pointing at it."""
+    ns, name = (("custom-metrics", "custom-metrics-stackdriver-adapter") if kind == "stackdriver" else
+                ("monitoring", "prometheus-adapter"))
+    with contextlib.suppress(HttpError):
+        kube.api.create(NAMESPACES, None, {"metadata": {"name": ns}})
+    with contextlib.suppress(HttpError):
+        kube.api.create(SERVICES, ns, {"metadata": {"name": name, "labels": {"k8s-app": name}},
+                                       "spec": {"selector": {"k8s-app": name},
+                                                "ports": [{"port": 443, "targetPort": 443, "protocol": "TCP"}]}})
+    groups = [("v1beta1", "custom.metrics.k8s.io"), ("v1beta2", "custom.metrics.k8s.io")]
+    if kind == "stackdriver":
+        groups.append(("v1beta1", "external.metrics.k8s.io"))
+    for version, group in groups:
+        with contextlib.suppress(HttpError):
+            kube.api.create(APISERVICES, None, {
+                "metadata": {"name": f"{version}.{group}"},
+                "spec": {"group": group, "version": version, "insecureSkipTLSVerify": True,
+                         "groupPriorityMinimum": 100, "versionPriority": 100,
+                         "service": {"namespace": ns, "name": name, "port": 443}}})
+
+
+def install_ingress_nginx(kube: KubeCluster) -> None:
+    """What ``helm install ingress-nginx`` adds that others can see: the ``nginx`` IngressClass whose
+    controller the sandbox then plays (sandbox.kube.ingress serves Ingresses of that class)."""
+    with contextlib.suppress(HttpError):
+        kube.api.create(NAMESPACES, None, {"metadata": {"name": "ingress-nginx"}})
+    with contextlib.suppress(HttpError):
+        kube.api.create(INGRESS_CLASSES, None, {"metadata": {"name": "nginx", "labels": {
+            "app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"}},
+            "spec": {"controller": "k8s.io/ingress-nginx"}})

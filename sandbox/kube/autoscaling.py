@@ -226,9 +226,9 @@ class HpaController:
             self.history.pop(key, None)
             self.due.pop(key, None)
             return
-        due, mono = self.due.get(key), time.monotonic()
-        if due is None or mono >= due - 0.001:  # the controller resyncs every HPA each period (one timer each)
-            self.due[key] = mono + c.clock.scaled(SYNC_PERIOD)
+        due, mono, period = self.due.get(key), time.monotonic(), c.clock.scaled(SYNC_PERIOD)
+        if due is None or mono >= due - period / 2:  # timers may fire a little early  # the controller resyncs every HPA each period (one timer each)
+            self.due[key] = mono + period
             c.after(SYNC_PERIOD, ("hpa", ns, name))
         spec = hpa.get("spec") or {}
         ref = spec.get("scaleTargetRef") or {}
@@ -258,7 +258,7 @@ class HpaController:
                                "Current number of replicas below Spec.MinReplicas")
             else:
                 desired, reason_text, current_metrics, conds = self._from_metrics(hpa, target, current, conds, now)
-            if current and desired:
+            if current:
                 limited = desired < lo or desired > hi
                 clamped = max(lo, min(hi, desired))
                 conds = _set_condition(conds, "ScalingLimited", "True" if limited else "False",

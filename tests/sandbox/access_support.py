@@ -13,7 +13,7 @@ ADMIN = "sandbox-admin@llm-fleet-demo.iam.gserviceaccount.com"
 
 def admin_token(kube: Any) -> str | None:
     auth = getattr(kube, "auth", None)
-    return auth.google.issue(ADMIN)[0] if auth is not None else None
+    return auth.google.issue(ADMIN, scaled=False)[0] if auth is not None else None  # real hour, not scaled
 
 
 def ca_file(kube: Any) -> str | None:
