@@ -44,6 +44,30 @@ ACCELERATORS: dict[str, Accelerator] = {
     )
 }
 
+# vCPUs and memory (GiB) of the GPU machine types (cloud.google.com/compute/docs/gpus): what a model pod
+# may request once the kubelet, GKE's system daemons and eviction threshold have taken their share.
+MACHINE_SHAPES: dict[str, tuple[int, int]] = {
+    "g2-standard-8": (8, 32), "g2-standard-12": (12, 48), "g2-standard-16": (16, 64),
+    "g2-standard-24": (24, 96), "g2-standard-32": (32, 128), "g2-standard-48": (48, 192),
+    "g2-standard-96": (96, 384),
+    "n1-standard-4": (4, 15), "n1-standard-8": (8, 30), "n1-standard-16": (16, 60), "n1-standard-32": (32, 120),
+    "a2-highgpu-1g": (12, 85), "a2-highgpu-2g": (24, 170), "a2-highgpu-4g": (48, 340), "a2-highgpu-8g": (96, 680),
+    "a2-ultragpu-1g": (12, 170), "a2-ultragpu-2g": (24, 340), "a2-ultragpu-4g": (48, 680),
+    "a2-ultragpu-8g": (96, 1360),
+    "a3-highgpu-1g": (26, 234), "a3-highgpu-2g": (52, 468), "a3-highgpu-4g": (104, 936),
+    "a3-highgpu-8g": (208, 1872),
+}
+
+
+def pod_resources(machine_type: str) -> tuple[str, str]:
+    """(cpu, memory) a one-pod-per-node model server requests and is limited to on ``machine_type``:
+    the node's allocatable minus room for system pods (~1.5 vCPU, 20% of memory), so the pod schedules
+    and gets the Guaranteed QoS class (requests == limits, with its GPUs)."""
+    vcpus, mem_gib = MACHINE_SHAPES.get(machine_type, (8, 32))
+    cpu = max(1.0, vcpus - 1.5 if vcpus <= 16 else vcpus * 0.9)
+    return f"{cpu:g}", f"{max(4, int(mem_gib * 0.8))}Gi"
+
+
 # Bytes per parameter by weight format; quantization wins over dtype.
 BYTES_PER_PARAM: dict[str, float] = {
     "float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "auto": 2.0,

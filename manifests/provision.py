@@ -122,6 +122,12 @@ def check_version(spec: DeploymentSpec, server_config: dict[str, Any]) -> Check:
 
 # ---- request bodies (proto field names, snake_case) -------------------------------------------------
 
+def needs_filestore(spec: DeploymentSpec) -> bool:
+    """A ReadWriteMany cache (or a Filestore class such as ``standard-rwx``) needs the Filestore CSI add-on."""
+    cache = spec.cache
+    return cache.enabled and (cache.access_mode == "ReadWriteMany" or (cache.storage_class or "").endswith("-rwx"))
+
+
 def cluster_body(spec: DeploymentSpec, *, location: str, zones: list[str]) -> dict[str, Any]:
     c = spec.cluster
     body: dict[str, Any] = {
@@ -134,6 +140,9 @@ def cluster_body(spec: DeploymentSpec, *, location: str, zones: list[str]) -> di
     }
     if c.version:
         body["initial_cluster_version"] = c.version
+    if needs_filestore(spec) and c.mode != "autopilot":  # Autopilot has the driver on already
+        # The *-rwx StorageClasses exist only with the Filestore CSI driver add-on.
+        body["addons_config"] = {"gcp_filestore_csi_driver_config": {"enabled": True}}
     if c.mode == "autopilot":
         body["autopilot"] = {"enabled": True}
         return body

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from manifests import names
+from manifests.catalog import pod_resources
 from manifests.names import Color
 from manifests.spec import DeploymentSpec, SpecError
 
@@ -121,6 +122,7 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
     env += [{"name": k, "value": v} for k, v in sorted(eng.env.items())]
 
     gpus = str(spec.accelerator.count)
+    cpu, memory = pod_resources(spec.accelerator.machine)
     load_s = spec.default_load_timeout().total_seconds()
     period = 10
     container: Obj = {
@@ -128,7 +130,9 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
         "image": eng.image_ref,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "env": env,
-        "resources": {"requests": {GPU: gpus}, "limits": {GPU: gpus}},
+        # requests == limits (with the GPUs): Guaranteed QoS, sized from the node's machine type
+        "resources": {"requests": {GPU: gpus, "cpu": cpu, "memory": memory},
+                      "limits": {GPU: gpus, "cpu": cpu, "memory": memory}},
         # A startup probe absorbs the slow weight load; liveness only begins once it passes,
         # so a hung server is still restarted without a 10-minute initialDelaySeconds.
         "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
@@ -210,6 +214,16 @@ def model_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None
     }
 
 
+def applied_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None = None) -> Obj:
+    """The Deployment as server-side applied: with an HPA, without ``spec.replicas`` — the field is the
+    HPA's, and an apply that sets it would reset the count the HPA chose (Kubernetes docs, "Migrating
+    a Deployment to an HPA" / server-side apply field ownership)."""
+    obj = model_deployment(spec, color, revision=revision)
+    if spec.autoscaling is not None:
+        obj["spec"].pop("replicas", None)
+    return obj
+
+
 def _service(spec: DeploymentSpec, name: str, color: Color, *, preview: bool) -> Obj:
     annotations: dict[str, str] = {}
     ing = spec.expose.ingress
@@ -276,13 +290,19 @@ def ingress(spec: DeploymentSpec) -> Obj | None:
             "metadata": _meta(spec, names.ingress(spec), annotations=annotations or None), "spec": body}
 
 
+def adapter_metric(metric: str) -> str:
+    """How the Custom Metrics Stackdriver Adapter (the one GKE documents for Managed Prometheus) names a
+    GMP-collected gauge: ``prometheus.googleapis.com|tgi_queue_size|gauge``."""
+    return metric if "|" in metric else f"prometheus.googleapis.com|{metric}|gauge"
+
+
 def autoscaler(spec: DeploymentSpec, color: Color) -> Obj | None:
     hpa = spec.autoscaling
     if hpa is None:
         return None
     metric = hpa.metric or spec.engine.defaults.queue_metric
     metrics: list[Obj] = [{"type": "Pods", "pods": {
-        "metric": {"name": metric},
+        "metric": {"name": adapter_metric(metric)},
         "target": {"type": "AverageValue", "averageValue": f"{hpa.target_queue:g}"}}}]
     if hpa.cpu_utilization:
         metrics.append({"type": "Resource", "resource": {
@@ -307,7 +327,8 @@ def monitoring(spec: DeploymentSpec) -> list[Obj]:
     """Google Managed Prometheus scraping and alert rules (CRDs: not schema-validated offline)."""
     out: list[Obj] = []
     mon = spec.monitoring
-    if mon.scrape == "podmonitoring":
+    # GMP collects only what a PodMonitoring selects, and the HPA's queue metric comes from GMP.
+    if mon.scrape == "podmonitoring" or spec.autoscaling is not None:
         out.append({
             "apiVersion": "monitoring.googleapis.com/v1", "kind": "PodMonitoring",
             "metadata": _meta(spec, spec.name),
@@ -334,12 +355,9 @@ def monitoring(spec: DeploymentSpec) -> list[Obj]:
                           "expr": f"sum(rate(tgi_request_success{{{sel}}}[5m])) < {a.min_success_rps:g}",
                           "annotations": {"summary": f"{spec.name}: throughput below {a.min_success_rps:g} req/s"}})
         group = {"name": f"{spec.name}-serving", "interval": f"{int(mon.interval.total_seconds())}s", "rules": rules}
-        if mon.scrape == "podmonitoring":
-            out.append({"apiVersion": "monitoring.googleapis.com/v1", "kind": "Rules",
-                        "metadata": _meta(spec, names.alerts(spec)), "spec": {"groups": [group]}})
-        else:
-            out.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-                        "metadata": _meta(spec, names.alerts(spec)), "spec": {"groups": [group]}})
+        # GKE ships Managed Prometheus' Rules CRD; PrometheusRule needs the prometheus-operator installed.
+        out.append({"apiVersion": "monitoring.googleapis.com/v1", "kind": "Rules",
+                    "metadata": _meta(spec, names.alerts(spec)), "spec": {"groups": [group]}})
     return out
 
 
@@ -353,7 +371,7 @@ def render(spec: DeploymentSpec, *, color: Color = "blue", revision: str | None 
     if rbac:
         objs += operator_rbac(spec)
     objs += [workload_account(spec), cache_claim(spec) if spec.cache.enabled else None,
-             model_deployment(spec, color, revision=revision),
+             applied_deployment(spec, color, revision=revision),
              live_service(spec, color), preview_service(spec, color),
              ingress(spec), autoscaler(spec, color), *monitoring(spec)]
     return [o for o in objs if o is not None]

@@ -1,0 +1,150 @@
+"""The Vertex AI target (seed 002) end to end on the sandbox: real aiplatform clients, real Prefect server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+
+from tests.flows.conftest import spec_dict
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+REGION = "us-central1"
+
+
+def _run(name: str, spec: dict, **kw):
+    """The main flows dispatch vertex specs to flows.vertex; called here inside a flow run of their name."""
+    from prefect import flow
+
+    from flows import vertex
+
+    return flow(name=f"{name}_test", log_prints=True)(getattr(vertex, name))(spec, **kw)
+
+
+def _endpoints(sandbox, project: str) -> list[dict]:
+    prefix = f"projects/{project}/locations/{REGION}/endpoints/"
+    return [dict(e, name=n) for n, e in sandbox.vertex.snapshot()["endpoints"].items() if n.startswith(prefix)]
+
+
+def _models(sandbox, project: str) -> list[str]:
+    return [m for m in sandbox.vertex.snapshot()["models"] if m.startswith(f"projects/{project}/")]
+
+
+def _seed_predict(sandbox, endpoint: str, project: str):
+    """The seed's own high-level call, through the sandbox."""
+    from google.cloud import aiplatform
+
+    aiplatform.init(project=project, location=REGION, api_endpoint=sandbox.vertex.url, api_transport="rest",
+                    credentials=AnonymousCredentials())
+    return aiplatform.Endpoint(endpoint).predict(instances=[{"prompt": "What is Vertex AI?", "max_tokens": 16}])
+
+
+@pytest.fixture
+def deployed(sandbox, sbc):
+    spec = spec_dict("gemma-vertex.yaml")
+    out = _run("deploy", spec)
+    return spec, out
+
+
+def test_deploy_gemma_vertex_answers_the_seeds_endpoint_predict(sandbox, deployed):
+    spec, out = deployed
+    project = spec["cluster"]["project"]
+    [ep] = _endpoints(sandbox, project)
+    assert ep["displayName"] == "gemma-endpoint" and ep["labels"]["llm-fleet-spec"] == "gemma-vertex"
+    assert ep["trafficSplit"] == {out["deployed_model_id"]: 100} and ep["deployedModels"] == [out["deployed_model_id"]]
+    got = _seed_predict(sandbox, out["endpoint"], project)
+    assert got.deployed_model_id == out["deployed_model_id"]
+    assert "Vertex AI" in got.predictions[0]
+    assert {r["via"] for r in out["smoke"]} == {"predict", "rawPredict"}
+    # rerun: nothing new uploaded or deployed
+    again = _run("deploy", spec)
+    assert again["deployed_model_id"] == out["deployed_model_id"] and len(_models(sandbox, project)) == 1
+
+
+def _load(endpoint: str, stop: threading.Event, counts: dict) -> None:
+    from tasks import vertex as tv
+
+    while not stop.is_set():
+        try:
+            tv.predict_once(endpoint=endpoint, instances=[{"prompt": "Hi", "max_tokens": 2, "raw_response": True}])
+            counts["ok"] += 1
+        except Exception as exc:  # noqa: BLE001
+            counts["failed"] += 1
+            counts["last"] = repr(exc)
+
+
+def test_release_moves_the_split_with_no_failed_request_under_load(sandbox, deployed):
+    spec, out = deployed
+    new_sha = sandbox.hub.push_revision(spec["model"]["id"])
+    stop, counts = threading.Event(), {"ok": 0, "failed": 0}
+    load = threading.Thread(target=_load, args=(out["endpoint"], stop, counts), daemon=True)
+    load.start()
+    try:
+        res = _run("release", spec, revision=new_sha)
+    finally:
+        stop.set()
+        load.join(10)
+    assert res["released"] and counts["failed"] == 0, counts
+    assert counts["ok"] > 0
+    [ep] = _endpoints(sandbox, spec["cluster"]["project"])
+    assert ep["trafficSplit"] == {res["deployed_model_id"]: 100}
+    assert ep["deployedModels"] == [res["deployed_model_id"]]  # the old one undeployed after the delay
+
+
+@pytest.mark.parametrize("mode", ["http_500", "wrong_answers"])
+def test_bad_new_model_is_rolled_back_with_the_split_unchanged(sandbox, sbc, deployed, mode):
+    from manifests.vertex import REVISION_LABEL
+
+    spec, out = deployed
+    new_sha = sandbox.hub.push_revision(spec["model"]["id"])
+    sbc.add_behavior(mode=mode, labels={REVISION_LABEL: new_sha})
+    with pytest.raises(Exception, match="analysis failed|smoke prompt"):
+        _run("release", spec, revision=new_sha)
+    [ep] = _endpoints(sandbox, spec["cluster"]["project"])
+    assert ep["trafficSplit"] == {out["deployed_model_id"]: 100}
+    assert ep["deployedModels"] == [out["deployed_model_id"]]
+    assert _seed_predict(sandbox, out["endpoint"], spec["cluster"]["project"]).deployed_model_id == out[
+        "deployed_model_id"]
+
+
+def test_park_leaves_no_deployed_model_wake_answers_teardown_leaves_nothing(sandbox, deployed):
+    spec, out = deployed
+    project = spec["cluster"]["project"]
+    _run("park", spec)
+    [ep] = _endpoints(sandbox, project)
+    assert ep["deployedModels"] == [] and ep["trafficSplit"] == {}
+    assert not [k for k in sandbox.vertex.snapshot()["replicas"] if k.startswith(out["endpoint"])]  # nothing billed
+    assert len(_models(sandbox, project)) == 1  # the model is kept
+    woke = _run("wake", spec)
+    assert _seed_predict(sandbox, out["endpoint"], project).deployed_model_id == woke["deployed_model_id"]
+    _run("teardown", spec)
+    assert _endpoints(sandbox, project) == [] and _models(sandbox, project) == []
+    assert not [k for k in sandbox.vertex.snapshot()["replicas"] if k.startswith(f"projects/{project}/")]
+
+
+@pytest.mark.parametrize(("case", "match"), [
+    ("quota", "custom_model_serving_nvidia_l4_gpus in us-central1"),
+    ("gated", "no access to the gated model"),
+    ("token", "token is invalid"),
+])
+def test_preflight_failures_create_nothing(sandbox, sbc, monkeypatch, case, match):
+    spec = spec_dict("gemma-vertex.yaml")
+    project = spec["cluster"]["project"]
+    if case == "quota":
+        sbc.set_vertex_quota(REGION, "NVIDIA_L4", 0, project=project)
+    else:
+        monkeypatch.setenv("HF_TOKEN", "hf_sandbox_nogate" if case == "gated" else "hf_not_a_token")
+        spec["secret"] = {"prefect_block": None}
+        from tasks.settings import reload_settings
+
+        reload_settings()
+    try:
+        with pytest.raises(Exception, match=match):
+            _run("deploy", spec)
+    finally:
+        monkeypatch.undo()
+        from tasks.settings import reload_settings
+
+        reload_settings()
+    assert _endpoints(sandbox, project) == [] and _models(sandbox, project) == []
