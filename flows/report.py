@@ -43,10 +43,7 @@ class Report:
         self.ts = post_slack(channel=self.channel, text=self._text())
 
     def scrub(self, text: str) -> str:
-        for s in self.secrets:
-            if s:
-                text = text.replace(s, "***")
-        return text
+        return scrub_text(text, self.secrets)
 
     def _text(self) -> str:
         head = f"{ICONS.get(self.status, '')} *{self.flow}* `{self.subject}` — {self.status}"
@@ -96,6 +93,7 @@ class Report:
         self._sync()
         if self.ts:
             post_slack(channel=self.channel, thread_ts=self.ts,
+        scrub_exception(exc, self.secrets)  # the flow re-raises it: Prefect's state message is str(exc)
                        text=self.scrub(f"❌ {self.flow} failed: {exc}\nNext step: {fix}"))
 
     def table_artifact(self, key: str, rows: list[dict], description: str) -> None:
@@ -119,6 +117,49 @@ def _one_line(exc: BaseException) -> str:
 
 
 def artifact_key(*parts: str) -> str:
+def secret_forms(secret: str) -> list[str]:
+    """A secret as it can appear in text: itself and base64 (std/url-safe, padded or not, at any of the
+    three byte alignments inside a longer base64 blob such as a Secret's data), longest first."""
+    import base64
+
+    raw = secret.encode()
+    forms = {secret}
+    if len(raw) >= 8:  # short values would blank out ordinary words
+        for k in range(3):
+            enc = base64.b64encode(b"\0" * k + raw).decode()
+            core = enc[-(-8 * k // 6):(8 * (k + len(raw))) // 6] if k else enc
+            for form in (core, core.rstrip("=")):
+                forms |= {form, form.replace("+", "-").replace("/", "_")}
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
+def scrub_text(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            for form in secret_forms(secret):
+                text = text.replace(form, "***")
+    return text
+
+
+def scrub_exception(exc: BaseException, secrets: list[str], _seen: set[int] | None = None) -> None:
+    """Scrub an exception in place (args, and the FleetError/ApiException fields its str() is made of)."""
+    import contextlib
+
+    seen = _seen if _seen is not None else set()
+    if id(exc) in seen:
+        return
+    seen.add(id(exc))
+    exc.args = tuple(scrub_text(a, secrets) if isinstance(a, str) else a for a in exc.args)
+    for attr in ("problem", "fix", "reason", "body", "message", "server_message"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, str):
+            with contextlib.suppress(AttributeError):  # a read-only property
+                setattr(exc, attr, scrub_text(value, secrets))
+    for chained in (exc.__cause__, exc.__context__):
+        if chained is not None:
+            scrub_exception(chained, secrets, seen)
+
+
     """Prefect artifact keys: lowercase letters, digits and dashes only."""
     import re
 

@@ -23,6 +23,8 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"✓ {path}: {spec.name} — {spec.model.id} on {spec.engine.kind}, "
               f"{spec.accelerator.count}× {spec.accelerator.type}{' spot' if spec.accelerator.spot else ''}, "
               f"{spec.target}{'' if spec.target != 'gke' else ' ' + spec.cluster.mode}")
+        for warning in spec.warnings:
+            print(f"  ⚠ {warning}")
     return 1 if failed else 0
 
 

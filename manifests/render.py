@@ -57,7 +57,7 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
          "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
         {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "replicasets"],
          "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"],
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "networkpolicies"],
          "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
         {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
          "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
@@ -96,6 +96,8 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
             args.append(f"--gpu-memory-utilization={eng.gpu_memory_utilization}")
         if eng.max_concurrent_requests:
             args.append(f"--max-num-seqs={eng.max_concurrent_requests}")
+        if eng.trust_remote_code:
+            args.append("--trust-remote-code")
     elif eng.kind == "tgi":
         # TGI is configured through its environment, the way seeds 000 and 003 do it.
         env += [{"name": "MODEL_ID", "value": model.id}, {"name": "REVISION", "value": revision},
@@ -110,6 +112,8 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
                     {"name": "MAX_TOTAL_TOKENS", "value": str(eng.max_model_len)}]
         if eng.max_concurrent_requests:
             env.append({"name": "MAX_CONCURRENT_REQUESTS", "value": str(eng.max_concurrent_requests)})
+        if eng.trust_remote_code:
+            env.append({"name": "TRUST_REMOTE_CODE", "value": "true"})
     else:  # sglang
         command = command or ["python3", "-m", "sglang.launch_server"]
         args = ["--model-path", model.id, "--revision", revision, "--host", "0.0.0.0", "--port", str(port),
@@ -118,7 +122,10 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
             args += ["--quantization", eng.quantization]
         if eng.max_model_len:
             args += ["--context-length", str(eng.max_model_len)]
+        if eng.trust_remote_code:
+            args.append("--trust-remote-code")
     args += list(eng.extra_args)
+    env += _non_root_env(spec)
     env += [{"name": k, "value": v} for k, v in sorted(eng.env.items())]
 
     gpus = str(spec.accelerator.count)
@@ -144,11 +151,51 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
                          {"name": "cache", "mountPath": spec.cache.mount_path}],
     }
+    container["securityContext"] = _container_security(spec)
+    if _runs_as_non_root(spec):
+        container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
     if command:
         container["command"] = list(command)
     if args:
         container["args"] = args
     return container
+
+
+# Pod hardening. Every engine: no privilege escalation, every capability dropped, the runtime's default
+# seccomp profile. vLLM's image works as any user once HOME and its caches (~/.cache/vllm, ~/.config/vllm,
+# ~/.triton, torch's /tmp/torchinductor_$USER) point at writable volumes, so it runs as uid 1000 on a
+# read-only root filesystem. The TGI and SGLang images run as root and write into /root and their
+# install trees at start (the launcher's shard sockets and kernel caches, SGLang's JIT kernels), so
+# they keep root and a writable root filesystem — still without capabilities.
+NON_ROOT_UID = 1000
+
+
+def _runs_as_non_root(spec: DeploymentSpec) -> bool:
+    # NFS (Filestore, ReadWriteMany) ignores fsGroup: a non-root engine could not write the shared cache.
+    return spec.engine.kind == "vllm" and not (spec.cache.enabled and spec.cache.access_mode == "ReadWriteMany")
+
+
+def _non_root_env(spec: DeploymentSpec) -> list[Obj]:
+    if not _runs_as_non_root(spec):
+        return []
+    # USER: the uid has no passwd entry in the image, and torch's cache dir is named by getpass.getuser().
+    return [{"name": "HOME", "value": "/tmp"}, {"name": "USER", "value": "vllm"}]
+
+
+def _container_security(spec: DeploymentSpec) -> Obj:
+    sc: Obj = {"allowPrivilegeEscalation": False, "privileged": False, "capabilities": {"drop": ["ALL"]}}
+    if _runs_as_non_root(spec):
+        sc.update({"runAsNonRoot": True, "runAsUser": NON_ROOT_UID, "runAsGroup": NON_ROOT_UID,
+                   "readOnlyRootFilesystem": True})
+    return sc
+
+
+def _pod_security(spec: DeploymentSpec) -> Obj:
+    sc: Obj = {"seccompProfile": {"type": "RuntimeDefault"}}
+    if _runs_as_non_root(spec):
+        # the cache volume becomes group-writable; OnRootMismatch skips re-chowning a big cache on every start
+        sc.update({"fsGroup": NON_ROOT_UID, "fsGroupChangePolicy": "OnRootMismatch"})
+    return sc
 
 
 def _placement(spec: DeploymentSpec) -> Obj:
@@ -189,11 +236,14 @@ def model_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None
         volumes.append({"name": "cache", "persistentVolumeClaim": {"claimName": names.cache_claim(spec)}})
     else:
         volumes.append({"name": "cache", "emptyDir": {}})
+    if _runs_as_non_root(spec):
+        volumes.append({"name": "tmp", "emptyDir": {}})  # the only writable path besides the volumes
     pod_spec: Obj = {
         "containers": [_engine_container(spec, revision)],
         "volumes": volumes,
         # Model servers drain in-flight generations before exit.
         "terminationGracePeriodSeconds": 60,
+        "securityContext": _pod_security(spec),
         **_placement(spec),
     }
     if spec.service_account:
@@ -290,6 +340,37 @@ def ingress(spec: DeploymentSpec) -> Obj | None:
             "metadata": _meta(spec, names.ingress(spec), annotations=annotations or None), "spec": body}
 
 
+# Where a model pod's legitimate traffic comes from (GKE): Google's front ends and health checkers for
+# GCE Ingress / Gateway with container-native load balancing; ingress-nginx's namespace; Managed
+# Prometheus's collectors (gmp-system); and kube-system, where the API server's proxy to pods enters
+# (Konnectivity) — the flows' own readiness checks and smoke tests use that path.
+GFE_RANGES = ("130.211.0.0/22", "35.191.0.0/16")
+
+
+def _from_namespace(name: str) -> Obj:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+
+def network_policy(spec: DeploymentSpec) -> Obj | None:
+    if not spec.expose.network_policy:
+        return None
+    peers = [_from_namespace("kube-system"), _from_namespace("gmp-system")]
+    ing = spec.expose.ingress
+    if ing is not None and ing.class_name == "nginx":
+        peers.append(_from_namespace("ingress-nginx"))
+    elif ing is not None:
+        peers += [{"ipBlock": {"cidr": cidr}} for cidr in GFE_RANGES]
+    peers += [_from_namespace(ns) for ns in spec.expose.allow_from_namespaces]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(spec, f"{spec.name}-ingress"),
+        "spec": {"podSelector": {"matchLabels": {**names.instance_labels(spec),
+                                                 "app.kubernetes.io/component": "model-server"}},
+                 "policyTypes": ["Ingress"],
+                 "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": spec.engine.container_port}]}]},
+    }
+
+
 def adapter_metric(metric: str) -> str:
     """How the Custom Metrics Stackdriver Adapter (the one GKE documents for Managed Prometheus) names a
     GMP-collected gauge: ``prometheus.googleapis.com|tgi_queue_size|gauge``."""
@@ -373,7 +454,7 @@ def render(spec: DeploymentSpec, *, color: Color = "blue", revision: str | None 
     objs += [workload_account(spec), cache_claim(spec) if spec.cache.enabled else None,
              applied_deployment(spec, color, revision=revision),
              live_service(spec, color), preview_service(spec, color),
-             ingress(spec), autoscaler(spec, color), *monitoring(spec)]
+             ingress(spec), network_policy(spec), autoscaler(spec, color), *monitoring(spec)]
     return [o for o in objs if o is not None]
 
 

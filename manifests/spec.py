@@ -88,6 +88,8 @@ class EngineSpec(_Model):
     env: dict[str, str] = {}
     # For engines whose image needs an explicit command (seed 004 runs the OpenAI entrypoint).
     command: list[str] | None = None
+    # Run Python code shipped in the model repo (custom architectures): only when a spec says so.
+    trust_remote_code: bool = False
 
     @property
     def defaults(self):
@@ -194,6 +196,10 @@ class ExposeSpec(_Model):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     port: int = Field(8080, ge=1, le=65535)
     ingress: IngressSpec | None = None
+    # A NetworkPolicy admitting only the Ingress/gateway, Prometheus and the API server's proxy
+    # (needs network policy enforcement: Dataplane V2, default on Autopilot).
+    network_policy: bool = False
+    allow_from_namespaces: list[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]] = []
 
 
 class AutoscalingSpec(_Model):
@@ -373,6 +379,11 @@ class DeploymentSpec(_Model):
                 able = [k for k, fams in VLM_SUPPORT.items() if any(family.startswith(p) for p in fams)]
                 raise SpecError("engine.kind", f"{eng.kind} cannot serve the vision-language model {self.model.id}",
                                 f"use engine.kind {' or '.join(able)}" if able else "pick a supported VLM")
+        if any(a.split("=", 1)[0] == "--trust-remote-code" for a in eng.extra_args) or any(
+                k == "TRUST_REMOTE_CODE" for k in eng.env):
+            raise SpecError("engine.extra_args", "--trust-remote-code runs Python code from the model repository",
+                            "drop it from extra_args/env and set engine.trust_remote_code: true if the model "
+                            "really needs it (pin model.revision to a commit you have read)")
         if eng.quantization and eng.kind == "tgi" and eng.quantization in ("int8",):
             raise SpecError("engine.quantization", "TGI has no plain int8 mode", "use bitsandbytes, eetq, awq or gptq")
         pool = acc.pool
@@ -411,6 +422,13 @@ class DeploymentSpec(_Model):
             if ing.static_ip_name and ing.class_name != "gce":
                 raise SpecError("expose.ingress.static_ip_name", "a global static IP only applies to class gce",
                                 "drop static_ip_name or use class gce")
+        if self.expose.network_policy and self.expose.service_type == "LoadBalancer" and ing is None:
+            raise SpecError("expose.network_policy", "a LoadBalancer Service is reached straight from clients, "
+                            "so there is no gateway to admit", "add expose.ingress, or list the clients' "
+                            "namespaces in expose.allow_from_namespaces and use service_type ClusterIP")
+        if self.expose.allow_from_namespaces and not self.expose.network_policy:
+            raise SpecError("expose.allow_from_namespaces", "only applies with a NetworkPolicy",
+                            "set expose.network_policy: true or drop allow_from_namespaces")
         hpa = self.autoscaling
         if hpa is not None and hpa.min_replicas > hpa.max_replicas:
             raise SpecError("autoscaling.min_replicas", f"{hpa.min_replicas} is above max_replicas {hpa.max_replicas}",
@@ -432,6 +450,17 @@ class DeploymentSpec(_Model):
         return self
 
     # ---- derived values the rest of the product uses ----------------------------------------
+    @property
+    def warnings(self) -> list[str]:
+        """Valid but risky choices, for `llm-fleet validate` and the deploy log."""
+        out = []
+        if self.engine.trust_remote_code:
+            pinned = re.fullmatch(r"[0-9a-f]{40}", self.model.revision or "")
+            out.append(f"engine.trust_remote_code: the pods run Python code from {self.model.id}"
+                       + ("" if pinned else f" at {self.model.revision!r}, which can change under you — pin "
+                          "model.revision to a commit you have read"))
+        return out
+
     @property
     def gpus_per_replica(self) -> int:
         return self.accelerator.count

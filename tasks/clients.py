@@ -123,12 +123,7 @@ def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
     }
     path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=s)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    return path
+    return write_private(path, yaml.safe_dump(config, sort_keys=False))  # 0600, atomic
 
 
 def kube_client(kubeconfig: Path | str | None = None):
@@ -156,6 +151,8 @@ def _kube_client(path: str, mtime: int):
 
 def kube_http(api_client, *, timeout: float = 30.0):
     """An httpx client that talks to the API server with the same credentials (service proxy, streams).
+
+    from tasks.credfiles import write_private
 
     Cached with its ApiClient: building an SSL context per call costs tens of milliseconds.
     """

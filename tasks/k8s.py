@@ -35,6 +35,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("networking.k8s.io/v1", "Ingress"): ("ingresses", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("monitoring.googleapis.com/v1", "PodMonitoring"): ("podmonitorings", True),
     ("monitoring.googleapis.com/v1", "Rules"): ("rules", True),

@@ -80,6 +80,8 @@ TYPES: list[RType] = [
     _t("networking.k8s.io", "v1", "ingresses", "Ingress", short=("ing",), subresources=("status",),
        generation=True, has_status=True),
     _t("networking.k8s.io", "v1", "ingressclasses", "IngressClass", namespaced=False, generation=True),
+    # stored, not enforced: the sandbox has no pod network (see docs/sandbox-contract.md)
+    _t("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short=("netpol",), generation=True),
     _t("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", short=("hpa",),
        subresources=("status",), categories=("all",), generation=True, has_status=True),
     _t("rbac.authorization.k8s.io", "v1", "roles", "Role"),

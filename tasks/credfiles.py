@@ -1,0 +1,53 @@
+"""Files that hold credentials or point at them (kubeconfigs): private to the user, removed on teardown.
+
+A kubeconfig names a cluster's endpoint and CA and how to get a token; the sandbox and in-cluster
+runs may put a bearer token in it. Either way it is written 0600 in a 0700 directory, atomically
+(a concurrent reader never sees half a file), and teardown removes it with the cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from tasks.settings import Settings, get_settings
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` as 0600 (its directory 0700), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(PermissionError):  # a shared parent we do not own stays as it is
+        os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left by a crashed run
+        with os.fdopen(fd, "w") as f:
+            fd = -1
+            f.write(text)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def cluster_credential_files(*, project: str, location: str, cluster: str,
+                             settings: Settings | None = None) -> list[Path]:
+    """Every file the product wrote for one cluster (its kubeconfig and any leftover temp copy)."""
+    from tasks.clients import kubeconfig_path
+
+    path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=settings or get_settings())
+    return [path, path.with_suffix(".tmp"), *path.parent.glob(f".{path.name}.*.tmp")]
+
+
+def remove_cluster_credentials(*, project: str, location: str, cluster: str,
+                               settings: Settings | None = None) -> list[str]:
+    """For teardown: delete the cluster's kubeconfig (and temp copies); returns what was removed."""
+    removed = []
+    for path in cluster_credential_files(project=project, location=location, cluster=cluster, settings=settings):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(str(path))
+    return removed
