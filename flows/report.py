@@ -87,13 +87,13 @@ class Report:
         self._sync()
 
     def fail(self, exc: BaseException) -> None:
+        scrub_exception(exc, self.secrets)  # the flow re-raises it: Prefect's state message is str(exc)
         self.status = "failed"
         fix = exc.fix if isinstance(exc, FleetError) and exc.fix else "see the Prefect flow run logs"
         self.outcome = f"Cause: {_one_line(exc)}"
         self._sync()
         if self.ts:
             post_slack(channel=self.channel, thread_ts=self.ts,
-        scrub_exception(exc, self.secrets)  # the flow re-raises it: Prefect's state message is str(exc)
                        text=self.scrub(f"❌ {self.flow} failed: {exc}\nNext step: {fix}"))
 
     def table_artifact(self, key: str, rows: list[dict], description: str) -> None:
@@ -111,12 +111,6 @@ class Report:
         create_markdown_artifact(key=key, markdown=self.scrub("\n".join(lines)), description=self.flow)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def artifact_key(*parts: str) -> str:
 def secret_forms(secret: str) -> list[str]:
     """A secret as it can appear in text: itself and base64 (std/url-safe, padded or not, at any of the
     three byte alignments inside a longer base64 blob such as a Secret's data), longest first."""
@@ -160,6 +154,12 @@ def scrub_exception(exc: BaseException, secrets: list[str], _seen: set[int] | No
             scrub_exception(chained, secrets, seen)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def artifact_key(*parts: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes only."""
     import re
 

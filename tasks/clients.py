@@ -122,6 +122,8 @@ def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str
         "users": [{"name": name, "user": user}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
     }
+    from tasks.credfiles import write_private
+
     path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=s)
     return write_private(path, yaml.safe_dump(config, sort_keys=False))  # 0600, atomic
 
@@ -151,8 +153,6 @@ def _kube_client(path: str, mtime: int):
 
 def kube_http(api_client, *, timeout: float = 30.0):
     """An httpx client that talks to the API server with the same credentials (service proxy, streams).
-
-    from tasks.credfiles import write_private
 
     Cached with its ApiClient: building an SSL context per call costs tens of milliseconds.
     """
