@@ -4,8 +4,12 @@
 2. Get cluster credentials
 3. Create the namespace and the Hugging Face token Secret
 4. Apply the cache, Deployment, Services, Ingress, autoscaler and monitoring
-5. Wait until the model answers (not until a pod is Running)
+5. Wait until the model answers (rollout complete, endpoints list the new pods, engine loaded)
 6. Smoke test through the Service
+
+On a model that already serves, a change to what the pods run is never applied in place: it becomes
+a blue-green release (flows/release_model.py) beside the live color; only non-disruptive objects
+(Ingress, HPA bounds, monitoring, labels) are applied in place.
 """
 
 from __future__ import annotations
@@ -13,152 +17,137 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import SecretStr
 
-from flows.provision_cluster import find_cluster
+from flows.cluster_preflight import cluster_preflight
+from flows.release_model import finish_retire, run_release
 from flows.report import Report, artifact_key
+from flows.serving import (
+    Target,
+    ensure_namespace_and_secret,
+    hub_preflight,
+    in_place_objects,
+    live_color,
+    load_timeout_s,
+    observe,
+    prepare,
+    scale_down_color,
+    smoke,
+    smoke_rows,
+    wait_until_answering,
+)
 from manifests import names
-from manifests.errors import DeployError, PreflightError
+from manifests.errors import DeployError
 from manifests.names import Color
+from manifests.release import Desired, plan_release
 from manifests.render import model_deployment, object_key, render
-from manifests.spec import DeploymentSpec, check_fit, fit_fix, resolve_gke_spec
-from tasks import gke, health, hf, k8s
-from tasks.settings import get_settings
+from manifests.spec import resolve_gke_spec
+from tasks import k8s
+from tasks.locks import model_lock
+
+# Shared with other flows (park/wake, watch_revisions, Vertex): they live in flows/serving.py.
+__all__ = ["deploy_model", "first_deploy", "hub_preflight", "live_color", "load_timeout_s", "smoke_rows",
+           "wait_until_answering"]
 
 
-def hub_preflight(spec: DeploymentSpec, token: SecretStr) -> hf.HubModel:
-    hf.check_hf_token(token=token)
-    model = hf.get_model(model_id=spec.model.id, revision=spec.model.revision, token=token)
-    if model.gated:
-        hf.check_gated_access(model_id=spec.model.id, token=token)
-    if model.params:
-        fit = check_fit(spec, model.params)
-        if not fit.fits:
-            raise PreflightError(fit.message(spec), fit_fix(spec, fit))
-    return model
+def first_deploy(t: Target, report: Report, *, color: Color = "blue") -> dict[str, Any]:
+    """No color serves yet: apply everything with ``color`` live, wait until it answers, smoke test."""
+    spec, log = t.spec, get_run_logger()
+    applied_deployment = False
+    try:
+        with report.step("Create the namespace and the Hugging Face token Secret") as step:
+            step.detail = ensure_namespace_and_secret(t)
+        with report.step("Apply cache, Deployment, Services, Ingress, autoscaler, monitoring") as step:
+            applied = [k8s.apply_object(kubeconfig=t.kubeconfig, obj=o)
+                       for o in render(spec, color=color, revision=t.model.sha)[1:]]
+            applied_deployment = True
+            counts = {a: sum(x.action == a for x in applied) for a in ("created", "configured", "unchanged")}
+            step.detail = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+        replicas = model_deployment(spec, color)["spec"]["replicas"]
+        with report.step("Wait until the model answers") as step:
+            ready = wait_until_answering(spec, kubeconfig=t.kubeconfig, color=color, replicas=replicas,
+                                         timeout_s=load_timeout_s(spec, t.model.params), service=names.service(spec))
+            step.detail = f"{ready['ready_pods']} pod(s) of {ready.get('replicaset', '-')} Ready, serving {ready['model']}"
+        with report.step("Smoke test through the Service") as step:
+            results = smoke(spec, kubeconfig=t.kubeconfig, service=names.service(spec))
+            step.detail = f"{len(results)} prompt(s) answered, " + ", ".join(
+                f"{r.latency_s * 1000:.0f} ms" for r in results)
+    except DeployError:
+        # A first deploy has no traffic to protect: stop paying for its GPUs.
+        if applied_deployment:
+            log.warning(scale_down_color(spec, kubeconfig=t.kubeconfig, color=color))
+        raise
+    report.table_artifact(artifact_key("deploy", spec.name, "smoke"), smoke_rows(results), "Smoke prompts")
+    return {"color": color, "replicas": replicas, "objects": [a.__dict__ for a in applied],
+            "smoke": smoke_rows(results), "action": "deployed"}
 
 
-def live_color(spec: DeploymentSpec, kubeconfig: str) -> Color | None:
-    """Which color the live Service routes to now (None before the first deploy)."""
-    svc = k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
-                         namespace=spec.namespace)
-    color = ((svc or {}).get("spec", {}).get("selector") or {}).get(names.COLOR_LABEL)
-    return color if color in names.COLORS else None
-
-
-def load_timeout_s(spec: DeploymentSpec, params: int | None) -> float:
-    s = get_settings()
-    return max(spec.default_load_timeout(params).total_seconds() * s.time_scale, s.min_load_timeout_s)
-
-
-def wait_until_answering(spec: DeploymentSpec, *, kubeconfig: str, color: Color, replicas: int,
-                         timeout_s: float, service: str) -> dict[str, Any]:
-    """Pods Ready (watched), then the engine itself says the model is loaded, through ``service``."""
-    progress = k8s.wait_pods_ready(kubeconfig=kubeconfig, namespace=spec.namespace,
-                                   selector=names.selector(spec, color), desired=replicas, timeout_s=timeout_s)
-    engine = health.check_engine_ready(kubeconfig=kubeconfig, namespace=spec.namespace, service=service,
-                                       engine=spec.engine.kind, model_id=spec.model.id)
-    return {"ready_pods": progress.ready, **engine}
-
-
-def park_failed_color(spec: DeploymentSpec, *, kubeconfig: str, color: Color) -> str:
-    """After a failed rollout, stop paying for GPUs: scale the color to 0 (unless keep_for_debug)."""
-    if spec.keep_for_debug:
-        return "kept running for debugging (keep_for_debug: true) — it costs GPU time until removed"
-    k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.deployment(spec, color),
-                         replicas=0)
-    return f"{names.deployment(spec, color)} scaled to 0 so no GPU stays paid for"
-
-
-def smoke_rows(results: list[health.SmokeResult]) -> list[dict[str, Any]]:
-    return [{"prompt": r.prompt, "answer": r.answer[:80], "latency_s": r.latency_s, "tokens": r.tokens,
-             "tokens_per_s": r.tokens_per_s, "streamed": r.streamed} for r in results]
+def _dry_run(t: Target, report: Report, color: Color) -> dict[str, Any]:
+    rows = []
+    for obj in render(t.spec, color=color, revision=t.model.sha):
+        api_version, kind, ns, name = object_key(obj)
+        live = k8s.get_object(kubeconfig=t.kubeconfig, api_version=api_version, kind=kind, name=name,
+                              namespace=ns or None)
+        rows.append({"kind": kind, "name": name, "namespace": ns, "action": "apply" if live else "create"})
+        get_run_logger().info("plan: %s %s/%s", rows[-1]["action"], kind, name)
+    report.table_artifact(artifact_key("deploy", t.spec.name, "plan"), rows, "What deploy_model would apply")
+    return {"dry_run": True, "plan": rows, "revision": t.model.sha}
 
 
 @flow(name="deploy_model", log_prints=True)
 def deploy_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                  dry_run: bool = False) -> dict[str, Any]:
-    """HF preflight → Secret → cache, Deployment, Service, Ingress, HPA, monitoring → model answers → smoke test."""
-    log = get_run_logger()
+    """HF preflight → Secret → cache, Deployment, Service, Ingress, HPA, monitoring → model answers → smoke test.
+
+    On a serving model a changed pod template is released blue-green (never changed in place).
+    """
     spec = resolve_gke_spec(spec, flow="deploy_model")
-    c = spec.cluster
     report = Report("deploy_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
     key = artifact_key("deploy", spec.name)
-    kubeconfig: str | None = None
-    color: Color = "blue"
-    applied_deployment = False
+    retire = None
     try:
-        token = hf.read_hf_token(block=spec.secret.prefect_block)
-        report.secrets.append(token.get_secret_value())
-        with report.step("Hugging Face preflight: token, revision, gated access, GPU fit") as step:
-            model = hub_preflight(spec, token)
-            size = f"{model.params / 1e9:.2f}B params" if model.params else "size unknown"
-            step.detail = f"{spec.model.revision} → {model.sha[:12]}, {size}"
-
-        with report.step("Get cluster credentials") as step:
-            kubeconfig = gke.get_credentials(project=c.project, location=_cluster_location(spec), name=c.name)
-            color = live_color(spec, kubeconfig) or "blue"
-            step.detail = f"live color {color}"
-
-        objs = render(spec, color=color, revision=model.sha)
+        t = prepare(spec, report)
+        with report.step("Cluster preflight: storage class, IngressClass, static IP, metrics adapter") as step:
+            step.detail = "; ".join(cluster_preflight(spec, kubeconfig=t.kubeconfig, location=t.location)) or "-"
+        observed = observe(spec, t.kubeconfig)
         if dry_run:
-            rows = []
-            for obj in objs:
-                api_version, kind, ns, name = object_key(obj)
-                live = k8s.get_object(kubeconfig=kubeconfig, api_version=api_version, kind=kind, name=name,
-                                      namespace=ns or None)
-                rows.append({"kind": kind, "name": name, "namespace": ns, "action": "apply" if live else "create"})
-                log.info("plan: %s %s/%s", rows[-1]["action"], kind, name)
-            report.table_artifact(f"{key}-plan", rows, "What deploy_model would apply")
+            out = _dry_run(t, report, observed.live or "blue")
             report.succeed("dry run: nothing was changed")
-            return {"dry_run": True, "plan": rows, "revision": model.sha}
-
-        with report.step("Create the namespace and the Hugging Face token Secret") as step:
-            k8s.apply_object(kubeconfig=kubeconfig, obj=objs[0])
-            step.detail = k8s.ensure_secret(kubeconfig=kubeconfig, namespace=spec.namespace, name=spec.secret.name,
-                                            key=spec.secret.key, value=token, labels=names.instance_labels(spec))
-
-        with report.step("Apply cache, Deployment, Services, Ingress, autoscaler, monitoring") as step:
-            applied = [k8s.apply_object(kubeconfig=kubeconfig, obj=o) for o in objs[1:]]
-            applied_deployment = True
-            counts = {a: sum(x.action == a for x in applied) for a in ("created", "configured", "unchanged")}
-            step.detail = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
-
-        replicas = model_deployment(spec, color)["spec"]["replicas"]
-        with report.step("Wait until the model answers") as step:
-            ready = wait_until_answering(spec, kubeconfig=kubeconfig, color=color, replicas=replicas,
-                                         timeout_s=load_timeout_s(spec, model.params), service=names.service(spec))
-            step.detail = f"{ready['ready_pods']} pod(s) Ready, serving {ready['model']}"
-
-        with report.step("Smoke test through the Service") as step:
-            results = health.smoke_test(kubeconfig=kubeconfig, namespace=spec.namespace, service=names.service(spec),
-                                        engine=spec.engine.kind, model_id=spec.model.id,
-                                        prompts=spec.release.smoke_prompts, max_tokens=spec.release.smoke_max_tokens,
-                                        expect=spec.release.expect)
-            step.detail = f"{len(results)} prompt(s) answered, " + ", ".join(
-                f"{r.latency_s * 1000:.0f} ms" for r in results)
-        report.table_artifact(f"{key}-smoke", smoke_rows(results), "Smoke prompts")
+            return out
+        with model_lock(spec, purpose="deploy"):
+            observed = observe(spec, t.kubeconfig)  # again: another run may have changed it while we waited
+            plan = plan_release(observed, Desired(t.model.sha, t.desired_hash, spec.replicas),
+                                strategy=spec.release.strategy)
+            if plan.action == "first_deploy":
+                out = first_deploy(t, report)
+            else:
+                live: Color = plan.live  # type: ignore[assignment]
+                with report.step("Apply Ingress, HPA bounds, monitoring, labels in place") as step:
+                    ensure_namespace_and_secret(t)
+                    applied = [k8s.apply_object(kubeconfig=t.kubeconfig, obj=o)
+                               for o in in_place_objects(spec, live=live, revision=t.model.sha)]
+                    step.detail = f"{sum(a.action != 'unchanged' for a in applied)} changed, live color {live}"
+                if plan.action == "noop":
+                    # Same pod template: re-applying the live Deployment is a no-op (proved by server-side apply).
+                    applied.append(k8s.apply_object(kubeconfig=t.kubeconfig, obj=t.deployment(live)))
+                    out = {"color": live, "replicas": spec.replicas, "objects": [a.__dict__ for a in applied],
+                           "smoke": [], "action": "unchanged"}
+                else:
+                    report.skip("Live pods untouched", f"the pod template changed: blue-green release "
+                                f"{plan.live} → {plan.candidate} instead of an in-place update")
+                    out, retire = run_release(t, report, observed, plan)
+                    out["objects"] = [a.__dict__ for a in applied]
         endpoint = f"http://{names.service(spec)}.{spec.namespace}.svc.cluster.local:{spec.expose.port}"
-        report.succeed(f"{spec.model.id}@{model.sha[:12]} serving at {endpoint} ({replicas} replica(s), {color})")
-        return {"name": spec.name, "namespace": spec.namespace, "color": color, "revision": model.sha,
-                "endpoint": endpoint, "replicas": replicas, "objects": [a.__dict__ for a in applied],
-                "smoke": smoke_rows(results), "kubeconfig": kubeconfig}
+        report.succeed(f"{spec.model.id}@{t.model.sha[:12]} serving at {endpoint} "
+                       f"({out['replicas']} replica(s), {out['color']})")
+        if retire is not None:
+            finish_retire(t, report, retire)
+        return {"name": spec.name, "namespace": spec.namespace, "revision": t.model.sha, "endpoint": endpoint,
+                "kubeconfig": t.kubeconfig, **out}
     except Exception as exc:
         if isinstance(exc, DeployError) and exc.logs:
-            log.error("last log lines of the failing pod:\n%s", report.scrub("\n".join(exc.logs)))
+            get_run_logger().error("last log lines of the failing pod:\n%s", report.scrub("\n".join(exc.logs)))
             exc.fix = (exc.fix + "\nLast log lines:\n" + "\n".join(exc.logs[-5:])) if exc.fix else exc.fix
-        if applied_deployment and kubeconfig and isinstance(exc, DeployError):
-            log.warning(park_failed_color(spec, kubeconfig=kubeconfig, color=color))
         report.fail(exc)
         raise
     finally:
         report.markdown_artifact(key)
-
-
-def _cluster_location(spec: DeploymentSpec) -> str:
-    """Where provision_cluster put the cluster: the spec's location or a failover region."""
-    location, cluster = find_cluster(spec)
-    if cluster is None:
-        raise PreflightError(f"cluster {spec.cluster.name} does not exist in {spec.cluster.project}/"
-                             f"{spec.cluster.location}", "run provision_cluster with this spec first")
-    return location

@@ -78,6 +78,12 @@ class Report:
             get_run_logger().info("%s %s %s", ICONS[step.status], name, self.scrub(step.detail))
             self._sync()
 
+    def note(self, text: str) -> None:
+        """A reply in the run's Slack thread (what a reader must not miss, e.g. where traffic went)."""
+        get_run_logger().info("%s", self.scrub(text))
+        if self.ts:
+            post_slack(channel=self.channel, thread_ts=self.ts, text=self.scrub(text))
+
     def skip(self, name: str, why: str) -> None:
         self.steps.append(Step(name, "skipped", why))
         self._sync()

@@ -84,9 +84,11 @@ class Desired:
 
 
 # The release's named steps, in order. Each is idempotent: a rerun after a crash repeats it harmlessly.
-STEPS = ("capacity", "bring_up", "preview", "pre_analysis", "switch", "post_analysis", "scale_down", "record")
+# scale_down comes last and runs outside the model's lock, after scale_down_delay: meanwhile the old
+# color is warm and rollback_model can switch back to it at once.
+STEPS = ("capacity", "bring_up", "preview", "pre_analysis", "switch", "post_analysis", "record", "scale_down")
 RECREATE_STEPS = ("capacity", "stop_live", "bring_up", "preview", "pre_analysis", "switch", "post_analysis",
-                  "scale_down", "record")
+                  "record", "scale_down")
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,11 @@ def plan_release(observed: Observed, desired: Desired, *, strategy: str = "blue-
             why = ("the live color already runs the desired revision; the other color is still up"
                    if other.spec_hash != desired.spec_hash or other.revision != desired.revision
                    else "an earlier run switched but did not scale down")
-            return ReleasePlan("clean_up", why, live, None, ("scale_down",), desired.revision, cur.revision,
-                               retire=names.other(live))
+            # Interrupted between the switch and the record: the post-promotion analysis is still owed.
+            interrupted = bool(observed.in_flight) and observed.in_flight.get("revision") == desired.revision
+            steps = ("post_analysis", "record", "scale_down") if interrupted else ("scale_down",)
+            return ReleasePlan("clean_up", why + (" (resuming after the switch)" if interrupted else ""), live, None,
+                               steps, desired.revision, cur.revision, retire=names.other(live))
         return ReleasePlan("noop", f"{live} already runs {desired.revision[:12]} (spec {desired.spec_hash})",
                            live, None, (), desired.revision, cur.revision)
     steps = RECREATE_STEPS if strategy == "recreate" else STEPS

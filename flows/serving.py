@@ -1,0 +1,162 @@
+"""What deploy_model and release_model share: Hub preflight, observing the colors, bringing one up.
+
+"Ready" here always means the new pods answer: the Deployment's rollout is complete (by its new
+ReplicaSet), the Service's endpoints list exactly those pods, and the engine says the model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import SecretStr
+
+from flows.provision_cluster import find_cluster
+from flows.report import Report
+from manifests import names
+from manifests.errors import PreflightError
+from manifests.names import Color
+from manifests.release import Observed
+from manifests.render import model_deployment, render, spec_hash
+from manifests.spec import DeploymentSpec, check_fit, fit_fix
+from tasks import gke, health, hf, k8s
+from tasks.settings import get_settings
+
+# How long endpoints may lag behind Ready pods before that is a real problem (seconds, real time).
+ENDPOINT_LAG_S = 60.0
+
+
+def hub_preflight(spec: DeploymentSpec, token: SecretStr) -> hf.HubModel:
+    hf.check_hf_token(token=token)
+    model = hf.get_model(model_id=spec.model.id, revision=spec.model.revision, token=token)
+    if model.gated:
+        hf.check_gated_access(model_id=spec.model.id, token=token)
+    if model.params:
+        fit = check_fit(spec, model.params)
+        if not fit.fits:
+            raise PreflightError(fit.message(spec), fit_fix(spec, fit))
+    return model
+
+
+def with_revision(spec: DeploymentSpec, revision: str | None) -> DeploymentSpec:
+    """The spec with ``model.revision`` replaced (a release to a given commit, branch or tag)."""
+    if not revision:
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"revision": revision})})
+
+
+def cluster_location(spec: DeploymentSpec) -> str:
+    """Where provision_cluster put the cluster: the spec's location or a failover region."""
+    location, cluster = find_cluster(spec)
+    if cluster is None:
+        raise PreflightError(f"cluster {spec.cluster.name} does not exist in {spec.cluster.project}/"
+                             f"{spec.cluster.location}", "run provision_cluster with this spec first")
+    return location
+
+
+@dataclass
+class Target:
+    """One run's handle on a model: the spec, the resolved Hub revision, the cluster's kubeconfig."""
+
+    spec: DeploymentSpec
+    model: hf.HubModel
+    token: SecretStr
+    kubeconfig: str
+    location: str
+
+    @property
+    def desired_hash(self) -> str:
+        return spec_hash(self.spec, self.model.sha)
+
+    def deployment(self, color: Color, replicas: int | None = None) -> dict[str, Any]:
+        return model_deployment(self.spec, color, revision=self.model.sha, replicas=replicas)
+
+
+def prepare(spec: DeploymentSpec, report: Report) -> Target:
+    """Token, Hub preflight (before anything is created or paid for), cluster credentials."""
+    token = hf.read_hf_token(block=spec.secret.prefect_block)
+    report.secrets.append(token.get_secret_value())
+    with report.step("Hugging Face preflight: token, revision, gated access, GPU fit") as step:
+        model = hub_preflight(spec, token)
+        size = f"{model.params / 1e9:.2f}B params" if model.params else "size unknown"
+        step.detail = f"{spec.model.revision} → {model.sha[:12]}, {size}"
+    with report.step("Get cluster credentials") as step:
+        location = cluster_location(spec)
+        kubeconfig = gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
+        step.detail = f"{spec.cluster.name} in {location}"
+    return Target(spec, model, token, kubeconfig, location)
+
+
+def observe(spec: DeploymentSpec, kubeconfig: str) -> Observed:
+    """The cluster is the source of truth: the live Service's selector and both colors' Deployments."""
+    svc = k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+                         namespace=spec.namespace)
+    deps = {c: k8s.get_object(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
+                              name=names.deployment(spec, c), namespace=spec.namespace) for c in names.COLORS}
+    return Observed.from_objects(svc, deps)
+
+
+def live_color(spec: DeploymentSpec, kubeconfig: str) -> Color | None:
+    """Which color the live Service routes to now (None before the first deploy)."""
+    return observe(spec, kubeconfig).live
+
+
+def load_timeout_s(spec: DeploymentSpec, params: int | None) -> float:
+    s = get_settings()
+    return max(spec.default_load_timeout(params).total_seconds() * s.time_scale, s.min_load_timeout_s)
+
+
+def scaled(seconds: float) -> float:
+    """A policy duration on the sandbox's clock (1:1 on GCP)."""
+    return seconds * get_settings().time_scale
+
+
+def wait_until_answering(spec: DeploymentSpec, *, kubeconfig: str, color: Color, replicas: int,
+                         timeout_s: float, service: str) -> dict[str, Any]:
+    """Rollout complete (new ReplicaSet), ``service``'s endpoints are exactly its pods, engine loaded."""
+    if replicas == 0:
+        return {"ready_pods": 0, "pods": [], "model": None}
+    rollout = k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.deployment(spec, color),
+                               timeout_s=timeout_s)
+    k8s.wait_endpoints(kubeconfig=kubeconfig, namespace=spec.namespace, service=service, pods=set(rollout.pods),
+                       timeout_s=ENDPOINT_LAG_S)
+    engine = health.check_engine_ready(kubeconfig=kubeconfig, namespace=spec.namespace, service=service,
+                                       engine=spec.engine.kind, model_id=spec.model.id)
+    return {"ready_pods": rollout.ready, "pods": list(rollout.pods), "replicaset": rollout.replicaset, **engine}
+
+
+def smoke(spec: DeploymentSpec, *, kubeconfig: str, service: str) -> list[health.SmokeResult]:
+    return health.smoke_test(kubeconfig=kubeconfig, namespace=spec.namespace, service=service,
+                             engine=spec.engine.kind, model_id=spec.model.id, prompts=spec.release.smoke_prompts,
+                             max_tokens=spec.release.smoke_max_tokens, expect=spec.release.expect)
+
+
+def smoke_rows(results: list[health.SmokeResult]) -> list[dict[str, Any]]:
+    return [{"prompt": r.prompt, "answer": r.answer[:80], "latency_s": r.latency_s, "tokens": r.tokens,
+             "tokens_per_s": r.tokens_per_s, "streamed": r.streamed} for r in results]
+
+
+def scale_down_color(spec: DeploymentSpec, *, kubeconfig: str, color: Color) -> str:
+    """Stop paying for a color's GPUs (unless keep_for_debug)."""
+    if spec.keep_for_debug:
+        return f"{names.deployment(spec, color)} kept running for debugging (keep_for_debug: true) — it costs GPU time"
+    k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.deployment(spec, color),
+                         replicas=0)
+    return f"{names.deployment(spec, color)} scaled to 0 so no GPU stays paid for"
+
+
+def ensure_namespace_and_secret(t: Target) -> str:
+    objs = render(t.spec, revision=t.model.sha)
+    k8s.apply_object(kubeconfig=t.kubeconfig, obj=objs[0])
+    return k8s.ensure_secret(kubeconfig=t.kubeconfig, namespace=t.spec.namespace, name=t.spec.secret.name,
+                             key=t.spec.secret.key, value=t.token, labels=names.instance_labels(t.spec))
+
+
+def in_place_objects(spec: DeploymentSpec, *, live: Color, revision: str) -> list[dict[str, Any]]:
+    """What may change under a serving model: everything but the model Deployments and the preview.
+
+    The live Service is rendered with its current color (its selector does not move), the HPA keeps
+    targeting the live color; the preview Service belongs to the release.
+    """
+    return [o for o in render(spec, color=live, revision=revision)[1:]
+            if o["kind"] != "Deployment" and o["metadata"]["name"] != names.preview_service(spec)]
