@@ -89,11 +89,13 @@ class Webhooks:
         headers = {"X-Webhook-Secret": hook.secret} if hook.secret is not None else {}
         entry: dict[str, Any] = {"at": time.time(), "scope": body["event"]["scope"],
                                  "refs": [r["ref"] for r in body["updatedRefs"]]}
+        t0 = time.monotonic()
         try:
             resp = httpx.post(hook.url, json=body, headers=headers, timeout=10.0)
             entry["status"] = resp.status_code
         except httpx.HTTPError as exc:
             entry["status"], entry["error"] = None, f"{type(exc).__name__}: {exc}"
+        entry["seconds"] = round(time.monotonic() - t0, 4)
         with self._lock:
             hook.deliveries.append(entry)
 
