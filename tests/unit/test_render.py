@@ -107,7 +107,10 @@ def test_seed_001_gemma_vllm_standard():
 def test_seed_003_llama_tgi_cache_hpa_ingress_monitoring():
     objs = render(load_spec(ROOT / "deployments/llama2-7b-tgi-nginx.yaml"))
     dep, pod, c = container(objs)
-    assert dep["metadata"]["namespace"] == "llm-inference" and dep["spec"]["replicas"] == 2
+    # with an HPA the applied Deployment leaves spec.replicas to it (an apply would reset the HPA's count)
+    assert dep["metadata"]["namespace"] == "llm-inference" and "replicas" not in dep["spec"]
+    assert c["resources"]["requests"] == c["resources"]["limits"] == {"nvidia.com/gpu": "1", "cpu": "6.5",
+                                                                      "memory": "25Gi"}  # g2-standard-8
     env = env_of(c)
     assert env["MODEL_ID"]["value"] == "meta-llama/Llama-2-7b-chat-hf"
     assert env["MAX_TOTAL_TOKENS"]["value"] == "4096" and env["MAX_CONCURRENT_REQUESTS"]["value"] == "128"
@@ -119,7 +122,7 @@ def test_seed_003_llama_tgi_cache_hpa_ingress_monitoring():
     (hpa,) = by_kind(objs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 10
     metric_names = [m.get("pods", {}).get("metric", {}).get("name") for m in hpa["spec"]["metrics"]]
-    assert "tgi_queue_size" in metric_names
+    assert "prometheus.googleapis.com|tgi_queue_size|gauge" in metric_names  # the Stackdriver adapter's form
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     (ing,) = by_kind(objs, "Ingress")
     ann = ing["metadata"]["annotations"]
@@ -128,8 +131,9 @@ def test_seed_003_llama_tgi_cache_hpa_ingress_monitoring():
     assert ann["cert-manager.io/cluster-issuer"] == "letsencrypt-prod"
     assert ann["nginx.ingress.kubernetes.io/auth-type"] == "basic"
     assert ann["nginx.ingress.kubernetes.io/auth-secret"] == "tgi-api-users"
-    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    (rule,) = by_kind(objs, "PrometheusRule")
+    (mon,) = by_kind(objs, "PodMonitoring")  # GMP scrapes only what a PodMonitoring selects
+    assert mon["spec"]["endpoints"][0]["port"] == "http"
+    (rule,) = by_kind(objs, "Rules")  # GMP's CRD: GKE has no PrometheusRule
     exprs = " ".join(r["expr"] for r in rule["spec"]["groups"][0]["rules"])
     assert "tgi_queue_size" in exprs and "tgi_request_duration_bucket" in exprs
 

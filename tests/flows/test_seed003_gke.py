@@ -1,0 +1,129 @@
+"""Seed 003 (Llama-2 on TGI, RWX cache, queue HPA, nginx Ingress) as it must be on real GKE.
+
+provision_cluster enables the Filestore CSI add-on (the spec's cache is ReadWriteMany on standard-rwx),
+so the claim binds; with the Custom Metrics Stackdriver Adapter installed the HPA scales on TGI's
+queue under load and back down; without the adapter deploy_model refuses before applying anything
+and names the install step.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from kubernetes import client
+
+from tests.flows.conftest import spec_dict
+from tests.flows.prereqs import install_ingress_nginx, install_prerequisites
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+SEED = "llama2-7b-tgi-nginx.yaml"
+
+
+def _kube(spec: dict):
+    from tasks.clients import kube_client
+    from tasks.gke import get_credentials
+
+    c = spec["cluster"]
+    return kube_client(get_credentials.fn(project=c["project"], location=c["location"], name=c["name"]))
+
+
+def _spec() -> dict:
+    # small batches and a low queue target so a handful of slow requests queue up in the sandbox
+    return spec_dict(SEED, engine__env={"MAX_BATCH_PREFILL_TOKENS": "4096", "MAX_BATCH_TOTAL_TOKENS": "8192",
+                                        "MAX_BATCH_SIZE": "2"},
+                     autoscaling__target_queue=2, autoscaling__max_replicas=4)
+
+
+def test_seed003_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+    from tasks.clients import kube_http
+
+    spec = _spec()
+    provision_cluster(spec=spec)
+    api = _kube(spec)
+    install_prerequisites(spec, api)
+    sbc.add_behavior(mode="ok", match={"namespace": spec["namespace"]}, tokens_per_s=0.5)
+    deploy_model(spec=spec)
+
+    ns = spec["namespace"]
+    core, auto = client.CoreV1Api(api), client.AutoscalingV2Api(api)
+    pvc = next(c for c in core.list_namespaced_persistent_volume_claim(ns).items)
+    assert pvc.status.phase == "Bound" and pvc.status.access_modes == ["ReadWriteMany"]
+    assert pvc.spec.storage_class_name == "standard-rwx" and pvc.status.capacity["storage"] == "1Ti"  # Filestore min
+
+    hpa = auto.list_namespaced_horizontal_pod_autoscaler(ns).items[0]
+    assert hpa.spec.metrics[0].pods.metric.name == "prometheus.googleapis.com|tgi_queue_size|gauge"
+
+    def desired() -> int:
+        h = auto.read_namespaced_horizontal_pod_autoscaler(hpa.metadata.name, ns)
+        return h.status.desired_replicas or 0
+
+    stop = threading.Event()
+
+    http = kube_http(api)  # the product's shared client (thread-safe; not ours to close)
+
+    def load() -> None:
+        while not stop.is_set():
+            http.post(f"/api/v1/namespaces/{ns}/services/{spec['name']}:http/proxy/generate",
+                      json={"inputs": "Tell me about Kubernetes", "parameters": {"max_new_tokens": 100}},
+                      timeout=60)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: desired() > 2, "the HPA to scale up under queued load")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    _wait(lambda: desired() == 2, "the HPA to scale back down to minReplicas")
+    reasons = [e.message for e in core.list_namespaced_event(ns).items if e.reason == "SuccessfulRescale"]
+    assert any("tgi_queue_size" in m and "above target" in m for m in reasons), reasons
+
+
+def test_seed003_without_the_metrics_adapter_fails_naming_the_install_step(sbc):
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+    from manifests.errors import PreflightError
+
+    spec = _spec()
+    provision_cluster(spec=spec)
+    api = _kube(spec)
+    install_ingress_nginx(api)
+    with pytest.raises(PreflightError) as info:
+        deploy_model(spec=spec)
+    assert "custom.metrics.k8s.io" in info.value.problem
+    assert "custom-metrics-stackdriver-adapter" in info.value.fix
+    # nothing of the model was applied
+    assert not client.AppsV1Api(api).list_namespaced_deployment(spec["namespace"]).items if _ns_exists(
+        api, spec["namespace"]) else True
+
+
+def test_seed003_without_ingress_nginx_fails_naming_the_install_step(sbc):
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+    from manifests.errors import PreflightError
+
+    spec = _spec()
+    provision_cluster(spec=spec)
+    with pytest.raises(PreflightError) as info:
+        deploy_model(spec=spec)
+    assert "IngressClass 'nginx'" in info.value.problem and "helm upgrade --install ingress-nginx" in info.value.fix
+
+
+def _ns_exists(api, ns: str) -> bool:
+    return any(n.metadata.name == ns for n in client.CoreV1Api(api).list_namespace().items)
+
+
+def _wait(pred, what: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
