@@ -222,6 +222,8 @@ class Compute(Emulator):
         self._stockouts: set[tuple[str, str | None]] = set()
         # (project, zone, name) -> {"targetSize": int, "baseInstanceName": str, "instances": [names], ...}
         self._migs: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # (project, "global" or region, name) -> address resource (gcloud compute addresses create)
+        self.addresses: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._handler = ComputeHandler
         self._server: SandboxHTTPServer | None = None
 
@@ -622,3 +624,93 @@ def _get_instance(h: ComputeHandler, project: str, zone: str, name: str):
         if item["name"] == name:
             return item
     raise _not_found(f"projects/{project}/zones/{zone}/instances/{name}")
+
+
+# ---- static IP addresses (gcloud compute addresses create NAME --global | --region R) -----------------------
+def _scope_parts(scope: str) -> list[str]:
+    return ["global"] if scope == "global" else ["regions", scope]
+
+
+def _address_op(h: ComputeHandler, project: str, scope: str, kind: str, target: str) -> dict[str, Any]:
+    name = f"operation-{zlib.crc32((target + kind + str(len(h.compute.addresses))).encode()):08x}"
+    op = {"kind": "compute#operation", "id": _id("op", name), "name": name, "operationType": kind,
+          "targetLink": target, "status": "DONE", "progress": 100, "insertTime": CREATION_TS,
+          "startTime": CREATION_TS, "endTime": CREATION_TS,
+          "selfLink": h.compute._link(project, *_scope_parts(scope), "operations", name)}
+    if scope != "global":
+        op["region"] = h.compute._link(project, "regions", scope)
+    h.compute.__dict__.setdefault("_address_ops", {})[(project, scope, name)] = op
+    return op
+
+
+def reserve_address(compute: Compute, project: str, scope: str, name: str, *, address: str | None = None) -> dict:
+    """Reserve a static IP (what ``gcloud compute addresses create`` does); returns the resource."""
+    with compute._lock:
+        if (project, scope, name) in compute.addresses:
+            raise HttpError(409, f"The resource 'projects/{project}/{'/'.join(_scope_parts(scope))}/addresses/"
+                            f"{name}' already exists", reason="alreadyExists")
+        n = len(compute.addresses) + 10
+        res = {"kind": "compute#address", "id": _id("address", project, scope, name), "name": name,
+               "address": address or f"34.117.{n // 250}.{n % 250 + 1}", "status": "RESERVED",
+               "addressType": "EXTERNAL", "ipVersion": "IPV4", "networkTier": "PREMIUM",
+               "creationTimestamp": CREATION_TS,
+               "selfLink": compute._link(project, *_scope_parts(scope), "addresses", name)}
+        if scope != "global":
+            res["region"] = compute._link(project, "regions", scope)
+        compute.addresses[(project, scope, name)] = res
+        return res
+
+
+def _address_scope(region: str | None) -> str:
+    if region is not None and region not in REGIONS:
+        raise _not_found(f"projects/-/regions/{region}")
+    return region or "global"
+
+
+def _list_addresses(h: ComputeHandler, project: str, region: str | None = None):
+    scope = _address_scope(region)
+    with h.compute._lock:
+        items = [a for (p, sc, _), a in sorted(h.compute.addresses.items()) if p == project and sc == scope]
+    return _list_reply("compute#addressList", project, "/".join([*_scope_parts(scope), "addresses"]), items)
+
+def _get_address(h: ComputeHandler, project: str, name: str, region: str | None = None):
+    scope = _address_scope(region)
+    with h.compute._lock:
+        found = h.compute.addresses.get((project, scope, name))
+    if found is None:
+        raise _not_found(f"projects/{project}/{'/'.join(_scope_parts(scope))}/addresses/{name}")
+    return found
+
+def _insert_address(h: ComputeHandler, project: str, region: str | None = None):
+    scope = _address_scope(region)
+    body = h.json_body()
+    name = body.get("name") or ""
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
+        raise HttpError(400, f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex "
+                        "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'", reason="invalid")
+    res = reserve_address(h.compute, project, scope, name, address=body.get("address"))
+    return _address_op(h, project, scope, "insert", res["selfLink"])
+
+def _delete_address(h: ComputeHandler, project: str, name: str, region: str | None = None):
+    scope = _address_scope(region)
+    with h.compute._lock:
+        res = h.compute.addresses.pop((project, scope, name), None)
+    if res is None:
+        raise _not_found(f"projects/{project}/{'/'.join(_scope_parts(scope))}/addresses/{name}")
+    return _address_op(h, project, scope, "delete", res["selfLink"])
+
+def _get_address_op(h: ComputeHandler, project: str, name: str, region: str | None = None):
+    scope = _address_scope(region)
+    op = h.compute.__dict__.get("_address_ops", {}).get((project, scope, name))
+    if op is None:
+        raise _not_found(f"projects/{project}/{'/'.join(_scope_parts(scope))}/operations/{name}")
+    return op
+
+
+for _prefix in (_P + r"/global", _P + r"/regions/(?P<region>[^/]+)"):
+    route(_ROUTES, "GET", _prefix + r"/addresses")(_list_addresses)
+    route(_ROUTES, "POST", _prefix + r"/addresses")(_insert_address)
+    route(_ROUTES, "GET", _prefix + r"/addresses/(?P<name>[^/]+)")(_get_address)
+    route(_ROUTES, "DELETE", _prefix + r"/addresses/(?P<name>[^/]+)")(_delete_address)
+    route(_ROUTES, "GET", _prefix + r"/operations/(?P<name>[^/]+)")(_get_address_op)
+    route(_ROUTES, "POST", _prefix + r"/operations/(?P<name>[^/]+)/wait")(_get_address_op)

@@ -78,6 +78,15 @@ def cluster_manager(settings: Settings | None = None):
                                              client_options=_options(s.gke_endpoint))
 
 
+def addresses_client(settings: Settings | None = None):
+    """Compute GlobalAddressesClient: the static IPs an Ingress names (kubernetes.io/ingress.global-static-ip-name)."""
+    from google.cloud import compute_v1
+
+    s = settings or get_settings()
+    return compute_v1.GlobalAddressesClient(credentials=gcp_credentials(s), transport="rest",
+                                            client_options=_options(s.compute_endpoint))
+
+
 def compute_clients(settings: Settings | None = None):
     """(regions, projects, accelerator types) Compute clients."""
     from google.cloud import compute_v1

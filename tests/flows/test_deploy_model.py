@@ -90,8 +90,11 @@ def routed_model(spec: dict) -> str:
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario_end_to_end(name, sbc):
+    from tests.flows.prereqs import install_prerequisites
+
     spec = spec_dict(name)
     provision(spec)
+    install_prerequisites(spec, kube(spec)[2])  # ingress-nginx, metrics adapter, static IP: what GKE lacks
     result = deploy(spec)
     model_id = spec["model"] if isinstance(spec["model"], str) else spec["model"]["id"]
     assert result["color"] == "blue" and len(result["revision"]) == 40
