@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sandbox.core import DEFAULT_DELAYS, Clock, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
+from sandbox.engines import checks as engine_checks
 
 # Images with their own serving protocol register a handler picker here (sandbox/vertex.py: Model Garden vLLM).
 HANDLER_OVERRIDES: list[Callable[[ContainerInfo], type | None]] = []
@@ -902,6 +903,9 @@ class PodServer:
 
     def _load(self) -> None:
         self.log(*self._startup_lines())
+        if self.mode == "launch_error":  # refused its arguments: exits before loading anything
+            self._die()
+            return
         total = self.clock.scaled(self.load_seconds)
         fail_at = {"crash_loop": 0.6, "oom": 0.5}.get(self.mode)
         shards = self._shards() if self.info.engine != "generic" else 1
@@ -984,6 +988,8 @@ class PodServer:
 
     def _crash_lines(self) -> list[str]:
         e = self.info.engine
+        if self.mode == "launch_error":
+            return self._fail_detail.split("\n")
         if e == "vllm":
             return [self._line("EngineCore failed to start.", level="ERROR", src="core.py:718"),
                     "Traceback (most recent call last):",
@@ -1314,12 +1320,13 @@ def _oai_completions(h: _ModelHandler) -> None:
     fp = "tgi" if h.pod.info.engine == "tgi" else None
     if not body.get("stream"):
         choices = []
-        for idx, (p, c) in enumerate(zip(prompts, plans, strict=True)):
+        n = _n_choices(body)
+        for idx, (p, c) in enumerate((p, c) for p, c in zip(prompts, plans, strict=True) for _ in range(n)):
             h.pod.run(c)
             choices.append({"index": idx, "text": (p if echo else "") + c.text, "logprobs": None,
                             "finish_reason": c.finish_reason, "stop_reason": None, "prompt_logprobs": None})
         usage = {"prompt_tokens": sum(c.prompt_tokens for c in plans),
-                 "completion_tokens": sum(c.completion_tokens for c in plans),
+                 "completion_tokens": n * sum(c.completion_tokens for c in plans),
                  "total_tokens": sum(c.prompt_tokens + c.completion_tokens for c in plans), "prompt_tokens_details": None}
         out = {"id": cid, "object": "text_completion", "created": created, "model": name, "choices": choices,
                "usage": usage, "service_tier": None, "system_fingerprint": fp, "kv_transfer_params": None}
@@ -1350,6 +1357,14 @@ def _oai_completions(h: _ModelHandler) -> None:
     h.stream(c, events)
 
 
+def _n_choices(body: dict[str, Any]) -> int:
+    """OpenAI ``n``: that many choices per prompt (vLLM and TGI both honour it; must be >= 1)."""
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise HttpError(400, f"n must be at least 1, got {n}.", reason="BadRequestError")
+    return n
+
+
 def _oai_chat(h: _ModelHandler, *, has_template: bool, template_error: HttpError) -> None:
     _require_ready(h)
     body = h.json_body()
@@ -1368,14 +1383,19 @@ def _oai_chat(h: _ModelHandler, *, has_template: bool, template_error: HttpError
     cid, created = _oai_id("chatcmpl"), int(time.time())
     fp = f"{h.pod.runtime.tgi_version(h.pod.info)}-sha-sandbox" if h.pod.info.engine == "tgi" else None
     if not body.get("stream"):
-        h.pod.run(c)
+        n = _n_choices(body)
+        for _ in range(n):
+            h.pod.run(c)
+        usage = _usage(c)
+        usage["completion_tokens"] *= n
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         h.send_json(200, {
             "id": cid, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None,
                                                  "annotations": None, "audio": None, "function_call": None,
                                                  "tool_calls": [], "reasoning_content": None},
-                         "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": None}],
-            "service_tier": None, "system_fingerprint": fp, "usage": _usage(c), "prompt_logprobs": None,
+                         "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": None} for i in range(n)],
+            "service_tier": None, "system_fingerprint": fp, "usage": usage, "prompt_logprobs": None,
             "kv_transfer_params": None})
         return
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -1465,6 +1485,8 @@ def _vllm_chat(h: VllmHandler):
 
 @route(_VLLM, "POST", r"/generate")
 def _vllm_generate(h: VllmHandler):
+    if not h.pod.info.legacy_api:  # the OpenAI server (vllm.entrypoints.openai.api_server) has no /generate
+        raise HttpError(404, "Not Found", reason="NotFound")
     _require_ready(h)
     body = h.json_body()
     prompt = body.get("prompt")
@@ -1863,6 +1885,11 @@ class ModelRuntime:
             need, have = self.weights_gib(pod, info) / shards, self.gpu_memory_gib(pod, default=0)
             if have and need > have * 0.95:
                 fail = ("oom", f"{need:.1f} GiB of weights per GPU > {have:.1f} GiB")
+        if behavior.mode in ("ok", "slow_load", "wrong_answers", "http_500", "hang"):
+            refused = engine_checks.launch_error(pod, info.engine, gpus=int(self._gpus(pod) or 0),
+                                                 model_max_len=self.model_meta(info).get("max_len"))
+            if refused:  # the engine exits at start with its own message (sandbox/engines/checks.py)
+                fail = ("launch_error", "\n".join(refused))
         load = self.load_seconds(pod, info, behavior)
         with self._lock:
             old = self._servers.get(key)

@@ -264,10 +264,9 @@ def test_vllm_openai_endpoints(runtime):
             events = sse(resp)
         assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert events[-2]["usage"]["completion_tokens"] == 8 and events[-1] == "[DONE]"
-        # seed 001's legacy /generate: {"text": [prompt + completion]}
-        prompt = "<start_of_turn>user\nIs MLOps important for ML engineers?<end_of_turn>\n"
-        gen = http.post("/generate", json={"prompt": prompt, "temperature": 0.9, "top_p": 1.0, "max_tokens": 128})
-        assert gen.json()["text"][0].startswith(prompt + "Yes.")
+        # the OpenAI server has OpenAI routes only: /generate is vllm.entrypoints.api_server's (seed 001)
+        gen = http.post("/generate", json={"prompt": "Hi", "max_tokens": 8})
+        assert gen.status_code == 404 and gen.json() == {"detail": "Not Found"}
         # errors shaped like vLLM's
         bad = http.post("/v1/completions", json={"model": "other/model", "prompt": "x"})
         assert bad.status_code == 404 and bad.json()["type"] == "NotFoundError"
@@ -276,10 +275,10 @@ def test_vllm_openai_endpoints(runtime):
         assert http.get("/nope").json() == {"detail": "Not Found"}
         assert http.get("/version").json()["version"]
         metrics = http.get("/metrics").text
-    assert server.requests_served == 6
+    assert server.requests_served == 5
     assert f'vllm:generation_tokens_total{{engine="0",model_name="google/gemma-2-2b-it"}} ' \
            f"{float(server.generation_tokens_total)}" in metrics
-    assert 'vllm:e2e_request_latency_seconds_count{engine="0",model_name="google/gemma-2-2b-it"} 6.0' in metrics
+    assert 'vllm:e2e_request_latency_seconds_count{engine="0",model_name="google/gemma-2-2b-it"} 5.0' in metrics
     assert "vllm:prompt_tokens_total" in metrics and "vllm:gpu_cache_usage_perc" in metrics
     assert 'vllm:request_success_total{engine="0",model_name="google/gemma-2-2b-it",finished_reason="length"}' \
         in metrics

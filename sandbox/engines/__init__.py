@@ -1,0 +1,1 @@
+"""Engine-specific behaviour of the sandbox model servers (start-up argument checks, ...)."""
