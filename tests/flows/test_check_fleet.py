@@ -1,0 +1,129 @@
+"""check_fleet against the sandbox: one Slack alert per incident, edited while it lasts, one all-clear."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.flows.conftest import spec_dict
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _kill_pods(spec: dict) -> None:
+    from kubernetes import client
+
+    from tasks.clients import kube_client
+    from tasks.gke import get_credentials
+
+    c = spec["cluster"]
+    core = client.CoreV1Api(kube_client(get_credentials.fn(project=c["project"], location=c["location"],
+                                                           name=c.get("name", "llm-fleet"))))
+    ns = spec.get("namespace", "default")
+    for pod in core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/instance={spec['name']}").items:
+        core.delete_namespaced_pod(pod.metadata.name, ns, grace_period_seconds=0)
+
+
+def _wait_ready(spec: dict) -> None:
+    from tasks.gke import get_credentials
+    from tasks.k8s import wait_pods_ready
+
+    c = spec["cluster"]
+    kubeconfig = get_credentials.fn(project=c["project"], location=c["location"], name=c.get("name", "llm-fleet"))
+    wait_pods_ready.fn(kubeconfig=kubeconfig, namespace=spec.get("namespace", "default"),
+                       selector={"app.kubernetes.io/instance": spec["name"]}, desired=1, timeout_s=60)
+
+
+def _alerts(sbc, name: str) -> list[dict]:
+    return [m for m in sbc.slack_messages() if f"`{name}`" in (m.get("text") or "")
+            and ("unhealthy" in m["text"] or "resolved" in m["text"]) and m.get("thread_ts") in (None, m["ts"])]
+
+
+def _replies(sbc, ts: str) -> list[dict]:
+    return [m for m in sbc.slack_messages() if m.get("thread_ts") == ts and m["ts"] != ts]
+
+
+def _events(name: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        resp = client.request("POST", "/events/filter", json={"filter": EventFilter(
+            event=EventNameFilter(prefix=["llm-fleet.model."]),
+            resource=EventResourceFilter(id_prefix=["llm-fleet.model."])).model_dump(mode="json"), "limit": 50})
+        events = resp.json()["events"]
+    return [e["event"] for e in sorted(events, key=lambda e: e["occurred"])
+            if e["resource"].get("prefect.resource.name") == name and e["event"].endswith(("unhealthy", "recovered"))]
+
+
+def test_one_alert_per_incident_updated_then_resolved(sandbox, sbc):
+    from flows.check_fleet import check_fleet
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+
+    spec = spec_dict("qwen2.5-7b-sglang.yaml")
+    provision_cluster(spec=spec)
+    deploy_model(spec=spec)
+    posted = len(sbc.slack_messages())
+
+    # A healthy fleet posts nothing (twice, so it is not just the first run).
+    for _ in range(2):
+        out = check_fleet(specs=[spec])
+        assert [c["status"] for c in out["checks"]] == ["healthy"], out
+        assert out["checks"][0]["latency_ms"] is not None and out["checks"][0]["queue"] is not None
+    assert len(sbc.slack_messages()) == posted
+
+    # The pods crash: one alert when it starts, edited (never re-posted) while it lasts.
+    sbc.add_behavior(mode="crash_loop", labels={"app.kubernetes.io/instance": spec["name"]})
+    _kill_pods(spec)
+    first = check_fleet(specs=[spec])
+    assert first["unhealthy"] == [spec["name"]], first
+    assert first["checks"][0]["alert"] == "open"
+    alerts = _alerts(sbc, spec["name"])
+    assert len(alerts) == 1 and "unhealthy" in alerts[0]["text"]
+    for _ in range(2):
+        assert check_fleet(specs=[spec])["checks"][0]["alert"] == "update"
+    alerts = _alerts(sbc, spec["name"])
+    assert len(alerts) == 1 and len(alerts[0]["edits"]) >= 2 and "3 checks" in alerts[0]["text"]
+    assert _replies(sbc, alerts[0]["ts"]) == []
+
+    # It recovers: the same message says resolved, one all-clear reply; the next runs are silent again.
+    sbc.clear_behaviors()
+    _kill_pods(spec)
+    _wait_ready(spec)
+    assert check_fleet(specs=[spec])["checks"][0]["alert"] == "resolve"
+    after = len(sbc.slack_messages())
+    assert check_fleet(specs=[spec])["checks"][0]["alert"] == "none"
+    assert len(sbc.slack_messages()) == after
+    alerts = _alerts(sbc, spec["name"])
+    assert len(alerts) == 1 and "resolved" in alerts[0]["text"]
+    replies = _replies(sbc, alerts[0]["ts"])
+    assert len(replies) == 1 and "all clear" in replies[0]["text"]
+    assert _events(spec["name"]) == ["llm-fleet.model.unhealthy", "llm-fleet.model.recovered"]
+
+
+def test_drift_and_metrics_are_reported_without_an_alert(sandbox, sbc):
+    from kubernetes import client
+
+    from flows.check_fleet import check_fleet
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+    from tasks.clients import kube_client
+    from tasks.gke import get_credentials
+
+    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
+    provision_cluster(spec=spec)
+    deploy_model(spec=spec)
+    c = spec["cluster"]
+    apps = client.AppsV1Api(kube_client(get_credentials.fn(project=c["project"], location=c["location"],
+                                                           name=c["name"])))
+    # A hand edit: someone adds an env var to the live Deployment.
+    name = f"{spec['name']}-blue"
+    dep = apps.read_namespaced_deployment(name, "default")
+    dep.spec.template.spec.containers[0].env.append(client.V1EnvVar(name="DEBUG", value="1"))
+    apps.replace_namespaced_deployment(name, "default", dep)
+    _wait_ready(spec)
+    posted = len(sbc.slack_messages())
+    row = check_fleet(specs=[spec])["checks"][0]
+    assert row["status"] == "healthy" and "hand edit" in row["drift"] and "env" in row["drift"], row
+    assert row["kv_cache"] is not None
+    assert len(sbc.slack_messages()) == posted
