@@ -611,9 +611,10 @@ def resolve_spec(spec: DeploymentSpec | str | Path | dict[str, Any]) -> Deployme
 
 
 def resolve_gke_spec(spec: DeploymentSpec | str | Path | dict[str, Any], *, flow: str) -> DeploymentSpec:
-    """resolve_spec, refusing specs the GKE flows cannot run (Vertex AI is spec-only for now)."""
+    """resolve_spec, refusing specs a GKE-only step cannot run (target: vertex has its own, flows/vertex.py)."""
     spec = resolve_spec(spec)
     if spec.target != "gke":
         raise SpecError("target", f"{flow} runs on GKE; this spec targets {spec.target}",
-                        "Vertex AI endpoints are not deployable yet; use target: gke")
+                        "target: vertex runs through deploy_model, release_model, park_model/wake_model and "
+                        "teardown (Vertex AI provisions the machines: there is no cluster step)")
     return spec

@@ -179,6 +179,6 @@ def test_validate_cli_exit_codes(tmp_path):
 def test_gke_flows_refuse_vertex_specs_clearly():
     from manifests.spec import resolve_gke_spec
 
-    with pytest.raises(SpecError, match="target: .*Vertex AI endpoints are not deployable yet"):
+    with pytest.raises(SpecError, match="target: .*target: vertex runs through deploy_model"):
         resolve_gke_spec(ROOT / "deployments/gemma-vertex.yaml", flow="deploy_model")
     assert resolve_gke_spec(ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml", flow="x").target == "gke"
