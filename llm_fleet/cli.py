@@ -67,35 +67,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check model-deployment specs; one clear error per bad file")
-    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("files", nargs="+", type=Path, help="spec files, e.g. deployments/*.yaml")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("render", help="print the Kubernetes objects of a spec as a YAML stream")
-    p.add_argument("file", type=Path)
-    p.add_argument("--color", choices=["blue", "green"], default="blue")
+    p.add_argument("file", type=Path, help="a spec file, e.g. deployments/gemma2-2b-it-vllm-l4.yaml")
+    p.add_argument("--color", choices=["blue", "green"], default="blue",
+                   help="which color's Deployment the live Service selects (default: blue)")
     p.add_argument("--revision", help="model revision (commit) to pin; default: the spec's")
     p.set_defaults(func=_render)
 
     p = sub.add_parser("sandbox", help="the loopback GKE/Compute/Kubernetes/HF/Slack emulators")
     sp = p.add_subparsers(dest="sandbox_command", required=True)
     up = sp.add_parser("up", help="start the sandbox and write <state-dir>/env and kubeconfig")
-    up.add_argument("--state-dir", type=Path, default=Path(".sandbox"))
+    up.add_argument("--state-dir", type=Path, default=Path(".sandbox"),
+                    help="where the env file, kubeconfig and gcloud config are written (default: .sandbox)")
     up.add_argument("--time-scale", type=float, default=1.0,
                     help="multiply cloud delays (cluster create, node boot, weight load); 0.01 = 100× faster")
     up.set_defaults(func=_sandbox)
 
-    p = sub.add_parser("demo", help="the main job: sandbox + Prefect server + flows, a whole lifecycle")
-    p.add_argument("--state-dir", type=Path, default=Path(".sandbox"))
-    p.add_argument("--time-scale", type=float, default=0.02)
-    p.add_argument("--spec", type=Path, default=Path("deployments/gemma2-2b-it-vllm-l4.yaml"))
+    p = sub.add_parser("demo", help="the main job: sandbox + Prefect server + flows, a whole lifecycle",
+                       description="Starts the sandbox, a Prefect server (UI) and a worker on 127.0.0.1, deploys "
+                       "the flows and runs a model's lifecycle through them. Needs nothing but this "
+                       "checkout; with kubectl and gcloud on PATH it also shows the result through them. "
+                       "Every process it started is stopped when it exits (also on Ctrl-C or SIGTERM).")
+    p.add_argument("--state-dir", type=Path, default=Path(".sandbox"),
+                   help="scratch directory for the sandbox, Prefect's database and logs; emptied first "
+                        "(default: .sandbox)")
+    p.add_argument("--time-scale", type=float, default=0.02,
+                   help="multiply cloud delays (cluster create, node boot, weight load); default 0.02 = 50× faster")
+    p.add_argument("--spec", type=Path, default=Path("deployments/gemma2-2b-it-vllm-l4.yaml"),
+                   help="the model-deployment spec to run (default: deployments/gemma2-2b-it-vllm-l4.yaml)")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the Prefect server (UI) and sandbox up after the lifecycle, until Ctrl-C")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("webhook", help="receive Hugging Face Hub repo webhooks; a push to a tracked branch "
                                        "emits llm-fleet.model.revision (secret: $LLM_FLEET_WEBHOOK_SECRET)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8787, help="port to listen on (default: 8787)")
     p.add_argument("--spec", type=Path, action="append", default=[],
                    help="a spec to map pushes to (repeatable; default: every spec under deployments/)")
     p.add_argument("--secret-block", help="read the secret from this Prefect Secret block instead of the env")

@@ -2,6 +2,10 @@
 
 Everything runs on 127.0.0.1. The flows run in a real Prefect worker, triggered through the Prefect
 API exactly as `prefect deployment run` would, and reach the sandbox only through real clients.
+
+The Prefect server and worker run in process groups of their own and are stopped (with everything
+they spawned) on every exit: the end of the lifecycle, an error, Ctrl-C, SIGTERM (CI, `timeout`, a
+supervisor) or SIGHUP. Their pids are in ``<state-dir>/pids`` while they run.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The lifecycle, in order: each step is a deployment in prefect.yaml run with {"spec": <path>}.
+LIFECYCLE = ["provision_cluster/default", "deploy_model/default"]
+NOT_BUILT_YET = ["release_model", "park_model"]
+# What the summary shows with each CLI, so a user without it knows what is skipped.
+TOOLS = {"kubectl": "the GPU nodes, pods, Service and model seen through kubectl",
+         "gcloud": "the GKE clusters seen through gcloud"}
+
 
 def _free_port(preferred: int) -> int:
     with socket.socket() as s:
@@ -34,6 +45,88 @@ def _free_port(preferred: int) -> int:
 
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+class Children:
+    """Processes started in process groups of their own; :meth:`stop` ends them and all they spawned."""
+
+    def __init__(self, pidfile: Path) -> None:
+        self.pidfile = pidfile
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        self.procs.append((name, proc))
+        self.pidfile.write_text("".join(f"{n} {p.pid}\n" for n, p in self.procs))
+        return proc
+
+    def stop(self, timeout: float = 10.0) -> None:
+        procs = [p for _, p in reversed(self.procs)]
+        tree = _descendants([p.pid for p in procs])  # flow runs may sit in sessions of their own
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, sig)
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + timeout
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+            tree = [pid for pid in tree if _alive(pid)]
+            if all(p.poll() is not None for p in procs) and not tree:
+                break
+        with contextlib.suppress(FileNotFoundError):
+            self.pidfile.unlink()
+
+
+def _stop_leftovers(pidfile: Path) -> None:
+    """Stop what a previous run recorded in ``pidfile`` if it is still a Prefect process."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in pidfile.read_text().splitlines():
+            pid = int(line.split()[-1])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
+            if b"prefect" in cmdline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGTERM)
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    """Every process below ``pids`` (Linux /proc; elsewhere the process groups have to do)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, IndexError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, only unreaped
+    return True
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    # SIGTERM/SIGHUP become SystemExit, so every `finally` (and the cleanup in it) runs.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+    _say(f"\n… stopping ({signal.Signals(signum).name}): Prefect server, worker and sandbox")
+    raise SystemExit(128 + signum)
 
 
 def _prefect(*args: str, env: dict[str, str]) -> None:
@@ -56,18 +149,84 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
 
 
 def _run(name: str, spec: str, env: dict[str, str], timeout: float = 900) -> Any:
-    """Trigger a deployment through the Prefect API and wait for its final state."""
+    """Trigger a deployment through the Prefect API and wait for its final state, printing progress."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     _say(f"\n▶ {name}  (spec={spec})")
     start = time.monotonic()
-    run = run_deployment(name=name, parameters={"spec": spec}, timeout=timeout)
+    run = run_deployment(name=name, parameters={"spec": spec}, timeout=0)
+    line = _ProgressLine()
+    with get_client(sync_client=True) as client:
+        while time.monotonic() - start < timeout:
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                break
+            line.show(_progress_artifacts(client, run.id))
+            time.sleep(0.5)
+    line.close()
     state = run.state
     _say(f"  {'✓' if state and state.is_completed() else '✗'} {run.name}: {state.name if state else '?'} "
          f"in {time.monotonic() - start:.1f}s")
     if state and not state.is_completed():
         _say(f"  cause: {state.message}")
     return run
+
+
+def _progress_artifacts(client: Any, flow_run_id: Any) -> list[Any]:
+    """The run's progress artifacts (the long waits: GKE operations, model load), oldest first."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    try:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+    except Exception:  # noqa: BLE001 - progress is a courtesy
+        return []
+    return sorted(arts, key=lambda a: a.created or 0)
+
+
+class _ProgressLine:
+    """One line of progress: rewritten in place on a terminal, a new line per step or 25 % otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.last: tuple[str, int] | None = None
+        self.width = 0
+
+    def show(self, artifacts: list[Any]) -> None:
+        if not artifacts:
+            return
+        art = artifacts[-1]  # the wait going on now
+        pct = float(art.data or 0)
+        text = f"  ⏳ {art.description or 'waiting'} — {pct:.0f}%"
+        if self.tty:
+            sys.stdout.write("\r" + text[:120].ljust(self.width))
+            sys.stdout.flush()
+            self.width = min(120, len(text))
+            return
+        key = (str(art.id), int(pct // 25))
+        if key != self.last:
+            self.last = key
+            _say(text)
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            sys.stdout.write("\r" + " " * self.width + "\r")
+            sys.stdout.flush()
+
+
+def _spec_path(raw: Path) -> Path:
+    """The user's path (from the current directory), else one relative to the checkout."""
+    for candidate in (raw, ROOT / raw):
+        if candidate.exists():
+            return candidate.resolve()
+    return raw
+
+
+def _check_tools() -> None:
+    for tool, shows in TOOLS.items():
+        if shutil.which(tool) is None:
+            _say(f"! {tool} is not on PATH: the summary skips {shows} (install it to see them)")
 
 
 def _show(title: str, cmd: list[str], env: dict[str, str]) -> None:
@@ -107,64 +266,87 @@ def _summarise(spec_path: str, env: dict[str, str], state_dir: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from manifests.spec import SpecError, load_spec
+
+    # Everything that can be wrong with the input is found before anything starts.
+    spec_path = _spec_path(Path(args.spec))
+    try:
+        if load_spec(spec_path).target != "gke":
+            raise SpecError("target", "the demo runs the GKE lifecycle", "pick a spec with target: gke",
+                            source=str(spec_path))
+    except SpecError as exc:
+        _say(f"✗ {exc}")
+        return 2
+    if args.time_scale <= 0:
+        _say(f"✗ --time-scale must be above 0, not {args.time_scale}")
+        return 2
+    spec = str(spec_path)
+    state_dir = Path(args.state_dir).resolve()
+    _check_tools()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     from sandbox.app import Sandbox
 
-    state_dir = Path(args.state_dir).resolve()
     if state_dir.exists():
+        _stop_leftovers(state_dir / "pids")  # a previous demo that was killed with SIGKILL
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True)
-    spec = str(args.spec)
-
     _say(f"llm-fleet demo — sandbox time scale {args.time_scale} (cloud delays × {args.time_scale})")
     sandbox = Sandbox(time_scale=args.time_scale, state_dir=state_dir)
-    sandbox.start()
-    env = {**os.environ, **sandbox.env()}
-    env.update({
-        "LLM_FLEET_HOME": str(ROOT), "LLM_FLEET_TIME_SCALE": str(args.time_scale),
-        "LLM_FLEET_KUBE_DIR": str(state_dir / "kube"),
-        "PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    })
-    _say(f"✓ sandbox up: {sandbox.env().get('LLM_FLEET_SANDBOX_URL')}  (source {state_dir}/env to use kubectl, gcloud)")
-
-    port = _free_port(4200)
-    api = f"http://127.0.0.1:{port}/api"
-    env["PREFECT_API_URL"] = api
-    procs: list[subprocess.Popen] = []
+    children = Children(state_dir / "pids")
     log = open(state_dir / "prefect.log", "w")  # noqa: SIM115 - closed in finally
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                       "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log))
-        _wait_http(f"{api}/health", 120, procs[-1])
+        sandbox.start()
+        env = {**os.environ, **sandbox.env()}
+        env.update({
+            "LLM_FLEET_HOME": str(ROOT), "LLM_FLEET_TIME_SCALE": str(args.time_scale),
+            "LLM_FLEET_KUBE_DIR": str(state_dir / "kube"),
+            "PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        })
+        _say(f"✓ sandbox up: {sandbox.env().get('LLM_FLEET_SANDBOX_URL')}  "
+             f"(source {state_dir}/env to use kubectl, gcloud)")
+
+        port = _free_port(4200)
+        api = f"http://127.0.0.1:{port}/api"
+        env["PREFECT_API_URL"] = api
+        server = children.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
+                                                   "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=log)
+        _wait_http(f"{api}/health", 120, server)
         _say(f"✓ Prefect server + UI: http://127.0.0.1:{port}")
         _prefect("work-pool", "create", "local", "--type", "process", "--overwrite", env=env)
         _prefect("--no-prompt", "deploy", "--all", env=env)
         _say("✓ flows deployed (prefect.yaml) to work pool 'local'")
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "local",
-                                       "--limit", "4"], cwd=ROOT, env=env, stdout=log, stderr=log))
+        children.start("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local",
+                                          "--limit", "4"], cwd=ROOT, env=env, stdout=log, stderr=log)
         _say("✓ worker started")
 
         os.environ.update({"PREFECT_API_URL": api})
         ok = True
-        for name in ("provision_cluster/default", "deploy_model/default"):
+        for name in LIFECYCLE:
             run = _run(name, spec, env)
-            ok = ok and bool(run.state and run.state.is_completed())
+            ok = bool(run.state and run.state.is_completed())
             if not ok:
                 break
-        for step in ("release_model", "park_model"):
+        for step in NOT_BUILT_YET:
             _say(f"\n… {step}: not built yet (next issues); the lifecycle stops after deploy for now")
         _summarise(spec, env, state_dir)
-        _say(f"\nPrefect UI: http://127.0.0.1:{port}  ·  kubectl: `source {state_dir}/env && kubectl get pods -A`")
+        _say(f"\nkubectl: `source {state_dir}/env && kubectl get pods -A` (while the sandbox runs)")
         if args.keep_running:
-            _say("Running until Ctrl-C …")
+            _say(f"Prefect UI: http://127.0.0.1:{port} — running until Ctrl-C …")
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
+        else:
+            _say("(rerun with --keep-running to keep the Prefect UI up and browse these runs)")
         return 0 if ok else 1
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        children.stop()
         log.close()
         sandbox.stop()
+        _say("✓ stopped: Prefect server, worker and sandbox")
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)

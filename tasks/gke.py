@@ -16,6 +16,7 @@ from tasks.clients import (
     google_retry,
     write_kubeconfig,
 )
+from tasks.progress import WaitProgress, operation_progress
 from tasks.retry import task_retries
 from tasks.settings import get_settings
 
@@ -107,10 +108,16 @@ def wait_operation(*, project: str, location: str, operation: str) -> dict[str, 
     client = cluster_manager()
     name = operation if operation.startswith("projects/") else f"{_parent(project, location)}/operations/{operation}"
 
+    progress: list[WaitProgress] = []  # made on the first poll, when the operation's type is known
+
     def check() -> dict[str, Any]:
         op = client.get_operation(name=name, **_call_opts())
+        if not progress:
+            progress.append(operation_progress(op.operation_type.name, op.target_link.rsplit("/", 1)[-1]))
         if op.status != container_v1.Operation.Status.DONE:
+            progress[0].update(op.status_message or op.status.name.lower())
             raise _NotDone()
+        progress[0].done()
         return _to_dict(op)
 
     op = _poll(check, what=f"operation {operation}")

@@ -18,6 +18,7 @@ from manifests.names import FIELD_MANAGER
 from manifests.rollout import TEMPLATE_HASH, Progress, diagnose, new_replicaset, rollout_progress
 from tasks.clients import kube_client
 from tasks.log import logger
+from tasks.progress import WaitProgress
 from tasks.retry import task_retries
 from tasks.settings import get_settings
 from tasks.watching import Informer, watch_until
@@ -100,8 +101,12 @@ def apply_object(*, kubeconfig: str | None, obj: dict[str, Any]) -> Applied:
         if exc.status != 404:
             raise
         live = None
+    # Drift is only a difference in an object we applied before: a first apply onto something that
+    # already exists (a fresh cluster's `default` namespace, an object made by hand) adopts it quietly.
+    ours = live is not None and any(m.get("manager") == FIELD_MANAGER
+                                    for m in live["metadata"].get("managedFields") or [])
     changed = _diff({k: v for k, v in obj.items() if k in ("metadata", "spec", "data", "rules", "roleRef",
-                                                             "subjects")}, live) if live else []
+                                                             "subjects")}, live) if ours else []
     changed = [c for c in changed if not c.startswith("metadata.namespace")]
     result = _call(api, "PATCH", path, body=obj, content_type="application/apply-patch+yaml",
                    query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
@@ -268,8 +273,10 @@ def wait_pods_ready(*, kubeconfig: str | None, namespace: str, selector: dict[st
     # An informer, not a single watch: an expired (410) or dropped watch relists instead of failing.
     pods = Informer(api, core.list_namespaced_pod, queue.Queue(), namespace=namespace,
                     label_selector=_selector(selector))
+    # the load timeout has about 3x margin over a typical load: that is the progress bar's 100 %
+    bar = WaitProgress(f"model load ({desired} pod(s) in {namespace})", expected_s=timeout_s / 3)
     progress = watch_until([pods], lambda: diagnose(list(pods.items.values()), desired=desired),
-                           timeout_s=timeout_s, log_prefix="waiting")
+                           timeout_s=timeout_s, log_prefix="waiting", progress=bar)
     if progress is None:
         raise DeployError(f"the cluster's API server did not answer within {timeout_s:.0f}s",
                           "check the cluster in the GKE console; rerun deploy_model", reason="LoadTimeout")
@@ -336,7 +343,9 @@ def wait_rollout(*, kubeconfig: str | None, namespace: str, name: str, timeout_s
         pods = [p for p in pod_inf.items.values() if (p["metadata"].get("labels") or {}).get(TEMPLATE_HASH) == pod_hash]
         return rollout_progress(d, pods, replicaset=rs["metadata"]["name"])
 
-    progress = watch_until([dep_inf, pod_inf, rs_inf], evaluate, timeout_s=timeout_s, log_prefix=f"rollout {name}")
+    bar = WaitProgress(f"model load: rollout of {name}", expected_s=timeout_s / 3)  # timeout ≈ 3× a typical load
+    progress = watch_until([dep_inf, pod_inf, rs_inf], evaluate, timeout_s=timeout_s, log_prefix=f"rollout {name}",
+                           progress=bar)
     return _raise_for(progress, kubeconfig=kubeconfig, namespace=namespace, timeout_s=timeout_s,
                       what=f"Deployment {name}")
 

@@ -26,6 +26,7 @@ from kubernetes import watch
 from kubernetes.client.rest import ApiException
 
 from tasks.log import logger
+from tasks.progress import WaitProgress
 from tasks.retry import is_transient
 from tasks.settings import get_settings
 
@@ -113,13 +114,15 @@ class Informer(threading.Thread):
             self._watch.stop()
 
 
-def watch_until(informers: list[Informer], evaluate: Any, *, timeout_s: float, log_prefix: str) -> Any:
+def watch_until(informers: list[Informer], evaluate: Any, *, timeout_s: float, log_prefix: str,
+                progress: WaitProgress | None = None) -> Any:
     """Run ``evaluate()`` (-> Progress) on every change until it is not "waiting" or time runs out.
 
     Returns the last Progress (None if the informers never listed within ``timeout_s``); raises the
-    first permanent error an informer met.
+    first permanent error an informer met. ``progress`` (a Prefect progress artifact) follows along.
     """
     changed: queue.Queue = informers[0].changed
+    bar = progress
     for inf in informers:
         inf.start()
     deadline = time.monotonic() + timeout_s
@@ -139,7 +142,11 @@ def watch_until(informers: list[Informer], evaluate: Any, *, timeout_s: float, l
                     log.info("%s: %s", log_prefix, progress.message)
                 last = progress
                 if progress.state != "waiting":
+                    if bar is not None and progress.state == "ready":
+                        bar.done(progress.message)
                     return progress
+            if bar is not None:
+                bar.update(last.message if last is not None else "listing")
             if time.monotonic() >= deadline:
                 return last
     finally:

@@ -1,0 +1,133 @@
+"""Issue 13.8: the demo's rough edges, as a new user meets them — and apply's adoption of `default`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.flows.conftest import ROOT
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLM_FLEET_", "HF_", "SLACK_"))}
+
+
+def test_a_missing_spec_is_refused_before_anything_starts(tmp_path):
+    state = tmp_path / "demo"
+    res = subprocess.run([sys.executable, "-m", "llm_fleet.cli", "demo", "--spec", "deployments/nope.yaml",
+                          "--state-dir", str(state)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2
+    assert "✗" in res.stdout and "cannot read" in res.stdout and "nope.yaml" in res.stdout
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not state.exists()  # nothing was started or written
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from llm_fleet.cli import build_parser
+
+    def parsers(p: argparse.ArgumentParser):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    missing = [f"{p.prog} {a.dest}" for p in parsers(build_parser()) for a in p._actions
+               if not isinstance(a, argparse._SubParsersAction) and a.dest != "help" and not a.help]
+    assert missing == []
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
+
+
+def test_sigterm_stops_the_prefect_server_and_sandbox(tmp_path):
+    """What `timeout 60 scripts/demo` does at the 60th second. Sent as soon as the Prefect server
+    process exists (cheap: no waiting for it to answer); the worker is stopped by the same code."""
+    state = tmp_path / "demo"
+    proc = subprocess.Popen(["scripts/demo", "--state-dir", str(state), "--time-scale", "0.005"], cwd=ROOT,
+                            env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pidfile = state / "pids"
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and "prefect-server" in pidfile.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        pids = {name: int(pid) for name, pid in (ln.split() for ln in pidfile.read_text().splitlines())}
+        server = pids["prefect-server"]
+        assert not _gone(server)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "✓ stopped: Prefect server, worker and sandbox" in out and "Traceback" not in out
+    assert _gone(server)
+    sandbox_port = int(out.split("sandbox up: http://127.0.0.1:")[1].split()[0])
+    assert not _port_open(sandbox_port)
+    assert not pidfile.exists()
+    assert "Prefect UI: http" not in out  # never an address of a server that is gone
+
+
+# ---- apply: adopting what a fresh cluster already has is not drift -----------------------------------
+
+@pytest.fixture
+def kubeconfig(sandbox, tmp_path):
+    config = yaml.safe_load(Path(sandbox.env()["KUBECONFIG"]).read_text())
+    config["current-context"] = "sandbox"
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_first_apply_into_an_existing_namespace_is_not_a_hand_edit(sandbox, kubeconfig):
+    from kubernetes import client
+
+    from tasks import k8s
+    from tasks.clients import kube_client
+
+    core = client.CoreV1Api(kube_client(kubeconfig))
+    ns = f"fresh-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns}})  # what a fresh cluster has (like `default`)
+    ours = {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "llm-fleet"}}}
+    first = k8s.apply_object(kubeconfig=kubeconfig, obj=ours)
+    assert first.action == "configured" and first.changed == []
+    assert core.read_namespace(ns).metadata.labels["app.kubernetes.io/part-of"] == "llm-fleet"
+    # The real `default` namespace, as deploy_model applies it into a fresh cluster.
+    default = {"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "default", "labels": {"app.kubernetes.io/part-of": "llm-fleet"}}}
+    assert k8s.apply_object(kubeconfig=kubeconfig, obj=default).changed == []
+    # A hand edit of something the product applied is still reported (and reverted).
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": ns, "labels": {
+        "app.kubernetes.io/managed-by": "llm-fleet"}}, "data": {"a": "1", "b": "2"}}
+    assert k8s.apply_object(kubeconfig=kubeconfig, obj=cm).action == "created"
+    core.patch_namespaced_config_map("c", ns, {"data": {"a": "by hand"}})
+    again = k8s.apply_object(kubeconfig=kubeconfig, obj=cm)
+    assert again.changed == ["data.a"]
+    assert core.read_namespaced_config_map("c", ns).data == {"a": "1", "b": "2"}
