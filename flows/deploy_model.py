@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import vertex
 from flows.cluster_preflight import cluster_preflight
 from flows.release_model import finish_retire, run_release
 from flows.report import Report, artifact_key
@@ -100,6 +101,8 @@ def deploy_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.
 
     On a serving model a changed pod template is released blue-green (never changed in place).
     """
+    if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
+        return vertex.deploy(spec, dry_run=dry_run)
     spec = resolve_gke_spec(spec, flow="deploy_model")
     report = Report("deploy_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
     key = artifact_key("deploy", spec.name)

@@ -23,6 +23,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import vertex
 from flows.report import Report, artifact_key
 from flows.serving import (
     Target,
@@ -394,6 +395,8 @@ def _resolve(spec: str | dict[str, Any], flow_name: str) -> DeploymentSpec:
 def release_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: str | None = None,
                   dry_run: bool = False) -> dict[str, Any]:
     """Blue-green release of ``revision`` (default: the spec's) with analysis and automatic rollback."""
+    if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
+        return vertex.release(spec, revision=revision, dry_run=dry_run)
     spec = with_revision(_resolve(spec, "release_model"), revision)
     report = Report("release_model", f"{spec.name} ({spec.model.id}@{spec.model.revision})", spec.slack_channel)
     retire: Color | None = None

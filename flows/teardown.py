@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows import vertex
 from flows.provision_cluster import find_cluster, remove_cluster, remove_pool
 from flows.report import Report, artifact_key
 from manifests import names
@@ -248,6 +249,8 @@ def verify(spec: DeploymentSpec, *, kubeconfig: str | None, location: str, kept:
 def teardown(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
              cluster: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Remove everything the spec created (with cluster=true also its GPU pool and cluster), then verify."""
+    if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
+        return vertex.teardown(spec, dry_run=dry_run)
     spec = resolve_gke_spec(spec, flow="teardown")
     c = spec.cluster
     report = Report("teardown", f"{spec.name} ({c.project}/{c.name})" + (" + cluster" if cluster else ""),
