@@ -404,7 +404,7 @@ def _snake(d: Any) -> Any:
 
 # ---- teardown ------------------------------------------------------------------------------------------------
 
-def teardown(spec: DeploymentSpec | str | dict[str, Any]) -> dict[str, Any]:
+def teardown(spec: DeploymentSpec | str | dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
     """Undeploy, delete the endpoint and every model of the spec, forget the park record; verify."""
     from prefect.variables import Variable
 
@@ -414,6 +414,11 @@ def teardown(spec: DeploymentSpec | str | dict[str, Any]) -> dict[str, Any]:
     key = artifact_key("teardown", spec.name)
     labels = vx.endpoint_labels(spec)
     try:
+        if dry_run:
+            found = tv.list_endpoints(project=project, region=region, filter=vx.label_filter(labels)) + \
+                tv.list_models(project=project, region=region, filter=vx.label_filter(labels))
+            report.succeed(f"dry run: would delete {len(found)} resource(s)")
+            return {"dry_run": True, "would_delete": [r["name"] for r in found]}
         with model_lock(spec, purpose="teardown"):
             with report.step("Undeploy and delete the endpoint") as step:
                 eps = tv.list_endpoints(project=project, region=region, filter=vx.label_filter(labels))
