@@ -296,7 +296,10 @@ class HpaController:
 
         pods = self._pods(target)
         proposals, statuses, errors = [], [], []
-        for m in (hpa.get("spec") or {}).get("metrics") or []:
+        # no metrics given: the API default, 80% CPU utilization
+        default = [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization",
+                                                                                "averageUtilization": 80}}}]
+        for m in (hpa.get("spec") or {}).get("metrics") or default:
             try:
                 desired, status = self._metric(m, pods, current)
                 proposals.append((desired, m))

@@ -241,7 +241,9 @@ def test_unschedulable_reasons(kube, core, apps):
     filler = gpu_deployment("filler")
     filler["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"] = "busy"
     apps.create_namespaced_deployment("default", filler)
-    apps.create_namespaced_deployment("default", gpu_deployment("u2", tolerations=[]))
+    # a GPU pod gets the GPU toleration by admission (ExtendedResourceToleration); one that asks for no GPU
+    # but selects the GPU nodes does not tolerate their taint
+    apps.create_namespaced_deployment("default", deployment("u2", node_selector=dict(L4)))
     wait_for(lambda: [p for p in pods(core, selector="app=filler") if p.spec.node_name == "busy"])
     apps.create_namespaced_deployment("default", gpu_deployment("u3"))
 
@@ -388,9 +390,10 @@ def test_hpa_keeps_replicas_within_bounds(kube, api, apps):
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "h"}, "minReplicas": 2,
         "maxReplicas": 4}})
     wait_for(lambda: apps.read_namespaced_deployment("h", "default").spec.replicas == 2)
+    # the next sync (within range) reads metrics: no CPU requests here, so ScalingActive is False
     h = wait_for(lambda: (h := hpa.read_namespaced_horizontal_pod_autoscaler("h", "default")).status.desired_replicas
-                 == 2 and h)
-    assert {c.type for c in h.status.conditions} >= {"AbleToScale", "ScalingActive"}
+                 == 2 and {c.type for c in h.status.conditions or []} >= {"AbleToScale", "ScalingActive"} and h)
+    assert next(c for c in h.status.conditions if c.type == "ScalingActive").reason == "FailedGetResourceMetric"
     apps.patch_namespaced_deployment_scale("h", "default", {"spec": {"replicas": 0}},
                                            _content_type="application/merge-patch+json")
     time.sleep(0.1)
