@@ -156,6 +156,9 @@ def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
                      "labels": {**names.common_labels(spec), "app.kubernetes.io/component": "hold-proxy"}},
         "spec": {
             "replicas": 1,
+            # Generous on purpose: the flow's own wait is the real bound (and the sandbox runs the proxy as
+            # a real process whose start is not time-scaled like the Deployment's deadline).
+            "progressDeadlineSeconds": 3600,
             "selector": {"matchLabels": selector},
             "template": {"metadata": {"labels": {**labels, **selector}},
                          # held requests finish or get their 503 before the pod goes

@@ -86,6 +86,7 @@ from typing import Any
 
 import yaml
 
+from sandbox.accounting import Accounting
 from sandbox.client import SandboxClient
 from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
@@ -153,7 +154,7 @@ class Sandbox:
     """Every emulator plus the control API, as threads of this process on 127.0.0.1."""
 
     def __init__(self, *, time_scale: float = 1.0, state_dir: str | os.PathLike[str] | None = None,
-                 project: str = "sandbox-project") -> None:
+                 project: str = "llm-fleet-demo") -> None:
         # The kube/models/hub/slack emulators are built by their own modules; imported here so a
         # missing one fails with a clear ImportError when the sandbox is built, not at import time.
         from sandbox.hub import Hub
@@ -167,6 +168,7 @@ class Sandbox:
         self.faults = Faults()
         self.hub = Hub(faults=self.faults, clock=self.clock)
         self.runtime = ModelRuntime(clock=self.clock, faults=self.faults, hub=self.hub)
+        self.accounting = Accounting()  # node/pod lifetimes by the emulator's own clock
         self._kube_class = KubeCluster
         # the default API (context "sandbox"); every GKE cluster gets its own (see _new_cluster_kube)
         self.kube = KubeCluster(clock=self.clock, faults=self.faults, runtime=self.runtime)
@@ -343,6 +345,7 @@ class Sandbox:
         """Gke's ``kube_factory``: a started KubeCluster for a new cluster, its Service ports, a context."""
         kube = self._kube_class(clock=self.clock, faults=self.faults, runtime=self.runtime)
         kube.start()
+        self.accounting.attach(f"{project}/{location}/{name}", kube)
         routes = ServicePorts(kube, faults=self.faults)
         entry = ClusterKube(project, location, name, kube, routes, kube.subscribe(routes.on_event))
         with self._kc_lock:
@@ -786,6 +789,11 @@ def _slack_messages(h: ControlHandler):
     return {"messages": h.sb.slack.messages(h.q("channel") or None)}
 
 
+@route(_ROUTES, "GET", r"/sandbox/accounting")
+def _accounting(h: ControlHandler):
+    return {"records": h.sb.accounting.records(cluster=h.q("cluster") or None, kind=h.q("kind") or None)}
+
+
 @route(_ROUTES, "POST", r"/sandbox/hub/revisions")
 def _push_revision(h: ControlHandler):
     """A new commit on a branch (as a push to the Hub would make); the repo's webhooks are notified."""
@@ -832,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to write env, kubeconfig and the gcloud config (default: %(default)s)")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="cloud delays are multiplied by this (0.01: a 5-minute cluster create takes 3 s)")
-    parser.add_argument("--project", default="sandbox-project", help="the sandbox's GCP project id")
+    parser.add_argument("--project", default="llm-fleet-demo",
+                        help="the env file's GCP project id (the one the bundled specs use)")
     args = parser.parse_args(argv)
     if args.time_scale <= 0:
         parser.error("--time-scale must be > 0")

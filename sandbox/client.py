@@ -130,6 +130,11 @@ class SandboxClient:
     def slack_messages(self, channel: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "/sandbox/slack/messages", params={"channel": channel})["messages"]
 
+    # ---- accounting ----------------------------------------------------------------------------
+    def accounting(self, cluster: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Node/pod lifetimes (epoch ``start``/``end``, ``gpus``, ``labels``); ``cluster`` is project/location/name."""
+        return self._call("GET", "/sandbox/accounting", params={"cluster": cluster, "kind": kind})["records"]
+
     # ---- hub -------------------------------------------------------------------------------
     def push_revision(self, repo: str, *, branch: str = "main", title: str | None = None) -> str:
         """A new commit on ``branch`` of a Hub repo (its webhooks fire); returns the commit sha."""

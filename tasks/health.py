@@ -166,3 +166,11 @@ def analyze(*, kubeconfig: str | None, namespace: str, service: str, engine: str
     return {"service": service, "requests": requests, "errors": len(errors), "error_rate": len(errors) / requests,
             "first_error": errors[0] if errors else None, "p50_s": pct(0.5), "p95_s": pct(0.95),
             "tokens_per_s": round(sum(r[1] for r in ok) / busy, 1) if busy > 0 else 0.0}
+
+
+@task(**task_retries())
+def read_metrics(*, kubeconfig: str | None, namespace: str, service: str) -> str:
+    """The engine's Prometheus /metrics page, through the Service."""
+    resp = _client(kubeconfig).get(f"{service_base(namespace, service)}/metrics")
+    resp.raise_for_status()
+    return resp.text

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from sandbox.core import DEFAULT_DELAYS, HttpError, now_rfc3339
+from sandbox.kube import localproc
 from sandbox.kube import resources as res
 from sandbox.kube.defaults import GPU, parse_quantity
 from sandbox.kube.selectors import match_label_selector, match_selector_dict
@@ -1084,7 +1085,8 @@ class Controller:
             try:
                 if runtime is None:
                     raise RuntimeError("no model runtime configured")
-                server = runtime.start(pod, on_ready=lambda: self.on_ready(uid, gen),
+                start = localproc.starter(self.cluster, pod) or runtime.start  # local images: a subprocess
+                server = start(pod, on_ready=lambda: self.on_ready(uid, gen),
                                        on_exit=lambda code=1, reason="Error": self.on_exit(uid, gen, code, reason))
             except Exception as exc:  # an image the runtime does not serve: a plain running container
                 server = None

@@ -72,7 +72,8 @@ def test_start_is_fast_env_file_and_clean_stop(tmp_path):
         assert env["LLM_FLEET_SLACK_API_URL"].endswith("/api/")
         assert env["CLOUDSDK_API_ENDPOINT_OVERRIDES_CONTAINER"] == env["LLM_FLEET_GKE_ENDPOINT"] + "/"
         assert env["CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE"] == env["LLM_FLEET_COMPUTE_ENDPOINT"] + "/compute/v1/"
-        assert env["CLOUDSDK_CORE_PROJECT"] == "sandbox-project" and env["HF_TOKEN"] == "hf_sandbox_read"
+        # the project the bundled specs use, so `gcloud container clusters list` shows the demo's clusters
+        assert env["CLOUDSDK_CORE_PROJECT"] == "llm-fleet-demo" and env["HF_TOKEN"] == "hf_sandbox_read"
         state = tmp_path / "state"
         assert env["KUBECONFIG"] == str(state / "kubeconfig") and env["CLOUDSDK_CONFIG"] == str(state / "gcloud")
 
@@ -86,7 +87,7 @@ def test_start_is_fast_env_file_and_clean_stop(tmp_path):
         (cluster,) = kubeconfig["clusters"]
         assert cluster["cluster"]["server"] == sandbox.kube.url
         assert kubeconfig["current-context"] == "sandbox"
-        assert (state / "gcloud" / "configurations" / "config_default").read_text().count("sandbox-project") == 1
+        assert (state / "gcloud" / "configurations" / "config_default").read_text().count("llm-fleet-demo") == 1
         urls = sandbox.urls()
         assert set(urls) == {"control", "gke", "compute", "kube", "hub", "slack"}
         assert all(_port_open(u) for u in urls.values())

@@ -1,0 +1,252 @@
+"""The hold proxy: while a model is parked, its live Service points here.
+
+Every request is held in a bounded queue (``HOLD_MAX_QUEUE``, Knative's activator: 10,000) until the
+model answers again, then forwarded to it — streamed, status and headers as the model sent them. The
+first held request asks for a wake, once: a Prefect event (``HOLD_EVENT``,
+``llm-fleet.model.wake-requested``) posted to ``$PREFECT_API_URL/events``, which a deployment trigger
+turns into a ``wake_model`` run. A request held longer than ``HOLD_TIMEOUT_S`` (Knative: 300 s), or
+one beyond the queue bound, gets ``503`` with ``Retry-After`` — never a hang or a reset.
+
+The model is reached through ``HOLD_UPSTREAM_SERVICE`` (the ``<name>-awake`` Service on the model's
+own pods): Kubernetes' service-link variables ``<SERVICE>_SERVICE_HOST/PORT`` when present, else its
+cluster DNS name. "Answers" is the engine's own readiness: ``/v1/models`` (vLLM, SGLang) or ``/health``
+(TGI) — never "a pod is Running". Once it answers, requests pass straight through (until the model
+stops answering again, e.g. the next park, when holding resumes).
+
+Run as ``python -m llm_fleet.holdproxy`` (listens on ``$HOST:$PORT``). ``/healthz`` is the proxy's
+own probe; ``/holdz`` reports its state as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, client_exceptions, web
+
+log = logging.getLogger("holdproxy")
+HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+       "transfer-encoding", "upgrade", "host", "content-length"}
+READY_PATH = {"vllm": "/v1/models", "sglang": "/v1/models", "tgi": "/health"}
+
+
+@dataclass
+class Config:
+    model: str
+    engine: str
+    upstream: str
+    max_queue: int
+    timeout_s: float
+    retry_after_s: int
+    event: str
+    resource_id: str
+    spec: str
+    prefect_api_url: str | None
+    prefect_api_key: str | None
+    poll_s: float = 0.2
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        e = dict(os.environ if env is None else env)
+        service = e.get("HOLD_UPSTREAM_SERVICE", "")
+        key = re.sub(r"[^A-Z0-9]", "_", service.upper())
+        if e.get("HOLD_UPSTREAM_URL"):
+            upstream = e["HOLD_UPSTREAM_URL"].rstrip("/")
+        elif e.get(f"{key}_SERVICE_HOST"):
+            upstream = f"http://{e[f'{key}_SERVICE_HOST']}:{e.get(f'{key}_SERVICE_PORT', '80')}"
+        else:
+            ns = e.get("HOLD_NAMESPACE", "default")
+            upstream = f"http://{service}.{ns}.svc.cluster.local:{e.get('HOLD_UPSTREAM_PORT', '80')}"
+        return cls(model=e.get("HOLD_MODEL", service), engine=e.get("HOLD_ENGINE", "vllm"), upstream=upstream,
+                   max_queue=int(e.get("HOLD_MAX_QUEUE", "10000")), timeout_s=float(e.get("HOLD_TIMEOUT_S", "300")),
+                   retry_after_s=int(e.get("HOLD_RETRY_AFTER_S", "30")),
+                   event=e.get("HOLD_EVENT", "llm-fleet.model.wake-requested"),
+                   resource_id=e.get("HOLD_RESOURCE_ID", f"llm-fleet.model.{service}"),
+                   spec=e.get("HOLD_SPEC", ""), prefect_api_url=(e.get("PREFECT_API_URL") or "").rstrip("/") or None,
+                   prefect_api_key=e.get("PREFECT_API_KEY") or None,
+                   poll_s=float(e.get("HOLD_POLL_S", "0.2")))
+
+
+@dataclass
+class State:
+    awake: bool = False  # the model answered at the last check
+    held: int = 0
+    wake_requested_at: float | None = None
+    events_sent: int = 0
+    forwarded: int = 0
+    rejected: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    poller: asyncio.Task | None = None
+
+
+class HoldProxy:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state = State()
+        self.http: ClientSession | None = None
+
+    # ---- the model's readiness -------------------------------------------------------------
+    async def answers(self) -> bool:
+        assert self.http is not None
+        try:
+            async with self.http.get(self.cfg.upstream + READY_PATH.get(self.cfg.engine, "/health"),
+                                     timeout=ClientTimeout(total=5)) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (TimeoutError, client_exceptions.ClientError, OSError):
+            return False
+
+    async def _poll(self) -> None:
+        """While requests are held: check the model every poll_s; release them when it answers."""
+        st = self.state
+        while not await self.answers():
+            await self.request_wake()  # once per parked spell (a no-op while one is pending)
+            await asyncio.sleep(self.cfg.poll_s)
+        st.awake = True
+        st.wake_requested_at = None
+        st.ready.set()
+        log.info("%s answers again: forwarding %d held request(s)", self.cfg.model, st.held)
+
+    def _ensure_poller(self) -> None:
+        st = self.state
+        if st.poller is None or st.poller.done():
+            st.ready = asyncio.Event()
+            st.poller = asyncio.create_task(self._poll())
+
+    # ---- asking for a wake, once ------------------------------------------------------------
+    async def request_wake(self) -> None:
+        st, cfg = self.state, self.cfg
+        if st.wake_requested_at is not None:
+            return
+        st.wake_requested_at = time.monotonic()
+        if not cfg.prefect_api_url:
+            log.warning("PREFECT_API_URL is not set: cannot ask for a wake of %s", cfg.model)
+            return
+        event = {"id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": cfg.event,
+                 "resource": {"prefect.resource.id": cfg.resource_id, "prefect.resource.name": cfg.model},
+                 "related": [], "payload": {"spec": cfg.spec, "model": cfg.model, "held": st.held}}
+        headers = {"Authorization": f"Bearer {cfg.prefect_api_key}"} if cfg.prefect_api_key else {}
+        assert self.http is not None
+        for attempt in range(5):  # the event is the only way out of the hold: retry a flaky API
+            try:
+                async with self.http.post(f"{cfg.prefect_api_url}/events", json=[event], headers=headers,
+                                          timeout=ClientTimeout(total=10)) as resp:
+                    await resp.read()
+                    if resp.status < 300:
+                        st.events_sent += 1
+                        log.info("asked for a wake of %s (%s)", cfg.model, cfg.event)
+                        return
+                    log.warning("Prefect API answered %s to the wake event", resp.status)
+            except (TimeoutError, client_exceptions.ClientError, OSError) as exc:
+                log.warning("could not post the wake event (%s)", exc)
+            await asyncio.sleep(min(10.0, 0.5 * 2 ** attempt))
+        st.wake_requested_at = None  # let the next held request try again
+
+    # ---- requests ---------------------------------------------------------------------------
+    def busy(self, why: str) -> web.Response:
+        self.state.rejected += 1
+        body = {"error": {"message": f"{self.cfg.model} is waking up: {why}", "type": "model_waking",
+                          "code": 503}}
+        return web.json_response(body, status=503, headers={"Retry-After": str(self.cfg.retry_after_s)})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        st, cfg = self.state, self.cfg
+        body = await request.read()
+        deadline = time.monotonic() + cfg.timeout_s
+        while True:
+            if not st.awake:
+                if st.held >= cfg.max_queue:
+                    return self.busy(f"{st.held} requests already held (hold.max_queue)")
+                st.held += 1
+                try:
+                    self._ensure_poller()
+                    try:
+                        await asyncio.wait_for(st.ready.wait(), timeout=max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        return self.busy(f"not answering after {cfg.timeout_s:g} s (hold.timeout)")
+                finally:
+                    st.held -= 1
+            result = await self.forward(request, body)
+            if result is not None:
+                return result
+            st.awake = False  # the model stopped answering (parked again): hold this one too
+            if time.monotonic() >= deadline:
+                return self.busy(f"not answering after {cfg.timeout_s:g} s (hold.timeout)")
+
+    async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse | None:
+        """Send to the model and stream the answer back; None if it is not there (connect error, 503)."""
+        assert self.http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        url = self.cfg.upstream + request.rel_url.path_qs
+        try:
+            upstream = await self.http.request(request.method, url, data=body or None, headers=headers,
+                                               timeout=ClientTimeout(total=None, sock_connect=5))
+        except (client_exceptions.ClientConnectorError, client_exceptions.ServerDisconnectedError, OSError):
+            return None
+        async with upstream:
+            if upstream.status == 503 and "Retry-After" not in upstream.headers:
+                await upstream.read()
+                return None  # nothing behind the Service (yet): the model has not answered
+            out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                     headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP})
+            await out.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await out.write(chunk)
+            except (TimeoutError, client_exceptions.ClientError):
+                log.warning("the model dropped a response mid-stream")
+            await out.write_eof()
+            self.state.forwarded += 1
+            return out
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def holdz(self, request: web.Request) -> web.Response:
+        st = self.state
+        return web.json_response({"model": self.cfg.model, "awake": st.awake, "held": st.held,
+                                  "wake_requested": st.wake_requested_at is not None, "events_sent": st.events_sent,
+                                  "forwarded": st.forwarded, "rejected": st.rejected,
+                                  "upstream": self.cfg.upstream})
+
+    # ---- app --------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/holdz", self.holdz)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+
+        async def open_client(app: web.Application) -> None:
+            self.http = ClientSession(connector=TCPConnector(limit=0), auto_decompress=False)
+
+        async def close_client(app: web.Application) -> None:
+            if self.http is not None:
+                await self.http.close()
+            if self.state.poller is not None:
+                self.state.poller.cancel()
+                with contextlib.suppress(BaseException):
+                    await self.state.poller
+
+        app.on_startup.append(open_client)
+        app.on_cleanup.append(close_client)
+        return app
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s holdproxy: %(message)s")
+    cfg = Config.from_env()
+    log.info("holding requests for %s (queue %d, timeout %gs), upstream %s", cfg.model, cfg.max_queue,
+             cfg.timeout_s, cfg.upstream)
+    web.run_app(HoldProxy(cfg).app(), host=os.environ.get("HOST", "0.0.0.0"), port=int(os.environ.get("PORT", "8080")),
+                print=None, access_log=None, shutdown_timeout=cfg.timeout_s)
+
+
+if __name__ == "__main__":
+    main()

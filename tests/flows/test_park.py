@@ -1,0 +1,201 @@
+"""park_model / wake_model / park_idle / sync_schedules against the sandbox and a real Prefect server.
+
+One model (Gemma 2 on vLLM, Standard cluster with an L4 pool) is provisioned and deployed once; the
+tests then walk it through park → held request → automatic wake → idle decision → park with a short
+hold timeout, asserting what the sandbox holds (pods, nodes, pool settings, what the Service routes to)
+over real HTTP. The hold proxy runs as a real process (the sandbox runs `local/...` images locally).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.flows.conftest import spec_dict
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+FILE = "gemma2-2b-it-vllm-l4.yaml"
+EVENT = "llm-fleet.model.wake-requested"
+
+
+def _spec(**overrides) -> dict:
+    return spec_dict(FILE, hold__image="local/llm-fleet", hold__timeout=60, **overrides)
+
+
+@pytest.fixture(scope="module")
+def model(prefect_server, tmp_path_factory):
+    """(spec dict, spec file, kubeconfig, pool settings before any park) of a deployed model."""
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+
+    data = _spec(schedule__idle_after="1s", schedule__idle_in_awake_window=True)
+    path = tmp_path_factory.mktemp("park") / "gemma.yaml"
+    path.write_text(yaml.safe_dump(data))
+    provision_cluster(spec=data)
+    out = deploy_model(spec=data)
+    return data, str(path), out["kubeconfig"], pool_settings(data, out["kubeconfig"])
+
+
+def pool_settings(spec: dict, kubeconfig: str) -> dict:
+    """The GPU pool as GKE reports it, plus its nodes as Kubernetes lists them."""
+    from tasks import gke, k8s
+
+    c, pool = spec["cluster"], spec["accelerator"]["pool"]["name"]
+    got = gke.get_node_pool.fn(project=c["project"], location=c["location"], cluster=c["name"], name=pool)
+    nodes = k8s.list_objects.fn(kubeconfig=kubeconfig, api_version="v1", kind="Node",
+                                label_selector=f"cloud.google.com/gke-nodepool={pool}")
+    auto = got.get("autoscaling") or {}
+    return {"enabled": bool(auto.get("enabled")), "min": int(auto.get("min_node_count") or 0),
+            "max": int(auto.get("max_node_count") or 0), "nodes": len(nodes)}
+
+
+def gpu_pods(spec: dict, kubeconfig: str) -> list[str]:
+    from tasks import k8s
+
+    return [p["metadata"]["name"] for p in k8s.list_objects.fn(
+        kubeconfig=kubeconfig, api_version="v1", kind="Pod", namespace="default",
+        label_selector=f"app.kubernetes.io/instance={spec['name']},app.kubernetes.io/component=model-server")]
+
+
+def live_service(spec: dict, kubeconfig: str) -> dict:
+    from tasks import k8s
+
+    return k8s.get_object.fn(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=spec["name"],
+                             namespace="default")
+
+
+def http(kubeconfig: str, timeout: float = 90) -> httpx.Client:
+    from tasks.clients import kube_client, kube_http
+
+    return kube_http(kube_client(kubeconfig), timeout=timeout)
+
+
+def complete(spec: dict, kubeconfig: str, timeout: float = 90) -> httpx.Response:
+    """A completion request through the live Service (the API server's service proxy)."""
+    return http(kubeconfig, timeout).post(f"/api/v1/namespaces/default/services/{spec['name']}:http/proxy/v1/completions",
+                                          json={"model": spec["model"]["id"], "prompt": "What is a GPU?",
+                                                "max_tokens": 8})
+
+
+def wake_events(spec: dict) -> list[dict]:
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"filter": {"event": {"name": [EVENT]},
+                       "resource": {"id": [f"llm-fleet.model.{spec['name']}"]},
+                       "occurred": {"since": "2020-01-01T00:00:00Z"}}, "limit": 50}
+    resp = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
+    resp.raise_for_status()
+    return resp.json().get("events", [])
+
+
+def slack_heads(sbc, flow: str, name: str) -> list[str]:
+    return [m["text"] for m in sbc.slack_messages() if f"*{flow}* `{name}" in m.get("text", "")]
+
+
+def test_park_waits_for_a_held_lock_then_leaves_no_gpu_pod_or_node_and_records_the_pool(model, sbc):
+    from flows.park import park_model
+    from manifests import park as P
+    from manifests.spec import parse_spec
+    from tasks.locks import model_lock
+
+    spec, path, kubeconfig, before = model
+    assert before["nodes"] == 1 and gpu_pods(spec, kubeconfig)
+    result: dict = {}
+    with model_lock(parse_spec(spec), purpose="release"):  # a release in flight
+        t = threading.Thread(target=lambda: result.update(park_model(spec=spec, reason="test")))
+        t.start()
+        deadline = time.monotonic() + 60
+        while not any("✅ Get cluster credentials" in h for h in slack_heads(sbc, "park_model", spec["name"])):
+            assert time.monotonic() < deadline, "park_model never got its credentials"
+            time.sleep(0.1)
+        time.sleep(1.0)  # park now waits for the lock: it has changed nothing
+        assert t.is_alive()
+        assert len(gpu_pods(spec, kubeconfig)) == 1
+        assert P.read_record(live_service(spec, kubeconfig)) is None
+    t.join(120)
+    assert result.get("parked") is True
+
+    assert gpu_pods(spec, kubeconfig) == []
+    after = pool_settings(spec, kubeconfig)
+    assert after["nodes"] == 0 and after["min"] == 0
+    svc = live_service(spec, kubeconfig)
+    record = P.read_record(svc)
+    assert record is not None and record.color == "blue" and record.replicas == 1
+    assert record.pool is not None and (record.pool.min_nodes, record.pool.max_nodes, record.pool.nodes_per_zone) == (
+        before["min"], before["max"], before["nodes"])
+    assert svc["spec"]["selector"] == P.hold_selector(parse_spec(spec))  # requests now go to the hold proxy
+
+
+def test_park_rerun_is_a_no_op(model):
+    from flows.park import park_model
+
+    spec, _, kubeconfig, _ = model
+    svc = live_service(spec, kubeconfig)
+    again = park_model(spec=spec, reason="rerun")
+    assert again["changed"] == [] and "already parked" in again["outcome"]
+    assert live_service(spec, kubeconfig)["metadata"]["annotations"] == svc["metadata"]["annotations"]
+
+
+def test_a_request_while_parked_is_held_and_answered_after_the_automatic_wake(model, sbc):
+    from flows.park import wake_model
+    from manifests import park as P
+
+    spec, path, kubeconfig, before = model
+    seen = {e["id"] for e in wake_events(spec)}
+    answer: dict = {}
+    t = threading.Thread(target=lambda: answer.update(resp=complete(spec, kubeconfig)))
+    t.start()
+    # the hold proxy asks for a wake with a real Prefect event; the test plays the deployment trigger
+    deadline = time.monotonic() + 30
+    while not (new := [e for e in wake_events(spec) if e["id"] not in seen]):
+        assert time.monotonic() < deadline, "the hold proxy emitted no wake event"
+        time.sleep(0.2)
+    assert new[0]["payload"]["model"] == spec["name"] and new[0]["payload"]["held"] >= 1
+    assert t.is_alive()  # still held, not answered with an error
+    woke = wake_model(spec=spec, reason="event")
+    t.join(60)
+    resp = answer["resp"]
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"].strip()
+    assert woke["woken"] and "serving again after" in woke["outcome"]
+
+    assert pool_settings(spec, kubeconfig) == before  # autoscaling bounds and node count as before park
+    svc = live_service(spec, kubeconfig)
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": spec["name"], "llm-fleet.dev/color": "blue"}
+    assert P.read_record(svc) is None
+    assert complete(spec, kubeconfig, timeout=30).status_code == 200  # straight to the model now
+    assert any("serving again after" in m["text"] for m in sbc.slack_messages() if "wake_model" in m["text"])
+    assert woke["wake_history"][-1] > 0
+
+
+def test_wake_rerun_is_a_no_op_and_park_idle_decides_from_metrics_through_the_service(model):
+    from flows.park import park_idle, wake_model
+
+    spec, path, kubeconfig, _ = model
+    assert wake_model(spec=spec)["woken"] is False
+    first = park_idle(specs=[path], dry_run=True)
+    assert first[0]["action"] == "keep" and "first observation" in first[0]["reason"]
+    time.sleep(1.2)  # idle_after: 1s
+    second = park_idle(specs=[path], dry_run=True)
+    assert second[0]["action"] == "park" and "idle_after" in second[0]["reason"], second
+    assert complete(spec, kubeconfig, timeout=30).status_code == 200
+    third = park_idle(specs=[path], dry_run=True)  # the request moved the counter: idle clock restarted
+    assert third[0]["action"] == "keep", third
+    assert len(gpu_pods(spec, kubeconfig)) == 1
+
+
+def test_a_request_past_the_hold_timeout_gets_503_with_retry_after(model):
+    from flows.park import park_model
+
+    spec, _, kubeconfig, _ = model
+    short = {**spec, "hold": {**spec["hold"], "timeout": 2, "retry_after": 7}}
+    park_model(spec=short, reason="test")
+    resp = complete(short, kubeconfig, timeout=30)  # a hang would raise ReadTimeout, a reset an error
+    assert resp.status_code == 503, resp.text
+    assert resp.headers.get("Retry-After") == "7"
+    assert "hold.timeout" in resp.json()["error"]["message"]
