@@ -1527,12 +1527,13 @@ class Controller:
     # ---- Autopilot --------------------------------------------------------------------------
     def _maybe_autopilot(self, pod: Obj, gpu: float) -> None:
         clusters = sorted(self.cluster.autopilot_clusters)
-        if not clusters or gpu <= 0:
+        if not clusters:
             return
         selector = (pod.get("spec") or {}).get("nodeSelector") or {}
         accel = selector.get("cloud.google.com/gke-accelerator")
         uid = pod["metadata"]["uid"]
-        if not accel or uid in self._autopilot_pending:
+        # GPU pods get a GPU node; CPU-only pods a general-purpose one (Autopilot's default compute class)
+        if (gpu > 0 and not accel) or (gpu <= 0 and accel) or uid in self._autopilot_pending:
             return
         cluster = clusters[0]
         node = f"gk3-{cluster}-nap-{rand_hex(4)}-{rand_hex(8)}"[:63]
@@ -1553,6 +1554,14 @@ class Controller:
         if cluster not in self.cluster.autopilot_clusters:
             return
         selector = dict((pod.get("spec") or {}).get("nodeSelector") or {})
+        if _gpus(pod) <= 0 and "cloud.google.com/gke-accelerator" not in selector:
+            labels = {"cloud.google.com/gke-nodepool": "nap-e2-standard-2", "cloud.google.com/machine-family": "e2",
+                      "cloud.google.com/gke-provisioning": "standard", "kubernetes.io/arch": "amd64",
+                      "kubernetes.io/os": "linux", "kubernetes.io/hostname": node, AUTOPILOT_LABEL: cluster, **selector}
+            self.cluster.add_node(node, labels=labels, capacity={"cpu": "2", "memory": f"{8 * 1024 * 1024}Ki",
+                                                                  "pods": "110", "ephemeral-storage": "100Gi"})
+            self._idle_since[node] = time.monotonic()
+            return
         gpus = max(1, int(_gpus(pod)))
         accel = selector.get("cloud.google.com/gke-accelerator", "nvidia-l4")
         labels = {

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.flows.conftest import spec_dict
+from tests.flows.conftest import ROOT, spec_dict
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -199,3 +199,53 @@ def test_a_request_past_the_hold_timeout_gets_503_with_retry_after(model):
     assert resp.status_code == 503, resp.text
     assert resp.headers.get("Retry-After") == "7"
     assert "hold.timeout" in resp.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def park_wake_deployments(prefect_server):
+    """park_model/default and wake_model/default on the local server (what `prefect deploy --all` makes)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for flow, entry in (("park_model", "flows/park.py:park_model"), ("wake_model", "flows/park.py:wake_model")):
+            client.create_deployment(flow_id=client.create_flow_from_name(flow), name="default", entrypoint=entry)
+
+
+def schedules_of(name: str) -> dict[str, tuple[str, str, dict]]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(name)
+        return {s.slug: (s.schedule.cron, s.schedule.timezone, s.parameters) for s in
+                client.read_deployment_schedules(dep.id) if s.slug}
+
+
+def test_schedules_from_the_bundled_specs_appear_and_follow_spec_changes(park_wake_deployments, tmp_path):
+    from flows.park import sync_schedules
+
+    bundled = ["deployments/gemma2-2b-it-vllm-l4.yaml", "deployments/paligemma2-tgi-autopilot.yaml",
+               "deployments/mistral-7b-vllm-spot.yaml"]
+    sync_schedules(specs=bundled)
+    park, wake = schedules_of("park_model/default"), schedules_of("wake_model/default")
+    assert park["llm-fleet-park-paligemma2"][:2] == ("0 20 * * 1-5", "America/Chicago")
+    assert park["llm-fleet-park-gemma2-2b-it"][:2] == ("0 20 * * *", "Europe/Brussels")
+    assert park["llm-fleet-park-mistral-7b"][:2] == ("0 20 * * *", "America/Los_Angeles")
+    # no wake measured yet: the wake starts schedule.prewarm (5 min) early
+    assert wake["llm-fleet-wake-paligemma2"][:2] == ("55 7 * * 1-5", "America/Chicago")
+    assert wake["llm-fleet-wake-paligemma2"][2]["spec"] == "deployments/paligemma2-tgi-autopilot.yaml"
+    assert {r["action"] for r in sync_schedules(specs=bundled)} == {"unchanged"}  # rerun: nothing to do
+
+    data = yaml.safe_load((ROOT / bundled[1]).read_text())
+    data["schedule"].update(wake="30 6 * * 1-5", timezone="Europe/Paris")
+    changed = tmp_path / "paligemma2.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    sync_schedules(specs=[str(changed)])
+    wake = schedules_of("wake_model/default")
+    assert wake["llm-fleet-wake-paligemma2"][:2] == ("25 6 * * 1-5", "Europe/Paris")
+    assert schedules_of("park_model/default")["llm-fleet-park-gemma2-2b-it"][0] == "0 20 * * *"  # untouched
+
+    del data["schedule"]
+    changed.write_text(yaml.safe_dump(data))
+    sync_schedules(specs=[str(changed)])
+    assert "llm-fleet-wake-paligemma2" not in schedules_of("wake_model/default")
+    assert "llm-fleet-park-paligemma2" not in schedules_of("park_model/default")
