@@ -233,3 +233,42 @@ def test_hub_webhook_starts_a_release_and_a_wrong_secret_starts_nothing(release_
     # The refused commit was never released (its delivery came before the accepted one).
     assert runs_with(release_deployment.id, revision=refused) == []
     assert re.fullmatch(r"[0-9a-f]{40}", new)
+
+
+def test_sandbox_hub_sends_the_payload_huggingface_hub_parses(sbc):
+    """The sandbox Hub's delivery is what huggingface_hub's own WebhookPayload model reads, secret in the header."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import WebhookPayload
+
+    got: list[tuple[dict, str | None]] = []
+
+    class Capture(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            import json
+
+            got.append((json.loads(self.rfile.read(int(self.headers["Content-Length"]))),
+                        self.headers.get("X-Webhook-Secret")))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = sbc.add_hub_webhook(f"http://127.0.0.1:{server.server_address[1]}/hook", secret="abc", repos=[MODEL])
+    try:
+        branch = f"payload-{uuid.uuid4().hex[:8]}"
+        sha = sbc.push_revision(MODEL, branch=branch)
+        assert deliveries(sbc, hook["id"], 1)[-1]["status"] == 204
+    finally:
+        sbc.remove_hub_webhook(hook["id"])
+        server.shutdown()
+    body, secret = got[-1]
+    payload = WebhookPayload.model_validate(body)
+    assert secret == "abc"
+    assert (payload.event.action, payload.event.scope) == ("update", "repo.content")
+    assert payload.repo.name == MODEL and payload.repo.type == "model" and payload.webhook.version == 3
+    assert [(r.ref, r.oldSha, r.newSha) for r in payload.updatedRefs] == [(f"refs/heads/{branch}", None, sha)]
+    assert re.fullmatch(r"[0-9a-f]{40}", body["repo"]["headSha"])  # main's head, as documented
