@@ -60,6 +60,7 @@ class Result:
     failed: int = 0
     waits: list[float] = field(default_factory=list)
     wakes: int = 0
+    held_per_wake: list[int] = field(default_factory=list)
     on: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -134,6 +135,8 @@ def simulate(reqs: list[tuple[float, int]], spec: DeploymentSpec | None, *, idle
 
     def wake(t: float) -> None:
         nonlocal state, ready_at, on_since, held
+        if held:
+            r.held_per_wake.append(held)
         took = W * (1 + rng.uniform(-JITTER, JITTER))
         state, ready_at, on_since, held = "waking", t + took, t, 0
         r.wakes += 1
@@ -191,6 +194,8 @@ def simulate(reqs: list[tuple[float, int]], spec: DeploymentSpec | None, *, idle
             push(fire, "scheduled-wake")
         elif kind == "scheduled-wake" and state == "parked":
             wake(t)
+    if held:
+        r.held_per_wake.append(held)
     if state != "parked":
         r.on.append((on_since, WEEK))
     r.on = union(r.on)
@@ -209,6 +214,7 @@ def total(results: list[Result]) -> Result:
         out.failed += r.failed
         out.waits += r.waits
         out.wakes += r.wakes
+        out.held_per_wake += r.held_per_wake
     return out
 
 
@@ -302,6 +308,10 @@ def main() -> int:
     mine = total(list(ours.values()))
     print(f"\ntargets: ÷oracle ≤ 1.10 → {mine.gpu_s / o.gpu_s:.3f}; failed 0 → {mine.failed}; "
           f"waited ≤ 0.2 % → {len(mine.waits) / mine.requests:.2%}")
+    burst = sum(h for h in mine.held_per_wake if h >= 50)
+    print(f"of the waited requests, {burst} arrived during {sum(h >= 50 for h in mine.held_per_wake)} wakes that "
+          f"held ≥ 50 each (the night batch bursts, 2 req/s, unannounced), "
+          f"{len(mine.waits) - burst} during {sum(0 < h < 50 for h in mine.held_per_wake)} other wakes")
     if args.png:
         write_png(Path(args.png), trace, ours, oracles)
         print(f"week drawn to {args.png}")
