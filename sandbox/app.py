@@ -345,6 +345,8 @@ class Sandbox:
         """Gke's ``kube_factory``: a started KubeCluster for a new cluster, its Service ports, a context."""
         kube = self._kube_class(clock=self.clock, faults=self.faults, runtime=self.runtime)
         kube.start()
+        # GCE Ingresses may name only static IPs reserved in this project (gcloud compute addresses create)
+        kube.ingress.static_ip = lambda ip, p=project: (p, "global", ip) in self.compute.addresses
         self.accounting.attach(f"{project}/{location}/{name}", kube)
         routes = ServicePorts(kube, faults=self.faults)
         entry = ClusterKube(project, location, name, kube, routes, kube.subscribe(routes.on_event))

@@ -20,6 +20,7 @@ from sandbox.kube import resources as res
 from sandbox.kube.api import KubeApi, KubeHandler
 from sandbox.kube.controller import AUTOPILOT_LABEL, NODES, PODS, SVCS, Controller, is_ready
 from sandbox.kube.endpointslices import EndpointSlices
+from sandbox.kube.ingress import IngressController
 from sandbox.kube.resources import RType
 from sandbox.kube.selectors import match_selector_dict
 from sandbox.kube.storage import Storage
@@ -67,6 +68,7 @@ class KubeCluster:
         self.store.add_hook(self._publish)
         self.storage = Storage(self)  # claims bind like GKE's provisioners (sandbox.kube.storage)
         EndpointSlices(self)  # discovery.k8s.io/v1 mirrors of each Service's Endpoints
+        self.ingress = IngressController(self)  # an address per Ingress its class's controller serves
         self._bootstrap()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -81,6 +83,7 @@ class KubeCluster:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.ingress.stop()
         self.store.close_watchers()
         self.controller.stop()
         self._sub_queue.put(None)
@@ -151,8 +154,6 @@ class KubeCluster:
                 obj["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.1", "ipMode": "VIP"}]}}
             elif old is not None:
                 obj["status"] = {"loadBalancer": {}}
-        elif t.kind == "Ingress":
-            obj["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}
 
     def _node_port(self) -> int:
         while True:
