@@ -160,7 +160,8 @@ def test_other_groups_crud(api, ns):
     rbac, policy, custom = client.RbacAuthorizationV1Api(api), client.PolicyV1Api(api), client.CustomObjectsApi(api)
     ing = net.create_namespaced_ingress(ns, {"metadata": {"name": "web"}, "spec": {"rules": [{"http": {"paths": [
         {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}})
-    assert ing.status.load_balancer.ingress[0].ip == "127.0.0.1"
+    # no class, no controller: no address (sandbox.kube.ingress serves classes whose controller exists)
+    assert not (ing.status.load_balancer.ingress if ing.status and ing.status.load_balancer else None)
     hpa = hpa_api.create_namespaced_horizontal_pod_autoscaler(ns, {"metadata": {"name": "web"}, "spec": {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}, "minReplicas": 1,
         "maxReplicas": 3, "metrics": [{"type": "Pods", "pods": {"metric": {"name": "vllm:num_requests_waiting"},
