@@ -128,14 +128,14 @@ class LocalProcess:
         env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TZ", "VIRTUAL_ENV") if k in os.environ}
         kube_port = getattr(cluster, "port", 0)
         env.update({"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(kube_port),
-                    "HOSTNAME": self.name, "HOST": "127.0.0.1"})
+                    "HOSTNAME": self.name, "HOST": "127.0.0.1", "PORT": str(self.port)})
         if spec.get("enableServiceLinks", True):
             with contextlib.suppress(Exception):
                 env.update(_service_env(cluster, self.namespace))
         for item in c.get("env") or []:
             if "value" in item:
                 env[item["name"]] = _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), str(item["value"]))
-        env["PORT"] = str(self.port)
+        env["PORT"] = str(self.port)  # the assigned port wins over a PORT the container sets
         argv = [_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), str(a))
                 for a in list(c.get("command") or []) + list(c.get("args") or [])]
         self._proc: subprocess.Popen[str] | None = None

@@ -172,3 +172,17 @@ def test_decide_park_in_the_window_only_when_the_spec_allows_it():
     in_window = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
     assert P.decide_park(obs(600, last_active=in_window - timedelta(hours=1)), allow, in_window).action == "park"
     assert P.decide_park(obs(600), None, NOW).reason == "no schedule.idle_after in the spec"
+
+
+def test_hold_proxy_finds_its_upstream_by_service_link_then_dns():
+    from llm_fleet.holdproxy import Config
+
+    env = {e["name"]: e["value"] for e in
+           P.hold_proxy_deployment(GEMMA, prefect_api_url="http://p/api")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    dns = Config.from_env(env)
+    assert dns.upstream == "http://gemma2-2b-it-awake.default.svc.cluster.local:8000"
+    assert (dns.max_queue, dns.timeout_s, dns.retry_after_s) == (10_000, 300.0, 30)
+    assert dns.prefect_api_url == "http://p/api" and dns.event == P.WAKE_EVENT
+    linked = Config.from_env({**env, "GEMMA2_2B_IT_AWAKE_SERVICE_HOST": "10.0.0.7",
+                              "GEMMA2_2B_IT_AWAKE_SERVICE_PORT": "8000"})
+    assert linked.upstream == "http://10.0.0.7:8000"

@@ -1,0 +1,82 @@
+"""Local images: a pod whose image is `local/...` runs its command as a real process behind its Service."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes import client
+
+from sandbox.core import Clock, Faults
+from sandbox.kube import KubeCluster, localproc
+from tests.sandbox.kube_support import StubRuntime, api_client, http_client, wait_for
+
+# A tiny program: answers its env as JSON on $PORT (stdlib only), exits 3 on /exit.
+PROGRAM = r"""
+import http.server, json, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/exit":
+            os._exit(3)
+        body = json.dumps({k: v for k, v in os.environ.items() if k.endswith(("_SERVICE_HOST", "_SERVICE_PORT"))
+                           or k in ("GREETING", "PORT")}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+print("listening", flush=True)
+http.server.HTTPServer((os.environ["HOST"], int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+@pytest.fixture
+def kube():
+    k = KubeCluster(clock=Clock(0.002), faults=Faults(), runtime=StubRuntime(Clock(0.002)))
+    k.start()
+    k.add_node("cpu-1", labels={}, capacity={"cpu": "4", "memory": "16Gi"})
+    yield k
+    k.stop()
+
+
+def pod(name: str, image: str = "local/echo") -> dict:
+    return {"metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"containers": [{"name": "c", "image": image, "command": ["python", "-c", PROGRAM],
+                                     "env": [{"name": "GREETING", "value": "hi $(PORT)"}],
+                                     "ports": [{"name": "http", "containerPort": 8080}],
+                                     "readinessProbe": {"httpGet": {"path": "/", "port": "http"}}}]}}
+
+
+def test_local_images():
+    assert localproc.is_local("local/anything") and not localproc.is_local("nginx:1.27")
+
+
+def test_a_local_image_runs_as_a_process_and_its_service_routes_to_it(kube):
+    core = client.CoreV1Api(api_client(kube))
+    core.create_namespaced_service("default", {"metadata": {"name": "other"}, "spec": {
+        "selector": {"app": "nobody"}, "ports": [{"name": "http", "port": 80}]}})
+    core.create_namespaced_service("default", {"metadata": {"name": "echo"}, "spec": {
+        "selector": {"app": "echo"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    core.create_namespaced_pod("default", pod("echo"))
+    wait_for(lambda: any(c.type == "Ready" and c.status == "True"
+                         for c in core.read_namespaced_pod("echo", "default").status.conditions or []), timeout=30)
+    with http_client(kube) as http:
+        got = http.get("/api/v1/namespaces/default/services/echo:http/proxy/").json()
+        assert got["GREETING"] == f"hi {got['PORT']}"  # $(VAR) expanded like the kubelet does
+        assert got["OTHER_SERVICE_HOST"] == "127.0.0.1" and "OTHER_SERVICE_PORT" in got  # service links
+        assert "listening" in http.get("/api/v1/namespaces/default/pods/echo/log").text
+        http.get("/api/v1/namespaces/default/services/echo:http/proxy/exit")
+    wait_for(lambda: (core.read_namespaced_pod("echo", "default").status.container_statuses[0].restart_count or 0) >= 1,
+             timeout=30)
+    last = core.read_namespaced_pod("echo", "default").status.container_statuses[0].last_state.terminated
+    assert last.exit_code == 3
+
+
+def test_a_patterned_image_and_a_missing_command(kube, monkeypatch):
+    monkeypatch.setenv("SANDBOX_LOCAL_IMAGES", "ghcr.io/acme/*")
+    assert localproc.is_local("ghcr.io/acme/tool:1")
+    core = client.CoreV1Api(api_client(kube))
+    bad = pod("nocmd", image="ghcr.io/acme/tool:1")
+    del bad["spec"]["containers"][0]["command"]
+    core.create_namespaced_pod("default", bad)
+    wait_for(lambda: (core.read_namespaced_pod("nocmd", "default").status.container_statuses or [None])[0] is not None
+             and core.read_namespaced_pod("nocmd", "default").status.container_statuses[0].last_state.terminated
+             is not None, timeout=30)
+    term = core.read_namespaced_pod("nocmd", "default").status.container_statuses[0].last_state.terminated
+    assert (term.exit_code, term.reason) == (128, "StartError")
