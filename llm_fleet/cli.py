@@ -62,6 +62,15 @@ def _webhook(args: argparse.Namespace) -> int:
     return webhook_main(host=args.host, port=args.port, specs=args.spec, secret_block=args.secret_block)
 
 
+def _schedules(args: argparse.Namespace) -> int:
+    from flows.park import sync_schedules
+
+    rows = sync_schedules(specs=[str(f) for f in args.spec] or None)
+    for r in rows:
+        print(f"{r['action']:<9} {r['deployment']:<20} {r['schedule']:<40} {r['cron']:<16} {r['timezone']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a spec to map pushes to (repeatable; default: every spec under deployments/)")
     p.add_argument("--secret-block", help="read the secret from this Prefect Secret block instead of the env")
     p.set_defaults(func=_webhook)
+
+    p = sub.add_parser("schedules", help="the specs' schedule.park / schedule.wake as Prefect deployment schedules")
+    sp = p.add_subparsers(dest="schedules_command", required=True)
+    sync = sp.add_parser("sync", help="create/update/delete park_model and wake_model schedules from the specs "
+                                      "(wakes start early by the p95 wake time); needs PREFECT_API_URL")
+    sync.add_argument("--spec", type=Path, action="append", default=[],
+                      help="only this spec's schedules (repeatable; default: every spec under deployments/, "
+                           "and schedules of removed specs are deleted)")
+    sync.set_defaults(func=_schedules)
     return parser
 
 
