@@ -2,9 +2,9 @@
 
 Every request is held in a bounded queue (``HOLD_MAX_QUEUE``, Knative's activator: 10,000) until the
 model answers again, then forwarded to it — streamed, status and headers as the model sent them. The
-first held request asks for a wake, once: a Prefect event (``HOLD_EVENT``,
-``llm-fleet.model.wake-requested``) posted to ``$PREFECT_API_URL/events``, which a deployment trigger
-turns into a ``wake_model`` run. A request held longer than ``HOLD_TIMEOUT_S`` (Knative: 300 s), or
+first held request asks for a wake, once (again only if none came within the hold timeout): a
+Prefect event (``HOLD_EVENT``, ``llm-fleet.model.wake-requested``) posted to
+``$PREFECT_API_URL/events``, which a deployment trigger turns into a ``wake_model`` run. A request held longer than ``HOLD_TIMEOUT_S`` (Knative: 300 s), or
 one beyond the queue bound, gets ``503`` with ``Retry-After`` — never a hang or a reset.
 
 The model is reached through ``HOLD_UPSTREAM_SERVICE`` (the ``<name>-awake`` Service on the model's
@@ -107,6 +107,8 @@ class HoldProxy:
         """While requests are held: check the model every poll_s; release them when it answers."""
         st = self.state
         while not await self.answers():
+            if st.wake_requested_at is not None and time.monotonic() - st.wake_requested_at > self.cfg.timeout_s:
+                st.wake_requested_at = None  # that wake never came (failed run?): ask again
             await self.request_wake()  # once per parked spell (a no-op while one is pending)
             await asyncio.sleep(self.cfg.poll_s)
         st.awake = True
