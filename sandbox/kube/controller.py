@@ -1575,7 +1575,10 @@ class Controller:
             AUTOPILOT_LABEL: cluster,
             **selector,
         }
-        capacity = {"cpu": str(4 * gpus), "memory": f"{16 * gpus * 1024 * 1024}Ki", "pods": "110",
+        # Autopilot picks a machine that fits the pod's requests (g2-standard-4 .. -32 for one L4)
+        cpu = max(4 * gpus, int(_requests(pod, "cpu")) + 2)
+        mem_ki = max(16 * gpus * 1024 * 1024, int(_requests(pod, "memory") / 1024 * 1.2))
+        capacity = {"cpu": str(cpu), "memory": f"{mem_ki}Ki", "pods": "110",
                     "ephemeral-storage": "100Gi", GPU: str(gpus)}
         self.cluster.add_node(node, labels=labels, capacity=capacity)
         self._idle_since[node] = time.monotonic()
