@@ -38,6 +38,9 @@ def resolve_vertex_spec(spec: DeploymentSpec | str | dict[str, Any], *, flow: st
     spec = resolve_spec(spec)
     if spec.target != "vertex" or spec.vertex is None:
         raise SpecError("target", f"{flow} on Vertex AI needs target: vertex", "set target: vertex and a vertex section")
+    if spec.engine.kind != "vllm":
+        raise SpecError("engine.kind", f"target vertex serves vLLM's container, not {spec.engine.kind}",
+                        "set engine: vllm (or target: gke for TGI/SGLang)")
     return spec
 
 
