@@ -192,3 +192,10 @@ def test_websocket_port_forward_is_refused_so_new_kubectl_falls_back(kube):
                            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
                            "Sec-WebSocket-Protocol": "SPDY/3.1+portforward.k8s.io"})
     assert r.status_code == 400 and r.json()["kind"] == "Status"
+
+
+def test_kubectl_top_reads_the_metrics_api(kubectl):
+    pods = kubectl("top", "pod").stdout
+    assert pods.split("\n")[0].split() == ["NAME", "CPU(cores)", "MEMORY(bytes)"] and "vllm-" in pods
+    nodes = kubectl("top", "node").stdout
+    assert "gpu-1" in nodes and "CPU%" in nodes
