@@ -27,6 +27,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import vertex
 from flows.report import Report, artifact_key
 from flows.serving import cluster_location, load_timeout_s, smoke, wait_until_answering
 from manifests import names
@@ -113,6 +114,8 @@ def _prefect_api_url() -> str | None:
 def park_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                reason: str = "manual") -> dict[str, Any]:
     """Replicas to 0, hold proxy in front, GPU node pool to 0 — recorded on the cluster for wake_model."""
+    if vertex.is_vertex(spec):  # target: vertex: Vertex AI's steps (flows/vertex.py)
+        return vertex.park(spec)
     ref = _spec_ref(spec)
     spec = resolve_gke_spec(spec, flow="park_model")
     report = Report("park_model", f"{spec.name} ({reason})", spec.slack_channel)
@@ -206,6 +209,8 @@ def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
 def wake_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                reason: str = "manual") -> dict[str, Any]:
     """Restore the pool and replicas from the park record, wait until the model answers, route to it."""
+    if vertex.is_vertex(spec):  # target: vertex: Vertex AI's steps (flows/vertex.py)
+        return vertex.wake(spec)
     ref = _spec_ref(spec)
     spec = resolve_gke_spec(spec, flow="wake_model")
     report = Report("wake_model", f"{spec.name} ({reason})", spec.slack_channel)
