@@ -83,6 +83,7 @@ class Release:
     switched: bool = False
     live_stopped: bool = False
     hpa_moved: bool = False
+    touched: bool = False  # the candidate's Deployment was applied (something to roll back)
     candidate_pods: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -148,6 +149,7 @@ def step_bring_up(r: Release) -> str:
                  namespace=spec.namespace, annotations={RELEASE_ANNOTATION: json.dumps(in_flight, sort_keys=True)})
     ensure_namespace_and_secret(r.t)
     replicas = candidate_replicas(r)
+    r.touched = True
     k8s.apply_object(kubeconfig=r.kubeconfig, obj=r.t.deployment(r.candidate, replicas=replicas))
     rollout = k8s.wait_rollout(kubeconfig=r.kubeconfig, namespace=spec.namespace,
                                name=names.deployment(spec, r.candidate), timeout_s=load_timeout_s(spec, r.t.model.params))
@@ -163,6 +165,16 @@ def step_preview(r: Release) -> str:
                                  service=names.preview_service(spec))
     r.candidate_pods = ready["pods"]
     return f"{names.preview_service(spec)} → {len(ready['pods'])} pod(s) of {r.candidate}, serving {ready['model']}"
+
+
+def _p95_limit(policy: AnalysisSpec) -> float:
+    # Latency limits are cloud seconds; on the sandbox's scaled clock a floor absorbs HTTP overhead.
+    return max(scaled(policy.max_p95_latency_s), min(policy.max_p95_latency_s, 1.0))
+
+
+def _noise_s() -> float:
+    """Latency differences below this are noise, not a slower model (sandbox: real HTTP overhead)."""
+    return 0.1 if scaled(1.0) < 1.0 else 0.02
 
 
 def _analysis(r: Release, service: str, policy: AnalysisSpec, requests: int) -> dict[str, Any]:
@@ -186,9 +198,9 @@ def step_pre_analysis(r: Release) -> str:
     if policy.max_latency_ratio and not r.live_stopped:
         baseline = _analysis(r, names.service(spec), policy, policy.requests)
     r.figures["pre"], r.figures["baseline"] = figures, baseline
-    verdict = judge(figures, max_error_rate=policy.max_error_rate, max_p95_s=policy.max_p95_latency_s,
+    verdict = judge(figures, max_error_rate=policy.max_error_rate, max_p95_s=_p95_limit(policy),
                     min_tokens_per_s=policy.min_tokens_per_s, baseline=baseline,
-                    max_latency_ratio=policy.max_latency_ratio)
+                    max_latency_ratio=policy.max_latency_ratio, noise_s=_noise_s())
     if not verdict.ok:
         raise AnalysisFailed(f"pre-promotion analysis of {r.candidate}: {verdict.reason}",
                              "no traffic moved; fix the revision or the engine settings and release again",
@@ -253,7 +265,7 @@ def step_post_analysis(r: Release) -> str:
     for i in range(batches):
         figures = _analysis(r, names.service(spec), policy, per_batch)
         total.append(figures)
-        verdict = judge(figures, max_error_rate=policy.max_error_rate, max_p95_s=policy.max_p95_latency_s,
+        verdict = judge(figures, max_error_rate=policy.max_error_rate, max_p95_s=_p95_limit(policy),
                         min_tokens_per_s=policy.min_tokens_per_s)
         if not verdict.ok:
             r.figures["post"] = figures
@@ -327,10 +339,10 @@ def roll_back(r: Release, exc: BaseException) -> str:
             k8s.apply_object(kubeconfig=r.kubeconfig, obj=autoscaler(spec, r.stable))
         # The preview never points at a color about to have no pods (argo-rollouts #2641).
         k8s.apply_object(kubeconfig=r.kubeconfig, obj=preview_service(spec, r.stable))
-        if r.plan.action == "release":
+        if r.plan.action == "release" and r.touched:
             done.append(scale_down_color(spec, kubeconfig=r.kubeconfig, color=r.candidate))
         try:
-            record(r, "rolled_back", str(exc))
+            record(r, "rolled_back" if r.touched or r.live_stopped else "refused", str(exc))
         except Exception as rec_exc:  # noqa: BLE001 - the rollback itself matters more than its record
             log.warning("could not record the rollback: %s", rec_exc)
         step.detail = "; ".join(done)

@@ -187,8 +187,13 @@ class AnalysisVerdict:
 
 
 def judge(figures: dict[str, Any], *, max_error_rate: float, max_p95_s: float, min_tokens_per_s: float | None,
-          baseline: dict[str, Any] | None = None, max_latency_ratio: float | None = None) -> AnalysisVerdict:
-    """Analysis figures against the release policy (and against the live color, when measured)."""
+          baseline: dict[str, Any] | None = None, max_latency_ratio: float | None = None,
+          noise_s: float = 0.0) -> AnalysisVerdict:
+    """Analysis figures against the release policy (and against the live color, when measured).
+
+    A slowdown counts only above ``noise_s`` seconds as well as above the ratio: a few milliseconds of
+    jitter on a fast model is not a slower model.
+    """
     if figures["error_rate"] > max_error_rate:
         return AnalysisVerdict(False, f"error rate {figures['error_rate']:.1%} above {max_error_rate:.1%} "
                                f"({figures['errors']} of {figures['requests']} requests failed: "
@@ -199,7 +204,7 @@ def judge(figures: dict[str, Any], *, max_error_rate: float, max_p95_s: float, m
         return AnalysisVerdict(False, f"{figures['tokens_per_s']:.1f} tokens/s below {min_tokens_per_s:g}")
     if baseline and max_latency_ratio and baseline.get("p50_s"):
         ratio = figures["p50_s"] / baseline["p50_s"]
-        if ratio > max_latency_ratio:
+        if ratio > max_latency_ratio and figures["p50_s"] - baseline["p50_s"] > noise_s:
             return AnalysisVerdict(False, f"{ratio:.1f}× slower than the live color (p50 {figures['p50_s']:.3f}s "
                                    f"vs {baseline['p50_s']:.3f}s; limit {max_latency_ratio:g}×)")
     return AnalysisVerdict(True, f"{figures['requests']} requests, {figures['errors']} errors, "

@@ -12,7 +12,7 @@ from contextlib import contextmanager, suppress
 
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from manifests.errors import FleetError
 from manifests.spec import DeploymentSpec
@@ -35,8 +35,14 @@ def ensure_limit(name: str) -> None:
     """Create the limit (limit 1) if missing: `concurrency()` is a silent no-op on an unknown name."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return
+        except ObjectNotFound:
+            pass
+        with suppress(ObjectAlreadyExists):  # another run created it meanwhile
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
 @contextmanager

@@ -1,0 +1,384 @@
+"""release_model against the sandbox: a blue-green swap under constant load, rollback of bad candidates,
+crash-and-rerun convergence, and a watch proving the live Service never selects a color with no Ready pods.
+
+One model is deployed once per module and released many times (each test pushes a new Hub revision).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.flows.conftest import spec_dict
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+MODEL = "Qwen/Qwen2.5-7B-Instruct"
+COLOR = "llm-fleet.dev/color"
+FAST_RELEASE = {
+    # Small analyses keep each release to a few seconds on the sandbox's clock.
+    "pre_promotion": {"requests": 6, "concurrency": 3},
+    "post_promotion": {"requests": 4, "window": "20s", "interval": "10s"},
+    "scale_down_delay": "30s",
+}
+
+
+_KUBE: dict[str, tuple] = {}
+
+
+def kube(spec: dict):
+    """Clients for the spec's cluster, built once per cluster the way the product builds them."""
+    key = spec["cluster"]["project"]
+    if key not in _KUBE:
+        _KUBE[key] = _make_kube(spec)
+    return _KUBE[key]
+
+
+def _make_kube(spec: dict):
+    from kubernetes import client
+
+    from tasks.clients import kube_client
+    from tasks.gke import get_credentials
+
+    c = spec["cluster"]
+    api = kube_client(get_credentials.fn(project=c["project"], location=c["location"], name=c.get("name", "llm-fleet")))
+    return client.CoreV1Api(api), client.AppsV1Api(api), api
+
+
+class Load:
+    """Constant load through the live Service (API server proxy), counting every failed request."""
+
+    def __init__(self, spec: dict, threads: int = 2) -> None:
+        from tasks.clients import kube_http
+
+        _, _, api = kube(spec)
+        self.http = kube_http(api, timeout=10)
+        self.url = f"/api/v1/namespaces/default/services/{spec['name']}:http/proxy/v1/completions"
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                r = self.http.post(self.url, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                if r.status_code == 200 and r.json()["choices"][0]["text"].strip():
+                    self.ok += 1
+                else:
+                    self.failed.append(f"HTTP {r.status_code}")
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                self.failed.append(type(exc).__name__)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+
+class ServiceWatch:
+    """Watches the live Service and its Endpoints for the whole test; records any moment the selected
+    color had no Ready pod behind it (after the model first served)."""
+
+    def __init__(self, spec: dict) -> None:
+        self.core, _, _ = kube(spec)
+        self.name = spec["name"]
+        self.events: list[tuple[float, int]] = []
+        self.selectors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._endpoints, daemon=True),
+                         threading.Thread(target=self._service, daemon=True)]
+
+    def _stream(self, list_fn, on_object) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            w = watch.Watch()
+            try:
+                for ev in w.stream(list_fn, "default", field_selector=f"metadata.name={self.name}", timeout_seconds=1,
+                                     _request_timeout=5):
+                    on_object(ev["object"])
+                    if self._stop.is_set():
+                        w.stop()
+            except Exception:  # noqa: BLE001 - a dropped watch is resumed
+                time.sleep(0.05)
+
+    def _endpoints(self) -> None:
+        def on(ep) -> None:
+            ready = sum(len(s.addresses or []) for s in ep.subsets or [])
+            self.events.append((time.time(), ready))
+
+        self._stream(self.core.list_namespaced_endpoints, on)
+
+    def _service(self) -> None:
+        self._stream(self.core.list_namespaced_service, lambda s: self.selectors.append((s.spec.selector or {}).get(COLOR)))
+
+    def gaps(self) -> list[tuple[float, int]]:
+        seen_ready = False
+        out = []
+        for t, ready in self.events:
+            if ready:
+                seen_ready = True
+            elif seen_ready:
+                out.append((t, ready))
+        return out
+
+    def __enter__(self) -> ServiceWatch:
+        for t in self._threads:
+            t.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(sandbox, prefect_server):
+    """qwen-sglang provisioned and serving on blue, with room for both colors."""
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", release=dict(FAST_RELEASE),
+                     accelerator={"type": "nvidia-l4", "pool": {"max_nodes": 3, "min_nodes": 0, "initial_nodes": 1}})
+    provision_cluster(spec=spec)
+    deploy_model(spec=spec)
+    return spec
+
+
+def live(spec: dict) -> str:
+    core, _, _ = kube(spec)
+    return core.read_namespaced_service(spec["name"], "default").spec.selector[COLOR]
+
+
+def deployment(spec: dict, color: str):
+    _, apps, _ = kube(spec)
+    return apps.read_namespaced_deployment(f"{spec['name']}-{color}", "default")
+
+
+def pod_uids(spec: dict, color: str) -> set[str]:
+    core, _, _ = kube(spec)
+    pods = core.list_namespaced_pod("default", label_selector=f"app.kubernetes.io/instance={spec['name']},{COLOR}={color}")
+    return {p.metadata.uid for p in pods.items if not p.metadata.deletion_timestamp}
+
+
+def history(spec: dict) -> list[dict]:
+    import json
+
+    core, _, _ = kube(spec)
+    ann = core.read_namespaced_service(spec["name"], "default").metadata.annotations or {}
+    return json.loads(ann.get("llm-fleet.dev/release-history", "[]"))
+
+
+def release(spec: dict, **kw):
+    from flows.release_model import release_model
+
+    return release_model(spec=spec, **kw)
+
+
+def test_release_swaps_under_load_with_no_failed_request(served, sandbox):
+    spec = served
+    before = live(spec)
+    sha = sandbox.hub.push_revision(MODEL, title="new weights")
+    with ServiceWatch(spec) as watch, Load(spec) as load:
+        result = release(spec, revision=sha)
+        time.sleep(0.3)
+    after = "green" if before == "blue" else "blue"
+    assert result["color"] == after and result["revision"] == sha
+    assert live(spec) == after
+    assert deployment(spec, after).metadata.annotations["llm-fleet.dev/model-revision"] == sha
+    assert deployment(spec, before).spec.replicas == 0  # retired after scale_down_delay
+    assert load.failed == [] and load.ok > 20
+    assert watch.gaps() == [], "the live Service selected a color with no Ready pod"
+    assert set(watch.selectors) <= {"blue", "green"} and after in watch.selectors
+    rec = history(spec)[-1]
+    assert rec["revision"] == sha and rec["result"] == "promoted" and rec["previous_color"] == before
+    # Analysis passed before the selector moved, and the figures are kept.
+    assert result["times"]["analysis_passed"] <= result["times"]["switched"]
+    assert result["figures"]["pre"]["errors"] == 0
+
+
+BAD = [
+    ("crash_loop", {"mode": "crash_loop"}, "crash"),
+    ("oom", {"mode": "oom"}, "memory"),
+    ("load_timeout", {"mode": "slow_load", "load_seconds": 100_000}, "loading the model"),
+    ("http_500", {"mode": "http_500"}, "HTTP 500"),
+    ("wrong_answer", {"mode": "wrong_answers"}, "bad answer"),
+    ("slower", {"mode": "ok", "tokens_per_s": 0.05}, "slower than the live color|p95 latency"),
+]
+
+
+@pytest.mark.parametrize(("case", "behavior", "cause"), BAD, ids=[b[0] for b in BAD])
+def test_bad_candidate_is_rolled_back_and_live_untouched(served, sandbox, sbc, case, behavior, cause):
+    spec = served
+    stable = live(spec)
+    candidate = "green" if stable == "blue" else "blue"
+    stable_pods = pod_uids(spec, stable)
+    stable_rev = deployment(spec, stable).metadata.annotations["llm-fleet.dev/model-revision"]
+    sbc.add_behavior(labels={COLOR: candidate, "app.kubernetes.io/instance": spec["name"]}, **behavior)
+    sha = sandbox.hub.push_revision(MODEL, title=f"bad: {case}")
+    with ServiceWatch(spec) as watch, Load(spec) as load, pytest.raises(Exception) as err:
+        release(spec, revision=sha)
+    assert re.search(cause, str(err.value)), err.value
+    assert live(spec) == stable
+    assert pod_uids(spec, stable) == stable_pods  # the live pods were never touched
+    assert deployment(spec, stable).metadata.annotations["llm-fleet.dev/model-revision"] == stable_rev
+    assert deployment(spec, candidate).spec.replicas == 0
+    assert load.failed == [] and load.ok > 0
+    assert watch.gaps() == []
+    assert history(spec)[-1]["result"] == "rolled_back"
+    thread = [m["text"] for m in sbc.slack_messages() if "release_model" in m["text"] or "Rolled back" in m["text"]]
+    assert any("Rolled back" in t and re.search(cause, t) and f"stayed on {stable}" in t for t in thread)
+
+
+def test_post_promotion_failure_switches_back(served, sandbox, sbc):
+    """The candidate breaks right after the switch: traffic returns to the still-warm old color."""
+    spec = dict(served, release=dict(FAST_RELEASE, post_promotion={"requests": 24, "window": "1h",
+                                                                    "interval": "5m"}))
+    stable = live(spec)
+    candidate = "green" if stable == "blue" else "blue"
+    _, _, api = kube(spec)
+    core, _, _ = kube(spec)
+    sha = sandbox.hub.push_revision(MODEL, title="breaks after promotion")
+    broke = threading.Event()
+
+    def break_after_switch() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and live(spec) != candidate:
+            time.sleep(0.02)
+        # Replacement pods crash: the candidate has no Ready pod while the live Service points at it.
+        sbc.add_behavior(labels={COLOR: candidate}, mode="crash_loop")
+        for p in core.list_namespaced_pod("default", label_selector=f"{COLOR}={candidate}").items:
+            core.delete_namespaced_pod(p.metadata.name, "default", grace_period_seconds=0)
+        broke.set()
+
+    breaker = threading.Thread(target=break_after_switch, daemon=True)
+    breaker.start()
+    with pytest.raises(Exception) as err:
+        release(spec, revision=sha)
+    breaker.join(timeout=30)
+    assert broke.is_set()
+    assert "post-promotion" in str(err.value)
+    assert live(spec) == stable
+    assert deployment(spec, candidate).spec.replicas == 0
+    assert history(spec)[-1]["result"] == "rolled_back"
+
+
+@pytest.mark.parametrize("crash_after", ["bring_up", "switch", "record"])
+def test_killed_at_each_step_then_rerun_converges(served, sandbox, monkeypatch, crash_after):
+    from flows import release_model as rm
+
+    class Killed(BaseException):  # like SIGKILL: no rollback code runs
+        pass
+
+    spec = served
+    before = live(spec)
+    after = "green" if before == "blue" else "blue"
+    sha = sandbox.hub.push_revision(MODEL, title=f"crash after {crash_after}")
+    title, fn = rm.STEPS[crash_after]
+
+    def crashing(r):
+        fn(r)
+        raise Killed(crash_after)
+
+    monkeypatch.setitem(rm.STEPS, crash_after, (title, crashing))
+    with ServiceWatch(spec) as watch:
+        with pytest.raises(Killed):
+            release(spec, revision=sha)
+        monkeypatch.setitem(rm.STEPS, crash_after, (title, fn))
+        result = release(spec, revision=sha)
+    assert live(spec) == after and result["color"] == after
+    assert deployment(spec, after).metadata.annotations["llm-fleet.dev/model-revision"] == sha
+    assert deployment(spec, before).spec.replicas == 0
+    assert watch.gaps() == []
+    promoted = [h for h in history(spec) if h["revision"] == sha and h["result"] == "promoted"]
+    assert len(promoted) == 1
+
+
+def test_deploy_of_changed_spec_releases_instead_of_updating_in_place(served):
+    from flows.deploy_model import deploy_model
+
+    spec = dict(served)
+    stable = live(spec)
+    candidate = "green" if stable == "blue" else "blue"
+    stable_pods = pod_uids(spec, stable)
+    template_before = deployment(spec, stable).spec.template.to_dict()
+    spec["engine"] = {"kind": "sglang", "extra_args": ["--mem-fraction-static", "0.85"]}
+    seen: list[set[str]] = []
+    stop = threading.Event()
+
+    def watch_stable() -> None:
+        while not stop.is_set() and live(spec) == stable:
+            seen.append(pod_uids(spec, stable))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch_stable, daemon=True)
+    t.start()
+    result = deploy_model(spec=spec)
+    stop.set()
+    t.join(timeout=10)
+    assert result["action"] == "released" and live(spec) == candidate
+    assert all(s == stable_pods for s in seen), "a live pod was replaced before the switch"
+    assert deployment(spec, stable).spec.template.to_dict() == template_before  # never changed in place
+    args = deployment(spec, candidate).spec.template.spec.containers[0].args
+    assert "--mem-fraction-static" in args
+
+
+def test_capacity_preflight_refuses_before_creating_anything(sandbox, sbc):
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+
+    spec = spec_dict("qwen2.5-7b-sglang.yaml",
+                     accelerator={"type": "nvidia-l4", "pool": {"max_nodes": 1, "min_nodes": 0, "initial_nodes": 1}})
+    provision_cluster(spec=spec)
+    deploy_model(spec=spec)
+    sha = sandbox.hub.push_revision(MODEL, title="no room")
+    with pytest.raises(Exception) as err:
+        release(spec, revision=sha)
+    assert "max_nodes" in str(err.value) and "recreate" in str(err.value)
+    _, apps, _ = kube(spec)
+    assert [d.metadata.name for d in apps.list_namespaced_deployment("default").items] == [f"{spec['name']}-blue"]
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(served, sandbox):
+    spec = served
+    stable = live(spec)
+    rv = kube(spec)[0].read_namespaced_service(spec["name"], "default").metadata.resource_version
+    sha = sandbox.hub.push_revision(MODEL, title="dry")
+    out = release(spec, revision=sha, dry_run=True)
+    assert out["action"] == "release"
+    assert [row["step"] for row in out["plan"]][1:] == ["capacity", "bring_up", "preview", "pre_analysis", "switch",
+                                                        "post_analysis", "record", "scale_down"]
+    assert live(spec) == stable
+    assert kube(spec)[0].read_namespaced_service(spec["name"], "default").metadata.resource_version == rv
+
+
+def test_rollback_model_switches_back_while_warm_then_redeploys_after(served, sandbox):
+    from flows.release_model import rollback_model
+
+    spec = dict(served, release=dict(FAST_RELEASE, scale_down_delay="1h"))  # 7 s warm on the sandbox clock
+    first = live(spec)
+    old_rev = deployment(spec, first).metadata.annotations["llm-fleet.dev/model-revision"]
+    sha = sandbox.hub.push_revision(MODEL, title="to be rolled back")
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", release(spec, revision=sha)), daemon=True)
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(h["revision"] == sha for h in history(spec)):
+        time.sleep(0.05)
+    out = rollback_model(spec=spec)  # during scale_down_delay: the old color is still warm
+    assert out["action"] == "switched_back" and live(spec) == first
+    assert deployment(spec, first).metadata.annotations["llm-fleet.dev/model-revision"] == old_rev
+    t.join(timeout=60)
+    assert live(spec) == first  # the release's delayed scale-down saw the rollback and kept it
