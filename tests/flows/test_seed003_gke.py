@@ -53,6 +53,8 @@ def test_seed003_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
     assert pvc.status.phase == "Bound" and pvc.status.access_modes == ["ReadWriteMany"]
     assert pvc.spec.storage_class_name == "standard-rwx" and pvc.status.capacity["storage"] == "1Ti"  # Filestore min
 
+    _tutorial_access(spec, api)
+
     hpa = auto.list_namespaced_horizontal_pod_autoscaler(ns).items[0]
     assert hpa.spec.metrics[0].pods.metric.name == "prometheus.googleapis.com|tgi_queue_size|gauge"
 
@@ -112,6 +114,57 @@ def test_seed003_without_ingress_nginx_fails_naming_the_install_step(sbc):
     with pytest.raises(PreflightError) as info:
         deploy_model(spec=spec)
     assert "IngressClass 'nginx'" in info.value.problem and "helm upgrade --install ingress-nginx" in info.value.fix
+
+
+def _tutorial_access(spec: dict, api) -> None:
+    """The tutorial's lines against the deployed spec: kubectl port-forward service/<svc> 8080:<port> and curl;
+    curl to the Ingress address with its Host header (ingress-nginx basic auth from the spec's secret)."""
+    import base64
+    import hashlib
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    import httpx
+
+    from tasks.gke import get_credentials
+
+    ns, svc = spec["namespace"], spec["name"]
+    c = spec["cluster"]
+    kubeconfig = get_credentials.fn(project=c["project"], location=c["location"], name=c["name"])
+    if shutil.which("kubectl"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+        home = tempfile.mkdtemp()
+        proc = subprocess.Popen(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={home}/cache", "-n", ns,
+                                 "port-forward", f"service/{svc}", f"{local}:{spec['expose']['port']}"],
+                                env={**os.environ, "HOME": home}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith(f"Forwarding from 127.0.0.1:{local}"), (line, proc.stderr.read())
+            with httpx.Client(base_url=f"http://localhost:{local}", timeout=60) as http:
+                assert http.get("/health").status_code == 200
+                gen = http.post("/generate", json={"inputs": "What is Kubernetes?",
+                                                    "parameters": {"max_new_tokens": 8}})
+                assert gen.status_code == 200 and gen.json()["generated_text"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    ing = client.NetworkingV1Api(api).list_namespaced_ingress(ns).items[0]
+    addr = ing.status.load_balancer.ingress[0]
+    url = f"http://{addr.ip}:{addr.ports[0].port}"
+    host = {"Host": spec["expose"]["ingress"]["host"]}
+    assert httpx.get(f"{url}/health", headers=host, timeout=30).status_code == 503  # auth secret not created yet
+    sha = base64.b64encode(hashlib.sha1(b"pw").digest()).decode()  # noqa: S324 - htpasswd -s
+    client.CoreV1Api(api).create_namespaced_secret(ns, {"metadata": {"name": spec["expose"]["ingress"]["auth_secret"]},
+                                                        "data": {"auth": base64.b64encode(
+                                                            f"ops:{{SHA}}{sha}".encode()).decode()}})
+    assert httpx.get(f"{url}/health", headers=host, timeout=30).status_code == 401
+    assert httpx.get(f"{url}/health", headers=host, auth=("ops", "pw"), timeout=30).status_code == 200
 
 
 def _ns_exists(api, ns: str) -> bool:
