@@ -267,6 +267,7 @@ class ServicePorts:
                  pool: ConnectionPool | None = None) -> None:
         fn = getattr(resolve, "service_backends", None)
         self.resolve: Resolver = fn if callable(fn) else resolve
+        self.kube = resolve if hasattr(resolve, "store") else None  # to publish LoadBalancer addresses
         self.faults = faults
         self.pool = pool or ConnectionPool()
         self._servers: dict[tuple[str, str], SandboxHTTPServer] = {}
@@ -318,9 +319,30 @@ class ServicePorts:
         if not name:
             return
         if event_type in ("ADDED", "MODIFIED"):
-            self.open(ns, name)
+            port = self.open(ns, name)
+            if (obj.get("spec") or {}).get("type") == "LoadBalancer":
+                self._publish(ns, name, port)
         elif event_type == "DELETED":
             self.close(ns, name)
+
+    def _publish(self, namespace: str, name: str, port: int) -> None:
+        """A LoadBalancer Service's address: ``status.loadBalancer.ingress[0]`` = 127.0.0.1 with the loopback
+        ``ports`` that serve it (the sandbox's stand-in for the external IP; every Service port is routed)."""
+        if self.kube is None:
+            return
+        from sandbox.kube.resources import BY_KEY
+
+        want = {"ingress": [{"ip": "127.0.0.1", "ipMode": "VIP", "ports": [{"port": port, "protocol": "TCP"}]}]}
+
+        def fn(svc: dict[str, Any]) -> dict[str, Any] | None:
+            if (svc.get("spec") or {}).get("type") != "LoadBalancer" or \
+                    (svc.get("status") or {}).get("loadBalancer") == want:
+                return None
+            svc["status"] = {"loadBalancer": want}
+            return svc
+
+        with contextlib.suppress(Exception):
+            self.kube.store.mutate(BY_KEY[("", "services")], namespace, name, fn)
 
     def stop(self) -> None:
         with self._lock:

@@ -199,3 +199,27 @@ def test_kubectl_top_reads_the_metrics_api(kubectl):
     assert pods.split("\n")[0].split() == ["NAME", "CPU(cores)", "MEMORY(bytes)"] and "vllm-" in pods
     nodes = kubectl("top", "node").stdout
     assert "gpu-1" in nodes and "CPU%" in nodes
+
+
+def test_load_balancer_service_address_serves(kube, kubectl):
+    from sandbox.routing import ServicePorts
+
+    routes = ServicePorts(kube)  # what the Sandbox gives every cluster
+    unsubscribe = kube.subscribe(routes.on_event)
+    try:
+        kubectl("apply", "-f", "-", stdin=yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "vllm-lb", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "selector": {"app": "vllm"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}))
+
+        def address():
+            out = kubectl("get", "svc", "vllm-lb", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}:"
+                          "{.status.loadBalancer.ingress[0].ports[0].port}").stdout
+            return out if out.split(":")[-1] else None
+
+        ip_port = wait_for(address)
+        assert ip_port.startswith("127.0.0.1:")
+        assert httpx.get(f"http://{ip_port}/v1/models", timeout=30).json()["data"][0]["id"] == "facebook/opt-125m"
+    finally:
+        unsubscribe()
+        routes.stop()
