@@ -72,7 +72,10 @@ def _load(endpoint: str, stop: threading.Event, counts: dict) -> None:
 
 
 def test_deploy_answers_the_seeds_endpoint_predict_then_park_wake_teardown(sandbox, sbc):
+    # two 503s on DeployModel: retried by the task (google_retry), deployed once
+    rule = sbc.add_fault(service="vertex", method="POST", path=r":deployModel$", status=503, count=2)
     spec, out = _deploy(sandbox)
+    assert next(f for f in sbc.faults() if f["id"] == rule["id"])["hits"] == 2
     project = spec["cluster"]["project"]
     [ep] = _endpoints(sandbox, project)
     assert ep["displayName"] == "gemma-endpoint" and ep["labels"]["llm-fleet-spec"] == "gemma-vertex"
