@@ -448,6 +448,8 @@ def release_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4
 @flow(name="rollback_model", log_prints=True)
 def rollback_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml") -> dict[str, Any]:
     """Back to the previous revision: an instant switch while the old color is warm, else a release of it."""
+    if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
+        return vertex.rollback(spec)
     spec = _resolve(spec, "rollback_model")
     report = Report("rollback_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
     try:
