@@ -303,6 +303,10 @@ def release(spec: DeploymentSpec | str | dict[str, Any], *, revision: str | None
                 for d in old:
                     tv.undeploy_model(endpoint=ep["name"], deployed_model_id=d["id"])
                 step.detail = f"{len(old)} undeployed after {delay:.1f} s"
+            previous = _model_revision(old[0]["model"], models)
+            if previous:  # the old Model is kept: rollback_model releases it again
+                tv.set_endpoint_labels(endpoint=ep["name"], labels={**(ep.get("labels") or {}),
+                                                                    vx.PREVIOUS_LABEL: previous})
             report.succeed(f"{spec.model.id}@{model.sha[:12]} serves 100 % of {ep['name']}")
             return {"released": True, "revision": model.sha, "endpoint": ep["name"], "deployed_model_id": new_dm["id"],
                     "traffic_split": vx.promote_split(new_dm["id"]), "analysis": result}
@@ -313,6 +317,17 @@ def release(spec: DeploymentSpec | str | dict[str, Any], *, revision: str | None
         raise
     finally:
         report.markdown_artifact(key)
+
+
+def rollback(spec: DeploymentSpec | str | dict[str, Any]) -> dict[str, Any]:
+    """Back to the revision the last release replaced: a release of it (its Model was kept)."""
+    spec = resolve_vertex_spec(spec, flow="rollback_model")
+    ep = find_endpoint(spec)
+    previous = ((ep or {}).get("labels") or {}).get(vx.PREVIOUS_LABEL)
+    if not previous:
+        raise PreflightError(f"no release of {spec.name} on Vertex AI to roll back",
+                             "release_model records the replaced revision on the endpoint; run a release first")
+    return release(spec, revision=previous)
 
 
 def _roll_back(endpoint: str, *, old_split: dict[str, int], new_id: str, switched: bool) -> str:
@@ -452,4 +467,4 @@ def teardown(spec: DeploymentSpec | str | dict[str, Any], *, dry_run: bool = Fal
         report.markdown_artifact(key)
 
 
-__all__ = ["deploy", "release", "park", "wake", "teardown", "is_vertex", "DeployError"]
+__all__ = ["deploy", "release", "rollback", "park", "wake", "teardown", "is_vertex", "DeployError"]

@@ -13,6 +13,7 @@ SPEC_LABEL = "llm-fleet-spec"
 MANAGED_LABEL = "llm-fleet-managed-by"
 REVISION_LABEL = "llm-fleet-revision"
 PARKED_LABEL = "llm-fleet-parked"
+PREVIOUS_LABEL = "llm-fleet-previous-revision"  # on the endpoint after a release: what rollback goes back to
 MODEL_GARDEN_VLLM = "vertex-vision-model-garden-dockers/pytorch-vllm-serve"
 # Vertex labels: lowercase letters, digits, '_' and '-', at most 63 characters.
 _BAD = re.compile(r"[^a-z0-9_-]")

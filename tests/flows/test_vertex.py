@@ -131,6 +131,14 @@ def test_bad_models_roll_back_with_the_split_unchanged_then_a_release_loses_no_r
     assert ep["trafficSplit"] == {res["deployed_model_id"]: 100}
     assert ep["deployedModels"] == [res["deployed_model_id"]]  # the old one undeployed after the delay
 
+    # rollback_model: a release of the replaced revision, whose Model was kept
+    from flows.release_model import rollback_model
+
+    back = rollback_model(spec)
+    [ep] = _endpoints(sandbox, project)
+    assert back["released"] and back["revision"] == out["revision"]
+    assert ep["trafficSplit"] == {back["deployed_model_id"]: 100} and ep["deployedModels"] == [back["deployed_model_id"]]
+
 
 @pytest.mark.parametrize(("case", "match"), [
     ("quota", "custom_model_serving_nvidia_l4_gpus in us-central1"),
