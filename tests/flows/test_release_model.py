@@ -382,3 +382,50 @@ def test_rollback_model_switches_back_while_warm_then_redeploys_after(served, sa
     assert deployment(spec, first).metadata.annotations["llm-fleet.dev/model-revision"] == old_rev
     t.join(timeout=60)
     assert live(spec) == first  # the release's delayed scale-down saw the rollback and kept it
+    # Once the other color is cold, rollback_model redeploys the previous revision from the history.
+    second = "green" if first == "blue" else "blue"
+    assert deployment(spec, second).spec.replicas == 0
+    out = rollback_model(spec=dict(spec, release=dict(FAST_RELEASE)))
+    assert out["action"] == "released" and out["revision"] == sha and live(spec) == second
+
+
+def test_two_releases_of_one_model_are_serialized(served, sandbox):
+    spec = served
+    revs = [sandbox.hub.push_revision(MODEL, title=f"concurrent {i}") for i in range(2)]
+    threads = [threading.Thread(target=release, args=(spec,), kwargs={"revision": r}, daemon=True) for r in revs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    done = [h for h in history(spec) if h["revision"] in revs]
+    assert [h["result"] for h in done] == ["promoted", "promoted"]
+    # Never interleaved: the second release started from what the first one promoted.
+    assert done[1]["previous_revision"] == done[0]["revision"]
+    assert deployment(spec, live(spec)).metadata.annotations["llm-fleet.dev/model-revision"] == done[1]["revision"]
+
+
+def test_two_models_release_in_parallel(served, sandbox):
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+
+    other = spec_dict("gemma2-2b-it-vllm-l4.yaml", release=dict(FAST_RELEASE))
+    provision_cluster(spec=other)
+    deploy_model(spec=other)
+    jobs = [(served, sandbox.hub.push_revision(MODEL, title="parallel")),
+            (other, sandbox.hub.push_revision("google/gemma-2-2b-it", title="parallel"))]
+    spans: dict[str, tuple[float, float]] = {}
+
+    def run(spec: dict, rev: str) -> None:
+        start = time.monotonic()
+        release(spec, revision=rev)
+        spans[spec["name"]] = (start, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert len(spans) == 2
+    (s1, e1), (s2, e2) = spans.values()
+    assert max(s1, s2) < min(e1, e2), "the two models' releases did not overlap"
+    assert history(other)[-1]["result"] == "promoted"
