@@ -155,7 +155,7 @@ def test_control_api_state_faults_stockouts_quota(sb, client):
 
 def test_faults_through_control_api_reach_real_gke_client(sb, client):
     gke = _gke(sb)
-    parent = "projects/sandbox-project/locations/us-central1-c"
+    parent = f"projects/{sb.project}/locations/us-central1-c"
     client.add_fault(service="gke", method="GET", path=r"/clusters$", status=503, count=1)
     with pytest.raises(gexc.ServiceUnavailable):
         gke.list_clusters(parent=parent, retry=None)
@@ -167,7 +167,7 @@ def test_gke_nodes_become_kubernetes_nodes(sb, client):
     from kubernetes import client as k8s
 
     gke = _gke(sb)
-    loc = "projects/sandbox-project/locations/us-central1-a"
+    loc = f"projects/{sb.project}/locations/us-central1-a"
     op = gke.create_cluster(parent=loc, cluster=container_v1.Cluster(name="app-c1", initial_node_count=1), retry=None)
     httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
     pool = container_v1.NodePool(name="gpu", initial_node_count=1, config=container_v1.NodeConfig(
@@ -224,7 +224,7 @@ def test_behaviors_are_forwarded_to_the_runtime(sb, client):
 def test_real_gcloud_against_the_sandbox(sb):
     env = {**os.environ, **sb.env()}
     gke = _gke(sb)
-    loc = "projects/sandbox-project/locations/europe-west1"
+    loc = f"projects/{sb.project}/locations/europe-west1"
     op = gke.create_cluster(parent=loc, cluster=container_v1.Cluster(
         name="gcloud-c1", autopilot=container_v1.Autopilot(enabled=True)), retry=None)
     httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
