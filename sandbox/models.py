@@ -736,6 +736,9 @@ class PodServer:
         self.exit_code: int | None = None
         self.exit_reason: str | None = None
         self.requests_served = 0
+        # Arrival time of every POST (an access log's timestamps): lets a benchmark tell which pod got a
+        # request sent after a selector switch.
+        self.arrivals: deque[float] = deque(maxlen=200_000)
         self._on_ready = on_ready
         self._on_exit = on_exit
         self._stop = threading.Event()
@@ -1215,6 +1218,8 @@ class _ModelHandler(JsonHandler):
         if self.pod._stop.is_set():
             self.close_connection = True
             return
+        if self.command == "POST":
+            self.pod.arrivals.append(time.time())
         if self._gate():
             return
         JsonHandler._dispatch(self)
