@@ -17,7 +17,7 @@ from kubernetes import client
 
 from sandbox import fault_presets as fp
 from tests.flows.conftest import spec_dict
-from tests.flows.test_deploy_model import deploy, kube, provision, routed_model
+from tests.flows.test_deploy_model import kube, routed_model
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -29,19 +29,42 @@ def _hits(sbc, rule: dict) -> int:
     return next(f["hits"] for f in sbc.faults() if f["id"] == rule["id"])
 
 
+def _progress(state) -> dict[str, float]:
+    """The flow run's progress artifacts (13.8): description -> final percent."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            type=ArtifactFilterType(any_=["progress"])))
+    return {a.description.split(":")[0]: float(a.data) for a in arts}
+
+
 def test_deploy_survives_watch_expiry_and_an_api_server_restart_mid_wait(sbc):
+    from flows.provision_cluster import provision_cluster
+
     spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
-    provision(spec)
-    # The model takes ~2 s (real) to load, so every fault below lands while deploy is waiting.
+    provisioned = provision_cluster(spec=spec, return_state=True)
+    # the long GKE waits left progress artifacts that reached 100 %
+    bars = _progress(provisioned)
+    assert any(k.startswith("GKE create cluster") and v == 100 for k, v in bars.items()), bars
+    assert any(k.startswith("GKE create node pool") and v == 100 for k, v in bars.items()), bars
+    # The model takes ~1.2 s (real) to load — inside the Deployment's progress deadline (~760 cloud s) —
+    # so every fault below lands while deploy is waiting.
     sbc.add_behavior(match={"labels": {"app.kubernetes.io/instance": spec["name"]}}, mode="slow_load",
-                     load_seconds=1000)
-    expire = sbc.add_fault(**fp.watch_expire(path=WAITS, after=0.3))
-    drop = sbc.add_fault(**fp.watch_drop(path=WAITS, after=0.3))
+                     load_seconds=600)
+    expire = sbc.add_fault(**fp.watch_expire(path=WAITS, after=0.2))
+    drop = sbc.add_fault(**fp.watch_drop(path=WAITS, after=0.2))
     # ... and while the "restarted" API server comes back, lists are reset and answered 503.
     sbc.add_fault(**fp.kube_status(503, "ServiceUnavailable", "the server is currently unable to handle the request",
                                    path=WAITS, method="GET", count=2))
-    result = deploy(spec)
+    from flows.deploy_model import deploy_model
+
+    state = deploy_model(spec=spec, return_state=True)
+    result = state.result()
     assert _hits(sbc, expire) == 1 and _hits(sbc, drop) == 1
+    assert any(k.startswith("model load") and v == 100 for k, v in _progress(state).items())
     assert result["replicas"] == 1 and all(r["tokens"] > 0 for r in result["smoke"])
     assert routed_model(spec) == "google/gemma-2-2b-it"
     _, apps, _ = kube(spec)
