@@ -223,3 +223,13 @@ def test_load_balancer_service_address_serves(kube, kubectl):
     finally:
         unsubscribe()
         routes.stop()
+
+
+def test_addons_install_with_kubectl_apply(kubectl, kube):
+    from sandbox.kube import autoscaling
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2] / "sandbox" / "addons"
+    for name in ("ingress-nginx.yaml", "custom-metrics-stackdriver-adapter.yaml"):
+        kubectl("apply", "-f", str(root / name))
+    assert "nginx" in kubectl("get", "ingressclass", "-o", "name").stdout
+    assert autoscaling.adapter(kube) == "stackdriver"
