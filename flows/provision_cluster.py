@@ -70,6 +70,12 @@ def ensure_cluster(spec: DeploymentSpec, *, location: str, zones: list[str]) -> 
                              f"set cluster.mode: {mode}, or pick another cluster.name")
         if existing.get("status") != "RUNNING":
             existing = gke.wait_cluster_running(project=c.project, location=location, name=c.name)
+        filestore = ((existing.get("addons_config") or {}).get("gcp_filestore_csi_driver_config") or {}).get("enabled")
+        if prov.needs_filestore(spec) and c.mode == "standard" and not filestore:
+            # the spec's RWX cache needs the add-on on a cluster created without it: converge in place
+            op = gke.enable_filestore_csi(project=c.project, location=location, name=c.name)
+            gke.wait_operation(project=c.project, location=location, operation=op)
+            existing = gke.wait_cluster_running(project=c.project, location=location, name=c.name)
         return existing, False
     op = gke.create_cluster(project=c.project, location=location,
                             body=prov.cluster_body(spec, location=location, zones=zones))

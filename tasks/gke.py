@@ -190,6 +190,17 @@ def set_node_pool_autoscaling(*, project: str, location: str, cluster: str, name
 
 
 @task(**task_retries())
+def enable_filestore_csi(*, project: str, location: str, name: str) -> str:
+    """Turn on the Filestore CSI driver add-on (what creates the *-rwx StorageClasses); returns the operation."""
+    from google.cloud import container_v1
+
+    update = container_v1.ClusterUpdate(desired_addons_config=container_v1.AddonsConfig(
+        gcp_filestore_csi_driver_config=container_v1.GcpFilestoreCsiDriverConfig(enabled=True)))
+    return cluster_manager().update_cluster(name=f"{_parent(project, location)}/clusters/{name}", update=update,
+                                            **_call_opts()).name
+
+
+@task(**task_retries())
 def set_node_pool_size(*, project: str, location: str, cluster: str, name: str, nodes: int) -> str:
     from google.cloud import container_v1
 

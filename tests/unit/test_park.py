@@ -153,8 +153,8 @@ def obs(idle_min: float | None, **kw) -> P.Observed:
 
 
 @pytest.mark.parametrize(("observed", "when", "action", "why"), [
-    (obs(10), NOW, "park", "idle 10m00s ≥ idle_after 5m00s"),
-    (obs(3), NOW, "keep", "idle 3m00s < idle_after"),
+    (obs(10), NOW, "park", "idle 10m00s ≥ idle_after 3m00s"),
+    (obs(2), NOW, "keep", "idle 2m00s < idle_after"),
     (obs(None), NOW, "keep", "first observation"),
     (obs(10, in_flight=2), NOW, "keep", "2 request(s) in flight"),
     (obs(10, parked=True), NOW, "skip", "already parked"),
