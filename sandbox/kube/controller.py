@@ -1580,7 +1580,9 @@ class Controller:
         mem_ki = max(16 * gpus * 1024 * 1024, int(_requests(pod, "memory") / 1024 * 1.2))
         capacity = {"cpu": str(cpu), "memory": f"{mem_ki}Ki", "pods": "110",
                     "ephemeral-storage": "100Gi", GPU: str(gpus)}
-        self.cluster.add_node(node, labels=labels, capacity=capacity)
+        # GKE taints GPU nodes (Autopilot too): only pods that request GPUs (and so tolerate it) land there
+        self.cluster.add_node(node, labels=labels, capacity=capacity,
+                              taints=[{"key": GPU, "value": "present", "effect": "NoSchedule"}])
         self._idle_since[node] = time.monotonic()
 
     def _track_idle(self, nodes: list[Obj], used: dict[str, dict[str, float]]) -> None:
