@@ -259,7 +259,8 @@ def _wake(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
         k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
                      namespace=spec.namespace, annotations={P.PARK_RECORD: None, P.ACTIVITY: None})
         step.detail = f"{names.service(spec)} → {record.color}"
-    history = record_wake(spec, cloud_s)
+    # Real seconds: Prefect schedules fire on the wall clock, also against the (time-scaled) sandbox.
+    history = record_wake(spec, took)
     if ref and spec.schedule and spec.schedule.wake:
         try:
             sync_schedules.fn(specs=[ref])  # the next scheduled wake starts earlier by the new p95
