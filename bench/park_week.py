@@ -61,6 +61,7 @@ class Result:
     waits: list[float] = field(default_factory=list)
     wakes: int = 0
     held_per_wake: list[int] = field(default_factory=list)
+    waited_at: list[float] = field(default_factory=list)  # trace seconds (local time) of each waited request
     on: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -167,6 +168,7 @@ def simulate(reqs: list[tuple[float, int]], spec: DeploymentSpec | None, *, idle
                     r.failed += 1
                     continue
                 r.waits.append(ready_at - t)
+                r.waited_at.append(t)
                 busy_until = max(busy_until, ready_at + service)
                 continue
             busy_until = max(busy_until, t + service)
@@ -215,6 +217,7 @@ def total(results: list[Result]) -> Result:
         out.waits += r.waits
         out.wakes += r.wakes
         out.held_per_wake += r.held_per_wake
+        out.waited_at += r.waited_at
     return out
 
 
@@ -312,6 +315,9 @@ def main() -> int:
     print(f"of the waited requests, {burst} arrived during {sum(h >= 50 for h in mine.held_per_wake)} wakes that "
           f"held ≥ 50 each (the night batch bursts, 2 req/s, unannounced), "
           f"{len(mine.waits) - burst} during {sum(0 < h < 50 for h in mine.held_per_wake)} other wakes")
+    for name, r in rows[1:]:
+        morning = sum(7.5 <= t % 86400 / 3600 < 9 for t in r.waited_at)
+        print(f"  {name}: {morning} waited between 07:30 and 09:00 (a scheduled wake's job)")
     if args.png:
         write_png(Path(args.png), trace, ours, oracles)
         print(f"week drawn to {args.png}")
