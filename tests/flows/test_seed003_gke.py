@@ -180,3 +180,15 @@ def _wait(pred, what: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_provision_enables_filestore_on_a_cluster_created_without_it(sbc):
+    from flows.provision_cluster import provision_cluster
+
+    spec = _spec()
+    rwo = {**spec, "cache": {**spec["cache"], "storage_class": "standard-rwo", "access_mode": "ReadWriteOnce"}}
+    provision_cluster(spec=rwo)
+    storage = client.StorageV1Api(_kube(spec))
+    assert "standard-rwx" not in {s.metadata.name for s in storage.list_storage_class().items}
+    provision_cluster(spec=spec)  # the RWX spec on the same cluster: the add-on is turned on in place
+    assert "standard-rwx" in {s.metadata.name for s in storage.list_storage_class().items}
