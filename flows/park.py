@@ -33,6 +33,7 @@ from flows.serving import cluster_location, load_timeout_s, smoke, wait_until_an
 from manifests import names
 from manifests import park as P
 from manifests.errors import FleetError
+from manifests.fleet import SpecPath, bundled_specs
 from manifests.spec import DeploymentSpec, load_spec, resolve_gke_spec
 from tasks import gke, health, k8s
 from tasks.locks import model_lock
@@ -49,6 +50,19 @@ class NotDeployed(FleetError):
 def _spec_ref(spec: Any) -> str | None:
     """The path a spec came from (what schedules and the wake event pass on), if it came from a file."""
     return str(spec) if isinstance(spec, str | Path) else None
+
+
+def _event_ref(ref: str | None, spec: DeploymentSpec) -> str | None:
+    """What the wake event names: the spec's file, else the bundled spec file with the same content."""
+    if ref:
+        return ref
+    for path in bundled_specs():
+        try:
+            if load_spec(ROOT / path) == spec:
+                return path
+        except FleetError:
+            continue
+    return None
 
 
 def _live_service(spec: DeploymentSpec, kubeconfig: str) -> dict[str, Any]:
@@ -111,7 +125,7 @@ def _prefect_api_url() -> str | None:
 # ---- park ------------------------------------------------------------------------------------------
 
 @flow(name="park_model", log_prints=True)
-def park_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def park_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                reason: str = "manual") -> dict[str, Any]:
     """Replicas to 0, hold proxy in front, GPU node pool to 0 — recorded on the cluster for wake_model."""
     if vertex.is_vertex(spec):  # target: vertex: Vertex AI's steps (flows/vertex.py)
@@ -162,7 +176,7 @@ def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
         with report.step("Put the hold proxy in front of the model") as step:
             k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
             applied = k8s.apply_object(kubeconfig=kubeconfig, obj=P.hold_proxy_deployment(
-                spec, prefect_api_url=_prefect_api_url(), spec_ref=ref))
+                spec, prefect_api_url=_prefect_api_url(), spec_ref=_event_ref(ref, spec)))
             k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace, name=P.hold_deployment_name(spec),
                              timeout_s=max(60.0, load_timeout_s(spec, None)))
             live = (_live_service(spec, kubeconfig)["spec"].get("selector") or {})
@@ -206,7 +220,7 @@ def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
 # ---- wake ------------------------------------------------------------------------------------------
 
 @flow(name="wake_model", log_prints=True)
-def wake_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def wake_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                reason: str = "manual") -> dict[str, Any]:
     """Restore the pool and replicas from the park record, wait until the model answers, route to it."""
     if vertex.is_vertex(spec):  # target: vertex: Vertex AI's steps (flows/vertex.py)
@@ -290,10 +304,6 @@ def wake_history(spec: DeploymentSpec) -> list[float]:
 
 # ---- idle policy -----------------------------------------------------------------------------------
 
-def bundled_specs() -> list[str]:
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deployments").glob("*.yaml"))
-
-
 def observe_idle(spec: DeploymentSpec, now: datetime) -> P.Decision:
     """Serving metrics through the live Service → the stored activity record → a decision."""
     try:
@@ -325,7 +335,7 @@ def observe_idle(spec: DeploymentSpec, now: datetime) -> P.Decision:
 
 
 @flow(name="park_idle", log_prints=True)
-def park_idle(specs: list[str] | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
+def park_idle(specs: list[SpecPath | str] | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
     """Park every model idle longer than its schedule.idle_after (decisions shown before acting)."""
     paths = specs or bundled_specs()
     loaded = [load_spec(ROOT / p if not Path(p).is_absolute() else p) for p in paths]
@@ -348,7 +358,7 @@ def park_idle(specs: list[str] | None = None, dry_run: bool = False) -> list[dic
 # ---- schedules ---------------------------------------------------------------------------------------
 
 @flow(name="sync_schedules", log_prints=True)
-def sync_schedules(specs: list[str] | None = None, park_deployment: str = "park_model/default",
+def sync_schedules(specs: list[SpecPath | str] | None = None, park_deployment: str = "park_model/default",
                    wake_deployment: str = "wake_model/default") -> list[dict[str, Any]]:
     """The specs' schedule.park / schedule.wake → Prefect deployment schedules (the specs are the truth).
 
