@@ -41,8 +41,14 @@ def test_seed003_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
     from tasks.clients import kube_http
 
     spec = _spec()
-    provision_cluster(spec=spec)
+    # a cluster made earlier for an RWO cache has no Filestore add-on: the RWX spec turns it on in place
+    provision_cluster(spec={**spec, "cache": {**spec["cache"], "storage_class": "standard-rwo",
+                                               "access_mode": "ReadWriteOnce"}})
     api = _kube(spec)
+    storage = client.StorageV1Api(api)
+    assert "standard-rwx" not in {s.metadata.name for s in storage.list_storage_class().items}
+    provision_cluster(spec=spec)
+    assert "standard-rwx" in {s.metadata.name for s in storage.list_storage_class().items}
     install_prerequisites(spec, api)
     sbc.add_behavior(mode="ok", match={"namespace": spec["namespace"]}, tokens_per_s=0.5)
     deploy_model(spec=spec)
@@ -86,7 +92,7 @@ def test_seed003_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
     assert any("tgi_queue_size" in m and "above target" in m for m in reasons), reasons
 
 
-def test_seed003_without_the_metrics_adapter_fails_naming_the_install_step(sbc):
+def test_seed003_without_ingress_nginx_or_the_adapter_fails_naming_the_install_step(sbc):
     from flows.deploy_model import deploy_model
     from flows.provision_cluster import provision_cluster
     from manifests.errors import PreflightError
@@ -94,26 +100,17 @@ def test_seed003_without_the_metrics_adapter_fails_naming_the_install_step(sbc):
     spec = _spec()
     provision_cluster(spec=spec)
     api = _kube(spec)
+    with pytest.raises(PreflightError) as info:
+        deploy_model(spec=spec)
+    assert "IngressClass 'nginx'" in info.value.problem and "helm upgrade --install ingress-nginx" in info.value.fix
     install_ingress_nginx(api)
     with pytest.raises(PreflightError) as info:
         deploy_model(spec=spec)
     assert "custom.metrics.k8s.io" in info.value.problem
     assert "custom-metrics-stackdriver-adapter" in info.value.fix
-    # nothing of the model was applied
-    assert not client.AppsV1Api(api).list_namespaced_deployment(spec["namespace"]).items if _ns_exists(
-        api, spec["namespace"]) else True
-
-
-def test_seed003_without_ingress_nginx_fails_naming_the_install_step(sbc):
-    from flows.deploy_model import deploy_model
-    from flows.provision_cluster import provision_cluster
-    from manifests.errors import PreflightError
-
-    spec = _spec()
-    provision_cluster(spec=spec)
-    with pytest.raises(PreflightError) as info:
-        deploy_model(spec=spec)
-    assert "IngressClass 'nginx'" in info.value.problem and "helm upgrade --install ingress-nginx" in info.value.fix
+    # refused before anything of the model was applied
+    assert not _ns_exists(api, spec["namespace"]) or not client.AppsV1Api(api).list_namespaced_deployment(
+        spec["namespace"]).items
 
 
 def _tutorial_access(spec: dict, api) -> None:
@@ -180,15 +177,3 @@ def _wait(pred, what: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_provision_enables_filestore_on_a_cluster_created_without_it(sbc):
-    from flows.provision_cluster import provision_cluster
-
-    spec = _spec()
-    rwo = {**spec, "cache": {**spec["cache"], "storage_class": "standard-rwo", "access_mode": "ReadWriteOnce"}}
-    provision_cluster(spec=rwo)
-    storage = client.StorageV1Api(_kube(spec))
-    assert "standard-rwx" not in {s.metadata.name for s in storage.list_storage_class().items}
-    provision_cluster(spec=spec)  # the RWX spec on the same cluster: the add-on is turned on in place
-    assert "standard-rwx" in {s.metadata.name for s in storage.list_storage_class().items}
