@@ -47,6 +47,15 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+# Exec'd by each child first: PR_SET_PDEATHSIG (1) survives the exec, so the kernel kills the child
+# when the demo dies without cleaning up (SIGKILL: pytest-timeout, the OOM killer). SIGKILL, because
+# a starting Prefect server sits on SIGTERM for tens of seconds and nobody is left to escalate; an
+# orderly exit has stopped the children (SIGTERM first) before this can fire.
+# (If the demo died before prctl ran, the parent pid has changed already: exit instead.)
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, int(signal.SIGKILL)); "
+                    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 class Children:
     """Processes started in process groups of their own; :meth:`stop` ends them and all they spawned."""
 
@@ -55,6 +64,8 @@ class Children:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+        if sys.platform == "linux":  # even a SIGKILLed demo takes them along: SIGTERM when it dies
+            cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
         proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
         self.procs.append((name, proc))
         self.pidfile.write_text("".join(f"{n} {p.pid}\n" for n, p in self.procs))

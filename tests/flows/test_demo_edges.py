@@ -131,3 +131,26 @@ def test_first_apply_into_an_existing_namespace_is_not_a_hand_edit(sandbox, kube
     again = k8s.apply_object(kubeconfig=kubeconfig, obj=cm)
     assert again.changed == ["data.a"]
     assert core.read_namespaced_config_map("c", ns).data == {"a": "1", "b": "2"}
+
+
+def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
+    """SIGKILL cannot be handled: the kernel stops the children (PR_SET_PDEATHSIG) instead."""
+    state = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "llm_fleet.cli", "demo", "--state-dir", str(state)], cwd=ROOT,
+                            env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pidfile = state / "pids"
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and "prefect-server" in pidfile.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        server = int(pidfile.read_text().split()[1])
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while not _gone(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(server)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
