@@ -14,25 +14,18 @@ REGION = "us-central1"
 
 
 def _run(name: str, spec: dict, **kw):
-    """The main flows, which hand target: vertex specs to flows/vertex.py (park/wake: until flows/park.py
-    dispatches too, the same functions inside a flow run)."""
+    """The main flows, which hand target: vertex specs to flows/vertex.py."""
     if name == "deploy":
-        from flows.deploy_model import deploy_model
-
-        return deploy_model(spec, **kw)
-    if name == "release":
-        from flows.release_model import release_model
-
-        return release_model(spec, **kw)
-    if name == "teardown":
-        from flows.teardown import teardown
-
-        return teardown(spec, **kw)
-    from prefect import flow
-
-    from flows import vertex
-
-    return flow(name=f"{name}_model", log_prints=True)(getattr(vertex, name))(spec, **kw)
+        from flows.deploy_model import deploy_model as fn
+    elif name == "release":
+        from flows.release_model import release_model as fn
+    elif name == "park":
+        from flows.park import park_model as fn
+    elif name == "wake":
+        from flows.park import wake_model as fn
+    else:
+        from flows.teardown import teardown as fn
+    return fn(spec, **kw)
 
 
 def _endpoints(sandbox, project: str) -> list[dict]:
