@@ -33,6 +33,7 @@ from tasks.alerts import edit_alert, open_alert, reply_alert
 from tasks.clients import kube_client, kube_http
 from tasks.log import logger
 from tasks.settings import get_settings
+from tasks.usage import ledger_name, record_usage
 
 UNHEALTHY = "llm-fleet.model.unhealthy"
 RECOVERED = "llm-fleet.model.recovered"
@@ -205,7 +206,7 @@ def probe(spec: DeploymentSpec, kubeconfig: str, check: Check, *, smoke: bool) -
 
 
 def check_one(spec: DeploymentSpec, kubeconfigs: dict[tuple[str, str], tuple[str, str | None]], *,
-              smoke: bool) -> Check:
+              smoke: bool, observed: set[str]) -> Check:
     c = spec.cluster
     check = Check(spec.name, spec.namespace, c.name)
     key = (c.project, c.name)
@@ -217,6 +218,12 @@ def check_one(spec: DeploymentSpec, kubeconfigs: dict[tuple[str, str], tuple[str
     if kubeconfig is None:
         check.status = "not deployed"
         return check
+    if ledger_name(spec) not in observed:  # a sighting of the GPU nodes for gpu_report, once per pool
+        observed.add(ledger_name(spec))
+        try:
+            record_usage(spec, kubeconfig=kubeconfig)
+        except Exception as exc:  # noqa: BLE001 - the report loses precision, the health check goes on
+            logger().warning("%s: usage not recorded (%s)", spec.name, exc)
     probe(spec, kubeconfig, check, smoke=smoke)
     return check
 
@@ -264,6 +271,7 @@ def check_fleet(specs: list[SpecPath | str | dict[str, Any]] | None = None, flee
     kubeconfigs: dict[tuple[str, str], tuple[str, str | None]] = {}
     checks: list[Check] = []
     actions: dict[str, str] = {}
+    observed: set[str] = set()
     for ref in _specs(specs, fleet):
         try:
             spec = resolve_spec(ref)
@@ -273,7 +281,7 @@ def check_fleet(specs: list[SpecPath | str | dict[str, Any]] | None = None, flee
         if spec.target != "gke":
             continue
         try:
-            check = check_one(spec, kubeconfigs, smoke=smoke)
+            check = check_one(spec, kubeconfigs, smoke=smoke, observed=observed)
         except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end of the scan
             check = Check(spec.name, spec.namespace, spec.cluster.name, status="error",
                           problems=[str(exc).splitlines()[0][:200]])

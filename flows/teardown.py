@@ -30,6 +30,7 @@ from tasks import gke, k8s
 from tasks.inventory import labelled, list_kind, ref, set_labels
 from tasks.locks import model_lock
 from tasks.log import logger
+from tasks.usage import record_usage
 
 MANAGED = "app.kubernetes.io/managed-by=llm-fleet"
 INSTANCE = "app.kubernetes.io/instance"
@@ -205,6 +206,8 @@ def remove_capacity(spec: DeploymentSpec, *, kubeconfig: str | None, location: s
     c = spec.cluster
     others = [o for o in _others(spec, kubeconfig, None) if o["kind"] == "Deployment"] if kubeconfig else []
     items: list[Item] = []
+    if kubeconfig:  # the last sighting of the pool's nodes, for gpu_report (the cluster may go next)
+        record_usage(spec, kubeconfig=kubeconfig)
     if c.mode == "standard":
         pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=spec.accelerator.pool.name)
         if pool is not None:

@@ -33,7 +33,13 @@ OWNED_KINDS: list[tuple[str, str]] = [
 ]
 
 
+# Cluster-scoped kinds only read here.
+CLUSTER_KINDS = {("v1", "Node"): "nodes"}
+
+
 def _list_path(api_version: str, kind: str, namespace: str | None) -> str:
+    if (api_version, kind) in CLUSTER_KINDS:
+        return f"/api/v1/{CLUSTER_KINDS[(api_version, kind)]}"
     if namespace:
         return object_path(api_version, kind, None, namespace)
     plural, _ = KINDS[(api_version, kind)]
