@@ -128,11 +128,15 @@ class _Deployment:
 
 
 class Vertex(Emulator):
-    def __init__(self, *, clock: Clock, faults: Faults, runtime: Any, project: str = "sandbox-project") -> None:
+    def __init__(self, *, clock: Clock, faults: Faults, runtime: Any, project: str = "sandbox-project",
+                 tokens: Any = None) -> None:
         self.clock = clock
         self.faults = faults
         self.runtime = runtime
         self.project = project
+        # sandbox.tokens.GoogleTokens: when given, every call needs a live access token it issued (as on
+        # GCP: 401 UNAUTHENTICATED otherwise); None accepts any caller (unit tests, AnonymousCredentials)
+        self.tokens = tokens
         self._handler = VertexHandler
         self._lock = threading.RLock()
         self._ids = itertools.count(int(time.time()) % 10**6 * 10**12 + 1000)
@@ -699,6 +703,22 @@ class VertexHandler(JsonHandler):
     @property
     def vx(self) -> Vertex:
         return self.server.state
+
+    def _dispatch(self) -> None:
+        tokens = self.server.state.tokens
+        if tokens is not None:
+            auth = self.headers.get("Authorization") or ""
+            email, expired = tokens.check(auth[7:]) if auth.startswith("Bearer ") else (None, False)
+            if email is None or expired:
+                self.body_bytes()
+                err = HttpError(401, "Request had invalid authentication credentials. Expected OAuth 2 access "
+                                     "token, login cookie or other valid authentication credential.",
+                                reason="UNAUTHENTICATED")
+                self.send_json(401, self.error_body(err), headers={"WWW-Authenticate": "Bearer"})
+                return
+        JsonHandler._dispatch(self)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
 
     def error_body(self, err: HttpError) -> Any:
         if err.body is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from google.auth.credentials import AnonymousCredentials
 
 from tests.flows.conftest import spec_dict
 
@@ -41,8 +40,11 @@ def _seed_predict(sandbox, endpoint: str, project: str):
     """The seed's own high-level call, through the sandbox."""
     from google.cloud import aiplatform
 
+    from tasks.clients import gcp_credentials
+
+    # the credentials the sandbox's env file gives every client (what the product uses too)
     aiplatform.init(project=project, location=REGION, api_endpoint=sandbox.vertex.url, api_transport="rest",
-                    credentials=AnonymousCredentials())
+                    credentials=gcp_credentials())
     return aiplatform.Endpoint(endpoint).predict(instances=[{"prompt": "What is Vertex AI?", "max_tokens": 16}])
 
 

@@ -181,3 +181,18 @@ def test_model_garden_ping_waits_for_the_model(vx, clients):
         assert _http_status(server.url, "/ping") == 200
     finally:
         vx.runtime.behaviors.clear()
+
+
+def test_with_a_token_registry_calls_need_a_live_access_token(vx):
+    from sandbox.tokens import GoogleTokens
+
+    vx.tokens = GoogleTokens(clock=Clock(1.0))
+    try:
+        token, _ = vx.tokens.issue("sa@p-vertex.iam.gserviceaccount.com")
+        url = f"{vx.url}/v1/{PARENT}/endpoints"
+        assert requests.get(url, timeout=10).status_code == 401
+        assert requests.get(url, headers={"Authorization": "Bearer nope"}, timeout=10).json()["error"]["status"] == \
+            "UNAUTHENTICATED"
+        assert requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+    finally:
+        vx.tokens = None
