@@ -27,7 +27,7 @@ from kubernetes.client.rest import ApiException
 
 from tasks.log import logger
 from tasks.progress import WaitProgress
-from tasks.retry import is_transient
+from tasks.retry import is_transient, retry_after_s
 from tasks.settings import get_settings
 
 WATCH_SECONDS = 300  # the server ends each watch after this long; we then relist (cheap for our sizes)
@@ -70,6 +70,7 @@ class Informer(threading.Thread):
                     self._fail(exc)
                     return
                 why = "watch expired (410 Gone)" if exc.status == 410 else f"HTTP {exc.status}"
+                asked = retry_after_s(exc) or 0.0  # a 429's Retry-After
             except Exception as exc:  # noqa: BLE001 - classified below
                 if self._halt.is_set():
                     return
@@ -77,8 +78,10 @@ class Informer(threading.Thread):
                     self._fail(exc)
                     return
                 why = f"connection lost ({type(exc).__name__})"
-            logger().info("%s: %s; relisting in %.2fs", self.name, why, backoff)
-            self._halt.wait(backoff)
+                asked = 0.0
+            wait = max(backoff, asked)
+            logger().info("%s: %s; relisting in %.2fs", self.name, why, wait)
+            self._halt.wait(wait)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     def _stream(self, resource_version: str) -> None:

@@ -97,6 +97,25 @@ def test_gke_busy_cluster_waits_and_retries_the_mutation(sbc):
     assert _hits(sbc, rule) == 2
 
 
+def test_node_pool_create_waits_out_the_cluster_create(sbc):
+    """No injected fault: GKE itself refuses a pool while the cluster's create operation runs
+    ("Operation … is currently running on cluster …. Please wait and try again once it is done.")."""
+    from manifests.provision import node_pool_body
+
+    spec = parse_spec(spec_dict("gemma2-2b-it-vllm-l4.yaml"))
+    project, location, zone = spec.cluster.project, spec.cluster.location, f"{spec.cluster.location}-b"
+    op = gke.create_cluster(project=project, location=location, body=cluster_body(spec, location=location,
+                                                                                   zones=[zone]))
+    pool_op = gke.create_node_pool(project=project, location=location, cluster=spec.cluster.name,
+                                   body=node_pool_body(spec, zone=zone))  # while the cluster is PROVISIONING
+    assert pool_op is not None
+    gke.wait_operation(project=project, location=location, operation=op)
+    gke.wait_operation(project=project, location=location, operation=pool_op)
+    pool = gke.get_node_pool(project=project, location=location, cluster=spec.cluster.name,
+                             name=spec.accelerator.pool.name)
+    assert pool is not None and pool["status"] == "RUNNING"
+
+
 def test_gke_other_failed_precondition_is_not_retried(sbc):
     project = f"t-{uuid.uuid4().hex[:12]}"
     body = {"error": {"code": 400, "status": "FAILED_PRECONDITION",
