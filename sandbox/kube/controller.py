@@ -895,8 +895,8 @@ class Controller:
                 u["memory"] += mem
                 u["pods"] += 1
                 self._idle_since.pop(nname, None)
-                if hasattr(self.cluster, "storage"):
-                    self.cluster.storage.bind_for(pod)  # PreBind: provision WaitForFirstConsumer claims
+                if hasattr(self.cluster, "storage") and not self.cluster.storage.bind_for(pod):
+                    continue  # PreBind: its WaitForFirstConsumer volumes are still being provisioned
                 self.bind(pod, node)
             else:
                 if not nodes:

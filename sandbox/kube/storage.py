@@ -26,6 +26,9 @@ Obj = dict[str, Any]
 PVCS = res.BY_KEY[("", "persistentvolumeclaims")]
 SCS = res.BY_KEY[("storage.k8s.io", "storageclasses")]
 PD, FILESTORE = "pd.csi.storage.gke.io", "filestore.csi.storage.gke.io"
+# Cloud seconds a CSI provisioner takes to create the volume: a PD in seconds, a Filestore instance in
+# minutes ("Filestore instance creation can take several minutes", GKE Filestore CSI docs).
+PROVISION_SECONDS = {PD: 5.0, FILESTORE: 240.0}
 FILESTORE_MIN = {"standard": "1Ti", "BASIC_HDD": "1Ti", "premium": "2560Gi", "BASIC_SSD": "2560Gi",
                  "enterprise": "1Ti", "zonal": "1Ti"}
 
@@ -40,6 +43,7 @@ class Storage:
 
     def __init__(self, cluster: KubeCluster) -> None:
         self.cluster = cluster
+        self._provisioning: set[str] = set()  # claim uids whose volume is being created
         cluster.subscribe(self.on_event)
 
     # ---- events --------------------------------------------------------------------------------
@@ -83,7 +87,7 @@ class Storage:
                     "access type")
         return None
 
-    def provision(self, claim: Obj, sc: Obj) -> bool:
+    def provision(self, claim: Obj, sc: Obj, *, announce: bool = True) -> bool:
         provisioner = sc.get("provisioner", "")
         refusal = self._refusal(claim, sc)
         meta = claim["metadata"]
@@ -98,8 +102,9 @@ class Storage:
             if (parse_quantity(requested) or 0) < (parse_quantity(floor) or 0):
                 capacity = floor
         volume = f"pvc-{meta['uid']}"
-        self._event(claim, "Normal", "Provisioning", f'External provisioner is provisioning volume for claim '
-                    f'"{meta["namespace"]}/{meta["name"]}"', f"{provisioner}_sandbox-controller")
+        if announce:
+            self._event(claim, "Normal", "Provisioning", f'External provisioner is provisioning volume for claim '
+                        f'"{meta["namespace"]}/{meta["name"]}"', f"{provisioner}_sandbox-controller")
 
         def bind(c: Obj) -> Obj | None:
             if (c.get("status") or {}).get("phase") != "Pending":
@@ -140,13 +145,33 @@ class Storage:
                 return f'persistentvolumeclaim "{name}" cannot be provisioned: {self._refusal(claim, sc)}'
         return None
 
-    def bind_for(self, pod: Obj) -> None:
-        """The scheduler chose a node: provision the pod's delayed-binding claims (its PreBind step)."""
+    def bind_for(self, pod: Obj) -> bool:
+        """The scheduler chose a node (its PreBind step): provision the pod's delayed-binding claims. False
+        while a volume is still being created — the pod stays Pending and is scheduled again once bound."""
         ns = pod["metadata"]["namespace"]
+        ready = True
         for name in _claims(pod):
             claim = self.cluster.store.get(PVCS, ns, name)
             if claim is None or (claim.get("status") or {}).get("phase") == "Bound":
                 continue
             sc = self.cluster.store.get(SCS, "", (claim.get("spec") or {}).get("storageClassName") or "")
-            if sc is not None:
-                self.provision(claim, sc)
+            if sc is None:
+                continue
+            ready = False
+            uid = claim["metadata"]["uid"]
+            if uid in self._provisioning:
+                continue
+            self._provisioning.add(uid)
+            provisioner = sc.get("provisioner", "")
+            self._event(claim, "Normal", "Provisioning", f'External provisioner is provisioning volume for claim '
+                        f'"{ns}/{name}"', f"{provisioner}_sandbox-controller")
+
+            def done(claim: Obj = claim, sc: Obj = sc, uid: str = uid) -> None:
+                self._provisioning.discard(uid)
+                live = self.cluster.store.get(PVCS, claim["metadata"]["namespace"], claim["metadata"]["name"])
+                if live is not None and live["metadata"]["uid"] == uid:
+                    self.provision(live, sc, announce=False)
+                self.cluster.controller.enqueue(("schedule",))
+
+            self.cluster.clock.call_later(PROVISION_SECONDS.get(provisioner, 5.0), done)
+        return ready

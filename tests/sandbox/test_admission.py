@@ -90,6 +90,8 @@ def test_claim_on_a_missing_storage_class_stays_pending_with_the_real_event(api,
     pvc = wait_for(lambda: (c := core.read_namespaced_persistent_volume_claim("cache", "default")).status.phase
                    == "Bound" and c)
     assert pvc.status.capacity == {"storage": "1Ti"} and pvc.status.access_modes == ["ReadWriteMany"]
+    reasons = [r for r, _ in _events(core, "cache")]  # the Filestore instance is created first (minutes on GCP)
+    assert reasons.index("Provisioning") < reasons.index("ProvisioningSucceeded")
     assert wait_for(lambda: core.read_namespaced_pod("user", "default").spec.node_name) == "gpu-1"
     sc = client.StorageV1Api(api).read_storage_class("standard-rwx")
     assert sc.provisioner == "filestore.csi.storage.gke.io"
