@@ -23,7 +23,7 @@ from prefect.events import emit_event
 from prefect.variables import Variable
 
 from flows.provision_cluster import find_cluster
-from manifests import names
+from manifests import names, park
 from manifests.fleet import SpecPath, bundled_specs, load_fleet
 from manifests.render import model_deployment
 from manifests.rollout import diagnose
@@ -161,6 +161,9 @@ def probe(spec: DeploymentSpec, kubeconfig: str, check: Check, *, smoke: bool) -
     if svc is None:
         check.status = "not deployed"
         return
+    if park.read_record(svc) is not None:  # park_model's record: parked on purpose (maybe behind the hold proxy)
+        check.status, check.ready = "parked", "0/0"
+        return
     color = (svc.get("spec", {}).get("selector") or {}).get(names.COLOR_LABEL, "")
     check.color = color
     dep = k8s.get_object.fn(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
@@ -185,7 +188,8 @@ def probe(spec: DeploymentSpec, kubeconfig: str, check: Check, *, smoke: bool) -
     try:
         health.check_engine_ready.fn(kubeconfig=kubeconfig, namespace=spec.namespace, service=names.service(spec),
                                      engine=spec.engine.kind, model_id=spec.model.id)
-        if smoke:
+        # A prompt every few minutes would look like traffic to park_idle: models it may park get none.
+        if smoke and not (spec.schedule and spec.schedule.idle_after):
             result = health.smoke_test.fn(kubeconfig=kubeconfig, namespace=spec.namespace,
                                           service=names.service(spec), engine=spec.engine.kind,
                                           model_id=spec.model.id, prompts=spec.release.smoke_prompts[:1],
