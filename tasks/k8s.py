@@ -19,7 +19,7 @@ from manifests.rollout import TEMPLATE_HASH, Progress, diagnose, new_replicaset,
 from tasks.clients import kube_client
 from tasks.log import logger
 from tasks.progress import WaitProgress
-from tasks.retry import task_retries
+from tasks.retry import is_transient, task_retries
 from tasks.settings import get_settings
 from tasks.watching import Informer, watch_until
 
@@ -172,9 +172,14 @@ def ensure_secret(*, kubeconfig: str | None, namespace: str, name: str, key: str
         try:
             core.create_namespaced_secret(namespace, body)
         except ApiException as exc2:
-            raise FleetError(f"could not create Secret {namespace}/{name} (HTTP {exc2.status})",
-                             "check the operator's RBAC for secrets") from None
-        return "created"
+            if is_transient(exc2):
+                raise  # 429/5xx: the task retries it
+            if exc2.status != 409:
+                raise FleetError(f"could not create Secret {namespace}/{name} (HTTP {exc2.status})",
+                                 "check the operator's RBAC for secrets") from None
+            live = core.read_namespaced_secret(name, namespace)  # a retried create whose reply was lost
+        else:
+            return "created"
     if (live.data or {}).get(key) == encoded:
         return "unchanged"
     core.patch_namespaced_secret(name, namespace, {"data": {key: encoded}})

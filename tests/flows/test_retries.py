@@ -175,3 +175,22 @@ def test_kube_permanent_errors_are_not_retried(sbc, kubeconfig, code, reason):
         code == 403 and "forbidden" in str(err.value).lower())
     assert _hits(sbc, rule) == 1
     assert k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="ConfigMap", name="c", namespace=ns) is None
+
+
+def test_secret_create_503_is_retried_and_a_lost_reply_converges(sbc, kubeconfig):
+    from kubernetes import client
+    from pydantic import SecretStr
+
+    from tasks.clients import kube_client
+
+    ns = _namespace(kubeconfig)
+    rule = sbc.add_fault(**fp.kube_status(503, "ServiceUnavailable", "etcd leader changed", method="POST",
+                                          path=f"/namespaces/{ns}/secrets$"))
+    assert k8s.ensure_secret(kubeconfig=kubeconfig, namespace=ns, name="hf", key="t", value=SecretStr("v1")) == "created"
+    assert _hits(sbc, rule) == 1
+    # A create whose reply was lost: the retry finds the Secret (409) and converges instead of failing.
+    sbc.add_fault(**fp.kube_status(404, "NotFound", 'secrets "hf" not found', method="GET",
+                                   path=f"/namespaces/{ns}/secrets/hf$"))
+    assert k8s.ensure_secret(kubeconfig=kubeconfig, namespace=ns, name="hf", key="t", value=SecretStr("v2")) == "updated"
+    data = client.CoreV1Api(kube_client(kubeconfig)).read_namespaced_secret("hf", ns).data
+    assert data == {"t": "djI="}
