@@ -126,6 +126,15 @@ def announced(spec_path: str) -> dict | None:
     return Variable.get(record_name(load_spec(spec_path)))
 
 
+def latest_table(key: str) -> list[dict]:
+    import json
+
+    from prefect.artifacts import Artifact
+
+    data = Artifact.get(key).data
+    return json.loads(data) if isinstance(data, str) else data
+
+
 def test_watch_revisions_event_starts_a_release_of_the_new_commit(release_deployment, sandbox, sbc, tmp_path):
     from flows.deploy_model import deploy_model
     from flows.provision_cluster import provision_cluster
@@ -146,6 +155,8 @@ def test_watch_revisions_event_starts_a_release_of_the_new_commit(release_deploy
     run = wait_run(release_deployment.id, revision=new)
     assert run.parameters["spec"] == spec and set(run.parameters) <= release_params()
     assert announced(spec)["revision"] == new
+    table = latest_table("watch-revisions")
+    assert [(r["spec"], r["status"], r["head"]) for r in table] == [(spec, "announced", new)]
 
     # Idempotent: the commit is announced once, whatever the next scans see.
     (row,) = watch_revisions(specs=[spec])
