@@ -162,7 +162,8 @@ def test_rolling_update_replaces_pods(kube, core, apps):
                   for r in rss.values()) == [(0, "1"), (1, "2")]
     d = apps.read_namespaced_deployment("r", "default")
     assert d.metadata.generation == 2 and d.status.observed_generation == 2
-    assert d.metadata.annotations is None or "deployment.kubernetes.io/revision" not in (d.metadata.annotations or {})
+    # The controller mirrors the new ReplicaSet's revision onto the Deployment, as the real one does.
+    assert d.metadata.annotations["deployment.kubernetes.io/revision"] == "2"
 
 
 def test_rolling_update_without_surge_fits_one_gpu(kube, core, apps):
