@@ -271,7 +271,8 @@ def test_server_side_apply(kube, apps, ns, api):
     del cfg["metadata"]["annotations"]["drop"]
     out = apps.patch_namespaced_deployment("ssa", ns, cfg, field_manager="llm-fleet", force=True,
                                            _content_type="application/apply-patch+yaml")
-    assert out.metadata.annotations == {"keep": "1"}
+    # "drop" is gone; the controller's own revision annotation is not the applier's to remove
+    assert out.metadata.annotations == {"keep": "1", "deployment.kubernetes.io/revision": "1"}
     # another manager changes replicas; a non-forced apply of a different value conflicts
     apps.patch_namespaced_deployment_scale("ssa", ns, {"spec": {"replicas": 3}},
                                            _content_type="application/merge-patch+json")
