@@ -40,7 +40,7 @@ from manifests import names
 from manifests.errors import DeployError
 from manifests.names import Color
 from manifests.release import Desired, plan_release
-from manifests.render import model_deployment, object_key, render
+from manifests.render import applied_deployment, model_deployment, object_key, render
 from manifests.spec import resolve_gke_spec
 from tasks import k8s
 from tasks.locks import model_lock
@@ -131,7 +131,8 @@ def deploy_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.
                     step.detail = f"{sum(a.action != 'unchanged' for a in applied)} changed, live color {live}"
                 if plan.action == "noop":
                     # Same pod template: re-applying the live Deployment is a no-op (proved by server-side apply).
-                    applied.append(k8s.apply_object(kubeconfig=t.kubeconfig, obj=t.deployment(live)))
+                    applied.append(k8s.apply_object(
+                        kubeconfig=t.kubeconfig, obj=applied_deployment(spec, live, revision=t.model.sha)))
                     out = {"color": live, "replicas": spec.replicas, "objects": [a.__dict__ for a in applied],
                            "smoke": [], "action": "unchanged"}
                 else:

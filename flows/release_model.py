@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from flows import vertex
 from flows.report import Report, artifact_key
 from flows.serving import (
+    ENDPOINT_LAG_S,
     Target,
     ensure_namespace_and_secret,
     load_timeout_s,
@@ -159,12 +160,25 @@ def step_bring_up(r: Release) -> str:
 
 def step_preview(r: Release) -> str:
     spec = r.spec
-    k8s.apply_object(kubeconfig=r.kubeconfig, obj=preview_service(spec, r.candidate))
-    ready = wait_until_answering(spec, kubeconfig=r.kubeconfig, color=r.candidate, replicas=candidate_replicas(r),
-                                 timeout_s=load_timeout_s(spec, r.t.model.params),
-                                 service=names.preview_service(spec))
-    r.candidate_pods = ready["pods"]
-    return f"{names.preview_service(spec)} → {len(ready['pods'])} pod(s) of {r.candidate}, serving {ready['model']}"
+    point_preview(spec, kubeconfig=r.kubeconfig, color=r.candidate)
+    # The rollout is complete (bring_up); now the preview's endpoints must be exactly those pods.
+    k8s.wait_endpoints(kubeconfig=r.kubeconfig, namespace=spec.namespace, service=names.preview_service(spec),
+                       pods=set(r.candidate_pods), timeout_s=ENDPOINT_LAG_S)
+    engine = health.check_engine_ready(kubeconfig=r.kubeconfig, namespace=spec.namespace,
+                                       service=names.preview_service(spec), engine=spec.engine.kind,
+                                       model_id=spec.model.id)
+    return f"{names.preview_service(spec)} → {len(r.candidate_pods)} pod(s) of {r.candidate}, serving {engine['model']}"
+
+
+def point_preview(spec: DeploymentSpec, *, kubeconfig: str, color: Color) -> None:
+    """The preview Service follows the release (a selector patch, not a re-apply of the whole object)."""
+    existing = k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="Service",
+                              name=names.preview_service(spec), namespace=spec.namespace)
+    if existing is None:
+        k8s.apply_object(kubeconfig=kubeconfig, obj=preview_service(spec, color))
+    elif (existing["spec"].get("selector") or {}) != names.selector(spec, color):
+        k8s.patch_service_selector(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.preview_service(spec),
+                                   selector=names.selector(spec, color))
 
 
 def _p95_limit(policy: AnalysisSpec) -> float:
@@ -193,10 +207,17 @@ def step_pre_analysis(r: Release) -> str:
         raise AnalysisFailed(f"pre-promotion smoke test of {r.candidate}: {exc.problem}", exc.fix,
                              figures={}) from None
     r.figures["smoke"] = smoke_rows(results)
-    figures = _analysis(r, names.preview_service(spec), policy, policy.requests)
-    baseline = None
-    if policy.max_latency_ratio and not r.live_stopped:
-        baseline = _analysis(r, names.service(spec), policy, policy.requests)
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # Candidate and live measured side by side: same moment, same load on the cluster.
+        cand = pool.submit(contextvars.copy_context().run, _analysis, r, names.preview_service(spec), policy,
+                           policy.requests)
+        base = (pool.submit(contextvars.copy_context().run, _analysis, r, names.service(spec), policy,
+                            policy.requests)
+                if policy.max_latency_ratio and not r.live_stopped else None)
+        figures, baseline = cand.result(), base.result() if base else None
     r.figures["pre"], r.figures["baseline"] = figures, baseline
     verdict = judge(figures, max_error_rate=policy.max_error_rate, max_p95_s=_p95_limit(policy),
                     min_tokens_per_s=policy.min_tokens_per_s, baseline=baseline,
@@ -212,6 +233,7 @@ def step_pre_analysis(r: Release) -> str:
 def switch_traffic(r: Release, *, to: Color, frm: Color, pods: list[str]) -> str:
     """One checked selector patch (resourceVersion read just before), then the endpoints are ``to``'s pods."""
     spec = r.spec
+    times = getattr(r, "times", {})
     want, old = names.selector(spec, to), names.selector(spec, frm)
     for attempt in range(SWITCH_ATTEMPTS):
         svc = k8s.get_object(kubeconfig=r.kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
@@ -225,6 +247,7 @@ def switch_traffic(r: Release, *, to: Color, frm: Color, pods: list[str]) -> str
         try:
             k8s.patch_service_selector(kubeconfig=r.kubeconfig, namespace=spec.namespace, name=names.service(spec),
                                        selector=want, resource_version=svc["metadata"]["resourceVersion"])
+            times[f"switched_to_{to}"] = time.time()
             break
         except k8s.SelectorConflict:
             if attempt == SWITCH_ATTEMPTS - 1:
@@ -249,7 +272,7 @@ def step_switch(r: Release) -> str:
                           reason="NotReady")
     detail = switch_traffic(r, to=r.candidate, frm=r.stable, pods=pods)
     r.switched = True
-    r.times["switched"] = time.time()
+    r.times["switched"] = r.times.get(f"switched_to_{r.candidate}", time.time())
     r.candidate_pods = pods
     if spec.autoscaling:
         k8s.apply_object(kubeconfig=r.kubeconfig, obj=autoscaler(spec, r.candidate))
@@ -262,6 +285,7 @@ def step_post_analysis(r: Release) -> str:
     batches = max(1, int(policy.window.total_seconds() // max(policy.interval.total_seconds(), 1e-9)))
     per_batch = max(1, math.ceil(policy.requests / batches))
     total: list[dict[str, Any]] = []
+    begin = time.monotonic()
     for i in range(batches):
         figures = _analysis(r, names.service(spec), policy, per_batch)
         total.append(figures)
@@ -272,8 +296,9 @@ def step_post_analysis(r: Release) -> str:
             raise AnalysisFailed(f"post-promotion analysis (batch {i + 1}/{batches}): {verdict.reason}",
                                  f"traffic switched back to {r.stable}; fix the revision and release again",
                                  figures=figures)
-        if i < batches - 1:
-            time.sleep(scaled(policy.interval.total_seconds()))
+        if i < batches - 1:  # batches start on the interval grid: the window is the window
+            time.sleep(max(0.0, begin + (i + 1) * scaled(policy.interval.total_seconds()) - time.monotonic()))
+    r.times["post_analysis_done"] = time.time()
     r.figures["post"] = {"requests": sum(f["requests"] for f in total), "errors": sum(f["errors"] for f in total),
                          "p95_s": max(f["p95_s"] for f in total)}
     return f"{batches} batch(es), {r.figures['post']['requests']} requests, {r.figures['post']['errors']} errors"
@@ -338,7 +363,7 @@ def roll_back(r: Release, exc: BaseException) -> str:
         if r.hpa_moved:
             k8s.apply_object(kubeconfig=r.kubeconfig, obj=autoscaler(spec, r.stable))
         # The preview never points at a color about to have no pods (argo-rollouts #2641).
-        k8s.apply_object(kubeconfig=r.kubeconfig, obj=preview_service(spec, r.stable))
+        point_preview(spec, kubeconfig=r.kubeconfig, color=r.stable)
         if r.plan.action == "release" and r.touched:
             done.append(scale_down_color(spec, kubeconfig=r.kubeconfig, color=r.candidate))
         try:
@@ -471,7 +496,7 @@ def rollback_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l
                     step.detail = switch_traffic(shim, to=other, frm=live, pods=list(rollout.pods))  # type: ignore[arg-type]
                     if spec.autoscaling:
                         k8s.apply_object(kubeconfig=kubeconfig, obj=autoscaler(spec, other))
-                    k8s.apply_object(kubeconfig=kubeconfig, obj=preview_service(spec, other))
+                    point_preview(spec, kubeconfig=kubeconfig, color=other)
                 with report.step("Smoke test through the live Service") as step:
                     step.detail = f"{len(smoke(spec, kubeconfig=kubeconfig, service=names.service(spec)))} prompt(s) answered"
                 with report.step(f"Scale {live} to 0 and record") as step:

@@ -74,17 +74,27 @@ class Target:
 
 def prepare(spec: DeploymentSpec, report: Report) -> Target:
     """Token, Hub preflight (before anything is created or paid for), cluster credentials."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
     token = hf.read_hf_token(block=spec.secret.prefect_block)
     report.secrets.append(token.get_secret_value())
-    with report.step("Hugging Face preflight: token, revision, gated access, GPU fit") as step:
-        model = hub_preflight(spec, token)
-        size = f"{model.params / 1e9:.2f}B params" if model.params else "size unknown"
-        step.detail = f"{spec.model.revision} → {model.sha[:12]}, {size}"
-    with report.step("Get cluster credentials") as step:
-        location = cluster_location(spec)
-        kubeconfig = gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
-        step.detail = f"{spec.cluster.name} in {location}"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The cluster lookup runs while the Hub is asked (independent reads, nothing created yet).
+        located = pool.submit(contextvars.copy_context().run, _credentials, spec)  # in this flow run's context
+        with report.step("Hugging Face preflight: token, revision, gated access, GPU fit") as step:
+            model = hub_preflight(spec, token)
+            size = f"{model.params / 1e9:.2f}B params" if model.params else "size unknown"
+            step.detail = f"{spec.model.revision} → {model.sha[:12]}, {size}"
+        with report.step("Get cluster credentials") as step:
+            location, kubeconfig = located.result()
+            step.detail = f"{spec.cluster.name} in {location}"
     return Target(spec, model, token, kubeconfig, location)
+
+
+def _credentials(spec: DeploymentSpec) -> tuple[str, str]:
+    location = cluster_location(spec)
+    return location, gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
 
 
 def observe(spec: DeploymentSpec, kubeconfig: str) -> Observed:

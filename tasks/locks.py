@@ -31,18 +31,28 @@ def lock_name(spec: DeploymentSpec) -> str:
     return f"llm-fleet-model-{spec.cluster.project}-{spec.name}"
 
 
+_known: set[tuple[str, str]] = set()  # (Prefect API URL, limit name) this process has seen exist
+
+
 def ensure_limit(name: str) -> None:
     """Create the limit (limit 1) if missing: `concurrency()` is a silent no-op on an unknown name."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.settings import PREFECT_API_URL
+
+    key = (str(PREFECT_API_URL.value()), name)
+    if key in _known:
+        return
 
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
+            _known.add(key)
             return
         except ObjectNotFound:
             pass
         with suppress(ObjectAlreadyExists):  # another run created it meanwhile
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    _known.add(key)
 
 
 @contextmanager
