@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 
 from flows import vertex
 from flows.cluster_preflight import cluster_preflight
-from flows.release_model import finish_retire, run_release
+from flows.release_model import finish_retire, refuse_if_parked, run_release
 from flows.report import Report, artifact_key
 from flows.serving import (
     Target,
@@ -120,6 +120,7 @@ def deploy_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.
             observed = observe(spec, t.kubeconfig)  # again: another run may have changed it while we waited
             plan = plan_release(observed, Desired(t.model.sha, t.desired_hash, spec.replicas),
                                 strategy=spec.release.strategy)
+            refuse_if_parked(spec, plan)
             if plan.action == "first_deploy":
                 out = first_deploy(t, report)
             else:

@@ -424,6 +424,13 @@ def finish_retire(t: Target, report: Report, color: Color) -> None:
 
 # ---- flows ---------------------------------------------------------------------------------------
 
+def refuse_if_parked(spec: DeploymentSpec, plan: ReleasePlan) -> None:
+    if plan.action == "parked":
+        raise FleetError(f"{spec.name} is parked ({plan.reason}); a change needs a warm color to fall back to",
+                         f"run wake_model for {spec.name}, then release again (the hold proxy keeps "
+                         "requests meanwhile)")
+
+
 def _resolve(spec: str | dict[str, Any], flow_name: str) -> DeploymentSpec:
     return resolve_gke_spec(spec, flow=flow_name)
 
@@ -450,6 +457,7 @@ def release_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4
         with model_lock(spec, purpose="release"):
             observed = observe(spec, t.kubeconfig)
             plan = plan_release(observed, desired, strategy=spec.release.strategy)
+            refuse_if_parked(spec, plan)
             if plan.action == "first_deploy":
                 from flows.deploy_model import first_deploy
 

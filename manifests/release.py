@@ -19,6 +19,7 @@ from manifests.provision import Check, QuotaReading
 from manifests.spec import DeploymentSpec
 
 HISTORY_ANNOTATION = "llm-fleet.dev/release-history"
+PARK_ANNOTATION = "llm-fleet.dev/park-record"  # written by park_model (manifests/park.py)
 RELEASE_ANNOTATION = "llm-fleet.dev/release"  # the release in flight: candidate color + revision
 HISTORY_KEEP = 10
 
@@ -64,6 +65,7 @@ class Observed:
     colors: dict[Color, ColorState]
     history: list[dict[str, Any]] = field(default_factory=list)
     in_flight: dict[str, Any] | None = None  # RELEASE_ANNOTATION of an interrupted release
+    parked: dict[str, Any] | None = None  # park_model's record: the GPUs are off, wake_model restores them
 
     @classmethod
     def from_objects(cls, service: dict[str, Any] | None, deployments: dict[Color, dict[str, Any] | None]
@@ -73,7 +75,8 @@ class Observed:
         ann = meta.get("annotations") or {}
         return cls(color if color in names.COLORS else None, meta.get("resourceVersion"),
                    {c: ColorState.from_deployment(c, deployments.get(c)) for c in names.COLORS},
-                   _json(ann.get(HISTORY_ANNOTATION), []), _json(ann.get(RELEASE_ANNOTATION), None))
+                   _json(ann.get(HISTORY_ANNOTATION), []), _json(ann.get(RELEASE_ANNOTATION), None),
+                   _json(ann.get(PARK_ANNOTATION), None))
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ RECREATE_STEPS = ("capacity", "stop_live", "bring_up", "preview", "pre_analysis"
 
 @dataclass(frozen=True)
 class ReleasePlan:
-    action: Literal["first_deploy", "noop", "release", "finish", "clean_up"]
+    action: Literal["first_deploy", "noop", "release", "clean_up", "parked"]
     reason: str
     live: Color | None  # serving now
     candidate: Color | None  # to bring up beside it
@@ -124,6 +127,11 @@ STEP_TEXT = {
 
 def plan_release(observed: Observed, desired: Desired, *, strategy: str = "blue-green") -> ReleasePlan:
     """The steps from what the cluster runs to what the spec wants. Pure, total, printed before acting."""
+    if observed.parked:
+        # The live Service points at the hold proxy and the GPUs are off: a release now would have no
+        # stable color to fall back to, and a deploy would fight wake_model's record.
+        return ReleasePlan("parked", f"parked since {observed.parked.get('parked_at', '?')}: wake it first",
+                           observed.parked.get("color"), None, revision=desired.revision)
     live = observed.live
     if live is None or not observed.colors[live].exists:
         return ReleasePlan("first_deploy", "no color serves yet: nothing to protect, deploy directly",

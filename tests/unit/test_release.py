@@ -156,3 +156,10 @@ def test_history_keeps_the_newest_and_finds_the_previous_promoted():
     assert previous_promoted(hist, "r11")["revision"] == "r10"
     only = [{"revision": "r2", "result": "promoted", "previous_revision": "r1", "previous_color": "blue"}]
     assert previous_promoted(only, "r2") == {"revision": "r1", "color": "blue"}
+
+
+def test_a_parked_model_is_not_released():
+    obs = Observed(None, "3", {"blue": state("blue"), "green": ColorState("green")}, [], None,
+                   {"color": "blue", "parked_at": "2026-12-01T20:00:00Z"})
+    plan = plan_release(obs, NEW)
+    assert plan.action == "parked" and "wake" in plan.reason and plan.steps == ()
