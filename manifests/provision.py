@@ -150,6 +150,9 @@ def cluster_body(spec: DeploymentSpec, *, location: str, zones: list[str]) -> di
         body["workload_identity_config"] = {"workload_pool": f"{c.project}.svc.id.goog"}
     body["ip_allocation_policy"] = {"use_ip_aliases": True}
     body["shielded_nodes"] = {"enabled": True}
+    if spec.expose.network_policy:
+        # NetworkPolicy is enforced only with Dataplane V2 (Autopilot's default); set at create time only.
+        body["network_config"] = {"datapath_provider": "ADVANCED_DATAPATH"}
     if zones:
         body["locations"] = zones[:1]  # the small system pool lives in one zone (seed 004)
     if c.image_streaming:

@@ -139,3 +139,16 @@ def test_warning_is_quiet_about_a_pinned_commit():
     spec = spec_of("mistral-7b-vllm-spot.yaml", model__revision="0" * 40)
     (warning,) = spec.warnings
     assert "pin" not in warning
+
+
+def test_a_network_policy_spec_gets_a_cluster_that_enforces_it():
+    from manifests.provision import cluster_body
+
+    on = spec_of("llama2-7b-tgi-nginx.yaml", expose__network_policy=True)
+    body = cluster_body(on, location=on.cluster.location, zones=[])
+    assert body["network_config"] == {"datapath_provider": "ADVANCED_DATAPATH"}
+    off = spec_of("llama2-7b-tgi-nginx.yaml")
+    assert "network_config" not in cluster_body(off, location=off.cluster.location, zones=[])
+    from google.cloud import container_v1
+
+    container_v1.Cluster(body)  # a valid container v1 Cluster
