@@ -73,7 +73,7 @@ from sandbox.engines import checks as engine_checks
 # Images with their own serving protocol register a handler picker here (sandbox/vertex.py: Model Garden vLLM).
 HANDLER_OVERRIDES: list[Callable[[ContainerInfo], type | None]] = []
 MODES = ("ok", "slow_load", "crash_loop", "oom", "image_pull_error", "wrong_answers", "http_500", "hang")
-MATCH_KEYS = ("namespace", "labels", "model", "name", "engine")
+MATCH_KEYS = ("namespace", "labels", "model", "name", "engine", "revision")
 ENGINE_DEFAULT_PORTS = {"vllm": 8000, "tgi": 80, "sglang": 30000, "generic": 80}
 ENGINE_DEFAULT_MODELS = {"vllm": "facebook/opt-125m", "tgi": "bigscience/bloom-560m", "sglang": None}
 DEFAULT_PARAMS_B = 7.0
@@ -300,11 +300,14 @@ class Behavior:
             return False
         if m.get("name") and not re.search(m["name"], meta.get("name", "") or meta.get("generateName", "")):
             return False
-        if m.get("model") or m.get("engine"):
+        if m.get("model") or m.get("engine") or m.get("revision"):
             info = info or describe_container(pod)
             if m.get("model") and info.model_id != m["model"]:
                 return False
             if m.get("engine") and info.engine != m["engine"]:
+                return False
+            # "The weights of this commit are broken": pods serving that Hub revision behave so.
+            if m.get("revision") and info.revision != m["revision"]:
                 return False
         return True
 
@@ -328,12 +331,12 @@ class Behaviors:
     def add(self, behavior: Behavior | None = None, *, mode: str = "ok", match: dict[str, Any] | None = None,
             load_seconds: float | None = None, count: int | None = None, tokens_per_s: float | None = None,
             namespace: str | None = None, labels: dict[str, str] | None = None, model: str | None = None,
-            name: str | None = None, engine: str | None = None) -> Behavior:
+            name: str | None = None, engine: str | None = None, revision: str | None = None) -> Behavior:
         """Add a rule; ``namespace``/``labels``/``model``/``name``/``engine`` are shortcuts for ``match``."""
         if behavior is None:
             m = dict(match or {})
             for k, v in (("namespace", namespace), ("labels", labels), ("model", model), ("name", name),
-                         ("engine", engine)):
+                         ("engine", engine), ("revision", revision)):
                 if v is not None:
                     m[k] = v
             behavior = Behavior(mode=mode, match=m, load_seconds=load_seconds, count=count,
