@@ -12,6 +12,7 @@ create takes 6 s, so cloud delays stay the critical path as they are on GKE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -35,13 +36,17 @@ def spec(name: str, project: str, pool_nodes: int) -> dict:
 
 
 def run(specs: list[dict], label: str) -> float:
+    from prefect.artifacts import Artifact
+
     from flows.deploy_fleet import deploy_fleet
 
     start = time.perf_counter()
-    result = deploy_fleet(fleet=None, specs=specs, max_parallel=len(specs) + 8)
+    state = deploy_fleet(fleet=None, specs=specs, max_parallel=len(specs) + 8, return_state=True)
     took = time.perf_counter() - start
-    deployed = sum(m["status"] == "deployed" for m in result["models"])
-    print(f"  {label}: {deployed}/{len(specs)} deployed in {took:.1f} s", flush=True)
+    rows = yaml.safe_load(Artifact.get("deploy-fleet").data)
+    deployed = sum(r["status"] == "deployed" for r in rows)
+    print(f"  {label}: {deployed}/{len(specs)} deployed in {took:.1f} s"
+          + ("" if state.is_completed() else f" — {state.message[:300]}"), flush=True)
     return took
 
 
@@ -50,12 +55,14 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=20)
     parser.add_argument("--per-cluster", type=int, default=5)
     parser.add_argument("--time-scale", type=float, default=0.02)
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="postgres",
+                        help="the Prefect server's database: the embedded SQLite, or PostgreSQL as in production")
     args = parser.parse_args()
 
     os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "ERROR",
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
                        "LLM_FLEET_POLL_INITIAL_S": "0.05", "LLM_FLEET_POLL_MAX_S": "0.2",
-                       "LLM_FLEET_RETRY_INITIAL_S": "0.05"})
+                       "LLM_FLEET_RETRY_INITIAL_S": "0.05", "PREFECT_CLIENT_MAX_RETRIES": "10"})
     import tempfile
 
     from prefect.testing.utilities import prefect_test_harness
@@ -70,9 +77,21 @@ def main() -> int:
     from tasks.settings import reload_settings
 
     reload_settings()
+    stack = contextlib.ExitStack()
     try:
-        with prefect_test_harness(server_startup_timeout=120):
-            print(f"deploy_fleet on the sandbox (time scale {args.time_scale}; 2 shared cores)", flush=True)
+        if args.db == "postgres":
+            from tests.flows.server_support import postgres_server, prefect_server
+
+            url = stack.enter_context(postgres_server())
+            api, _ = stack.enter_context(prefect_server(tmp / "prefect", PREFECT_API_DATABASE_CONNECTION_URL=url))
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api}))
+        else:
+            stack.enter_context(prefect_test_harness(server_startup_timeout=120))
+        with stack:
+            print(f"deploy_fleet on the sandbox (time scale {args.time_scale}; Prefect server on {args.db}; "
+                  "2 shared cores)", flush=True)
             one = run([spec("solo", f"b-{uuid.uuid4().hex[:10]}", 1)], "1 model")
             clusters = max(1, args.models // args.per_cluster)
             projects = [f"b-{uuid.uuid4().hex[:10]}" for _ in range(clusters)]

@@ -69,3 +69,76 @@ def prefect_cli(*args: str, env: dict[str, str], cwd: Path = ROOT, timeout: floa
     if res.returncode != 0:
         raise AssertionError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res.stdout
+
+
+# ---- PostgreSQL (Debian's package), for a Prefect server in its production shape ------------------
+
+class PostgresUnavailable(RuntimeError):
+    """Not installed, and apt-get is not there to install it."""
+
+
+def _pg_bin() -> Path | None:
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def ensure_postgres() -> Path:
+    """The PostgreSQL bin dir; `apt-get install postgresql` first when it is missing and apt is there."""
+    import shutil
+
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        if shutil.which("apt-get") is None:
+            raise PostgresUnavailable("PostgreSQL is not installed and apt-get is not available to install it")
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        subprocess.run([*sudo, "apt-get", "install", "-y", "-q", "postgresql"], check=True, capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
+        bin_dir = _pg_bin()
+        if bin_dir is None:
+            raise PostgresUnavailable("apt-get installed postgresql but initdb is not there")
+    return bin_dir
+
+
+def _as_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run it as the package's `postgres` user then."""
+    return cmd if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--", *cmd]
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL on 127.0.0.1; yields its SQLAlchemy asyncpg URL."""
+    import shutil
+    import tempfile
+
+    bin_dir = ensure_postgres()
+    # Not under pytest's tmp dir: that is private to root, and the server runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="llm-fleet-pg-"))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+        os.chmod(base, 0o755)
+    try:
+        res = subprocess.run(_as_user([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "prefect",
+                                       "-E", "UTF8", "--no-sync"]), capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"initdb failed: {res.stdout}{res.stderr}")
+        port = free_port()
+        res = subprocess.run(_as_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"), "-w",
+                                       "-t", "60", "-o", f"-p {port} -h 127.0.0.1 -k {sock} -c fsync=off "
+                                       "-c max_connections=200", "start"]),
+                             capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {res.stdout}{res.stderr}")
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(_as_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)

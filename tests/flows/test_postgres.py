@@ -6,74 +6,23 @@ PostgreSQL is Debian's `postgresql` package, started by this test as a non-root 
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.flows.server_support import ROOT, free_port, prefect_server
-
-
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _ensure_postgres() -> Path:
-    bin_dir = _pg_bin()
-    if bin_dir is None:
-        if shutil.which("apt-get") is None:
-            pytest.skip("PostgreSQL is not installed and apt-get is not available to install it")
-        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        subprocess.run([*sudo, "apt-get", "install", "-y", "-q", "postgresql"], check=True, capture_output=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
-        bin_dir = _pg_bin()
-        assert bin_dir is not None, "apt-get installed postgresql but initdb is not there"
-    return bin_dir
-
-
-def _as_user(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run it as the package's `postgres` user then."""
-    if os.geteuid() != 0:
-        return cmd
-    return ["runuser", "-u", "postgres", "--", *cmd]
+from tests.flows.server_support import ROOT, PostgresUnavailable, postgres_server, prefect_server
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    import tempfile
-
-    bin_dir = _ensure_postgres()
-    # Not under pytest's tmp dir: that is private to root, and the server runs as `postgres`.
-    base = Path(tempfile.mkdtemp(prefix="llm-fleet-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-        os.chmod(base, 0o755)
-    res = subprocess.run(_as_user([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "prefect",
-                                   "-E", "UTF8", "--no-sync"]), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    port = free_port()
-    subprocess.run(_as_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"), "-w", "-t", "60",
-                             "-o", f"-p {port} -h 127.0.0.1 -k {sock} -c fsync=off", "start"]),
-                   check=True, capture_output=True, timeout=120)
+def postgres():
     try:
-        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(_as_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        with postgres_server() as url:
+            yield url
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def test_prefect_server_on_postgres_runs_a_flow(postgres, tmp_path):
