@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -27,6 +26,7 @@ from manifests.errors import FleetError
 from manifests.fleet import SpecPath
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from tasks import gke, k8s
+from tasks.credfiles import remove_cluster_credentials
 from tasks.inventory import labelled, list_kind, ref, set_labels
 from tasks.locks import model_lock
 from tasks.log import logger
@@ -223,8 +223,7 @@ def remove_capacity(spec: DeploymentSpec, *, kubeconfig: str | None, location: s
     items.append(item)
     if item.action == "delete" and not dry_run:
         remove_cluster(spec, location=location)
-        if kubeconfig:
-            Path(kubeconfig).unlink(missing_ok=True)
+        remove_cluster_credentials(project=c.project, location=location, cluster=c.name)
     return items
 
 

@@ -137,12 +137,12 @@ def test_parameters_show_as_forms(deployed):
         props = d["parameter_openapi_schema"]["properties"]
         if "dry_run" in props:
             assert props["dry_run"]["type"] == "boolean", key
-        spec = props.get("spec")
-        if spec is None:
-            continue
-        text = str(spec) + str(d["parameter_openapi_schema"].get("definitions", {}))
-        if key.split("/")[0] in {"teardown", "check_fleet", "gpu_report", "deploy_fleet"}:
+        spec = props.get("spec") or props.get("specs")
+        if key.split("/")[0] in {"teardown", "check_fleet", "gpu_report"}:
+            text = str(spec) + str(d["parameter_openapi_schema"].get("definitions", {}))
             assert all(p in text for p in bundled_specs()), f"{key}: no spec picker: {spec}"
+        if key.split("/")[0] == "deploy_fleet":
+            assert "deployments/fleets/demo.yaml" in str(props["fleet"]), props["fleet"]
 
 
 def test_kubernetes_variant_runs_the_same_deployments_in_the_image(deployed):
