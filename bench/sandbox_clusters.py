@@ -53,6 +53,7 @@ def main() -> int:
     from kubernetes import client as k8s
 
     from sandbox.app import Sandbox
+    from tests.sandbox.kube_support import api_client
 
     sb = Sandbox(time_scale=args.time_scale)
     sb.start()
@@ -100,8 +101,9 @@ def main() -> int:
 
         apis = []
         for parent, _ in parents:
-            endpoint = gke.get_cluster(name=f"{parent}/clusters/bench", retry=None).endpoint
-            apis.append(k8s.AppsV1Api(k8s.ApiClient(k8s.Configuration(host=f"http://{endpoint}"))))
+            project, location = parent.split("/")[1], parent.split("/")[3]
+            kube = sb.cluster_kube("bench", location, project)  # https + its CA + a Google token
+            apis.append(k8s.AppsV1Api(api_client(kube)))
         t0 = time.perf_counter()
         for d in range(args.deployments):
             apis[d % len(apis)].create_namespaced_deployment("default", deployment(f"m{d}", args.replicas))

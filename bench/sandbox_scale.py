@@ -36,6 +36,7 @@ def main() -> int:
     from manifests.render import model_deployment
     from manifests.spec import load_spec, parse_spec
     from sandbox.app import Sandbox
+    from tests.sandbox.kube_support import api_client
 
     base_rss = rss_mib()
     t0 = time.perf_counter()
@@ -49,8 +50,7 @@ def main() -> int:
                                                       "cloud.google.com/gke-accelerator": "nvidia-l4"},
                              capacity={"nvidia.com/gpu": "1", "cpu": "8", "memory": "32Gi"},
                              taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
-        cfg = client.Configuration(host=sb.kube.url)
-        apps = client.AppsV1Api(client.ApiClient(cfg))
+        apps = client.AppsV1Api(api_client(sb.kube))  # https + the cluster's CA + a Google token
         data = load_spec(ROOT / "deployments/qwen2.5-7b-sglang.yaml").model_dump(mode="json", by_alias=True)
         data["accelerator"]["pool"] = {"max_nodes": 100}
         t1 = time.perf_counter()

@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from manifests.errors import FleetError
 from tasks.settings import get_settings
-from tasks.slack import post_slack, update_slack
+from tasks.slack import open_thread, post_slack, update_slack
 
 ICONS = {"running": "⏳", "ok": "✅", "failed": "❌", "skipped": "⏭️"}
 
@@ -37,10 +37,13 @@ class Report:
     ts: str | None = None
     status: str = "running"
     outcome: str = ""
+    channel_id: str | None = None  # from the first post: updates and replies address the channel by ID
 
     def __post_init__(self) -> None:
         self.channel = self.channel or get_settings().slack_channel
-        self.ts = post_slack(channel=self.channel, text=self._text())
+        thread = open_thread(channel=self.channel, text=self._text())
+        if thread is not None:
+            self.channel_id, self.ts = thread
 
     def scrub(self, text: str) -> str:
         return scrub_text(text, self.secrets)
@@ -54,8 +57,8 @@ class Report:
         return self.scrub("\n".join(lines))
 
     def _sync(self) -> None:
-        if self.ts:
-            update_slack(channel=self.channel, ts=self.ts, text=self._text())
+        if self.ts and self.channel_id:
+            update_slack(channel=self.channel_id, ts=self.ts, text=self._text())
 
     @contextmanager
     def step(self, name: str) -> Iterator[Step]:
@@ -81,8 +84,8 @@ class Report:
     def note(self, text: str) -> None:
         """A reply in the run's Slack thread (what a reader must not miss, e.g. where traffic went)."""
         get_run_logger().info("%s", self.scrub(text))
-        if self.ts:
-            post_slack(channel=self.channel, thread_ts=self.ts, text=self.scrub(text))
+        if self.ts and self.channel_id:
+            post_slack(channel=self.channel_id, thread_ts=self.ts, text=self.scrub(text))
 
     def skip(self, name: str, why: str) -> None:
         self.steps.append(Step(name, "skipped", why))
@@ -98,8 +101,8 @@ class Report:
         fix = exc.fix if isinstance(exc, FleetError) and exc.fix else "see the Prefect flow run logs"
         self.outcome = f"Cause: {_one_line(exc)}"
         self._sync()
-        if self.ts:
-            post_slack(channel=self.channel, thread_ts=self.ts,
+        if self.ts and self.channel_id:
+            post_slack(channel=self.channel_id, thread_ts=self.ts,
                        text=self.scrub(f"❌ {self.flow} failed: {exc}\nNext step: {fix}"))
 
     def table_artifact(self, key: str, rows: list[dict], description: str) -> None:

@@ -48,32 +48,57 @@ def workload_account(spec: DeploymentSpec) -> Obj | None:
 
 
 def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
-    """What a Prefect worker running in the cluster needs to run every flow in this namespace."""
-    name = names.OPERATOR_ACCOUNT
+    """What a Prefect worker running as the operator ServiceAccount needs to run every flow (deploy,
+    release, park/wake, teardown) in this namespace, and no more; a cluster admin applies it once.
+
+    Cluster-scoped reads (the preflight's StorageClass / IngressClass / custom-metrics APIService,
+    park's GPU nodes) need a ClusterRole; everything else is a Role in the namespace. Server-side apply
+    of a missing object is authorized as create as well as patch. The operator may re-apply its own
+    RBAC objects (by name only): RBAC lets it, as it already holds every permission they grant.
+    """
+    name, ns = names.OPERATOR_ACCOUNT, spec.namespace
+    manage = ["get", "list", "create", "patch", "delete"]
+    read = ["get", "list", "watch"]
     rules = [
-        {"apiGroups": [""], "resources": ["pods", "pods/log", "events", "endpoints"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["services", "services/proxy", "secrets", "persistentvolumeclaims",
-                                          "serviceaccounts"],
-         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "replicasets"],
-         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "networkpolicies"],
-         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-        {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
-         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-        {"apiGroups": ["monitoring.googleapis.com", "monitoring.coreos.com"],
-         "resources": ["podmonitorings", "rules", "prometheusrules"],
-         "verbs": ["get", "list", "create", "update", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "resourceNames": [ns], "verbs": ["get", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["secrets", "configmaps", "services", "serviceaccounts",
+                                          "persistentvolumeclaims"], "verbs": manage},
+        {"apiGroups": [""], "resources": ["services/proxy"], "verbs": ["get", "create"]},  # health, smoke prompts
+        {"apiGroups": [""], "resources": ["pods", "endpoints"], "verbs": read},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*manage, "watch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "networkpolicies"], "verbs": manage},
+        {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": manage},
+        {"apiGroups": ["monitoring.googleapis.com"], "resources": ["podmonitorings", "rules"], "verbs": manage},
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["list"]},
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "resourceNames": [name],
+         "verbs": ["get", "patch", "delete"]},
+    ]
+    cluster_name = f"{name}-{ns}"  # one per namespace: cluster-scoped names are shared by every spec
+    cluster_rules = [
+        {"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "verbs": ["get"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingressclasses"], "verbs": ["get"]},
+        {"apiGroups": ["apiregistration.k8s.io"], "resources": ["apiservices"], "verbs": ["get"],
+         "resourceNames": ["v1beta1.custom.metrics.k8s.io", "v1beta2.custom.metrics.k8s.io"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"],
+         "resourceNames": [cluster_name], "verbs": ["get", "patch"]},
     ]
     labels = {"app.kubernetes.io/component": "operator"}
+    subject = [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
+    rbac = "rbac.authorization.k8s.io"
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, name, labels=labels)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(spec, name, labels=labels),
-         "rules": rules},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": _meta(spec, name, labels=labels),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": spec.namespace}]},
+        {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": _meta(spec, name, labels=labels), "rules": rules},
+        {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": _meta(spec, name, labels=labels),
+         "roleRef": {"apiGroup": rbac, "kind": "Role", "name": name}, "subjects": subject},
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRole",
+         "metadata": _meta(spec, cluster_name, labels=labels, namespaced=False), "rules": cluster_rules},
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRoleBinding",
+         "metadata": _meta(spec, cluster_name, labels=labels, namespaced=False),
+         "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": cluster_name}, "subjects": subject},
     ]
 
 

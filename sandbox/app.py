@@ -20,11 +20,11 @@ Kubernetes APIs, one per cluster as on GKE:
   ``service="kube"`` applies to every Kubernetes API.
 * every kubeconfig :meth:`Sandbox.write_env` wrote (``<state-dir>/kubeconfig``) is kept up to date: a
   context (and cluster and user of the same name) ``gke_<project>_<location>_<name>`` per GKE cluster,
-  as ``gcloud container clusters get-credentials`` names them, over plain http. ``current-context``
+  as ``gcloud container clusters get-credentials`` names and writes them (https with the cluster's CA,
+  user ``exec: gke-gcloud-auth-plugin``). ``current-context``
   stays ``sandbox`` until a cluster is created, then moves to the newest cluster; when the current
   cluster is deleted it moves to the newest remaining one (or back to ``sandbox``). Entries gcloud
-  writes for a sandbox cluster (https, auth plugin) are repaired to plain http within a second; other
-  entries are left alone.
+  writes for a sandbox cluster are the same entries: nothing needs repairing.
 * each Service of each API gets a loopback port (``sandbox.routing.ServicePorts``) that routes to its
   Ready pods at every request, shown under ``service_ports`` in the state.
 
@@ -92,12 +92,14 @@ from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
 from sandbox.gke import Gke
 from sandbox.routing import ServicePorts
+from sandbox.tokens import DEFAULT_LIFETIME_S, GoogleTokens, OAuth
 
 HF_TOKEN = "hf_sandbox_read"
 SLACK_TOKEN = "xoxb-sandbox-token"
-GCLOUD_TOKEN = "sandbox-access-token"
+GCLOUD_TOKEN_LIFETIME_S = 12 * 3600.0  # real seconds: the longest access-token lifetime Google allows
+AUTH_PLUGIN_HINT = ("Install gke-gcloud-auth-plugin for use with kubectl by following "
+                    "https://cloud.google.com/kubernetes-engine/docs/how-to/cluster-access-for-kubectl#install_plugin")
 KUBE_CONTEXT = "sandbox"
-KUBECONFIG_CHECK_SECONDS = 0.5  # how often kubeconfigs are checked for gcloud's https entries
 
 
 def gke_context(project: str, location: str, name: str) -> str:
@@ -154,7 +156,9 @@ class Sandbox:
     """Every emulator plus the control API, as threads of this process on 127.0.0.1."""
 
     def __init__(self, *, time_scale: float = 1.0, state_dir: str | os.PathLike[str] | None = None,
-                 project: str = "llm-fleet-demo") -> None:
+                 project: str = "llm-fleet-demo", token_lifetime_s: float = DEFAULT_LIFETIME_S) -> None:
+        """``token_lifetime_s``: cloud seconds a Google access token from the sandbox's token endpoint
+        lives (GCP: 3,600); after it the cluster APIs answer 401 to it."""
         # The kube/models/hub/slack emulators are built by their own modules; imported here so a
         # missing one fails with a clear ImportError when the sandbox is built, not at import time.
         from sandbox.hub import Hub
@@ -164,14 +168,20 @@ class Sandbox:
         from sandbox.vertex import Vertex
 
         self.project = project
+        # the identity of the env file's credentials (ADC key and gcloud token); project owner
+        self.google_account = f"llm-fleet@{project}.iam.gserviceaccount.com"
         self.clock = Clock(time_scale)
         self.faults = Faults()
         self.hub = Hub(faults=self.faults, clock=self.clock)
         self.runtime = ModelRuntime(clock=self.clock, faults=self.faults, hub=self.hub)
         self.accounting = Accounting()  # node/pod lifetimes by the emulator's own clock
         self._kube_class = KubeCluster
+        # Google's token endpoint and the access tokens it issued, checked by every cluster's API
+        self.tokens = GoogleTokens(clock=self.clock, lifetime_s=token_lifetime_s)
+        self.oauth = OAuth(tokens=self.tokens, faults=self.faults)
+        self._gcloud_token = ""
         # the default API (context "sandbox"); every GKE cluster gets its own (see _new_cluster_kube)
-        self.kube = KubeCluster(clock=self.clock, faults=self.faults, runtime=self.runtime)
+        self.kube = KubeCluster(clock=self.clock, faults=self.faults, runtime=self.runtime, google_tokens=self.tokens)
         self.kube_routes = ServicePorts(self.kube, faults=self.faults)
         self._kube_routes_unsubscribe: Any = None
         self.cluster_kubes: dict[tuple[str, str, str], ClusterKube] = {}
@@ -190,13 +200,12 @@ class Sandbox:
         self._kc_lock = threading.RLock()  # cluster_kubes and the kubeconfig files
         self._kubeconfigs: dict[Path, int] = {}  # kubeconfigs to keep up to date -> mtime_ns we wrote
         self._managed_contexts: set[str] = {KUBE_CONTEXT}  # every context this sandbox ever wrote
-        self._keeper: threading.Thread | None = None
         self._out: Any = None  # run_forever's stream: cluster APIs coming and going are announced there
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _parts(self) -> list[Any]:
         """Start order: things others depend on first."""
-        return [self.hub, self.runtime, self.kube, self.compute, self.gke, self.slack, self.vertex]
+        return [self.oauth, self.hub, self.runtime, self.kube, self.compute, self.gke, self.slack, self.vertex]
 
     def start(self) -> Sandbox:
         if self._started:
@@ -218,13 +227,13 @@ class Sandbox:
             raise
         self._started = True
         self._stopping = False
+        # gcloud cannot refresh a CLOUDSDK_AUTH_ACCESS_TOKEN: mint it for Google's longest lifetime
+        self._gcloud_token, _ = self.tokens.issue(self.google_account, lifetime_s=GCLOUD_TOKEN_LIFETIME_S, scaled=False)
         if self.state_dir is None:
             self._tmp_dir = Path(tempfile.mkdtemp(prefix="llm-fleet-sandbox-"))
             self.state_dir = self._tmp_dir
         self.state_dir = self.state_dir.resolve()
         self.write_env(self.state_dir)
-        self._keeper = threading.Thread(target=self._keep_kubeconfigs, name="sandbox-kubeconfig", daemon=True)
-        self._keeper.start()
         return self
 
     def stop(self) -> None:
@@ -253,9 +262,6 @@ class Sandbox:
         for entry in leftovers:
             _quiet_stop(entry.kube)
             _quiet_stop(entry.routes)
-        if self._keeper is not None:
-            self._keeper.join(timeout=2)
-            self._keeper = None
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
@@ -299,6 +305,7 @@ class Sandbox:
             "hub": self.hub.url,
             "slack": self.slack.url,
             "vertex": self.vertex.url,
+            "oauth": self.oauth.url,
         }
 
     def env(self, directory: str | os.PathLike[str] | None = None) -> dict[str, str]:
@@ -315,9 +322,10 @@ class Sandbox:
             "LLM_FLEET_SANDBOX_URL": self.url,
             "LLM_FLEET_GKE_ENDPOINT": self.gke.url,
             "LLM_FLEET_COMPUTE_ENDPOINT": self.compute.url,
-            "LLM_FLEET_GCP_AUTH": "anonymous",
-            # the sandbox's cluster endpoints (127.0.0.1:PORT) speak plain http
-            "LLM_FLEET_CLUSTER_SCHEME": "http",
+            # Application Default Credentials, as on GCP: google-auth signs an assertion with the file's
+            # service-account key and trades it at the sandbox's token endpoint for access tokens that expire
+            "LLM_FLEET_GCP_AUTH": "adc",
+            "GOOGLE_APPLICATION_CREDENTIALS": str(d / "application_default_credentials.json"),
             "LLM_FLEET_KUBE_DIR": str(d / "kube"),
             "LLM_FLEET_TIME_SCALE": repr(self.clock.time_scale),
             "LLM_FLEET_SLACK_API_URL": self.slack.url + "/api/",
@@ -331,7 +339,8 @@ class Sandbox:
             "KUBECONFIG": str(d / "kubeconfig"),
             "GOOGLE_CLOUD_PROJECT": self.project,
             "CLOUDSDK_CORE_PROJECT": self.project,
-            "CLOUDSDK_AUTH_ACCESS_TOKEN": GCLOUD_TOKEN,
+            # what gcloud (and so gke-gcloud-auth-plugin, kubectl's credential) presents
+            "CLOUDSDK_AUTH_ACCESS_TOKEN": self._gcloud_token,
             "CLOUDSDK_CONFIG": str(d / "gcloud"),
             "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
             "CLOUDSDK_API_ENDPOINT_OVERRIDES_CONTAINER": self.gke.url + "/",
@@ -343,7 +352,7 @@ class Sandbox:
     # ---- one Kubernetes API per GKE cluster ----------------------------------------------------------
     def _new_cluster_kube(self, project: str, location: str, name: str) -> Any:
         """Gke's ``kube_factory``: a started KubeCluster for a new cluster, its Service ports, a context."""
-        kube = self._kube_class(clock=self.clock, faults=self.faults, runtime=self.runtime)
+        kube = self._kube_class(clock=self.clock, faults=self.faults, runtime=self.runtime, google_tokens=self.tokens)
         kube.start()
         # GCE Ingresses may name only static IPs reserved in this project (gcloud compute addresses create)
         kube.ingress.static_ip = lambda ip, p=project: (p, "global", ip) in self.compute.addresses
@@ -404,6 +413,14 @@ class Sandbox:
                     return entry.kube
         return None
 
+    def ca_b64(self, context: str) -> str:
+        """The CA of the API a context names (base64 PEM, as in ``masterAuth.clusterCaCertificate``)."""
+        with self._kc_lock:
+            for entry in self.cluster_kubes.values():
+                if entry.context == context:
+                    return entry.kube.tls.ca_b64
+        return self.kube.tls.ca_b64
+
     def kube_contexts(self) -> dict[str, str]:
         """``context -> API server url``: ``sandbox`` first, then one per GKE cluster, oldest first."""
         with self._kc_lock:
@@ -424,11 +441,15 @@ class Sandbox:
         self._put_contexts(config, contexts)
         return config
 
-    @staticmethod
-    def _put_contexts(config: dict[str, Any], contexts: dict[str, str]) -> None:
+    def _put_contexts(self, config: dict[str, Any], contexts: dict[str, str]) -> None:
+        """The entries ``gcloud container clusters get-credentials`` writes: https + the cluster's CA, and
+        gke-gcloud-auth-plugin as the credential."""
         for name, server in contexts.items():
-            config["clusters"].append({"name": name, "cluster": {"server": server}})
-            config["users"].append({"name": name, "user": {}})
+            config["clusters"].append({"name": name, "cluster": {"certificate-authority-data": self.ca_b64(name),
+                                                                 "server": server}})
+            config["users"].append({"name": name, "user": {"exec": {
+                "apiVersion": "client.authentication.k8s.io/v1beta1", "command": "gke-gcloud-auth-plugin",
+                "installHint": AUTH_PLUGIN_HINT, "provideClusterInfo": True}}})
             config["contexts"].append({"name": name, "context": {"cluster": name, "user": name,
                                                                   "namespace": "default"}})
 
@@ -465,40 +486,6 @@ class Sandbox:
             with contextlib.suppress(OSError):
                 self._write_kubeconfig(path, config)
 
-    def _kubeconfig_needs_repair(self, path: Path) -> bool:
-        """Someone else (gcloud create/get-credentials) wrote an https entry for a sandbox cluster?"""
-        try:
-            config = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            return False
-        if not isinstance(config, dict):
-            return False
-        contexts = self.kube_contexts()
-        clusters = {e.get("name"): e.get("cluster") or {} for e in config.get("clusters") or []
-                    if isinstance(e, dict)}
-        users = {e.get("name"): e.get("user") or {} for e in config.get("users") or [] if isinstance(e, dict)}
-        for name, server in contexts.items():
-            if name == KUBE_CONTEXT:
-                continue
-            if name in clusters and (clusters[name].get("server") != server or users.get(name)):
-                return True
-        return False
-
-    def _keep_kubeconfigs(self) -> None:
-        while not self._stop_event.wait(KUBECONFIG_CHECK_SECONDS):
-            with self._kc_lock:
-                if self._stopping:
-                    return
-                for path, written in list(self._kubeconfigs.items()):
-                    try:
-                        mtime = path.stat().st_mtime_ns
-                    except OSError:
-                        continue
-                    if mtime != written:
-                        self._kubeconfigs[path] = mtime
-                        if self._kubeconfig_needs_repair(path):
-                            self._sync_kubeconfigs(only=path)
-
     def _announce(self, message: str) -> None:
         out = self._out
         if out is not None:
@@ -514,6 +501,8 @@ class Sandbox:
         gcloud = d / "gcloud"
         (gcloud / "configurations").mkdir(parents=True, exist_ok=True)
         (gcloud / "active_config").write_text("default")
+        self.oauth.write_adc(d / "application_default_credentials.json", email=self.google_account,
+                             project=self.project)
         (gcloud / "configurations" / "config_default").write_text(
             f"[core]\nproject = {self.project}\ndisable_usage_reporting = True\n"
             "[component_manager]\ndisable_update_check = True\n")
@@ -581,10 +570,11 @@ class Sandbox:
             f"  curl -s {self.url}/sandbox/state | head\n\n"
             f"Kubernetes: `kubectl` starts on the default API (context {KUBE_CONTEXT}). Every GKE cluster you\n"
             f"  create gets its own API server, and {self.state_dir or '.'}/kubeconfig a context\n"
-            f"  gke_<project>_<location>_<name> for it (plain http); the newest cluster becomes the\n"
+            f"  gke_<project>_<location>_<name> for it (https + CA + gke-gcloud-auth-plugin, as gcloud\n"
+            f"  writes it); the newest cluster becomes the\n"
             f"  current context, a deleted one's context goes. `kubectl config get-contexts` lists them,\n"
-            f"  `kubectl config use-context {KUBE_CONTEXT}` returns to the default API. (gcloud's own\n"
-            f"  https entries for sandbox clusters are rewritten to http within a second.)\n\n"
+            f"  `kubectl config use-context {KUBE_CONTEXT}` returns to the default API. (`gcloud container\n"
+            f"  clusters get-credentials` writes the same entries.)\n\n"
             f"Faults:   curl -XPOST {self.url}/sandbox/faults -d '{{\"service\":\"gke\",\"status\":503,\"count\":2}}'\n"
             f"Stockout: curl -XPOST {self.url}/sandbox/stockouts -d '{{\"zone\":\"us-central1-a\",\"accelerator\":\"nvidia-l4\"}}'\n"
             f"Stop with Ctrl-C."

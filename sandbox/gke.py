@@ -29,9 +29,9 @@ deleting the cluster releases it (``kube_release(project, location, name, kube)`
 ``kube.stop()``) before the delete operation is DONE: its API server refuses connections and its model
 servers are gone. Without a factory every cluster shares the one ``kube`` given (unit tests).
 
-The cluster ``endpoint`` is that Kubernetes API as ``127.0.0.1:PORT``, served over **plain http**
-(real GKE endpoints are https): the product must treat a sandbox endpoint as http, or simply use the
-kubeconfig the sandbox writes.
+The cluster ``endpoint`` is that Kubernetes API as ``127.0.0.1:PORT``, served over HTTPS with a
+certificate signed by the cluster's own CA, which ``masterAuth.clusterCaCertificate`` returns (base64
+PEM), as on GKE; it wants a bearer token (``sandbox.kube.auth``).
 """
 
 from __future__ import annotations
@@ -983,6 +983,8 @@ class Gke:
                 raise _err(409, "ALREADY_EXISTS", f"Already exists: {self._cluster_path(project, location, name)}.")
             self._attach_kube(cluster, kube, owned)
             data["endpoint"] = self._kube_endpoint(kube)
+            # the CA that signed that API server's certificate, as GKE returns it
+            data["masterAuth"] = {"clusterCaCertificate": getattr(getattr(kube, "tls", None), "ca_b64", FAKE_CA)}
             for pool in pools:
                 cluster.pools[pool.name] = pool
             self._clusters[(project, location, name)] = cluster

@@ -15,10 +15,16 @@ Errors are HTTP 200 with ``{"ok": false, "error": ...}`` (``not_authed``, ``inva
 (a sliding window per method) or a fault rule (``service="slack"``, ``status=429``,
 ``headers={"Retry-After": "1"}``).
 
-Valid tokens start with ``xoxb-sandbox``. Channels are created on first post (``auto_create=True``,
-like a workspace where the bot is in every channel) except names given to :meth:`remove_channel`;
-``#general``, ``#llm-fleet`` and ``#random`` exist from the start. :meth:`messages` returns what was
-posted, with threads and edit history, for assertions.
+As Slack does: only the workspace's tokens work (``token`` and those :meth:`add_token` adds; any other
+-> ``invalid_auth``, a revoked one -> ``token_revoked``); ``chat.update`` and ``chat.delete`` take the
+channel's **ID** (a ``#name`` or bare name -> ``channel_not_found``, python-slack-sdk #696), and so do
+the ``conversations.*`` methods, while ``chat.postMessage`` also takes a name; posting to a public channel the bot is not a member of ->
+``not_in_channel`` (:meth:`add_channel` ``member=False``; reading its history too).
+
+Channels are created on first post (``auto_create=True``: a workspace where every channel the specs
+name exists and has the bot in it) except names given to :meth:`remove_channel`; ``#general``,
+``#llm-fleet`` and ``#random`` exist from the start. :meth:`messages` returns what was posted, with
+threads and edit history, for assertions.
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ from urllib.parse import parse_qs
 
 from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
 
-TOKEN_PREFIX = "xoxb-sandbox"
 TEAM_ID, TEAM = "T0SANDBOX1", "Sandbox"
 BOT_USER_ID, BOT_ID, BOT_NAME = "U0LLMFLEET", "B0LLMFLEET", "llm-fleet"
 MAX_TEXT = 40000
@@ -67,6 +72,8 @@ class Slack(Emulator):
         self.faults = faults
         self.clock = clock
         self.token = token  # what the sandbox's env file hands to the product
+        self._tokens: set[str] = {token}
+        self._revoked: set[str] = set()
         self.auto_create = auto_create
         self._lock = threading.RLock()
         self._channels: dict[str, dict[str, Any]] = {}  # id -> {"name", "archived", "created"}
@@ -89,12 +96,25 @@ class Slack(Emulator):
         return self.url + "/api/"
 
     # ---- control ---------------------------------------------------------------------------------
-    def add_channel(self, name: str, *, archived: bool = False) -> str:
+    def add_token(self, token: str) -> None:
+        """Another bot token of this workspace (e.g. a second app)."""
+        with self._lock:
+            self._tokens.add(token)
+            self._revoked.discard(token)
+
+    def revoke_token(self, token: str) -> None:
+        """The token stops working: calls get ``token_revoked``."""
+        with self._lock:
+            self._tokens.discard(token)
+            self._revoked.add(token)
+
+    def add_channel(self, name: str, *, archived: bool = False, member: bool = True) -> str:
+        """A public channel; ``member=False``: the bot was never invited (posts -> ``not_in_channel``)."""
         name = name.lstrip("#")
         with self._lock:
             self._removed.discard(name)
             cid = self._by_name.get(name) or _channel_id(name)
-            self._channels[cid] = {"name": name, "archived": archived,
+            self._channels[cid] = {"name": name, "archived": archived, "member": member,
                                    "created": self._channels.get(cid, {}).get("created", int(time.time()))}
             self._by_name[name] = cid
             self._messages.setdefault(cid, [])
@@ -193,6 +213,17 @@ class Slack(Emulator):
             self._last_ts = round(now, 6)
             return f"{self._last_ts:.6f}"
 
+    def _resolve_id(self, channel: Any) -> str:
+        """chat.update / chat.delete: the channel's ID only (a name is ``channel_not_found``)."""
+        if not isinstance(channel, str) or channel not in self._channels:
+            raise SlackError("channel_not_found")
+        return channel
+
+    def _member_of(self, cid: str) -> str:
+        if not self._channels[cid].get("member", True):
+            raise SlackError("not_in_channel")
+        return cid
+
     def _resolve_channel(self, channel: Any, *, create: bool) -> str:
         if not channel or not isinstance(channel, str):
             raise SlackError("channel_not_found")
@@ -234,8 +265,11 @@ class Slack(Emulator):
         token = token or args.get("token")
         if not token:
             raise SlackError("not_authed")
-        if not str(token).startswith(TOKEN_PREFIX):
-            raise SlackError("invalid_auth")
+        with self._lock:
+            if token in self._revoked:
+                raise SlackError("token_revoked")
+            if token not in self._tokens:
+                raise SlackError("invalid_auth")
         fn = _METHODS.get(method)
         if fn is None:
             raise SlackError("unknown_method", req_method=method)
@@ -273,7 +307,7 @@ def _text_of(args: dict[str, Any]) -> tuple[str, Any, Any]:
 
 
 def _post_message(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
-    cid = s._resolve_channel(args.get("channel"), create=True)
+    cid = s._member_of(s._resolve_channel(args.get("channel"), create=True))
     if s._channels[cid]["archived"]:
         raise SlackError("is_archived")
     text, blocks, attachments = _text_of(args)
@@ -309,7 +343,7 @@ def _post_message(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _update(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
-    cid = s._resolve_channel(args.get("channel"), create=False)
+    cid = s._resolve_id(args.get("channel"))
     if not args.get("ts"):
         raise SlackError("invalid_arguments")
     msg = s._message(cid, str(args["ts"]))
@@ -325,7 +359,7 @@ def _update(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _delete(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
-    cid = s._resolve_channel(args.get("channel"), create=False)
+    cid = s._resolve_id(args.get("channel"))
     msg = s._message(cid, str(args.get("ts", "")))
     msg["_deleted"] = True
     return {"ok": True, "channel": cid, "ts": msg["ts"]}
@@ -353,7 +387,7 @@ def _in_window(m: dict[str, Any], args: dict[str, Any]) -> bool:
 
 
 def _replies(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
-    cid = s._resolve_channel(args.get("channel"), create=False)
+    cid = s._member_of(s._resolve_id(args.get("channel")))
     ts = str(args.get("ts") or "")
     if not ts:
         raise SlackError("invalid_arguments")
@@ -369,7 +403,7 @@ def _replies(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _history(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
-    cid = s._resolve_channel(args.get("channel"), create=False)
+    cid = s._member_of(s._resolve_id(args.get("channel")))
     top = [m for m in s._messages[cid] if not m.get("_deleted") and
            (not m.get("thread_ts") or m["thread_ts"] == m["ts"] or m.get("subtype") == "thread_broadcast")]
     top = [s._public(m) for m in reversed(top) if _in_window(m, args)]
@@ -382,7 +416,7 @@ def _channel_json(s: Slack, cid: str) -> dict[str, Any]:
     c = s._channels[cid]
     return {"id": cid, "name": c["name"], "is_channel": True, "is_group": False, "is_im": False,
             "is_private": False, "is_archived": c["archived"], "is_general": c["name"] == "general",
-            "is_member": True, "created": c["created"], "creator": "U0ADMIN000", "name_normalized": c["name"],
+            "is_member": c.get("member", True), "created": c["created"], "creator": "U0ADMIN000", "name_normalized": c["name"],
             "num_members": 3, "topic": {"value": "", "creator": "", "last_set": 0},
             "purpose": {"value": "", "creator": "", "last_set": 0}}
 
@@ -396,7 +430,7 @@ def _list(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _info(s: Slack, args: dict[str, Any]) -> dict[str, Any]:
-    cid = s._resolve_channel(args.get("channel"), create=False)
+    cid = s._resolve_id(args.get("channel"))
     return {"ok": True, "channel": _channel_json(s, cid)}
 
 

@@ -15,6 +15,7 @@ import yaml
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 
+from manifests.errors import FleetError
 from tasks.settings import Settings, get_settings
 
 # Transient for Google APIs: retried with backoff. 400/403/404/409 and quota errors are not.
@@ -98,16 +99,62 @@ def compute_clients(settings: Settings | None = None):
             compute_v1.AcceleratorTypesClient(credentials=creds, transport="rest", client_options=opts))
 
 
-def google_access_token(settings: Settings | None = None) -> str | None:
-    """A bearer token for the GKE master (what gke-gcloud-auth-plugin would fetch)."""
-    s = settings or get_settings()
-    creds = gcp_credentials(s)
-    if s.gcp_auth == "anonymous":
-        return None
-    import google.auth.transport.requests
+class KubeToken:
+    """The bearer token the product presents to a cluster's API server, refreshed before it expires.
 
-    creds.refresh(google.auth.transport.requests.Request())
-    return creds.token
+    A Google access token from the configured credentials (what ``gke-gcloud-auth-plugin`` fetches
+    for kubectl; GKE maps it to the IAM identity), or, with ``kube_token_file`` set, a Kubernetes
+    ServiceAccount token read from that file (as in-cluster clients read their projected token,
+    which the kubelet rotates on disk).
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        import threading
+
+        self.settings = settings or get_settings()
+        self._lock = threading.Lock()
+        self._creds: Any = None
+        self._request: Any = None
+        self._lifetime_s = float("inf")  # of the last token fetched
+
+    def get(self, *, force: bool = False) -> str | None:
+        """The current token; ``force`` fetches a new one (after a 401)."""
+        s = self.settings
+        if s.kube_token_file is not None:
+            return Path(s.kube_token_file).read_text().strip() or None
+        if s.gcp_auth == "anonymous":
+            return None
+        with self._lock:
+            if self._creds is None:
+                self._creds = gcp_credentials(s)
+            if force or self._due():
+                import google.auth.transport.requests
+
+                if self._request is None:  # one session: refreshes reuse its connection
+                    self._request = google.auth.transport.requests.Request()
+                self._creds.refresh(self._request)
+                self._lifetime_s = self._left_s()
+            return self._creds.token
+
+    def _left_s(self) -> float:
+        import datetime as dt
+
+        expiry = getattr(self._creds, "expiry", None)
+        if expiry is None:
+            return float("inf")
+        return (expiry - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
+
+    def _due(self) -> bool:
+        """Refresh ahead of expiry: google-auth's margin (3 min 45 s), or a quarter of the token's
+        lifetime when tokens are shorter than that (the sandbox's scaled time), not on every call."""
+        if not getattr(self._creds, "token", None):
+            return True
+        return self._left_s() <= min(225.0, self._lifetime_s / 4)
+
+
+def google_access_token(settings: Settings | None = None) -> str | None:
+    """A fresh bearer token for the GKE control plane (fails clearly when credentials are missing)."""
+    return KubeToken(settings).get(force=True)
 
 
 def kubeconfig_path(*, project: str, location: str, cluster: str, settings: Settings | None = None) -> Path:
@@ -115,20 +162,25 @@ def kubeconfig_path(*, project: str, location: str, cluster: str, settings: Sett
     return s.kube_dir / f"{project}_{location}_{cluster}.yaml"
 
 
+AUTH_PLUGIN = {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "gke-gcloud-auth-plugin",
+               "installHint": "Install gke-gcloud-auth-plugin for use with kubectl by following "
+                              "https://cloud.google.com/kubernetes-engine/docs/how-to/cluster-access-for-kubectl"
+                              "#install_plugin",
+               "provideClusterInfo": True}
+
+
 def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str, ca_cert_b64: str,
-                     token: str | None, settings: Settings | None = None) -> Path:
-    """Like `gcloud container clusters get-credentials`, but with a token instead of the auth plugin."""
+                     settings: Settings | None = None) -> Path:
+    """What `gcloud container clusters get-credentials` writes: https, the cluster's CA, and the
+    gke-gcloud-auth-plugin exec credential (so kubectl always gets a fresh token; nothing expires in
+    the file)."""
     s = settings or get_settings()
     name = f"gke_{project}_{location}_{cluster}"
-    server = endpoint if "://" in endpoint else f"{s.cluster_scheme}://{endpoint}"
-    cluster_entry: dict[str, Any] = {"server": server}
-    if server.startswith("https://") and ca_cert_b64:
-        cluster_entry["certificate-authority-data"] = ca_cert_b64
-    user: dict[str, Any] = {"token": token} if token else {}
+    server = endpoint if "://" in endpoint else f"https://{endpoint}"
     config = {
-        "apiVersion": "v1", "kind": "Config", "current-context": name,
-        "clusters": [{"name": name, "cluster": cluster_entry}],
-        "users": [{"name": name, "user": user}],
+        "apiVersion": "v1", "kind": "Config", "current-context": name, "preferences": {},
+        "clusters": [{"name": name, "cluster": {"certificate-authority-data": ca_cert_b64, "server": server}}],
+        "users": [{"name": name, "user": {"exec": dict(AUTH_PLUGIN)}}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
     }
     from tasks.credfiles import write_private
@@ -140,8 +192,8 @@ def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str
 def kube_client(kubeconfig: Path | str | None = None):
     """A kubernetes ApiClient for a kubeconfig file (default: $KUBECONFIG / ~/.kube/config).
 
-    Cached per file and modification time: building one parses YAML and opens a connection pool,
-    which would otherwise sit on the path between "pod Ready" and "flow knows".
+    Cached per file, modification time and credential settings: building one parses YAML and opens a
+    connection pool, which would otherwise sit on the path between "pod Ready" and "flow knows".
     """
     import os
 
@@ -150,14 +202,123 @@ def kube_client(kubeconfig: Path | str | None = None):
         mtime = os.stat(path).st_mtime_ns
     except OSError:
         mtime = 0
-    return _kube_client(path, mtime)
+    s = get_settings()
+    return _kube_client(path, mtime, s.gcp_auth, str(s.kube_token_file or ""))
+
+
+def _current(config: dict[str, Any], section: str, name: str) -> dict[str, Any]:
+    for entry in config.get(section) or []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry.get(section[:-1]) or {}
+    return {}
 
 
 @lru_cache(maxsize=32)
-def _kube_client(path: str, mtime: int):
-    from kubernetes import config
+def _kube_client(path: str, mtime: int, gcp_auth: str, token_file: str):
+    from kubernetes import client
+    from kubernetes import config as kconfig
 
-    return config.new_client_from_config(config_file=path)
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise FleetError(f"kubeconfig {path} cannot be read: {exc.strerror}",
+                         "run provision_cluster (it writes the cluster's kubeconfig) or set KUBECONFIG") from None
+    context = _current(config, "contexts", config.get("current-context") or "")
+    cluster = _current(config, "clusters", context.get("cluster", ""))
+    user = _current(config, "users", context.get("user", ""))
+    plugin = (user.get("exec") or {}).get("command", "").rsplit("/", 1)[-1] == "gke-gcloud-auth-plugin"
+    if not (plugin or user.get("token") or token_file):
+        return kconfig.new_client_from_config(config_file=path)  # client certificates, other exec plugins
+    server = cluster.get("server", "")
+    if not server.startswith("https://"):
+        raise FleetError(f"kubeconfig {path}: server {server!r} is not https",
+                         "GKE control planes speak https only: rerun provision_cluster to rewrite the kubeconfig")
+    cfg = client.Configuration()
+    cfg.host = server
+    cfg.verify_ssl = not cluster.get("insecure-skip-tls-verify", False)
+    if cluster.get("certificate-authority-data"):
+        import tempfile
+
+        # urllib3 reads a CA from a file only: one private file per cached client
+        fd, ca_path = tempfile.mkstemp(prefix="llm-fleet-ca-", suffix=".crt")
+        with open(fd, "wb") as f:
+            f.write(base64.b64decode(cluster["certificate-authority-data"]))
+        cfg.ssl_ca_cert = ca_path
+    elif cluster.get("certificate-authority"):
+        cfg.ssl_ca_cert = cluster["certificate-authority"]
+    source = KubeToken() if token_file or plugin else _StaticToken(user["token"])
+    if not (plugin and not token_file and gcp_auth == "anonymous"):  # (anonymous: no credential at all)
+        cfg.api_key["BearerToken"] = ""  # (auth_settings() looks for the key before the hook fills it)
+        cfg.api_key_prefix["BearerToken"] = "Bearer"
+        # called before every request: the token is refreshed ahead of its expiry, never sent stale
+        cfg.refresh_api_key_hook = lambda c: c.api_key.__setitem__("BearerToken", source.get() or "")
+    api = client.ApiClient(cfg)
+    api.fleet_token = source
+    _retry_401(api, source)
+    return api
+
+
+class _StaticToken:
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def get(self, *, force: bool = False) -> str:
+        return self.token
+
+
+class KubeForbidden(FleetError):
+    """The cluster's RBAC refused a request: names the missing permission and where to grant it."""
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        missing = "missing permission"
+        denied = re.search(r'cannot (\S+) resource "([^"]+)" in API group "([^"]*)"(?: in the namespace "([^"]+)")?',
+                           message)
+        # RBAC's escalation check: a Role may only grant what its writer already holds
+        held = re.search(r'APIGroups:\["([^"]*)"\], Resources:\["([^"]+)"\], Verbs:\["([^"]+)"\]', message)
+        fields = None
+        if denied:
+            fields = denied.groups()
+        elif held:
+            in_ns = re.search(r"/namespaces/([^/]+)/", url)
+            fields = (held.group(3), held.group(2), held.group(1), in_ns.group(1) if in_ns else None)
+        if fields:
+            verb, resource, group, ns = fields
+            where = f'in namespace "{ns}"' if ns else "at the cluster scope"
+            missing = f'missing permission: {verb} {resource} (API group "{group}") {where}'
+        super().__init__(f"the cluster refused the request ({missing}): {message}",
+                         "grant it in the operator Role (manifests/render.py operator_rbac), applied by a "
+                         "cluster admin: `llm-fleet render SPEC | kubectl apply -f -`; or run as an identity "
+                         "that holds it")
+        self.message = message
+
+
+def _retry_401(api: Any, source: Any) -> None:
+    """A 401 (token expired or revoked between refresh and use) is retried once with a fresh token; a
+    403 becomes a KubeForbidden naming the permission (never retried: it will not change by itself)."""
+    import json
+
+    rest = api.rest_client
+    send = rest.request
+
+    def request(method, url, headers=None, body=None, post_params=None, _request_timeout=None):
+        resp = send(method, url, headers=headers, body=body, post_params=post_params,
+                    _request_timeout=_request_timeout)
+        if resp.status == 401:
+            resp.response.drain_conn()
+            resp.response.release_conn()
+            fresh = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+            fresh["authorization"] = f"Bearer {source.get(force=True)}"
+            resp = send(method, url, headers=fresh, body=body, post_params=post_params,
+                        _request_timeout=_request_timeout)
+        if resp.status == 403:
+            try:
+                message = json.loads(resp.read()).get("message") or ""
+            except (ValueError, AttributeError):
+                message = ""
+            raise KubeForbidden(message or f"{method} {url}: 403 Forbidden", url=url)
+        return resp
+
+    rest.request = request
 
 
 def kube_http(api_client, *, timeout: float = 30.0):
@@ -168,20 +329,43 @@ def kube_http(api_client, *, timeout: float = 30.0):
     return _kube_http(api_client, timeout)
 
 
+def _bearer_auth(source: Any):
+    import httpx
+
+    class BearerAuth(httpx.Auth):
+        """The current token on every request; one retry with a fresh token after a 401."""
+
+        def auth_flow(self, request):
+            token = source.get()
+            if token:
+                request.headers["Authorization"] = f"Bearer {token}"
+            response = yield request
+            if response.status_code == 401 and token:
+                request.headers["Authorization"] = f"Bearer {source.get(force=True)}"
+                yield request
+
+    return BearerAuth()
+
+
 @lru_cache(maxsize=32)
 def _kube_http(api_client, timeout: float):
+    import ssl
+
     import httpx
 
     cfg = api_client.configuration
+    source = getattr(api_client, "fleet_token", None)
+    auth = _bearer_auth(source) if source is not None else None
     headers = {}
-    auth = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
-    if auth:
-        headers["Authorization"] = auth
-    verify: Any = False  # plain http (the sandbox): no TLS context to build
-    if cfg.host.startswith("https://"):
-        verify = cfg.ssl_ca_cert or cfg.verify_ssl
+    if auth is None:
+        static = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
+        if static:
+            headers["Authorization"] = static
+    verify: Any = cfg.verify_ssl
+    if cfg.verify_ssl and cfg.ssl_ca_cert:
+        verify = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
     cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
-    return httpx.Client(base_url=cfg.host, headers=headers, verify=verify, cert=cert, timeout=timeout)
+    return httpx.Client(base_url=cfg.host, headers=headers, auth=auth, verify=verify, cert=cert, timeout=timeout)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from prefect import task
 from manifests.errors import FleetError
 from tasks.clients import (
     cluster_manager,
-    gcp_credentials,
     google_access_token,
     google_retry,
     write_kubeconfig,
@@ -212,12 +211,12 @@ def set_node_pool_size(*, project: str, location: str, cluster: str, name: str, 
 
 @task(**task_retries())
 def get_credentials(*, project: str, location: str, name: str) -> str:
-    """Write a kubeconfig for the cluster (endpoint + CA + a Google token); returns its path."""
+    """Write the cluster's kubeconfig as gcloud does (https endpoint, cluster CA, gke-gcloud-auth-plugin);
+    returns its path. The product's own clients read endpoint + CA from it and bring their own token."""
     cluster = get_cluster.fn(project=project, location=location, name=name)
     if cluster is None:
         raise FleetError(f"cluster {name} does not exist in {project}/{location}", "run provision_cluster first")
-    gcp_credentials()  # fail here, clearly, when credentials are missing
+    google_access_token()  # fail here, clearly, when credentials are missing
     path = write_kubeconfig(project=project, location=location, cluster=name, endpoint=cluster["endpoint"],
-                            ca_cert_b64=cluster.get("master_auth", {}).get("cluster_ca_certificate", ""),
-                            token=google_access_token())
+                            ca_cert_b64=cluster.get("master_auth", {}).get("cluster_ca_certificate", ""))
     return str(path)

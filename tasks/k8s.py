@@ -39,6 +39,8 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): ("clusterroles", False),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): ("clusterrolebindings", False),
     ("monitoring.googleapis.com/v1", "PodMonitoring"): ("podmonitorings", True),
     ("monitoring.googleapis.com/v1", "Rules"): ("rules", True),
     ("monitoring.coreos.com/v1", "PrometheusRule"): ("prometheusrules", True),

@@ -26,8 +26,11 @@ class Settings(BaseSettings):
     # adc = Application Default Credentials; anonymous = sandbox; block = a prefect-gcp GcpCredentials block.
     gcp_auth: Literal["adc", "anonymous", "block"] = "adc"
     gcp_credentials_block: str | None = None
-    # Real GKE masters speak https with the cluster CA; the sandbox's API speaks plain http.
-    cluster_scheme: Literal["https", "http"] = "https"
+    # Cluster APIs are https with the cluster's CA (from GKE's masterAuth) and a bearer token: a Google
+    # access token from the credentials above, refreshed before expiry; or, when set, the Kubernetes
+    # ServiceAccount token in this file (e.g. the operator account's, or in-cluster
+    # /var/run/secrets/kubernetes.io/serviceaccount/token).
+    kube_token_file: Path | None = None
     kube_dir: Path = Path.home() / ".llm-fleet" / "kube"
 
     hf_endpoint: str = Field("https://huggingface.co", validation_alias=AliasChoices("HF_ENDPOINT",

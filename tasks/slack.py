@@ -24,8 +24,27 @@ def post_slack(*, channel: str, text: str, thread_ts: str | None = None) -> str 
 
 
 @task(retries=0, cache_policy=NO_CACHE)
+def open_thread(*, channel: str, text: str) -> tuple[str, str] | None:
+    """Post a thread's first message; returns ``(channel ID, ts)``, or None when Slack is off or failing.
+
+    Keep the ID: chat.update and chat.delete want the channel's ID, not its name (a name gets
+    ``channel_not_found``; python-slack-sdk #696), and replies by ID survive a channel rename.
+    """
+    client = slack_client()
+    if client is None:
+        return None
+    try:
+        resp = client.chat_postMessage(channel=channel, text=text, unfurl_links=False)
+    except Exception as exc:  # noqa: BLE001 - notifications are best effort by design
+        logger().warning("Slack post to %s failed (%s); continuing without it", channel, exc)
+        return None
+    return resp.get("channel"), resp.get("ts")
+
+
+@task(retries=0, cache_policy=NO_CACHE)
 def update_slack(*, channel: str, ts: str, text: str) -> bool:
-    """Edit a message in place (the thread's head shows the run's progress)."""
+    """Edit a message in place (the thread's head shows the run's progress); ``channel`` is the ID
+    :func:`open_thread` returned."""
     client = slack_client()
     if client is None or not ts:
         return False

@@ -6,6 +6,7 @@ import contextlib
 import json
 import select
 import socket
+import ssl
 import sys
 import time
 import traceback
@@ -611,6 +612,8 @@ def _watch_stream(h: KubeHandler, t: RType, namespace: str | None, pred: Any) ->
 def _client_gone(h: KubeHandler) -> bool:
     try:
         readable, _, _ = select.select([h.connection], [], [], 0)
+        if readable and isinstance(h.connection, ssl.SSLSocket):
+            return True  # a streaming client sends nothing more: readable = TLS close_notify or EOF
         if readable:
             return h.connection.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
@@ -788,6 +791,15 @@ class KubeHandler(JsonHandler):
     service = "kube"
     routes = ROUTES
     server: Any
+
+    def _dispatch(self) -> None:
+        # authentication + RBAC (sandbox.kube.auth) answer 401/403 before any route or fault sees it
+        auth = getattr(self.server.state, "auth", None)
+        if auth is not None and auth.intercept(self):
+            return
+        super()._dispatch()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
 
     def error_body(self, err: HttpError) -> Any:
         if isinstance(err.body, dict) and err.body.get("kind") == "Status":

@@ -34,10 +34,12 @@ import base64
 import json
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+import yaml
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -239,6 +241,48 @@ def forbidden(user: User, a: Attributes) -> HttpError:
                         kind=a.resource)
 
 
+class _Replay:
+    """An rfile whose first bytes are a body already read (so the request can still be routed)."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self._head, self._rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(n)
+        if n is None or n < 0:
+            out, self._head = self._head + self._rest.read(), b""
+            return out
+        out, self._head = self._head[:n], self._head[n:]
+        if len(out) < n:
+            out += self._rest.read(n - len(out))
+        return out
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._head:  # (a body is read by length, never by line: only reached after it)
+            return self.read(limit if limit > 0 else len(self._head))
+        return self._rest.readline(limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rest, name)
+
+
+def _peek_body(h: Any) -> Obj:
+    """The request body as an object, leaving it in place for the route that will read it."""
+    raw = h.body_bytes()
+    h.__dict__.pop("_body", None)
+    if isinstance(h.rfile, _Replay):  # (keep-alive: the wrapper of an earlier request, its head used up)
+        h.rfile._head = raw
+    else:
+        h.rfile = _Replay(raw, h.rfile)
+    text = raw.decode(errors="replace")
+    try:
+        body = json.loads(text) if text.strip().startswith("{") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def unauthorized() -> HttpError:
     return status_error(401, "Unauthorized", "Unauthorized")
 
@@ -254,6 +298,9 @@ class ClusterAuth:
         self.issuer = issuer or "https://kubernetes.default.svc.cluster.local"
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._kid = secrets.token_hex(8)
+        self._verified: dict[str, Obj] = {}  # token -> claims, signature already checked
+        # the audit log: (user, verb, apiGroup, resource[/subresource] or path, namespace, name, allowed)
+        self.audit: deque[tuple[str, str, str, str, str, str, bool]] = deque(maxlen=20000)
 
     # ---- defaults every cluster has -----------------------------------------------------------
     def bootstrap(self) -> None:
@@ -288,6 +335,27 @@ class ClusterAuth:
         return user
 
     def _service_account_user(self, token: str) -> User | None:
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._verify(token)
+            if claims is None:
+                return None
+            if len(self._verified) > 4096:  # (a signature check costs ~1 ms: remember good ones)
+                self._verified.clear()
+            self._verified[token] = claims
+        if time.time() >= float(claims.get("exp", 0)):
+            return None
+        info = claims.get("kubernetes.io") or {}
+        ns, sa = info.get("namespace", ""), (info.get("serviceaccount") or {})
+        live = self.cluster.store.get(SA, ns, sa.get("name", ""))
+        if live is None or live["metadata"]["uid"] != sa.get("uid"):
+            return None  # a bound token dies with its ServiceAccount
+        return User(f"system:serviceaccount:{ns}:{sa['name']}",
+                    ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"],
+                    uid=sa["uid"])
+
+    def _verify(self, token: str) -> Obj | None:
+        """The claims of a JWT this cluster signed, or None."""
         try:
             head_b64, body_b64, sig_b64 = token.split(".")
             head = json.loads(_unb64url(head_b64))
@@ -302,16 +370,7 @@ class ClusterAuth:
                                           f"{head_b64}.{body_b64}".encode(), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             return None
-        if time.time() >= float(claims.get("exp", 0)):
-            return None
-        info = claims.get("kubernetes.io") or {}
-        ns, sa = info.get("namespace", ""), (info.get("serviceaccount") or {})
-        live = self.cluster.store.get(SA, ns, sa.get("name", ""))
-        if live is None or live["metadata"]["uid"] != sa.get("uid"):
-            return None  # a bound token dies with its ServiceAccount
-        return User(f"system:serviceaccount:{ns}:{sa['name']}",
-                    ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"],
-                    uid=sa["uid"])
+        return claims
 
     def issue_sa_token(self, namespace: str, name: str, *, seconds: int = 3600,
                        audiences: list[str] | None = None) -> tuple[str, float]:
@@ -405,8 +464,17 @@ class ClusterAuth:
         try:
             user = self.authenticate(h.headers.get("Authorization"))
             a = request_attributes(h.command, h.path)
-            if not self.allowed(user, a):
+            ok = self.allowed(user, a)
+            if ok and self._apply_creates(h, a):
+                # server-side apply of a missing object creates it: authorized as create too (patch.go)
+                a = Attributes(**{**a.__dict__, "verb": "create"})
+                ok = self.allowed(user, a)
+            self.audit.append((user.name, a.verb, a.api_group, a.combined if a.resource_request else a.path,
+                               a.namespace, a.name, ok))
+            if not ok:
                 raise forbidden(user, a)
+            if a.api_group == RBAC_GROUP and a.verb in ("create", "update", "patch") and not user.google:
+                self._no_escalation(h, user, a)
             h.user = user
             if a.resource_request and h.command == "POST":
                 if a.api_group == "" and a.resource == "serviceaccounts" and a.subresource == "token":
@@ -420,6 +488,66 @@ class ClusterAuth:
             h.send_json(err.status, h.error_body(err), headers=err.headers)
             return True
         return False
+
+    # ---- escalation prevention (pkg/registry/rbac/validation) --------------------------------------
+    def _covered(self, user: User, rule: Obj, namespace: str) -> list[Obj]:
+        """The parts of ``rule`` the user does not hold (each as a one-verb, one-resource rule)."""
+        missing = []
+        for verb in rule.get("verbs") or []:
+            if rule.get("nonResourceURLs"):
+                for url in rule["nonResourceURLs"]:
+                    if not self.allowed(user, Attributes(verb=verb, path=url, resource_request=False)):
+                        missing.append({"NonResourceURLs": [url], "Verbs": [verb]})
+                continue
+            for group in rule.get("apiGroups") or [""]:
+                for resource in rule.get("resources") or []:
+                    base, _, sub = resource.partition("/")
+                    for name in rule.get("resourceNames") or [""]:
+                        want = Attributes(verb=verb, path="", resource_request=True, api_group=group,
+                                          namespace=namespace, resource=base, subresource=sub, name=name)
+                        if not self.allowed(user, want):
+                            missing.append({"APIGroups": [group], "Resources": [resource], "Verbs": [verb],
+                                            **({"ResourceNames": [name]} if name else {})})
+        return missing
+
+    def _no_escalation(self, h: Any, user: User, a: Attributes) -> None:
+        """A user may only create or change a Role/ClusterRole whose rules it holds itself (or with the
+        ``escalate`` verb), and only bind a role whose rules it holds (or with ``bind``)."""
+        body = _peek_body(h)
+        if a.resource in ("roles", "clusterroles"):
+            special, rules = "escalate", body.get("rules") if isinstance(body.get("rules"), list) else []
+        elif a.resource in ("rolebindings", "clusterrolebindings"):
+            special, ref = "bind", body.get("roleRef") or {}
+            store = self.cluster.store
+            role = (store.get(CLUSTER_ROLES, "", ref.get("name", "")) if ref.get("kind") == "ClusterRole"
+                    else store.get(ROLES, a.namespace, ref.get("name", "")))
+            rules = (role or {}).get("rules") or []
+        else:
+            return
+        ns = a.namespace if a.resource in ("roles", "rolebindings") else ""
+        if self.allowed(user, Attributes(verb=special, path="", resource_request=True, api_group=RBAC_GROUP,
+                                         namespace=a.namespace, resource=a.resource.replace("bindings", "s")
+                                         if special == "bind" else a.resource, name=a.name)):
+            return
+        missing = [m for rule in rules if isinstance(rule, dict) for m in self._covered(user, rule, ns)]
+        if not missing:
+            return
+        groups = " ".join(f'"{g}"' for g in user.groups)
+        listed = "\n".join("{" + ", ".join(f"{k}:[{' '.join(repr(x).replace(chr(39), chr(34)) for x in v)}]"
+                                            for k, v in m.items()) + "}" for m in missing)
+        qualified = f"{a.resource}.{RBAC_GROUP}"
+        raise status_error(403, "Forbidden", f'{qualified} "{a.name or body.get("metadata", {}).get("name", "")}" '
+                           f'is forbidden: user "{user.name}" (groups=[{groups}]) is attempting to grant RBAC '
+                           f"permissions not currently held:\n{listed}", name=a.name or None, group=RBAC_GROUP,
+                           kind=a.resource)
+
+    def _apply_creates(self, h: Any, a: Attributes) -> bool:
+        if h.command != "PATCH" or not a.name or a.subresource:
+            return False
+        if "apply-patch" not in (h.headers.get("Content-Type") or ""):
+            return False
+        t = res.find(a.api_group, a.api_version, a.resource)
+        return t is not None and self.cluster.store.get(t, a.namespace if t.namespaced else "", a.name) is None
 
     def _json(self, h: Any) -> Obj:
         raw = h.body_bytes()

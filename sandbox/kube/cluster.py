@@ -14,10 +14,11 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sandbox.core import Clock, Faults, SandboxHTTPServer, now_rfc3339, serve
+from sandbox.core import Clock, Faults, SandboxHTTPServer, now_rfc3339
 from sandbox.kube import admission
 from sandbox.kube import resources as res
 from sandbox.kube.api import KubeApi, KubeHandler
+from sandbox.kube.auth import ClusterAuth
 from sandbox.kube.controller import AUTOPILOT_LABEL, NODES, PODS, SVCS, Controller, is_ready
 from sandbox.kube.endpointslices import EndpointSlices
 from sandbox.kube.ingress import IngressController
@@ -25,6 +26,7 @@ from sandbox.kube.resources import RType
 from sandbox.kube.selectors import match_selector_dict
 from sandbox.kube.storage import Storage
 from sandbox.kube.store import Event, Store, not_found, status_error
+from sandbox.tls import ClusterCA, serve_tls
 
 Obj = dict[str, Any]
 LEASES = res.BY_KEY[("coordination.k8s.io", "leases")]
@@ -47,7 +49,8 @@ class KubeCluster:
     * ``ready_pod_ports(namespace, selector)`` / ``service_backends(namespace, service)``
     """
 
-    def __init__(self, *, clock: Clock | None = None, faults: Faults | None = None, runtime: Any = None) -> None:
+    def __init__(self, *, clock: Clock | None = None, faults: Faults | None = None, runtime: Any = None,
+                 google_tokens: Any = None) -> None:
         self.clock = clock or Clock()
         self.faults = faults
         self.runtime = runtime
@@ -69,7 +72,11 @@ class KubeCluster:
         self.storage = Storage(self)  # claims bind like GKE's provisioners (sandbox.kube.storage)
         EndpointSlices(self)  # discovery.k8s.io/v1 mirrors of each Service's Endpoints
         self.ingress = IngressController(self)  # an address per Ingress its class's controller serves
+        # HTTPS with the cluster's own CA, bearer tokens and RBAC, as a GKE control plane (sandbox.kube.auth)
+        self.tls = ClusterCA()
+        self.auth = ClusterAuth(self, google=google_tokens)
         self._bootstrap()
+        self.auth.bootstrap()
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -79,7 +86,7 @@ class KubeCluster:
         self.controller.start()
         self._sub_thread = threading.Thread(target=self._dispatch_subscribers, name="kube-subscribers", daemon=True)
         self._sub_thread.start()
-        self._server = serve(KubeHandler, state=self, faults=self.faults)
+        self._server = serve_tls(KubeHandler, state=self, faults=self.faults, context=self.tls.server_context())
 
     def stop(self) -> None:
         self.stopping.set()

@@ -58,6 +58,8 @@ def managed_objects(spec: dict) -> set[tuple[str, str]]:
          client.AutoscalingV2Api(api).list_namespaced_horizontal_pod_autoscaler(ns, label_selector=sel).items),
         ("Role", client.RbacAuthorizationV1Api(api).list_namespaced_role(ns, label_selector=sel).items),
         ("RoleBinding", client.RbacAuthorizationV1Api(api).list_namespaced_role_binding(ns, label_selector=sel).items),
+        ("ClusterRole", client.RbacAuthorizationV1Api(api).list_cluster_role(label_selector=sel).items),
+        ("ClusterRoleBinding", client.RbacAuthorizationV1Api(api).list_cluster_role_binding(label_selector=sel).items),
     ]:
         found |= {(kind, o.metadata.name) for o in items}
     custom = client.CustomObjectsApi(api)

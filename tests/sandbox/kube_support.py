@@ -133,3 +133,48 @@ def deployment(name: str, *, replicas: int = 1, image: str = "vllm/vllm-openai:v
     if progress_deadline is not None:
         spec["progressDeadlineSeconds"] = progress_deadline
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}, "spec": spec}
+
+
+# ---- clients of a sandbox KubeCluster: https with its CA, a bearer token ---------------------------
+
+def google_token(kube: Any, email: str = "tester@example.com") -> str:
+    """A Google access token the cluster accepts (issued by its Google identity: project owner)."""
+    return kube.auth.google.issue(email, scaled=False)[0]  # a real hour, whatever the time scale
+
+
+def ca_file(kube: Any) -> str:
+    """The cluster's CA as a PEM file (urllib3 reads a CA from a file only)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("wb", prefix="sandbox-ca-", suffix=".crt", delete=False) as f:
+        f.write(kube.tls.ca_pem)
+    return f.name
+
+
+def api_client(kube: Any, *, token: str | None = None, url: str | None = None) -> Any:
+    """A kubernetes ApiClient for ``kube`` (default token: a Google one, i.e. allowed everything)."""
+    from kubernetes import client
+
+    cfg = client.Configuration(host=url or kube.url)
+    cfg.ssl_ca_cert = ca_file(kube)
+    cfg.api_key["BearerToken"] = token or google_token(kube)
+    cfg.api_key_prefix["BearerToken"] = "Bearer"
+    return client.ApiClient(cfg)
+
+
+def http_client(kube: Any, *, token: str | None = None, headers: dict | None = None, **kwargs: Any) -> Any:
+    """An httpx client for ``kube``'s API (trusting only its CA; ``token=""`` sends none)."""
+    import httpx
+
+    auth = {} if token == "" else {"Authorization": f"Bearer {token or google_token(kube)}"}
+    return httpx.Client(base_url=kube.url, verify=kube.tls.client_context(), headers={**auth, **(headers or {})},
+                        **kwargs)
+
+
+def kubeconfig_entry(kube: Any, name: str = "sandbox", *, token: str | None = None) -> dict:
+    """A kubeconfig (dict) for real kubectl: the cluster's CA and a static bearer token."""
+    return {"apiVersion": "v1", "kind": "Config", "current-context": name,
+            "clusters": [{"name": name, "cluster": {"server": kube.url,
+                                                     "certificate-authority-data": kube.tls.ca_b64}}],
+            "users": [{"name": name, "user": {"token": token or google_token(kube)}}],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": name}}]}

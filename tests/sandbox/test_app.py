@@ -53,8 +53,25 @@ def _gke(sb: Sandbox) -> container_v1.ClusterManagerClient:
                                              client_options={"api_endpoint": sb.env()["LLM_FLEET_GKE_ENDPOINT"]})
 
 
+def _kube_core(sb: Sandbox, endpoint: str, ca_b64: str):
+    """A CoreV1Api for a cluster endpoint the way gcloud's kubeconfig reaches it: https, trusting only the
+    CA GKE returned in masterAuth, with a Google access token."""
+    import base64
+    import tempfile
+
+    from kubernetes import client as k8s
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False) as f:
+        f.write(base64.b64decode(ca_b64))
+    cfg = k8s.Configuration(host=f"https://{endpoint.removeprefix('https://')}")
+    cfg.ssl_ca_cert = f.name
+    cfg.api_key["BearerToken"] = sb.env()["CLOUDSDK_AUTH_ACCESS_TOKEN"]
+    cfg.api_key_prefix["BearerToken"] = "Bearer"
+    return k8s.CoreV1Api(k8s.ApiClient(cfg))
+
+
 def _port_open(url: str) -> bool:
-    host, port = url.removeprefix("http://").split(":")
+    host, port = url.split("://")[-1].split(":")
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, int(port))) == 0
@@ -68,7 +85,9 @@ def test_start_is_fast_env_file_and_clean_stop(tmp_path):
         assert time.monotonic() - t0 < 3.0
         env = sandbox.env()
         assert set(env) >= CONTRACT_ENV
-        assert env["LLM_FLEET_GCP_AUTH"] == "anonymous" and env["LLM_FLEET_CLUSTER_SCHEME"] == "http"
+        assert env["LLM_FLEET_GCP_AUTH"] == "adc" and "LLM_FLEET_CLUSTER_SCHEME" not in env
+        adc = json.loads(Path(env["GOOGLE_APPLICATION_CREDENTIALS"]).read_text())
+        assert adc["type"] == "service_account" and adc["token_uri"] == sandbox.oauth.url + "/token"
         assert env["LLM_FLEET_SLACK_API_URL"].endswith("/api/")
         assert env["CLOUDSDK_API_ENDPOINT_OVERRIDES_CONTAINER"] == env["LLM_FLEET_GKE_ENDPOINT"] + "/"
         assert env["CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE"] == env["LLM_FLEET_COMPUTE_ENDPOINT"] + "/compute/v1/"
@@ -89,7 +108,7 @@ def test_start_is_fast_env_file_and_clean_stop(tmp_path):
         assert kubeconfig["current-context"] == "sandbox"
         assert (state / "gcloud" / "configurations" / "config_default").read_text().count("llm-fleet-demo") == 1
         urls = sandbox.urls()
-        assert set(urls) == {"control", "gke", "compute", "kube", "hub", "slack"}
+        assert set(urls) == {"control", "gke", "compute", "kube", "hub", "slack", "oauth", "vertex"}
         assert all(_port_open(u) for u in urls.values())
         assert httpx.get(f"{urls['control']}/healthz").json() == {"ok": True}
     finally:
@@ -164,7 +183,6 @@ def test_faults_through_control_api_reach_real_gke_client(sb, client):
 
 
 def test_gke_nodes_become_kubernetes_nodes(sb, client):
-    from kubernetes import client as k8s
 
     gke = _gke(sb)
     loc = f"projects/{sb.project}/locations/us-central1-a"
@@ -179,9 +197,9 @@ def test_gke_nodes_become_kubernetes_nodes(sb, client):
 
     cluster = gke.get_cluster(name=f"{loc}/clusters/app-c1", retry=None)
     # the cluster's own API server, not the default one
-    assert f"http://{cluster.endpoint}" == sb.cluster_kube("app-c1").url != sb.kube.url
-    cfg = k8s.Configuration(host=f"http://{cluster.endpoint}")
-    core = k8s.CoreV1Api(k8s.ApiClient(cfg))
+    assert f"https://{cluster.endpoint}" == sb.cluster_kube("app-c1").url != sb.kube.url
+    assert cluster.master_auth.cluster_ca_certificate == sb.cluster_kube("app-c1").tls.ca_b64
+    core = _kube_core(sb, cluster.endpoint, cluster.master_auth.cluster_ca_certificate)
     gpu_nodes = core.list_node(label_selector="cloud.google.com/gke-nodepool=gpu").items
     assert len(gpu_nodes) == 1
     node = gpu_nodes[0]
@@ -194,7 +212,7 @@ def test_gke_nodes_become_kubernetes_nodes(sb, client):
     assert sb.kube.nodes() == []  # the default API has none of it
     op = gke.delete_cluster(name=f"{loc}/clusters/app-c1", retry=None)
     httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
-    assert not _port_open(f"http://{cluster.endpoint}")  # its API server went with it
+    assert not _port_open(f"https://{cluster.endpoint}")  # its API server went with it
     assert sb.cluster_kube("app-c1") is None
     assert client.quota_used() == {"project": {}, "regions": {}}
 
@@ -282,7 +300,6 @@ def _until(predicate, timeout: float = 10.0) -> bool:
 
 
 def test_cluster_autoscaler_with_the_real_kube(sb, client):
-    from kubernetes import client as k8s
 
     gke = _gke(sb)
     loc = "projects/ca-project/locations/us-east1-b"
@@ -296,8 +313,8 @@ def test_cluster_autoscaler_with_the_real_kube(sb, client):
     op = gke.create_node_pool(parent=f"{loc}/clusters/ca", node_pool=pool, retry=None)
     assert "error" not in httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10).json()
 
-    endpoint = gke.get_cluster(name=f"{loc}/clusters/ca", retry=None).endpoint
-    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=f"http://{endpoint}")))
+    got = gke.get_cluster(name=f"{loc}/clusters/ca", retry=None)
+    core = _kube_core(sb, got.endpoint, got.master_auth.cluster_ca_certificate)
     core.create_namespaced_pod("default", _gpu_pod("t4-job", "nvidia-tesla-t4"))
 
     def node_of_pod():
@@ -317,15 +334,14 @@ def test_cluster_autoscaler_with_the_real_kube(sb, client):
 
 
 def test_autopilot_nodes_hold_quota(sb, client):
-    from kubernetes import client as k8s
 
     gke = _gke(sb)
     loc = "projects/ap-project/locations/us-west1"
     op = gke.create_cluster(parent=loc, cluster=container_v1.Cluster(
         name="ap", autopilot=container_v1.Autopilot(enabled=True)), retry=None)
     httpx.post(f"{sb.gke.url}/v1/{loc}/operations/{op.name}:wait", timeout=10)
-    endpoint = gke.get_cluster(name=f"{loc}/clusters/ap", retry=None).endpoint
-    core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=f"http://{endpoint}")))
+    got = gke.get_cluster(name=f"{loc}/clusters/ap", retry=None)
+    core = _kube_core(sb, got.endpoint, got.master_auth.cluster_ca_certificate)
     core.create_namespaced_pod("default", _gpu_pod("ap-job"))
     try:
         assert _until(lambda: core.read_namespaced_pod("ap-job", "default").spec.node_name is not None)
@@ -346,9 +362,11 @@ def test_autopilot_nodes_hold_quota(sb, client):
 
 # ---- one Kubernetes API per GKE cluster -----------------------------------------------------------------
 
-def _kubectl(home: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess:
-    """Real kubectl with a fresh HOME (the dispatcher caches the server version per host:port there)."""
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home)}
+def _kubectl(home: Path, kubeconfig: Path, *args: str, sb: Sandbox) -> subprocess.CompletedProcess:
+    """Real kubectl with a fresh HOME (the dispatcher caches the server version per host:port there), and
+    gcloud's settings from the env file (gke-gcloud-auth-plugin, the kubeconfig's credential, reads them)."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home),
+           **{k: v for k, v in sb.env().items() if k.startswith("CLOUDSDK_")}}
     return subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={home / 'cache'}", *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
@@ -374,10 +392,11 @@ def test_every_cluster_has_its_own_kubernetes_api(own_sb, tmp_path):
     for p in projects:
         assert "error" not in httpx.post(f"{sb.gke.url}/v1/{parents[p]}/operations/{ops[p].name}:wait",
                                          timeout=10).json()
-    endpoints = {p: gke.get_cluster(name=f"{parents[p]}/clusters/llm", retry=None).endpoint for p in projects}
-    assert len({*endpoints.values(), sb.kube.url.removeprefix("http://")}) == 3
-    core = {p: k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=f"http://{endpoints[p]}"))) for p in projects}
-    default_core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=sb.kube.url)))
+    got = {p: gke.get_cluster(name=f"{parents[p]}/clusters/llm", retry=None) for p in projects}
+    endpoints = {p: got[p].endpoint for p in projects}
+    assert len({*endpoints.values(), sb.kube.url.removeprefix("https://")}) == 3
+    core = {p: _kube_core(sb, endpoints[p], got[p].master_auth.cluster_ca_certificate) for p in projects}
+    default_core = _kube_core(sb, sb.kube.url, sb.kube.tls.ca_b64)
 
     # the same Secret in the same namespace of both clusters: each sees its own
     for p in projects:
@@ -422,7 +441,7 @@ def test_every_cluster_has_its_own_kubernetes_api(own_sb, tmp_path):
     assert state["kube"]["url"] == sb.kube.url and state["kube"]["context"] == "sandbox"
     assert set(state["clusters_kube"]) == {key_one, key_two}
     two = state["clusters_kube"][key_two]
-    assert two["url"] == f"http://{endpoints['iso-two']}" and two["context"] == "gke_iso-two_us-central1-a_llm"
+    assert two["url"] == f"https://{endpoints['iso-two']}" and two["context"] == "gke_iso-two_us-central1-a_llm"
     assert two["project"] == "iso-two" and two["cluster"] == "llm"
     assert [p["name"] for p in state["clusters_kube"][key_one]["pods"]] == [] and len(two["pods"]) == 1
     assert "only-in-one" in {o["metadata"]["name"] for o in state["clusters_kube"][key_one]["objects"]["configmaps"]}
@@ -435,16 +454,16 @@ def test_every_cluster_has_its_own_kubernetes_api(own_sb, tmp_path):
     assert contexts == ["sandbox", "gke_iso-one_us-central1-a_llm", "gke_iso-two_us-central1-a_llm"]
     assert config["current-context"] == "gke_iso-two_us-central1-a_llm"
     servers = {c["name"]: c["cluster"]["server"] for c in config["clusters"]}
-    assert servers["gke_iso-one_us-central1-a_llm"] == f"http://{endpoints['iso-one']}"
+    assert servers["gke_iso-one_us-central1-a_llm"] == f"https://{endpoints['iso-one']}"
     if shutil.which("kubectl"):
         home = tmp_path / "home"
         out = _kubectl(home, kubeconfig, "--context", "gke_iso-two_us-central1-a_llm", "get", "nodes",
-                       "-l", gpu, "-o", "name")
+                       "-l", gpu, "-o", "name", sb=sb)
         assert out.returncode == 0, out.stderr
         assert out.stdout.count("node/") == 1
-        out = _kubectl(home, kubeconfig, "--context", "gke_iso-one_us-central1-a_llm", "get", "nodes", "-l", gpu)
+        out = _kubectl(home, kubeconfig, "--context", "gke_iso-one_us-central1-a_llm", "get", "nodes", "-l", gpu, sb=sb)
         assert out.returncode == 0 and "No resources found" in out.stderr, out.stderr
-        out = _kubectl(home, kubeconfig, "get", "secret", "hf-secret", "-o", "jsonpath={.data}")  # current: iso-two
+        out = _kubectl(home, kubeconfig, "get", "secret", "hf-secret", "-o", "jsonpath={.data}", sb=sb)  # current: iso-two
         assert out.returncode == 0 and "token-iso-two" in out.stdout, out.stderr
 
     # deleting a cluster stops its API server and its model servers and drops its context
@@ -452,7 +471,7 @@ def test_every_cluster_has_its_own_kubernetes_api(own_sb, tmp_path):
     done = httpx.post(f"{sb.gke.url}/v1/{parents['iso-two']}/operations/{op.name}:wait", timeout=10).json()
     assert done["status"] == "DONE" and "error" not in done
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://{endpoints['iso-two']}/version")
+        httpx.get(f"https://{endpoints['iso-two']}/version", verify=False)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{model_port}/health")
     state = SandboxClient(sb.url).state()
@@ -469,7 +488,7 @@ def test_every_cluster_has_its_own_kubernetes_api(own_sb, tmp_path):
     assert sb.cluster_kubes == {}
 
 
-def test_kubeconfig_keeps_foreign_entries_and_repairs_gcloud_https(own_sb):
+def test_kubeconfig_keeps_foreign_entries_and_writes_what_gcloud_writes(own_sb, tmp_path):
     sb = own_sb
     kubeconfig = sb.state_dir / "kubeconfig"
     config = yaml.safe_load(kubeconfig.read_text())
@@ -486,29 +505,28 @@ def test_kubeconfig_keeps_foreign_entries_and_repairs_gcloud_https(own_sb):
     assert [c["name"] for c in config["contexts"]] == ["elsewhere", "sandbox", context]
     assert config["current-context"] == context
     httpx.post(f"{sb.gke.url}/v1/{parent}/operations/{op.name}:wait", timeout=10)
-    endpoint = gke.get_cluster(name=f"{parent}/clusters/kc", retry=None).endpoint
+    got = gke.get_cluster(name=f"{parent}/clusters/kc", retry=None)
 
-    # what `gcloud container clusters create/get-credentials` writes: https and an auth plugin
-    for section, entry in (("clusters", {"server": f"https://{endpoint}", "certificate-authority-data": "eA=="}),
-                           ("users", {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
-                                               "command": "gke-gcloud-auth-plugin"}})):
-        for e in config[section]:
-            if e["name"] == context:
-                e[section[:-1]] = entry
+    # the entries are the ones `gcloud container clusters get-credentials` writes: https, the CA GKE
+    # returns in masterAuth, gke-gcloud-auth-plugin as the credential (so nothing needs rewriting)
+    assert {c["name"]: c["cluster"] for c in config["clusters"]}[context] == {
+        "certificate-authority-data": got.master_auth.cluster_ca_certificate, "server": f"https://{got.endpoint}"}
+    assert {u["name"]: u["user"] for u in config["users"]}[context]["exec"]["command"] == "gke-gcloud-auth-plugin"
+    if shutil.which("gcloud"):
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **sb.env(),
+               "KUBECONFIG": str(tmp_path / "gcloud-kubeconfig")}
+        out = subprocess.run(["gcloud", "container", "clusters", "get-credentials", "kc", "--project", "kc-project",
+                              "--zone", "us-central1-a"], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        written = yaml.safe_load((tmp_path / "gcloud-kubeconfig").read_text())
+        assert written["clusters"] == [c for c in config["clusters"] if c["name"] == context]
+        assert written["users"][0]["user"]["exec"]["command"] == "gke-gcloud-auth-plugin"
+
     config["current-context"] = "elsewhere"
     kubeconfig.write_text(yaml.safe_dump(config))
-
-    def repaired() -> bool:
-        got = yaml.safe_load(kubeconfig.read_text())
-        return {c["name"]: c["cluster"] for c in got["clusters"]}[context] == {"server": f"http://{endpoint}"}
-
-    assert _until(repaired, timeout=3)
-    config = yaml.safe_load(kubeconfig.read_text())
-    assert {u["name"]: u["user"] for u in config["users"]}[context] == {}
-    assert config["current-context"] == "elsewhere"  # the user's choice
-    assert {c["name"]: c["cluster"] for c in config["clusters"]}["elsewhere"] == {"server": "https://10.0.0.1"}
     op = gke.delete_cluster(name=f"{parent}/clusters/kc", retry=None)
     httpx.post(f"{sb.gke.url}/v1/{parent}/operations/{op.name}:wait", timeout=10)
     config = yaml.safe_load(kubeconfig.read_text())
     assert [c["name"] for c in config["contexts"]] == ["elsewhere", "sandbox"]
-    assert config["current-context"] == "elsewhere"
+    assert config["current-context"] == "elsewhere"  # the user's choice
+    assert {c["name"]: c["cluster"] for c in config["clusters"]}["elsewhere"] == {"server": "https://10.0.0.1"}

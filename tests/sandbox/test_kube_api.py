@@ -7,14 +7,13 @@ import threading
 import time
 import uuid
 
-import httpx
 import pytest
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
-from tests.sandbox.kube_support import StubRuntime, deployment, wait_for
+from tests.sandbox.kube_support import StubRuntime, api_client, deployment, http_client, wait_for
 
 SCALE = 0.002
 
@@ -31,7 +30,7 @@ def kube():
 
 @pytest.fixture(scope="module")
 def api(kube):
-    return client.ApiClient(client.Configuration(host=kube.url))
+    return api_client(kube)
 
 
 @pytest.fixture
@@ -63,7 +62,7 @@ def _raises(fn, status: int, reason: str) -> ApiException:
 
 # ---- discovery -------------------------------------------------------------------------------------
 def test_discovery_documents(kube):
-    with httpx.Client(base_url=kube.url) as http:
+    with http_client(kube) as http:
         version = http.get("/version").json()
         assert version["major"] == "1" and version["minor"] == "30"
         assert http.get("/api").json()["versions"] == ["v1"]
@@ -288,7 +287,7 @@ def test_server_side_apply(kube, apps, ns, api):
     # YAML bodies work as well (what kubectl apply --server-side sends is JSON; other tools send YAML)
     yaml_body = (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: y\n  namespace: {ns}\n"
                  "data:\n  k: v\n").encode()
-    with httpx.Client(base_url=api.configuration.host) as http:
+    with http_client(kube) as http:
         r = http.patch(f"/api/v1/namespaces/{ns}/configmaps/y", params={"fieldManager": "me"}, content=yaml_body,
                        headers={"Content-Type": "application/apply-patch+yaml"})
         assert r.status_code == 201 and r.json()["data"] == {"k": "v"}
@@ -387,7 +386,7 @@ def test_watch_too_old_resource_version_is_gone(core, ns):
     small._bootstrap()
     small.start()
     try:
-        c = client.CoreV1Api(client.ApiClient(client.Configuration(host=small.url)))
+        c = client.CoreV1Api(api_client(small))
         rv = c.list_namespaced_config_map("default").metadata.resource_version
         for i in range(10):
             c.create_namespaced_config_map("default", {"metadata": {"name": f"x{i}"}})
@@ -453,7 +452,7 @@ def test_namespace_delete_removes_contents(kube, core, apps):
 # ---- tables, faults, proxy, subscribers -------------------------------------------------------------
 def test_table_replies(kube, apps, ns):
     apps.create_namespaced_deployment(ns, deployment("tab", replicas=1))
-    with httpx.Client(base_url=kube.url, headers={
+    with http_client(kube, headers={
             "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}) as http:
         t = http.get(f"/apis/apps/v1/namespaces/{ns}/deployments").json()
         assert t["kind"] == "Table"
@@ -476,7 +475,7 @@ def test_injected_faults_answer_as_status(kube, core):
 def test_service_proxy_and_endpoints(kube, core, apps, ns):
     core.create_namespaced_service(ns, {"metadata": {"name": "api"}, "spec": {
         "selector": {"app": "px"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-    with httpx.Client(base_url=kube.url, timeout=10) as http:
+    with http_client(kube, timeout=10) as http:
         r = http.get(f"/api/v1/namespaces/{ns}/services/api:http/proxy/whoami")
         assert r.status_code == 503 and r.json()["message"] == 'no endpoints available for service "api"'
         apps.create_namespaced_deployment(ns, deployment("px", replicas=2))

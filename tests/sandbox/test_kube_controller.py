@@ -12,7 +12,7 @@ from kubernetes.client.rest import ApiException
 
 from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
-from tests.sandbox.kube_support import StubRuntime, deployment, wait_for
+from tests.sandbox.kube_support import StubRuntime, api_client, deployment, http_client, wait_for
 
 SCALE = 0.002
 L4 = {"cloud.google.com/gke-accelerator": "nvidia-l4"}
@@ -35,7 +35,7 @@ def kube(runtime):
 
 @pytest.fixture
 def api(kube):
-    return client.ApiClient(client.Configuration(host=kube.url))
+    return api_client(kube)
 
 
 @pytest.fixture
@@ -453,7 +453,7 @@ def real():
     k = KubeCluster(clock=clock, faults=faults, runtime=runtime)
     k.start()
     gpu_node(k, "l4-1", gpus=2)
-    yield k, runtime, client.ApiClient(client.Configuration(host=k.url))
+    yield k, runtime, api_client(k)
     k.stop()
     runtime.stop()
 
@@ -465,7 +465,6 @@ def vllm_deployment(name, labels=None):
 
 
 def test_real_runtime_serves_through_the_service_proxy(real):
-    import httpx
 
     kube, runtime, api = real
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
@@ -473,7 +472,7 @@ def test_real_runtime_serves_through_the_service_proxy(real):
     core.create_namespaced_service("default", {"metadata": {"name": "opt"}, "spec": {
         "selector": {"app": "opt"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
     wait_for(lambda: kube.service_backends("default", "opt"), timeout=20)
-    with httpx.Client(base_url=kube.url, timeout=30) as http:
+    with http_client(kube, timeout=30) as http:
         models = http.get("/api/v1/namespaces/default/services/opt:http/proxy/v1/models").json()
         assert models["data"][0]["id"] == "facebook/opt-125m"
     pod = pods(core, selector="app=opt")[0].metadata.name

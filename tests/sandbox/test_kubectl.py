@@ -12,7 +12,7 @@ import yaml
 
 from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
-from tests.sandbox.kube_support import StubRuntime
+from tests.sandbox.kube_support import StubRuntime, kubeconfig_entry
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
@@ -73,11 +73,7 @@ def kube():
 def kubectl(kube, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     config = home / "kubeconfig"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sandbox",
-        "clusters": [{"name": "sandbox", "cluster": {"server": kube.url}}],
-        "users": [{"name": "sandbox", "user": {"token": "sandbox"}}],
-        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "sandbox"}}]}))
+    config.write_text(yaml.safe_dump(kubeconfig_entry(kube)))  # https + the cluster's CA + a token
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "KUBECONFIG": str(config)}
 
     def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

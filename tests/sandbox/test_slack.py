@@ -18,7 +18,7 @@ TOKEN = "xoxb-sandbox-test"
 
 @pytest.fixture
 def slack():
-    s = Slack(faults=Faults())
+    s = Slack(faults=Faults(), token=TOKEN)
     s.start()
     yield s
     s.stop()
@@ -72,7 +72,7 @@ def test_blocks_json_and_form_encoded_calls(slack):
     assert r2["ok"]
     # GET with the token as a query argument, the oldest Slack style
     r3 = WebClient(base_url=slack.url + "/api/").api_call(
-        "conversations.history", http_verb="GET", params={"channel": "#llm-fleet", "token": TOKEN})
+        "conversations.history", http_verb="GET", params={"channel": r["channel"], "token": TOKEN})
     assert [m["text"] for m in r3["messages"]] == ["form body", "fallback"]
 
 
@@ -80,16 +80,18 @@ def test_history_pagination(slack):
     c = client(slack)
     for i in range(5):
         c.chat_postMessage(channel="#random", text=f"m{i}")
-    page1 = c.conversations_history(channel="#random", limit=2)
+    random = slack.channel_id("#random")
+    page1 = c.conversations_history(channel=random, limit=2)
     assert [m["text"] for m in page1["messages"]] == ["m4", "m3"] and page1["has_more"]
-    page2 = c.conversations_history(channel="#random", limit=2, cursor=page1["response_metadata"]["next_cursor"])
+    page2 = c.conversations_history(channel=random, limit=2, cursor=page1["response_metadata"]["next_cursor"])
     assert [m["text"] for m in page2["messages"]] == ["m2", "m1"]
     # slack_sdk's own paginator (it yields the same response object, refilled page by page)
-    assert sum(len(p["messages"]) for p in c.conversations_history(channel="#random", limit=2)) == 5
+    assert sum(len(p["messages"]) for p in c.conversations_history(channel=random, limit=2)) == 5
 
 
 @pytest.mark.parametrize(("token", "error"), [(None, "not_authed"), ("xoxb-real-token", "invalid_auth"),
-                                              ("xoxp-sandbox", "invalid_auth")])
+                                              ("xoxp-sandbox", "invalid_auth"),
+                                              ("xoxb-sandbox-test-but-not-ours", "invalid_auth")])
 def test_auth_errors_raise_slack_api_error(slack, token, error):
     with pytest.raises(SlackApiError) as info:
         client(slack, token).chat_postMessage(channel="#general", text="x")
@@ -103,6 +105,7 @@ def test_channel_and_message_errors(slack):
     c = client(slack)
     slack.remove_channel("#gone")
     slack.archive_channel("#old")
+    general = slack.channel_id("#general")
     cases = [
         (lambda: c.chat_postMessage(channel="#gone", text="x"), "channel_not_found"),
         (lambda: c.chat_postMessage(channel="C0NOTACHAN", text="x"), "channel_not_found"),
@@ -110,8 +113,8 @@ def test_channel_and_message_errors(slack):
         (lambda: c.chat_postMessage(channel="#general", text=""), "no_text"),
         (lambda: c.chat_postMessage(channel="#general", text="x" * 40001), "msg_too_long"),
         (lambda: c.chat_postMessage(channel="#general", text="x", thread_ts="1.000001"), "thread_not_found"),
-        (lambda: c.chat_update(channel="#general", ts="1.000001", text="x"), "message_not_found"),
-        (lambda: c.conversations_replies(channel="#general", ts="1.000001"), "thread_not_found"),
+        (lambda: c.chat_update(channel=general, ts="1.000001", text="x"), "message_not_found"),
+        (lambda: c.conversations_replies(channel=general, ts="1.000001"), "thread_not_found"),
         (lambda: c.api_call("chat.nonsense"), "unknown_method"),
     ]
     for call, error in cases:
@@ -149,8 +152,8 @@ def test_fault_rule_429_retried(slack):
     slack.faults.add(service="slack", path=r"chat\.update", status=429, count=1, headers={"Retry-After": "0"},
                      body={"ok": False, "error": "ratelimited"})
     c = client(slack, retry=True)
-    ts = c.chat_postMessage(channel="#general", text="v1")["ts"]
-    c.chat_update(channel="#general", ts=ts, text="v2")
+    head = c.chat_postMessage(channel="#general", text="v1")
+    c.chat_update(channel=head["channel"], ts=head["ts"], text="v2")
     assert slack.messages("#general")[0]["text"] == "v2"
     assert slack.faults.list()[0]["hits"] == 1
 
@@ -180,3 +183,35 @@ def test_conversations_list_info_delete_and_snapshot(slack):
     snap = slack.snapshot()
     assert snap["channels"]["general"]["messages"] == 1
     json.dumps(snap)
+
+
+# ---- what real Slack refuses -------------------------------------------------------------------------
+
+def test_update_and_delete_need_the_channel_id(slack):
+    """chat.update / chat.delete with a channel name: channel_not_found (python-slack-sdk #696)."""
+    c = client(slack)
+    head = c.chat_postMessage(channel="#llm-fleet", text="v1")  # a name is fine here
+    for channel in ("#llm-fleet", "llm-fleet"):
+        for call in (lambda ch=channel: c.chat_update(channel=ch, ts=head["ts"], text="v2"),
+                     lambda ch=channel: c.chat_delete(channel=ch, ts=head["ts"]),
+                     lambda ch=channel: c.conversations_history(channel=ch)):
+            with pytest.raises(SlackApiError) as info:
+                call()
+            assert info.value.response["error"] == "channel_not_found"
+    assert [m["text"] for m in slack.messages("#llm-fleet")] == ["v1"]  # nothing changed
+    c.chat_update(channel=head["channel"], ts=head["ts"], text="v2")  # the ID the post returned works
+    assert slack.messages("#llm-fleet")[0]["text"] == "v2"
+
+
+def test_not_in_channel_and_revoked_token(slack):
+    c = client(slack)
+    slack.add_channel("#ops", member=False)  # the bot was never invited
+    for call in (lambda: c.chat_postMessage(channel="#ops", text="x"),
+                 lambda: c.conversations_history(channel=slack.channel_id("#ops"))):
+        with pytest.raises(SlackApiError) as info:
+            call()
+        assert info.value.response["error"] == "not_in_channel"
+    slack.revoke_token(TOKEN)
+    with pytest.raises(SlackApiError) as info:
+        c.auth_test()
+    assert info.value.response["error"] == "token_revoked"

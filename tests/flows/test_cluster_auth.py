@@ -1,0 +1,120 @@
+"""deploy_model through GKE-strict auth: expiring Google tokens, and the operator ServiceAccount's RBAC."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.flows.conftest import spec_dict
+from tests.flows.test_deploy_model import deploy, kube, provision, routed_model
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+SPEC = "qwen2.5-7b-sglang.yaml"  # the smallest spec: no Ingress, HPA or cache
+
+
+def _model_id(spec: dict) -> str:
+    return spec["model"] if isinstance(spec["model"], str) else spec["model"]["id"]
+
+
+def test_deploy_outlives_the_google_token(sandbox, sbc):
+    """Google access tokens expire several times while the model loads: the client refreshes them
+    before expiry; a token refused mid-run (revoked: 401) is retried once with a fresh one."""
+    spec = spec_dict(SPEC)
+    provision(spec)
+    core, _, _ = kube(spec)
+    tokens = sandbox.tokens
+    lifetime = tokens.lifetime_s
+    try:
+        tokens.lifetime_s = 1e6  # a token the client considers good for a long while...
+        core.list_namespace()
+        tokens.revoke_all()  # ...refused from now on: 401, then one retry with a fresh token
+        before = tokens.issued
+        assert core.list_namespace().items
+        assert tokens.issued == before + 1
+
+        # a token lives 0.3 real s (150 cloud s); the model takes 600 cloud s (1.2 real s) to load
+        tokens.lifetime_s = 150.0
+        tokens.revoke_all()  # (so no client still holds a long-lived token)
+        sbc.add_behavior(mode="ok", load_seconds=600, match={"model": _model_id(spec)})
+        before = tokens.issued
+        result = deploy(spec)
+    finally:
+        tokens.lifetime_s = lifetime
+    assert all(r["tokens"] > 0 for r in result["smoke"])
+    assert routed_model(spec) == _model_id(spec)
+    assert tokens.issued - before >= 4  # the deploy spanned at least four token lifetimes
+
+
+def _operator_token(spec: dict, *, drop: tuple[str, str] | None = None) -> str:
+    """Apply the rendered operator RBAC as the project owner (what a cluster admin does once) and
+    return a TokenRequest token of its ServiceAccount. ``drop=(resource, verb)`` removes that verb."""
+    from kubernetes import client
+
+    from manifests.render import namespace, operator_rbac
+    from manifests.spec import parse_spec
+    from tasks.k8s import apply_object
+
+    parsed = parse_spec(spec)
+    _, _, api = kube(spec)
+    objs = [namespace(parsed), *operator_rbac(parsed)]
+    for obj in objs:
+        if drop and obj["kind"] == "Role":  # the resource in a rule of its own, without the verb
+            rule = next(r for r in obj["rules"] if drop[0] in r["resources"])
+            rule["resources"] = [r for r in rule["resources"] if r != drop[0]]
+            obj["rules"].append({**rule, "resources": [drop[0]], "verbs": [v for v in rule["verbs"] if v != drop[1]]})
+        apply_object.fn(kubeconfig=_kubeconfig(spec), obj=obj)
+    sa = objs[1]["metadata"]
+    req = client.CoreV1Api(api).create_namespaced_service_account_token(
+        sa["name"], sa["namespace"], {"spec": {"expirationSeconds": 86400}})
+    return req.status.token
+
+
+def _kubeconfig(spec: dict) -> str:
+    from tasks.gke import get_credentials
+
+    c = spec["cluster"]
+    return get_credentials.fn(project=c["project"], location=c["location"], name=c.get("name", "llm-fleet"))
+
+
+@pytest.fixture
+def as_operator(tmp_path):
+    """Run the product with a ServiceAccount token (LLM_FLEET_KUBE_TOKEN_FILE) instead of Google's."""
+    from tasks.settings import reload_settings
+
+    token_file = tmp_path / "token"
+
+    def use(token: str) -> None:
+        token_file.write_text(token)
+        os.environ["LLM_FLEET_KUBE_TOKEN_FILE"] = str(token_file)
+        reload_settings()
+
+    yield use
+    os.environ.pop("LLM_FLEET_KUBE_TOKEN_FILE", None)
+    reload_settings()
+
+
+def test_deploy_as_the_operator_service_account(sbc, as_operator):
+    spec = spec_dict(SPEC)
+    provision(spec)
+    as_operator(_operator_token(spec))
+    result = deploy(spec)
+    assert all(r["tokens"] > 0 for r in result["smoke"])
+    assert routed_model(spec) == _model_id(spec)
+
+
+def test_operator_role_lacking_a_verb_fails_with_the_permission_named(sbc, as_operator):
+    from manifests.errors import FleetError
+
+    spec = spec_dict(SPEC)
+    provision(spec)
+    as_operator(_operator_token(spec, drop=("services", "patch")))
+    with pytest.raises(FleetError) as err:
+        deploy(spec)
+    message = str(err.value)
+    ns = spec.get("namespace", "default")
+    assert f'missing permission: patch services (API group "") in namespace "{ns}"' in message
+    assert "operator Role" in message and "operator_rbac" in message
+    assert f"system:serviceaccount:{ns}:llm-fleet-operator" in message
+
+
