@@ -27,8 +27,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 # The lifecycle, in order: each step is a deployment in prefect.yaml run with {"spec": <path>}.
-LIFECYCLE = ["provision_cluster/default", "deploy_model/default"]
-NOT_BUILT_YET = ["release_model", "park_model"]
+# Hold proxy pods (the image park_model renders) run as local processes of this package in the sandbox.
+LOCAL_IMAGES = "ghcr.io/llm-fleet/llm-fleet:*"
 # What the summary shows with each CLI, so a user without it knows what is skipped.
 TOOLS = {"kubectl": "the GPU nodes, pods, Service and model seen through kubectl",
          "gcloud": "the GKE clusters seen through gcloud"}
@@ -159,14 +159,15 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def _run(name: str, spec: str, env: dict[str, str], timeout: float = 900) -> Any:
-    """Trigger a deployment through the Prefect API and wait for its final state, printing progress."""
+def _run(name: str, params: dict[str, Any], ui: str, *, expect_failure: bool = False, timeout: float = 900) -> Any:
+    """Trigger a deployment through the Prefect API (as `prefect deployment run` does) and wait, printing progress."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    _say(f"\n▶ {name}  (spec={spec})")
+    shown = {k: (Path(v).name if k == "spec" else (v[:12] if k == "revision" else v)) for k, v in params.items()}
+    _say(f"\n▶ {name}  " + " ".join(f"{k}={v}" for k, v in shown.items()))
     start = time.monotonic()
-    run = run_deployment(name=name, parameters={"spec": spec}, timeout=0)
+    run = run_deployment(name=name, parameters=params, timeout=0)
     line = _ProgressLine()
     with get_client(sync_client=True) as client:
         while time.monotonic() - start < timeout:
@@ -177,11 +178,106 @@ def _run(name: str, spec: str, env: dict[str, str], timeout: float = 900) -> Any
             time.sleep(0.5)
     line.close()
     state = run.state
-    _say(f"  {'✓' if state and state.is_completed() else '✗'} {run.name}: {state.name if state else '?'} "
-         f"in {time.monotonic() - start:.1f}s")
-    if state and not state.is_completed():
-        _say(f"  cause: {state.message}")
+    completed = bool(state and state.is_completed())
+    mark = "✓" if completed != expect_failure else "✗"
+    _say(f"  {mark} {run.name}: {state.name if state else '?'} in {time.monotonic() - start:.1f}s   "
+         f"UI: {ui}/runs/flow-run/{run.id}")
+    if state and not completed:
+        _say(f"  {'as rehearsed — ' if expect_failure else ''}cause: {(state.message or '').splitlines()[0][:300]}")
     return run
+
+
+def _ok(run: Any) -> bool:
+    return bool(run.state and run.state.is_completed())
+
+
+def _held_request(spec: Any, sandbox: Any, timeout: float = 300) -> tuple[int, float, str]:
+    """One completion through the live Service while the model is parked: (status, seconds, answer)."""
+    from sandbox.client import SandboxClient
+
+    state = SandboxClient(sandbox.env()["LLM_FLEET_SANDBOX_URL"]).state()
+    ports = [p for c in [*(state.get("clusters_kube") or {}).values(), state.get("kube", {})]
+             for key, p in (c.get("service_ports") or {}).items() if key == f"{spec.namespace}/{spec.name}"]
+    if not ports:
+        return 0, 0.0, "the live Service has no sandbox address"
+    body = ({"inputs": "Hello", "parameters": {"max_new_tokens": 8}} if spec.engine.kind == "tgi"
+            else {"model": spec.model.id, "prompt": "Hello", "max_tokens": 8})
+    path = "/generate" if spec.engine.kind == "tgi" else "/v1/completions"
+    start = time.monotonic()
+    try:
+        resp = httpx.post(f"http://127.0.0.1:{ports[0]['port']}{path}", json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return 0, time.monotonic() - start, type(exc).__name__
+    text = resp.text[:120].replace("\n", " ")
+    return resp.status_code, time.monotonic() - start, text
+
+
+def _lifecycle(spec_path: str, sandbox: Any, ui: str) -> bool:
+    """provision → deploy → release → a bad release rolled back → park → a request held across the wake →
+    report → teardown, each a flow run of its deployment in the worker."""
+    import threading
+
+    from manifests.spec import load_spec
+
+    spec = load_spec(spec_path)
+    for name in ("provision_cluster/default", "deploy_model/default"):
+        if not _ok(_run(name, {"spec": spec_path}, ui)):
+            return False
+    good = sandbox.hub.push_revision(spec.model.id, title="demo: fine-tuned weights")
+    _say(f"\n· the Hub has a new commit of {spec.model.id}: {good[:12]}")
+    if not _ok(_run("release_model/default", {"spec": spec_path, "revision": good}, ui)):
+        return False
+    bad = sandbox.hub.push_revision(spec.model.id, title="demo: broken weights")
+    sandbox.runtime.behaviors.add(mode="wrong_answers", revision=bad)  # its pods answer empty text
+    _say(f"· another commit, {bad[:12]}, has broken weights (the sandbox makes its pods answer nothing)")
+    if _ok(_run("release_model/default", {"spec": spec_path, "revision": bad}, ui, expect_failure=True)):
+        return False
+    if not _ok(_run("park_model/default", {"spec": spec_path}, ui)):
+        return False
+    result: dict[str, Any] = {}
+    held = threading.Thread(target=lambda: result.update(r=_held_request(spec, sandbox)), daemon=True)
+    _say("\n▶ a request to the parked model (the hold proxy keeps it and asks for a wake) …")
+    held.start()
+    held.join(timeout=320)
+    status, seconds, text = result.get("r", (0, 0.0, "no answer"))
+    _say(f"  {'✓' if status == 200 else '✗'} answered {status} after {seconds:.1f}s, held across the automatic "
+         f"wake: {text}")
+    _show_wake_runs(ui)
+    _run("gpu_report/default", {}, ui)
+    return status == 200
+
+
+def _teardown(spec_path: str, ui: str, env: dict[str, str], state_dir: Path) -> bool:
+    from manifests.spec import load_spec
+
+    run = _run("teardown/default", {"spec": spec_path, "cluster": True, "dry_run": False}, ui)
+    spec = load_spec(spec_path)
+    _show("nothing left: GKE clusters after teardown",
+          ["gcloud", "container", "clusters", "list", f"--project={spec.cluster.project}"],
+          {**env, "HOME": str(state_dir / "home")})
+    return _ok(run)
+
+
+def _show_wake_runs(ui: str) -> None:
+    """The wake_model runs the hold proxy's event started (through the deployment trigger)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["wake_model"])))
+        # (the Scheduled ones are the specs' wake schedules, synced by sync_schedules)
+        for run in [r for r in runs if r.state and not r.state.is_scheduled()]:
+            _say(f"  ↳ wake_model run {run.name} (started by the event trigger): "
+                 f"{run.state.name if run.state else '?'}   UI: {ui}/runs/flow-run/{run.id}")
+
+
+def _prefect_quiet(what: str, env: dict[str, str]) -> None:
+    """Best-effort set-up steps whose failure the lifecycle does not depend on."""
+    if what == "sync_schedules":
+        res = subprocess.run([sys.executable, "-m", "llm_fleet.cli", "schedules", "sync"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+        _say("✓ park/wake schedules synced from the specs" if res.returncode == 0
+             else f"! schedules sync: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
 
 
 def _progress_artifacts(client: Any, flow_run_id: Any) -> list[Any]:
@@ -304,6 +400,7 @@ def main(args: argparse.Namespace) -> int:
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True)
     _say(f"llm-fleet demo — sandbox time scale {args.time_scale} (cloud delays × {args.time_scale})")
+    os.environ.setdefault("SANDBOX_LOCAL_IMAGES", LOCAL_IMAGES)
     sandbox = Sandbox(time_scale=args.time_scale, state_dir=state_dir)
     children = Children(state_dir / "pids")
     log = open(state_dir / "prefect.log", "w")  # noqa: SIM115 - closed in finally
@@ -335,15 +432,11 @@ def main(args: argparse.Namespace) -> int:
         _say("✓ worker started")
 
         os.environ.update({"PREFECT_API_URL": api})
-        ok = True
-        for name in LIFECYCLE:
-            run = _run(name, spec, env)
-            ok = bool(run.state and run.state.is_completed())
-            if not ok:
-                break
-        for step in NOT_BUILT_YET:
-            _say(f"\n… {step}: not built yet (next issues); the lifecycle stops after deploy for now")
+        _prefect_quiet("sync_schedules", env)
+        ui = f"http://127.0.0.1:{port}"
+        ok = _lifecycle(spec, sandbox, ui)
         _summarise(spec, env, state_dir)
+        ok = _teardown(spec, ui, env, state_dir) and ok
         _say(f"\nkubectl: `source {state_dir}/env && kubectl get pods -A` (while the sandbox runs)")
         if args.keep_running:
             _say(f"Prefect UI: http://127.0.0.1:{port} — running until Ctrl-C …")
