@@ -228,7 +228,8 @@ class Sandbox:
         self._started = True
         self._stopping = False
         # gcloud cannot refresh a CLOUDSDK_AUTH_ACCESS_TOKEN: mint it for Google's longest lifetime
-        self._gcloud_token, _ = self.tokens.issue(self.google_account, lifetime_s=GCLOUD_TOKEN_LIFETIME_S, scaled=False)
+        self._gcloud_token, _ = self.tokens.issue(self.google_account, lifetime_s=GCLOUD_TOKEN_LIFETIME_S, scaled=False,
+                                                  endpoint=False)
         if self.state_dir is None:
             self._tmp_dir = Path(tempfile.mkdtemp(prefix="llm-fleet-sandbox-"))
             self.state_dir = self._tmp_dir

@@ -44,6 +44,7 @@ GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"  # google-auth's assert
 class Token:
     email: str
     expires_at: float  # time.time()
+    endpoint: bool = True  # issued by the token endpoint (a client can fetch another)
 
 
 class GoogleTokens:
@@ -56,7 +57,8 @@ class GoogleTokens:
         self._lock = threading.Lock()
         self.issued = 0
 
-    def issue(self, email: str, *, lifetime_s: float | None = None, scaled: bool = True) -> tuple[str, float]:
+    def issue(self, email: str, *, lifetime_s: float | None = None, scaled: bool = True,
+              endpoint: bool = True) -> tuple[str, float]:
         """A new access token for ``email`` -> ``(token, expires_in real seconds)``. ``scaled=False``:
         ``lifetime_s`` is real seconds (the env file's gcloud token)."""
         life = self.lifetime_s if lifetime_s is None else lifetime_s
@@ -65,7 +67,7 @@ class GoogleTokens:
         with self._lock:
             now = time.time()
             self._tokens = {k: v for k, v in self._tokens.items() if v.expires_at > now - 60}
-            self._tokens[token] = Token(email, now + real)
+            self._tokens[token] = Token(email, now + real, endpoint)
             self.issued += 1
         return token, real
 
@@ -77,10 +79,11 @@ class GoogleTokens:
             return None, False
         return got.email, time.time() >= got.expires_at
 
-    def revoke_all(self) -> None:
-        """Every token issued so far stops working (as after a credential rotation)."""
+    def revoke_all(self, *, endpoint_only: bool = False) -> None:
+        """Every token issued so far stops working (as after a credential rotation); ``endpoint_only``:
+        only those the token endpoint issued (a client can refresh), not the env file's gcloud token."""
         with self._lock:
-            self._tokens.clear()
+            self._tokens = {k: v for k, v in self._tokens.items() if endpoint_only and not v.endpoint}
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.flows.conftest import spec_dict
 from tests.flows.test_deploy_model import deploy, kube, provision, routed_model
@@ -28,14 +32,14 @@ def test_deploy_outlives_the_google_token(sandbox, sbc):
     try:
         tokens.lifetime_s = 1e6  # a token the client considers good for a long while...
         core.list_namespace()
-        tokens.revoke_all()  # ...refused from now on: 401, then one retry with a fresh token
+        tokens.revoke_all(endpoint_only=True)  # ...refused from now on: 401, then one retry with a fresh token
         before = tokens.issued
         assert core.list_namespace().items
         assert tokens.issued == before + 1
 
         # a token lives 0.3 real s (150 cloud s); the model takes 600 cloud s (1.2 real s) to load
         tokens.lifetime_s = 150.0
-        tokens.revoke_all()  # (so no client still holds a long-lived token)
+        tokens.revoke_all(endpoint_only=True)  # (so no client still holds a long-lived token)
         sbc.add_behavior(mode="ok", load_seconds=600, match={"model": _model_id(spec)})
         before = tokens.issued
         result = deploy(spec)
@@ -44,6 +48,20 @@ def test_deploy_outlives_the_google_token(sandbox, sbc):
     assert all(r["tokens"] > 0 for r in result["smoke"])
     assert routed_model(spec) == _model_id(spec)
     assert tokens.issued - before >= 4  # the deploy spanned at least four token lifetimes
+
+    # the kubeconfig written for users holds no token that could expire: gcloud's exec-plugin form,
+    # which real kubectl uses as it is
+    path = _kubeconfig(spec)
+    user = yaml.safe_load(Path(path).read_text())["users"][0]["user"]
+    assert user == {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
+                             "command": "gke-gcloud-auth-plugin", "installHint": user["exec"]["installHint"],
+                             "provideClusterInfo": True}}
+    if shutil.which("kubectl") and shutil.which("gke-gcloud-auth-plugin"):
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "KUBECONFIG": path,
+               **{k: v for k, v in sandbox.env().items() if k.startswith("CLOUDSDK_")}}
+        out = subprocess.run(["kubectl", "get", "deploy", "-A", "-o", "name"], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0 and "deployment.apps/qwen-sglang-blue" in out.stdout, out.stderr
 
 
 def _operator_token(spec: dict, *, drop: tuple[str, str] | None = None) -> str:
