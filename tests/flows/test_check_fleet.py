@@ -6,7 +6,7 @@ import pytest
 
 from tests.flows.conftest import spec_dict
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.timeout(300)]
 
 
 def _kill_pods(spec: dict) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from tests.flows.conftest import spec_dict
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.timeout(300)]
 
 
 def test_gpu_hours_match_the_sandbox_meter_across_a_park_and_a_wake(sandbox, sbc):

@@ -15,6 +15,8 @@ import pytest
 
 from tests.flows.server_support import ROOT, PostgresUnavailable, postgres_server, prefect_server
 
+pytestmark = pytest.mark.timeout(300)  # a Prefect server migrates its schema into PostgreSQL first
+
 
 @pytest.fixture(scope="module")
 def postgres():
