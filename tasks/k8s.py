@@ -33,6 +33,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "PersistentVolumeClaim"): ("persistentvolumeclaims", True),
     ("v1", "Pod"): ("pods", True),
     ("v1", "Node"): ("nodes", False),
+    ("v1", "Endpoints"): ("endpoints", True),
     ("apps/v1", "Deployment"): ("deployments", True),
     ("networking.k8s.io/v1", "Ingress"): ("ingresses", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
