@@ -38,6 +38,7 @@ from flows.serving import (
 )
 from manifests import names
 from manifests.errors import DeployError
+from manifests.fleet import SpecPath
 from manifests.names import Color
 from manifests.release import Desired, plan_release
 from manifests.render import applied_deployment, model_deployment, object_key, render
@@ -95,7 +96,7 @@ def _dry_run(t: Target, report: Report, color: Color) -> dict[str, Any]:
 
 
 @flow(name="deploy_model", log_prints=True)
-def deploy_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def deploy_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                  dry_run: bool = False) -> dict[str, Any]:
     """HF preflight → Secret → cache, Deployment, Service, Ingress, HPA, monitoring → model answers → smoke test.
 

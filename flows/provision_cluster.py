@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from flows.report import Report, artifact_key
 from manifests import provision as prov
 from manifests.errors import DriftError, PreflightError, QuotaError, StockoutError
+from manifests.fleet import SpecPath
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from tasks import compute, gke
 
@@ -165,7 +166,7 @@ def provision_with_failover(spec: DeploymentSpec, *, location: str, candidates: 
 
 
 @flow(name="provision_cluster", log_prints=True)
-def provision_cluster(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def provision_cluster(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                       dry_run: bool = False) -> dict[str, Any]:
     """GPU quota and zone preflight → GKE cluster → GPU node pool (with stockout failover) → kubeconfig."""
     log = get_run_logger()

@@ -41,6 +41,7 @@ from flows.serving import (
 )
 from manifests import names
 from manifests.errors import DeployError, FleetError, PreflightError
+from manifests.fleet import SpecPath
 from manifests.names import Color
 from manifests.provision import quota_metric
 from manifests.release import (
@@ -436,7 +437,7 @@ def _resolve(spec: str | dict[str, Any], flow_name: str) -> DeploymentSpec:
 
 
 @flow(name="release_model", log_prints=True)
-def release_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: str | None = None,
+def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: str | None = None,
                   dry_run: bool = False) -> dict[str, Any]:
     """Blue-green release of ``revision`` (default: the spec's) with analysis and automatic rollback."""
     if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
@@ -479,7 +480,7 @@ def release_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4
 
 
 @flow(name="rollback_model", log_prints=True)
-def rollback_model(spec: str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml") -> dict[str, Any]:
+def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml") -> dict[str, Any]:
     """Back to the previous revision: an instant switch while the old color is warm, else a release of it."""
     if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
         return vertex.rollback(spec)

@@ -220,6 +220,7 @@ def _lifecycle(spec_path: str, sandbox: Any, ui: str) -> bool:
     from manifests.spec import load_spec
 
     spec = load_spec(spec_path)
+    started = time.time()
     for name in ("provision_cluster/default", "deploy_model/default"):
         if not _ok(_run(name, {"spec": spec_path}, ui)):
             return False
@@ -243,7 +244,7 @@ def _lifecycle(spec_path: str, sandbox: Any, ui: str) -> bool:
     _say(f"  {'✓' if status == 200 else '✗'} answered {status} after {seconds:.1f}s, held across the automatic "
          f"wake: {text}")
     _show_wake_runs(ui)
-    _run("gpu_report/default", {}, ui)
+    _run("gpu_report/default", {"start": started}, ui)  # GPU-hours since the demo began
     return status == 200
 
 

@@ -21,7 +21,7 @@ def _model_id(spec: dict) -> str:
     return spec["model"] if isinstance(spec["model"], str) else spec["model"]["id"]
 
 
-def test_deploy_outlives_the_google_token(sandbox, sbc):
+def test_deploy_outlives_the_google_token(sandbox, sbc, tmp_path):
     """Google access tokens expire several times while the model loads: the client refreshes them
     before expiry; a token refused mid-run (revoked: 401) is retried once with a fresh one."""
     spec = spec_dict(SPEC)
@@ -57,7 +57,9 @@ def test_deploy_outlives_the_google_token(sandbox, sbc):
                              "command": "gke-gcloud-auth-plugin", "installHint": user["exec"]["installHint"],
                              "provideClusterInfo": True}}
     if shutil.which("kubectl") and shutil.which("gke-gcloud-auth-plugin"):
-        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "KUBECONFIG": path,
+        # A HOME of its own: gke-gcloud-auth-plugin caches tokens under ~/.kube, and a token cached for
+        # another sandbox (another worker or session) would be refused here.
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KUBECONFIG": path,
                **{k: v for k, v in sandbox.env().items() if k.startswith("CLOUDSDK_")}}
         out = subprocess.run(["kubectl", "get", "deploy", "-A", "-o", "name"], env=env, capture_output=True,
                              text=True, timeout=60)
