@@ -13,7 +13,7 @@ revision in the middle of it. Prints, from one run:
   analyses' own run time (pre-promotion requests, post-promotion window). Wall time is release_model's
   start to its record step; the scale-down delay after promotion is policy, not work, and is excluded.
 
-    uv run python bench/release_swap.py [--time-scale 0.1] [--threads 6]
+    uv run python bench/release_swap.py [--time-scale 0.25] [--threads 4]
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class Load:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--time-scale", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=6)
+    parser.add_argument("--time-scale", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=2000)
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -116,7 +116,8 @@ def main() -> int:
             load_s = max((s.ready_at or 0) - s.started_at for s in new) if new else float("nan")
             pull_s = _pull_seconds(sb, args.time_scale)
             pre = result["figures"]["pre"]
-            pre_s = pre["requests"] / max(1, 4) * pre["p50_s"]  # 4 at a time
+            # The analysis itself: the smoke prompts, then the pre-promotion requests (4 at a time).
+            pre_s = sum(r["latency_s"] for r in result["smoke"]) + pre["requests"] / 4 * pre["p50_s"]
             post_window_s = 60 * args.time_scale
             critical = pull_s + load_s + pre_s + post_window_s
             wall = times["post_analysis_done"] - start
