@@ -65,16 +65,10 @@ def main() -> int:
                        "LLM_FLEET_POLL_INITIAL_S": "0.05", "LLM_FLEET_POLL_MAX_S": "0.2"})
     from prefect.testing.utilities import prefect_test_harness
 
-    from sandbox.app import Sandbox
+    from bench._support import start_sandbox
     from sandbox.client import SandboxClient
 
-    sb = Sandbox(time_scale=args.time_scale)
-    sb.start()
-    os.environ.update(sb.env())
-    os.environ["LLM_FLEET_TIME_SCALE"] = str(args.time_scale)
-    from tasks.settings import reload_settings
-
-    reload_settings()
+    sb = start_sandbox(args.time_scale)
     import yaml
 
     from flows.deploy_model import deploy_model

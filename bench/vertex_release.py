@@ -38,15 +38,9 @@ def main() -> int:
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from sandbox.app import Sandbox
+    from bench._support import start_sandbox
 
-    sb = Sandbox(time_scale=args.time_scale)
-    sb.start()
-    os.environ.update(sb.env())
-    os.environ["LLM_FLEET_TIME_SCALE"] = str(args.time_scale)
-    from tasks.settings import reload_settings
-
-    reload_settings()
+    sb = start_sandbox(args.time_scale)
     from flows import vertex
     from manifests.vertex import smoke_instance
     from tasks import vertex as tv
