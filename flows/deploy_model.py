@@ -112,13 +112,12 @@ def deploy_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-
         t = prepare(spec, report)
         with report.step("Cluster preflight: storage class, IngressClass, static IP, metrics adapter") as step:
             step.detail = "; ".join(cluster_preflight(spec, kubeconfig=t.kubeconfig, location=t.location)) or "-"
-        observed = observe(spec, t.kubeconfig)
         if dry_run:
-            out = _dry_run(t, report, observed.live or "blue")
+            out = _dry_run(t, report, observe(spec, t.kubeconfig).live or "blue")
             report.succeed("dry run: nothing was changed")
             return out
         with model_lock(spec, purpose="deploy"):
-            observed = observe(spec, t.kubeconfig)  # again: another run may have changed it while we waited
+            observed = observe(spec, t.kubeconfig)  # under the lock: what the previous holder left
             plan = plan_release(observed, Desired(t.model.sha, t.desired_hash, spec.replicas),
                                 strategy=spec.release.strategy)
             refuse_if_parked(spec, plan)

@@ -59,7 +59,7 @@ from manifests.release import (
     with_record,
 )
 from manifests.render import autoscaler, preview_service
-from manifests.spec import AnalysisSpec, DeploymentSpec, resolve_gke_spec
+from manifests.spec import AnalysisSpec, DeploymentSpec, region_of, resolve_gke_spec
 from tasks import compute, gke, health, k8s
 from tasks.locks import model_lock
 
@@ -118,7 +118,7 @@ def step_capacity(r: Release) -> str:
         nodes = k8s.list_objects(kubeconfig=r.kubeconfig, api_version="v1", kind="Node",
                                  label_selector=f"cloud.google.com/gke-nodepool={spec.accelerator.pool.name}")
         pool_nodes = len(nodes)
-    region = r.t.location.rsplit("-", 1)[0] if r.t.location.count("-") == 2 else r.t.location
+    region = region_of(r.t.location)  # the cluster may live in a failover region
     quota = compute.get_region_quota(project=spec.cluster.project, region=region, metric=quota_metric(spec))
     checks = check_capacity(spec, live_replicas=live_replicas, candidate_replicas=candidate_replicas(r),
                             pool_max_nodes=pool_max, pool_nodes=pool_nodes or 0, quota=quota,
@@ -231,13 +231,13 @@ def step_pre_analysis(r: Release) -> str:
     return verdict.reason + (f"; live p50 {baseline['p50_s']:.3f}s" if baseline else "")
 
 
-def switch_traffic(r: Release, *, to: Color, frm: Color, pods: list[str]) -> str:
+def switch_traffic(spec: DeploymentSpec, *, kubeconfig: str, to: Color, frm: Color, pods: list[str],
+                   times: dict[str, float] | None = None) -> str:
     """One checked selector patch (resourceVersion read just before), then the endpoints are ``to``'s pods."""
-    spec = r.spec
-    times = getattr(r, "times", {})
+    times = {} if times is None else times
     want, old = names.selector(spec, to), names.selector(spec, frm)
     for attempt in range(SWITCH_ATTEMPTS):
-        svc = k8s.get_object(kubeconfig=r.kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+        svc = k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
                              namespace=spec.namespace)
         selector = (svc or {}).get("spec", {}).get("selector") or {}
         if selector == want:
@@ -246,14 +246,14 @@ def switch_traffic(r: Release, *, to: Color, frm: Color, pods: list[str]) -> str
             raise k8s.SelectorConflict(f"Service {names.service(spec)} selects {selector}, expected {old}",
                                        "someone edited the live Service; fix its selector and rerun release_model")
         try:
-            k8s.patch_service_selector(kubeconfig=r.kubeconfig, namespace=spec.namespace, name=names.service(spec),
+            k8s.patch_service_selector(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.service(spec),
                                        selector=want, resource_version=svc["metadata"]["resourceVersion"])
             times[f"switched_to_{to}"] = time.time()
             break
         except k8s.SelectorConflict:
             if attempt == SWITCH_ATTEMPTS - 1:
                 raise
-    k8s.wait_endpoints(kubeconfig=r.kubeconfig, namespace=spec.namespace, service=names.service(spec),
+    k8s.wait_endpoints(kubeconfig=kubeconfig, namespace=spec.namespace, service=names.service(spec),
                        pods=set(pods), timeout_s=60)
     return f"{names.service(spec)}: {frm} → {to} ({len(pods)} pod(s) behind it)"
 
@@ -271,7 +271,7 @@ def step_switch(r: Release) -> str:
     if len(pods) < state.replicas:
         raise DeployError(f"the preview lists {len(pods)} Ready pod(s) of {state.replicas}", "rerun release_model",
                           reason="NotReady")
-    detail = switch_traffic(r, to=r.candidate, frm=r.stable, pods=pods)
+    detail = switch_traffic(spec, kubeconfig=r.kubeconfig, to=r.candidate, frm=r.stable, pods=pods, times=r.times)
     r.switched = True
     r.times["switched"] = r.times.get(f"switched_to_{r.candidate}", time.time())
     r.candidate_pods = pods
@@ -359,7 +359,8 @@ def roll_back(r: Release, exc: BaseException) -> str:
                                  "rollback_model") from exc
             rollout = k8s.wait_rollout(kubeconfig=r.kubeconfig, namespace=spec.namespace,
                                        name=names.deployment(spec, r.stable), timeout_s=60)
-            done.append(switch_traffic(r, to=r.stable, frm=r.candidate, pods=list(rollout.pods)))
+            done.append(switch_traffic(spec, kubeconfig=r.kubeconfig, to=r.stable, frm=r.candidate,
+                                       pods=list(rollout.pods), times=r.times))
             r.switched = False
         if r.hpa_moved:
             k8s.apply_object(kubeconfig=r.kubeconfig, obj=autoscaler(spec, r.stable))
@@ -432,17 +433,13 @@ def refuse_if_parked(spec: DeploymentSpec, plan: ReleasePlan) -> None:
                          "requests meanwhile)")
 
 
-def _resolve(spec: str | dict[str, Any], flow_name: str) -> DeploymentSpec:
-    return resolve_gke_spec(spec, flow=flow_name)
-
-
 @flow(name="release_model", log_prints=True)
 def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: str | None = None,
                   dry_run: bool = False) -> dict[str, Any]:
     """Blue-green release of ``revision`` (default: the spec's) with analysis and automatic rollback."""
     if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
         return vertex.release(spec, revision=revision, dry_run=dry_run)
-    spec = with_revision(_resolve(spec, "release_model"), revision)
+    spec = with_revision(resolve_gke_spec(spec, flow="release_model"), revision)
     report = Report("release_model", f"{spec.name} ({spec.model.id}@{spec.model.revision})", spec.slack_channel)
     retire: Color | None = None
     try:
@@ -484,7 +481,7 @@ def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2
     """Back to the previous revision: an instant switch while the old color is warm, else a release of it."""
     if vertex.is_vertex(spec):  # target: vertex: the same flow, Vertex AI's steps (flows/vertex.py)
         return vertex.rollback(spec)
-    spec = _resolve(spec, "rollback_model")
+    spec = resolve_gke_spec(spec, flow="rollback_model")
     report = Report("rollback_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
     try:
         from flows.serving import cluster_location
@@ -501,8 +498,8 @@ def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2
                 with report.step(f"Switch back to the warm color {other}") as step:
                     rollout = k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace,
                                                name=names.deployment(spec, other), timeout_s=60)
-                    shim = _Switcher(spec, kubeconfig)
-                    step.detail = switch_traffic(shim, to=other, frm=live, pods=list(rollout.pods))  # type: ignore[arg-type]
+                    step.detail = switch_traffic(spec, kubeconfig=kubeconfig, to=other, frm=live,
+                                                 pods=list(rollout.pods))
                     if spec.autoscaling:
                         k8s.apply_object(kubeconfig=kubeconfig, obj=autoscaler(spec, other))
                     point_preview(spec, kubeconfig=kubeconfig, color=other)
@@ -534,10 +531,3 @@ def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2
     return release_model(spec=spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
                          revision=previous["revision"])
 
-
-@dataclass
-class _Switcher:
-    """What switch_traffic needs from a Release, for the on-demand rollback."""
-
-    spec: DeploymentSpec
-    kubeconfig: str

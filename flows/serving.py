@@ -18,6 +18,7 @@ from manifests.errors import PreflightError
 from manifests.names import Color
 from manifests.release import Observed
 from manifests.render import model_deployment, render, spec_hash
+from manifests.render import namespace as render_namespace
 from manifests.spec import DeploymentSpec, check_fit, fit_fix
 from tasks import gke, health, hf, k8s
 from tasks.settings import get_settings
@@ -156,8 +157,7 @@ def scale_down_color(spec: DeploymentSpec, *, kubeconfig: str, color: Color) -> 
 
 
 def ensure_namespace_and_secret(t: Target) -> str:
-    objs = render(t.spec, revision=t.model.sha)
-    k8s.apply_object(kubeconfig=t.kubeconfig, obj=objs[0])
+    k8s.apply_object(kubeconfig=t.kubeconfig, obj=render_namespace(t.spec))
     return k8s.ensure_secret(kubeconfig=t.kubeconfig, namespace=t.spec.namespace, name=t.spec.secret.name,
                              key=t.spec.secret.key, value=t.token, labels=names.instance_labels(t.spec))
 

@@ -54,6 +54,11 @@ DNS_LABEL = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
 K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
 
 
+def region_of(location: str) -> str:
+    """us-central1-a -> us-central1; a region is its own region."""
+    return location if location.count("-") == 1 else location.rsplit("-", 1)[0]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -126,7 +131,7 @@ class ClusterSpec(_Model):
 
     @property
     def region(self) -> str:
-        return self.location if self.location.count("-") == 1 else self.location.rsplit("-", 1)[0]
+        return region_of(self.location)
 
     @property
     def is_zonal(self) -> bool:
