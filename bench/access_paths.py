@@ -25,9 +25,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandbox.core import Clock, Faults  # noqa: E402
+from sandbox.engines import ModelRuntime  # noqa: E402
 from sandbox.hub import Hub  # noqa: E402
 from sandbox.kube import KubeCluster, addons  # noqa: E402
-from sandbox.models import ModelRuntime  # noqa: E402
 from tests.sandbox.access_support import httpx_kwargs, kubeconfig  # noqa: E402
 
 MANIFEST = """\

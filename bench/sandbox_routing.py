@@ -23,7 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandbox.core import Clock, Faults  # noqa: E402
-from sandbox.models import ModelRuntime  # noqa: E402
+from sandbox.engines import ModelRuntime  # noqa: E402
 from sandbox.routing import ServicePorts  # noqa: E402
 
 POD = {"metadata": {"name": "bench-0", "namespace": "bench", "uid": "bench-0"},

@@ -159,11 +159,11 @@ class Sandbox:
                  project: str = "llm-fleet-demo", token_lifetime_s: float = DEFAULT_LIFETIME_S) -> None:
         """``token_lifetime_s``: cloud seconds a Google access token from the sandbox's token endpoint
         lives (GCP: 3,600); after it the cluster APIs answer 401 to it."""
-        # The kube/models/hub/slack emulators are built by their own modules; imported here so a
+        # The kube/engines/hub/slack emulators are built by their own modules; imported here so a
         # missing one fails with a clear ImportError when the sandbox is built, not at import time.
+        from sandbox.engines import ModelRuntime
         from sandbox.hub import Hub
         from sandbox.kube import KubeCluster
-        from sandbox.models import ModelRuntime
         from sandbox.slack import Slack
         from sandbox.vertex import Vertex
 

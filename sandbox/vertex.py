@@ -35,7 +35,7 @@ What it serves (``/v1/...``; operations also under ``/ui/...``, which the REST o
   (``CustomModelServingL4GPUsPerProjectPerRegion`` ...) with the per-region limits.
 
 The Model Garden vLLM image (``.../vertex-vision-model-garden-dockers/pytorch-vllm-serve``) gets its own
-model-server handler (registered in :data:`sandbox.models.HANDLER_OVERRIDES`): ``/ping`` answers 200 only
+model-server handler (registered in :data:`sandbox.engines.runtime.HANDLER_OVERRIDES`): ``/ping`` answers 200 only
 once the model is loaded, and ``/generate`` also takes Vertex's ``{"instances": [...]}`` (a prompt per
 instance, or ``"@requestFormat": "chatCompletions"`` with messages) and answers ``{"predictions": [...]}``;
 a raw OpenAI chat body (``messages``) answers a chat completion.
@@ -56,6 +56,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, now_rfc3339, route
+from sandbox.engines import openai_api as oai
+from sandbox.engines.runtime import HANDLER_OVERRIDES
+from sandbox.engines.text import render_chat
+from sandbox.engines.vllm import VllmHandler, _vllm_generate
 
 TYPE_PREFIX = "type.googleapis.com/google.cloud.aiplatform.v1."
 QUOTA_SERVICE = "aiplatform.googleapis.com"
@@ -850,8 +854,6 @@ def _model_garden_handler(info: Any) -> type | None:
 
 
 def _model_garden_routes() -> list:
-    from sandbox import models as m
-
     routes: list = []
 
     @route(routes, "GET", r"/ping")
@@ -864,49 +866,47 @@ def _model_garden_routes() -> list:
     def _generate(h):
         body = h.json_body()
         if isinstance(body, dict) and "messages" in body:  # a raw OpenAI chat body (rawPredict)
-            return m._oai_chat(h, has_template=h.pod.model_meta.get("chat_template", True),
+            return oai._oai_chat(h, has_template=h.pod.model_meta.get("chat_template", True),
                                template_error=HttpError(400, "the model has no chat template"))
         if not (isinstance(body, dict) and "instances" in body):
-            return m._vllm_generate(h)
-        m._require_ready(h)
+            return _vllm_generate(h)
+        oai._require_ready(h)
         instances = body.get("instances")
         if not isinstance(instances, list) or not instances:
             raise HttpError(400, "instances must be a non-empty list", reason="BadRequestError")
-        return {"predictions": [_mg_instance(h, m, inst) for inst in instances]}
+        return {"predictions": [_mg_instance(h, inst) for inst in instances]}
 
     return routes
 
 
-def _mg_instance(h: Any, m: Any, inst: Any) -> Any:
+def _mg_instance(h: Any, inst: Any) -> Any:
     if not isinstance(inst, dict):
         raise HttpError(400, "each instance must be an object", reason="BadRequestError")
-    max_tokens = m._num(inst, "max_tokens", 16)
+    max_tokens = oai._num(inst, "max_tokens", 16)
     if inst.get("@requestFormat") == "chatCompletions":
         messages = inst.get("messages")
         if not isinstance(messages, list) or not messages:
             raise HttpError(400, "messages must be a non-empty list", reason="BadRequestError")
-        prompt = m.render_chat(messages, h.pod.model_meta.get("family", "chatml"))
-        c = h.pod.plan(prompt, max_tokens, stop=m._stops(inst.get("stop")))
+        prompt = render_chat(messages, h.pod.model_meta.get("family", "chatml"))
+        c = h.pod.plan(prompt, max_tokens, stop=oai._stops(inst.get("stop")))
         h.pod.run(c)
         name = h.pod.info.served_model_name or h.pod.info.model_id
-        return {"id": m._oai_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": name,
+        return {"id": oai._oai_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason}], "usage": m._usage(c)}
+                             "finish_reason": c.finish_reason}], "usage": oai._usage(c)}
     prompt = inst.get("prompt")
     if not isinstance(prompt, str):
         raise HttpError(400, "each instance needs a prompt (or @requestFormat chatCompletions)",
                         reason="BadRequestError")
-    c = h.pod.plan(prompt, max_tokens, stop=m._stops(inst.get("stop")))
-    m._check_len(h, c.prompt_tokens, max_tokens, chat=False)
+    c = h.pod.plan(prompt, max_tokens, stop=oai._stops(inst.get("stop")))
+    oai._check_len(h, c.prompt_tokens, max_tokens, chat=False)
     h.pod.run(c)
     return c.text if inst.get("raw_response") else f"Prompt:\n{prompt}\nOutput:\n{c.text}"
 
 
 def _make_handler() -> type:
-    from sandbox import models as m
-
-    class _MG(m.VllmHandler):
-        routes = _model_garden_routes() + m.VllmHandler.routes
+    class _MG(VllmHandler):
+        routes = _model_garden_routes() + VllmHandler.routes
 
     _MG.__name__ = _MG.__qualname__ = "ModelGardenVllmHandler"
     return _MG
@@ -916,11 +916,8 @@ ModelGardenVllmHandler = _make_handler()
 
 
 def _register() -> None:
-    from sandbox import models as m
-
-    hooks = getattr(m, "HANDLER_OVERRIDES", None)
-    if hooks is not None and _model_garden_handler not in hooks:
-        hooks.append(_model_garden_handler)
+    if _model_garden_handler not in HANDLER_OVERRIDES:
+        HANDLER_OVERRIDES.append(_model_garden_handler)
 
 
 _register()

@@ -70,8 +70,8 @@ spec:
 
 @pytest.fixture(scope="module")
 def kube():
+    from sandbox.engines import ModelRuntime
     from sandbox.hub import Hub
-    from sandbox.models import ModelRuntime
 
     clock, faults = Clock(0.002), Faults()
     runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))

@@ -20,8 +20,8 @@ METRIC = "prometheus.googleapis.com|vllm:num_requests_waiting|gauge"
 
 @pytest.fixture
 def kube():
+    from sandbox.engines import ModelRuntime
     from sandbox.hub import Hub
-    from sandbox.models import ModelRuntime
 
     clock, faults = Clock(0.002), Faults()
     runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))

@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from sandbox.core import Clock, Faults
+from sandbox.engines import ModelRuntime
 from sandbox.hub import Hub
-from sandbox.models import ModelRuntime
 from tests.sandbox.test_models import Events, pod, ready, tgi, vllm
 
 

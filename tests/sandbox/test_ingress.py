@@ -22,8 +22,8 @@ A = "nginx.ingress.kubernetes.io/"
 
 @pytest.fixture(scope="module")
 def kube():
+    from sandbox.engines import ModelRuntime
     from sandbox.hub import Hub
-    from sandbox.models import ModelRuntime
 
     clock, faults = Clock(0.002), Faults()
     runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))

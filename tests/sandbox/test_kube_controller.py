@@ -442,10 +442,10 @@ def test_fifty_deployments_hundred_pods(kube, core, apps):
     assert elapsed < 25
 
 
-# ---- with the real model runtime and router (sandbox/models.py, sandbox/routing.py) -----------------
+# ---- with the real model runtime and router (sandbox/engines/, sandbox/routing.py) ----------------
 @pytest.fixture
 def real():
-    models = pytest.importorskip("sandbox.models")
+    models = pytest.importorskip("sandbox.engines")
     from sandbox.hub import Hub
 
     clock, faults = Clock(SCALE), Faults()

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from sandbox.core import DEFAULT_DELAYS, Clock, Faults
+from sandbox.engines import Behavior, Behaviors, ModelRuntime, compose_answer, describe_container
 from sandbox.hub import Hub
-from sandbox.models import Behavior, Behaviors, ModelRuntime, compose_answer, describe_container
 
 ROOT = Path(__file__).resolve().parents[2]
 RABBIT = "![](https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/transformers/rabbit.png)"

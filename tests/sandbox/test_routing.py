@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from sandbox.core import Clock, Faults, JsonHandler, route, serve
-from sandbox.models import ModelRuntime
+from sandbox.engines import ModelRuntime
 from sandbox.routing import ConnectionPool, ServicePorts, proxy
 
 # ---- an echo backend and a front server that calls proxy(), like the API server's service proxy ----

@@ -13,8 +13,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform_v1 as v1
 
 from sandbox.core import Clock, Faults
+from sandbox.engines import ModelRuntime
 from sandbox.hub import Hub
-from sandbox.models import ModelRuntime
 from sandbox.vertex import Vertex
 
 P, L = "p-vertex", "us-central1"
