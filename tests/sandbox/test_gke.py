@@ -272,6 +272,9 @@ def test_update_cluster_and_node_pool(env):
 # ---- node pools, quota, stockouts ----------------------------------------------------------------
 
 def test_gpu_node_pool_lifecycle_moves_quota(env):
+    # This test counts nodes after each GKE call; the cluster autoscaler (min 0, a scale-down delay of
+    # well under a second at this clock, no pods) would remove idle nodes between two reads.
+    env.gke.autoscaler.enabled = False
     _zonal_cluster(env)
 
     def l4_usage() -> float:  # what the product reads (compute_v1 is parsed in test_compute.py)
