@@ -186,7 +186,7 @@ class ClusterAutoscaler:
         store = getattr(kube, "store", None)
         if store is not None and hasattr(store, "list"):
             def from_store() -> list[dict[str, Any]]:
-                from sandbox.kube.controller import PODS
+                from sandbox.kube.controllers import PODS
 
                 items = store.list(PODS)
                 return items[0] if isinstance(items, tuple) else items
@@ -200,7 +200,9 @@ class ClusterAutoscaler:
             return []
         try:
             return [p for p in source() if isinstance(p, dict)]
-        except Exception:
+        except ImportError:
+            raise  # a broken import must not look like "no pods" (pools would silently never grow)
+        except Exception:  # a cluster's API going away mid-scan: nothing to scale this round
             return []
 
     # ---- the loop --------------------------------------------------------------------------------

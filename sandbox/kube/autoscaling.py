@@ -28,7 +28,7 @@ from sandbox.kube import resources as res
 from sandbox.kube.selectors import match_label_selector
 
 if TYPE_CHECKING:
-    from sandbox.kube.controller import Controller
+    from sandbox.kube.controllers import Controller
 
 Obj = dict[str, Any]
 HPAS = res.BY_KEY[("autoscaling", "horizontalpodautoscalers")]
@@ -157,7 +157,7 @@ class HpaController:
     def _pods(self, target: Obj) -> list[Obj]:
         sel = (target.get("spec") or {}).get("selector") or {}
         ns = target["metadata"]["namespace"]
-        from sandbox.kube.controller import is_ready
+        from sandbox.kube.controllers import is_ready
 
         pods, _ = self.c.store.list(PODS, ns, lambda p: match_label_selector(sel, p["metadata"].get("labels"))
                                     and not p["metadata"].get("deletionTimestamp") and is_ready(p))
@@ -217,7 +217,7 @@ class HpaController:
         return desired
 
     def sync(self, ns: str, name: str) -> None:
-        from sandbox.kube.controller import _set_condition
+        from sandbox.kube.controllers import set_condition
 
         c = self.c
         hpa = c.store.get(HPAS, ns, name)
@@ -239,19 +239,19 @@ class HpaController:
         current_metrics: list[Obj] | None = None
         reason_text = ""
         if target is None:
-            conds = _set_condition(conds, "AbleToScale", "False", "FailedGetScale",
-                                   "the HPA controller was unable to get the target's current scale: deployments.apps "
-                                   f'"{ref.get("name")}" not found', now, probe=False)
+            conds = set_condition(conds, "AbleToScale", "False", "FailedGetScale",
+                                  "the HPA controller was unable to get the target's current scale: deployments.apps "
+                                  f'"{ref.get("name")}" not found', now, probe=False)
             current = desired = 0
         else:
             current = int(target["spec"].get("replicas", 1))
-            conds = _set_condition(conds, "AbleToScale", "True", "SucceededGetScale",
-                                   "the HPA controller was able to get the target's current scale", now, probe=False)
+            conds = set_condition(conds, "AbleToScale", "True", "SucceededGetScale",
+                                  "the HPA controller was able to get the target's current scale", now, probe=False)
             if current == 0:
                 desired = 0
-                conds = _set_condition(conds, "ScalingActive", "False", "ScalingDisabled",
-                                       "scaling is disabled since the replica count of the target is zero", now,
-                                       probe=False)
+                conds = set_condition(conds, "ScalingActive", "False", "ScalingDisabled",
+                                      "scaling is disabled since the replica count of the target is zero", now,
+                                      probe=False)
             elif current > hi or current < lo:
                 desired = hi if current > hi else lo
                 reason_text = ("Current number of replicas above Spec.MaxReplicas" if current > hi else
@@ -261,13 +261,13 @@ class HpaController:
             if current:
                 limited = desired < lo or desired > hi
                 clamped = max(lo, min(hi, desired))
-                conds = _set_condition(conds, "ScalingLimited", "True" if limited else "False",
-                                       ("TooFewReplicas" if desired < lo else "TooManyReplicas") if limited
-                                       else "DesiredWithinRange",
-                                       ("the desired replica count is less than the minimum replica count"
-                                        if desired < lo else "the desired replica count is more than the maximum "
-                                        "replica count") if limited else "the desired count is within the acceptable "
-                                       "range", now, probe=False)
+                conds = set_condition(conds, "ScalingLimited", "True" if limited else "False",
+                                      ("TooFewReplicas" if desired < lo else "TooManyReplicas") if limited
+                                      else "DesiredWithinRange",
+                                      ("the desired replica count is less than the minimum replica count"
+                                       if desired < lo else "the desired replica count is more than the maximum "
+                                       "replica count") if limited else "the desired count is within the acceptable "
+                                      "range", now, probe=False)
                 desired = clamped
             if desired != current and current:
                 c.cluster.api.set_scale(DEPLOYS, ns, ref["name"], {"spec": {"replicas": desired}},
@@ -292,7 +292,7 @@ class HpaController:
 
     def _from_metrics(self, hpa: Obj, target: Obj, current: int, conds: list[Obj],
                       now: str) -> tuple[int, str, list[Obj] | None, list[Obj]]:
-        from sandbox.kube.controller import _set_condition
+        from sandbox.kube.controllers import set_condition
 
         pods = self._pods(target)
         proposals, statuses, errors = [], [], []
@@ -309,13 +309,13 @@ class HpaController:
                 self.c.event(hpa, "Warning", err.reason, err.message, component="horizontal-pod-autoscaler")
         if errors and not proposals:
             err = errors[0]
-            conds = _set_condition(conds, "ScalingActive", "False", err.reason,
-                                   f"the HPA was unable to compute the replica count: {err.message}", now, probe=False)
+            conds = set_condition(conds, "ScalingActive", "False", err.reason,
+                                  f"the HPA was unable to compute the replica count: {err.message}", now, probe=False)
             return current, "", statuses or None, conds
-        conds = _set_condition(conds, "ScalingActive", "True", "ValidMetricFound",
-                               "the HPA was able to successfully calculate a replica count from "
-                               f"{'pods metric ' + proposals[0][1]['pods']['metric']['name'] if proposals[0][1].get('type') == 'Pods' else 'cpu resource utilization (percentage of request)'}",
-                               now, probe=False)
+        conds = set_condition(conds, "ScalingActive", "True", "ValidMetricFound",
+                              "the HPA was able to successfully calculate a replica count from "
+                              f"{'pods metric ' + proposals[0][1]['pods']['metric']['name'] if proposals[0][1].get('type') == 'Pods' else 'cpu resource utilization (percentage of request)'}",
+                              now, probe=False)
         desired, m = max(proposals, key=lambda p: p[0])
         if errors and desired < current:
             desired = current  # like the real controller: never scale down while some metric is missing

@@ -19,7 +19,7 @@ from sandbox.kube import admission
 from sandbox.kube import resources as res
 from sandbox.kube.api import KubeApi, KubeHandler
 from sandbox.kube.auth import ClusterAuth
-from sandbox.kube.controller import AUTOPILOT_LABEL, NODES, PODS, SVCS, Controller, is_ready
+from sandbox.kube.controllers import AUTOPILOT_LABEL, NODES, PODS, SVCS, Controller, is_ready
 from sandbox.kube.endpointslices import EndpointSlices
 from sandbox.kube.ingress import IngressController
 from sandbox.kube.resources import RType

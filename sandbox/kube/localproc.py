@@ -81,7 +81,7 @@ def _env_name(service: str) -> str:
 
 def _service_env(cluster: Any, namespace: str) -> dict[str, str]:
     """Service-link variables, with loopback ports that route like the Service (resolved per request)."""
-    from sandbox.kube.controller import SVCS
+    from sandbox.kube.controllers import SVCS
     from sandbox.routing import ServicePorts
 
     with _ROUTES_LOCK:

@@ -240,7 +240,7 @@ def listen_ports(cluster: KubeCluster, pod: dict[str, Any]) -> set[int]:
 
 
 def serve_portforward(h: Any, cluster: KubeCluster, namespace: str, name: str) -> None:
-    from sandbox.kube.controller import PODS
+    from sandbox.kube.controllers import PODS
 
     pod = cluster.store.get(PODS, namespace, name)
     if pod is None:

@@ -182,7 +182,7 @@ def test_exec_is_refused_clearly(kubectl):
 
 
 def test_websocket_port_forward_is_refused_so_new_kubectl_falls_back(kube):
-    from sandbox.kube.controller import PODS
+    from sandbox.kube.controllers import PODS
 
     pod = wait_for(lambda: next(iter(kube.store.list(PODS, "default")[0]), None))
     name = pod["metadata"]["name"]
