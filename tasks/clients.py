@@ -50,16 +50,40 @@ def google_retry(settings: Settings | None = None) -> Retry:
 
 
 def gcp_credentials(settings: Settings | None = None):
+    """The configured Google credentials: one object per key source, shared by every client.
+
+    Parsing a service-account key is tens of milliseconds of RSA work, and a shared object fetches one
+    token for all clients and refreshes it once (google-auth credentials are safe to share across
+    threads). A changed key file (new path or mtime) gives new credentials.
+    """
     s = settings or get_settings()
-    if s.gcp_auth == "anonymous":
+    return _gcp_credentials(s.gcp_auth, s.gcp_credentials_block, *_adc_source())
+
+
+def _adc_source() -> tuple[str, float]:
+    """The file google.auth.default reads (the env var's, else gcloud's ADC file) and its mtime."""
+    import os
+
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or str(
+        Path(os.environ.get("CLOUDSDK_CONFIG") or "~/.config/gcloud").expanduser()
+        / "application_default_credentials.json")
+    try:
+        return path, os.stat(path).st_mtime
+    except OSError:
+        return path, 0.0
+
+
+@lru_cache(maxsize=8)
+def _gcp_credentials(auth: str, block: str | None, adc_path: str, adc_mtime: float):
+    if auth == "anonymous":
         from google.auth.credentials import AnonymousCredentials
 
         return AnonymousCredentials()
-    if s.gcp_auth == "block":
+    if auth == "block":
         # prefect-gcp is optional and slow to import: only here, only when asked for.
         from prefect_gcp import GcpCredentials
 
-        return GcpCredentials.load(s.gcp_credentials_block).get_credentials_from_service_account()
+        return GcpCredentials.load(block).get_credentials_from_service_account()
     import google.auth
 
     creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
