@@ -432,13 +432,19 @@ def hf_api(token: str | None, settings: Settings | None = None):
 
 def slack_client(settings: Settings | None = None):
     """A Slack WebClient that waits out 429s, or None when no token is configured."""
-    from slack_sdk import WebClient
-    from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
-
     s = settings or get_settings()
     if s.slack_token is None:
         return None
-    client = WebClient(token=s.slack_token.get_secret_value(), base_url=s.slack_api_url, timeout=10)
+    return _slack_client(s.slack_token.get_secret_value(), s.slack_api_url)
+
+
+@lru_cache(maxsize=4)
+def _slack_client(token: str, base_url: str):
+    """One WebClient per token and URL: it is safe to share, and each new one builds its SSL context."""
+    from slack_sdk import WebClient
+    from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
+
+    client = WebClient(token=token, base_url=base_url, timeout=10)
     client.retry_handlers.extend([RateLimitErrorRetryHandler(max_retry_count=2), ConnectionErrorRetryHandler()])
     return client
 

@@ -1,15 +1,16 @@
-"""Slack: one thread per flow run. Slack being down or misconfigured never fails a flow."""
+"""Slack: one thread per flow run. Slack being down or misconfigured never fails a flow.
+
+Plain functions, not Prefect tasks: a notification is best effort (the WebClient waits out 429s and
+retries resets itself, and a failure is logged, never raised), and a task run per edit of the thread's
+head would double every flow's task runs in the UI and on the API server.
+"""
 
 from __future__ import annotations
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.clients import slack_client
 from tasks.log import logger
 
 
-@task(retries=0, cache_policy=NO_CACHE)
 def post_slack(*, channel: str, text: str, thread_ts: str | None = None) -> str | None:
     """Post a message (or a thread reply); returns its ts, or None when Slack is off or failing."""
     client = slack_client()
@@ -23,7 +24,6 @@ def post_slack(*, channel: str, text: str, thread_ts: str | None = None) -> str 
     return resp.get("ts")
 
 
-@task(retries=0, cache_policy=NO_CACHE)
 def open_thread(*, channel: str, text: str) -> tuple[str, str] | None:
     """Post a thread's first message; returns ``(channel ID, ts)``, or None when Slack is off or failing.
 
@@ -41,7 +41,6 @@ def open_thread(*, channel: str, text: str) -> tuple[str, str] | None:
     return resp.get("channel"), resp.get("ts")
 
 
-@task(retries=0, cache_policy=NO_CACHE)
 def update_slack(*, channel: str, ts: str, text: str) -> bool:
     """Edit a message in place (the thread's head shows the run's progress); ``channel`` is the ID
     :func:`open_thread` returned."""
