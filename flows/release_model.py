@@ -311,7 +311,9 @@ def step_promotion_gate(r: Release) -> str:
 
 
 def cancel_stale_gate(in_flight: dict[str, Any] | None, *, current: str) -> None:
-    """A paused run whose process died can never continue: cancel it so nobody presses its Resume button."""
+    """The run that opened the last gate is gone (this run holds the lock): if the server still shows it
+    Paused (its process died) or Running (resumed after that, with nothing behind it), cancel it so nobody
+    presses a Resume button that can do nothing."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
@@ -323,7 +325,7 @@ def cancel_stale_gate(in_flight: dict[str, Any] | None, *, current: str) -> None
     try:
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(UUID(old))
-            if run.state is not None and run.state.is_paused():
+            if run.state is not None and (run.state.is_paused() or run.state.is_running()):
                 client.set_flow_run_state(UUID(old), Cancelled(message=f"superseded by flow run {current}: "
                                                                       "its process is gone"))
                 get_run_logger().info("cancelled the stale paused release run %s", old)

@@ -20,12 +20,24 @@ from uuid import UUID
 import pytest
 
 from tests.flows.conftest import spec_dict
-from tests.flows.test_release_model import COLOR, FAST_RELEASE, MODEL, deployment, history, kube, live, pod_uids
+from tests.flows.test_release_model import (
+    COLOR,
+    FAST_RELEASE,
+    MODEL,
+    deployment,
+    history,
+    kube,
+    live,
+    pod_uids,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 # 24 h of spec time is ~170 s on the sandbox's clock: long enough for the assertions while paused.
-GATED = dict(FAST_RELEASE, auto_promote=False, promotion_timeout="24h")
+# No latency comparison with the live color: it is not what these tests are about, and on a loaded
+# machine side-by-side p50s are noise.
+GATED = dict(FAST_RELEASE, auto_promote=False, promotion_timeout="24h",
+             pre_promotion={"requests": 6, "concurrency": 3, "max_latency_ratio": None})
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +86,18 @@ def notices(sbc, sha: str) -> list[str]:
     return [m["text"] for m in sbc.slack_messages() if "Preview ready" in m["text"] and sha[:12] in m["text"]]
 
 
-def wait_gate(sbc, sha: str, *, skip: int = 0, timeout: float = 90) -> tuple[str, str]:
+def wait_gate(sbc, sha: str, run: Background, *, skip: int = 0, timeout: float = 90) -> tuple[str, str]:
     """The gate's Slack notice for ``sha`` (the ``skip``+1-th), and the flow run once it is Paused."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if not run.thread.is_alive():
+            run.join()  # raises the release's own error
+            raise AssertionError("the release finished without opening its promotion gate")
         found = notices(sbc, sha)
         if len(found) > skip:
             text = found[skip]
             run_id = re.search(r"/flow_runs/([0-9a-f-]{36})/resume", text).group(1)
-            while time.time() < deadline and flow_state(run_id) != "PAUSED":
+            while time.time() < deadline and run.thread.is_alive() and flow_state(run_id) != "PAUSED":
                 time.sleep(0.1)
             return run_id, text
         time.sleep(0.1)
@@ -115,8 +130,9 @@ def other(color: str) -> str:
 
 
 def test_paused_at_the_gate_then_promoted_with_the_notice_s_own_command(gated, sandbox, sbc):
-    from manifests.spec import parse_spec
     from prefect.settings import PREFECT_API_URL
+
+    from manifests.spec import parse_spec
     from tasks.locks import LockTimeout, model_lock
 
     spec = gated
@@ -125,7 +141,7 @@ def test_paused_at_the_gate_then_promoted_with_the_notice_s_own_command(gated, s
     template = deployment(spec, stable).spec.template.to_dict()
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: promote")
     with Background(spec, sha) as run:
-        run_id, notice = wait_gate(sbc, sha)
+        run_id, notice = wait_gate(sbc, sha, run)
         assert flow_state(run_id) == "PAUSED"
         # While paused: traffic on the old color, the preview lists the candidate's Ready pods.
         assert live(spec) == stable and pod_uids(spec, stable) == stable_pods
@@ -163,7 +179,10 @@ def test_resume_with_promote_false_aborts_and_rolls_back(gated, sandbox, sbc):
     stable_pods = pod_uids(spec, stable)
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: abort")
     with Background(spec, sha) as run:
-        run_id, _ = wait_gate(sbc, sha)
+        run_id, _ = wait_gate(sbc, sha, run)
+        with pytest.raises(RuntimeError, match="promote"):  # a resume must say promote true or false
+            resume_flow_run(UUID(run_id))
+        assert flow_state(run_id) == "PAUSED"
         resume_flow_run(UUID(run_id), run_input={"promote": False, "reason": "answers too terse", "by": "bob"})
         with pytest.raises(Exception) as err:
             run.join()
@@ -183,7 +202,7 @@ def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc):
     stable_pods = pod_uids(spec, stable)
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: nobody answers")
     with Background(spec, sha) as run:
-        wait_gate(sbc, sha)
+        wait_gate(sbc, sha, run)
         with pytest.raises(Exception) as err:
             run.join()
     assert "nobody promoted" in str(err.value) and "release.promotion_timeout (30m)" in str(err.value)
@@ -197,10 +216,11 @@ def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc):
 def test_killed_while_paused_then_rerun_gates_again_and_converges(gated, sandbox, sbc, monkeypatch):
     """A SIGKILL while paused leaves the run Paused with no process behind it and the candidate up. The
     rerun re-observes, previews and gates again (cancelling the dead run's gate), and promotes once."""
-    from flows import release_model as rm
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
     from prefect.states import Paused
+
+    from flows import release_model as rm
 
     class Killed(BaseException):  # like SIGKILL: no rollback code runs
         pass
@@ -220,7 +240,7 @@ def test_killed_while_paused_then_rerun_gates_again_and_converges(gated, sandbox
         client.set_flow_run_state(UUID(dead_run), Paused(timeout_seconds=600, reschedule=False), force=True)
     assert live(spec) == stable and deployment(spec, candidate).spec.replicas > 0  # candidate left up
     with Background(spec, sha) as rerun:
-        run_id, _ = wait_gate(sbc, sha, skip=1)
+        run_id, _ = wait_gate(sbc, sha, rerun, skip=1)
         assert run_id != dead_run and flow_state(dead_run) == "CANCELLED"
         assert live(spec) == stable
         resume_flow_run(UUID(run_id), run_input={"promote": True, "by": "carol"})
@@ -243,9 +263,10 @@ def test_dry_run_shows_the_gate(gated, sandbox):
 def test_a_lease_that_cannot_be_renewed_stops_the_holder_loudly(monkeypatch):
     """A long pause keeps the lock only while Prefect can renew its lease; when it cannot, the holder is
     stopped with LockLost (it never goes on believing it holds the model)."""
-    from manifests.spec import parse_spec
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.concurrency import _leases
+
+    from manifests.spec import parse_spec
     from tasks.locks import LockLost, model_lock
 
     def gone(self, **_: Any) -> None:
