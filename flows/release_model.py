@@ -61,7 +61,6 @@ from manifests.release import (
     ReleasePlan,
     ReleaseRecord,
     check_capacity,
-    human_duration,
     judge,
     plan_release,
     previous_promoted,
@@ -69,7 +68,7 @@ from manifests.release import (
     with_record,
 )
 from manifests.render import autoscaler, preview_service
-from manifests.spec import AnalysisSpec, DeploymentSpec, region_of, resolve_gke_spec
+from manifests.spec import AnalysisSpec, DeploymentSpec, human_duration, region_of, resolve_gke_spec
 from tasks import compute, gke, health, k8s
 from tasks.locks import model_lock
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from manifests import names
 from manifests.names import Color
 from manifests.provision import Check, QuotaReading
-from manifests.spec import DeploymentSpec
+from manifests.spec import DeploymentSpec, human_duration
 
 HISTORY_ANNOTATION = "llm-fleet.dev/release-history"
 PARK_ANNOTATION = "llm-fleet.dev/park-record"  # written by park_model (manifests/park.py)
@@ -271,14 +271,6 @@ def previous_promoted(history: list[dict[str, Any]], current_revision: str | Non
         if rec.get("result") == "promoted" and rec.get("previous_revision") not in (None, current_revision):
             return {"revision": rec["previous_revision"], "color": rec.get("previous_color")}
     return None
-
-
-def human_duration(seconds: float) -> str:
-    """3600 -> 1h, 5400 -> 1h30m, 90 -> 1m30s (how the spec writes durations)."""
-    total = round(seconds)
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not total else "")
 
 
 PROBE = {"vllm": "/v1/models", "sglang": "/v1/models", "tgi": "/info"}

@@ -49,6 +49,14 @@ def _duration(value: Any) -> Any:
     return value
 
 
+def human_duration(seconds: float) -> str:
+    """3600 -> 1h, 5400 -> 1h30m, 90 -> 1m30s: a duration the way a spec writes it."""
+    total = round(seconds)
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not total else "")
+
+
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 MIN_PROMOTION_TIMEOUT_S, MAX_PROMOTION_TIMEOUT_S = 60.0, 86400.0
 DNS_LABEL = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
@@ -486,6 +494,12 @@ class DeploymentSpec(_Model):
             out.append(f"engine.trust_remote_code: the pods run Python code from {self.model.id}"
                        + ("" if pinned else f" at {self.model.revision!r}, which can change under you — pin "
                           "model.revision to a commit you have read"))
+        rel = self.release
+        if not rel.auto_promote:
+            out.append(f"release.auto_promote false: every release waits at its promotion gate for a person (up to "
+                       f"{human_duration(rel.promotion_timeout.total_seconds())}), holding both colors' GPUs and the model's lock meanwhile")
+        elif "promotion_timeout" in rel.model_fields_set:
+            out.append("release.promotion_timeout has no effect while release.auto_promote is true")
         return out
 
     @property

@@ -14,11 +14,10 @@ from manifests.release import (
     ColorState,
     Desired,
     Observed,
-    human_duration,
     plan_release,
     promotion_notice,
 )
-from manifests.spec import SpecError, parse_spec
+from manifests.spec import SpecError, human_duration, parse_spec
 
 SPEC = {"name": "m", "model": "Qwen/Qwen2.5-7B-Instruct", "engine": "sglang",
         "cluster": {"project": "proj-one", "location": "us-central1", "zones": ["us-central1-a"]},
@@ -62,6 +61,12 @@ def test_not_a_duration_names_the_field():
     with pytest.raises(SpecError) as err:
         spec(promotion_timeout="soon")
     assert err.value.field == "release.promotion_timeout"
+
+
+def test_validate_warns_about_the_gate_and_about_a_timeout_without_one():
+    assert any("waits at its promotion gate" in w for w in spec(auto_promote=False).warnings)
+    assert any("has no effect" in w for w in spec(promotion_timeout="2h").warnings)
+    assert parse_spec(SPEC).warnings == []
 
 
 def test_gate_with_recreate_is_refused():
