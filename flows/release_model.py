@@ -65,6 +65,7 @@ from manifests.release import (
     plan_release,
     previous_promoted,
     promotion_notice,
+    unpromoted_candidate,
     with_record,
 )
 from manifests.render import autoscaler, preview_service
@@ -584,6 +585,29 @@ def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b
         report.markdown_artifact(artifact_key("release", spec.name))
 
 
+def abandon_candidate(spec: DeploymentSpec, report: Report, *, kubeconfig: str, observed: Observed) -> dict[str, Any]:
+    """rollback_model after an interrupted release: the live color never stopped serving; retire the candidate."""
+    live: Color = observed.live  # type: ignore[assignment]
+    stray, in_flight = names.other(live), observed.in_flight or {}
+    with report.step(f"Abandon the interrupted release's candidate {stray}") as step:
+        point_preview(spec, kubeconfig=kubeconfig, color=live)  # never at a color about to have no pods
+        detail = scale_down_color(spec, kubeconfig=kubeconfig, color=stray)
+        rec = ReleaseRecord(revision=in_flight.get("revision") or "?", spec_hash=in_flight.get("spec_hash") or "",
+                            color=stray, previous_revision=observed.colors[live].revision, previous_color=live,
+                            started=in_flight.get("started") or datetime.now(UTC).isoformat(timespec="seconds"),
+                            result="rolled_back", cause="rollback_model: an interrupted release's candidate, "
+                                                        "never promoted")
+        k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+                     namespace=spec.namespace, annotations={HISTORY_ANNOTATION: with_record(observed.history, rec),
+                                                            RELEASE_ANNOTATION: None})
+        step.detail = f"{detail}; {live} keeps serving"
+    rev = (observed.colors[live].revision or "?")[:12]
+    report.succeed(f"{live} keeps serving {rev}: the interrupted release of {rec.revision[:12]} on {stray} was "
+                   "never promoted, so it was retired instead of switched to")
+    return {"name": spec.name, "color": live, "revision": observed.colors[live].revision,
+            "action": "abandoned_candidate"}
+
+
 @flow(name="rollback_model", log_prints=True)
 def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml") -> dict[str, Any]:
     """Back to the previous revision: an instant switch while the old color is warm, else a release of it."""
@@ -602,6 +626,8 @@ def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2
                 raise FleetError(f"{spec.name} does not serve yet: nothing to roll back", "run deploy_model")
             live, other = observed.live, names.other(observed.live)
             warm = observed.colors[other]
+            if unpromoted_candidate(observed) == other:
+                return abandon_candidate(spec, report, kubeconfig=kubeconfig, observed=observed)
             if warm.warm and warm.revision:
                 with report.step(f"Switch back to the warm color {other}") as step:
                     rollout = k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace,

@@ -262,6 +262,18 @@ def with_record(history: list[dict[str, Any]], record: ReleaseRecord) -> str:
     return json.dumps((history + [asdict(record)])[-HISTORY_KEEP:], separators=(",", ":"), sort_keys=True)
 
 
+def unpromoted_candidate(observed: Observed) -> Color | None:
+    """The other color when it is an interrupted release's candidate — brought up, never promoted (killed at
+    the promotion gate, say). It is not what rollback_model may switch "back" to: the live color is."""
+    if observed.live is None:
+        return None
+    other = names.other(observed.live)
+    state = observed.colors[other]
+    if (observed.in_flight or {}).get("candidate") == other and state.exists and state.replicas > 0:
+        return other
+    return None
+
+
 def previous_promoted(history: list[dict[str, Any]], current_revision: str | None) -> dict[str, Any] | None:
     """The newest promoted release whose revision differs from what serves now (what rollback goes back to)."""
     for rec in reversed(history):

@@ -197,7 +197,7 @@ def test_resume_with_promote_false_aborts_and_rolls_back(gated, sandbox, sbc):
 
 
 def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc):
-    spec = dict(gated, release=dict(GATED, promotion_timeout="30m"))  # ~3.6 s on the sandbox's clock
+    spec = dict(gated, release=dict(GATED, promotion_timeout="10m"))  # ~1.2 s on the sandbox's clock
     stable, candidate = live(spec), other(live(spec))
     stable_pods = pod_uids(spec, stable)
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: nobody answers")
@@ -205,7 +205,7 @@ def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc):
         wait_gate(sbc, sha, run)
         with pytest.raises(Exception) as err:
             run.join()
-    assert "nobody promoted" in str(err.value) and "release.promotion_timeout (30m)" in str(err.value)
+    assert "nobody promoted" in str(err.value) and "release.promotion_timeout (10m)" in str(err.value)
     assert live(spec) == stable and pod_uids(spec, stable) == stable_pods
     assert deployment(spec, candidate).spec.replicas == 0
     assert history(spec)[-1]["result"] == "rolled_back"
@@ -249,6 +249,35 @@ def test_killed_while_paused_then_rerun_gates_again_and_converges(gated, sandbox
     assert deployment(spec, stable).spec.replicas == 0
     promoted = [h for h in history(spec) if h["revision"] == sha and h["result"] == "promoted"]
     assert len(promoted) == 1 and promoted[0]["cause"] == "promoted by carol"
+
+
+def test_rollback_model_after_a_dead_gate_retires_the_candidate_instead_of_switching_to_it(gated, sandbox, sbc,
+                                                                                            monkeypatch):
+    """The candidate of a release killed at its gate is warm but was never promoted: rollback_model keeps the
+    live color and scales the candidate to 0 (switching "back" to it would promote an unapproved revision)."""
+    from flows import release_model as rm
+
+    class Killed(BaseException):
+        pass
+
+    def killed(**_: Any):
+        raise Killed("while paused")
+
+    spec = gated
+    stable, candidate = live(spec), other(live(spec))
+    stable_pods = pod_uids(spec, stable)
+    sha = sandbox.hub.push_revision(MODEL, title="manual gate: killed, then rollback_model")
+    monkeypatch.setattr(rm, "pause_flow_run", killed)
+    with Background(spec, sha) as first, pytest.raises(Killed):
+        first.join()
+    monkeypatch.undo()
+    assert deployment(spec, candidate).spec.replicas > 0
+    out = rm.rollback_model(spec=spec)
+    assert out["action"] == "abandoned_candidate" and out["color"] == stable
+    assert live(spec) == stable and pod_uids(spec, stable) == stable_pods
+    assert deployment(spec, candidate).spec.replicas == 0
+    rec = history(spec)[-1]
+    assert rec["revision"] == sha and rec["result"] == "rolled_back" and "never promoted" in rec["cause"]
 
 
 def test_dry_run_shows_the_gate(gated, sandbox):

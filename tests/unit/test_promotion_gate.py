@@ -16,6 +16,7 @@ from manifests.release import (
     Observed,
     plan_release,
     promotion_notice,
+    unpromoted_candidate,
 )
 from manifests.spec import SpecError, human_duration, parse_spec
 
@@ -111,6 +112,22 @@ def test_crash_after_an_approved_switch_is_not_gated_again():
                    in_flight={"candidate": "green", "revision": "r2", "gate": {"flow_run": "x"}})
     plan = plan_release(obs, NEW, auto_promote=False)
     assert plan.action == "clean_up" and GATE not in plan.steps
+
+
+def test_an_interrupted_candidate_is_no_rollback_target():
+    """Killed at the gate: green is warm but was never promoted; rollback_model must not switch to it."""
+    stray = observed(blue=state("blue"), green=state("green", hash_="h2", rev="r2"),
+                     in_flight={"candidate": "green", "revision": "r2", "gate": {"flow_run": "x"}})
+    assert unpromoted_candidate(stray) == "green"
+    # After a promoted release the old color is warm for scale_down_delay with no release in flight.
+    assert unpromoted_candidate(observed(live="green", blue=state("blue"), green=state("green"))) is None
+    # Interrupted after the switch: the candidate is the live color, not the other one.
+    after = observed(live="green", blue=state("blue"), green=state("green", hash_="h2", rev="r2"),
+                     in_flight={"candidate": "green", "revision": "r2"})
+    assert unpromoted_candidate(after) is None
+    # Already scaled to 0: nothing to retire.
+    cold = observed(blue=state("blue"), green=state("green", replicas=0), in_flight={"candidate": "green"})
+    assert unpromoted_candidate(cold) is None
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(3600, "1h"), (5400, "1h30m"), (90, "1m30s"), (0, "0s"),
