@@ -91,6 +91,6 @@ def model_lock(spec: DeploymentSpec, *, purpose: str, timeout_s: float | None = 
         if not held:
             raise
         raise LockLost(f"the lease on {name} could not be renewed while {purpose} of {spec.name} held it (the "
-                       "Prefect API was unreachable); another run may hold the lock now, so this run stopped "
+                       "Prefect API unreachable, or the lease already revoked); another run may hold the lock now, so this run stopped "
                        "where it was", f"check where {spec.name}'s live Service points (this run moved no traffic "
                        f"after that), then rerun {purpose}: it re-observes the cluster and converges") from exc
