@@ -45,7 +45,8 @@ def gated(sandbox, prefect_server):
     from flows.deploy_model import deploy_model
     from flows.provision_cluster import provision_cluster
 
-    spec = spec_dict("qwen2.5-7b-sglang.yaml", release=dict(GATED),
+    # load_timeout 2h (~14 s scaled): a rollout wait sized for the model, not for a busy test machine.
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", release=dict(GATED), load_timeout="2h",
                      accelerator={"type": "nvidia-l4", "pool": {"max_nodes": 3, "min_nodes": 0, "initial_nodes": 1}})
     provision_cluster(spec=spec)
     deploy_model(spec=spec)  # the first deploy has nothing to protect: no gate
