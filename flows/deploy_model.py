@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 
 from flows import vertex
 from flows.cluster_preflight import cluster_preflight
-from flows.release_model import finish_retire, refuse_if_parked, run_release
+from flows.release_model import finish_retire, plan_for, refuse_if_parked, run_release
 from flows.report import Report, artifact_key
 from flows.serving import (
     Target,
@@ -40,7 +40,7 @@ from manifests import names
 from manifests.errors import DeployError
 from manifests.fleet import SpecPath
 from manifests.names import Color
-from manifests.release import Desired, plan_release
+from manifests.release import Desired
 from manifests.render import applied_deployment, model_deployment, object_key, render
 from manifests.spec import resolve_gke_spec
 from tasks import k8s
@@ -118,8 +118,7 @@ def deploy_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-
             return out
         with model_lock(spec, purpose="deploy"):
             observed = observe(spec, t.kubeconfig)  # under the lock: what the previous holder left
-            plan = plan_release(observed, Desired(t.model.sha, t.desired_hash, spec.replicas),
-                                strategy=spec.release.strategy)
+            plan = plan_for(spec, observed, Desired(t.model.sha, t.desired_hash, spec.replicas))
             refuse_if_parked(spec, plan)
             if plan.action == "first_deploy":
                 out = first_deploy(t, report)

@@ -5,6 +5,9 @@
 3. Bring up the candidate color beside the live one; wait by rollout status
 4. Preview Service → candidate; pre-promotion analysis (engine, smoke prompts, error rate, latency vs live)
 5. Switch: one checked merge-patch of the live Service's selector; its endpoints are the candidate's pods
+   (release.auto_promote: false: the preview is announced on Slack and the flow run pauses until a person
+   resumes it with promote true or false — Prefect's pause_flow_run with a RunInput, like Argo Rollouts'
+   autoPromotionEnabled: false; abort or release.promotion_timeout rolls back)
 6. Post-promotion analysis through the live Service; a failure switches back at once
 7. Record the release; keep the old color warm for scale_down_delay, then scale it to 0
 
@@ -22,6 +25,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
 
 from flows import vertex
 from flows.report import Report, artifact_key
@@ -45,6 +52,7 @@ from manifests.fleet import SpecPath
 from manifests.names import Color
 from manifests.provision import quota_metric
 from manifests.release import (
+    GATE,
     HISTORY_ANNOTATION,
     RELEASE_ANNOTATION,
     ColorState,
@@ -56,14 +64,33 @@ from manifests.release import (
     judge,
     plan_release,
     previous_promoted,
+    promotion_notice,
+    unpromoted_candidate,
     with_record,
 )
 from manifests.render import autoscaler, preview_service
-from manifests.spec import AnalysisSpec, DeploymentSpec, region_of, resolve_gke_spec
+from manifests.spec import AnalysisSpec, DeploymentSpec, human_duration, region_of, resolve_gke_spec
 from tasks import compute, gke, health, k8s
 from tasks.locks import model_lock
 
 SWITCH_ATTEMPTS = 3
+GATE_POLL_S = 5.0  # how often a paused release checks whether it was resumed
+
+
+class Promotion(RunInput):
+    """The decision at the promotion gate: the Prefect UI's Resume form, or ``run_input`` of the resume API."""
+
+    promote: bool = Field(description="true: switch traffic to the candidate; false: abort and roll back")
+    reason: str = Field("", description="why (kept in the release history and the Slack thread)")
+    by: str = Field("", description="who decided (Prefect OSS does not record who resumed a run)")
+
+
+class PromotionRefused(DeployError):
+    """The promotion gate closed without a promotion: aborted by a person, or nobody answered in time."""
+
+    def __init__(self, problem: str, fix: str, *, reason: str, figures: dict[str, Any]) -> None:
+        super().__init__(problem, fix, reason=reason)
+        self.figures = figures
 
 
 class AnalysisFailed(DeployError):
@@ -88,6 +115,8 @@ class Release:
     touched: bool = False  # the candidate's Deployment was applied (something to roll back)
     candidate_pods: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+    in_flight: dict[str, Any] = field(default_factory=dict)  # RELEASE_ANNOTATION as this run wrote it
+    approval: str = ""  # "promoted by ...: reason" from the promotion gate
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     times: dict[str, float] = field(default_factory=dict)  # wall-clock marks: analysis_passed, switched
 
@@ -147,6 +176,7 @@ def step_bring_up(r: Release) -> str:
     spec = r.spec
     in_flight = {"candidate": r.candidate, "revision": r.t.model.sha, "spec_hash": r.t.desired_hash,
                  "started": r.started}
+    r.in_flight = in_flight
     k8s.annotate(kubeconfig=r.kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
                  namespace=spec.namespace, annotations={RELEASE_ANNOTATION: json.dumps(in_flight, sort_keys=True)})
     ensure_namespace_and_secret(r.t)
@@ -229,6 +259,78 @@ def step_pre_analysis(r: Release) -> str:
                              figures=figures)
     r.times["analysis_passed"] = time.time()
     return verdict.reason + (f"; live p50 {baseline['p50_s']:.3f}s" if baseline else "")
+
+
+def step_promotion_gate(r: Release) -> str:
+    """Announce the preview, then pause this flow run until a person promotes or aborts (or time runs out).
+
+    The model's lock stays held while paused — the release is still in flight — and Prefect's lease
+    renewal thread keeps it alive while this process lives (tasks/locks.py). If the process dies, the
+    lease lapses, the paused run can never continue, and a rerun re-observes: the candidate is up, so it
+    is previewed, analysed and gated again (the stale paused run is cancelled so nobody resumes it).
+    """
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_UI_URL
+
+    spec = r.spec
+    run_id = flow_run.get_id()
+    if run_id is None:
+        raise FleetError("release.auto_promote is false but this release is not a Prefect flow run",
+                         "run release_model as a flow (the gate pauses the flow run)")
+    timeout_s = spec.release.promotion_timeout.total_seconds()
+    ui = PREFECT_UI_URL.value()
+    notice = promotion_notice(spec, live=r.stable, candidate=r.candidate, revision=r.t.model.sha,
+                              figures=r.figures, flow_run_id=run_id,
+                              ui_url=f"{ui}/flow-runs/flow-run/{run_id}" if ui else None, timeout_s=timeout_s)
+    cancel_stale_gate(r.observed.in_flight, current=run_id)
+    # On the cluster, for a rerun's plan and for anyone reading the Service: which run waits, since when.
+    gate = {"flow_run": run_id, "opened": datetime.now(UTC).isoformat(timespec="seconds")}
+    r.in_flight = dict(r.in_flight, gate=gate)
+    k8s.annotate(kubeconfig=r.kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+                 namespace=spec.namespace, annotations={RELEASE_ANNOTATION: json.dumps(r.in_flight, sort_keys=True)})
+    r.report.note(notice)
+    wait = scaled(timeout_s)  # the sandbox's clock, like every spec duration
+    try:
+        answer = pause_flow_run(wait_for_input=Promotion.with_initial_data(description=notice),
+                                timeout=math.ceil(wait), poll_interval=max(0.25, min(GATE_POLL_S, scaled(GATE_POLL_S))))
+    except FlowPauseTimeout:
+        raise PromotionRefused(f"nobody promoted {r.candidate} within release.promotion_timeout "
+                               f"({human_duration(timeout_s)})",
+                               "no traffic moved; release again when someone can check the preview, or raise "
+                               "release.promotion_timeout", reason="PromotionTimeout",
+                               figures=r.figures.get("pre") or {}) from None
+    who = answer.by.strip() or "someone"
+    why = f": {answer.reason.strip()}" if answer.reason.strip() else ""
+    if not answer.promote:
+        raise PromotionRefused(f"aborted at the promotion gate by {who}{why}",
+                               "no traffic moved; release again when the candidate is fixed",
+                               reason="PromotionAborted", figures=r.figures.get("pre") or {})
+    r.approval = f"promoted by {who}{why}"
+    r.report.note(f"▶️ {r.approval} — switching traffic {r.stable} → {r.candidate}")
+    return r.approval
+
+
+def cancel_stale_gate(in_flight: dict[str, Any] | None, *, current: str) -> None:
+    """The run that opened the last gate is gone (this run holds the lock): if the server still shows it
+    Paused (its process died) or Running (resumed after that, with nothing behind it), cancel it so nobody
+    presses a Resume button that can do nothing."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    old = ((in_flight or {}).get("gate") or {}).get("flow_run")
+    if not old or old == current:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(old))
+            if run.state is not None and (run.state.is_paused() or run.state.is_running()):
+                client.set_flow_run_state(UUID(old), Cancelled(message=f"superseded by flow run {current}: "
+                                                                      "its process is gone"))
+                get_run_logger().info("cancelled the stale paused release run %s", old)
+    except Exception as exc:  # noqa: BLE001 - a stale run is cosmetic; the gate that matters is this run's
+        get_run_logger().warning("could not cancel the stale paused run %s: %s", old, exc)
 
 
 def switch_traffic(spec: DeploymentSpec, *, kubeconfig: str, to: Color, frm: Color, pods: list[str],
@@ -321,7 +423,7 @@ def record(r: Release, result: str, cause: str = "") -> None:
 
 
 def step_record(r: Release) -> str:
-    record(r, "promoted")
+    record(r, "promoted", r.approval)
     return f"{r.t.model.sha[:12]} promoted on {r.candidate}"
 
 
@@ -331,6 +433,7 @@ STEPS = {
     "bring_up": ("Bring up the candidate color", step_bring_up),
     "preview": ("Preview Service → candidate", step_preview),
     "pre_analysis": ("Pre-promotion analysis", step_pre_analysis),
+    GATE: ("Wait for promotion", step_promotion_gate),
     "switch": ("Switch the live Service's selector", step_switch),
     "post_analysis": ("Post-promotion analysis", step_post_analysis),
     "record": ("Record the release", step_record),
@@ -426,6 +529,12 @@ def finish_retire(t: Target, report: Report, color: Color) -> None:
 
 # ---- flows ---------------------------------------------------------------------------------------
 
+def plan_for(spec: DeploymentSpec, observed: Observed, desired: Desired) -> ReleasePlan:
+    """plan_release with the spec's release policy (strategy, promotion gate)."""
+    return plan_release(observed, desired, strategy=spec.release.strategy, auto_promote=spec.release.auto_promote,
+                        promotion_timeout_s=spec.release.promotion_timeout.total_seconds())
+
+
 def refuse_if_parked(spec: DeploymentSpec, plan: ReleasePlan) -> None:
     if plan.action == "parked":
         raise FleetError(f"{spec.name} is parked ({plan.reason}); a change needs a warm color to fall back to",
@@ -446,7 +555,7 @@ def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b
         t = prepare(spec, report)
         desired = Desired(t.model.sha, t.desired_hash, spec.replicas)
         if dry_run:
-            plan = plan_release(observe(spec, t.kubeconfig), desired, strategy=spec.release.strategy)
+            plan = plan_for(spec, observe(spec, t.kubeconfig), desired)
             report.table_artifact(artifact_key("release", spec.name, "plan"), plan.table(), "Release plan (dry run)")
             for row in plan.table():
                 get_run_logger().info("plan: %s — %s", row["step"], row["detail"])
@@ -454,7 +563,7 @@ def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b
             return {"dry_run": True, "plan": plan.table(), "action": plan.action, "revision": t.model.sha}
         with model_lock(spec, purpose="release"):
             observed = observe(spec, t.kubeconfig)
-            plan = plan_release(observed, desired, strategy=spec.release.strategy)
+            plan = plan_for(spec, observed, desired)
             refuse_if_parked(spec, plan)
             if plan.action == "first_deploy":
                 from flows.deploy_model import first_deploy
@@ -476,6 +585,29 @@ def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b
         report.markdown_artifact(artifact_key("release", spec.name))
 
 
+def abandon_candidate(spec: DeploymentSpec, report: Report, *, kubeconfig: str, observed: Observed) -> dict[str, Any]:
+    """rollback_model after an interrupted release: the live color never stopped serving; retire the candidate."""
+    live: Color = observed.live  # type: ignore[assignment]
+    stray, in_flight = names.other(live), observed.in_flight or {}
+    with report.step(f"Abandon the interrupted release's candidate {stray}") as step:
+        point_preview(spec, kubeconfig=kubeconfig, color=live)  # never at a color about to have no pods
+        detail = scale_down_color(spec, kubeconfig=kubeconfig, color=stray)
+        rec = ReleaseRecord(revision=in_flight.get("revision") or "?", spec_hash=in_flight.get("spec_hash") or "",
+                            color=stray, previous_revision=observed.colors[live].revision, previous_color=live,
+                            started=in_flight.get("started") or datetime.now(UTC).isoformat(timespec="seconds"),
+                            result="rolled_back", cause="rollback_model: an interrupted release's candidate, "
+                                                        "never promoted")
+        k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+                     namespace=spec.namespace, annotations={HISTORY_ANNOTATION: with_record(observed.history, rec),
+                                                            RELEASE_ANNOTATION: None})
+        step.detail = f"{detail}; {live} keeps serving"
+    rev = (observed.colors[live].revision or "?")[:12]
+    report.succeed(f"{live} keeps serving {rev}: the interrupted release of {rec.revision[:12]} on {stray} was "
+                   "never promoted, so it was retired instead of switched to")
+    return {"name": spec.name, "color": live, "revision": observed.colors[live].revision,
+            "action": "abandoned_candidate"}
+
+
 @flow(name="rollback_model", log_prints=True)
 def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml") -> dict[str, Any]:
     """Back to the previous revision: an instant switch while the old color is warm, else a release of it."""
@@ -494,6 +626,8 @@ def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2
                 raise FleetError(f"{spec.name} does not serve yet: nothing to roll back", "run deploy_model")
             live, other = observed.live, names.other(observed.live)
             warm = observed.colors[other]
+            if unpromoted_candidate(observed) == other:
+                return abandon_candidate(spec, report, kubeconfig=kubeconfig, observed=observed)
             if warm.warm and warm.revision:
                 with report.step(f"Switch back to the warm color {other}") as step:
                     rollout = k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace,
@@ -528,6 +662,9 @@ def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2
         raise
     finally:
         report.markdown_artifact(artifact_key("rollback", spec.name))
-    return release_model(spec=spec.model_dump(mode="json", by_alias=True, exclude_unset=True),
-                         revision=previous["revision"])
+    again = spec.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    # rollback_model is a person's decision already: no second gate (Argo's fast-track rollback to the
+    # stable ReplicaSet skips pauses too).
+    again.setdefault("release", {})["auto_promote"] = True
+    return release_model(spec=again, revision=previous["revision"])
 

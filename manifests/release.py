@@ -16,7 +16,7 @@ from typing import Any, Literal
 from manifests import names
 from manifests.names import Color
 from manifests.provision import Check, QuotaReading
-from manifests.spec import DeploymentSpec
+from manifests.spec import DeploymentSpec, human_duration
 
 HISTORY_ANNOTATION = "llm-fleet.dev/release-history"
 PARK_ANNOTATION = "llm-fleet.dev/park-record"  # written by park_model (manifests/park.py)
@@ -92,6 +92,14 @@ class Desired:
 STEPS = ("capacity", "bring_up", "preview", "pre_analysis", "switch", "post_analysis", "record", "scale_down")
 RECREATE_STEPS = ("capacity", "stop_live", "bring_up", "preview", "pre_analysis", "switch", "post_analysis",
                   "record", "scale_down")
+# release.auto_promote: false puts a manual gate between the analysis and the switch (Argo Rollouts'
+# autoPromotionEnabled: false): the preview is announced and the flow run pauses for a decision.
+GATE = "promotion_gate"
+
+
+def with_gate(steps: tuple[str, ...]) -> tuple[str, ...]:
+    i = steps.index("pre_analysis") + 1
+    return steps[:i] + (GATE,) + steps[i:]
 
 
 @dataclass(frozen=True)
@@ -104,12 +112,13 @@ class ReleasePlan:
     revision: str = ""
     live_revision: str | None = None
     retire: Color | None = None  # scaled to 0 at the end (the old live color)
+    promotion_timeout_s: float = 0.0  # with the promotion gate: how long it waits for a decision
 
     def table(self) -> list[dict[str, str]]:
         head = {"step": "plan", "detail": f"{self.action}: {self.reason}"}
         return [head] + [{"step": s, "detail": STEP_TEXT[s].format(
-            live=self.live, candidate=self.candidate, retire=self.retire, revision=self.revision[:12])}
-            for s in self.steps]
+            live=self.live, candidate=self.candidate, retire=self.retire, revision=self.revision[:12],
+            timeout=human_duration(self.promotion_timeout_s))} for s in self.steps]
 
 
 STEP_TEXT = {
@@ -118,6 +127,8 @@ STEP_TEXT = {
     "bring_up": "apply {candidate} at {revision} and wait for its rollout",
     "preview": "point the preview Service at {candidate}; wait for its endpoints",
     "pre_analysis": "engine, smoke prompts, error rate and latency through the preview Service, vs {live}",
+    GATE: "wait for promotion: announce the preview of {candidate} on Slack, pause this flow run until it is "
+          "resumed with promote true (switch) or false (roll back); no answer within {timeout} rolls back",
     "switch": "patch the live Service's selector {live} → {candidate} (checked by resourceVersion)",
     "post_analysis": "analysis through the live Service; switch back to {live} on failure",
     "scale_down": "keep {retire} warm for scale_down_delay, then scale it to 0",
@@ -125,8 +136,13 @@ STEP_TEXT = {
 }
 
 
-def plan_release(observed: Observed, desired: Desired, *, strategy: str = "blue-green") -> ReleasePlan:
-    """The steps from what the cluster runs to what the spec wants. Pure, total, printed before acting."""
+def plan_release(observed: Observed, desired: Desired, *, strategy: str = "blue-green", auto_promote: bool = True,
+                 promotion_timeout_s: float = 3600.0) -> ReleasePlan:
+    """The steps from what the cluster runs to what the spec wants. Pure, total, printed before acting.
+
+    A crash after the switch needs no gate again (traffic already moved with someone's approval); before
+    the switch the rerun re-observes, finds the candidate up, previews and analyses it, and gates again.
+    """
     if observed.parked:
         # The live Service points at the hold proxy and the GPUs are off: a release now would have no
         # stable color to fall back to, and a deploy would fight wake_model's record.
@@ -152,11 +168,20 @@ def plan_release(observed: Observed, desired: Desired, *, strategy: str = "blue-
         return ReleasePlan("noop", f"{live} already runs {desired.revision[:12]} (spec {desired.spec_hash})",
                            live, None, (), desired.revision, cur.revision)
     steps = RECREATE_STEPS if strategy == "recreate" else STEPS
-    resume = " (resuming: the candidate is already up)" if (
-        other.spec_hash == desired.spec_hash and other.warm) else ""
+    if not auto_promote:
+        steps = with_gate(steps)
+    resume = ""
+    if other.spec_hash == desired.spec_hash and other.warm:
+        resume = " (resuming: the candidate is already up"
+        in_flight = observed.in_flight or {}
+        gate = in_flight.get("gate") or {}
+        if gate.get("flow_run") and in_flight.get("revision") == desired.revision:
+            resume += f"; flow run {gate['flow_run'][:8]} left its promotion gate open: it opens again here"
+        resume += ")"
     return ReleasePlan("release", f"{live} runs {(cur.revision or '?')[:12]}, spec wants "
                        f"{desired.revision[:12]}{resume}", live, names.other(live), steps,
-                       desired.revision, cur.revision, retire=live)
+                       desired.revision, cur.revision, retire=live,
+                       promotion_timeout_s=0.0 if auto_promote else promotion_timeout_s)
 
 
 def check_capacity(spec: DeploymentSpec, *, live_replicas: int, candidate_replicas: int,
@@ -237,6 +262,18 @@ def with_record(history: list[dict[str, Any]], record: ReleaseRecord) -> str:
     return json.dumps((history + [asdict(record)])[-HISTORY_KEEP:], separators=(",", ":"), sort_keys=True)
 
 
+def unpromoted_candidate(observed: Observed) -> Color | None:
+    """The other color when it is an interrupted release's candidate — brought up, never promoted (killed at
+    the promotion gate, say). It is not what rollback_model may switch "back" to: the live color is."""
+    if observed.live is None:
+        return None
+    other = names.other(observed.live)
+    state = observed.colors[other]
+    if (observed.in_flight or {}).get("candidate") == other and state.exists and state.replicas > 0:
+        return other
+    return None
+
+
 def previous_promoted(history: list[dict[str, Any]], current_revision: str | None) -> dict[str, Any] | None:
     """The newest promoted release whose revision differs from what serves now (what rollback goes back to)."""
     for rec in reversed(history):
@@ -246,6 +283,41 @@ def previous_promoted(history: list[dict[str, Any]], current_revision: str | Non
         if rec.get("result") == "promoted" and rec.get("previous_revision") not in (None, current_revision):
             return {"revision": rec["previous_revision"], "color": rec.get("previous_color")}
     return None
+
+
+PROBE = {"vllm": "/v1/models", "sglang": "/v1/models", "tgi": "/info"}
+
+
+def promotion_notice(spec: DeploymentSpec, *, live: Color, candidate: Color, revision: str,
+                     figures: dict[str, Any], flow_run_id: str, ui_url: str | None, timeout_s: float) -> str:
+    """What the promotion gate posts: where the preview is, how it measured, how to promote or abort."""
+    preview = names.preview_service(spec)
+    pre, base = figures.get("pre") or {}, figures.get("baseline")
+    measured = (f"{pre.get('requests')} requests, {pre.get('errors')} errors, p50 {pre.get('p50_s', 0):.3f}s, "
+                f"p95 {pre.get('p95_s', 0):.3f}s, {pre.get('tokens_per_s', 0):.0f} tokens/s" if pre else "-")
+    if base:
+        measured += f"; live {live} p50 {base.get('p50_s', 0):.3f}s"
+    smoke = figures.get("smoke") or []
+    if smoke:
+        measured += f"; {len(smoke)} smoke prompt(s) answered"
+
+    def body(promote: bool) -> str:
+        return json.dumps({"run_input": {"promote": promote, "reason": "...", "by": "..."}})
+
+    where = f"Prefect UI: {ui_url} → Resume" if ui_url else f"Prefect UI: flow run {flow_run_id} → Resume"
+    return "\n".join([
+        f"⏸️ Preview ready, waiting for promotion: {spec.name} {revision[:12]} on {candidate} "
+        f"(traffic stays on {live} until promoted).",
+        f"• Reach it: `kubectl port-forward -n {spec.namespace} service/{preview} 8080:{spec.expose.port}` "
+        f"then `curl localhost:8080{PROBE.get(spec.engine.kind, '/health')}`",
+        f"• Pre-promotion analysis: {measured}",
+        f"• Promote: {where} with promote ✓ — or "
+        f"`prefect api POST /flow_runs/{flow_run_id}/resume --data '{body(True)}'` — or "
+        f"`curl -X POST \"$PREFECT_API_URL/flow_runs/{flow_run_id}/resume\" -H 'Content-Type: application/json' "
+        f"-d '{body(True)}'`",
+        f"• Abort: the same with \"promote\": false ({candidate} goes to 0, {live} keeps serving). "
+        f"No answer within {human_duration(timeout_s)}: rolled back the same way.",
+    ])
 
 
 def _json(raw: str | None, default: Any) -> Any:

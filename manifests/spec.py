@@ -49,7 +49,16 @@ def _duration(value: Any) -> Any:
     return value
 
 
+def human_duration(seconds: float) -> str:
+    """3600 -> 1h, 5400 -> 1h30m, 90 -> 1m30s: a duration the way a spec writes it."""
+    total = round(seconds)
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not total else "")
+
+
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
+MIN_PROMOTION_TIMEOUT_S, MAX_PROMOTION_TIMEOUT_S = 60.0, 86400.0
 DNS_LABEL = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
 K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
 
@@ -254,7 +263,11 @@ class ReleaseSpec(_Model):
     # The old color stays warm this long after the switch (Argo's scaleDownDelaySeconds, for iptables/NEG
     # propagation) — and rollback_model can switch back instantly meanwhile.
     scale_down_delay: Duration = timedelta(seconds=30)
+    # false: a manual gate after the pre-promotion analysis (Argo Rollouts' autoPromotionEnabled: false).
+    # The release announces the preview on Slack and pauses its flow run until someone resumes it with
+    # promote true (switch) or false (roll back); no answer within promotion_timeout rolls back too.
     auto_promote: bool = True
+    promotion_timeout: Duration = timedelta(hours=1)
 
     @field_validator("expect")
     @classmethod
@@ -446,6 +459,23 @@ class DeploymentSpec(_Model):
             missing = "wake" if sched.wake is None else "park"
             raise SpecError(f"schedule.{missing}", "park and wake go together",
                             f"set schedule.{missing} too, or use schedule.idle_after alone")
+        rel = self.release
+        timeout_s = rel.promotion_timeout.total_seconds()
+        if not MIN_PROMOTION_TIMEOUT_S <= timeout_s <= MAX_PROMOTION_TIMEOUT_S:
+            raise SpecError("release.promotion_timeout",
+                            f"{timeout_s:g}s is outside 1m..24h" + (" (a person needs time to check the preview)"
+                                                                     if timeout_s < MIN_PROMOTION_TIMEOUT_S else
+                                                                     " (the candidate holds its GPUs and the model's "
+                                                                     "lock while it waits)"),
+                            "use a duration such as 30m or 2h (default 1h)")
+        if not rel.auto_promote and rel.strategy == "recreate":
+            raise SpecError("release.auto_promote", "a manual promotion gate with strategy recreate would keep the "
+                            "model down (the live color is stopped first) while it waits for a person",
+                            "use release.strategy: blue-green with auto_promote: false, or keep auto_promote: true")
+        if not rel.auto_promote and self.target == "vertex":
+            raise SpecError("release.auto_promote", "target vertex has no preview to check: a model at 0 % "
+                            "traffic on the endpoint cannot be reached (docs/vertex.md)",
+                            "keep auto_promote: true (the analysis gates the release) or use target: gke")
         if self.target == "vertex" and self.vertex is None:
             raise SpecError("vertex", "target vertex needs a vertex section",
                             "add vertex.endpoint_display_name (and machine/accelerator settings)")
@@ -464,6 +494,12 @@ class DeploymentSpec(_Model):
             out.append(f"engine.trust_remote_code: the pods run Python code from {self.model.id}"
                        + ("" if pinned else f" at {self.model.revision!r}, which can change under you — pin "
                           "model.revision to a commit you have read"))
+        rel = self.release
+        if not rel.auto_promote:
+            out.append(f"release.auto_promote false: every release waits at its promotion gate for a person (up to "
+                       f"{human_duration(rel.promotion_timeout.total_seconds())}), holding both colors' GPUs and the model's lock meanwhile")
+        elif "promotion_timeout" in rel.model_fields_set:
+            out.append("release.promotion_timeout has no effect while release.auto_promote is true")
         return out
 
     @property

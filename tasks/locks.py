@@ -3,10 +3,17 @@
 deploy, release, rollback, park and wake of one model take the same lock, so they never interleave;
 two different models hold different locks and run in parallel. The slot is a lease that the client
 renews while the holder runs: a killed process frees it when the lease expires, so a rerun converges.
+
+Prefect renews the lease from a thread of its own (every 0.75 x LEASE_S), so a holder that blocks for
+hours — a release paused at its promotion gate — keeps the lock while its process lives. If renewal
+fails (the Prefect API unreachable for longer than its retries), the slot may go to another run: Prefect
+then interrupts the holder (strict=True), and model_lock turns that into LockLost, so the run stops
+where it is — loudly, without touching the model further — and a rerun converges.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -24,6 +31,10 @@ LEASE_S = 60.0
 
 class LockTimeout(FleetError):
     """Another run holds the model's lock for longer than this run would wait."""
+
+
+class LockLost(FleetError):
+    """The lease on the model's lock could not be renewed: another run may hold it now."""
 
 
 def lock_name(spec: DeploymentSpec) -> str:
@@ -71,5 +82,15 @@ def model_lock(spec: DeploymentSpec, *, purpose: str, timeout_s: float | None = 
         if held:  # a timeout inside the body is the body's own error
             raise
         raise LockTimeout(f"another run has held {spec.name}'s lock for over {timeout_s:.0f} s",
-                          f"wait for the running release/park/wake of {spec.name} to finish, then rerun "
-                          f"(Prefect UI → Concurrency → {name})") from None
+                          f"wait for the running release/park/wake of {spec.name} to finish, then rerun; a "
+                          "release with auto_promote: false holds it while it waits at its promotion gate — "
+                          f"resume that run with promote true or false (Prefect UI → Concurrency → {name})") from None
+    except asyncio.CancelledError as exc:
+        # Prefect cancels the holder when the lease cannot be renewed (strict=True); a sync flow has no
+        # other source of CancelledError inside the lock.
+        if not held:
+            raise
+        raise LockLost(f"the lease on {name} could not be renewed while {purpose} of {spec.name} held it (the "
+                       "Prefect API unreachable, or the lease already revoked); another run may hold the lock now, so this run stopped "
+                       "where it was", f"check where {spec.name}'s live Service points (this run moved no traffic "
+                       f"after that), then rerun {purpose}: it re-observes the cluster and converges") from exc
