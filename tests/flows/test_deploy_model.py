@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -18,6 +19,26 @@ def provision(spec: dict) -> None:
     from flows.provision_cluster import provision_cluster
 
     provision_cluster(spec=spec)
+
+
+@pytest.fixture(scope="module")
+def shared(prefect_server):
+    """Clusters provisioned once for the tests here that are not about a bundled spec end to end: each
+    test deploys a model of its own name into one (pool max 4, so they fit side by side)."""
+    made: dict[str, dict] = {}
+
+    def spec_for(filename: str, name: str, **overrides) -> dict:
+        spec = spec_dict(filename, name=name, **overrides)
+        acc = spec["accelerator"]
+        spec["accelerator"] = acc = {"type": acc} if isinstance(acc, str) else acc
+        acc.setdefault("pool", {})["max_nodes"] = 4
+        if filename not in made:
+            provision(spec)
+            made[filename] = spec["cluster"]
+        spec["cluster"] = copy.deepcopy(made[filename])
+        return spec
+
+    return spec_for
 
 
 def deploy(spec: dict, **kw):
@@ -112,15 +133,14 @@ def test_scenario_end_to_end(name, sbc):
     assert set(secret.data) == {spec.get("secret", {}).get("key", "hf_token")}
 
 
-def test_rerun_changes_nothing(sbc):
-    spec = spec_dict("qwen2.5-7b-sglang.yaml")
-    provision(spec)
+def test_rerun_changes_nothing(sbc, shared):
+    spec = shared("qwen2.5-7b-sglang.yaml", "qwen-rerun")
     deploy(spec)
     _, apps, _ = kube(spec)
-    rv = apps.read_namespaced_deployment("qwen-sglang-blue", "default").metadata.resource_version
+    rv = apps.read_namespaced_deployment("qwen-rerun-blue", "default").metadata.resource_version
     again = deploy(spec)
     assert {o["action"] for o in again["objects"]} == {"unchanged"}
-    assert apps.read_namespaced_deployment("qwen-sglang-blue", "default").metadata.resource_version == rv
+    assert apps.read_namespaced_deployment("qwen-rerun-blue", "default").metadata.resource_version == rv
 
 
 @pytest.mark.parametrize(("token", "model", "match", "fix"), [
@@ -130,14 +150,13 @@ def test_rerun_changes_nothing(sbc):
     (None, {"id": "meta-llama/Llama-3.1-70B-Instruct"}, "GiB", "accelerator"),
     (None, {"id": "google/gemma-3000"}, "was not found", "model.id"),
 ])
-def test_hub_preflight_fails_before_any_kubernetes_object(token, model, match, fix, sbc, monkeypatch):
+def test_hub_preflight_fails_before_any_kubernetes_object(token, model, match, fix, sbc, monkeypatch, shared):
     from manifests.errors import PreflightError
     from tasks.settings import reload_settings
 
-    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
+    spec = shared("gemma2-2b-it-vllm-l4.yaml", "gemma-preflight")
     if model:
         spec["model"] = model
-    provision(spec)
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
         reload_settings()
@@ -157,13 +176,12 @@ def test_hub_preflight_fails_before_any_kubernetes_object(token, model, match, f
     ("oom", "OOMKilled"),
     ("hang_load", "LoadTimeout"),
 ])
-def test_rollout_failures_name_the_cause_and_stop_paying(mode, reason, sbc):
+def test_rollout_failures_name_the_cause_and_stop_paying(mode, reason, sbc, shared):
     import re
 
     from manifests.errors import DeployError
 
-    spec = spec_dict("qwen2.5-7b-sglang.yaml", name=f"fail-{mode.replace('_', '-')}", load_timeout="40m")
-    provision(spec)
+    spec = shared("qwen2.5-7b-sglang.yaml", f"fail-{mode.replace('_', '-')}", load_timeout="40m")
     if mode == "hang_load":
         sbc.add_behavior(match={"labels": {"app.kubernetes.io/instance": spec["name"]}}, mode="slow_load",
                          load_seconds=10_000)
@@ -180,13 +198,12 @@ def test_rollout_failures_name_the_cause_and_stop_paying(mode, reason, sbc):
     assert apps.read_namespaced_deployment(f"{spec['name']}-blue", "default").spec.replicas == 0
 
 
-def test_token_never_leaks(sbc, caplog):
+def test_token_never_leaks(sbc, caplog, shared):
     import asyncio
 
     from prefect.client.orchestration import get_client
 
-    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml", slack_channel="#deploy-leak")
-    provision(spec)
+    spec = shared("gemma2-2b-it-vllm-l4.yaml", "gemma-leak", slack_channel="#deploy-leak")
     with caplog.at_level("DEBUG"):
         deploy(spec)
     token = os.environ["HF_TOKEN"]
@@ -208,23 +225,21 @@ def test_token_never_leaks(sbc, caplog):
     assert texts and not any(token in t for t in texts)
 
 
-def test_dry_run_touches_nothing(sbc):
-    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
-    provision(spec)
+def test_dry_run_touches_nothing(sbc, shared):
+    spec = shared("gemma2-2b-it-vllm-l4.yaml", "gemma-dry-run")
     result = deploy(spec, dry_run=True)
     assert result["dry_run"] and {r["action"] for r in result["plan"]} <= {"create", "apply"}
     assert managed_objects(spec) == set()
 
 
-def test_hand_edit_is_reported_and_reverted(sbc):
-    spec = spec_dict("qwen2.5-7b-sglang.yaml")
-    provision(spec)
+def test_hand_edit_is_reported_and_reverted(sbc, shared):
+    spec = shared("qwen2.5-7b-sglang.yaml", "qwen-hand-edit")
     deploy(spec)
     core, _, _ = kube(spec)
     # Someone relabels the live Service by hand (kubectl label --overwrite ...).
-    core.patch_namespaced_service("qwen-sglang", "default", {"metadata": {"labels": {"llm-fleet.dev/role": "x"}}})
+    core.patch_namespaced_service("qwen-hand-edit", "default", {"metadata": {"labels": {"llm-fleet.dev/role": "x"}}})
     again = deploy(spec)
-    svc = next(o for o in again["objects"] if o["kind"] == "Service" and o["name"] == "qwen-sglang")
+    svc = next(o for o in again["objects"] if o["kind"] == "Service" and o["name"] == "qwen-hand-edit")
     assert svc["action"] == "configured"
     assert svc["changed"] == ["metadata.labels.llm-fleet.dev/role"]
-    assert core.read_namespaced_service("qwen-sglang", "default").metadata.labels["llm-fleet.dev/role"] == "live"
+    assert core.read_namespaced_service("qwen-hand-edit", "default").metadata.labels["llm-fleet.dev/role"] == "live"
