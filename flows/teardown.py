@@ -151,33 +151,11 @@ def remove_namespaced(spec: DeploymentSpec, *, kubeconfig: str, dry_run: bool) -
             heir = item.why.split("used by ", 1)[1].split(":", 1)[0]
             set_labels(kubeconfig=kubeconfig, obj=obj, labels={INSTANCE: heir})
         log.info("%s %s/%s %s", item.action, item.kind, item.name, item.why)
-    # The pods go with their Deployments (foreground deletion); wait until none is left.
-    _wait_pods_gone(spec, kubeconfig)
+    # The pods go with their Deployments (foreground deletion); wait until none is left (a watch that
+    # relists when the server ends it, so an early end of the stream is not taken for "still there").
+    k8s.wait_pods_gone(kubeconfig=kubeconfig, namespace=spec.namespace, selector={INSTANCE: spec.name},
+                       timeout_s=120)
     return items
-
-
-def _wait_pods_gone(spec: DeploymentSpec, kubeconfig: str, timeout_s: float = 120) -> None:
-    """Watch the spec's pods until none is left (a terminating model server drains first)."""
-    from kubernetes import client, watch
-
-    from tasks.clients import kube_client
-
-    core = client.CoreV1Api(kube_client(kubeconfig))
-    sel = f"{INSTANCE}={spec.name}"
-    listing = core.list_namespaced_pod(spec.namespace, label_selector=sel)
-    left = {p.metadata.name for p in listing.items}
-    if not left:
-        return
-    w = watch.Watch()
-    for event in w.stream(core.list_namespaced_pod, spec.namespace, label_selector=sel,
-                          resource_version=listing.metadata.resource_version, timeout_seconds=int(timeout_s)):
-        if event["type"] == "DELETED":
-            left.discard(event["object"].metadata.name)
-        if not left:
-            w.stop()
-            return
-    raise TeardownError(f"pods of {spec.name} still exist after {timeout_s:.0f} s: {', '.join(sorted(left))}",
-                        "check for finalizers on them (kubectl describe pod), then rerun teardown")
 
 
 def remove_namespace(spec: DeploymentSpec, *, kubeconfig: str, dry_run: bool) -> Item | None:
