@@ -21,7 +21,6 @@ sync_schedules: the specs' schedule.park / schedule.wake become Prefect deployme
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from manifests.fleet import SpecPath, bundled_specs
 from manifests.spec import DeploymentSpec, load_spec, resolve_gke_spec
 from tasks import gke, health, k8s
 from tasks.inventory import list_kind
-from tasks.locks import model_lock, pool_lock
+from tasks.locks import model_lock
 from tasks.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,25 +108,27 @@ def _pool_users(spec: DeploymentSpec, kubeconfig: str) -> list[str]:
                         deployments=list_kind(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment"))
 
 
-def _apply_pool(spec: DeploymentSpec, *, kubeconfig: str, location: str,
+def _apply_pool(spec: DeploymentSpec, *, kubeconfig: str, location: str, now: P.PoolState,
                 plan_for: Callable[[P.PoolState], P.PoolPlan]) -> tuple[P.PoolPlan, list[str]]:
-    """Apply ``plan_for(the pool now)``: the autoscaling minimum first, then the size (planned again on
-    a fresh read: GKE resizes a pool whose new minimum is above its size). Returns the plan and what changed."""
+    """Apply ``plan_for(now)`` (``now``: the pool as just read): the autoscaling minimum first, then the
+    size — planned again on a fresh read after a raised minimum (GKE resizes a pool whose new minimum is
+    above its size); a lowered one resizes nothing, so the size follows at once (before the autoscaler
+    races it for an empty node). Returns the plan and what changed."""
     c = spec.cluster
     where = {"project": c.project, "location": location, "cluster": c.name, "name": spec.accelerator.pool.name}
-    now = _pool(spec, kubeconfig, location)
     plan = plan_for(now)
     done: list[str] = []
     if plan.min_nodes is not None:
         op = gke.set_node_pool_autoscaling(**where, min_nodes=plan.min_nodes, max_nodes=now.max_nodes)
         gke.wait_operation(project=c.project, location=location, operation=op)
         done.append(f"autoscaling min {now.min_nodes}→{plan.min_nodes} (max {now.max_nodes})")
-        now = _pool(spec, kubeconfig, location)
-    size = plan_for(now).size if plan.min_nodes is not None else plan.size
-    if size is not None:
-        op = gke.set_node_pool_size(**where, nodes=size)
+        if plan.min_nodes > now.min_nodes:
+            now = _pool(spec, kubeconfig, location)
+            plan = replace(plan, size=plan_for(now).size)
+    if plan.size is not None:
+        op = gke.set_node_pool_size(**where, nodes=plan.size)
         gke.wait_operation(project=c.project, location=location, operation=op)
-        done.append(f"size {now.nodes_per_zone}→{size} per zone")
+        done.append(f"size {now.nodes_per_zone}→{plan.size} per zone")
     return plan, done
 
 
@@ -254,19 +255,21 @@ def _park(run: Run) -> dict[str, Any]:
         if record.pool is None:
             step.detail = "Autopilot: the GPU nodes go with the pods"
         else:
-            with pool_lock(spec, purpose="park"):  # no other model's pool restore + scale-up in between
-                users = _pool_users(spec, kubeconfig)
-                first = P.plan_park_pool(_pool(spec, kubeconfig, run.location), users=users,
-                                         changed=record.pool_changed or ())
-                if first.changed != record.pool_changed:  # recorded before it is done: wake undoes exactly this
-                    record = replace(record, pool_changed=first.changed)
-                    _annotate_record(run, record)
-                plan, done = _apply_pool(spec, kubeconfig=kubeconfig, location=run.location,
-                                         plan_for=lambda now: P.plan_park_pool(now, users=users,
-                                                                               changed=record.pool_changed or ()))
+            # Who needs the pool is read last thing before the resize: a model waking on it meanwhile
+            # has its pods or its scaled-up Deployment in the cluster by then.
+            now = _pool(spec, kubeconfig, run.location)
+            users = _pool_users(spec, kubeconfig)
+            first = P.plan_park_pool(now, users=users, changed=record.pool_changed or ())
+            if first.changed != record.pool_changed:  # recorded before it is done: wake undoes exactly this
+                record = replace(record, pool_changed=first.changed)
+                _annotate_record(run, record)
+            plan, done = _apply_pool(spec, kubeconfig=kubeconfig, location=run.location, now=now,
+                                     plan_for=lambda now: P.plan_park_pool(now, users=users,
+                                                                           changed=record.pool_changed or ()))
             changed += done
             shared = bool(users)
-            step.detail = "; ".join(done + [plan.note]) if done else f"{record.pool.name}: nothing to change ({plan.note})"
+            step.detail = ("; ".join(done + [plan.note]) if done else
+                           f"{record.pool.name}: nothing to change ({plan.note})")
             if shared:
                 report.note(f"GPU pool {record.pool.name} is {plan.note}.")
     outcome = (f"parked {spec.name}: 0 GPU pods" +
@@ -298,20 +301,19 @@ def _wake(run: Run) -> dict[str, Any]:
         retired = _retire_hold_proxy(run, settle_s=0.0, quiet=True)  # a wake killed after its switch
         return {"name": spec.name, "woken": False, "changed": ["hold proxy to 0"] if retired else [],
                 "outcome": f"{spec.name} is not parked: nothing to do"}
-    # under the pool lock until the replicas are up: a park of a model sharing the pool sees them
-    with pool_lock(spec, purpose="wake") if record.pool is not None else contextlib.nullcontext():
-        with report.step("Restore what park changed on the GPU pool") as step:
-            if record.pool is None:
-                step.detail = "Autopilot: nodes come with the pods"
-            else:
-                plan, done = _apply_pool(spec, kubeconfig=kubeconfig, location=run.location,
-                                         plan_for=lambda now: P.plan_wake_pool(record, now))
-                step.detail = "; ".join(done + [plan.note])
-        with report.step("Restore the replicas") as step:
-            k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
-            k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
-                                 name=names.deployment(spec, record.color), replicas=record.replicas)
-            step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}"
+    with report.step("Restore what park changed on the GPU pool") as step:
+        if record.pool is None:
+            step.detail = "Autopilot: nodes come with the pods"
+        else:
+            plan, done = _apply_pool(spec, kubeconfig=kubeconfig, location=run.location,
+                                     now=_pool(spec, kubeconfig, run.location),
+                                     plan_for=lambda now: P.plan_wake_pool(record, now))
+            step.detail = "; ".join(done + [plan.note])
+    with report.step("Restore the replicas") as step:
+        k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
+        k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
+                             name=names.deployment(spec, record.color), replicas=record.replicas)
+        step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}"
     with report.step("Wait until the model answers and passes the smoke prompts") as step:
         ready = wait_until_answering(spec, kubeconfig=kubeconfig, color=record.color, replicas=record.replicas,
                                      timeout_s=load_timeout_s(spec, None), service=P.awake_service_name(spec))
@@ -354,9 +356,12 @@ def _retire_hold_proxy(run: Run, *, settle_s: float, quiet: bool = False) -> boo
     running = int(((dep or {}).get("spec") or {}).get("replicas") or 0) > 0
     if quiet and not running:
         return False
+    if dep is None:
+        run.report.skip("Scale the hold proxy to 0 once the switch has settled", "no hold proxy (hold.enabled is false)")
+        return False
     with run.report.step("Scale the hold proxy to 0 once the switch has settled") as step:
         if not running:
-            step.detail = f"{name} is not running" if dep else "no hold proxy (hold.enabled is false)"
+            step.detail = f"{name} is not running"
             return False
         if (_live_service(spec, kubeconfig)["spec"].get("selector") or {}) == P.hold_selector(spec):
             step.detail = f"{names.service(spec)} still selects {name}: kept"

@@ -58,29 +58,7 @@ def ensure_limit(name: str) -> None:
 @contextmanager
 def model_lock(spec: DeploymentSpec, *, purpose: str, timeout_s: float | None = 3600.0) -> Iterator[None]:
     """Hold the model's lock for ``purpose`` (release, park, ...); wait up to ``timeout_s`` for it."""
-    with _hold(lock_name(spec), purpose=purpose, timeout_s=timeout_s,
-               busy=f"the running release/park/wake of {spec.name}", what=f"{spec.name}'s lock"):
-        yield
-
-
-def pool_lock_name(spec: DeploymentSpec) -> str:
-    c = spec.cluster
-    return f"llm-fleet-pool-{c.project}-{c.location}-{c.name}-{spec.accelerator.pool.name}"
-
-
-@contextmanager
-def pool_lock(spec: DeploymentSpec, *, purpose: str, timeout_s: float | None = 3600.0) -> Iterator[None]:
-    """One decision about a GPU pool at a time: models sharing it park and wake under different model
-    locks, and a park must not zero the pool between another model's pool restore and its scale-up.
-    Taken inside the model lock, never the other way round."""
-    with _hold(pool_lock_name(spec), purpose=purpose, timeout_s=timeout_s,
-               busy=f"the park/wake of another model on pool {spec.accelerator.pool.name}",
-               what=f"pool {spec.accelerator.pool.name}'s lock"):
-        yield
-
-
-@contextmanager
-def _hold(name: str, *, purpose: str, timeout_s: float | None, busy: str, what: str) -> Iterator[None]:
+    name = lock_name(spec)
     ensure_limit(name)
     log = logger()
     log.info("taking the lock %s for %s", name, purpose)
@@ -92,6 +70,6 @@ def _hold(name: str, *, purpose: str, timeout_s: float | None, busy: str, what: 
     except TimeoutError:
         if held:  # a timeout inside the body is the body's own error
             raise
-        raise LockTimeout(f"another run has held {what} for over {timeout_s:.0f} s",
-                          f"wait for {busy} to finish, then rerun "
+        raise LockTimeout(f"another run has held {spec.name}'s lock for over {timeout_s:.0f} s",
+                          f"wait for the running release/park/wake of {spec.name} to finish, then rerun "
                           f"(Prefect UI → Concurrency → {name})") from None

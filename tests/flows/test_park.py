@@ -273,6 +273,7 @@ def test_parking_one_model_on_a_shared_pool_leaves_the_other_serving_from_the_sa
     a, _, kubeconfig, _ = model
     b = copy.deepcopy(a)
     b["name"] = "gemma2-b"  # same project, cluster and pool
+    b["hold"] = {"enabled": False}  # its proxy is not what this test is about (and each one is a process start)
     deploy_model(spec=b)
     b_pods = pods_of(b, kubeconfig)
     assert len(b_pods) == 1 and len(pods_of(a, kubeconfig)) == 1 and pool_settings(a, kubeconfig)["nodes"] == 2
