@@ -90,7 +90,7 @@ def _pool_nodes(spec: DeploymentSpec, kubeconfig: str) -> list[str]:
     return [n["metadata"]["name"] for n in nodes]
 
 
-def _pool(spec: DeploymentSpec, kubeconfig: str, location: str) -> P.PoolState | None:
+def _pool(spec: DeploymentSpec, kubeconfig: str, location: str, nodes: list[str] | None = None) -> P.PoolState | None:
     """The GPU pool's settings and its nodes per zone, as GKE and Kubernetes report them (Standard only)."""
     if spec.cluster.mode != "standard":
         return None
@@ -98,12 +98,13 @@ def _pool(spec: DeploymentSpec, kubeconfig: str, location: str) -> P.PoolState |
     pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=name)
     if pool is None:
         raise FleetError(f"node pool {name} does not exist in cluster {c.name}", "run provision_cluster first")
-    return P.pool_state(pool, len(_pool_nodes(spec, kubeconfig)), len(pool.get("locations") or []) or 1)
+    nodes = _pool_nodes(spec, kubeconfig) if nodes is None else nodes
+    return P.pool_state(pool, len(nodes), len(pool.get("locations") or []) or 1)
 
 
-def _pool_users(spec: DeploymentSpec, kubeconfig: str) -> list[str]:
-    """Other workloads with pods on (or bound for) the GPU pool, from the whole cluster."""
-    return P.pool_users(model=spec.name, pool=spec.accelerator.pool.name, nodes=_pool_nodes(spec, kubeconfig),
+def _pool_users(spec: DeploymentSpec, kubeconfig: str, nodes: list[str]) -> list[str]:
+    """Other workloads with pods on (or bound for) the GPU pool (``nodes``), from the whole cluster."""
+    return P.pool_users(model=spec.name, pool=spec.accelerator.pool.name, nodes=nodes,
                         pods=list_kind(kubeconfig=kubeconfig, api_version="v1", kind="Pod"),
                         deployments=list_kind(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment"))
 
@@ -257,8 +258,9 @@ def _park(run: Run) -> dict[str, Any]:
         else:
             # Who needs the pool is read last thing before the resize: a model waking on it meanwhile
             # has its pods or its scaled-up Deployment in the cluster by then.
-            now = _pool(spec, kubeconfig, run.location)
-            users = _pool_users(spec, kubeconfig)
+            nodes = _pool_nodes(spec, kubeconfig)
+            now = _pool(spec, kubeconfig, run.location, nodes)
+            users = _pool_users(spec, kubeconfig, nodes)
             first = P.plan_park_pool(now, users=users, changed=record.pool_changed or ())
             if first.changed != record.pool_changed:  # recorded before it is done: wake undoes exactly this
                 record = replace(record, pool_changed=first.changed)
