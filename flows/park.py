@@ -5,13 +5,15 @@ park_model
 2. Record what park changes, on the live Service (color, replicas, GPU pool settings)
 3. Put the hold proxy in front: the live Service selects it while parked
 4. Scale the model to 0 and wait until none of its GPU pods remains
-5. GPU node pool to 0 (Standard: autoscaling minimum and size; Autopilot: the nodes go with the pods)
+5. GPU node pool to 0 unless another model still needs it (Standard; shared: the autoscaling minimum
+   to 0 only, the cluster autoscaler removes what this model left; Autopilot: the nodes go with the pods)
 
 wake_model
 1. Take the lock; read the park record from the live Service
-2. Restore the GPU pool and the replicas exactly as recorded
+2. Restore what park changed on the GPU pool, then the replicas
 3. Wait until the model answers (rollout, endpoints, engine) and passes the smoke prompts
 4. Point the live Service back at the model; record the wake time (prewarm uses its p95)
+5. Scale the hold proxy to 0 once the switch has settled (the next park scales it up again)
 
 park_idle: serving metrics through the Service → one decision per model (table artifact) → park_model.
 sync_schedules: the specs' schedule.park / schedule.wake become Prefect deployment schedules.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,18 +33,19 @@ from prefect import flow, get_run_logger
 
 from flows import vertex
 from flows.report import Report, artifact_key
-from flows.serving import cluster_location, load_timeout_s, smoke, wait_until_answering
+from flows.serving import cluster_location, load_timeout_s, scaled, smoke, wait_until_answering
 from manifests import names
 from manifests import park as P
 from manifests.errors import FleetError
 from manifests.fleet import SpecPath, bundled_specs
 from manifests.spec import DeploymentSpec, load_spec, resolve_gke_spec
 from tasks import gke, health, k8s
+from tasks.inventory import list_kind
 from tasks.locks import model_lock
 from tasks.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-POOL_LABEL = "cloud.google.com/gke-nodepool"
+POOL_LABEL = P.POOL_LABEL
 
 
 class NotDeployed(FleetError):
@@ -79,7 +84,13 @@ def _deployment(spec: DeploymentSpec, kubeconfig: str, color: str) -> dict[str, 
                           name=names.deployment(spec, color), namespace=spec.namespace)
 
 
-def _pool(spec: DeploymentSpec, kubeconfig: str, location: str) -> P.PoolState | None:
+def _pool_nodes(spec: DeploymentSpec, kubeconfig: str) -> list[str]:
+    nodes = k8s.list_objects(kubeconfig=kubeconfig, api_version="v1", kind="Node",
+                             label_selector=f"{POOL_LABEL}={spec.accelerator.pool.name}")
+    return [n["metadata"]["name"] for n in nodes]
+
+
+def _pool(spec: DeploymentSpec, kubeconfig: str, location: str, nodes: list[str] | None = None) -> P.PoolState | None:
     """The GPU pool's settings and its nodes per zone, as GKE and Kubernetes report them (Standard only)."""
     if spec.cluster.mode != "standard":
         return None
@@ -87,25 +98,39 @@ def _pool(spec: DeploymentSpec, kubeconfig: str, location: str) -> P.PoolState |
     pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=name)
     if pool is None:
         raise FleetError(f"node pool {name} does not exist in cluster {c.name}", "run provision_cluster first")
-    nodes = k8s.list_objects(kubeconfig=kubeconfig, api_version="v1", kind="Node", label_selector=f"{POOL_LABEL}={name}")
+    nodes = _pool_nodes(spec, kubeconfig) if nodes is None else nodes
     return P.pool_state(pool, len(nodes), len(pool.get("locations") or []) or 1)
 
 
-def _set_pool(spec: DeploymentSpec, location: str, *, current: P.PoolState, want: P.PoolState) -> list[str]:
-    """Make the pool's autoscaling bounds and size equal ``want``; returns what changed."""
+def _pool_users(spec: DeploymentSpec, kubeconfig: str, nodes: list[str]) -> list[str]:
+    """Other workloads with pods on (or bound for) the GPU pool (``nodes``), from the whole cluster."""
+    return P.pool_users(model=spec.name, pool=spec.accelerator.pool.name, nodes=nodes,
+                        pods=list_kind(kubeconfig=kubeconfig, api_version="v1", kind="Pod"),
+                        deployments=list_kind(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment"))
+
+
+def _apply_pool(spec: DeploymentSpec, *, kubeconfig: str, location: str, now: P.PoolState,
+                plan_for: Callable[[P.PoolState], P.PoolPlan]) -> tuple[P.PoolPlan, list[str]]:
+    """Apply ``plan_for(now)`` (``now``: the pool as just read): the autoscaling minimum first, then the
+    size — planned again on a fresh read after a raised minimum (GKE resizes a pool whose new minimum is
+    above its size); a lowered one resizes nothing, so the size follows at once (before the autoscaler
+    races it for an empty node). Returns the plan and what changed."""
     c = spec.cluster
-    where = {"project": c.project, "location": location, "cluster": c.name, "name": want.name}
+    where = {"project": c.project, "location": location, "cluster": c.name, "name": spec.accelerator.pool.name}
+    plan = plan_for(now)
     done: list[str] = []
-    if want.autoscaling and (current.min_nodes, current.max_nodes, current.autoscaling) != (
-            want.min_nodes, want.max_nodes, True):
-        op = gke.set_node_pool_autoscaling(**where, min_nodes=want.min_nodes, max_nodes=want.max_nodes)
+    if plan.min_nodes is not None:
+        op = gke.set_node_pool_autoscaling(**where, min_nodes=plan.min_nodes, max_nodes=now.max_nodes)
         gke.wait_operation(project=c.project, location=location, operation=op)
-        done.append(f"autoscaling min {current.min_nodes}→{want.min_nodes} (max {want.max_nodes})")
-    if current.nodes_per_zone != want.nodes_per_zone:
-        op = gke.set_node_pool_size(**where, nodes=want.nodes_per_zone)
+        done.append(f"autoscaling min {now.min_nodes}→{plan.min_nodes} (max {now.max_nodes})")
+        if plan.min_nodes > now.min_nodes:
+            now = _pool(spec, kubeconfig, location)
+            plan = replace(plan, size=plan_for(now).size)
+    if plan.size is not None:
+        op = gke.set_node_pool_size(**where, nodes=plan.size)
         gke.wait_operation(project=c.project, location=location, operation=op)
-        done.append(f"size {current.nodes_per_zone}→{want.nodes_per_zone} per zone")
-    return done
+        done.append(f"size {now.nodes_per_zone}→{plan.size} per zone")
+    return plan, done
 
 
 def _credentials(spec: DeploymentSpec, report: Report) -> tuple[str, str]:
@@ -122,6 +147,46 @@ def _prefect_api_url() -> str | None:
     return PREFECT_API_URL.value()
 
 
+@dataclass
+class Run:
+    """What park and wake both start from: the spec, the cluster, the Slack thread, the live Service."""
+
+    spec: DeploymentSpec
+    ref: str | None  # the spec's file, if it came from one
+    kubeconfig: str
+    location: str
+    report: Report
+    service: dict[str, Any]
+    record: P.ParkRecord | None
+
+
+def _under_model_lock(flow_name: str, spec: Any, reason: str, body: Callable[[Run], dict[str, Any]]) -> dict[str, Any]:
+    """park_model's and wake_model's shared frame: the spec, the Slack thread, cluster credentials, the
+    model's lock (the one releases take: never mid-release), the live Service and its park record —
+    then ``body``, the flow's own steps. The report goes to Slack and the artifact either way."""
+    ref = _spec_ref(spec)
+    spec = resolve_gke_spec(spec, flow=flow_name)
+    verb = flow_name.removesuffix("_model")
+    report = Report(flow_name, f"{spec.name} ({reason})", spec.slack_channel)
+    try:
+        location, kubeconfig = _credentials(spec, report)
+        with model_lock(spec, purpose=verb):
+            svc = _live_service(spec, kubeconfig)
+            result = body(Run(spec, ref, kubeconfig, location, report, svc, P.read_record(svc)))
+        report.succeed(result["outcome"])
+        return result
+    except Exception as exc:
+        report.fail(exc)
+        raise
+    finally:
+        report.markdown_artifact(artifact_key(verb, spec.name))
+
+
+def _annotate_record(run: Run, record: P.ParkRecord) -> None:
+    k8s.annotate(kubeconfig=run.kubeconfig, api_version="v1", kind="Service", name=names.service(run.spec),
+                 namespace=run.spec.namespace, annotations={P.PARK_RECORD: record.to_annotation(), P.ACTIVITY: None})
+
+
 # ---- park ------------------------------------------------------------------------------------------
 
 @flow(name="park_model", log_prints=True)
@@ -130,29 +195,15 @@ def park_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it
     """Replicas to 0, hold proxy in front, GPU node pool to 0 — recorded on the cluster for wake_model."""
     if vertex.is_vertex(spec):  # target: vertex: Vertex AI's steps (flows/vertex.py)
         return vertex.park(spec)
-    ref = _spec_ref(spec)
-    spec = resolve_gke_spec(spec, flow="park_model")
-    report = Report("park_model", f"{spec.name} ({reason})", spec.slack_channel)
-    key = artifact_key("park", spec.name)
-    try:
-        location, kubeconfig = _credentials(spec, report)
-        with model_lock(spec, purpose="park"):  # the lock releases take: never mid-release
-            result = _park(spec, kubeconfig=kubeconfig, location=location, report=report, ref=ref)
-        report.succeed(result["outcome"])
-        return result
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        report.markdown_artifact(key)
+    return _under_model_lock("park_model", spec, reason, _park)
 
 
-def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Report, ref: str | None) -> dict[str, Any]:
+def _park(run: Run) -> dict[str, Any]:
+    spec, kubeconfig, report, record = run.spec, run.kubeconfig, run.report, run.record
     changed: list[str] = []
     with report.step("Record what park changes, on the live Service") as step:
-        svc = _live_service(spec, kubeconfig)
-        record = P.read_record(svc)
         if record is None:
+            svc = run.service
             color = (svc["spec"].get("selector") or {}).get(names.COLOR_LABEL)
             if color not in names.COLORS:
                 raise FleetError(f"Service {names.service(spec)} selects {svc['spec'].get('selector')}, not a color",
@@ -160,11 +211,10 @@ def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
             dep = _deployment(spec, kubeconfig, color) or {}
             replicas = int((dep.get("spec") or {}).get("replicas") or 0) or spec.replicas
             record = P.ParkRecord(color=color, replicas=replicas, selector=dict(svc["spec"]["selector"]),
-                                  parked_at=datetime.now(UTC).isoformat(), pool=_pool(spec, kubeconfig, location),
-                                  held=spec.hold.enabled)
-            k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
-                         namespace=spec.namespace, annotations={P.PARK_RECORD: record.to_annotation(),
-                                                                P.ACTIVITY: None})
+                                  parked_at=datetime.now(UTC).isoformat(),
+                                  pool=_pool(spec, kubeconfig, run.location), held=spec.hold.enabled,
+                                  pool_changed=())
+            _annotate_record(run, record)
             changed.append("recorded")
             step.detail = (f"{record.color} × {record.replicas}" +
                            (f", pool {record.pool.name} min {record.pool.min_nodes}/max {record.pool.max_nodes}, "
@@ -175,8 +225,9 @@ def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
     if record.held:
         with report.step("Put the hold proxy in front of the model") as step:
             k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
+            # replicas 1: a wake scaled the proxy to 0; the Service moves only once it is Ready
             applied = k8s.apply_object(kubeconfig=kubeconfig, obj=P.hold_proxy_deployment(
-                spec, prefect_api_url=_prefect_api_url(), spec_ref=_event_ref(ref, spec)))
+                spec, prefect_api_url=_prefect_api_url(), spec_ref=_event_ref(run.ref, spec)))
             k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace, name=P.hold_deployment_name(spec),
                              timeout_s=max(60.0, load_timeout_s(spec, None)))
             live = (_live_service(spec, kubeconfig)["spec"].get("selector") or {})
@@ -200,21 +251,37 @@ def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
                            timeout_s=max(120.0, 90 * get_settings().time_scale))
         step.detail = f"{names.deployment(spec, record.color)}: 0 replicas, 0 pods"
 
-    with report.step("GPU node pool to 0") as step:
+    shared = False
+    with report.step("GPU node pool to 0 unless another model still needs it") as step:
         if record.pool is None:
             step.detail = "Autopilot: the GPU nodes go with the pods"
         else:
-            now = _pool(spec, kubeconfig, location)
-            zero = P.PoolState(record.pool.name, record.pool.autoscaling, 0, record.pool.max_nodes, 0)
-            done = _set_pool(spec, location, current=now, want=zero)
+            # Who needs the pool is read last thing before the resize: a model waking on it meanwhile
+            # has its pods or its scaled-up Deployment in the cluster by then.
+            nodes = _pool_nodes(spec, kubeconfig)
+            now = _pool(spec, kubeconfig, run.location, nodes)
+            users = _pool_users(spec, kubeconfig, nodes)
+            first = P.plan_park_pool(now, users=users, changed=record.pool_changed or ())
+            if first.changed != record.pool_changed:  # recorded before it is done: wake undoes exactly this
+                record = replace(record, pool_changed=first.changed)
+                _annotate_record(run, record)
+            plan, done = _apply_pool(spec, kubeconfig=kubeconfig, location=run.location, now=now,
+                                     plan_for=lambda now: P.plan_park_pool(now, users=users,
+                                                                           changed=record.pool_changed or ()))
             changed += done
-            step.detail = "; ".join(done) or f"{record.pool.name} already at 0"
-    outcome = (f"parked {spec.name}: 0 GPU pods" + ("" if record.pool is None else ", 0 GPU nodes") +
+            shared = bool(users)
+            step.detail = ("; ".join(done + [plan.note]) if done else
+                           f"{record.pool.name}: nothing to change ({plan.note})")
+            if shared:
+                report.note(f"GPU pool {record.pool.name} is {plan.note}.")
+    outcome = (f"parked {spec.name}: 0 GPU pods" +
+               ("" if record.pool is None else
+                f", pool {record.pool.name} left to the cluster autoscaler (shared)" if shared else ", 0 GPU nodes") +
                ("; requests are held by the hold proxy and wake it" if record.held else ""))
     if changed == []:
         outcome = f"{spec.name} was already parked: nothing changed"
     return {"name": spec.name, "parked": True, "changed": changed, "record": json.loads(record.to_annotation()),
-            "outcome": outcome}
+            "shared_pool": shared, "outcome": outcome}
 
 
 # ---- wake ------------------------------------------------------------------------------------------
@@ -222,43 +289,34 @@ def _park(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
 @flow(name="wake_model", log_prints=True)
 def wake_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                reason: str = "manual") -> dict[str, Any]:
-    """Restore the pool and replicas from the park record, wait until the model answers, route to it."""
+    """Restore what park changed (pool, replicas), wait until the model answers, route to it."""
     if vertex.is_vertex(spec):  # target: vertex: Vertex AI's steps (flows/vertex.py)
         return vertex.wake(spec)
-    ref = _spec_ref(spec)
-    spec = resolve_gke_spec(spec, flow="wake_model")
-    report = Report("wake_model", f"{spec.name} ({reason})", spec.slack_channel)
-    key = artifact_key("wake", spec.name)
-    try:
-        location, kubeconfig = _credentials(spec, report)
-        with model_lock(spec, purpose="wake"):  # the lock releases take: never mid-release
-            result = _wake(spec, kubeconfig=kubeconfig, location=location, report=report, ref=ref)
-        report.succeed(result["outcome"])
-        return result
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        report.markdown_artifact(key)
+    return _under_model_lock("wake_model", spec, reason, _wake)
 
 
-def _wake(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Report, ref: str | None) -> dict[str, Any]:
+def _wake(run: Run) -> dict[str, Any]:
+    spec, kubeconfig, report, record = run.spec, run.kubeconfig, run.report, run.record
     start = time.monotonic()
-    svc = _live_service(spec, kubeconfig)
-    record = P.read_record(svc)
     if record is None:
         report.skip("Restore the GPU pool and replicas", "not parked (no park record on the live Service)")
-        return {"name": spec.name, "woken": False, "changed": [], "outcome": f"{spec.name} is not parked: nothing to do"}
-    with report.step("Restore the GPU pool as recorded") as step:
+        retired = _retire_hold_proxy(run, settle_s=0.0, quiet=True)  # a wake killed after its switch
+        return {"name": spec.name, "woken": False, "changed": ["hold proxy to 0"] if retired else [],
+                "outcome": f"{spec.name} is not parked: nothing to do"}
+    with report.step("Restore what park changed on the GPU pool") as step:
         if record.pool is None:
             step.detail = "Autopilot: nodes come with the pods"
         else:
-            done = _set_pool(spec, location, current=_pool(spec, kubeconfig, location), want=record.pool)
-            step.detail = "; ".join(done) or "already as recorded"
-    with report.step("Restore the replicas and wait until the model answers") as step:
+            plan, done = _apply_pool(spec, kubeconfig=kubeconfig, location=run.location,
+                                     now=_pool(spec, kubeconfig, run.location),
+                                     plan_for=lambda now: P.plan_wake_pool(record, now))
+            step.detail = "; ".join(done + [plan.note])
+    with report.step("Restore the replicas") as step:
         k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
         k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
                              name=names.deployment(spec, record.color), replicas=record.replicas)
+        step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}"
+    with report.step("Wait until the model answers and passes the smoke prompts") as step:
         ready = wait_until_answering(spec, kubeconfig=kubeconfig, color=record.color, replicas=record.replicas,
                                      timeout_s=load_timeout_s(spec, None), service=P.awake_service_name(spec))
         results = smoke(spec, kubeconfig=kubeconfig, service=P.awake_service_name(spec))
@@ -273,17 +331,47 @@ def _wake(spec: DeploymentSpec, *, kubeconfig: str, location: str, report: Repor
         k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
                      namespace=spec.namespace, annotations={P.PARK_RECORD: None, P.ACTIVITY: None})
         step.detail = f"{names.service(spec)} → {record.color}"
+    _retire_hold_proxy(run, settle_s=scaled(spec.release.scale_down_delay.total_seconds()))
     # Real seconds: Prefect schedules fire on the wall clock, also against the (time-scaled) sandbox.
     history = record_wake(spec, took)
-    if ref and spec.schedule and spec.schedule.wake:
+    if run.ref and spec.schedule and spec.schedule.wake:
         try:
-            sync_schedules.fn(specs=[ref])  # the next scheduled wake starts earlier by the new p95
+            sync_schedules.fn(specs=[run.ref])  # the next scheduled wake starts earlier by the new p95
         except FleetError as exc:
             get_run_logger().warning("prewarm not updated: %s", exc)
     outcome = f"{spec.name} serving again after {took:.1f} s" + (
         f" ({cloud_s:.0f} s on the cloud clock)" if get_settings().time_scale != 1.0 else "")
     return {"name": spec.name, "woken": True, "took_s": took, "cloud_s": cloud_s, "color": record.color,
             "replicas": record.replicas, "wake_history": history, "outcome": outcome}
+
+
+def _retire_hold_proxy(run: Run, *, settle_s: float, quiet: bool = False) -> bool:
+    """The hold proxy to 0 once the live Service routes to the model again: nothing keeps running that
+    only a parked model needs. It waits ``settle_s`` first (release.scale_down_delay, as a blue-green
+    switch does: kube-proxy on every node needs time after a selector change), and a proxy pod on its
+    way out still finishes the requests it forwards (aiohttp's graceful shutdown, hold.timeout + 5 s
+    of grace). Returns whether it scaled the proxy down."""
+    spec, kubeconfig = run.spec, run.kubeconfig
+    name = P.hold_deployment_name(spec)
+    dep = k8s.get_object(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment", name=name,
+                         namespace=spec.namespace)
+    running = int(((dep or {}).get("spec") or {}).get("replicas") or 0) > 0
+    if quiet and not running:
+        return False
+    if dep is None:
+        run.report.skip("Scale the hold proxy to 0 once the switch has settled", "no hold proxy (hold.enabled is false)")
+        return False
+    with run.report.step("Scale the hold proxy to 0 once the switch has settled") as step:
+        if not running:
+            step.detail = f"{name} is not running"
+            return False
+        if (_live_service(spec, kubeconfig)["spec"].get("selector") or {}) == P.hold_selector(spec):
+            step.detail = f"{names.service(spec)} still selects {name}: kept"
+            return False
+        time.sleep(settle_s)
+        k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace, name=name, replicas=0)
+        step.detail = f"{name} → 0 after {settle_s:g} s (the next park scales it up again)"
+    return True
 
 
 def record_wake(spec: DeploymentSpec, seconds: float) -> list[float]:

@@ -79,6 +79,9 @@ class ParkRecord:
     parked_at: str
     pool: PoolState | None = None  # None on Autopilot: the nodes go with the pods
     held: bool = False  # the live Service was pointed at the hold proxy
+    # What park changed on the pool: "min" (autoscaling minimum → 0), "size" (→ 0). Wake undoes exactly
+    # these. None: a record from before pools could be shared, whose park always did both.
+    pool_changed: tuple[str, ...] | None = None
 
     def to_annotation(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -89,7 +92,9 @@ class ParkRecord:
             return None
         data = json.loads(text)
         pool = data.pop("pool", None)
-        return cls(**data, pool=PoolState(**pool) if pool else None)
+        changed = data.pop("pool_changed", None)
+        return cls(**data, pool=PoolState(**pool) if pool else None,
+                   pool_changed=None if changed is None else tuple(changed))
 
 
 def read_record(service: Obj | None) -> ParkRecord | None:
@@ -103,6 +108,111 @@ def pool_state(pool: Obj, node_count: int, zones: int) -> PoolState:
     return PoolState(name=pool["name"], autoscaling=bool(auto.get("enabled")),
                      min_nodes=int(auto.get("min_node_count") or 0), max_nodes=int(auto.get("max_node_count") or 0),
                      nodes_per_zone=math.ceil(node_count / max(1, zones)))
+
+
+# ---- the GPU pool: park zeroes it only when nobody else needs it ------------------------------------
+
+POOL_LABEL = "cloud.google.com/gke-nodepool"
+# Cluster plumbing that reschedules elsewhere when a node goes (GKE moves it on any resize too).
+SYSTEM_NAMESPACES = ("kube-system", "gmp-system", "gke-")
+
+
+def _owner(name: str, namespace: str, labels: dict[str, str]) -> str:
+    return labels.get("app.kubernetes.io/instance") or f"{namespace}/{name}"
+
+
+def pool_users(*, model: str, pool: str, nodes: list[str], pods: list[Obj], deployments: list[Obj]) -> list[str]:
+    """Who besides ``model`` needs the GPU pool, as the cluster reports it (sorted, one name each).
+
+    A pod counts when it runs on one of the pool's ``nodes`` (or waits unscheduled with a nodeSelector
+    naming the pool) and is not finished, not a DaemonSet's or a static pod (those belong to the node),
+    not in a system namespace and not the model's own. Terminating pods count: they may still be
+    draining requests. A Deployment counts when it asks for replicas on the pool: its pods may not exist
+    yet (another model's wake or release in flight).
+    """
+    on_pool = set(nodes)
+    users: set[str] = set()
+    for pod in pods:
+        meta, spec_ = pod.get("metadata") or {}, pod.get("spec") or {}
+        labels, ns = meta.get("labels") or {}, meta.get("namespace", "default")
+        if labels.get("app.kubernetes.io/instance") == model or ns.startswith(SYSTEM_NAMESPACES):
+            continue
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        if any(o.get("kind") == "DaemonSet" for o in meta.get("ownerReferences") or []) or \
+                "kubernetes.io/config.mirror" in (meta.get("annotations") or {}):
+            continue
+        node = spec_.get("nodeName")
+        if node in on_pool or (not node and (spec_.get("nodeSelector") or {}).get(POOL_LABEL) == pool):
+            users.add(_owner(meta.get("name", ""), ns, labels))
+    for dep in deployments:
+        meta, spec_ = dep.get("metadata") or {}, dep.get("spec") or {}
+        labels, ns = meta.get("labels") or {}, meta.get("namespace", "default")
+        if labels.get("app.kubernetes.io/instance") == model or ns.startswith(SYSTEM_NAMESPACES):
+            continue
+        pod_spec = (spec_.get("template") or {}).get("spec") or {}
+        if int(spec_.get("replicas", 1) or 0) > 0 and (pod_spec.get("nodeSelector") or {}).get(POOL_LABEL) == pool:
+            users.add(_owner(meta.get("name", ""), ns, labels))
+    return sorted(users)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """What to do to a Standard GPU pool: the autoscaling minimum and/or the size (per zone), or nothing."""
+
+    min_nodes: int | None = None  # set the autoscaling minimum to this (maximum unchanged)
+    size: int | None = None  # set the size to this many nodes per zone
+    changed: tuple[str, ...] = ()  # park: what the record says park changed, this run's and earlier runs'
+    note: str = ""  # why, for the step detail and the Slack thread
+
+
+def plan_park_pool(current: PoolState, *, users: list[str], changed: tuple[str, ...] = ()) -> PoolPlan:
+    """Park: the pool to 0 when nobody else needs it; otherwise only its autoscaling minimum to 0.
+
+    A pool shared with a model still serving keeps its size (setSize would take nodes that run the other
+    model's pods); with the minimum at 0 the cluster autoscaler removes the node(s) this model left once
+    they are unneeded. ``changed``: what an earlier run of this park recorded (a rerun keeps it).
+    """
+    min_nodes = 0 if current.autoscaling and current.min_nodes > 0 else None
+    if users:
+        size = None
+        note = (f"shared with {', '.join(users)}: only this model's replicas parked, size left at "
+                f"{current.nodes_per_zone} per zone; " +
+                ("the cluster autoscaler removes the node(s) it no longer uses" if current.autoscaling else
+                 "autoscaling is off on the pool, so its node(s) stay up (enable autoscaling to let them go)"))
+    else:
+        size = 0 if current.nodes_per_zone > 0 else None
+        note = "no other workload needs it"
+    done = set(changed) | ({"min"} if min_nodes is not None else set()) | ({"size"} if size is not None else set())
+    return PoolPlan(min_nodes, size, tuple(sorted(done)), note)
+
+
+def plan_wake_pool(record: ParkRecord, current: PoolState) -> PoolPlan:
+    """Wake: undo exactly what this model's park changed — and nothing another park or wake did since.
+
+    The minimum goes back only while it is still the 0 park set; the size only grows (back to what park
+    saw), so a pool another wake or the autoscaler already restored is never shrunk, and a pool another
+    model's park zeroed is that park's to restore: the autoscaler adds nodes for this model's pods. Only
+    a pool at 0 nodes that cannot autoscale is sized up, or the pods would never find a node.
+    """
+    rec = record.pool
+    if rec is None:
+        return PoolPlan(note="Autopilot: nodes come with the pods")
+    changed = record.pool_changed if record.pool_changed is not None else ("min", "size")
+    min_nodes = size = None
+    if "min" in changed and current.autoscaling and current.min_nodes == 0 and rec.min_nodes > 0:
+        min_nodes = min(rec.min_nodes, current.max_nodes)
+    if "size" in changed and current.nodes_per_zone < rec.nodes_per_zone:
+        size = rec.nodes_per_zone
+    if size is None and current.nodes_per_zone == 0 and not current.autoscaling:
+        size, note = max(1, rec.nodes_per_zone), "at 0 nodes without autoscaling: sized up so the pods find a node"
+    elif "size" in changed:
+        note = "as park found it" if size is not None else "already restored (another wake or the autoscaler)"
+    else:
+        note = "park left its size (shared with another model)"
+        if current.nodes_per_zone == 0:
+            note += "; at 0 nodes now (another model's park): the cluster autoscaler adds nodes for the pods"
+    return PoolPlan(min_nodes, size, changed, note)
 
 
 # ---- the hold proxy's objects ---------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 One model (Gemma 2 on vLLM, Standard cluster with an L4 pool) is provisioned and deployed once; the
 tests then walk it through park → held request → automatic wake → idle decision → park with a short
-hold timeout, asserting what the sandbox holds (pods, nodes, pool settings, what the Service routes to)
-over real HTTP. The hold proxy runs as a real process (the sandbox runs `local/...` images locally).
+hold timeout → wake again (the hold proxy back at 0 each time), then share the GPU pool with a second
+model, asserting what the sandbox holds (pods, nodes, pool settings, what the Service routes to) over
+real HTTP. The hold proxy runs as a real process (the sandbox runs `local/...` images locally).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -60,6 +62,37 @@ def gpu_pods(spec: dict, kubeconfig: str) -> list[str]:
     return [p["metadata"]["name"] for p in k8s.list_objects.fn(
         kubeconfig=kubeconfig, api_version="v1", kind="Pod", namespace="default",
         label_selector=f"app.kubernetes.io/instance={spec['name']},app.kubernetes.io/component=model-server")]
+
+
+def hold_state(spec: dict, kubeconfig: str, *, settle_s: float = 10) -> tuple[int | None, list[str]]:
+    """(the hold proxy Deployment's replicas or None if absent, its pods once none is on its way out)."""
+    from tasks import k8s
+
+    dep = k8s.get_object.fn(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
+                            name=f"{spec['name']}-hold", namespace="default")
+    deadline = time.monotonic() + settle_s
+    while True:
+        pods = k8s.list_objects.fn(kubeconfig=kubeconfig, api_version="v1", kind="Pod", namespace="default",
+                                   label_selector=f"app.kubernetes.io/instance={spec['name']},"
+                                                  "app.kubernetes.io/component=hold-proxy")
+        if not any(p["metadata"].get("deletionTimestamp") for p in pods) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return (None if dep is None else dep["spec"]["replicas"]), [p["metadata"]["name"] for p in pods]
+
+
+def assert_serving_with_no_hold_proxy_running(spec: dict, kubeconfig: str) -> None:
+    """The end state of a wake: the live Service on the model, the proxy kept at 0 for the next park."""
+    from manifests import park as P
+    from tasks import k8s
+
+    svc = live_service(spec, kubeconfig)
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": spec["name"], "llm-fleet.dev/color": "blue"}
+    assert P.read_record(svc) is None
+    assert hold_state(spec, kubeconfig) == (0, [])
+    awake = k8s.get_object.fn(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=f"{spec['name']}-awake",
+                              namespace="default")
+    assert awake["spec"]["selector"] == svc["spec"]["selector"]  # CPU-free; the proxy's upstream at the next park
 
 
 def live_service(spec: dict, kubeconfig: str) -> dict:
@@ -169,6 +202,8 @@ def test_a_request_while_parked_is_held_and_answered_after_the_automatic_wake(mo
     assert svc["spec"]["selector"] == {"app.kubernetes.io/instance": spec["name"], "llm-fleet.dev/color": "blue"}
     assert P.read_record(svc) is None
     assert complete(spec, kubeconfig, timeout=30).status_code == 200  # straight to the model now
+    assert_serving_with_no_hold_proxy_running(spec, kubeconfig)
+    assert "Scale the hold proxy to 0 once the switch has settled" in slack_heads(sbc, "wake_model", spec["name"])[-1]
     assert any("serving again after" in m["text"] for m in sbc.slack_messages() if "wake_model" in m["text"])
     assert woke["wake_history"][-1] > 0
 
@@ -194,11 +229,88 @@ def test_a_request_past_the_hold_timeout_gets_503_with_retry_after(model):
 
     spec, _, kubeconfig, _ = model
     short = {**spec, "hold": {**spec["hold"], "timeout": 2, "retry_after": 7}}
-    park_model(spec=short, reason="test")
+    park_model(spec=short, reason="test")  # the second park: the proxy a wake scaled to 0 comes back
+    replicas, pods = hold_state(spec, kubeconfig)
+    assert replicas == 1 and len(pods) == 1
+    assert live_service(spec, kubeconfig)["spec"]["selector"]["llm-fleet.dev/color"] == "hold"
     resp = complete(short, kubeconfig, timeout=30)  # a hang would raise ReadTimeout, a reset an error
     assert resp.status_code == 503, resp.text
     assert resp.headers.get("Retry-After") == "7"
     assert "hold.timeout" in resp.json()["error"]["message"]
+
+
+def test_the_second_wake_leaves_the_same_end_state_and_a_rerun_changes_nothing(model):
+    """park → wake → park → wake: what exists and what the Service selects is the same after each wake."""
+    from flows.park import wake_model
+
+    spec, _, kubeconfig, before = model
+    assert wake_model(spec=spec, reason="test")["woken"]
+    assert_serving_with_no_hold_proxy_running(spec, kubeconfig)
+    assert pool_settings(spec, kubeconfig) == before
+    assert complete(spec, kubeconfig, timeout=30).status_code == 200
+    again = wake_model(spec=spec, reason="rerun")
+    assert again["woken"] is False and again["changed"] == []
+
+
+def pods_of(spec: dict, kubeconfig: str) -> dict[str, str]:
+    """The model's GPU pods: uid → node."""
+    from tasks import k8s
+
+    return {p["metadata"]["uid"]: p["spec"].get("nodeName") for p in k8s.list_objects.fn(
+        kubeconfig=kubeconfig, api_version="v1", kind="Pod", namespace="default",
+        label_selector=f"app.kubernetes.io/instance={spec['name']},app.kubernetes.io/component=model-server")}
+
+
+def test_parking_one_model_on_a_shared_pool_leaves_the_other_serving_from_the_same_pods(model, sbc):
+    """A second spec on the same cluster and pool (min 0, max 2, one L4 node per replica): park A → B keeps
+    answering from the same pods and its node; park B → the pool is at 0; wake A → the pool has a node
+    again (the cluster autoscaler's: A's park changed nothing on the pool) and A answers; wake B."""
+    from flows.deploy_model import deploy_model
+    from flows.park import park_model, wake_model
+    from manifests import park as P
+    from tasks import k8s
+
+    a, _, kubeconfig, _ = model
+    b = copy.deepcopy(a)
+    b["name"] = "gemma2-b"  # same project, cluster and pool
+    b["hold"] = {"enabled": False}  # its proxy is not what this test is about (and each one is a process start)
+    deploy_model(spec=b)
+    b_pods = pods_of(b, kubeconfig)
+    assert len(b_pods) == 1 and len(pods_of(a, kubeconfig)) == 1 and pool_settings(a, kubeconfig)["nodes"] == 2
+
+    parked_a = park_model(spec=a, reason="test")
+    assert parked_a["shared_pool"] and "left to the cluster autoscaler" in parked_a["outcome"]
+    assert pods_of(a, kubeconfig) == {}
+    assert pods_of(b, kubeconfig) == b_pods  # same pods, same node: nothing was evicted
+    node_b = next(iter(b_pods.values()))
+    assert node_b in [n["metadata"]["name"] for n in k8s.list_objects.fn(
+        kubeconfig=kubeconfig, api_version="v1", kind="Node",
+        label_selector="cloud.google.com/gke-nodepool=gpupool")]
+    assert complete(b, kubeconfig, timeout=30).status_code == 200
+    record_a = P.read_record(live_service(a, kubeconfig))
+    assert record_a.pool_changed == ()  # min was 0 already: park A changed nothing on the pool
+    head = slack_heads(sbc, "park_model", a["name"])[-1]
+    assert "shared with gemma2-b" in head
+    assert any("shared with gemma2-b" in m["text"] and m["is_reply"] for m in sbc.slack_messages())
+
+    parked_b = park_model(spec=b, reason="test")
+    assert not parked_b["shared_pool"]
+    assert pool_settings(b, kubeconfig)["nodes"] == 0  # the last model out takes the pool to 0
+    # ("size",) when B's node was still there; () when the autoscaler had removed it first (1.2 s here)
+    assert P.read_record(live_service(b, kubeconfig)).pool_changed in ((), ("size",))
+
+    woke_a = wake_model(spec=a, reason="test")
+    assert woke_a["woken"]
+    assert pool_settings(a, kubeconfig)["nodes"] >= 1  # the autoscaler brought a node for A's pod
+    assert complete(a, kubeconfig, timeout=30).status_code == 200
+    assert pods_of(b, kubeconfig) == {}  # A's wake did not touch B
+
+    woke_b = wake_model(spec=b, reason="test")
+    assert woke_b["woken"]
+    assert complete(b, kubeconfig, timeout=30).status_code == 200
+    assert complete(a, kubeconfig, timeout=30).status_code == 200
+    settings = pool_settings(a, kubeconfig)
+    assert (settings["min"], settings["max"], settings["nodes"]) == (0, 2, 2)
 
 
 @pytest.fixture(scope="module")

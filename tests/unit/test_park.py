@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +32,112 @@ def test_pool_state_counts_nodes_per_zone():
     pool = {"name": "gpupool", "autoscaling": {"enabled": True, "min_node_count": 1, "max_node_count": 3},
             "locations": ["europe-west1-b", "europe-west1-c"]}
     assert P.pool_state(pool, 4, 2) == P.PoolState("gpupool", True, 1, 3, 2)
+
+
+def test_park_record_keeps_what_park_changed_on_the_pool_and_reads_older_records():
+    rec = P.ParkRecord("blue", 1, {}, "t", P.PoolState("gpupool", True, 1, 2, 1), pool_changed=("min",))
+    assert P.ParkRecord.from_annotation(rec.to_annotation()) == rec
+    older = '{"color":"blue","held":true,"parked_at":"t","pool":null,"replicas":1,"selector":{}}'
+    assert P.ParkRecord.from_annotation(older).pool_changed is None  # parked before pools were shared
+
+
+NODES = ["gke-gpupool-1", "gke-gpupool-2"]
+
+
+def pod(instance: str | None, node: str | None, *, ns: str = "default", phase: str = "Running", owner: str = "ReplicaSet",
+        selector: dict | None = None, annotations: dict | None = None) -> dict:
+    return {"metadata": {"name": f"{instance or 'x'}-pod", "namespace": ns, "annotations": annotations or {},
+                         "labels": {"app.kubernetes.io/instance": instance} if instance else {},
+                         "ownerReferences": [{"kind": owner, "name": "o"}]},
+            "spec": {"nodeName": node, "nodeSelector": selector or {}}, "status": {"phase": phase}}
+
+
+def deployment(instance: str, replicas: int, pool: str = "gpupool") -> dict:
+    return {"metadata": {"name": instance, "namespace": "default", "labels": {"app.kubernetes.io/instance": instance}},
+            "spec": {"replicas": replicas, "template": {"spec": {"nodeSelector": {P.POOL_LABEL: pool}}}}}
+
+
+def test_pool_users_are_other_workloads_on_or_bound_for_the_pool():
+    def users(pods=(), deps=()):
+        return P.pool_users(model="a", pool="gpupool", nodes=NODES, pods=list(pods), deployments=list(deps))
+
+    assert users([pod("a", NODES[0]), pod("b", NODES[1])]) == ["b"]
+    assert users([pod(None, NODES[0], ns="team")]) == ["team/x-pod"]  # not ours: still a user
+    assert users([pod("b", None, selector={P.POOL_LABEL: "gpupool"})]) == ["b"]  # pending, bound for it
+    assert users([pod("b", "gke-other-1")]) == []  # another pool's node
+    assert users([pod("b", None, selector={P.POOL_LABEL: "cpu"})]) == []
+    assert users([pod(None, NODES[0], owner="DaemonSet"),  # the node's own: device plugin, logging
+                  pod(None, NODES[0], owner="Node", annotations={"kubernetes.io/config.mirror": "x"}),
+                  pod(None, NODES[0], ns="kube-system"), pod(None, NODES[0], ns="gke-managed-system"),
+                  pod("b", NODES[0], phase="Succeeded")]) == []
+    # a Deployment asking for replicas there counts before its pods exist (a wake or release in flight)
+    assert users(deps=[deployment("b", 1), deployment("c", 0), deployment("d", 1, pool="other"),
+                       deployment("a", 1)]) == ["b"]
+
+
+POOL = P.PoolState("gpupool", True, 1, 2, 1)
+
+
+def test_park_zeroes_a_pool_nobody_else_needs_and_only_lowers_the_minimum_of_a_shared_one():
+    alone = P.plan_park_pool(POOL, users=[])
+    assert (alone.min_nodes, alone.size, alone.changed) == (0, 0, ("min", "size"))
+    shared = P.plan_park_pool(POOL, users=["gemma-b"])
+    assert (shared.min_nodes, shared.size, shared.changed) == (0, None, ("min",))
+    assert "shared with gemma-b" in shared.note and "cluster autoscaler" in shared.note
+    fixed = P.plan_park_pool(P.PoolState("gpupool", False, 0, 0, 2), users=["gemma-b"])
+    assert (fixed.min_nodes, fixed.size, fixed.changed) == (None, None, ())
+    assert "autoscaling is off" in fixed.note
+    # a rerun on the zeroed pool changes nothing and keeps what the first run recorded
+    again = P.plan_park_pool(P.PoolState("gpupool", True, 0, 2, 0), users=[], changed=("min", "size"))
+    assert (again.min_nodes, again.size, again.changed) == (None, None, ("min", "size"))
+
+
+def rec(changed, pool=POOL) -> P.ParkRecord:
+    return P.ParkRecord("blue", 1, {}, "t", pool, pool_changed=changed)
+
+
+def test_wake_undoes_exactly_what_its_park_changed_and_never_shrinks_the_pool():
+    zeroed = P.PoolState("gpupool", True, 0, 2, 0)
+    plan = P.plan_wake_pool(rec(("min", "size")), zeroed)
+    assert (plan.min_nodes, plan.size) == (1, 1)
+    assert (P.plan_wake_pool(rec(None), zeroed).min_nodes, P.plan_wake_pool(rec(None), zeroed).size) == (1, 1)
+    # restored meanwhile (another model's wake, the autoscaler): left alone, never shrunk
+    grown = P.plan_wake_pool(rec(("min", "size")), P.PoolState("gpupool", True, 1, 2, 2))
+    assert (grown.min_nodes, grown.size) == (None, None) and "already restored" in grown.note
+    # a shared park changed nothing: its wake changes nothing, also on a pool another park zeroed
+    other = P.plan_wake_pool(rec(()), zeroed)
+    assert (other.min_nodes, other.size) == (None, None) and "autoscaler adds nodes" in other.note
+    # a minimum someone set again since is not ours to touch
+    assert P.plan_wake_pool(rec(("min",)), P.PoolState("gpupool", True, 2, 3, 2)).min_nodes is None
+    # at 0 without autoscaling nothing would ever bring a node: sized up
+    assert P.plan_wake_pool(rec(()), P.PoolState("gpupool", False, 0, 0, 0)).size == 1
+    assert P.plan_wake_pool(P.ParkRecord("blue", 1, {}, "t"), zeroed) == P.PoolPlan(note="Autopilot: nodes come with the pods")
+
+
+def test_two_models_on_one_pool_park_and_wake_in_any_order_without_evicting_each_other():
+    """A and B share a pool (min 1, max 2 per zone, one node each): replay the plans against a pool model."""
+
+    def apply(pool: P.PoolState, plan: P.PoolPlan) -> P.PoolState:
+        if plan.min_nodes is not None:
+            pool = P.PoolState(pool.name, True, plan.min_nodes, pool.max_nodes, max(pool.nodes_per_zone, plan.min_nodes))
+        if plan.size is not None:
+            pool = P.PoolState(pool.name, pool.autoscaling, pool.min_nodes, pool.max_nodes, plan.size)
+        return pool
+
+    start = P.PoolState("gpupool", True, 1, 2, 2)
+    park_a = P.plan_park_pool(start, users=["b"])
+    pool = apply(start, park_a)
+    assert pool.nodes_per_zone == 2  # B's node stays; the autoscaler removes A's
+    pool = P.PoolState("gpupool", True, 0, 2, 1)
+    rec_b = rec(None, pool)
+    park_b = P.plan_park_pool(pool, users=[])
+    pool = apply(pool, park_b)
+    assert pool.nodes_per_zone == 0 and park_b.changed == ("size",)
+    rec_a, rec_b = rec(park_a.changed, start), P.ParkRecord("blue", 1, {}, "t", rec_b.pool, pool_changed=park_b.changed)
+    for first, second in ((rec_a, rec_b), (rec_b, rec_a)):
+        p = apply(pool, P.plan_wake_pool(first, pool))
+        p = apply(p, P.plan_wake_pool(second, p))
+        assert (p.min_nodes, p.nodes_per_zone) == (1, 1)  # A's minimum back, B's node back, nothing more
 
 
 def test_hold_proxy_is_cpu_only_runs_this_package_and_carries_the_spec_limits():
@@ -186,3 +293,70 @@ def test_hold_proxy_finds_its_upstream_by_service_link_then_dns():
     linked = Config.from_env({**env, "GEMMA2_2B_IT_AWAKE_SERVICE_HOST": "10.0.0.7",
                               "GEMMA2_2B_IT_AWAKE_SERVICE_PORT": "8000"})
     assert linked.upstream == "http://10.0.0.7:8000"
+
+
+def test_a_hold_proxy_on_its_way_out_finishes_the_request_it_forwards():
+    """What wake's scale-down of the proxy relies on: SIGTERM stops new connections, not answers in flight."""
+    import http.server
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    arrived = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # /v1/models: the model answers
+            self._reply(b'{"data": []}')
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            arrived.set()
+            time.sleep(1.5)  # a long generation
+            self._reply(b'{"choices": [{"text": "done"}]}')
+
+        def _reply(self, body):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "HOLD_MODEL": "m", "HOLD_TIMEOUT_S": "10",
+           "HOLD_UPSTREAM_URL": f"http://127.0.0.1:{upstream.server_address[1]}", "HOLD_POLL_S": "0.05"}
+    proxy = subprocess.Popen([sys.executable, "-m", "llm_fleet.holdproxy"], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the hold proxy did not start"
+                time.sleep(0.05)
+        answer: dict = {}
+        t = threading.Thread(target=lambda: answer.update(
+            resp=httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=10)))
+        t.start()
+        assert arrived.wait(5)
+        proxy.send_signal(signal.SIGTERM)  # what the kubelet does when wake scales the proxy to 0
+        t.join(10)
+        assert answer["resp"].status_code == 200 and answer["resp"].json()["choices"][0]["text"] == "done"
+        assert proxy.wait(10) == 0
+    finally:
+        proxy.kill()
+        upstream.shutdown()
