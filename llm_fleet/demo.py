@@ -428,8 +428,10 @@ def main(args: argparse.Namespace) -> int:
         _prefect("work-pool", "create", "local", "--type", "process", "--overwrite", env=env)
         _prefect("--no-prompt", "deploy", "--all", env=env)
         _say("✓ flows deployed (prefect.yaml) to work pool 'local'")
+        # The demo's runs are created on demand: a 1 s poll starts each within a second (default: up to 10 s).
         children.start("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local",
-                                          "--limit", "4"], cwd=ROOT, env=env, stdout=log, stderr=log)
+                                          "--limit", "4"], cwd=ROOT, env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+                       stdout=log, stderr=log)
         _say("✓ worker started")
 
         os.environ.update({"PREFECT_API_URL": api})

@@ -15,3 +15,9 @@ os.environ.setdefault("LLM_FLEET_POLL_INITIAL_S", "0.01")
 os.environ.setdefault("LLM_FLEET_POLL_MAX_S", "0.05")
 os.environ.setdefault("LLM_FLEET_OPERATION_TIMEOUT_S", "60")
 os.environ.setdefault("LLM_FLEET_MIN_LOAD_TIMEOUT_S", "3")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests (marked ``long``) go first, so with ``-n 2`` one worker starts on them while the
+    other takes the many short ones, instead of a four-minute test starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

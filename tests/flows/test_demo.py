@@ -11,6 +11,7 @@ import pytest
 from tests.flows.conftest import ROOT
 
 
+@pytest.mark.long
 @pytest.mark.timeout(600)
 def test_demo_runs_the_lifecycle_through_a_prefect_worker(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLM_FLEET_", "HF_", "SLACK_"))}
