@@ -80,6 +80,8 @@ def prepare(spec: DeploymentSpec, report: Report) -> Target:
 
     token = hf.read_hf_token(block=spec.secret.prefect_block)
     report.secrets.append(token.get_secret_value())
+    for warning in spec.warnings:  # valid but risky choices (as `llm-fleet validate` says): once per run
+        report.note(f"⚠️ {warning}")
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The cluster lookup runs while the Hub is asked (independent reads, nothing created yet).
         located = pool.submit(contextvars.copy_context().run, _credentials, spec)  # in this flow run's context
