@@ -210,7 +210,13 @@ def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str
     from tasks.credfiles import write_private
 
     path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=s)
-    return write_private(path, yaml.safe_dump(config, sort_keys=False))  # 0600, atomic
+    text = yaml.safe_dump(config, sort_keys=False)
+    try:  # unchanged (the usual case): keep the file, and with its mtime the cached client and its connections
+        if path.read_text() == text and path.stat().st_mode & 0o777 == 0o600:
+            return path
+    except OSError:
+        pass
+    return write_private(path, text)  # 0600, atomic
 
 
 def kube_client(kubeconfig: Path | str | None = None):
