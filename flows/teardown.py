@@ -35,6 +35,8 @@ from tasks.usage import record_usage
 MANAGED = "app.kubernetes.io/managed-by=llm-fleet"
 INSTANCE = "app.kubernetes.io/instance"
 # Objects Kubernetes itself puts in every namespace: not a reason to keep one.
+RBAC = "rbac.authorization.k8s.io/v1"
+CLUSTER_RBAC = ("ClusterRoleBinding", "ClusterRole")  # the operator's, one pair per namespace
 SYSTEM_OBJECTS = {("ConfigMap", "kube-root-ca.crt"), ("ServiceAccount", "default")}
 
 
@@ -99,7 +101,8 @@ def plan_namespace(spec: DeploymentSpec, *, mine: list[dict[str, Any]], others: 
             heir = next((u.split(":", 1)[1] for u in sorted(users["secret"]) if u.split(":", 1)[0] == name), None)
         elif kind == "ServiceAccount" and name != names.OPERATOR_ACCOUNT:
             heir = next((u.split(":", 1)[1] for u in sorted(users["sa"]) if u.split(":", 1)[0] == name), None)
-        elif name == names.OPERATOR_ACCOUNT and kind in ("ServiceAccount", "Role", "RoleBinding"):
+        elif (name == names.OPERATOR_ACCOUNT and kind in ("ServiceAccount", "Role", "RoleBinding")
+              or name == names.operator_cluster_rbac(spec.namespace) and kind in CLUSTER_RBAC):
             heir = other_names[0] if other_names else None
         if heir:
             item.action, item.why = "hand over", f"still used by {heir}: relabelled to it"
@@ -136,9 +139,18 @@ def _namespace_empty(kubeconfig: str, namespace: str) -> list[str]:
     return left
 
 
+def _operator_cluster_rbac(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
+    """The namespace's operator ClusterRoleBinding and ClusterRole when labelled for the spec (whoever
+    applied them last): read by name, as the operator may read only its own cluster-scoped objects."""
+    found = [k8s.get_object(kubeconfig=kubeconfig, api_version=RBAC, kind=kind,
+                            name=names.operator_cluster_rbac(spec.namespace)) for kind in CLUSTER_RBAC]
+    return [o for o in found if o is not None and (o["metadata"].get("labels") or {}).get(INSTANCE) == spec.name]
+
+
 def remove_namespaced(spec: DeploymentSpec, *, kubeconfig: str, dry_run: bool) -> list[Item]:
     log = logger()
     mine = labelled(kubeconfig=kubeconfig, namespace=spec.namespace, label_selector=_selector(spec))
+    mine += _operator_cluster_rbac(spec, kubeconfig)  # last: bindings go before the roles they grant
     plan = plan_namespace(spec, mine=mine, others=_others(spec, kubeconfig, spec.namespace))
     items = [i for _, i in plan]
     if dry_run:
@@ -219,9 +231,11 @@ def verify(spec: DeploymentSpec, *, kubeconfig: str | None, location: str, kept:
     if cluster and not any(k == "Cluster" for k, _ in kept):
         left.append(f"Cluster/{c.name}")
     if kubeconfig:
-        for obj in labelled(kubeconfig=kubeconfig, namespace=None, label_selector=f"{INSTANCE}={spec.name}"):
+        for obj in labelled(kubeconfig=kubeconfig, namespace=None, label_selector=f"{INSTANCE}={spec.name}") + \
+                _operator_cluster_rbac(spec, kubeconfig):
             if (obj["kind"], obj["metadata"]["name"]) not in kept and not obj["metadata"].get("deletionTimestamp"):
-                left.append(f"{ref(obj)} in {obj['metadata'].get('namespace')}")
+                ns = obj["metadata"].get("namespace")
+                left.append(f"{ref(obj)} in {ns}" if ns else f"{ref(obj)} (cluster-scoped)")
     return left
 
 

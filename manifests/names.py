@@ -15,6 +15,12 @@ FIELD_MANAGER = "llm-fleet"
 OPERATOR_ACCOUNT = "llm-fleet-operator"
 
 
+def operator_cluster_rbac(namespace: str) -> str:
+    """The operator's ClusterRole and ClusterRoleBinding: one per namespace (cluster-scoped names are
+    shared by every spec in the cluster)."""
+    return f"{OPERATOR_ACCOUNT}-{namespace}"
+
+
 def other(color: Color) -> Color:
     return "green" if color == "blue" else "blue"
 

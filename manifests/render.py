@@ -76,7 +76,7 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "resourceNames": [name],
          "verbs": ["get", "patch", "delete"]},
     ]
-    cluster_name = f"{name}-{ns}"  # one per namespace: cluster-scoped names are shared by every spec
+    cluster_name = names.operator_cluster_rbac(ns)
     cluster_rules = [
         {"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "verbs": ["get"]},
         {"apiGroups": ["networking.k8s.io"], "resources": ["ingressclasses"], "verbs": ["get"]},
