@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from tests.flows.conftest import spec_dict
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def cluster(prefect_server):
+    """One cluster for the file (check_fleet reads models, not clusters): each test deploys its own model
+    into it, on the same L4 pool (max 4 so they fit side by side)."""
+    from flows.provision_cluster import provision_cluster
+
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", accelerator={"type": "nvidia-l4", "pool": {"max_nodes": 4}})
+    provision_cluster(spec=spec)
+    return {"cluster": spec["cluster"], "accelerator": spec["accelerator"]}
+
+
+def _in(cluster: dict, spec: dict) -> dict:
+    return {**spec, **copy.deepcopy(cluster)}
 
 
 def _kill_pods(spec: dict) -> None:
@@ -55,13 +72,11 @@ def _events(name: str) -> list[str]:
             if e["resource"].get("prefect.resource.name") == name and e["event"].endswith(("unhealthy", "recovered"))]
 
 
-def test_one_alert_per_incident_updated_then_resolved(sandbox, sbc):
+def test_one_alert_per_incident_updated_then_resolved(sandbox, sbc, cluster):
     from flows.check_fleet import check_fleet
     from flows.deploy_model import deploy_model
-    from flows.provision_cluster import provision_cluster
 
-    spec = spec_dict("qwen2.5-7b-sglang.yaml")
-    provision_cluster(spec=spec)
+    spec = _in(cluster, spec_dict("qwen2.5-7b-sglang.yaml"))
     deploy_model(spec=spec)
     posted = len(sbc.slack_messages())
 
@@ -101,26 +116,26 @@ def test_one_alert_per_incident_updated_then_resolved(sandbox, sbc):
     assert _events(spec["name"]) == ["llm-fleet.model.unhealthy", "llm-fleet.model.recovered"]
 
 
-def test_drift_and_metrics_are_reported_without_an_alert(sandbox, sbc):
+def test_drift_and_metrics_are_reported_without_an_alert(sandbox, sbc, cluster):
     from kubernetes import client
 
     from flows.check_fleet import check_fleet
     from flows.deploy_model import deploy_model
-    from flows.provision_cluster import provision_cluster
     from tasks.clients import kube_client
     from tasks.gke import get_credentials
 
-    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml")
-    provision_cluster(spec=spec)
+    # Gemma on vLLM (its KV-cache metric) beside the other test's model, in the file's cluster.
+    # (A namespace of its own: its Secret has another key than the other model's.)
+    spec = _in(cluster, spec_dict("gemma2-2b-it-vllm-l4.yaml", namespace="drift"))
     deploy_model(spec=spec)
     c = spec["cluster"]
     apps = client.AppsV1Api(kube_client(get_credentials.fn(project=c["project"], location=c["location"],
-                                                           name=c["name"])))
+                                                           name=c.get("name", "llm-fleet"))))
     # A hand edit: someone adds an env var to the live Deployment.
     name = f"{spec['name']}-blue"
-    dep = apps.read_namespaced_deployment(name, "default")
+    dep = apps.read_namespaced_deployment(name, "drift")
     dep.spec.template.spec.containers[0].env.append(client.V1EnvVar(name="DEBUG", value="1"))
-    apps.replace_namespaced_deployment(name, "default", dep)
+    apps.replace_namespaced_deployment(name, "drift", dep)
     _wait_ready(spec)
     posted = len(sbc.slack_messages())
     row = check_fleet(specs=[spec])["checks"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -17,15 +18,31 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 SPEC = "qwen2.5-7b-sglang.yaml"  # the smallest spec: no Ingress, HPA or cache
 
 
+@pytest.fixture(scope="module")
+def cluster(prefect_server):
+    """One cluster for the file (what is tested is auth to it, not its making): each test deploys a model
+    of its own name into a namespace of its own (its own operator Role), pool max 4 so they fit."""
+    made: dict = {}
+
+    def spec_for(name: str) -> dict:
+        spec = spec_dict(SPEC, name=name, namespace=name, accelerator={"type": "nvidia-l4", "pool": {"max_nodes": 4}})
+        if not made:
+            provision(spec)
+            made.update(spec["cluster"])
+        spec["cluster"] = copy.deepcopy(made)
+        return spec
+
+    return spec_for
+
+
 def _model_id(spec: dict) -> str:
     return spec["model"] if isinstance(spec["model"], str) else spec["model"]["id"]
 
 
-def test_deploy_outlives_the_google_token(sandbox, sbc, tmp_path):
+def test_deploy_outlives_the_google_token(sandbox, sbc, tmp_path, cluster):
     """Google access tokens expire several times while the model loads: the client refreshes them
     before expiry; a token refused mid-run (revoked: 401) is retried once with a fresh one."""
-    spec = spec_dict(SPEC)
-    provision(spec)
+    spec = cluster("qwen-token")
     core, _, _ = kube(spec)
     tokens = sandbox.tokens
     lifetime = tokens.lifetime_s
@@ -63,7 +80,7 @@ def test_deploy_outlives_the_google_token(sandbox, sbc, tmp_path):
                **{k: v for k, v in sandbox.env().items() if k.startswith("CLOUDSDK_")}}
         out = subprocess.run(["kubectl", "get", "deploy", "-A", "-o", "name"], env=env, capture_output=True,
                              text=True, timeout=60)
-        assert out.returncode == 0 and "deployment.apps/qwen-sglang-blue" in out.stdout, out.stderr
+        assert out.returncode == 0 and f"deployment.apps/{spec['name']}-blue" in out.stdout, out.stderr
 
 
 def _operator_token(spec: dict, *, drop: tuple[str, str] | None = None) -> str:
@@ -114,20 +131,18 @@ def as_operator(tmp_path):
     reload_settings()
 
 
-def test_deploy_as_the_operator_service_account(sbc, as_operator):
-    spec = spec_dict(SPEC)
-    provision(spec)
+def test_deploy_as_the_operator_service_account(sbc, as_operator, cluster):
+    spec = cluster("qwen-operator")
     as_operator(_operator_token(spec))
     result = deploy(spec)
     assert all(r["tokens"] > 0 for r in result["smoke"])
     assert routed_model(spec) == _model_id(spec)
 
 
-def test_operator_role_lacking_a_verb_fails_with_the_permission_named(sbc, as_operator):
+def test_operator_role_lacking_a_verb_fails_with_the_permission_named(sbc, as_operator, cluster):
     from manifests.errors import FleetError
 
-    spec = spec_dict(SPEC)
-    provision(spec)
+    spec = cluster("qwen-no-patch")
     as_operator(_operator_token(spec, drop=("services", "patch")))
     with pytest.raises(FleetError) as err:
         deploy(spec)

@@ -49,6 +49,21 @@ def test_pull_step_has_no_machine_specific_path():
     assert str(ROOT) not in text and "$LLM_FLEET_HOME" not in text.split("\npull:")[1].split("\n\n")[0]
 
 
+def _create_pool(api: str, name: str, type_: str, *, template: Path | None = None) -> None:
+    """What `prefect work-pool create NAME --type T [--base-job-template F]` sends, without the CLI process
+    (each start of it costs seconds of CPU): the type's default job template, or the file's."""
+    import asyncio
+    import json
+
+    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+    body = (json.loads(template.read_text()) if template
+            else asyncio.run(get_default_base_job_template_for_infrastructure_type(type_)))
+    assert body, f"no job template for work pool type {type_!r}"
+    resp = httpx.post(f"{api}/work_pools/", json={"name": name, "type": type_, "base_job_template": body}, timeout=30)
+    assert resp.status_code == 201, resp.text
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     # A copy of the project in a fresh directory: the pull step must point at *that* clone.
@@ -56,7 +71,7 @@ def deployed(tmp_path_factory):
     shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.pyc", ".ruff_cache",
                                                                ".pytest_cache", "node_modules"))
     with prefect_server(tmp_path_factory.mktemp("prefect-home")) as (api, env):
-        prefect_cli("work-pool", "create", "local", "--type", "process", env=env)
+        _create_pool(api, "local", "process")
         prefect_cli("--no-prompt", "deploy", "--all", env=env, cwd=clone)
         # The production variant: same deployments on a kubernetes pool with the repo's job template.
         # Two of its deployments are enough to prove the template and the variant (each deploy costs seconds).
@@ -64,8 +79,7 @@ def deployed(tmp_path_factory):
                                                 if d["entrypoint"].endswith((":check_fleet", ":deploy_model"))]}
         (clone / "deploy" / "prefect.gke.yaml").write_text(yaml.safe_dump(gke_variant(some, pool="gke",
                                                                                       image="flows:test")))
-        prefect_cli("work-pool", "create", "gke", "--type", "kubernetes", "--base-job-template",
-                    str(ROOT / "deploy" / "gke-job-template.json"), env=env)
+        _create_pool(api, "gke", "kubernetes", template=ROOT / "deploy" / "gke-job-template.json")
         prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.gke.yaml", env=env, cwd=clone)
         with httpx.Client(base_url=api, timeout=30) as http:
             deployments = http.post("/deployments/filter", json={"limit": 200}).json()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from tests.flows.conftest import spec_dict
@@ -46,6 +48,19 @@ def run(spec, **kw):
     return provision_cluster(spec=spec, **kw)
 
 
+@pytest.fixture(scope="module")
+def qwen(prefect_server, sandbox):
+    """The smallest spec's cluster, provisioned once (reporting to Slack) for the tests of what a run on
+    an existing cluster does: rerun, Slack thread, Slack down. Each test gets a copy of the spec."""
+    from sandbox.client import SandboxClient
+
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", slack_channel="#prov-ok")
+    run(spec)
+    # the thread of that first run (the create steps), read before any other test posts
+    msgs = SandboxClient(sandbox.env()["LLM_FLEET_SANDBOX_URL"]).slack_messages(channel="#prov-ok")
+    return lambda: copy.deepcopy(spec), msgs
+
+
 def test_standard_cluster_and_l4_pool(sbc):
     # min_nodes 1: an idle min-0 pool is scaled down by the sandbox's cluster autoscaler, as on GKE.
     spec = spec_dict("gemma2-2b-it-vllm-l4.yaml", accelerator__pool__min_nodes=1)
@@ -76,10 +91,9 @@ def test_autopilot_cluster(sbc):
     assert not gpu_pools(project, "us-central1", cluster["name"])
 
 
-def test_rerun_changes_nothing(sbc):
-    spec = spec_dict("qwen2.5-7b-sglang.yaml")
+def test_rerun_changes_nothing(sbc, qwen):
+    spec = qwen[0]()
     project = spec["cluster"]["project"]
-    run(spec)
 
     def desired_state():
         # What the flow controls; node counts move with the cluster autoscaler, as on GKE.
@@ -165,20 +179,19 @@ def test_transient_errors_are_retried(sbc):
     assert hits == {503: 3, 429: 1}
 
 
-def test_slack_thread_shows_steps(sbc):
-    spec = spec_dict("qwen2.5-7b-sglang.yaml", slack_channel="#prov-ok")
-    run(spec)
-    msgs = sbc.slack_messages(channel="#prov-ok")
+def test_slack_thread_shows_steps(sbc, qwen):
+    msgs = qwen[1]  # the thread of the run that created the cluster
     head = msgs[0]
     assert "provision_cluster" in head["text"] and "succeeded" in head["text"]
     for step in ("Preflight", "Create the GKE cluster", "Get cluster credentials"):
         assert step in head["text"]
 
 
-def test_slack_down_never_fails_the_flow(sbc):
-    spec = spec_dict("qwen2.5-7b-sglang.yaml", slack_channel="#prov-down")
+def test_slack_down_never_fails_the_flow(sbc, qwen):
+    spec = {**qwen[0](), "slack_channel": "#prov-down"}
     sbc.add_fault(service="slack", status=500, count=None)
     run(spec)
+    assert sbc.faults()[0]["hits"] > 0  # the run did try to post
     assert clusters(spec["cluster"]["project"])[0]["status"] == "RUNNING"
 
 

@@ -35,7 +35,9 @@ def _spec() -> dict:
                      autoscaling__target_queue=2, autoscaling__max_replicas=4)
 
 
-def test_seed003_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
+def test_seed003_refuses_without_its_prerequisites_then_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
+    """One cluster for both halves (a provision each would cost as much as the checks): first what a
+    fresh cluster lacks, refused naming the install step; then, installed, the seed as it must run."""
     from flows.deploy_model import deploy_model
     from flows.provision_cluster import provision_cluster
     from tasks.clients import kube_http
@@ -49,6 +51,7 @@ def test_seed003_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
     assert "standard-rwx" not in {s.metadata.name for s in storage.list_storage_class().items}
     provision_cluster(spec=spec)
     assert "standard-rwx" in {s.metadata.name for s in storage.list_storage_class().items}
+    _refused_without_ingress_nginx_or_the_adapter(spec, api)
     install_prerequisites(spec, api)
     sbc.add_behavior(mode="ok", match={"namespace": spec["namespace"]}, tokens_per_s=0.5)
     deploy_model(spec=spec)
@@ -92,14 +95,11 @@ def test_seed003_binds_the_rwx_cache_and_scales_on_the_queue(sbc):
     assert any("tgi_queue_size" in m and "above target" in m for m in reasons), reasons
 
 
-def test_seed003_without_ingress_nginx_or_the_adapter_fails_naming_the_install_step(sbc):
+def _refused_without_ingress_nginx_or_the_adapter(spec: dict, api) -> None:
+    """On a cluster as GKE makes it: deploy_model fails naming the install step, before applying anything."""
     from flows.deploy_model import deploy_model
-    from flows.provision_cluster import provision_cluster
     from manifests.errors import PreflightError
 
-    spec = _spec()
-    provision_cluster(spec=spec)
-    api = _kube(spec)
     with pytest.raises(PreflightError) as info:
         deploy_model(spec=spec)
     assert "IngressClass 'nginx'" in info.value.problem and "helm upgrade --install ingress-nginx" in info.value.fix
