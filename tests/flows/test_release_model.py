@@ -31,8 +31,8 @@ FAST_RELEASE = {
     "scale_down_delay": "30s",
 }
 # The shared cluster's GPU pool (one GPU a node). At most: served and test_promotion_gate's model live, a
-# second model live, two candidates at once (5); the capacity test's model needs > max_nodes for both colors.
-POOL = {"max_nodes": 6, "min_nodes": 0, "initial_nodes": 1}
+# second model live, two candidates at once (5).
+POOL = {"max_nodes": 5, "min_nodes": 0, "initial_nodes": 1}
 _CLUSTER: dict[int, dict] = {}
 
 
@@ -409,24 +409,31 @@ def test_deploy_of_changed_spec_releases_instead_of_updating_in_place(served):
     assert "--mem-fraction-static" in args
 
 
-def test_capacity_preflight_refuses_before_creating_anything(served, sandbox, sbc):
+@pytest.fixture(scope="module")
+def second(sandbox, served):
+    """A second model (another engine) in the same cluster and GPU pool, serving on blue."""
     from flows.deploy_model import deploy_model
 
-    # Both colors of this model need more nodes than the shared pool's max; one color fits beside the others.
-    spec = in_shared_cluster(sandbox, "qwen2.5-7b-sglang.yaml", name="qwen-capacity", replicas=POOL["max_nodes"] // 2 + 1)
-    _, apps, _ = kube(spec)
+    spec = in_shared_cluster(sandbox, "gemma2-2b-it-vllm-l4.yaml", name="gemma2-2b-it", release=dict(FAST_RELEASE))
     deploy_model(spec=spec)
-    try:
-        sha = sandbox.hub.push_revision(MODEL, title="no room")
-        with pytest.raises(Exception) as err:
-            release(spec, revision=sha)
-        assert "max_nodes" in str(err.value) and "recreate" in str(err.value)
-        mine = [d.metadata.name for d in apps.list_namespaced_deployment(
-            "default", label_selector=f"app.kubernetes.io/instance={spec['name']}").items]
-        assert mine == [f"{spec['name']}-blue"]
-    finally:  # give the shared pool's nodes back
-        apps.patch_namespaced_deployment_scale(f"{spec['name']}-blue", "default", {"spec": {"replicas": 0}},
-                                               _content_type="application/merge-patch+json")
+    return spec
+
+
+def test_capacity_preflight_refuses_before_creating_anything(second, sandbox):
+    spec = dict(second, replicas=POOL["max_nodes"])  # both colors at once: one more than the pool's max
+    _, apps, _ = kube(spec)
+
+    def deployments() -> dict[str, str]:
+        items = apps.list_namespaced_deployment("default", label_selector=f"app.kubernetes.io/instance={spec['name']}")
+        return {d.metadata.name: d.metadata.resource_version for d in items.items}
+
+    before = deployments()
+    sha = sandbox.hub.push_revision(second["model"]["id"], title="no room")
+    with pytest.raises(Exception) as err:
+        release(spec, revision=sha)
+    assert "max_nodes" in str(err.value) and "recreate" in str(err.value)
+    assert deployments() == before  # nothing created, nothing scaled
+    assert f"{spec['name']}-{live(spec)}" in before
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(served, sandbox):
@@ -480,14 +487,10 @@ def test_two_releases_of_one_model_are_serialized(served, sandbox):
     assert deployment(spec, live(spec)).metadata.annotations["llm-fleet.dev/model-revision"] == done[1]["revision"]
 
 
-def test_two_models_release_in_parallel(served, sandbox):
-    from flows.deploy_model import deploy_model
-
-    # A second model (another engine) in the same cluster and GPU pool.
-    other = in_shared_cluster(sandbox, "gemma2-2b-it-vllm-l4.yaml", name="gemma2-2b-it", release=dict(FAST_RELEASE))
-    deploy_model(spec=other)
+def test_two_models_release_in_parallel(served, second, sandbox):
+    other = second
     jobs = [(served, sandbox.hub.push_revision(MODEL, title="parallel")),
-            (other, sandbox.hub.push_revision("google/gemma-2-2b-it", title="parallel"))]
+            (other, sandbox.hub.push_revision(other["model"]["id"], title="parallel"))]
     spans: dict[str, tuple[float, float]] = {}
 
     def run(spec: dict, rev: str) -> None:
