@@ -25,8 +25,10 @@ MODEL = "Qwen/Qwen2.5-7B-Instruct"
 COLOR = "llm-fleet.dev/color"
 FAST_RELEASE = {
     # Small analyses keep each release to a few seconds on the sandbox's clock; the post-promotion window is
-    # one batch (every batch is a task run) unless a test is about the window.
-    "pre_promotion": {"requests": 6, "concurrency": 3},
+    # one batch (every batch is a task run) unless a test is about the window. No latency comparison with
+    # the live color except where a test is about it (the bad candidates): it costs a second analysis per
+    # release, and on a loaded machine side-by-side p50s are noise (a rerun once failed "9.8x slower").
+    "pre_promotion": {"requests": 6, "concurrency": 3, "max_latency_ratio": None},
     "post_promotion": {"requests": 4, "window": "10s", "interval": "10s"},
     "scale_down_delay": "30s",
 }
@@ -184,7 +186,7 @@ class ServiceWatch:
 
 @pytest.fixture(scope="module")
 def served(sandbox, prefect_server):
-    """qwen-sglang provisioned and serving on blue, with room for both colors."""
+    """qwen-sglang serving on blue in the shared cluster, with room for both colors."""
     from flows.deploy_model import deploy_model
 
     spec = in_shared_cluster(sandbox, "qwen2.5-7b-sglang.yaml", name="qwen-sglang", release=dict(FAST_RELEASE))
@@ -277,7 +279,8 @@ BAD = [
 
 @pytest.mark.parametrize(("case", "behavior", "cause"), BAD, ids=[b[0] for b in BAD])
 def test_bad_candidate_is_rolled_back_and_live_untouched(served, sandbox, sbc, case, behavior, cause):
-    spec = served
+    # The release policy's default latency comparison with the live color is on (the "slower" case needs it).
+    spec = dict(served, release=dict(FAST_RELEASE, pre_promotion={"requests": 6, "concurrency": 3}))
     stable = live(spec)
     candidate = "green" if stable == "blue" else "blue"
     stable_pods = pod_uids(spec, stable)
