@@ -2,10 +2,12 @@
 at the promotion gate with the preview up, and a person's resume (promote true/false) or the timeout decides.
 
 One model is deployed once per module (on blue) and released a few times; each test pushes a new Hub commit.
+It lives in the cluster test_release_model provisions once per process (a model of its own name there).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,9 +28,11 @@ from tests.flows.test_release_model import (
     MODEL,
     deployment,
     history,
+    in_shared_cluster,
     kube,
     live,
     pod_uids,
+    wait_service,
 )
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -43,12 +47,10 @@ GATED = dict(FAST_RELEASE, auto_promote=False, promotion_timeout="24h",
 @pytest.fixture(scope="module")
 def gated(sandbox, prefect_server):
     from flows.deploy_model import deploy_model
-    from flows.provision_cluster import provision_cluster
 
     # load_timeout 2h (~14 s scaled): a rollout wait sized for the model, not for a busy test machine.
-    spec = spec_dict("qwen2.5-7b-sglang.yaml", release=dict(GATED), load_timeout="2h",
-                     accelerator={"type": "nvidia-l4", "pool": {"max_nodes": 3, "min_nodes": 0, "initial_nodes": 1}})
-    provision_cluster(spec=spec)
+    spec = in_shared_cluster(sandbox, "qwen2.5-7b-sglang.yaml", name="qwen-gated", release=dict(GATED),
+                             load_timeout="2h")
     deploy_model(spec=spec)  # the first deploy has nothing to protect: no gate
     return spec
 
@@ -87,9 +89,24 @@ def notices(sbc, sha: str) -> list[str]:
     return [m["text"] for m in sbc.slack_messages() if "Preview ready" in m["text"] and sha[:12] in m["text"]]
 
 
-def wait_gate(sbc, sha: str, run: Background, *, skip: int = 0, timeout: float = 90) -> tuple[str, str]:
-    """The gate's Slack notice for ``sha`` (the ``skip``+1-th), and the flow run once it is Paused."""
+def gate_run(svc) -> str | None:
+    """The flow run whose gate the live Service's in-flight release annotation names."""
+    from manifests.release import RELEASE_ANNOTATION
+
+    raw = (svc.metadata.annotations or {}).get(RELEASE_ANNOTATION)
+    return ((json.loads(raw) if raw else {}).get("gate") or {}).get("flow_run")
+
+
+def wait_gate(spec: dict, sbc, sha: str, run: Background, *, skip: int = 0, timeout: float = 90) -> tuple[str, str]:
+    """The gate's Slack notice for ``sha`` (the ``skip``+1-th), and the flow run once it is Paused.
+
+    The release names its gate's flow run on the live Service just before it announces it: a watch on the
+    Service waits for that (no polling of the Slack history while the candidate comes up)."""
     deadline = time.time() + timeout
+    earlier = {m.group(1) for t in notices(sbc, sha)[:skip] if (m := re.search(r"/flow_runs/([0-9a-f-]{36})/", t))}
+    while time.time() < deadline and run.thread.is_alive():
+        if wait_service(spec, lambda s: gate_run(s) not in (None, *earlier), timeout=2):
+            break
     while time.time() < deadline:
         if not run.thread.is_alive():
             run.join()  # raises the release's own error
@@ -142,7 +159,7 @@ def test_paused_at_the_gate_then_promoted_with_the_notice_s_own_command(gated, s
     template = deployment(spec, stable).spec.template.to_dict()
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: promote")
     with Background(spec, sha) as run:
-        run_id, notice = wait_gate(sbc, sha, run)
+        run_id, notice = wait_gate(spec, sbc, sha, run)
         assert flow_state(run_id) == "PAUSED"
         # While paused: traffic on the old color, the preview lists the candidate's Ready pods.
         assert live(spec) == stable and pod_uids(spec, stable) == stable_pods
@@ -180,7 +197,7 @@ def test_resume_with_promote_false_aborts_and_rolls_back(gated, sandbox, sbc):
     stable_pods = pod_uids(spec, stable)
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: abort")
     with Background(spec, sha) as run:
-        run_id, _ = wait_gate(sbc, sha, run)
+        run_id, _ = wait_gate(spec, sbc, sha, run)
         with pytest.raises(RuntimeError, match="promote"):  # a resume must say promote true or false
             resume_flow_run(UUID(run_id))
         assert flow_state(run_id) == "PAUSED"
@@ -203,7 +220,7 @@ def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc):
     stable_pods = pod_uids(spec, stable)
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: nobody answers")
     with Background(spec, sha) as run:
-        wait_gate(sbc, sha, run)
+        wait_gate(spec, sbc, sha, run)
         with pytest.raises(Exception) as err:
             run.join()
     assert "nobody promoted" in str(err.value) and "release.promotion_timeout (10m)" in str(err.value)
@@ -241,7 +258,7 @@ def test_killed_while_paused_then_rerun_gates_again_and_converges(gated, sandbox
         client.set_flow_run_state(UUID(dead_run), Paused(timeout_seconds=600, reschedule=False), force=True)
     assert live(spec) == stable and deployment(spec, candidate).spec.replicas > 0  # candidate left up
     with Background(spec, sha) as rerun:
-        run_id, _ = wait_gate(sbc, sha, rerun, skip=1)
+        run_id, _ = wait_gate(spec, sbc, sha, rerun, skip=1)
         assert run_id != dead_run and flow_state(dead_run) == "CANCELLED"
         assert live(spec) == stable
         resume_flow_run(UUID(run_id), run_input={"promote": True, "by": "carol"})
