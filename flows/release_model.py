@@ -93,6 +93,10 @@ class PromotionRefused(DeployError):
         self.figures = figures
 
 
+class RollbackFailed(FleetError):
+    """A step failed and so did its rollback: both causes, and how to find where traffic is."""
+
+
 class AnalysisFailed(DeployError):
     """The candidate answered, but not well enough for the release policy."""
 
@@ -503,7 +507,12 @@ def run_release(t: Target, report: Report, observed: Observed, plan: ReleasePlan
             with report.step(title) as step:
                 step.detail = fn(r)
     except Exception as exc:
-        roll_back(r, exc)
+        try:
+            roll_back(r, exc)
+        except Exception as rollback_exc:  # say both: the first cause is what the user must fix
+            raise RollbackFailed(f"{exc}; then the rollback failed: {rollback_exc}",
+                                 f"check which color the live Service {names.service(r.spec)} selects (kubectl get "
+                                 "svc -o jsonpath='{.spec.selector}'), then run rollback_model") from rollback_exc
         raise
     result = {"color": r.candidate, "previous_color": r.stable, "replicas": candidate_replicas(r),
               "action": "released" if plan.action == "release" else plan.action, "figures": r.figures,
