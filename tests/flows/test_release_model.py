@@ -312,9 +312,18 @@ def test_post_promotion_failure_switches_back(served, sandbox, sbc):
     sha = sandbox.hub.push_revision(MODEL, title="breaks after promotion")
     broke = threading.Event()
 
+    def switch_done() -> bool:
+        # The release's own word that the switch step finished (its Slack head, updated in place): breaking
+        # on the selector change alone raced the switch's endpoints check, which then failed first.
+        return any(sha in m["text"] and "✅ Switch the live Service's selector" in m["text"]
+                   for m in sbc.slack_messages())
+
     def break_after_switch() -> None:
-        if not wait_service(spec, lambda s: (s.spec.selector or {}).get(COLOR) == candidate):
-            return
+        deadline = time.monotonic() + 120
+        while not switch_done():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
         # Replacement pods crash: the candidate has no Ready pod while the live Service points at it.
         sbc.add_behavior(labels={COLOR: candidate, "app.kubernetes.io/instance": spec["name"]}, mode="crash_loop")
         sel = f"app.kubernetes.io/instance={spec['name']},{COLOR}={candidate}"
