@@ -37,9 +37,9 @@ def sandbox(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prefect_server(sandbox):
-    from prefect.testing.utilities import prefect_test_harness
+    from tests.flows.harness import prefect_test_server
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_server():
         yield
 
 
