@@ -20,6 +20,18 @@ from tests.flows.server_support import PostgresUnavailable, postgres_server
 @contextlib.contextmanager
 def prefect_test_server() -> Iterator[str]:
     """A Prefect server for this process's flows (PREFECT_API_URL set); yields which database it uses."""
+    import prefect.settings
+
+    # No flow-run heartbeats in this process: Prefect's heartbeat thread sleeps in 1 s steps and every
+    # flow run joins it on exit, so each of the suite's ~500 flow runs paid up to 1 s for it (measured
+    # 0.97 s of a 1.1 s empty flow). Nothing in llm-fleet reads heartbeats; the demo keeps Prefect's default.
+    with (prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+          _server() as db):
+        yield db
+
+
+@contextlib.contextmanager
+def _server() -> Iterator[str]:
     from prefect.testing.utilities import prefect_test_harness
 
     if os.environ.get("LLM_FLEET_TEST_DB", "postgres") != "postgres":
