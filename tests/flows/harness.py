@@ -5,7 +5,7 @@ Prefect's own test harness runs its server on SQLite. With the many flows these 
 into 503s (each one a client retry of 2–4 s) and, now and then, a request that hangs for 60 s with the
 database locked (seen: `task_run_recorder` "database is locked", an artifact POST timing out). A
 server on PostgreSQL is what the README tells users to run in production, so the suite runs on it;
-without PostgreSQL it falls back to Prefect's SQLite harness.
+without PostgreSQL it falls back to Prefect's SQLite harness (`LLM_FLEET_TEST_DB=sqlite` forces that).
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from tests.flows.server_support import PostgresUnavailable, postgres_server
+from tests.flows.server_support import pg_bin, postgres_server
+
+# Server services whose output no test reads, off: together they cost more CPU than the flows (the
+# task-run recorder alone was a quarter of the server's; the scheduler would make 100 runs per park/wake
+# schedule). Kept: event persister (tests read events), triggers and actions (automations), pause
+# expirations (the promotion gate), repossessor (a killed lock holder's lease), cancellation cleanup.
+QUIET_SERVICES = ("TASK_RUN_RECORDER", "SCHEDULER", "LATE_RUNS", "FOREMAN", "DB_VACUUM", "CLEANUP_RECONCILER")
 
 
 @contextlib.contextmanager
@@ -25,31 +31,35 @@ def prefect_test_server() -> Iterator[str]:
     # No flow-run heartbeats in this process: Prefect's heartbeat thread sleeps in 1 s steps and every
     # flow run joins it on exit, so each of the suite's ~500 flow runs paid up to 1 s for it (measured
     # 0.97 s of a 1.1 s empty flow). Nothing in llm-fleet reads heartbeats; the demo keeps Prefect's default.
-    with (prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-          _server() as db):
-        yield db
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(prefect.settings.temporary_settings(
+            updates={prefect.settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+        url = None
+        # Only a PostgreSQL that is installed: test_postgres.py is the one test that installs it.
+        if os.environ.get("LLM_FLEET_TEST_DB", "postgres") == "postgres" and pg_bin() is not None:
+            url = stack.enter_context(postgres_server())
+        if url is None:
+            from prefect.testing.utilities import prefect_test_harness
+
+            with _quiet_services():
+                stack.enter_context(prefect_test_harness(server_startup_timeout=120))
+            yield "sqlite"
+        else:
+            stack.enter_context(_harness_on(url))
+            yield "postgres"
 
 
 @contextlib.contextmanager
-def _server() -> Iterator[str]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    if os.environ.get("LLM_FLEET_TEST_DB", "postgres") != "postgres":
-        with prefect_test_harness(server_startup_timeout=120):
-            yield "sqlite"
-        return
+def _quiet_services() -> Iterator[None]:
+    """While the server subprocess starts (it takes its settings from the environment), not after: the
+    demo tests start servers of their own that must run every service."""
+    saved = dict(os.environ)
+    os.environ.update({f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in QUIET_SERVICES})
     try:
-        pg = postgres_server()
-        url = pg.__enter__()
-    except PostgresUnavailable:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield "sqlite"
-        return
-    try:
-        with _harness_on(url):
-            yield "postgres"
+        yield
     finally:
-        pg.__exit__(None, None, None)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
@@ -68,8 +78,9 @@ def _harness_on(database_url: str) -> Iterator[None]:
         server = SubprocessASGIServer(port=_find_available_port())
         prior = SubprocessASGIServer._instances.get(None)
         SubprocessASGIServer._instances[None] = server
-        server.start(timeout=120)
         try:
+            with _quiet_services():
+                server.start(timeout=120)
             stack.enter_context(prefect.settings.temporary_settings(
                 updates={prefect.settings.PREFECT_API_URL: server.api_url}))
             stack.enter_context(prefect.context._temporary_global_settings_context(
@@ -85,6 +96,7 @@ def _harness_on(database_url: str) -> Iterator[None]:
 
 
 def _drain() -> None:
+    """Flush logs and events before the server stops (what Prefect's harness does on exit)."""
     import inspect
 
     from prefect.events.worker import EventsWorker

@@ -77,7 +77,7 @@ class PostgresUnavailable(RuntimeError):
     """Not installed, and apt-get is not there to install it."""
 
 
-def _pg_bin() -> Path | None:
+def pg_bin() -> Path | None:
     import glob
     import shutil
 
@@ -92,14 +92,14 @@ def ensure_postgres() -> Path:
     """The PostgreSQL bin dir; `apt-get install postgresql` first when it is missing and apt is there."""
     import shutil
 
-    bin_dir = _pg_bin()
+    bin_dir = pg_bin()
     if bin_dir is None:
         if shutil.which("apt-get") is None:
             raise PostgresUnavailable("PostgreSQL is not installed and apt-get is not available to install it")
         sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
         subprocess.run([*sudo, "apt-get", "install", "-y", "-q", "postgresql"], check=True, capture_output=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
-        bin_dir = _pg_bin()
+        bin_dir = pg_bin()
         if bin_dir is None:
             raise PostgresUnavailable("apt-get installed postgresql but initdb is not there")
     return bin_dir
