@@ -147,6 +147,22 @@ def _prefect(*args: str, env: dict[str, str]) -> None:
         raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{res.stdout}\n{res.stderr}")
 
 
+def _create_work_pool() -> None:
+    """The `local` process pool (what `prefect work-pool create local --type process` makes, without that
+    CLI's seconds of start-up), with the engine command set: Prefect's process worker otherwise starts each
+    flow run through a workspace supervisor, a second interpreter per run (~2 s of CPU) for dependency
+    installation the demo does not use."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m prefect.engine"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="local", type="process", base_job_template=template),
+                                overwrite=True)
+
+
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -425,7 +441,9 @@ def main(args: argparse.Namespace) -> int:
                                 cwd=ROOT, env=env, stdout=log, stderr=log)
         _wait_http(f"{api}/health", 120, server)
         _say(f"✓ Prefect server + UI: http://127.0.0.1:{port}")
-        _prefect("work-pool", "create", "local", "--type", "process", "--overwrite", env=env)
+        # Before this process first imports Prefect: its settings are read from the environment then.
+        os.environ.update({"PREFECT_API_URL": api})
+        _create_work_pool()
         _prefect("--no-prompt", "deploy", "--all", env=env)
         _say("✓ flows deployed (prefect.yaml) to work pool 'local'")
         # The demo's runs are created on demand: a 1 s poll starts each within a second (default: up to 10 s).
@@ -434,7 +452,6 @@ def main(args: argparse.Namespace) -> int:
                        stdout=log, stderr=log)
         _say("✓ worker started")
 
-        os.environ.update({"PREFECT_API_URL": api})
         _prefect_quiet("sync_schedules", env)
         ui = f"http://127.0.0.1:{port}"
         ok = _lifecycle(spec, sandbox, ui)
