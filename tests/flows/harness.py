@@ -34,19 +34,16 @@ def prefect_test_server() -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(prefect.settings.temporary_settings(
             updates={prefect.settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
-        url = None
         # Only a PostgreSQL that is installed: test_postgres.py is the one test that installs it.
         if os.environ.get("LLM_FLEET_TEST_DB", "postgres") == "postgres" and pg_bin() is not None:
-            url = stack.enter_context(postgres_server())
-        if url is None:
+            stack.enter_context(_harness_on(stack.enter_context(postgres_server())))
+            yield "postgres"
+        else:
             from prefect.testing.utilities import prefect_test_harness
 
             with _quiet_services():
                 stack.enter_context(prefect_test_harness(server_startup_timeout=120))
             yield "sqlite"
-        else:
-            stack.enter_context(_harness_on(url))
-            yield "postgres"
 
 
 @contextlib.contextmanager

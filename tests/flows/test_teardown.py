@@ -61,7 +61,7 @@ def test_teardown_leaves_nothing_of_the_spec_and_spares_the_other(sandbox, two_s
     a, b = two_specs
     provision_cluster(spec=a)
     deploy_model(spec=b)
-    deploy_model(spec=a)  # applied last: the shared objects (operator RBAC, cluster-scoped too) are labelled for a
+    deploy_model(spec=a)  # applied last: the shared objects (operator RBAC, cluster-scoped too) are labelled for `a`
     before_b = {k: o["metadata"]["resourceVersion"] for k, o in inventory(sandbox, b).items() if "Pod/" not in k}
     mine = inventory(sandbox, a)
     kinds = {k.split("/")[0] for k in mine}
