@@ -19,6 +19,7 @@ COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --extra gcp --no-install-project
 
 COPY llm_fleet ./llm_fleet
+COPY servers ./servers
 COPY flows ./flows
 COPY tasks ./tasks
 COPY manifests ./manifests

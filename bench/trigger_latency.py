@@ -42,8 +42,8 @@ def main() -> int:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from llm_fleet.webhook import make_server
     from sandbox.app import Sandbox
+    from servers.webhook import make_server
 
     tmp = Path(tempfile.mkdtemp(prefix="trigger-bench-"))
     with Sandbox(time_scale=0.01, state_dir=tmp / "sandbox") as sb, prefect_test_harness(server_startup_timeout=120):

@@ -57,7 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _webhook(args: argparse.Namespace) -> int:
-    from llm_fleet.webhook import main as webhook_main
+    from servers.webhook import main as webhook_main
 
     return webhook_main(host=args.host, port=args.port, specs=args.spec, secret_block=args.secret_block)
 

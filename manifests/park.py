@@ -252,7 +252,7 @@ def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
     probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 2}
     container = {
         "name": "hold-proxy", "image": hold.image,
-        "command": ["python", "-m", "llm_fleet.holdproxy"],
+        "command": ["python", "-m", "servers.holdproxy"],
         "ports": [{"name": "http", "containerPort": HOLD_PORT, "protocol": "TCP"}],
         "env": [{"name": "PORT", "value": str(HOLD_PORT)}] + [{"name": k, "value": v} for k, v in env.items()],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},

@@ -314,7 +314,7 @@ class HoldSpec(_Model):
     max_queue: int = Field(10_000, ge=1)  # Knative's activator holds up to 10,000 per revision
     timeout: Duration = timedelta(seconds=300)  # Knative's request timeout; past it: 503 + Retry-After
     retry_after: Duration = timedelta(seconds=30)
-    # An image of this package (`python -m llm_fleet.holdproxy`); the sandbox runs `local/...` images.
+    # An image of this package (`python -m servers.holdproxy`); the sandbox runs `local/...` images.
     image: str = "ghcr.io/llm-fleet/llm-fleet:0.1.0"
     # The Prefect API as the cluster reaches it (default: the one the flow uses).
     prefect_api_url: str | None = None

@@ -194,7 +194,7 @@ def deliveries(sbc, hook_id: str, n: int, timeout: float = 20) -> list[dict]:
 
 @pytest.fixture
 def receiver(tmp_path):
-    from llm_fleet.webhook import make_server
+    from servers.webhook import make_server
 
     branch = f"hook-{uuid.uuid4().hex[:8]}"
     spec = write_spec(tmp_path, branch=branch)

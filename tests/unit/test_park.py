@@ -145,7 +145,7 @@ def test_hold_proxy_is_cpu_only_runs_this_package_and_carries_the_spec_limits():
     pod = dep["spec"]["template"]
     c = pod["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in c["env"]}
-    assert c["command"] == ["python", "-m", "llm_fleet.holdproxy"]
+    assert c["command"] == ["python", "-m", "servers.holdproxy"]
     assert "nvidia.com/gpu" not in str(c["resources"]) and "nodeSelector" not in pod["spec"]
     assert env["HOLD_MAX_QUEUE"] == "10000" and env["HOLD_TIMEOUT_S"] == "300"
     assert env["PREFECT_API_URL"] == "http://prefect:4200/api" and env["HOLD_SPEC"] == "deployments/g.yaml"
@@ -282,7 +282,7 @@ def test_decide_park_in_the_window_only_when_the_spec_allows_it():
 
 
 def test_hold_proxy_finds_its_upstream_by_service_link_then_dns():
-    from llm_fleet.holdproxy import Config
+    from servers.holdproxy import Config
 
     env = {e["name"]: e["value"] for e in
            P.hold_proxy_deployment(GEMMA, prefect_api_url="http://p/api")["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -336,7 +336,7 @@ def test_a_hold_proxy_on_its_way_out_finishes_the_request_it_forwards():
         port = s.getsockname()[1]
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "HOLD_MODEL": "m", "HOLD_TIMEOUT_S": "10",
            "HOLD_UPSTREAM_URL": f"http://127.0.0.1:{upstream.server_address[1]}", "HOLD_POLL_S": "0.05"}
-    proxy = subprocess.Popen([sys.executable, "-m", "llm_fleet.holdproxy"], env=env, cwd=ROOT,
+    proxy = subprocess.Popen([sys.executable, "-m", "servers.holdproxy"], env=env, cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ cluster DNS name. "Answers" is the engine's own readiness: ``/v1/models`` (vLLM,
 (TGI) — never "a pod is Running". Once it answers, requests pass straight through (until the model
 stops answering again, e.g. the next park, when holding resumes).
 
-Run as ``python -m llm_fleet.holdproxy`` (listens on ``$HOST:$PORT``). ``/healthz`` is the proxy's
+Run as ``python -m servers.holdproxy`` (listens on ``$HOST:$PORT``). ``/healthz`` is the proxy's
 own probe; ``/holdz`` reports its state as JSON.
 """
 
