@@ -239,20 +239,32 @@ def _placement(spec: DeploymentSpec) -> Obj:
     return {"nodeSelector": selector, "tolerations": tolerations}
 
 
+_DIFFERS = object()
+
+
+def _color_invariant(a: Any, b: Any) -> Any:
+    """The parts of two renders that are equal: what does not depend on the color they were rendered for."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = {k: _color_invariant(a[k], b[k]) for k in sorted(a.keys() & b.keys())}
+        return {k: v for k, v in out.items() if v is not _DIFFERS}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [_color_invariant(x, y) for x, y in zip(a, b, strict=True)]
+    return a if a == b else _DIFFERS
+
+
 def spec_hash(spec: DeploymentSpec, revision: str) -> str:
-    """Changes when anything that the pods run changes: used to tell a release from a no-op."""
-    data = spec.model_dump(mode="json", include={"model", "engine", "accelerator", "cache", "secret", "expose"},
-                           exclude={"cache": {"keep_on_teardown"}})  # teardown policy: not what the pods run
-    data["revision"] = revision
+    """A hash of the rendered pod template — what the pods run — so any change to it (engine args, probes
+    from ``load_timeout``, ``service_account``, scrape annotations, ...) is a new color, never an in-place
+    apply. The per-color part (the color label) is derived by rendering two colors and keeping what they
+    share, not listed by hand."""
+    blue, green = (_pod_template(spec, c, revision) for c in ("blue", "green"))
+    data = _color_invariant(blue, green)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def model_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None = None,
-                     replicas: int | None = None) -> Obj:
-    revision = revision or spec.model.revision
-    pod_labels = names.pod_labels(spec, color)
-    annotations = {names.REVISION_ANNOTATION: revision, names.SPEC_HASH_ANNOTATION: spec_hash(spec, revision)}
-    pod_annotations = dict(annotations)
+def _pod_template(spec: DeploymentSpec, color: Color, revision: str) -> Obj:
+    """The Deployment's pod template without its spec-hash annotation (the hash is computed from this)."""
+    pod_annotations = {names.REVISION_ANNOTATION: revision}
     if spec.monitoring.scrape == "annotations":
         pod_annotations.update({"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
                                 "prometheus.io/port": str(spec.engine.container_port)})
@@ -273,6 +285,15 @@ def model_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None
     }
     if spec.service_account:
         pod_spec["serviceAccountName"] = spec.service_account
+    return {"metadata": {"labels": names.pod_labels(spec, color), "annotations": pod_annotations}, "spec": pod_spec}
+
+
+def model_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None = None,
+                     replicas: int | None = None) -> Obj:
+    revision = revision or spec.model.revision
+    annotations = {names.REVISION_ANNOTATION: revision, names.SPEC_HASH_ANNOTATION: spec_hash(spec, revision)}
+    template = _pod_template(spec, color, revision)
+    template["metadata"]["annotations"][names.SPEC_HASH_ANNOTATION] = annotations[names.SPEC_HASH_ANNOTATION]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(spec, names.deployment(spec, color),
@@ -284,7 +305,7 @@ def model_deployment(spec: DeploymentSpec, color: Color, *, revision: str | None
             # A GPU node holds one replica: surge would wait for a node that autoscaling may not add.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "progressDeadlineSeconds": int(spec.default_load_timeout().total_seconds()),
-            "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
+            "template": template,
         },
     }
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from manifests import names
-from manifests.render import model_deployment, render
-from manifests.spec import SpecError, load_spec
+from manifests.render import model_deployment, render, spec_hash
+from manifests.spec import SpecError, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 GKE_SPECS = [p for p in sorted((ROOT / "deployments").glob("*.yaml")) if load_spec(p).target == "gke"]
@@ -184,3 +184,42 @@ def test_render_cli_yaml_stream():
     assert res.returncode == 0, res.stderr
     docs = list(yaml.safe_load_all(res.stdout))
     assert any(d["kind"] == "Deployment" and d["metadata"]["name"] == "mistral-7b-green" for d in docs)
+
+
+def _variant(path: str, **changes):
+    data = yaml.safe_load((ROOT / path).read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_spec(data)
+
+
+@pytest.mark.parametrize("change", [
+    {"load_timeout": "45m"},  # the startupProbe's failureThreshold
+    {"service_account": "vllm"},  # serviceAccountName
+    {"monitoring__scrape": "annotations"},  # pod annotations
+    {"engine__env": {"VLLM_LOGGING_LEVEL": "DEBUG"}},
+])
+def test_spec_hash_follows_the_rendered_pod_template(change):
+    """Anything the pods run is in the hash, so deploy_model makes a new color instead of applying the live
+    Deployment in place. Failed before the hash covered the rendered template (it hashed chosen sections:
+    load_timeout, service_account and monitoring were missing)."""
+    path = "deployments/gemma2-2b-it-vllm-l4.yaml"
+    base, changed = _variant(path), _variant(path, **change)
+    a, b = (model_deployment(s, "blue", revision="abc") for s in (base, changed))
+    assert a["spec"]["template"] != b["spec"]["template"]
+    assert spec_hash(base, "abc") != spec_hash(changed, "abc")
+
+
+def test_spec_hash_ignores_color_and_what_the_pods_do_not_run():
+    path = "deployments/gemma2-2b-it-vllm-l4.yaml"
+    spec = load_spec(ROOT / path)
+    blue, green = (model_deployment(spec, c, revision="abc") for c in ("blue", "green"))
+    key = names.SPEC_HASH_ANNOTATION
+    assert blue["spec"]["template"]["metadata"]["annotations"][key] == \
+        green["spec"]["template"]["metadata"]["annotations"][key] == spec_hash(spec, "abc")
+    # replicas and the Service's port are not in the pod template
+    assert spec_hash(_variant(path, replicas=2, expose__port=9000), "abc") == spec_hash(spec, "abc")
