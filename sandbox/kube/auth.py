@@ -563,7 +563,9 @@ class ClusterAuth:
     def _token_request(self, h: Any, a: Attributes) -> Obj:
         body = self._json(h)
         spec = body.get("spec") or {}
-        seconds = spec.get("expirationSeconds", 3600)
+        # unset (kubectl create token without --duration sends null) defaults to 1 h, as the API server does
+        seconds = spec.get("expirationSeconds")
+        seconds = 3600 if seconds is None else seconds
         if not isinstance(seconds, int) or seconds < 600:
             raise status_error(422, "Invalid", f'TokenRequest.authentication.k8s.io "{a.name}" is invalid: '
                                f"spec.expirationSeconds: Invalid value: {seconds}: may not specify a duration "

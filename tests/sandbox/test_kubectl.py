@@ -165,3 +165,13 @@ def test_get_all_namespaces_and_events(kubectl):
     events = kubectl("get", "events", "-n", "other").stdout
     assert "LAST SEEN" in events and "ScalingReplicaSet" in events
     assert "deployment.apps/plain" in kubectl("get", "all", "-n", "other").stdout
+
+
+def test_create_token_defaults_to_one_hour(kubectl):
+    """``kubectl create token SA`` without ``--duration`` sends ``expirationSeconds: null``; the API server
+    defaults it to 3600 s (TokenRequestSpec defaulting), and refuses below 10 minutes."""
+    kubectl("create", "serviceaccount", "reader", "-n", "default")
+    made = json.loads(kubectl("create", "token", "reader", "-n", "default", "-o", "json").stdout)
+    assert made["spec"]["expirationSeconds"] == 3600 and made["status"]["token"].count(".") == 2
+    short = kubectl("create", "token", "reader", "-n", "default", "--duration=5m", check=False)
+    assert short.returncode == 1 and "may not specify a duration less than 10 minutes" in short.stderr
