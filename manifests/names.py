@@ -53,6 +53,14 @@ def alerts(spec: DeploymentSpec) -> str:
     return f"{spec.name}-alerts"
 
 
+COMPUTE_CLASS_LABEL = "cloud.google.com/compute-class"  # node label + taint key, and the pods' selector
+
+
+def compute_class(spec: DeploymentSpec) -> str:
+    """The spec's GKE ComputeClass (cluster-scoped: the namespace keeps two same-named specs apart)."""
+    return f"{spec.name}-{spec.namespace}"[:63].rstrip("-")
+
+
 def instance_labels(spec: DeploymentSpec) -> dict[str, str]:
     """Labels that identify everything a spec owns (teardown selects on these)."""
     return {"app.kubernetes.io/instance": spec.name, "app.kubernetes.io/managed-by": "llm-fleet"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from manifests import names
 from manifests.spec import DeploymentSpec
 
 QUOTA_URL = "https://console.cloud.google.com/iam-admin/quotas"
@@ -192,6 +193,86 @@ def node_pool_body(spec: DeploymentSpec, *, zone: str) -> dict[str, Any]:
     }
 
 
+# ---- capacity options (spec.capacity): one pool per option, a ComputeClass over them ------------------
+
+def option_zones(spec: DeploymentSpec, index: int, offered: dict[str, list[str]]) -> list[str]:
+    """Zones of option ``index`` that offer its GPU (its own zones, else the cluster's, else every zone of
+    the region that does). ``offered``: GPU type -> zones of the cluster's region offering it."""
+    have = sorted(offered.get(spec.capacity_options[index].gpu, []))
+    return [z for z in (spec.option_zones(index) or have) if z in have]
+
+
+def option_pool_body(spec: DeploymentSpec, index: int, *, zones: list[str]) -> dict[str, Any]:
+    """Option ``index``'s node pool, created with no nodes: the autoscaler adds them through the
+    ComputeClass, in priority order (a stockout then meets the next option, not a failed create).
+    Labelled and tainted for the class, as GKE requires of manually created pools a class may use."""
+    opt = spec.capacity_options[index]
+    acc = opt
+    body = node_pool_body(spec, zone=zones[0])
+    cls = names.compute_class(spec)
+    config = body["config"]
+    config["machine_type"] = acc.machine
+    config["accelerators"][0].update({"accelerator_count": acc.count, "accelerator_type": acc.gpu})
+    config["spot"] = opt.provisioning == "spot"
+    if opt.provisioning == "flex-start":
+        config["flex_start"] = True
+    if opt.provisioning == "reservation":
+        config["reservation_affinity"] = {"consume_reservation_type": "SPECIFIC_RESERVATION",
+                                          "key": "compute.googleapis.com/reservation-name",
+                                          "values": [opt.reservation]}
+    config["labels"] = {**config["labels"], names.COMPUTE_CLASS_LABEL: cls}
+    config["taints"] = [{"key": names.COMPUTE_CLASS_LABEL, "value": cls, "effect": "NO_SCHEDULE"}]
+    lo = spec.accelerator.pool.min_nodes if index == 0 else 0
+    body.update({"name": spec.option_pool(index), "initial_node_count": 0, "locations": zones,
+                 "autoscaling": {"enabled": True, "min_node_count": lo,
+                                 "max_node_count": spec.option_max_nodes(index),
+                                 # GKE's advice for scarce GPUs and spot: any zone with capacity
+                                 "location_policy": "ANY"}})
+    return body
+
+
+@dataclass(frozen=True)
+class OptionStatus:
+    """Whether capacity option ``index`` can take a replica now (quota and zones; stockouts show only
+    when a VM is asked for)."""
+    index: int
+    label: str
+    pool: str
+    metric: str
+    zones: list[str]
+    free: float
+    need: int  # GPUs of one replica
+    usable: bool
+    why: str
+
+
+def check_options(spec: DeploymentSpec, *, quotas: dict[str, QuotaReading],
+                  offered: dict[str, list[str]]) -> tuple[Check, list[OptionStatus]]:
+    """Quota and zones per capacity option, in order: the preflight passes when at least one option can
+    take a replica now, and says which ones can and why the others cannot. ``quotas``: metric -> the
+    cluster region's reading; ``offered``: GPU type -> zones of the region offering it."""
+    out: list[OptionStatus] = []
+    for i, opt in enumerate(spec.capacity_options):
+        zones = option_zones(spec, i, offered)
+        reading = quotas.get(opt.quota_metric)
+        free = reading.free if reading else 0.0
+        if not zones:
+            why = f"no zone of {spec.cluster.region} offers {opt.gpu}"
+        elif free < opt.count:
+            why = (f"quota {opt.quota_metric} in {spec.cluster.region}: {free:g} free, one replica needs "
+                   f"{opt.count} (request more at {QUOTA_URL}?project={spec.cluster.project})")
+        else:
+            why = f"{free:g} {opt.quota_metric} free, zones {', '.join(zones)}"
+        out.append(OptionStatus(i, opt.label(), spec.option_pool(i), opt.quota_metric, zones, free, opt.count,
+                                bool(zones) and free >= opt.count, why))
+    usable = [o for o in out if o.usable]
+    detail = "; ".join(f"[{o.index}] {o.label}: {'usable' if o.usable else 'NOT usable'} — {o.why}" for o in out)
+    if not usable:
+        return Check("capacity options", False, detail,
+                     "raise a quota named above, or add an option in another zone/GPU type/provisioning"), out
+    return Check("capacity options", True, detail), out
+
+
 @dataclass(frozen=True)
 class Drift:
     field: str
@@ -239,7 +320,14 @@ def plan_provision(spec: DeploymentSpec, *, cluster: dict[str, Any] | None, pool
                               f"release channel {c.release_channel}" + (f", version {c.version}" if c.version else "")))
     else:
         actions.append(Action("keep", f"cluster {c.name} ({cluster.get('status', '?')})", "already exists"))
-    if c.mode == "standard":
+    if c.mode == "standard" and spec.capacity:
+        for i, opt in enumerate(spec.capacity_options):
+            what = f"node pool {spec.option_pool(i)}: {opt.machine} with {opt.label()}"
+            exists = pool is not None and i == 0
+            actions.append(Action("keep" if exists else "create", what,
+                                  f"capacity option {i}, 0 nodes until the ComputeClass "
+                                  f"{names.compute_class(spec)} asks for one"))
+    elif c.mode == "standard":
         acc, p = spec.accelerator, spec.accelerator.pool
         zones = ", ".join(z for _, z in preflight.candidates) or "none"
         what = (f"node pool {p.name}: {acc.machine} with {acc.count}× {acc.type}"

@@ -137,6 +137,10 @@ class ClusterSpec(_Model):
     zones: list[str] = []
     # Other regions to try, in order, when every zone is stocked out.
     failover_regions: list[str] = []
+    # With capacity options: let GKE create each option's node pool itself (ComputeClass
+    # nodePoolAutoCreation; Standard needs GKE 1.33.3+ or node auto-provisioning). Off: one pool per
+    # option is created up front, labelled and tainted for the class. Autopilot always auto-creates.
+    node_pool_auto_creation: bool = False
 
     @property
     def region(self) -> str:
@@ -170,6 +174,49 @@ class AcceleratorSpec(_Model):
     @property
     def machine(self) -> str:
         return self.machine_type or self.info.machine_types[self.count]
+
+
+Provisioning = Literal["spot", "on-demand", "flex-start", "reservation"]
+
+
+class CapacityOption(_Model):
+    """One place a replica may run, in the order GKE should try them (a ComputeClass priority): a GPU
+    type and count, the machine, how the VM is bought, and the zones it may start in."""
+
+    gpu: str = "nvidia-l4"
+    count: int = Field(1, ge=1, le=8)  # GPUs per replica (= per node)
+    machine_type: str | None = None
+    # spot: cheapest, preempted with ~30 s notice; flex-start: Dynamic Workload Scheduler queues the VM
+    # (up to 7 days, runs at most 7 days); reservation: consume the named Compute Engine reservation.
+    provisioning: Provisioning = "on-demand"
+    reservation: str | None = Field(None, pattern=r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$",
+                                    description="a Compute Engine reservation name")
+    zones: list[str] = []  # empty: cluster.zones
+    max_nodes: int | None = Field(None, ge=1, le=100)  # empty: accelerator.pool.max_nodes
+    name: str | None = Field(None, pattern=DNS_LABEL)  # its node pool; empty: derived from the pool name
+
+    @property
+    def info(self):
+        return ACCELERATORS[self.gpu]
+
+    @property
+    def machine(self) -> str:
+        return self.machine_type or self.info.machine_types[self.count]
+
+    @property
+    def spot(self) -> bool:
+        return self.provisioning == "spot"
+
+    @property
+    def quota_metric(self) -> str:
+        """Spot and flex-start VMs draw on the preemptible GPU quota (GCE preemptible/DWS quota docs)."""
+        return self.info.quota_metric_for(spot=self.provisioning in ("spot", "flex-start"))
+
+    def label(self) -> str:
+        """``1× nvidia-l4 spot in us-central1-b,c`` — how reports name the option."""
+        how = f"reservation {self.reservation}" if self.provisioning == "reservation" else self.provisioning
+        where = f" in {', '.join(self.zones)}" if self.zones else ""
+        return f"{self.count}× {self.gpu} {how}{where}"
 
 
 class CacheSpec(_Model):
@@ -214,6 +261,9 @@ class ExposeSpec(_Model):
     # (needs network policy enforcement: Dataplane V2, default on Autopilot).
     network_policy: bool = False
     allow_from_namespaces: list[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]] = []
+    # A chat web page beside the model (seed 004's web client): talks to the live Service, so to the color
+    # that serves, or to the hold proxy while parked; reached at /playground on the Ingress when there is one.
+    playground: bool = False
 
 
 class AutoscalingSpec(_Model):
@@ -353,6 +403,9 @@ class DeploymentSpec(_Model):
     engine: Annotated[EngineSpec, _shorthand("kind")] = EngineSpec()
     cluster: ClusterSpec
     accelerator: Annotated[AcceleratorSpec, _shorthand("type")] = AcceleratorSpec()
+    # Where replicas may run, most preferred first (GKE ComputeClass priorities). Without it, the
+    # accelerator is the one option; with it, the accelerator is the first option (keep only its pool).
+    capacity: list[CapacityOption] | None = Field(None, min_length=1, max_length=10)
     namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     replicas: int = Field(1, ge=0, le=100)
     cache: CacheSpec = CacheSpec()
@@ -374,9 +427,30 @@ class DeploymentSpec(_Model):
     keep_for_debug: bool = False
     vertex: VertexSpec | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_option_is_the_accelerator(cls, data: Any) -> Any:
+        """With ``capacity:``, the accelerator (what the single-pool paths read) is its first option."""
+        if not isinstance(data, dict) or not isinstance(data.get("capacity"), list) or not data["capacity"]:
+            return data
+        first, acc = data["capacity"][0], data.get("accelerator")
+        if not isinstance(first, dict):
+            return data
+        if isinstance(acc, str) or (isinstance(acc, dict) and set(acc) - {"pool"}):
+            extra = "type" if isinstance(acc, str) else ", ".join(sorted(set(acc) - {"pool"}))
+            raise SpecError(f"accelerator.{extra.split(', ')[0]}", "capacity: lists the GPUs already "
+                            f"(accelerator {extra} would be a second, conflicting answer)",
+                            "move it into the first capacity option and keep only accelerator.pool")
+        derived = {"type": first.get("gpu", "nvidia-l4"), "count": first.get("count", 1),
+                   "machine_type": first.get("machine_type"), "spot": first.get("provisioning") == "spot"}
+        if isinstance(acc, dict) and "pool" in acc:
+            derived["pool"] = acc["pool"]
+        return {**data, "accelerator": derived}
+
     # Cross-field checks: raised as SpecError so the field path is exact.
     @model_validator(mode="after")
     def _consistent(self) -> DeploymentSpec:
+        self._check_capacity()
         acc, eng = self.accelerator, self.engine
         if acc.type not in ACCELERATORS:
             close = difflib.get_close_matches(acc.type, ACCELERATORS, n=1)
@@ -484,7 +558,78 @@ class DeploymentSpec(_Model):
                             "set service_account (e.g. vllm)")
         return self
 
+    def _check_capacity(self) -> None:
+        """Each option on its own: a known GPU in the cluster's region, a machine that carries it, room for
+        the engine's shards, the weights (when the model id names its size) — the first problem, named."""
+        if not self.capacity:
+            return
+        names_seen: dict[str, int] = {}
+        hint = params_hint(self.model.id)
+        for i, opt in enumerate(self.capacity):
+            at = f"capacity[{i}]"
+            if opt.gpu not in ACCELERATORS:
+                close = difflib.get_close_matches(opt.gpu, ACCELERATORS, n=1)
+                raise SpecError(f"{at}.gpu", f"unknown accelerator {opt.gpu!r}",
+                                f"use {close[0]!r}" if close else f"use one of {', '.join(ACCELERATORS)}")
+            if opt.machine_type is None and opt.count not in opt.info.machine_types:
+                raise SpecError(f"{at}.count", f"{opt.gpu} nodes come with "
+                                f"{'/'.join(map(str, opt.info.machine_types))} GPUs, not {opt.count}",
+                                "pick one of those counts or set machine_type")
+            if (opt.provisioning == "reservation") != (opt.reservation is not None):
+                raise SpecError(f"{at}.reservation", "a reservation name goes with provisioning: reservation"
+                                if opt.reservation else "provisioning: reservation needs the reservation's name",
+                                "set both provisioning: reservation and reservation: NAME, or neither")
+            if opt.count < self.capacity[0].count:
+                raise SpecError(f"{at}.count", f"the pods ask for {self.capacity[0].count} GPUs (capacity[0]) but "
+                                f"{opt.label()} has {opt.count}: they could never start there",
+                                f"set count ≥ {self.capacity[0].count} on this option, or drop it")
+            if self.engine.tensor_parallel > opt.count:
+                raise SpecError(f"{at}.count", f"{opt.label()} cannot hold engine.tensor_parallel "
+                                f"{self.engine.tensor_parallel} ({self.engine.tensor_parallel} GPUs per replica)",
+                                f"set count: {self.engine.tensor_parallel} on this option, or drop the option")
+            for j, zone in enumerate(opt.zones):
+                if not zone.startswith(self.cluster.region + "-"):
+                    raise SpecError(f"{at}.zones[{j}]", f"{zone} is not in region {self.cluster.region}",
+                                    f"use zones like {self.cluster.region}-b")
+            pool = self.option_pool(i)
+            if pool in names_seen:
+                raise SpecError(f"{at}.name", f"node pool {pool!r} is also capacity[{names_seen[pool]}]'s",
+                                "give each option its own name")
+            names_seen[pool] = i
+            if self.cluster.mode == "standard" and self.replicas > self.option_max_nodes(i):
+                raise SpecError(f"{at}.max_nodes", f"{self.replicas} replicas cannot fit on "
+                                f"{self.option_max_nodes(i)} nodes of {opt.label()}",
+                                f"raise max_nodes to {self.replicas}")
+            if hint is not None:
+                fit = check_fit(self, hint, option=opt)
+                if not fit.fits:
+                    raise SpecError(at, f"{fit.message(self, option=opt)} (the model id names ~{hint / 1e9:g}B "
+                                    "params)", fit_fix(self, fit, option=opt, where=at))
+
     # ---- derived values the rest of the product uses ----------------------------------------
+    @property
+    def capacity_options(self) -> list[CapacityOption]:
+        """Where replicas may run, most preferred first; today's single accelerator is a one-option list."""
+        if self.capacity:
+            return list(self.capacity)
+        acc = self.accelerator
+        return [CapacityOption(gpu=acc.type, count=acc.count, machine_type=acc.machine_type,
+                               provisioning="spot" if acc.spot else "on-demand")]
+
+    def option_pool(self, index: int) -> str:
+        """The node pool of option ``index``: the first keeps ``accelerator.pool.name`` (today's pool)."""
+        opt = self.capacity_options[index]
+        if opt.name:
+            return opt.name
+        base = self.accelerator.pool.name
+        return base if index == 0 else f"{base[:36].rstrip('-')}-{index}"
+
+    def option_zones(self, index: int) -> list[str]:
+        return list(self.capacity_options[index].zones or self.cluster.zones)
+
+    def option_max_nodes(self, index: int) -> int:
+        return self.capacity_options[index].max_nodes or self.accelerator.pool.max_nodes
+
     @property
     def warnings(self) -> list[str]:
         """Valid but risky choices, for `llm-fleet validate` and the deploy log."""
@@ -530,28 +675,51 @@ class FitReport(BaseModel):
     available_gib: float
     fits: bool
 
-    def message(self, spec: DeploymentSpec) -> str:
+    def message(self, spec: DeploymentSpec, *, option: CapacityOption | None = None) -> str:
+        count, gpu = (option.count, option.gpu) if option else (spec.accelerator.count, spec.accelerator.type)
         return (f"{spec.model.id} needs ~{self.required_gib:.1f} GiB ({self.params / 1e9:.2f}B params × "
                 f"{BYTES_PER_PARAM[self.weight_format]:g} bytes as {self.weight_format}, +20% and 1 GiB headroom) "
-                f"but {spec.accelerator.count} × {spec.accelerator.type} has {self.available_gib:.0f} GiB")
+                f"but {count} × {gpu} has {self.available_gib:.0f} GiB"
+                + (f" at engine.gpu_memory_utilization {spec.engine.gpu_memory_utilization:g}"
+                   if spec.engine.gpu_memory_utilization else ""))
 
 
-def check_fit(spec: DeploymentSpec, params: int) -> FitReport:
-    """Do the weights fit the GPUs of one replica? Pure; the HF preflight supplies ``params``."""
+def check_fit(spec: DeploymentSpec, params: int, *, option: CapacityOption | None = None) -> FitReport:
+    """Do the weights fit the GPUs of one replica (of ``option``, default the accelerator)? Pure; the HF
+    preflight supplies ``params``. The engine may use only ``gpu_memory_utilization`` of the memory."""
     fmt = spec.engine.weight_format
     need = required_gib(params, fmt)
-    have = spec.accelerator.info.memory_gib * spec.accelerator.count
+    info, count = (option.info, option.count) if option else (spec.accelerator.info, spec.accelerator.count)
+    have = info.memory_gib * count * (spec.engine.gpu_memory_utilization or 1.0)
     return FitReport(params=params, weight_format=fmt, weights_gib=round(params * BYTES_PER_PARAM[fmt] / 2**30, 2),
                      required_gib=round(need, 2), available_gib=have, fits=need <= have)
 
 
-def fit_fix(spec: DeploymentSpec, report: FitReport) -> str:
+def check_fit_all(spec: DeploymentSpec, params: int) -> list[tuple[int, CapacityOption, FitReport]]:
+    """``check_fit`` for every capacity option, in order (the HF preflight with the real parameter count)."""
+    return [(i, opt, check_fit(spec, params, option=opt)) for i, opt in enumerate(spec.capacity_options)]
+
+
+def fit_fix(spec: DeploymentSpec, report: FitReport, *, option: CapacityOption | None = None,
+            where: str = "accelerator") -> str:
     """The cheapest change that makes ``report`` fit, as advice."""
-    for count in sorted(spec.accelerator.info.machine_types):
-        if count > spec.accelerator.count and report.required_gib <= spec.accelerator.info.memory_gib * count:
-            return (f"set accelerator.count: {count} and engine.tensor_parallel: {count}, "
-                    "or use a quantized variant (engine.quantization: awq)")
+    info, have = (option.info, option.count) if option else (spec.accelerator.info, spec.accelerator.count)
+    for count in sorted(info.machine_types):
+        if count > have and report.required_gib <= info.memory_gib * count:
+            return (f"set {where}.count: {count} and engine.tensor_parallel: {count}, "
+                    "or use a quantized variant (engine.quantization: awq)"
+                    + (", or drop this option" if option is not None and spec.capacity else ""))
     return "use a larger accelerator (nvidia-a100-80gb / nvidia-h100-80gb) or a quantized variant"
+
+
+_PARAMS_IN_ID = re.compile(r"(?:^|[-_/.])(\d+(?:\.\d+)?)[bB](?=$|[-_.])")
+
+
+def params_hint(model_id: str) -> int | None:
+    """The parameter count a Hub id names (``Mistral-7B-v0.1`` -> 7e9), or None: a validate-time estimate
+    only; the HF preflight checks again with the repo's safetensors count."""
+    m = _PARAMS_IN_ID.search(model_id.split("/", 1)[-1])
+    return int(float(m.group(1)) * 1e9) if m else None
 
 
 # ---- loading ------------------------------------------------------------------------------------

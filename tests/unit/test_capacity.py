@@ -1,0 +1,106 @@
+"""Capacity options (issue 23): the spec's ordered list, its checks per option, the ComputeClass and the
+pools it renders to, and the per-option preflight."""
+
+from __future__ import annotations
+
+import pytest
+
+from manifests import names
+from manifests.provision import QuotaReading, check_options, option_pool_body
+from manifests.spec import SpecError, check_fit_all, parse_spec
+
+L4_SPOT = {"gpu": "nvidia-l4", "machine_type": "g2-standard-8", "provisioning": "spot",
+           "zones": ["us-central1-a", "us-central1-b"]}
+L4_OD = {**L4_SPOT, "provisioning": "on-demand"}
+A100_OD = {"gpu": "nvidia-tesla-a100", "provisioning": "on-demand", "zones": ["us-central1-b"]}
+
+
+def _base() -> dict:
+    return {"name": "m7b", "model": "mistralai/Mistral-7B-v0.1", "namespace": "vllm",
+            "cluster": {"project": "llm-fleet-demo", "location": "us-central1",
+                        "zones": ["us-central1-a", "us-central1-b"]},
+            "accelerator": {"pool": {"name": "gpu-pool", "max_nodes": 2}},
+            "capacity": [L4_SPOT, L4_OD, A100_OD]}
+
+
+def _spec(**over):
+    data = _base()
+    data.update(over)
+    return parse_spec(data)
+
+
+def test_capacity_list_in_order_and_first_option_is_the_accelerator():
+    spec = _spec()
+    assert [o.label() for o in spec.capacity_options] == [
+        "1× nvidia-l4 spot in us-central1-a, us-central1-b",
+        "1× nvidia-l4 on-demand in us-central1-a, us-central1-b",
+        "1× nvidia-tesla-a100 on-demand in us-central1-b"]
+    assert (spec.accelerator.type, spec.accelerator.spot, spec.accelerator.pool.name) == ("nvidia-l4", True, "gpu-pool")
+    assert [spec.option_pool(i) for i in range(3)] == ["gpu-pool", "gpu-pool-1", "gpu-pool-2"]
+    assert spec.capacity_options[0].quota_metric == "PREEMPTIBLE_NVIDIA_L4_GPUS"
+    assert spec.capacity_options[2].quota_metric == "NVIDIA_A100_GPUS"
+
+
+def test_fit_is_checked_per_option_at_validate_time_naming_the_option_and_the_fix():
+    data = _base()
+    data["engine"] = {"kind": "vllm", "dtype": "float32"}  # 7B × 4 bytes: fits an A100-40GB, not one L4
+    data["capacity"] = [A100_OD, L4_OD]
+    with pytest.raises(SpecError) as err:
+        parse_spec(data)
+    msg = str(err.value)
+    assert msg.startswith("capacity[1]: mistralai/Mistral-7B-v0.1 needs ~32.3 GiB")
+    assert "1 × nvidia-l4 has 24 GiB" in msg and "set capacity[1].count: 2" in msg and "drop this option" in msg
+    # the HF preflight's real count runs the same check per option
+    spec = _spec()
+    assert [r.fits for _, _, r in check_fit_all(spec, 7_241_732_096)] == [True, True, True]
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [
+    ({"accelerator": "nvidia-l4"}, "accelerator.type", "move it into the first capacity option"),
+    ({"capacity": [L4_SPOT, {"gpu": "nvidia-l4", "provisioning": "reservation"}]}, "capacity[1].reservation",
+     "reservation: NAME"),
+    ({"capacity": [{**L4_SPOT, "count": 2, "machine_type": None}, L4_OD]}, "capacity[1].count",
+     "could never start there"),
+    ({"capacity": [L4_SPOT, {**L4_OD, "zones": ["us-east1-b"]}]}, "capacity[1].zones[0]", "not in region"),
+    ({"capacity": [L4_SPOT, {**A100_OD, "gpu": "nvidia-a100"}]}, "capacity[1].gpu", "nvidia-a100-80gb"),
+    ({"capacity": [L4_SPOT, {**L4_OD, "name": "gpu-pool"}]}, "capacity[1].name", "its own name"),
+    ({"capacity": []}, "capacity", "at least 1"),
+])
+def test_bad_options_are_one_clear_error(change, field, words):
+    data = _base()
+    data.update(change)
+    with pytest.raises(SpecError) as err:
+        parse_spec(data)
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_option_pools_are_labelled_and_tainted_for_the_class():
+    spec = _spec()
+    body = option_pool_body(spec, 2, zones=["us-central1-b"])
+    cfg = body["config"]
+    assert body["name"] == "gpu-pool-2" and body["locations"] == ["us-central1-b"]
+    assert body["initial_node_count"] == 0 and body["autoscaling"]["max_node_count"] == 2
+    assert body["autoscaling"]["location_policy"] == "ANY"
+    assert cfg["machine_type"] == "a2-highgpu-1g" and cfg["spot"] is False
+    assert cfg["accelerators"][0]["accelerator_type"] == "nvidia-tesla-a100"
+    assert cfg["labels"][names.COMPUTE_CLASS_LABEL] == "m7b-vllm"
+    assert cfg["taints"] == [{"key": names.COMPUTE_CLASS_LABEL, "value": "m7b-vllm", "effect": "NO_SCHEDULE"}]
+    assert option_pool_body(spec, 0, zones=["us-central1-a"])["config"]["spot"] is True
+
+
+def test_preflight_says_which_options_are_usable_now():
+    spec = _spec()
+    quotas = {"PREEMPTIBLE_NVIDIA_L4_GPUS": QuotaReading("PREEMPTIBLE_NVIDIA_L4_GPUS", "us-central1", 0, 0),
+              "NVIDIA_L4_GPUS": QuotaReading("NVIDIA_L4_GPUS", "us-central1", 8, 1),
+              "NVIDIA_A100_GPUS": QuotaReading("NVIDIA_A100_GPUS", "us-central1", 8, 0)}
+    offered = {"nvidia-l4": ["us-central1-a", "us-central1-b", "us-central1-c"],
+               "nvidia-tesla-a100": ["us-central1-c"]}
+    check, status = check_options(spec, quotas=quotas, offered=offered)
+    assert check.ok
+    assert [s.usable for s in status] == [False, True, False]
+    assert "PREEMPTIBLE_NVIDIA_L4_GPUS" in status[0].why and "0 free" in status[0].why
+    assert status[2].why == "no zone of us-central1 offers nvidia-tesla-a100"
+    assert "[1] 1× nvidia-l4 on-demand" in check.detail
+    quotas["NVIDIA_L4_GPUS"] = QuotaReading("NVIDIA_L4_GPUS", "us-central1", 1, 1)
+    check, _ = check_options(spec, quotas=quotas, offered=offered)
+    assert not check.ok and "raise a quota" in check.fix
