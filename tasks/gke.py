@@ -15,6 +15,7 @@ from tasks.clients import (
     google_retry,
     write_kubeconfig,
 )
+from tasks.locks import fence
 from tasks.progress import WaitProgress, operation_progress
 from tasks.retry import task_retries
 from tasks.settings import get_settings
@@ -168,6 +169,7 @@ def create_node_pool(*, project: str, location: str, cluster: str, body: dict[st
 
 @task(**task_retries())
 def delete_node_pool(*, project: str, location: str, cluster: str, name: str) -> str | None:
+    fence()
     try:
         op = cluster_manager().delete_node_pool(
             name=f"{_parent(project, location)}/clusters/{cluster}/nodePools/{name}", **_call_opts())
@@ -180,6 +182,8 @@ def delete_node_pool(*, project: str, location: str, cluster: str, name: str) ->
 def set_node_pool_autoscaling(*, project: str, location: str, cluster: str, name: str,
                               min_nodes: int, max_nodes: int) -> str:
     from google.cloud import container_v1
+
+    fence()  # a node pool is shared by the namespace's models: any lock this process lost stops it
 
     request = container_v1.SetNodePoolAutoscalingRequest(
         name=f"{_parent(project, location)}/clusters/{cluster}/nodePools/{name}",
@@ -202,6 +206,8 @@ def enable_filestore_csi(*, project: str, location: str, name: str) -> str:
 @task(**task_retries())
 def set_node_pool_size(*, project: str, location: str, cluster: str, name: str, nodes: int) -> str:
     from google.cloud import container_v1
+
+    fence()
 
     # This RPC has no flattened arguments: it takes only a request message.
     request = container_v1.SetNodePoolSizeRequest(

@@ -17,6 +17,7 @@ from manifests.errors import DeployError, FleetError
 from manifests.names import FIELD_MANAGER
 from manifests.rollout import TEMPLATE_HASH, Progress, diagnose, new_replicaset, rollout_progress
 from tasks.clients import kube_client
+from tasks.locks import fence
 from tasks.log import logger
 from tasks.progress import WaitProgress
 from tasks.retry import is_transient, task_retries
@@ -96,8 +97,9 @@ def _diff(desired: Any, live: Any, path: str = "") -> list[str]:
 @task(**task_retries())
 def apply_object(*, kubeconfig: str | None, obj: dict[str, Any]) -> Applied:
     """Server-side apply (idempotent); reports what a hand edit or an older spec had changed."""
-    api = kube_client(kubeconfig)
     meta = obj["metadata"]
+    fence(meta.get("namespace"))
+    api = kube_client(kubeconfig)
     path = object_path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
     try:
         live = _call(api, "GET", path)
@@ -149,6 +151,7 @@ def list_objects(*, kubeconfig: str | None, api_version: str, kind: str, namespa
 def delete_object(*, kubeconfig: str | None, api_version: str, kind: str, name: str,
                   namespace: str | None = None) -> bool:
     """Delete (foreground for owners); False when it was already gone."""
+    fence(namespace)
     try:
         _call(kube_client(kubeconfig), "DELETE", object_path(api_version, kind, name, namespace),
               body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"})
@@ -163,6 +166,7 @@ def delete_object(*, kubeconfig: str | None, api_version: str, kind: str, name: 
 def ensure_secret(*, kubeconfig: str | None, namespace: str, name: str, key: str, value: SecretStr,
                   labels: dict[str, str] | None = None) -> str:
     """Create or update one key of an Opaque Secret. Returns created|updated|unchanged, never the value."""
+    fence(namespace)
     core = k8s.CoreV1Api(kube_client(kubeconfig))
     encoded = base64.b64encode(value.get_secret_value().encode()).decode()
     try:
@@ -214,6 +218,7 @@ def patch_service_selector(*, kubeconfig: str | None, namespace: str, name: str,
     ``expect`` is the selector the caller believes is live; a Service that moved meanwhile, or a 409
     from the API server, raises SelectorConflict and nothing is changed. Returns the patched Service.
     """
+    fence(namespace)
     api = kube_client(kubeconfig)
     path = object_path("v1", "Service", name, namespace)
     if resource_version is None or expect is not None:
@@ -240,12 +245,14 @@ def patch_service_selector(*, kubeconfig: str | None, namespace: str, name: str,
 def annotate(*, kubeconfig: str | None, api_version: str, kind: str, name: str, namespace: str | None,
              annotations: dict[str, str | None]) -> dict[str, Any]:
     """Merge-patch annotations (None removes one): the product's records live on the cluster itself."""
+    fence(namespace)
     return _call(kube_client(kubeconfig), "PATCH", object_path(api_version, kind, name, namespace),
                  body={"metadata": {"annotations": annotations}}, content_type="application/merge-patch+json")
 
 
 @task(**task_retries())
 def scale_deployment(*, kubeconfig: str | None, namespace: str, name: str, replicas: int) -> int:
+    fence(namespace)
     apps = k8s.AppsV1Api(kube_client(kubeconfig))
     apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}},
                                            _content_type="application/merge-patch+json")
