@@ -93,6 +93,7 @@ class Commit:
     files: dict[str, bytes]
     lfs: dict[str, int]  # weight shards: path -> size (listed, not downloadable)
     author: str = "sandbox-bot"
+    parent: str | None = None  # git history: a branch's commits are its head's ancestors, nothing else
 
 
 @dataclass
@@ -390,7 +391,8 @@ class Hub(Emulator):
                 files, lfs = self._files(repo, config, meta.get("chat_template"), n)
                 if n == 0:
                     files, lfs = {".gitattributes": files[".gitattributes"]}, {}
-                repo.commits.append(Commit(_sha(repo_id, n), title, date, files, lfs))
+                parent = repo.commits[-1].sha if repo.commits else None
+                repo.commits.append(Commit(_sha(repo_id, n), title, date, files, lfs, parent=parent))
             repo.branches["main"] = repo.commits[-1].sha
             repo.tag_refs["v1.0"] = repo.commits[1].sha
 
@@ -428,7 +430,7 @@ class Hub(Emulator):
             for path, data in (files or {}).items():
                 new_files[path] = data.encode() if isinstance(data, str) else data
             sha = _sha(repo_id, branch, len(repo.commits), time.time_ns())
-            repo.commits.append(Commit(sha, title, time.time(), new_files, dict(base.lfs)))
+            repo.commits.append(Commit(sha, title, time.time(), new_files, dict(base.lfs), parent=base_sha))
             old_sha = repo.branches.get(branch)
             repo.branches[branch] = sha
             hook_args = dict(repo_id=repo.id, private=repo.private, tags=list(repo.tags), head_sha=repo.branches["main"],
@@ -681,10 +683,15 @@ def _commits(h: HubHandler, repo: str, rev: str):
     with h.hub._lock:
         r = h.hub.visible_repo(repo, user)
         head = h.hub.resolve_http(r, unquote(rev))
-        # history of that commit: commits on the same line up to it (branches share the catalogue's line)
-        upto = r.commits[: r.commits.index(head) + 1]
+        # git log: that commit and its ancestors, newest first (a commit pushed to another branch is not
+        # in this one's history, as on the Hub)
+        line, sha = [], head.sha
+        while sha is not None:
+            c = r.commit(sha)
+            line.append(c)
+            sha = c.parent
         return [{"id": c.sha, "title": c.title, "message": "", "authors": [{"user": c.author, "avatar": None}],
-                 "date": _iso(c.date)} for c in reversed(upto)]
+                 "date": _iso(c.date)} for c in line]
 
 
 @route(_ROUTES, "GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?")

@@ -2,29 +2,53 @@
 
 Register ``http(s)://<host>:<port>/webhooks/huggingface`` as a webhook on the Hub
 (https://huggingface.co/settings/webhooks) with a secret; the Hub sends it verbatim in
-``X-Webhook-Secret`` (or ``?secret=`` in the URL). A request without the right secret gets 401 and
-changes nothing. A push (``event.scope`` ``repo.content``) to a branch that a spec tracks
-(``model.revision``) emits the same event as ``watch_revisions``, once per commit; the
-``release_model`` deployment's trigger turns it into a release of that commit.
+``X-Webhook-Secret``, the only place it is accepted (a ``?secret=`` query ends up in proxies' logs).
+A request without the right secret gets 401 and changes nothing. A push (``event.scope``
+``repo.content``) to a branch that a spec tracks (``model.revision``) emits the same event as
+``watch_revisions``, once per commit, and only when that commit is the branch's head on the Hub now
+(a replayed or forged push names an old or unknown commit: ignored); the ``release_model``
+deployment's trigger turns it into a release of that commit, which checks it again (tasks/trust.py).
+
+The server is uvicorn (h11) + Starlette, hardened like Argo CD's and Flux's receivers: the secret is
+checked from the headers before any body is read; the body is capped at ``MAX_BODY`` whatever its
+framing (a ``Content-Length`` that is not a non-negative integer is a 400 from h11, a missing one means
+no body, a chunked body is counted as it streams); each request's head and body must arrive within
+``READ_TIMEOUT_S`` (slow clients are dropped, and cost a coroutine, not a thread); at most
+``MAX_CONNECTIONS`` connections (503 beyond) and ``MAX_WORKERS`` handlers at once; errors are answered
+without internals (the log has them, under the id the answer gives).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
+import logging
 import os
+import socket
 import sys
+import threading
+import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+import anyio
+import uvicorn
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+log = logging.getLogger("llm_fleet.webhook")
 PATH = "/webhooks/huggingface"
 SECRET_ENV = "LLM_FLEET_WEBHOOK_SECRET"
+SECRET_HEADER = "X-Webhook-Secret"
 MAX_BODY = 1 << 20  # Hub payloads are a few KB
+READ_TIMEOUT_S = 10.0  # for a request's head, and again for its body
+MAX_CONNECTIONS = 256  # open connections (uvicorn answers 503 beyond: no unbounded fd/memory growth)
+MAX_WORKERS = 8  # handlers at once (each reads the Hub and the Prefect API from a thread)
 
 
 class _Loose(BaseModel):
@@ -63,10 +87,22 @@ def new_commit(payload: HubPayload, branch: str) -> str | None:
     return payload.repo.headSha if branch == "main" else None  # headSha is main's head
 
 
-def handle(payload: HubPayload, spec_paths: list[str]) -> dict[str, Any]:
+def _branch_head(model_id: str, branch: str) -> str | None:
+    """The commit ``branch`` points at on the Hub now (HF_TOKEN for private repos)."""
+    from tasks.clients import hf_api
+    from tasks.settings import get_settings
+
+    token = get_settings().hf_token
+    refs = hf_api(token.get_secret_value() if token else None).list_repo_refs(model_id)
+    return next((b.target_commit for b in refs.branches if b.name == branch), None)
+
+
+def handle(payload: HubPayload, spec_paths: list[str],
+           head: Callable[[str, str], str | None] = _branch_head) -> dict[str, Any]:
     """Announce the new commit for every spec tracking the pushed repo; returns what was done."""
     from flows.watch_revisions import announce_revision, spec_ref, tracked_branch
     from manifests.spec import SpecError, load_spec
+    from manifests.triggers import COMMIT
 
     if payload.repo.type != "model" or not payload.event.scope.startswith("repo.content"):
         return {"ignored": f"{payload.repo.type} {payload.event.scope} event: only model pushes start releases"}
@@ -82,94 +118,173 @@ def handle(payload: HubPayload, spec_paths: list[str]) -> dict[str, Any]:
         sha = new_commit(payload, branch)
         if sha is None:
             continue
-        event_id = announce_revision(spec, spec_path=spec_ref(path), revision=sha, source="hub-webhook")
-        results.append({"spec": spec_ref(path), "revision": sha,
+        ref = spec_ref(path)
+        if not COMMIT.match(sha):
+            results.append({"spec": ref, "revision": sha[:60], "status": "ignored: not a 40-hex commit"})
+            continue
+        # The payload is only a hint (the secret may leak, a delivery may be replayed days later): the
+        # Hub decides. Only the branch's head now is announced; a replay of an older push is not.
+        now = head(spec.model.id, branch)
+        if now != sha:
+            results.append({"spec": ref, "revision": sha, "status": f"ignored: not the head of {branch} "
+                            f"on the Hub now ({(now or 'no such branch')[:12]}): an old or replayed push"})
+            continue
+        event_id = announce_revision(spec, spec_path=ref, revision=sha, source="hub-webhook")
+        results.append({"spec": ref, "revision": sha,
                         "status": "announced" if event_id else "already announced", "event_id": event_id})
     if not results:
         return {"ignored": f"no spec tracks a branch this push to {payload.repo.name} moved"}
     return {"announced": results}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: WebhookServer
-    disable_nagle_algorithm = True  # else each reply stalls ~40 ms
-    protocol_version = "HTTP/1.1"
+class _TooLarge(Exception):
+    pass
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        # The path only: a query may carry ?secret=, which must never reach a log.
-        self.log_message("%s %s %s", self.command, urlsplit(self.path).path, code)
 
-    def log_message(self, fmt: str, *args: Any) -> None:
-        if self.server.verbose:
-            sys.stderr.write("webhook: " + (fmt % args).replace(self.server.secret, "***") + "\n")
+class _DeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head (uvicorn only times out idle
+    keep-alive connections, so a client sending its headers a byte at a time would stay forever)."""
 
-    def _reply(self, status: int, body: dict[str, Any], *, close: bool = False) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
+    read_timeout = READ_TIMEOUT_S
+    _head_timer: asyncio.TimerHandle | None = None
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if urlsplit(self.path).path == "/healthz":
-            self._reply(200, {"ok": True})
-        else:
-            self._reply(404, {"error": "not found"})
+    def _arm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.read_timeout, self._head_expired)
 
-    def do_POST(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            return self._reply(413, {"error": "payload too large"}, close=True)
-        body = self.rfile.read(length)
-        if url.path != PATH:
-            return self._reply(404, {"error": f"not found: webhooks go to {PATH}"})
-        given = self.headers.get("X-Webhook-Secret") or (parse_qs(url.query).get("secret") or [""])[0]
-        # Constant-time compare: the time to refuse must not tell how much of a guess was right.
-        if not hmac.compare_digest(given.encode(), self.server.secret.encode()):
-            return self._reply(401, {"error": "missing or wrong X-Webhook-Secret"})
+    def _head_expired(self) -> None:
+        # A request in flight has its own body deadline (in the app); otherwise no head came in time.
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    # Close after every refusal: an unread body must not be drained, nor parsed as a next request.
+    return JSONResponse({"error": message, **extra}, status_code=status, headers={"Connection": "close"})
+
+
+class WebhookServer:
+    """The receiver on its own socket; ``serve_forever``/``shutdown``/``server_close`` like socketserver."""
+
+    def __init__(self, address: tuple[str, int], *, secret: str, spec_paths: Callable[[], list[str]],
+                 verbose: bool = False, read_timeout: float = READ_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS, max_workers: int = MAX_WORKERS) -> None:
+        if not secret:
+            raise ValueError("a webhook secret is required: every request without it is refused")
+        self.secret = secret
+        self.spec_paths = spec_paths
+        self.verbose = verbose
+        self.read_timeout = read_timeout
+        self._workers = anyio.CapacityLimiter(max_workers)
+        self._sock = socket.create_server(address, backlog=max_connections)
+        self.server_address = self._sock.getsockname()[:2]
+        protocol = type("_Protocol", (_DeadlineH11,), {"read_timeout": read_timeout})
+        app = Starlette(routes=[Route("/healthz", self._healthz, methods=["GET"]),
+                                Route(PATH, self._receive, methods=["POST"])])
+        config = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, access_log=False,
+                                server_header=False, limit_concurrency=max_connections, backlog=max_connections,
+                                timeout_keep_alive=5, timeout_graceful_shutdown=5,
+                                h11_max_incomplete_event_size=16 * 1024)
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address
+        return f"http://{host}:{port}{PATH}"
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def _healthz(self, request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > MAX_BODY:  # h11 let only digits through
+            raise _TooLarge
+        body = bytearray()
+        async for chunk in request.stream():  # chunked or not: counted as it arrives
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise _TooLarge
+        return bytes(body)
+
+    async def _receive(self, request: Request) -> JSONResponse:
+        # Secret first, from the header only, before a byte of body is read; constant-time compare
+        # (the time to refuse must not tell how much of a guess was right).
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.secret.encode()):
+            self._log(request, 401)
+            return _error(401, f"missing or wrong {SECRET_HEADER}")
+        try:
+            body = await asyncio.wait_for(self._read_body(request), timeout=self.read_timeout)
+        except _TooLarge:
+            self._log(request, 413)
+            return _error(413, f"payload too large (limit {MAX_BODY} bytes)")
+        except TimeoutError:
+            self._log(request, 408)
+            return _error(408, f"body not received within {self.read_timeout:g} s")
+        except ClientDisconnect:
+            return _error(400, "client disconnected")
         try:
             payload = HubPayload.model_validate_json(body)
         except ValidationError as exc:
             first = exc.errors()[0]
-            return self._reply(400, {"error": f"not a Hub webhook payload: {first['msg']}",
-                                     "field": ".".join(map(str, first["loc"]))})
+            self._log(request, 400)
+            return _error(400, f"not a Hub webhook payload: {first['msg']}",
+                          field=".".join(map(str, first["loc"])))
         try:
-            result = handle(payload, self.server.spec_paths())
-        except Exception as exc:  # noqa: BLE001 - the Hub shows the status; a 500 lets the operator replay it
-            return self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
-        self._reply(200, result)
+            result = await anyio.to_thread.run_sync(lambda: handle(payload, self.spec_paths()),
+                                                    limiter=self._workers)
+        except Exception:  # a 500 lets the Hub's operator replay it; the details stay in our log
+            incident = uuid.uuid4().hex[:12]
+            log.exception("webhook %s failed", incident)
+            return _error(500, "internal error: the receiver's log has the details", id=incident)
+        self._log(request, 200)
+        return JSONResponse(result)
 
+    def _log(self, request: Request, status: int) -> None:
+        if self.verbose:  # the path only: never a query (it may carry a secret someone put there)
+            sys.stderr.write(f"webhook: {request.method} {request.url.path} {status}\n")
 
-class WebhookServer(ThreadingHTTPServer):
-    daemon_threads = True
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        finally:
+            self._stopped.set()
 
-    def __init__(self, address: tuple[str, int], *, secret: str, spec_paths: Callable[[], list[str]],
-                 verbose: bool = False) -> None:
-        if not secret:
-            raise ValueError("a webhook secret is required: every request without it is refused")
-        super().__init__(address, _Handler)
-        self.secret = secret
-        self.spec_paths = spec_paths
-        self.verbose = verbose
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        self._stopped.wait(timeout=15)
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}{PATH}"
+    def server_close(self) -> None:
+        self._sock.close()
 
 
 def make_server(*, host: str = "127.0.0.1", port: int = 0, secret: str, specs: list[str] | None = None,
-                verbose: bool = False) -> WebhookServer:
+                verbose: bool = False, **limits: Any) -> WebhookServer:
     """The receiver; ``specs`` are spec paths (default: every spec under deployments/, re-read per request)."""
-    from flows.watch_revisions import default_specs
+    if specs:
+        paths: Callable[[], list[str]] = lambda: list(specs)  # noqa: E731
+    else:
+        from flows.watch_revisions import default_specs
 
-    paths = (lambda: list(specs)) if specs else default_specs
-    return WebhookServer((host, port), secret=secret, spec_paths=paths, verbose=verbose)
+        paths = default_specs
+    return WebhookServer((host, port), secret=secret, spec_paths=paths, verbose=verbose, **limits)
 
 
 def read_secret(block: str | None) -> str | None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -37,6 +37,10 @@ class Settings(BaseSettings):
                                                                                        "LLM_FLEET_HF_ENDPOINT"))
     hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "LLM_FLEET_HF_TOKEN"))
 
+    # Where a spec named by an event (trigger, webhook) may live (manifests/triggers.py); empty =
+    # the bundled deployments/. Colon-separated in the environment: LLM_FLEET_TRUSTED_SPEC_DIRS=/a:/b.
+    trusted_spec_dirs: Annotated[list[Path], NoDecode] = []
+
     slack_token: SecretStr | None = Field(None, validation_alias=AliasChoices("SLACK_BOT_TOKEN",
                                                                               "LLM_FLEET_SLACK_TOKEN"))
     slack_api_url: str = "https://slack.com/api/"
@@ -57,6 +61,11 @@ class Settings(BaseSettings):
     # scheduling jitter on a busy machine is not mistaken for a slow model.
     time_scale: float = 1.0
     min_load_timeout_s: float = 0.0
+
+    @field_validator("trusted_spec_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        return [p for p in value.split(":") if p] if isinstance(value, str) else value
 
 
 @lru_cache(maxsize=1)

@@ -236,9 +236,12 @@ def test_hub_webhook_starts_a_release_and_a_wrong_secret_starts_nothing(release_
         # The Hub replays a delivery: no second release.
         resp = httpx.post(server.url, json=hub_push_payload(new, branch), headers={"X-Webhook-Secret": server.secret})
         assert resp.json()["announced"][0]["status"] == "already announced"
-        # A push to a branch no spec tracks is ignored.
-        resp = httpx.post(f"{server.url}?secret={server.secret}", json=hub_push_payload("b" * 40, "other"))
+        # A push to a branch no spec tracks is ignored; the secret in the query (where proxies log it) is refused.
+        resp = httpx.post(server.url, json=hub_push_payload("b" * 40, "other"),
+                          headers={"X-Webhook-Secret": server.secret})
         assert resp.status_code == 200 and "ignored" in resp.json()
+        resp = httpx.post(f"{server.url}?secret={server.secret}", json=hub_push_payload("b" * 40, "other"))
+        assert resp.status_code == 401
     finally:
         sbc.remove_hub_webhook(right["id"])
     # The refused commit was never released (its delivery came before the accepted one).

@@ -170,6 +170,12 @@ def test_push_revision_moves_main_and_keeps_history(hub):
     assert a.model_info("Qwen/Qwen2.5-7B-Instruct", revision="dev").sha == dev
     assert hub.config("Qwen/Qwen2.5-7B-Instruct", "dev")["x"] == 1
     assert {b.name for b in a.list_repo_refs("Qwen/Qwen2.5-7B-Instruct").branches} == {"main", "dev"}
+    # git history: each branch lists its own commits and their ancestors, never another branch's.
+    newer = hub.push_revision("Qwen/Qwen2.5-7B-Instruct")
+    main_log = [c.commit_id for c in a.list_repo_commits("Qwen/Qwen2.5-7B-Instruct", revision="main")]
+    dev_log = [c.commit_id for c in a.list_repo_commits("Qwen/Qwen2.5-7B-Instruct", revision="dev")]
+    assert main_log[:2] == [newer, new] and dev not in main_log
+    assert dev_log[:2] == [dev, new] and newer not in dev_log
 
 
 def test_add_model(hub):
