@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from manifests import names
+from manifests import names, playground
 from manifests.catalog import pod_resources
 from manifests.names import Color
 from manifests.spec import DeploymentSpec, SpecError
@@ -72,8 +72,13 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "networkpolicies"], "verbs": manage},
         {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": manage},
         {"apiGroups": ["monitoring.googleapis.com"], "resources": ["podmonitorings", "rules"], "verbs": manage},
+        # The model lock (tasks/locks.py): take, renew and give up the model's Lease. No resourceNames: the
+        # Role is shared by every model in the namespace (each has its own Lease), and create cannot be
+        # restricted by name in RBAC anyway.
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["list"]},
-        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "resourceNames": [name],
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+         "resourceNames": [name, *([playground.ACCOUNT] if spec.expose.playground else [])],
          "verbs": ["get", "patch", "delete"]},
     ]
     cluster_name = names.operator_cluster_rbac(ns)
@@ -83,6 +88,11 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiGroups": ["apiregistration.k8s.io"], "resources": ["apiservices"], "verbs": ["get"],
          "resourceNames": ["v1beta1.custom.metrics.k8s.io", "v1beta2.custom.metrics.k8s.io"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+        # the spec's ComputeClass (capacity options): applied by deploy, deleted by teardown
+        *([{"apiGroups": ["cloud.google.com"], "resources": ["computeclasses"], "verbs": ["create"]},
+           {"apiGroups": ["cloud.google.com"], "resources": ["computeclasses"],
+            "resourceNames": [names.compute_class(spec)], "verbs": ["get", "patch", "delete"]}]
+          if spec.capacity else []),
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"],
          "resourceNames": [cluster_name], "verbs": ["get", "patch"]},
     ]
@@ -99,6 +109,7 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiVersion": f"{rbac}/v1", "kind": "ClusterRoleBinding",
          "metadata": _meta(spec, cluster_name, labels=labels, namespaced=False),
          "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": cluster_name}, "subjects": subject},
+        *(playground.rbac(spec) if spec.expose.playground else []),
     ]
 
 
@@ -154,7 +165,7 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
     env += [{"name": k, "value": v} for k, v in sorted(eng.env.items())]
 
     gpus = str(spec.accelerator.count)
-    cpu, memory = pod_resources(spec.accelerator.machine)
+    cpu, memory = _pod_resources(spec)
     load_s = spec.default_load_timeout().total_seconds()
     period = 10
     container: Obj = {
@@ -223,7 +234,60 @@ def _pod_security(spec: DeploymentSpec) -> Obj:
     return sc
 
 
+def compute_class(spec: DeploymentSpec) -> Obj | None:
+    """The spec's capacity options as a GKE custom ComputeClass: GKE's autoscaler tries the priorities in
+    order at every scale-up (a stockout, a quota wall or a lost spot VM moves on to the next one), moves
+    pods back to a better priority when it frees up (``activeMigration``), and never creates a node
+    outside the list (``whenUnsatisfiable: DoNotScaleUp``). Without auto-creation the priorities match
+    the pools provision_cluster creates per option (``manifests.provision.option_pool_bodies``)."""
+    if not spec.capacity:
+        return None
+    priorities: list[Obj] = []
+    for i, opt in enumerate(spec.capacity_options):
+        rule: Obj = {"machineType": opt.machine,
+                     "gpu": {"type": opt.gpu, "count": opt.count, "driverVersion": "latest"}}
+        if opt.provisioning == "spot":
+            rule["spot"] = True
+        elif opt.provisioning == "flex-start":
+            rule["flexStart"] = {"enabled": True}
+        elif opt.provisioning == "reservation":
+            rule["reservations"] = {"affinity": "Specific",
+                                    "specific": [{"name": opt.reservation, "project": spec.cluster.project}]}
+        zones = spec.option_zones(i)
+        if zones:
+            rule["location"] = {"zones": zones}
+        priorities.append(rule)
+    auto = spec.cluster.mode == "autopilot" or spec.cluster.node_pool_auto_creation
+    return {"apiVersion": "cloud.google.com/v1", "kind": "ComputeClass",
+            "metadata": _meta(spec, names.compute_class(spec), namespaced=False),
+            "spec": {"priorities": priorities,
+                     "activeMigration": {"optimizeRulePriority": True},
+                     "nodePoolAutoCreation": {"enabled": auto},
+                     "whenUnsatisfiable": "DoNotScaleUp"}}
+
+
+def _pod_resources(spec: DeploymentSpec) -> tuple[str, str]:
+    """cpu/memory of a model pod: sized to the smallest machine among the capacity options, so the pod
+    fits every option's node (with one option: that machine, as before)."""
+    shapes = [pod_resources(opt.machine) for opt in spec.capacity_options]
+    cpu = min(float(c) for c, _ in shapes)
+    mem = min(int(m.removesuffix("Gi")) for _, m in shapes)
+    return f"{cpu:g}", f"{mem}Gi"
+
+
 def _placement(spec: DeploymentSpec) -> Obj:
+    tolerations = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+    if spec.capacity:
+        # the ComputeClass picks the node (any option); its nodes carry the class's label and taint
+        cls = names.compute_class(spec)
+        if spec.cluster.mode == "autopilot":
+            return {"nodeSelector": {names.COMPUTE_CLASS_LABEL: cls}}
+        tolerations.append({"key": names.COMPUTE_CLASS_LABEL, "operator": "Equal", "value": cls,
+                            "effect": "NoSchedule"})
+        if any(opt.spot for opt in spec.capacity_options):
+            tolerations.append({"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+                                "effect": "NoSchedule"})
+        return {"nodeSelector": {names.COMPUTE_CLASS_LABEL: cls}, "tolerations": tolerations}
     acc = spec.accelerator
     selector = {"cloud.google.com/gke-accelerator": acc.type}
     if acc.spot:
@@ -232,7 +296,6 @@ def _placement(spec: DeploymentSpec) -> Obj:
         # Autopilot provisions a GPU node for this selector by itself (seed 000).
         return {"nodeSelector": selector}
     selector["cloud.google.com/gke-nodepool"] = acc.pool.name
-    tolerations = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
     if acc.spot:
         tolerations.append({"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
                             "effect": "NoSchedule"})
@@ -376,7 +439,10 @@ def ingress(spec: DeploymentSpec) -> Obj | None:
     if ing.cluster_issuer:
         annotations["cert-manager.io/cluster-issuer"] = ing.cluster_issuer
     backend = {"service": {"name": names.service(spec), "port": {"number": spec.expose.port}}}
-    rule: Obj = {"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]}}
+    paths = [{"path": "/", "pathType": "Prefix", "backend": backend}]
+    if spec.expose.playground:
+        paths.insert(0, playground.ingress_path(spec))
+    rule: Obj = {"http": {"paths": paths}}
     if ing.host:
         rule["host"] = ing.host
     body["rules"] = [rule]
@@ -407,6 +473,9 @@ def network_policy(spec: DeploymentSpec) -> Obj | None:
     elif ing is not None:
         peers += [{"ipBlock": {"cidr": cidr}} for cidr in GFE_RANGES]
     peers += [_from_namespace(ns) for ns in spec.expose.allow_from_namespaces]
+    if spec.expose.playground:  # the page's answers come from the model
+        peers.append({"podSelector": {"matchLabels": {"app.kubernetes.io/instance": spec.name,
+                                                      "app.kubernetes.io/component": "playground"}}})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _meta(spec, f"{spec.name}-ingress"),
@@ -494,13 +563,14 @@ def render(spec: DeploymentSpec, *, color: Color = "blue", revision: str | None 
     if spec.target != "gke":
         raise SpecError("target", f"target {spec.target} has no Kubernetes objects",
                         "render specs with target: gke; Vertex AI endpoints are not rendered")
-    objs: list[Obj | None] = [namespace(spec)]
+    objs: list[Obj | None] = [namespace(spec), compute_class(spec)]
     if rbac:
         objs += operator_rbac(spec)
     objs += [workload_account(spec), cache_claim(spec) if spec.cache.enabled else None,
              applied_deployment(spec, color, revision=revision),
              live_service(spec, color), preview_service(spec, color),
-             ingress(spec), network_policy(spec), autoscaler(spec, color), *monitoring(spec)]
+             ingress(spec), network_policy(spec), autoscaler(spec, color), *monitoring(spec),
+             *playground.objects(spec)]
     return [o for o in objs if o is not None]
 
 

@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -106,6 +107,64 @@ def _service_env(cluster: Any, namespace: str) -> dict[str, str]:
     return env
 
 
+def _project_account(cluster: Any, namespace: str, account: str, *, stopped: threading.Event) -> str | None:
+    """The kubelet's projected ServiceAccount volume: ``token`` (a bound token, rewritten at 80 % of its
+    lifetime as the kubelet does), ``ca.crt`` and ``namespace``. A real pod reads them at
+    ``/var/run/secrets/kubernetes.io/serviceaccount``; a local process gets a private directory instead,
+    named by ``$SERVICEACCOUNT_DIR``. None when the cluster has no auth or the account does not exist."""
+    auth, tls = getattr(cluster, "auth", None), getattr(cluster, "tls", None)
+    if auth is None:
+        return None
+    try:
+        token, expiry = auth.issue_sa_token(namespace, account)
+    except Exception:  # noqa: BLE001 - no such ServiceAccount: nothing to mount
+        return None
+    folder = tempfile.mkdtemp(prefix="llm-fleet-sa-")
+
+    def write(name: str, text: str) -> None:
+        fd = os.open(os.path.join(folder, name + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))  # readers never see half
+
+    write("token", token)
+    write("namespace", namespace)
+    if tls is not None:
+        pem = tls.ca_pem() if callable(tls.ca_pem) else tls.ca_pem
+        write("ca.crt", pem.decode() if isinstance(pem, bytes) else pem)
+
+    def refresh(expiry: float) -> None:
+        while not stopped.wait(max(0.05, 0.8 * (expiry - time.time()))):
+            if not os.path.isdir(folder):
+                return
+            with contextlib.suppress(Exception):
+                fresh, expiry = auth.issue_sa_token(namespace, account)
+                write("token", fresh)
+
+    threading.Thread(target=refresh, args=(expiry,), name=f"localproc-token-{account}", daemon=True).start()
+    return folder
+
+
+def _secret_value(cluster: Any, namespace: str, ref: dict[str, Any]) -> str | None:
+    """An env var's ``secretKeyRef`` as the kubelet resolves it: the key's decoded value; None when the
+    Secret or key is missing and ``optional: true``; else LookupError with the kubelet's message."""
+    import base64
+
+    from sandbox.kube import resources as res
+
+    secret = cluster.store.get(res.BY_KEY[("", "secrets")], namespace, ref.get("name", ""))
+    if secret is None:
+        if ref.get("optional"):
+            return None
+        raise LookupError(f'secret "{ref.get("name")}" not found')
+    data = secret.get("data") or {}
+    if ref.get("key") not in data:
+        if ref.get("optional"):
+            return None
+        raise LookupError(f"couldn't find key {ref.get('key')} in Secret {namespace}/{ref.get('name')}")
+    return base64.b64decode(data[ref["key"]]).decode()
+
+
 class LocalProcess:
     """One container run as a subprocess; the interface the kubelet expects of a model server."""
 
@@ -135,7 +194,22 @@ class LocalProcess:
         for item in c.get("env") or []:
             if "value" in item:
                 env[item["name"]] = _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), str(item["value"]))
+            elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):
+                try:
+                    value = _secret_value(cluster, self.namespace, ref)
+                except LookupError as exc:  # the kubelet: CreateContainerConfigError, the container never starts
+                    self._proc, self._sa_dir = None, None
+                    self._fail(f"CreateContainerConfigError: {exc}")
+                    return
+                if value is not None:
+                    env[item["name"]] = value
         env["PORT"] = str(self.port)  # the assigned port wins over a PORT the container sets
+        self._sa_dir: str | None = None
+        if spec.get("automountServiceAccountToken", True):
+            self._sa_dir = _project_account(cluster, self.namespace, spec.get("serviceAccountName") or "default",
+                                            stopped=self._stopped)
+            if self._sa_dir is not None:
+                env["SERVICEACCOUNT_DIR"] = self._sa_dir
         argv = [_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), str(a))
                 for a in list(c.get("command") or []) + list(c.get("args") or [])]
         self._proc: subprocess.Popen[str] | None = None
@@ -197,6 +271,8 @@ class LocalProcess:
     def _forget(self) -> None:
         """The cluster's service-link ports close with its last local process."""
         _LIVE.discard(self)
+        if self._sa_dir is not None:
+            shutil.rmtree(self._sa_dir, ignore_errors=True)
         with _ROUTES_LOCK:
             if any(p.cluster is self.cluster for p in _LIVE):
                 return
