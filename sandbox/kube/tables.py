@@ -145,11 +145,78 @@ def _event_row(e: Obj) -> list[Any]:
             e.get("message", "")]
 
 
+def _more(items: list[str], limit: int, sep: str, empty: str = "") -> str:
+    """printers.go ``listWithMoreString``: the first ``limit`` items, then `` + N more...``."""
+    text = sep.join(items[:limit])
+    if len(items) > limit:
+        return f"{text} + {len(items) - limit} more..."
+    return text or empty
+
+
+def _hpa_targets(specs: list[Obj], statuses: list[Obj]) -> str:
+    """printers.go ``formatHPAMetrics`` (1.30): ``current/target`` per metric, matched by index with
+    ``status.currentMetrics``, ``<unknown>`` where there is no current value yet."""
+    if not specs:
+        return "<none>"
+    out = []
+    for i, spec in enumerate(specs):
+        kind = spec.get("type", "")
+        key = kind[:1].lower() + kind[1:]  # Resource -> resource, ContainerResource -> containerResource
+        target = (spec.get(key) or {}).get("target") or {}
+        current = ((statuses[i] if i < len(statuses) else {}).get(key) or {}).get("current") or {}
+        if kind in ("Resource", "ContainerResource") and "averageValue" not in target:
+            cur = f"{current['averageUtilization']}%" if "averageUtilization" in current else "<unknown>"
+            tgt = f"{target['averageUtilization']}%" if "averageUtilization" in target else "<auto>"
+            out.append(f"{cur}/{tgt}")
+        elif kind in ("Pods", "Resource", "ContainerResource"):
+            out.append(f"{current.get('averageValue', '<unknown>')}/{target.get('averageValue')}")
+        elif kind in ("Object", "External"):
+            field = "averageValue" if "averageValue" in target else "value"
+            out.append(f"{current.get(field, '<unknown>')}/{target.get(field)}" + (" (avg)" if field ==
+                                                                                   "averageValue" else ""))
+        else:
+            out.append("<unknown type>")
+    return _more(out, 2, ", ")
+
+
 def _hpa_row(h: Obj) -> list[Any]:
     spec, st = h.get("spec") or {}, h.get("status") or {}
     ref = spec.get("scaleTargetRef") or {}
-    return [h["metadata"]["name"], f"{ref.get('kind', '')}/{ref.get('name', '')}", "<unknown>",
-            spec.get("minReplicas", 1), spec.get("maxReplicas", 0), st.get("currentReplicas", 0), _age(h)]
+    # autoscaling/v2 defaulting: no metrics = 80 % average CPU utilization (what the controller scales on)
+    metrics = spec.get("metrics") or [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]
+    min_pods = spec.get("minReplicas")
+    return [h["metadata"]["name"], f"{ref.get('kind', '')}/{ref.get('name', '')}",
+            _hpa_targets(metrics, st.get("currentMetrics") or []), "<unset>" if min_pods is None else str(min_pods),
+            spec.get("maxReplicas", 0), st.get("currentReplicas", 0), _age(h)]
+
+
+def _sc_row(s: Obj) -> list[Any]:
+    default = (s["metadata"].get("annotations") or {}).get("storageclass.kubernetes.io/is-default-class") == "true"
+    return [s["metadata"]["name"] + (" (default)" if default else ""), s.get("provisioner", ""),
+            s.get("reclaimPolicy") or "Delete", s.get("volumeBindingMode") or "Immediate",
+            bool(s.get("allowVolumeExpansion")), _age(s)]
+
+
+def _apiservice_row(a: Obj) -> list[Any]:
+    svc = (a.get("spec") or {}).get("service")
+    conds = [c for c in (a.get("status") or {}).get("conditions") or [] if c.get("type") == "Available"]
+    # the sandbox keeps an installed APIService Available without a status (docs/sandbox-contract.md)
+    status = "True" if not conds and svc else "Unknown"
+    if conds:
+        c = conds[0]
+        status = c.get("status", "Unknown")
+        if status != "True" and c.get("reason"):
+            status = f"{status} ({c['reason']})"
+    return [a["metadata"]["name"], f"{svc.get('namespace', '')}/{svc.get('name', '')}" if svc else "Local", status,
+            _age(a)]
+
+
+def _slice_row(e: Obj) -> list[Any]:
+    ports = [str(p["port"]) if p.get("port") is not None else p.get("name") or "*" for p in e.get("ports") or []]
+    addrs = [a for ep in e.get("endpoints") or [] for a in ep.get("addresses") or []]
+    return [e["metadata"]["name"], e.get("addressType", ""), _more(ports, 3, ",", "<unset>"),
+            _more(addrs, 3, ",", "<unset>"), _age(e)]
 
 
 def _ing_row(i: Obj) -> list[Any]:
@@ -157,8 +224,7 @@ def _ing_row(i: Obj) -> list[Any]:
     hosts = ",".join(r.get("host", "") for r in spec.get("rules") or [] if r.get("host")) or "*"
     addr = ",".join(x.get("ip") or x.get("hostname") or "" for x in
                     ((i.get("status") or {}).get("loadBalancer") or {}).get("ingress") or [])
-    cls = spec.get("ingressClassName") or (i["metadata"].get("annotations") or {}).get(
-        "kubernetes.io/ingress.class") or "<none>"
+    cls = spec.get("ingressClassName") or "<none>"  # printers.go: the field only, never the annotation
     return [i["metadata"]["name"], cls, hosts, addr, "80, 443" if spec.get("tls") else "80", _age(i)]
 
 
@@ -221,8 +287,13 @@ PRINTERS: dict[str, tuple[list[Column], Callable[[Obj], list[Any]]]] = {
     "Event": ([("Last Seen", "string", 0), ("Type", "string", 0), ("Reason", "string", 0),
                ("Object", "string", 0), ("Message", "string", 0)], _event_row),
     "HorizontalPodAutoscaler": ([NAME, ("Reference", "string", 0), ("Targets", "string", 0),
-                                 ("MinPods", "integer", 0), ("MaxPods", "integer", 0), ("Replicas", "integer", 0),
+                                 ("MinPods", "string", 0), ("MaxPods", "integer", 0), ("Replicas", "integer", 0),
                                  AGE], _hpa_row),
+    "StorageClass": ([NAME, ("Provisioner", "string", 0), ("ReclaimPolicy", "string", 0),
+                      ("VolumeBindingMode", "string", 0), ("AllowVolumeExpansion", "string", 0), AGE], _sc_row),
+    "APIService": ([NAME, ("Service", "string", 0), ("Available", "string", 0), AGE], _apiservice_row),
+    "EndpointSlice": ([NAME, ("AddressType", "string", 0), ("Ports", "string", 0), ("Endpoints", "string", 0),
+                       AGE], _slice_row),
     "Ingress": ([NAME, ("Class", "string", 0), ("Hosts", "string", 0), ("Address", "string", 0),
                  ("Ports", "string", 0), AGE], _ing_row),
     "PersistentVolumeClaim": ([NAME, ("Status", "string", 0), ("Volume", "string", 0), ("Capacity", "string", 0),

@@ -175,3 +175,51 @@ def test_create_token_defaults_to_one_hour(kubectl):
     assert made["spec"]["expirationSeconds"] == 3600 and made["status"]["token"].count(".") == 2
     short = kubectl("create", "token", "reader", "-n", "default", "--duration=5m", check=False)
     assert short.returncode == 1 and "may not specify a duration less than 10 minutes" in short.stderr
+
+
+def test_get_columns_as_the_api_server_prints_them(kubectl, kube):
+    """Server-side tables (printers.go): HPA TARGETS from status.currentMetrics, StorageClass / APIService /
+    EndpointSlice columns, and an Ingress classed only by annotation has CLASS <none>."""
+    from sandbox.kube import addons
+
+    kubectl("create", "namespace", "cols")
+    kubectl("create", "deployment", "hpa-web", "--image=vllm/vllm-openai:v0.6.3", "-n", "cols")
+    kubectl("set", "resources", "deploy/hpa-web", "-n", "cols", "--requests=cpu=500m")
+    kubectl("expose", "deployment", "hpa-web", "-n", "cols", "--port=80", "--target-port=8000")
+    kubectl("apply", "-f", "-", stdin=(
+        "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: hpa-web, namespace: cols}\n"
+        "spec:\n  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: hpa-web}\n  minReplicas: 1\n"
+        "  maxReplicas: 3\n  metrics: [{type: Resource, resource: {name: cpu, target: {type: Utilization, "
+        "averageUtilization: 60}}}]\n"))
+    kubectl("wait", "--for=jsonpath={.status.currentMetrics[0].resource.current.averageUtilization}",
+            "hpa/hpa-web", "-n", "cols", "--timeout=30s")
+    util = kubectl("get", "hpa", "hpa-web", "-n", "cols", "-o",
+                   "jsonpath={.status.currentMetrics[0].resource.current.averageUtilization}").stdout
+    row = kubectl("get", "hpa", "hpa-web", "-n", "cols").stdout.splitlines()
+    assert row[0].split() == ["NAME", "REFERENCE", "TARGETS", "MINPODS", "MAXPODS", "REPLICAS", "AGE"]
+    assert row[1].split()[:5] == ["hpa-web", "Deployment/hpa-web", f"{util}%/60%", "1", "3"]
+
+    sc = kubectl("get", "sc").stdout.splitlines()
+    assert sc[0].split() == ["NAME", "PROVISIONER", "RECLAIMPOLICY", "VOLUMEBINDINGMODE", "ALLOWVOLUMEEXPANSION",
+                             "AGE"]
+    assert any(r.split()[:5] == ["standard-rwo", "(default)", "pd.csi.storage.gke.io", "Delete",
+                                 "WaitForFirstConsumer"] for r in sc[1:]), sc
+
+    addons.install_custom_metrics_adapter(kube)
+    api = kubectl("get", "apiservice", "v1beta1.custom.metrics.k8s.io").stdout.splitlines()
+    assert api[0].split() == ["NAME", "SERVICE", "AVAILABLE", "AGE"]
+    assert api[1].split()[:3] == ["v1beta1.custom.metrics.k8s.io", "custom-metrics/custom-metrics-stackdriver-adapter",
+                                  "True"]
+
+    kubectl("wait", "--for=condition=Available", "deploy/hpa-web", "-n", "cols", "--timeout=30s")
+    slices = kubectl("get", "endpointslices", "-n", "cols").stdout.splitlines()
+    assert slices[0].split() == ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"]
+    ip = kubectl("get", "pods", "-n", "cols", "-o", "jsonpath={.items[0].status.podIP}").stdout
+    assert slices[1].split()[1:4] == ["IPv4", "8000", ip], slices
+
+    ing = ("apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: by-annotation\n  namespace: cols\n"
+           "  annotations: {kubernetes.io/ingress.class: gce}\nspec:\n  defaultBackend:\n"
+           "    service: {name: hpa-web, port: {number: 80}}\n")
+    kubectl("apply", "-f", "-", stdin=ing)
+    rows = kubectl("get", "ingress", "-n", "cols").stdout.splitlines()
+    assert rows[0].split()[:2] == ["NAME", "CLASS"] and rows[1].split()[:2] == ["by-annotation", "<none>"]
