@@ -1,0 +1,667 @@
+"""A seeded random fault campaign: operations and faults at random, invariants checked continuously.
+
+A random walk (seeded: the same seed makes the same choices) over deploy, release of a good or a bad
+revision, rollback, park, wake (by a held request), teardown of another model in the same pool, and
+faults around them: the flow process killed at a random moment, the Prefect server restarted, API
+429/503/reset bursts, endpoint propagation lag, a probe and scrape storm on a parked model, a second
+concurrent operation on the same model, spot preemption of a GPU node (when the sandbox has it).
+Every operation is its own process (``--run-op``), as a Prefect worker runs each flow run, so a kill is
+a real SIGKILL. Constant client load goes through the live Service's own address all the time, and a
+watch thread checks the invariants while everything runs:
+
+* I1 the live Service never selects a color without Ready endpoints while the model is not parked;
+* I2 the pod template of the color the live Service selects never changes while it is selected;
+* I3 every client request gets a 2xx, or a 503 with Retry-After — never a reset, a 502 or a 5xx
+  without Retry-After;
+* I4 after every operation that ended (whatever its outcome): no stray color, the GPU pods the policy
+  calls for, GPU nodes no more than the pods need; a parked model stays parked under probes and scrapes;
+* I5 no operation waits on a lock whose holder is gone for longer than the lease.
+
+Prints the ops run, fault kinds exercised, requests sent, violations per invariant, the seed and the
+operation log (on a violation), ending with ``violations: <total>``.
+
+    uv run python bench/campaign.py --seed 1 --ops 200 [--env FILE] [--time-scale 0.005]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPEC = "deployments/gemma2-2b-it-vllm-l4.yaml"
+MODEL_LABEL, COLOR_LABEL = "app.kubernetes.io/instance", "llm-fleet.dev/color"
+PARK_RECORD = "llm-fleet.dev/park-record"
+PROBE_AGENTS = ("kube-probe/1.30", "GoogleHC/1.0", "Prometheus/2.51.0")
+BAD_MODES = ("crash_loop", "http_500", "wrong_answers")
+# (op, weight): the walk's menu. Faults wrap an operation (kill, restart, burst, lag, concurrent).
+MENU = [("release_good", 4), ("release_bad", 2), ("rollback", 1), ("park", 2), ("wake", 2), ("deploy", 1),
+        ("other_cycle", 1), ("kill", 2), ("prefect_restart", 1), ("api_burst", 2), ("endpoint_lag", 1),
+        ("probe_storm", 1), ("concurrent", 1), ("spot_preempt", 1)]
+FLOW_OPS = ("release_good", "release_bad", "rollback", "park", "wake", "deploy")
+
+
+# ---- one operation, in its own process ---------------------------------------------------------------
+
+def run_op(op: str, spec: str, revision: str | None) -> int:
+    """``--run-op``: one flow run, as a worker would start it; prints a JSON line with the outcome."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from tasks.settings import reload_settings
+
+    reload_settings()
+    try:
+        if op == "provision":
+            from flows.provision_cluster import provision_cluster
+            out = provision_cluster(spec=spec)
+        elif op == "deploy":
+            from flows.deploy_model import deploy_model
+            out = deploy_model(spec=spec)
+        elif op == "release":
+            from flows.release_model import release_model
+            out = release_model(spec=spec, revision=revision)
+        elif op == "rollback":
+            from flows.release_model import rollback_model
+            out = rollback_model(spec=spec)
+        elif op == "park":
+            from flows.park import park_model
+            out = park_model(spec=spec, reason="campaign")
+        elif op == "wake":
+            from flows.park import wake_model
+            out = wake_model(spec=spec, reason="held request")
+        elif op == "teardown":
+            from flows.teardown import teardown
+            out = teardown(spec=spec)
+        else:
+            raise SystemExit(f"unknown op {op}")
+    except Exception as exc:  # noqa: BLE001 - the outcome is reported, not raised
+        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}), flush=True)
+        return 1
+    print(json.dumps({"ok": True, "result": str(out)[:300]}), flush=True)
+    return 0
+
+
+# ---- the Prefect server the ops report to (restartable: a fault kind) --------------------------------
+
+class PrefectServer:
+    def __init__(self, home: Path) -> None:
+        from tests.flows.server_support import free_port
+
+        self.home, self.port = home, free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def start(self, timeout: float = 180) -> None:
+        import httpx
+
+        from tests.flows.server_support import prefect_env
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = prefect_env(self.home)
+        log = open(self.home / "server.log", "a")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--no-services"], cwd=ROOT, env=env,
+                                     stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start: {(self.home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.restarts += 1
+
+
+# ---- client load through the live address ------------------------------------------------------------
+
+class Load:
+    """Constant requests to the live Service's address; I3 judged on every answer."""
+
+    def __init__(self, url: str, model: str, threads: int, violate, rate: float = 20.0) -> None:
+        self.url, self.model, self.violate = url, model, violate
+        self.pause = 1.0 / rate if rate > 0 else 0.0  # per thread: steady, not a CPU hog on a shared machine
+        self.sent = 0
+        self.outcomes: Counter[str] = Counter()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"load-{i}") for i in range(threads)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=120) as http:
+            while not self.stop.is_set():
+                self.sent += 1
+                try:
+                    r = http.post("/v1/completions", json={"model": self.model, "prompt": "Hi", "max_tokens": 2})
+                except httpx.TimeoutException:
+                    self.outcomes["client timeout (held)"] += 1
+                    continue
+                except httpx.HTTPError as exc:
+                    self.outcomes[type(exc).__name__] += 1
+                    self.violate("I3", f"request failed at the transport: {type(exc).__name__}: {exc}")
+                    time.sleep(0.05)
+                    continue
+                self.outcomes[str(r.status_code)] += 1
+                if 200 <= r.status_code < 300:
+                    time.sleep(self.pause)
+                    continue
+                if r.status_code == 503 and r.headers.get("retry-after"):
+                    time.sleep(0.05)
+                    continue
+                self.violate("I3", f"HTTP {r.status_code} without Retry-After: {r.text[:160]}")
+                time.sleep(0.05)
+
+
+# ---- the watch: I1 and I2 while everything runs ------------------------------------------------------
+
+@dataclass
+class Watch:
+    kubeconfig: str
+    namespace: str
+    name: str
+    violate: Any
+    grace_s: float = 2.0  # an endpoint controller's own lag is not a violation; seconds of no endpoints are
+    stop: threading.Event = field(default_factory=threading.Event)
+    selected: tuple[str, str] | None = None  # (color, template json) of the selected color
+    empty_since: float | None = None
+    reported_empty: bool = False
+    polls: int = 0
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self._run, daemon=True, name="watch")
+        t.start()
+        return t
+
+    def _run(self) -> None:
+        from kubernetes import client as k8s
+
+        from tasks.clients import kube_client
+
+        while not self.stop.wait(0.2):
+            try:
+                api = kube_client(self.kubeconfig)
+                core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+                svc = core.read_namespaced_service(self.name, self.namespace)
+                color = (svc.spec.selector or {}).get(COLOR_LABEL)
+                parked = PARK_RECORD in (svc.metadata.annotations or {})
+                if color is None or parked:
+                    self.selected, self.empty_since, self.reported_empty = None, None, False
+                    continue
+                dep = apps.read_namespaced_deployment(f"{self.name}-{color}", self.namespace)
+                template = json.dumps(api.sanitize_for_serialization(dep.spec.template), sort_keys=True)
+                ep = core.read_namespaced_endpoints(self.name, self.namespace)
+            except Exception:  # noqa: BLE001 - an API fault the campaign injected; next poll
+                continue
+            self.polls += 1
+            if self.selected and self.selected[0] == color and self.selected[1] != template:
+                self.violate("I2", f"the pod template of live color {color} changed while selected")
+            self.selected = (color, template)
+            ready = sum(len(s.addresses or []) for s in ep.subsets or [])
+            now = time.monotonic()
+            if ready:
+                self.empty_since, self.reported_empty = None, False
+            elif self.empty_since is None:
+                self.empty_since = now
+            elif now - self.empty_since > self.grace_s and not self.reported_empty:
+                self.reported_empty = True
+                self.violate("I1", f"the live Service selects {color} with no Ready endpoints for "
+                                   f"{now - self.empty_since:.1f} s")
+
+
+# ---- the campaign ------------------------------------------------------------------------------------
+
+class Campaign:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.work = Path(tempfile.mkdtemp(prefix="campaign-"))
+        self.violations: list[tuple[str, str, int]] = []  # (invariant, detail, op index)
+        self.log: list[str] = []
+        self.kinds: Counter[str] = Counter()
+        self.op_index = 0
+        self.sb = None
+        self.sbc = None
+        self.lease_s = 0.0
+        self.bad_revisions: list[str] = []
+
+    # -- bookkeeping
+    def violate(self, inv: str, detail: str) -> None:
+        self.violations.append((inv, detail, self.op_index))
+        self.note(f"VIOLATION {inv}: {detail}")
+
+    def note(self, text: str) -> None:
+        line = f"[{self.op_index:>3}] {text}"
+        self.log.append(line)
+        if self.args.verbose:
+            print(line, flush=True)
+
+    # -- setup
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update({"PREFECT_API_URL": self.prefect.api, "PREFECT_LOGGING_LEVEL": "WARNING",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(self.work / "client"),
+                    "PYTHONPATH": str(ROOT)})
+        return env
+
+    def setup(self) -> None:
+        import yaml
+
+        os.environ.update({"LLM_FLEET_POLL_INITIAL_S": "0.05", "LLM_FLEET_POLL_MAX_S": "0.2",
+                           "LLM_FLEET_TIME_SCALE": str(self.args.time_scale),
+                           "LLM_FLEET_KUBE_DIR": str(self.work / "kube")})
+        if self.args.env:
+            for line in Path(self.args.env).read_text().splitlines():
+                line = line.strip().removeprefix("export ").strip()
+                if line and not line.startswith("#") and "=" in line:
+                    k, _, v = line.partition("=")
+                    os.environ[k] = v.strip().strip("'\"")
+        else:
+            from bench._support import start_sandbox
+
+            self.sb = start_sandbox(self.args.time_scale)
+            os.environ["LLM_FLEET_KUBE_DIR"] = str(self.work / "kube")
+        from sandbox.client import SandboxClient
+        from tasks.settings import reload_settings
+
+        reload_settings()
+        self.sbc = SandboxClient(os.environ["LLM_FLEET_SANDBOX_URL"])
+        self.prefect = PrefectServer(self.work / "prefect")
+        self.prefect.start()
+
+        base = yaml.safe_load((ROOT / self.args.spec).read_text())
+        base["cluster"]["project"] = f"campaign-{uuid.uuid4().hex[:8]}"
+        pool = base["accelerator"].setdefault("pool", {})
+        pool.update({"min_nodes": 0, "max_nodes": 6, "initial_nodes": 1})
+        base["release"] = {**base.get("release", {}),
+                           "pre_promotion": {"requests": 4, "concurrency": 2},
+                           "post_promotion": {"requests": 4, "window": "20s", "interval": "10s"},
+                           "scale_down_delay": "10s"}
+        base.pop("schedule", None)
+        self.spec = base
+        other = json.loads(json.dumps(base))
+        other["name"] = f"{base['name']}-b"
+        self.spec_path, self.other_path = self.work / "model.yaml", self.work / "other.yaml"
+        self.spec_path.write_text(yaml.safe_dump(base))
+        self.other_path.write_text(yaml.safe_dump(other))
+        self.model_id = base["model"]["id"] if isinstance(base["model"], dict) else base["model"]
+        self.namespace = base.get("namespace", "default")
+
+        for op, path in (("provision", self.spec_path), ("deploy", self.spec_path), ("deploy", self.other_path)):
+            res = self.op(op, path, fault=None)
+            if not res["ok"]:
+                raise RuntimeError(f"setup {op} failed: {res}")
+        from tasks.clients import kubeconfig_path
+
+        c = base["cluster"]
+        self.kubeconfig = str(kubeconfig_path(project=c["project"], location=c["location"], cluster=c["name"]))
+        from tasks.locks import LEASE_S
+
+        self.lease_s = LEASE_S
+        self.other_up = True
+        self.load = Load(self._live_url(), self.model_id, self.args.threads, self.violate, self.args.rate)
+        self.load.start()
+        self.watch = Watch(self.kubeconfig, self.namespace, base["name"], self.violate)
+        self.watch.start()
+
+    def _live_url(self) -> str:
+        want = f"{self.namespace}/{self.spec['name']}"
+        for _ in range(100):
+            state = self.sbc.state()
+            for c in [*(state.get("clusters_kube") or {}).values(), state.get("kube") or {}]:
+                port = (c.get("service_ports") or {}).get(want)
+                if port:
+                    return f"http://127.0.0.1:{port['port']}"
+            time.sleep(0.1)
+        raise RuntimeError(f"no loopback address for Service {want}")
+
+    # -- running operations
+    def start_op(self, op: str, path: Path, revision: str | None = None) -> subprocess.Popen:
+        argv = [sys.executable, str(ROOT / "bench/campaign.py"), "--run-op", op, "--spec-file", str(path)]
+        if revision:
+            argv += ["--revision", revision]
+        return subprocess.Popen(argv, cwd=ROOT, env=self._env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    def finish(self, proc: subprocess.Popen, op: str, timeout: float) -> dict[str, Any]:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return {"ok": False, "stuck": True, "error": f"{op} ran over {timeout:.0f} s", "stderr": err[-800:]}
+        for line in reversed(out.splitlines()):
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(line)
+        return {"ok": False, "error": f"{op} exited {proc.returncode}", "stderr": err[-800:]}
+
+    def op(self, op: str, path: Path, *, revision: str | None = None, fault: str | None = None) -> dict[str, Any]:
+        t0 = time.monotonic()
+        res = self.finish(self.start_op(op, path, revision), op, self.args.op_timeout)
+        self.note(f"{op}{' ' + revision[:8] if revision else ''} ({fault or 'no fault'}): "
+                  f"{'ok' if res['ok'] else res.get('error')} in {time.monotonic() - t0:.1f} s")
+        if res.get("stuck"):
+            self.violate("I5", f"{op} waited past {self.args.op_timeout:.0f} s (a lock whose holder is gone?)")
+        return res
+
+    # -- the walk
+    def step(self) -> None:
+        choices = [(k, w) for k, w in MENU if k != "spot_preempt" or hasattr(self.sbc, "preempt_node")]
+        kind = self.rng.choices([k for k, _ in choices], weights=[w for _, w in choices])[0]
+        self.kinds[kind] += 1
+        getattr(self, f"do_{kind}")()
+        self.check_policy()
+
+    def flow_op(self) -> tuple[str, str | None]:
+        """A random flow operation on the model (for faults to wrap)."""
+        op = self.rng.choice(FLOW_OPS)
+        if op == "release_good":
+            return "release", self.sbc.push_revision(self.model_id, title="campaign: good")
+        if op == "release_bad":
+            return "release", self._bad_revision()
+        return op, None
+
+    def _bad_revision(self) -> str:
+        sha = self.sbc.push_revision(self.model_id, title="campaign: broken weights")
+        self.sbc.add_behavior(revision=sha, mode=self.rng.choice(BAD_MODES))
+        self.bad_revisions.append(sha)
+        return sha
+
+    def do_release_good(self) -> None:
+        self.op("release", self.spec_path, revision=self.sbc.push_revision(self.model_id, title="campaign: good"))
+
+    def do_release_bad(self) -> None:
+        self.op("release", self.spec_path, revision=self._bad_revision())
+
+    def do_rollback(self) -> None:
+        self.op("rollback", self.spec_path)
+
+    def do_park(self) -> None:
+        self.op("park", self.spec_path)
+
+    def do_wake(self) -> None:
+        self.op("wake", self.spec_path)
+
+    def do_deploy(self) -> None:
+        self.op("deploy", self.spec_path)
+
+    def do_other_cycle(self) -> None:
+        """Teardown of another model in the same pool (or its deploy, when it is gone)."""
+        self.op("teardown" if self.other_up else "deploy", self.other_path, fault="other model")
+        self.other_up = not self.other_up
+
+    def do_kill(self) -> None:
+        op, rev = self.flow_op()
+        proc = self.start_op(op, self.spec_path, rev)
+        delay = self.rng.uniform(2.0, 12.0)
+        try:
+            proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        self.note(f"{op} killed after {delay:.1f} s")
+        self.after_kill = time.monotonic()
+        res = self.op("deploy" if op == "deploy" else "rollback" if op == "release" else op, self.spec_path,
+                      fault="after a kill")
+        if not res["ok"] and "LockTimeout" in str(res.get("error")):
+            self.violate("I5", f"the next operation after a killed holder timed out on the lock: {res['error']}")
+
+    def do_prefect_restart(self) -> None:
+        op, rev = self.flow_op()
+        proc = self.start_op(op, self.spec_path, rev)
+        time.sleep(self.rng.uniform(1.0, 8.0))
+        self.prefect.restart()
+        self.note("prefect server restarted")
+        self.finish(proc, op, self.args.op_timeout)
+        res = self.op(op if op != "release" else "rollback", self.spec_path, fault="after a Prefect restart")
+        if not res["ok"] and "LockTimeout" in str(res.get("error")):
+            self.violate("I5", f"after a Prefect server restart the lock stayed taken: {res['error']}")
+
+    def do_api_burst(self) -> None:
+        kind = self.rng.choice(("429", "503", "reset"))
+        rule: dict[str, Any] = {"service": "kube", "count": self.rng.randint(2, 6)}
+        if kind == "reset":
+            rule["action"] = "reset"
+        elif kind == "429":
+            rule.update(action=None, status=429, headers={"Retry-After": "1"})
+        else:
+            rule["status"] = 503
+        added = self.sbc.add_fault(**{k: v for k, v in rule.items() if v is not None})
+        op, rev = self.flow_op()
+        self.op(op, self.spec_path, revision=rev, fault=f"API {kind} burst")
+        with contextlib.suppress(Exception):
+            self.sbc.remove_fault(added["id"])
+
+    def do_endpoint_lag(self) -> None:
+        lag = getattr(self.sbc, "set_endpoint_lag", None)
+        if lag is None:
+            self.note("endpoint lag: not in this sandbox; a plain release instead")
+            self.do_release_good()
+            return
+        lag(self.rng.choice((1.0, 5.0, 15.0)))
+        try:
+            self.do_release_good()
+        finally:
+            lag(1.0)
+
+    def do_probe_storm(self) -> None:
+        """Park, then probes and scrapes with kube-probe/GoogleHC/Prometheus agents: the model stays parked."""
+        import httpx
+
+        if not self.parked():
+            res = self.op("park", self.spec_path, fault="before a probe storm")
+            if not res["ok"]:
+                return
+        self.load.stop.set()  # the storm alone: client requests would (rightly) wake it
+        for t in self.load.threads:
+            t.join(timeout=130)
+        url = self._live_url()
+        sent = 0
+        with httpx.Client(base_url=url, timeout=5) as http:
+            for i in range(60):
+                agent = PROBE_AGENTS[i % len(PROBE_AGENTS)]
+                path = "/metrics" if agent.startswith("Prometheus") else self.rng.choice(("/health", "/", "/v1/models"))
+                with contextlib.suppress(httpx.HTTPError):
+                    http.get(path, headers={"User-Agent": agent})
+                    sent += 1
+        time.sleep(2.0)
+        if not self.parked() or self.gpu_pods():
+            self.violate("I4", f"a probe and scrape storm ({sent} requests) woke the parked model")
+        self.note(f"probe storm: {sent} probe/scrape requests while parked")
+        self.load = Load(url, self.model_id, self.args.threads, self.violate, self.args.rate)
+        self.load.start()
+
+    def do_concurrent(self) -> None:
+        a, ra = self.flow_op()
+        b, rb = self.flow_op()
+        pa, pb = self.start_op(a, self.spec_path, ra), self.start_op(b, self.spec_path, rb)
+        out_a, out_b = self.finish(pa, a, self.args.op_timeout), self.finish(pb, b, self.args.op_timeout)
+        self.note(f"concurrent {a} / {b}: {out_a.get('ok')} / {out_b.get('ok')}")
+        for o, res in ((a, out_a), (b, out_b)):
+            if res.get("stuck"):
+                self.violate("I5", f"concurrent {o} waited past {self.args.op_timeout:.0f} s")
+
+    def do_spot_preempt(self) -> None:
+        node = self._gpu_nodes()[:1]
+        if node:
+            self.sbc.preempt_node(node[0])  # type: ignore[attr-defined]
+            self.note(f"spot preemption of {node[0]}")
+        self.do_release_good()
+
+    # -- cluster reads
+    def _core(self):
+        from kubernetes import client as k8s
+
+        from tasks.clients import kube_client
+
+        return k8s.CoreV1Api(kube_client(self.kubeconfig)), k8s.AppsV1Api(kube_client(self.kubeconfig))
+
+    def parked(self) -> bool:
+        core, _ = self._core()
+        svc = core.read_namespaced_service(self.spec["name"], self.namespace)
+        return PARK_RECORD in (svc.metadata.annotations or {})
+
+    def gpu_pods(self, name: str | None = None) -> list[Any]:
+        core, _ = self._core()
+        pods = core.list_namespaced_pod(self.namespace, label_selector=f"{MODEL_LABEL}={name or self.spec['name']}")
+        return [p for p in pods.items if not p.metadata.deletion_timestamp and any(
+            "nvidia.com/gpu" in ((c.resources.limits or {}) if c.resources else {}) for c in p.spec.containers)]
+
+    def _gpu_nodes(self) -> list[str]:
+        core, _ = self._core()
+        return [n.metadata.name for n in core.list_node().items
+                if "cloud.google.com/gke-accelerator" in (n.metadata.labels or {})]
+
+    def check_policy(self, settle_s: float = 20.0) -> None:
+        """I4: once settled, the GPU pods and nodes are what the policy calls for."""
+        deadline = time.monotonic() + settle_s
+        problem = ""
+        while time.monotonic() < deadline:
+            problem = self._policy_problem()
+            if not problem:
+                return
+            time.sleep(0.5)
+        self.violate("I4", problem)
+
+    def _policy_problem(self) -> str:
+        try:
+            core, apps = self._core()
+            svc = core.read_namespaced_service(self.spec["name"], self.namespace)
+            pods = self.gpu_pods()
+            other_pods = self.gpu_pods(f"{self.spec['name']}-b")
+            nodes = self._gpu_nodes()
+        except Exception as exc:  # noqa: BLE001
+            return f"could not read the cluster: {exc}"
+        if PARK_RECORD in (svc.metadata.annotations or {}):
+            if pods:
+                return f"parked, yet {len(pods)} GPU pods run"
+        else:
+            live = (svc.spec.selector or {}).get(COLOR_LABEL)
+            if live is None:
+                return f"the live Service selects no color and no park record says parked: {svc.spec.selector}"
+            stray = [p.metadata.name for p in pods if p.metadata.labels.get(COLOR_LABEL) != live]
+            if stray:
+                return f"stray GPU pods of the non-live color: {stray}"
+            dep = apps.read_namespaced_deployment(f"{self.spec['name']}-{live}", self.namespace)
+            if not dep.spec.replicas:
+                return f"the live color {live} is at 0 replicas and not parked"
+        need = len(pods) + len(other_pods)
+        if len(nodes) > max(need, 0) and len(nodes) > 1:
+            return f"{len(nodes)} GPU nodes for {need} GPU pods"
+        return ""
+
+    # -- run
+    def run(self) -> int:
+        started = time.monotonic()
+        try:
+            self.setup()
+            for i in range(self.args.ops):
+                self.op_index = i + 1
+                self.step()
+        except Exception as exc:  # noqa: BLE001 - reported with the seed
+            self.violate("setup", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.teardown()
+        return self.report(time.monotonic() - started)
+
+    def teardown(self) -> None:
+        for part in ("watch", "load"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.stop.set()
+        with contextlib.suppress(Exception):
+            self.prefect.stop()
+        if self.sb is not None:
+            with contextlib.suppress(Exception):
+                self.sb.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def report(self, wall: float) -> int:
+        by_inv = Counter(v[0] for v in self.violations)
+        load = getattr(self, "load", None)
+        print(f"\ncampaign seed {self.args.seed}: {self.args.ops} ops in {wall:.0f} s "
+              f"(time scale {self.args.time_scale}, spec {self.args.spec})")
+        print(f"  ops run:              {self.op_index}")
+        print(f"  fault kinds:          {len(self.kinds)} — " + ", ".join(f"{k}×{n}" for k, n in sorted(self.kinds.items())))
+        if load is not None:
+            print(f"  requests sent:        {load.sent} ({dict(load.outcomes)})")
+        print(f"  prefect restarts:     {getattr(getattr(self, 'prefect', None), 'restarts', 0)}")
+        for inv in ("I1", "I2", "I3", "I4", "I5", "setup"):
+            print(f"  violations {inv:<6}     {by_inv.get(inv, 0)}")
+        if self.violations:
+            print(f"\nreplay: uv run python bench/campaign.py --seed {self.args.seed} --ops {self.args.ops}")
+            print("operation log:")
+            for line in self.log:
+                print("  " + line)
+        print(f"seed: {self.args.seed}")
+        print(f"violations: {len(self.violations)}")
+        return 1 if self.violations else 0
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ops", type=int, default=20)
+    p.add_argument("--env", help="a running sandbox's env file (default: start one in this process)")
+    p.add_argument("--spec", default=SPEC)
+    p.add_argument("--time-scale", type=float, default=0.005)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rate", type=float, default=20.0, help="requests per second per client thread")
+    p.add_argument("--op-timeout", type=float, default=240.0)
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--run-op", help=argparse.SUPPRESS)
+    p.add_argument("--spec-file", help=argparse.SUPPRESS)
+    p.add_argument("--revision", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.run_op:
+        return run_op(args.run_op, args.spec_file, args.revision)
+    return Campaign(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
