@@ -253,10 +253,32 @@ class IngressSpec(_Model):
     auth_secret: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
+GKE_GATEWAY_CLASSES = ("gke-l7-regional-external-managed", "gke-l7-rilb", "gke-l7-global-external-managed",
+                       "gke-l7-cross-regional-internal-managed-mc")
+
+
+class GatewaySpec(_Model):
+    """The GKE Inference Gateway: a Gateway (this spec's own, or an existing one shared with other specs,
+    routed by the OpenAI ``model`` field), an HTTPRoute, an InferencePool per color and an InferenceObjective."""
+
+    class_name: Literal[GKE_GATEWAY_CLASSES] = Field("gke-l7-regional-external-managed", alias="class")
+    # Attach to this existing Gateway (in the spec's namespace) instead of rendering one.
+    existing: str | None = Field(None, pattern=DNS_LABEL)
+    # Route by this host name too (None: any host).
+    host: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    priority: int = Field(0, ge=-1000, le=1000)  # the InferenceObjective's priority (sheddable < 0)
+    epp_image: str = "registry.k8s.io/gateway-api-inference-extension/epp:v1.0.1"
+
+    @property
+    def regional(self) -> bool:
+        return self.class_name in ("gke-l7-regional-external-managed", "gke-l7-rilb")
+
+
 class ExposeSpec(_Model):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     port: int = Field(8080, ge=1, le=65535)
     ingress: IngressSpec | None = None
+    gateway: GatewaySpec | None = None
     # A NetworkPolicy admitting only the Ingress/gateway, Prometheus and the API server's proxy
     # (needs network policy enforcement: Dataplane V2, default on Autopilot).
     network_policy: bool = False
@@ -300,10 +322,37 @@ class AnalysisSpec(_Model):
     interval: Duration = timedelta(seconds=10)
 
 
+class CanaryStep(_Model):
+    weight: int = Field(ge=1, le=100)  # the candidate's share of the HTTPRoute, percent
+    hold: Duration = timedelta(minutes=5)  # judged on real traffic over this window before the next step
+
+
+class AnalysisQuery(_Model):
+    """One metric judged per canary step, like an Argo AnalysisTemplate metric: PromQL over Managed Prometheus.
+    ``{selector}`` in ``query`` becomes the color's pod selector, ``{window}`` the step's hold."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    query: str = Field(min_length=1)
+    max: float | None = None  # the candidate's value must not exceed this
+    min: float | None = None  # ... nor fall below this
+    # candidate ÷ live color over the same window must not exceed this (None: no comparison)
+    max_ratio: float | None = Field(None, gt=0)
+    # too few requests in the window to judge: the step is held, not failed (None: always judged)
+    min_requests: int | None = Field(None, ge=0)
+
+
+def _default_steps() -> list[CanaryStep]:
+    return [CanaryStep(weight=w) for w in (5, 25, 50, 100)]
+
+
 class ReleaseSpec(_Model):
     # blue-green: the candidate runs beside the live color (2x GPUs); recreate: the live color stops first
-    # (the model is down while the new one loads — announced in the plan and on Slack).
-    strategy: Literal["blue-green", "recreate"] = "blue-green"
+    # (the model is down while the new one loads — announced in the plan and on Slack); canary (Gateway
+    # exposure only): the HTTPRoute's weight moves to the candidate step by step, each step judged on real
+    # traffic by ``analysis`` (defaults per engine, manifests.analysis) against the live color.
+    strategy: Literal["blue-green", "recreate", "canary"] = "blue-green"
+    steps: list[CanaryStep] = Field(default_factory=_default_steps, min_length=1)
+    analysis: list[AnalysisQuery] | None = None  # None: the engine's defaults
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence."], min_length=1)
     smoke_max_tokens: int = Field(32, ge=1, le=4096)
     # Each smoke answer must match this regex (None: any non-empty answer).
@@ -518,6 +567,17 @@ class DeploymentSpec(_Model):
             raise SpecError("expose.network_policy", "a LoadBalancer Service is reached straight from clients, "
                             "so there is no gateway to admit", "add expose.ingress, or list the clients' "
                             "namespaces in expose.allow_from_namespaces and use service_type ClusterIP")
+        gw = self.expose.gateway
+        if gw is not None and ing is not None:
+            raise SpecError("expose.gateway", "a model is exposed by an Ingress or by a Gateway, not both",
+                            "drop expose.ingress (the Gateway replaces it) or expose.gateway")
+        if self.release.strategy == "canary" and gw is None:
+            raise SpecError("release.strategy", "a canary shifts HTTPRoute weights, so it needs a Gateway",
+                            "add expose.gateway (class gke-l7-regional-external-managed), or use blue-green")
+        weights = [s.weight for s in self.release.steps]
+        if weights != sorted(set(weights)) or weights[-1] != 100:
+            raise SpecError("release.steps", f"weights {weights} must rise step by step and end at 100",
+                            "e.g. steps: [{weight: 5}, {weight: 25}, {weight: 50}, {weight: 100}]")
         if self.expose.allow_from_namespaces and not self.expose.network_policy:
             raise SpecError("expose.allow_from_namespaces", "only applies with a NetworkPolicy",
                             "set expose.network_policy: true or drop allow_from_namespaces")
