@@ -1,6 +1,6 @@
 """Park and wake, the pure part: what a park records, the hold proxy's objects, schedules, idle decisions.
 
-No I/O. ``flows/park.py`` observes the cluster, calls these, and applies what they return;
+No I/O. ``targets/gke/park_steps.py`` observes the cluster, calls these, and applies what they return;
 ``bench/park_week.py`` replays a week of traffic through the same functions.
 """
 
@@ -29,6 +29,17 @@ ACTIVITY = "llm-fleet.dev/activity"
 HOLD_COLOR = "hold"  # the color label the hold proxy's pods carry: the live Service selects it while parked
 WAKE_EVENT = "llm-fleet.model.wake-requested"
 HOLD_PORT = 8080
+HOLD_MEMORY_LIMIT_MI = 256
+# Held request bodies may use half the container's memory limit (the rest: Python, aiohttp, one request
+# being read); past it the proxy answers 503 + Retry-After instead of being OOM-killed with the queue.
+HOLD_QUEUE_BYTES = HOLD_MEMORY_LIMIT_MI * 2**20 // 2
+HOLD_REPLICAS = 2  # one proxy pod can go (node drain, upgrade) while the other holds: see hold_proxy_budget
+# How the hold proxy authenticates its wake events to Prefect: a Secret in the model's namespace, read
+# by the kubelet into the proxy's env (never in the Deployment's text). Key -> the variable Prefect's
+# own client reads: a self-hosted server's basic auth string, or a Prefect Cloud API key. Both optional:
+# a server without auth needs neither.
+PREFECT_AUTH_SECRET = "llm-fleet-prefect-auth"
+PREFECT_AUTH_KEYS = {"auth-string": "PREFECT_API_AUTH_STRING", "api-key": "PREFECT_API_KEY"}
 # Most recent measured wakes kept for the prewarm p95.
 WAKE_HISTORY = 20
 MIN_WAKES_FOR_P95 = 3
@@ -241,6 +252,7 @@ def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
         "HOLD_UPSTREAM_SERVICE": awake_service_name(spec),
         "HOLD_UPSTREAM_PORT": str(spec.expose.port),
         "HOLD_MAX_QUEUE": str(hold.max_queue),
+        "HOLD_MAX_QUEUE_BYTES": str(HOLD_QUEUE_BYTES),
         "HOLD_TIMEOUT_S": f"{hold.timeout.total_seconds():g}",
         "HOLD_RETRY_AFTER_S": f"{math.ceil(hold.retry_after.total_seconds())}",
         "HOLD_EVENT": WAKE_EVENT,
@@ -254,8 +266,14 @@ def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
         "name": "hold-proxy", "image": hold.image,
         "command": ["python", "-m", "servers.holdproxy"],
         "ports": [{"name": "http", "containerPort": HOLD_PORT, "protocol": "TCP"}],
-        "env": [{"name": "PORT", "value": str(HOLD_PORT)}] + [{"name": k, "value": v} for k, v in env.items()],
-        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "env": [{"name": "PORT", "value": str(HOLD_PORT)}] + [{"name": k, "value": v} for k, v in env.items()]
+        + [{"name": var, "valueFrom": {"secretKeyRef": {"name": PREFECT_AUTH_SECRET, "key": key, "optional": True}}}
+           for key, var in PREFECT_AUTH_KEYS.items()],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                      "limits": {"memory": f"{HOLD_MEMORY_LIMIT_MI}Mi"}},
+        # Pod Security "restricted" (the namespace enforces baseline and warns on restricted).
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000},
         "readinessProbe": probe,
         "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
     }
@@ -265,7 +283,7 @@ def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
         "metadata": {"name": hold_deployment_name(spec), "namespace": spec.namespace,
                      "labels": {**names.common_labels(spec), "app.kubernetes.io/component": "hold-proxy"}},
         "spec": {
-            "replicas": 1,
+            "replicas": HOLD_REPLICAS,
             # Generous on purpose: the flow's own wait is the real bound (and the sandbox runs the proxy as
             # a real process whose start is not time-scaled like the Deployment's deadline).
             "progressDeadlineSeconds": 3600,
@@ -273,9 +291,31 @@ def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
             "template": {"metadata": {"labels": {**labels, **selector}},
                          # held requests finish or get their 503 before the pod goes
                          "spec": {"containers": [container],
+                                  "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                                  "automountServiceAccountToken": False,  # it never calls the Kubernetes API
                                   "terminationGracePeriodSeconds": int(hold.timeout.total_seconds()) + 5}},
         },
     }
+
+
+def hold_proxy_budget(spec: DeploymentSpec) -> Obj:
+    """At most one hold-proxy pod disrupted at a time (drain, upgrade, autoscaler): a parked model is never
+    left with nobody to hold its requests. With the proxy at 0 (the model awake) it constrains nothing."""
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": hold_deployment_name(spec), "namespace": spec.namespace,
+                     "labels": {**names.common_labels(spec), "app.kubernetes.io/component": "hold-proxy"}},
+        "spec": {"maxUnavailable": 1,
+                 "selector": {"matchLabels": {"app.kubernetes.io/instance": spec.name,
+                                              "app.kubernetes.io/component": "hold-proxy"}}},
+    }
+
+
+def hold_proxy_peer(spec: DeploymentSpec) -> Obj:
+    """The model NetworkPolicy's peer for the hold proxy: its pods, in the model's own namespace (a bare
+    ``podSelector`` peer means this namespace), which forward held requests to the model."""
+    return {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": spec.name,
+                                            "app.kubernetes.io/component": "hold-proxy"}}}
 
 
 # ---- schedules ----------------------------------------------------------------------------------------

@@ -26,9 +26,15 @@ def _meta(spec: DeploymentSpec, name: str, *, labels: dict[str, str] | None = No
     return meta
 
 
+# Pod Security Admission for the model's namespace (GKE hardening guide): refuse what baseline forbids
+# (privileged, host namespaces/paths/ports, added capabilities) even from a Deployment the operator may
+# create; warn on restricted (the TGI/SGLang images run as root, so restricted cannot be enforced).
+POD_SECURITY = {"pod-security.kubernetes.io/enforce": "baseline", "pod-security.kubernetes.io/warn": "restricted"}
+
+
 def namespace(spec: DeploymentSpec) -> Obj:
     return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": spec.namespace, "labels": {"app.kubernetes.io/part-of": "llm-fleet"}}}
+            "metadata": {"name": spec.namespace, "labels": {"app.kubernetes.io/part-of": "llm-fleet", **POD_SECURITY}}}
 
 
 def cache_claim(spec: DeploymentSpec) -> Obj:
@@ -473,6 +479,10 @@ def network_policy(spec: DeploymentSpec) -> Obj | None:
     elif ing is not None:
         peers += [{"ipBlock": {"cidr": cidr}} for cidr in GFE_RANGES]
     peers += [_from_namespace(ns) for ns in spec.expose.allow_from_namespaces]
+    if spec.hold.enabled:  # while parked, held requests reach the model through the hold proxy (its namespace)
+        from manifests.park import hold_proxy_peer
+
+        peers.append(hold_proxy_peer(spec))
     if spec.expose.playground:  # the page's answers come from the model
         peers.append({"podSelector": {"matchLabels": {"app.kubernetes.io/instance": spec.name,
                                                       "app.kubernetes.io/component": "playground"}}})

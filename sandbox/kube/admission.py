@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sandbox.kube import podsecurity
 from sandbox.kube.store import status_error
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ def default_storage_class(cluster: KubeCluster, claim: Obj) -> None:
 
 def admit(cluster: KubeCluster, kind: str, obj: Obj, old: Obj | None) -> None:
     """Called by the API server on create/update, after defaulting (``old`` is None on create)."""
+    podsecurity.admit(cluster, kind, obj, old)  # the namespace's Pod Security levels (create and update)
     if old is not None:
         return
     if kind == "Pod":

@@ -144,8 +144,12 @@ def test_hold_proxy_is_cpu_only_runs_this_package_and_carries_the_spec_limits():
     dep = P.hold_proxy_deployment(GEMMA, prefect_api_url="http://prefect:4200/api", spec_ref="deployments/g.yaml")
     pod = dep["spec"]["template"]
     c = pod["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     assert c["command"] == ["python", "-m", "servers.holdproxy"]
+    # Prefect credentials come from a Secret through the kubelet, never in the Deployment's text.
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert {n: r["name"] for n, r in refs.items()} == {"PREFECT_API_AUTH_STRING": P.PREFECT_AUTH_SECRET,
+                                                       "PREFECT_API_KEY": P.PREFECT_AUTH_SECRET}
     assert "nvidia.com/gpu" not in str(c["resources"]) and "nodeSelector" not in pod["spec"]
     assert env["HOLD_MAX_QUEUE"] == "10000" and env["HOLD_TIMEOUT_S"] == "300"
     assert env["PREFECT_API_URL"] == "http://prefect:4200/api" and env["HOLD_SPEC"] == "deployments/g.yaml"
@@ -158,8 +162,25 @@ def test_hold_proxy_is_cpu_only_runs_this_package_and_carries_the_spec_limits():
 
 def test_kubernetes_validates_the_hold_objects():
     kv = pytest.importorskip("kubernetes_validate")
-    for obj in (P.hold_proxy_deployment(GEMMA, prefect_api_url=None), P.awake_service(GEMMA, "blue")):
+    for obj in (P.hold_proxy_deployment(GEMMA, prefect_api_url=None), P.awake_service(GEMMA, "blue"),
+                P.hold_proxy_budget(GEMMA)):
         kv.validate(obj, "1.33", strict=True)
+
+
+def test_hold_proxy_survives_one_disruption_and_its_queue_fits_its_memory():
+    """Two proxy pods and a budget of one unavailable (before: one pod, no budget: a drain left a parked model
+    with nobody holding); held bodies bounded in bytes below the memory limit (before: 10,000 × 64 MiB)."""
+    dep = P.hold_proxy_deployment(GEMMA, prefect_api_url=None)
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    limit = int(c["resources"]["limits"]["memory"].removesuffix("Mi")) * 2**20
+    assert 0 < int(env["HOLD_MAX_QUEUE_BYTES"]) <= limit // 2
+    assert dep["spec"]["replicas"] >= 2
+    pdb = P.hold_proxy_budget(GEMMA)
+    assert pdb["spec"]["maxUnavailable"] == 1
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
 
 
 @pytest.mark.parametrize(("cron", "minutes", "shifted"), [
@@ -285,7 +306,8 @@ def test_hold_proxy_finds_its_upstream_by_service_link_then_dns():
     from servers.holdproxy import Config
 
     env = {e["name"]: e["value"] for e in
-           P.hold_proxy_deployment(GEMMA, prefect_api_url="http://p/api")["spec"]["template"]["spec"]["containers"][0]["env"]}
+           P.hold_proxy_deployment(GEMMA, prefect_api_url="http://p/api")["spec"]["template"]["spec"]["containers"][0]["env"]
+           if "value" in e}
     dns = Config.from_env(env)
     assert dns.upstream == "http://gemma2-2b-it-awake.default.svc.cluster.local:8000"
     assert (dns.max_queue, dns.timeout_s, dns.retry_after_s) == (10_000, 300.0, 30)
