@@ -18,6 +18,7 @@ from typing import Any
 from google.cloud import container_v1
 
 from sandbox.compute import ACCELERATOR_TYPES
+from sandbox.gke import fast_start
 from sandbox.gke.common import API_BASE, _bad, _err, normalize
 from sandbox.gke.machines import _accepts, machine_shape
 from sandbox.gke.state import _Cluster, _Op, _OpFailed, _Pool
@@ -92,6 +93,7 @@ class NodePoolsMixin:
             lo, hi = int(auto.get("minNodeCount", 0) or 0), int(auto.get("maxNodeCount", 0) or 0)
             if lo < 0 or hi < 1 or lo > hi:
                 raise _bad(f"Invalid autoscaling limits: min {lo}, max {hi} (need 0 <= min <= max, max >= 1).")
+        fast_start.validate(self, cluster, data)
         return data
 
     def _zones_for(self, cluster: _Cluster, locations: list[str] | None) -> list[str]:
@@ -234,7 +236,10 @@ class NodePoolsMixin:
     def _launch_resize(self, cluster: _Cluster, pool: _Pool, op: _Op, size: int) -> dict[str, Any]:
         def work(op: _Op) -> None:
             grow = any(size > len(pool.nodes.get(z, [])) for z in pool.data["locations"])
-            self._sleep(op, "node_boot" if grow else "node_pool_resize")
+            if grow:  # new VMs boot, by machine family and GPU driver install
+                self._sleep(op, "node_boot", fast_start.node_boot_s(self, pool.data))
+            else:
+                self._sleep(op, "node_pool_resize")
             errors = self._resize(cluster, pool, size)
             with self._lock:
                 self._pool_status_after(pool, errors)

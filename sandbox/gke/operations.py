@@ -25,9 +25,10 @@ _RPC = {"CANCELLED": 1, "INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "ALREADY_EXISTS":
 class OperationsMixin:
     """Operations of :class:`~sandbox.gke.service.Gke`: launching, waiting, the operations API."""
 
-    def _sleep(self, op: _Op, key: str) -> None:
-        """Sleep a named cloud delay; abort the operation if it was cancelled or the sandbox stops."""
-        delay = self.clock.scaled(self.delays.get(key, 0.0))
+    def _sleep(self, op: _Op, key: str, cloud_seconds: float | None = None) -> None:
+        """Sleep a named cloud delay (or ``cloud_seconds`` for it); abort the operation if it was cancelled or
+        the sandbox stops."""
+        delay = self.clock.scaled(self.delays.get(key, 0.0) if cloud_seconds is None else cloud_seconds)
         deadline = time.monotonic() + delay
         while True:
             left = deadline - time.monotonic()
