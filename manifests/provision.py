@@ -302,6 +302,13 @@ def stockout(message: str) -> bool:
     return "ZONE_RESOURCE_POOL_EXHAUSTED" in message or "does not have enough resources" in message
 
 
+# Why a GPU pool has one zone (cluster.zones is a failover order, not a spread): a pool's autoscaling
+# min/max count per zone (N zones hold N x min_nodes GPUs), and a multi-zone pool create fails as a whole on
+# one zone's stockout; the next zone is tried instead. Capacity options (spec.capacity) spread over zones.
+ONE_ZONE_WHY = ("one zone at a time: min/max nodes count per zone of a pool, and one zone's stockout fails a "
+                "multi-zone create; use spec.capacity to spread over zones")
+
+
 @dataclass(frozen=True)
 class Action:
     verb: str  # create | update | keep | wait
@@ -333,7 +340,7 @@ def plan_provision(spec: DeploymentSpec, *, cluster: dict[str, Any] | None, pool
         what = (f"node pool {p.name}: {acc.machine} with {acc.count}× {acc.type}"
                 f"{' spot' if acc.spot else ''}, autoscaling {p.min_nodes}..{p.max_nodes}")
         if pool is None:
-            actions.append(Action("create", what, f"try zones in order: {zones}"))
+            actions.append(Action("create", what, f"try zones in order: {zones} -- {ONE_ZONE_WHY}"))
         else:
             drift = pool_drift(spec, pool)
             if not drift:

@@ -134,7 +134,10 @@ class ClusterSpec(_Model):
     workload_identity: bool = True
     image_streaming: bool = True
     # Node locations in failover order (zones of `location`'s region); empty = GKE's choice.
-    zones: list[str] = []
+    zones: list[str] = Field([], description=(
+        "Zones of the location's region in failover order: the GPU node pool is created in the first one "
+        "that has capacity, one zone at a time (a pool's min/max nodes count per zone, and one zone's "
+        "stockout fails a multi-zone create). To spread replicas over zones, use capacity options."))
     # Other regions to try, in order, when every zone is stocked out.
     failover_regions: list[str] = []
     # With capacity options: let GKE create each option's node pool itself (ComputeClass
@@ -337,6 +340,7 @@ class AnalysisQuery(_Model):
     min: float | None = None  # ... nor fall below this
     # candidate ÷ live color over the same window must not exceed this (None: no comparison)
     max_ratio: float | None = Field(None, gt=0)
+    min_ratio: float | None = Field(None, gt=0)  # e.g. tokens/s: candidate ÷ live must reach this
     # too few requests in the window to judge: the step is held, not failed (None: always judged)
     min_requests: int | None = Field(None, ge=0)
 

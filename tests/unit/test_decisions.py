@@ -101,3 +101,16 @@ def test_diagnose(pods, state, reason):
     assert progress.state == state and progress.reason == reason
     if state == "failed":
         assert progress.fix
+
+
+def test_plan_says_why_the_gpu_pool_has_one_zone():
+    """cluster.zones is a failover order: the plan and the field's description say so (a pool's min/max count
+    per zone), so nobody expects a pool spread over them."""
+    from manifests.spec import ClusterSpec
+
+    pre = prov.Preflight(candidates=[("us-central1", "us-central1-a"), ("us-central1", "us-central1-b")])
+    (pool,) = [a for a in prov.plan_provision(MISTRAL, cluster=None, pool=None, preflight=pre)
+               if a.target.startswith("node pool")]
+    assert pool.verb == "create" and "us-central1-a, us-central1-b" in pool.why
+    assert "one zone at a time" in pool.why and "per zone" in pool.why
+    assert "failover order" in ClusterSpec.model_fields["zones"].description
