@@ -13,13 +13,25 @@ cluster DNS name. "Answers" is the engine's own readiness: ``/v1/models`` (vLLM,
 (TGI) — never "a pod is Running". Once it answers, requests pass straight through (until the model
 stops answering again, e.g. the next park, when holding resumes).
 
+Traffic that is not demand is answered at once and never held, counted or allowed to ask for a wake
+(Knative's activator answers its probes itself the same way): kubelet probes (``kube-probe/``), Google
+load-balancer health checks (``GoogleHC/``), Prometheus/Managed Prometheus scrapes (``Prometheus/``) and
+``/healthz`` get ``200 ok``, and ``/metrics`` (or any scrape) gets the proxy's own metrics in Prometheus
+text format: requests held, forwarded, rejected (by reason), wakes requested, probes answered.
+
+The queue is bounded by count and by bytes (``HOLD_MAX_QUEUE_BYTES``: the held bodies must fit the
+container's memory limit). A request the model may have received (the connection dropped after it was
+sent) is never sent again — it gets ``503`` with ``Retry-After``, since a generation must not run twice;
+only a request that provably never reached the model (the connection was refused) is held again.
+
 Run as ``python -m servers.holdproxy`` (listens on ``$HOST:$PORT``). ``/healthz`` is the proxy's
-own probe; ``/holdz`` reports its state as JSON.
+own probe; ``/holdz`` reports its state as JSON; ``/metrics`` its metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -30,11 +42,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, client_exceptions, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 log = logging.getLogger("holdproxy")
 HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
        "transfer-encoding", "upgrade", "host", "content-length"}
 READY_PATH = {"vllm": "/v1/models", "sglang": "/v1/models", "tgi": "/health"}
+# Who probes or scrapes rather than asks for the model: answered here, never demand.
+PROBE_AGENTS = {"kube-probe/": "kube-probe", "GoogleHC/": "GoogleHC", "Prometheus/": "Prometheus"}
+OWN_PATHS = ("/healthz", "/metrics")
+DEFAULT_MAX_QUEUE_BYTES = 128 * 2**20  # half the manifest's 256 Mi memory limit (manifests/park.py)
 
 
 @dataclass
@@ -50,7 +67,9 @@ class Config:
     spec: str
     prefect_api_url: str | None
     prefect_api_key: str | None
+    prefect_api_auth_string: str | None = None  # a self-hosted server's PREFECT_SERVER_API_AUTH_STRING
     poll_s: float = 0.2
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -71,13 +90,16 @@ class Config:
                    resource_id=e.get("HOLD_RESOURCE_ID", f"llm-fleet.model.{service}"),
                    spec=e.get("HOLD_SPEC", ""), prefect_api_url=(e.get("PREFECT_API_URL") or "").rstrip("/") or None,
                    prefect_api_key=e.get("PREFECT_API_KEY") or None,
-                   poll_s=float(e.get("HOLD_POLL_S", "0.2")))
+                   prefect_api_auth_string=e.get("PREFECT_API_AUTH_STRING") or None,
+                   poll_s=float(e.get("HOLD_POLL_S", "0.2")),
+                   max_queue_bytes=int(e.get("HOLD_MAX_QUEUE_BYTES", str(DEFAULT_MAX_QUEUE_BYTES))))
 
 
 @dataclass
 class State:
     awake: bool = False  # the model answered at the last check
     held: int = 0
+    held_bytes: int = 0  # bodies of the requests held now
     wake_requested_at: float | None = None
     events_sent: int = 0
     forwarded: int = 0
@@ -86,11 +108,52 @@ class State:
     poller: asyncio.Task | None = None
 
 
+def prefect_auth_headers(cfg: Config) -> dict[str, str]:
+    """What Prefect's own client sends (prefect.client.orchestration): the server's basic auth string
+    (self-hosted, PREFECT_SERVER_API_AUTH_STRING) first, else Prefect Cloud's API key as a bearer token."""
+    if cfg.prefect_api_auth_string:
+        return {"Authorization": "Basic " + base64.b64encode(cfg.prefect_api_auth_string.encode()).decode()}
+    if cfg.prefect_api_key:
+        return {"Authorization": f"Bearer {cfg.prefect_api_key}"}
+    return {}
+
+
+def probe_kind(request: web.Request) -> str | None:
+    """Which non-demand traffic this is (a probe or scrape by user agent, or the proxy's own paths), or None."""
+    agent = request.headers.get("User-Agent", "")
+    for prefix, kind in PROBE_AGENTS.items():
+        if agent.startswith(prefix):
+            return kind
+    return "own" if request.path in OWN_PATHS else None
+
+
+class Metrics:
+    """The proxy's own Prometheus metrics (a registry per proxy, so tests can run several)."""
+
+    def __init__(self, state: State) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.held = Counter("llm_fleet_hold_requests_held", "Requests that waited for the model", registry=r)
+        self.forwarded = Counter("llm_fleet_hold_requests_forwarded", "Requests forwarded to the model", registry=r)
+        self.rejected = Counter("llm_fleet_hold_requests_rejected", "Requests answered 503 with Retry-After",
+                                ["reason"], registry=r)
+        self.wakes = Counter("llm_fleet_hold_wake_requests", "Wake events posted to Prefect", registry=r)
+        self.probes = Counter("llm_fleet_hold_probe_requests", "Probes and scrapes answered by the proxy itself",
+                              ["agent"], registry=r)
+        Gauge("llm_fleet_hold_requests_waiting", "Requests held now", registry=r).set_function(lambda: state.held)
+        Gauge("llm_fleet_hold_queue_bytes", "Bytes of the request bodies held now",
+              registry=r).set_function(lambda: state.held_bytes)
+        Gauge("llm_fleet_hold_model_answering", "1 when the model answered at the last check",
+              registry=r).set_function(lambda: float(state.awake))
+        Gauge("llm_fleet_hold_wake_pending", "1 while a wake was asked for and the model does not answer yet",
+              registry=r).set_function(lambda: float(state.wake_requested_at is not None))
+
+
 class HoldProxy:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.state = State()
         self.http: ClientSession | None = None
+        self.metrics = Metrics(self.state)
 
     # ---- the model's readiness -------------------------------------------------------------
     async def answers(self) -> bool:
@@ -134,7 +197,7 @@ class HoldProxy:
         event = {"id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": cfg.event,
                  "resource": {"prefect.resource.id": cfg.resource_id, "prefect.resource.name": cfg.model},
                  "related": [], "payload": {"spec": cfg.spec, "model": cfg.model, "held": st.held}}
-        headers = {"Authorization": f"Bearer {cfg.prefect_api_key}"} if cfg.prefect_api_key else {}
+        headers = prefect_auth_headers(cfg)
         assert self.http is not None
         for attempt in range(5):  # the event is the only way out of the hold: retry a flaky API
             try:
@@ -143,7 +206,13 @@ class HoldProxy:
                     await resp.read()
                     if resp.status < 300:
                         st.events_sent += 1
+                        self.metrics.wakes.inc()
                         log.info("asked for a wake of %s (%s)", cfg.model, cfg.event)
+                        return
+                    if resp.status in (401, 403):  # not transient: say what to fix; asked again after hold.timeout
+                        log.error("the Prefect API refused the wake event (%s): give the hold proxy "
+                                  "PREFECT_API_AUTH_STRING or PREFECT_API_KEY (the llm-fleet-prefect-auth Secret)",
+                                  resp.status)
                         return
                     log.warning("Prefect API answered %s to the wake event", resp.status)
             except (TimeoutError, client_exceptions.ClientError, OSError) as exc:
@@ -152,21 +221,30 @@ class HoldProxy:
         st.wake_requested_at = None  # let the next held request try again
 
     # ---- requests ---------------------------------------------------------------------------
-    def busy(self, why: str) -> web.Response:
+    def busy(self, why: str, *, reason: str = "timeout") -> web.Response:
         self.state.rejected += 1
+        self.metrics.rejected.labels(reason=reason).inc()
         body = {"error": {"message": f"{self.cfg.model} is waking up: {why}", "type": "model_waking",
                           "code": 503}}
         return web.json_response(body, status=503, headers={"Retry-After": str(self.cfg.retry_after_s)})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         st, cfg = self.state, self.cfg
+        kind = probe_kind(request)
+        if kind is not None:  # never demand: answered now, nothing held, no wake
+            return await self.answer_probe(request, kind)
         body = await request.read()
         deadline = time.monotonic() + cfg.timeout_s
         while True:
             if not st.awake:
                 if st.held >= cfg.max_queue:
-                    return self.busy(f"{st.held} requests already held (hold.max_queue)")
+                    return self.busy(f"{st.held} requests already held (hold.max_queue)", reason="queue_full")
+                if st.held_bytes + len(body) > cfg.max_queue_bytes:
+                    return self.busy(f"{st.held_bytes} bytes already held (HOLD_MAX_QUEUE_BYTES "
+                                     f"{cfg.max_queue_bytes})", reason="queue_bytes")
                 st.held += 1
+                st.held_bytes += len(body)
+                self.metrics.held.inc()
                 try:
                     self._ensure_poller()
                     try:
@@ -175,6 +253,7 @@ class HoldProxy:
                         return self.busy(f"not answering after {cfg.timeout_s:g} s (hold.timeout)")
                 finally:
                     st.held -= 1
+                    st.held_bytes -= len(body)
             result = await self.forward(request, body)
             if result is not None:
                 return result
@@ -190,8 +269,13 @@ class HoldProxy:
         try:
             upstream = await self.http.request(request.method, url, data=body or None, headers=headers,
                                                timeout=ClientTimeout(total=None, sock_connect=5))
-        except (client_exceptions.ClientConnectorError, client_exceptions.ServerDisconnectedError, OSError):
-            return None
+        except (client_exceptions.ClientConnectorError, client_exceptions.ConnectionTimeoutError):
+            return None  # the connection was never made: the model never saw it, holding it again is safe
+        except (client_exceptions.ClientError, OSError) as exc:
+            # Sent, then the connection dropped: the model may be generating it. Never send it twice.
+            log.warning("the model dropped the connection after the request was sent (%s): not re-sent", exc)
+            return self.busy("the connection to the model dropped after the request was sent; it was not re-sent "
+                             "(it may have run)", reason="upstream_dropped")
         async with upstream:
             if upstream.status == 503 and "Retry-After" not in upstream.headers:
                 await upstream.read()
@@ -206,7 +290,19 @@ class HoldProxy:
                 log.warning("the model dropped a response mid-stream")
             await out.write_eof()
             self.state.forwarded += 1
+            self.metrics.forwarded.inc()
             return out
+
+    async def answer_probe(self, request: web.Request, kind: str) -> web.Response:
+        """A probe or scrape: the proxy's own health (``200 ok``) or its metrics (``/metrics`` or a scrape)."""
+        self.metrics.probes.labels(agent=kind).inc()
+        if request.path == "/metrics" or kind == "Prometheus":
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(text="ok\n")
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return await self.answer_probe(request, probe_kind(request) or "own")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -223,6 +319,7 @@ class HoldProxy:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/holdz", self.holdz)
+        app.router.add_get("/metrics", self.metrics_page)
         app.router.add_route("*", "/{tail:.*}", self.handle)
 
         async def open_client(app: web.Application) -> None:
