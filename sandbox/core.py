@@ -32,6 +32,13 @@ class Clock:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.time_scale = time_scale
+        self._epoch = (time.time(), time.monotonic())
+
+    def now(self) -> float:
+        """Cloud time (unix seconds): the wall clock when this clock was made, plus real time elapsed since,
+        unscaled — so a 30 s scrape interval is 30 s apart here whatever ``time_scale`` is."""
+        wall, mono = self._epoch
+        return wall + (time.monotonic() - mono) / self.time_scale
 
     def scaled(self, cloud_seconds: float) -> float:
         return max(0.0, cloud_seconds * self.time_scale)
@@ -61,6 +68,9 @@ DEFAULT_DELAYS: dict[str, float] = {
     "node_boot": 60.0,
     "autopilot_node_provision": 90.0,
     "image_pull": 45.0,
+    # kube-proxy / the GKE dataplane programs a Service's new endpoints this long after the Endpoints change
+    # (kube-proxy's minSyncPeriod is 1 s; see docs/sandbox-contract.md)
+    "endpoint_propagation": 1.0,
     # weight load: seconds per billion parameters (download from cache/Hub + load to GPU)
     "weight_load_per_b_params": 15.0,
     "weight_load_min": 20.0,

@@ -88,7 +88,8 @@ def test_network_policy_nginx_admits_the_ingress_namespace_prometheus_and_the_ap
     (np,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
     assert np["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = np["spec"]["ingress"]
-    peers = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in rule["from"]}
+    peers = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in rule["from"]
+             if "namespaceSelector" in p}
     assert peers == {"ingress-nginx", "gmp-system", "kube-system", "apps"}
     assert rule["ports"] == [{"protocol": "TCP", "port": spec.engine.container_port}]
     # it selects the model pods of both colors, nothing else
@@ -152,3 +153,17 @@ def test_a_network_policy_spec_gets_a_cluster_that_enforces_it():
     from google.cloud import container_v1
 
     container_v1.Cluster(body)  # a valid container v1 Cluster
+
+
+def test_network_policy_admits_the_hold_proxy_from_the_models_own_namespace():
+    """Held requests reach the model through the hold proxy in the model's namespace; a policy without that
+    peer (before: only kube-system, gmp-system, the ingress) never lets a held request through after a wake."""
+    from manifests import park as P
+
+    spec = spec_of("llama2-7b-tgi-nginx.yaml", expose__network_policy=True)
+    (np,) = [o for o in render(spec) if o["kind"] == "NetworkPolicy"]
+    own = [p for p in np["spec"]["ingress"][0]["from"] if "podSelector" in p and "namespaceSelector" not in p]
+    assert len(own) == 1  # a bare podSelector peer: pods of the policy's own namespace
+    hold_labels = P.hold_proxy_deployment(spec, prefect_api_url=None)["spec"]["template"]["metadata"]["labels"]
+    assert all(hold_labels[k] == v for k, v in own[0]["podSelector"]["matchLabels"].items())
+    assert np["metadata"]["namespace"] == P.hold_proxy_deployment(spec, prefect_api_url=None)["metadata"]["namespace"]
