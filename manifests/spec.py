@@ -27,6 +27,8 @@ from pydantic import (
 
 from manifests.catalog import ACCELERATORS, BYTES_PER_PARAM, ENGINES, VLM_SUPPORT, required_gib
 from manifests.errors import FleetError
+from manifests.startup import StartupSpec
+from manifests.startup import check as check_startup
 
 
 class SpecError(FleetError):
@@ -462,6 +464,9 @@ class DeploymentSpec(_Model):
     namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     replicas: int = Field(1, ge=0, le=100)
     cache: CacheSpec = CacheSpec()
+    # Fast-start paths: the image from Artifact Registry / a secondary boot disk, the weights from Cloud
+    # Storage or Hyperdisk ML, CUDA graphs (manifests/startup.py). Absent: today's path.
+    startup: StartupSpec = StartupSpec()
     secret: SecretSpec = SecretSpec()
     expose: ExposeSpec = ExposeSpec()
     autoscaling: AutoscalingSpec | None = None
@@ -620,6 +625,7 @@ class DeploymentSpec(_Model):
         if self.service_account is None and self.gcp_service_account is not None:
             raise SpecError("service_account", "workload identity needs a Kubernetes service account to annotate",
                             "set service_account (e.g. vllm)")
+        check_startup(self, SpecError)
         return self
 
     def _check_capacity(self) -> None:
