@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from manifests import names
+from manifests import names, startup
 from manifests.spec import DeploymentSpec
 
 QUOTA_URL = "https://console.cloud.google.com/iam-admin/quotas"
@@ -144,6 +144,8 @@ def cluster_body(spec: DeploymentSpec, *, location: str, zones: list[str]) -> di
     if needs_filestore(spec) and c.mode != "autopilot":  # Autopilot has the driver on already
         # The *-rwx StorageClasses exist only with the Filestore CSI driver add-on.
         body["addons_config"] = {"gcp_filestore_csi_driver_config": {"enabled": True}}
+    if startup.cluster_addons(spec):  # the GCS FUSE CSI driver for weights mounted from a bucket
+        body.setdefault("addons_config", {}).update(startup.cluster_addons(spec))
     if c.mode == "autopilot":
         body["autopilot"] = {"enabled": True}
         return body
@@ -177,8 +179,7 @@ def node_pool_body(spec: DeploymentSpec, *, zone: str) -> dict[str, Any]:
         "labels": {"llm-fleet.dev/spec": spec.name},
         "shielded_instance_config": {"enable_secure_boot": True, "enable_integrity_monitoring": True},
     }
-    if spec.cluster.image_streaming:
-        config["gcfs_config"] = {"enabled": True}
+    config.update(startup.node_config(spec))  # image streaming, the secondary boot disk
     if pool.local_ssd_count:
         config["ephemeral_storage_local_ssd_config"] = {"local_ssd_count": pool.local_ssd_count}
     if spec.cluster.workload_identity:

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from manifests import names, playground
+from manifests import names, playground, startup
 from manifests.catalog import pod_resources
 from manifests.names import Color
 from manifests.spec import DeploymentSpec, SpecError
@@ -200,6 +200,8 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
         container["command"] = list(command)
     if args:
         container["args"] = args
+    if not spec.startup.is_default:  # fast-start paths: mirrored image, weights' source, eager mode
+        startup.adjust_container(spec, container, revision)
     return container
 
 
@@ -344,6 +346,8 @@ def _pod_template(spec: DeploymentSpec, color: Color, revision: str) -> Obj:
         volumes.append({"name": "cache", "emptyDir": {}})
     if _runs_as_non_root(spec):
         volumes.append({"name": "tmp", "emptyDir": {}})  # the only writable path besides the volumes
+    volumes += startup.volumes(spec)
+    pod_annotations.update(startup.pod_annotations(spec))
     pod_spec: Obj = {
         "containers": [_engine_container(spec, revision)],
         "volumes": volumes,

@@ -1,0 +1,277 @@
+"""Fast-start paths of a spec (``startup:``): how a new GPU node gets the serving image and the weights, and
+whether the engine captures CUDA graphs — validated, then rendered into the node pool, the cluster's add-ons
+and the model pod. Pure: no I/O. Without a ``startup`` section nothing changes (today's path: the image
+from its registry, the weights from the Hub through the HF cache).
+
+    startup:
+      image: {mirror: artifact-registry, streaming: true, secondary_boot_disk: vllm-serving-cache}
+      weights: {source: gcs, bucket: my-weights, loader: runai_streamer}    # or gcsfuse
+      # weights: {source: hyperdisk-ml, volume: gemma-weights}             # a read-only PVC already filled
+      cuda_graphs: true                                                     # false: --enforce-eager
+
+What each one buys (cloud seconds, ``sandbox/coldstart.py`` and docs/sandbox-contract.md): the image in
+Artifact Registry streams (a few seconds instead of a 45 s pull); a secondary boot disk holds it on the
+node from boot (29x faster than a pull); the weights stream from Cloud Storage at the VM's bandwidth
+instead of a download from the Hub then a single-threaded load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from manifests.spec import DeploymentSpec
+
+Obj = dict[str, Any]
+GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+WEIGHTS_MOUNT = "/models"
+MIN_SECONDARY_DISK_VERSION = (1, 28, 3)
+BUCKET = r"^[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9]$"
+DISK_IMAGE = r"^(projects/[a-z][-a-z0-9]{4,28}[a-z0-9]/global/images/|global/images/)?[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ImageStartup(_Model):
+    # Where the nodes pull the serving image from: its own registry, or a copy in Artifact Registry
+    # (mirror_model copies it; image streaming and secondary boot disks need it there).
+    mirror: Literal["none", "artifact-registry"] = "none"
+    repository: str | None = Field(None, pattern=r"^[a-z0-9-]+-docker\.pkg\.dev/[a-z][-a-z0-9]{4,28}[a-z0-9]/[a-z0-9-]+$",
+                                   description="an Artifact Registry Docker repository: LOCATION-docker.pkg.dev/PROJECT/REPO")
+    streaming: bool | None = None  # None: cluster.image_streaming
+    # A Compute Engine disk image holding the serving image (built with gke-disk-image-builder).
+    secondary_boot_disk: str | None = Field(None, pattern=DISK_IMAGE,
+                                            description="a disk image name, or global/images/NAME, or "
+                                                        "projects/PROJECT/global/images/NAME")
+
+
+class WeightsStartup(_Model):
+    source: Literal["hub", "gcs", "hyperdisk-ml"] = "hub"
+    bucket: str | None = Field(None, pattern=BUCKET, description="a Cloud Storage bucket name")
+    prefix: str = Field("models", pattern=r"^[-_.a-zA-Z0-9/]*$")
+    loader: Literal["runai_streamer", "gcsfuse"] | None = None  # gcs only; default runai_streamer
+    volume: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                               description="the name of a PersistentVolumeClaim (Hyperdisk ML, ReadOnlyMany)")
+
+
+class StartupSpec(_Model):
+    image: ImageStartup = ImageStartup()
+    weights: WeightsStartup = WeightsStartup()
+    cuda_graphs: bool = True
+
+    @property
+    def is_default(self) -> bool:
+        return self == StartupSpec()
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("-")[0].split(".")[:3] if x.isdigit())
+
+
+def streaming_on(spec: DeploymentSpec) -> bool:
+    s = spec.startup.image.streaming
+    return spec.cluster.image_streaming if s is None else s
+
+
+def loader(spec: DeploymentSpec) -> str | None:
+    w = spec.startup.weights
+    return (w.loader or "runai_streamer") if w.source == "gcs" else None
+
+
+def check(spec: DeploymentSpec, error: type[Exception]) -> None:
+    """Each field's rule; raises ``error(field, problem, fix)`` (the spec's SpecError) for the first broken one."""
+    st, eng, c = spec.startup, spec.engine, spec.cluster
+    img, w = st.image, st.weights
+    if img.repository and img.mirror != "artifact-registry":
+        raise error("startup.image.repository", "a repository is only used by the Artifact Registry mirror",
+                    "set startup.image.mirror: artifact-registry or drop repository")
+    if streaming_on(spec) and spec.startup.image.streaming and img.mirror != "artifact-registry" and not _in_ar(
+            eng.image_ref):
+        raise error("startup.image.streaming", f"image streaming serves images from Artifact Registry; "
+                    f"{eng.image_ref} is not there", "set startup.image.mirror: artifact-registry (mirror_model "
+                    "copies the image) or use an image from LOCATION-docker.pkg.dev")
+    if img.secondary_boot_disk:
+        if c.mode == "autopilot":
+            raise error("startup.image.secondary_boot_disk", "Autopilot picks secondary boot disks per workload "
+                        "(a ComputeClass), not per node pool", "drop it, or use cluster.mode: standard")
+        if not streaming_on(spec):
+            raise error("startup.image.secondary_boot_disk", "a container image cache on a secondary boot disk "
+                        "needs image streaming on the node pool", "set startup.image.streaming: true "
+                        "(or cluster.image_streaming: true)")
+        if c.version and _version(c.version) < MIN_SECONDARY_DISK_VERSION:
+            raise error("startup.image.secondary_boot_disk", f"needs GKE 1.28.3-gke.1067000 or later, "
+                        f"cluster.version is {c.version}", "raise cluster.version or drop it to follow the channel")
+    if w.source == "gcs":
+        if not w.bucket:
+            raise error("startup.weights.bucket", "weights from Cloud Storage need the bucket they are in",
+                        "set startup.weights.bucket (mirror_model copies the Hub revision there once)")
+        if (w.loader or "runai_streamer") == "runai_streamer" and eng.kind != "vllm":
+            raise error("startup.weights.loader", f"the Run:ai streamer is vLLM's loader (--load-format "
+                        f"runai_streamer); {eng.kind} cannot use it", "use loader: gcsfuse")
+        if not (c.workload_identity and spec.service_account):
+            raise error("startup.weights.source", "the pods read the bucket as their Kubernetes service account "
+                        "through Workload Identity", "set service_account (with cluster.workload_identity: true) "
+                        "and grant it roles/storage.objectViewer on the bucket")
+    else:
+        for field in ("bucket", "loader"):
+            if getattr(w, field):
+                raise error(f"startup.weights.{field}", f"only used with source gcs (source is {w.source})",
+                            f"drop startup.weights.{field} or set source: gcs")
+    if w.source == "hyperdisk-ml":
+        if not w.volume:
+            raise error("startup.weights.volume", "Hyperdisk ML weights are read from a read-only volume that "
+                        "already holds them", "set startup.weights.volume to its PersistentVolumeClaim's name")
+    elif w.volume:
+        raise error("startup.weights.volume", f"only used with source hyperdisk-ml (source is {w.source})",
+                    "drop startup.weights.volume or set source: hyperdisk-ml")
+
+
+def _in_ar(image: str) -> bool:
+    return image.split("/", 1)[0].endswith("-docker.pkg.dev")
+
+
+# ---- rendering -----------------------------------------------------------------------------------------
+
+def repository(spec: DeploymentSpec) -> str:
+    return spec.startup.image.repository or f"{spec.cluster.region}-docker.pkg.dev/{spec.cluster.project}/llm-fleet"
+
+
+def image_ref(spec: DeploymentSpec) -> str:
+    """The image the pods run: the spec's, or its copy in Artifact Registry (same name and tag)."""
+    image = spec.engine.image_ref
+    if spec.startup.image.mirror != "artifact-registry" or _in_ar(image):
+        return image
+    return f"{repository(spec)}/{image.rsplit('/', 1)[-1]}"
+
+
+def weights_uri(spec: DeploymentSpec, revision: str) -> str:
+    """Where mirror_model puts a Hub revision: ``gs://BUCKET/PREFIX/ORG/NAME/REVISION``."""
+    w = spec.startup.weights
+    return "/".join(p for p in (f"gs://{w.bucket}", w.prefix.strip("/"), spec.model.id, revision) if p)
+
+
+def model_path(spec: DeploymentSpec, revision: str) -> str | None:
+    """The engine's model argument when the weights do not come from the Hub; None = the Hub id."""
+    w = spec.startup.weights
+    if w.source == "gcs" and loader(spec) == "runai_streamer":
+        return weights_uri(spec, revision)
+    if w.source == "gcs":  # the bucket mounted by the GCS FUSE CSI driver
+        return weights_uri(spec, revision).replace(f"gs://{w.bucket}", WEIGHTS_MOUNT, 1)
+    if w.source == "hyperdisk-ml":
+        return f"{WEIGHTS_MOUNT}/{spec.model.id}"
+    return None
+
+
+def adjust_container(spec: DeploymentSpec, container: Obj, revision: str) -> None:
+    """The engine container for the startup paths: the mirrored image, the weights' path and loader, the
+    served name kept as the Hub id (clients still ask for it), eager mode; the volume mount."""
+    st, kind = spec.startup, spec.engine.kind
+    container["image"] = image_ref(spec)
+    args: list[str] = list(container.get("args") or [])
+    env: list[Obj] = container.setdefault("env", [])
+    path = model_path(spec, revision)
+    if path is not None:
+        if kind == "vllm":
+            args = [a for a in args if not a.startswith(("--model=", "--revision="))]
+            args[:0] = [f"--model={path}", f"--served-model-name={spec.model.id}"]
+            if loader(spec) == "runai_streamer":
+                args.append("--load-format=runai_streamer")
+        elif kind == "tgi":
+            for e in env:
+                if e.get("name") == "MODEL_ID":
+                    e["value"] = path
+            env[:] = [e for e in env if e.get("name") != "REVISION"]
+        else:  # sglang
+            i = args.index("--model-path")
+            args[i + 1] = path
+            j = args.index("--revision")
+            del args[j:j + 2]
+            args += ["--served-model-name", spec.model.id]
+        if st.weights.source != "gcs" or loader(spec) == "gcsfuse":
+            container.setdefault("volumeMounts", []).append(
+                {"name": "weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True})
+    if not st.cuda_graphs:
+        if kind == "vllm":
+            args.append("--enforce-eager")
+        elif kind == "sglang":
+            args.append("--disable-cuda-graph")
+        else:
+            env.append({"name": "CUDA_GRAPHS", "value": "0"})
+    if args:
+        container["args"] = args
+
+
+def volumes(spec: DeploymentSpec) -> list[Obj]:
+    w = spec.startup.weights
+    if w.source == "gcs" and loader(spec) == "gcsfuse":
+        # GKE's serving profile for model weights: parallel downloads into the file cache, metadata
+        # prefetched at mount, read-only.
+        return [{"name": "weights", "csi": {"driver": GCSFUSE_DRIVER, "readOnly": True, "volumeAttributes": {
+            "bucketName": w.bucket, "mountOptions": "implicit-dirs,file-cache:enable-parallel-downloads:true,"
+            "file-cache:max-parallel-downloads:-1,file-system:kernel-list-cache-ttl-secs:-1",
+            "fileCacheCapacity": "-1", "fileCacheForRangeRead": "true",
+            "gcsfuseMetadataPrefetchOnMount": "true"}}}]
+    if w.source == "hyperdisk-ml":
+        return [{"name": "weights", "persistentVolumeClaim": {"claimName": w.volume, "readOnly": True}}]
+    return []
+
+
+def pod_annotations(spec: DeploymentSpec) -> dict[str, str]:
+    if spec.startup.weights.source == "gcs" and loader(spec) == "gcsfuse":
+        return {"gke-gcsfuse/volumes": "true"}  # the CSI driver injects its sidecar into this pod
+    return {}
+
+
+def node_config(spec: DeploymentSpec) -> Obj:
+    """The GPU node pool's config fields (proto names) for image streaming and the secondary boot disk."""
+    img, out = spec.startup.image, {}
+    if streaming_on(spec):
+        out["gcfs_config"] = {"enabled": True}
+    if img.secondary_boot_disk:
+        name = img.secondary_boot_disk
+        ref = name if "/" in name else f"global/images/{name}"
+        out["secondary_boot_disks"] = [{"disk_image": ref, "mode": "CONTAINER_IMAGE_CACHE"}]
+        out["secondary_boot_disk_update_strategy"] = {}
+    return out
+
+
+def cluster_addons(spec: DeploymentSpec) -> Obj:
+    if spec.startup.weights.source == "gcs" and loader(spec) == "gcsfuse" and spec.cluster.mode != "autopilot":
+        return {"gcs_fuse_csi_driver_config": {"enabled": True}}
+    return {}
+
+
+# ---- what must exist before a deploy (preflight) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Requirement:
+    kind: Literal["disk-image", "bucket", "weights", "image", "volume"]
+    name: str
+    fix: str
+
+
+def requirements(spec: DeploymentSpec, revision: str) -> list[Requirement]:
+    """What the startup paths read at a node's or a pod's start, each with how to make it exist."""
+    st, out = spec.startup, []
+    if st.image.mirror == "artifact-registry" and image_ref(spec) != spec.engine.image_ref:
+        out.append(Requirement("image", image_ref(spec), f"run mirror_model (copies {spec.engine.image_ref} there)"))
+    if st.image.secondary_boot_disk:
+        out.append(Requirement("disk-image", st.image.secondary_boot_disk,
+                               f"build it with gke-disk-image-builder --container-image={image_ref(spec)} "
+                               f"--project-name={spec.cluster.project} --image-name="
+                               f"{st.image.secondary_boot_disk.rsplit('/', 1)[-1]}"))
+    if st.weights.source == "gcs":
+        out.append(Requirement("bucket", st.weights.bucket or "", f"gcloud storage buckets create gs://"
+                               f"{st.weights.bucket} --location={spec.cluster.region}, then grant the pods' "
+                               f"service account roles/storage.objectViewer"))
+        out.append(Requirement("weights", weights_uri(spec, revision), "run mirror_model (copies the revision's "
+                               "weights there once, verified by sha256)"))
+    if st.weights.source == "hyperdisk-ml":
+        out.append(Requirement("volume", st.weights.volume or "", "create a Hyperdisk ML volume holding the "
+                               "weights and a ReadOnlyMany PersistentVolumeClaim bound to it"))
+    return out

@@ -1,0 +1,117 @@
+"""Fast-start paths (``startup:``): each field validated with one error naming it and the fix; rendered into the
+node pool, the cluster add-ons and the pod; absent, nothing changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from manifests import provision, startup
+from manifests.render import model_deployment, render, spec_hash
+from manifests.spec import SpecError, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED1 = ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml"
+FAST = {"image": {"mirror": "artifact-registry", "streaming": True, "secondary_boot_disk": "vllm-serving-cache"},
+        "weights": {"source": "gcs", "bucket": "llm-fleet-weights", "loader": "runai_streamer"}}
+
+
+def seed1(**top) -> dict:
+    data = yaml.safe_load(SEED1.read_text())
+    data.update(top)
+    return data
+
+
+def fast(startup_section: dict | None = None, **top):
+    return parse_spec(seed1(startup=startup_section or FAST, service_account="vllm", **top))
+
+
+def pod_of(spec, revision="abc"):
+    dep = model_deployment(spec, "blue", revision=revision)
+    return dep["spec"]["template"], dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_default_renders_todays_path():
+    """No startup section: the same pod template and hash as an explicit default one (today's path kept)."""
+    plain, explicit = parse_spec(seed1()), parse_spec(seed1(startup={}))
+    assert spec_hash(plain, "abc") == spec_hash(explicit, "abc")
+    tpl, c = pod_of(plain)
+    assert c["image"] == plain.engine.image_ref and "--model=google/gemma-2-2b-it" in c["args"]
+    assert "weights" not in {v["name"] for v in tpl["spec"]["volumes"]}
+    assert provision.node_pool_body(plain, zone="europe-west1-b")["config"]["gcfs_config"] == {"enabled": True}
+    assert "secondary_boot_disks" not in provision.node_pool_body(plain, zone="europe-west1-b")["config"]
+
+
+def test_gcs_streamer_and_secondary_boot_disk_render():
+    spec = fast()
+    tpl, c = pod_of(spec, revision="c0ffee")
+    assert c["image"] == "europe-west1-docker.pkg.dev/llm-fleet-demo/llm-fleet/vllm-openai:" + \
+        spec.engine.image_ref.rsplit(":", 1)[1]
+    assert c["args"][:2] == ["--model=gs://llm-fleet-weights/models/google/gemma-2-2b-it/c0ffee",
+                             "--served-model-name=google/gemma-2-2b-it"]
+    assert "--load-format=runai_streamer" in c["args"] and not any(a.startswith("--revision") for a in c["args"])
+    assert tpl["spec"]["serviceAccountName"] == "vllm"
+    config = provision.node_pool_body(spec, zone="europe-west1-b")["config"]
+    assert config["gcfs_config"] == {"enabled": True}
+    assert config["secondary_boot_disks"] == [{"disk_image": "global/images/vllm-serving-cache",
+                                               "mode": "CONTAINER_IMAGE_CACHE"}]
+    kinds = [r.kind for r in startup.requirements(spec, "c0ffee")]
+    assert kinds == ["image", "disk-image", "bucket", "weights"]
+    for obj in render(spec, color="blue"):
+        if not obj["apiVersion"].startswith(("monitoring.googleapis.com/", "monitoring.coreos.com/")):
+            kubernetes_validate.validate(obj, "1.33.0", strict=True)
+    assert spec_hash(spec, "abc") != spec_hash(parse_spec(seed1(service_account="vllm")), "abc")
+
+
+def test_gcsfuse_and_hyperdisk_ml_mount_the_weights():
+    spec = fast({"weights": {"source": "gcs", "bucket": "llm-fleet-weights", "loader": "gcsfuse"},
+                 "cuda_graphs": False})
+    tpl, c = pod_of(spec)
+    assert tpl["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+    (vol,) = [v for v in tpl["spec"]["volumes"] if v["name"] == "weights"]
+    assert vol["csi"]["driver"] == "gcsfuse.csi.storage.gke.io" and vol["csi"]["readOnly"]
+    assert vol["csi"]["volumeAttributes"]["bucketName"] == "llm-fleet-weights"
+    assert {"name": "weights", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+    assert c["args"][0] == "--model=/models/models/google/gemma-2-2b-it/abc" and "--enforce-eager" in c["args"]
+    assert provision.cluster_body(spec, location="europe-west1", zones=["europe-west1-b"])["addons_config"] == {
+        "gcs_fuse_csi_driver_config": {"enabled": True}}
+    hd = fast({"weights": {"source": "hyperdisk-ml", "volume": "gemma-weights"}})
+    tpl, c = pod_of(hd)
+    assert {"name": "weights", "persistentVolumeClaim": {"claimName": "gemma-weights", "readOnly": True}} in \
+        tpl["spec"]["volumes"]
+    assert c["args"][0] == "--model=/models/google/gemma-2-2b-it"
+    for obj in render(hd, color="blue") + render(spec, color="blue"):
+        if not obj["apiVersion"].startswith(("monitoring.googleapis.com/", "monitoring.coreos.com/")):
+            kubernetes_validate.validate(obj, "1.33.0", strict=True)
+
+
+@pytest.mark.parametrize("section, extra, field, fix", [
+    ({"weights": {"source": "gcs"}}, {"service_account": "vllm"}, "startup.weights.bucket", "set startup.weights.bucket"),
+    ({"weights": {"source": "gcs", "bucket": "b-1"}}, {}, "startup.weights.source", "set service_account"),
+    ({"weights": {"source": "hub", "bucket": "b-1"}}, {}, "startup.weights.bucket", "set source: gcs"),
+    ({"weights": {"source": "hyperdisk-ml"}}, {}, "startup.weights.volume", "set startup.weights.volume"),
+    ({"image": {"streaming": True}}, {}, "startup.image.streaming", "mirror: artifact-registry"),
+    ({"image": {"secondary_boot_disk": "cache", "streaming": False}}, {}, "startup.image.secondary_boot_disk",
+     "streaming: true"),
+    ({"image": {"mirror": "artifact-registry", "secondary_boot_disk": "cache"}},
+     {"cluster": {"project": "llm-fleet-demo", "location": "europe-west1", "version": "1.27.8"}},
+     "startup.image.secondary_boot_disk", "raise cluster.version"),
+    ({"image": {"repository": "us-docker.pkg.dev/p-12345/r"}}, {}, "startup.image.repository", "mirror"),
+    ({"weights": {"source": "s3"}}, {}, "startup.weights.source", ""),
+    ({"image": {"secondary_boot_disk": "Not A Disk"}}, {}, "startup.image.secondary_boot_disk", ""),
+])
+def test_each_field_one_clear_error(section, extra, field, fix):
+    with pytest.raises(SpecError) as err:
+        parse_spec(seed1(startup=section, **extra))
+    assert err.value.field == field, str(err.value)
+    assert fix in str(err.value)
+
+
+def test_sglang_cannot_use_the_runai_streamer():
+    data = seed1(startup={"weights": {"source": "gcs", "bucket": "b-1"}}, service_account="vllm")
+    data["engine"] = {"kind": "sglang"}
+    with pytest.raises(SpecError, match="startup.weights.loader: the Run:ai streamer is vLLM's loader"):
+        parse_spec(data)
