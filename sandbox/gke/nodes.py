@@ -16,6 +16,7 @@ import secrets
 from typing import Any
 
 from sandbox.compute import QuotaExceeded, accelerator_metric
+from sandbox.gke import fast_start
 from sandbox.gke.common import _err
 from sandbox.gke.machines import machine_shape
 from sandbox.gke.state import _Cluster, _Pool
@@ -96,17 +97,18 @@ class NodesMixin:
         for t in config.get("taints", []):
             taints.append({"key": t.get("key", ""), "value": t.get("value", ""),
                            "effect": effects.get(t.get("effect", ""), "NoSchedule")})
+        labels.update(fast_start.node_labels(cluster, config))
         labels.update(config.get("labels", {}))
         return labels, capacity, taints
 
     def _add_nodes(self, cluster: _Cluster, pool: _Pool, zone: str, n: int) -> str | None:
         """Start ``n`` nodes in ``zone``; returns an error message for the ones that could not start."""
-        acc, _, _, _ = self._pool_shape(pool.data)
+        acc, _, spot, _ = self._pool_shape(pool.data)
         started: list[str] = []
         error = None
         for _ in range(n):
             name = f"{pool.base}-{secrets.token_hex(2)}"
-            if self.compute.stocked_out(zone, acc):
+            if self.compute.stocked_out(zone, acc, spot=spot):
                 error = (f"[ZONE_RESOURCE_POOL_EXHAUSTED]: Instance '{name}' creation failed: "
                          f"{self.compute.stockout_message(cluster.project, zone)}")
                 break
@@ -116,7 +118,8 @@ class NodesMixin:
                 error = f"[QUOTA_EXCEEDED]: Instance '{name}' creation failed: {exc.compute_message}"
                 break
             labels, capacity, taints = self._node_spec(cluster, pool, zone, name)
-            self._kube_add(cluster, name, labels, capacity, taints)
+            self._kube_add(cluster, name, labels, capacity, taints, pool.data.get("version"))
+            fast_start.preload(self, cluster, pool, name)
             started.append(name)
         with self._lock:
             pool.nodes.setdefault(zone, []).extend(started)
