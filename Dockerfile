@@ -21,6 +21,7 @@ RUN uv sync --frozen --no-dev --extra gcp --no-install-project
 COPY llm_fleet ./llm_fleet
 COPY servers ./servers
 COPY flows ./flows
+COPY targets ./targets
 COPY tasks ./tasks
 COPY manifests ./manifests
 COPY sandbox ./sandbox

@@ -41,8 +41,8 @@ def main() -> int:
     from bench._support import start_sandbox
 
     sb = start_sandbox(args.time_scale)
-    from flows import vertex
     from manifests.vertex import smoke_instance
+    from targets import vertex
     from tasks import vertex as tv
 
     spec = yaml.safe_load((ROOT / "deployments/gemma-vertex.yaml").read_text())

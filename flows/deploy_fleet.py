@@ -15,15 +15,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from prefect import flow
+from prefect import Flow, flow
+from prefect.flows import load_flow_from_entrypoint
 
-from flows.deploy_model import deploy_model
-from flows.provision_cluster import provision_cluster
-from flows.report import Report
 from manifests.errors import FleetError
 from manifests.fleet import bundled_fleets, check_fleet_specs, cluster_key, load_fleet, pool_key
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from tasks.log import logger
+from tasks.report import Report
 
 # The UI offers the bundled fleet files; any other path works from the CLI and the API.
 FleetPath = Literal[tuple(bundled_fleets())]  # type: ignore[valid-type]
@@ -50,8 +49,15 @@ def _in_thread(pool: ThreadPoolExecutor, fn, *args, **kwargs) -> Future:
     return pool.submit(ctx.run, fn, *args, **kwargs)
 
 
+def _subflow(name: str) -> Flow:
+    """The flow ``flows/<name>.py:<name>``, named by its entrypoint as prefect.yaml names it (flows never
+    import each other); called from this flow it runs as a subflow, linked to this run."""
+    return load_flow_from_entrypoint(f"flows.{name}:{name}", use_placeholder_flow=False)
+
+
 def _provision_cluster_group(group: list[tuple[Any, DeploymentSpec]]) -> dict[tuple, BaseException | None]:
     """Provision one cluster's pools in turn; returns each pool's error (None when ready)."""
+    provision_cluster = _subflow("provision_cluster")
     out: dict[tuple, BaseException | None] = {}
     for ref, spec in group:
         try:
@@ -67,7 +73,7 @@ def _deploy_one(ref: Any, spec: DeploymentSpec, ready: Future, outcome: Outcome,
         errors = ready.result()
         if errors.get(pool_key(spec)) is not None:
             raise errors[pool_key(spec)]
-        result = deploy_model(spec=ref)
+        result = _subflow("deploy_model")(spec=ref)
         outcome.status, outcome.revision = "deployed", str(result.get("revision", ""))[:12]
         outcome.endpoint = result.get("endpoint", "")
     except BaseException as exc:  # noqa: BLE001 - one model's failure must not stop the others

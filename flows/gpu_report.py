@@ -16,11 +16,11 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.provision_cluster import find_cluster
 from manifests import usage as U
 from manifests.fleet import SpecPath, bundled_specs, load_fleet
 from manifests.prices import load_prices
 from manifests.spec import DeploymentSpec, SpecError, resolve_spec
+from targets.gke.provision import find_cluster
 from tasks import gke
 from tasks.log import logger
 from tasks.settings import get_settings

@@ -4,219 +4,22 @@
 2. Create the GKE cluster (Autopilot or Standard), get-or-create
 3. Create the GPU node pool (Standard), failing over to the next zone/region on stockouts
 4. Get cluster credentials (kubeconfig)
+
+Steps: targets/gke/provision.py (Vertex AI provisions its machines itself: it says so).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from flows.report import Report, artifact_key
-from manifests import provision as prov
-from manifests.errors import DriftError, PreflightError, QuotaError, StockoutError
 from manifests.fleet import SpecPath
-from manifests.spec import DeploymentSpec, resolve_gke_spec
-from tasks import compute, gke
-
-
-def find_cluster(spec: DeploymentSpec) -> tuple[str, dict[str, Any] | None]:
-    """(location, cluster) — the spec's location, or a failover region where an earlier run put it."""
-    c = spec.cluster
-    for location in [c.location, *c.failover_regions]:
-        found = gke.get_cluster(project=c.project, location=location, name=c.name)
-        if found is not None:
-            return location, found
-    return c.location, None
-
-
-def preflight(spec: DeploymentSpec, *, location: str, cluster: dict[str, Any] | None,
-              pool: dict[str, Any] | None) -> prov.Preflight:
-    c, acc = spec.cluster, spec.accelerator
-    report = prov.Preflight()
-    offered = compute.zones_offering(project=c.project, accelerator=acc.type)
-    zone_check, report.candidates = prov.check_zones(spec, offered)
-    report.checks.append(zone_check)
-    report.checks.append(prov.check_version(spec, gke.get_server_config(project=c.project, location=c.location)))
-    if pool is not None or (cluster is not None and c.mode == "autopilot"):
-        report.checks.append(prov.Check("GPU quota", True, "capacity already provisioned; nothing new to reserve"))
-        return report
-    need = spec.max_gpus
-    metric = prov.quota_metric(spec)
-    usable: list[str] = []
-    regional: list[prov.Check] = []
-    for region in prov.regions(spec):
-        check = prov.check_quota(spec, compute.get_region_quota(project=c.project, region=region, metric=metric),
-                                 need=need)
-        regional.append(check)
-        if check.ok:
-            usable.append(region)
-    if usable:
-        report.checks.append(next(ch for ch in regional if ch.ok))
-        report.candidates = [(r, z) for r, z in report.candidates if r in usable]
-    else:
-        report.checks.append(regional[0])
-    report.checks.append(prov.check_quota(spec, compute.get_project_gpu_quota(project=c.project), need=need))
-    return report
-
-
-def ensure_cluster(spec: DeploymentSpec, *, location: str, zones: list[str]) -> tuple[dict[str, Any], bool]:
-    """(cluster, created_now). Get-or-create, then wait until RUNNING; a rerun converges."""
-    c = spec.cluster
-    existing = gke.get_cluster(project=c.project, location=location, name=c.name)
-    if existing is not None:
-        mode = "autopilot" if (existing.get("autopilot") or {}).get("enabled") else "standard"
-        if mode != c.mode:
-            raise DriftError(f"cluster {c.name} exists as {mode}, the spec says {c.mode}",
-                             f"set cluster.mode: {mode}, or pick another cluster.name")
-        if existing.get("status") != "RUNNING":
-            existing = gke.wait_cluster_running(project=c.project, location=location, name=c.name)
-        filestore = ((existing.get("addons_config") or {}).get("gcp_filestore_csi_driver_config") or {}).get("enabled")
-        if prov.needs_filestore(spec) and c.mode == "standard" and not filestore:
-            # the spec's RWX cache needs the add-on on a cluster created without it: converge in place
-            op = gke.enable_filestore_csi(project=c.project, location=location, name=c.name)
-            gke.wait_operation(project=c.project, location=location, operation=op)
-            existing = gke.wait_cluster_running(project=c.project, location=location, name=c.name)
-        return existing, False
-    op = gke.create_cluster(project=c.project, location=location,
-                            body=prov.cluster_body(spec, location=location, zones=zones))
-    if op is not None:
-        gke.wait_operation(project=c.project, location=location, operation=op)
-    return gke.wait_cluster_running(project=c.project, location=location, name=c.name), op is not None
-
-
-def ensure_gpu_pool(spec: DeploymentSpec, *, location: str, zone: str) -> dict[str, Any]:
-    """Get-or-create the pool in ``zone``; drift is updated where GKE allows, refused otherwise."""
-    c, p = spec.cluster, spec.accelerator.pool
-    pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name)
-    if pool is not None and pool.get("status") == "ERROR":
-        # A failed create (e.g. a stockout) leaves an ERROR pool behind: clear it before retrying.
-        remove_pool(spec, location=location)
-        pool = None
-    if pool is None:
-        op = gke.create_node_pool(project=c.project, location=location, cluster=c.name,
-                                  body=prov.node_pool_body(spec, zone=zone))
-        if op is not None:
-            gke.wait_operation(project=c.project, location=location, operation=op)
-        return gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name)
-    drift = prov.pool_drift(spec, pool)
-    fixed = [d for d in drift if not d.updatable]
-    if fixed:
-        d = fixed[0]
-        raise DriftError(f"node pool {p.name} has {d.field} = {d.have}, the spec says {d.want}; GKE cannot change "
-                         "this in place", f"set {d.field}: {d.have} in the spec, or delete the pool and rerun")
-    if drift:
-        op = gke.set_node_pool_autoscaling(project=c.project, location=location, cluster=c.name, name=p.name,
-                                           min_nodes=p.min_nodes, max_nodes=p.max_nodes)
-        gke.wait_operation(project=c.project, location=location, operation=op)
-        pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name)
-    return pool
-
-
-def remove_pool(spec: DeploymentSpec, *, location: str) -> None:
-    c = spec.cluster
-    op = gke.delete_node_pool(project=c.project, location=location, cluster=c.name, name=spec.accelerator.pool.name)
-    if op is not None:
-        gke.wait_operation(project=c.project, location=location, operation=op)
-
-
-def remove_cluster(spec: DeploymentSpec, *, location: str) -> None:
-    c = spec.cluster
-    op = gke.delete_cluster(project=c.project, location=location, name=c.name)
-    if op is not None:
-        gke.wait_operation(project=c.project, location=location, operation=op)
-
-
-def provision_with_failover(spec: DeploymentSpec, *, location: str, candidates: list[tuple[str, str]],
-                            attempts: list[dict[str, str]]) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-    """Cluster + pool, walking the (region, zone) candidates on ZONE_RESOURCE_POOL_EXHAUSTED.
-
-    A failed zone's ERROR pool is deleted before the next try; a cluster this run created in a region
-    it then leaves is deleted too, so nothing is left behind in the first region.
-    """
-    c = spec.cluster
-    by_region: dict[str, list[str]] = {}
-    for region, zone in candidates:
-        by_region.setdefault(region, []).append(zone)
-    if c.mode == "autopilot":
-        cluster, _ = ensure_cluster(spec, location=location, zones=[])
-        return location, cluster, None
-    for region, zones in by_region.items():
-        loc = location if region == c.region else region
-        cluster, created = ensure_cluster(spec, location=loc, zones=zones)
-        for zone in zones:
-            try:
-                pool = ensure_gpu_pool(spec, location=loc, zone=zone)
-            except gke.OperationFailed as exc:
-                if not prov.stockout(exc.message):
-                    raise
-                attempts.append({"region": region, "zone": zone, "result": "stockout", "detail": exc.message})
-                remove_pool(spec, location=loc)
-                continue
-            attempts.append({"region": region, "zone": zone, "result": "created", "detail": pool.get("status", "")})
-            return loc, cluster, pool
-        if created and region != list(by_region)[-1]:
-            remove_cluster(spec, location=loc)
-            attempts.append({"region": region, "zone": "-", "result": "cluster removed",
-                             "detail": "every zone stocked out; moving to the next region"})
-    tried = ", ".join(a["zone"] for a in attempts if a["result"] == "stockout")
-    raise StockoutError(f"{spec.accelerator.type} is stocked out in every allowed zone ({tried})",
-                        "add zones or cluster.failover_regions, use accelerator.spot: false/true the other way, "
-                        "or retry later")
+from targets import target_for
 
 
 @flow(name="provision_cluster", log_prints=True)
 def provision_cluster(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
                       dry_run: bool = False) -> dict[str, Any]:
     """GPU quota and zone preflight → GKE cluster → GPU node pool (with stockout failover) → kubeconfig."""
-    log = get_run_logger()
-    spec = resolve_gke_spec(spec, flow="provision_cluster")
-    c = spec.cluster
-    report = Report("provision_cluster", f"{spec.name} → {c.project}/{c.location}/{c.name}", spec.slack_channel)
-    key = artifact_key("provision", spec.name)
-    attempts: list[dict[str, str]] = []
-    try:
-        with report.step("Preflight: GPU quota, zones and GKE version") as step:
-            location, cluster = find_cluster(spec)
-            pool = None
-            if cluster is not None and c.mode == "standard":
-                pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name,
-                                         name=spec.accelerator.pool.name)
-                pool = None if pool is not None and pool.get("status") == "ERROR" else pool
-            checks = preflight(spec, location=location, cluster=cluster, pool=pool)
-            report.table_artifact(f"{key}-preflight", checks.table(), f"Preflight for {spec.name}")
-            if not checks.ok:
-                first = checks.failures[0]
-                cls = QuotaError if first.name.startswith("quota") else PreflightError
-                raise cls(first.detail, first.fix)
-            step.detail = f"{len(checks.checks)} checks passed; zones {', '.join(z for _, z in checks.candidates)}"
-        plan = prov.plan_provision(spec, cluster=cluster, pool=pool, preflight=checks)
-        for action in plan:
-            log.info("plan: %s %s (%s)", action.verb, action.target, action.why)
-        if dry_run:
-            report.table_artifact(f"{key}-plan", [a.__dict__ for a in plan], "What provision_cluster would do")
-            report.succeed("dry run: nothing was created")
-            return {"dry_run": True, "plan": [a.__dict__ for a in plan]}
-
-        with report.step("Create the GKE cluster and GPU node pool") as step:
-            location, cluster, pool = provision_with_failover(spec, location=location,
-                                                              candidates=checks.candidates, attempts=attempts)
-            step.detail = f"{c.mode} cluster RUNNING in {location}" + (
-                f"; pool {pool['name']} in {', '.join(pool.get('locations', []))}" if pool else "")
-            if any(a["result"] != "created" for a in attempts):
-                step.detail += "; attempts: " + ", ".join(f"{a['zone']} {a['result']}" for a in attempts)
-
-        with report.step("Get cluster credentials") as step:
-            kubeconfig = gke.get_credentials(project=c.project, location=location, name=c.name)
-            step.detail = kubeconfig
-        report.succeed(f"Cluster {c.name} ready in {location}. Next: deploy_model")
-        return {"cluster": c.name, "location": location, "status": cluster.get("status"),
-                "node_pool": pool.get("name") if pool else None,
-                "zones": pool.get("locations") if pool else [], "kubeconfig": kubeconfig, "attempts": attempts}
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        if attempts:
-            report.table_artifact(f"{key}-attempts", attempts, "Node-pool placement attempts")
-        report.markdown_artifact(key)
+    return target_for(spec).provision(spec=spec, dry_run=dry_run)

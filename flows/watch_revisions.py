@@ -22,11 +22,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from prefect.variables import Variable
 
-from flows.deploy_model import live_color
-from flows.provision_cluster import find_cluster
 from manifests import names
 from manifests.errors import FleetError
 from manifests.spec import DeploymentSpec, SpecError, load_spec
+from targets.gke.provision import find_cluster
+from targets.gke.serving import live_color
 from tasks import gke, hf, k8s
 from tasks.log import logger
 

@@ -4,7 +4,7 @@ Like Argo Rollouts' blue-green: the live Service's selector names the live color
 color beside it (the candidate), checked through the preview Service, then one checked selector switch,
 checked again, and the old color kept warm for ``scale_down_delay`` before it is scaled to 0. The pod
 template of the live color is never changed in place. Observations come in as values (read by tasks/),
-the plan goes out as a value (acted on by flows/release_model.py, printed by dry runs).
+the plan goes out as a value (acted on by targets/gke/strategy.py, printed by dry runs).
 """
 
 from __future__ import annotations

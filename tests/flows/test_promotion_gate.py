@@ -238,7 +238,7 @@ def test_killed_while_paused_then_rerun_gates_again_and_converges(gated, sandbox
     from prefect.flow_runs import resume_flow_run
     from prefect.states import Paused
 
-    from flows import release_model as rm
+    from targets.gke import promotion_gate
 
     class Killed(BaseException):  # like SIGKILL: no rollback code runs
         pass
@@ -249,7 +249,7 @@ def test_killed_while_paused_then_rerun_gates_again_and_converges(gated, sandbox
     spec = gated
     stable, candidate = live(spec), other(live(spec))
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: killed while paused")
-    monkeypatch.setattr(rm, "pause_flow_run", killed)
+    monkeypatch.setattr(promotion_gate, "pause_flow_run", killed)
     with Background(spec, sha) as first, pytest.raises(Killed):
         first.join()
     monkeypatch.undo()
@@ -274,6 +274,7 @@ def test_rollback_model_after_a_dead_gate_retires_the_candidate_instead_of_switc
     """The candidate of a release killed at its gate is warm but was never promoted: rollback_model keeps the
     live color and scales the candidate to 0 (switching "back" to it would promote an unapproved revision)."""
     from flows import release_model as rm
+    from targets.gke import promotion_gate
 
     class Killed(BaseException):
         pass
@@ -285,7 +286,7 @@ def test_rollback_model_after_a_dead_gate_retires_the_candidate_instead_of_switc
     stable, candidate = live(spec), other(live(spec))
     stable_pods = pod_uids(spec, stable)
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: killed, then rollback_model")
-    monkeypatch.setattr(rm, "pause_flow_run", killed)
+    monkeypatch.setattr(promotion_gate, "pause_flow_run", killed)
     with Background(spec, sha) as first, pytest.raises(Killed):
         first.join()
     monkeypatch.undo()

@@ -346,7 +346,7 @@ def test_post_promotion_failure_switches_back(served, sandbox, sbc):
 # Before the switch, after it, and (in tests/unit/test_release.py) during the scale-down delay.
 @pytest.mark.parametrize("crash_after", ["bring_up", "switch"])
 def test_killed_at_each_step_then_rerun_converges(served, sandbox, monkeypatch, crash_after):
-    from flows import release_model as rm
+    from targets.gke import bluegreen
 
     class Killed(BaseException):  # like SIGKILL: no rollback code runs
         pass
@@ -355,17 +355,17 @@ def test_killed_at_each_step_then_rerun_converges(served, sandbox, monkeypatch, 
     before = live(spec)
     after = "green" if before == "blue" else "blue"
     sha = sandbox.hub.push_revision(MODEL, title=f"crash after {crash_after}")
-    title, fn = rm.STEPS[crash_after]
+    title, fn = bluegreen.STEPS[crash_after]
 
     def crashing(r):
         fn(r)
         raise Killed(crash_after)
 
-    monkeypatch.setitem(rm.STEPS, crash_after, (title, crashing))
+    monkeypatch.setitem(bluegreen.STEPS, crash_after, (title, crashing))
     with ServiceWatch(spec) as watch:
         with pytest.raises(Killed):
             release(spec, revision=sha)
-        monkeypatch.setitem(rm.STEPS, crash_after, (title, fn))
+        monkeypatch.setitem(bluegreen.STEPS, crash_after, (title, fn))
         result = release(spec, revision=sha)
     assert live(spec) == after and result["color"] == after
     assert deployment(spec, after).metadata.annotations["llm-fleet.dev/model-revision"] == sha

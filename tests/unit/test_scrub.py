@@ -7,8 +7,8 @@ import json
 
 from kubernetes.client.rest import ApiException
 
-from flows.report import scrub_exception, scrub_text
 from manifests.errors import DeployError
+from tasks.report import scrub_exception, scrub_text
 
 TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
 

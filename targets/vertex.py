@@ -1,7 +1,8 @@
 """The Vertex AI target (seed 002): deploy, release, park/wake and teardown of one spec on one endpoint.
 
-The main flows (deploy_model, release_model, park_model/wake_model, teardown) call these for
-``target: vertex`` specs; they run inside the caller's flow run. Steps, as the seed does them by hand:
+The main flows (deploy_model, release_model, rollback_model, park_model/wake_model, teardown) reach these
+through ``VertexAI`` (``targets.target_for`` picks it for ``target: vertex``); they run inside the
+caller's flow run. There is no cluster to provision, and no health probe or idle policy yet. Steps, as the seed does them by hand:
 
 deploy   1. Hugging Face preflight (token, revision, gated access, fits the Vertex machine's GPUs)
          2. Vertex GPU quota in the region — nothing is created before these pass
@@ -20,17 +21,20 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger
 
-from flows.report import Report, artifact_key
 from manifests import vertex as vx
 from manifests.errors import DeployError, FleetError, PreflightError, SmokeTestError
 from manifests.spec import DeploymentSpec, SpecError, resolve_spec
+from targets.base import ServingTarget, SpecRef
+from targets.hub import hub_preflight
 from tasks import hf
 from tasks import vertex as tv
 from tasks.locks import model_lock
+from tasks.report import Report, artifact_key
 from tasks.settings import get_settings
 
 
@@ -42,11 +46,6 @@ def resolve_vertex_spec(spec: DeploymentSpec | str | dict[str, Any], *, flow: st
         raise SpecError("engine.kind", f"target vertex serves vLLM's container, not {spec.engine.kind}",
                         "set engine: vllm (or target: gke for TGI/SGLang)")
     return spec
-
-
-def is_vertex(spec: DeploymentSpec | str | dict[str, Any]) -> bool:
-    """For the main flows' dispatch: does this spec (object, path or mapping) target Vertex AI?"""
-    return resolve_spec(spec).target == "vertex"
 
 
 def _where(spec: DeploymentSpec) -> tuple[str, str]:
@@ -82,8 +81,6 @@ def _model_revision(model: str, models: list[dict[str, Any]]) -> str | None:
 
 def hub_check(spec: DeploymentSpec, revision: str | None = None) -> tuple[Any, Any]:
     """Token, revision, gated access and fit on the Vertex machine's GPUs (the GKE preflight, reused)."""
-    from flows.deploy_model import hub_preflight
-
     token = hf.read_hf_token(block=spec.secret.prefect_block)
     target = spec if revision is None else spec.model_copy(
         update={"model": spec.model.model_copy(update={"revision": revision})})
@@ -467,4 +464,30 @@ def teardown(spec: DeploymentSpec | str | dict[str, Any], *, dry_run: bool = Fal
         report.markdown_artifact(key)
 
 
-__all__ = ["deploy", "release", "rollback", "park", "wake", "teardown", "is_vertex", "DeployError"]
+class VertexAI(ServingTarget):
+    name = "vertex"
+
+    def provision(self, *, spec: SpecRef, dry_run: bool = False) -> dict[str, Any]:
+        raise self._unsupported("provision_cluster", "Vertex AI provisions the machines itself",
+                                "run deploy_model with this spec: it creates the endpoint and deploys")
+
+    def deploy(self, *, spec: SpecRef, dry_run: bool = False) -> dict[str, Any]:
+        return deploy(spec, dry_run=dry_run)
+
+    def release(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        return release(spec, revision=revision, dry_run=dry_run)
+
+    def rollback(self, *, spec: SpecRef, release_again: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+        return rollback(spec)  # a release of the kept Model, inside this flow run
+
+    def park(self, *, spec: SpecRef, reason: str = "manual") -> dict[str, Any]:
+        return park(spec)
+
+    def wake(self, *, spec: SpecRef, reason: str = "manual") -> dict[str, Any]:
+        return wake(spec)
+
+    def teardown(self, *, spec: SpecRef, cluster: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        return teardown(spec, dry_run=dry_run)  # no cluster: the endpoint and the models are everything
+
+
+__all__ = ["VertexAI", "deploy", "release", "rollback", "park", "wake", "teardown", "DeployError"]

@@ -1,4 +1,4 @@
-"""What deploy_model and release_model share: Hub preflight, observing the colors, bringing one up.
+"""What GKE deploy, release, park and wake share: Hub preflight, observing the colors, bringing one up.
 
 "Ready" here always means the new pods answer: the Deployment's rollout is complete (by its new
 ReplicaSet), the Service's endpoints list exactly those pods, and the engine says the model is loaded.
@@ -11,32 +11,21 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from flows.provision_cluster import find_cluster
-from flows.report import Report
 from manifests import names
 from manifests.errors import PreflightError
 from manifests.names import Color
 from manifests.release import Observed
 from manifests.render import model_deployment, render, spec_hash
 from manifests.render import namespace as render_namespace
-from manifests.spec import DeploymentSpec, check_fit, fit_fix
+from manifests.spec import DeploymentSpec
+from targets.gke.provision import find_cluster
+from targets.hub import hub_preflight
 from tasks import gke, health, hf, k8s
+from tasks.report import Report
 from tasks.settings import get_settings
 
 # How long endpoints may lag behind Ready pods before that is a real problem (seconds, real time).
 ENDPOINT_LAG_S = 60.0
-
-
-def hub_preflight(spec: DeploymentSpec, token: SecretStr) -> hf.HubModel:
-    hf.check_hf_token(token=token)
-    model = hf.get_model(model_id=spec.model.id, revision=spec.model.revision, token=token)
-    if model.gated:
-        hf.check_gated_access(model_id=spec.model.id, token=token)
-    if model.params:
-        fit = check_fit(spec, model.params)
-        if not fit.fits:
-            raise PreflightError(fit.message(spec), fit_fix(spec, fit))
-    return model
 
 
 def with_revision(spec: DeploymentSpec, revision: str | None) -> DeploymentSpec:
@@ -56,7 +45,7 @@ def cluster_location(spec: DeploymentSpec) -> str:
 
 
 @dataclass
-class Target:
+class Prepared:
     """One run's handle on a model: the spec, the resolved Hub revision, the cluster's kubeconfig."""
 
     spec: DeploymentSpec
@@ -73,7 +62,7 @@ class Target:
         return model_deployment(self.spec, color, revision=self.model.sha, replicas=replicas)
 
 
-def prepare(spec: DeploymentSpec, report: Report) -> Target:
+def prepare(spec: DeploymentSpec, report: Report) -> Prepared:
     """Token, Hub preflight (before anything is created or paid for), cluster credentials."""
     import contextvars
     from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +81,7 @@ def prepare(spec: DeploymentSpec, report: Report) -> Target:
         with report.step("Get cluster credentials") as step:
             location, kubeconfig = located.result()
             step.detail = f"{spec.cluster.name} in {location}"
-    return Target(spec, model, token, kubeconfig, location)
+    return Prepared(spec, model, token, kubeconfig, location)
 
 
 def _credentials(spec: DeploymentSpec) -> tuple[str, str]:
@@ -158,7 +147,7 @@ def scale_down_color(spec: DeploymentSpec, *, kubeconfig: str, color: Color) -> 
     return f"{names.deployment(spec, color)} scaled to 0 so no GPU stays paid for"
 
 
-def ensure_namespace_and_secret(t: Target) -> str:
+def ensure_namespace_and_secret(t: Prepared) -> str:
     k8s.apply_object(kubeconfig=t.kubeconfig, obj=render_namespace(t.spec))
     return k8s.ensure_secret(kubeconfig=t.kubeconfig, namespace=t.spec.namespace, name=t.spec.secret.name,
                              key=t.spec.secret.key, value=t.token, labels=names.instance_labels(t.spec))

@@ -1,0 +1,98 @@
+"""The release-strategy seam: a strategy is an ordered list of named, idempotent steps (Argo Rollouts'
+bluegreen.go / canary.go shape), a pure plan that picks them, and how a failed release is undone.
+
+``run_release`` runs any strategy's plan, step by step, each one a line in the Slack thread; a failed
+step hands over to the strategy's rollback. A new strategy (canary on a Gateway) is a new module with
+a class like ``bluegreen.BlueGreen`` and one line in ``strategy_for``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from prefect import get_run_logger
+
+from manifests import names
+from manifests.errors import FleetError
+from manifests.names import Color
+from manifests.release import Desired, Observed, ReleasePlan
+from manifests.spec import DeploymentSpec
+from targets.gke.bluegreen import BlueGreen
+from targets.gke.release_steps import Release, Step, candidate_replicas
+from targets.gke.serving import Prepared, observe, scaled
+from tasks import k8s
+from tasks.locks import model_lock
+from tasks.report import Report, artifact_key
+
+
+class ReleaseStrategy(Protocol):
+    name: str
+    steps: dict[str, tuple[str, Step]]  # name -> (title, step); the plan's names select them in order
+
+    def plan(self, spec: DeploymentSpec, observed: Observed, desired: Desired) -> ReleasePlan: ...
+
+    def roll_back(self, r: Release, exc: BaseException) -> str: ...
+
+
+def strategy_for(spec: DeploymentSpec) -> ReleaseStrategy:
+    """release.strategy -> its implementation (recreate is blue-green's plan with stop_live first)."""
+    return {"blue-green": BlueGreen, "recreate": BlueGreen}[spec.release.strategy]()
+
+
+class RollbackFailed(FleetError):
+    """A step failed and so did its rollback: both causes, and how to find where traffic is."""
+
+
+def run_release(t: Prepared, report: Report, observed: Observed, plan: ReleasePlan) -> tuple[dict[str, Any], Color | None]:
+    """Run the plan's steps in order (caller holds the model's lock). Returns (result, color to retire later)."""
+    strategy = strategy_for(t.spec)
+    if plan.action == "clean_up":
+        r = Release(t, report, plan, observed, stable=plan.retire, candidate=plan.live, switched=True)  # type: ignore[arg-type]
+    else:
+        r = Release(t, report, plan, observed, stable=plan.live, candidate=plan.candidate)  # type: ignore[arg-type]
+    for row in plan.table():
+        get_run_logger().info("plan: %s — %s", row["step"], row["detail"])
+    report.table_artifact(artifact_key("release", t.spec.name, "plan"), plan.table(), "Release plan")
+    try:
+        for name in plan.steps:
+            if name == "scale_down":
+                continue  # after the lock, see finish_retire
+            title, fn = strategy.steps[name]
+            with report.step(title) as step:
+                step.detail = fn(r)
+    except Exception as exc:
+        try:
+            strategy.roll_back(r, exc)
+        except Exception as rollback_exc:  # say both: the first cause is what the user must fix
+            raise RollbackFailed(f"{exc}; then the rollback failed: {rollback_exc}",
+                                 f"check which color the live Service {names.service(r.spec)} selects (kubectl get "
+                                 "svc -o jsonpath='{.spec.selector}'), then run rollback_model") from rollback_exc
+        raise
+    result = {"color": r.candidate, "previous_color": r.stable, "replicas": candidate_replicas(r),
+              "action": "released" if plan.action == "release" else plan.action, "figures": r.figures,
+              "times": r.times, "smoke": r.figures.get("smoke", [])}
+    return result, (plan.retire if "scale_down" in plan.steps else None)
+
+
+def finish_retire(t: Prepared, report: Report, color: Color) -> None:
+    """Keep the old color warm for scale_down_delay (rollback_model can switch back meanwhile), then stop it."""
+    spec = t.spec
+    delay = spec.release.scale_down_delay.total_seconds()
+    with report.step(f"Keep {color} warm {delay:g}s, then scale it to 0") as step:
+        time.sleep(scaled(delay))
+        with model_lock(spec, purpose="scale down"):
+            now = observe(spec, t.kubeconfig)
+            if now.live == color:
+                step.detail = f"{color} is live again (rolled back meanwhile): kept"
+                return
+            k8s.scale_deployment(kubeconfig=t.kubeconfig, namespace=spec.namespace,
+                                 name=names.deployment(spec, color), replicas=0)
+            step.detail = f"{names.deployment(spec, color)} scaled to 0"
+
+
+def refuse_if_parked(spec: DeploymentSpec, plan: ReleasePlan) -> None:
+    if plan.action == "parked":
+        raise FleetError(f"{spec.name} is parked ({plan.reason}); a change needs a warm color to fall back to",
+                         f"run wake_model for {spec.name}, then release again (the hold proxy keeps "
+                         "requests meanwhile)")

@@ -1,0 +1,103 @@
+"""GKE wake (the wake_model flow): undo exactly what park recorded, and stop the hold proxy.
+
+wake_model
+1. Take the lock; read the park record from the live Service
+2. Restore what park changed on the GPU pool, then the replicas
+3. Wait until the model answers (rollout, endpoints, engine) and passes the smoke prompts
+4. Point the live Service back at the model; record the wake time (prewarm uses its p95)
+5. Scale the hold proxy to 0 once the switch has settled (the next park scales it up again)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger
+
+from manifests import names
+from manifests import park as P
+from manifests.errors import FleetError
+from targets.gke.park_steps import Run, apply_pool, live_service, read_pool
+from targets.gke.serving import load_timeout_s, scaled, smoke, wait_until_answering
+from tasks import k8s, schedules
+from tasks.settings import get_settings
+
+
+def wake(run: Run) -> dict[str, Any]:
+    spec, kubeconfig, report, record = run.spec, run.kubeconfig, run.report, run.record
+    start = time.monotonic()
+    if record is None:
+        report.skip("Restore the GPU pool and replicas", "not parked (no park record on the live Service)")
+        retired = _retire_hold_proxy(run, settle_s=0.0, quiet=True)  # a wake killed after its switch
+        return {"name": spec.name, "woken": False, "changed": ["hold proxy to 0"] if retired else [],
+                "outcome": f"{spec.name} is not parked: nothing to do"}
+    with report.step("Restore what park changed on the GPU pool") as step:
+        if record.pool is None:
+            step.detail = "Autopilot: nodes come with the pods"
+        else:
+            plan, done = apply_pool(spec, kubeconfig=kubeconfig, location=run.location,
+                                    now=read_pool(spec, kubeconfig, run.location),
+                                    plan_for=lambda now: P.plan_wake_pool(record, now))
+            step.detail = "; ".join(done + [plan.note])
+    with report.step("Restore the replicas") as step:
+        k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
+        k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
+                             name=names.deployment(spec, record.color), replicas=record.replicas)
+        step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}"
+    with report.step("Wait until the model answers and passes the smoke prompts") as step:
+        ready = wait_until_answering(spec, kubeconfig=kubeconfig, color=record.color, replicas=record.replicas,
+                                     timeout_s=load_timeout_s(spec, None), service=P.awake_service_name(spec))
+        results = smoke(spec, kubeconfig=kubeconfig, service=P.awake_service_name(spec))
+        step.detail = f"{ready['ready_pods']} pod(s) answer, {len(results)} smoke prompt(s) passed"
+    with report.step("Point the live Service back at the model") as step:
+        live = live_service(spec, kubeconfig)["spec"].get("selector") or {}
+        if live != record.selector:
+            k8s.patch_service_selector(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.service(spec),
+                                       selector=record.selector, expect=live)
+        took = time.monotonic() - start
+        cloud_s = took / (get_settings().time_scale or 1.0)
+        k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+                     namespace=spec.namespace, annotations={P.PARK_RECORD: None, P.ACTIVITY: None})
+        step.detail = f"{names.service(spec)} → {record.color}"
+    _retire_hold_proxy(run, settle_s=scaled(spec.release.scale_down_delay.total_seconds()))
+    # Real seconds: Prefect schedules fire on the wall clock, also against the (time-scaled) sandbox.
+    history = schedules.record_wake(spec, took)
+    if run.ref and spec.schedule and spec.schedule.wake:
+        try:
+            schedules.sync(specs=[run.ref])  # the next scheduled wake starts earlier by the new p95
+        except FleetError as exc:
+            get_run_logger().warning("prewarm not updated: %s", exc)
+    outcome = f"{spec.name} serving again after {took:.1f} s" + (
+        f" ({cloud_s:.0f} s on the cloud clock)" if get_settings().time_scale != 1.0 else "")
+    return {"name": spec.name, "woken": True, "took_s": took, "cloud_s": cloud_s, "color": record.color,
+            "replicas": record.replicas, "wake_history": history, "outcome": outcome}
+
+
+def _retire_hold_proxy(run: Run, *, settle_s: float, quiet: bool = False) -> bool:
+    """The hold proxy to 0 once the live Service routes to the model again: nothing keeps running that
+    only a parked model needs. It waits ``settle_s`` first (release.scale_down_delay, as a blue-green
+    switch does: kube-proxy on every node needs time after a selector change), and a proxy pod on its
+    way out still finishes the requests it forwards (aiohttp's graceful shutdown, hold.timeout + 5 s
+    of grace). Returns whether it scaled the proxy down."""
+    spec, kubeconfig = run.spec, run.kubeconfig
+    name = P.hold_deployment_name(spec)
+    dep = k8s.get_object(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment", name=name,
+                         namespace=spec.namespace)
+    running = int(((dep or {}).get("spec") or {}).get("replicas") or 0) > 0
+    if quiet and not running:
+        return False
+    if dep is None:
+        run.report.skip("Scale the hold proxy to 0 once the switch has settled", "no hold proxy (hold.enabled is false)")
+        return False
+    with run.report.step("Scale the hold proxy to 0 once the switch has settled") as step:
+        if not running:
+            step.detail = f"{name} is not running"
+            return False
+        if (live_service(spec, kubeconfig)["spec"].get("selector") or {}) == P.hold_selector(spec):
+            step.detail = f"{names.service(spec)} still selects {name}: kept"
+            return False
+        time.sleep(settle_s)
+        k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace, name=name, replicas=0)
+        step.detail = f"{name} → 0 after {settle_s:g} s (the next park scales it up again)"
+    return True
