@@ -313,6 +313,8 @@ class ClustersMixin:
                 for src, dst in simple.items():
                     if src in update:
                         d[dst] = update[src]
+                if "desiredGatewayApiConfig" in update:  # gcloud ... update --gateway-api=standard
+                    d.setdefault("networkConfig", {})["gatewayApiConfig"] = update["desiredGatewayApiConfig"]
                 if "desiredGcfsConfig" in update:
                     d.setdefault("nodePoolDefaults", {}).setdefault("nodeConfigDefaults", {})["gcfsConfig"] = \
                         update["desiredGcfsConfig"]
@@ -320,8 +322,14 @@ class ClustersMixin:
                     for p in [pool] if pool else list(cluster.pools.values()):
                         p.data.setdefault("config", {})["imageType"] = update["desiredImageType"]
                 d["etag"] = secrets.token_hex(8)
-            if "desiredAddonsConfig" in update:
+            if "desiredAddonsConfig" in update or "desiredGatewayApiConfig" in update:
                 addons.sync(cluster.kube, cluster.data)
+            if cluster.owns_kube and cluster.kube is not None:  # upgraded API server / kubelets report it
+                if master:
+                    cluster.kube.set_version(master)
+                if node_version:
+                    for p in [pool] if pool else list(cluster.pools.values()):
+                        cluster.kube.set_node_version([n for ns in p.nodes.values() for n in ns], node_version)
 
         def finish() -> None:
             if pool is not None and pool.busy == op.data["name"]:

@@ -10,7 +10,10 @@ Disabling the add-on removes the classes again (existing volumes stay).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from sandbox.core import HttpError
 from sandbox.kube import resources as res
@@ -51,6 +54,9 @@ def sync(kube: Any, cluster_data: dict[str, Any]) -> None:
     if kube is None or not hasattr(kube, "store"):
         return
     set_filestore(kube, filestore_enabled(cluster_data))
+    gateway = ((cluster_data.get("networkConfig") or {}).get("gatewayApiConfig") or {}).get("channel")
+    if gateway == "CHANNEL_STANDARD":  # GKE installs the standard channel; it is never removed by the sandbox
+        install_gateway_api(kube)
 
 
 # ---- what users install themselves (kubectl apply / helm), as the objects those manifests create --------
@@ -94,3 +100,34 @@ def install_ingress_nginx(kube: KubeCluster) -> None:
         kube.api.create(INGRESS_CLASSES, None, {"metadata": {"name": "nginx", "labels": {
             "app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"}},
             "spec": {"controller": "k8s.io/ingress-nginx"}})
+
+
+# ---- the Gateway API and the Inference Extension: CRDs (vendored upstream YAML) ---------------------------
+CRDS = res.BY_KEY[("apiextensions.k8s.io", "customresourcedefinitions")]
+GATEWAY_CLASSES = res.BY_KEY[("gateway.networking.k8s.io", "gatewayclasses")]
+ADDONS_DIR = Path(__file__).resolve().parents[1] / "addons"
+
+
+def _apply_crds(kube: KubeCluster, filename: str) -> None:
+    for doc in yaml.safe_load_all((ADDONS_DIR / filename).read_text()):
+        if doc and doc.get("kind") == "CustomResourceDefinition":
+            with contextlib.suppress(HttpError):
+                kube.api.create(CRDS, None, doc)
+
+
+def install_gateway_api(kube: KubeCluster) -> None:
+    """What ``gcloud container clusters update --gateway-api=standard`` brings: the standard channel CRDs
+    and GKE's GatewayClasses (controller ``networking.gke.io/gateway``, played by sandbox.kube.gateway)."""
+    from sandbox.kube.gateway import CONTROLLER, GKE_CLASSES
+
+    _apply_crds(kube, "gateway-api-crds.yaml")
+    for name in GKE_CLASSES:
+        with contextlib.suppress(HttpError):
+            kube.api.create(GATEWAY_CLASSES, None, {"metadata": {"name": name},
+                                                    "spec": {"controllerName": CONTROLLER}})
+
+
+def install_inference_extension(kube: KubeCluster) -> None:
+    """``kubectl apply -f .../gateway-api-inference-extension/releases/download/v1.5.0/manifests.yaml``:
+    the InferencePool and InferenceObjective CRDs."""
+    _apply_crds(kube, "inference-extension-crds.yaml")

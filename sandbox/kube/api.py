@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sandbox.core import HttpError, JsonHandler, now_rfc3339, route
-from sandbox.kube import autoscaling, portforward
+from sandbox.kube import autoscaling, podsecurity, portforward
 from sandbox.kube import patch as patches
 from sandbox.kube import resources as res
 from sandbox.kube.defaults import apply_defaults, validate
@@ -433,6 +433,11 @@ def _cluster(h: KubeHandler) -> KubeCluster:
     return h.server.state
 
 
+def _installed(h: KubeHandler) -> frozenset[str]:
+    """Names of the CustomResourceDefinitions in this cluster: their types are served, others 404."""
+    return _cluster(h).installed_crds()
+
+
 def _accept_table(h: KubeHandler) -> bool:
     return "as=Table" in (h.headers.get("Accept") or "")
 
@@ -451,7 +456,7 @@ def _truthy(v: str | None) -> bool:
 
 @route(ROUTES, "GET", r"/version/?")
 def _version(h: KubeHandler) -> Obj:
-    return res.SERVER_VERSION
+    return _cluster(h).server_version
 
 
 @route(ROUTES, "GET", r"/(healthz|livez|readyz)(/.*)?")
@@ -466,7 +471,7 @@ def _api(h: KubeHandler) -> Obj:
 
 @route(ROUTES, "GET", r"/apis/?")
 def _apis(h: KubeHandler) -> Obj:
-    return res.api_groups()
+    return res.api_groups(_installed(h))
 
 
 @route(ROUTES, "GET", r"/api/v1/?")
@@ -476,7 +481,7 @@ def _core_resources(h: KubeHandler) -> Obj:
 
 @route(ROUTES, "GET", r"/apis/(?P<group>[^/]+)/?")
 def _group(h: KubeHandler, group: str) -> Obj:
-    doc = res.api_group(group)
+    doc = res.api_group(group, _installed(h))
     if doc is None:
         raise status_error(404, "NotFound", "the server could not find the requested resource")
     return doc
@@ -484,7 +489,7 @@ def _group(h: KubeHandler, group: str) -> Obj:
 
 @route(ROUTES, "GET", r"/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/?")
 def _group_resources(h: KubeHandler, group: str, version: str) -> Obj:
-    doc = res.resource_list(f"{group}/{version}")
+    doc = res.resource_list(f"{group}/{version}", _installed(h))
     if doc is None:
         raise status_error(404, "NotFound", "the server could not find the requested resource")
     return doc
@@ -497,18 +502,19 @@ def _openapi_v2(h: KubeHandler) -> None:
 
 @route(ROUTES, "GET", r"/openapi/v3/?")
 def _openapi_v3(h: KubeHandler) -> Obj:
-    return res.openapi_v3_index()
+    return res.openapi_v3_index(_installed(h))
 
 
 @route(ROUTES, "GET", r"/openapi/v3/(?P<gv>api/v1|apis/[^/]+/[^/]+)")
 def _openapi_v3_doc(h: KubeHandler, gv: str) -> Obj:
-    doc = res.openapi_v3_doc("v1" if gv == "api/v1" else gv[len("apis/"):])
+    doc = res.openapi_v3_doc("v1" if gv == "api/v1" else gv[len("apis/"):], _installed(h))
     if doc is None:
         raise status_error(404, "NotFound", "the server could not find the requested resource")
     return doc
 
 
-def _resolve(path: str) -> tuple[RType, str | None, str | None, str, list[str]]:
+def _resolve(path: str, installed: frozenset[str] | None = None
+             ) -> tuple[RType, str | None, str | None, str, list[str]]:
     """URL path -> (type, namespace, name, subresource, rest of the path after the subresource)."""
     parts = path.strip("/").split("/")
     nf = status_error(404, "NotFound", "the server could not find the requested resource")
@@ -524,10 +530,10 @@ def _resolve(path: str) -> tuple[RType, str | None, str | None, str, list[str]]:
         raise nf
     namespace = None
     if rest[0] == "namespaces" and len(rest) >= 3:
-        t = res.find(group, version, rest[2])
+        t = res.find(group, version, rest[2], installed)
         if t is not None and t.namespaced:
             namespace, rest = rest[1], rest[2:]
-    t = res.find(group, version, rest[0])
+    t = res.find(group, version, rest[0], installed)
     if t is None:
         raise nf
     name = rest[1] if len(rest) > 1 else None
@@ -673,7 +679,7 @@ def _handle(h: KubeHandler, path: str) -> Any:
     api = cluster.api
     if path.startswith("/apis/metrics.k8s.io/"):
         return autoscaling.serve_metrics_api(h, cluster, path)
-    t, namespace, name, sub, rest = _resolve(path)
+    t, namespace, name, sub, rest = _resolve(path, _installed(h))
     method = h.command
     dry_run = bool(h.q("dryRun"))
     manager = _manager(h)
@@ -793,6 +799,7 @@ class KubeHandler(JsonHandler):
     server: Any
 
     def _dispatch(self) -> None:
+        podsecurity.begin_request()
         # authentication + RBAC (sandbox.kube.auth) answer 401/403 before any route or fault sees it
         auth = getattr(self.server.state, "auth", None)
         if auth is not None and auth.intercept(self):
@@ -800,6 +807,12 @@ class KubeHandler(JsonHandler):
         super()._dispatch()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
+
+    def end_headers(self) -> None:
+        # admission warnings (Pod Security "warn") as the API server sends them: RFC 7234 code 299
+        for message in podsecurity.take_warnings():
+            self.send_header("Warning", '299 - "' + message.replace('"', '\\"') + '"')
+        super().end_headers()
 
     def error_body(self, err: HttpError) -> Any:
         if isinstance(err.body, dict) and err.body.get("kind") == "Status":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import http.client
 import itertools
 import queue
@@ -15,17 +16,21 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from sandbox.core import Clock, Faults, SandboxHTTPServer, now_rfc3339
-from sandbox.kube import admission
+from sandbox.kube import admission, crds
 from sandbox.kube import resources as res
 from sandbox.kube.api import KubeApi, KubeHandler
 from sandbox.kube.auth import ClusterAuth
 from sandbox.kube.controllers import AUTOPILOT_LABEL, NODES, PODS, SVCS, Controller, is_ready
 from sandbox.kube.endpointslices import EndpointSlices
+from sandbox.kube.gmp import GmpCollector
+from sandbox.kube.gateway import GatewayController
 from sandbox.kube.ingress import IngressController
+from sandbox.kube.kubeproxy import KubeProxy
+from sandbox.kube.prober import Prober
 from sandbox.kube.resources import RType
 from sandbox.kube.selectors import match_selector_dict
 from sandbox.kube.storage import Storage
-from sandbox.kube.store import Event, Store, not_found, status_error
+from sandbox.kube.store import Event, Store, invalid, not_found, status_error
 from sandbox.tls import ClusterCA, serve_tls
 
 Obj = dict[str, Any]
@@ -59,6 +64,10 @@ class KubeCluster:
         self.controller = Controller(self)
         self.autopilot_clusters: set[str] = set()
         self.autopilot_idle_seconds = 600.0
+        # what /version and each new node's kubelet report; GKE sets both to its cluster's and pool's
+        # versions (set_version), and the project names nodes' providerID (gce://PROJECT/ZONE/NAME)
+        self.server_version: dict[str, str] = dict(res.SERVER_VERSION)
+        self.project = "sandbox-project"
         self.stopping = threading.Event()
         self._server: SandboxHTTPServer | None = None
         self._subscribers: list[Callable[[str, Obj], Any]] = []
@@ -71,7 +80,12 @@ class KubeCluster:
         self.store.add_hook(self._publish)
         self.storage = Storage(self)  # claims bind like GKE's provisioners (sandbox.kube.storage)
         EndpointSlices(self)  # discovery.k8s.io/v1 mirrors of each Service's Endpoints
+        # what routes to a Service: the Endpoints of endpoint_propagation cloud seconds ago (sandbox.kube.kubeproxy)
+        self.kube_proxy = KubeProxy(self)
         self.ingress = IngressController(self)  # an address per Ingress its class's controller serves
+        self.gmp = GmpCollector(self)  # Managed Prometheus scrapes every PodMonitoring target (sandbox.kube.gmp)
+        self.prober = Prober(self)  # the kubelets' httpGet startup/readiness/liveness probes (sandbox.kube.prober)
+        self.gateway = GatewayController(self)  # GKE's Gateway controller + the endpoint picker (CRDs installed)
         # HTTPS with the cluster's own CA, bearer tokens and RBAC, as a GKE control plane (sandbox.kube.auth)
         self.tls = ClusterCA()
         self.auth = ClusterAuth(self, google=google_tokens)
@@ -84,13 +98,18 @@ class KubeCluster:
             return
         self.stopping.clear()
         self.controller.start()
+        self.gmp.start()
+        self.prober.start()
         self._sub_thread = threading.Thread(target=self._dispatch_subscribers, name="kube-subscribers", daemon=True)
         self._sub_thread.start()
         self._server = serve_tls(KubeHandler, state=self, faults=self.faults, context=self.tls.server_context())
 
     def stop(self) -> None:
         self.stopping.set()
+        self.gmp.stop()
+        self.prober.stop()
         self.ingress.stop()
+        self.gateway.stop()
         self.store.close_watchers()
         self.controller.stop()
         self._sub_queue.put(None)
@@ -138,6 +157,10 @@ class KubeCluster:
     # ---- admission (defaults that need cluster state) -----------------------------------------
     def admit(self, t: RType, obj: Obj, old: Obj | None) -> None:
         admission.admit(self, t.kind, obj, old)  # GKE's admission plugins (toleration, Autopilot, default class)
+        if t.kind == "CustomResourceDefinition":
+            crds.admit_crd(obj)
+        elif t.crd and (errors := crds.admit_custom(self, t, obj)):
+            raise invalid(t, obj["metadata"].get("name", ""), [(f, "FieldValueInvalid", m) for f, m in errors])
         if t.kind == "Service":
             spec = obj.setdefault("spec", {})
             old_spec = (old or {}).get("spec") or {}
@@ -170,9 +193,25 @@ class KubeCluster:
                 return port
 
     # ---- nodes ------------------------------------------------------------------------------
+    def set_version(self, version: str) -> None:
+        """Report GKE's ``1.30.14-gke.1009000`` (a cluster's ``currentMasterVersion``) at /version."""
+        self.server_version = res.server_version(version)
+
+    def set_node_version(self, names: Iterable[str], version: str) -> None:
+        """The kubelets of ``names`` now run GKE ``version`` (a node pool upgrade)."""
+        kubelet = res.server_version(version)["gitVersion"]
+        for name in names:
+            node = copy.deepcopy(self.store.get(NODES, "", name))
+            if node is not None:
+                info = node["status"]["nodeInfo"]
+                info["kubeletVersion"] = info["kubeProxyVersion"] = kubelet
+                self.store.replace(NODES, node)
+
     def add_node(self, name: str, *, labels: dict[str, str] | None = None, capacity: dict[str, Any] | None = None,
-                 taints: Iterable[Any] = ()) -> Obj:
-        """Register a Ready node (GKE calls this once the VM has booted)."""
+                 taints: Iterable[Any] = (), version: str | None = None) -> Obj:
+        """Register a Ready node (GKE calls this once the VM has booted); ``version`` = its pool's
+        GKE version (default: the control plane's, as Autopilot's nodes)."""
+        kubelet = res.server_version(version)["gitVersion"] if version else self.server_version["gitVersion"]
         labels = dict(labels or {})
         labels.setdefault("kubernetes.io/hostname", name)
         labels.setdefault("kubernetes.io/os", "linux")
@@ -198,7 +237,7 @@ class KubeCluster:
             "metadata": {"name": name, "labels": labels,
                          "annotations": {"node.alpha.kubernetes.io/ttl": "0",
                                          "volumes.kubernetes.io/controller-managed-attach-detach": "true"}},
-            "spec": {"providerID": f"gce://sandbox-project/{zone}/{name}", "podCIDR": f"10.8.{n & 255}.0/24",
+            "spec": {"providerID": f"gce://{self.project}/{zone}/{name}", "podCIDR": f"10.8.{n & 255}.0/24",
                      "podCIDRs": [f"10.8.{n & 255}.0/24"]},
             "status": {"capacity": cap, "allocatable": dict(cap), "conditions": conds,
                        "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
@@ -206,8 +245,7 @@ class KubeCluster:
                        "nodeInfo": {"machineID": name, "systemUUID": name, "bootID": name,
                                     "kernelVersion": "6.1.100+", "osImage": "Container-Optimized OS from Google",
                                     "containerRuntimeVersion": "containerd://1.7.22",
-                                    "kubeletVersion": res.SERVER_VERSION["gitVersion"],
-                                    "kubeProxyVersion": res.SERVER_VERSION["gitVersion"],
+                                    "kubeletVersion": kubelet, "kubeProxyVersion": kubelet,
                                     "operatingSystem": "linux", "architecture": "amd64"}},
         }
         node_taints = [self._taint(t) for t in taints]
@@ -293,6 +331,9 @@ class KubeCluster:
                     traceback.print_exc(file=sys.stderr)
 
     # ---- routing ----------------------------------------------------------------------------
+    def installed_crds(self) -> frozenset[str]:
+        return crds.installed(self)
+
     def ready_pod_ports(self, namespace: str, selector: dict[str, str] | None) -> list[int]:
         """Loopback ports of the model servers of Ready, non-terminating pods matching ``selector`` now."""
         if not selector:
@@ -315,6 +356,10 @@ class KubeCluster:
         if svc is None:
             return []
         return self.ready_pod_ports(namespace, (svc.get("spec") or {}).get("selector"))
+
+    def routed_backends(self, namespace: str, service_name: str) -> list[int]:
+        """Where a connection to the Service goes: kube-proxy's programmed view, ``kube_proxy.lag_s`` behind."""
+        return self.kube_proxy.backends(namespace, service_name)
 
     def pod_port(self, namespace: str, name: str) -> int | None:
         pod = self.store.get(PODS, namespace, name)

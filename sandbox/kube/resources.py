@@ -14,6 +14,15 @@ SERVER_VERSION = {
     "compiler": "gc", "platform": "linux/amd64",
 }
 
+
+
+def server_version(gke_version: str) -> dict[str, str]:
+    """``/version`` of an API server running GKE version ``1.30.14-gke.1009000`` (or ``v1.30.14-gke.…``)."""
+    git = "v" + gke_version.lstrip("v")
+    major, minor = git[1:].split(".")[:2]
+    return {**SERVER_VERSION, "major": major, "minor": minor, "gitVersion": git}
+
+
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -29,6 +38,9 @@ class RType:
     categories: tuple[str, ...] = ()
     generation: bool = False  # metadata.generation tracks spec changes
     has_status: bool = False  # status only changes through /status (or the controller)
+    # Served only while this CustomResourceDefinition exists in the cluster (add-ons installed by hand or
+    # by a GKE cluster setting, e.g. --gateway-api=standard); "" = built in.
+    crd: str = ""
 
     @property
     def api_version(self) -> str:
@@ -98,9 +110,29 @@ TYPES: list[RType] = [
        subresources=("status",), generation=True, has_status=True),
     _t("monitoring.googleapis.com", "v1", "rules", "Rules", subresources=("status",), generation=True,
        has_status=True),
+    # GKE's custom ComputeClass CRD (installed on every cluster from 1.30.3-gke.1451000); the sandbox's
+    # cluster autoscaler (sandbox.gke.autoscaler) reads its priorities
+    _t("cloud.google.com", "v1", "computeclasses", "ComputeClass", namespaced=False, short=("cc",),
+       subresources=("status",), generation=True, has_status=True),
     # No monitoring.coreos.com (PrometheusRule, ServiceMonitor): GKE ships only GMP's CRDs; the
     # prometheus-operator CRDs exist only where someone installed them.
     _t("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
+    _t("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", namespaced=False,
+       short=("crd", "crds"), subresources=("status",), generation=True, has_status=True),
+    # Gateway API (standard channel) and the Inference Extension: CRDs, served once installed
+    # (sandbox/addons/gateway-api-crds.yaml, inference-extension-crds.yaml; sandbox.kube.gateway plays GKE's
+    # gateway controller and the endpoint picker).
+    _t("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass", namespaced=False, short=("gc",),
+       subresources=("status",), generation=True, has_status=True, crd="gatewayclasses.gateway.networking.k8s.io"),
+    _t("gateway.networking.k8s.io", "v1", "gateways", "Gateway", short=("gtw",), subresources=("status",),
+       generation=True, has_status=True, crd="gateways.gateway.networking.k8s.io"),
+    _t("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", subresources=("status",), generation=True,
+       has_status=True, crd="httproutes.gateway.networking.k8s.io"),
+    _t("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool", short=("infpool",),
+       subresources=("status",), generation=True, has_status=True, crd="inferencepools.inference.networking.k8s.io"),
+    _t("inference.networking.x-k8s.io", "v1alpha2", "inferenceobjectives", "InferenceObjective",
+       subresources=("status",), generation=True, has_status=True,
+       crd="inferenceobjectives.inference.networking.x-k8s.io"),
     # what a custom metrics adapter registers (sandbox.kube.autoscaling reads them)
     _t("apiregistration.k8s.io", "v1", "apiservices", "APIService", namespaced=False, subresources=("status",),
        has_status=True),
@@ -113,14 +145,21 @@ BY_KEY: dict[tuple[str, str], RType] = {t.key: t for t in TYPES}
 BY_KIND: dict[tuple[str, str], RType] = {(t.api_version, t.kind): t for t in TYPES}
 
 
-def find(group: str, version: str, plural: str) -> RType | None:
+def find(group: str, version: str, plural: str, installed: frozenset[str] | None = None) -> RType | None:
+    """The type at this URL; a CRD-backed one only when ``installed`` (CRD names) holds its CRD."""
     t = BY_KEY.get((group, plural))
-    return t if t is not None and t.version == version else None
+    if t is None or t.version != version or (t.crd and installed is not None and t.crd not in installed):
+        return None
+    return t
 
 
-def group_versions() -> dict[str, list[RType]]:
+def served(installed: frozenset[str] | None = None) -> list[RType]:
+    return [t for t in TYPES if not t.crd or installed is None or t.crd in installed]
+
+
+def group_versions(installed: frozenset[str] | None = None) -> dict[str, list[RType]]:
     out: dict[str, list[RType]] = {}
-    for t in TYPES:
+    for t in served(installed):
         out.setdefault(t.api_version, []).append(t)
     return out
 
@@ -141,8 +180,8 @@ def _sub_resource(t: RType, sub: str) -> dict[str, Any]:
     return entry
 
 
-def resource_list(group_version: str) -> dict[str, Any] | None:
-    types = group_versions().get(group_version)
+def resource_list(group_version: str, installed: frozenset[str] | None = None) -> dict[str, Any] | None:
+    types = group_versions(installed).get(group_version)
     if not types:
         return None
     resources = []
@@ -165,17 +204,17 @@ def api_versions(server_address: str) -> dict[str, Any]:
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}]}
 
 
-def api_groups() -> dict[str, Any]:
+def api_groups(installed: frozenset[str] | None = None) -> dict[str, Any]:
     groups: dict[str, list[str]] = {}
-    for t in TYPES:
+    for t in served(installed):
         if t.group and t.version not in groups.setdefault(t.group, []):
             groups[t.group].append(t.version)
-    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [api_group(g) for g in groups]}
+    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [api_group(g, installed) for g in groups]}
 
 
-def api_group(group: str) -> dict[str, Any] | None:
+def api_group(group: str, installed: frozenset[str] | None = None) -> dict[str, Any] | None:
     versions = []
-    for t in TYPES:
+    for t in served(installed):
         if t.group == group and t.version not in versions:
             versions.append(t.version)
     if not versions:
@@ -189,10 +228,10 @@ def _gv_path(group_version: str) -> str:
     return "api/v1" if group_version == "v1" else f"apis/{group_version}"
 
 
-def openapi_v3_index() -> dict[str, Any]:
+def openapi_v3_index(installed: frozenset[str] | None = None) -> dict[str, Any]:
     paths = {}
-    for gv in group_versions():
-        doc = openapi_v3_doc(gv)
+    for gv in group_versions(installed):
+        doc = openapi_v3_doc(gv, installed)
         digest = hashlib.sha512(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:64].upper()
         paths[_gv_path(gv)] = {"serverRelativeURL": f"/openapi/v3/{_gv_path(gv)}?hash={digest}"}
     return {"paths": paths}
@@ -229,8 +268,8 @@ def _op(t: RType, action: str, op_id: str, params: list[str]) -> dict[str, Any]:
     return op
 
 
-def openapi_v3_doc(group_version: str) -> dict[str, Any] | None:
-    types = group_versions().get(group_version)
+def openapi_v3_doc(group_version: str, installed: frozenset[str] | None = None) -> dict[str, Any] | None:
+    types = group_versions(installed).get(group_version)
     if not types:
         return None
     paths: dict[str, Any] = {}
