@@ -86,11 +86,29 @@ class SandboxClient:
     def clear_faults(self, service: str | None = None) -> None:
         self._call("DELETE", "/sandbox/faults", params={"service": service})
 
+    # ---- the cluster's own behaviour -------------------------------------------------------
+    def set_endpoint_lag(self, seconds: float) -> float:
+        """Cloud seconds between an Endpoints change and Services routing by it (kube-proxy's programming
+        delay), on every cluster; 0 routes by the Endpoints of now. Returns the value set."""
+        return self._call("POST", "/sandbox/endpoint-lag", json={"seconds": seconds})["seconds"]
+
+    def endpoint_lag(self) -> float:
+        return self._call("GET", "/sandbox/endpoint-lag")["seconds"]
+
     # ---- capacity ------------------------------------------------------------------------
-    def set_stockout(self, zone: str, accelerator: str | None = None, on: bool = True) -> list[dict[str, Any]]:
-        """``accelerator``: one type, ``None`` for every GPU type, ``"*"`` for every VM (CPU-only too)."""
-        return self._call("POST", "/sandbox/stockouts", json={"zone": zone, "accelerator": accelerator, "on": on})[
-            "stockouts"]
+    def set_stockout(self, zone: str, accelerator: str | None = None, on: bool = True, *, spot: bool = False
+                     ) -> list[dict[str, Any]]:
+        """``accelerator``: one type, ``None`` for every GPU type, ``"*"`` for every VM (CPU-only too);
+        ``spot``: only Spot VMs cannot start there (on-demand still can)."""
+        return self._call("POST", "/sandbox/stockouts", json={"zone": zone, "accelerator": accelerator, "on": on,
+                                                              "spot": spot})["stockouts"]
+
+    def preempt_node(self, node: str) -> dict[str, Any]:
+        """Compute Engine preempts the Spot VM behind GKE node ``node`` (a fault): ~30 s notice (the node is
+        tainted, its pods get 15 s to stop), then the node is gone and its pods' owners replace them —
+        through their ComputeClass, on the next option when spot capacity is gone. Returns ``{"node",
+        "cluster", "pool", "zone"}``."""
+        return self._call("POST", f"/sandbox/nodes/{node}/preempt")
 
     def clear_stockouts(self) -> None:
         self._call("DELETE", "/sandbox/stockouts")

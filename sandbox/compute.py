@@ -5,7 +5,8 @@ Speaks the Compute v1 REST dialect that ``google.cloud.compute_v1`` clients (``t
 ``.../zones[/{zone}]``, ``.../zones/{zone}/acceleratorTypes[/{type}]``,
 ``.../aggregated/acceleratorTypes``, ``/compute/v1/projects/{project}`` (project info with the
 ``GPUS_ALL_REGIONS`` quota), and read-only ``instanceGroupManagers`` / ``instances`` for the node
-pools the GKE emulator creates. This module does not import ``compute_v1`` (~8 s to import); the
+pools the GKE emulator creates, with each VM's own ``compute.instances.insert`` / ``.delete``
+operations (``.../zones/{zone}/operations``, ``.../aggregated/operations``). This module does not import ``compute_v1`` (~8 s to import); the
 tests parse every reply strictly with its message types.
 
 Python API (used by the GKE emulator and the control API):
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import zlib
 from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
@@ -170,6 +173,12 @@ def _num(n: float) -> str:
     return f"{float(n):.1f}"
 
 
+def _rfc3339_pacific(t: float) -> str:
+    """GCE's timestamp form: milliseconds, in US Pacific time (``2026-12-05T18:27:39.123-08:00``)."""
+    local = datetime.fromtimestamp(t, timezone(timedelta(hours=-8)))
+    return local.strftime("%Y-%m-%dT%H:%M:%S.") + f"{local.microsecond // 1000:03d}-08:00"
+
+
 def _id(*parts: str) -> str:
     """A stable numeric id, like Compute's uint64 ids (as a string)."""
     key = "/".join(parts).encode()
@@ -220,10 +229,16 @@ class Compute(Emulator):
         self._lock = threading.RLock()
         self._quotas: dict[str, _ProjectQuota] = {}
         self._stockouts: set[tuple[str, str | None]] = set()
+        # spot capacity gone (zone, accelerator | None): on-demand VMs still start there
+        self._spot_stockouts: set[tuple[str, str | None]] = set()
         # (project, zone, name) -> {"targetSize": int, "baseInstanceName": str, "instances": [names], ...}
         self._migs: dict[tuple[str, str, str], dict[str, Any]] = {}
         # (project, "global" or region, name) -> address resource (gcloud compute addresses create)
         self.addresses: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # the VMs' own insert/delete operations (a MIG resize makes one per instance), oldest first, and
+        # each live instance's creation time: what `gcloud compute operations list` / `instances list` show
+        self._instance_ops: list[dict[str, Any]] = []
+        self._instance_created: dict[tuple[str, str, str], str] = {}
         self._handler = ComputeHandler
         self._server: SandboxHTTPServer | None = None
 
@@ -253,30 +268,37 @@ class Compute(Emulator):
         return accelerator in ZONE_ACCELERATORS.get(zone, ())
 
     # ---- stockouts ---------------------------------------------------------------------
-    def set_stockout(self, zone: str, accelerator: str | None = None, on: bool = True) -> None:
+    def set_stockout(self, zone: str, accelerator: str | None = None, on: bool = True, *, spot: bool = False) -> None:
         """Mark ``zone`` out of capacity for new VMs: of one ``accelerator`` type, of every accelerator
-        (``None``: GPU VMs fail, plain CPU VMs still start), or of everything (``"*"``)."""
+        (``None``: GPU VMs fail, plain CPU VMs still start), or of everything (``"*"``); with ``spot``,
+        only Spot VMs (spot capacity is the excess Compute Engine has, and goes first)."""
         if zone not in ZONE_ACCELERATORS:
             raise ValueError(f"unknown zone {zone!r}")
         if accelerator not in (None, ANY_MACHINE) and accelerator not in ACCELERATOR_TYPES:
             raise ValueError(f"unknown accelerator type {accelerator!r} (or None for every GPU, '*' for every VM)")
         with self._lock:
+            target = self._spot_stockouts if spot else self._stockouts
             if on:
-                self._stockouts.add((zone, accelerator))
+                target.add((zone, accelerator))
             else:
-                self._stockouts.discard((zone, accelerator))
+                target.discard((zone, accelerator))
 
     def clear_stockouts(self) -> None:
         with self._lock:
             self._stockouts.clear()
+            self._spot_stockouts.clear()
 
-    def stocked_out(self, zone: str, accelerator: str | None = None) -> bool:
-        """Whether a new VM with ``accelerator`` (``None``: a plain CPU VM) cannot start in ``zone``."""
+    def stocked_out(self, zone: str, accelerator: str | None = None, *, spot: bool = False) -> bool:
+        """Whether a new VM with ``accelerator`` (``None``: a plain CPU VM) cannot start in ``zone`` (a
+        Spot VM also not when the zone's spot capacity is gone)."""
         with self._lock:
-            if (zone, ANY_MACHINE) in self._stockouts:
-                return True
-            return accelerator is not None and ((zone, None) in self._stockouts or
-                                                (zone, accelerator) in self._stockouts)
+            sets = (self._stockouts, self._spot_stockouts) if spot else (self._stockouts,)
+            for held in sets:
+                if (zone, ANY_MACHINE) in held:
+                    return True
+                if accelerator is not None and ((zone, None) in held or (zone, accelerator) in held):
+                    return True
+            return False
 
     @staticmethod
     def stockout_message(project: str, zone: str) -> str:
@@ -370,12 +392,42 @@ class Compute(Emulator):
         with self._lock:
             key = (project or self.project, zone, name)
             mig = self._migs.setdefault(key, {"created": True})
+            before = set(mig.get("instances") or [])
             mig["instances"] = list(instances)
             mig["baseInstanceName"] = base_instance_name
+            self._instance_changes(key[0], zone, before, set(instances))
 
     def delete_mig(self, zone: str, name: str, *, project: str | None = None) -> None:
         with self._lock:
-            self._migs.pop((project or self.project, zone, name), None)
+            mig = self._migs.pop((project or self.project, zone, name), None)
+            if mig is not None:
+                self._instance_changes(project or self.project, zone, set(mig.get("instances") or []), set())
+
+    def _instance_changes(self, project: str, zone: str, before: set[str], after: set[str]) -> None:
+        """Caller holds the lock. The MIG created / deleted these VMs now: one operation each, as GCE
+        records them (``compute.instances.insert`` / ``.delete`` by the project's cloudservices account)."""
+        now = _rfc3339_pacific(time.time())
+        for kind, names in (("insert", sorted(after - before)), ("delete", sorted(before - after))):
+            for vm in names:
+                if kind == "insert":
+                    self._instance_created[(project, zone, vm)] = now
+                else:
+                    self._instance_created.pop((project, zone, vm), None)
+                op = f"operation-{time.time_ns() // 1000}-{zlib.crc32(f'{zone}/{vm}/{kind}'.encode()):08x}"
+                self._instance_ops.append({
+                    "kind": "compute#operation", "id": _id("op", project, zone, vm, kind, now), "name": op,
+                    "zone": self._link(project, "zones", zone), "operationType": f"compute.instances.{kind}",
+                    "targetLink": self._link(project, "zones", zone, "instances", vm),
+                    "targetId": _id("vm", project, zone, vm), "status": "DONE", "progress": 100,
+                    "user": f"{self.project_number}@cloudservices.gserviceaccount.com",
+                    "insertTime": now, "startTime": now, "endTime": now,
+                    "selfLink": self._link(project, "zones", zone, "operations", op)})
+        del self._instance_ops[:-5000]
+
+    def zone_operations(self, project: str, zone: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(o) for o in self._instance_ops if o["selfLink"].split("/projects/", 1)[1].startswith(
+                f"{project}/zones/{zone or ''}")]
 
     # ---- snapshot ----------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -390,8 +442,9 @@ class Compute(Emulator):
                     for p, q in self._quotas.items()
                 },
                 "quota_used": self.quota_used(),
-                "stockouts": sorted([{"zone": z, "accelerator": a} for z, a in self._stockouts],
-                                    key=lambda d: (d["zone"], d["accelerator"] or "")),
+                "stockouts": sorted([{"zone": z, "accelerator": a} for z, a in self._stockouts] +
+                                    [{"zone": z, "accelerator": a, "spot": True} for z, a in self._spot_stockouts],
+                                    key=lambda d: (d["zone"], d["accelerator"] or "", "spot" in d)),
                 "instance_group_managers": [
                     {"project": p, "zone": z, "name": n, "targetSize": len(m["instances"]),
                      "instances": list(m["instances"])}
@@ -476,8 +529,9 @@ class Compute(Emulator):
         with self._lock:
             names = sorted(n for (p, z, _), m in self._migs.items() if p == project and z == zone
                            for n in m["instances"])
+            created = {n: self._instance_created.get((project, zone, n), CREATION_TS) for n in names}
         return [{
-            "kind": "compute#instance", "id": _id("vm", project, zone, name), "creationTimestamp": CREATION_TS,
+            "kind": "compute#instance", "id": _id("vm", project, zone, name), "creationTimestamp": created[name],
             "name": name, "status": "RUNNING", "zone": self._link(project, "zones", zone),
             "selfLink": self._link(project, "zones", zone, "instances", name),
         } for name in names]
@@ -705,6 +759,45 @@ def _get_address_op(h: ComputeHandler, project: str, name: str, region: str | No
     if op is None:
         raise _not_found(f"projects/{project}/{'/'.join(_scope_parts(scope))}/operations/{name}")
     return op
+
+
+@route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/operations")
+def _list_zone_operations(h: ComputeHandler, project: str, zone: str):
+    if zone not in ZONE_ACCELERATORS:
+        raise _not_found(f"projects/{project}/zones/{zone}")
+    return _list_reply("compute#operationList", project, f"zones/{zone}/operations",
+                       h.compute.zone_operations(project, zone))
+
+
+@route(_ROUTES, "GET", _P + r"/aggregated/operations")
+def _aggregated_operations(h: ComputeHandler, project: str):
+    """``globalOperations.aggregatedList`` (``gcloud compute operations list``): the zones' VM operations by
+    scope (``zones/Z``); scopes with none carry the NO_RESULTS_ON_PAGE warning, as the API does."""
+    ops = h.compute.zone_operations(project)
+    items: dict[str, Any] = {}
+    for zone in ZONE_ACCELERATORS:
+        found = [o for o in ops if o["zone"].endswith(f"/zones/{zone}")]
+        items[f"zones/{zone}"] = {"operations": found} if found else {"warning": {
+            "code": "NO_RESULTS_ON_PAGE", "message": f"There are no results for scope 'zones/{zone}' on this page.",
+            "data": [{"key": "scope", "value": f"zones/{zone}"}]}}
+    return {"kind": "compute#operationAggregatedList", "id": f"projects/{project}/aggregated/operations",
+            "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/operations"}
+
+
+@route(_ROUTES, "GET", _P + r"/aggregated/addresses")
+def _aggregated_addresses(h: ComputeHandler, project: str):
+    """``addresses.aggregatedList`` (what ``gcloud compute addresses list`` calls): every scope, global and
+    each region, with its addresses or the API's NO_RESULTS_ON_PAGE warning."""
+    items: dict[str, Any] = {}
+    with h.compute._lock:
+        for scope in ["global", *REGIONS]:
+            key = "/".join(_scope_parts(scope))
+            found = [a for (p, sc, _), a in sorted(h.compute.addresses.items()) if p == project and sc == scope]
+            items[key] = {"addresses": found} if found else {"warning": {
+                "code": "NO_RESULTS_ON_PAGE", "message": f"There are no results for scope '{key}' on this page.",
+                "data": [{"key": "scope", "value": key}]}}
+    return {"kind": "compute#addressAggregatedList", "id": f"projects/{project}/aggregated/addresses",
+            "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/addresses"}
 
 
 for _prefix in (_P + r"/global", _P + r"/regions/(?P<region>[^/]+)"):

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sandbox.gke import compute_classes as cc
+from sandbox.gke import fast_start
 from sandbox.gke.state import _Cluster, _Pool
 
 if TYPE_CHECKING:
@@ -82,14 +84,21 @@ def _tolerates(tolerations: list[dict[str, Any]], taint: dict[str, str]) -> bool
 def pod_fits_template(pod: dict[str, Any], labels: dict[str, str], capacity: dict[str, str],
                       taints: list[dict[str, str]]) -> bool:
     """Would ``pod`` schedule on a fresh node with these labels, capacity and taints?"""
+    return template_misfit(pod, labels, capacity, taints) is None
+
+
+def template_misfit(pod: dict[str, Any], labels: dict[str, str], capacity: dict[str, str],
+                    taints: list[dict[str, str]]) -> str | None:
+    """Why ``pod`` would not schedule on a fresh node of this template, in the scheduler's words (None: it
+    would) -- what the cluster autoscaler's NotTriggerScaleUp event counts per node group."""
     spec = pod.get("spec") or {}
     if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
-        return False
+        return "node(s) didn't match Pod's node affinity/selector"
     required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
                 .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
     if required and not any(all(_match_expr(e, labels) for e in term.get("matchExpressions") or [])
                             for term in required):
-        return False
+        return "node(s) didn't match Pod's node affinity/selector"
     wants = pod_requests(pod)
     tolerations = list(spec.get("tolerations") or [])
     if wants.get("nvidia.com/gpu"):
@@ -97,12 +106,12 @@ def pod_fits_template(pod: dict[str, Any], labels: dict[str, str], capacity: dic
         tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists"})
     for taint in taints:
         if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(tolerations, taint):
-            return False
+            return f"node(s) had untolerated taint {{{taint.get('key')}: {taint.get('value', '')}}}"
     for resource, amount in wants.items():
         if resource in ("cpu", "memory", "nvidia.com/gpu", "ephemeral-storage") and amount > parse_quantity(
                 capacity.get(resource, 0)) + 1e-9:
-            return False
-    return True
+            return f"Insufficient {resource}"
+    return None
 
 
 class ClusterAutoscaler:
@@ -130,6 +139,11 @@ class ClusterAutoscaler:
         self._seen_pending: set[tuple[int, str, str]] = set()  # (id(kube), namespace, name)
         self._unneeded_since: dict[str, float] = {}
         self._backoff_until: dict[int, float] = {}
+        # ComputeClasses: a failed scale-up backs off that zone of that pool (GCE's errors are per zone and
+        # machine); a class pod then tries the next zone, then the next priority
+        self._zone_backoff: dict[tuple[int, str], float] = {}
+        self._allowed: dict[int, tuple[str, ...]] = {}  # id(pool) -> zones its class priority may use
+        self._migrating: dict[str, str] = {}  # node being emptied by active migration -> the better node
         self._busy: dict[int, int] = {}  # id(pool) -> scale-ups in flight
         self._unsubscribe: Any = None
         self.events: list[dict[str, Any]] = []  # what it did, for snapshot() and tests
@@ -253,7 +267,17 @@ class ClusterAutoscaler:
             confirmed = [p for p in pending if (kid, p["metadata"].get("namespace", ""),
                                                 p["metadata"].get("name", "")) in self._seen_pending]
             seen |= keys
-            self._scale_up(confirmed, pools, now, all_pods=pods)
+            # the scheduler's VolumeBinding filter fails on every node, a fresh one too (a missing claim,
+            # a missing class, an unbound Immediate claim): those pods never make a pool grow
+            storage = getattr(kube, "storage", None)
+            blocked = {id(p): why for p in confirmed if storage is not None and (why := storage.blocked(p))}
+            for pod in confirmed:
+                if id(pod) in blocked:
+                    self._pod_event(kube, pod, "NotTriggerScaleUp", "pod didn't trigger scale-up: "
+                                    f"{len(pools)} {blocked[id(pod)]}")
+            confirmed = [p for p in confirmed if id(p) not in blocked]
+            self._scale_up(confirmed, pools, now, all_pods=pods, kube=kube)
+            self._migrate(kube, pods, pending, pools, now)
             self._scale_down(pods, pending, pools, now)
         self._seen_pending = seen
 
@@ -261,20 +285,171 @@ class ClusterAutoscaler:
         zone = (pool.data.get("locations") or [cluster.location])[0]
         return self.gke._node_spec(cluster, pool, zone, f"{pool.base}-xxxx")
 
+    @staticmethod
+    def _pod_event(kube: Any, pod: dict[str, Any], reason: str, message: str, etype: str = "Normal") -> None:
+        """An event on the pod from ``cluster-autoscaler`` (repeats add to its count)."""
+        controller = getattr(kube, "controller", None)
+        if controller is not None and hasattr(controller, "event"):
+            with contextlib.suppress(Exception):
+                controller.event(pod, etype, reason, message, component="cluster-autoscaler")
+
+    def _back_off(self, pool: _Pool, zone: str) -> None:
+        until = time.monotonic() + self.gke.clock.scaled(self.gke.delays["autoscaler_backoff"])
+        self._zone_backoff[(id(pool), zone)] = until
+        if all(self._zone_backoff.get((id(pool), z), 0) >= until - 1e-6 for z in pool.data.get("locations", [])):
+            self._backoff_until[id(pool)] = until  # every zone failed: the whole node group backs off
+
+    # ---- ComputeClasses ----------------------------------------------------------------------------
+    @staticmethod
+    def _classes(kube: Any) -> dict[str, dict[str, Any]]:
+        """The cluster's ComputeClass objects by name (none when the kube has no such API)."""
+        fn = getattr(kube, "compute_classes", None)
+        if callable(fn):
+            items = fn()
+        else:
+            store = getattr(kube, "store", None)
+            if store is None or not hasattr(store, "list"):
+                return {}
+            from sandbox.kube.resources import find
+
+            rtype = find("cloud.google.com", "v1", "computeclasses")
+            if rtype is None:
+                return {}
+            try:
+                listed = store.list(rtype)
+            except Exception:
+                return {}
+            items = listed[0] if isinstance(listed, tuple) else listed
+        return {(o.get("metadata") or {}).get("name"): o for o in items or []}
+
+    def _room(self, choice: cc.Choice, now: float) -> tuple[tuple[str, ...], str | None]:
+        """Zones of a class choice that may take a node now, or why none may."""
+        hi = int((choice.pool.data.get("autoscaling") or {}).get("maxNodeCount", 0) or 0)
+        with self.gke._lock:
+            open_zones = tuple(z for z in choice.zones if len(choice.pool.nodes.get(z, [])) < hi)
+        if not open_zones:
+            return (), "max node group size reached"
+        free = tuple(z for z in open_zones if self._zone_backoff.get((id(choice.pool), z), 0) <= now)
+        return free, None if free else "in backoff after failed scale-up"
+
+    def _migrate(self, kube: Any, pods: list[dict[str, Any]], pending: list[dict[str, Any]],
+                 pools: list[tuple[_Cluster, _Pool]], now: float) -> None:
+        """ComputeClass active migration (``activeMigration.optimizeRulePriority``): a pod running on a
+        lower priority than its class's best one with room gets a node of the better priority (a normal
+        scale-up: a stockout backs it off), then is evicted from the worse node (cordoned first) once
+        that node is up — through the Eviction API's rule, so a PodDisruptionBudget is honoured and
+        replicas move one at a time; the emptied node is removed. Nothing moves while a pod of the class
+        is pending (scale-ups first)."""
+        classes = {n: c for n, c in self._classes(kube).items() if cc.migrates(c)} if kube is not None else {}
+        if not classes:
+            return
+        pending_classes = {cc.class_of(p) for p in pending}
+        node_pool = {n: (c, pl) for c, pl in pools for names in pl.nodes.values() for n in names}
+        used = {(p.get("spec") or {}).get("nodeName") for p in pods
+                if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and not _is_daemon(p)}
+        for pod in pods:
+            name, node = cc.class_of(pod), (pod.get("spec") or {}).get("nodeName")
+            meta = pod.get("metadata") or {}
+            if name not in classes or name in pending_classes or not node or node not in node_pool \
+                    or meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") != "Running":
+                continue
+            choices = cc.choices(classes[name], pools)
+            rank = next((c.rank for c in choices if c.pool is node_pool[node][1]), None)
+            if rank is None or rank == 0:
+                continue
+            for better in (c for c in choices if c.rank < rank):
+                zones, why = self._room(better, now)
+                with self.gke._lock:
+                    spare = [n for z in better.zones for n in better.pool.nodes.get(z, [])
+                             if n not in used and n not in self._migrating.values()]
+                if spare:
+                    if self._evict(kube, pod, node, spare[0]):
+                        used.add(spare[0])
+                    break
+                if why is None and not self._busy.get(id(better.pool)):
+                    self._allowed[id(better.pool)] = zones
+                    if self._grow(better.cluster, better.pool, 1, pods=[], kube=kube):
+                        self._record("migration_scale_up", better.pool.name, "", f"for {meta.get('name')} on {node}")
+                    break
+
+    def _evict(self, kube: Any, pod: dict[str, Any], node: str, target: str) -> bool:
+        """Cordon ``node`` and evict ``pod`` (refused, like ``pods/eviction``, when a PodDisruptionBudget
+        selecting it allows no disruption now)."""
+        meta = pod["metadata"]
+        store = getattr(kube, "store", None)
+        if store is None:
+            return False
+        from sandbox.kube.controllers.common import NODES
+        from sandbox.kube.resources import find
+
+        pdb_type = find("policy", "v1", "poddisruptionbudgets")
+        labels = meta.get("labels") or {}
+        listed = store.list(pdb_type, meta.get("namespace")) if pdb_type is not None else ([], "")
+        for pdb in listed[0] if isinstance(listed, tuple) else listed:
+            sel = ((pdb.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+            if sel and all(labels.get(k) == v for k, v in sel.items()) and \
+                    int((pdb.get("status") or {}).get("disruptionsAllowed", 0)) < 1:
+                return False
+
+        def cordon(n: dict[str, Any]) -> dict[str, Any] | None:
+            if (n.get("spec") or {}).get("unschedulable"):
+                return None
+            n.setdefault("spec", {})["unschedulable"] = True
+            return n
+
+        with contextlib.suppress(Exception):
+            store.mutate(NODES, "", node, cordon)
+        try:
+            kube.controller.delete_pod(meta.get("namespace", ""), meta.get("name", ""))
+        except Exception:
+            return False
+        self._migrating[node] = target
+        self._record("migrated", "", node, f"{meta.get('name')} -> {target}")
+        return True
+
+    def _candidates(self, pod: dict[str, Any], pools: list[tuple[_Cluster, _Pool]], kube: Any, now: float
+                    ) -> tuple[list[tuple[_Cluster, _Pool]], dict[str, int]]:
+        """The node groups to try for ``pod``, in order: a ComputeClass pod's class priorities (skipping
+        zones in backoff and groups at their max, as GKE's autoscaler falls through to the next priority);
+        any other pod, every autoscaled pool."""
+        misfits: dict[str, int] = {}
+        name = cc.class_of(pod)
+        cls = self._classes(kube).get(name) if name and kube is not None else None
+        if cls is None:
+            return pools, misfits
+        out: list[tuple[_Cluster, _Pool]] = []
+        for choice in cc.choices(cls, pools):
+            zones, why = self._room(choice, now)
+            if why:
+                misfits[why] = misfits.get(why, 0) + 1
+                continue
+            self._allowed[id(choice.pool)] = zones
+            out.append((choice.cluster, choice.pool))
+        return out, misfits
+
     def _scale_up(self, pending: list[dict[str, Any]], pools: list[tuple[_Cluster, _Pool]], now: float,
-                  all_pods: list[dict[str, Any]] | None = None) -> None:
+                  all_pods: list[dict[str, Any]] | None = None, kube: Any = None) -> None:
         # nodes of a pool with nothing on them yet (typically just booted: the scheduler has not bound
         # the pod that asked for them) count as room, as the real autoscaler's scheduling simulation does
         used = {(p.get("spec") or {}).get("nodeName") for p in all_pods or []
                 if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and not _is_daemon(p)}
         wants: dict[int, tuple[_Cluster, _Pool, list[dict[str, Any]]]] = {}
         for pod in pending:
-            for cluster, pool in pools:
-                if self._backoff_until.get(id(pool), 0) > now:
+            candidates, misfits = self._candidates(pod, pools, kube, now)
+            for cluster, pool in candidates:
+                if self._backoff_until.get(id(pool), 0) > now and id(pool) not in self._allowed:
+                    misfits["in backoff after failed scale-up"] = misfits.get("in backoff after failed scale-up",
+                                                                             0) + 1
                     continue
-                if pod_fits_template(pod, *self._template(cluster, pool)):
+                why = template_misfit(pod, *self._template(cluster, pool))
+                if why is None:
                     wants.setdefault(id(pool), (cluster, pool, []))[2].append(pod)
                     break
+                misfits[why] = misfits.get(why, 0) + 1
+            else:
+                if kube is not None and misfits:
+                    self._pod_event(kube, pod, "NotTriggerScaleUp", "pod didn't trigger scale-up: " + ", ".join(
+                        f"{n} {why}" for why, n in sorted(misfits.items())))
         for cluster, pool, pods in wants.values():
             _, capacity, _ = self._template(cluster, pool)
             per_node = 1000
@@ -289,13 +464,22 @@ class ClusterAutoscaler:
             needed = -(-len(pods) // per_node) - self._busy.get(id(pool), 0) - empty
             if needed <= 0:
                 continue
-            self._grow(cluster, pool, needed)
+            grown = self._grow(cluster, pool, needed, pods=pods, kube=kube)
+            if grown and kube is not None:
+                for pod in pods:
+                    self._pod_event(kube, pod, "TriggeredScaleUp", f"pod triggered scale-up: [{grown}]")
 
-    def _grow(self, cluster: _Cluster, pool: _Pool, needed: int) -> None:
+    def _grow(self, cluster: _Cluster, pool: _Pool, needed: int, *, pods: list[dict[str, Any]] | None = None,
+              kube: Any = None) -> str:
+        """Start ``needed`` nodes (balanced over the pool's zones, up to max per zone); returns the scale-up
+        as the autoscaler's events name it, ``{<instance group> 1->2 (max: 3)}`` per zone ("" if none)."""
         gke = self.gke
         hi = int((pool.data.get("autoscaling") or {}).get("maxNodeCount", 0) or 0)
+        now = time.monotonic()
+        allowed = self._allowed.get(id(pool)) or tuple(pool.data.get("locations", []))
         with gke._lock:
-            sizes = {z: len(pool.nodes.get(z, [])) for z in pool.data.get("locations", [])}
+            sizes = {z: len(pool.nodes.get(z, [])) for z in pool.data.get("locations", [])
+                     if z in allowed and self._zone_backoff.get((id(pool), z), 0) <= now}
         plan: list[str] = []
         for _ in range(needed):
             zone = min((z for z in sizes if sizes[z] < hi), key=lambda z: sizes[z], default=None)
@@ -305,12 +489,37 @@ class ClusterAutoscaler:
             plan.append(zone)
         if not plan:
             self._record("max_reached", pool.name, "", f"pool {pool.name} is at maxNodeCount {hi} per zone")
-            return
+            return ""
         self._busy[id(pool)] = self._busy.get(id(pool), 0) + len(plan)
+        planned = len(plan)  # plan shrinks when GCE refuses a zone
+        with gke._lock:
+            before = {z: len(pool.nodes.get(z, [])) for z in set(plan)}
+        grown = " ".join(
+            f"{{https://www.googleapis.com/compute/v1/projects/{cluster.project}/zones/{z}/instanceGroups/"
+            f"{pool.base}-grp {before[z]}->{before[z] + plan.count(z)} (max: {hi})}}" for z in sorted(before))
+
+        def failed(zone: str, error: str) -> None:
+            self._back_off(pool, zone)
+            self._record("scale_up_failed", pool.name, "", error)
+            for pod in pods or []:  # the GCE error reaches the pods that asked (visibility: scale.up.error.*)
+                self._pod_event(kube, pod, "FailedScaleUp", f"Node scale up in zones {zone} associated with this "
+                                f"pod failed: {cc.gce_reason(error)} ({_gce_code(error)}). Pod is at risk of not "
+                                "being scheduled.", etype="Warning")
 
         def boot() -> None:
             try:
-                if not gke.clock.sleep(gke.delays["node_boot"], self._stop):
+                # GCE refuses a VM it cannot start (stockout, quota) within seconds of the MIG's request,
+                # long before a node would have booted: the autoscaler moves on at once
+                node_boot = fast_start.node_boot_s(gke, pool.data)  # by machine family and GPU driver
+                error_after = min(gke.delays["autoscaler_scale_up_error"], node_boot)
+                if not gke.clock.sleep(error_after, self._stop):
+                    return
+                for zone in list(plan):
+                    error = gke._capacity_error(cluster, pool, zone)
+                    if error:
+                        failed(zone, error)
+                        plan.remove(zone)
+                if not plan or not gke.clock.sleep(node_boot - error_after, self._stop):
                     return
                 for zone in plan:
                     with gke._lock:
@@ -319,16 +528,15 @@ class ClusterAutoscaler:
                         return
                     error = gke._add_nodes(cluster, pool, zone, 1)
                     if error:
-                        self._backoff_until[id(pool)] = time.monotonic() + gke.clock.scaled(
-                            gke.delays["autoscaler_backoff"])
-                        self._record("scale_up_failed", pool.name, "", error)
+                        failed(zone, error)
                     else:
                         self._record("scale_up", pool.name, pool.nodes[zone][-1], zone)
             finally:
-                self._busy[id(pool)] = max(0, self._busy.get(id(pool), 0) - len(plan))
+                self._busy[id(pool)] = max(0, self._busy.get(id(pool), 0) - planned)
                 self._wake.set()
 
         threading.Thread(target=boot, name=f"gke-ca-{pool.name}", daemon=True).start()
+        return grown
 
     def _scale_down(self, pods: list[dict[str, Any]], pending: list[dict[str, Any]],
                     pools: list[tuple[_Cluster, _Pool]], now: float) -> None:
@@ -351,7 +559,9 @@ class ClusterAutoscaler:
                         self._unneeded_since.pop(name, None)
                         continue
                     since = self._unneeded_since.setdefault(name, now)
-                    if spare > 0 and now - since >= gke.clock.scaled(gke.delays["autoscaler_scale_down_unneeded"]):
+                    migrated = self._migrating.pop(name, None) is not None  # active migration removes it now
+                    if spare > 0 and (migrated or now - since >= gke.clock.scaled(
+                            gke.delays["autoscaler_scale_down_unneeded"])):
                         with gke._lock:
                             if name not in pool.nodes.get(zone, []):
                                 continue
@@ -375,6 +585,12 @@ def _is_unschedulable(pod: dict[str, Any]) -> bool:
         if cond.get("type") == "PodScheduled":
             return cond.get("status") == "False"
     return True
+
+
+def _gce_code(error: str) -> str:
+    """``ZONE_RESOURCE_POOL_EXHAUSTED`` / ``QUOTA_EXCEEDED`` out of a GCE instance error."""
+    m = re.search(r"\[([A-Z_]+)\]", error)
+    return m.group(1) if m else "UNKNOWN"
 
 
 def _is_daemon(pod: dict[str, Any]) -> bool:

@@ -25,6 +25,7 @@ from sandbox.gke.node_pools import NodePoolsMixin
 from sandbox.gke.nodes import NodesMixin
 from sandbox.gke.operations import OperationsMixin
 from sandbox.gke.rest import GkeHandler
+from sandbox.gke.spot import CapacityMixin
 from sandbox.gke.state import _Cluster, _Op
 from sandbox.gke.versions import VersionsMixin
 
@@ -39,11 +40,16 @@ GKE_DELAYS: dict[str, float] = {
     "autoscaler_scan": 10.0,  # how often it looks at pending pods and idle nodes
     "autoscaler_scale_down_unneeded": 600.0,  # a node must be empty this long before it is removed
     "autoscaler_backoff": 300.0,  # after a failed scale-up (stockout, quota) the pool is left alone
+    # GCE answers a VM it cannot start (ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED) this soon after the
+    # MIG asks; the autoscaler then tries the next zone / ComputeClass priority
+    "autoscaler_scale_up_error": 20.0,
+    # a Spot VM's preemption notice (ACPI G2 soft off) before Compute Engine stops it
+    "spot_preemption_notice": 30.0,
 }
 
 
 class Gke(ClustersMixin, NodePoolsMixin, NodesMixin, AutopilotMixin, ClusterKubeMixin, OperationsMixin,
-          VersionsMixin):
+          VersionsMixin, CapacityMixin):
     """GKE control plane over REST (service name ``"gke"``)."""
 
     def __init__(self, *, clock: Clock, faults: Faults, compute: Compute, kube: Any = None,

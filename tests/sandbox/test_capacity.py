@@ -1,0 +1,225 @@
+"""Capacity that follows the GPUs, on the sandbox (issue 23): GKE's cluster autoscaler honours the spec's
+ComputeClass — priorities in order at scale-up time, per zone and provisioning model, with the real
+events — spot preemption, active migration back to the preferred option, and nothing paid for when every
+option is stocked out. The pools and the class are the product's own (manifests.provision / render),
+created through the real google-cloud-container and kubernetes clients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from google.cloud import container_v1
+from kubernetes import client as k8s
+
+from manifests import names
+from manifests.provision import option_pool_body
+from manifests.render import compute_class
+from manifests.spec import parse_spec
+from sandbox.app import Sandbox
+from sandbox.client import SandboxClient, SandboxError
+from tests.sandbox.test_app import _gke
+
+P, REGION, ZONES = "cap-project", "us-central1", ["us-central1-a", "us-central1-b"]
+LOC = f"projects/{P}/locations/{REGION}"
+SPEC = parse_spec({
+    "name": "m7b", "model": "mistralai/Mistral-7B-v0.1", "namespace": "default",
+    "cluster": {"project": P, "location": REGION, "name": "cap", "zones": ZONES},
+    "accelerator": {"pool": {"name": "gpu", "max_nodes": 2}},
+    "capacity": [
+        {"gpu": "nvidia-l4", "machine_type": "g2-standard-8", "provisioning": "spot", "zones": ZONES},
+        {"gpu": "nvidia-l4", "machine_type": "g2-standard-8", "provisioning": "on-demand", "zones": ZONES},
+        {"gpu": "nvidia-tesla-a100", "provisioning": "on-demand", "zones": ["us-central1-b"]},
+    ]})
+CLASS = names.compute_class(SPEC)
+POOLS = [SPEC.option_pool(i) for i in range(3)]
+
+
+def _until(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class Env:
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+        self.client = SandboxClient(sb.url)
+        gke = _gke(sb)
+        op = gke.create_cluster(parent=LOC, cluster=container_v1.Cluster(
+            name="cap", initial_node_count=1, locations=ZONES[:1]), retry=None)
+        httpx.post(f"{sb.gke.url}/v1/{LOC}/operations/{op.name}:wait", timeout=20)
+        for i in range(3):
+            zones = SPEC.option_zones(i)
+            op = gke.create_node_pool(parent=f"{LOC}/clusters/cap", retry=None,
+                                      node_pool=container_v1.NodePool(option_pool_body(SPEC, i, zones=zones)))
+            reply = httpx.post(f"{sb.gke.url}/v1/{LOC}/operations/{op.name}:wait", timeout=20).json()
+            assert "error" not in reply, reply
+        self.kube = sb.cluster_kube("cap", REGION, P)
+        cluster = gke.get_cluster(name=f"{LOC}/clusters/cap", retry=None)
+        from tests.sandbox.test_app import _kube_core
+
+        self.core = _kube_core(sb, cluster.endpoint, cluster.master_auth.cluster_ca_certificate)
+        self.api = self.core.api_client
+        k8s.CustomObjectsApi(self.api).create_cluster_custom_object(
+            "cloud.google.com", "v1", "computeclasses", compute_class(SPEC))
+
+    def deploy(self, name: str, replicas: int = 1) -> None:
+        body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                         "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                             "nodeSelector": {names.COMPUTE_CLASS_LABEL: CLASS},
+                             "tolerations": [{"key": names.COMPUTE_CLASS_LABEL, "operator": "Equal",
+                                              "value": CLASS, "effect": "NoSchedule"}],
+                             "terminationGracePeriodSeconds": 5,
+                             "containers": [{"name": "m", "image": "busybox:1.36", "command": ["sleep", "inf"],
+                                             "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}}}
+        k8s.AppsV1Api(self.api).create_namespaced_deployment("default", body)
+
+    def undeploy(self, name: str) -> None:
+        k8s.AppsV1Api(self.api).delete_namespaced_deployment(name, "default")
+        assert _until(lambda: not self.pods(name) and not self.gpu_nodes(), 30), self.gpu_nodes()
+
+    def pods(self, app: str) -> list:
+        return self.core.list_namespaced_pod("default", label_selector=f"app={app}").items
+
+    def running(self, app: str) -> dict[str, str]:
+        """pod -> node pool of the Running, not terminating pods of ``app``."""
+        pools = {n.metadata.name: n.metadata.labels["cloud.google.com/gke-nodepool"] for n in self.core.list_node().items}
+        return {p.metadata.name: pools.get(p.spec.node_name, "?") for p in self.pods(app)
+                if p.status.phase == "Running" and not p.metadata.deletion_timestamp}
+
+    def gpu_nodes(self) -> dict[str, str]:
+        return {n.metadata.name: n.metadata.labels["cloud.google.com/gke-nodepool"]
+                for n in self.core.list_node().items if "cloud.google.com/gke-accelerator" in n.metadata.labels}
+
+    def events(self, reason: str, app: str) -> list:
+        return [e for e in self.core.list_namespaced_event("default").items
+                if e.reason == reason and e.involved_object.name.startswith(f"{app}-")]
+
+    def gpus_used(self) -> float:
+        used = self.sb.compute.quota_used(project=P)
+        return sum(v for r in used["regions"].values() for m, v in r.items() if "GPUS" in m)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    with Sandbox.running(time_scale=0.002, state_dir=tmp_path_factory.mktemp("cap")) as sb:
+        e = Env(sb)
+        yield e
+        e.client.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean(env):
+    yield
+    env.client.clear_stockouts()
+
+
+def test_first_option_stocked_out_scales_up_the_second_within_its_boot_time(env):
+    env.client.set_stockout("us-central1-a", "nvidia-l4", spot=True)
+    env.client.set_stockout("us-central1-b", "nvidia-l4", spot=True)
+    env.deploy("wake")
+    assert _until(lambda: list(env.running("wake").values()) == [POOLS[1]])
+    # the autoscaler said what it did, in its own words, on the pod
+    failed = env.events("FailedScaleUp", "wake")
+    assert failed and all("GCE out of resources (ZONE_RESOURCE_POOL_EXHAUSTED)" in e.message for e in failed)
+    assert {e.message.split("zones ")[1].split(" ")[0] for e in failed} == set(ZONES)  # each spot zone tried
+    assert any(POOLS[1] in e.message or "instanceGroups" in e.message for e in env.events("TriggeredScaleUp", "wake"))
+    assert all(e.source.component == "cluster-autoscaler" for e in failed)
+    # no VM of the stocked-out option exists or is paid for
+    assert POOLS[0] not in env.gpu_nodes().values() and env.gpus_used() == 1
+    # the fallback came one failed probe (20 s) + one boot (60 s) after the pod, not after a timeout:
+    # every scale-up attempt is in the autoscaler's log, in priority order
+    tried = [e["pool"] for e in env.sb.gke.autoscaler.events if e["kind"] in ("scale_up_failed", "scale_up")]
+    assert tried[-1] == POOLS[1] and set(tried[:-1]) == {POOLS[0]}
+    env.undeploy("wake")
+
+
+def test_quota_wall_at_scale_up_falls_through_to_the_next_option(env):
+    env.client.set_quota(REGION, "PREEMPTIBLE_NVIDIA_L4_GPUS", 0, project=P)
+    try:
+        env.deploy("quota")
+        assert _until(lambda: list(env.running("quota").values()) == [POOLS[1]])
+        failed = [e.message for e in env.events("FailedScaleUp", "quota")]
+        assert failed and all("GCE quota exceeded (QUOTA_EXCEEDED)" in m for m in failed)
+        env.undeploy("quota")
+    finally:
+        env.client.set_quota(REGION, "PREEMPTIBLE_NVIDIA_L4_GPUS", 16, project=P)
+
+
+def test_spot_preempted_replaced_on_the_next_option(env):
+    env.deploy("noon")
+    assert _until(lambda: list(env.running("noon").values()) == [POOLS[0]])
+    (node,) = [n for n, pool in env.gpu_nodes().items() if pool == POOLS[0]]
+    zone = env.core.read_node(node).metadata.labels["topology.kubernetes.io/zone"]
+    # spot capacity is gone everywhere, then GCE preempts the spot VM (the fault 19B's campaign can use)
+    for z in ZONES:
+        env.client.set_stockout(z, "nvidia-l4", spot=True)
+    assert env.client.preempt_node(node) == {"node": node, "cluster": "cap", "pool": POOLS[0], "zone": zone}
+    assert _until(lambda: any(t.key == "cloud.google.com/impending-node-termination"
+                              for t in (env.core.read_node(node).spec.taints or [])), 5)
+    assert _until(lambda: node not in env.gpu_nodes())
+    assert _until(lambda: list(env.running("noon").values()) == [POOLS[1]])
+    assert env.gpus_used() == 1
+    (od,) = env.gpu_nodes()
+    with pytest.raises(SandboxError) as err:  # only Spot VMs are preempted
+        env.client.preempt_node(od)
+    assert err.value.status == 400
+    env.undeploy("noon")
+
+
+def test_preferred_option_back_migrates_back_one_replica_at_a_time(env):
+    """activeMigration.optimizeRulePriority: back to spot when it frees up; a PodDisruptionBudget keeps one
+    replica Ready throughout (GKE drains through the Eviction API)."""
+    for z in ZONES:
+        env.client.set_stockout(z, "nvidia-l4", spot=True)
+    k8s.PolicyV1Api(env.api).create_namespaced_pod_disruption_budget("default", {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "back"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "back"}}}})
+    env.deploy("back", replicas=2)
+    assert _until(lambda: sorted(env.running("back").values()) == [POOLS[1], POOLS[1]])
+    ready_low = []
+    stop = False
+
+    def watch() -> None:
+        while not stop:
+            ready_low.append(sum(1 for p in env.pods("back") if p.status.phase == "Running"
+                                 and not p.metadata.deletion_timestamp
+                                 and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])))
+            time.sleep(0.01)
+
+    import threading
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    env.client.clear_stockouts()
+    try:
+        assert _until(lambda: sorted(env.running("back").values()) == [POOLS[0], POOLS[0]], 30)
+        assert _until(lambda: set(env.gpu_nodes().values()) == {POOLS[0]}, 15)  # the on-demand VMs are gone
+    finally:
+        stop = True
+        watcher.join()
+    assert min(ready_low) >= 1  # never without a Ready replica
+    assert sum(1 for e in env.sb.gke.autoscaler.events if e["kind"] == "migrated") == 2
+    k8s.PolicyV1Api(env.api).delete_namespaced_pod_disruption_budget("back", "default")
+    env.undeploy("back")
+
+
+def test_every_option_stocked_out_creates_nothing_and_says_why(env):
+    for z in ZONES:
+        env.client.set_stockout(z, "nvidia-l4")  # spot and on-demand
+    env.client.set_stockout("us-central1-b", "nvidia-tesla-a100")
+    env.deploy("none")
+    assert _until(lambda: any("3 in backoff after failed scale-up" in e.message
+                              for e in env.events("NotTriggerScaleUp", "none")), 20)
+    failed = {e.message.split("zones ")[1].split(" ")[0] for e in env.events("FailedScaleUp", "none")}
+    assert failed == {"us-central1-a", "us-central1-b"}
+    assert env.gpu_nodes() == {} and env.gpus_used() == 0  # nothing started, nothing paid for
+    assert env.running("none") == {}
+    env.undeploy("none")
