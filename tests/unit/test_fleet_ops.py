@@ -39,6 +39,47 @@ def test_rfc3339_with_nanoseconds_and_sparkline():
     assert len(line) == 24 and line == "▅" * 6 + "█" * 6 + "▅" * 12
 
 
+def test_rfc3339_with_an_offset_as_gce_writes_it():
+    assert U.ts("2026-12-05T16:00:01.250-08:00") == U.ts("2026-12-06T00:00:01.25Z")
+
+
+def test_vm_operations_count_nodes_no_sighting_saw():
+    """The ledger saw only the node of the wake (b); the VMs' own operations also give the node parked away (a),
+    exactly, and the ledger still covers what GCE no longer lists (c)."""
+    led = {"nodes": {"b": [150.0, 160.0, None, 1], "c": [10.0, 20.0, 30.0, 1]}}
+    vm = [U.VmOp("a", "insert", 40.25), U.VmOp("a", "delete", 100.5), U.VmOp("b", "insert", 150.75)]
+    spans = {s.name: s for s in U.node_spans(led, [], vm, gpus=1, now=200.0)}
+    assert (spans["a"].start, spans["a"].end) == (40.25, 100.5) and spans["b"].start == 150.75
+    assert spans["c"].end == 25.0  # halfway between last sighting and miss
+    assert U.gpu_seconds(list(spans.values()), 0, 200) == pytest.approx(14.5 + 60.25 + 49.25)
+    # a delete whose insert aged out takes its start from the ledger, or is left out
+    gone = U.node_spans({"nodes": {"d": [5.0, 6.0, None, 2]}}, [], [U.VmOp("d", "delete", 9.0),
+                                                                     U.VmOp("e", "delete", 9.0)], gpus=1, now=10.0)
+    assert [(s.name, s.gpus, s.start, s.end) for s in gone] == [("d", 2, 5.5, 9.0)]
+
+
+def test_usage_row_never_negative_and_windows_as_datetimes():
+    from datetime import UTC, date, datetime
+
+    # a release surge (two nodes for a while) is no negative saving: always-on would have surged too
+    spans = [U.NodeSpan("a", 1, 0, 100), U.NodeSpan("b", 1, 50, 160), U.NodeSpan("c", 1, 220, None)]
+    row = U.usage_row(model="m", accelerator="1x nvidia-l4", spans=spans, lo=0, hi=240, share=1, replicas=1,
+                      gpus_per_replica=1, usd_per_gpu_hour=0.85)
+    assert row["parked_hours"] == pytest.approx(60 / 3600, abs=1e-6) and row["parked"] == "60 s"
+    assert row["saving"] == pytest.approx(60 / 3600 * 0.85, abs=1e-4) and row["saving_pct"] == pytest.approx(
+        100 * 60 / (230 + 60), abs=0.1)
+    idle = U.usage_row(model="m", accelerator="x", spans=[U.NodeSpan("a", 1, 0, 1e-9)], lo=0, hi=1e-9, share=1,
+                       replicas=1, gpus_per_replica=1, usd_per_gpu_hour=0.85)
+    assert all(str(v) != "-0.0" for v in idle.values()) and idle["saving"] >= 0
+    assert U.report_window(None, datetime(2026, 12, 6, 1, 0), "2026-12-06T01:02:00Z", now=0) == (
+        datetime(2026, 12, 6, 1, 0, tzinfo=UTC).timestamp(), datetime(2026, 12, 6, 1, 2, tzinfo=UTC).timestamp())
+    assert U.report_window(date(2026, 12, 5), None, None, now=0)[1] - U.report_window(
+        "2026-12-05", None, None, now=0)[0] == 86400
+    assert U.report_window(None, 100.0, "160.5", now=0) == (100.0, 160.5)
+    assert U.human_duration(42) == "42 s" and U.human_duration(720) == "12 min" and U.human_duration(3.4 * 3600) == \
+        "3.4 h"
+
+
 def test_prices_bundled_and_overridden(tmp_path, monkeypatch):
     from manifests.prices import load_prices
     from manifests.spec import SpecError
