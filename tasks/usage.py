@@ -20,6 +20,7 @@ from tasks.gke import _call_opts, _parent, _to_dict
 from tasks.inventory import list_kind
 from tasks.log import logger
 from tasks.retry import task_retries
+from tasks.settings import get_settings
 
 GPU = "nvidia.com/gpu"
 MAX_CHARS = 4800  # Prefect Variables hold at most 5,000 characters of JSON
@@ -62,6 +63,44 @@ def pool_operations(*, project: str, location: str, cluster: str, pool: str | No
             continue
         out.append(U.Op(op.get("operation_type", ""), U.ts(op.get("start_time")) or 0.0,
                         U.ts(op.get("end_time")) if op.get("end_time") else None))
+    return out
+
+
+def _operations_client():
+    from google.cloud import compute_v1
+
+    from tasks.clients import gcp_credentials
+
+    s = get_settings()
+    return compute_v1.GlobalOperationsClient(credentials=gcp_credentials(s), transport="rest",
+                                             client_options={"api_endpoint": s.compute_endpoint}
+                                             if s.compute_endpoint else None)
+
+
+def vm_bases(ledger: dict[str, Any], pool: dict[str, Any] | None) -> set[str]:
+    """The pool's VM name stems (``gke-<cluster>-<pool>-<hash>``): its managed instance groups' names without
+    ``-grp`` (while the pool exists), and the stems of every node the ledger ever saw (after it is gone)."""
+    bases = {name.rsplit("-", 1)[0] for name in (ledger.get("nodes") or {})}
+    for url in (pool or {}).get("instance_group_urls") or []:
+        bases.add(url.rsplit("/", 1)[-1].removesuffix("-grp"))
+    return bases
+
+
+@task(**task_retries())
+def vm_operations(*, project: str, bases: set[str] | list[str]) -> list[U.VmOp]:
+    """Insert/delete operations of the VMs named ``<base>-xxxx`` (one aggregated call over every zone): each
+    GPU node's own creation and deletion, with millisecond times."""
+    stems = tuple(f"{b}-" for b in bases)
+    if not stems:
+        return []
+    out = []
+    for _scope, scoped in _operations_client().aggregated_list(project=project, **_call_opts()):
+        for op in scoped.operations:
+            name = op.target_link.rsplit("/", 1)[-1]
+            kind = op.operation_type.rsplit(".", 1)[-1]  # compute.instances.insert (a MIG's) or insert
+            if "/instances/" in op.target_link and name.startswith(stems) and kind in ("insert", "delete") \
+                    and op.end_time:
+                out.append(U.VmOp(name, kind, U.ts(op.end_time)))
     return out
 
 

@@ -200,6 +200,9 @@ def test_every_reply_parses_strictly_as_compute_v1(compute):
         "/zones/us-central1-a/instanceGroupManagers": compute_v1.InstanceGroupManagerList,
         "/zones/us-central1-a/instances": compute_v1.InstanceList,
         "/zones/us-central1-a/instances/gke-c-np-1234abcd-x1y2": compute_v1.Instance,
+        "/zones/us-central1-a/operations": compute_v1.OperationList,
+        "/aggregated/operations": compute_v1.OperationAggregatedList,
+        "/aggregated/addresses": compute_v1.AddressAggregatedList,
     }
     for path, cls in cases.items():
         resp = httpx.get(base + path)
@@ -209,3 +212,30 @@ def test_every_reply_parses_strictly_as_compute_v1(compute):
     mig = compute_v1.InstanceGroupManager.from_json(httpx.get(base + "/zones/us-central1-a/instanceGroupManagers/"
                                                               "gke-c-np-1234abcd-grp").text)
     assert mig.target_size == 1 and mig.status.is_stable
+
+
+def test_vm_operations_time_each_node(compute):
+    """A MIG resize leaves one operation per VM (``compute.instances.insert`` / ``.delete``) with millisecond
+    times, and each live instance its own creationTimestamp: a node's life, read back with compute_v1."""
+    from manifests.usage import ts
+
+    t0 = time.time()
+    compute.set_mig("us-central1-a", "gke-c-gpu-1234abcd-grp", instances=["gke-c-gpu-1234abcd-a1"],
+                    base_instance_name="gke-c-gpu-1234abcd")
+    time.sleep(0.05)
+    compute.set_mig("us-central1-a", "gke-c-gpu-1234abcd-grp", instances=["gke-c-gpu-1234abcd-b2"],
+                    base_instance_name="gke-c-gpu-1234abcd")
+    t1 = time.time()
+    pages = compute_v1.GlobalOperationsClient(**_opts(compute)).aggregated_list(project=P, retry=None)
+    ops = [o for scope, listed in pages for o in listed.operations if scope == "zones/us-central1-a"]
+    seen = [(o.operation_type, o.target_link.rsplit("/", 1)[1]) for o in ops]
+    assert seen == [("compute.instances.insert", "gke-c-gpu-1234abcd-a1"),
+                    ("compute.instances.insert", "gke-c-gpu-1234abcd-b2"),
+                    ("compute.instances.delete", "gke-c-gpu-1234abcd-a1")]
+    assert all(o.status == compute_v1.Operation.Status.DONE and t0 - 0.001 <= ts(o.end_time) <= t1 for o in ops)
+    life = ts(ops[2].end_time) - ts(ops[0].end_time)
+    assert 0.04 <= life < t1 - t0 + 0.01  # milliseconds, not whole seconds
+    (vm,) = compute_v1.InstancesClient(**_opts(compute)).list(project=P, zone="us-central1-a", retry=None)
+    assert vm.name == "gke-c-gpu-1234abcd-b2" and ts(vm.creation_timestamp) == ts(ops[1].end_time)
+    zonal = compute_v1.ZoneOperationsClient(**_opts(compute)).list(project=P, zone="us-central1-a", retry=None)
+    assert [o.name for o in zonal] == [o.name for o in ops]
