@@ -49,6 +49,10 @@ class ClusterKubeMixin:
     def _attach_kube(self, cluster: _Cluster, kube: Any, owned: bool) -> None:
         """Caller holds the lock. Per-cluster kubes feed this cluster's autoscaler/Autopilot hooks."""
         cluster.kube, cluster.owns_kube = kube, owned
+        if owned:  # its API server and nodes report this cluster's version and project, as on GKE
+            with contextlib.suppress(AttributeError):
+                kube.set_version(cluster.data["currentMasterVersion"])
+                kube.project = cluster.project
         subscribe = getattr(kube, "subscribe", None)
         if owned and callable(subscribe):
             with contextlib.suppress(Exception):
@@ -69,9 +73,9 @@ class ClusterKubeMixin:
 
     @staticmethod
     def _kube_add(cluster: _Cluster, name: str, labels: dict[str, str], capacity: dict[str, str],
-                  taints: list[dict[str, str]]) -> None:
+                  taints: list[dict[str, str]], version: str | None = None) -> None:
         if cluster.kube is not None:
-            cluster.kube.add_node(name, labels=labels, capacity=capacity, taints=taints)
+            cluster.kube.add_node(name, labels=labels, capacity=capacity, taints=taints, version=version)
 
     @staticmethod
     def _kube_remove(kube: Any, name: str) -> None:

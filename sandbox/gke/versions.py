@@ -14,18 +14,20 @@ from google.cloud import container_v1
 
 from sandbox.gke.common import _bad, to_dict
 
+# The 1.28-1.30 lines only: each cluster's API server reports the version GKE shows here (its /version,
+# every kubelet), and gcloud's kubectl dispatcher runs the kubectl of that minor -- 1.31+ send protobuf
+# bodies this JSON-only API server cannot read (docs/sandbox-contract.md, "Versions").
 VERSIONS = [
-    "1.33.2-gke.1240000", "1.33.1-gke.1584000", "1.32.6-gke.1013000", "1.32.4-gke.1415000",
-    "1.31.10-gke.1040000", "1.31.9-gke.1044000", "1.30.14-gke.1009000",
+    "1.30.14-gke.1009000", "1.30.12-gke.1086000", "1.30.5-gke.1014001", "1.29.15-gke.1325000",
+    "1.29.10-gke.1280000", "1.28.15-gke.1020000",
 ]
 
 
 CHANNELS: dict[str, tuple[str, list[str]]] = {
-    "RAPID": ("1.33.2-gke.1240000", ["1.33.2-gke.1240000", "1.33.1-gke.1584000", "1.32.6-gke.1013000"]),
-    "REGULAR": ("1.32.6-gke.1013000", ["1.33.1-gke.1584000", "1.32.6-gke.1013000", "1.32.4-gke.1415000",
-                                       "1.31.10-gke.1040000"]),
-    "STABLE": ("1.31.10-gke.1040000", ["1.32.4-gke.1415000", "1.31.10-gke.1040000", "1.31.9-gke.1044000",
-                                       "1.30.14-gke.1009000"]),
+    "RAPID": ("1.30.14-gke.1009000", ["1.30.14-gke.1009000", "1.30.12-gke.1086000"]),
+    "REGULAR": ("1.30.5-gke.1014001", ["1.30.12-gke.1086000", "1.30.5-gke.1014001", "1.29.15-gke.1325000"]),
+    "STABLE": ("1.29.15-gke.1325000", ["1.30.5-gke.1014001", "1.29.15-gke.1325000", "1.29.10-gke.1280000",
+                                       "1.28.15-gke.1020000"]),
 }
 
 

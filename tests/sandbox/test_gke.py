@@ -37,10 +37,11 @@ class RecordingKube:
         self.pods: list[dict] = []
         self._lock = threading.Lock()
 
-    def add_node(self, name, *, labels, capacity, taints=()):
+    def add_node(self, name, *, labels, capacity, taints=(), version=None):
         with self._lock:
             assert name not in self.nodes
-            self.nodes[name] = {"labels": dict(labels), "capacity": dict(capacity), "taints": list(taints)}
+            self.nodes[name] = {"labels": dict(labels), "capacity": dict(capacity), "taints": list(taints),
+                                "version": version}
 
     def remove_node(self, name):
         with self._lock:
@@ -153,7 +154,7 @@ def test_standard_regional_cluster_lifecycle(env):
     assert got.location == "us-central1" and list(got.locations) == ["us-central1-a", "us-central1-b",
                                                                      "us-central1-c"]
     assert got.release_channel.channel == container_v1.ReleaseChannel.Channel.RAPID
-    assert got.current_master_version.startswith("1.33.")
+    assert got.current_master_version == "1.30.14-gke.1009000"  # RAPID's default
     # kept as sent
     assert got.workload_identity_config.workload_pool == f"{P}.svc.id.goog"
     assert list(got.logging_config.component_config.enable_components) == [
@@ -223,8 +224,8 @@ def test_server_config_and_version_resolution(env):
     cfg = env.client.get_server_config(name=REGION, retry=None)
     channels = {container_v1.ReleaseChannel.Channel(c.channel).name: c for c in cfg.channels}
     assert set(channels) == {"RAPID", "REGULAR", "STABLE"}
-    assert channels["STABLE"].default_version.startswith("1.31.")
-    assert any(v.startswith("1.30.") for v in channels["STABLE"].valid_versions)
+    assert channels["STABLE"].default_version.startswith("1.29.")
+    assert any(v.startswith("1.28.") for v in channels["STABLE"].valid_versions)
     assert cfg.default_cluster_version == channels["REGULAR"].default_version
     assert "COS_CONTAINERD" in cfg.valid_image_types
 
@@ -236,7 +237,7 @@ def test_server_config_and_version_resolution(env):
         "1.30.")
     with pytest.raises(gexc.BadRequest, match="RAPID"):
         env.client.create_cluster(parent=REGION, cluster=container_v1.Cluster(
-            name="pinned2", autopilot=container_v1.Autopilot(enabled=True), initial_cluster_version="1.30",
+            name="pinned2", autopilot=container_v1.Autopilot(enabled=True), initial_cluster_version="1.28",
             release_channel=container_v1.ReleaseChannel(channel=container_v1.ReleaseChannel.Channel.RAPID)),
             retry=None)
 
@@ -254,18 +255,18 @@ def test_mutation_while_cluster_is_busy_is_failed_precondition(env):
 def test_update_cluster_and_node_pool(env):
     _zonal_cluster(env)
     op = env.client.update_cluster(name=f"{ZONE}/clusters/c1", update=container_v1.ClusterUpdate(
-        desired_master_version="1.33", desired_logging_service="none"), retry=None)
+        desired_master_version="1.30.14", desired_logging_service="none"), retry=None)
     assert op.operation_type == container_v1.Operation.Type.UPGRADE_MASTER
     env.wait(op, ZONE)
     got = env.client.get_cluster(name=f"{ZONE}/clusters/c1", retry=None)
-    assert got.current_master_version == "1.33.2-gke.1240000" and got.logging_service == "none"
+    assert got.current_master_version == "1.30.14-gke.1009000" and got.logging_service == "none"
 
     op = env.client.update_node_pool(request=container_v1.UpdateNodePoolRequest(
-        name=f"{ZONE}/clusters/c1/nodePools/default-pool", node_version="1.33.1", image_type="UBUNTU_CONTAINERD"),
+        name=f"{ZONE}/clusters/c1/nodePools/default-pool", node_version="1.30.12", image_type="UBUNTU_CONTAINERD"),
         retry=None)
     env.wait(op, ZONE)
     pool = env.client.get_node_pool(name=f"{ZONE}/clusters/c1/nodePools/default-pool", retry=None)
-    assert pool.version == "1.33.1-gke.1584000" and pool.config.image_type == "UBUNTU_CONTAINERD"
+    assert pool.version == "1.30.12-gke.1086000" and pool.config.image_type == "UBUNTU_CONTAINERD"
     assert [n["labels"]["cloud.google.com/gke-os-distribution"] for n in env.kube.nodes.values()] == ["ubuntu"]
 
 
