@@ -16,6 +16,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 
 from manifests.errors import FleetError
+from tasks.credfiles import ca_file, kubeconfig_path, write_private
 from tasks.settings import Settings, get_settings
 
 # Transient for Google APIs: retried with backoff. 400/403/404/409 and quota errors are not.
@@ -181,11 +182,6 @@ def google_access_token(settings: Settings | None = None) -> str | None:
     return KubeToken(settings).get(force=True)
 
 
-def kubeconfig_path(*, project: str, location: str, cluster: str, settings: Settings | None = None) -> Path:
-    s = settings or get_settings()
-    return s.kube_dir / f"{project}_{location}_{cluster}.yaml"
-
-
 AUTH_PLUGIN = {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "gke-gcloud-auth-plugin",
                "installHint": "Install gke-gcloud-auth-plugin for use with kubectl by following "
                               "https://cloud.google.com/kubernetes-engine/docs/how-to/cluster-access-for-kubectl"
@@ -207,8 +203,6 @@ def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str
         "users": [{"name": name, "user": {"exec": dict(AUTH_PLUGIN)}}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
     }
-    from tasks.credfiles import write_private
-
     path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=s)
     text = yaml.safe_dump(config, sort_keys=False)
     try:  # unchanged (the usual case): keep the file, and with its mtime the cached client and its connections
@@ -267,13 +261,8 @@ def _kube_client(path: str, mtime: int, gcp_auth: str, token_file: str):
     cfg.host = server
     cfg.verify_ssl = not cluster.get("insecure-skip-tls-verify", False)
     if cluster.get("certificate-authority-data"):
-        import tempfile
-
-        # urllib3 reads a CA from a file only: one private file per cached client
-        fd, ca_path = tempfile.mkstemp(prefix="llm-fleet-ca-", suffix=".crt")
-        with open(fd, "wb") as f:
-            f.write(base64.b64decode(cluster["certificate-authority-data"]))
-        cfg.ssl_ca_cert = ca_path
+        # urllib3 reads a CA from a file only: one per CA (named by its hash) beside the kubeconfigs, written once
+        cfg.ssl_ca_cert = str(ca_file(base64.b64decode(cluster["certificate-authority-data"])))
     elif cluster.get("certificate-authority"):
         cfg.ssl_ca_cert = cluster["certificate-authority"]
     source = KubeToken() if token_file or plugin else _StaticToken(user["token"])

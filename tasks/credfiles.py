@@ -2,12 +2,14 @@
 
 A kubeconfig names a cluster's endpoint and CA and how to get a token; the sandbox and in-cluster
 runs may put a bearer token in it. Either way it is written 0600 in a 0700 directory, atomically
-(a concurrent reader never sees half a file), and teardown removes it with the cluster.
+(a concurrent reader never sees half a file), and teardown removes it with the cluster. A cluster's CA
+(public, but what the client trusts) is a file beside them, one per CA named by its hash, written once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -35,11 +37,26 @@ def write_private(path: Path, text: str) -> Path:
     return path
 
 
+def kubeconfig_path(*, project: str, location: str, cluster: str, settings: Settings | None = None) -> Path:
+    s = settings or get_settings()
+    return s.kube_dir / f"{project}_{location}_{cluster}.yaml"
+
+
+def ca_file(ca_pem: bytes, *, settings: Settings | None = None) -> Path:
+    """The CA bundle as a file for urllib3 (it reads a CA from a file only): ``ca-<sha256>.crt`` in the
+    credentials directory, 0600, written once per CA (every client of a cluster, every process, reuses it)."""
+    path = (settings or get_settings()).kube_dir / f"ca-{hashlib.sha256(ca_pem).hexdigest()[:32]}.crt"
+    try:
+        if path.read_bytes() == ca_pem and path.stat().st_mode & 0o777 == 0o600:
+            return path
+    except OSError:
+        pass
+    return write_private(path, ca_pem.decode("ascii"))
+
+
 def cluster_credential_files(*, project: str, location: str, cluster: str,
                              settings: Settings | None = None) -> list[Path]:
     """Every file the product wrote for one cluster (its kubeconfig and any leftover temp copy)."""
-    from tasks.clients import kubeconfig_path
-
     path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=settings or get_settings())
     return [path, path.with_suffix(".tmp"), *path.parent.glob(f".{path.name}.*.tmp")]
 

@@ -15,7 +15,7 @@ from tasks.clients import (
     google_retry,
     write_kubeconfig,
 )
-from tasks.locks import fence
+from tasks.fencing import fence
 from tasks.progress import WaitProgress, operation_progress
 from tasks.retry import task_retries
 from tasks.settings import get_settings

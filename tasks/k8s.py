@@ -17,7 +17,7 @@ from manifests.errors import DeployError, FleetError
 from manifests.names import FIELD_MANAGER
 from manifests.rollout import TEMPLATE_HASH, Progress, diagnose, new_replicaset, rollout_progress
 from tasks.clients import kube_client
-from tasks.locks import fence
+from tasks.fencing import fence
 from tasks.log import logger
 from tasks.progress import WaitProgress
 from tasks.retry import is_transient, task_retries
@@ -46,6 +46,8 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("monitoring.googleapis.com/v1", "PodMonitoring"): ("podmonitorings", True),
     ("monitoring.googleapis.com/v1", "Rules"): ("rules", True),
     ("monitoring.coreos.com/v1", "PrometheusRule"): ("prometheusrules", True),
+    ("cloud.google.com/v1", "ComputeClass"): ("computeclasses", False),  # capacity options
+    ("v1", "Event"): ("events", True),  # the cluster autoscaler's word on where pods landed
 }
 
 

@@ -23,7 +23,6 @@ that lost it changes nothing more. Vertex AI models (no cluster) keep the Prefec
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import os
 import socket
 import threading
@@ -31,7 +30,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,8 +39,11 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from manifests.errors import FleetError
 from manifests.spec import DeploymentSpec
+from tasks.fencing import HeldLease, LockLost, fence, held_leases
 from tasks.log import logger
 from tasks.settings import get_settings
+
+__all__ = ["LockLost", "LockTimeout", "fence", "lease_lock", "lease_name", "model_lock"]
 
 # How long a crashed holder keeps the model locked (the lease is renewed while the holder lives).
 LEASE_S = 60.0
@@ -50,10 +51,6 @@ LEASE_S = 60.0
 
 class LockTimeout(FleetError):
     """Another run holds the model's lock for longer than this run would wait."""
-
-
-class LockLost(FleetError):
-    """The lease on the model's lock could not be renewed: another run may hold it now."""
 
 
 def lock_name(spec: DeploymentSpec) -> str:
@@ -143,42 +140,6 @@ def _expired(lease: Any, now: datetime) -> bool:
     if renewed.tzinfo is None:
         renewed = renewed.replace(tzinfo=UTC)
     return renewed + timedelta(seconds=s.lease_duration_seconds or 0) < now
-
-
-@dataclass
-class HeldLease:
-    """One Lease this process holds; ``valid()`` is the fence."""
-
-    kubeconfig: str
-    namespace: str
-    name: str
-    holder: str
-    lease_s: int
-    renewed: float = field(default_factory=time.monotonic)  # monotonic time of the last successful write
-    resource_version: str = ""
-    lost: str | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def valid(self) -> bool:
-        # A contender may take the lease lease_s after our last renewTime; stop acting well before that.
-        return self.lost is None and time.monotonic() - self.renewed < 0.75 * self.lease_s
-
-
-# The leases the running code holds (a context variable: the flow run's thread and the tasks it calls).
-_held: contextvars.ContextVar[tuple[HeldLease, ...]] = contextvars.ContextVar("llm_fleet_leases", default=())
-
-
-def fence(namespace: str | None = None) -> None:
-    """Raise LockLost if the running code holds a model lock (in ``namespace``, or any) and can no longer
-    be sure it still does: called before each mutating step, so a holder that lost the lock changes nothing."""
-    for h in _held.get():
-        if namespace is not None and h.namespace != namespace:
-            continue
-        if not h.valid():
-            raise LockLost(f"the Lease {h.namespace}/{h.name} was {h.lost or 'not renewed within its duration'}; "
-                           "another run may hold the lock now, so this run stopped before changing anything more",
-                           "check where the model's live Service points, then rerun: it re-observes the cluster "
-                           "and converges")
 
 
 def _coord(kubeconfig: str):
@@ -317,7 +278,7 @@ def lease_lock(spec: DeploymentSpec, *, purpose: str, kubeconfig: str, timeout_s
                               "resume that run with promote true or false. A holder that died frees it within "
                               f"{h.lease_s} s")
         time.sleep(poll)
-    token = _held.set((*_held.get(), h))
+    token = held_leases.set((*held_leases.get(), h))
     renewer = threading.Thread(target=_renewer, args=(h,), name=f"lease-{h.name}", daemon=True)
     renewer.start()
     try:
@@ -325,6 +286,6 @@ def lease_lock(spec: DeploymentSpec, *, purpose: str, kubeconfig: str, timeout_s
     finally:
         h.stop.set()
         renewer.join(timeout=5)
-        _held.reset(token)
+        held_leases.reset(token)
         if h.lost is None:
             _release(h)

@@ -13,6 +13,10 @@ pod, without a GPU. One module per thing emulated:
 * ``metrics`` — Prometheus histograms and exposition for ``/metrics``.
 """
 
+# Import circle, on purpose and inside this component only: runtime imports each engine's handler module to
+# start a pod's server, and those import podserver/runtime back for the pod's state (one component, split by
+# what each module emulates). tests/unit/test_imports.py checks no circle leaves a sandbox component.
+
 from sandbox.engines.behaviors import Behavior, Behaviors
 from sandbox.engines.container import ContainerInfo, describe_container
 from sandbox.engines.podserver import PodServer

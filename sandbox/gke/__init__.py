@@ -41,6 +41,10 @@ The package, one module per area: :mod:`~sandbox.gke.clusters`, :mod:`~sandbox.g
 the cluster autoscaler in :mod:`~sandbox.gke.autoscaler`, the REST surface in :mod:`~sandbox.gke.rest`.
 """
 
+# Import circle, on purpose and inside this component only: service.Gke is assembled from one mixin per API
+# area (clusters, node pools, nodes, autopilot, autoscaler, rest) and they import the service's shared state
+# back. tests/unit/test_imports.py checks no circle leaves a sandbox component.
+
 from sandbox.gke.autoscaler import (
     AUTOPILOT_NODE_LABEL,
     ClusterAutoscaler,
