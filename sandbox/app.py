@@ -54,7 +54,8 @@ a ``"*"`` rule can never lock you out of clearing faults):
 ``DELETE /sandbox/faults[?service=S]``   clear all rules (or one service's)
 ``DELETE /sandbox/faults/{id}``          remove one rule
 ``GET/POST/DELETE /sandbox/stockouts``   list / ``{"zone", "accelerator": type|null (every GPU)|"*"
-                                         (every VM), "on": true}`` / clear
+                                         (every VM), "on": true, "spot": false}`` / clear
+``POST /sandbox/nodes/{name}/preempt``   Compute Engine preempts a Spot node (~30 s notice, then gone)
 ``GET/POST /sandbox/quota``              quota used (``?project=P``) / ``{"region": null|R, "metric",
                                          "limit", "project": null|P}``
 ``GET/POST/DELETE /sandbox/behaviors``   model-server behaviors (the runtime's Behaviors: ``{"mode",
@@ -156,9 +157,12 @@ class Sandbox:
     """Every emulator plus the control API, as threads of this process on 127.0.0.1."""
 
     def __init__(self, *, time_scale: float = 1.0, state_dir: str | os.PathLike[str] | None = None,
-                 project: str = "llm-fleet-demo", token_lifetime_s: float = DEFAULT_LIFETIME_S) -> None:
+                 project: str = "llm-fleet-demo", token_lifetime_s: float = DEFAULT_LIFETIME_S,
+                 endpoint_lag_s: float | None = None) -> None:
         """``token_lifetime_s``: cloud seconds a Google access token from the sandbox's token endpoint
-        lives (GCP: 3,600); after it the cluster APIs answer 401 to it."""
+        lives (GCP: 3,600); after it the cluster APIs answer 401 to it. ``endpoint_lag_s``: cloud seconds
+        between an Endpoints change and Services routing by it (kube-proxy; default
+        ``DEFAULT_DELAYS["endpoint_propagation"]``; ``set_endpoint_lag`` changes it while running)."""
         # The kube/engines/hub/slack emulators are built by their own modules; imported here so a
         # missing one fails with a clear ImportError when the sandbox is built, not at import time.
         from sandbox.engines import ModelRuntime
@@ -182,6 +186,8 @@ class Sandbox:
         self._gcloud_token = ""
         # the default API (context "sandbox"); every GKE cluster gets its own (see _new_cluster_kube)
         self.kube = KubeCluster(clock=self.clock, faults=self.faults, runtime=self.runtime, google_tokens=self.tokens)
+        self.endpoint_lag_s = self.kube.kube_proxy.lag_s if endpoint_lag_s is None else float(endpoint_lag_s)
+        self.kube.kube_proxy.lag_s = self.endpoint_lag_s
         self.kube_routes = ServicePorts(self.kube, faults=self.faults)
         self._kube_routes_unsubscribe: Any = None
         self.cluster_kubes: dict[tuple[str, str, str], ClusterKube] = {}
@@ -354,6 +360,8 @@ class Sandbox:
     def _new_cluster_kube(self, project: str, location: str, name: str) -> Any:
         """Gke's ``kube_factory``: a started KubeCluster for a new cluster, its Service ports, a context."""
         kube = self._kube_class(clock=self.clock, faults=self.faults, runtime=self.runtime, google_tokens=self.tokens)
+        kube.kube_proxy.lag_s = self.endpoint_lag_s
+        kube.gmp.external_labels = {"project_id": project, "location": location, "cluster": name}  # GMP's
         kube.start()
         # GCE Ingresses may name only static IPs reserved in this project (gcloud compute addresses create)
         kube.ingress.static_ip = lambda ip, p=project: (p, "global", ip) in self.compute.addresses
@@ -413,6 +421,21 @@ class Sandbox:
                 if n == name and p == project and (location in (None, "-") or loc == location):
                     return entry.kube
         return None
+
+    def gmp(self, name: str, location: str | None = None, project: str | None = None) -> Any:
+        """The Managed Prometheus collector of GKE cluster ``name`` (``sandbox.kube.gmp``), None without one."""
+        kube = self.cluster_kube(name, location, project)
+        return kube.gmp if kube is not None else None
+
+    def set_endpoint_lag(self, seconds: float) -> None:
+        """kube-proxy's programming delay (cloud seconds) on every cluster, now and for clusters made later."""
+        if seconds < 0:
+            raise ValueError("endpoint lag must be >= 0 seconds")
+        self.endpoint_lag_s = float(seconds)
+        with self._kc_lock:
+            kubes = [self.kube] + [e.kube for e in self.cluster_kubes.values()]
+        for kube in kubes:
+            kube.kube_proxy.lag_s = self.endpoint_lag_s
 
     def ca_b64(self, context: str) -> str:
         """The CA of the API a context names (base64 PEM, as in ``masterAuth.clusterCaCertificate``)."""
@@ -674,6 +697,21 @@ def _remove_fault(h: ControlHandler, rule_id: str):
     return {"removed": rule_id}
 
 
+@route(_ROUTES, "GET", r"/sandbox/endpoint-lag")
+def _endpoint_lag(h: ControlHandler):
+    return {"seconds": h.sb.endpoint_lag_s}
+
+
+@route(_ROUTES, "POST", r"/sandbox/endpoint-lag")
+def _set_endpoint_lag(h: ControlHandler):
+    body = _body_dict(h)
+    try:
+        h.sb.set_endpoint_lag(float(body["seconds"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HttpError(400, f"endpoint lag needs seconds >= 0 (cloud seconds), e.g. {{\"seconds\": 5}}: {exc}") from exc
+    return {"seconds": h.sb.endpoint_lag_s}
+
+
 @route(_ROUTES, "GET", r"/sandbox/stockouts")
 def _stockouts(h: ControlHandler):
     return {"stockouts": h.sb.compute.snapshot()["stockouts"]}
@@ -685,10 +723,17 @@ def _set_stockout(h: ControlHandler):
     if not body.get("zone"):
         raise HttpError(400, "a stockout needs a zone (and optionally an accelerator)")
     try:
-        h.sb.compute.set_stockout(body["zone"], body.get("accelerator"), bool(body.get("on", True)))
+        h.sb.compute.set_stockout(body["zone"], body.get("accelerator"), bool(body.get("on", True)),
+                                  spot=bool(body.get("spot", False)))
     except ValueError as exc:
         raise HttpError(400, str(exc)) from exc
     return {"stockouts": h.sb.compute.snapshot()["stockouts"]}
+
+
+@route(_ROUTES, "POST", r"/sandbox/nodes/(?P<name>[^/]+)/preempt")
+def _preempt_node(h: ControlHandler, name: str):
+    """Compute Engine preempts a Spot node's VM (GKE's ~30 s notice, then the node is gone)."""
+    return h.sb.gke.preempt_node(name)
 
 
 @route(_ROUTES, "DELETE", r"/sandbox/stockouts")
@@ -848,3 +893,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+# ---- Managed Prometheus' query API (PromQL over what each cluster's GMP collector scraped) ----------------
+@route(_ROUTES, "GET", r"/v1/projects/(?P<project>[^/]+)/location/global/prometheus/api/v1/(?P<kind>query|query_range)")
+@route(_ROUTES, "POST", r"/v1/projects/(?P<project>[^/]+)/location/global/prometheus/api/v1/(?P<kind>query|query_range)")
+def _gmp_query(h: ControlHandler, project: str, kind: str):
+    """monitoring.googleapis.com's Prometheus HTTP API for ``project``: every cluster of the project
+    (series carry ``cluster``/``location`` labels to tell them apart), evaluated by sandbox.kube.promql."""
+    from urllib.parse import parse_qs
+
+    from sandbox.kube import promql
+
+    params = {k: v[-1] for k, v in parse_qs(h.url.query).items()}
+    if h.command == "POST":
+        params |= {k: v[-1] for k, v in parse_qs(h.body_bytes().decode()).items()}
+    with h.sb._kc_lock:
+        kubes = [e.kube for (p, _, _), e in h.sb.cluster_kubes.items() if p == project]
+    return promql.handle(params, kind, [k.gmp for k in kubes if getattr(k, "gmp", None) is not None])

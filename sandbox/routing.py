@@ -6,9 +6,10 @@
   piece by piece), over pooled keep-alive connections, so routing adds well under 2 ms per request.
   The kube API server's service proxy (``/api/v1/namespaces/N/services/S:P/proxy/...``) calls it.
 * :class:`ServicePorts` gives each Service its own loopback port whose handler calls ``resolve(namespace,
-  name)`` at every request (``KubeCluster.service_backends``) and proxies there: patching a Service's
-  selector moves the traffic at the next request. No Ready backend: 503, like the API server's
-  "no endpoints available for service".
+  name)`` at every request (``KubeCluster.routed_backends``: kube-proxy's programmed view, the Endpoints of
+  ``endpoint_propagation`` cloud seconds ago — ``sandbox.kube.kubeproxy``) and proxies there: patching a
+  Service's selector moves the traffic once that lag has passed. No Ready backend: 503, like the API
+  server's "no endpoints available for service".
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ class ServicePorts:
 
     def __init__(self, resolve: Resolver | Any, *, faults: Faults | None = None,
                  pool: ConnectionPool | None = None) -> None:
-        fn = getattr(resolve, "service_backends", None)
+        fn = getattr(resolve, "routed_backends", None) or getattr(resolve, "service_backends", None)
         self.resolve: Resolver = fn if callable(fn) else resolve
         self.kube = resolve if hasattr(resolve, "store") else None  # to publish LoadBalancer addresses
         self.faults = faults

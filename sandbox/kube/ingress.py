@@ -9,9 +9,11 @@ its class names, enforcing what the Ingress asks for.
   sandbox's stand-in for the LB IP; HTTP on P, and HTTPS on a second port only when every ``spec.tls``
   secret exists (else a ``Warning`` event and no HTTPS address).
 * GCE: ``kubernetes.io/ingress.global-static-ip-name`` must name a reserved global address (Compute),
-  else the load balancer is not created (event, no address).
+  else the load balancer is not created (event, no address). Google's health checkers probe every backend
+  endpoint (``sandbox.kube.gcehc``); requests go only to endpoints that pass, and with none the load balancer
+  answers 502 with Google's error page. nginx routes to kube-proxy's (lagged) view of the Service.
 * nginx annotations: ``auth-type: basic`` + ``auth-secret`` (the Secret's ``auth`` key in htpasswd
-  form; ``{SHA}`` and ``{PLAIN}`` entries) -> 401 with ``WWW-Authenticate``, a missing secret -> 503;
+  form; ``$apr1$``, ``{SHA}`` and ``{PLAIN}`` entries) -> 401 with ``WWW-Authenticate``, a missing secret -> 503;
   ``limit-rps`` -> per client address, burst = rps x ``limit-burst-multiplier`` (default 5), excess
   answered 503 (ingress-nginx's default ``limit-req-status-code``); ``proxy-body-size`` -> 413.
 """
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox.core import HttpError, JsonHandler, SandboxHTTPServer, serve
 from sandbox.kube import resources as res
+from sandbox.kube.gcehc import GFE_502, LbHealthChecker
 
 if TYPE_CHECKING:
     from sandbox.kube.cluster import KubeCluster
@@ -58,7 +61,11 @@ def check_htpasswd(content: str, user: str, password: str) -> bool:
             return hmac.compare_digest(hashed[5:], want)
         if hashed.startswith("{PLAIN}"):
             return hmac.compare_digest(hashed[7:], password)
-        return False  # $apr1$/bcrypt/crypt: not checked by the sandbox (use htpasswd -s)
+        if hashed.startswith("$apr1$"):  # htpasswd's default (Apache MD5), what the ingress-nginx docs make
+            from passlib.hash import apr_md5_crypt
+
+            return apr_md5_crypt.verify(password, hashed)
+        return False  # bcrypt/crypt(3): not checked by the sandbox (use htpasswd -m or -s)
     return False
 
 
@@ -152,7 +159,14 @@ class _Served:
         if self.ctl.controller_of(ing) == NGINX:
             self._nginx_rules(h, ann)
         svc = backend.get("service") or {}
-        ports = cluster.service_backends(self.ns, svc.get("name", ""))
+        if self.ctl.controller_of(ing) == GCE:  # only endpoints that pass Google's health checks (sandbox.kube.gcehc)
+            ports = self.ctl.health.healthy_ports(self.ns, svc.get("name", ""))
+            if not ports:
+                h.body_bytes()
+                h.send_text(502, GFE_502, content_type="text/html; charset=UTF-8", headers={"Referrer-Policy": "no-referrer"})
+                return
+        else:
+            ports = cluster.routed_backends(self.ns, svc.get("name", ""))
         if not ports:
             raise HttpError(503, "<html><head><title>503 Service Temporarily Unavailable</title></head><body>"
                                  "<center><h1>503 Service Temporarily Unavailable</h1></center></body></html>")
@@ -223,6 +237,7 @@ class IngressController:
         self.served: dict[tuple[str, str], _Served] = {}
         self.static_ip: Any = None  # name -> address str or None (set by whoever knows Compute)
         self._lock = threading.Lock()
+        self.health = LbHealthChecker(cluster, self)  # Google's health checkers on GCE backends
         cluster.subscribe(self.on_event)
 
     def controller_of(self, ing: Obj) -> str | None:
@@ -237,6 +252,9 @@ class IngressController:
         kind = obj.get("kind")
         if kind == "Ingress":
             self.sync(obj["metadata"]["namespace"], obj["metadata"]["name"])
+            self.health.poke()
+        elif kind in ("Endpoints", "BackendConfig") and self.served:
+            self.health.poke()
         elif kind in ("IngressClass", "Secret"):
             for ing in self.cluster.store.list(INGRESSES, None)[0]:
                 self.sync(ing["metadata"]["namespace"], ing["metadata"]["name"])
@@ -267,6 +285,8 @@ class IngressController:
                 return
             if served is None:
                 served = self.served[key] = _Served(self, ns, name)
+        if controller == GCE:
+            self.health.start()  # Google's checkers probe the backends from now on, traffic or not
         pems, missing = [], []
         for tls in (ing.get("spec") or {}).get("tls") or []:
             secret = self.cluster.store.get(SECRETS, ns, tls.get("secretName", ""))
@@ -309,6 +329,7 @@ class IngressController:
         return f"{'https' if https else 'http'}://127.0.0.1:{srv.port}" if srv is not None else None
 
     def stop(self) -> None:
+        self.health.stop()
         with self._lock:
             for s in self.served.values():
                 s.stop()

@@ -16,8 +16,9 @@ failure; a result counts after ``successThreshold`` (default 1) / ``failureThres
 Each state change records the kubelet's ``Unhealthy`` / ``Killing`` events. Kept lenient: the pod first turns
 Ready when its model server reports loaded (the runtime's ``on_ready``), and the readiness probe re-admits a
 pod only while its server says it is loaded — so an engine whose ``/health`` answers 200 during the weight load
-is not Ready early; a real wait is never below :data:`MIN_PERIOD_S` and a timeout never below
-:data:`sandbox.kube.gmp.MIN_TIMEOUT_S` (see docs/sandbox-contract.md).
+is not Ready early; a real wait is never below :data:`MIN_PERIOD_S`, a timeout never below
+:data:`sandbox.kube.gmp.MIN_TIMEOUT_S`, and a container is killed only after its probe kept failing for
+:data:`MIN_KILL_WINDOW_S` real seconds too (local processes start in real time; see docs/sandbox-contract.md).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 Obj = dict[str, Any]
 KINDS = ("startupProbe", "readinessProbe", "livenessProbe")
 MIN_PERIOD_S = 0.25  # real seconds: every pod of every test cluster is probed; keep the suite's 2 cores free
+# Real seconds a probe must keep failing before the kubelet kills the container: a local process starts at
+# real speed (an interpreter, imports) while its probe budget (failureThreshold x periodSeconds) is scaled.
+MIN_KILL_WINDOW_S = 5.0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class _Worker:
     fail: int = 0
     in_flight: bool = False
     probes: int = 0
+    failing_since: float = 0.0
 
 
 def user_agent(cluster: Any) -> str:
@@ -205,7 +210,11 @@ class Prober:
                 w.ok, w.fail = w.ok + 1, 0
             else:
                 w.ok, w.fail = 0, w.fail + 1
+                if w.fail == 1:
+                    w.failing_since = time.monotonic()
             failed = w.fail >= int(probe.get("failureThreshold") or 3) and not ok
+            if failed and w.kind != "readinessProbe" and time.monotonic() - w.failing_since < MIN_KILL_WINDOW_S:
+                failed = False  # not yet: see MIN_KILL_WINDOW_S
             succeeded = ok and w.ok >= int(probe.get("successThreshold") or 1)
             if w.kind == "startupProbe" and succeeded:
                 self._started.add((w.uid, w.gen))

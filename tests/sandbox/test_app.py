@@ -530,3 +530,17 @@ def test_kubeconfig_keeps_foreign_entries_and_writes_what_gcloud_writes(own_sb, 
     assert [c["name"] for c in config["contexts"]] == ["elsewhere", "sandbox"]
     assert config["current-context"] == "elsewhere"  # the user's choice
     assert {c["name"]: c["cluster"] for c in config["clusters"]}["elsewhere"] == {"server": "https://10.0.0.1"}
+
+
+def test_endpoint_lag_is_set_per_sandbox_and_through_the_client(client, sb):
+    """kube-proxy's programming delay: realistic by default, settable while running (tests of release safety
+    raise it), refused when negative."""
+    from sandbox.core import DEFAULT_DELAYS
+
+    assert client.endpoint_lag() == sb.endpoint_lag_s == DEFAULT_DELAYS["endpoint_propagation"] > 0
+    try:
+        assert client.set_endpoint_lag(7.5) == 7.5 and sb.kube.kube_proxy.lag_s == 7.5
+        with pytest.raises(SandboxError):
+            client.set_endpoint_lag(-1)
+    finally:
+        client.set_endpoint_lag(DEFAULT_DELAYS["endpoint_propagation"])
