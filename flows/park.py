@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
@@ -33,6 +33,7 @@ from manifests import park as P
 from manifests.fleet import SpecPath, bundled_specs
 from manifests.spec import DeploymentSpec, load_spec
 from targets import Unsupported, target_for
+from targets.trust import admit_event_spec
 from tasks import schedules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +48,11 @@ def park_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it
 
 @flow(name="wake_model", log_prints=True)
 def wake_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
-               reason: str = "manual") -> dict[str, Any]:
-    """Restore what park changed (pool, replicas), wait until the model answers, route to it."""
+               reason: str = "manual", source: Literal["manual", "event"] = "manual") -> dict[str, Any]:
+    """Restore what park changed (pool, replicas), wait until the model answers, route to it.
+    ``source: event`` (the hold proxy's trigger): only a bundled spec path (docs/security.md)."""
+    if source == "event":
+        spec = admit_event_spec(spec)
     return target_for(spec).wake(spec=spec, reason=reason)
 
 

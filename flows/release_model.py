@@ -20,18 +20,24 @@ release of it (as a release_model subflow run). Each target's steps are in ``tar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 
 from manifests.fleet import SpecPath
 from targets import target_for
+from targets.trust import admit_event_release
 
 
 @flow(name="release_model", log_prints=True)
 def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: str | None = None,
-                  dry_run: bool = False) -> dict[str, Any]:
-    """Blue-green release of ``revision`` (default: the spec's) with analysis and automatic rollback."""
+                  dry_run: bool = False, source: Literal["manual", "event"] = "manual") -> dict[str, Any]:
+    """Blue-green release of ``revision`` (default: the spec's) with analysis and automatic rollback.
+
+    ``source: event`` (set by the deployment trigger, never by the event): only a bundled spec path and a
+    newer commit of its tracked branch, checked before anything runs (docs/security.md)."""
+    if source == "event":
+        spec, revision = admit_event_release(spec=spec, revision=revision)
     return target_for(spec).release(spec=spec, revision=revision, dry_run=dry_run)
 
 

@@ -90,6 +90,12 @@ class ServingTarget:
         """Remove everything the spec created, then verify nothing labelled for it is left."""
         raise self._unsupported("teardown", "not implemented")
 
+    def served_revision(self, *, spec: Any) -> str | None:
+        """The model commit the live deployment runs (None when nothing serves): what an event-started
+        release must be newer than (targets/trust.py)."""
+        raise self._unsupported("release_model by event", "the target cannot say which commit serves",
+                                "start the release from the UI/CLI")
+
     def observe(self, *, spec: Any, smoke: bool, seen: dict[str, Any]) -> Check:
         """Health of a resolved spec's deployed model (``seen``: what this scan already looked up)."""
         raise self._unsupported("check_fleet", "no health probe for this target")

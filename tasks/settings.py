@@ -43,6 +43,10 @@ class Settings(BaseSettings):
 
     slack_token: SecretStr | None = Field(None, validation_alias=AliasChoices("SLACK_BOT_TOKEN",
                                                                               "LLM_FLEET_SLACK_TOKEN"))
+    # A Prefect Secret block holding the Slack bot token, read when the flow runs (when SLACK_BOT_TOKEN is
+    # unset): only its name is configuration, so the token is never resolved into a deployment's stored
+    # job variables (a "{{ prefect.blocks.secret.x }}" template is, at deploy time: PrefectHQ/prefect#14088).
+    slack_token_block: str | None = None
     slack_api_url: str = "https://slack.com/api/"
     slack_channel: str = "#llm-fleet"
 

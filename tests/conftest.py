@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
@@ -21,3 +23,47 @@ def pytest_collection_modifyitems(config, items):
     """The longest tests (marked ``long``) go first, so with ``-n 2`` one worker starts on them while the
     other takes the many short ones, instead of a four-minute test starting last."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
+# ---- the flow and security tests' session fixtures: one sandbox and one Prefect server per session ----
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory):
+    from sandbox.app import Sandbox
+    from tests.flows.conftest import TIME_SCALE
+
+    state_dir = tmp_path_factory.mktemp("sandbox")
+    sb = Sandbox(time_scale=TIME_SCALE, state_dir=state_dir)
+    sb.start()
+    saved = dict(os.environ)
+    os.environ.update(sb.env())
+    os.environ["LLM_FLEET_TIME_SCALE"] = str(TIME_SCALE)
+    os.environ["LLM_FLEET_KUBE_DIR"] = str(state_dir / "kube")
+    from tasks.settings import reload_settings
+
+    reload_settings()
+    yield sb
+    sb.stop()
+    os.environ.clear()
+    os.environ.update(saved)
+    reload_settings()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(sandbox):
+    from tests.flows.harness import prefect_test_server
+
+    with prefect_test_server():
+        yield
+
+
+@pytest.fixture
+def sbc(sandbox):
+    """The sandbox's control API; faults and behaviors are cleared after each test."""
+    from sandbox.client import SandboxClient
+
+    client = SandboxClient(sandbox.env()["LLM_FLEET_SANDBOX_URL"])
+    yield client
+    client.clear_faults()
+    client.clear_behaviors()
+    client.clear_stockouts()

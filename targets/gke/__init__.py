@@ -73,6 +73,11 @@ class GKE(ServingTarget):
         return check_one(spec, seen.setdefault("kubeconfigs", {}), smoke=smoke,
                          observed=seen.setdefault("pools", set()))
 
+    def served_revision(self, *, spec: DeploymentSpec) -> str | None:
+        from targets.gke.serving import served_revision
+
+        return served_revision(spec)
+
     def idle(self, *, spec: DeploymentSpec, now: datetime) -> Decision:
         from targets.gke.park_steps import observe_idle
 

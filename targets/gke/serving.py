@@ -103,6 +103,20 @@ def live_color(spec: DeploymentSpec, kubeconfig: str) -> Color | None:
     return observe(spec, kubeconfig).live
 
 
+def served_revision(spec: DeploymentSpec) -> str | None:
+    """The commit the live color runs (its Deployment's revision annotation); None when nothing serves."""
+    location, cluster = find_cluster(spec)
+    if cluster is None:
+        return None
+    kubeconfig = gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
+    color = live_color(spec, kubeconfig)
+    if color is None:
+        return None
+    dep = k8s.get_object(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
+                         name=names.deployment(spec, color), namespace=spec.namespace)
+    return ((dep or {}).get("metadata", {}).get("annotations") or {}).get(names.REVISION_ANNOTATION)
+
+
 def load_timeout_s(spec: DeploymentSpec, params: int | None) -> float:
     s = get_settings()
     return max(spec.default_load_timeout(params).total_seconds() * s.time_scale, s.min_load_timeout_s)
@@ -154,10 +168,11 @@ def ensure_namespace_and_secret(t: Prepared) -> str:
 
 
 def in_place_objects(spec: DeploymentSpec, *, live: Color, revision: str) -> list[dict[str, Any]]:
-    """What may change under a serving model: everything but the model Deployments and the preview.
+    """What may change under a serving model: everything but the model Deployments and the preview (the
+    playground's Deployment is not a model's: it is updated in place).
 
     The live Service is rendered with its current color (its selector does not move), the HPA keeps
     targeting the live color; the preview Service belongs to the release.
     """
-    return [o for o in render(spec, color=live, revision=revision)[1:]
-            if o["kind"] != "Deployment" and o["metadata"]["name"] != names.preview_service(spec)]
+    models = {names.deployment(spec, "blue"), names.deployment(spec, "green"), names.preview_service(spec)}
+    return [o for o in render(spec, color=live, revision=revision)[1:] if o["metadata"]["name"] not in models]
