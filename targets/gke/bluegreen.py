@@ -20,6 +20,7 @@ from targets.gke.promotion_gate import step_promotion_gate
 from targets.gke.release_steps import (
     Release,
     Step,
+    live_color,
     point_preview,
     record,
     step_bring_up,
@@ -59,7 +60,8 @@ def roll_back(r: Release, exc: BaseException) -> str:
                                  replicas=r.observed.colors[r.stable].replicas,
                                  timeout_s=load_timeout_s(spec, r.t.model.params), service=names.service(spec))
             done.append(f"{r.stable} scaled back up")
-        if r.switched:
+        # Where traffic is, read from the cluster: a patch whose reply was lost still moved it.
+        if r.switched or live_color(spec, kubeconfig=r.kubeconfig) == r.candidate:
             stable = r.state(r.stable)
             if not stable.warm:  # never point the live Service at a color with no Ready pods
                 raise FleetError(f"cannot switch back: {r.stable} is not available ({stable.available}/"
@@ -75,6 +77,9 @@ def roll_back(r: Release, exc: BaseException) -> str:
         # The preview never points at a color about to have no pods (argo-rollouts #2641).
         point_preview(spec, kubeconfig=r.kubeconfig, color=r.stable)
         if r.plan.action == "release" and r.touched:
+            if live_color(spec, kubeconfig=r.kubeconfig) == r.candidate:  # never scale the live color down
+                raise FleetError(f"{names.service(spec)} still selects {r.candidate}: it was not scaled down",
+                                 "run rollback_model, or release again") from exc
             done.append(scale_down_color(spec, kubeconfig=r.kubeconfig, color=r.candidate))
         try:
             record(r, "rolled_back" if r.touched or r.live_stopped else "refused", str(exc))

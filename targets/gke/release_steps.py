@@ -155,6 +155,16 @@ def point_preview(spec: DeploymentSpec, *, kubeconfig: str, color: Color) -> Non
 def switch_traffic(spec: DeploymentSpec, *, kubeconfig: str, to: Color, frm: Color, pods: list[str],
                    times: dict[str, float] | None = None) -> str:
     """One checked selector patch (resourceVersion read just before), then the endpoints are ``to``'s pods."""
+    move_selector(spec, kubeconfig=kubeconfig, to=to, frm=frm, times=times)
+    k8s.wait_endpoints(kubeconfig=kubeconfig, namespace=spec.namespace, service=names.service(spec),
+                       pods=set(pods), timeout_s=60)
+    return f"{names.service(spec)}: {frm} → {to} ({len(pods)} pod(s) behind it)"
+
+
+def move_selector(spec: DeploymentSpec, *, kubeconfig: str, to: Color, frm: Color,
+                  times: dict[str, float] | None = None) -> None:
+    """The live Service selects ``to``: one patch guarded by the resourceVersion read just before (none when
+    an earlier attempt or run already moved it)."""
     times = {} if times is None else times
     want, old = names.selector(spec, to), names.selector(spec, frm)
     for attempt in range(SWITCH_ATTEMPTS):
@@ -174,9 +184,13 @@ def switch_traffic(spec: DeploymentSpec, *, kubeconfig: str, to: Color, frm: Col
         except k8s.SelectorConflict:
             if attempt == SWITCH_ATTEMPTS - 1:
                 raise
-    k8s.wait_endpoints(kubeconfig=kubeconfig, namespace=spec.namespace, service=names.service(spec),
-                       pods=set(pods), timeout_s=60)
-    return f"{names.service(spec)}: {frm} → {to} ({len(pods)} pod(s) behind it)"
+
+
+def live_color(spec: DeploymentSpec, *, kubeconfig: str) -> str | None:
+    """The color the live Service selects now, read from the cluster (None: the hold proxy or no Service)."""
+    svc = k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+                         namespace=spec.namespace)
+    return ((svc or {}).get("spec", {}).get("selector") or {}).get(names.COLOR_LABEL)
 
 
 def step_switch(r: Release) -> str:
@@ -192,10 +206,15 @@ def step_switch(r: Release) -> str:
     if len(pods) < state.replicas:
         raise DeployError(f"the preview lists {len(pods)} Ready pod(s) of {state.replicas}", "rerun release_model",
                           reason="NotReady")
-    detail = switch_traffic(spec, kubeconfig=r.kubeconfig, to=r.candidate, frm=r.stable, pods=pods, times=r.times)
+    move_selector(spec, kubeconfig=r.kubeconfig, to=r.candidate, frm=r.stable, times=r.times)
+    # Switched the moment the patch succeeded: if the endpoints check below fails, the rollback must move
+    # traffic back — the candidate is the live color now, and scaling it to 0 would drop the model.
     r.switched = True
     r.times["switched"] = r.times.get(f"switched_to_{r.candidate}", time.time())
     r.candidate_pods = pods
+    k8s.wait_endpoints(kubeconfig=r.kubeconfig, namespace=spec.namespace, service=names.service(spec),
+                       pods=set(pods), timeout_s=60)
+    detail = f"{names.service(spec)}: {r.stable} → {r.candidate} ({len(pods)} pod(s) behind it)"
     if spec.autoscaling:
         k8s.apply_object(kubeconfig=r.kubeconfig, obj=autoscaler(spec, r.candidate))
         r.hpa_moved = True

@@ -343,6 +343,37 @@ def test_post_promotion_failure_switches_back(served, sandbox, sbc):
     assert history(spec)[-1]["result"] == "rolled_back"
 
 
+def test_failed_endpoints_check_after_the_switch_switches_back(served, sandbox, monkeypatch):
+    """The selector patch succeeded, then the live Service's endpoints check failed (endpoint lag, a
+    candidate pod's readiness flapping under full traffic): traffic goes back to the stable color, which
+    keeps its replicas, and the candidate — live for a moment — is scaled down only once it is not live.
+    Failed before the fix: the switch was recorded only after the check, so the rollback left the Service
+    on the candidate and scaled the candidate (the live color) to 0."""
+    from tasks import k8s
+
+    spec = served
+    stable = live(spec)
+    candidate = "green" if stable == "blue" else "blue"
+    replicas = deployment(spec, stable).spec.replicas
+    real, failed = k8s.wait_endpoints, []
+
+    def flaky(**kw):
+        if kw["service"] == spec["name"] and not failed and live(spec) == candidate:
+            failed.append(kw["pods"])
+            raise k8s.EndpointsNotReady(f"Service {spec['name']} endpoints did not converge in 60s", "test")
+        return real(**kw)
+
+    monkeypatch.setattr(k8s, "wait_endpoints", flaky)
+    sha = sandbox.hub.push_revision(MODEL, title="endpoints check fails after the switch")
+    with pytest.raises(Exception, match="endpoints did not converge"):
+        release(spec, revision=sha)
+    assert failed, "the endpoints check after the switch never ran"
+    assert live(spec) == stable
+    assert deployment(spec, stable).spec.replicas == replicas
+    assert deployment(spec, candidate).spec.replicas == 0
+    assert history(spec)[-1]["result"] == "rolled_back"
+
+
 # Before the switch, after it, and (in tests/unit/test_release.py) during the scale-down delay.
 @pytest.mark.parametrize("crash_after", ["bring_up", "switch"])
 def test_killed_at_each_step_then_rerun_converges(served, sandbox, monkeypatch, crash_after):
