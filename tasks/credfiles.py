@@ -42,10 +42,14 @@ def kubeconfig_path(*, project: str, location: str, cluster: str, settings: Sett
     return s.kube_dir / f"{project}_{location}_{cluster}.yaml"
 
 
+def _ca_name(ca_pem: bytes) -> str:
+    return f"ca-{hashlib.sha256(ca_pem).hexdigest()[:32]}.crt"
+
+
 def ca_file(ca_pem: bytes, *, settings: Settings | None = None) -> Path:
     """The CA bundle as a file for urllib3 (it reads a CA from a file only): ``ca-<sha256>.crt`` in the
     credentials directory, 0600, written once per CA (every client of a cluster, every process, reuses it)."""
-    path = (settings or get_settings()).kube_dir / f"ca-{hashlib.sha256(ca_pem).hexdigest()[:32]}.crt"
+    path = (settings or get_settings()).kube_dir / _ca_name(ca_pem)
     try:
         if path.read_bytes() == ca_pem and path.stat().st_mode & 0o777 == 0o600:
             return path
@@ -56,9 +60,28 @@ def ca_file(ca_pem: bytes, *, settings: Settings | None = None) -> Path:
 
 def cluster_credential_files(*, project: str, location: str, cluster: str,
                              settings: Settings | None = None) -> list[Path]:
-    """Every file the product wrote for one cluster (its kubeconfig and any leftover temp copy)."""
+    """Every file the product wrote for one cluster: its kubeconfig, any leftover temp copy, and its CA file
+    unless another cluster's kubeconfig trusts the same CA."""
     path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=settings or get_settings())
-    return [path, path.with_suffix(".tmp"), *path.parent.glob(f".{path.name}.*.tmp")]
+    others = set().union(*(_ca_names(p) for p in path.parent.glob("*.yaml") if p != path))
+    cas = [path.parent / name for name in _ca_names(path) - others]
+    return [path, path.with_suffix(".tmp"), *path.parent.glob(f".{path.name}.*.tmp"), *cas]
+
+
+def _ca_names(kubeconfig: Path) -> set[str]:
+    """The CA files a kubeconfig's clients use (see ca_file)."""
+    import base64
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(kubeconfig.read_text())
+    except (OSError, yaml.YAMLError):
+        return set()
+    if not isinstance(config, dict):
+        return set()
+    return {_ca_name(base64.b64decode(data)) for c in config.get("clusters") or []
+            if (data := (c.get("cluster") or {}).get("certificate-authority-data"))}
 
 
 def remove_cluster_credentials(*, project: str, location: str, cluster: str,

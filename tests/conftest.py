@@ -18,6 +18,23 @@ os.environ.setdefault("LLM_FLEET_POLL_MAX_S", "0.05")
 os.environ.setdefault("LLM_FLEET_OPERATION_TIMEOUT_S", "60")
 os.environ.setdefault("LLM_FLEET_MIN_LOAD_TIMEOUT_S", "3")
 
+# One temp dir per test session, for this process and every one it starts (TMPDIR: xdist workers, the
+# sandbox, Prefect, kubectl): pytest_sessionfinish asserts the suite left nothing in it, and sessions run
+# side by side on one machine never see each other's files. The product's credentials directory is in
+# it too (LLM_FLEET_KUBE_DIR, unless a test sets its own), not the user's home.
+if "LLM_FLEET_TEST_TMPDIR" not in os.environ:
+    import tempfile
+
+    os.environ["LLM_FLEET_TEST_TMPDIR"] = tempfile.mkdtemp(prefix="llm-fleet-tests-")
+    os.environ["LLM_FLEET_TEST_TMPDIR_OWNER"] = str(os.getpid())  # only this process checks and removes it
+    os.chmod(os.environ["LLM_FLEET_TEST_TMPDIR"], 0o711)  # the PostgreSQL harness runs as postgres inside it
+    os.environ["TMPDIR"] = os.environ["LLM_FLEET_TEST_TMPDIR"]
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    os.environ.setdefault("LLM_FLEET_KUBE_DIR", os.path.join(os.environ["TMPDIR"], "kube"))
+# What may stay in it until the session removes it: pytest's own base temp (tmp_path), files a test helper
+# keeps for the whole session (named tests-*), and the credentials directory given to the product.
+SESSION_OWNED = ("pytest-of-", "tests-", "kube")
+
 
 def pytest_collection_modifyitems(config, items):
     """The longest tests (marked ``long``) go first, so with ``-n 2`` one worker starts on them while the
@@ -67,3 +84,21 @@ def sbc(sandbox):
     client.clear_faults()
     client.clear_behaviors()
     client.clear_stockouts()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves nothing in the temp dir (issue 18): what the product, the sandbox or a test left in
+    the session's temp dir fails the run, by name; the dir is removed either way."""
+    import shutil
+
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once all are done
+        return
+    tmp = os.environ.get("LLM_FLEET_TEST_TMPDIR")
+    if not tmp or not os.path.isdir(tmp) or os.environ.get("LLM_FLEET_TEST_TMPDIR_OWNER") != str(os.getpid()):
+        return
+    left = sorted(n for n in os.listdir(tmp) if not n.startswith(SESSION_OWNED))
+    shutil.rmtree(tmp, ignore_errors=True)
+    if left:
+        session.config.get_terminal_writer().line(
+            f"the test session left {len(left)} file(s) in its temp dir: {', '.join(left[:20])}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

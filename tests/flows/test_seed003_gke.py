@@ -135,7 +135,7 @@ def _tutorial_access(spec: dict, api) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             local = s.getsockname()[1]
-        home = tempfile.mkdtemp()
+        home = tempfile.mkdtemp(prefix="tests-kubectl-")
         proc = subprocess.Popen(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={home}/cache", "-n", ns,
                                  "port-forward", f"service/{svc}", f"{local}:{spec['expose']['port']}"],
                                 env={**os.environ, "HOME": home}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

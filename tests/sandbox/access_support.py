@@ -20,7 +20,7 @@ def ca_file(kube: Any) -> str | None:
     tls = getattr(kube, "tls", None)
     if tls is None or not kube.url.startswith("https"):
         return None
-    f = tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False)  # noqa: SIM115 - lives for the test run
+    f = tempfile.NamedTemporaryFile("wb", prefix="tests-ca-", suffix=".crt", delete=False)  # noqa: SIM115 - lives for the test run
     f.write(tls.ca_pem() if callable(tls.ca_pem) else tls.ca_pem)
     f.close()
     return f.name

@@ -146,7 +146,7 @@ def ca_file(kube: Any) -> str:
     """The cluster's CA as a PEM file (urllib3 reads a CA from a file only)."""
     import tempfile
 
-    with tempfile.NamedTemporaryFile("wb", prefix="sandbox-ca-", suffix=".crt", delete=False) as f:
+    with tempfile.NamedTemporaryFile("wb", prefix="tests-sandbox-ca-", suffix=".crt", delete=False) as f:
         f.write(kube.tls.ca_pem)
     return f.name
 

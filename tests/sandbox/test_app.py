@@ -61,7 +61,7 @@ def _kube_core(sb: Sandbox, endpoint: str, ca_b64: str):
 
     from kubernetes import client as k8s
 
-    with tempfile.NamedTemporaryFile("wb", suffix=".crt", delete=False) as f:
+    with tempfile.NamedTemporaryFile("wb", prefix="tests-ca-", suffix=".crt", delete=False) as f:
         f.write(base64.b64decode(ca_b64))
     cfg = k8s.Configuration(host=f"https://{endpoint.removeprefix('https://')}")
     cfg.ssl_ca_cert = f.name

@@ -69,3 +69,24 @@ def test_kube_clients_of_one_cluster_share_its_ca_file_and_leave_nothing_in_the_
         paths.append(clients._kube_client(str(kubeconfig), i, "adc", "").configuration.ssl_ca_cert)
     assert len(set(paths)) == 1 and paths[0].startswith(str(s.kube_dir))
     assert not [n for n in set(os.listdir(tempfile.gettempdir())) - tmp if n.startswith("llm-fleet-ca-")]
+
+
+def test_teardown_removes_a_clusters_ca_file_unless_another_cluster_trusts_the_same_ca(tmp_path):
+    import base64
+
+    from tasks.clients import write_kubeconfig
+    from tasks.credfiles import ca_file
+
+    s = Settings(kube_dir=tmp_path / "kube")
+    mine, shared = b"-----BEGIN CERTIFICATE-----\nA\n", b"-----BEGIN CERTIFICATE-----\nB\n"
+    for cluster, ca in (("a", mine), ("b", shared), ("c", shared)):
+        write_kubeconfig(project="p", location="l", cluster=cluster, endpoint="1.2.3.4",
+                         ca_cert_b64=base64.b64encode(ca).decode(), settings=s)
+        ca_file(ca, settings=s)
+    removed = remove_cluster_credentials(project="p", location="l", cluster="a", settings=s)
+    assert str(ca_file(mine, settings=s)) in removed  # (written again by this call, for the next check)
+    removed = remove_cluster_credentials(project="p", location="l", cluster="b", settings=s)
+    assert not any("ca-" in r for r in removed)  # cluster c still trusts it
+    removed = remove_cluster_credentials(project="p", location="l", cluster="c", settings=s)
+    assert any("ca-" in r for r in removed)
+    assert [p.name for p in s.kube_dir.iterdir()] == [ca_file(mine, settings=s).name]
