@@ -114,6 +114,9 @@ TYPES: list[RType] = [
     # cluster autoscaler (sandbox.gke.autoscaler) reads its priorities
     _t("cloud.google.com", "v1", "computeclasses", "ComputeClass", namespaced=False, short=("cc",),
        subresources=("status",), generation=True, has_status=True),
+    # GKE's BackendConfig CRD (installed on every cluster): a GCE Ingress backend's health check overrides
+    # (sandbox.kube.gcehc reads spec.healthCheck)
+    _t("cloud.google.com", "v1", "backendconfigs", "BackendConfig", generation=True),
     # No monitoring.coreos.com (PrometheusRule, ServiceMonitor): GKE ships only GMP's CRDs; the
     # prometheus-operator CRDs exist only where someone installed them.
     _t("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),

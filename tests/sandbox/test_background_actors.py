@@ -232,3 +232,23 @@ def test_kubelet_probes_drive_readiness_and_restart_a_failing_container(kube):
              timeout=30)
     reasons = {e["reason"] for e in kube.store.list(res.BY_KEY[("", "events")], "default")[0]}
     assert {"Unhealthy", "Killing"} <= reasons
+
+
+def test_a_backendconfig_sets_the_gce_health_check(kube):
+    """GKE's BackendConfig (named by the Service's cloud.google.com/backend-config) overrides what its
+    spec.healthCheck sets, over the readiness probe's and the defaults."""
+    _create(kube, {"apiVersion": "cloud.google.com/v1", "kind": "BackendConfig", "metadata": {"name": "bc"},
+                   "spec": {"healthCheck": {"requestPath": "/ping", "checkIntervalSec": 30, "unhealthyThreshold": 4}}})
+    _create(kube, {"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": "web", "annotations": {"cloud.google.com/backend-config": '{"default": "bc"}'}},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    _create(kube, _pod("w1", {"app": "web"}))
+    _ready(kube, "default", "w1")
+    _create(kube, {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                   "metadata": {"name": "web", "annotations": {"kubernetes.io/ingress.class": "gce"}},
+                   "spec": {"defaultBackend": {"service": {"name": "web", "port": {"number": 80}}}}})
+    hc = wait_for(lambda: (h := kube.ingress.health.health("default", "web")) and h["check"]["source"] ==
+                  "BackendConfig" and h, timeout=20)
+    assert hc["check"] == {"path": "/ping", "interval_s": 30.0, "timeout_s": 2.0, "healthy": 1, "unhealthy": 4,
+                           "source": "BackendConfig"}
+    wait_for(lambda: kube.runtime_servers["w1"].agents("/ping") == {"GoogleHC/1.0"}, timeout=20)
