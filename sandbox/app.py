@@ -552,7 +552,10 @@ class Sandbox:
         def kube_snap(kube: Any, routes: ServicePorts, **extra: Any) -> dict[str, Any]:
             got = snap(kube)
             got = got if isinstance(got, dict) else {"error": "no snapshot"}
-            return {**got, **extra, "service_ports": snap(routes)}
+            # what the cluster does on its own (issue 19): GMP's targets, GCE backends' health, probes sent
+            background = {"endpoint_lag_s": kube.kube_proxy.lag_s, "gmp_targets": kube.gmp.targets(),
+                          "lb_health": kube.ingress.health.snapshot(), "kubelet_probes": kube.prober.probes}
+            return {**got, **extra, "service_ports": snap(routes), "background": background}
 
         with self._kc_lock:
             entries = list(self.cluster_kubes.values())

@@ -169,6 +169,12 @@ class LbHealthChecker:
                     "endpoints": {uid: {"port": e.port, "healthy": e.healthy, "checks": e.checks}
                                   for uid, e in b.endpoints.items()}}
 
+    def snapshot(self) -> Obj:
+        """Every backend's health check and endpoint states, ``"namespace/service"`` -> :meth:`health`."""
+        with self._lock:
+            keys = list(self._backends)
+        return {f"{ns}/{svc}": self.health(ns, svc) for ns, svc in keys}
+
     # ---- backends -------------------------------------------------------------------------------
     def _create(self, namespace: str, service: str) -> _Backend | None:
         svc = self.cluster.store.get(SVCS, namespace, service)

@@ -540,6 +540,8 @@ def test_endpoint_lag_is_set_per_sandbox_and_through_the_client(client, sb):
     assert client.endpoint_lag() == sb.endpoint_lag_s == DEFAULT_DELAYS["endpoint_propagation"] > 0
     try:
         assert client.set_endpoint_lag(7.5) == 7.5 and sb.kube.kube_proxy.lag_s == 7.5
+        background = client.state()["kube"]["background"]  # what the cluster does on its own, in the state
+        assert background["endpoint_lag_s"] == 7.5 and {"gmp_targets", "lb_health", "kubelet_probes"} <= set(background)
         with pytest.raises(SandboxError):
             client.set_endpoint_lag(-1)
     finally:
