@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from manifests import names
@@ -260,6 +261,34 @@ class ReleaseRecord:
 def with_record(history: list[dict[str, Any]], record: ReleaseRecord) -> str:
     """The history annotation value with ``record`` appended (the newest HISTORY_KEEP kept)."""
     return json.dumps((history + [asdict(record)])[-HISTORY_KEEP:], separators=(",", ":"), sort_keys=True)
+
+
+def _started(entry: dict[str, Any] | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str((entry or {}).get("started")))
+    except ValueError:
+        return None
+
+
+def serving_problems(observed: Observed, *, now: datetime, settle: timedelta) -> list[str]:
+    """What check_fleet reports about the colors, read from the cluster: a live color at 0 replicas is not
+    "parked" unless park_model's record says so; a second color with replicas and no release within
+    ``settle`` (a release's load, analyses and scale-down delay) is a stray that costs GPUs."""
+    if observed.parked is not None or observed.live is None:
+        return []
+    out: list[str] = []
+    live = observed.colors[observed.live]
+    if live.replicas == 0:
+        out.append(f"the live Service selects {observed.live}, which has 0 replicas, and no park record says the "
+                   "model is parked: nothing serves it — run wake_model (or rollback_model if the other color "
+                   "is warm)")
+    other = observed.colors[names.other(observed.live)]
+    last = [t for t in (_started(observed.in_flight), *(_started(h) for h in observed.history[-1:])) if t]
+    recent = any(now - (t if t.tzinfo else t.replace(tzinfo=now.tzinfo)) < settle for t in last)
+    if other.replicas > 0 and not recent:
+        out.append(f"stray color {other.color}: {other.replicas} replica(s) beside the live {observed.live} "
+                   "(an interrupted release?) hold GPUs — rollback_model retires it")
+    return out
 
 
 def unpromoted_candidate(observed: Observed) -> Color | None:

@@ -7,9 +7,11 @@ Through the live Service: engine readiness, one smoke prompt and its latency, th
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from manifests import names, park
+from manifests.release import Observed, serving_problems
 from manifests.render import model_deployment
 from manifests.rollout import diagnose
 from manifests.spec import DeploymentSpec
@@ -88,8 +90,14 @@ def probe(spec: DeploymentSpec, kubeconfig: str, check: Check, *, smoke: bool) -
         check.status, check.problems = "unhealthy", [f"the Service selects color {color!r}, which has no Deployment"]
         return
     desired = int(dep["spec"].get("replicas") or 0)
-    if desired == 0:
-        check.status, check.ready = "parked", "0/0"
+    rel = spec.release
+    settle = spec.default_load_timeout() + rel.post_promotion.window + rel.scale_down_delay + timedelta(minutes=10)
+    check.problems += serving_problems(Observed.from_objects(svc, {
+        c: dep if c == color else k8s.get_object.fn(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
+                                                    name=names.deployment(spec, c), namespace=spec.namespace)
+        for c in names.COLORS}), now=datetime.now(UTC), settle=settle)
+    if desired == 0:  # not parked (no park record): nothing serves the model
+        check.status, check.ready = "unhealthy", "0/0"
         return
     check.drift = drift(spec, dep, color)
     api = kube_client(kubeconfig)

@@ -142,3 +142,25 @@ def test_drift_and_metrics_are_reported_without_an_alert(sandbox, sbc, cluster):
     assert row["status"] == "healthy" and "hand edit" in row["drift"] and "env" in row["drift"], row
     assert row["kv_cache"] is not None
     assert len(sbc.slack_messages()) == posted
+
+
+def test_live_color_at_zero_without_a_park_record_is_unhealthy_not_parked(sandbox, sbc, cluster):
+    """What the release bug left behind (the live color scaled to 0 by a failed rollback) is an incident.
+    Failed before the fix: check_fleet reported it as "parked"."""
+    from kubernetes import client
+
+    from flows.check_fleet import check_fleet
+    from flows.deploy_model import deploy_model
+    from tasks.clients import kube_client
+    from tasks.gke import get_credentials
+
+    spec = _in(cluster, spec_dict("qwen2.5-7b-sglang.yaml", name="zeroed", namespace="zeroed"))
+    deploy_model(spec=spec)
+    c = spec["cluster"]
+    apps = client.AppsV1Api(kube_client(get_credentials.fn(project=c["project"], location=c["location"],
+                                                           name=c.get("name", "llm-fleet"))))
+    apps.patch_namespaced_deployment_scale(f"{spec['name']}-blue", "zeroed", {"spec": {"replicas": 0}})
+    row = check_fleet(specs=[spec])["checks"][0]
+    assert row["status"] == "unhealthy", row
+    assert "0 replicas" in row["problems"] and "no park record" in row["problems"]
+    assert _alerts(sbc, spec["name"])

@@ -163,3 +163,41 @@ def test_a_parked_model_is_not_released():
                    {"color": "blue", "parked_at": "2026-12-01T20:00:00Z"})
     plan = plan_release(obs, NEW)
     assert plan.action == "parked" and "wake" in plan.reason and plan.steps == ()
+
+
+def _observed(*, live_replicas: int, other_replicas: int, parked: bool = False, started: str | None = None):
+    from manifests.release import HISTORY_ANNOTATION, PARK_ANNOTATION, Observed
+
+    ann = {HISTORY_ANNOTATION: json.dumps([{"started": started, "result": "promoted"}])} if started else {}
+    if parked:
+        ann[PARK_ANNOTATION] = json.dumps({"parked_at": "2026-01-01T00:00:00+00:00"})
+    svc = {"metadata": {"annotations": ann, "resourceVersion": "1"},
+           "spec": {"selector": {"app.kubernetes.io/instance": "m", "llm-fleet.dev/color": "blue"}}}
+    dep = lambda n: {"metadata": {"annotations": {}}, "spec": {"replicas": n}, "status": {}}  # noqa: E731
+    return Observed.from_objects(svc, {"blue": dep(live_replicas), "green": dep(other_replicas)})
+
+
+def test_serving_problems_live_color_at_zero_is_not_parked_without_a_record():
+    """check_fleet read a live color at 0 replicas as "parked" (the release bug that scaled the live color
+    down then raised no incident). Only park_model's record makes 0 replicas "parked"."""
+    from datetime import UTC, datetime, timedelta
+
+    from manifests.release import serving_problems
+
+    now, settle = datetime(2026, 6, 1, tzinfo=UTC), timedelta(minutes=30)
+    (problem,) = serving_problems(_observed(live_replicas=0, other_replicas=0), now=now, settle=settle)
+    assert "0 replicas" in problem and "no park record" in problem
+    assert serving_problems(_observed(live_replicas=0, other_replicas=0, parked=True), now=now, settle=settle) == []
+    assert serving_problems(_observed(live_replicas=1, other_replicas=0), now=now, settle=settle) == []
+
+
+def test_serving_problems_reports_a_stray_second_color_once_no_release_explains_it():
+    from datetime import UTC, datetime, timedelta
+
+    from manifests.release import serving_problems
+
+    now, settle = datetime(2026, 6, 1, 12, tzinfo=UTC), timedelta(minutes=30)
+    recent, old = (now - timedelta(minutes=5)).isoformat(), (now - timedelta(hours=3)).isoformat()
+    assert serving_problems(_observed(live_replicas=1, other_replicas=1, started=recent), now=now, settle=settle) == []
+    (problem,) = serving_problems(_observed(live_replicas=1, other_replicas=2, started=old), now=now, settle=settle)
+    assert problem.startswith("stray color green: 2 replica(s)")
