@@ -21,8 +21,8 @@ from manifests.spec import AnalysisQuery, DeploymentSpec
 _VLLM = [
     AnalysisQuery(name="requests", query='sum(increase(http_requests_total{{{selector},handler=~"/v1/.*"}}[{window}]))'),
     AnalysisQuery(name="error_rate", max=0.01, min_requests=20,
-                  query='sum(rate(http_requests_total{{{selector},handler=~"/v1/.*",status="5xx"}}[{window}])) / '
-                        'sum(rate(http_requests_total{{{selector},handler=~"/v1/.*"}}[{window}]))'),
+                  query='(sum(rate(http_requests_total{{{selector},handler=~"/v1/.*",status="5xx"}}[{window}])) '
+                        'or vector(0)) / sum(rate(http_requests_total{{{selector},handler=~"/v1/.*"}}[{window}]))'),
     AnalysisQuery(name="p95_latency_s", max_ratio=1.5, min_requests=20,
                   query="histogram_quantile(0.95, sum by (le) "
                         "(rate(vllm:e2e_request_latency_seconds_bucket{{{selector}}}[{window}])))"),
@@ -39,7 +39,7 @@ _VLLM = [
 _TGI = [
     AnalysisQuery(name="requests", query="sum(increase(tgi_request_count{{{selector}}}[{window}]))"),
     AnalysisQuery(name="error_rate", max=0.01, min_requests=20,
-                  query="sum(rate(tgi_request_failure{{{selector}}}[{window}])) / "
+                  query="(sum(rate(tgi_request_failure{{{selector}}}[{window}])) or vector(0)) / "
                         "sum(rate(tgi_request_count{{{selector}}}[{window}]))"),
     AnalysisQuery(name="p95_latency_s", max_ratio=1.5, min_requests=20,
                   query="histogram_quantile(0.95, sum by (le) (rate(tgi_request_duration_bucket{{{selector}}}[{window}])))"),

@@ -3,7 +3,9 @@
 :class:`Behaviors` (also ``POST /sandbox/behaviors`` on the control API) picks the failure mode per pod:
 ``ok``, ``slow_load``, ``crash_loop``, ``oom``, ``image_pull_error``, ``wrong_answers`` (empty text, full
 token count — what a broken dtype looks like once special tokens are skipped), ``http_500`` (every
-generation fails), ``hang`` (generations never answer). A rule matches on namespace, labels, model,
+generation fails), ``hang`` (generations never answer), ``long_prompt_errors`` / ``slow_long_prompts``
+(only prompts of ``LONG_PROMPT_TOKENS`` or more fail with 500 / take 3x as long: a regression real traffic
+meets and short smoke prompts do not). A rule matches on namespace, labels, model,
 name, engine or Hub revision; the first live matching rule wins, and ``count`` limits how many container
 starts it affects. No upstream: this is the sandbox's own fault-injection API.
 """
@@ -18,7 +20,8 @@ from typing import Any
 
 from sandbox.engines.container import ContainerInfo, describe_container
 
-MODES = ("ok", "slow_load", "crash_loop", "oom", "image_pull_error", "wrong_answers", "http_500", "hang")
+MODES = ("ok", "slow_load", "crash_loop", "oom", "image_pull_error", "wrong_answers", "http_500", "hang",
+         "long_prompt_errors", "slow_long_prompts")
 MATCH_KEYS = ("namespace", "labels", "model", "name", "engine", "revision")
 
 

@@ -41,6 +41,8 @@ from sandbox.engines.metrics import (
 )
 from sandbox.engines.text import _IMG, Completion, plan_completion
 
+LONG_PROMPT_TOKENS = 200  # behaviors long_prompt_errors / slow_long_prompts act from this prompt length
+
 if TYPE_CHECKING:
     from sandbox.engines.runtime import ModelRuntime
 
@@ -135,6 +137,7 @@ class PodServer:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.success: dict[str, int] = {}
+        self.http_requests: dict[tuple[str, str, str], int] = {}  # (handler, method, "2xx") -> count
         self.failures = 0
         self.e2e = Histogram(SGLANG_BUCKETS if info.engine == "sglang" else VLLM_LATENCY_BUCKETS)
         self.ttft = Histogram(TTFT_BUCKETS)
@@ -413,20 +416,24 @@ class PodServer:
 
     # ---- serving helpers -------------------------------------------------------------------------
     def request_log(self, method: str, path: str, status: int) -> None:
+        key = (path, method, f"{status // 100}xx")  # prometheus-fastapi-instrumentator groups status codes
+        with self._cond:
+            self.http_requests[key] = self.http_requests.get(key, 0) + 1
         if self.info.engine in ("vllm", "sglang"):
             phrase = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
                       503: "Service Unavailable"}.get(status, "")
             self.log(f'INFO:     10.0.0.1:{40000 + self.requests_served % 20000} - "{method} {path} HTTP/1.1" '
                      f"{status} {phrase}")
 
-    def check_generation(self) -> None:
+    def check_generation(self, c: Completion | None = None) -> None:
         """Apply the behavior to one generation: hang forever, fail with 500, or go on."""
+        long_prompt = c is not None and c.prompt_tokens >= LONG_PROMPT_TOKENS
         if self.mode == "hang":
             stop = self.runtime.faults.stop
             while not (self._stop.is_set() or stop.is_set()):
                 self._stop.wait(0.2)
             raise _Aborted("pod stopped")
-        if self.mode == "http_500":
+        if self.mode == "http_500" or (self.mode == "long_prompt_errors" and long_prompt):
             self.failures += 1
             msgs = {"vllm": "EngineCore encountered an issue. See stack trace (above) for the root cause.",
                     "tgi": "Request failed during generation: Server error: CUDA error: an illegal memory access "
@@ -444,12 +451,15 @@ class PodServer:
     def cloud_latency(self, c: Completion) -> tuple[float, float]:
         """(time to first token, total) in cloud seconds."""
         ttft = c.prompt_tokens / self.runtime.prefill_tokens_per_s + 1 / self.tokens_per_s
-        return ttft, ttft + max(0, c.completion_tokens - 1) / self.tokens_per_s
+        total = ttft + max(0, c.completion_tokens - 1) / self.tokens_per_s
+        if self.mode == "slow_long_prompts" and c.prompt_tokens >= LONG_PROMPT_TOKENS:
+            return ttft * 3, total * 3  # a regression only real (long) prompts meet; smoke prompts are short
+        return ttft, total
 
     @contextlib.contextmanager
     def generation(self, c: Completion) -> Iterator[_Pacer]:
         """Admission (batch slots, waiting queue), pacing and metrics for one generation."""
-        self.check_generation()
+        self.check_generation(c)
         with self._cond:
             if self.max_concurrent is not None and self.running + self.waiting >= self.max_concurrent:
                 raise HttpError(429, "Model is overloaded", reason="overloaded")
@@ -513,6 +523,11 @@ class PodServer:
                   hist=(self.ttft, lb))
             _prom(lines, "vllm:e2e_request_latency_seconds", "histogram",
                   "Histogram of e2e request latency in seconds.", hist=(self.e2e, lb))
+            # vLLM's OpenAI server mounts prometheus-fastapi-instrumentator: every answered request by status class
+            with self._cond:
+                http = sorted(self.http_requests.items())
+            _prom(lines, "http_requests_total", "counter", "Total number of requests by method, status and handler.",
+                  [(f'handler="{p}",method="{m}",status="{st}"', n) for (p, m, st), n in http])
         elif i.engine == "tgi":
             _prom(lines, "tgi_queue_size", "gauge", "Current queue size", [("", self.waiting)])
             _prom(lines, "tgi_batch_current_size", "gauge", "Current batch size", [("", self.running)])

@@ -118,12 +118,14 @@ class ModelRuntime:
         if behavior is None:
             behavior = self.behaviors.take(pod, info)
         fail = None
-        if behavior.mode in ("ok", "slow_load", "wrong_answers", "http_500", "hang") and self.auto_oom:
+        if behavior.mode in ("ok", "slow_load", "wrong_answers", "http_500", "hang",
+                            "long_prompt_errors", "slow_long_prompts") and self.auto_oom:
             shards = max(1, min(info.tensor_parallel, self._gpus(pod)))
             need, have = self.weights_gib(pod, info) / shards, self.gpu_memory_gib(pod, default=0)
             if have and need > have * 0.95:
                 fail = ("oom", f"{need:.1f} GiB of weights per GPU > {have:.1f} GiB")
-        if behavior.mode in ("ok", "slow_load", "wrong_answers", "http_500", "hang"):
+        if behavior.mode in ("ok", "slow_load", "wrong_answers", "http_500", "hang",
+                            "long_prompt_errors", "slow_long_prompts"):
             refused = engine_checks.launch_error(pod, info.engine, gpus=int(self._gpus(pod) or 0),
                                                  model_max_len=self.model_meta(info).get("max_len"))
             if refused:  # the engine exits at start with its own message (sandbox/engines/checks.py)

@@ -11,7 +11,8 @@ cloud.google.com/stackdriver/docs/managed-prometheus/query-api-ui). The sandbox 
 * ``rate`` / ``increase`` (counter resets handled, extrapolated to the window's edges as Prometheus does),
   ``histogram_quantile(φ, …)`` (linear within the bucket, the highest finite bound for the ``+Inf`` one);
 * ``sum|avg|min|max|count [by (…)] (…)``; ``+ - * /`` between scalars and vectors, vectors matched on
-  identical label sets (no ``on``/``ignoring``/``group_left``).
+  identical label sets (no ``on``/``ignoring``/``group_left``); ``or`` and ``vector(s)`` (``… or vector(0)``:
+  a counter that never moved, e.g. no 5xx yet, is 0 rather than no data).
 
 Anything else is a ``bad_data`` error naming what is not supported, as Prometheus does for a parse error.
 """
@@ -110,6 +111,13 @@ class _Parser:
         return node
 
     def expr(self) -> Any:
+        node = self.arith()
+        while self.peek()[1] == "or":
+            self.take()
+            node = Bin("or", node, self.arith())
+        return node
+
+    def arith(self) -> Any:
         node = self.term()
         while self.peek()[1] in ("+", "-"):
             op = self.take()[1]
@@ -155,7 +163,7 @@ class _Parser:
                 self.take()
                 by = self._labels()
             return Call(value, [inner], by or [])
-        if self.peek()[1] == "(" and value in ("rate", "increase", "histogram_quantile"):
+        if self.peek()[1] == "(" and value in ("rate", "increase", "histogram_quantile", "vector"):
             self.take()
             args = [self.expr()]
             while self.peek()[1] == ",":
@@ -165,7 +173,7 @@ class _Parser:
             return Call(value, args)
         if self.peek()[1] == "(":
             raise PromQLError(f'unknown function "{value}" (the sandbox evaluates rate, increase, '
-                              f'histogram_quantile, {", ".join(AGGREGATIONS)})')
+                              f'histogram_quantile, vector, {", ".join(AGGREGATIONS)})')
         sel = Sel(value, [])
         if self.peek()[1] == "{":
             self.take()
@@ -280,6 +288,10 @@ def _apply(op: str, x: float, y: float) -> float:
 
 
 def _binary(op: str, a: float | Vector, b: float | Vector) -> float | Vector:
+    if op == "or":
+        if isinstance(a, float) or isinstance(b, float):
+            raise PromQLError("set operator \"or\" not allowed in binary scalar expression")
+        return {**b, **a}
     if isinstance(a, float) and isinstance(b, float):
         return _apply(op, a, b)
     if isinstance(a, float):
@@ -300,6 +312,11 @@ def _call(node: Call, src: Source, at: float) -> float | Vector:
             if inc is not None:
                 out[_key(labels)] = inc / sel.range_s if node.fn == "rate" else inc
         return out
+    if node.fn == "vector":
+        v = evaluate(node.args[0], src, at)
+        if not isinstance(v, float):
+            raise PromQLError("expected type scalar in call to function \"vector\"")
+        return {(): v}
     if node.fn == "histogram_quantile":
         q = evaluate(node.args[0], src, at)
         vec = evaluate(node.args[1], src, at)
@@ -382,3 +399,44 @@ def gmp_source(collectors: list[Any]) -> Source:
 
 def api_error(message: str) -> dict[str, Any]:
     return {"status": "error", "errorType": "bad_data", "error": message}
+
+
+# ---- the HTTP API itself ----------------------------------------------------------------------------------
+def handle(params: dict[str, str], kind: str, collectors: list[Any]) -> tuple[int, dict[str, Any]]:
+    """One ``/api/v1/query`` or ``/api/v1/query_range`` request over ``collectors`` -> (status, JSON)."""
+    now = min((c.now() for c in collectors), default=0.0)
+    try:
+        src = gmp_source(collectors)
+        if not params.get("query"):
+            raise PromQLError("parameter 'query' is required")
+        if kind == "query":
+            return 200, api_query(params["query"], src, float(params.get("time") or now))
+        step = params.get("step") or "15"
+        return 200, api_query_range(params["query"], src, float(params["start"]), float(params["end"]),
+                                    parse_duration(step) if step[-1:].isalpha() else float(step))
+    except KeyError as exc:
+        return 400, api_error(f"parameter {exc} is required")
+    except (PromQLError, ValueError) as exc:
+        return 400, api_error(str(exc))
+
+
+def serve_query_api(collectors: list[Any], *, project: str = "sandbox-project") -> Any:
+    """A loopback server answering GMP's query paths over ``collectors`` (a lone KubeCluster's; the full
+    sandbox serves the same paths on its control endpoint for every cluster of a project)."""
+    from urllib.parse import parse_qs
+
+    from sandbox.core import JsonHandler, route, serve
+
+    routes: list = []
+    path = r"/v1/projects/(?P<project>[^/]+)/location/global/prometheus/api/v1/(?P<kind>query|query_range)"
+
+    @route(routes, "GET", path)
+    @route(routes, "POST", path)
+    def _q(h: Any, project: str, kind: str) -> Any:
+        params = {k: v[-1] for k, v in parse_qs(h.url.query).items()}
+        if h.command == "POST":
+            params |= {k: v[-1] for k, v in parse_qs(h.body_bytes().decode()).items()}
+        return handle(params, kind, collectors)
+
+    handler = type("GmpQueryHandler", (JsonHandler,), {"service": "monitoring", "routes": routes})
+    return serve(handler, state=None, faults=None)

@@ -29,7 +29,7 @@ def test_default_queries_render_for_one_color_and_window():
     assert [q.name for q in qs][:3] == ["requests", "error_rate", "p95_latency_s"]
     sel = analysis.pod_selector("default", "mistral-green")
     text = analysis.render(qs[1], selector=sel, window_s=60)
-    assert text.startswith('sum(rate(http_requests_total{namespace="default",pod=~"mistral-green-[a-z0-9]+-')
+    assert text.startswith('(sum(rate(http_requests_total{namespace="default",pod=~"mistral-green-[a-z0-9]+-')
     assert "[60s]" in text
     for q in qs:
         promql.parse(analysis.render(q, selector=sel, window_s=30))  # every default parses
@@ -102,3 +102,9 @@ def test_judge_is_inconclusive_with_too_few_requests():
     v = analysis.judge(QS, {"requests": 3, "error_rate": 0.0, "p95_latency_s": 9.0},
                        {"requests": 900, "p95_latency_s": 1.0})
     assert v.inconclusive and not v.passed and not v.failed
+
+
+def test_or_vector_zero_makes_a_counter_that_never_moved_zero():
+    src = _series([("req_total", {"status": "2xx"}, [(1, 0), (60, 60)])])
+    q = '(sum(rate(req_total{status="5xx"}[1m])) or vector(0)) / sum(rate(req_total[1m]))'
+    assert promql.scalar_of(promql.query(q, src, 60)) == 0.0

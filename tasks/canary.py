@@ -1,0 +1,137 @@
+"""The canary's I/O: the HTTPRoute's weights (one checked update each), PromQL through Managed Prometheus'
+query API, and the step loop that judges each step on real traffic (decisions: manifests.canary).
+
+Used by the Gateway release strategy and by ``bench/canary.py``; everything that touches the world comes in
+as an argument (a kubernetes ``ApiClient``, a query function, the smoke check, the clock), so the loop is
+the same on the sandbox and on GKE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from manifests import analysis, canary, gateway
+from manifests.errors import FleetError
+from manifests.names import Color, other
+from manifests.spec import DeploymentSpec
+
+Obj = dict[str, Any]
+GROUP, VERSION = "gateway.networking.k8s.io", "v1"
+QueryFn = Callable[[str, float], "float | None"]
+
+
+class CanaryError(FleetError):
+    """A canary step failed; traffic is back on the live color."""
+
+
+def read_route(api: client.ApiClient, spec: DeploymentSpec) -> Obj:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, spec.namespace, "httproutes", gateway.route_name(spec))
+
+
+def set_weights(api: client.ApiClient, spec: DeploymentSpec, split: dict[Color, int], *, attempts: int = 5) -> Obj:
+    """Write the colors' weights with one update guarded by the resourceVersion just read; a conflict (someone
+    else wrote the route meanwhile) re-reads and retries. Returns the route as stored."""
+    custom = client.CustomObjectsApi(api)
+    for attempt in range(attempts):
+        route = read_route(api, spec)
+        want = canary.with_weights(route, spec, split)
+        if want == route:
+            return route
+        try:
+            return custom.replace_namespaced_custom_object(GROUP, VERSION, spec.namespace, "httproutes",
+                                                           gateway.route_name(spec), want)
+        except ApiException as exc:
+            if exc.status != 409 or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def gmp_query_fn(base_url: str, project: str, *, token: Callable[[], str] | None = None,
+                 http: httpx.Client | None = None) -> QueryFn:
+    """PromQL at ``base_url``/v1/projects/PROJECT/location/global/prometheus/api/v1/query (GMP's API; on GCP
+    base_url is https://monitoring.googleapis.com and ``token`` an ADC access token) -> one value or None."""
+    session = http or httpx.Client(timeout=30)
+
+    def query(text: str, at: float) -> float | None:
+        headers = {"Authorization": f"Bearer {token()}"} if token else {}
+        r = session.post(f"{base_url.rstrip('/')}/v1/projects/{project}/location/global/prometheus/api/v1/query",
+                         data={"query": text, "time": f"{at:.3f}"}, headers=headers)
+        body = r.json()
+        if r.status_code != 200 or body.get("status") != "success":
+            raise CanaryError(f"PromQL query failed ({r.status_code}): {body.get('error', r.text)[:300]}",
+                              f"fix the query in release.analysis: {text}")
+        data = body["data"]
+        if data["resultType"] == "scalar":
+            return float(data["result"][1])
+        return float(data["result"][0]["value"][1]) if len(data["result"]) == 1 else None
+    return query
+
+
+def measure(spec: DeploymentSpec, deployment: str, query: QueryFn, *, window_s: float, at: float
+            ) -> dict[str, float | None]:
+    """Every analysis query of ``spec`` for the pods of ``deployment`` over the window ending at ``at``."""
+    sel = analysis.pod_selector(spec.namespace, deployment)
+    return {q.name: query(analysis.render(q, selector=sel, window_s=window_s), at) for q in analysis.queries(spec)}
+
+
+@dataclass
+class CanaryOutcome:
+    promoted: bool
+    steps: list[canary.StepResult] = field(default_factory=list)
+    failed_step: canary.StepResult | None = None
+
+    def summary(self, total: int) -> str:
+        return "\n".join(s.text(total) for s in self.steps)
+
+
+def run_canary(*, api: client.ApiClient, spec: DeploymentSpec, live: Color, query: QueryFn,
+               smoke: Callable[[], bool], sleep: Callable[[float], None], now: Callable[[], float],
+               on_step: Callable[[canary.Step, str], None] | None = None) -> CanaryOutcome:
+    """Shift the HTTPRoute to the candidate step by step; judge each on the traffic of its window against the
+    live color over the same window. A failed step puts the candidate's weight back to 0 at once."""
+    candidate = other(live)
+    steps = canary.plan(spec)
+    qs = analysis.queries(spec)
+    outcome = CanaryOutcome(promoted=False)
+    for step in steps:
+        set_weights(api, spec, gateway.weights(live, step.weight))
+        if on_step:
+            on_step(step, "weights set")
+        extensions = 0
+        while True:
+            started = now()
+            sleep(step.hold_s)
+            at = now()
+            window = max(1.0, at - started)
+            cand = measure(spec, f"{spec.name}-{candidate}", query, window_s=window, at=at)
+            live_fig = measure(spec, f"{spec.name}-{live}", query, window_s=window, at=at)
+            verdict = analysis.judge(qs, cand, live_fig)
+            smoke_ok = smoke()
+            action = canary.decide(verdict, smoke_ok=smoke_ok, extensions=extensions)
+            result = canary.StepResult(step, verdict, smoke_ok, action, window)
+            outcome.steps.append(result)
+            if on_step:
+                on_step(step, result.text(len(steps)))
+            if action == "hold":
+                extensions += 1
+                continue
+            break
+        if action == "abort":
+            set_weights(api, spec, gateway.weights(live, 0))  # at once: the live color is still warm
+            outcome.failed_step = result
+            return outcome
+    outcome.promoted = True
+    return outcome
+
+
+def wall_sleep(time_scale: float) -> Callable[[float], None]:
+    """Sleep ``cloud`` seconds on a clock scaled by ``time_scale`` (1.0 on GCP)."""
+    return lambda cloud: time.sleep(cloud * time_scale)

@@ -1,0 +1,64 @@
+"""Progressive canary through the Inference Gateway under client load (tasks/canary.run_canary on the sandbox):
+each step's share measured from the pods' own counters, a candidate bad on real traffic only stopped at the
+first step with the live color failing nothing, a good one promoted, nothing dropped across weight changes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tasks import canary as canary_tasks
+from tests.sandbox.gateway_support import GatewayBed, Load, canary_spec
+
+SCALE = 0.01
+
+
+def _run(mode):
+    spec = canary_spec(holds_s=150)
+    bed = GatewayBed(spec, time_scale=SCALE)
+    try:
+        url = bed.deploy("blue", candidate_mode=mode)
+        load = Load(url, spec.model.id, threads=2).start()
+        time.sleep(0.6)
+        shares, base = [], {}
+
+        def on_step(step, text):
+            if text == "weights set":
+                base.update({c: sum(bed.arrivals(c).values()) for c in ("blue", "green")})
+                return
+            got = {c: sum(bed.arrivals(c).values()) - base[c] for c in ("blue", "green")}
+            shares.append((step.weight, 100 * got["green"] / max(1, sum(got.values()))))
+
+        live_before = bed.arrivals("blue").get("5xx", 0)
+        outcome = canary_tasks.run_canary(
+            api=bed.api, spec=spec, live="blue", query=canary_tasks.gmp_query_fn(bed.query_url, "sandbox-project"),
+            smoke=lambda: bed.smoke("green"), sleep=canary_tasks.wall_sleep(SCALE), now=bed.clock.now,
+            on_step=on_step)
+        time.sleep(0.3)
+        load.stop()
+        route = canary_tasks.read_route(bed.api, spec)
+        weights = {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+        return outcome, shares, load, bed.arrivals("blue").get("5xx", 0) - live_before, weights
+    finally:
+        bed.stop()
+
+
+@pytest.mark.long
+def test_good_candidate_reaches_100_with_each_share_as_weighted_and_nothing_dropped():
+    outcome, shares, load, live_5xx, weights = _run(None)
+    assert outcome.promoted, outcome.summary(4)
+    assert [w for w, _ in shares] == [5, 25, 50, 100]
+    assert all(abs(share - w) <= 3 for w, share in shares), shares
+    assert weights == {"mistral-7b-blue": 0, "mistral-7b-green": 100}
+    assert load.failed() == 0 and len(load.results) > 500
+
+
+@pytest.mark.long
+def test_candidate_failing_long_prompts_only_is_stopped_at_the_first_step():
+    outcome, shares, load, live_5xx, weights = _run("long_prompt_errors")
+    assert not outcome.promoted and outcome.failed_step.step.weight == 5
+    assert "error_rate" in outcome.failed_step.verdict.summary() and outcome.failed_step.smoke_ok
+    assert weights == {"mistral-7b-blue": 100, "mistral-7b-green": 0}  # back to 0 at once
+    assert live_5xx == 0
+    assert 0 < load.failed() <= 0.05 * len(load.results)
