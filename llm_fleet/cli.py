@@ -20,8 +20,9 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"✗ {exc}", file=sys.stderr)
             failed += 1
             continue
-        print(f"✓ {path}: {spec.name} — {spec.model.id} on {spec.engine.kind}, "
-              f"{spec.accelerator.count}× {spec.accelerator.type}{' spot' if spec.accelerator.spot else ''}, "
+        gpus = (" → ".join(o.label() for o in spec.capacity_options) if spec.capacity else
+                f"{spec.accelerator.count}× {spec.accelerator.type}{' spot' if spec.accelerator.spot else ''}")
+        print(f"✓ {path}: {spec.name} — {spec.model.id} on {spec.engine.kind}, {gpus}, "
               f"{spec.target}{'' if spec.target != 'gke' else ' ' + spec.cluster.mode}")
         for warning in spec.warnings:
             print(f"  ⚠ {warning}")
@@ -65,7 +66,7 @@ def _webhook(args: argparse.Namespace) -> int:
 def _schedules(args: argparse.Namespace) -> int:
     from flows.park import sync_schedules
 
-    rows = sync_schedules(specs=[str(f) for f in args.spec] or None)
+    rows = sync_schedules(specs=[str(f) for f in args.spec])
     for r in rows:
         print(f"{r['action']:<9} {r['deployment']:<20} {r['schedule']:<40} {r['cron']:<16} {r['timezone']}")
     return 0

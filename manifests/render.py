@@ -53,39 +53,68 @@ def workload_account(spec: DeploymentSpec) -> Obj | None:
             "metadata": _meta(spec, spec.service_account, annotations=ann)}
 
 
+# What a cluster admin applies and the operator may only read (its RBAC, its namespace with the Pod
+# Security labels): a flow re-applies one only when it differs, so the operator needs no write verb on
+# them. The instance label aside: one Role serves every model of the namespace, whichever applied it.
+ADMIN_KINDS = {"Namespace", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+
+
+def admin_object_current(desired: Obj, live: Obj | None) -> bool:
+    """True when ``live`` already grants/labels what ``desired`` does (nothing to apply)."""
+    if live is None or desired.get("kind") not in ADMIN_KINDS:
+        return False
+    if desired["kind"] == "Namespace":
+        have = live.get("metadata", {}).get("labels") or {}
+        return all(have.get(k) == v for k, v in (desired["metadata"].get("labels") or {}).items())
+    return all(desired.get(k) == live.get(k) for k in ("rules", "roleRef", "subjects"))
+
+
 def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
     """What a Prefect worker running as the operator ServiceAccount needs to run every flow (deploy,
     release, park/wake, teardown) in this namespace, and no more; a cluster admin applies it once.
 
     Cluster-scoped reads (the preflight's StorageClass / IngressClass / custom-metrics APIService,
     park's GPU nodes) need a ClusterRole; everything else is a Role in the namespace. Server-side apply
-    of a missing object is authorized as create as well as patch. The operator may re-apply its own
-    RBAC objects (by name only): RBAC lets it, as it already holds every permission they grant.
+    of a missing object is authorized as create as well as patch.
+
+    Least privilege that limits (Kubernetes' RBAC good practices): Secrets only by name — the HF token's
+    and the hold proxy's Prefect credential (``create`` cannot be limited by name in RBAC; ``list``/``watch``
+    would read every Secret); on RBAC objects and the namespace only ``get`` and teardown's ``delete`` of
+    its own, by name — no ``patch`` (a RoleBinding patch binds the Role to anyone, a namespace patch
+    drops the Pod Security labels), no ``create``/``bind``/``escalate``. Those are a cluster admin's,
+    applied once; the flows then leave them be (``admin_object_current``).
     """
+    from manifests.park import PREFECT_AUTH_SECRET
+
     name, ns = names.OPERATOR_ACCOUNT, spec.namespace
     manage = ["get", "list", "create", "patch", "delete"]
     read = ["get", "list", "watch"]
     rules = [
-        {"apiGroups": [""], "resources": ["namespaces"], "resourceNames": [ns], "verbs": ["get", "patch", "delete"]},
-        {"apiGroups": [""], "resources": ["secrets", "configmaps", "services", "serviceaccounts",
-                                          "persistentvolumeclaims"], "verbs": manage},
+        {"apiGroups": [""], "resources": ["namespaces"], "resourceNames": [ns], "verbs": ["get", "delete"]},
+        {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts", "persistentvolumeclaims"],
+         "verbs": manage},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": sorted({spec.secret.name, PREFECT_AUTH_SECRET}),
+         "verbs": ["get", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["services/proxy"], "verbs": ["get", "create"]},  # health, smoke prompts
         {"apiGroups": [""], "resources": ["pods", "endpoints"], "verbs": read},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        # capacity options: where the pods landed and why, from the cluster autoscaler's events
+        *([{"apiGroups": [""], "resources": ["events"], "verbs": ["list"]}] if spec.capacity else []),
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*manage, "watch"]},
         {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
         {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
         {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "networkpolicies"], "verbs": manage},
         {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": manage},
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": manage},  # the hold proxy's
         {"apiGroups": ["monitoring.googleapis.com"], "resources": ["podmonitorings", "rules"], "verbs": manage},
         # The model lock (tasks/locks.py): take, renew and give up the model's Lease. No resourceNames: the
         # Role is shared by every model in the namespace (each has its own Lease), and create cannot be
         # restricted by name in RBAC anyway.
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
-        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["list"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
          "resourceNames": [name, *([playground.ACCOUNT] if spec.expose.playground else [])],
-         "verbs": ["get", "patch", "delete"]},
+         "verbs": ["get", "delete"]},
     ]
     cluster_name = names.operator_cluster_rbac(ns)
     cluster_rules = [
@@ -100,7 +129,7 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
             "resourceNames": [names.compute_class(spec)], "verbs": ["get", "patch", "delete"]}]
           if spec.capacity else []),
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"],
-         "resourceNames": [cluster_name], "verbs": ["get", "patch"]},
+         "resourceNames": [cluster_name], "verbs": ["get", "delete"]},
     ]
     labels = {"app.kubernetes.io/component": "operator"}
     subject = [{"kind": "ServiceAccount", "name": name, "namespace": ns}]

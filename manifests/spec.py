@@ -503,6 +503,8 @@ class DeploymentSpec(_Model):
                    "machine_type": first.get("machine_type"), "spot": first.get("provisioning") == "spot"}
         if isinstance(acc, dict) and "pool" in acc:
             derived["pool"] = acc["pool"]
+        if first.get("name"):  # the first option's pool is the accelerator's pool (park/wake/release read it)
+            derived["pool"] = {**(derived.get("pool") or {}), "name": first["name"]}
         return {**data, "accelerator": derived}
 
     # Cross-field checks: raised as SpecError so the field path is exact.
@@ -633,6 +635,10 @@ class DeploymentSpec(_Model):
         the engine's shards, the weights (when the model id names its size) — the first problem, named."""
         if not self.capacity:
             return
+        if self.cluster.failover_regions:
+            raise SpecError("cluster.failover_regions", "capacity options name zones of the cluster's region; "
+                            "the cluster does not move region when they are stocked out",
+                            "drop failover_regions, and add options (other zones, GPU types, on-demand) instead")
         names_seen: dict[str, int] = {}
         hint = params_hint(self.model.id)
         for i, opt in enumerate(self.capacity):
@@ -897,3 +903,10 @@ def resolve_gke_spec(spec: DeploymentSpec | str | Path | dict[str, Any], *, flow
                         "target: vertex runs through deploy_model, release_model, park_model/wake_model and "
                         "teardown (Vertex AI provisions the machines: there is no cluster step)")
     return spec
+
+
+def with_revision(spec: DeploymentSpec, revision: str | None) -> DeploymentSpec:
+    """The spec with ``model.revision`` replaced (a deploy or release of a given commit, branch or tag)."""
+    if not revision:
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"revision": revision})})

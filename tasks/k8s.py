@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from manifests.errors import DeployError, FleetError
 from manifests.names import FIELD_MANAGER
+from manifests.render import admin_object_current
 from manifests.rollout import TEMPLATE_HASH, Progress, diagnose, new_replicaset, rollout_progress
 from tasks.clients import kube_client
 from tasks.fencing import fence
@@ -36,6 +37,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "Node"): ("nodes", False),
     ("v1", "Endpoints"): ("endpoints", True),
     ("apps/v1", "Deployment"): ("deployments", True),
+    ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
     ("networking.k8s.io/v1", "Ingress"): ("ingresses", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
@@ -109,13 +111,17 @@ def apply_object(*, kubeconfig: str | None, obj: dict[str, Any]) -> Applied:
         if exc.status != 404:
             raise
         live = None
-    # Drift is only a difference in an object we applied before: a first apply onto something that
-    # already exists (a fresh cluster's `default` namespace, an object made by hand) adopts it quietly.
+    if admin_object_current(obj, live):  # RBAC / the namespace: an admin's; the operator may not write them
+        return Applied(obj["kind"], meta["name"], "unchanged", [])
+    # Drift is a field we set that someone else changed since (a hand edit): the API server's managedFields
+    # give it to that writer. What we change ourselves (a release's new template, an older spec's values)
+    # is no drift. A first apply onto something that exists (a fresh cluster's `default` namespace, an
+    # object made by hand) adopts it quietly.
     ours = live is not None and any(m.get("manager") == FIELD_MANAGER
                                     for m in live["metadata"].get("managedFields") or [])
-    changed = _diff({k: v for k, v in obj.items() if k in ("metadata", "spec", "data", "rules", "roleRef",
-                                                             "subjects")}, live) if ours else []
-    changed = [c for c in changed if not c.startswith("metadata.namespace")]
+    desired = {k: v for k, v in obj.items() if k in ("metadata", "spec", "data", "rules", "roleRef", "subjects")}
+    edits = _foreign_edits(desired, live) if ours else {}
+    changed = sorted(edits)
     result = _call(api, "PATCH", path, body=obj, content_type="application/apply-patch+yaml",
                    query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
     if live is None:
@@ -124,10 +130,38 @@ def apply_object(*, kubeconfig: str | None, obj: dict[str, Any]) -> Applied:
         action = "unchanged"
     else:
         action = "configured"
-    if changed and live is not None:
-        logger().warning("%s/%s differed from the spec at %s (hand edit or older spec): reapplied",
-                                 obj["kind"], meta["name"], ", ".join(changed[:5]))
+    if changed:
+        logger().warning("%s/%s: %s changed by %s since llm-fleet applied it (a hand edit): reapplied",
+                         obj["kind"], meta["name"], ", ".join(changed[:5]),
+                         ", ".join(sorted({edits[c] for c in changed})))
     return Applied(obj["kind"], meta["name"], action, changed)
+
+
+def _owned(fields: dict[str, Any], desired: Any, prefix: str) -> list[str]:
+    """The paths of ``desired`` (our object) that a managedFields ``fieldsV1`` tree owns; a list is a leaf."""
+    out: list[str] = []
+    for key, sub in (fields or {}).items():
+        if not key.startswith("f:") or not isinstance(desired, dict) or key[2:] not in desired:
+            continue
+        path, value = f"{prefix}.{key[2:]}" if prefix else key[2:], desired[key[2:]]
+        if isinstance(value, dict) and sub:
+            out += _owned(sub, value, path) or ([path] if "." in sub else [])
+        else:
+            out.append(path)
+    return out
+
+
+def _foreign_edits(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, str]:
+    """Fields of ``desired`` another writer owns now (path -> its field manager): not ours, not a
+    subresource (the HPA's scale, a controller's status)."""
+    out: dict[str, str] = {}
+    for m in live["metadata"].get("managedFields") or []:
+        if m.get("manager") == FIELD_MANAGER or m.get("subresource"):
+            continue
+        for path in _owned(m.get("fieldsV1") or {}, desired, ""):
+            if not path.startswith(("metadata.namespace", "metadata.name")):
+                out[path] = m.get("manager") or "?"
+    return out
 
 
 @task(**task_retries())
@@ -230,8 +264,9 @@ def patch_service_selector(*, kubeconfig: str | None, namespace: str, name: str,
                                    "another release moved it or someone edited the Service; rerun release_model")
         resource_version = resource_version or live["metadata"]["resourceVersion"]
     body = {"metadata": {"resourceVersion": resource_version}, "spec": {"selector": selector}}
-    try:
-        patched = _call(api, "PATCH", path, body=body, content_type="application/merge-patch+json")
+    try:  # as llm-fleet (its field manager): the next apply must not take our own switch for a hand edit
+        patched = _call(api, "PATCH", path, body=body, content_type="application/merge-patch+json",
+                        query=[("fieldManager", FIELD_MANAGER)])
     except ApiException as exc:
         if exc.status == 409:
             raise SelectorConflict(f"Service {name} changed since it was read (resourceVersion "
@@ -249,7 +284,8 @@ def annotate(*, kubeconfig: str | None, api_version: str, kind: str, name: str, 
     """Merge-patch annotations (None removes one): the product's records live on the cluster itself."""
     fence(namespace)
     return _call(kube_client(kubeconfig), "PATCH", object_path(api_version, kind, name, namespace),
-                 body={"metadata": {"annotations": annotations}}, content_type="application/merge-patch+json")
+                 body={"metadata": {"annotations": annotations}}, content_type="application/merge-patch+json",
+                 query=[("fieldManager", FIELD_MANAGER)])
 
 
 @task(**task_retries())

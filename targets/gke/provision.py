@@ -17,6 +17,7 @@ from manifests.errors import DriftError, PreflightError, QuotaError, StockoutErr
 from manifests.fleet import SpecPath
 from manifests.render import adapter_metric
 from manifests.spec import DeploymentSpec, resolve_gke_spec
+from targets.gke.capacity import capacity_for
 from tasks import cluster_checks, compute, gke
 from tasks.report import Report, artifact_key
 
@@ -75,6 +76,7 @@ def preflight(spec: DeploymentSpec, *, location: str, cluster: dict[str, Any] | 
     else:
         report.checks.append(regional[0])
     report.checks.append(prov.check_quota(spec, compute.get_project_gpu_quota(project=c.project), need=need))
+    capacity_for(spec).preflight(spec, report)  # capacity options: quota and zones per option instead
     return report
 
 
@@ -131,9 +133,10 @@ def ensure_gpu_pool(spec: DeploymentSpec, *, location: str, zone: str) -> dict[s
     return pool
 
 
-def remove_pool(spec: DeploymentSpec, *, location: str) -> None:
+def remove_pool(spec: DeploymentSpec, *, location: str, name: str | None = None) -> None:
     c = spec.cluster
-    op = gke.delete_node_pool(project=c.project, location=location, cluster=c.name, name=spec.accelerator.pool.name)
+    op = gke.delete_node_pool(project=c.project, location=location, cluster=c.name,
+                              name=name or spec.accelerator.pool.name)
     if op is not None:
         gke.wait_operation(project=c.project, location=location, operation=op)
 
@@ -147,18 +150,25 @@ def remove_cluster(spec: DeploymentSpec, *, location: str) -> None:
 
 def provision_with_failover(spec: DeploymentSpec, *, location: str, candidates: list[tuple[str, str]],
                             attempts: list[dict[str, str]]) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-    """Cluster + pool, walking the (region, zone) candidates on ZONE_RESOURCE_POOL_EXHAUSTED.
+    """Cluster + pool(s): the single pool walks the (region, zone) candidates on ZONE_RESOURCE_POOL_EXHAUSTED
+    (a failed zone's ERROR pool is deleted before the next try; a cluster this run created in a region it
+    then leaves is deleted too, so nothing is left behind in the first region); capacity options get one
+    empty pool each behind their ComputeClass (targets/gke/capacity.py)."""
+    c = spec.cluster
+    if c.mode == "autopilot":
+        cluster, _ = ensure_cluster(spec, location=location, zones=[])
+        return location, cluster, None
+    return capacity_for(spec).provision(spec, location=location, candidates=candidates, attempts=attempts,
+                                        walk=walk_zones, ensure=ensure_cluster)
 
-    A failed zone's ERROR pool is deleted before the next try; a cluster this run created in a region
-    it then leaves is deleted too, so nothing is left behind in the first region.
-    """
+
+def walk_zones(spec: DeploymentSpec, *, location: str, candidates: list[tuple[str, str]],
+               attempts: list[dict[str, str]]) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """The single GPU pool, created zone by zone (then region by region) until one is not stocked out."""
     c = spec.cluster
     by_region: dict[str, list[str]] = {}
     for region, zone in candidates:
         by_region.setdefault(region, []).append(zone)
-    if c.mode == "autopilot":
-        cluster, _ = ensure_cluster(spec, location=location, zones=[])
-        return location, cluster, None
     for region, zones in by_region.items():
         loc = location if region == c.region else region
         cluster, created = ensure_cluster(spec, location=loc, zones=zones)

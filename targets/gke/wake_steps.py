@@ -18,9 +18,11 @@ from prefect import get_run_logger
 from manifests import names
 from manifests import park as P
 from manifests.errors import FleetError
+from targets.gke.capacity import capacity_for
 from targets.gke.park_steps import Run, apply_pool, live_service, read_pool
 from targets.gke.serving import load_timeout_s, scaled, smoke, wait_until_answering
 from tasks import k8s, schedules
+from tasks.report import artifact_key
 from tasks.settings import get_settings
 
 
@@ -32,19 +34,22 @@ def wake(run: Run) -> dict[str, Any]:
         retired = _retire_hold_proxy(run, settle_s=0.0, quiet=True)  # a wake killed after its switch
         return {"name": spec.name, "woken": False, "changed": ["hold proxy to 0"] if retired else [],
                 "outcome": f"{spec.name} is not parked: nothing to do"}
+    way = capacity_for(spec)
     with report.step("Restore what park changed on the GPU pool") as step:
         if record.pool is None:
             step.detail = "Autopilot: nodes come with the pods"
         else:
             plan, done = apply_pool(spec, kubeconfig=kubeconfig, location=run.location,
                                     now=read_pool(spec, kubeconfig, run.location),
-                                    plan_for=lambda now: P.plan_wake_pool(record, now))
+                                    plan_for=lambda now: way.wake_pool_plan(record, now))
             step.detail = "; ".join(done + [plan.note])
     with report.step("Restore the replicas") as step:
         k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
         k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
                              name=names.deployment(spec, record.color), replicas=record.replicas)
         step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}"
+    way.wait_for_nodes(spec, kubeconfig=kubeconfig, color=record.color, timeout_s=load_timeout_s(spec, None),
+                       report=report)
     with report.step("Wait until the model answers and passes the smoke prompts") as step:
         ready = wait_until_answering(spec, kubeconfig=kubeconfig, color=record.color, replicas=record.replicas,
                                      timeout_s=load_timeout_s(spec, None), service=P.awake_service_name(spec))
@@ -60,6 +65,8 @@ def wake(run: Run) -> dict[str, Any]:
         k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
                      namespace=spec.namespace, annotations={P.PARK_RECORD: None, P.ACTIVITY: None})
         step.detail = f"{names.service(spec)} → {record.color}"
+    way.report_placement(spec, kubeconfig=kubeconfig, color=record.color, report=report,
+                         key=artifact_key("wake", spec.name))
     _retire_hold_proxy(run, settle_s=scaled(spec.release.scale_down_delay.total_seconds()))
     # Real seconds: Prefect schedules fire on the wall clock, also against the (time-scaled) sandbox.
     history = schedules.record_wake(spec, took)

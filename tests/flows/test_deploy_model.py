@@ -88,6 +88,8 @@ def managed_objects(spec: dict) -> set[tuple[str, str]]:
                                 ("monitoring.googleapis.com", "rules", "Rules")]:
         items = custom.list_namespaced_custom_object(group, "v1", ns, plural, label_selector=sel)["items"]
         found |= {(kind, o["metadata"]["name"]) for o in items}
+    classes = custom.list_cluster_custom_object("cloud.google.com", "v1", "computeclasses", label_selector=sel)
+    found |= {("ComputeClass", o["metadata"]["name"]) for o in classes["items"]}  # capacity options (seed 004)
     return found
 
 

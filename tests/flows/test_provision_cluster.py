@@ -151,8 +151,17 @@ def test_accelerator_missing_in_zone_fails_before_anything_exists(sbc):
     assert offered  # the catalogue is real data, not empty
 
 
+def _single_spot_pool(**overrides) -> dict:
+    """Seed 004 as one spot pool (no capacity list) with a failover region: provision's own zone walk."""
+    spec = spec_dict("mistral-7b-vllm-spot.yaml", **overrides)
+    first = spec.pop("capacity")[0]
+    spec["accelerator"].update({"type": first["gpu"], "machine_type": first["machine_type"], "spot": True})
+    spec["cluster"]["failover_regions"] = ["us-east1"]
+    return spec
+
+
 def test_stockout_fails_over_to_next_zone(sbc):
-    spec = spec_dict("mistral-7b-vllm-spot.yaml", accelerator__pool__min_nodes=1)
+    spec = _single_spot_pool(accelerator__pool__min_nodes=1)
     project = spec["cluster"]["project"]
     sbc.set_stockout(zone="us-central1-a", on=True)
     try:
@@ -227,7 +236,7 @@ def test_pool_drift_is_updated_where_gke_allows_and_refused_otherwise(sbc):
 
 
 def test_every_zone_stocked_out_moves_to_the_failover_region(sbc):
-    spec = spec_dict("mistral-7b-vllm-spot.yaml", accelerator__pool__min_nodes=1)
+    spec = _single_spot_pool(accelerator__pool__min_nodes=1)
     project = spec["cluster"]["project"]
     for zone in ("us-central1-a", "us-central1-b"):
         sbc.set_stockout(zone=zone, on=True)

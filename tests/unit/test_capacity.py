@@ -104,3 +104,73 @@ def test_preflight_says_which_options_are_usable_now():
     quotas["NVIDIA_L4_GPUS"] = QuotaReading("NVIDIA_L4_GPUS", "us-central1", 1, 1)
     check, _ = check_options(spec, quotas=quotas, offered=offered)
     assert not check.ok and "raise a quota" in check.fix
+
+
+# ---- which option served, read from the cluster (manifests/capacity.py) ------------------------------
+
+def _pod(name: str, node: str | None = None) -> dict:
+    return {"metadata": {"name": name}, "spec": {"nodeName": node} if node else {}}
+
+
+def _ev(pod: str, reason: str, message: str, t: str) -> dict:
+    return {"involvedObject": {"name": pod}, "reason": reason, "message": message, "lastTimestamp": t}
+
+
+def _mig(pool: str, zone: str) -> str:
+    return (f"{{https://www.googleapis.com/compute/v1/projects/p/zones/{zone}/instanceGroups/"
+            f"gke-llm-fleet-{pool}-0af51b58-grp 0->1 (max: 2)}}")
+
+
+def test_placement_names_the_option_that_served_and_why_better_ones_were_skipped():
+    from manifests.capacity import placement
+
+    spec = _spec()
+    out = "GCE out of resources (ZONE_RESOURCE_POOL_EXHAUSTED)"
+    events = [
+        _ev("m-1", "TriggeredScaleUp", f"pod triggered scale-up: [{_mig('gpu-pool', 'us-central1-a')}]", "t1"),
+        _ev("m-1", "FailedScaleUp", f"Node scale up in zones us-central1-a associated with this pod failed: {out}. "
+            "Pod is at risk of not being scheduled.", "t2"),
+        _ev("m-1", "TriggeredScaleUp", f"pod triggered scale-up: [{_mig('gpu-pool', 'us-central1-b')}]", "t3"),
+        _ev("m-1", "FailedScaleUp", f"Node scale up in zones us-central1-b associated with this pod failed: {out}. "
+            "Pod is at risk of not being scheduled.", "t4"),
+        _ev("m-1", "TriggeredScaleUp", f"pod triggered scale-up: [{_mig('gpu-pool-1', 'us-central1-a')}]", "t5"),
+        _ev("other", "FailedScaleUp", "Node scale up in zones us-central1-c associated with this pod failed: x.", "t6"),
+    ]
+    found = placement(spec, pods=[_pod("m-1", "n1")], node_pools={"n1": "gpu-pool-1"}, events=events)
+    assert [o.served for o in found.options] == [0, 1, 0]
+    assert found.options[0].refused == [f"us-central1-a: {out}", f"us-central1-b: {out}"]
+    assert not found.exhausted
+    assert found.summary() == (
+        "served by option 1 (1× nvidia-l4 on-demand in us-central1-a, us-central1-b, pool gpu-pool-1) — a fallback; "
+        f"option 0 (1× nvidia-l4 spot in us-central1-a, us-central1-b) skipped: us-central1-a: {out}; "
+        f"us-central1-b: {out}")
+
+
+def test_placement_sees_when_every_option_is_exhausted():
+    from manifests.capacity import CapacityExhausted, exhausted_error, placement
+
+    spec = _spec()
+    events = [_ev("m-1", "TriggeredScaleUp", f"pod triggered scale-up: [{_mig('gpu-pool-2', 'us-central1-b')}]", "t1"),
+              _ev("m-1", "NotTriggerScaleUp", "pod didn't trigger scale-up: 3 in backoff after failed scale-up", "t2")]
+    found = placement(spec, pods=[_pod("m-1")], node_pools={}, events=events)
+    assert found.pending == 1 and found.exhausted
+    err = exhausted_error(spec, found)
+    assert isinstance(err, CapacityExhausted)
+    assert "option 0 (1× nvidia-l4 spot" in str(err) and "option 2 (1× nvidia-tesla-a100 on-demand" in str(err)
+    # a scale-up after the backoff (capacity back) is not exhaustion
+    events.append(_ev("m-1", "TriggeredScaleUp", f"pod triggered scale-up: [{_mig('gpu-pool', 'us-central1-a')}]",
+                      "t3"))
+    assert not placement(spec, pods=[_pod("m-1")], node_pools={}, events=events).exhausted
+    # pods that fit no pool at all are not a capacity problem
+    odd = [_ev("m-1", "NotTriggerScaleUp", "pod didn't trigger scale-up: 3 node(s) didn't match Pod's node "
+               "affinity/selector", "t9")]
+    assert not placement(spec, pods=[_pod("m-1")], node_pools={}, events=odd).exhausted
+
+
+def test_each_option_is_priced_so_a_fallback_shows_its_surcharge():
+    from manifests.prices import load_prices, option_rates
+
+    spec = _spec(capacity=[L4_SPOT, L4_OD, {**L4_OD, "provisioning": "flex-start"}, A100_OD])
+    rows = option_rates(load_prices(), spec)
+    assert [r["usd_per_node_hour"] for r in rows] == [0.34, 0.85, 0.40, 3.67]
+    assert [r["vs_first_pct"] for r in rows] == [0.0, 150.0, 17.6, 979.4]

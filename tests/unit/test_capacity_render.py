@@ -78,6 +78,13 @@ def test_autopilot_gets_the_class_alone():
     assert pod["nodeSelector"] == {names.COMPUTE_CLASS_LABEL: "m7b-vllm"} and "tolerations" not in pod
 
 
+def test_seed_004_bundles_a_capacity_list_with_an_on_demand_fallback():
+    spec = parse_spec(yaml.safe_load(SEED_004.read_text()))
+    provs = [o.provisioning for o in spec.capacity_options]
+    assert provs[0] == "spot" and "on-demand" in provs[1:]
+    assert compute_class(spec) is not None
+
+
 def test_unchanged_single_accelerator_specs_render_no_class():
     for path in (Path(__file__).parents[2] / "deployments").glob("*.yaml"):
         data = yaml.safe_load(path.read_text())

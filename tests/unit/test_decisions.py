@@ -12,7 +12,11 @@ from manifests.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMMA = load_spec(ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml")
-MISTRAL = load_spec(ROOT / "deployments/mistral-7b-vllm-spot.yaml")
+SEED_004 = load_spec(ROOT / "deployments/mistral-7b-vllm-spot.yaml")
+# Seed 004 as one spot pool with a failover region (the single-pool zone walk; the bundled spec has a
+# capacity list, tests/unit/test_capacity.py)
+MISTRAL = parse_spec({**SEED_004.model_dump(mode="json", exclude={"capacity"}, by_alias=True),
+                      "cluster": {**SEED_004.cluster.model_dump(mode="json"), "failover_regions": ["us-east1"]}})
 
 
 def test_quota_short_names_metric_region_missing_and_fix():

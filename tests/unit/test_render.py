@@ -17,7 +17,7 @@ from manifests.spec import SpecError, load_spec, parse_spec
 ROOT = Path(__file__).resolve().parents[2]
 GKE_SPECS = [p for p in sorted((ROOT / "deployments").glob("*.yaml")) if load_spec(p).target == "gke"]
 K8S_VERSION = "1.33.0"
-CRD_GROUPS = ("monitoring.googleapis.com/", "monitoring.coreos.com/")
+CRD_GROUPS = ("cloud.google.com/", "monitoring.googleapis.com/", "monitoring.coreos.com/")
 
 
 def by_kind(objs, kind):
@@ -144,7 +144,11 @@ def test_seed_004_mistral_vllm_spot():
     assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert "--model=mistralai/Mistral-7B-v0.1" in c["args"] and "--gpu-memory-utilization=0.95" in c["args"]
     assert "--trust-remote-code" in c["args"]
-    assert pod["nodeSelector"]["cloud.google.com/gke-spot"] == "true"
+    # spot L4 first, on-demand L4 when spot is gone: the pods select the spec's ComputeClass
+    assert pod["nodeSelector"] == {names.COMPUTE_CLASS_LABEL: names.compute_class(load_spec(
+        ROOT / "deployments/mistral-7b-vllm-spot.yaml"))}
+    (cc,) = by_kind(objs, "ComputeClass")
+    assert [r.get("spot", False) for r in cc["spec"]["priorities"]] == [True, False]
     assert pod["serviceAccountName"] == "vllm"
     (sa,) = [o for o in by_kind(objs, "ServiceAccount") if o["metadata"]["name"] == "vllm"]
     assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith("gserviceaccount.com")

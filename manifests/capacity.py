@@ -1,0 +1,125 @@
+"""Which capacity option served a model's pods, and why the better ones were skipped — read from what the
+cluster says (the pods' nodes, the cluster autoscaler's events), decided here without I/O.
+
+The cluster autoscaler tells each pod it could not place why (GKE, as upstream):
+``FailedScaleUp`` "Node scale up in zones Z associated with this pod failed: GCE out of resources …",
+``NotTriggerScaleUp`` "pod didn't trigger scale-up: 3 in backoff after failed scale-up, …",
+``TriggeredScaleUp`` "pod triggered scale-up: [{…/instanceGroups/MIG 0->1 (max: 2)}]".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from manifests.errors import FleetError
+from manifests.spec import DeploymentSpec
+
+POOL_LABEL = "cloud.google.com/gke-nodepool"
+_FAILED = re.compile(r"Node scale up in zones (?P<zones>\S+) associated with this pod failed: (?P<why>[^.]+)\.")
+_NOT_TRIGGERED = re.compile(r"pod didn't trigger scale-up: (?P<why>.*)$")
+
+
+class CapacityExhausted(FleetError):
+    """Every capacity option refused a node: nothing started, nothing is paid for."""
+
+
+@dataclass
+class OptionOutcome:
+    index: int
+    label: str
+    pool: str
+    served: int = 0  # pods running on it
+    refused: list[str] = field(default_factory=list)  # "us-central1-a: GCE out of resources (…)"
+
+
+@dataclass
+class Placement:
+    """Where a color's pods run, per capacity option, and what the autoscaler said about the others."""
+    options: list[OptionOutcome]
+    pending: int = 0
+    # the autoscaler's latest word on these pods: "" (none), "triggered", or a NotTriggerScaleUp reason
+    last_decision: str = ""
+
+    @property
+    def served_by(self) -> list[OptionOutcome]:
+        return [o for o in self.options if o.served]
+
+    @property
+    def exhausted(self) -> bool:
+        """Pods wait and the autoscaler has no option left to try (every one refused or at its maximum)."""
+        why = self.last_decision
+        return self.pending > 0 and not self.served_by and bool(
+            re.search(r"in backoff after failed scale-up|max node group size reached", why)) and not re.search(
+            r"didn't match|Insufficient|untolerated", why)
+
+    def summary(self) -> str:
+        """One line for Slack: who served, why the better options were skipped."""
+        best = min((o.index for o in self.served_by), default=None)
+        parts = []
+        if best is not None:
+            o = self.options[best]
+            parts.append(f"served by option {o.index} ({o.label}, pool {o.pool})"
+                         + ("" if best == 0 else " — a fallback"))
+        for o in self.options[: best if best is not None else len(self.options)]:
+            if o.refused:
+                parts.append(f"option {o.index} ({o.label}) skipped: {'; '.join(dict.fromkeys(o.refused))}")
+            elif best is not None:
+                parts.append(f"option {o.index} ({o.label}) skipped: no scale-up reached it")
+        if best is None and self.pending:
+            parts.append(f"{self.pending} pod(s) waiting for a node")
+        return "; ".join(parts) or "no pods"
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"option": o.index, "what": o.label, "pool": o.pool, "pods": o.served,
+                 "refused": "; ".join(dict.fromkeys(o.refused)) or "-"} for o in self.options]
+
+
+def placement(spec: DeploymentSpec, *, pods: list[dict[str, Any]], node_pools: dict[str, str],
+              events: list[dict[str, Any]]) -> Placement:
+    """``pods``: a color's pods; ``node_pools``: node name -> its pool (the ``gke-nodepool`` label);
+    ``events``: the namespace's events (only those about ``pods`` count), oldest first."""
+    opts = spec.capacity_options
+    by_pool = {spec.option_pool(i): i for i in range(len(opts))}
+    out = [OptionOutcome(i, o.label(), spec.option_pool(i)) for i, o in enumerate(opts)]
+    names = {p["metadata"]["name"] for p in pods}
+    pending = 0
+    for p in pods:
+        if (p.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        node = (p.get("spec") or {}).get("nodeName")
+        if node and node_pools.get(node) in by_pool:
+            out[by_pool[node_pools[node]]].served += 1
+        elif not node:
+            pending += 1
+    migs = {i: re.compile(rf"/zones/(?P<zone>[^/]+)/instanceGroups/gke-{re.escape(spec.cluster.name[:14].rstrip('-'))}-"
+                          rf"{re.escape(out[i].pool[:14].rstrip('-'))}-[0-9a-f]{{8}}-grp ") for i in range(len(out))}
+    tried: dict[int, list[str]] = {}
+    refusals: dict[str, str] = {}  # zone -> the autoscaler's reason
+    last = ""
+    for ev in sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("firstTimestamp") or ""):
+        if (ev.get("involvedObject") or {}).get("name") not in names:
+            continue
+        msg = ev.get("message") or ""
+        if ev.get("reason") == "TriggeredScaleUp":
+            last = "triggered"
+            for i, rx in migs.items():
+                tried.setdefault(i, []).extend(m.group("zone") for m in rx.finditer(msg))
+        elif ev.get("reason") == "FailedScaleUp" and (m := _FAILED.search(msg)):
+            for zone in m.group("zones").split(","):
+                refusals[zone] = m.group("why")
+        elif ev.get("reason") == "NotTriggerScaleUp" and (m := _NOT_TRIGGERED.search(msg)):
+            last = m.group("why")
+    for i, zones in tried.items():
+        if not out[i].served:
+            out[i].refused = [f"{z}: {refusals[z]}" for z in dict.fromkeys(zones) if z in refusals]
+    return Placement(out, pending, last)
+
+
+def exhausted_error(spec: DeploymentSpec, found: Placement) -> CapacityExhausted:
+    tried = "; ".join(f"option {o.index} ({o.label}): {'; '.join(dict.fromkeys(o.refused)) or 'not reached'}"
+                      for o in found.options)
+    return CapacityExhausted(f"no capacity option could start a node for {spec.name} — {tried}",
+                             "add an option (another zone, GPU type or provisioning) to capacity:, raise the "
+                             "quota named above, or retry later; the model stays parked meanwhile")
