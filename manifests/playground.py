@@ -92,7 +92,11 @@ def deployment(spec: DeploymentSpec) -> Obj:
     selector = {"app.kubernetes.io/instance": spec.name, "app.kubernetes.io/component": "playground"}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec),
-        "spec": {"replicas": 1, "selector": {"matchLabels": selector},
+        "spec": {"replicas": 1,
+                 # As the hold proxy's: the flow's own wait is the bound (and the sandbox runs the page as a real
+                 # process whose start is not time-scaled like the Deployment's deadline).
+                 "progressDeadlineSeconds": 3600,
+                 "selector": {"matchLabels": selector},
                  "template": {"metadata": {"labels": {**labels(spec), **selector}},
                               "spec": {"serviceAccountName": ACCOUNT, "containers": [container],
                                        "securityContext": pod_sc}}},

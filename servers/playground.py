@@ -9,7 +9,7 @@ under ``$PLAYGROUND_BASE`` (``/`` by default; ``/playground`` behind the model's
   and Deployments), and whether the model is serving or parked (the hold proxy's
   ``/holdz`` answers through the live Service only while parked).
 * ``POST {base}api/chat`` — one answer as Server-Sent Events to the page: ``status`` while the request is
-  held (the model is parked and waking: elapsed seconds, requests held), ``token`` per streamed piece, then
+  held (the model is parked and waking: elapsed seconds, whether a wake was asked), ``token`` per streamed piece, then
   ``done`` with time to first token and tokens/s, or ``error``. The prompt goes through the model's **live
   Service** (``LLM_URL``), so it reaches the color that serves — or the hold proxy, which holds it until the
   wake. A ``503`` with ``Retry-After`` (held past the proxy's limit) is retried after that delay: nothing
@@ -64,10 +64,10 @@ class Config:
         service = e.get("LLM_SERVICE", "")
         key = re.sub(r"[^A-Z0-9]", "_", service.upper())
         namespace = e.get("LLM_NAMESPACE", "default")
-        if e.get("LLM_URL"):
-            upstream = e["LLM_URL"].rstrip("/")
-        elif e.get(f"{key}_SERVICE_HOST"):  # Kubernetes' service links
+        if e.get(f"{key}_SERVICE_HOST"):  # Kubernetes' service links: the same Service as LLM_URL, no DNS needed
             upstream = f"http://{e[f'{key}_SERVICE_HOST']}:{e.get(f'{key}_SERVICE_PORT', '80')}"
+        elif e.get("LLM_URL"):
+            upstream = e["LLM_URL"].rstrip("/")
         else:
             upstream = f"http://{service}.{namespace}.svc.cluster.local:{e.get('LLM_PORT', '80')}"
         base = "/" + e.get("PLAYGROUND_BASE", "/").strip("/")
@@ -175,7 +175,9 @@ class Playground:
     async def info(self, request: web.Request) -> web.Response:
         cfg = self.cfg
         live, hold = await asyncio.gather(self.live(), self.hold_state())
-        state = "parked" if hold is not None and not hold.get("awake") else "serving"
+        # While the live Service selects the hold proxy, the model is parked — or just woken, answering
+        # through the proxy until the wake switches the Service back to its color.
+        state = "serving" if hold is None else "waking" if hold.get("awake") else "parked"
         return web.json_response({
             "model": cfg.model, "engine": cfg.engine, "vision": cfg.vision, **live,
             "api": f"{cfg.engine} {API_NAMES[self.api]}" + (
@@ -198,6 +200,10 @@ class Playground:
             await self._relay(out, body, sent, reporter)
         except (ConnectionResetError, client_exceptions.ClientConnectionResetError):
             pass  # the page went away
+        except (TimeoutError, client_exceptions.ClientError, OSError) as exc:
+            reporter.cancel()
+            log.warning("the model's Service did not answer: %s", exc)
+            await out.write(_sse("error", {"status": 502, "message": f"the model's Service did not answer: {exc}"}))
         finally:
             reporter.cancel()
         return out

@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from manifests import names
+from manifests import names, playground
 from manifests.errors import DeployError
 from manifests.fleet import SpecPath
 from manifests.names import Color
@@ -76,6 +76,21 @@ def first_deploy(t: Prepared, report: Report, *, color: Color = "blue") -> dict[
             "smoke": smoke_rows(results), "action": "deployed"}
 
 
+def wait_playground(t: Prepared, report: Report) -> str | None:
+    """With ``expose.playground``: wait until its page answers (a CPU pod; its failure never touches the
+    model), and say where to open it."""
+    spec = t.spec
+    if not spec.expose.playground:
+        return None
+    with report.step("Wait until the playground answers") as step:
+        k8s.wait_rollout(kubeconfig=t.kubeconfig, namespace=spec.namespace, name=playground.name(spec), timeout_s=120)
+        where = (f"the Ingress address at {playground.PATH}/" if spec.expose.ingress is not None else
+                 f"kubectl port-forward -n {spec.namespace} service/{playground.name(spec)} 8080:80, "
+                 "then http://localhost:8080/")
+        step.detail = where
+    return where
+
+
 def _dry_run(t: Prepared, report: Report, color: Color) -> dict[str, Any]:
     rows = []
     for obj in render(t.spec, color=color, revision=t.model.sha):
@@ -129,6 +144,8 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, dry_run: bool = False) -> d
                                 f"{plan.live} → {plan.candidate} instead of an in-place update")
                     out, retire = run_release(t, report, observed, plan)
                     out["objects"] = [a.__dict__ for a in applied]
+        if (where := wait_playground(t, report)) is not None:
+            out["playground"] = where
         endpoint = f"http://{names.service(spec)}.{spec.namespace}.svc.cluster.local:{spec.expose.port}"
         report.succeed(f"{spec.model.id}@{t.model.sha[:12]} serving at {endpoint} "
                        f"({out['replicas']} replica(s), {out['color']})")

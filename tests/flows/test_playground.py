@@ -100,12 +100,10 @@ def open_page(browser, url: str):
 
 
 def ask(page, prompt: str, *, image: bytes | None = None, timeout_s: float = 90, shot_wait: str | None = None) -> dict:
-    """Type a prompt, send it, wait for the answer: its state, text, figures, how many times the text grew
-    (streamed pieces) and the last wait message shown before it."""
-    page.evaluate("""() => { window.__pieces = 0; window.__waited = ''; const log = document.getElementById('log');
-        new MutationObserver(() => { const a = [...log.querySelectorAll('.assistant .answer')].pop();
-          if (a && a.textContent !== window.__last) { window.__last = a.textContent; window.__pieces++; }
-          const w = [...log.querySelectorAll('.assistant .wait')].pop();
+    """Type a prompt, send it, wait for the answer: its state, text, figures, how many token events the page
+    received (streamed pieces) and the last wait message it showed before them."""
+    page.evaluate("""() => { window.__waited = ''; const log = document.getElementById('log');
+        new MutationObserver(() => { const w = [...log.querySelectorAll('.assistant .wait')].pop();
           if (w && w.textContent.includes('waking')) window.__waited = w.textContent; })
           .observe(log, {subtree: true, childList: true, characterData: true}); }""")
     n = page.locator(".turn.assistant").count()
@@ -122,7 +120,7 @@ def ask(page, prompt: str, *, image: bytes | None = None, timeout_s: float = 90,
                            f".dataset.state)", timeout=timeout_s * 1000)
     return {"state": turn.get_attribute("data-state"), "answer": turn.locator(".answer").inner_text(),
             "meta": turn.locator(".meta").inner_text() if turn.locator(".meta").count() else "",
-            "pieces": page.evaluate("window.__pieces"), "waited": page.evaluate("window.__waited")}
+            "pieces": int(turn.get_attribute("data-pieces") or 0), "waited": page.evaluate("window.__waited")}
 
 
 def shot(page, name: str) -> None:
@@ -187,7 +185,7 @@ def test_seed001_vllm_answers_a_typed_prompt_streamed_and_after_a_park_the_page_
         assert "/v1/chat/completions" in page.inner_text("#api")
         got = ask(page, "What is Kubernetes?")
         assert got["state"] == "done" and got["answer"].strip(), got
-        assert got["pieces"] > 3, got  # streamed piece by piece, not one block
+        assert got["pieces"] > 3, got  # streamed token by token, not one block
         assert "time to first token" in got["meta"] and "tokens/s" in got["meta"]
         shot(page, "playground-gemma-vllm.png")
 

@@ -92,3 +92,29 @@ def test_engine_calls_and_stream_pieces_per_api():
     assert no_chat_template(400, "As of transformers v4.44, default chat template is no longer allowed")
     assert no_chat_template(422, "Template error: template not found")
     assert not no_chat_template(500, "template")
+
+
+def test_teardown_hands_the_shared_reader_rbac_to_a_model_whose_playground_still_uses_it():
+    from targets.gke.teardown_steps import plan_namespace
+
+    spec = _spec("gemma2-2b-it-vllm-l4.yaml")
+    other = _spec("gemma2-2b-it-vllm-l4.yaml").model_copy(update={"name": "other"})
+    mine = [o for o in render(spec) if o["metadata"].get("namespace")]
+    others = [o for o in render(other) if o["kind"] == "Deployment"]
+    actions = {(o["kind"], o["metadata"]["name"]): item.action for o, item in plan_namespace(spec, mine=mine,
+                                                                                            others=others)}
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert actions[(kind, "llm-fleet-playground")] == "hand over"
+    assert actions[("Deployment", "gemma2-2b-it-playground")] == "delete"
+    alone = {(o["kind"], o["metadata"]["name"]): item.action for o, item in plan_namespace(spec, mine=mine, others=[])}
+    assert alone[("Role", "llm-fleet-playground")] == "delete"
+
+
+def test_a_serving_model_gets_its_playground_in_place_but_never_a_model_deployment():
+    from targets.gke.serving import in_place_objects
+
+    names_ = [(o["kind"], o["metadata"]["name"]) for o in in_place_objects(_spec("gemma2-2b-it-vllm-l4.yaml"),
+                                                                          live="blue", revision="a" * 40)]
+    assert ("Deployment", "gemma2-2b-it-playground") in names_
+    assert not {("Deployment", "gemma2-2b-it-blue"), ("Deployment", "gemma2-2b-it-green")} & set(names_)
+    assert ("Service", "gemma2-2b-it-preview") not in names_
