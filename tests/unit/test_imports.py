@@ -188,3 +188,23 @@ def test_the_sandboxs_import_circles_stay_inside_one_component():
     for component in {".".join(m.split(".")[:2]) for c in cycles(graph) for m in c}:
         init = ROOT / component.replace(".", "/") / "__init__.py"
         assert "Import circle, on purpose" in init.read_text(), f"say why {component} imports itself in a circle"
+
+
+def _third_party(module: str, modules: dict[str, Path] | None = None) -> set[str]:
+    path = (MODULES if modules is None else modules)[module]
+    out: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_pure_core_does_no_io_and_nothing_product_imports_the_sandbox():
+    io = {"prefect", "kubernetes", "google", "httpx", "requests", "slack_sdk", "huggingface_hub", "aiohttp"}
+    bad = sorted(f"{m} imports {sorted(_third_party(m) & io)}" for m in MODULES
+                 if m.startswith("manifests") and _third_party(m) & io)
+    bad += sorted(f"{m} imports the sandbox" for m in MODULES
+                  if m.split(".")[0] in ("flows", "targets", "tasks", "manifests", "servers") and "sandbox" in _third_party(m))
+    assert not bad, "; ".join(bad)
