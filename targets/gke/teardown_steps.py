@@ -16,14 +16,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kubernetes.client.rest import ApiException
+
 from manifests import names, playground
 from manifests.errors import FleetError
 from manifests.fleet import SpecPath
 from manifests.spec import DeploymentSpec, resolve_gke_spec
+from targets.gke.capacity import capacity_for
 from targets.gke.provision import find_cluster, remove_cluster, remove_pool
 from tasks import gke, k8s
 from tasks.credfiles import remove_cluster_credentials
-from tasks.inventory import labelled, list_kind, ref, set_labels
+from tasks.inventory import OWNED_KINDS, labelled, list_kind, ref, set_labels
 from tasks.locks import model_lock
 from tasks.log import logger
 from tasks.report import Report, artifact_key
@@ -118,7 +121,17 @@ def _others(spec: DeploymentSpec, kubeconfig: str, namespace: str | None) -> lis
 
 def _uses_pool(spec: DeploymentSpec, deployment: dict[str, Any]) -> bool:
     selector = _pod_spec(deployment).get("nodeSelector") or {}
-    return selector.get("cloud.google.com/gke-nodepool") == spec.accelerator.pool.name
+    return (selector.get("cloud.google.com/gke-nodepool") == spec.accelerator.pool.name or
+            (bool(spec.capacity) and selector.get(names.COMPUTE_CLASS_LABEL) == names.compute_class(spec)))
+
+
+def _compute_class(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
+    """The spec's ComputeClass (capacity options) when labelled for it: read by name (cluster-scoped)."""
+    if not spec.capacity:
+        return []
+    obj = k8s.get_object(kubeconfig=kubeconfig, api_version="cloud.google.com/v1", kind="ComputeClass",
+                         name=names.compute_class(spec))
+    return [obj] if obj is not None and (obj["metadata"].get("labels") or {}).get(INSTANCE) == spec.name else []
 
 
 def _namespace_empty(kubeconfig: str, namespace: str) -> list[str]:
@@ -127,7 +140,15 @@ def _namespace_empty(kubeconfig: str, namespace: str) -> list[str]:
     for api_version, kind in [("apps/v1", "Deployment"), ("v1", "Pod"), ("v1", "Service"),
                               ("v1", "PersistentVolumeClaim"), ("v1", "Secret"), ("v1", "ConfigMap"),
                               ("v1", "ServiceAccount")]:
-        for o in list_kind(kubeconfig=kubeconfig, api_version=api_version, kind=kind, namespace=namespace):
+        try:
+            found = list_kind(kubeconfig=kubeconfig, api_version=api_version, kind=kind, namespace=namespace)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            # The operator may not list Secrets: it cannot tell the namespace is empty, so it keeps it.
+            left.append(f"{kind}s it may not list (a cluster admin deletes the namespace once empty)")
+            continue
+        for o in found:
             name = o["metadata"]["name"]
             if (kind, name) in SYSTEM_OBJECTS or (kind == "Secret" and o.get("type", "").endswith("service-account-token")):
                 continue
@@ -145,9 +166,26 @@ def _operator_cluster_rbac(spec: DeploymentSpec, kubeconfig: str) -> list[dict[s
     return [o for o in found if o is not None and (o["metadata"].get("labels") or {}).get(INSTANCE) == spec.name]
 
 
+def _named_secrets(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
+    """The Secrets the spec may own (the HF token's, the hold proxy's Prefect credential) when labelled for
+    it: read by name — the operator may not list Secrets (every one in the namespace would be readable)."""
+    from manifests.park import PREFECT_AUTH_SECRET
+
+    found = [k8s.get_object(kubeconfig=kubeconfig, api_version="v1", kind="Secret", name=n, namespace=spec.namespace)
+             for n in sorted({spec.secret.name, PREFECT_AUTH_SECRET})]
+    for o in found:
+        if o is not None:
+            o.setdefault("apiVersion", "v1")
+            o.setdefault("kind", "Secret")
+    return [o for o in found if o is not None and (o["metadata"].get("labels") or {}).get(INSTANCE) == spec.name]
+
+
 def remove_namespaced(spec: DeploymentSpec, *, kubeconfig: str, dry_run: bool) -> list[Item]:
     log = logger()
-    mine = labelled(kubeconfig=kubeconfig, namespace=spec.namespace, label_selector=_selector(spec))
+    kinds = [k for k in OWNED_KINDS if k != ("v1", "Secret")]
+    mine = labelled(kubeconfig=kubeconfig, namespace=spec.namespace, label_selector=_selector(spec), kinds=kinds)
+    mine += _named_secrets(spec, kubeconfig)
+    mine += _compute_class(spec, kubeconfig)
     mine += _operator_cluster_rbac(spec, kubeconfig)  # last: bindings go before the roles they grant
     plan = plan_namespace(spec, mine=mine, others=_others(spec, kubeconfig, spec.namespace))
     items = [i for _, i in plan]
@@ -196,15 +234,15 @@ def remove_capacity(spec: DeploymentSpec, *, kubeconfig: str | None, location: s
     items: list[Item] = []
     if kubeconfig:  # the last sighting of the pool's nodes, for gpu_report (the cluster may go next)
         record_usage(spec, kubeconfig=kubeconfig)
-    if c.mode == "standard":
-        pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=spec.accelerator.pool.name)
+    for name in capacity_for(spec).pool_names(spec) if c.mode == "standard" else []:
+        pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=name)
         if pool is not None:
             users = sorted({o["metadata"]["labels"][INSTANCE] for o in others if _uses_pool(spec, o)})
-            item = Item("NodePool", spec.accelerator.pool.name, f"{location}/{c.name}",
+            item = Item("NodePool", name, f"{location}/{c.name}",
                         "keep" if users else "delete", f"used by {', '.join(users)}" if users else "")
             items.append(item)
             if item.action == "delete" and not dry_run:
-                remove_pool(spec, location=location)
+                remove_pool(spec, location=location, name=name)
     users = sorted({o["metadata"]["labels"][INSTANCE] for o in others})
     item = Item("Cluster", c.name, f"{c.project}/{location}", "keep" if users else "delete",
                 f"runs {', '.join(users)}" if users else "")
@@ -222,15 +260,15 @@ def verify(spec: DeploymentSpec, *, kubeconfig: str | None, location: str, kept:
     left: list[str] = []
     if gke.get_cluster(project=c.project, location=location, name=c.name) is None:
         return left
-    if (cluster and c.mode == "standard" and not any(k == "NodePool" for k, _ in kept)
-            and gke.get_node_pool(project=c.project, location=location, cluster=c.name,
-                                  name=spec.accelerator.pool.name) is not None):
-        left.append(f"NodePool/{spec.accelerator.pool.name}")
+    for name in capacity_for(spec).pool_names(spec) if cluster and c.mode == "standard" else []:
+        if ("NodePool", name) not in kept and not any(k == "NodePool" and n == name for k, n in kept) and \
+                gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=name) is not None:
+            left.append(f"NodePool/{name}")
     if cluster and not any(k == "Cluster" for k, _ in kept):
         left.append(f"Cluster/{c.name}")
     if kubeconfig:
         for obj in labelled(kubeconfig=kubeconfig, namespace=None, label_selector=f"{INSTANCE}={spec.name}") + \
-                _operator_cluster_rbac(spec, kubeconfig):
+                _operator_cluster_rbac(spec, kubeconfig) + _compute_class(spec, kubeconfig):
             if (obj["kind"], obj["metadata"]["name"]) not in kept and not obj["metadata"].get("deletionTimestamp"):
                 ns = obj["metadata"].get("namespace")
                 left.append(f"{ref(obj)} in {ns}" if ns else f"{ref(obj)} (cluster-scoped)")
@@ -250,7 +288,7 @@ def teardown(spec: SpecPath | str | dict[str, Any], *, cluster: bool = False, dr
             location, found = find_cluster(spec)
             kubeconfig = gke.get_credentials(project=c.project, location=location, name=c.name) if found else None
             step.detail = f"{c.name} in {location}" if found else "no cluster: nothing to remove in it"
-        with model_lock(spec, purpose="teardown"):
+        with model_lock(spec, purpose="teardown", kubeconfig=kubeconfig):
             if kubeconfig:
                 with report.step("Remove the model's objects (both colors, Services, Ingress, HPA, monitoring)") as step:
                     items += remove_namespaced(spec, kubeconfig=kubeconfig, dry_run=dry_run)

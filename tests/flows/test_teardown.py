@@ -61,7 +61,8 @@ def test_teardown_leaves_nothing_of_the_spec_and_spares_the_other(sandbox, two_s
     a, b = two_specs
     provision_cluster(spec=a)
     deploy_model(spec=b)
-    deploy_model(spec=a)  # applied last: the shared objects (operator RBAC, cluster-scoped too) are labelled for `a`
+    deploy_model(spec=a)  # applied last: the shared ServiceAccount is labelled for `a`; the operator RBAC stays
+    # labelled for `b`, which applied it first (flows never rewrite RBAC that already grants the same)
     before_b = {k: o["metadata"]["resourceVersion"] for k, o in inventory(sandbox, b).items() if "Pod/" not in k}
     mine = inventory(sandbox, a)
     kinds = {k.split("/")[0] for k in mine}
@@ -72,10 +73,10 @@ def test_teardown_leaves_nothing_of_the_spec_and_spares_the_other(sandbox, two_s
     planned = {(r["kind"], r["name"]): r["action"] for r in plan["plan"]}
     assert planned[("Deployment", f"{a['name']}-blue")] == "delete"
     assert planned.get(("Secret", "hf-secret"), "hand over") == "hand over"  # qwen-b mounts it (its creator's label)
+    assert planned[("ServiceAccount", "llm-fleet-operator")] == "hand over"
     for shared in [("Role", "llm-fleet-operator"), ("RoleBinding", "llm-fleet-operator"),
-                   ("ServiceAccount", "llm-fleet-operator"), ("ClusterRole", "llm-fleet-operator-team-a"),
-                   ("ClusterRoleBinding", "llm-fleet-operator-team-a")]:
-        assert planned[shared] == "hand over", shared
+                   ("ClusterRole", "llm-fleet-operator-team-a"), ("ClusterRoleBinding", "llm-fleet-operator-team-a")]:
+        assert shared not in planned, shared  # b's: untouched
 
     out = teardown(spec=a)
     assert inventory(sandbox, a) == {}, "objects labelled for the spec remain"
