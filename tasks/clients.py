@@ -427,10 +427,13 @@ def hf_api(token: str | None, settings: Settings | None = None):
 
 def slack_client(settings: Settings | None = None):
     """A Slack WebClient that waits out 429s, or None when no token is configured."""
+    from tasks.secrets import slack_token
+
     s = settings or get_settings()
-    if s.slack_token is None:
+    token = s.slack_token if settings is not None else slack_token()  # env, else the Secret block (run time)
+    if token is None:
         return None
-    return _slack_client(s.slack_token.get_secret_value(), s.slack_api_url)
+    return _slack_client(token.get_secret_value(), s.slack_api_url)
 
 
 @lru_cache(maxsize=4)
