@@ -216,8 +216,7 @@ def _renew_once(h: HeldLease) -> None:
     except ApiException as exc:
         if exc.status != 404:
             raise
-        # Deleted (a teardown deleting the namespace, or by hand): nothing to renew; the fence lapses
-        # after the lease duration like any failed renewal.
+        _lease_gone(h, started)
         return
     if live.spec.holder_identity != h.holder:
         h.lost = f"taken by {live.spec.holder_identity or 'nobody (released by hand)'}"
@@ -234,6 +233,30 @@ def _renew_once(h: HeldLease) -> None:
     h.renewed, h.resource_version = started, out.metadata.resource_version
 
 
+def _lease_gone(h: HeldLease, started: float) -> None:
+    """The Lease vanished. With its namespace gone or terminating (this holder's teardown deleted it) no
+    one else can hold it — a contender must first make the namespace anew, and then its Lease shows up
+    here as taken — so the hold stands. In a live namespace (deleted by hand) it is written anew."""
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+
+    from tasks.clients import kube_client
+
+    timeout = get_settings().call_timeout_s
+    try:
+        ns = k8s.CoreV1Api(kube_client(h.kubeconfig)).read_namespace(h.namespace, _request_timeout=timeout)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        ns = None
+    if ns is None or ns.metadata.deletion_timestamp or (ns.status and ns.status.phase == "Terminating"):
+        h.renewed = started
+        return
+    out = _coord(h.kubeconfig).create_namespaced_lease(h.namespace, _body(h, transitions=0, acquired=_now()),
+                                                       _request_timeout=timeout)
+    h.renewed, h.resource_version = started, out.metadata.resource_version
+
+
 def _renewer(h: HeldLease) -> None:
     period = h.lease_s / 4
     while not h.stop.wait(period):
@@ -247,10 +270,10 @@ def _renewer(h: HeldLease) -> None:
 
 def _release(h: HeldLease) -> None:
     """Give the Lease up at once (client-go's ReleaseOnCancel): holder cleared, guarded by resourceVersion."""
-    from kubernetes.client.rest import ApiException
-
-    api = _coord(h.kubeconfig)
-    with suppress(ApiException):
+    # Best effort: unreleased, it expires within its duration anyway (and a teardown may have removed the
+    # namespace, the cluster or its kubeconfig by now).
+    with suppress(Exception):
+        api = _coord(h.kubeconfig)
         live = api.read_namespaced_lease(h.name, h.namespace, _request_timeout=get_settings().call_timeout_s)
         if live.spec.holder_identity != h.holder:
             return
