@@ -240,6 +240,10 @@ def _lifecycle(spec_path: str, sandbox: Any, ui: str) -> bool:
     for name in ("provision_cluster/default", "deploy_model/default"):
         if not _ok(_run(name, {"spec": spec_path}, ui)):
             return False
+    if spec.expose.playground:
+        from manifests import playground
+
+        _say(f"· chat playground: {playground.where(spec)} (source the env file first)")
     good = sandbox.hub.push_revision(spec.model.id, title="demo: fine-tuned weights")
     _say(f"\n· the Hub has a new commit of {spec.model.id}: {good[:12]}")
     if not _ok(_run("release_model/default", {"spec": spec_path, "revision": good}, ui)):

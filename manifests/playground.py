@@ -116,6 +116,15 @@ def ingress_path(spec: DeploymentSpec) -> Obj:
             "backend": {"service": {"name": name(spec), "port": {"number": 80}}}}
 
 
+def where(spec: DeploymentSpec) -> str:
+    """How a user opens the page (what deploy_model and the demo print)."""
+    if spec.expose.ingress is not None:
+        return f"the model's Ingress address at {PATH}/" + (f" (host {spec.expose.ingress.host})"
+                                                             if spec.expose.ingress.host else "")
+    return (f"kubectl port-forward -n {spec.namespace} service/{name(spec)} 8080:80, "
+            "then http://localhost:8080/")
+
+
 def objects(spec: DeploymentSpec) -> list[Obj]:
     """What the operator applies for the playground (its RBAC comes with the operator's); nothing unless
     ``expose.playground``."""

@@ -84,11 +84,8 @@ def wait_playground(t: Prepared, report: Report) -> str | None:
         return None
     with report.step("Wait until the playground answers") as step:
         k8s.wait_rollout(kubeconfig=t.kubeconfig, namespace=spec.namespace, name=playground.name(spec), timeout_s=120)
-        where = (f"the Ingress address at {playground.PATH}/" if spec.expose.ingress is not None else
-                 f"kubectl port-forward -n {spec.namespace} service/{playground.name(spec)} 8080:80, "
-                 "then http://localhost:8080/")
-        step.detail = where
-    return where
+        step.detail = playground.where(spec)
+    return step.detail
 
 
 def _dry_run(t: Prepared, report: Report, color: Color) -> dict[str, Any]:
