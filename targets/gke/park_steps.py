@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from manifests import names
 from manifests import park as P
 from manifests.errors import FleetError
@@ -93,7 +95,7 @@ def read_pool(spec: DeploymentSpec, kubeconfig: str, location: str, nodes: list[
 
 def _pool_users(spec: DeploymentSpec, kubeconfig: str, nodes: list[str]) -> list[str]:
     """Other workloads with pods on (or bound for) the GPU pool (``nodes``), from the whole cluster."""
-    return P.pool_users(model=spec.name, pool=spec.accelerator.pool.name, nodes=nodes,
+    return P.pool_users(model=spec.name, namespace=spec.namespace, pool=spec.accelerator.pool.name, nodes=nodes,
                         pods=list_kind(kubeconfig=kubeconfig, api_version="v1", kind="Pod"),
                         deployments=list_kind(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment"))
 
@@ -136,6 +138,19 @@ def _prefect_api_url() -> str | None:
     return PREFECT_API_URL.value()
 
 
+def _prefect_credentials() -> dict[str, SecretStr]:
+    """This run's own Prefect credential, as the hold proxy's Secret keys (nothing when the server has no auth)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+    out = {}
+    for key, setting in (("auth-string", PREFECT_API_AUTH_STRING), ("api-key", PREFECT_API_KEY)):
+        value = setting.value()
+        value = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if value:
+            out[key] = SecretStr(str(value))
+    return out
+
+
 @dataclass
 class Run:
     """What park and wake both start from: the spec, the cluster, the Slack thread, the live Service."""
@@ -159,7 +174,7 @@ def under_model_lock(flow_name: str, spec: Any, reason: str, body: Callable[[Run
     report = Report(flow_name, f"{spec.name} ({reason})", spec.slack_channel)
     try:
         location, kubeconfig = _credentials(spec, report)
-        with model_lock(spec, purpose=verb):
+        with model_lock(spec, purpose=verb, kubeconfig=kubeconfig):
             svc = live_service(spec, kubeconfig)
             result = body(Run(spec, ref, kubeconfig, location, report, svc, P.read_record(svc)))
         report.succeed(result["outcome"])
@@ -203,7 +218,15 @@ def park(run: Run) -> dict[str, Any]:
     if record.held:
         with report.step("Put the hold proxy in front of the model") as step:
             k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
-            # replicas 1: a wake scaled the proxy to 0; the Service moves only once it is Ready
+            # at most one proxy pod disrupted at a time (drain, upgrade): a parked model always has a holder
+            k8s.apply_object(kubeconfig=kubeconfig, obj=P.hold_proxy_budget(spec))
+            # its wake events authenticate as this run does: the credential goes to a Secret the kubelet
+            # reads into the proxy's env (secretKeyRef), never into the Deployment
+            for key, value in _prefect_credentials().items():
+                run.report.secrets.append(value.get_secret_value())
+                k8s.ensure_secret(kubeconfig=kubeconfig, namespace=spec.namespace, name=P.PREFECT_AUTH_SECRET,
+                                  key=key, value=value, labels=names.common_labels(spec))
+            # its replicas: a wake scaled the proxy to 0; the Service moves only once they are Ready
             applied = k8s.apply_object(kubeconfig=kubeconfig, obj=P.hold_proxy_deployment(
                 spec, prefect_api_url=_prefect_api_url(), spec_ref=_event_ref(run.ref, spec)))
             k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace, name=P.hold_deployment_name(spec),

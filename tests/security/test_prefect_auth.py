@@ -211,3 +211,17 @@ def test_without_the_secret_the_hold_proxy_is_refused_and_says_why(prefect_with_
             proxy.kill()  # a SIGTERM would wait out the held request (hold.timeout)
             proxy.wait(timeout=20)
     assert _events(api, "llm-fleet.model.no-secret") == []
+
+
+def test_park_hands_the_proxy_this_runs_own_credential_only():
+    """park_model writes llm-fleet-prefect-auth from the run's Prefect settings: the auth string or the API
+    key when set, nothing for a server without auth."""
+    import prefect.settings as ps
+
+    from targets.gke.park_steps import _prefect_credentials
+
+    assert _prefect_credentials() == {} or os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_API_KEY")
+    with ps.temporary_settings(updates={ps.PREFECT_API_AUTH_STRING: AUTH}):
+        got = _prefect_credentials()
+    assert {k: v.get_secret_value() for k, v in got.items()} == {"auth-string": AUTH}
+    assert set(P.PREFECT_AUTH_KEYS) >= set(got)  # a key the proxy's Deployment reads
