@@ -128,12 +128,17 @@ POOL_LABEL = "cloud.google.com/gke-nodepool"
 SYSTEM_NAMESPACES = ("kube-system", "gmp-system", "gke-")
 
 
-def _owner(name: str, namespace: str, labels: dict[str, str]) -> str:
-    return labels.get("app.kubernetes.io/instance") or f"{namespace}/{name}"
+def _owner(name: str, namespace: str, labels: dict[str, str], model_namespace: str) -> str:
+    instance = labels.get("app.kubernetes.io/instance")
+    if instance is None:
+        return f"{namespace}/{name}"
+    return instance if namespace == model_namespace else f"{namespace}/{instance}"
 
 
-def pool_users(*, model: str, pool: str, nodes: list[str], pods: list[Obj], deployments: list[Obj]) -> list[str]:
-    """Who besides ``model`` needs the GPU pool, as the cluster reports it (sorted, one name each).
+def pool_users(*, model: str, namespace: str, pool: str, nodes: list[str], pods: list[Obj],
+               deployments: list[Obj]) -> list[str]:
+    """Who besides ``model`` (in ``namespace``: a model is its namespace and name — a same-named one in
+    another namespace is another model) needs the GPU pool, as the cluster reports it (sorted, one each).
 
     A pod counts when it runs on one of the pool's ``nodes`` (or waits unscheduled with a nodeSelector
     naming the pool) and is not finished, not a DaemonSet's or a static pod (those belong to the node),
@@ -146,7 +151,7 @@ def pool_users(*, model: str, pool: str, nodes: list[str], pods: list[Obj], depl
     for pod in pods:
         meta, spec_ = pod.get("metadata") or {}, pod.get("spec") or {}
         labels, ns = meta.get("labels") or {}, meta.get("namespace", "default")
-        if labels.get("app.kubernetes.io/instance") == model or ns.startswith(SYSTEM_NAMESPACES):
+        if (labels.get("app.kubernetes.io/instance") == model and ns == namespace) or ns.startswith(SYSTEM_NAMESPACES):
             continue
         if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             continue
@@ -155,15 +160,15 @@ def pool_users(*, model: str, pool: str, nodes: list[str], pods: list[Obj], depl
             continue
         node = spec_.get("nodeName")
         if node in on_pool or (not node and (spec_.get("nodeSelector") or {}).get(POOL_LABEL) == pool):
-            users.add(_owner(meta.get("name", ""), ns, labels))
+            users.add(_owner(meta.get("name", ""), ns, labels, namespace))
     for dep in deployments:
         meta, spec_ = dep.get("metadata") or {}, dep.get("spec") or {}
         labels, ns = meta.get("labels") or {}, meta.get("namespace", "default")
-        if labels.get("app.kubernetes.io/instance") == model or ns.startswith(SYSTEM_NAMESPACES):
+        if (labels.get("app.kubernetes.io/instance") == model and ns == namespace) or ns.startswith(SYSTEM_NAMESPACES):
             continue
         pod_spec = (spec_.get("template") or {}).get("spec") or {}
         if int(spec_.get("replicas", 1) or 0) > 0 and (pod_spec.get("nodeSelector") or {}).get(POOL_LABEL) == pool:
-            users.add(_owner(meta.get("name", ""), ns, labels))
+            users.add(_owner(meta.get("name", ""), ns, labels, namespace))
     return sorted(users)
 
 
@@ -213,8 +218,12 @@ def plan_wake_pool(record: ParkRecord, current: PoolState) -> PoolPlan:
     min_nodes = size = None
     if "min" in changed and current.autoscaling and current.min_nodes == 0 and rec.min_nodes > 0:
         min_nodes = min(rec.min_nodes, current.max_nodes)
-    if "size" in changed and current.nodes_per_zone < rec.nodes_per_zone:
-        size = rec.nodes_per_zone
+    # What the replicas need (a GPU node holds one), never more than park saw: park may have found the
+    # pool at a peak (both colors of a release, another model's pods) that the wake has no use for. The
+    # autoscaler adds more if the pods ask for it.
+    want = min(rec.nodes_per_zone, max(1, record.replicas))
+    if "size" in changed and current.nodes_per_zone < want:
+        size = want
     if size is None and current.nodes_per_zone == 0 and not current.autoscaling:
         size, note = max(1, rec.nodes_per_zone), "at 0 nodes without autoscaling: sized up so the pods find a node"
     elif "size" in changed:
@@ -422,9 +431,14 @@ SLUG_PREFIX = "llm-fleet-"
 
 
 def desired_schedules(spec: DeploymentSpec, *, spec_ref: str, wake_seconds: list[float],
-                      park_deployment: str = "park_model/default",
-                      wake_deployment: str = "wake_model/default") -> list[ScheduleEntry]:
-    """The park and (prewarmed) wake schedules of one spec."""
+                      park_deployment: str | None = None,
+                      wake_deployment: str | None = None) -> list[ScheduleEntry]:
+    """The park and (prewarmed) wake schedules of one spec, on the park_model / wake_model deployments
+    (default: the ones prefect.yaml declares)."""
+    from manifests.fleet import deployment_name
+
+    park_deployment = park_deployment or deployment_name("park_model")
+    wake_deployment = wake_deployment or deployment_name("wake_model")
     sched = spec.schedule
     if sched is None or not sched.park or not sched.wake:
         return []

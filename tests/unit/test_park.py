@@ -59,7 +59,8 @@ def deployment(instance: str, replicas: int, pool: str = "gpupool") -> dict:
 
 def test_pool_users_are_other_workloads_on_or_bound_for_the_pool():
     def users(pods=(), deps=()):
-        return P.pool_users(model="a", pool="gpupool", nodes=NODES, pods=list(pods), deployments=list(deps))
+        return P.pool_users(model="a", namespace="default", pool="gpupool", nodes=NODES, pods=list(pods),
+                            deployments=list(deps))
 
     assert users([pod("a", NODES[0]), pod("b", NODES[1])]) == ["b"]
     assert users([pod(None, NODES[0], ns="team")]) == ["team/x-pod"]  # not ours: still a user
@@ -73,6 +74,12 @@ def test_pool_users_are_other_workloads_on_or_bound_for_the_pool():
     # a Deployment asking for replicas there counts before its pods exist (a wake or release in flight)
     assert users(deps=[deployment("b", 1), deployment("c", 0), deployment("d", 1, pool="other"),
                        deployment("a", 1)]) == ["b"]
+    # a model is its namespace and name: a same-named model in another namespace is another user
+    # (failed before: it was taken for the model itself, so park could zero the pool under it)
+    assert users([pod("a", NODES[0], ns="team")]) == ["team/a"]
+    other = deployment("a", 1)
+    other["metadata"]["namespace"] = "team"
+    assert users(deps=[other]) == ["team/a"]
 
 
 POOL = P.PoolState("gpupool", True, 1, 2, 1)
@@ -112,6 +119,16 @@ def test_wake_undoes_exactly_what_its_park_changed_and_never_shrinks_the_pool():
     # at 0 without autoscaling nothing would ever bring a node: sized up
     assert P.plan_wake_pool(rec(()), P.PoolState("gpupool", False, 0, 0, 0)).size == 1
     assert P.plan_wake_pool(P.ParkRecord("blue", 1, {}, "t"), zeroed) == P.PoolPlan(note="Autopilot: nodes come with the pods")
+
+
+def test_wake_sizes_the_pool_for_its_replicas_not_the_peak_park_saw():
+    """Park right after a release sees two nodes (both colors); one replica needs one. Failed before: the
+    wake restored the peak (2)."""
+    peak = P.PoolState("gpupool", True, 1, 4, 2)
+    one = P.ParkRecord("blue", 1, {}, "t", peak, pool_changed=("min", "size"))
+    assert P.plan_wake_pool(one, P.PoolState("gpupool", True, 0, 4, 0)).size == 1
+    two = P.ParkRecord("blue", 2, {}, "t", peak, pool_changed=("min", "size"))
+    assert P.plan_wake_pool(two, P.PoolState("gpupool", True, 0, 4, 0)).size == 2
 
 
 def test_two_models_on_one_pool_park_and_wake_in_any_order_without_evicting_each_other():
@@ -210,8 +227,8 @@ def test_prewarm_is_the_p95_of_measured_wakes_or_the_spec_default():
 
 def test_desired_schedules_carry_cron_timezone_and_a_prewarmed_wake():
     park, wake = P.desired_schedules(PALI, spec_ref="deployments/p.yaml", wake_seconds=[170, 180, 190])
-    assert (park.deployment, park.cron, park.timezone) == ("park_model/default", "0 20 * * 1-5", "America/Chicago")
-    assert (wake.deployment, wake.cron) == ("wake_model/default", "56 7 * * 1-5")  # p95 190 s → 4 min early
+    assert (park.deployment, park.cron, park.timezone) == ("park_model/park", "0 20 * * 1-5", "America/Chicago")
+    assert (wake.deployment, wake.cron) == ("wake_model/wake-on-request", "56 7 * * 1-5")  # p95 190 s → 4 min early
     assert wake.parameters == {"spec": "deployments/p.yaml", "reason": "schedule"}
     no_sched = GEMMA.model_copy(update={"schedule": None})
     assert P.desired_schedules(no_sched, spec_ref="x", wake_seconds=[]) == []
@@ -219,15 +236,15 @@ def test_desired_schedules_carry_cron_timezone_and_a_prewarmed_wake():
 
 def test_plan_schedules_creates_updates_deletes_and_leaves_hand_made_ones():
     want = P.desired_schedules(PALI, spec_ref="p.yaml", wake_seconds=[])
-    existing = {"park_model/default": [
+    existing = {"park_model/park": [
         {"id": "1", "slug": want[0].slug, "cron": "0 19 * * 1-5", "timezone": "America/Chicago",
          "parameters": want[0].parameters},
         {"id": "2", "slug": "llm-fleet-park-gone", "cron": "0 1 * * *", "timezone": "UTC", "parameters": {}},
         {"id": "3", "slug": None, "cron": "0 3 * * *", "timezone": "UTC", "parameters": {}}],
-        "wake_model/default": []}
+        "wake_model/wake-on-request": []}
     plan = {(c.slug, c.action) for c in P.plan_schedules(want, existing)}
     assert plan == {(want[0].slug, "update"), ("llm-fleet-park-gone", "delete"), (want[1].slug, "create")}
-    same = {"park_model/default": [{"id": "1", "slug": want[0].slug, "cron": want[0].cron,
+    same = {"park_model/park": [{"id": "1", "slug": want[0].slug, "cron": want[0].cron,
                                     "timezone": want[0].timezone, "parameters": want[0].parameters}]}
     assert {c.action for c in P.plan_schedules(want[:1], same)} == {"unchanged"}
 
