@@ -132,6 +132,9 @@ STEP_TEXT = {
           "resumed with promote true (switch) or false (roll back); no answer within {timeout} rolls back",
     "switch": "patch the live Service's selector {live} → {candidate} (checked by resourceVersion)",
     "post_analysis": "analysis through the live Service; switch back to {live} on failure",
+    "gateway": "InferencePools, endpoint pickers and the HTTPRoute for both colors ({live} keeps its weight)",
+    "canary": "move the HTTPRoute's weight to {candidate} step by step, each judged on real traffic by PromQL vs "
+              "{live}, plus smoke prompts; a failed step puts the weight back on {live} at once",
     "scale_down": "keep {retire} warm for scale_down_delay, then scale it to 0",
     "record": "append the release to the history on the live Service",
 }
@@ -289,6 +292,24 @@ def serving_problems(observed: Observed, *, now: datetime, settle: timedelta) ->
         out.append(f"stray color {other.color}: {other.replicas} replica(s) beside the live {observed.live} "
                    "(an interrupted release?) hold GPUs — rollback_model retires it")
     return out
+
+
+def switch_back_target(observed: Observed) -> Color | None:
+    """The other color when rollback_model may switch traffic to it: warm, and what it runs served before
+    — the live color before a later release, or promoted on it. A candidate a release rolled back (and
+    ``keep_for_debug`` left running) is warm too, but it was rejected: never a target."""
+    if observed.live is None:
+        return None
+    other = names.other(observed.live)
+    state = observed.colors[other]
+    if not (state.warm and state.revision):
+        return None
+    for h in reversed(observed.history):
+        if h.get("color") == other and h.get("revision") == state.revision:
+            return other if h.get("result") == "promoted" else None
+        if h.get("previous_color") == other and h.get("previous_revision") == state.revision:
+            return other
+    return None
 
 
 def unpromoted_candidate(observed: Observed) -> Color | None:

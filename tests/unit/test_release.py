@@ -201,3 +201,26 @@ def test_serving_problems_reports_a_stray_second_color_once_no_release_explains_
     assert serving_problems(_observed(live_replicas=1, other_replicas=1, started=recent), now=now, settle=settle) == []
     (problem,) = serving_problems(_observed(live_replicas=1, other_replicas=2, started=old), now=now, settle=settle)
     assert problem.startswith("stray color green: 2 replica(s)")
+
+
+def test_rollback_never_switches_to_a_candidate_the_release_rejected():
+    """keep_for_debug leaves a rolled-back candidate warm; rollback_model switched traffic to it (failed
+    before: any warm other color was a target). The old live color after a release is one."""
+    from manifests.release import HISTORY_ANNOTATION, Observed, switch_back_target
+
+    def observed(history):
+        svc = {"metadata": {"annotations": {HISTORY_ANNOTATION: json.dumps(history)}, "resourceVersion": "1"},
+               "spec": {"selector": {"llm-fleet.dev/color": "blue"}}}
+        warm = {"metadata": {"annotations": {"llm-fleet.dev/model-revision": "bad"}, "generation": 1},
+                "spec": {"replicas": 1}, "status": {"availableReplicas": 1, "updatedReplicas": 1,
+                                                    "observedGeneration": 1}}
+        return Observed.from_objects(svc, {"blue": dict(warm), "green": warm})
+
+    rejected = {"color": "green", "revision": "bad", "previous_color": "blue", "previous_revision": "good",
+                "result": "rolled_back"}
+    assert switch_back_target(observed([rejected])) is None
+    # green served "bad" before blue took over: a real previous version
+    earlier = {"color": "blue", "revision": "new", "previous_color": "green", "previous_revision": "bad",
+               "result": "promoted"}
+    assert switch_back_target(observed([earlier])) == "green"
+    assert switch_back_target(observed([])) is None
