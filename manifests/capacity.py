@@ -48,11 +48,16 @@ class Placement:
 
     @property
     def exhausted(self) -> bool:
-        """Pods wait and the autoscaler has no option left to try (every one refused or at its maximum)."""
+        """Pods wait and the autoscaler has no option left to try: its latest word is that every node group
+        is in backoff or at its maximum, and each option without room refused these pods (a backoff left
+        by an earlier failure is waited out: the autoscaler tries again when it ends)."""
         why = self.last_decision
-        return self.pending > 0 and not self.served_by and bool(
-            re.search(r"in backoff after failed scale-up|max node group size reached", why)) and not re.search(
-            r"didn't match|Insufficient|untolerated", why)
+        if not (self.pending > 0 and not self.served_by and re.search(
+                r"in backoff after failed scale-up|max node group size reached", why)):
+            return False
+        if re.search(r"didn't match|Insufficient|untolerated", why):
+            return False
+        return "in backoff" not in why or all(o.refused for o in self.options)
 
     def summary(self) -> str:
         """One line for Slack: who served, why the better options were skipped."""

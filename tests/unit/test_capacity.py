@@ -150,13 +150,22 @@ def test_placement_sees_when_every_option_is_exhausted():
     from manifests.capacity import CapacityExhausted, exhausted_error, placement
 
     spec = _spec()
-    events = [_ev("m-1", "TriggeredScaleUp", f"pod triggered scale-up: [{_mig('gpu-pool-2', 'us-central1-b')}]", "t1"),
-              _ev("m-1", "NotTriggerScaleUp", "pod didn't trigger scale-up: 3 in backoff after failed scale-up", "t2")]
+    out = ("Node scale up in zones {} associated with this pod failed: GCE out of resources "
+           "(ZONE_RESOURCE_POOL_EXHAUSTED). Pod is at risk of not being scheduled.")
+    backoff = _ev("m-1", "NotTriggerScaleUp", "pod didn't trigger scale-up: 3 in backoff after failed scale-up", "t2")
+    # every node group in backoff from an earlier failure, nothing tried for this pod yet: wait it out
+    assert not placement(spec, pods=[_pod("m-1")], node_pools={}, events=[backoff]).exhausted
+    events = [_ev("m-1", "TriggeredScaleUp", "pod triggered scale-up: [" + " ".join(
+        _mig(p, z) for p, z in [("gpu-pool", "us-central1-a"), ("gpu-pool-1", "us-central1-b"),
+                                ("gpu-pool-2", "us-central1-b")]) + "]", "t0"),
+              _ev("m-1", "FailedScaleUp", out.format("us-central1-a"), "t1"),
+              _ev("m-1", "FailedScaleUp", out.format("us-central1-b"), "t1"), backoff]
     found = placement(spec, pods=[_pod("m-1")], node_pools={}, events=events)
     assert found.pending == 1 and found.exhausted
     err = exhausted_error(spec, found)
     assert isinstance(err, CapacityExhausted)
     assert "option 0 (1× nvidia-l4 spot" in str(err) and "option 2 (1× nvidia-tesla-a100 on-demand" in str(err)
+    assert "us-central1-a: GCE out of resources (ZONE_RESOURCE_POOL_EXHAUSTED)" in str(err)
     # a scale-up after the backoff (capacity back) is not exhaustion
     events.append(_ev("m-1", "TriggeredScaleUp", f"pod triggered scale-up: [{_mig('gpu-pool', 'us-central1-a')}]",
                       "t3"))

@@ -1,0 +1,115 @@
+"""Seed 004's capacity list through the real flows (issue 23): a wake at 08:00 with the spot L4s gone is
+answered on the on-demand option within its boot time — the held request too — and says so in Slack;
+with every option gone the wake fails at once naming each option's refusal, and nothing is left Pending
+or paid for. (The autoscaler's own behaviour — preemption, migration back, quota walls — is tested at
+the sandbox level, tests/sandbox/test_capacity.py.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.flows.conftest import spec_dict
+from tests.flows.test_park import complete, gpu_pods, live_service, slack_heads
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.long]
+ZONES = ("us-central1-a", "us-central1-b")
+
+
+def nodes_by_pool(kubeconfig: str) -> dict[str, str]:
+    from tasks import k8s
+
+    return {n["metadata"]["name"]: n["metadata"]["labels"].get("cloud.google.com/gke-nodepool", "")
+            for n in k8s.list_objects.fn(kubeconfig=kubeconfig, api_version="v1", kind="Node")
+            if "cloud.google.com/gke-accelerator" in n["metadata"]["labels"]}
+
+
+def pod_pools(spec: dict, kubeconfig: str) -> list[str]:
+    from tasks import k8s
+
+    pools = nodes_by_pool(kubeconfig)
+    return sorted(pools.get(p["spec"].get("nodeName"), "-") for p in k8s.list_objects.fn(
+        kubeconfig=kubeconfig, api_version="v1", kind="Pod", namespace=spec["namespace"],
+        label_selector=f"app.kubernetes.io/instance={spec['name']},app.kubernetes.io/component=model-server")
+        if not p["metadata"].get("deletionTimestamp"))
+
+
+@pytest.fixture(scope="module")
+def seed004(prefect_server):
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+
+    spec = spec_dict("mistral-7b-vllm-spot.yaml", namespace="default", hold__image="local/llm-fleet",
+                     hold__timeout=120, expose__ingress=None, expose__service_type="ClusterIP", schedule=None)
+    prov = provision_cluster(spec=spec)
+    assert prov["node_pool"] == "g2-standard-8"  # the first option's pool; the fallback's exists beside it
+    out = deploy_model(spec=spec)
+    assert pod_pools(spec, out["kubeconfig"]) == ["g2-standard-8"]  # spot, the preferred option
+    return spec, out["kubeconfig"]
+
+
+def test_spot_gone_at_wake_answers_on_demand_and_the_held_request_too(seed004, sbc, sandbox):
+    from flows.park import park_model, wake_model
+
+    spec, kubeconfig = seed004
+    park_model(spec=spec)
+    seen = len(sandbox.gke.autoscaler.events)
+    assert gpu_pods(spec, kubeconfig) == []
+    for zone in ZONES:  # 08:00: the spot L4s are gone in both zones, on-demand ones are not
+        sbc.set_stockout(zone, "nvidia-l4", spot=True)
+    answer: dict = {}
+    held = threading.Thread(target=lambda: answer.update(resp=complete(spec, kubeconfig, timeout=150)))
+    held.start()
+    time.sleep(1.0)
+    woke = wake_model(spec=spec, reason="event")
+    held.join(150)
+    assert answer["resp"].status_code == 200, answer["resp"].text
+    assert woke["woken"] and pod_pools(spec, kubeconfig) == ["g2-standard-8-od"]
+    # the fallback's boot + load, not a flow timeout: the whole wake (its flow overhead too, 1 s real =
+    # 500 s on this clock) stays under the load timeout a Pending pod would have waited out
+    from manifests.spec import parse_spec
+
+    assert woke["cloud_s"] < parse_spec(spec).default_load_timeout().total_seconds(), woke
+    # GKE's autoscaler tried spot in each zone, then started one on-demand node (after that, active
+    # migration keeps asking for spot now and then, refused while it is gone: no second node)
+    tried = [(e["kind"], e["pool"]) for e in sandbox.gke.autoscaler.events[seen:]
+             if e["kind"] in ("scale_up", "scale_up_failed")]
+    assert tried[:3] == [("scale_up_failed", "g2-standard-8")] * 2 + [("scale_up", "g2-standard-8-od")], tried
+    assert ("scale_up", "g2-standard-8") not in tried and len(nodes_by_pool(kubeconfig)) == 1
+    thread = [m["text"] for m in sbc.slack_messages() if "Capacity: served by option 1" in m.get("text", "")]
+    assert thread and "— a fallback" in thread[-1]
+    assert "option 0 (1× nvidia-l4 spot in us-central1-a, us-central1-b) skipped: us-central1-a: GCE out of " \
+           "resources (ZONE_RESOURCE_POOL_EXHAUSTED)" in thread[-1]
+    assert "Wait for GPU nodes (capacity options in priority order)" in slack_heads(sbc, "wake_model", spec["name"])[-1]
+
+
+def test_every_option_gone_fails_the_wake_at_once_and_leaves_nothing_pending(seed004, sbc):
+    from flows.park import park_model, wake_model
+    from manifests.capacity import CapacityExhausted
+    from manifests.park import read_record
+    from tasks import k8s
+
+    spec, kubeconfig = seed004
+    park_model(spec=spec)
+    for zone in ZONES:
+        sbc.set_stockout(zone, "nvidia-l4")  # spot and on-demand
+    start = time.monotonic()
+    with pytest.raises(CapacityExhausted) as err:
+        wake_model(spec=spec, reason="manual")
+    assert time.monotonic() - start < 60
+    msg = str(err.value)
+    assert "option 0 (1× nvidia-l4 spot" in msg and "option 1 (1× nvidia-l4 on-demand" in msg
+    assert "GCE out of resources (ZONE_RESOURCE_POOL_EXHAUSTED)" in msg
+    dep = k8s.get_object.fn(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
+                            name=f"{spec['name']}-blue", namespace=spec["namespace"])
+    assert dep["spec"]["replicas"] == 0
+    deadline = time.monotonic() + 20
+    while gpu_pods(spec, kubeconfig) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gpu_pods(spec, kubeconfig) == [] and nodes_by_pool(kubeconfig) == {}  # nothing Pending, nothing paid
+    assert read_record(live_service(spec, kubeconfig)) is not None  # still parked: held requests keep their 503s
+    sbc.clear_stockouts()
+    assert wake_model(spec=spec, reason="manual")["woken"]  # once capacity is back, a wake works
