@@ -297,6 +297,7 @@ def read_secret(block: str | None) -> str | None:
 
 
 def main(*, host: str, port: int, specs: list[Path], secret_block: str | None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = read_secret(secret_block)
     if not secret:
         print(f"✗ no webhook secret: set {SECRET_ENV} (or pass --secret-block NAME of a Prefect Secret block) "

@@ -225,3 +225,49 @@ def test_park_hands_the_proxy_this_runs_own_credential_only():
         got = _prefect_credentials()
     assert {k: v.get_secret_value() for k, v in got.items()} == {"auth-string": AUTH}
     assert set(P.PREFECT_AUTH_KEYS) >= set(got)  # a key the proxy's Deployment reads
+
+
+def test_the_webhook_receiver_announces_on_an_auth_enabled_server(prefect_with_auth, tmp_path):
+    """`llm-fleet webhook` (the CLI, as a process) with PREFECT_API_AUTH_STRING: Prefect's own client sends
+    the basic auth for the announcement record (a Variable) and the event, which the server stores."""
+    import yaml
+
+    from sandbox.core import Faults
+    from sandbox.hub import Hub
+    from tests.flows.conftest import spec_dict
+
+    api = prefect_with_auth
+    hub = Hub(faults=Faults())
+    hub.start()
+    branch = f"auth-{uuid.uuid4().hex[:6]}"
+    sha = hub.push_revision("Qwen/Qwen2.5-7B-Instruct", branch)
+    data = spec_dict("qwen2.5-7b-sglang.yaml", name=f"qwen-{branch}")
+    data["model"] = {"id": "Qwen/Qwen2.5-7B-Instruct", "revision": branch}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    port, secret = _port(), uuid.uuid4().hex
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": AUTH, "HF_ENDPOINT": hub.url,
+           "HF_TOKEN": "hf_sandbox_read", "LLM_FLEET_WEBHOOK_SECRET": secret}
+    log_path = tmp_path / "webhook.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "llm_fleet.cli", "webhook", "--port", str(port),
+                                 "--spec", str(spec)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait(f"http://127.0.0.1:{port}/healthz", 60, proc)
+            body = {"event": {"action": "update", "scope": "repo.content"},
+                    "repo": {"type": "model", "name": "Qwen/Qwen2.5-7B-Instruct", "headSha": "e" * 40},
+                    "updatedRefs": [{"ref": f"refs/heads/{branch}", "oldSha": None, "newSha": sha}]}
+            resp = httpx.post(f"http://127.0.0.1:{port}/webhooks/huggingface", json=body,
+                              headers={"X-Webhook-Secret": secret}, timeout=60)
+            assert resp.status_code == 200, resp.text + log_path.read_text()
+            assert resp.json()["announced"][0]["status"] == "announced"
+            deadline = time.monotonic() + 30
+            while not (events := _events(api, f"llm-fleet.model.qwen-{branch}")):
+                assert time.monotonic() < deadline, "the announcement never reached the server\n" + log_path.read_text()
+                time.sleep(0.3)
+            assert events[0]["payload"]["revision"] == sha
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+            hub.stop()
