@@ -45,6 +45,11 @@ def ingress(spec: DeploymentSpec) -> str:
     return spec.name
 
 
+def backend_config(spec: DeploymentSpec) -> str:
+    """The GCE Ingress backend's BackendConfig (its timeout outlasts a held request)."""
+    return f"{spec.name}-backend"
+
+
 def hpa(spec: DeploymentSpec) -> str:
     return spec.name
 

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from manifests import names, playground, startup
+from manifests import gateway, names, playground, startup
 from manifests.catalog import pod_resources
 from manifests.names import Color
 from manifests.spec import DeploymentSpec, SpecError
@@ -108,6 +108,13 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": manage},
         {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": manage},  # the hold proxy's
         {"apiGroups": ["monitoring.googleapis.com"], "resources": ["podmonitorings", "rules"], "verbs": manage},
+        {"apiGroups": ["cloud.google.com"], "resources": ["backendconfigs"], "verbs": manage},  # GCE Ingress timeout
+        # the Inference Gateway (expose.gateway): its objects, and each canary step's checked route update
+        *([{"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways", "httproutes"],
+            "verbs": [*manage, "update"]},
+           {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": [*manage, "update"]},
+           {"apiGroups": ["inference.networking.x-k8s.io"], "resources": ["inferenceobjectives"],
+            "verbs": [*manage, "update"]}] if spec.expose.gateway else []),
         # The model lock (tasks/locks.py): take, renew and give up the model's Lease. No resourceNames: the
         # Role is shared by every model in the namespace (each has its own Lease), and create cannot be
         # restricted by name in RBAC anyway.
@@ -123,6 +130,9 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiGroups": ["apiregistration.k8s.io"], "resources": ["apiservices"], "verbs": ["get"],
          "resourceNames": ["v1beta1.custom.metrics.k8s.io", "v1beta2.custom.metrics.k8s.io"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+        # the Gateway preflight: are the Gateway API / Inference Extension CRDs installed?
+        *([{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list"]}]
+          if spec.expose.gateway else []),
         # the spec's ComputeClass (capacity options): applied by deploy, deleted by teardown
         *([{"apiGroups": ["cloud.google.com"], "resources": ["computeclasses"], "verbs": ["create"]},
            {"apiGroups": ["cloud.google.com"], "resources": ["computeclasses"],
@@ -427,6 +437,7 @@ def _service(spec: DeploymentSpec, name: str, color: Color, *, preview: bool) ->
     ing = spec.expose.ingress
     if not preview and ing is not None and ing.class_name == "gce":
         annotations["cloud.google.com/neg"] = '{"ingress": true}'  # container-native LB (seed 004)
+        annotations["cloud.google.com/backend-config"] = json.dumps({"default": names.backend_config(spec)})
     if not preview and spec.monitoring.scrape == "annotations":
         annotations.update({"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
                             "prometheus.io/port": str(spec.expose.port)})
@@ -448,6 +459,19 @@ def live_service(spec: DeploymentSpec, color: Color) -> Obj:
 
 def preview_service(spec: DeploymentSpec, color: Color) -> Obj:
     return _service(spec, names.preview_service(spec), color, preview=True)
+
+
+def backend_config(spec: DeploymentSpec) -> Obj | None:
+    """GCE Ingress: the load balancer's backend service timeout (default 30 s) must outlast a request held
+    while the model wakes (hold.timeout, streamed keep-alives included) plus the generation after it
+    (expose.ingress.read_timeout_s), or the LB cuts the held connection with a 502."""
+    ing = spec.expose.ingress
+    if ing is None or ing.class_name != "gce":
+        return None
+    timeout = int(spec.hold.timeout.total_seconds()) + ing.read_timeout_s if spec.hold.enabled else ing.read_timeout_s
+    return {"apiVersion": "cloud.google.com/v1", "kind": "BackendConfig",
+            "metadata": _meta(spec, names.backend_config(spec)),
+            "spec": {"timeoutSec": timeout, "connectionDraining": {"drainingTimeoutSec": 60}}}
 
 
 def ingress(spec: DeploymentSpec) -> Obj | None:
@@ -612,7 +636,8 @@ def render(spec: DeploymentSpec, *, color: Color = "blue", revision: str | None 
     objs += [workload_account(spec), cache_claim(spec) if spec.cache.enabled else None,
              applied_deployment(spec, color, revision=revision),
              live_service(spec, color), preview_service(spec, color),
-             ingress(spec), network_policy(spec), autoscaler(spec, color), *monitoring(spec),
+             backend_config(spec), ingress(spec), network_policy(spec), autoscaler(spec, color), *monitoring(spec),
+             *gateway.objects(spec, color),
              *playground.objects(spec)]
     return [o for o in objs if o is not None]
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -52,6 +53,19 @@ READY_PATH = {"vllm": "/v1/models", "sglang": "/v1/models", "tgi": "/health"}
 PROBE_AGENTS = {"kube-probe/": "kube-probe", "GoogleHC/": "GoogleHC", "Prometheus/": "Prometheus"}
 OWN_PATHS = ("/healthz", "/metrics")
 DEFAULT_MAX_QUEUE_BYTES = 128 * 2**20  # half the manifest's 256 Mi memory limit (manifests/park.py)
+# A held streaming request gets an SSE comment this often: well inside clients' read timeouts (the openai
+# client's default is 600 s, many set 30-60 s) and a proxy's idle timeout.
+DEFAULT_KEEPALIVE_S = 5.0
+
+
+def wants_stream(request: web.Request, body: bytes) -> bool:
+    """An OpenAI-style streamed generation: a JSON body with ``"stream": true``."""
+    if request.method != "POST" or b"stream" not in body:
+        return False
+    try:
+        return json.loads(body).get("stream") is True
+    except (ValueError, AttributeError):
+        return False
 
 
 @dataclass
@@ -70,6 +84,7 @@ class Config:
     prefect_api_auth_string: str | None = None  # a self-hosted server's PREFECT_SERVER_API_AUTH_STRING
     poll_s: float = 0.2
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -92,7 +107,8 @@ class Config:
                    prefect_api_key=e.get("PREFECT_API_KEY") or None,
                    prefect_api_auth_string=e.get("PREFECT_API_AUTH_STRING") or None,
                    poll_s=float(e.get("HOLD_POLL_S", "0.2")),
-                   max_queue_bytes=int(e.get("HOLD_MAX_QUEUE_BYTES", str(DEFAULT_MAX_QUEUE_BYTES))))
+                   max_queue_bytes=int(e.get("HOLD_MAX_QUEUE_BYTES", str(DEFAULT_MAX_QUEUE_BYTES))),
+                   keepalive_s=float(e.get("HOLD_KEEPALIVE_S", str(DEFAULT_KEEPALIVE_S))))
 
 
 @dataclass
@@ -234,6 +250,8 @@ class HoldProxy:
         if kind is not None:  # never demand: answered now, nothing held, no wake
             return await self.answer_probe(request, kind)
         body = await request.read()
+        if not st.awake and wants_stream(request, body):
+            return await self.hold_stream(request, body)
         deadline = time.monotonic() + cfg.timeout_s
         while True:
             if not st.awake:
@@ -260,6 +278,85 @@ class HoldProxy:
             st.awake = False  # the model stopped answering (parked again): hold this one too
             if time.monotonic() >= deadline:
                 return self.busy(f"not answering after {cfg.timeout_s:g} s (hold.timeout)")
+
+    async def hold_stream(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        """A streaming client of a parked model: the SSE response starts now, an SSE comment (``: waking <model>,
+        <n> s``, which SSE clients skip) every ``keepalive_s`` keeps its connection and read timeout alive
+        while the model wakes, then the model's own stream follows in the same response (kedacore/http-add-on
+        #1592). What cannot be a status any more (hold timeout, a full queue, a dropped model) ends the stream
+        with an OpenAI-style ``error`` event, which the openai client raises as an APIError."""
+        st, cfg = self.state, self.cfg
+        if st.held >= cfg.max_queue:
+            return self.busy(f"{st.held} requests already held (hold.max_queue)", reason="queue_full")
+        if st.held_bytes + len(body) > cfg.max_queue_bytes:
+            return self.busy(f"{st.held_bytes} bytes already held (HOLD_MAX_QUEUE_BYTES {cfg.max_queue_bytes})",
+                             reason="queue_bytes")
+        out = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                      "X-Accel-Buffering": "no"})
+        await out.prepare(request)
+        started = time.monotonic()
+        deadline = started + cfg.timeout_s
+        st.held += 1
+        st.held_bytes += len(body)
+        self.metrics.held.inc()
+        try:
+            while True:
+                self._ensure_poller()
+                await out.write(f": waking {cfg.model}, {time.monotonic() - started:.0f} s\n\n".encode())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return await self._stream_error(out, f"not answering after {cfg.timeout_s:g} s (hold.timeout)")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(st.ready.wait(), timeout=min(cfg.keepalive_s, left))
+                if st.ready.is_set() and st.awake:
+                    if await self._forward_into(out, request, body):
+                        return out
+                    st.awake = False  # parked again before it answered: keep holding
+        except ConnectionResetError:  # the client went away while held
+            return out
+        finally:
+            st.held -= 1
+            st.held_bytes -= len(body)
+
+    async def _stream_error(self, out: web.StreamResponse, why: str, *, reason: str = "timeout") -> web.StreamResponse:
+        self.state.rejected += 1
+        self.metrics.rejected.labels(reason=reason).inc()
+        error = {"error": {"message": f"{self.cfg.model} is waking up: {why}", "type": "model_waking", "code": 503}}
+        await out.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+        await out.write_eof()
+        return out
+
+    async def _forward_into(self, out: web.StreamResponse, request: web.Request, body: bytes) -> bool:
+        """The model's answer into a response already started; False if the model is not there after all."""
+        assert self.http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        try:
+            upstream = await self.http.request(request.method, self.cfg.upstream + request.rel_url.path_qs,
+                                               data=body, headers=headers,
+                                               timeout=ClientTimeout(total=None, sock_connect=5))
+        except (client_exceptions.ClientConnectorError, client_exceptions.ConnectionTimeoutError):
+            return False  # never reached the model: holding it again is safe
+        except (client_exceptions.ClientError, OSError):
+            await self._stream_error(out, "the connection to the model dropped after the request was sent; it was "
+                                     "not re-sent (it may have run)", reason="upstream_dropped")
+            return True
+        async with upstream:
+            if upstream.status == 503 and "Retry-After" not in upstream.headers:
+                await upstream.read()
+                return False
+            if upstream.status != 200:  # the status line is gone: the model's error as an error event
+                text = (await upstream.read()).decode(errors="replace")
+                await self._stream_error(out, f"the model answered {upstream.status}: {text[:500]}", reason="upstream")
+                return True
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await out.write(chunk)
+            except (TimeoutError, client_exceptions.ClientError):
+                log.warning("the model dropped a response mid-stream")
+            await out.write_eof()
+            self.state.forwarded += 1
+            self.metrics.forwarded.inc()
+            return True
 
     async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse | None:
         """Send to the model and stream the answer back; None if it is not there (connect error, 503)."""

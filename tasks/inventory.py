@@ -10,6 +10,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 from prefect import task
 
+from manifests.names import FIELD_MANAGER
 from tasks.clients import kube_client
 from tasks.k8s import KINDS, _call, object_path
 from tasks.retry import task_retries
@@ -18,10 +19,12 @@ from tasks.retry import task_retries
 OWNED_KINDS: list[tuple[str, str]] = [
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("networking.k8s.io/v1", "Ingress"),
+    ("cloud.google.com/v1", "BackendConfig"),
     ("monitoring.googleapis.com/v1", "PodMonitoring"),
     ("monitoring.googleapis.com/v1", "Rules"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("apps/v1", "Deployment"),
+    ("policy/v1", "PodDisruptionBudget"),
     ("v1", "Service"),
     ("v1", "Pod"),
     ("v1", "PersistentVolumeClaim"),
@@ -81,7 +84,8 @@ def set_labels(*, kubeconfig: str, obj: dict[str, Any], labels: dict[str, str]) 
     meta = obj["metadata"]
     _call(kube_client(kubeconfig), "PATCH",
           object_path(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace")),
-          body={"metadata": {"labels": labels}}, content_type="application/merge-patch+json")
+          body={"metadata": {"labels": labels}}, content_type="application/merge-patch+json",
+          query=[("fieldManager", FIELD_MANAGER)])  # ours: the next apply must not call it a hand edit
 
 
 def ref(obj: dict[str, Any]) -> str:

@@ -49,6 +49,13 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("monitoring.googleapis.com/v1", "Rules"): ("rules", True),
     ("monitoring.coreos.com/v1", "PrometheusRule"): ("prometheusrules", True),
     ("cloud.google.com/v1", "ComputeClass"): ("computeclasses", False),  # capacity options
+    ("cloud.google.com/v1", "BackendConfig"): ("backendconfigs", True),  # GCE Ingress backend timeout
+    # the Inference Gateway (expose.gateway)
+    ("gateway.networking.k8s.io/v1", "Gateway"): ("gateways", True),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): ("httproutes", True),
+    ("inference.networking.k8s.io/v1", "InferencePool"): ("inferencepools", True),
+    ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"): ("inferenceobjectives", True),
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): ("customresourcedefinitions", False),
     ("v1", "Event"): ("events", True),  # the cluster autoscaler's word on where pods landed
 }
 

@@ -115,3 +115,15 @@ def test_sglang_cannot_use_the_runai_streamer():
     data["engine"] = {"kind": "sglang"}
     with pytest.raises(SpecError, match="startup.weights.loader: the Run:ai streamer is vLLM's loader"):
         parse_spec(data)
+
+
+def test_gce_ingress_backend_timeout_outlasts_a_held_request():
+    """Behind a GCE Ingress the LB cuts a response after its backend timeout (30 s by default): the live Service
+    names a BackendConfig whose timeout covers hold.timeout plus the generation (read_timeout_s)."""
+    spec = parse_spec(yaml.safe_load((ROOT / "deployments/mistral-7b-vllm-spot.yaml").read_text()))
+    objs = render(spec, color="blue")
+    (bc,) = [o for o in objs if o["kind"] == "BackendConfig"]
+    assert bc["spec"]["timeoutSec"] == 300 + spec.expose.ingress.read_timeout_s
+    (live,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "mistral-7b"]
+    assert live["metadata"]["annotations"]["cloud.google.com/backend-config"] == '{"default": "mistral-7b-backend"}'
+    assert not [o for o in render(parse_spec(seed1()), color="blue") if o["kind"] == "BackendConfig"]  # no Ingress

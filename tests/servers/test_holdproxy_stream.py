@@ -1,0 +1,124 @@
+"""A streaming client of a parked model, through the hold proxy, with the real ``openai`` client: the response
+starts at once, SSE comments keep the connection (and the client's read timeout) alive while the model
+wakes, then the model's own stream follows. The model is the sandbox's vLLM engine, loading (``/v1/models``
+answers 503 until its weights are in: the wake)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from sandbox.core import Clock, Faults
+from sandbox.engines import ModelRuntime
+from sandbox.hub import Hub
+from tests.servers.test_holdproxy import _proxy, recorder  # noqa: F401 - the Prefect stand-in fixture
+
+MODEL = "google/gemma-2-2b-it"
+
+
+def _waking_model(load_s: float):
+    """A vLLM pod that just started: up, loading for ``load_s`` real seconds."""
+    faults = Faults()
+    runtime = ModelRuntime(clock=Clock(1.0), faults=faults, hub=Hub(faults=faults))
+    runtime.behaviors.add(mode="ok", load_seconds=load_s, tokens_per_s=200.0)
+    pod = {"metadata": {"name": "m-0", "namespace": "default", "uid": "u-m-0"},
+           "spec": {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                    "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.10.2", "args": [f"--model={MODEL}"],
+                                    "ports": [{"containerPort": 8000}],
+                                    "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+    return runtime, runtime.start(pod)
+
+
+def _warm_openai() -> None:
+    """The openai client's first request works out its platform headers (~1-2 s here): done before timing."""
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0).models.list()
+
+
+def _stream_through(url: str, *, read_timeout: float) -> tuple[float, str, float]:
+    """(seconds to the first bytes, the streamed text, seconds to the end) with the openai client."""
+    _warm_openai()
+    raw = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                        timeout=httpx.Timeout(read_timeout, connect=5.0))
+    t0 = time.monotonic()
+    with raw.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is Kubernetes?"}], max_tokens=20,
+            stream=True) as resp:
+        first = time.monotonic() - t0  # headers are back: the proxy answered at once
+        text = ""
+        for chunk in resp.parse():
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+    return first, text, time.monotonic() - t0
+
+
+def _keepalives_within(url: str, seconds: float) -> list[str]:
+    """The SSE comments a raw reader sees in its first ``seconds``."""
+    seen: list[str] = []
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=httpx.Timeout(seconds + 5),
+                      json={"model": MODEL, "stream": True, "max_tokens": 5,
+                            "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        t0 = time.monotonic()
+        for line in resp.iter_lines():
+            if line.startswith(":"):
+                seen.append(line)
+            if time.monotonic() - t0 > seconds or line.startswith("data:"):
+                break
+    return seen
+
+
+def test_streaming_client_is_kept_alive_while_the_model_wakes(recorder):  # noqa: F811
+    """Read timeout 2 s, a 9 s wake, a comment every 0.5 s: the client gets its whole stream. Without the
+    keep-alive (fails before: the proxy sent nothing until the model answered) the read times out."""
+    _warm_openai()
+    runtime, server = _waking_model(load_s=9.0)
+    try:
+        url, proxy = _proxy(recorder, upstream=server.url, timeout_s=30.0, keepalive_s=0.5)
+        comments = _keepalives_within(url, 1.2)
+        assert comments and comments[0].startswith(": waking m, 0 s"), comments
+        first, text, took = _stream_through(url, read_timeout=2.0)
+        assert first < 1.0 and took >= 4.0  # headers at once; the stream after the wake, > 2 read timeouts
+        assert text.strip()
+        assert proxy.state.forwarded >= 1 and proxy.state.held == 0
+    finally:
+        runtime.stop()
+
+
+def test_non_streaming_requests_are_held_as_before(recorder):  # noqa: F811
+    runtime, server = _waking_model(load_s=1.5)
+    try:
+        url, _ = _proxy(recorder, upstream=server.url, timeout_s=30.0, keepalive_s=0.5)
+        t0 = time.monotonic()
+        resp = httpx.post(url + "/v1/chat/completions", timeout=20, json={
+            "model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
+        assert time.monotonic() - t0 >= 1.0  # held until the model answered, one plain JSON answer
+    finally:
+        runtime.stop()
+
+
+def test_hold_timeout_ends_the_stream_with_an_error_the_client_raises(recorder):  # noqa: F811
+    runtime, server = _waking_model(load_s=60.0)
+    try:
+        url, proxy = _proxy(recorder, upstream=server.url, timeout_s=1.5, keepalive_s=0.5)
+        with pytest.raises(openai.APIError, match="m is waking up: not answering after 1.5 s"):
+            _stream_through(url, read_timeout=5.0)
+        assert proxy.state.rejected == 1
+    finally:
+        runtime.stop()
+
+
+@pytest.mark.long
+def test_thirty_second_read_timeout_survives_a_forty_second_wake(recorder):  # noqa: F811
+    """The issue's figures: keep-alive bytes within 5 s, the full stream after the wake, a 30 s read timeout."""
+    runtime, server = _waking_model(load_s=40.0)
+    try:
+        url, _ = _proxy(recorder, upstream=server.url, timeout_s=120.0)  # the default keep-alive interval
+        first, text, took = _stream_through(url, read_timeout=30.0)
+        assert first < 5.0 and took >= 38.0 and text.strip()
+    finally:
+        runtime.stop()
