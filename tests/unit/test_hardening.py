@@ -30,7 +30,7 @@ def spec_of(filename: str, **changes):
 
 
 def pod_and_container(objs):
-    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    (dep,) = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith(("-blue", "-green"))]
     pod = dep["spec"]["template"]["spec"]
     return pod, pod["containers"][0]
 
@@ -94,7 +94,7 @@ def test_network_policy_nginx_admits_the_ingress_namespace_prometheus_and_the_ap
     assert peers == {"ingress-nginx", "gmp-system", "kube-system", "apps"}
     assert rule["ports"] == [{"protocol": "TCP", "port": spec.engine.container_port}]
     # it selects the model pods of both colors, nothing else
-    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    (dep,) = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith(("-blue", "-green"))]
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels[k] == v for k, v in np["spec"]["podSelector"]["matchLabels"].items())
     assert "llm-fleet.dev/color" not in np["spec"]["podSelector"]["matchLabels"]

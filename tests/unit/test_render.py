@@ -24,8 +24,14 @@ def by_kind(objs, kind):
     return [o for o in objs if o["kind"] == kind]
 
 
+def model_deployments(objs):
+    """The model's Deployment(s): not the playground's (expose.playground, on in seed 004)."""
+    return [d for d in by_kind(objs, "Deployment")
+            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "model-server"]
+
+
 def container(objs):
-    (dep,) = by_kind(objs, "Deployment")
+    (dep,) = model_deployments(objs)
     return dep, dep["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]["containers"][0]
 
 
@@ -59,7 +65,8 @@ def test_common_shape(path):
     assert dep["spec"]["selector"]["matchLabels"] == names.selector(spec, "green")
     tmpl_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert names.selector(spec, "green").items() <= tmpl_labels.items()
-    live, preview = by_kind(objs, "Service")
+    live, preview = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] in (
+        names.service(spec), names.preview_service(spec))]
     assert live["spec"]["selector"] == preview["spec"]["selector"] == names.selector(spec, "green")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(spec.accelerator.count)
     assert "startupProbe" in c and c["livenessProbe"].get("initialDelaySeconds", 0) == 0
