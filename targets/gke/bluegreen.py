@@ -18,6 +18,7 @@ from manifests.spec import DeploymentSpec
 from targets.gke.analysis import step_post_analysis, step_pre_analysis
 from targets.gke.promotion_gate import step_promotion_gate
 from targets.gke.release_steps import (
+    STOPPED_REPLICAS,
     Release,
     Step,
     live_color,
@@ -29,6 +30,7 @@ from targets.gke.release_steps import (
     step_record,
     step_stop_live,
     step_switch,
+    stopped_replicas,
     switch_traffic,
 )
 from targets.gke.serving import load_timeout_s, scale_down_color, wait_until_answering
@@ -54,12 +56,15 @@ def roll_back(r: Release, exc: BaseException) -> str:
     done: list[str] = []
     with r.report.step(f"Roll back to {r.stable}") as step:
         if r.live_stopped:
+            replicas = stopped_replicas(r)  # stored on the cluster: a rerun observed the stable color at 0
             k8s.scale_deployment(kubeconfig=r.kubeconfig, namespace=spec.namespace,
-                                 name=names.deployment(spec, r.stable), replicas=r.observed.colors[r.stable].replicas)
-            wait_until_answering(spec, kubeconfig=r.kubeconfig, color=r.stable,
-                                 replicas=r.observed.colors[r.stable].replicas,
+                                 name=names.deployment(spec, r.stable), replicas=replicas)
+            wait_until_answering(spec, kubeconfig=r.kubeconfig, color=r.stable, replicas=replicas,
                                  timeout_s=load_timeout_s(spec, r.t.model.params), service=names.service(spec))
-            done.append(f"{r.stable} scaled back up")
+            k8s.annotate(kubeconfig=r.kubeconfig, api_version="apps/v1", kind="Deployment",
+                         name=names.deployment(spec, r.stable), namespace=spec.namespace,
+                         annotations={STOPPED_REPLICAS: None})
+            done.append(f"{r.stable} scaled back up to {replicas}")
         # Where traffic is, read from the cluster: a patch whose reply was lost still moved it.
         if r.switched or live_color(spec, kubeconfig=r.kubeconfig) == r.candidate:
             stable = r.state(r.stable)

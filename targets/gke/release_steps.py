@@ -31,6 +31,7 @@ from manifests.release import (
 )
 from manifests.render import autoscaler, preview_service
 from manifests.spec import DeploymentSpec, region_of
+from targets.gke.capacity import capacity_for
 from targets.gke.serving import ENDPOINT_LAG_S, Prepared, ensure_namespace_and_secret, load_timeout_s, observe
 from tasks import compute, gke, health, k8s
 from tasks.report import Report, artifact_key
@@ -79,6 +80,13 @@ Step = Callable[[Release], str]  # one named step of a strategy: does its part, 
 def step_capacity(r: Release) -> str:
     spec = r.spec
     live_replicas = r.observed.colors[r.stable].replicas
+    options = capacity_for(spec).release_room(spec, kubeconfig=r.kubeconfig, location=r.t.location,
+                                              live_replicas=live_replicas, candidate_replicas=candidate_replicas(r))
+    if options is not None:  # capacity options: the ComputeClass places the candidate on any with room
+        ok, detail, fix = options
+        if not ok:
+            raise PreflightError(f"the release needs both colors at once: {detail}", fix)
+        return detail
     pool_max = pool_nodes = None
     if spec.cluster.mode == "standard":
         pool = gke.get_node_pool(project=spec.cluster.project, location=r.t.location, cluster=spec.cluster.name,
@@ -104,8 +112,25 @@ def candidate_replicas(r: Release) -> int:
     return max(r.spec.replicas, live) if r.spec.autoscaling and live else r.spec.replicas
 
 
+# On the stable Deployment while a recreate release has it stopped: the count a rollback restores. On the
+# cluster, so a rerun after a killed release (which observes the color at 0) still knows it.
+STOPPED_REPLICAS = "llm-fleet.dev/replicas-before-stop"
+
+
+def stopped_replicas(r: Release) -> int:
+    """What the stable color ran before a recreate release stopped it (this run or a killed earlier one)."""
+    dep = k8s.get_object(kubeconfig=r.kubeconfig, api_version="apps/v1", kind="Deployment",
+                         name=names.deployment(r.spec, r.stable), namespace=r.spec.namespace)
+    stored = ((dep or {}).get("metadata", {}).get("annotations") or {}).get(STOPPED_REPLICAS)
+    return max(int(stored or 0), r.observed.colors[r.stable].replicas)
+
+
 def step_stop_live(r: Release) -> str:
     r.report.note(f"⚠️ release.strategy recreate: {r.spec.name} is down until {r.candidate} answers")
+    if r.observed.colors[r.stable].replicas > 0:  # a rerun finds it at 0: the stored count stands
+        k8s.annotate(kubeconfig=r.kubeconfig, api_version="apps/v1", kind="Deployment",
+                     name=names.deployment(r.spec, r.stable), namespace=r.spec.namespace,
+                     annotations={STOPPED_REPLICAS: str(r.observed.colors[r.stable].replicas)})
     k8s.scale_deployment(kubeconfig=r.kubeconfig, namespace=r.spec.namespace,
                          name=names.deployment(r.spec, r.stable), replicas=0)
     r.live_stopped = True

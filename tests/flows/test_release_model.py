@@ -406,6 +406,39 @@ def test_killed_at_each_step_then_rerun_converges(served, sandbox, monkeypatch, 
     assert len(promoted) == 1
 
 
+def test_killed_recreate_release_then_failed_rerun_restores_the_original_count(served, sandbox, sbc, monkeypatch):
+    """strategy recreate, killed right after it stopped the live color; the rerun's candidate crashes: the
+    rollback brings the stable color back to the count it had (stored on its Deployment), not to the 0 the
+    rerun observed. Failed before the fix: the model stayed at 0 replicas."""
+    from targets.gke import bluegreen
+
+    class Killed(BaseException):  # like SIGKILL: no rollback code runs
+        pass
+
+    spec = dict(served, release=dict(FAST_RELEASE, strategy="recreate"))
+    stable = live(spec)
+    replicas = deployment(spec, stable).spec.replicas
+    assert replicas > 0
+    sha = sandbox.hub.push_revision(MODEL, title="recreate: killed, then a crashing candidate")
+    title, fn = bluegreen.STEPS["stop_live"]
+
+    def crashing(r):
+        fn(r)
+        raise Killed("stop_live")
+
+    monkeypatch.setitem(bluegreen.STEPS, "stop_live", (title, crashing))
+    with pytest.raises(Killed):
+        release(spec, revision=sha)
+    monkeypatch.setitem(bluegreen.STEPS, "stop_live", (title, fn))
+    assert deployment(spec, stable).spec.replicas == 0
+    sbc.add_behavior(revision=sha, mode="crash_loop")
+    with pytest.raises(Exception):  # noqa: B017 - the candidate's crash, whatever its class
+        release(spec, revision=sha)
+    assert live(spec) == stable
+    assert deployment(spec, stable).spec.replicas == replicas
+    assert "llm-fleet.dev/replicas-before-stop" not in (deployment(spec, stable).metadata.annotations or {})
+
+
 def test_deploy_of_changed_spec_releases_instead_of_updating_in_place(served):
     from flows.deploy_model import deploy_model
 
