@@ -41,6 +41,20 @@ def plan(spec: DeploymentSpec) -> list[Step]:
     return [Step(0, 100, rel.post_promotion.window.total_seconds())]
 
 
+def plan_steps(blue_green: tuple[str, ...]) -> tuple[str, ...]:
+    """Blue-green's release steps on a Gateway: the synthetic analyses through the preview and live Services
+    give way to the Gateway objects and the weighted steps on real traffic; the Service selector still
+    follows (in-cluster clients, and where the cluster records the live color)."""
+    out: list[str] = []
+    for name in blue_green:
+        if name in ("pre_analysis", "post_analysis"):
+            continue
+        if name == "switch":
+            out += ["gateway", "canary"]
+        out.append(name)
+    return tuple(out)
+
+
 def route_weights(route: Obj) -> dict[str, int]:
     """pool name -> weight of the HTTPRoute's first rule, as the cluster holds it."""
     rules = (route.get("spec") or {}).get("rules") or [{}]

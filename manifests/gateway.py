@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from manifests import names
-from manifests.errors import FleetError
+from manifests.errors import PreflightError
 from manifests.names import COLORS, Color
 from manifests.spec import DeploymentSpec, region_of
 
@@ -25,7 +25,7 @@ MODEL_HEADER = "X-Gateway-Model-Name"
 EPP_PORT = 9002
 
 
-class GatewayPreflightError(FleetError):
+class GatewayPreflightError(PreflightError):
     """The cluster lacks what a Gateway needs (CRDs, a proxy-only subnet)."""
 
 

@@ -146,6 +146,8 @@ def cluster_body(spec: DeploymentSpec, *, location: str, zones: list[str]) -> di
         body["addons_config"] = {"gcp_filestore_csi_driver_config": {"enabled": True}}
     if startup.cluster_addons(spec):  # the GCS FUSE CSI driver for weights mounted from a bucket
         body.setdefault("addons_config", {}).update(startup.cluster_addons(spec))
+    if spec.expose.gateway is not None:  # gcloud ... --gateway-api=standard: the CRDs and GKE's GatewayClasses
+        body["network_config"] = {"gateway_api_config": {"channel": "CHANNEL_STANDARD"}}
     if c.mode == "autopilot":
         body["autopilot"] = {"enabled": True}
         return body
@@ -155,7 +157,7 @@ def cluster_body(spec: DeploymentSpec, *, location: str, zones: list[str]) -> di
     body["shielded_nodes"] = {"enabled": True}
     if spec.expose.network_policy:
         # NetworkPolicy is enforced only with Dataplane V2 (Autopilot's default); set at create time only.
-        body["network_config"] = {"datapath_provider": "ADVANCED_DATAPATH"}
+        body.setdefault("network_config", {})["datapath_provider"] = "ADVANCED_DATAPATH"
     if zones:
         body["locations"] = zones[:1]  # the small system pool lives in one zone (seed 004)
     if c.image_streaming:

@@ -7,6 +7,7 @@ naming the field and the fix.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import zoneinfo
 from datetime import timedelta
@@ -419,8 +420,12 @@ class HoldSpec(_Model):
     max_queue: int = Field(10_000, ge=1)  # Knative's activator holds up to 10,000 per revision
     timeout: Duration = timedelta(seconds=300)  # Knative's request timeout; past it: 503 + Retry-After
     retry_after: Duration = timedelta(seconds=30)
-    # An image of this package (`python -m servers.holdproxy`); the sandbox runs `local/...` images.
-    image: str = "ghcr.io/llm-fleet/llm-fleet:0.1.0"
+    # The product's own image (the Dockerfile's, README "The flows image"): `python -m servers.holdproxy`.
+    # Named once, by LLM_FLEET_IMAGE (what the sandbox's env file sets, and the production deployments run);
+    # the spec may name another. Checked before park or a playground deploy does anything.
+    image: str | None = Field(default_factory=lambda: os.environ.get("LLM_FLEET_IMAGE") or None, description=(
+        "The hold proxy's (and playground's) image: the flows image the README builds from the Dockerfile; "
+        "default: $LLM_FLEET_IMAGE"))
     # The Prefect API as the cluster reaches it (default: the one the flow uses).
     prefect_api_url: str | None = None
 
@@ -582,6 +587,9 @@ class DeploymentSpec(_Model):
         if gw is not None and ing is not None:
             raise SpecError("expose.gateway", "a model is exposed by an Ingress or by a Gateway, not both",
                             "drop expose.ingress (the Gateway replaces it) or expose.gateway")
+        if self.release.strategy == "recreate" and gw is not None:
+            raise SpecError("release.strategy", "recreate stops the live color first; on a Gateway the HTTPRoute "
+                            "moves traffic between two warm colors", "use blue-green (one step) or canary")
         if self.release.strategy == "canary" and gw is None:
             raise SpecError("release.strategy", "a canary shifts HTTPRoute weights, so it needs a Gateway",
                             "add expose.gateway (class gke-l7-regional-external-managed), or use blue-green")

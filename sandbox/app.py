@@ -92,10 +92,15 @@ from sandbox.client import SandboxClient
 from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
 from sandbox.gke import Gke
+from sandbox.kube import localproc
 from sandbox.routing import ServicePorts
 from sandbox.tokens import DEFAULT_LIFETIME_S, GoogleTokens, OAuth
 
 HF_TOKEN = "hf_sandbox_read"
+# The product's own image as the README builds it (docker build -t us-docker.pkg.dev/PROJECT/llm-fleet/flows:TAG .),
+# named in the env file as LLM_FLEET_IMAGE: its pods (hold proxy, playground) run as local processes of this
+# checkout, for `llm-fleet sandbox up` and the demo alike.
+FLOWS_IMAGE = "us-docker.pkg.dev/{project}/llm-fleet/flows:sandbox"
 SLACK_TOKEN = "xoxb-sandbox-token"
 GCLOUD_TOKEN_LIFETIME_S = 12 * 3600.0  # real seconds: the longest access-token lifetime Google allows
 AUTH_PLUGIN_HINT = ("Install gke-gcloud-auth-plugin for use with kubectl by following "
@@ -172,6 +177,7 @@ class Sandbox:
         from sandbox.vertex import Vertex
 
         self.project = project
+        self.flows_image = FLOWS_IMAGE.format(project=project)
         # the identity of the env file's credentials (ADC key and gcloud token); project owner
         self.google_account = f"llm-fleet@{project}.iam.gserviceaccount.com"
         self.clock = Clock(time_scale)
@@ -218,6 +224,7 @@ class Sandbox:
             return self
         self.faults.stop.clear()
         self._stop_event.clear()
+        localproc.REGISTERED.add(self.flows_image)  # the product image runs here, whoever started the sandbox
         started: list[Any] = []
         try:
             for part in self._parts():
@@ -329,6 +336,8 @@ class Sandbox:
             "LLM_FLEET_SANDBOX_URL": self.url,
             "LLM_FLEET_GKE_ENDPOINT": self.gke.url,
             "LLM_FLEET_COMPUTE_ENDPOINT": self.compute.url,
+            # Managed Prometheus' PromQL query API, for every cluster's GMP collector (control endpoint)
+            "LLM_FLEET_MONITORING_ENDPOINT": self.url,
             # Application Default Credentials, as on GCP: google-auth signs an assertion with the file's
             # service-account key and trades it at the sandbox's token endpoint for access tokens that expire
             "LLM_FLEET_GCP_AUTH": "adc",
@@ -343,6 +352,7 @@ class Sandbox:
             "HF_ENDPOINT": self.hub.url,
             "HF_TOKEN": HF_TOKEN,
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            "LLM_FLEET_IMAGE": self.flows_image,
             "KUBECONFIG": str(d / "kubeconfig"),
             "GOOGLE_CLOUD_PROJECT": self.project,
             "CLOUDSDK_CORE_PROJECT": self.project,

@@ -24,7 +24,7 @@ from manifests.spec import DeploymentSpec
 
 Obj = dict[str, Any]
 GROUP, VERSION = "gateway.networking.k8s.io", "v1"
-QueryFn = Callable[[str, float], "float | None"]
+QueryFn = Callable[[str, "float | None"], "float | None"]  # (PromQL, evaluation time or None = now) -> value
 
 
 class CanaryError(FleetError):
@@ -60,10 +60,11 @@ def gmp_query_fn(base_url: str, project: str, *, token: Callable[[], str] | None
     base_url is https://monitoring.googleapis.com and ``token`` an ADC access token) -> one value or None."""
     session = http or httpx.Client(timeout=30)
 
-    def query(text: str, at: float) -> float | None:
+    def query(text: str, at: float | None) -> float | None:
         headers = {"Authorization": f"Bearer {token()}"} if token else {}
+        form = {"query": text} | ({"time": f"{at:.3f}"} if at is not None else {})
         r = session.post(f"{base_url.rstrip('/')}/v1/projects/{project}/location/global/prometheus/api/v1/query",
-                         data={"query": text, "time": f"{at:.3f}"}, headers=headers)
+                         data=form, headers=headers)
         body = r.json()
         if r.status_code != 200 or body.get("status") != "success":
             raise CanaryError(f"PromQL query failed ({r.status_code}): {body.get('error', r.text)[:300]}",
@@ -75,7 +76,72 @@ def gmp_query_fn(base_url: str, project: str, *, token: Callable[[], str] | None
     return query
 
 
-def measure(spec: DeploymentSpec, deployment: str, query: QueryFn, *, window_s: float, at: float
+def product_query_fn(project: str) -> QueryFn:
+    """GMP's query API where the settings point (monitoring.googleapis.com, or the sandbox's), with the
+    product's Google credentials."""
+    from tasks.clients import google_access_token
+    from tasks.settings import get_settings
+
+    s = get_settings()
+    return gmp_query_fn(s.monitoring_endpoint, project,
+                        token=None if s.gcp_auth == "anonymous" else lambda: google_access_token() or "")
+
+
+def kube_api(kubeconfig: str | None) -> client.ApiClient:
+    from tasks.clients import kube_client
+
+    return kube_client(kubeconfig)
+
+
+CUSTOM = {"Gateway": "gateways", "HTTPRoute": "httproutes", "InferencePool": "inferencepools",
+          "InferenceObjective": "inferenceobjectives"}
+
+
+def apply_gateway_objects(api: client.ApiClient, objs: list[Obj]) -> list[str]:
+    """Create what is missing and update the rest of the Gateway kinds; an existing HTTPRoute keeps its
+    weights (where traffic is now is the cluster's answer, not the render's). Other kinds: returned to the
+    caller to apply with the product's server-side apply."""
+    custom, rest = client.CustomObjectsApi(api), []
+    for obj in objs:
+        if obj["kind"] not in CUSTOM:
+            rest.append(obj)
+            continue
+        group, version = obj["apiVersion"].split("/")
+        ns, name, plural = obj["metadata"]["namespace"], obj["metadata"]["name"], CUSTOM[obj["kind"]]
+        try:
+            live = custom.get_namespaced_custom_object(group, version, ns, plural, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            custom.create_namespaced_custom_object(group, version, ns, plural, obj)
+            continue
+        if obj["kind"] == "HTTPRoute":
+            split = canary.route_weights(live)
+            for ref in obj["spec"]["rules"][0]["backendRefs"]:
+                ref["weight"] = split.get(ref["name"], ref["weight"])
+        if {k: v for k, v in obj.items() if k != "metadata"} != {k: v for k, v in live.items() if k not in (
+                "metadata", "status")}:
+            body = obj | {"metadata": obj["metadata"] | {"resourceVersion": live["metadata"]["resourceVersion"]}}
+            custom.replace_namespaced_custom_object(group, version, ns, plural, name, body)
+    return rest
+
+
+def missing_crds(api: client.ApiClient) -> set[str]:
+    names = {c["metadata"]["name"] for c in client.CustomObjectsApi(api).list_cluster_custom_object(
+        "apiextensions.k8s.io", "v1", "customresourcedefinitions")["items"]}
+    return set(gateway.REQUIRED_CRDS) - names
+
+
+def check_gateway(spec: DeploymentSpec, *, kubeconfig: str | None) -> str:
+    """The cluster has the Gateway API and Inference Extension CRDs, else one error naming each fix. (The
+    regional proxy-only subnet is named by manifests.gateway.preflight_problems when the caller knows the
+    network's subnets; the sandbox has none to list.)"""
+    missing = missing_crds(kube_api(kubeconfig))
+    gateway.check_preflight(spec, crds=set(gateway.REQUIRED_CRDS) - missing, proxy_only_subnets=None)
+    return f"Gateway API and Inference Extension CRDs installed ({len(gateway.REQUIRED_CRDS)})"
+
+
+def measure(spec: DeploymentSpec, deployment: str, query: QueryFn, *, window_s: float, at: float | None
             ) -> dict[str, float | None]:
     """Every analysis query of ``spec`` for the pods of ``deployment`` over the window ending at ``at``."""
     sel = analysis.pod_selector(spec.namespace, deployment)
@@ -93,10 +159,12 @@ class CanaryOutcome:
 
 
 def run_canary(*, api: client.ApiClient, spec: DeploymentSpec, live: Color, query: QueryFn,
-               smoke: Callable[[], bool], sleep: Callable[[float], None], now: Callable[[], float],
+               smoke: Callable[[], bool], sleep: Callable[[float], None], now: Callable[[], float] | None = None,
                on_step: Callable[[canary.Step, str], None] | None = None) -> CanaryOutcome:
     """Shift the HTTPRoute to the candidate step by step; judge each on the traffic of its window against the
-    live color over the same window. A failed step puts the candidate's weight back to 0 at once."""
+    live color over the same window. A failed step puts the candidate's weight back to 0 at once.
+    ``now``: the monitoring backend's clock (None: the query API evaluates at its own now, the window is
+    the hold)."""
     candidate = other(live)
     steps = canary.plan(spec)
     qs = analysis.queries(spec)
@@ -107,10 +175,10 @@ def run_canary(*, api: client.ApiClient, spec: DeploymentSpec, live: Color, quer
             on_step(step, "weights set")
         extensions = 0
         while True:
-            started = now()
+            started = now() if now else None
             sleep(step.hold_s)
-            at = now()
-            window = max(1.0, at - started)
+            at = now() if now else None
+            window = max(1.0, at - started) if at is not None and started is not None else step.hold_s
             cand = measure(spec, f"{spec.name}-{candidate}", query, window_s=window, at=at)
             live_fig = measure(spec, f"{spec.name}-{live}", query, window_s=window, at=at)
             verdict = analysis.judge(qs, cand, live_fig)

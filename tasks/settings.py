@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # Vertex AI (None = https://REGION-aiplatform.googleapis.com) and Cloud Quotas (Vertex GPU quota).
     vertex_endpoint: str | None = None
     cloudquotas_endpoint: str = "https://cloudquotas.googleapis.com"
+    # Managed Prometheus' query API (PromQL; canary analysis): /v1/projects/P/location/global/prometheus/...
+    monitoring_endpoint: str = "https://monitoring.googleapis.com"
     # adc = Application Default Credentials; anonymous = sandbox; block = a prefect-gcp GcpCredentials block.
     gcp_auth: Literal["adc", "anonymous", "block"] = "adc"
     gcp_credentials_block: str | None = None

@@ -18,6 +18,7 @@ from manifests.fleet import SpecPath
 from manifests.render import adapter_metric
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from targets.gke.capacity import capacity_for
+from tasks import canary as canary_tasks
 from tasks import cluster_checks, compute, gke
 from tasks.report import Report, artifact_key
 
@@ -46,6 +47,8 @@ def cluster_preflight(spec: DeploymentSpec, *, kubeconfig: str, location: str) -
     if spec.autoscaling is not None:
         metric = adapter_metric(spec.autoscaling.metric or spec.engine.defaults.queue_metric)
         notes.append(cluster_checks.check_metrics_adapter(kubeconfig=kubeconfig, metric=metric))
+    if spec.expose.gateway is not None:
+        notes.append(canary_tasks.check_gateway(spec, kubeconfig=kubeconfig))
     return notes
 
 

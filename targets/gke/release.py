@@ -40,6 +40,7 @@ from manifests.release import (
 )
 from manifests.render import autoscaler
 from manifests.spec import DeploymentSpec, resolve_gke_spec
+from targets.gke.canary import route_to
 from targets.gke.deploy import first_deploy
 from targets.gke.release_steps import point_preview, switch_traffic
 from targets.gke.serving import cluster_location, observe, prepare, scale_down_color, smoke, with_revision
@@ -131,6 +132,7 @@ def rollback(spec: SpecPath | str | dict[str, Any], *, release_again: Callable[.
                                                name=names.deployment(spec, other), timeout_s=60)
                     step.detail = switch_traffic(spec, kubeconfig=kubeconfig, to=other, frm=live,
                                                  pods=list(rollout.pods))
+                    step.detail += route_to(spec, kubeconfig=kubeconfig, color=other)  # Gateway: its weights too
                     if spec.autoscaling:
                         k8s.apply_object(kubeconfig=kubeconfig, obj=autoscaler(spec, other))
                     point_preview(spec, kubeconfig=kubeconfig, color=other)

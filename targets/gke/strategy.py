@@ -19,6 +19,7 @@ from manifests.names import Color
 from manifests.release import Desired, Observed, ReleasePlan
 from manifests.spec import DeploymentSpec
 from targets.gke.bluegreen import BlueGreen
+from targets.gke.canary import Canary
 from targets.gke.release_steps import Release, Step, candidate_replicas
 from targets.gke.serving import Prepared, observe, scaled
 from tasks import k8s
@@ -37,7 +38,10 @@ class ReleaseStrategy(Protocol):
 
 def strategy_for(spec: DeploymentSpec) -> ReleaseStrategy:
     """release.strategy -> its implementation (recreate is blue-green's plan with stop_live first)."""
-    return {"blue-green": BlueGreen, "recreate": BlueGreen}[spec.release.strategy]()
+    # on a Gateway traffic moves by HTTPRoute weights: blue-green there is the one-step canary (0 -> 100)
+    gateway = spec.expose.gateway is not None
+    return {"blue-green": Canary if gateway else BlueGreen, "recreate": BlueGreen, "canary": Canary}[
+        spec.release.strategy]()
 
 
 class RollbackFailed(FleetError):

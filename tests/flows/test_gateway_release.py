@@ -1,0 +1,133 @@
+"""The Gateway path through the flows on the sandbox: provision_cluster turns the Gateway API on, deploy_model's
+preflight names the missing Inference Extension CRDs with the command that installs them, then serves through
+the Gateway; release_model with strategy canary under load through the Gateway's address promotes a good
+candidate step by step and stops a candidate bad on real traffic only at its first step, weight back on the
+live color; rollback_model moves the route's weight back to the warm color too."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.flows.conftest import spec_dict
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.long]
+
+GW, IE = "gateway.networking.k8s.io", "inference.networking.k8s.io"
+LONG = " ".join(["Summarise the following log line carefully please."] * 40)
+
+
+def _spec() -> dict:
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", name="qwen-gw")
+    spec["engine"] = {"kind": "vllm"}
+    spec["accelerator"] = {"type": "nvidia-l4", "pool": {"max_nodes": 3, "min_nodes": 0, "initial_nodes": 1}}
+    spec["expose"] = {"gateway": {"class": "gke-l7-regional-external-managed"}}
+    spec["release"] = {"strategy": "canary", "steps": [{"weight": 20, "hold": "1500s"}, {"weight": 100, "hold": "1500s"}],
+                       "scale_down_delay": "600s"}
+    return spec
+
+
+def _custom(spec: dict):
+    from kubernetes import client
+
+    from tasks.clients import kube_client
+    from tasks.gke import get_credentials
+
+    c = spec["cluster"]
+    return client.CustomObjectsApi(kube_client(get_credentials.fn(project=c["project"], location=c["location"],
+                                                                 name=c.get("name", "llm-fleet"))))
+
+
+def _weights(spec: dict) -> dict[str, int]:
+    route = _custom(spec).get_namespaced_custom_object(GW, "v1", "default", "httproutes", spec["name"])
+    return {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+
+
+class GatewayLoad:
+    """Clients through the Gateway's address, routed by the model field; every answer counted."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url, self.model = url, model
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(2)]
+
+    def _run(self, i: int) -> None:
+        n = i
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    self.statuses.append(c.post("/v1/completions", json={
+                        "model": self.model, "prompt": LONG if n % 5 == 0 else "Hi", "max_tokens": 4}).status_code)
+                except httpx.HTTPError:
+                    self.statuses.append(0)
+
+    def __enter__(self) -> GatewayLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gw_served(sandbox):
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+    from sandbox.kube import addons
+    from sandbox.kube.gateway import gateway_url
+
+    spec = _spec()
+    provision_cluster(spec=spec)
+    kube = sandbox.cluster_kube(spec["cluster"].get("name", "llm-fleet"), project=spec["cluster"]["project"])
+    assert "httproutes.gateway.networking.k8s.io" in kube.installed_crds()  # --gateway-api=standard
+    with pytest.raises(Exception) as err:
+        deploy_model(spec=spec)
+    assert "inferencepools.inference.networking.k8s.io" in str(err.value) and "kubectl apply -f" in str(err.value)
+    addons.install_inference_extension(kube)  # what the named command installs
+    deploy_model(spec=spec)
+    gw = _custom(spec).get_namespaced_custom_object(GW, "v1", "default", "gateways", f"{spec['name']}-gateway")
+    deadline = time.monotonic() + 30
+    while gateway_url(gw) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        gw = _custom(spec).get_namespaced_custom_object(GW, "v1", "default", "gateways", f"{spec['name']}-gateway")
+    return spec, gateway_url(gw)
+
+
+def test_canary_release_promotes_a_good_candidate_under_load(gw_served, sandbox):
+    from flows.release_model import release_model
+
+    spec, url = gw_served
+    assert _weights(spec) == {"qwen-gw-blue": 100, "qwen-gw-green": 0}
+    sha = sandbox.hub.push_revision("Qwen/Qwen2.5-7B-Instruct", title="new weights")
+    with GatewayLoad(url, "Qwen/Qwen2.5-7B-Instruct") as load:
+        result = release_model(spec=spec, revision=sha)
+    assert result["color"] == "green"
+    assert _weights(spec) == {"qwen-gw-blue": 0, "qwen-gw-green": 100}
+    assert [s["weight"] for s in result["figures"]["canary"]] == [20, 100]
+    assert load.statuses and all(s == 200 for s in load.statuses), sorted(set(load.statuses))
+
+
+def test_canary_stops_a_candidate_bad_on_real_traffic_only(gw_served, sandbox, sbc):
+    from flows.release_model import release_model
+
+    spec, url = gw_served
+    live = "green" if _weights(spec)["qwen-gw-green"] == 100 else "blue"
+    candidate = "blue" if live == "green" else "green"
+    sbc.add_behavior(mode="long_prompt_errors", labels={"llm-fleet.dev/color": candidate,
+                                                        "app.kubernetes.io/instance": spec["name"]})
+    sha = sandbox.hub.push_revision("Qwen/Qwen2.5-7B-Instruct", title="bad on long prompts")
+    with GatewayLoad(url, "Qwen/Qwen2.5-7B-Instruct") as load, pytest.raises(Exception) as err:
+        release_model(spec=copy.deepcopy(spec), revision=sha)
+    assert "canary stopped at 20%" in str(err.value) and "error_rate" in str(err.value)
+    assert _weights(spec)[f"qwen-gw-{live}"] == 100
+    failed = sum(1 for s in load.statuses if s != 200)
+    assert 0 < failed <= 0.2 * len(load.statuses)  # at most the step's share was affected
