@@ -108,3 +108,34 @@ def test_or_vector_zero_makes_a_counter_that_never_moved_zero():
     src = _series([("req_total", {"status": "2xx"}, [(1, 0), (60, 60)])])
     q = '(sum(rate(req_total{status="5xx"}[1m])) or vector(0)) / sum(rate(req_total[1m]))'
     assert promql.scalar_of(promql.query(q, src, 60)) == 0.0
+
+
+def test_canary_plan_steps_and_decisions():
+    from manifests import canary
+
+    spec = parse_spec(SPEC)
+    assert [(s.weight, s.hold_s) for s in canary.plan(spec)] == [(5, 300), (25, 300), (50, 300), (100, 300)]
+    bg = parse_spec(SPEC | {"release": {"strategy": "blue-green"}})
+    assert [s.weight for s in canary.plan(bg)] == [100]  # blue-green on a Gateway: one step
+    assert canary.plan_steps(("capacity", "bring_up", "preview", "pre_analysis", "switch", "post_analysis", "record",
+                              "scale_down")) == ("capacity", "bring_up", "preview", "gateway", "canary", "switch",
+                                                 "record", "scale_down")
+    ok = analysis.judge(QS, {"requests": 60, "error_rate": 0.0, "p95_latency_s": 1.0, "tokens_per_s": 30},
+                        {"p95_latency_s": 1.0, "tokens_per_s": 30})
+    few = analysis.judge(QS, {"requests": 2}, {})
+    assert canary.decide(ok, smoke_ok=True, extensions=0) == "advance"
+    assert canary.decide(ok, smoke_ok=False, extensions=0) == "abort"  # smoke prompts still count
+    assert canary.decide(few, smoke_ok=True, extensions=0) == "hold"
+    assert canary.decide(few, smoke_ok=True, extensions=canary.MAX_EXTENSIONS) == "abort"
+
+
+def test_with_weights_keeps_the_resource_version_for_the_checked_update():
+    from manifests import canary, gateway
+
+    spec = parse_spec(SPEC)
+    route = gateway.http_route(spec, gateway.weights("blue", 0))
+    route["metadata"]["resourceVersion"] = "42"
+    moved = canary.with_weights(route, spec, gateway.weights("blue", 25))
+    assert canary.route_weights(moved) == {"mistral-blue": 75, "mistral-green": 25}
+    assert moved["metadata"]["resourceVersion"] == "42" and canary.route_weights(route)["mistral-green"] == 0
+    assert canary.candidate_share(moved, spec, "green") == 25
