@@ -23,9 +23,21 @@ os.environ.setdefault("LLM_FLEET_MIN_LOAD_TIMEOUT_S", "3")
 # side by side on one machine never see each other's files. The product's credentials directory is in
 # it too (LLM_FLEET_KUBE_DIR, unless a test sets its own), not the user's home.
 if "LLM_FLEET_TEST_TMPDIR" not in os.environ:
+    import glob
+    import shutil
     import tempfile
 
+    for stale in glob.glob(os.path.join(tempfile.gettempdir(), "llm-fleet-tests-*", "tests-session.pid")):
+        try:  # a session killed before its end (SIGKILL, a timeout) could not remove its dir: this one does
+            with open(stale) as f:
+                os.kill(int(f.read()), 0)
+        except (ProcessLookupError, ValueError):
+            shutil.rmtree(os.path.dirname(stale), ignore_errors=True)
+        except OSError:
+            pass
     os.environ["LLM_FLEET_TEST_TMPDIR"] = tempfile.mkdtemp(prefix="llm-fleet-tests-")
+    with open(os.path.join(os.environ["LLM_FLEET_TEST_TMPDIR"], "tests-session.pid"), "w") as f:
+        f.write(str(os.getpid()))
     os.environ["LLM_FLEET_TEST_TMPDIR_OWNER"] = str(os.getpid())  # only this process checks and removes it
     os.chmod(os.environ["LLM_FLEET_TEST_TMPDIR"], 0o711)  # the PostgreSQL harness runs as postgres inside it
     os.environ["TMPDIR"] = os.environ["LLM_FLEET_TEST_TMPDIR"]
