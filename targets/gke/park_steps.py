@@ -15,6 +15,7 @@ is ``under_model_lock``; wake's own steps are in wake_steps.py.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from manifests import park as P
 from manifests.errors import FleetError
 from manifests.fleet import bundled_specs
 from manifests.spec import DeploymentSpec, load_spec, resolve_gke_spec
-from targets.gke.serving import cluster_location, load_timeout_s
+from targets.gke.serving import cluster_location, load_timeout_s, scaled
 from tasks import gke, health, k8s
 from tasks.inventory import list_kind
 from tasks.locks import model_lock
@@ -193,6 +194,8 @@ def _annotate_record(run: Run, record: P.ParkRecord) -> None:
 
 def park(run: Run) -> dict[str, Any]:
     spec, kubeconfig, report, record = run.spec, run.kubeconfig, run.report, run.record
+    if (record is None or record.held) and spec.hold.enabled:
+        P.require_image(spec, "the hold proxy")  # before anything is recorded or scaled
     changed: list[str] = []
     with report.step("Record what park changes, on the live Service") as step:
         if record is None:
@@ -236,16 +239,22 @@ def park(run: Run) -> dict[str, Any]:
                 k8s.patch_service_selector(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.service(spec),
                                            selector=P.hold_selector(spec), expect=record.selector)
                 changed.append("held")
+                # Settle before the model's pods go, as a release does before it retires a color: every
+                # node's kube-proxy still routes new requests to them for a while after the selector
+                # change, and the generations in flight there must finish.
+                time.sleep(scaled(spec.release.scale_down_delay.total_seconds()))
             step.detail = f"{P.hold_deployment_name(spec)} {applied.action}; {names.service(spec)} → hold proxy"
     else:
         report.skip("Put the hold proxy in front of the model", "hold.enabled is false: requests get 503 while parked")
 
     with report.step("Scale the model to 0 and wait until no GPU pod remains") as step:
-        dep = _deployment(spec, kubeconfig, record.color) or {}
-        if int((dep.get("spec") or {}).get("replicas") or 0) != 0:
-            k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
-                                 name=names.deployment(spec, record.color), replicas=0)
-            changed.append("scaled")
+        # Both colors: a stray candidate (an interrupted release's) holds GPUs too, and serves no one.
+        for color in names.COLORS:
+            dep = _deployment(spec, kubeconfig, color) or {}
+            if int((dep.get("spec") or {}).get("replicas") or 0) != 0:
+                k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
+                                     name=names.deployment(spec, color), replicas=0)
+                changed.append("scaled" if color == record.color else f"stray {color} scaled")
         k8s.wait_pods_gone(kubeconfig=kubeconfig, namespace=spec.namespace,
                            selector={"app.kubernetes.io/instance": spec.name,
                                      "app.kubernetes.io/component": "model-server"},

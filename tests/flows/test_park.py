@@ -139,7 +139,7 @@ def test_park_waits_for_a_held_lock_then_leaves_no_gpu_pod_or_node_and_records_t
     spec, path, kubeconfig, before = model
     assert before["nodes"] == 1 and gpu_pods(spec, kubeconfig)
     result: dict = {}
-    with model_lock(parse_spec(spec), purpose="release"):  # a release in flight
+    with model_lock(parse_spec(spec), purpose="release", kubeconfig=kubeconfig):  # a release in flight
         t = threading.Thread(target=lambda: result.update(park_model(spec=spec, reason="test")))
         t.start()
         deadline = time.monotonic() + 60
@@ -162,6 +162,14 @@ def test_park_waits_for_a_held_lock_then_leaves_no_gpu_pod_or_node_and_records_t
     assert record.pool is not None and (record.pool.min_nodes, record.pool.max_nodes, record.pool.nodes_per_zone) == (
         before["min"], before["max"], before["nodes"])
     assert svc["spec"]["selector"] == P.hold_selector(parse_spec(spec))  # requests now go to the hold proxy
+    # two proxy pods hold, and a drain may take only one of them at a time
+    replicas, pods = hold_state(spec, kubeconfig)
+    assert replicas == 2 and len(pods) == 2
+    from tasks import k8s
+
+    pdb = k8s.get_object.fn(kubeconfig=kubeconfig, api_version="policy/v1", kind="PodDisruptionBudget",
+                            name=f"{spec['name']}-hold", namespace="default")
+    assert pdb is not None and pdb["spec"]["maxUnavailable"] == 1
 
 
 def test_park_rerun_is_a_no_op(model):
@@ -206,6 +214,11 @@ def test_a_request_while_parked_is_held_and_answered_after_the_automatic_wake(mo
     assert "Scale the hold proxy to 0 once the switch has settled" in slack_heads(sbc, "wake_model", spec["name"])[-1]
     assert any("serving again after" in m["text"] for m in sbc.slack_messages() if "wake_model" in m["text"])
     assert woke["wake_history"][-1] > 0
+    # the wake phase by phase, from the kubelet's Pulled event and the engine's weight lines (cloud seconds)
+    phases = woke["phases"]
+    assert set(phases) == {"node", "image", "weights", "engine", "smoke"} and phases["weights"] > 0
+    assert phases["engine"] > 0 and phases["smoke"] > 0 and all(v >= 0 for v in phases.values())
+    assert "Measure the wake phase by phase" in slack_heads(sbc, "wake_model", spec["name"])[-1]
 
 
 def test_wake_rerun_is_a_no_op_and_park_idle_decides_from_metrics_through_the_service(model):
@@ -250,6 +263,28 @@ def test_the_second_wake_leaves_the_same_end_state_and_a_rerun_changes_nothing(m
     assert complete(spec, kubeconfig, timeout=30).status_code == 200
     again = wake_model(spec=spec, reason="rerun")
     assert again["woken"] is False and again["changed"] == []
+
+
+def test_park_with_a_stray_candidate_parks_both_colors(model):
+    """An interrupted release left its candidate color running: park scales it to 0 too and ends with no
+    GPU pod. Failed before the fix: only the live color was scaled, and park failed with PodsRemain after
+    traffic had already moved to the hold proxy."""
+    from flows.park import park_model, wake_model
+    from manifests.render import model_deployment
+    from manifests.spec import parse_spec
+    from tasks import k8s
+
+    spec, _, kubeconfig, _ = model
+    wake_model(spec=spec, reason="test: awake first")
+    live = live_service(spec, kubeconfig)["spec"]["selector"]["llm-fleet.dev/color"]
+    stray = "green" if live == "blue" else "blue"
+    k8s.apply_object.fn(kubeconfig=kubeconfig, obj=model_deployment(parse_spec(spec), stray, replicas=1))
+    k8s.wait_rollout.fn(kubeconfig=kubeconfig, namespace="default", name=f"{spec['name']}-{stray}", timeout_s=120)
+    assert len(gpu_pods(spec, kubeconfig)) == 2
+    assert park_model(spec=spec, reason="test: stray candidate")["parked"] is True
+    assert gpu_pods(spec, kubeconfig) == []
+    wake_model(spec=spec, reason="test: leave it serving")
+    assert len(gpu_pods(spec, kubeconfig)) == 1  # the live color only: the stray is not brought back
 
 
 def pods_of(spec: dict, kubeconfig: str) -> dict[str, str]:
@@ -315,7 +350,7 @@ def test_parking_one_model_on_a_shared_pool_leaves_the_other_serving_from_the_sa
 
 @pytest.fixture(scope="module")
 def park_wake_deployments(prefect_server):
-    """park_model/default and wake_model/default on the local server (what `prefect deploy --all` makes)."""
+    """park_model/park and wake_model/wake-on-request on the local server (what `prefect deploy --all` makes)."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -338,7 +373,7 @@ def test_schedules_from_the_bundled_specs_appear_and_follow_spec_changes(park_wa
     bundled = ["deployments/gemma2-2b-it-vllm-l4.yaml", "deployments/paligemma2-tgi-autopilot.yaml",
                "deployments/mistral-7b-vllm-spot.yaml"]
     sync_schedules(specs=bundled)
-    park, wake = schedules_of("park_model/default"), schedules_of("wake_model/default")
+    park, wake = schedules_of("park_model/park"), schedules_of("wake_model/wake-on-request")
     assert park["llm-fleet-park-paligemma2"][:2] == ("0 20 * * 1-5", "America/Chicago")
     assert park["llm-fleet-park-gemma2-2b-it"][:2] == ("0 20 * * *", "Europe/Brussels")
     assert park["llm-fleet-park-mistral-7b"][:2] == ("0 20 * * *", "America/Los_Angeles")
@@ -352,12 +387,12 @@ def test_schedules_from_the_bundled_specs_appear_and_follow_spec_changes(park_wa
     changed = tmp_path / "paligemma2.yaml"
     changed.write_text(yaml.safe_dump(data))
     sync_schedules(specs=[str(changed)])
-    wake = schedules_of("wake_model/default")
+    wake = schedules_of("wake_model/wake-on-request")
     assert wake["llm-fleet-wake-paligemma2"][:2] == ("25 6 * * 1-5", "Europe/Paris")
-    assert schedules_of("park_model/default")["llm-fleet-park-gemma2-2b-it"][0] == "0 20 * * *"  # untouched
+    assert schedules_of("park_model/park")["llm-fleet-park-gemma2-2b-it"][0] == "0 20 * * *"  # untouched
 
     del data["schedule"]
     changed.write_text(yaml.safe_dump(data))
     sync_schedules(specs=[str(changed)])
-    assert "llm-fleet-wake-paligemma2" not in schedules_of("wake_model/default")
-    assert "llm-fleet-park-paligemma2" not in schedules_of("park_model/default")
+    assert "llm-fleet-wake-paligemma2" not in schedules_of("wake_model/wake-on-request")
+    assert "llm-fleet-park-paligemma2" not in schedules_of("park_model/park")
