@@ -80,3 +80,30 @@ def test_a_patterned_image_and_a_missing_command(kube, monkeypatch):
              is not None, timeout=30)
     term = core.read_namespaced_pod("nocmd", "default").status.container_statuses[0].last_state.terminated
     assert (term.exit_code, term.reason) == (128, "StartError")
+
+
+def test_secret_key_refs_are_resolved_like_the_kubelet(kube):
+    """env valueFrom.secretKeyRef: the decoded key; optional and missing: unset; required and missing: the
+    container never starts (CreateContainerConfigError)."""
+    core = client.CoreV1Api(api_client(kube))
+    core.create_namespaced_secret("default", {"metadata": {"name": "creds"}, "stringData": {"greeting": "from a secret"}})
+    core.create_namespaced_service("default", {"metadata": {"name": "sec"}, "spec": {
+        "selector": {"app": "sec"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    p = pod("sec")
+    p["spec"]["containers"][0]["env"] = [
+        {"name": "GREETING", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "greeting"}}},
+        {"name": "PORT", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "x", "optional": True}}}]
+    core.create_namespaced_pod("default", p)
+    wait_for(lambda: any(c.type == "Ready" and c.status == "True"
+                         for c in core.read_namespaced_pod("sec", "default").status.conditions or []), timeout=30)
+    with http_client(kube) as http:
+        assert http.get("/api/v1/namespaces/default/services/sec:http/proxy/").json()["GREETING"] == "from a secret"
+    bad = pod("nosecret")
+    bad["spec"]["containers"][0]["env"] = [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "x"}}}]
+    core.create_namespaced_pod("default", bad)
+    wait_for(lambda: (core.read_namespaced_pod("nosecret", "default").status.container_statuses or [None])[0] is not None
+             and core.read_namespaced_pod("nosecret", "default").status.container_statuses[0].last_state.terminated
+             is not None, timeout=30)
+    with http_client(kube) as http:
+        assert 'CreateContainerConfigError: secret "absent" not found' in \
+            http.get("/api/v1/namespaces/default/pods/nosecret/log").text
