@@ -128,3 +128,36 @@ def exhausted_error(spec: DeploymentSpec, found: Placement) -> CapacityExhausted
     return CapacityExhausted(f"no capacity option could start a node for {spec.name} — {tried}",
                              "add an option (another zone, GPU type or provisioning) to capacity:, raise the "
                              "quota named above, or retry later; the model stays parked meanwhile")
+
+
+@dataclass(frozen=True)
+class OptionRoom:
+    """What one capacity option can still add now: its pool's room and its quota (GPUs free)."""
+    index: int
+    label: str
+    max_nodes: int
+    nodes: int
+    quota_metric: str
+    quota_free: float
+    gpus_per_node: int
+
+    @property
+    def room(self) -> int:
+        return max(0, min(self.max_nodes - self.nodes, int(self.quota_free // max(1, self.gpus_per_node))))
+
+
+def release_room(*, live_replicas: int, candidate_replicas: int, options: list[OptionRoom],
+                 strategy: str = "blue-green") -> tuple[bool, str, str]:
+    """(ok, detail, fix) for a release's candidate over capacity options: the ComputeClass places each new
+    node on the first option with room, so the options' room adds up (stockouts show only at scale-up)."""
+    if strategy == "recreate":
+        return True, "recreate: the old color stops first (downtime announced)", ""
+    room = sum(o.room for o in options)
+    detail = (f"{candidate_replicas} candidate replica(s) beside {live_replicas} live; room per option: "
+              + ", ".join(f"[{o.index}] {o.room} ({o.nodes}/{o.max_nodes} nodes, {o.quota_free:g} "
+                          f"{o.quota_metric} free)" for o in options))
+    if room >= candidate_replicas:
+        return True, detail, ""
+    return False, detail, ("raise accelerator.pool.max_nodes or capacity[i].max_nodes (then rerun "
+                           "provision_cluster) or the quota named above, add a capacity option, or set "
+                           "release.strategy: recreate (the model is down while the new one loads)")

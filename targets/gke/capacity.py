@@ -64,6 +64,11 @@ class Capacity:
     def placement(self, spec: DeploymentSpec, *, kubeconfig: str, color: str) -> cap.Placement | None:
         return None
 
+    def release_room(self, spec: DeploymentSpec, *, kubeconfig: str, location: str, live_replicas: int,
+                     candidate_replicas: int) -> tuple[bool, str, str] | None:
+        """(ok, detail, fix) of the candidate's capacity, or None: the single pool's check applies."""
+        return None
+
 
 class SinglePool(Capacity):
     pass
@@ -123,6 +128,23 @@ class ClassPools(Capacity):
         # Sizing the first option's pool would ask GCE for its VM directly — and fail the wake on a
         # stockout; the pods' ComputeClass lets the autoscaler try every option instead.
         return P.PoolPlan(note="the ComputeClass picks the first option with capacity")
+
+    def release_room(self, spec: DeploymentSpec, *, kubeconfig: str, location: str, live_replicas: int,
+                     candidate_replicas: int) -> tuple[bool, str, str] | None:
+        """Every option's pool room and quota: the candidate's nodes go to whichever has room first."""
+        c = spec.cluster
+        rooms = []
+        for i, opt in enumerate(spec.capacity_options):
+            name = spec.option_pool(i)
+            pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=name) or {}
+            hi = int((pool.get("autoscaling") or {}).get("max_node_count") or 0) * max(
+                1, len(pool.get("locations") or []))  # GKE's max counts per zone
+            nodes = len(k8s.list_objects(kubeconfig=kubeconfig, api_version="v1", kind="Node",
+                                         label_selector=f"{cap.POOL_LABEL}={name}"))
+            quota = compute.get_region_quota(project=c.project, region=c.region, metric=opt.quota_metric)
+            rooms.append(cap.OptionRoom(i, opt.label(), hi, nodes, opt.quota_metric, quota.free, opt.count))
+        return cap.release_room(live_replicas=live_replicas, candidate_replicas=candidate_replicas, options=rooms,
+                                strategy=spec.release.strategy)
 
     def placement(self, spec: DeploymentSpec, *, kubeconfig: str, color: str) -> cap.Placement:
         ns = spec.namespace

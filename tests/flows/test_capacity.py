@@ -113,3 +113,25 @@ def test_every_option_gone_fails_the_wake_at_once_and_leaves_nothing_pending(see
     assert read_record(live_service(spec, kubeconfig)) is not None  # still parked: held requests keep their 503s
     sbc.clear_stockouts()
     assert wake_model(spec=spec, reason="manual")["woken"]  # once capacity is back, a wake works
+
+
+def test_a_release_candidate_lands_on_the_first_option_with_capacity(seed004, sbc, sandbox):
+    """Spot gone while a release brings up its candidate: the candidate runs on on-demand beside the live
+    color, the release promotes it, and the capacity step counted every option's room."""
+    from flows.release_model import release_model
+
+    spec, kubeconfig = seed004
+    for zone in ZONES:
+        sbc.set_stockout(zone, "nvidia-l4", spot=True)
+    sha = sandbox.hub.push_revision(spec["model"]["id"], title="new weights while spot is gone")
+    seen = len(sandbox.gke.autoscaler.events)
+    result = release_model(spec=spec, revision=sha)
+    assert result["revision"] == sha and result["color"] == "green"
+    # the candidate's node: spot refused in each zone, then on-demand (once the old color's spot node is
+    # empty, active migration may move the new color onto it: that node already exists)
+    grown = [(e["kind"], e["pool"]) for e in sandbox.gke.autoscaler.events[seen:]
+             if e["kind"] in ("scale_up", "scale_up_failed")]
+    assert grown[:3] == [("scale_up_failed", "g2-standard-8")] * 2 + [("scale_up", "g2-standard-8-od")], grown
+    assert ("scale_up", "g2-standard-8") not in grown
+    head = slack_heads(sbc, "release_model", spec["name"])[-1]
+    assert "room per option: [0]" in head and "[1]" in head

@@ -183,3 +183,19 @@ def test_each_option_is_priced_so_a_fallback_shows_its_surcharge():
     rows = option_rates(load_prices(), spec)
     assert [r["usd_per_node_hour"] for r in rows] == [0.34, 0.85, 0.40, 3.67]
     assert [r["vs_first_pct"] for r in rows] == [0.0, 150.0, 17.6, 979.4]
+
+
+def test_a_release_candidate_may_use_any_option_with_room():
+    from manifests.capacity import OptionRoom, release_room
+
+    spot = OptionRoom(0, "1× nvidia-l4 spot", max_nodes=4, nodes=1, quota_metric="PREEMPTIBLE_NVIDIA_L4_GPUS",
+                      quota_free=0, gpus_per_node=1)  # a spot quota wall
+    od = OptionRoom(1, "1× nvidia-l4 on-demand", max_nodes=4, nodes=0, quota_metric="NVIDIA_L4_GPUS",
+                    quota_free=8, gpus_per_node=1)
+    ok, detail, _ = release_room(live_replicas=1, candidate_replicas=1, options=[spot, od])
+    assert ok and "[0] 0 (1/4 nodes, 0 PREEMPTIBLE_NVIDIA_L4_GPUS free)" in detail and "[1] 4" in detail
+    short = OptionRoom(1, "1× nvidia-l4 on-demand", max_nodes=4, nodes=0, quota_metric="NVIDIA_L4_GPUS",
+                       quota_free=1, gpus_per_node=1)
+    ok, _, fix = release_room(live_replicas=1, candidate_replicas=2, options=[spot, short])
+    assert not ok and "add a capacity option" in fix
+    assert release_room(live_replicas=1, candidate_replicas=9, options=[spot], strategy="recreate")[0]
