@@ -4,6 +4,7 @@ wake_model
 1. Take the lock; read the park record from the live Service
 2. Restore what park changed on the GPU pool, then the replicas
 3. Wait until the model answers (rollout, endpoints, engine) and passes the smoke prompts
+   then the wake phase by phase: node, image, weights, engine, smoke (the kubelet's and engine's words)
 4. Point the live Service back at the model; record the wake time (prewarm uses its p95)
 5. Scale the hold proxy to 0 once the switch has settled (the next park scales it up again)
 """
@@ -17,7 +18,9 @@ from prefect import get_run_logger
 
 from manifests import names
 from manifests import park as P
+from manifests import wake as W
 from manifests.errors import FleetError
+from manifests.wake import WakePhases
 from targets.gke.capacity import capacity_for
 from targets.gke.park_steps import Run, apply_pool, live_service, read_pool
 from targets.gke.serving import load_timeout_s, scaled, smoke, wait_until_answering
@@ -50,11 +53,18 @@ def wake(run: Run) -> dict[str, Any]:
         step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}"
     way.wait_for_nodes(spec, kubeconfig=kubeconfig, color=record.color, timeout_s=load_timeout_s(spec, None),
                        report=report)
+    nodes_at = time.monotonic()
     with report.step("Wait until the model answers and passes the smoke prompts") as step:
         ready = wait_until_answering(spec, kubeconfig=kubeconfig, color=record.color, replicas=record.replicas,
                                      timeout_s=load_timeout_s(spec, None), service=P.awake_service_name(spec))
+        ready_at = time.monotonic()
         results = smoke(spec, kubeconfig=kubeconfig, service=P.awake_service_name(spec))
         step.detail = f"{ready['ready_pods']} pod(s) answer, {len(results)} smoke prompt(s) passed"
+    with report.step("Measure the wake phase by phase") as step:
+        phases = measure_phases(spec, kubeconfig=kubeconfig, pods=ready.get("pods") or [],
+                                node_s=nodes_at - start, ready_s=ready_at - nodes_at,
+                                smoke_s=time.monotonic() - ready_at)
+        step.detail = phases.line() + " (cloud clock)" if get_settings().time_scale != 1.0 else phases.line()
     with report.step("Point the live Service back at the model") as step:
         live = live_service(spec, kubeconfig)["spec"].get("selector") or {}
         if live != record.selector:
@@ -76,9 +86,29 @@ def wake(run: Run) -> dict[str, Any]:
         except FleetError as exc:
             get_run_logger().warning("prewarm not updated: %s", exc)
     outcome = f"{spec.name} serving again after {took:.1f} s" + (
-        f" ({cloud_s:.0f} s on the cloud clock)" if get_settings().time_scale != 1.0 else "")
+        f" ({cloud_s:.0f} s on the cloud clock)" if get_settings().time_scale != 1.0 else "") + f": {phases.line()}"
     return {"name": spec.name, "woken": True, "took_s": took, "cloud_s": cloud_s, "color": record.color,
-            "replicas": record.replicas, "wake_history": history, "outcome": outcome}
+            "replicas": record.replicas, "wake_history": history, "phases": phases.to_dict(), "outcome": outcome}
+
+
+def measure_phases(spec: Any, *, kubeconfig: str, pods: list[str], node_s: float, ready_s: float,
+                   smoke_s: float) -> WakePhases:
+    """The wake's phases on the cloud clock: the step timings (real seconds ÷ the sandbox's time scale; 1 on
+    GCP), split by what the first pod's kubelet (``Pulled ... in Xs``) and engine (weights lines) said."""
+    scale = get_settings().time_scale or 1.0
+    pulled = weights = None
+    if pods:
+        try:  # a split we cannot read (an operator Role from before events were listed) never fails the wake
+            events = [e for e in k8s.list_objects(kubeconfig=kubeconfig, api_version="v1", kind="Event",
+                                                  namespace=spec.namespace)
+                      if (e.get("involvedObject") or {}).get("name") == pods[0]]
+            pulled = W.pulled_seconds(events)
+            weights = W.weight_seconds(k8s.pod_logs(kubeconfig=kubeconfig, namespace=spec.namespace, pod=pods[0],
+                                                    tail=1000))
+        except Exception as exc:  # noqa: BLE001 - reported, the wake itself succeeded
+            get_run_logger().warning("wake phases: could not read the pod's events or logs (%s)", exc)
+    return W.phases(node_s=node_s / scale, ready_s=ready_s / scale, smoke_s=smoke_s / scale, pulled_s=pulled,
+                    weights_s=weights or 0.0)
 
 
 def _retire_hold_proxy(run: Run, *, settle_s: float, quiet: bool = False) -> bool:
