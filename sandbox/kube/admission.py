@@ -53,10 +53,22 @@ def extended_resource_toleration(pod: Obj) -> None:
         spec["tolerations"] = tolerations
 
 
-def autopilot_pod(pod: Obj) -> None:
+def gpu_compute_classes(cluster: Any) -> frozenset[str]:
+    from sandbox.kube.resources import find
+
+    rtype = find("cloud.google.com", "v1", "computeclasses")
+    items = cluster.store.list(rtype)[0] if rtype is not None else []
+    return frozenset(o["metadata"]["name"] for o in items
+                     if any("gpu" in r for r in (o.get("spec") or {}).get("priorities") or []))
+
+
+def autopilot_pod(pod: Obj, *, gpu_classes: frozenset[str] = frozenset()) -> None:
+    """``gpu_classes``: the cluster's ComputeClasses with GPU priorities (a pod selecting one gets its GPU
+    from the class: cloud.google.com/kubernetes-engine/docs/concepts/about-custom-compute-classes)."""
     spec = pod.setdefault("spec", {})
     selector = spec.get("nodeSelector") or {}
-    if GPU in _extended(pod) and ACCELERATOR not in selector:
+    if GPU in _extended(pod) and ACCELERATOR not in selector and \
+            selector.get("cloud.google.com/compute-class") not in gpu_classes:
         raise status_error(403, "Forbidden", 'admission webhook "warden-validating.common-webhooks.networking.gke.io"'
                            " denied the request: GKE Warden rejected the request because it violates one or more "
                            'constraints. Violations details: {"[denied by autogke-gpu-limitation]":["When requesting '
@@ -100,7 +112,7 @@ def admit(cluster: KubeCluster, kind: str, obj: Obj, old: Obj | None) -> None:
     if kind == "Pod":
         extended_resource_toleration(obj)
         if cluster.autopilot_clusters:
-            autopilot_pod(obj)
+            autopilot_pod(obj, gpu_classes=gpu_compute_classes(cluster))
     elif kind == "PersistentVolumeClaim":
         default_storage_class(cluster, obj)
         obj["status"] = {"phase": "Pending"}

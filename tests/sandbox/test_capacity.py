@@ -223,3 +223,39 @@ def test_every_option_stocked_out_creates_nothing_and_says_why(env):
     assert env.gpu_nodes() == {} and env.gpus_used() == 0  # nothing started, nothing paid for
     assert env.running("none") == {}
     env.undeploy("none")
+
+
+def test_autopilot_takes_the_class_alone(env):
+    """Autopilot: no pools — a GPU pod selecting the ComputeClass passes GKE Warden and gets a node of the
+    class's first priority (spot L4)."""
+    gke = _gke(env.sb)
+    op = gke.create_cluster(parent=LOC, cluster=container_v1.Cluster(
+        name="cap-ap", autopilot=container_v1.Autopilot(enabled=True)), retry=None)
+    httpx.post(f"{env.sb.gke.url}/v1/{LOC}/operations/{op.name}:wait", timeout=20)
+    from tests.sandbox.test_app import _kube_core
+
+    cluster = gke.get_cluster(name=f"{LOC}/clusters/cap-ap", retry=None)
+    core = _kube_core(env.sb, cluster.endpoint, cluster.master_auth.cluster_ca_certificate)
+    spec = parse_spec({**SPEC.model_dump(mode="json", exclude={"accelerator"}),
+                       "cluster": {**SPEC.cluster.model_dump(mode="json"), "name": "cap-ap", "mode": "autopilot"}})
+    cls = compute_class(spec)
+    assert cls["spec"]["nodePoolAutoCreation"] == {"enabled": True}
+    k8s.CustomObjectsApi(core.api_client).create_cluster_custom_object("cloud.google.com", "v1", "computeclasses", cls)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ap-gpu"},
+           "spec": {"nodeSelector": {names.COMPUTE_CLASS_LABEL: CLASS},
+                    "containers": [{"name": "m", "image": "busybox:1.36", "command": ["sleep", "inf"],
+                                    "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+    core.create_namespaced_pod("default", pod)
+
+    def node_labels() -> dict:
+        name = core.read_namespaced_pod("ap-gpu", "default").spec.node_name
+        return core.read_node(name).metadata.labels if name else {}
+
+    assert _until(lambda: node_labels().get("cloud.google.com/gke-accelerator") == "nvidia-l4")
+    assert node_labels()["cloud.google.com/gke-spot"] == "true"
+    # without the class (or a gke-accelerator selector) Warden refuses the GPU pod, as before
+    with pytest.raises(k8s.ApiException) as err:
+        core.create_namespaced_pod("default", {**pod, "metadata": {"name": "ap-none"},
+                                               "spec": {**pod["spec"], "nodeSelector": {}}})
+    assert err.value.status == 403 and "autogke-gpu-limitation" in err.value.body
+    core.delete_namespaced_pod("ap-gpu", "default", grace_period_seconds=0)

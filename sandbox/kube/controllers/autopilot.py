@@ -37,7 +37,7 @@ class AutopilotProvisioner(ControllerBase):
         if not clusters:
             return
         selector = (pod.get("spec") or {}).get("nodeSelector") or {}
-        accel = selector.get("cloud.google.com/gke-accelerator")
+        accel = selector.get("cloud.google.com/gke-accelerator") or self._class_gpu(selector)[0]
         uid = pod["metadata"]["uid"]
         # GPU pods get a GPU node; CPU-only pods a general-purpose one (Autopilot's default compute class)
         if (gpu > 0 and not accel) or (gpu <= 0 and accel) or uid in self._autopilot_pending:
@@ -50,6 +50,21 @@ class AutopilotProvisioner(ControllerBase):
                    component="cluster-autoscaler")
         self.after(DEFAULT_DELAYS["autopilot_node_provision"],
                    ("autopilot-node", pod["metadata"]["namespace"], pod["metadata"]["name"], uid, node, cluster))
+
+    def _class_gpu(self, selector: dict[str, str]) -> tuple[str | None, bool]:
+        """(GPU type, spot) of the first GPU priority of the ComputeClass the pod selects. Autopilot creates
+        the class's nodes itself (no stockouts are emulated here: the first priority always starts)."""
+        name = selector.get("cloud.google.com/compute-class")
+        if not name:
+            return None, False
+        from sandbox.kube.resources import find
+
+        rtype = find("cloud.google.com", "v1", "computeclasses")
+        cls = self.store.get(rtype, "", name) if rtype is not None else None
+        for rule in ((cls or {}).get("spec") or {}).get("priorities") or []:
+            if (rule.get("gpu") or {}).get("type"):
+                return rule["gpu"]["type"], bool(rule.get("spot"))
+        return None, False
 
     def provision_autopilot_node(self, ns: str, name: str, uid: str, node: str, cluster: str) -> None:
         pod = self.store.get(PODS, ns, name)
@@ -70,7 +85,10 @@ class AutopilotProvisioner(ControllerBase):
             self._idle_since[node] = time.monotonic()
             return
         gpus = max(1, int(pod_gpus(pod)))
-        accel = selector.get("cloud.google.com/gke-accelerator", "nvidia-l4")
+        class_gpu, class_spot = self._class_gpu(selector)
+        accel = selector.get("cloud.google.com/gke-accelerator") or class_gpu or "nvidia-l4"
+        if class_spot:
+            selector.setdefault("cloud.google.com/gke-spot", "true")
         labels = {
             "cloud.google.com/gke-nodepool": f"nap-{accel}-{gpus}",
             "cloud.google.com/gke-accelerator": accel,
