@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from sandbox.core import DEFAULT_DELAYS, HttpError, now_rfc3339
+from sandbox import coldstart
+from sandbox.core import HttpError, now_rfc3339
 from sandbox.kube import localproc
 from sandbox.kube.controllers.base import ControllerBase
-from sandbox.kube.controllers.common import PODS, Obj, set_condition
+from sandbox.kube.controllers.common import NODES, PODS, Obj, set_condition
 from sandbox.kube.store import not_found, rand_hex, status_error
 
 if TYPE_CHECKING:
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
 PORT_ANNOTATION = "sandbox.llm-fleet.dev/port"
 CRASH_BACKOFF = (10.0, 300.0)  # kubelet: 10 s doubling, capped at 5 min (cloud seconds)
 IMAGE_PULL_FAIL_AFTER = 5.0  # cloud seconds until a bad image reports ErrImagePull
+SHUTDOWN_SECONDS = 2.0  # cloud seconds from SIGTERM to a model server's exit (at most the grace period)
+IMAGE_STREAMING_LABEL = "cloud.google.com/gke-image-streaming"  # GKE sets it on nodes with gcfsConfig
+# GKE labels a node with a secondary boot disk "<this prefix><disk image>=<mode>.<project>"
+START_ANNOTATION = "sandbox.llm-fleet.dev/start"  # sandbox/engines/runtime.py reads it
+SECONDARY_DISK_LABEL = "cloud.google.com.node-restriction.kubernetes.io/gke-secondary-boot-disk-"
 
 
 class PodRun:
@@ -71,6 +78,26 @@ class Kubelet(ControllerBase):
         super().__init__(cluster)
         self.runs: dict[str, PodRun] = {}
         self.runs_lock = threading.Lock()
+        self._pulls: dict[str, coldstart.Pull] = {}  # pod uid -> the pull under way
+        self._node_images: dict[str, set[str]] = {}  # node -> images a container of it has used
+        self._streamed: set[str] = set()  # images the image-streaming backend holds (pulled once before)
+
+    def _remember_image(self, node_name: str, image: str, plan: coldstart.Pull) -> None:
+        """The kubelet reports a pulled image in the node's ``status.images``; a later pod on the node finds it."""
+        with self.runs_lock:
+            self._node_images.setdefault(node_name, set()).add(image)
+            if coldstart.is_artifact_registry(image):
+                self._streamed.add(image)
+
+        def fn(n: Obj) -> Obj | None:
+            images = n.setdefault("status", {}).setdefault("images", [])
+            if any(image in (i.get("names") or []) for i in images):
+                return None
+            images.append({"names": [image], "sizeBytes": int(plan.bytes)})
+            return n
+
+        with contextlib.suppress(Exception):
+            self.store.mutate(NODES, "", node_name, fn)
 
     def _stop_pods(self) -> None:
         """``stop()``: every model server goes, side by side, after the pending stop work drains."""
@@ -121,14 +148,41 @@ class Kubelet(ControllerBase):
             mode = b.get("mode")
         return str(mode or "")
 
+    def pull_plan(self, pod: Obj) -> coldstart.Pull:
+        """How this node gets the pod's image, and how long it takes (``sandbox.coldstart``): already on
+        the node (``IfNotPresent``), preloaded on the node's secondary boot disk (first use reads it from
+        the disk), streamed (image streaming on the node, Artifact Registry, and the streaming backend has
+        the image from an earlier pull), else a plain pull by size."""
+        c = pod["spec"]["containers"][0]
+        image, policy = c.get("image", ""), c.get("imagePullPolicy", "IfNotPresent")
+        node_name = pod["spec"].get("nodeName", "")
+        node = self.store.get(NODES, "", node_name) or {}
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        on_node = {n for i in (node.get("status") or {}).get("images") or [] for n in i.get("names") or []}
+        with self.runs_lock:
+            used = image in self._node_images.setdefault(node_name, set())
+        if image in on_node and policy != "Always":
+            disk = any(k.startswith(SECONDARY_DISK_LABEL) for k in labels)
+            return coldstart.image_pull(image, "secondary-boot-disk" if disk and not used else "present")
+        if (labels.get(IMAGE_STREAMING_LABEL) == "true" and coldstart.is_artifact_registry(image)
+                and image in self._streamed):
+            return coldstart.image_pull(image, "streaming")
+        return coldstart.image_pull(image, "registry")
+
     def begin_pull(self, pod: Obj) -> None:
         image = pod["spec"]["containers"][0].get("image", "")
-        self.event(pod, "Normal", "Pulling", f'Pulling image "{image}"', host=pod["spec"]["nodeName"])
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"], pod["metadata"]["uid"])
         if self._behavior(pod) == "image_pull_error":
+            self.event(pod, "Normal", "Pulling", f'Pulling image "{image}"', host=pod["spec"]["nodeName"])
             self.after(IMAGE_PULL_FAIL_AFTER, ("pull-failed", *key, 0))
-        else:
-            self.after(DEFAULT_DELAYS["image_pull"], ("start", *key, True))
+            return
+        plan = self.pull_plan(pod)
+        self._pulls[key[2]] = plan
+        if plan.path in ("present", "secondary-boot-disk"):
+            self.after(plan.seconds, ("start", *key, True))
+            return
+        self.event(pod, "Normal", "Pulling", f'Pulling image "{image}"', host=pod["spec"]["nodeName"])
+        self.after(plan.seconds, ("start", *key, True))
 
     def pull_failed(self, ns: str, name: str, uid: str, attempt: int) -> None:
         pod = self.store.get(PODS, ns, name)
@@ -138,7 +192,8 @@ class Kubelet(ControllerBase):
         if attempt and attempt % 2 == 0:  # the kubelet pulls again after the back-off
             self.event(pod, "Normal", "Pulling", f'Pulling image "{image}"', host=pod["spec"].get("nodeName", ""))
             if self._behavior(pod) != "image_pull_error":  # a counted fault ran out: this pull works
-                self.after(DEFAULT_DELAYS["image_pull"], ("start", ns, name, uid, True))
+                self._pulls[uid] = plan = coldstart.image_pull(image, "registry")
+                self.after(plan.seconds, ("start", ns, name, uid, True))
                 return
         repo = image.split(":")[0]
         err = (f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": '
@@ -184,11 +239,19 @@ class Kubelet(ControllerBase):
         run = self._run_for(pod)
         host = pod["spec"].get("nodeName", "")
         cname = self._main_container(pod)
+        stream_s = 0.0
         if first:
             image = pod["spec"]["containers"][0].get("image", "")
-            secs = DEFAULT_DELAYS["image_pull"]
-            self.event(pod, "Normal", "Pulled", f'Successfully pulled image "{image}" in {secs:.0f}s '
-                       f"({secs:.0f}s including waiting)", host=host)
+            plan = self._pulls.pop(uid, None) or coldstart.image_pull(image, "registry")
+            stream_s = plan.start_penalty_s
+            if plan.path in ("present", "secondary-boot-disk"):
+                self.event(pod, "Normal", "Pulled", f'Container image "{image}" already present on machine',
+                           host=host)
+            else:
+                self.event(pod, "Normal", "Pulled", f'Successfully pulled image "{image}" in {plan.seconds:.3g}s '
+                           f"({plan.seconds:.3g}s including waiting). Image size: {int(plan.bytes)} bytes.",
+                           host=host)
+            self._remember_image(host, image, plan)
         self.event(pod, "Normal", "Created", f"Created container {cname}", host=host)
         with run.lock:
             if run.stopped:
@@ -205,7 +268,7 @@ class Kubelet(ControllerBase):
                 if runtime is None:
                     raise RuntimeError("no model runtime configured")
                 start = localproc.starter(self.cluster, pod) or runtime.start  # local images: a subprocess
-                server = start(pod, on_ready=lambda: self.on_ready(uid, gen),
+                server = start(self._runtime_view(pod, stream_s), on_ready=lambda: self.on_ready(uid, gen),
                                        on_exit=lambda code=1, reason="Error": self.on_exit(uid, gen, code, reason))
             except Exception as exc:  # an image the runtime does not serve: a plain running container
                 server = None
@@ -221,6 +284,31 @@ class Kubelet(ControllerBase):
                 run.ready = True
             self._write_running(run, pod)
         self.event(pod, "Normal", "Started", f"Started container {cname}", host=host)
+
+    def _runtime_view(self, pod: Obj, stream_s: float) -> Obj:
+        """The pod as its container sees it once the kubelet has mounted its volumes: a copy carrying
+        what each volume is (PVC storage class and disk type, CSI driver) and the image-streaming reads
+        still due at start, in ``START_ANNOTATION`` (the stored pod is not changed)."""
+        from sandbox.kube.storage import PVCS, SCS
+
+        volumes: dict[str, Obj] = {}
+        for v in (pod.get("spec") or {}).get("volumes") or []:
+            claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
+            if claim:
+                pvc = self.store.get(PVCS, pod["metadata"]["namespace"], claim) or {}
+                sc_name = (pvc.get("spec") or {}).get("storageClassName") or ""
+                sc = self.store.get(SCS, "", sc_name) if sc_name else None
+                volumes[v["name"]] = {"kind": "pvc", "storageClass": sc_name,
+                                      "type": ((sc or {}).get("parameters") or {}).get("type", ""),
+                                      "uid": (pvc.get("metadata") or {}).get("uid", claim)}
+            elif v.get("csi"):
+                volumes[v["name"]] = {"kind": "csi", "driver": v["csi"].get("driver", "")}
+            else:
+                volumes[v["name"]] = {"kind": next(iter(k for k in v if k != "name"), "emptyDir")}
+        view = json.loads(json.dumps(pod))
+        view["metadata"].setdefault("annotations", {})[START_ANNOTATION] = json.dumps(
+            {"image_stream_s": stream_s, "volumes": volumes})
+        return view
 
     def _write_running(self, run: PodRun, pod: Obj) -> None:
         """Container running (and Ready if the server already is); caller holds run.lock."""
@@ -378,9 +466,14 @@ class Kubelet(ControllerBase):
             host = (pod.get("spec") or {}).get("nodeName", "")
             self.event(pod, "Normal", "Killing", f"Stopping container {self._main_container(pod)}", host=host)
 
+        grace = float((pod or {}).get("metadata", {}).get("deletionGracePeriodSeconds") or 0)
+
         def finish() -> None:
             if server is not None:
                 self._stop_server(server)
+            # SIGTERM to exit: the engine drains and exits (uvicorn's graceful shutdown) and the kubelet
+            # reports it; until then the pod is Terminating (kubectl shows it, watchers see it)
+            self.clock.sleep(min(grace, SHUTDOWN_SECONDS), self._stop)
             cur = self.store.get(PODS, ns, name)
             if cur is not None and cur["metadata"]["uid"] == uid:
                 with contextlib.suppress(HttpError):
