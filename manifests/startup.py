@@ -248,6 +248,27 @@ def cluster_addons(spec: DeploymentSpec) -> Obj:
 
 # ---- what must exist before a deploy (preflight) ----------------------------------------------------------
 
+def disk_image_ref(spec: DeploymentSpec) -> tuple[str, str] | None:
+    """(project, image name) of the secondary boot disk's image, or None."""
+    ref = spec.startup.image.secondary_boot_disk
+    if not ref:
+        return None
+    parts = ref.split("/")
+    return (parts[1], parts[-1]) if ref.startswith("projects/") else (spec.cluster.project, parts[-1])
+
+
+def disk_image_check(spec: DeploymentSpec, *, exists: bool) -> Any:
+    """The preflight line for the secondary boot disk's image (GKE refuses the pool without it)."""
+    from manifests.provision import Check
+
+    project, name = disk_image_ref(spec) or ("", "")
+    if exists:
+        return Check("secondary boot disk image", True, f"projects/{project}/global/images/{name}")
+    (req,) = [r for r in requirements(spec, spec.model.revision) if r.kind == "disk-image"]
+    return Check("secondary boot disk image", False, f"projects/{project}/global/images/{name} does not exist "
+                 "(GKE refuses a node pool whose secondary boot disk has no image)", req.fix)
+
+
 @dataclass(frozen=True)
 class Requirement:
     kind: Literal["disk-image", "bucket", "weights", "image", "volume"]

@@ -7,7 +7,7 @@ from prefect import task
 
 from manifests.errors import PreflightError
 from manifests.provision import GLOBAL_GPU_METRIC, QuotaReading
-from tasks.clients import compute_clients, google_retry
+from tasks.clients import compute_clients, google_retry, images_client
 from tasks.retry import task_retries
 from tasks.settings import get_settings
 
@@ -53,3 +53,13 @@ def zones_offering(*, project: str, accelerator: str) -> dict[str, list[str]]:
             zone = acc.zone.rsplit("/", 1)[-1] or scope.removeprefix("zones/")
             out.setdefault(zone.rsplit("-", 1)[0], []).append(zone)
     return {r: sorted(z) for r, z in out.items()}
+
+
+@task(**task_retries())
+def disk_image_exists(*, project: str, name: str) -> bool:
+    """Whether Compute has the disk image (``images.get``; 404 -> False)."""
+    try:
+        images_client().get(project=project, image=name, **_opts())
+    except gexc.NotFound:
+        return False
+    return True

@@ -167,3 +167,16 @@ def test_fast_start_pools_and_pulls(sb):
     assert any(r == "Pulled" and f"in {secs:.3g}s" in m for r, m in _events(kube, "plain"))
     node = kube.store.get(NODES, "", kube.store.get(PODS, "default", "plain")["spec"]["nodeName"])
     assert any(hub_image in i["names"] for i in node["status"]["images"])
+
+
+def test_compute_images_get_through_the_real_client(sb):
+    """The preflight's images.get (google-cloud-compute ImagesClient over REST): 404 NotFound, then the image."""
+    from google.cloud import compute_v1
+
+    images = compute_v1.ImagesClient(credentials=AnonymousCredentials(), transport="rest",
+                                     client_options={"api_endpoint": sb.compute.url})
+    with pytest.raises(gexc.NotFound):
+        images.get(project=PROJECT, image="nothing-here", retry=None)
+    add_disk_image(sb.compute, PROJECT, "cache-2", [AR_IMAGE])
+    got = images.get(project=PROJECT, image="cache-2", retry=None)
+    assert got.name == "cache-2" and got.status == "READY"

@@ -127,3 +127,14 @@ def test_gce_ingress_backend_timeout_outlasts_a_held_request():
     (live,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "mistral-7b"]
     assert live["metadata"]["annotations"]["cloud.google.com/backend-config"] == '{"default": "mistral-7b-backend"}'
     assert not [o for o in render(parse_spec(seed1()), color="blue") if o["kind"] == "BackendConfig"]  # no Ingress
+
+
+def test_preflight_names_a_missing_disk_image_and_how_to_build_it():
+    spec = fast()
+    assert startup.disk_image_ref(spec) == ("llm-fleet-demo", "vllm-serving-cache")
+    ok = startup.disk_image_check(spec, exists=True)
+    assert ok.ok and ok.detail == "projects/llm-fleet-demo/global/images/vllm-serving-cache"
+    missing = startup.disk_image_check(spec, exists=False)
+    assert not missing.ok and "does not exist" in missing.detail
+    assert missing.fix.startswith("build it with gke-disk-image-builder --container-image=europe-west1-docker.pkg.dev/")
+    assert startup.disk_image_ref(parse_spec(seed1())) is None
