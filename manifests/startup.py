@@ -79,8 +79,14 @@ def streaming_on(spec: DeploymentSpec) -> bool:
 
 
 def loader(spec: DeploymentSpec) -> str | None:
+    """How the engine reads the weights: the Run:ai streamer (vLLM: concurrent reads, from gs:// or a local
+    volume), GCS FUSE, or None — the engine's default loader (the Hub path)."""
     w = spec.startup.weights
-    return (w.loader or "runai_streamer") if w.source == "gcs" else None
+    if w.source == "gcs":
+        return w.loader or "runai_streamer"
+    if w.source == "hyperdisk-ml":
+        return w.loader or ("runai_streamer" if spec.engine.kind == "vllm" else None)
+    return None
 
 
 def check(spec: DeploymentSpec, error: type[Exception]) -> None:
@@ -118,10 +124,15 @@ def check(spec: DeploymentSpec, error: type[Exception]) -> None:
                         "through Workload Identity", "set service_account (with cluster.workload_identity: true) "
                         "and grant it roles/storage.objectViewer on the bucket")
     else:
-        for field in ("bucket", "loader"):
-            if getattr(w, field):
-                raise error(f"startup.weights.{field}", f"only used with source gcs (source is {w.source})",
-                            f"drop startup.weights.{field} or set source: gcs")
+        if w.bucket:
+            raise error("startup.weights.bucket", f"only used with source gcs (source is {w.source})",
+                        "drop startup.weights.bucket or set source: gcs")
+        if w.loader and (w.source == "hub" or w.loader == "gcsfuse"):
+            raise error("startup.weights.loader", f"loader {w.loader} does not read weights from {w.source}",
+                        "drop startup.weights.loader, or use runai_streamer with source gcs or hyperdisk-ml")
+        if w.loader == "runai_streamer" and eng.kind != "vllm":
+            raise error("startup.weights.loader", f"the Run:ai streamer is vLLM's loader; {eng.kind} cannot use "
+                        "it", "drop startup.weights.loader")
     if w.source == "hyperdisk-ml":
         if not w.volume:
             raise error("startup.weights.volume", "Hyperdisk ML weights are read from a read-only volume that "

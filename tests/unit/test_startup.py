@@ -83,6 +83,7 @@ def test_gcsfuse_and_hyperdisk_ml_mount_the_weights():
     assert {"name": "weights", "persistentVolumeClaim": {"claimName": "gemma-weights", "readOnly": True}} in \
         tpl["spec"]["volumes"]
     assert c["args"][0] == "--model=/models/google/gemma-2-2b-it"
+    assert "--load-format=runai_streamer" in c["args"]  # concurrent reads of the local volume (vLLM's default)
     for obj in render(hd, color="blue") + render(spec, color="blue"):
         if not obj["apiVersion"].startswith(("monitoring.googleapis.com/", "monitoring.coreos.com/")):
             kubernetes_validate.validate(obj, "1.33.0", strict=True)
@@ -93,6 +94,8 @@ def test_gcsfuse_and_hyperdisk_ml_mount_the_weights():
     ({"weights": {"source": "gcs", "bucket": "b-1"}}, {}, "startup.weights.source", "set service_account"),
     ({"weights": {"source": "hub", "bucket": "b-1"}}, {}, "startup.weights.bucket", "set source: gcs"),
     ({"weights": {"source": "hyperdisk-ml"}}, {}, "startup.weights.volume", "set startup.weights.volume"),
+    ({"weights": {"source": "hyperdisk-ml", "volume": "w", "loader": "gcsfuse"}}, {}, "startup.weights.loader",
+     "use runai_streamer with source gcs or hyperdisk-ml"),
     ({"image": {"streaming": True}}, {}, "startup.image.streaming", "mirror: artifact-registry"),
     ({"image": {"secondary_boot_disk": "cache", "streaming": False}}, {}, "startup.image.secondary_boot_disk",
      "streaming: true"),
