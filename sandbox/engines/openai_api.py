@@ -146,15 +146,20 @@ def _oai_completions(h: _ModelHandler) -> None:
     cid, created = _oai_id("cmpl"), int(time.time())
     fp = "tgi" if h.pod.info.engine == "tgi" else None
     if not body.get("stream"):
-        choices = []
+        choices, made = [], []
         n = _n_choices(body)
-        for idx, (p, c) in enumerate((p, c) for p, c in zip(prompts, plans, strict=True) for _ in range(n)):
-            h.pod.run(c)
-            choices.append({"index": idx, "text": (p if echo else "") + c.text, "logprobs": None,
-                            "finish_reason": c.finish_reason, "stop_reason": None, "prompt_logprobs": None})
-        usage = {"prompt_tokens": sum(c.prompt_tokens for c in plans),
-                 "completion_tokens": n * sum(c.completion_tokens for c in plans),
-                 "total_tokens": sum(c.prompt_tokens + c.completion_tokens for c in plans), "prompt_tokens_details": None}
+        for p, first in zip(prompts, plans, strict=True):
+            for k in range(n):  # n draws per prompt: distinct when sampling, identical when greedy
+                c = first if k == 0 or not _sampling(body) else h.pod.plan(p, max_tokens, stop=stop, sample=k)
+                h.pod.run(c)
+                made.append(c)
+                choices.append({"index": len(choices), "text": (p if echo else "") + c.text, "logprobs": None,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                "prompt_logprobs": None})
+        prompt_tokens = sum(c.prompt_tokens for c in plans)
+        completion_tokens = sum(c.completion_tokens for c in made)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
         out = {"id": cid, "object": "text_completion", "created": created, "model": name, "choices": choices,
                "usage": usage, "service_tier": None, "system_fingerprint": fp, "kv_transfer_params": None}
         h.send_json(200, out)
@@ -171,17 +176,23 @@ def _oai_completions(h: _ModelHandler) -> None:
             yield json.dumps({"id": cid, "object": "text_completion", "created": created, "model": name,
                               "choices": [{"index": 0, "text": piece, "logprobs": None,
                                            "finish_reason": c.finish_reason if last else None,
-                                           "stop_reason": None}]})
+                                           "stop_reason": c.stop_reason if last else None}]})
         if not c.pieces:
             yield json.dumps({"id": cid, "object": "text_completion", "created": created, "model": name,
                               "choices": [{"index": 0, "text": "", "logprobs": None,
-                                           "finish_reason": c.finish_reason, "stop_reason": None}]})
+                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
         if include_usage:
             yield json.dumps({"id": cid, "object": "text_completion", "created": created, "model": name,
                               "choices": [], "usage": _usage(c)})
         yield "[DONE]"
 
     h.stream(c, events)
+
+
+def _sampling(body: dict[str, Any]) -> bool:
+    """vLLM samples unless ``temperature`` is 0 (greedy); its default temperature is 1.0."""
+    t = body.get("temperature")
+    return t is None or (isinstance(t, int | float) and t > 0)
 
 
 def _n_choices(body: dict[str, Any]) -> int:
@@ -211,17 +222,20 @@ def _oai_chat(h: _ModelHandler, *, has_template: bool, template_error: HttpError
     fp = f"{h.pod.runtime.tgi_version(h.pod.info)}-sha-sandbox" if h.pod.info.engine == "tgi" else None
     if not body.get("stream"):
         n = _n_choices(body)
-        for _ in range(n):
-            h.pod.run(c)
+        made = [c if k == 0 or not _sampling(body) else
+                h.pod.plan(prompt, max_tokens, stop=_stops(body.get("stop")), sample=k) for k in range(n)]
+        for one in made:
+            h.pod.run(one)
         usage = _usage(c)
-        usage["completion_tokens"] *= n
+        usage["completion_tokens"] = sum(one.completion_tokens for one in made)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         h.send_json(200, {
             "id": cid, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": one.text, "refusal": None,
                                                  "annotations": None, "audio": None, "function_call": None,
                                                  "tool_calls": [], "reasoning_content": None},
-                         "logprobs": None, "finish_reason": c.finish_reason, "stop_reason": None} for i in range(n)],
+                         "logprobs": None, "finish_reason": one.finish_reason, "stop_reason": one.stop_reason}
+                        for i, one in enumerate(made)],
             "service_tier": None, "system_fingerprint": fp, "usage": usage, "prompt_logprobs": None,
             "kv_transfer_params": None})
         return

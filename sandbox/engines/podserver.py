@@ -99,7 +99,7 @@ class PodServer:
     def __init__(self, runtime: ModelRuntime, pod: dict[str, Any], info: ContainerInfo, behavior: Behavior,
                  load_seconds: float, on_ready: Callable[[], Any] | None,
                  on_exit: Callable[[int, str], Any] | None, *, fail: tuple[str, str] | None = None,
-                 start_index: int = 0) -> None:
+                 start_index: int = 0, plan: Any = None) -> None:
         meta = pod.get("metadata") or {}
         self.runtime = runtime
         self.clock: Clock = runtime.clock
@@ -112,6 +112,7 @@ class PodServer:
         self.mode = fail[0] if fail else behavior.mode
         self._fail_detail = fail[1] if fail else ""
         self.load_seconds = load_seconds
+        self.start_plan = plan  # runtime.StartPlan: init, weights, CUDA graphs (cloud seconds); None = all weights
         self.tokens_per_s = behavior.tokens_per_s or runtime.tokens_per_s
         self.start_index = start_index
         self.started_at = time.time()
@@ -287,12 +288,44 @@ class PodServer:
     def _shards(self) -> int:
         return max(1, min(8, self.model_meta.get("shards") or 4))
 
+    def _phases(self) -> tuple[float, float, float, Any]:
+        p = self.start_plan
+        if p is None:
+            return 0.0, self.load_seconds, 0.0, None
+        return p.init_s, p.weights_s, p.graphs_s, p.load
+
+    def _weight_lines(self, took: float, load: Any) -> list[str]:
+        """What the engine prints once the weights are on the GPUs (the download first, from the Hub)."""
+        e, m = self.info.engine, self.runtime.hub_id(self.info)
+        lines = []
+        if load is not None and load.download_s and e == "vllm":
+            lines.append(self._line(f"Time spent downloading weights for {m}: {load.download_s:.6f} seconds",
+                                    src="weight_utils.py:296"))
+        if e == "vllm" and load is not None and load.loader == "runai_streamer":
+            lines.append(self._line(f"Loading weights took {took:.2f} seconds", src="runai_streamer_loader.py:97"))
+        return lines
+
+    def _graph_lines(self, took: float) -> list[str]:
+        e = self.info.engine
+        if e == "vllm":
+            return [self._line(f"Graph capturing finished in {took:.0f} secs, took 0.45 GiB",
+                               src="gpu_model_runner.py:2708")]
+        if e == "sglang":
+            return [self._line(f"Capture cuda graph end. Time elapsed: {took:.2f} s. mem usage=0.42 GB.", src="TP0")]
+        if e == "tgi":
+            return [self._line("Cuda Graphs are enabled for sizes [32, 16, 8, 4, 2, 1]",
+                               src="text_generation_launcher")]
+        return []
+
     def _load(self) -> None:
         self.log(*self._startup_lines())
         if self.mode == "launch_error":  # refused its arguments: exits before loading anything
             self._die()
             return
-        total = self.clock.scaled(self.load_seconds)
+        init_s, weights_s, graphs_s, load = self._phases()
+        if init_s and self._stop.wait(self.clock.scaled(init_s)):
+            return
+        total = self.clock.scaled(weights_s)
         fail_at = {"crash_loop": 0.6, "oom": 0.5}.get(self.mode)
         shards = self._shards() if self.info.engine != "generic" else 1
         for k in range(1, shards + 1):
@@ -300,7 +333,7 @@ class PodServer:
                 return
             frac = k / shards
             if self.info.engine in ("vllm", "sglang"):
-                elapsed = self.load_seconds * frac
+                elapsed = weights_s * frac
                 self.log(f"Loading safetensors checkpoint shards: {int(frac * 100):3d}% Completed | {k}/{shards} "
                          f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}<00:00, {1 / max(elapsed / k, 1e-3):.2f}it/s]")
             elif self.info.engine == "tgi" and k < shards:
@@ -311,7 +344,20 @@ class PodServer:
                 return
         if self._stop.is_set():
             return
-        self.log(*self._ready_lines(self.load_seconds))
+        self.log(*self._weight_lines(weights_s * load.load_s / load.seconds if load is not None and load.seconds
+                                     else weights_s, load))
+        if graphs_s:
+            if self.info.engine == "sglang":
+                self.log(self._line("Capture cuda graph begin. This can take up to several minutes.", src="TP0"))
+            if self._stop.wait(self.clock.scaled(graphs_s)):
+                return
+            self.log(*self._graph_lines(graphs_s))
+        # the loader's own figure: the load only (a Hub download was its own line), slow_load included
+        loaded_s = weights_s * load.load_s / load.seconds if load is not None and load.seconds else weights_s
+        ready = self._ready_lines(loaded_s)
+        if self.info.engine == "vllm" and load is not None and load.loader == "runai_streamer":
+            ready = ready[1:]  # the streamer's loader printed "Loading weights took" instead of default_loader's
+        self.log(*ready)
         self.phase = "ready"
         self.ready_at = time.time()
         self._ready.set()
@@ -443,10 +489,10 @@ class PodServer:
             self.log(self._line(msg, level="ERROR"))
             raise HttpError(500, msg, reason="InternalServerError")
 
-    def plan(self, prompt: str, max_tokens: int, *, stop: list[str] | None = None) -> Completion:
+    def plan(self, prompt: str, max_tokens: int, *, stop: list[str] | None = None, sample: int = 0) -> Completion:
         images = len(_IMG.findall(prompt)) if "paligemma" in (self.info.model_id or "").lower() else 0
         return plan_completion(prompt, self.info.model_id or "", max_tokens, stop=stop,
-                               wrong=self.mode == "wrong_answers", image_tokens=256 * images)
+                               wrong=self.mode == "wrong_answers", image_tokens=256 * images, sample=sample)
 
     def cloud_latency(self, c: Completion) -> tuple[float, float]:
         """(time to first token, total) in cloud seconds."""

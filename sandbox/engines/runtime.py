@@ -7,9 +7,9 @@ The kube controller (sandbox/kube) calls, for each container start of a pod::
     server = runtime.start(pod, on_ready=fn(), on_exit=fn(exit_code, reason))
 
 ``start`` returns a :class:`~sandbox.engines.podserver.PodServer` already listening on a loopback port. It
-"loads weights" for ``DEFAULT_DELAYS["weight_load_per_b_params"]`` × the Hub's parameter count in
-billions (fallback 7B), at least ``weight_load_min``, scaled by the clock (or a behavior's
-``load_seconds``), writing the engine's real start-up log lines, then calls ``on_ready()``. ``crash_loop``
+starts for the time ``sandbox.coldstart`` gives (``start_plan``: engine init, the weights' bytes -- the
+Hub's parameter count, fallback 7B -- at their source's bandwidth, CUDA graph capture), scaled by the
+clock (or a behavior's ``load_seconds``), writing the engine's real start-up log lines, then calls ``on_ready()``. ``crash_loop``
 and ``oom`` write a realistic traceback partway through loading, close the port (the process died) and
 call ``on_exit(1, "Error")`` / ``on_exit(137, "OOMKilled")``. A model whose weights cannot fit on the
 pod's GPUs (node selector ``cloud.google.com/gke-accelerator`` × ``nvidia.com/gpu`` limit, e.g. a 70B
@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import re
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sandbox.core import DEFAULT_DELAYS, Clock, Faults
+from sandbox import coldstart
+from sandbox.core import Clock, Faults
 from sandbox.engines import checks as engine_checks
 from sandbox.engines.behaviors import Behavior, Behaviors
 from sandbox.engines.container import GPU, ContainerInfo, _int, describe_container
@@ -58,6 +61,32 @@ BYTES_PER_PARAM = {"float32": 4.0, "float": 4.0, "bfloat16": 2.0, "float16": 2.0
                    "awq": 0.5, "gptq": 0.5, "marlin": 0.5}
 
 
+START_ANNOTATION = "sandbox.llm-fleet.dev/start"  # the kubelet's view of the pod's volumes and image stream
+GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+
+
+def _start_info(pod: dict[str, Any]) -> dict[str, Any]:
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(START_ANNOTATION)
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """Cloud seconds of a container's start, by phase (``sandbox.coldstart``)."""
+
+    init_s: float = 0.0  # process start, CUDA init (+ image-streaming reads)
+    weights_s: float = 0.0  # weights from their source onto the GPUs
+    graphs_s: float = 0.0  # CUDA graph capture (0 with --enforce-eager)
+    load: coldstart.WeightLoad | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.init_s + self.weights_s + self.graphs_s
+
+
 class ModelRuntime:
     """Starts a :class:`PodServer` per container start; keeps the behaviors registry."""
 
@@ -75,6 +104,8 @@ class ModelRuntime:
         self._pending: dict[str, Behavior] = {}
         self._starts: dict[str, int] = {}
         self._counter = itertools.count()
+        self._filled: set[tuple[Any, Any]] = set()  # (HF cache PVC uid, model) a load has written
+        self._filling: dict[str, tuple[Any, Any]] = {}  # pod key -> the cache it downloads into
 
     # ---- lifecycle (the Sandbox calls start()/stop() with no pod) --------------------------------
     def start(self, pod: dict[str, Any] | None = None, *, on_ready: Callable[[], Any] | None = None,
@@ -130,13 +161,22 @@ class ModelRuntime:
                                                  model_max_len=self.model_meta(info).get("max_len"))
             if refused:  # the engine exits at start with its own message (sandbox/engines/checks.py)
                 fail = ("launch_error", "\n".join(refused))
-        load = self.load_seconds(pod, info, behavior)
+        plan = self.start_plan(pod, info, behavior)
+        load = plan.seconds
         with self._lock:
             old = self._servers.get(key)
             n = self._starts[key] = self._starts.get(key, 0) + 1
         if old is not None and old.alive:
             old.stop()
-        server = PodServer(self, pod, info, behavior, load, on_ready, on_exit, fail=fail, start_index=n)
+        filling = self._filling.pop(key, None)
+
+        def ready() -> Any:
+            if filling is not None:  # the weights are in the HF cache volume now: the next start reads them there
+                with self._lock:
+                    self._filled.add(filling)
+            return on_ready() if on_ready is not None else None
+
+        server = PodServer(self, pod, info, behavior, load, ready, on_exit, fail=fail, start_index=n, plan=plan)
         with self._lock:
             self._servers[key] = server
         return server
@@ -174,18 +214,79 @@ class ModelRuntime:
 
     def load_seconds(self, pod: dict[str, Any], info: ContainerInfo | None = None,
                      behavior: Behavior | None = None) -> float:
-        """Cloud seconds the weight load takes for this pod (before clock scaling)."""
+        """Cloud seconds from container start to a model that answers (before clock scaling)."""
+        return self.start_plan(pod, info, behavior).seconds
+
+    def hub_id(self, info: ContainerInfo) -> str | None:
+        """The Hub repo the weights are from: the model argument, or -- for weights read from a bucket or a
+        mounted volume (``gs://...``, ``/models/...``) -- the served model name the spec gives them."""
+        for mid in (info.model_id, info.served_model_name):
+            if mid and re.fullmatch(r"[\w.-]+/[\w.-]+", mid):
+                return mid
+        return info.model_id
+
+    def weight_source(self, pod: dict[str, Any], info: ContainerInfo) -> tuple[str, bool]:
+        """Where the engine reads weights from (a ``coldstart.SOURCES`` key) and whether through the Run:ai
+        streamer: ``gs://`` with ``--load-format runai_streamer``; a model path on a GCS FUSE CSI volume
+        or a Hyperdisk ML / other PVC; else the Hub, through the HF cache volume when it already holds
+        this model's weights (a PVC that a load has filled) -- read from the pod the kubelet started."""
+        opts = " ".join(info.args)
+        streamer = bool(re.search(r"--load-format[= ]runai_streamer", opts))
+        model = info.model_id or ""
+        start = _start_info(pod)
+        volumes = start.get("volumes") or {}
+        c = ((pod.get("spec") or {}).get("containers") or [{}])[0]
+        env = {e.get("name"): e.get("value") for e in c.get("env") or [] if "value" in e}
+
+        def volume_at(path: str) -> dict[str, Any] | None:
+            best = None
+            for m in c.get("volumeMounts") or []:
+                mp = m.get("mountPath", "").rstrip("/")
+                if mp and (path == mp or path.startswith(mp + "/")) and (best is None or len(mp) > len(best[0])):
+                    best = (mp, volumes.get(m.get("name"), {}))
+            return best[1] if best else None
+
+        if model.startswith("gs://"):
+            return "gcs", streamer
+        if model.startswith("/"):
+            vol = volume_at(model) or {}
+            if vol.get("kind") == "csi" and vol.get("driver") == GCSFUSE_DRIVER:
+                return "gcsfuse", streamer
+            if vol.get("kind") == "pvc" and "hyperdisk-ml" in (vol.get("type"), vol.get("storageClass")):
+                return "hyperdisk-ml", streamer
+            return ("pvc" if vol.get("kind") == "pvc" else "hub"), streamer
+        cache = volume_at(env.get("HF_HOME") or env.get("HUGGINGFACE_HUB_CACHE") or "/root/.cache/huggingface")
+        if cache and cache.get("kind") == "pvc":
+            with self._lock:
+                if (cache.get("uid"), self.hub_id(info)) in self._filled:
+                    return "pvc", streamer
+            self._filling[self.pod_key(pod)] = (cache.get("uid"), self.hub_id(info))
+        return "hub", streamer
+
+    def start_plan(self, pod: dict[str, Any], info: ContainerInfo | None = None,
+                   behavior: Behavior | None = None) -> StartPlan:
+        """The container's start, phase by phase (``sandbox.coldstart``): the engine's init (plus what
+        image streaming still reads), the weights by size and source, the CUDA graph capture."""
         info = info or describe_container(pod)
         behavior = behavior or self.behaviors.peek(pod, info)
-        if behavior.load_seconds is not None:
-            return float(behavior.load_seconds)
         if info.engine == "generic":
-            base = 1.0
+            return StartPlan(init_s=1.0)
+        slow = SLOW_LOAD_FACTOR if behavior.mode == "slow_load" else 1.0
+        if behavior.load_seconds is not None:
+            return StartPlan(weights_s=float(behavior.load_seconds) * slow)
+        nbytes = self.weights_gib(pod, info) * 2**30
+        source, streamer = self.weight_source(pod, info)
+        load = coldstart.weight_load(nbytes, source, streamer=streamer)
+        opts = " ".join(info.args)
+        env = {e.get("name"): e.get("value") for e in
+               (((pod.get("spec") or {}).get("containers") or [{}])[0].get("env") or []) if "value" in e}
+        if info.engine == "tgi":  # TGI captures graphs unless CUDA_GRAPHS=0 / --cuda-graphs 0
+            graphs = not (str(env.get("CUDA_GRAPHS", "")).strip() == "0" or re.search(r"--cuda-graphs[= ]0\b", opts))
         else:
-            params = self._hub_params(info.model_id)
-            billions = params / 1e9 if params else DEFAULT_PARAMS_B
-            base = max(DEFAULT_DELAYS["weight_load_min"], DEFAULT_DELAYS["weight_load_per_b_params"] * billions)
-        return base * (SLOW_LOAD_FACTOR if behavior.mode == "slow_load" else 1.0)
+            graphs = not ("--enforce-eager" in opts or "--disable-cuda-graph" in opts)
+        warm = coldstart.engine_warmup(info.engine, cuda_graphs=graphs)
+        return StartPlan(init_s=warm.init_s + float(_start_info(pod).get("image_stream_s") or 0.0),
+                         weights_s=load.seconds * slow, graphs_s=warm.graphs_s, load=load)
 
     @staticmethod
     def _gpus(pod: dict[str, Any]) -> int:
@@ -201,17 +302,17 @@ class ModelRuntime:
 
     def weights_gib(self, pod: dict[str, Any], info: ContainerInfo) -> float:
         """GiB of weights the engine puts on the GPUs (dtype and quantization applied)."""
-        params = self._hub_params(info.model_id)
+        params = self._hub_params(self.hub_id(info))
         if params is None:
             params = int(DEFAULT_PARAMS_B * 1e9) if info.engine != "generic" else 0
         quantized = info.quantization in ("awq", "gptq", "marlin", "awq_marlin", "gptq_marlin")
         cfg_q = False
         if self.hub is not None and info.model_id:
             with contextlib.suppress(Exception):
-                cfg_q = "quantization_config" in self.hub.config(info.model_id)
+                cfg_q = "quantization_config" in self.hub.config(self.hub_id(info))
         if (quantized or cfg_q) and self.hub is not None:
             with contextlib.suppress(Exception):
-                return self.hub.weight_bytes(info.model_id) / 2**30
+                return self.hub.weight_bytes(self.hub_id(info)) / 2**30
         bpp = BYTES_PER_PARAM.get((info.quantization or info.dtype or "auto").lower(), 2.0)
         return params * bpp / 2**30
 
@@ -219,7 +320,7 @@ class ModelRuntime:
         """What the engine reads from the Hub at start: config, chat template, sha, context length."""
         meta: dict[str, Any] = {"chat_template": _guess_chat(info.model_id), "family": _family(info.model_id or "",
                                                                                                 None)}
-        hub, model = self.hub, info.model_id
+        hub, model = self.hub, self.hub_id(info)
         if hub is None or not model:
             return meta
         with contextlib.suppress(Exception):

@@ -129,9 +129,10 @@ def _vision_answer(task: str, images: list[str], seed: int) -> str:
     return f"image of {thing}{details[seed % len(details)]}"
 
 
-def compose_answer(prompt: str, model_id: str = "") -> str:
-    """The whole answer the model would give to ``prompt`` (deterministic; truncated by the caller)."""
-    seed = _h(model_id, prompt)
+def compose_answer(prompt: str, model_id: str = "", *, sample: int = 0) -> str:
+    """The whole answer the model would give to ``prompt`` (deterministic; truncated by the caller); ``sample``
+    k > 0 is the k-th other draw of a sampling request (``n`` > 1 with temperature > 0 gives distinct choices)."""
+    seed = _h(model_id, prompt) if not sample else _h(model_id, prompt, str(sample))
     images = _IMG.findall(prompt)
     text = _user_text(_IMG.sub(" ", prompt))
     vision = "paligemma" in model_id.lower()
@@ -185,6 +186,7 @@ class Completion:
     pieces: list[str]
     prompt_tokens: int
     finish_reason: str  # "stop" | "length"
+    stop_reason: str | None = None  # vLLM: the stop string that ended the output (None: EOS or length)
 
     @property
     def text(self) -> str:
@@ -196,20 +198,21 @@ class Completion:
 
 
 def plan_completion(prompt: str, model_id: str, max_tokens: int, *, stop: list[str] | None = None,
-                    wrong: bool = False, image_tokens: int = 0) -> Completion:
+                    wrong: bool = False, image_tokens: int = 0, sample: int = 0) -> Completion:
     prompt_tokens = count_tokens(prompt) + image_tokens + 1  # + BOS
     max_tokens = max(0, int(max_tokens))
     if wrong:
         return Completion([""] * max_tokens, prompt_tokens, "length")
-    answer = compose_answer(prompt, model_id)
-    finish = "stop"
-    for s in stop or []:
-        if s and s in answer:
-            answer = answer[:answer.index(s)]
+    answer = compose_answer(prompt, model_id, sample=sample)
+    finish, stopped_by = "stop", None
+    hits = sorted((answer.index(s), s) for s in stop or [] if s and s in answer)
+    if hits:  # the first stop string the output reaches ends it (vLLM reports it as stop_reason)
+        at, stopped_by = hits[0]
+        answer = answer[:at]
     pieces = split_pieces(answer)
     if len(pieces) > max_tokens:
-        pieces, finish = pieces[:max_tokens], "length"
-    return Completion(pieces, prompt_tokens, finish)
+        pieces, finish, stopped_by = pieces[:max_tokens], "length", None
+    return Completion(pieces, prompt_tokens, finish, stopped_by)
 
 
 def _family(model_id: str, config: dict[str, Any] | None) -> str:

@@ -11,8 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sandbox.core import DEFAULT_DELAYS, Clock, Faults
+from sandbox import coldstart
+from sandbox.core import Clock, Faults
 from sandbox.engines import Behavior, Behaviors, ModelRuntime, compose_answer, describe_container
+from sandbox.engines.runtime import START_ANNOTATION
 from sandbox.hub import Hub
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,16 +203,60 @@ def test_behavior_for_is_one_start(runtime):
     assert runtime.behaviors.list()[-1]["hits"] == 1
 
 
-def test_load_time_from_hub_params(runtime, hub):
-    per_b, floor = DEFAULT_DELAYS["weight_load_per_b_params"], DEFAULT_DELAYS["weight_load_min"]
-    assert runtime.load_seconds(vllm("google/gemma-2-2b-it")) == pytest.approx(per_b * 2.614341888)
-    assert runtime.load_seconds(vllm("nobody/unknown")) == pytest.approx(per_b * 7.0)
-    hub.add_model("sandbox-org/tiny", params=500_000_000)
-    assert runtime.load_seconds(vllm("sandbox-org/tiny")) == floor
+def _mounted(p: dict, path: str, volume: dict, view: dict) -> dict:
+    """``p`` with a volume at ``path``, as the kubelet hands it to the runtime (START_ANNOTATION)."""
+    p["spec"]["containers"][0]["volumeMounts"] = [{"name": "w", "mountPath": path}]
+    p["spec"]["volumes"] = [{"name": "w", **volume}]
+    p["metadata"]["annotations"] = {START_ANNOTATION: json.dumps({"volumes": {"w": view}})}
+    return p
+
+
+def test_load_time_by_weight_source(runtime, hub):
+    """Weight bytes (Hub parameter count × dtype) at the source's bandwidth, plus engine init and CUDA graphs."""
+    nbytes = 2.614341888e9 * 2  # gemma-2-2b-it in bfloat16
+    warm = coldstart.engine_warmup("vllm")
+    hub_plan = runtime.start_plan(vllm("google/gemma-2-2b-it"))
+    assert hub_plan.load.source == "hub" and hub_plan.load.download_s == pytest.approx(nbytes / 100e6)
+    assert hub_plan.seconds == pytest.approx(warm.seconds + nbytes / 100e6 + nbytes / coldstart.DEFAULT_LOADER_BPS)
+    gcs = runtime.start_plan(vllm("gs://weights/google/gemma-2-2b-it", "--load-format=runai_streamer",
+                                  "--served-model-name=google/gemma-2-2b-it"))
+    assert gcs.load.source == "gcs" and gcs.load.loader == "runai_streamer"
+    assert gcs.weights_s == pytest.approx(nbytes / coldstart.SOURCE_BPS["gcs"])  # the model's size came from the Hub
+    eager = runtime.start_plan(vllm("gs://weights/google/gemma-2-2b-it", "--load-format=runai_streamer",
+                                    "--served-model-name=google/gemma-2-2b-it", "--enforce-eager"))
+    assert eager.graphs_s == 0 and gcs.graphs_s == coldstart.CUDA_GRAPH_S["vllm"]
+    fuse = _mounted(vllm("/models/google/gemma-2-2b-it", "--served-model-name=google/gemma-2-2b-it"), "/models",
+                    {"csi": {"driver": "gcsfuse.csi.storage.gke.io"}},
+                    {"kind": "csi", "driver": "gcsfuse.csi.storage.gke.io"})
+    assert runtime.start_plan(fuse).load.source == "gcsfuse"
+    hdml = _mounted(vllm("/models/google/gemma-2-2b-it", "--load-format=runai_streamer",
+                         "--served-model-name=google/gemma-2-2b-it"), "/models",
+                    {"persistentVolumeClaim": {"claimName": "w"}},
+                    {"kind": "pvc", "storageClass": "hyperdisk-ml", "type": "hyperdisk-ml", "uid": "u1"})
+    assert runtime.start_plan(hdml).load.source == "hyperdisk-ml"
+    assert runtime.start_plan(hdml).weights_s < hub_plan.weights_s / 10
+    unknown = runtime.start_plan(vllm("nobody/unknown"))  # not on the Hub: 7B assumed
+    assert unknown.load.bytes == pytest.approx(7e9 * 2)
     runtime.behaviors.add(mode="slow_load", model="google/gemma-2-2b-it")
-    assert runtime.load_seconds(vllm("google/gemma-2-2b-it")) == pytest.approx(per_b * 2.614341888 * 10)
+    assert runtime.start_plan(vllm("google/gemma-2-2b-it")).weights_s == pytest.approx(hub_plan.weights_s * 10)
     runtime.behaviors.add(mode="ok", model="Qwen/Qwen2.5-7B-Instruct", load_seconds=3)
     assert runtime.load_seconds(sglang()) == 3
+
+
+def test_hf_cache_pvc_serves_the_second_start(runtime):
+    """The first start downloads from the Hub into the HF cache PVC; once it answered, the next start reads
+    the PVC (pd-balanced), not the internet."""
+    def cached(name: str) -> dict:
+        return _mounted(vllm("google/gemma-2-2b-it", name=name, env={"HF_HOME": "/data"}), "/data",
+                        {"persistentVolumeClaim": {"claimName": "cache"}},
+                        {"kind": "pvc", "storageClass": "standard-rwo", "type": "pd-balanced", "uid": "pvc-1"})
+
+    runtime.behaviors.add(mode="ok", load_seconds=0)
+    first = cached("p-1")
+    assert runtime.weight_source(first, describe_container(first)) == ("hub", False)
+    ready(runtime, first)
+    second = cached("p-2")
+    assert runtime.weight_source(second, describe_container(second)) == ("pvc", False)
 
 
 # ---- vLLM ------------------------------------------------------------------------------------------
@@ -283,6 +329,32 @@ def test_vllm_openai_endpoints(runtime):
     assert 'vllm:request_success_total{engine="0",model_name="google/gemma-2-2b-it",finished_reason="length"}' \
         in metrics
     assert any('"POST /v1/completions HTTP/1.1" 200' in line for line in server.logs())
+
+
+def test_vllm_stop_reason_and_n_choices(runtime):
+    """vLLM reports the stop string that ended the output as ``stop_reason``; ``n`` > 1 with sampling (its default
+    temperature 1.0) gives distinct choices, greedy (temperature 0) identical ones."""
+    server, ev = start(runtime, vllm("google/gemma-2-2b-it", "--max-model-len=4096"))
+    assert ev.ready.wait(5)
+    with httpx.Client(base_url=server.url, timeout=5) as http:
+        full = http.post("/v1/completions", json={"prompt": "What is Kubernetes?", "max_tokens": 200,
+                                                  "temperature": 0}).json()["choices"][0]
+        assert full["finish_reason"] == "stop" and full["stop_reason"] is None  # ended by EOS
+        word = full["text"].split()[3]
+        cut = http.post("/v1/completions", json={"prompt": "What is Kubernetes?", "max_tokens": 200,
+                                                 "temperature": 0, "stop": ["\n\n", word]}).json()["choices"][0]
+        assert cut["finish_reason"] == "stop" and cut["stop_reason"] == word
+        assert word not in cut["text"] and full["text"].startswith(cut["text"])
+        two = http.post("/v1/completions", json={"prompt": "Tell me about GPUs.", "max_tokens": 200, "n": 2}).json()
+        texts = [c["text"] for c in two["choices"]]
+        assert [c["index"] for c in two["choices"]] == [0, 1] and texts[0] != texts[1]
+        greedy = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Tell me about GPUs."}],
+                                                         "max_tokens": 200, "n": 2, "temperature": 0}).json()
+        assert len({c["message"]["content"] for c in greedy["choices"]}) == 1
+        chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Tell me about GPUs."}],
+                                                       "max_tokens": 200, "n": 2}).json()
+        assert len({c["message"]["content"] for c in chat["choices"]}) == 2
+    server.stop()
 
 
 def test_vllm_chat_needs_a_chat_template(runtime):
@@ -520,12 +592,14 @@ def test_hang_never_answers_until_the_pod_stops(runtime):
 
 
 def test_slow_load_takes_ten_times_longer(runtime):
-    ok_load = runtime.load_seconds(vllm("Qwen/Qwen2.5-1.5B-Instruct"))
+    """slow_load: the weights come ten times slower (the engine's init and graph capture do not)."""
+    ok = runtime.start_plan(vllm("Qwen/Qwen2.5-1.5B-Instruct"))
     runtime.behaviors.add(mode="slow_load", count=1)
     t0 = time.monotonic()
     server, ev = start(runtime, vllm("Qwen/Qwen2.5-1.5B-Instruct"))
-    assert server.load_seconds == pytest.approx(ok_load * 10)
-    assert ev.ready.wait(5) and ev.ready_at - t0 >= runtime.clock.scaled(ok_load * 10) * 0.9
+    assert server.start_plan.weights_s == pytest.approx(ok.weights_s * 10)
+    assert server.load_seconds == pytest.approx(ok.seconds + ok.weights_s * 9)
+    assert ev.ready.wait(5) and ev.ready_at - t0 >= runtime.clock.scaled(server.load_seconds) * 0.9
 
 
 def test_batch_slots_and_waiting_requests_show_in_metrics(hub):
@@ -595,3 +669,17 @@ def test_snapshot(runtime):
     assert pods["a"]["requests_served"] == 1 and pods["a"]["phase"] == "ready" and pods["a"]["port"] == a.port
     assert pods["b"]["engine"] == "tgi" and pods["b"]["model"] == "meta-llama/Llama-2-7b-chat-hf"
     json.dumps(snap)
+
+
+def test_engine_log_accounts_for_its_weights(runtime):
+    """What vLLM prints (download, then load) adds up to the weights phase the runtime timed: the line
+    wake_model's phase report reads (manifests.wake.weight_seconds)."""
+    from manifests.wake import weight_seconds
+
+    for p in (vllm("google/gemma-2-2b-it", name="hub-0"),
+              vllm("gs://w/google/gemma-2-2b-it", "--load-format=runai_streamer",
+                   "--served-model-name=google/gemma-2-2b-it", name="gcs-0")):
+        plan = runtime.start_plan(p)
+        server = ready(runtime, p)
+        assert weight_seconds(server.logs()) == pytest.approx(plan.weights_s, rel=1e-3)
+        assert any("Graph capturing finished in 15 secs" in ln for ln in server.logs())
