@@ -65,15 +65,14 @@ DEFAULT_DELAYS: dict[str, float] = {
     "node_pool_create": 120.0,
     "node_pool_delete": 60.0,
     "node_pool_resize": 30.0,
+    # an explicit override of the node boot (tests); by default sandbox/coldstart.py times it per machine
+    # family and GPU driver, and the image pull by size and path, the weights by bytes and source
     "node_boot": 60.0,
     "autopilot_node_provision": 90.0,
-    "image_pull": 45.0,
+    "image_pull": 45.0,  # a plain pull of the 9 GB vLLM image (coldstart.image_pull); bench/release_swap reads it
     # kube-proxy / the GKE dataplane programs a Service's new endpoints this long after the Endpoints change
     # (kube-proxy's minSyncPeriod is 1 s; see docs/sandbox-contract.md)
     "endpoint_propagation": 1.0,
-    # weight load: seconds per billion parameters (download from cache/Hub + load to GPU)
-    "weight_load_per_b_params": 15.0,
-    "weight_load_min": 20.0,
 }
 
 
