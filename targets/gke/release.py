@@ -35,16 +35,17 @@ from manifests.release import (
     Observed,
     ReleaseRecord,
     previous_promoted,
+    switch_back_target,
     unpromoted_candidate,
     with_record,
 )
 from manifests.render import autoscaler
-from manifests.spec import DeploymentSpec, resolve_gke_spec
+from manifests.spec import DeploymentSpec, resolve_gke_spec, with_revision
 from targets.gke.canary import route_to
 from targets.gke.deploy import first_deploy
 from targets.gke.release_steps import point_preview, switch_traffic
-from targets.gke.serving import cluster_location, observe, prepare, scale_down_color, smoke, with_revision
-from targets.gke.strategy import finish_retire, refuse_if_parked, run_release, strategy_for
+from targets.gke.serving import cluster_location, observe, prepare, scale_down_color, smoke
+from targets.gke.strategy import finish_retire, refuse_if_parked, rolled_back, run_release, strategy_for
 from tasks import gke, k8s
 from tasks.locks import model_lock
 from tasks.report import Report, artifact_key
@@ -66,7 +67,7 @@ def release(spec: SpecPath | str | dict[str, Any], *, revision: str | None = Non
                 get_run_logger().info("plan: %s — %s", row["step"], row["detail"])
             report.succeed("dry run: nothing was changed")
             return {"dry_run": True, "plan": plan.table(), "action": plan.action, "revision": t.model.sha}
-        with model_lock(spec, purpose="release"):
+        with model_lock(spec, purpose="release", kubeconfig=t.kubeconfig):
             observed = observe(spec, t.kubeconfig)
             plan = strategy_for(spec).plan(spec, observed, desired)
             refuse_if_parked(spec, plan)
@@ -83,6 +84,8 @@ def release(spec: SpecPath | str | dict[str, Any], *, revision: str | None = Non
         return {"name": spec.name, "revision": t.model.sha, **out}
     except Exception as exc:
         report.fail(exc)
+        if (state := rolled_back(exc, report)) is not None:
+            return state
         raise
     finally:
         report.markdown_artifact(artifact_key("release", spec.name))
@@ -118,7 +121,7 @@ def rollback(spec: SpecPath | str | dict[str, Any], *, release_again: Callable[.
     try:
         location = cluster_location(spec)
         kubeconfig = gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
-        with model_lock(spec, purpose="rollback"):
+        with model_lock(spec, purpose="rollback", kubeconfig=kubeconfig):
             observed = observe(spec, kubeconfig)
             if observed.live is None:
                 raise FleetError(f"{spec.name} does not serve yet: nothing to roll back", "run deploy_model")
@@ -126,7 +129,7 @@ def rollback(spec: SpecPath | str | dict[str, Any], *, release_again: Callable[.
             warm = observed.colors[other]
             if unpromoted_candidate(observed) == other:
                 return abandon_candidate(spec, report, kubeconfig=kubeconfig, observed=observed)
-            if warm.warm and warm.revision:
+            if switch_back_target(observed) == other:  # never the candidate a release rejected
                 with report.step(f"Switch back to the warm color {other}") as step:
                     rollout = k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace,
                                                name=names.deployment(spec, other), timeout_s=60)

@@ -8,6 +8,7 @@ a class like ``bluegreen.BlueGreen`` and one line in ``strategy_for``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Protocol
 
@@ -48,6 +49,25 @@ class RollbackFailed(FleetError):
     """A step failed and so did its rollback: both causes, and how to find where traffic is."""
 
 
+ROLLED_BACK_TO = "llm_fleet_rolled_back_to"  # set on the step's exception once the rollback succeeded
+
+
+def rolled_back(exc: BaseException, report: Report) -> Any:
+    """An automatic rollback that worked is an outcome, not a crash: one ERROR line with the cause (the
+    step's traceback at DEBUG), and the run ends Failed with that message (no Prefect traceback), still
+    raising ``exc`` to an in-process caller. None when ``exc`` was not rolled back (re-raise it)."""
+    from prefect.states import Failed
+
+    stable = getattr(exc, ROLLED_BACK_TO, None)
+    if stable is None:
+        return None
+    log = get_run_logger()
+    log.debug("the step that failed", exc_info=exc)
+    message = report.scrub(f"rolled back automatically, {stable} keeps serving — cause: {exc}")
+    log.error(message.splitlines()[0])
+    return Failed(message=message, data=exc)
+
+
 def run_release(t: Prepared, report: Report, observed: Observed, plan: ReleasePlan) -> tuple[dict[str, Any], Color | None]:
     """Run the plan's steps in order (caller holds the model's lock). Returns (result, color to retire later)."""
     strategy = strategy_for(t.spec)
@@ -72,6 +92,8 @@ def run_release(t: Prepared, report: Report, observed: Observed, plan: ReleasePl
             raise RollbackFailed(f"{exc}; then the rollback failed: {rollback_exc}",
                                  f"check which color the live Service {names.service(r.spec)} selects (kubectl get "
                                  "svc -o jsonpath='{.spec.selector}'), then run rollback_model") from rollback_exc
+        with contextlib.suppress(AttributeError):  # exceptions with __slots__ keep the plain path
+            setattr(exc, ROLLED_BACK_TO, r.stable)
         raise
     result = {"color": r.candidate, "previous_color": r.stable, "replicas": candidate_replicas(r),
               "action": "released" if plan.action == "release" else plan.action, "figures": r.figures,
@@ -85,7 +107,7 @@ def finish_retire(t: Prepared, report: Report, color: Color) -> None:
     delay = spec.release.scale_down_delay.total_seconds()
     with report.step(f"Keep {color} warm {delay:g}s, then scale it to 0") as step:
         time.sleep(scaled(delay))
-        with model_lock(spec, purpose="scale down"):
+        with model_lock(spec, purpose="scale down", kubeconfig=t.kubeconfig):
             now = observe(spec, t.kubeconfig)
             if now.live == color:
                 step.detail = f"{color} is live again (rolled back meanwhile): kept"

@@ -151,6 +151,7 @@ def test_paused_at_the_gate_then_promoted_with_the_notice_s_own_command(gated, s
     from prefect.settings import PREFECT_API_URL
 
     from manifests.spec import parse_spec
+    from tasks.gke import get_credentials
     from tasks.locks import LockTimeout, model_lock
 
     spec = gated
@@ -166,10 +167,13 @@ def test_paused_at_the_gate_then_promoted_with_the_notice_s_own_command(gated, s
         ready = ready_pods(spec, candidate)
         assert ready and endpoint_pods(spec, f"{spec['name']}-preview") == ready
         assert f"service/{spec['name']}-preview" in notice and "p95" in notice
-        # The release is still in flight: the model's lock is held, its lease renewed by Prefect's thread.
-        with pytest.raises(LockTimeout), model_lock(parse_spec(spec), purpose="test", timeout_s=1):
+        # The release is still in flight: the model's lock (its Lease on the cluster) is held and renewed.
+        c = parse_spec(spec).cluster
+        kubeconfig = get_credentials.fn(project=c.project, location=c.location, name=c.name)
+        with pytest.raises(LockTimeout, match="release@"), \
+                model_lock(parse_spec(spec), purpose="test", timeout_s=1, kubeconfig=kubeconfig):
             pass
-        assert any(t.name.startswith("concurrency-lease-renewal") and t.is_alive() for t in threading.enumerate())
+        assert any(t.name == f"lease-{spec['name']}-lock" and t.is_alive() for t in threading.enumerate())
         # Resume exactly as the notice says (Prefect's CLI against the API), with a reason and a name.
         cli = re.search(r"`(prefect api POST [^`]+)`", notice).group(1)
         cli = cli.replace('"reason": "..."', '"reason": "checked the preview"').replace('"by": "..."', '"by": "alice"')
