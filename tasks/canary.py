@@ -174,11 +174,13 @@ def run_canary(*, api: client.ApiClient, spec: DeploymentSpec, live: Color, quer
         if on_step:
             on_step(step, "weights set")
         extensions = 0
+        started = now() if now else None
         while True:
-            started = now() if now else None
+            # a held step is judged over everything since its weights were set (the window grows)
             sleep(step.hold_s)
             at = now() if now else None
-            window = max(1.0, at - started) if at is not None and started is not None else step.hold_s
+            window = (max(1.0, at - started) if at is not None and started is not None
+                      else step.hold_s * (extensions + 1))
             cand = measure(spec, f"{spec.name}-{candidate}", query, window_s=window, at=at)
             live_fig = measure(spec, f"{spec.name}-{live}", query, window_s=window, at=at)
             verdict = analysis.judge(qs, cand, live_fig)

@@ -29,15 +29,16 @@ SEED_004 = "deployments/mistral-7b-vllm-spot.yaml"
 LONG_PROMPT = " ".join(["Summarise the following log line carefully please."] * 40)  # ~300 tokens
 
 
-def canary_spec(*, holds_s: float = 300, steps: tuple[int, ...] = (5, 25, 50, 100), root: str = ".") -> DeploymentSpec:
-    """Seed 004 exposed through a regional Gateway, released by canary."""
+def canary_spec(*, holds_s: float = 300, steps: tuple[int, ...] = (5, 25, 50, 100), root: str = ".",
+                **overrides: Any) -> DeploymentSpec:
+    """Seed 004 exposed through a regional Gateway, released by canary (``overrides``: top-level spec keys)."""
     data = yaml.safe_load(Path(root, SEED_004).read_text())
     data["expose"] = {"service_type": "ClusterIP", "port": 8000,
                       "gateway": {"class": "gke-l7-regional-external-managed"}}
     data["release"]["strategy"] = "canary"
     data["release"]["steps"] = [{"weight": w, "hold": f"{holds_s}s"} for w in steps]
     data.pop("schedule", None)
-    return parse_spec(data)
+    return parse_spec(data | overrides)
 
 
 @dataclass
@@ -92,12 +93,6 @@ class GatewayBed:
         self.runtime = ModelRuntime(clock=self.clock, faults=faults, hub=Hub(faults=faults))
         self.kube = KubeCluster(clock=self.clock, faults=faults, runtime=self.runtime)
         self.kube.start()
-        # GPU nodes carrying whatever the rendered pods select (a pool's labels or a ComputeClass's)
-        pod = render.model_deployment(spec, "blue")["spec"]["template"]["spec"]
-        gpus = pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", "1")
-        for i in range(4):
-            self.kube.add_node(f"gke-gpu-{i}", capacity={"nvidia.com/gpu": gpus}, labels={
-                "cloud.google.com/gke-accelerator": spec.accelerator.type, **(pod.get("nodeSelector") or {})})
         for i in range(2):
             self.kube.add_node(f"gke-cpu-{i}")
         self.api = client.ApiClient(configuration(self.kube))
@@ -122,21 +117,42 @@ class GatewayBed:
     def deploy(self, live: Color = "blue", *, candidate_mode: str | None = None) -> str:
         """Both colors serving, the Gateway objects with ``live`` taking all traffic; returns the address.
         ``candidate_mode``: a sandbox behavior for the other color's pods (e.g. ``long_prompt_errors``)."""
-        spec = self.spec
         if candidate_mode:
             from manifests.names import other
 
             self.runtime.behaviors.add(mode=candidate_mode, match={"labels": {"llm-fleet.dev/color": other(live)}})
+        return self.apply_spec(self.spec, live)
+
+    def namespace(self, spec: DeploymentSpec) -> None:
+        from kubernetes.client.rest import ApiException
+
         core = client.CoreV1Api(self.api)
-        core.create_namespace({"metadata": {"name": spec.namespace}})
-        core.create_namespaced_secret(spec.namespace, {"metadata": {"name": spec.secret.name},
-                                                       "stringData": {spec.secret.key: "hf_sandbox"}})
-        if spec.service_account:
-            core.create_namespaced_service_account(spec.namespace, {"metadata": {"name": spec.service_account}})
+        for create in (lambda: core.create_namespace({"metadata": {"name": spec.namespace}}),
+                       lambda: core.create_namespaced_secret(spec.namespace, {"metadata": {"name": spec.secret.name},
+                                                             "stringData": {spec.secret.key: "hf_sandbox"}}),
+                       lambda: spec.service_account and core.create_namespaced_service_account(
+                           spec.namespace, {"metadata": {"name": spec.service_account}})):
+            try:
+                create()
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+
+    def apply_spec(self, spec: DeploymentSpec, live: Color = "blue") -> str:
+        """``spec``'s rendered Deployments (both colors), Gateway objects and PodMonitoring; its address."""
+        from manifests import names
+
+        self.namespace(spec)
+        # GPU nodes carrying whatever the rendered pods select (a pool's labels or a ComputeClass's), per spec
+        pod = render.model_deployment(spec, "blue")["spec"]["template"]["spec"]
+        gpus = pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", "1")
+        for i in range(2 * spec.replicas):
+            self.kube.add_node(f"gke-{spec.name}-gpu-{i}", capacity={"nvidia.com/gpu": gpus}, labels={
+                "cloud.google.com/gke-accelerator": spec.accelerator.type, **(pod.get("nodeSelector") or {})})
         for obj in [render.model_deployment(spec, c) for c in COLORS] + gateway.objects(spec, live) + \
                 [o for o in render.monitoring(spec) if o["kind"] == "PodMonitoring"]:
             self._apply(obj)
-        wait_for(lambda: all(len(self.kube.ready_pod_ports(spec.namespace, {"llm-fleet.dev/color": c})) ==
+        wait_for(lambda: all(len(self.kube.ready_pod_ports(spec.namespace, names.selector(spec, c))) ==
                              spec.replicas for c in COLORS), timeout=120)
         custom = client.CustomObjectsApi(self.api)
 
