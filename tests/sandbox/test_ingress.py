@@ -142,6 +142,27 @@ def test_basic_auth_secret_present_and_checked(kube):
     assert httpx.get(f"{url}/health", headers=host, auth=("alice", "s3cret")).status_code == 200
 
 
+def test_basic_auth_accepts_apr1_lines(kube):
+    """``htpasswd -c auth foo`` (the ingress-nginx basic-auth docs) writes ``$apr1$`` (Apache MD5) lines; nginx
+    checks them. The line here is made by ``openssl passwd -apr1``, the same algorithm."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    k, api = kube
+    addons.install_ingress_nginx(k)
+    line = subprocess.run(["openssl", "passwd", "-apr1", "-salt", "x1y2z3", "s3cret"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert line.startswith("$apr1$x1y2z3$")
+    client.CoreV1Api(api).create_namespaced_secret("default", {"metadata": {"name": "apr1-users"}, "data": {
+        "auth": base64.b64encode(f"bob:{line}\n".encode()).decode()}})
+    _ingress(api, "apr1", annotations={A + "auth-type": "basic", A + "auth-secret": "apr1-users"})
+    url, host = _url(api, "apr1"), {"Host": "llm.example.com"}
+    assert httpx.get(f"{url}/health", headers=host, auth=("bob", "s3cret")).status_code == 200
+    assert httpx.get(f"{url}/health", headers=host, auth=("bob", "wrong")).status_code == 401
+
+
 def test_rate_limit_answers_503_beyond_the_burst(kube):
     k, api = kube
     addons.install_ingress_nginx(k)

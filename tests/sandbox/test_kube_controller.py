@@ -141,6 +141,33 @@ def test_scale_up_and_down_stops_servers(kube, core, apps, runtime):
     assert {c.type: c.status for c in d.status.conditions} == {"Available": "True", "Progressing": "True"}
 
 
+def test_scaled_down_pods_pass_through_terminating():
+    """A scaled-down pod is marked for deletion first (kubectl shows Terminating, a watch sees MODIFIED with
+    deletionTimestamp), its server gets SIGTERM, and it is gone only once the engine has exited (2 cloud s)."""
+    from sandbox.kube.controllers import PODS
+    from sandbox.kube.controllers.common import T
+    from sandbox.kube.controllers.kubelet import SHUTDOWN_SECONDS
+
+    runtime = StubRuntime(Clock(0.1))
+    k = KubeCluster(clock=runtime.clock, faults=Faults(), runtime=runtime)
+    k.start()
+    try:
+        k.add_node("n1", capacity={"nvidia.com/gpu": "4"})
+        k.api.create(T[("apps", "deployments")], "default", deployment("t", replicas=2))
+        wait_for(lambda: len(k.ready_pod_ports("default", {"app": "t"})) == 2, timeout=20)
+        seen: list[tuple[float, str, bool]] = []
+        k.subscribe(lambda t, o: seen.append((time.monotonic(), t, bool(o["metadata"].get("deletionTimestamp"))))
+                    if o.get("kind") == "Pod" else None)
+        k.store.mutate(T[("apps", "deployments")], "default", "t", lambda d: {**d, "spec": {**d["spec"], "replicas": 1}})
+        wait_for(lambda: len(k.store.list(PODS, "default")[0]) == 1, timeout=20)
+        wait_for(lambda: any(t == "DELETED" for _, t, _ in seen), timeout=5)
+        marked = next(at for at, t, gone in seen if t == "MODIFIED" and gone)
+        deleted = next(at for at, t, _ in seen if t == "DELETED")
+        assert deleted - marked >= runtime.clock.scaled(SHUTDOWN_SECONDS) * 0.9
+    finally:
+        k.stop()
+
+
 def test_rolling_update_replaces_pods(kube, core, apps):
     gpu_node(kube, "n1", gpus=2)
     apps.create_namespaced_deployment("default", gpu_deployment("r", replicas=1))
