@@ -263,11 +263,14 @@ class Campaign:
         self.sbc = None
         self.lease_s = 0.0
         self.bad_revisions: list[str] = []
+        self.harness_errors: list[str] = []  # the campaign's own failures (not the product's): listed apart
 
     # -- bookkeeping
     def violate(self, inv: str, detail: str) -> None:
         self.violations.append((inv, detail, self.op_index))
-        self.note(f"VIOLATION {inv}: {detail}")
+        seen = sum(1 for v in self.violations if v[0] == inv and v[1] == detail)
+        if seen <= 3:  # the log keeps the first few of each kind; the count keeps them all
+            self.note(f"VIOLATION {inv}: {detail}" + (" (further ones counted, not logged)" if seen == 3 else ""))
 
     def note(self, text: str) -> None:
         line = f"[{self.op_index:>3}] {text}"
@@ -286,6 +289,9 @@ class Campaign:
     def setup(self) -> None:
         import yaml
 
+        # Hold proxy pods (the image park_model renders) run as local processes of this package, as in the demo.
+        os.environ.setdefault("SANDBOX_LOCAL_IMAGES", "ghcr.io/llm-fleet/llm-fleet:*")
+        os.environ.setdefault("LLM_FLEET_IMAGE", "ghcr.io/llm-fleet/llm-fleet:campaign")
         os.environ.update({"LLM_FLEET_POLL_INITIAL_S": "0.05", "LLM_FLEET_POLL_MAX_S": "0.2",
                            "LLM_FLEET_TIME_SCALE": str(self.args.time_scale),
                            "LLM_FLEET_KUBE_DIR": str(self.work / "kube")})
@@ -312,11 +318,14 @@ class Campaign:
         base["cluster"]["project"] = f"campaign-{uuid.uuid4().hex[:8]}"
         pool = base["accelerator"].setdefault("pool", {})
         pool.update({"min_nodes": 0, "max_nodes": 6, "initial_nodes": 1})
+        if hasattr(self.sbc, "preempt_node"):
+            base["accelerator"]["spot"] = True  # GCE preempts only Spot VMs: a fault kind
         base["release"] = {**base.get("release", {}),
                            "pre_promotion": {"requests": 4, "concurrency": 2},
                            "post_promotion": {"requests": 4, "window": "20s", "interval": "10s"},
                            "scale_down_delay": "10s"}
         base.pop("schedule", None)
+        base["hold"] = {**base.get("hold", {}), "timeout": "60s"}  # a held request past it: 503 + Retry-After
         self.spec = base
         other = json.loads(json.dumps(base))
         other["name"] = f"{base['name']}-b"
@@ -387,8 +396,16 @@ class Campaign:
     def step(self) -> None:
         choices = [(k, w) for k, w in MENU if k != "spot_preempt" or hasattr(self.sbc, "preempt_node")]
         kind = self.rng.choices([k for k, _ in choices], weights=[w for _, w in choices])[0]
+        # Parked under constant load: the hold proxy has asked for a wake; mostly it is granted next (the
+        # deployment trigger's wake_model run), sometimes the walk goes on with the model parked.
+        if kind not in ("park", "wake", "probe_storm", "other_cycle") and self._parked_safe() and self.rng.random() < 0.8:
+            kind = "wake"
         self.kinds[kind] += 1
-        getattr(self, f"do_{kind}")()
+        try:
+            getattr(self, f"do_{kind}")()
+        except Exception as exc:  # noqa: BLE001 - the campaign's own step failed: reported, the walk goes on
+            self.harness_errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+            self.note(f"HARNESS {kind}: {type(exc).__name__}: {exc}")
         self.check_policy()
 
     def flow_op(self) -> tuple[str, str | None]:
@@ -429,6 +446,41 @@ class Campaign:
         self.op("teardown" if self.other_up else "deploy", self.other_path, fault="other model")
         self.other_up = not self.other_up
 
+    def lease_holder(self) -> str:
+        from kubernetes import client as k8s
+        from kubernetes.client.rest import ApiException
+
+        from tasks.clients import kube_client
+        from tasks.locks import lease_name
+
+        try:
+            lease = k8s.CoordinationV1Api(kube_client(self.kubeconfig)).read_namespaced_lease(
+                lease_name(self._spec_obj()), self.namespace)
+        except ApiException:
+            return ""
+        return (lease.spec.holder_identity or "") if lease.spec else ""
+
+    def _spec_obj(self):
+        from manifests.spec import parse_spec
+
+        return parse_spec(self.spec)
+
+    def _watch_dead_holder(self, pid: int, killed_at: float) -> None:
+        """I5: a holder that was killed keeps the model's Lease no longer than the lease duration."""
+        def run() -> None:
+            limit = self.lease_s + 15.0  # the poll period and a loaded machine
+            while time.monotonic() - killed_at < limit + 60:
+                holder = self.lease_holder()
+                if f":{pid}:" not in holder:
+                    self.note(f"the killed holder's lock was free after {time.monotonic() - killed_at:.1f} s")
+                    return
+                if time.monotonic() - killed_at > limit:
+                    self.violate("I5", f"the killed holder (pid {pid}) still holds the lock "
+                                       f"{time.monotonic() - killed_at:.0f} s later (lease {self.lease_s:.0f} s)")
+                    return
+                time.sleep(0.5)
+        threading.Thread(target=run, daemon=True, name="i5").start()
+
     def do_kill(self) -> None:
         op, rev = self.flow_op()
         proc = self.start_op(op, self.spec_path, rev)
@@ -439,7 +491,7 @@ class Campaign:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         self.note(f"{op} killed after {delay:.1f} s")
-        self.after_kill = time.monotonic()
+        self._watch_dead_holder(proc.pid, time.monotonic())
         res = self.op("deploy" if op == "deploy" else "rollback" if op == "release" else op, self.spec_path,
                       fault="after a kill")
         if not res["ok"] and "LockTimeout" in str(res.get("error")):
@@ -521,10 +573,15 @@ class Campaign:
                 self.violate("I5", f"concurrent {o} waited past {self.args.op_timeout:.0f} s")
 
     def do_spot_preempt(self) -> None:
-        node = self._gpu_nodes()[:1]
+        """GCE preempts a Spot GPU node under a serving pod (30 s notice); then a release runs."""
+        core, _ = self._core()
+        serving = {p.spec.node_name for p in self.gpu_pods() if p.spec.node_name}
+        nodes = [n.metadata.name for n in core.list_node().items
+                 if (n.metadata.labels or {}).get("cloud.google.com/gke-spot") == "true"]
+        node = next((n for n in nodes if n in serving), nodes[0] if nodes else None)
         if node:
-            self.sbc.preempt_node(node[0])  # type: ignore[attr-defined]
-            self.note(f"spot preemption of {node[0]}")
+            self.sbc.preempt_node(node)  # type: ignore[attr-defined]
+            self.note(f"spot preemption of {node}")
         self.do_release_good()
 
     # -- cluster reads
@@ -534,6 +591,12 @@ class Campaign:
         from tasks.clients import kube_client
 
         return k8s.CoreV1Api(kube_client(self.kubeconfig)), k8s.AppsV1Api(kube_client(self.kubeconfig))
+
+    def _parked_safe(self) -> bool:
+        try:
+            return self.parked()
+        except Exception:  # noqa: BLE001 - an injected API fault: not parked as far as the walk knows
+            return False
 
     def parked(self) -> bool:
         core, _ = self._core()
@@ -626,6 +689,8 @@ class Campaign:
         if load is not None:
             print(f"  requests sent:        {load.sent} ({dict(load.outcomes)})")
         print(f"  prefect restarts:     {getattr(getattr(self, 'prefect', None), 'restarts', 0)}")
+        print(f"  harness errors:       {len(self.harness_errors)}" +
+              "".join(f"\n    {e[:200]}" for e in self.harness_errors))
         for inv in ("I1", "I2", "I3", "I4", "I5", "setup"):
             print(f"  violations {inv:<6}     {by_inv.get(inv, 0)}")
         if self.violations:
@@ -660,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.run_op:
         return run_op(args.run_op, args.spec_file, args.revision)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: still stop the servers it started
     return Campaign(args).run()
 
 
