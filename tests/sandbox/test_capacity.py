@@ -259,3 +259,68 @@ def test_autopilot_takes_the_class_alone(env):
                                                "spec": {**pod["spec"], "nodeSelector": {}}})
     assert err.value.status == 403 and "autogke-gpu-limitation" in err.value.body
     core.delete_namespaced_pod("ap-gpu", "default", grace_period_seconds=0)
+
+
+def test_preemption_under_load_answers_200_or_503_never_a_reset(env):
+    """The model behind its Service while GCE preempts its spot node and spot is gone: clients get
+    answers, then the API server's 503 while no replica is Ready (a retryable answer, never a reset),
+    then answers from the on-demand replacement."""
+    import threading
+
+    from manifests import render
+
+    api = env.api
+    core = env.core
+    core.create_namespaced_secret("default", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-secret"},
+                                              "stringData": {"hf_token": "hf_sandbox_read"}})
+    core.create_namespaced_persistent_volume_claim("default", render.cache_claim(SPEC))
+    core.create_namespaced_service("default", render.live_service(SPEC, "blue"))
+    k8s.AppsV1Api(api).create_namespaced_deployment("default", render.model_deployment(SPEC, "blue"))
+    svc = SPEC.name
+
+    def ask() -> int:
+        try:
+            core.connect_get_namespaced_service_proxy_with_path(svc, "default", "health",
+                                                                _request_timeout=10)
+            return 200
+        except k8s.ApiException as exc:
+            return exc.status
+
+    assert _until(lambda: ask() == 200, 30)
+    (node,) = [n for n, pool in env.gpu_nodes().items() if pool == POOLS[0]]
+    for z in ZONES:
+        env.client.set_stockout(z, "nvidia-l4", spot=True)
+    seen: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(ask())
+            except Exception as exc:  # a reset or a broken connection: what must never happen
+                errors.append(repr(exc))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    env.client.preempt_node(node)
+    try:
+        assert _until(lambda: seen.count(503) > 0, 20)
+        def on_demand_serves() -> bool:
+            pods = core.list_namespaced_pod("default", label_selector=f"app.kubernetes.io/instance={svc}").items
+            nodes = env.gpu_nodes()
+            return any(nodes.get(p.spec.node_name) == POOLS[1] and p.status.phase == "Running" for p in pods) \
+                and bool(seen) and seen[-1] == 200
+
+        assert _until(on_demand_serves, 30)
+        mark = len(seen)
+        assert _until(lambda: len(seen) > mark + 20, 10)
+    finally:
+        stop.set()
+        t.join()
+    assert errors == [] and set(seen) <= {200, 503}, (errors[:3], sorted(set(seen)))
+    assert seen[-1] == 200
+    k8s.AppsV1Api(api).delete_namespaced_deployment(f"{svc}-blue", "default")
+    core.delete_namespaced_service(svc, "default")
+    assert _until(lambda: not env.gpu_nodes(), 30)
