@@ -90,14 +90,11 @@ def inference_pool(spec: DeploymentSpec, color: Color) -> Obj:
                                            "failureMode": "FailClose"}}}
 
 
-def endpoint_picker(spec: DeploymentSpec, color: Color) -> list[Obj]:
-    """The endpoint picker of one pool, as the ``inferencepool`` chart installs it (provider gke)."""
-    gw = spec.expose.gateway
-    assert gw is not None
+def picker_rbac(spec: DeploymentSpec, color: Color) -> list[Obj]:
+    """The endpoint picker's Role and RoleBinding: a grant, so a cluster admin applies it with the operator's
+    RBAC (manifests.render.operator_rbac); the flows only check it is current."""
     name = epp_name(spec, color)
-    labels = {"app": name}
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, name)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(spec, name),
          "rules": [{"apiGroups": [IE_GROUP], "resources": ["inferencepools"], "verbs": ["get", "watch", "list"]},
                    {"apiGroups": ["inference.networking.x-k8s.io"], "resources": ["inferenceobjectives"],
@@ -106,6 +103,18 @@ def endpoint_picker(spec: DeploymentSpec, color: Color) -> list[Obj]:
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(spec, name),
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": spec.namespace}],
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}},
+    ]
+
+
+def endpoint_picker(spec: DeploymentSpec, color: Color) -> list[Obj]:
+    """The endpoint picker of one pool, as the ``inferencepool`` chart installs it (provider gke)."""
+    gw = spec.expose.gateway
+    assert gw is not None
+    name = epp_name(spec, color)
+    labels = {"app": name}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, name)},
+        *picker_rbac(spec, color),
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, name),
          "spec": {"replicas": 1, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels}, "spec": {

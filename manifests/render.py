@@ -120,7 +120,8 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         # restricted by name in RBAC anyway.
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
-         "resourceNames": [name, *([playground.ACCOUNT] if spec.expose.playground else [])],
+         "resourceNames": [name, *([playground.ACCOUNT] if spec.expose.playground else []),
+                           *([gateway.epp_name(spec, c) for c in names.COLORS] if spec.expose.gateway else [])],
          "verbs": ["get", "delete"]},
     ]
     cluster_name = names.operator_cluster_rbac(ns)
@@ -155,6 +156,7 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
          "metadata": _meta(spec, cluster_name, labels=labels, namespaced=False),
          "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": cluster_name}, "subjects": subject},
         *(playground.rbac(spec) if spec.expose.playground else []),
+        *([o for c in names.COLORS for o in gateway.picker_rbac(spec, c)] if spec.expose.gateway else []),
     ]
 
 

@@ -91,3 +91,15 @@ def test_canary_needs_a_gateway_and_steps_that_end_at_100():
         parse_spec(SPEC | {"expose": {}})
     with pytest.raises(SpecError, match="release.steps"):
         parse_spec(SPEC | {"release": {"strategy": "canary", "steps": [{"weight": 50}, {"weight": 25}]}})
+
+
+def test_the_pickers_role_is_a_grant_the_admin_applies_with_the_operators_rbac():
+    from manifests.render import operator_rbac
+
+    spec = parse_spec(SPEC)
+    admin = {(o["kind"], o["metadata"]["name"]) for o in operator_rbac(spec)}
+    assert {("Role", "mistral-blue-epp"), ("RoleBinding", "mistral-green-epp")} <= admin
+    rules = next(o for o in operator_rbac(spec) if o["kind"] == "Role" and o["metadata"]["name"] ==
+                 "llm-fleet-operator")["rules"]
+    assert any(r["apiGroups"] == ["gateway.networking.k8s.io"] and "update" in r["verbs"] for r in rules)
+    assert not any("create" in r["verbs"] for r in rules if r["apiGroups"] == ["rbac.authorization.k8s.io"])
