@@ -97,10 +97,12 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": sorted({spec.secret.name, PREFECT_AUTH_SECRET}),
          "verbs": ["get", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["services/proxy"], "verbs": ["get", "create"]},  # health, smoke prompts
+        {"apiGroups": [""], "resources": ["pods/proxy"], "verbs": ["get"]},  # each replica's /metrics (park_idle)
         {"apiGroups": [""], "resources": ["pods", "endpoints"], "verbs": read},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
         # capacity options: where the pods landed and why, from the cluster autoscaler's events
-        *([{"apiGroups": [""], "resources": ["events"], "verbs": ["list"]}] if spec.capacity else []),
+        # the autoscaler's word on where pods landed; the kubelet's on a wake's image pull (wake phases)
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": [*manage, "watch"]},
         {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
         {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
@@ -118,7 +120,9 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         # The model lock (tasks/locks.py): take, renew and give up the model's Lease. No resourceNames: the
         # Role is shared by every model in the namespace (each has its own Lease), and create cannot be
         # restricted by name in RBAC anyway.
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+        # (delete: teardown removes a torn-down model's Lease when the namespace stays for another model)
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update",
+                                                                                 "delete"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
          "resourceNames": [name, *([playground.ACCOUNT] if spec.expose.playground else []),
                            *([gateway.epp_name(spec, c) for c in names.COLORS] if spec.expose.gateway else [])],
@@ -310,9 +314,29 @@ def compute_class(spec: DeploymentSpec) -> Obj | None:
     return {"apiVersion": "cloud.google.com/v1", "kind": "ComputeClass",
             "metadata": _meta(spec, names.compute_class(spec), namespaced=False),
             "spec": {"priorities": priorities,
-                     "activeMigration": {"optimizeRulePriority": True},
+                     "activeMigration": {"optimizeRulePriority": migrates_back(spec)},
                      "nodePoolAutoCreation": {"enabled": auto},
                      "whenUnsatisfiable": "DoNotScaleUp"}}
+
+
+def migrates_back(spec: DeploymentSpec) -> bool:
+    """GKE's active migration drains a fallback node once a better option frees up. It moves replicas one
+    at a time under the model's PodDisruptionBudget, so only a model that always keeps a second replica
+    serving migrates with no dropped request; a single replica would restart (down for a model load), so
+    it stays on its fallback until its next park/wake, which starts on the best option again."""
+    least = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+    return least >= 2
+
+
+def model_budget(spec: DeploymentSpec) -> Obj | None:
+    """At most one model replica disrupted at a time (GKE's active migration, node upgrades, drains)."""
+    if not (spec.capacity and migrates_back(spec)):
+        return None
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _meta(spec, f"{spec.name}-model", labels={"app.kubernetes.io/component": "model-server"}),
+            "spec": {"maxUnavailable": 1,
+                     "selector": {"matchLabels": {"app.kubernetes.io/instance": spec.name,
+                                                  "app.kubernetes.io/component": "model-server"}}}}
 
 
 def _pod_resources(spec: DeploymentSpec) -> tuple[str, str]:
@@ -638,7 +662,8 @@ def render(spec: DeploymentSpec, *, color: Color = "blue", revision: str | None 
     objs += [workload_account(spec), cache_claim(spec) if spec.cache.enabled else None,
              applied_deployment(spec, color, revision=revision),
              live_service(spec, color), preview_service(spec, color),
-             backend_config(spec), ingress(spec), network_policy(spec), autoscaler(spec, color), *monitoring(spec),
+             backend_config(spec), ingress(spec), network_policy(spec), autoscaler(spec, color), model_budget(spec),
+             *monitoring(spec),
              *gateway.objects(spec, color),
              *playground.objects(spec)]
     return [o for o in objs if o is not None]

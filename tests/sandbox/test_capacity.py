@@ -25,7 +25,7 @@ from tests.sandbox.test_app import _gke
 P, REGION, ZONES = "cap-project", "us-central1", ["us-central1-a", "us-central1-b"]
 LOC = f"projects/{P}/locations/{REGION}"
 SPEC = parse_spec({
-    "name": "m7b", "model": "mistralai/Mistral-7B-v0.1", "namespace": "default",
+    "name": "m7b", "model": "mistralai/Mistral-7B-v0.1", "namespace": "default", "replicas": 2,  # migrates back
     "cluster": {"project": P, "location": REGION, "name": "cap", "zones": ZONES},
     "accelerator": {"pool": {"name": "gpu", "max_nodes": 2}},
     "capacity": [
@@ -275,7 +275,7 @@ def test_preemption_under_load_answers_200_or_503_never_a_reset(env):
                                               "stringData": {"hf_token": "hf_sandbox_read"}})
     core.create_namespaced_persistent_volume_claim("default", render.cache_claim(SPEC))
     core.create_namespaced_service("default", render.live_service(SPEC, "blue"))
-    k8s.AppsV1Api(api).create_namespaced_deployment("default", render.model_deployment(SPEC, "blue"))
+    k8s.AppsV1Api(api).create_namespaced_deployment("default", render.model_deployment(SPEC, "blue", replicas=1))
     svc = SPEC.name
 
     def ask() -> int:

@@ -35,7 +35,9 @@ def test_compute_class_rendered_the_gke_way_and_pods_select_it():
     (cc,) = [o for o in objs if o["kind"] == "ComputeClass"]
     assert cc["apiVersion"] == "cloud.google.com/v1" and cc["metadata"]["name"] == "m7b-vllm"
     assert "namespace" not in cc["metadata"]
-    assert cc["spec"]["activeMigration"] == {"optimizeRulePriority": True}
+    # one replica: no active migration (it would restart the only replica); no budget either
+    assert cc["spec"]["activeMigration"] == {"optimizeRulePriority": False}
+    assert not [o for o in objs if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "m7b-model"]
     assert cc["spec"]["nodePoolAutoCreation"] == {"enabled": False}
     assert cc["spec"]["whenUnsatisfiable"] == "DoNotScaleUp"
     assert cc["spec"]["priorities"] == [
@@ -93,3 +95,14 @@ def test_unchanged_single_accelerator_specs_render_no_class():
         spec = parse_spec(copy.deepcopy(data))
         assert compute_class(spec) is None, path
 
+
+
+def test_two_replicas_migrate_back_one_at_a_time():
+    spec = _spec(replicas=2)
+    objs = render(spec)
+    (cc,) = [o for o in objs if o["kind"] == "ComputeClass"]
+    assert cc["spec"]["activeMigration"] == {"optimizeRulePriority": True}
+    (pdb,) = [o for o in objs if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "m7b-model"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/instance": "m7b",
+                                                      "app.kubernetes.io/component": "model-server"}
