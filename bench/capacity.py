@@ -12,7 +12,8 @@ A scale-up (a wake, a preempted node's replacement) then takes, as the sandbox's
 
 - **fallback** (the ComputeClass): the first option with capacity — on a spot stockout one refused probe
   per spot zone (20 s each, ``autoscaler_scale_up_error``) then the on-demand node's boot and load (W);
-  active migration back to spot once it frees up (billed on-demand until the spot node is ready);
+  back to spot at the next wake (seed 004 keeps one replica: no active migration, which would restart it;
+  with two or more replicas, migration back once spot frees up);
 - **single pool** (spot only): nothing until spot capacity is back — the autoscaler retries after its
   backoff (5, 10, 20, 30 min…), then boot and load (W).
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import park_week as PW  # noqa: E402
 
 from manifests.prices import load_prices, option_rates  # noqa: E402
+from manifests.render import migrates_back  # noqa: E402
 from manifests.spec import DeploymentSpec, load_spec  # noqa: E402
 
 MODEL, SPEC = "mistral-7b-instruct", "mistral-7b-vllm-spot.yaml"
@@ -107,10 +109,11 @@ def single_pool_ready(outages: list[tuple[float, float]], t: float, w: float) ->
 
 
 def replay(spec: DeploymentSpec, reqs: list[tuple[float, int]], on: list[tuple[float, float]], *,
-           seed: int, fallback: bool, on_demand_only: bool = False) -> Run:
+           seed: int, fallback: bool, on_demand_only: bool = False, migrate: bool | None = None) -> Run:
     """GPU-on intervals ``on`` (the policy's), with every scale-up meeting GCE's capacity of the moment."""
     rng = random.Random(seed * 31 + (1 if fallback else 0))
     rates = {r["option"]: r for r in option_rates(load_prices(), spec)}
+    migrates = migrates_back(spec) if migrate is None else migrate
     zones = len(spec.option_zones(0)) or 1
     preempt = preemptions(seed)
     outages = merged(spot_outages(seed) + [(p, p + rng.uniform(*SPOT_GONE_MIN) * 60) for p in preempt])
@@ -135,7 +138,9 @@ def replay(spec: DeploymentSpec, reqs: list[tuple[float, int]], on: list[tuple[f
             return ready
         run.fallbacks += 1
         ready = t + PROBE * zones + w  # each spot zone refused, then the on-demand node boots and loads
-        back = min(until, end + w)  # active migration: a spot node once it frees up, billed from `end`
+        # active migration (two replicas or more): a spot node once it frees up, billed from `end`; a single
+        # replica stays on its fallback until the next park (manifests.render.migrates_back)
+        back = min(until, end + w) if migrates else until
         segments.append((t + PROBE * zones, back, 1))
         if back < until:
             segments.append((end, until, 0))
@@ -205,6 +210,8 @@ def main() -> int:
     fb = replay(spec, reqs, policy.on, seed=args.seed, fallback=True)
     print(row("single spot pool (today)", one))
     print(row("capacity list (ComputeClass)", fb))
+    print(row("capacity list, migrating back", replay(spec, reqs, policy.on, seed=args.seed,
+                                                             fallback=True, migrate=True)))
     print(row("on-demand pool only (reference)", replay(spec, reqs, policy.on, seed=args.seed, fallback=False,
                                                          on_demand_only=True)))
     for name, r in (("single", one), ("fallback", fb)):
