@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 
 from manifests import names
+from manifests.errors import PreflightError
 from manifests.names import Color
 from manifests.spec import DeploymentSpec, ScheduleSpec
 
@@ -246,6 +247,18 @@ def awake_service(spec: DeploymentSpec, color: Color) -> Obj:
         "spec": {"type": "ClusterIP", "selector": names.selector(spec, color),
                  "ports": [{"name": "http", "port": spec.expose.port, "targetPort": "http", "protocol": "TCP"}]},
     }
+
+
+def require_image(spec: DeploymentSpec, what: str) -> str:
+    """The product image the hold proxy / playground run (``hold.image``, default ``$LLM_FLEET_IMAGE``), or one
+    error naming the field and the fix, before anything is changed."""
+    image = spec.hold.image
+    if not image or not re.fullmatch(r"[a-z0-9][\w.\-/:@]*", image):
+        raise PreflightError(f"hold.image: {what} needs the product's image, {'not ' + repr(image) if image else 'none is set'}",
+                             "build and push the flows image (README 'The flows image': docker build -t "
+                             "us-docker.pkg.dev/PROJECT/llm-fleet/flows:TAG .), then set LLM_FLEET_IMAGE to it "
+                             "(or hold.image in the spec); the sandbox's env file sets it")
+    return image
 
 
 def hold_proxy_deployment(spec: DeploymentSpec, *, prefect_api_url: str | None,
@@ -527,6 +540,12 @@ def parse_metrics(text: str, engine: str) -> Metrics:
         return next((sums[n] for n in candidates if n in sums), 0.0)
 
     return Metrics(pick(running_names), pick(waiting_names), pick(count_names))
+
+
+def parse_pod_metrics(pages: list[str], engine: str) -> Metrics:
+    """Every replica's page summed: what the model as a whole is doing and has served."""
+    each = [parse_metrics(p, engine) for p in pages]
+    return Metrics(sum(m.running for m in each), sum(m.waiting for m in each), sum(m.requests for m in each))
 
 
 @dataclass(frozen=True)

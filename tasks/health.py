@@ -23,6 +23,19 @@ def service_base(namespace: str, service: str, port: str = "http") -> str:
     return f"/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy"
 
 
+def _json(resp: httpx.Response, engine: str) -> Any:
+    """The engine's JSON answer, or one DeployError saying what answered instead (a web page from an image that
+    is no model server, a proxy's error page) -- never a bare JSONDecodeError."""
+    try:
+        return resp.json()
+    except ValueError:
+        text = " ".join(resp.text.split())[:120]
+        raise DeployError(f"{resp.request.url.path} answered {resp.status_code} {resp.headers.get('content-type', '')!r},"
+                          f" not {engine}'s JSON: {text!r}",
+                          f"check engine.image: the container is not a {engine} server (engine.kind {engine})",
+                          reason="NotAnEngine") from None
+
+
 def _client(kubeconfig: str | None, timeout: float = 60.0) -> httpx.Client:
     return kube_http(kube_client(kubeconfig), timeout=timeout)
 
@@ -37,14 +50,14 @@ def check_engine_ready(*, kubeconfig: str | None, namespace: str, service: str, 
         health = http.get(f"{base}/health")
         if health.status_code != 200:
             raise DeployError(f"TGI /health answered {health.status_code}", "wait and rerun", reason="NotReady")
-        info = http.get(f"{base}/info").json()
+        info = _json(http.get(f"{base}/info"), engine)
         served = info.get("model_id")
     else:
         resp = http.get(f"{base}/v1/models")
         if resp.status_code != 200:
             raise DeployError(f"{engine} /v1/models answered {resp.status_code}", "wait and rerun",
                               reason="NotReady")
-        info = resp.json()
+        info = _json(resp, engine)
         served = next((m.get("id") for m in info.get("data", [])), None)
     if served != model_id:
         raise DeployError(f"the Service answers with model {served!r}, expected {model_id}",
@@ -69,7 +82,7 @@ def _generate(http: httpx.Client, base: str, engine: str, model_id: str, prompt:
         if not stream:
             resp = http.post(f"{base}/generate", json=body)
             resp.raise_for_status()
-            data = resp.json()
+            data = _json(resp, engine)
             text = data.get("generated_text", "")
             return text, int((data.get("details") or {}).get("generated_tokens") or len(text.split()))
         text, tokens = "", 0
@@ -86,7 +99,7 @@ def _generate(http: httpx.Client, base: str, engine: str, model_id: str, prompt:
     if not stream:
         resp = http.post(f"{base}/v1/completions", json=body)
         resp.raise_for_status()
-        data = resp.json()
+        data = _json(resp, engine)
         return data["choices"][0].get("text", ""), int((data.get("usage") or {}).get("completion_tokens") or 0)
     parts: list[str] = []
     with http.stream("POST", f"{base}/v1/completions", json=body) as resp:
@@ -174,3 +187,16 @@ def read_metrics(*, kubeconfig: str | None, namespace: str, service: str) -> str
     resp = _client(kubeconfig).get(f"{service_base(namespace, service)}/metrics")
     resp.raise_for_status()
     return resp.text
+
+
+@task(**task_retries())
+def read_pod_metrics(*, kubeconfig: str | None, namespace: str, pods: list[str], port: int) -> list[str]:
+    """Each pod's own /metrics page, through the API server's pod proxy: a Service answers from one pod at
+    random, and counters differ per pod, so one page per read looked like traffic between any two reads."""
+    http = _client(kubeconfig)
+    pages = []
+    for pod in pods:
+        resp = http.get(f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/metrics")
+        resp.raise_for_status()
+        pages.append(resp.text)
+    return pages

@@ -22,9 +22,10 @@ from manifests import names, playground
 from manifests.errors import DeployError
 from manifests.fleet import SpecPath
 from manifests.names import Color
+from manifests.park import require_image
 from manifests.release import Desired
-from manifests.render import applied_deployment, model_deployment, object_key, render
-from manifests.spec import resolve_gke_spec
+from manifests.render import model_deployment, object_key, render
+from manifests.spec import resolve_gke_spec, with_revision
 from targets.gke.provision import cluster_preflight
 from targets.gke.serving import (
     Prepared,
@@ -38,7 +39,7 @@ from targets.gke.serving import (
     smoke_rows,
     wait_until_answering,
 )
-from targets.gke.strategy import finish_retire, refuse_if_parked, run_release, strategy_for
+from targets.gke.strategy import finish_retire, refuse_if_parked, rolled_back, run_release, strategy_for
 from tasks import k8s
 from tasks.locks import model_lock
 from tasks.report import Report, artifact_key
@@ -66,10 +67,14 @@ def first_deploy(t: Prepared, report: Report, *, color: Color = "blue") -> dict[
             results = smoke(spec, kubeconfig=t.kubeconfig, service=names.service(spec))
             step.detail = f"{len(results)} prompt(s) answered, " + ", ".join(
                 f"{r.latency_s * 1000:.0f} ms" for r in results)
-    except DeployError:
-        # A first deploy has no traffic to protect: stop paying for its GPUs.
+    except Exception:
+        # A first deploy has no traffic to protect: whatever failed (a smoke prompt, an API error, a lost
+        # lock), stop paying for its GPUs — unless another run holds the model now (the fence refuses).
         if applied_deployment:
-            log.warning(scale_down_color(spec, kubeconfig=t.kubeconfig, color=color))
+            try:
+                log.warning(scale_down_color(spec, kubeconfig=t.kubeconfig, color=color))
+            except Exception as down:  # noqa: BLE001 - the first failure is what to fix
+                log.warning("could not scale %s down: %s", names.deployment(spec, color), down)
         raise
     report.table_artifact(artifact_key("deploy", spec.name, "smoke"), smoke_rows(results), "Smoke prompts")
     return {"color": color, "replicas": replicas, "objects": [a.__dict__ for a in applied],
@@ -100,12 +105,16 @@ def _dry_run(t: Prepared, report: Report, color: Color) -> dict[str, Any]:
     return {"dry_run": True, "plan": rows, "revision": t.model.sha}
 
 
-def deploy(spec: SpecPath | str | dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+def deploy(spec: SpecPath | str | dict[str, Any], *, revision: str | None = None,
+           dry_run: bool = False) -> dict[str, Any]:
     """HF preflight → Secret → cache, Deployment, Service, Ingress, HPA, monitoring → model answers → smoke test.
 
-    On a serving model a changed pod template is released blue-green (never changed in place).
+    ``revision``: a Hub commit, branch or tag to serve instead of the spec's. On a serving model a changed
+    pod template (a new revision too) is released blue-green (never changed in place).
     """
-    spec = resolve_gke_spec(spec, flow="deploy_model")
+    spec = with_revision(resolve_gke_spec(spec, flow="deploy_model"), revision)
+    if spec.expose.playground:
+        require_image(spec, "expose.playground")  # the product's image, checked before anything is applied
     report = Report("deploy_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
     key = artifact_key("deploy", spec.name)
     retire = None
@@ -117,7 +126,7 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, dry_run: bool = False) -> d
             out = _dry_run(t, report, observe(spec, t.kubeconfig).live or "blue")
             report.succeed("dry run: nothing was changed")
             return out
-        with model_lock(spec, purpose="deploy"):
+        with model_lock(spec, purpose="deploy", kubeconfig=t.kubeconfig):
             observed = observe(spec, t.kubeconfig)  # under the lock: what the previous holder left
             plan = strategy_for(spec).plan(spec, observed, Desired(t.model.sha, t.desired_hash, spec.replicas))
             refuse_if_parked(spec, plan)
@@ -131,11 +140,12 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, dry_run: bool = False) -> d
                                for o in in_place_objects(spec, live=live, revision=t.model.sha)]
                     step.detail = f"{sum(a.action != 'unchanged' for a in applied)} changed, live color {live}"
                 if plan.action == "noop":
-                    # Same pod template: re-applying the live Deployment is a no-op (proved by server-side apply).
-                    applied.append(k8s.apply_object(
-                        kubeconfig=t.kubeconfig, obj=applied_deployment(spec, live, revision=t.model.sha)))
-                    out = {"color": live, "replicas": spec.replicas, "objects": [a.__dict__ for a in applied],
-                           "smoke": [], "action": "unchanged"}
+                    # Same pod template (spec hash): the live Deployment is left alone. Re-applying it would
+                    # drop spec.replicas where an HPA owns the count (server-side apply removes a field its
+                    # manager stops sending; the API server then defaults it to 1), and would change a hand-
+                    # edited template of the serving color in place (check_fleet reports that drift).
+                    out = {"color": live, "replicas": observed.colors[live].replicas,
+                           "objects": [a.__dict__ for a in applied], "smoke": [], "action": "unchanged"}
                 else:
                     report.skip("Live pods untouched", f"the pod template changed: blue-green release "
                                 f"{plan.live} → {plan.candidate} instead of an in-place update")
@@ -155,6 +165,8 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, dry_run: bool = False) -> d
             get_run_logger().error("last log lines of the failing pod:\n%s", report.scrub("\n".join(exc.logs)))
             exc.fix = (exc.fix + "\nLast log lines:\n" + "\n".join(exc.logs[-5:])) if exc.fix else exc.fix
         report.fail(exc)
+        if (state := rolled_back(exc, report)) is not None:
+            return state
         raise
     finally:
         report.markdown_artifact(key)

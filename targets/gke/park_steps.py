@@ -312,8 +312,13 @@ def observe_idle(spec: DeploymentSpec, now: datetime) -> P.Decision:
     replicas = int(((dep or {}).get("status") or {}).get("readyReplicas") or 0)
     if replicas == 0:
         return P.decide_park(P.Observed(spec.name, False, 0, 0, None), spec.schedule, now)
-    metrics = P.parse_metrics(health.read_metrics(kubeconfig=kubeconfig, namespace=spec.namespace,
-                                                  service=names.service(spec)), spec.engine.kind)
+    pods = k8s.list_objects(kubeconfig=kubeconfig, api_version="v1", kind="Pod", namespace=spec.namespace,
+                            label_selector=",".join(f"{k}={v}" for k, v in names.selector(spec, color).items()))
+    ready = sorted(p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp") and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in (p.get("status") or {}).get("conditions") or []))
+    # Every replica's counter (a Service would answer from one at random: never the same counter twice)
+    metrics = P.parse_pod_metrics(health.read_pod_metrics(kubeconfig=kubeconfig, namespace=spec.namespace, pods=ready,
+                                                          port=spec.engine.container_port), spec.engine.kind)
     previous = P.Activity.from_annotation((svc["metadata"].get("annotations") or {}).get(P.ACTIVITY))
     activity, known = P.observe_activity(previous, metrics, now)
     if activity != previous:

@@ -245,3 +245,38 @@ def test_hand_edit_is_reported_and_reverted(sbc, shared):
     assert svc["action"] == "configured"
     assert svc["changed"] == ["metadata.labels.llm-fleet.dev/role"]
     assert core.read_namespaced_service("qwen-hand-edit", "default").metadata.labels["llm-fleet.dev/role"] == "live"
+
+
+def test_noop_deploy_leaves_the_live_deployment_alone(sbc, shared):
+    """A deploy with nothing to release never re-applies the serving color's Deployment: that would change
+    a hand-edited template of the live color in place (its only pod replaced before the new one loads) and,
+    with an HPA, drop the replica count the HPA owns. Failed before the fix: the hand edit was reverted in
+    place (the template changed under traffic)."""
+    spec = shared("qwen2.5-7b-sglang.yaml", "qwen-noop")
+    deploy(spec)
+    _, apps, _ = kube(spec)
+    dep = apps.read_namespaced_deployment("qwen-noop-blue", "default")
+    # a field deploy_model owns (another manager's own fields survive a server-side apply anyway)
+    env = next(e for e in dep.spec.template.spec.containers[0].env if e.name == "HF_HOME")
+    env.value = "/tmp/hf-debug"
+    apps.replace_namespaced_deployment("qwen-noop-blue", "default", dep)
+    edited = apps.read_namespaced_deployment("qwen-noop-blue", "default").spec.template.to_dict()
+    again = deploy(spec)
+    assert again["action"] == "unchanged" and again["replicas"] == dep.spec.replicas
+    assert apps.read_namespaced_deployment("qwen-noop-blue", "default").spec.template.to_dict() == edited
+
+
+def test_an_image_that_is_no_engine_names_the_cause_and_stops_paying(sbc, shared):
+    """A dict spec whose image serves a web page, not the engine: the deploy fails on one DeployError saying
+    what answered (never a bare JSONDecodeError), and the GPU Deployment it applied is scaled to 0."""
+    from manifests.errors import DeployError
+
+    spec = shared("qwen2.5-7b-sglang.yaml", "not-an-engine")
+    spec["engine"] = {**(spec["engine"] if isinstance(spec["engine"], dict) else {"kind": spec["engine"]}),
+                      "image": "nginx:1.27"}  # the sandbox runs it as nginx's default site: 200 + HTML
+    with pytest.raises(DeployError) as info:
+        deploy(spec)
+    assert info.value.reason == "NotAnEngine" and "not sglang's JSON" in str(info.value), info.value
+    assert "engine.image" in (info.value.fix or "")
+    _, apps, _ = kube(spec)
+    assert apps.read_namespaced_deployment(f"{spec['name']}-blue", "default").spec.replicas == 0

@@ -265,6 +265,30 @@ def test_the_second_wake_leaves_the_same_end_state_and_a_rerun_changes_nothing(m
     assert again["woken"] is False and again["changed"] == []
 
 
+def test_park_idle_reads_every_replica_so_two_replicas_can_be_idle(model):
+    """With two replicas, each serving a different number of requests, park_idle must see the model's
+    counters, not one random pod's per read. Failed before the fix: reads through the Service alternated
+    between the pods' counters, so the idle clock restarted on a read and the model was never idle."""
+    from flows.park import park_idle, wake_model
+    from tasks import k8s
+
+    spec, path, kubeconfig, _ = model
+    wake_model(spec=spec, reason="test: awake first")
+    color = live_service(spec, kubeconfig)["spec"]["selector"]["llm-fleet.dev/color"]
+    name = f"{spec['name']}-{color}"
+    k8s.scale_deployment.fn(kubeconfig=kubeconfig, namespace="default", name=name, replicas=2)
+    try:
+        k8s.wait_rollout.fn(kubeconfig=kubeconfig, namespace="default", name=name, timeout_s=120)
+        park_idle(specs=[path], dry_run=True)  # first observation
+        decisions = []
+        for _ in range(4):
+            time.sleep(1.2)  # idle_after: 1s
+            decisions.append(park_idle(specs=[path], dry_run=True)[0])
+        assert all(d["action"] == "park" for d in decisions), decisions
+    finally:
+        k8s.scale_deployment.fn(kubeconfig=kubeconfig, namespace="default", name=name, replicas=1)
+
+
 def test_park_with_a_stray_candidate_parks_both_colors(model):
     """An interrupted release left its candidate color running: park scales it to 0 too and ends with no
     GPU pod. Failed before the fix: only the live color was scaled, and park failed with PodsRemain after
