@@ -54,11 +54,11 @@ def main() -> int:
         api = PREFECT_API_URL.value()
         with get_client(sync_client=True) as client:
             client.create_work_pool(WorkPoolCreate(name="bench-no-worker", type="process"))
-        subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "release_model/default",
+        subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "release_model/blue-green",
                         "--pool", "bench-no-worker"], cwd=ROOT, env={**os.environ, "PREFECT_API_URL": api},
                        check=True, capture_output=True)
         with get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name("release_model/default")
+            dep = client.read_deployment_by_name("release_model/blue-green")
 
         branch = "bench"
         sb.hub.push_revision(MODEL, branch)

@@ -33,9 +33,12 @@ def gke_variant(config: dict[str, Any], *, pool: str = "gke", image: str = "{{ $
                                    "service_account_name": "llm-fleet-operator"}}
     out.setdefault("definitions", {})["work_pool"] = work_pool
     for d in out["deployments"]:
-        # Its own name, so one server can hold both variants: 'deploy_model/gke' next to '/default'.
-        d["name"] = pool
+        # Its own name, so one server can hold both variants: 'deploy_model/deploy-gke' next to '/deploy'.
+        d["name"] = f"{d['name']}-{pool}"
         d["work_pool"] = copy.deepcopy(work_pool)
+        for trigger in d.get("triggers") or []:
+            if trigger.get("name"):
+                trigger["name"] = f"{trigger['name']} ({pool})"
     return out
 
 

@@ -23,7 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from prefect.variables import Variable
 
-from manifests.fleet import SpecPath, bundled_specs, load_fleet
+from manifests.fleet import OptionalText, SpecParam, bundled_specs, load_fleet
 from manifests.spec import DeploymentSpec, SpecError, resolve_spec
 from targets import Check, Unsupported, target_for
 from tasks.alerts import edit_alert, open_alert, reply_alert
@@ -116,10 +116,16 @@ def _specs(specs: list[Any] | None, fleet: str | None) -> list[Any]:
 
 
 @flow(name="check_fleet", log_prints=True)
-def check_fleet(specs: list[SpecPath | str | dict[str, Any]] | None = None, fleet: str | None = None,
+def check_fleet(specs: tuple[SpecParam, ...] = (), fleet: OptionalText = None,
                 smoke: bool = True) -> dict[str, Any]:
     """Probe every deployed model through its Service, read its metrics, compare it with its spec; one
-    Slack alert per incident (never a message per run)."""
+    Slack alert per incident (never a message per run).
+
+    Args:
+        specs: Specs to check (empty: every bundled spec).
+        fleet: A fleet file (deployments/fleets/*.yaml) instead of specs.
+        smoke: Also send each model a smoke prompt (not only readiness and /metrics).
+    """
     log = logger()
     channel = get_settings().slack_channel
     seen: dict[str, Any] = {}  # what the scan already looked up (each cluster's credentials, pools sighted)

@@ -13,19 +13,22 @@ import contextvars
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import Flow, flow
 from prefect.flows import load_flow_from_entrypoint
+from pydantic import Field
 
 from manifests.errors import FleetError
-from manifests.fleet import bundled_fleets, check_fleet_specs, cluster_key, load_fleet, pool_key
+from manifests.fleet import SpecParam, bundled_fleets, check_fleet_specs, cluster_key, load_fleet, pool_key
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from tasks.log import logger
 from tasks.report import Report
 
 # The UI offers the bundled fleet files; any other path works from the CLI and the API.
 FleetPath = Literal[tuple(bundled_fleets())]  # type: ignore[valid-type]
+# One tab per kind in the UI form (untitled, "str | str" looked like two identical choices)
+FleetParam = Annotated[FleetPath, Field(title="bundled fleet")] | Annotated[str, Field(title="fleet file")]
 
 
 class FleetFailed(FleetError):
@@ -83,10 +86,17 @@ def _deploy_one(ref: Any, spec: DeploymentSpec, ready: Future, outcome: Outcome,
 
 
 @flow(name="deploy_fleet", log_prints=True)
-def deploy_fleet(fleet: FleetPath | str | None = "deployments/fleets/demo.yaml",
-                 specs: list[str | dict[str, Any]] | None = None, max_parallel: int = 20,
+def deploy_fleet(fleet: FleetParam = "deployments/fleets/demo.yaml",
+                 specs: tuple[SpecParam, ...] = (), max_parallel: int = 20,
                  dry_run: bool = False) -> dict[str, Any]:
-    """Provision each cluster once and deploy every model of the fleet concurrently; one summary."""
+    """Provision each cluster once and deploy every model of the fleet concurrently; one summary.
+
+    Args:
+        fleet: The fleet file: a bundled one (deployments/fleets/*.yaml) or another (unused when specs are given).
+        specs: Specs to deploy instead of the fleet file's.
+        max_parallel: At most this many provisions and deploys at once.
+        dry_run: Show each model's plan, change nothing.
+    """
     log = logger()
     refs: list[Any] = list(specs) if specs else [str(p) for p in load_fleet(fleet)]
     loaded = [resolve_gke_spec(r, flow="deploy_fleet") for r in refs]

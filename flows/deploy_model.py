@@ -20,15 +20,20 @@ from typing import Any
 
 from prefect import flow
 
-from manifests.fleet import SpecPath
+from manifests.fleet import OptionalText, SpecParam
 from targets import target_for
 
 
 @flow(name="deploy_model", log_prints=True)
-def deploy_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def deploy_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: OptionalText = None,
                  dry_run: bool = False) -> dict[str, Any]:
     """HF preflight → Secret → cache, Deployment, Service, Ingress, HPA, monitoring → model answers → smoke test.
 
     On a serving model a changed pod template is released blue-green (never changed in place).
+
+    Args:
+        spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
+        revision: A Hub commit, branch or tag to serve instead of the spec's model.revision (empty: the spec's).
+        dry_run: Show what would be created or applied, change nothing.
     """
-    return target_for(spec).deploy(spec=spec, dry_run=dry_run)
+    return target_for(spec).deploy(spec=spec, revision=revision or None, dry_run=dry_run)

@@ -1,73 +1,97 @@
 """gpu_report (daily): what each model's GPUs cost yesterday, and what parking saved.
 
-1. For each spec, fold today's sighting of its GPU nodes into the pool's usage ledger (tasks/usage.py)
-2. Read the pool's GKE operations: their precise end times mark when nodes came and went
-3. Per model: GPU-hours used, hours parked (no GPU node), GPU-hours always-on would have used
-4. Price them from the repo's price table (manifests/prices.yaml, or the user's LLM_FLEET_PRICES file)
-5. A table artifact, a markdown chart with a sparkline per model, one Slack summary
+1. Each GPU node's life from its VM's own insert/delete operations (Compute Engine, ms times; nodes no
+   flow ever saw are counted too), the pool's usage ledger (tasks/usage.py) for what GCE no longer lists
+2. Per model: GPU-hours used, time parked (no GPU node), GPU-hours always-on would have used
+3. Price them from the repo's price table (manifests/prices.yaml, or the user's LLM_FLEET_PRICES file)
+4. A table artifact, a markdown chart with a sparkline per model, one Slack summary
 """
 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from manifests import usage as U
-from manifests.fleet import SpecPath, bundled_specs, load_fleet
-from manifests.prices import load_prices
+from manifests import wake as W
+from manifests.fleet import OptionalDate, OptionalDateTime, OptionalText, SpecParam, bundled_specs, load_fleet
+from manifests.prices import load_prices, option_rates
 from manifests.spec import DeploymentSpec, SpecError, resolve_spec
 from targets.gke.provision import find_cluster
-from tasks import gke
+from tasks import gke, schedules
 from tasks.log import logger
 from tasks.settings import get_settings
 from tasks.slack import post_slack
-from tasks.usage import ledger_name, pool_operations, read_ledger, record_usage, save_ledger
-
-
-def window(day: str | None, start: str | float | None, end: str | float | None, now: float) -> tuple[float, float]:
-    """[start, end) in epoch seconds: explicit bounds, else the given UTC day, else yesterday (UTC)."""
-    if start is not None or end is not None:
-        lo = U.ts(start) if start is not None else now - 86400
-        hi = U.ts(end) if end is not None else now
-        return float(lo), float(hi)
-    d = datetime.fromisoformat(day).replace(tzinfo=UTC) if day else \
-        datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
-    return d.timestamp(), (d + timedelta(days=1)).timestamp()
+from tasks.usage import (
+    ledger_name,
+    pool_operations,
+    read_ledger,
+    record_usage,
+    save_ledger,
+    vm_bases,
+    vm_operations,
+)
 
 
 def model_row(spec: DeploymentSpec, spans: list[U.NodeSpan], *, lo: float, hi: float, share: int,
               prices, time_scale: float) -> dict[str, Any]:
     acc = spec.accelerator
-    used_s = U.gpu_seconds(spans, lo, hi) / share
-    first = min((s.start for s in spans), default=None)
-    since = max(lo, first) if first is not None else None
-    parked_s = U.zero_seconds(spans, lo, hi, since=since) if since is not None else 0.0
-    always_on_s = (hi - since) * spec.replicas * acc.count if since is not None else 0.0
     rate = prices.node_hour(accelerator=acc.type, gpus=acc.count, machine=acc.machine, spot=acc.spot) / acc.count
-    cost, always_cost = used_s / 3600 * rate, always_on_s / 3600 * rate
-    row = {"model": spec.name, "accelerator": f"{acc.count}× {acc.type}{' spot' if acc.spot else ''}",
-           "gpu_hours": round(used_s / 3600, 6), "parked_hours": round(parked_s / 3600, 6),
-           "always_on_gpu_hours": round(always_on_s / 3600, 6), "usd_per_gpu_hour": round(rate, 4),
-           "cost": round(cost, 4), "always_on_cost": round(always_cost, 4), "saving": round(always_cost - cost, 4),
-           "saving_pct": round(100 * (1 - used_s / always_on_s), 1) if always_on_s else 0.0,
-           "shared_pool_with": share - 1}
-    if time_scale != 1.0:  # the sandbox's clock runs fast: the same figures in cloud time
-        row["cloud_gpu_hours"] = round(used_s / time_scale / 3600, 3)
+    row = U.usage_row(model=spec.name, accelerator=f"{acc.count}× {acc.type}{' spot' if acc.spot else ''}",
+                      spans=spans, lo=lo, hi=hi, share=share, replicas=spec.replicas, gpus_per_replica=acc.count,
+                      usd_per_gpu_hour=rate, time_scale=time_scale)
+    # how long its wakes took (wake_model's measurements; cloud seconds on the sandbox): the price of parking
+    wakes = [w / (time_scale or 1.0) for w in schedules.wake_history(spec)]
+    row.update({"wakes": len(wakes), "wake_p50_s": round(W.percentile(wakes, 0.5), 1),
+                "wake_p95_s": round(W.percentile(wakes, 0.95), 1)})
+    if spec.capacity:  # what each capacity option costs: the saving or surcharge of a fallback
+        row["capacity_options"] = "; ".join(
+            f"[{o['option']}] {o['what']} ${o['usd_per_gpu_hour']:g}/GPU-h"
+            + (f" ({o['vs_first_pct']:+g}%)" if o["option"] else "") for o in option_rates(prices, spec))
     return row
 
 
+def pool_spans(spec: DeploymentSpec, *, now: float) -> tuple[dict[str, Any], list[U.NodeSpan]]:
+    """(the pool's ledger, every GPU node of the spec's pool): the VMs' operations, then the ledger's sightings."""
+    c = spec.cluster
+    location, cluster = find_cluster(spec)
+    pool = None
+    if cluster is not None:
+        kubeconfig = gke.get_credentials(project=c.project, location=location, name=c.name)
+        ledger = record_usage(spec, kubeconfig=kubeconfig)
+        if c.mode == "standard":
+            pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name,
+                                     name=spec.accelerator.pool.name)
+    else:
+        ledger = read_ledger(spec)
+    standard = c.mode == "standard"
+    vm = vm_operations(project=c.project, bases=vm_bases(ledger, pool)) if standard else []
+    ops = pool_operations(project=c.project, location=location, cluster=c.name,
+                          pool=spec.accelerator.pool.name if standard else None)
+    return ledger, U.node_spans(ledger, ops, vm, gpus=spec.accelerator.count, now=now)
+
+
 @flow(name="gpu_report", log_prints=True)
-def gpu_report(specs: list[SpecPath | str | dict[str, Any]] | None = None, fleet: str | None = None,
-               day: str | None = None, start: str | float | None = None, end: str | float | None = None,
-               prices: str | None = None) -> dict[str, Any]:
-    """Per model: GPU-hours used, hours parked, the saving against always-on, priced (default: yesterday, UTC)."""
+def gpu_report(specs: tuple[SpecParam, ...] = (), fleet: OptionalText = None,
+               day: OptionalDate = None, start: OptionalDateTime = None, end: OptionalDateTime = None,
+               prices: OptionalText = None) -> dict[str, Any]:
+    """Per model: GPU-hours used, time parked, the saving against always-on, priced.
+
+    Args:
+        specs: Deployment specs to report on (paths under deployments/); empty = every bundled spec.
+        fleet: A fleet file (deployments/fleets/*.yaml) instead of specs.
+        day: A whole UTC day to report (default: yesterday), unless start or end is given.
+        start: Start of the window (UTC when no time zone is given); default: a day before end.
+        end: End of the window; default: now.
+        prices: A price table YAML instead of manifests/prices.yaml (or $LLM_FLEET_PRICES).
+    """
     log = logger()
     now = time.time()
-    lo, hi = window(day, start, end, now)
+    lo, hi = U.report_window(day, start, end, now)
     hi_eff = min(hi, now)
     table = load_prices(prices)
     settings = get_settings()
@@ -89,25 +113,16 @@ def gpu_report(specs: list[SpecPath | str | dict[str, Any]] | None = None, fleet
     nodes: dict[str, list[dict[str, Any]]] = {}
     for members in by_pool.values():
         spec = members[0]
-        c = spec.cluster
-        location, cluster = find_cluster(spec)
-        if cluster is not None:
-            kubeconfig = gke.get_credentials(project=c.project, location=location, name=c.name)
-            ledger = record_usage(spec, kubeconfig=kubeconfig)
-        else:
-            ledger = read_ledger(spec)
-        if not ledger.get("nodes"):
+        ledger, spans = pool_spans(spec, now=now)
+        if not spans:
             continue
-        ops = pool_operations(project=c.project, location=location, cluster=c.name,
-                              pool=spec.accelerator.pool.name if c.mode == "standard" else None)
-        spans = U.spans(ledger, ops, now)
         nodes[ledger_name(spec)] = [vars(n) for n in spans]
         line = U.sparkline(spans, lo, hi_eff)
         for member in members:
             row = model_row(member, spans, lo=lo, hi=hi_eff, share=len(members), prices=table,
                             time_scale=settings.time_scale)
             rows.append(row)
-            charts.append(f"| `{member.name}` | `{line}` | {row['gpu_hours']:.3f} | {row['parked_hours']:.2f} | "
+            charts.append(f"| `{member.name}` | `{line}` | {row['gpu_hours']:.3f} | {row['parked']} | "
                           f"{row['saving_pct']:.0f} % |")
         if day:  # a reported day's finished nodes are no longer needed a week later
             save_ledger(spec, U.prune(ledger, before=lo - 7 * 86400))
@@ -117,12 +132,14 @@ def gpu_report(specs: list[SpecPath | str | dict[str, Any]] | None = None, fleet
     create_table_artifact(key="gpu-report", table=rows or [{"model": "(no GPU usage recorded)"}],
                           description=f"GPU-hours and cost per model, {span} ({table.currency}, {table.region} list)")
     md = [f"# GPU usage {span}", "", "GPUs on across the window (each character is 1/24 of it):", "",
-          "| model | GPUs on | GPU-hours | parked h | saving |", "|---|---|---|---|---|", *charts, "",
+          "| model | GPUs on | GPU-hours | parked | saving |", "|---|---|---|---|---|", *charts, "",
           f"Total {total_cost:.2f} {table.currency}; parking saved {total_saving:.2f} {table.currency}."]
     create_markdown_artifact(key="gpu-report-chart", markdown="\n".join(md), description="gpu_report")
     summary = "\n".join([f"📊 *gpu_report* {span}: {total_cost:.2f} {table.currency} spent, "
                          f"{total_saving:.2f} saved by parking"] +
-                        [f"• `{r['model']}` {r['gpu_hours']:.2f} GPU-h, parked {r['parked_hours']:.1f} h, "
-                         f"{r['cost']:.2f} {table.currency} (saved {r['saving_pct']:.0f} %)" for r in rows])
+                        [f"• `{r['model']}` {r['gpu_hours']:.2f} GPU-h, parked {r['parked']}, "
+                         f"{r['cost']:.2f} {table.currency} (saved {r['saving_pct']:.0f} %)"
+                         + (f", wake p50 {r['wake_p50_s']:.0f} s / p95 {r['wake_p95_s']:.0f} s over {r['wakes']}"
+                            if r.get("wakes") else "") for r in rows])
     post_slack(channel=settings.slack_channel, text=summary)
     return {"window": [lo, hi], "models": rows, "cost": total_cost, "saving": total_saving, "nodes": nodes}

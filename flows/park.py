@@ -30,7 +30,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 
 from manifests import park as P
-from manifests.fleet import SpecPath, bundled_specs
+from manifests.fleet import OptionalText, SpecFileParam, SpecParam, bundled_specs
 from manifests.spec import DeploymentSpec, load_spec
 from targets import Unsupported, target_for
 from targets.trust import admit_event_spec
@@ -40,17 +40,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @flow(name="park_model", log_prints=True)
-def park_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def park_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml",
                reason: str = "manual") -> dict[str, Any]:
-    """Replicas to 0, hold proxy in front, GPU node pool to 0 — recorded on the cluster for wake_model."""
+    """Replicas to 0, hold proxy in front, GPU node pool to 0 — recorded on the cluster for wake_model.
+
+    Args:
+        spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
+        reason: Why it is parked, kept in the park record and the Slack message.
+    """
     return target_for(spec).park(spec=spec, reason=reason)
 
 
 @flow(name="wake_model", log_prints=True)
-def wake_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def wake_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml",
                reason: str = "manual", source: Literal["manual", "event"] = "manual") -> dict[str, Any]:
     """Restore what park changed (pool, replicas), wait until the model answers, route to it.
-    ``source: event`` (the hold proxy's trigger): only a bundled spec path (docs/security.md)."""
+
+    ``source: event`` (the hold proxy's trigger): only a bundled spec path (docs/security.md).
+
+    Args:
+        spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
+        reason: Why it is woken, kept in the wake history and the Slack message.
+        source: Who started the run: manual (you) or event (the hold proxy's trigger).
+    """
     if source == "event":
         spec = admit_event_spec(spec)
     return target_for(spec).wake(spec=spec, reason=reason)
@@ -64,8 +76,13 @@ def _idle(spec: DeploymentSpec, now: datetime) -> P.Decision:
 
 
 @flow(name="park_idle", log_prints=True)
-def park_idle(specs: list[SpecPath | str] | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Park every model idle longer than its schedule.idle_after (decisions shown before acting)."""
+def park_idle(specs: tuple[SpecFileParam, ...] = (), dry_run: bool = False) -> list[dict[str, Any]]:
+    """Park every model idle longer than its schedule.idle_after (decisions shown before acting).
+
+    Args:
+        specs: Spec files to look at (empty: every bundled spec).
+        dry_run: Show each model's decision, park nothing.
+    """
     paths = specs or bundled_specs()
     loaded = [load_spec(ROOT / p if not Path(p).is_absolute() else p) for p in paths]
     now = datetime.now(UTC)
@@ -84,12 +101,18 @@ def park_idle(specs: list[SpecPath | str] | None = None, dry_run: bool = False) 
 
 
 @flow(name="sync_schedules", log_prints=True)
-def sync_schedules(specs: list[SpecPath | str] | None = None, park_deployment: str = "park_model/default",
-                   wake_deployment: str = "wake_model/default") -> list[dict[str, Any]]:
+def sync_schedules(specs: tuple[SpecFileParam, ...] = (), park_deployment: OptionalText = None,
+                   wake_deployment: OptionalText = None) -> list[dict[str, Any]]:
     """The specs' schedule.park / schedule.wake → Prefect deployment schedules (the specs are the truth).
 
     Wake schedules start early by the p95 of the model's measured wakes. With ``specs`` given only
     those specs' schedules are touched; without, every bundled spec's, and schedules of specs that are
     gone or lost their schedule are deleted.
+
+    Args:
+        specs: Spec files whose schedules to sync (empty: every bundled spec; others' schedules are removed).
+        park_deployment: The park_model deployment to put park schedules on (empty: prefect.yaml's).
+        wake_deployment: The wake_model deployment to put wake schedules on (empty: prefect.yaml's).
     """
-    return schedules.sync(specs=specs, park_deployment=park_deployment, wake_deployment=wake_deployment)
+    return schedules.sync(specs=list(specs) or None, park_deployment=park_deployment or None,
+                          wake_deployment=wake_deployment or None)

@@ -14,12 +14,17 @@ from typing import Any
 
 from prefect import flow
 
-from manifests.fleet import SpecPath
+from manifests.fleet import SpecParam
 from targets import target_for
 
 
 @flow(name="provision_cluster", log_prints=True)
-def provision_cluster(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def provision_cluster(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml",
                       dry_run: bool = False) -> dict[str, Any]:
-    """GPU quota and zone preflight → GKE cluster → GPU node pool (with stockout failover) → kubeconfig."""
+    """GPU quota and zone preflight → GKE cluster → GPU node pool (with stockout failover) → kubeconfig.
+
+    Args:
+        spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
+        dry_run: Run the preflight and show the plan (create / keep / update), change nothing.
+    """
     return target_for(spec).provision(spec=spec, dry_run=dry_run)

@@ -24,24 +24,36 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from manifests.fleet import SpecPath
+from manifests.fleet import OptionalText, SpecParam
 from targets import target_for
 from targets.trust import admit_event_release
 
 
 @flow(name="release_model", log_prints=True)
-def release_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: str | None = None,
+def release_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: OptionalText = None,
                   dry_run: bool = False, source: Literal["manual", "event"] = "manual") -> dict[str, Any]:
     """Blue-green release of ``revision`` (default: the spec's) with analysis and automatic rollback.
 
     ``source: event`` (set by the deployment trigger, never by the event): only a bundled spec path and a
-    newer commit of its tracked branch, checked before anything runs (docs/security.md)."""
+    newer commit of its tracked branch, checked before anything runs (docs/security.md).
+
+    Args:
+        spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
+        revision: The Hub commit, branch or tag to release (empty: the spec's model.revision).
+        dry_run: Show the release plan (colors, steps), change nothing.
+        source: Who started the run: manual (you) or event (the trigger, which checks what the event says).
+    """
+    revision = revision or None
     if source == "event":
         spec, revision = admit_event_release(spec=spec, revision=revision)
     return target_for(spec).release(spec=spec, revision=revision, dry_run=dry_run)
 
 
 @flow(name="rollback_model", log_prints=True)
-def rollback_model(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml") -> dict[str, Any]:
-    """Back to the previous revision: an instant switch while the old color is warm, else a release of it."""
+def rollback_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml") -> dict[str, Any]:
+    """Back to the previous revision: an instant switch while the old color is warm, else a release of it.
+
+    Args:
+        spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
+    """
     return target_for(spec).rollback(spec=spec, release_again=release_model)

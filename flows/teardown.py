@@ -19,12 +19,18 @@ from typing import Any
 
 from prefect import flow
 
-from manifests.fleet import SpecPath
+from manifests.fleet import SpecParam
 from targets import target_for
 
 
 @flow(name="teardown", log_prints=True)
-def teardown(spec: SpecPath | str | dict[str, Any] = "deployments/gemma2-2b-it-vllm-l4.yaml",
+def teardown(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml",
              cluster: bool = False, dry_run: bool = False) -> dict[str, Any]:
-    """Remove everything the spec created (with cluster=true also its GPU pool and cluster), then verify."""
+    """Remove everything the spec created (with cluster=true also its GPU pool and cluster), then verify.
+
+    Args:
+        spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
+        cluster: Also delete the spec's GPU node pool, and the cluster unless another spec uses it.
+        dry_run: List what would be deleted, delete nothing.
+    """
     return target_for(spec).teardown(spec=spec, cluster=cluster, dry_run=dry_run)

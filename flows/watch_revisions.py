@@ -160,8 +160,12 @@ def check_spec(path: str) -> Finding:
 
 
 @flow(name="watch_revisions", log_prints=True)
-def watch_revisions(specs: list[str] | None = None) -> list[dict[str, Any]]:
-    """Each spec's tracked branch on the Hub vs the live revision; a new commit emits llm-fleet.model.revision."""
+def watch_revisions(specs: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Each spec's tracked branch on the Hub vs the live revision; a new commit emits llm-fleet.model.revision.
+
+    Args:
+        specs: Spec files to watch (empty: every bundled GKE spec).
+    """
     log = logger()
     findings = [check_spec(p) for p in (specs or default_specs())]
     for f in findings:

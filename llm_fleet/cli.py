@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model-deployment spec to run (default: deployments/gemma2-2b-it-vllm-l4.yaml)")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the Prefect server (UI) and sandbox up after the lifecycle, until Ctrl-C")
+    p.add_argument("--park-idle", action="store_true",
+                   help="keep park_idle's schedule on (default: paused, so a model you try after the demo is "
+                        "not parked after its spec's idle_after)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("webhook", help="receive Hugging Face Hub repo webhooks; a push to a tracked branch "

@@ -19,16 +19,18 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from manifests.fleet import deployment_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The lifecycle, in order: each step is a deployment in prefect.yaml run with {"spec": <path>}.
-# Hold proxy pods (the image park_model renders) run as local processes of this package in the sandbox.
-LOCAL_IMAGES = "ghcr.io/llm-fleet/llm-fleet:*"
+# Hold proxy pods run the product image the sandbox's env file names (LLM_FLEET_IMAGE), as local processes.
 # What the summary shows with each CLI, so a user without it knows what is skipped.
 TOOLS = {"kubectl": "the GPU nodes, pods, Service and model seen through kubectl",
          "gcloud": "the GKE clusters seen through gcloud"}
@@ -236,8 +238,8 @@ def _lifecycle(spec_path: str, sandbox: Any, ui: str) -> bool:
     from manifests.spec import load_spec
 
     spec = load_spec(spec_path)
-    started = time.time()
-    for name in ("provision_cluster/default", "deploy_model/default"):
+    started = datetime.now(UTC)
+    for name in (deployment_name("provision_cluster"), deployment_name("deploy_model")):
         if not _ok(_run(name, {"spec": spec_path}, ui)):
             return False
     if spec.expose.playground:
@@ -245,15 +247,17 @@ def _lifecycle(spec_path: str, sandbox: Any, ui: str) -> bool:
 
         _say(f"· chat playground: {playground.where(spec)} (source the env file first)")
     good = sandbox.hub.push_revision(spec.model.id, title="demo: fine-tuned weights")
-    _say(f"\n· the Hub has a new commit of {spec.model.id}: {good[:12]}")
-    if not _ok(_run("release_model/default", {"spec": spec_path, "revision": good}, ui)):
+    _say(f"\n· the Hub has a new commit of {spec.model.id} on main: {good[:12]}")
+    if not _ok(_run(deployment_name("release_model"), {"spec": spec_path, "revision": good}, ui)):
         return False
-    bad = sandbox.hub.push_revision(spec.model.id, title="demo: broken weights")
+    # on a branch of its own: main stays on the good commit, so the README's next deploy works
+    bad = sandbox.hub.push_revision(spec.model.id, branch="demo-broken-weights", title="demo: broken weights")
     sandbox.runtime.behaviors.add(mode="wrong_answers", revision=bad)  # its pods answer empty text
-    _say(f"· another commit, {bad[:12]}, has broken weights (the sandbox makes its pods answer nothing)")
-    if _ok(_run("release_model/default", {"spec": spec_path, "revision": bad}, ui, expect_failure=True)):
+    _say(f"· a commit on branch demo-broken-weights, {bad[:12]}, has broken weights (the sandbox makes its pods "
+         "answer nothing)")
+    if _ok(_run(deployment_name("release_model"), {"spec": spec_path, "revision": bad}, ui, expect_failure=True)):
         return False
-    if not _ok(_run("park_model/default", {"spec": spec_path}, ui)):
+    if not _ok(_run(deployment_name("park_model"), {"spec": spec_path}, ui)):
         return False
     result: dict[str, Any] = {}
     held = threading.Thread(target=lambda: result.update(r=_held_request(spec, sandbox)), daemon=True)
@@ -264,14 +268,14 @@ def _lifecycle(spec_path: str, sandbox: Any, ui: str) -> bool:
     _say(f"  {'✓' if status == 200 else '✗'} answered {status} after {seconds:.1f}s, held across the automatic "
          f"wake: {text}")
     _show_wake_runs(ui)
-    _run("gpu_report/default", {"start": started}, ui)  # GPU-hours since the demo began
+    _run(deployment_name("gpu_report"), {"start": started.isoformat()}, ui)  # GPU-hours since the demo began
     return status == 200
 
 
 def _teardown(spec_path: str, ui: str, env: dict[str, str], state_dir: Path) -> bool:
     from manifests.spec import load_spec
 
-    run = _run("teardown/default", {"spec": spec_path, "cluster": True, "dry_run": False}, ui)
+    run = _run(deployment_name("teardown"), {"spec": spec_path, "cluster": True, "dry_run": False}, ui)
     spec = load_spec(spec_path)
     _show("nothing left: GKE clusters after teardown",
           ["gcloud", "container", "clusters", "list", f"--project={spec.cluster.project}"],
@@ -290,6 +294,38 @@ def _show_wake_runs(ui: str) -> None:
         for run in [r for r in runs if r.state and not r.state.is_scheduled()]:
             _say(f"  ↳ wake_model run {run.name} (started by the event trigger): "
                  f"{run.state.name if run.state else '?'}   UI: {ui}/runs/flow-run/{run.id}")
+
+
+def _pause_schedules(flow: str) -> str:
+    """Pause a deployment's schedules (park_idle would park a model the user tries after the demo)."""
+    from prefect.client.orchestration import get_client
+
+    name = deployment_name(flow)
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(name)
+        for s in client.read_deployment_schedules(dep.id):
+            client.update_deployment_schedule(dep.id, s.id, active=False)
+    return (f"✓ {name}'s schedule paused: idle models are not parked behind your back (resume it in the UI, "
+            "or run the demo with --park-idle)")
+
+
+def _left_running(ui: str, sandbox: Any, state_dir: Path, spec_path: str, *, park_idle: bool) -> str:
+    """What --keep-running leaves up, and how to use it: the README's next steps work as it says."""
+    from manifests.spec import load_spec
+
+    spec = load_spec(spec_path)
+    return "\n".join([
+        "\n— Left running until Ctrl-C (which stops them all) —",
+        f"  Prefect server + UI   {ui}   (API {ui}/api; deployments: `prefect deployment ls`)",
+        "  Prefect worker        pool 'local', runs the flows of this checkout",
+        f"  sandbox               {sandbox.url}   (source {state_dir}/env for kubectl, gcloud, prefect)",
+        f"  Hub main of {spec.model.id}: a good commit (the broken one is on branch demo-broken-weights)",
+        f"  cluster {spec.cluster.name}: torn down by the demo; provision and deploy again with",
+        f"    prefect deployment run '{deployment_name('provision_cluster')}' --param spec={spec_path}",
+        f"    prefect deployment run '{deployment_name('deploy_model')}' --param spec={spec_path}",
+        f"  park_idle: {'scheduled every 5 min' if park_idle else 'paused (idle models stay up)'}; the other "
+        "schedules (check_fleet, watch_revisions, gpu_report, sync_schedules) are active",
+    ])
 
 
 def _prefect_quiet(what: str, env: dict[str, str]) -> None:
@@ -421,7 +457,6 @@ def main(args: argparse.Namespace) -> int:
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True)
     _say(f"llm-fleet demo — sandbox time scale {args.time_scale} (cloud delays × {args.time_scale})")
-    os.environ.setdefault("SANDBOX_LOCAL_IMAGES", LOCAL_IMAGES)
     sandbox = Sandbox(time_scale=args.time_scale, state_dir=state_dir)
     children = Children(state_dir / "pids")
     log = open(state_dir / "prefect.log", "w")  # noqa: SIM115 - closed in finally
@@ -432,7 +467,7 @@ def main(args: argparse.Namespace) -> int:
             "LLM_FLEET_HOME": str(ROOT), "LLM_FLEET_TIME_SCALE": str(args.time_scale),
             "LLM_FLEET_KUBE_DIR": str(state_dir / "kube"),
             "PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_LOGGING_LEVEL": "INFO",  # `prefect flow-run logs` shows what each step did
         })
         _say(f"✓ sandbox up: {sandbox.env().get('LLM_FLEET_SANDBOX_URL')}  "
              f"(source {state_dir}/env to use kubectl, gcloud)")
@@ -457,13 +492,15 @@ def main(args: argparse.Namespace) -> int:
         _say("✓ worker started")
 
         _prefect_quiet("sync_schedules", env)
+        if not args.park_idle:
+            _say(_pause_schedules("park_idle"))
         ui = f"http://127.0.0.1:{port}"
         ok = _lifecycle(spec, sandbox, ui)
         _summarise(spec, env, state_dir)
         ok = _teardown(spec, ui, env, state_dir) and ok
         _say(f"\nkubectl: `source {state_dir}/env && kubectl get pods -A` (while the sandbox runs)")
         if args.keep_running:
-            _say(f"Prefect UI: http://127.0.0.1:{port} — running until Ctrl-C …")
+            _say(_left_running(ui, sandbox, state_dir, spec, park_idle=args.park_idle))
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
         else:

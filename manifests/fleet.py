@@ -10,10 +10,12 @@ A fleet file is a YAML list of spec paths (or a mapping with ``specs:``), relati
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field, WithJsonSchema
 
 from manifests.spec import DeploymentSpec, SpecError, load_spec
 
@@ -29,6 +31,21 @@ def bundled_specs() -> list[str]:
 # A dropdown in the Prefect UI (the parameter schema is an enum of the bundled specs). Flows accept
 # ``SpecPath | str`` so any other file (or a mapping) still works from the CLI and the API.
 SpecPath = Literal[tuple(bundled_specs())]  # type: ignore[valid-type]
+
+# A flow's ``spec`` parameter: the Prefect UI shows one tab per union member, labelled by its title
+# (without titles: "str | str | dict", two identical tabs).
+SpecParam = (Annotated[SpecPath, Field(title="bundled spec")] | Annotated[str, Field(title="spec file")]
+             | Annotated[dict[str, Any], Field(title="spec (mapping)")])
+
+# A spec file (no mapping): the bundled dropdown or another path.
+SpecFileParam = Annotated[SpecPath, Field(title="bundled spec")] | Annotated[str, Field(title="spec file")]
+
+# An optional text parameter (a revision, a reason): one text field in the UI form, not a "str | None"
+# pair of tabs opening on "None"; leaving it empty (or omitting it) means None.
+OptionalText = Annotated[str | None, WithJsonSchema({"type": "string"})]
+# Optional dates and times: the UI's date / date-time picker (ISO strings from the CLI and the API)
+OptionalDate = Annotated[date | None, WithJsonSchema({"type": "string", "format": "date"})]
+OptionalDateTime = Annotated[datetime | None, WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
 def bundled_fleets() -> list[str]:
@@ -100,3 +117,14 @@ def uses_pool(a: DeploymentSpec, b: DeploymentSpec) -> bool:
 
 def load_specs(paths: list[str | Path]) -> list[DeploymentSpec]:
     return [load_spec(p) for p in paths]
+
+
+def deployment_name(flow: str, *, project_file: Path = ROOT / "prefect.yaml") -> str:
+    """``<flow>/<deployment>`` of the deployment prefect.yaml declares for the flow function ``flow`` (its
+    entrypoint ``flows/<file>.py:<flow>``): each name is written once, in prefect.yaml."""
+    deployments = (yaml.safe_load(project_file.read_text()) or {}).get("deployments") or []
+    found = [d["name"] for d in deployments if str(d.get("entrypoint", "")).endswith(f":{flow}")]
+    if len(found) != 1:
+        raise SpecError(f"{project_file.name} deployments", f"{len(found)} deployments run the flow {flow}",
+                        "declare exactly one per flow")
+    return f"{flow}/{found[0]}"

@@ -61,6 +61,11 @@ def alerts(spec: DeploymentSpec) -> str:
 COMPUTE_CLASS_LABEL = "cloud.google.com/compute-class"  # node label + taint key, and the pods' selector
 
 
+def lock_lease(spec: DeploymentSpec) -> str:
+    """The model's lock: a coordination.k8s.io Lease in its namespace (tasks/locks.py)."""
+    return f"{spec.name}-lock"
+
+
 def compute_class(spec: DeploymentSpec) -> str:
     """The spec's GKE ComputeClass (cluster-scoped: the namespace keeps two same-named specs apart)."""
     return f"{spec.name}-{spec.namespace}"[:63].rstrip("-")

@@ -66,8 +66,9 @@ class ServingTarget:
         """Capacity the model will run on (a cluster and its GPU pool)."""
         raise self._unsupported("provision_cluster", "the target has no capacity step")
 
-    def deploy(self, *, spec: SpecRef, dry_run: bool = False) -> dict[str, Any]:
-        """From nothing (or a serving model) to the spec serving, checked by smoke prompts."""
+    def deploy(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """From nothing (or a serving model) to the spec serving (at ``revision`` if given: a Hub commit,
+        branch or tag instead of the spec's), checked by smoke prompts."""
         raise self._unsupported("deploy_model", "not implemented")
 
     def release(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:

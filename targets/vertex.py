@@ -28,7 +28,7 @@ from prefect import get_run_logger
 
 from manifests import vertex as vx
 from manifests.errors import DeployError, FleetError, PreflightError, SmokeTestError
-from manifests.spec import DeploymentSpec, SpecError, resolve_spec
+from manifests.spec import DeploymentSpec, SpecError, resolve_spec, with_revision
 from targets.base import ServingTarget, SpecRef
 from targets.hub import hub_preflight
 from tasks import hf
@@ -185,8 +185,9 @@ def _deploy_new(spec: DeploymentSpec, ep: dict[str, Any], *, model: str, revisio
 
 # ---- deploy ------------------------------------------------------------------------------------------------
 
-def deploy(spec: DeploymentSpec | str | dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
-    spec = resolve_vertex_spec(spec, flow="deploy_model")
+def deploy(spec: DeploymentSpec | str | dict[str, Any], *, revision: str | None = None,
+           dry_run: bool = False) -> dict[str, Any]:
+    spec = with_revision(resolve_vertex_spec(spec, flow="deploy_model"), revision)
     project, region = _where(spec)
     report = Report("deploy_model", f"{spec.name} ({spec.model.id}) on Vertex AI {region}", spec.slack_channel)
     key = artifact_key("deploy", spec.name)
@@ -471,8 +472,8 @@ class VertexAI(ServingTarget):
         raise self._unsupported("provision_cluster", "Vertex AI provisions the machines itself",
                                 "run deploy_model with this spec: it creates the endpoint and deploys")
 
-    def deploy(self, *, spec: SpecRef, dry_run: bool = False) -> dict[str, Any]:
-        return deploy(spec, dry_run=dry_run)
+    def deploy(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        return deploy(spec, revision=revision, dry_run=dry_run)
 
     def release(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
         return release(spec, revision=revision, dry_run=dry_run)

@@ -37,6 +37,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from manifests import names
 from manifests.errors import FleetError
 from manifests.spec import DeploymentSpec
 from tasks.fencing import HeldLease, LockLost, fence, held_leases
@@ -82,6 +83,29 @@ def ensure_limit(name: str) -> None:
     _known.add(key)
 
 
+def drop_model_lock(spec: DeploymentSpec, *, kubeconfig: str | None) -> None:
+    """Teardown: a torn-down model leaves no lock behind -- its Lease (GKE, when its namespace stays for
+    another model) and its Prefect limit (Vertex, older runs)."""
+    from kubernetes.client.rest import ApiException
+
+    if kubeconfig is not None:
+        try:
+            _coord(kubeconfig).delete_namespaced_lease(lease_name(spec), spec.namespace,
+                                                       _request_timeout=get_settings().call_timeout_s)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    with get_client(sync_client=True) as client, suppress(ObjectNotFound):
+        client.delete_global_concurrency_limit_by_name(lock_name(spec))
+    _known.discard((_api_url(), lock_name(spec)))
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
 @contextmanager
 def model_lock(spec: DeploymentSpec, *, purpose: str, timeout_s: float | None = 3600.0,
                kubeconfig: str | None = None, lease_s: float = LEASE_S) -> Iterator[None]:
@@ -123,7 +147,7 @@ def model_lock(spec: DeploymentSpec, *, purpose: str, timeout_s: float | None = 
 
 def lease_name(spec: DeploymentSpec) -> str:
     """The model's Lease: one per model, in its namespace."""
-    return f"{spec.name}-lock"
+    return names.lock_lease(spec)
 
 
 def _now() -> datetime:

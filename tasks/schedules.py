@@ -8,7 +8,7 @@ from typing import Any
 
 from manifests import park as P
 from manifests.errors import FleetError
-from manifests.fleet import SpecPath, bundled_specs
+from manifests.fleet import SpecPath, bundled_specs, deployment_name
 from manifests.spec import DeploymentSpec, load_spec
 from tasks.log import logger
 
@@ -31,8 +31,8 @@ def wake_history(spec: DeploymentSpec) -> list[float]:
     return [float(x) for x in (Variable.get(P.wake_variable(spec), default=[]) or [])]
 
 
-def sync(specs: list[SpecPath | str] | None = None, park_deployment: str = "park_model/default",
-                   wake_deployment: str = "wake_model/default") -> list[dict[str, Any]]:
+def sync(specs: list[SpecPath | str] | None = None, park_deployment: str | None = None,
+         wake_deployment: str | None = None) -> list[dict[str, Any]]:
     """The specs' schedule.park / schedule.wake → Prefect deployment schedules (the specs are the truth).
 
     Wake schedules start early by the p95 of the model's measured wakes. With ``specs`` given only
@@ -44,6 +44,8 @@ def sync(specs: list[SpecPath | str] | None = None, park_deployment: str = "park
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.exceptions import ObjectNotFound
 
+    park_deployment = park_deployment or deployment_name("park_model")  # prefect.yaml's, by default
+    wake_deployment = wake_deployment or deployment_name("wake_model")
     paths = specs or bundled_specs()
     desired: list[P.ScheduleEntry] = []
     for path in paths:

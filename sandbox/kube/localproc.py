@@ -50,8 +50,12 @@ _ROUTES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # Ku
 _ROUTES_LOCK = threading.Lock()
 
 
+# Images a Sandbox declared its own (the product image its env file names as LLM_FLEET_IMAGE)
+REGISTERED: set[str] = set()
+
+
 def is_local(image: str) -> bool:
-    if image.startswith(LOCAL_PREFIX):
+    if image.startswith(LOCAL_PREFIX) or image in REGISTERED:
         return True
     patterns = [p.strip() for p in os.environ.get(ENV_PATTERNS, "").split(",") if p.strip()]
     return any(fnmatch.fnmatchcase(image, p) for p in patterns)

@@ -416,7 +416,10 @@ def record_update(old: Obj | None, new: Obj, *, manager: str, now: str, subresou
         return b
 
     old_p, new_p = field_paths(body(old)), field_paths(body(new))
-    changed = {p for p in new_p if p[-1] == "." or _value_at(old or {}, p) != _value_at(new, p)} | (old_p - new_p)
+    # an existing list item's own marker (".") is not a change: a label patch must not take the item
+    # from the manager that applied it (the API server gives an Update only the fields it changed)
+    changed = {p for p in new_p if (p[-1] == "." and p not in old_p) or
+               (p[-1] != "." and _value_at(old or {}, p) != _value_at(new, p))} | (old_p - new_p)
     changed = {p for p in changed if p in new_p}
     if not changed and old is not None:
         new.setdefault("metadata", {})["managedFields"] = get_managers(old)

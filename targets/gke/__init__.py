@@ -36,10 +36,10 @@ class GKE(ServingTarget):
 
         return provision(spec, dry_run=dry_run)
 
-    def deploy(self, *, spec: SpecRef, dry_run: bool = False) -> dict[str, Any]:
+    def deploy(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
         from targets.gke.deploy import deploy
 
-        return deploy(spec, dry_run=dry_run)
+        return deploy(spec, revision=revision, dry_run=dry_run)
 
     def release(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
         from targets.gke.release import release

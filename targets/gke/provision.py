@@ -13,6 +13,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from manifests import provision as prov
+from manifests import startup
 from manifests.errors import DriftError, PreflightError, QuotaError, StockoutError
 from manifests.fleet import SpecPath
 from manifests.render import adapter_metric
@@ -60,6 +61,9 @@ def preflight(spec: DeploymentSpec, *, location: str, cluster: dict[str, Any] | 
     zone_check, report.candidates = prov.check_zones(spec, offered)
     report.checks.append(zone_check)
     report.checks.append(prov.check_version(spec, gke.get_server_config(project=c.project, location=c.location)))
+    if (image := startup.disk_image_ref(spec)) is not None:  # startup.image.secondary_boot_disk
+        report.checks.append(startup.disk_image_check(
+            spec, exists=compute.disk_image_exists(project=image[0], name=image[1])))
     if pool is not None or (cluster is not None and c.mode == "autopilot"):
         report.checks.append(prov.Check("GPU quota", True, "capacity already provisioned; nothing new to reserve"))
         return report
@@ -108,8 +112,9 @@ def ensure_cluster(spec: DeploymentSpec, *, location: str, zones: list[str]) -> 
     return gke.wait_cluster_running(project=c.project, location=location, name=c.name), op is not None
 
 
-def ensure_gpu_pool(spec: DeploymentSpec, *, location: str, zone: str) -> dict[str, Any]:
-    """Get-or-create the pool in ``zone``; drift is updated where GKE allows, refused otherwise."""
+def ensure_gpu_pool(spec: DeploymentSpec, *, location: str, zone: str) -> tuple[dict[str, Any], str]:
+    """(pool, what was done: created | updated | exists): get-or-create the pool in ``zone``; drift is
+    updated where GKE allows, refused otherwise."""
     c, p = spec.cluster, spec.accelerator.pool
     pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name)
     if pool is not None and pool.get("status") == "ERROR":
@@ -121,7 +126,7 @@ def ensure_gpu_pool(spec: DeploymentSpec, *, location: str, zone: str) -> dict[s
                                   body=prov.node_pool_body(spec, zone=zone))
         if op is not None:
             gke.wait_operation(project=c.project, location=location, operation=op)
-        return gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name)
+        return gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name), "created"
     drift = prov.pool_drift(spec, pool)
     fixed = [d for d in drift if not d.updatable]
     if fixed:
@@ -132,8 +137,8 @@ def ensure_gpu_pool(spec: DeploymentSpec, *, location: str, zone: str) -> dict[s
         op = gke.set_node_pool_autoscaling(project=c.project, location=location, cluster=c.name, name=p.name,
                                            min_nodes=p.min_nodes, max_nodes=p.max_nodes)
         gke.wait_operation(project=c.project, location=location, operation=op)
-        pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name)
-    return pool
+        return gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=p.name), "updated"
+    return pool, "exists"
 
 
 def remove_pool(spec: DeploymentSpec, *, location: str, name: str | None = None) -> None:
@@ -177,14 +182,15 @@ def walk_zones(spec: DeploymentSpec, *, location: str, candidates: list[tuple[st
         cluster, created = ensure_cluster(spec, location=loc, zones=zones)
         for zone in zones:
             try:
-                pool = ensure_gpu_pool(spec, location=loc, zone=zone)
+                pool, done = ensure_gpu_pool(spec, location=loc, zone=zone)
             except gke.OperationFailed as exc:
                 if not prov.stockout(exc.message):
                     raise
                 attempts.append({"region": region, "zone": zone, "result": "stockout", "detail": exc.message})
                 remove_pool(spec, location=loc)
                 continue
-            attempts.append({"region": region, "zone": zone, "result": "created", "detail": pool.get("status", "")})
+            attempts.append({"region": region, "zone": zone, "result": done,
+                             "detail": f"node pool {pool.get('name')} {pool.get('status', '')}"})
             return loc, cluster, pool
         if created and region != list(by_region)[-1]:
             remove_cluster(spec, location=loc)
@@ -227,19 +233,24 @@ def provision(spec: SpecPath | str | dict[str, Any], *, dry_run: bool = False) -
             report.succeed("dry run: nothing was created")
             return {"dry_run": True, "plan": [a.__dict__ for a in plan]}
 
+        existed = cluster if (pool is not None or c.mode == "autopilot" or spec.capacity) else None
         with report.step("Create the GKE cluster and GPU node pool") as step:
             location, cluster, pool = provision_with_failover(spec, location=location,
                                                               candidates=checks.candidates, attempts=attempts)
             step.detail = f"{c.mode} cluster RUNNING in {location}" + (
                 f"; pool {pool['name']} in {', '.join(pool.get('locations', []))}" if pool else "")
-            if any(a["result"] != "created" for a in attempts):
+            if any(a["result"] not in ("created", "exists") for a in attempts):
                 step.detail += "; attempts: " + ", ".join(f"{a['zone']} {a['result']}" for a in attempts)
+            # what this run did: a rerun on what exists says so (its plan said "keep")
+            result = ("created" if existed is None or any(a["result"] == "created" for a in attempts) else
+                      "updated" if any(a["result"] == "updated" for a in attempts) else "exists")
+            step.detail += f" ({result})"
 
         with report.step("Get cluster credentials") as step:
             kubeconfig = gke.get_credentials(project=c.project, location=location, name=c.name)
             step.detail = kubeconfig
         report.succeed(f"Cluster {c.name} ready in {location}. Next: deploy_model")
-        return {"cluster": c.name, "location": location, "status": cluster.get("status"),
+        return {"result": result, "cluster": c.name, "location": location, "status": cluster.get("status"),
                 "node_pool": pool.get("name") if pool else None,
                 "zones": pool.get("locations") if pool else [], "kubeconfig": kubeconfig, "attempts": attempts}
     except Exception as exc:

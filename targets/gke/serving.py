@@ -28,13 +28,6 @@ from tasks.settings import get_settings
 ENDPOINT_LAG_S = 60.0
 
 
-def with_revision(spec: DeploymentSpec, revision: str | None) -> DeploymentSpec:
-    """The spec with ``model.revision`` replaced (a release to a given commit, branch or tag)."""
-    if not revision:
-        return spec
-    return spec.model_copy(update={"model": spec.model.model_copy(update={"revision": revision})})
-
-
 def cluster_location(spec: DeploymentSpec) -> str:
     """Where provision_cluster put the cluster: the spec's location or a failover region."""
     location, cluster = find_cluster(spec)

@@ -21,13 +21,14 @@ from kubernetes.client.rest import ApiException
 from manifests import names, playground
 from manifests.errors import FleetError
 from manifests.fleet import SpecPath
+from manifests.render import ADMIN_KINDS
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from targets.gke.capacity import capacity_for
 from targets.gke.provision import find_cluster, remove_cluster, remove_pool
 from tasks import gke, k8s
 from tasks.credfiles import remove_cluster_credentials
 from tasks.inventory import OWNED_KINDS, labelled, list_kind, ref, set_labels
-from tasks.locks import model_lock
+from tasks.locks import drop_model_lock, model_lock
 from tasks.log import logger
 from tasks.report import Report, artifact_key
 from tasks.usage import record_usage
@@ -105,7 +106,9 @@ def plan_namespace(spec: DeploymentSpec, *, mine: list[dict[str, Any]], others: 
         elif (name == names.OPERATOR_ACCOUNT and kind in ("ServiceAccount", "Role", "RoleBinding")
               or name == names.operator_cluster_rbac(spec.namespace) and kind in CLUSTER_RBAC):
             heir = other_names[0] if other_names else None
-        if heir:
+        if heir and kind in ADMIN_KINDS:  # a cluster admin's RBAC: the operator may get and delete it, not relabel it
+            item.action, item.why = "keep", f"shared with {heir}: goes with the namespace's last model"
+        elif heir:
             item.action, item.why = "hand over", f"still used by {heir}: relabelled to it"
         elif kind == "Pod":
             item.why = "goes with its Deployment"
@@ -161,9 +164,27 @@ def _namespace_empty(kubeconfig: str, namespace: str) -> list[str]:
 def _operator_cluster_rbac(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
     """The namespace's operator ClusterRoleBinding and ClusterRole when labelled for the spec (whoever
     applied them last): read by name, as the operator may read only its own cluster-scoped objects."""
-    found = [k8s.get_object(kubeconfig=kubeconfig, api_version=RBAC, kind=kind,
-                            name=names.operator_cluster_rbac(spec.namespace)) for kind in CLUSTER_RBAC]
-    return [o for o in found if o is not None and (o["metadata"].get("labels") or {}).get(INSTANCE) == spec.name]
+    return [o for o in _admin_rbac(spec, kubeconfig) if o["kind"] in CLUSTER_RBAC
+            and (o["metadata"].get("labels") or {}).get(INSTANCE) == spec.name]
+
+
+def _admin_rbac(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
+    """The namespace's llm-fleet RBAC (operator, playground reader), read by name whichever model's label it
+    carries: one set serves every model of the namespace, a cluster admin applies it, and the operator may
+    only get and delete it (no list: Role rules cannot be listed by name). Bindings before the roles."""
+    ns = spec.namespace
+    wanted = [("RoleBinding", names.OPERATOR_ACCOUNT, ns), ("Role", names.OPERATOR_ACCOUNT, ns)]
+    if spec.expose.playground:
+        wanted += [("RoleBinding", playground.ACCOUNT, ns), ("Role", playground.ACCOUNT, ns)]
+    wanted += [(kind, names.operator_cluster_rbac(ns), None) for kind in CLUSTER_RBAC]
+    out = []
+    for kind, name, namespace in wanted:
+        obj = k8s.get_object(kubeconfig=kubeconfig, api_version=RBAC, kind=kind, name=name, namespace=namespace)
+        if obj is not None and (obj["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") == "llm-fleet":
+            obj.setdefault("apiVersion", RBAC)
+            obj.setdefault("kind", kind)
+            out.append(obj)
+    return out
 
 
 def _named_secrets(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
@@ -182,11 +203,12 @@ def _named_secrets(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]
 
 def remove_namespaced(spec: DeploymentSpec, *, kubeconfig: str, dry_run: bool) -> list[Item]:
     log = logger()
-    kinds = [k for k in OWNED_KINDS if k != ("v1", "Secret")]
+    # Secrets and RBAC by name (the operator may not list them); the rest by the spec's label
+    kinds = [k for k in OWNED_KINDS if k[1] not in ("Secret", "Role", "RoleBinding")]
     mine = labelled(kubeconfig=kubeconfig, namespace=spec.namespace, label_selector=_selector(spec), kinds=kinds)
     mine += _named_secrets(spec, kubeconfig)
     mine += _compute_class(spec, kubeconfig)
-    mine += _operator_cluster_rbac(spec, kubeconfig)  # last: bindings go before the roles they grant
+    mine += _admin_rbac(spec, kubeconfig)  # last: bindings go before the roles they grant
     plan = plan_namespace(spec, mine=mine, others=_others(spec, kubeconfig, spec.namespace))
     items = [i for _, i in plan]
     if dry_run:
@@ -290,20 +312,22 @@ def teardown(spec: SpecPath | str | dict[str, Any], *, cluster: bool = False, dr
             step.detail = f"{c.name} in {location}" if found else "no cluster: nothing to remove in it"
         with model_lock(spec, purpose="teardown", kubeconfig=kubeconfig):
             if kubeconfig:
-                with report.step("Remove the model's objects (both colors, Services, Ingress, HPA, monitoring)") as step:
+                with report.step(("Dry run, nothing removed: " if dry_run else "") +
+                                 "Remove the model's objects (both colors, Services, Ingress, HPA, monitoring)") as step:
                     items += remove_namespaced(spec, kubeconfig=kubeconfig, dry_run=dry_run)
                     ns = remove_namespace(spec, kubeconfig=kubeconfig, dry_run=dry_run)
                     items += [ns] if ns else []
-                    step.detail = _summary(items)
+                    step.detail = _summary(items, dry_run=dry_run)
             if cluster and found:
-                with report.step("Remove the GPU pool and the cluster (unless shared)") as step:
+                with report.step(("Dry run, nothing removed: " if dry_run else "") +
+                                 "Remove the GPU pool and the cluster (unless shared)") as step:
                     cap = remove_capacity(spec, kubeconfig=kubeconfig, location=location, dry_run=dry_run)
                     items += cap
-                    step.detail = _summary(cap)
+                    step.detail = _summary(cap, dry_run=dry_run)
             rows = [asdict(i) for i in items]
             if dry_run:
                 report.table_artifact(f"{key}-plan", rows, f"What teardown of {spec.name} would do")
-                report.succeed(f"dry run: {_summary(items)}; nothing was changed")
+                report.succeed(f"dry run, nothing was changed: {_summary(items, dry_run=True) or 'nothing to remove'}")
                 return {"dry_run": True, "plan": rows}
             with report.step("Verify nothing labelled for the spec remains") as step:
                 kept = {(i.kind, i.name) for i in items if i.action == "keep"}
@@ -315,6 +339,9 @@ def teardown(spec: SpecPath | str | dict[str, Any], *, cluster: bool = False, dr
                 step.detail = "nothing left" + (f" (kept: {', '.join(f'{k}/{n}' for k, n in sorted(kept))})"
                                                 if kept else "")
         report.table_artifact(key, rows, f"What teardown removed for {spec.name}")
+        # the model is gone, so is its lock: the Lease (when the namespace stays for another model) and any
+        # Prefect limit
+        drop_model_lock(spec, kubeconfig=kubeconfig if found and not _cluster_gone(items) else None)
         report.succeed(_summary(items) or "nothing was left to remove")
         return {"removed": [r for r in rows if r["action"] == "delete"], "kept": [r for r in rows if r["action"] != "delete"]}
     except Exception as exc:
@@ -328,10 +355,11 @@ def _cluster_gone(items: list[Item]) -> bool:
     return any(i.kind == "Cluster" and i.action == "delete" for i in items)
 
 
-def _summary(items: list[Item]) -> str:
+def _summary(items: list[Item], *, dry_run: bool = False) -> str:
+    """What was (or, in a dry run, would be) deleted, handed over and kept."""
     parts = []
     for action in ("delete", "hand over", "keep"):
         these = [f"{i.kind}/{i.name}" for i in items if i.action == action and i.kind != "Pod"]
         if these:
-            parts.append(f"{action}: {', '.join(these)}")
+            parts.append(f"{'would ' + action if dry_run else action}: {', '.join(these)}")
     return "; ".join(parts)

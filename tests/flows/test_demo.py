@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from manifests.fleet import deployment_name
 from tests.flows.conftest import ROOT
 
 
@@ -22,7 +23,7 @@ def test_demo_runs_the_lifecycle_through_a_prefect_worker(tmp_path):
     assert "✓ flows deployed" in out
     # Each lifecycle step ran as a flow run of its deployment in the worker.
     for flow in ("provision_cluster", "deploy_model", "release_model", "park_model", "gpu_report", "teardown"):
-        assert f"▶ {flow}/default" in out, flow
+        assert f"▶ {deployment_name(flow)} " in out, flow
     assert out.count("✗") == 0, out[-3000:]
     # The good release promoted green; the broken revision was rolled back automatically, traffic kept.
     assert "as rehearsed — cause:" in out and "bad answer" in out

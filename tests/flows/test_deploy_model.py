@@ -273,7 +273,7 @@ def test_an_image_that_is_no_engine_names_the_cause_and_stops_paying(sbc, shared
 
     spec = shared("qwen2.5-7b-sglang.yaml", "not-an-engine")
     spec["engine"] = {**(spec["engine"] if isinstance(spec["engine"], dict) else {"kind": spec["engine"]}),
-                      "image": "nginx:1.27"}  # the sandbox runs it as nginx's default site: 200 + HTML
+                      "image": "nginx:1.27", "command": ["nginx", "-g", "daemon off;"]}  # nginx's default site: 200 + HTML
     with pytest.raises(DeployError) as info:
         deploy(spec)
     assert info.value.reason == "NotAnEngine" and "not sglang's JSON" in str(info.value), info.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -12,7 +13,6 @@ pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.timeout(300
 
 
 def test_gpu_hours_match_the_sandbox_meter_across_a_park_and_a_wake(sandbox, sbc):
-    from flows.check_fleet import check_fleet
     from flows.deploy_model import deploy_model
     from flows.gpu_report import gpu_report
     from flows.park import park_model, wake_model
@@ -25,8 +25,8 @@ def test_gpu_hours_match_the_sandbox_meter_across_a_park_and_a_wake(sandbox, sbc
     c = spec["cluster"]
     provision_cluster(spec=spec)
     deploy_model(spec=spec)
+    # No flow sights the nodes before the report (no check_fleet): each node's VM operations time it.
     start = time.time()
-    check_fleet(specs=[spec])  # scheduled in production: it sights the pool's nodes for the ledger
     time.sleep(2)
     # ... and once park lowered the minimum, its resize still has to come before the autoscaler's
     # (1.2 s after the last pod went; park first reads who else needs the pool): off while parking.
@@ -39,7 +39,7 @@ def test_gpu_hours_match_the_sandbox_meter_across_a_park_and_a_wake(sandbox, sbc
     wake_model(spec=spec)
     time.sleep(2)
     end = time.time()
-    out = gpu_report(specs=[spec], start=start, end=end)
+    out = gpu_report(specs=[spec], start=datetime.fromtimestamp(start, UTC), end=datetime.fromtimestamp(end, UTC))
 
     meter = [r for r in sbc.accounting(cluster=f"{c['project']}/{c['location']}/{c['name']}", kind="node")
              if r["labels"].get("cloud.google.com/gke-nodepool") == spec["accelerator"]["pool"]["name"]]
@@ -55,5 +55,9 @@ def test_gpu_hours_match_the_sandbox_meter_across_a_park_and_a_wake(sandbox, sbc
     assert row["parked_hours"] == pytest.approx(parked, rel=0.05, abs=2e-5)
     assert row["always_on_gpu_hours"] == pytest.approx((end - start) / 3600, rel=0.01)
     assert 0 < row["saving"] < row["always_on_cost"] and row["usd_per_gpu_hour"] == pytest.approx(0.85)
+    assert row["saving_pct"] > 0 and row["parked"].endswith(" s")  # a few seconds, not "0.0 h"
     head = [m for m in sbc.slack_messages() if "gpu_report" in (m.get("text") or "")]
     assert head and spec["name"] in head[-1]["text"]
+    # the wake just measured, on the cloud clock: p50/p95 per model in the table and in Slack
+    assert row["wakes"] >= 1 and 0 < row["wake_p50_s"] <= row["wake_p95_s"]
+    assert "wake p50" in head[-1]["text"]

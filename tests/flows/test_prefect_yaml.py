@@ -42,6 +42,11 @@ def test_every_flow_in_the_repo_is_a_deployment():
     for d in PREFECT_YAML["deployments"]:
         assert (ROOT / d["entrypoint"].split(":")[0]).exists(), d["entrypoint"]
         assert d.get("description") and "llm-fleet" in d.get("tags", []), d["entrypoint"]
+        # named for what it does or when it runs (13 rows titled "default" told nobody anything)
+        assert d["name"] != "default", d["entrypoint"]
+        assert all(t.get("name") and t.get("description") for t in d.get("triggers") or []), d["entrypoint"]
+    keys = [f"{d['entrypoint'].split(':')[1]}/{d['name']}" for d in PREFECT_YAML["deployments"]]
+    assert len(set(keys)) == len(keys)
 
 
 def test_pull_step_has_no_machine_specific_path():
@@ -130,6 +135,7 @@ def test_schedules_triggers_and_concurrency_read_back(deployed):
         triggers = by_deployment.get(d["id"], [])
         assert len(triggers) == len(want.get("triggers", [])), key
         for auto, trig in zip(triggers, want.get("triggers", []), strict=True):
+            assert auto["name"] == trig["name"] and auto["description"] == trig["description"]
             assert auto["trigger"]["expect"] == trig["expect"]
             assert auto["actions"][0]["type"] == "run-deployment"
             assert auto["actions"][0]["parameters"] == trig.get("parameters", {})
@@ -169,9 +175,9 @@ def test_kubernetes_variant_runs_the_same_deployments_in_the_image(deployed):
     assert deployed["gke_pool"]["type"] == "kubernetes"
     template = deployed["gke_pool"]["base_job_template"]
     assert template["variables"]["properties"]["service_account_name"]["default"] == "llm-fleet-operator"
-    assert set(deployed["gke"]) == {"check_fleet/gke", "deploy_model/gke"}
+    assert set(deployed["gke"]) == {"check_fleet/every-5-min-gke", "deploy_model/deploy-gke"}
     for key, d in deployed["gke"].items():
-        key = key.replace("/gke", "/default")
+        key = key.removesuffix("-gke")
         assert d["job_variables"]["image"] == "flows:test"
         assert d["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == IMAGE_DIR
         assert [s["schedule"] for s in d["schedules"]] == [s["schedule"] for s in deployed["deployments"][key]["schedules"]]

@@ -107,7 +107,8 @@ def test_rerun_changes_nothing(sbc, qwen):
         return [op for op in sbc.state()["gke"]["operations"] if f"/projects/{project}/" in op["selfLink"]]
 
     before, ops_before = desired_state(), operations()
-    run(spec)
+    out = run(spec)
+    assert out["result"] == "exists" and [a["result"] for a in out["attempts"]] == ["exists"]  # not "created"
     assert desired_state() == before
     assert operations() == ops_before  # no create or update was issued
 

@@ -53,6 +53,30 @@ def two_specs():
     return a, b
 
 
+def _has_lock(sandbox, spec: dict) -> bool:
+    """The model's lock exists: its Lease in its namespace (the model lock on GKE) or a Prefect limit."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from manifests import names
+    from manifests.spec import parse_spec
+    from sandbox.kube.resources import BY_KEY
+    from tasks.locks import lock_name
+
+    parsed = parse_spec(spec)
+    c = parsed.cluster
+    kube = sandbox.cluster_kube(c.name, None, c.project)
+    if kube is not None and kube.store.get(BY_KEY[("coordination.k8s.io", "leases")], parsed.namespace,
+                                           names.lock_lease(parsed)) is not None:
+        return True
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(lock_name(parsed))
+        except ObjectNotFound:
+            return False
+    return True
+
+
 def test_teardown_leaves_nothing_of_the_spec_and_spares_the_other(sandbox, two_specs):
     from flows.deploy_model import deploy_model
     from flows.provision_cluster import provision_cluster
@@ -68,6 +92,7 @@ def test_teardown_leaves_nothing_of_the_spec_and_spares_the_other(sandbox, two_s
     kinds = {k.split("/")[0] for k in mine}
     assert {"Deployment", "Service", "PersistentVolumeClaim", "Pod", "PodMonitoring"} <= kinds
 
+    assert _has_lock(sandbox, a)  # deploy_model's lock
     plan = teardown(spec=a, dry_run=True)
     assert inventory(sandbox, a).keys() == mine.keys(), "a dry run changed something"
     planned = {(r["kind"], r["name"]): r["action"] for r in plan["plan"]}
@@ -76,10 +101,11 @@ def test_teardown_leaves_nothing_of_the_spec_and_spares_the_other(sandbox, two_s
     assert planned[("ServiceAccount", "llm-fleet-operator")] == "hand over"
     for shared in [("Role", "llm-fleet-operator"), ("RoleBinding", "llm-fleet-operator"),
                    ("ClusterRole", "llm-fleet-operator-team-a"), ("ClusterRoleBinding", "llm-fleet-operator-team-a")]:
-        assert shared not in planned, shared  # b's: untouched
+        assert planned[shared] == "keep", shared  # the admin's RBAC, shared: left as it is for the last model
 
     out = teardown(spec=a)
     assert inventory(sandbox, a) == {}, "objects labelled for the spec remain"
+    assert not _has_lock(sandbox, a), "the torn-down model's lock was left behind"
     removed = {(r["kind"], r["name"]) for r in out["removed"]}
     assert ("PersistentVolumeClaim", f"{a['name']}-cache") in removed
     assert any(k == "Service" and n.endswith("-preview") for k, n in removed)
@@ -120,7 +146,12 @@ def test_cluster_teardown_keeps_what_another_spec_uses(sandbox, two_specs):
     assert "qwen-b" in kept[("Cluster", "llm-fleet")]
     assert ("PersistentVolumeClaim", f"{a['name']}-cache") in kept
     left = inventory(sandbox, a)
-    assert list(left) == [f"PersistentVolumeClaim/team-a/{a['name']}-cache"]
+    # The admin's RBAC stays, as it is, with the model that still runs in the namespace (kept, not relabelled:
+    # the operator may only get and delete it); teardown says so.
+    shared_rbac = {"Role/team-a/llm-fleet-operator", "RoleBinding/team-a/llm-fleet-operator",
+                   "ClusterRole//llm-fleet-operator-team-a", "ClusterRoleBinding//llm-fleet-operator-team-a"}
+    assert set(left) == {f"PersistentVolumeClaim/team-a/{a['name']}-cache"} | shared_rbac
+    assert all("qwen-b" in kept[(k.split("/")[0], k.split("/")[-1])] for k in shared_rbac)
     assert pools(sandbox, a) and clusters(sandbox, a)
     teardown(spec=b, cluster=True)
     assert clusters(sandbox, b) == []

@@ -52,7 +52,7 @@ def write_spec(tmp_path, *, branch: str) -> str:
 
 @pytest.fixture(scope="module")
 def release_deployment(prefect_server):
-    """release_model/default deployed from prefect.yaml (with its trigger) by the real CLI."""
+    """release_model/blue-green deployed from prefect.yaml (with its trigger) by the real CLI."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -60,11 +60,11 @@ def release_deployment(prefect_server):
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
     res = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
-                          "release_model/default", "--pool", POOL], cwd=ROOT, env=_cli_env(),
+                          "release_model/blue-green", "--pool", POOL], cwd=ROOT, env=_cli_env(),
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     with get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name("release_model/default")
+        dep = client.read_deployment_by_name("release_model/blue-green")
     assert dep.work_pool_name == POOL
     return dep
 
@@ -108,7 +108,7 @@ def test_rest_api_creates_a_release_run(release_deployment, tmp_path):
 
 def test_prefect_deployment_run_cli_creates_a_release_run(release_deployment, tmp_path):
     spec, sha = write_spec(tmp_path, branch="main"), uuid.uuid4().hex + "12345678"
-    res = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "release_model/default",
+    res = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "release_model/blue-green",
                           "--param", f"spec={spec}", "--param", f"revision={sha}"],
                          cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -517,3 +517,22 @@ def test_snapshot_is_json(kube, ns):
     snap = kube.snapshot()
     json.dumps(snap)
     assert snap["nodes"][0]["name"] == "cpu-1" and "namespaces" in snap["objects"]
+
+
+def test_a_label_patch_owns_only_the_label(kube, core):
+    """managedFields as the API server keeps them: an Update (kubectl label, a merge patch) owns the fields it
+    changed, never the list items another manager applied -- or every hand label would look like a hand edit
+    of the Service's ports."""
+    import json
+
+    from sandbox.kube.controllers.common import T
+
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "owned", "namespace": "default"},
+           "spec": {"selector": {"app": "x"}, "ports": [{"name": "http", "port": 80, "targetPort": 8000}]}}
+    kube.api.apply(T[("", "services")], "default", "owned", svc, manager="llm-fleet", force=True)
+    core.patch_namespaced_service("owned", "default", {"metadata": {"labels": {"by": "hand"}}})
+    managers = {m.manager: m.fields_v1 for m in core.read_namespaced_service("owned", "default").metadata.managed_fields}
+    theirs = {k: v for k, v in managers.items() if k != "llm-fleet"}
+    assert len(theirs) == 1 and json.dumps(next(iter(theirs.values()))) == json.dumps(
+        {"f:metadata": {"f:labels": {"f:by": {}}}})
+    assert "f:ports" in managers["llm-fleet"]["f:spec"]
