@@ -248,6 +248,19 @@ def judge(figures: dict[str, Any], *, max_error_rate: float, max_p95_s: float, m
                            f"p95 {figures['p95_s']:.3f}s, {figures['tokens_per_s']:.0f} tokens/s")
 
 
+def baseline_text(baseline: dict[str, Any] | None, *, color: str = "") -> str:
+    """The live color's measurement as a summary says it: a baseline whose requests failed is no fast one
+    (its p50 is of no answered request), so it says how many failed instead."""
+    if not baseline:
+        return ""
+    who = f"live {color}".rstrip()
+    errors, requests = int(baseline.get("errors") or 0), int(baseline.get("requests") or 0)
+    if requests and errors >= requests:
+        return f"{who} not measured: {errors} of {requests} requests failed ({baseline.get('first_error') or '?'})"
+    text = f"{who} p50 {baseline.get('p50_s', 0):.3f}s"
+    return text + (f" ({errors} of {requests} failed)" if errors else "")
+
+
 @dataclass
 class ReleaseRecord:
     revision: str
@@ -346,7 +359,7 @@ def promotion_notice(spec: DeploymentSpec, *, live: Color, candidate: Color, rev
     measured = (f"{pre.get('requests')} requests, {pre.get('errors')} errors, p50 {pre.get('p50_s', 0):.3f}s, "
                 f"p95 {pre.get('p95_s', 0):.3f}s, {pre.get('tokens_per_s', 0):.0f} tokens/s" if pre else "-")
     if base:
-        measured += f"; live {live} p50 {base.get('p50_s', 0):.3f}s"
+        measured += "; " + baseline_text(base, color=live)
     smoke = figures.get("smoke") or []
     if smoke:
         measured += f"; {len(smoke)} smoke prompt(s) answered"

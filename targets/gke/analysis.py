@@ -13,7 +13,7 @@ from typing import Any
 
 from manifests import names
 from manifests.errors import DeployError
-from manifests.release import judge
+from manifests.release import baseline_text, judge
 from manifests.spec import AnalysisSpec
 from targets.gke.release_steps import Release
 from targets.gke.serving import scaled, smoke, smoke_rows
@@ -74,7 +74,7 @@ def step_pre_analysis(r: Release) -> str:
                              "no traffic moved; fix the revision or the engine settings and release again",
                              figures=figures)
     r.times["analysis_passed"] = time.time()
-    return verdict.reason + (f"; live p50 {baseline['p50_s']:.3f}s" if baseline else "")
+    return verdict.reason + (f"; {baseline_text(baseline)}" if baseline else "")
 
 
 def step_post_analysis(r: Release) -> str:

@@ -224,3 +224,14 @@ def test_rollback_never_switches_to_a_candidate_the_release_rejected():
                "result": "promoted"}
     assert switch_back_target(observed([earlier])) == "green"
     assert switch_back_target(observed([])) is None
+
+
+def test_a_failing_live_baseline_does_not_read_as_a_fast_one():
+    from manifests.release import baseline_text
+
+    failed = {"requests": 20, "errors": 20, "error_rate": 1.0, "p50_s": 0.0, "first_error": "HTTP 503"}
+    assert baseline_text(failed) == "live not measured: 20 of 20 requests failed (HTTP 503)"
+    assert "0.000" not in baseline_text(failed, color="blue")
+    assert baseline_text({"requests": 20, "errors": 2, "p50_s": 0.25}, color="blue") == \
+        "live blue p50 0.250s (2 of 20 failed)"
+    assert baseline_text({"requests": 20, "errors": 0, "p50_s": 0.25}) == "live p50 0.250s"
