@@ -94,6 +94,11 @@ def test_every_option_gone_fails_the_wake_at_once_and_leaves_nothing_pending(see
 
     spec, kubeconfig = seed004
     park_model(spec=spec)
+    # the fallback pool's node (the last wake's) goes once unneeded (the cluster autoscaler, 10 min)
+    deadline = time.monotonic() + 30
+    while nodes_by_pool(kubeconfig) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert nodes_by_pool(kubeconfig) == {}
     for zone in ZONES:
         sbc.set_stockout(zone, "nvidia-l4")  # spot and on-demand
     start = time.monotonic()
@@ -135,3 +140,18 @@ def test_a_release_candidate_lands_on_the_first_option_with_capacity(seed004, sb
     assert ("scale_up", "g2-standard-8") not in grown
     head = slack_heads(sbc, "release_model", spec["name"])[-1]
     assert "room per option: [0]" in head and "[1]" in head
+
+
+def test_teardown_removes_the_class_and_every_option_pool(seed004):
+    from flows.teardown import teardown
+    from tasks import k8s
+
+    spec, kubeconfig = seed004
+    out = teardown(spec=spec)
+    assert ("ComputeClass", "mistral-7b-default") in {(r["kind"], r["name"]) for r in out["removed"]}
+    assert k8s.get_object.fn(kubeconfig=kubeconfig, api_version="cloud.google.com/v1", kind="ComputeClass",
+                             name="mistral-7b-default") is None
+    out = teardown(spec=spec, cluster=True)
+    removed = {(r["kind"], r["name"]) for r in out["removed"]}
+    assert {("NodePool", "g2-standard-8"), ("NodePool", "g2-standard-8-od"), ("Cluster", "vllm-serving-cluster")} \
+        <= removed, removed
