@@ -153,11 +153,10 @@ class LbHealthChecker:
                 b = self._create(namespace, service)
                 if b is None:
                     return []
+                self._poke.set()  # a new backend: check its endpoints now (not on every request: the loop is idle)
             live = set(self.cluster.kube_proxy.pods(namespace, service)) if self.cluster.kube_proxy.lag_s > 0 \
                 else None
-            ports = [e.port for uid, e in b.endpoints.items() if e.healthy and (live is None or uid in live)]
-        self._poke.set()
-        return ports
+            return [e.port for uid, e in b.endpoints.items() if e.healthy and (live is None or uid in live)]
 
     def health(self, namespace: str, service: str) -> Obj | None:
         """The backend's health check and each endpoint's state (for tests and the sandbox state)."""
