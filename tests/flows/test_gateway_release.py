@@ -106,12 +106,14 @@ def test_canary_release_promotes_a_good_candidate_under_load(gw_served, sandbox)
     from flows.release_model import release_model
 
     spec, url = gw_served
-    assert _weights(spec) == {"qwen-gw-blue": 100, "qwen-gw-green": 0}
+    live = "green" if _weights(spec)["qwen-gw-green"] == 100 else "blue"
+    candidate = "blue" if live == "green" else "green"
+    assert _weights(spec) == {f"qwen-gw-{live}": 100, f"qwen-gw-{candidate}": 0}
     sha = sandbox.hub.push_revision("Qwen/Qwen2.5-7B-Instruct", title="new weights")
     with GatewayLoad(url, "Qwen/Qwen2.5-7B-Instruct") as load:
         result = release_model(spec=spec, revision=sha)
-    assert result["color"] == "green"
-    assert _weights(spec) == {"qwen-gw-blue": 0, "qwen-gw-green": 100}
+    assert result["color"] == candidate
+    assert _weights(spec) == {f"qwen-gw-{live}": 0, f"qwen-gw-{candidate}": 100}
     assert [s["weight"] for s in result["figures"]["canary"]] == [20, 100]
     assert load.statuses and all(s == 200 for s in load.statuses), sorted(set(load.statuses))
 
@@ -122,12 +124,33 @@ def test_canary_stops_a_candidate_bad_on_real_traffic_only(gw_served, sandbox, s
     spec, url = gw_served
     live = "green" if _weights(spec)["qwen-gw-green"] == 100 else "blue"
     candidate = "blue" if live == "green" else "green"
-    sbc.add_behavior(mode="long_prompt_errors", labels={"llm-fleet.dev/color": candidate,
-                                                        "app.kubernetes.io/instance": spec["name"]})
+    rule = sbc.add_behavior(mode="long_prompt_errors", labels={"llm-fleet.dev/color": candidate,
+                                                               "app.kubernetes.io/instance": spec["name"]})
     sha = sandbox.hub.push_revision("Qwen/Qwen2.5-7B-Instruct", title="bad on long prompts")
-    with GatewayLoad(url, "Qwen/Qwen2.5-7B-Instruct") as load, pytest.raises(Exception) as err:
-        release_model(spec=copy.deepcopy(spec), revision=sha)
+    try:
+        with GatewayLoad(url, "Qwen/Qwen2.5-7B-Instruct") as load, pytest.raises(Exception) as err:
+            release_model(spec=copy.deepcopy(spec), revision=sha)
+    finally:
+        sbc.remove_behavior(rule["id"])
     assert "canary stopped at 20%" in str(err.value) and "error_rate" in str(err.value)
     assert _weights(spec)[f"qwen-gw-{live}"] == 100
     failed = sum(1 for s in load.statuses if s != 200)
     assert 0 < failed <= 0.2 * len(load.statuses)  # at most the step's share was affected
+
+
+def test_rollback_model_moves_the_routes_weight_back(gw_served, sandbox):
+    """A release, then rollback_model: the previous revision serves again and the HTTPRoute sends it all
+    traffic (the old color was retired after scale_down_delay, so this is a release of it, through the
+    Gateway strategy — and every request through the Gateway is answered meanwhile)."""
+    from flows.release_model import release_model, rollback_model
+
+    spec, url = gw_served
+    sha = sandbox.hub.push_revision("Qwen/Qwen2.5-7B-Instruct", title="to be rolled back")
+    with GatewayLoad(url, "Qwen/Qwen2.5-7B-Instruct") as load:  # a canary needs traffic to judge
+        release_model(spec=spec, revision=sha)
+        live = "green" if _weights(spec)["qwen-gw-green"] == 100 else "blue"
+        result = rollback_model(spec=spec)
+    back = "blue" if live == "green" else "green"
+    assert result["color"] == back and result["revision"] != sha
+    assert _weights(spec) == {f"qwen-gw-{back}": 100, f"qwen-gw-{live}": 0}
+    assert load.statuses and all(s == 200 for s in load.statuses), sorted(set(load.statuses))
