@@ -92,6 +92,7 @@ from sandbox.client import SandboxClient
 from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
 from sandbox.gke import Gke
+from sandbox.iamcredentials import IamCredentials
 from sandbox.kube import localproc
 from sandbox.routing import ServicePorts
 from sandbox.tokens import DEFAULT_LIFETIME_S, GoogleTokens, OAuth
@@ -189,6 +190,8 @@ class Sandbox:
         # Google's token endpoint and the access tokens it issued, checked by every cluster's API
         self.tokens = GoogleTokens(clock=self.clock, lifetime_s=token_lifetime_s)
         self.oauth = OAuth(tokens=self.tokens, faults=self.faults)
+        # google-auth's Regional Access Boundary lookup, answered behind a proxy (sandbox/iamcredentials.py)
+        self.iam = IamCredentials(faults=self.faults, tokens=self.tokens)
         self._gcloud_token = ""
         # the default API (context "sandbox"); every GKE cluster gets its own (see _new_cluster_kube)
         self.kube = KubeCluster(clock=self.clock, faults=self.faults, runtime=self.runtime, google_tokens=self.tokens)
@@ -217,7 +220,8 @@ class Sandbox:
     # ---- lifecycle -----------------------------------------------------------------------------
     def _parts(self) -> list[Any]:
         """Start order: things others depend on first."""
-        return [self.oauth, self.hub, self.runtime, self.kube, self.compute, self.gke, self.slack, self.vertex]
+        return [self.oauth, self.iam, self.hub, self.runtime, self.kube, self.compute, self.gke, self.slack,
+                self.vertex]
 
     def start(self) -> Sandbox:
         if self._started:
@@ -342,6 +346,7 @@ class Sandbox:
             # service-account key and trades it at the sandbox's token endpoint for access tokens that expire
             "LLM_FLEET_GCP_AUTH": "adc",
             "GOOGLE_APPLICATION_CREDENTIALS": str(d / "application_default_credentials.json"),
+            **self.iam.env(d),
             "LLM_FLEET_KUBE_DIR": str(d / "kube"),
             "LLM_FLEET_TIME_SCALE": repr(self.clock.time_scale),
             "LLM_FLEET_SLACK_API_URL": self.slack.url + "/api/",
@@ -537,6 +542,7 @@ class Sandbox:
         (gcloud / "active_config").write_text("default")
         self.oauth.write_adc(d / "application_default_credentials.json", email=self.google_account,
                              project=self.project)
+        self.iam.write_bundle(d / "google-ca-bundle.pem")
         (gcloud / "configurations" / "config_default").write_text(
             f"[core]\nproject = {self.project}\ndisable_usage_reporting = True\n"
             "[component_manager]\ndisable_update_check = True\n")

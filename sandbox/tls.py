@@ -40,7 +40,7 @@ class ClusterCA:
     """A cluster's CA and the API server's certificate (SAN ``IP:127.0.0.1``, ``DNS:localhost``,
     ``DNS:kubernetes.default...`` like a real API server's)."""
 
-    def __init__(self, common_name: str = "sandbox-cluster-ca") -> None:
+    def __init__(self, common_name: str = "sandbox-cluster-ca", *, dns_names: tuple[str, ...] = ()) -> None:
         now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = _name(common_name)
@@ -57,7 +57,8 @@ class ClusterCA:
         self.server_key = ec.generate_private_key(ec.SECP256R1())
         sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
                 x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default"),
-                x509.DNSName("kubernetes.default.svc"), x509.DNSName("kubernetes.default.svc.cluster.local")]
+                x509.DNSName("kubernetes.default.svc"), x509.DNSName("kubernetes.default.svc.cluster.local"),
+                *(x509.DNSName(n) for n in dns_names)]  # another Google host this CA stands in for
         self.server_cert = (
             x509.CertificateBuilder().subject_name(_name("kube-apiserver")).issuer_name(ca_name)
             .public_key(self.server_key.public_key()).serial_number(x509.random_serial_number())

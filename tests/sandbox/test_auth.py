@@ -172,3 +172,31 @@ def test_kubectl_create_token_for_a_service_account(sb, cluster, tmp_path):
     subprocess.run([*kubectl, "delete", "serviceaccount", "bot"], env=env, check=True, **run)
     with _client(cluster, headers={"Authorization": f"Bearer {token}"}) as http:
         assert http.get("/api").status_code == 401
+
+
+def test_google_auths_regional_access_boundary_lookup_is_answered(sb, monkeypatch, caplog):
+    """google-auth asks iamcredentials.googleapis.com for the service account's allowed locations after a
+    token refresh; with the env file's proxy and CA bundle it gets an answer (no urllib3 retry warnings, no
+    delay), and the API's 401 without a token."""
+    import logging
+
+    import requests
+    from google.auth import default
+    from google.auth._regional_access_boundary_utils import get_service_account_rab_endpoint
+    from google.auth.transport.requests import Request
+    from google.oauth2 import _client
+
+    for key, value in sb.env().items():
+        monkeypatch.setenv(key, value)
+    creds, _ = default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    creds.refresh(Request())
+    url = get_service_account_rab_endpoint(creds.service_account_email)
+    with caplog.at_level(logging.WARNING, logger="urllib3"):
+        got = _client._lookup_regional_access_boundary(Request(), url,
+                                                       headers={"authorization": f"Bearer {creds.token}"})
+    assert got and got["encodedLocations"].startswith("0x") and "us-central1" in got["locations"]
+    assert not [r for r in caplog.records if "iamcredentials" in r.getMessage()]
+    assert requests.get(url, timeout=10).status_code == 401
+    # only that host is tunnelled: the proxy refuses every other (nothing leaves the machine)
+    with pytest.raises(requests.exceptions.ProxyError):
+        requests.get("https://storage.googleapis.com/", timeout=10)
