@@ -23,6 +23,7 @@ from manifests import park as P
 from manifests import provision as prov
 from manifests.spec import DeploymentSpec
 from tasks import compute, gke, k8s
+from tasks.inventory import list_kind
 from tasks.report import Report
 from tasks.settings import get_settings
 
@@ -68,6 +69,10 @@ class Capacity:
                      candidate_replicas: int) -> tuple[bool, str, str] | None:
         """(ok, detail, fix) of the candidate's capacity, or None: the single pool's check applies."""
         return None
+
+    def park_fallback_pools(self, spec: DeploymentSpec, *, kubeconfig: str, location: str) -> list[str]:
+        """Park: the other options' pools to 0 nodes too (the first is park's own step); what changed."""
+        return []
 
 
 class SinglePool(Capacity):
@@ -145,6 +150,29 @@ class ClassPools(Capacity):
             rooms.append(cap.OptionRoom(i, opt.label(), hi, nodes, opt.quota_metric, quota.free, opt.count))
         return cap.release_room(live_replicas=live_replicas, candidate_replicas=candidate_replicas, options=rooms,
                                 strategy=spec.release.strategy)
+
+    def park_fallback_pools(self, spec: DeploymentSpec, *, kubeconfig: str, location: str) -> list[str]:
+        """The fallback options' nodes go with the parked pods at once, not after the autoscaler's 10
+        unneeded minutes (billed); a pool another workload still uses keeps its size. Their autoscaling
+        minimum is already 0, so a wake needs nothing restored: the ComputeClass scales them again."""
+        c, done = spec.cluster, []
+        for i in range(1, len(spec.capacity_options)):
+            name = spec.option_pool(i)
+            nodes = [n["metadata"]["name"] for n in k8s.list_objects(
+                kubeconfig=kubeconfig, api_version="v1", kind="Node", label_selector=f"{cap.POOL_LABEL}={name}")]
+            if not nodes:
+                continue
+            users = P.pool_users(model=spec.name, namespace=spec.namespace, pool=name, nodes=nodes,
+                                 pods=list_kind(kubeconfig=kubeconfig, api_version="v1", kind="Pod"),
+                                 deployments=list_kind(kubeconfig=kubeconfig, api_version="apps/v1",
+                                                       kind="Deployment"))
+            if users:
+                done.append(f"{name} kept ({len(nodes)} node(s); used by {', '.join(users)})")
+                continue
+            op = gke.set_node_pool_size(project=c.project, location=location, cluster=c.name, name=name, nodes=0)
+            gke.wait_operation(project=c.project, location=location, operation=op)
+            done.append(f"{name} (capacity option {i}) {len(nodes)}→0 nodes")
+        return done
 
     def placement(self, spec: DeploymentSpec, *, kubeconfig: str, color: str) -> cap.Placement:
         ns = spec.namespace

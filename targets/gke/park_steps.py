@@ -29,6 +29,7 @@ from manifests import park as P
 from manifests.errors import FleetError
 from manifests.fleet import bundled_specs
 from manifests.spec import DeploymentSpec, load_spec, resolve_gke_spec
+from targets.gke.capacity import capacity_for
 from targets.gke.serving import cluster_location, load_timeout_s, scaled
 from tasks import gke, health, k8s
 from tasks.inventory import list_kind
@@ -279,6 +280,9 @@ def park(run: Run) -> dict[str, Any]:
                                     plan_for=lambda now: P.plan_park_pool(now, users=users,
                                                                           changed=record.pool_changed or ()))
             changed += done
+            more = capacity_for(spec).park_fallback_pools(spec, kubeconfig=kubeconfig, location=run.location)
+            done += more
+            changed += more
             shared = bool(users)
             step.detail = ("; ".join(done + [plan.note]) if done else
                            f"{record.pool.name}: nothing to change ({plan.note})")
