@@ -123,6 +123,10 @@ def rollback(spec: SpecPath | str | dict[str, Any], *, release_again: Callable[.
         kubeconfig = gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
         with model_lock(spec, purpose="rollback", kubeconfig=kubeconfig):
             observed = observe(spec, kubeconfig)
+            if observed.parked is not None:  # the Service selects the hold proxy: no color is live
+                raise FleetError(f"{spec.name} is parked (since {observed.parked.get('parked_at', '?')}): no color "
+                                 "serves, so there is nothing to switch back from", f"run wake_model for {spec.name}, "
+                                 "then rollback_model")
             if observed.live is None:
                 raise FleetError(f"{spec.name} does not serve yet: nothing to roll back", "run deploy_model")
             live, other = observed.live, names.other(observed.live)

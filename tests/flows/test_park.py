@@ -289,6 +289,23 @@ def test_park_idle_reads_every_replica_so_two_replicas_can_be_idle(model):
         k8s.scale_deployment.fn(kubeconfig=kubeconfig, namespace="default", name=name, replicas=1)
 
 
+def test_rollback_of_a_parked_model_says_it_is_parked(model):
+    """Found by the campaign (seed 2): rollback_model on a parked model said "does not serve yet — run
+    deploy_model" (the Service selects the hold proxy); it is parked, and the fix is a wake."""
+    from flows.park import park_model, wake_model
+    from flows.release_model import rollback_model
+    from manifests.errors import FleetError
+
+    spec, _, _, _ = model
+    park_model(spec=spec, reason="test: parked")
+    try:
+        with pytest.raises(FleetError, match="is parked") as err:
+            rollback_model(spec=spec)
+        assert "wake_model" in err.value.fix
+    finally:
+        wake_model(spec=spec, reason="test: leave it serving")
+
+
 def test_park_with_a_stray_candidate_parks_both_colors(model):
     """An interrupted release left its candidate color running: park scales it to 0 too and ends with no
     GPU pod. Failed before the fix: only the live color was scaled, and park failed with PodsRemain after
