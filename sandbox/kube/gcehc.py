@@ -123,6 +123,7 @@ class LbHealthChecker:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.checks = 0  # health-check requests sent (all backends)
+        self._later: list[float] = []  # when a lagged Endpoints change reaches the NEGs
 
     def start(self) -> None:
         with self._lock:
@@ -140,7 +141,12 @@ class LbHealthChecker:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def poke(self) -> None:
+    def poke(self, *, endpoints_changed: bool = False) -> None:
+        """Look again now; after an Endpoints change also once kube-proxy's lag has passed (the NEG then holds
+        the new endpoints, which are checked at once)."""
+        if endpoints_changed:
+            with self._lock:
+                self._later.append(time.monotonic() + self.cluster.clock.scaled(self.cluster.kube_proxy.lag_s) + 0.002)
         self._poke.set()
 
     # ---- what the load balancer asks ------------------------------------------------------------
@@ -258,7 +264,8 @@ class LbHealthChecker:
                                 jobs.append((b, uid, e))
                         if b.next_due <= now:
                             b.next_due = now + max(MIN_PERIOD_S, clock.scaled(b.check.interval_s))
-                wake = min((b.next_due for b in self._backends.values()), default=now + 1.0)
+                self._later = [t for t in self._later if t > now]
+                wake = min([*(b.next_due for b in self._backends.values()), *self._later], default=now + 1.0)
             for job in jobs:
                 try:
                     assert self._pool is not None

@@ -254,7 +254,7 @@ class IngressController:
             self.sync(obj["metadata"]["namespace"], obj["metadata"]["name"])
             self.health.poke()
         elif kind in ("Endpoints", "BackendConfig") and self.served:
-            self.health.poke()
+            self.health.poke(endpoints_changed=kind == "Endpoints")
         elif kind in ("IngressClass", "Secret"):
             for ing in self.cluster.store.list(INGRESSES, None)[0]:
                 self.sync(ing["metadata"]["namespace"], ing["metadata"]["name"])

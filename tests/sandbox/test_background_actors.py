@@ -252,3 +252,36 @@ def test_a_backendconfig_sets_the_gce_health_check(kube):
     assert hc["check"] == {"path": "/ping", "interval_s": 30.0, "timeout_s": 2.0, "healthy": 1, "unhealthy": 4,
                            "source": "BackendConfig"}
     wait_for(lambda: kube.runtime_servers["w1"].agents("/ping") == {"GoogleHC/1.0"}, timeout=20)
+
+
+def test_a_selector_switch_behind_a_gce_ingress_moves_once_kube_proxy_lag_passes(kube):
+    """The NEG follows the lagged Endpoints; the new pod is checked the moment it joins, so the load balancer
+    has no healthy endpoint only for one check, not for a whole health-check interval (here an hour)."""
+    kube.kube_proxy.lag_s = 300.0  # 0.6 s real
+    _create(kube, {"apiVersion": "cloud.google.com/v1", "kind": "BackendConfig", "metadata": {"name": "slow"},
+                   "spec": {"healthCheck": {"checkIntervalSec": 3600}}})
+    _create(kube, {"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": "web", "annotations": {"cloud.google.com/backend-config": '{"default": "slow"}'}},
+        "spec": {"selector": {"app": "a"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    _create(kube, _pod("a1", {"app": "a"}))
+    _create(kube, _pod("b1", {"app": "b"}))
+    _ready(kube, "default", "a1", "b1")
+    _create(kube, {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                   "metadata": {"name": "web", "annotations": {"kubernetes.io/ingress.class": "gce"}},
+                   "spec": {"defaultBackend": {"service": {"name": "web", "port": {"number": 80}}}}})
+    url = wait_for(lambda: kube.ingress.url("default", "web"), timeout=20)
+    http = httpx.Client(timeout=10)
+    assert wait_for(lambda: http.get(url + "/").text == "a1", timeout=20)
+
+    svc = copy.deepcopy(kube.store.get(SVCS, "default", "web"))
+    svc["spec"]["selector"] = {"app": "b"}
+    kube.store.replace(SVCS, svc)
+    start, seen = time.monotonic(), []
+    while time.monotonic() - start < 15 and [b for _, _, b in seen].count("b1") < 5:
+        r = http.get(url + "/")
+        seen.append((time.monotonic() - start, r.status_code, r.text if r.status_code == 200 else ""))
+    first_b = next(t for t, _, b in seen if b == "b1")
+    bad = [t for t, code, _ in seen if code != 200]
+    assert first_b >= kube.clock.scaled(300.0) * 0.8  # kube-proxy's lag: the old pod served meanwhile
+    assert {b for t, _, b in seen if t < first_b and b} == {"a1"}, seen[:20]
+    assert not bad or max(bad) - min(bad) < 0.2, bad  # at most one check's worth of 502 (before: ~0.4 s of them)
