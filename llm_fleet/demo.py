@@ -467,6 +467,8 @@ def main(args: argparse.Namespace) -> int:
             "LLM_FLEET_HOME": str(ROOT), "LLM_FLEET_TIME_SCALE": str(args.time_scale),
             "LLM_FLEET_KUBE_DIR": str(state_dir / "kube"),
             "PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # concurrency leases (Vertex models' locks) survive a server restart (default: in memory)
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             "PREFECT_LOGGING_LEVEL": "INFO",  # `prefect flow-run logs` shows what each step did
         })
         _say(f"✓ sandbox up: {sandbox.env().get('LLM_FLEET_SANDBOX_URL')}  "
