@@ -25,7 +25,8 @@ What it does (``prometheus-engine`` ``pkg/operator/apis/monitoring/v1/pod_config
 Time runs on the sandbox's scaled clock (:meth:`sandbox.core.Clock.now`, cloud seconds): a 30 s interval
 is 30 cloud seconds apart in the samples' timestamps whatever ``time_scale`` is. The real wait between two
 scrapes of one target is never below :data:`MIN_PERIOD_S` and a scrape's real timeout never below
-:data:`MIN_TIMEOUT_S` (the suite's machines are slow; see "kept lenient" in docs/sandbox-contract.md).
+:data:`MIN_TIMEOUT_S` (the suite's machines are slow; see "kept lenient" in docs/sandbox-contract.md);
+``min_period_s`` lowers that floor for one collector.
 
 In-process API (the gateway's PromQL HTTP API is meant to sit on it)::
 
@@ -122,6 +123,9 @@ class GmpCollector:
         self.max_samples = max_samples
         self.retention_s = retention_s
         self.external_labels: dict[str, str] = {}  # project_id / location / cluster, set by the sandbox
+        # the real-time floor of a scrape interval; a test bed that needs denser samples on a tiny time scale
+        # (a PromQL rate over a short window) may lower it for its own cluster
+        self.min_period_s = MIN_PERIOD_S
         self._targets: dict[tuple[str, ...], Target] = {}
         self._series: dict[frozenset[tuple[str, str]], _Series] = {}
         self._scrapes: dict[tuple[str, str], int] = {}
@@ -246,7 +250,7 @@ class GmpCollector:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _period(self, t: Target) -> float:
-        return max(MIN_PERIOD_S, self.clock.scaled(t.interval_s))
+        return max(self.min_period_s, self.clock.scaled(t.interval_s))
 
     def _run(self) -> None:
         rediscover = 0.0
