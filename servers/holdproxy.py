@@ -402,7 +402,7 @@ class HoldProxy:
         return await self.answer_probe(request, probe_kind(request) or "own")
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        return await self.answer_probe(request, probe_kind(request) or "own")
 
     async def holdz(self, request: web.Request) -> web.Response:
         st = self.state

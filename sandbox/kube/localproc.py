@@ -324,7 +324,10 @@ class LocalProcess:
                     return True
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1.0)
             try:
-                conn.request("GET", self._probe_path)
+                # the kubelet's first readiness probe (sandbox.kube.prober runs the periodic ones), as it sends it
+                from sandbox.kube.prober import user_agent
+
+                conn.request("GET", self._probe_path, headers={"User-Agent": user_agent(self.cluster), "Accept": "*/*"})
                 return 200 <= conn.getresponse().status < 400
             finally:
                 conn.close()

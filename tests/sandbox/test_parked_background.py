@@ -154,5 +154,6 @@ def test_a_parked_model_stays_parked_under_scrapes_and_health_checks_for_two_hou
     assert samples[("llm_fleet_hold_requests_held_total", ())] == 0
     assert samples[("llm_fleet_hold_probe_requests_total", (("agent", "Prometheus"),))] > 0
     assert samples[("llm_fleet_hold_probe_requests_total", (("agent", "GoogleHC"),))] > 0
+    assert samples[("llm_fleet_hold_probe_requests_total", (("agent", "kube-probe"),))] > 0  # the kubelet's
     # and the load balancer still routes to the proxy: a client is held, not answered 502
     assert kube.ingress.health.healthy_ports(ns, names.service(spec))
