@@ -807,3 +807,80 @@ for _prefix in (_P + r"/global", _P + r"/regions/(?P<region>[^/]+)"):
     route(_ROUTES, "DELETE", _prefix + r"/addresses/(?P<name>[^/]+)")(_delete_address)
     route(_ROUTES, "GET", _prefix + r"/operations/(?P<name>[^/]+)")(_get_address_op)
     route(_ROUTES, "POST", _prefix + r"/operations/(?P<name>[^/]+)/wait")(_get_address_op)
+
+
+# ---- subnetworks: each region's auto-mode "default" subnet, plus what users create (proxy-only ones) ------
+# compute/v1 subnetworks (insert/get/list/aggregatedList); a regional Gateway's proxies need a subnet with
+# purpose REGIONAL_MANAGED_PROXY and role ACTIVE in its region and network (GKE Gateway docs: "Configure a
+# proxy-only subnet"). Operations complete at once (as the address ones here).
+def _subnets(compute: Compute, project: str) -> dict[tuple[str, str], dict[str, Any]]:
+    table = compute.__dict__.setdefault("_subnets", {})
+    if project not in table:
+        table[project] = {(r, "default"): {
+            "kind": "compute#subnetwork", "id": _id("subnet", project, r, "default"), "name": "default",
+            "network": compute._link(project, "global", "networks", "default"), "ipCidrRange": "10.128.0.0/20",
+            "region": compute._link(project, "regions", r), "purpose": "PRIVATE", "stackType": "IPV4_ONLY",
+            "creationTimestamp": CREATION_TS, "selfLink": compute._link(project, "regions", r, "subnetworks",
+                                                                          "default")} for r in REGIONS}
+    return table[project]
+
+
+@route(_ROUTES, "GET", _P + r"/regions/(?P<region>[^/]+)/subnetworks")
+def _list_subnets(h: ComputeHandler, project: str, region: str):
+    _address_scope(region)
+    with h.compute._lock:
+        items = [s for (r, _), s in sorted(_subnets(h.compute, project).items()) if r == region]
+    return _list_reply("compute#subnetworkList", project, f"regions/{region}/subnetworks", items)
+
+
+@route(_ROUTES, "GET", _P + r"/regions/(?P<region>[^/]+)/subnetworks/(?P<name>[^/]+)")
+def _get_subnet(h: ComputeHandler, project: str, region: str, name: str):
+    with h.compute._lock:
+        found = _subnets(h.compute, project).get((region, name))
+    if found is None:
+        raise _not_found(f"projects/{project}/regions/{region}/subnetworks/{name}")
+    return found
+
+
+@route(_ROUTES, "POST", _P + r"/regions/(?P<region>[^/]+)/subnetworks")
+def _insert_subnet(h: ComputeHandler, project: str, region: str):
+    _address_scope(region)
+    body = h.json_body()
+    name, purpose = body.get("name") or "", body.get("purpose") or "PRIVATE"
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
+        raise HttpError(400, f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex "
+                        "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'", reason="invalid")
+    if not body.get("ipCidrRange"):
+        raise HttpError(400, "Invalid value for field 'resource.ipCidrRange': ''. Must be a CIDR range.",
+                        reason="invalid")
+    network = body.get("network") or h.compute._link(project, "global", "networks", "default")
+    with h.compute._lock:
+        table = _subnets(h.compute, project)
+        if (region, name) in table:
+            raise HttpError(409, f"The resource 'projects/{project}/regions/{region}/subnetworks/{name}' already "
+                            "exists", reason="alreadyExists")
+        if purpose == "REGIONAL_MANAGED_PROXY" and body.get("role", "ACTIVE") == "ACTIVE" and any(
+                s.get("purpose") == purpose and s.get("role") == "ACTIVE" and s["network"].endswith(
+                    network.rsplit("/", 1)[-1]) for (r, _), s in table.items() if r == region):
+            raise HttpError(400, "Invalid resource usage: 'There can only be one active proxy-only subnetwork "
+                            f"per region per network ({region}).'", reason="invalidResourceUsage")
+        res = {"kind": "compute#subnetwork", "id": _id("subnet", project, region, name), "name": name,
+               "network": network if network.startswith("http") else h.compute._link(
+                   project, "global", "networks", network.rsplit("/", 1)[-1]),
+               "ipCidrRange": body["ipCidrRange"], "region": h.compute._link(project, "regions", region),
+               "purpose": purpose, "stackType": "IPV4_ONLY", "creationTimestamp": CREATION_TS,
+               "selfLink": h.compute._link(project, "regions", region, "subnetworks", name)}
+        if purpose == "REGIONAL_MANAGED_PROXY":
+            res["role"] = body.get("role", "ACTIVE")
+        table[(region, name)] = res
+    return _address_op(h, project, region, "insert", res["selfLink"])
+
+
+@route(_ROUTES, "GET", _P + r"/aggregated/subnetworks")
+def _aggregated_subnets(h: ComputeHandler, project: str):
+    with h.compute._lock:
+        table = _subnets(h.compute, project)
+        items = {f"regions/{r}": {"subnetworks": [s for (rr, _), s in sorted(table.items()) if rr == r]}
+                 for r in REGIONS}
+    return {"kind": "compute#subnetworkAggregatedList", "id": f"projects/{project}/aggregated/subnetworks",
+            "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/subnetworks"}

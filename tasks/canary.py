@@ -133,12 +133,17 @@ def missing_crds(api: client.ApiClient) -> set[str]:
 
 
 def check_gateway(spec: DeploymentSpec, *, kubeconfig: str | None) -> str:
-    """The cluster has the Gateway API and Inference Extension CRDs, else one error naming each fix. (The
-    regional proxy-only subnet is named by manifests.gateway.preflight_problems when the caller knows the
-    network's subnets; the sandbox has none to list.)"""
+    """The cluster has the Gateway API and Inference Extension CRDs and, for a regional Gateway, its region a
+    proxy-only subnet; else one error naming each missing piece with its fix."""
+    from tasks import compute
+
+    gw = spec.expose.gateway
     missing = missing_crds(kube_api(kubeconfig))
-    gateway.check_preflight(spec, crds=set(gateway.REQUIRED_CRDS) - missing, proxy_only_subnets=None)
-    return f"Gateway API and Inference Extension CRDs installed ({len(gateway.REQUIRED_CRDS)})"
+    subnets = (compute.proxy_only_regions(project=spec.cluster.project)
+               if gw is not None and gw.regional and not gw.existing else None)
+    gateway.check_preflight(spec, crds=set(gateway.REQUIRED_CRDS) - missing, proxy_only_subnets=subnets)
+    return (f"Gateway API and Inference Extension CRDs installed ({len(gateway.REQUIRED_CRDS)})"
+            + ("; proxy-only subnet in the region" if subnets is not None else ""))
 
 
 def measure(spec: DeploymentSpec, deployment: str, query: QueryFn, *, window_s: float, at: float | None

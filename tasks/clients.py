@@ -124,6 +124,15 @@ def compute_clients(settings: Settings | None = None):
             compute_v1.AcceleratorTypesClient(credentials=creds, transport="rest", client_options=opts))
 
 
+def subnetworks_client(settings: Settings | None = None):
+    """Compute Engine subnetworks (a regional Gateway needs a proxy-only one)."""
+    from google.cloud import compute_v1
+
+    s = settings or get_settings()
+    return compute_v1.SubnetworksClient(credentials=gcp_credentials(s), transport="rest",
+                                        client_options=_options(s.compute_endpoint))
+
+
 def images_client(settings: Settings | None = None):
     """Compute Engine disk images (a secondary boot disk is made from one)."""
     from google.cloud import compute_v1

@@ -7,7 +7,7 @@ from prefect import task
 
 from manifests.errors import PreflightError
 from manifests.provision import GLOBAL_GPU_METRIC, QuotaReading
-from tasks.clients import compute_clients, google_retry, images_client
+from tasks.clients import compute_clients, google_retry, images_client, subnetworks_client
 from tasks.retry import task_retries
 from tasks.settings import get_settings
 
@@ -63,3 +63,16 @@ def disk_image_exists(*, project: str, name: str) -> bool:
     except gexc.NotFound:
         return False
     return True
+
+
+@task(**task_retries())
+def proxy_only_regions(*, project: str, network: str = "default") -> set[str]:
+    """Regions where ``network`` has an ACTIVE proxy-only subnet (purpose REGIONAL_MANAGED_PROXY), which a
+    regional Gateway's Envoy proxies need (one aggregated call)."""
+    out: set[str] = set()
+    for scope, scoped in subnetworks_client().aggregated_list(request={"project": project}, **_opts()):
+        for sub in scoped.subnetworks:
+            if (sub.purpose == "REGIONAL_MANAGED_PROXY" and sub.role in ("", "ACTIVE")
+                    and sub.network.rsplit("/", 1)[-1] == network):
+                out.add(sub.region.rsplit("/", 1)[-1] or scope.removeprefix("regions/"))
+    return out

@@ -78,6 +78,17 @@ class GatewayLoad:
             t.join(timeout=30)
 
 
+def _proxy_only_subnet(project: str, region: str) -> None:
+    """gcloud compute networks subnets create proxy-only-REGION --purpose=REGIONAL_MANAGED_PROXY ..."""
+    from google.cloud import compute_v1
+
+    from tasks.clients import subnetworks_client
+
+    subnetworks_client().insert(project=project, region=region, subnetwork_resource=compute_v1.Subnetwork(
+        name=f"proxy-only-{region}", purpose="REGIONAL_MANAGED_PROXY", role="ACTIVE", network="default",
+        ip_cidr_range="10.129.0.0/23")).result()
+
+
 @pytest.fixture(scope="module")
 def gw_served(sandbox):
     from flows.deploy_model import deploy_model
@@ -92,7 +103,9 @@ def gw_served(sandbox):
     with pytest.raises(Exception) as err:
         deploy_model(spec=spec)
     assert "inferencepools.inference.networking.k8s.io" in str(err.value) and "kubectl apply -f" in str(err.value)
-    addons.install_inference_extension(kube)  # what the named command installs
+    assert "no proxy-only subnet in us-central1" in str(err.value) and "REGIONAL_MANAGED_PROXY" in str(err.value)
+    addons.install_inference_extension(kube)  # what the named commands do
+    _proxy_only_subnet(spec["cluster"]["project"], "us-central1")
     deploy_model(spec=spec)
     gw = _custom(spec).get_namespaced_custom_object(GW, "v1", "default", "gateways", f"{spec['name']}-gateway")
     deadline = time.monotonic() + 30
