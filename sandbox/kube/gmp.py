@@ -39,9 +39,10 @@ In-process API (the gateway's PromQL HTTP API is meant to sit on it)::
     gmp.scrapes(namespace="default", pod="p")   # how many scrapes reached a pod so far
     gmp.now()                           # the cloud time the timestamps use
 
-``series`` matches labels exactly (``__name__`` is the metric name); each series keeps its last
-``max_samples`` samples, and series whose target went away are dropped ``retention_s`` cloud seconds after
-their last sample — bounded memory however long the sandbox runs.
+``series`` matches labels exactly (``__name__`` is the metric name); each series keeps the samples of the
+last ``retention_s`` cloud seconds (6 h), at most ``max_samples`` (720: 6 h at 30 s), and series whose
+target went away are dropped ``retention_s`` after their last sample — bounded memory however long the
+sandbox runs (a vLLM pod exposes ~200 series).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class _Series:
 class GmpCollector:
     """Scrapes one cluster's PodMonitoring/ClusterPodMonitoring targets on a background thread."""
 
-    def __init__(self, cluster: KubeCluster, *, max_samples: int = 2880, retention_s: float = 6 * 3600.0) -> None:
+    def __init__(self, cluster: KubeCluster, *, max_samples: int = 720, retention_s: float = 6 * 3600.0) -> None:
         self.cluster = cluster
         self.clock = cluster.clock
         self.max_samples = max_samples
@@ -342,6 +343,8 @@ class GmpCollector:
                 if s is None:
                     s = self._series[key] = _Series(full, deque(maxlen=self.max_samples))
                 s.samples.append((at, value))
+                while s.samples[0][0] < at - self.retention_s:  # older than the retention: gone
+                    s.samples.popleft()
 
 
 def _parse(text: str, content_type: str) -> list[tuple[str, dict[str, str], float]]:
