@@ -5,8 +5,8 @@ a ``Gateway`` of a GKE class (or an existing one, shared with other specs); per 
 selecting that color's pods and its endpoint picker (a Deployment + Service + RBAC, what the
 ``inferencepool`` Helm chart installs); one ``HTTPRoute`` matching the ``X-Gateway-Model-Name`` header
 that body-based routing sets from the OpenAI ``model`` field, with one ``backendRef`` per color whose
-weights carry the traffic split (blue-green = 0/100, a canary steps through its weights); and an
-``InferenceObjective`` naming the live pool's priority.
+weights carry the traffic split (blue-green = 0/100, a canary steps through its weights); and per pool an
+``InferenceObjective`` with the spec's priority.
 """
 
 from __future__ import annotations
@@ -134,12 +134,14 @@ def endpoint_picker(spec: DeploymentSpec, color: Color) -> list[Obj]:
     ]
 
 
-def inference_objective(spec: DeploymentSpec, live: Color) -> Obj:
+def inference_objective(spec: DeploymentSpec, color: Color) -> Obj:
+    """The request priority on one color's pool (one per pool: an objective names a single pool, and traffic
+    moves between the two during a release)."""
     gw = spec.expose.gateway
     assert gw is not None
     return {"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
-            "metadata": _meta(spec, spec.name),
-            "spec": {"priority": gw.priority, "poolRef": {"group": IE_GROUP, "name": pool_name(spec, live)}}}
+            "metadata": _meta(spec, pool_name(spec, color), **{names.COLOR_LABEL: color}),
+            "spec": {"priority": gw.priority, "poolRef": {"group": IE_GROUP, "name": pool_name(spec, color)}}}
 
 
 def objects(spec: DeploymentSpec, live: Color = "blue") -> list[Obj]:
@@ -148,8 +150,8 @@ def objects(spec: DeploymentSpec, live: Color = "blue") -> list[Obj]:
         return []
     out: list[Obj | None] = [gateway(spec)]
     for c in COLORS:
-        out += [*endpoint_picker(spec, c), inference_pool(spec, c)]
-    out += [http_route(spec, weights(live, 0)), inference_objective(spec, live)]
+        out += [*endpoint_picker(spec, c), inference_pool(spec, c), inference_objective(spec, c)]
+    out.append(http_route(spec, weights(live, 0)))
     return [o for o in out if o is not None]
 
 

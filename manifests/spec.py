@@ -265,7 +265,7 @@ GKE_GATEWAY_CLASSES = ("gke-l7-regional-external-managed", "gke-l7-rilb", "gke-l
 
 class GatewaySpec(_Model):
     """The GKE Inference Gateway: a Gateway (this spec's own, or an existing one shared with other specs,
-    routed by the OpenAI ``model`` field), an HTTPRoute, an InferencePool per color and an InferenceObjective."""
+    routed by the OpenAI ``model`` field), an HTTPRoute, an InferencePool and an InferenceObjective per color."""
 
     class_name: Literal[GKE_GATEWAY_CLASSES] = Field("gke-l7-regional-external-managed", alias="class")
     # Attach to this existing Gateway (in the spec's namespace) instead of rendering one.

@@ -35,8 +35,8 @@ def test_rendered_gateway_objects_validate_against_the_upstream_crds():
     spec = parse_spec(SPEC)
     schemas = _schemas()
     custom = [o for o in gateway.objects(spec, "blue") if (o["apiVersion"], o["kind"]) in schemas]
-    assert sorted(o["kind"] for o in custom) == ["Gateway", "HTTPRoute", "InferenceObjective", "InferencePool",
-                                                 "InferencePool"]
+    assert sorted(o["kind"] for o in custom) == ["Gateway", "HTTPRoute", "InferenceObjective", "InferenceObjective",
+                                                 "InferencePool", "InferencePool"]
     for obj in custom:
         schema = schemas[(obj["apiVersion"], obj["kind"])]
         assert validate_object(schema, apply_defaults(schema, yaml.safe_load(yaml.safe_dump(obj)))) == [], obj["kind"]
