@@ -151,7 +151,11 @@ def test_managed_prometheus_scrapes_what_podmonitorings_select(kube):
 def test_gce_health_checks_take_out_a_failing_backend_and_the_lb_answers_502(kube):
     _create(kube, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
                    "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-    _create(kube, _pod("w1", {"app": "web"}))
+    pod = _pod("w1", {"app": "web"})
+    # the kubelet gives up on readiness only after 1000 failures; the health check does not copy
+    # failureThreshold (ingress-gce #771), so the load balancer drops the pod long before Kubernetes does
+    pod["spec"]["containers"][0]["readinessProbe"]["failureThreshold"] = 1000
+    _create(kube, pod)
     _ready(kube, "default", "w1")
     _create(kube, {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
                    "metadata": {"name": "web", "annotations": {"kubernetes.io/ingress.class": "gce"}},
@@ -169,7 +173,7 @@ def test_gce_health_checks_take_out_a_failing_backend_and_the_lb_answers_502(kub
     srv.healthy = False  # the pod stays Ready for Kubernetes; only the load balancer's check fails
     resp = wait_for(lambda: (r := httpx.get(url + "/", timeout=10)).status_code == 502 and r, timeout=20)
     assert "502" in resp.text and "Please try again in 30 seconds" in resp.text
-    assert kube.ingress.health.health("default", "web")["endpoints"]
+    assert kube.ingress.health.health("default", "web")["endpoints"] and _ready_condition(kube, "w1") == "True"
     srv.healthy = True  # one success (healthy threshold 1) and it serves again
     assert wait_for(lambda: httpx.get(url + "/", timeout=10).status_code == 200, timeout=20)
 
