@@ -335,14 +335,28 @@ class Campaign:
         self.model_id = base["model"]["id"] if isinstance(base["model"], dict) else base["model"]
         self.namespace = base.get("namespace", "default")
 
-        for op, path in (("provision", self.spec_path), ("deploy", self.spec_path), ("deploy", self.other_path)):
-            res = self.op(op, path, fault=None)
-            if not res["ok"]:
-                raise RuntimeError(f"setup {op} failed: {res}")
-        from tasks.clients import kubeconfig_path
+        res = self.op("provision", self.spec_path, fault=None)
+        if not res["ok"]:
+            raise RuntimeError(f"setup provision failed: {res}")
+        from manifests.spec import parse_spec
+        from tasks.gke import get_credentials
 
-        c = base["cluster"]
-        self.kubeconfig = str(kubeconfig_path(project=c["project"], location=c["location"], cluster=c["name"]))
+        c = parse_spec(base).cluster
+        location = c.location
+        with contextlib.suppress(Exception):
+            from targets.gke.provision import find_cluster
+
+            location = find_cluster(parse_spec(base))[0]
+        self.kubeconfig = get_credentials.fn(project=c.project, location=location, name=c.name)
+        # What an operator installs first where the spec needs it (ingress-nginx, the metrics adapter)
+        from tasks.clients import kube_client
+        from tests.flows.prereqs import install_prerequisites
+
+        install_prerequisites(base, kube_client(self.kubeconfig))
+        for path in (self.spec_path, self.other_path):
+            res = self.op("deploy", path, fault=None)
+            if not res["ok"]:
+                raise RuntimeError(f"setup deploy failed: {res}")
         from tasks.locks import LEASE_S
 
         self.lease_s = LEASE_S
@@ -427,7 +441,7 @@ class Campaign:
         self.op("release", self.spec_path, revision=self.sbc.push_revision(self.model_id, title="campaign: good"))
 
     def do_release_bad(self) -> None:
-        self.op("release", self.spec_path, revision=self._bad_revision())
+        self.op("release", self.spec_path, revision=self._bad_revision(), fault="a bad revision")
 
     def do_rollback(self) -> None:
         self.op("rollback", self.spec_path)
@@ -529,9 +543,11 @@ class Campaign:
             self.note("endpoint lag: not in this sandbox; a plain release instead")
             self.do_release_good()
             return
-        lag(self.rng.choice((1.0, 5.0, 15.0)))
+        seconds = self.rng.choice((1.0, 5.0, 15.0))
+        lag(seconds)
         try:
-            self.do_release_good()
+            self.op("release", self.spec_path, revision=self.sbc.push_revision(self.model_id, title="campaign: good"),
+                    fault=f"endpoint lag {seconds:g} s")
         finally:
             lag(1.0)
 
@@ -559,7 +575,9 @@ class Campaign:
         if not self.parked() or self.gpu_pods():
             self.violate("I4", f"a probe and scrape storm ({sent} requests) woke the parked model")
         self.note(f"probe storm: {sent} probe/scrape requests while parked")
+        old = self.load
         self.load = Load(url, self.model_id, self.args.threads, self.violate, self.args.rate)
+        self.load.sent, self.load.outcomes = old.sent, old.outcomes  # one count for the whole campaign
         self.load.start()
 
     def do_concurrent(self) -> None:
@@ -581,8 +599,8 @@ class Campaign:
         node = next((n for n in nodes if n in serving), nodes[0] if nodes else None)
         if node:
             self.sbc.preempt_node(node)  # type: ignore[attr-defined]
-            self.note(f"spot preemption of {node}")
-        self.do_release_good()
+        self.op("release", self.spec_path, revision=self.sbc.push_revision(self.model_id, title="campaign: good"),
+                fault=f"spot preemption of {node}" if node else "no spot node to preempt")
 
     # -- cluster reads
     def _core(self):
