@@ -306,6 +306,10 @@ class GatewayController:
     # ---- reconcile ---------------------------------------------------------------------------------
     def on_event(self, etype: str, obj: Obj) -> None:
         kind = obj.get("kind")
+        if kind == "GatewayClass" and etype != "DELETED" and (obj.get("spec") or {}).get(
+                "controllerName") == CONTROLLER:  # GKE's controller accepts its own classes
+            gen = int(obj["metadata"].get("generation", 1))
+            self._set_status(CLASSES, obj, {"conditions": [_cond("Accepted", True, "Accepted", "", gen)]})
         if kind == "Gateway":
             self.sync(obj["metadata"]["namespace"], obj["metadata"]["name"])
         elif kind in ("GatewayClass", "HTTPRoute", "InferencePool", "Service", "CustomResourceDefinition", "Pod"):

@@ -85,6 +85,9 @@ def test_gateway_kinds_are_served_only_once_their_crds_are_installed(kube):
     assert custom.list_namespaced_custom_object(GW, "v1", "default", "httproutes")["items"] == []
     classes = {c["metadata"]["name"] for c in custom.list_cluster_custom_object(GW, "v1", "gatewayclasses")["items"]}
     assert {"gke-l7-regional-external-managed", "gke-l7-rilb"} <= classes
+    rilb = wait_for(lambda: (custom.get_cluster_custom_object(GW, "v1", "gatewayclasses", "gke-l7-rilb").get(
+        "status") or {}).get("conditions"))
+    assert [(c["type"], c["status"]) for c in rilb] == [("Accepted", "True")]
     # the CRD's schema is enforced (and its defaults applied), as by the real API server
     with pytest.raises(ApiException) as err:
         custom.create_namespaced_custom_object(IE, "v1", "default", "inferencepools", {
