@@ -17,7 +17,7 @@ Each state change records the kubelet's ``Unhealthy`` / ``Killing`` events. Kept
 Ready when its model server reports loaded (the runtime's ``on_ready``), and the readiness probe re-admits a
 pod only while its server says it is loaded — so an engine whose ``/health`` answers 200 during the weight load
 is not Ready early; a real wait is never below :data:`MIN_PERIOD_S`, a timeout never below
-:data:`sandbox.kube.gmp.MIN_TIMEOUT_S`, and a container is killed only after its probe kept failing for
+:data:`MIN_PROBE_TIMEOUT_S`, and a container is killed only after its probe kept failing for
 :data:`MIN_KILL_WINDOW_S` real seconds too (local processes start in real time; see docs/sandbox-contract.md).
 """
 
@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox.kube import resources as res
 from sandbox.kube.controllers import PODS
-from sandbox.kube.gmp import MIN_TIMEOUT_S
 
 if TYPE_CHECKING:
     from sandbox.kube.cluster import KubeCluster
@@ -44,6 +43,9 @@ MIN_PERIOD_S = 0.25  # real seconds: every pod of every test cluster is probed; 
 # Real seconds a probe must keep failing before the kubelet kills the container: a local process starts at
 # real speed (an interpreter, imports) while its probe budget (failureThreshold x periodSeconds) is scaled.
 MIN_KILL_WINDOW_S = 5.0
+# Real seconds a probe waits at least: the suite's machine runs at load ~20 on 2 cores, where a healthy
+# server can take seconds to accept; a slow answer must not read as a dead container.
+MIN_PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -182,7 +184,7 @@ class Prober:
             return False, f'Get "http://127.0.0.1{path}": dial tcp: connect: connection refused'
         headers = {"User-Agent": user_agent(self.cluster), "Accept": "*/*"}
         headers.update({h.get("name", ""): h.get("value", "") for h in get.get("httpHeaders") or []})
-        timeout = max(MIN_TIMEOUT_S, self.cluster.clock.scaled(float(w.probe.get("timeoutSeconds") or 1)))
+        timeout = max(MIN_PROBE_TIMEOUT_S, self.cluster.clock.scaled(float(w.probe.get("timeoutSeconds") or 1)))
         conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=timeout)
         try:
             conn.request("GET", path, headers=headers)
