@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from manifests import usage as U
 from manifests import wake as W
+from manifests.capacity import option_of_node
 from manifests.fleet import OptionalDate, OptionalDateTime, OptionalText, SpecParam, bundled_specs, load_fleet
 from manifests.prices import load_prices, option_rates
 from manifests.spec import DeploymentSpec, SpecError, resolve_spec
@@ -38,9 +39,13 @@ from tasks.usage import (
 
 
 def model_row(spec: DeploymentSpec, spans: list[U.NodeSpan], *, lo: float, hi: float, share: int,
-              prices, time_scale: float) -> dict[str, Any]:
+              prices, time_scale: float, bases: dict[int, set[str]] | None = None) -> dict[str, Any]:
     acc = spec.accelerator
     rate = prices.node_hour(accelerator=acc.type, gpus=acc.count, machine=acc.machine, spot=acc.spot) / acc.count
+    used = option_gpu_seconds(spec, spans, lo=lo, hi=hi, bases=bases)
+    rates = option_rates(prices, spec)
+    if spec.capacity and sum(used.values()):  # each option's GPU-hours at its own price (a fallback's surcharge)
+        rate = sum(s * rates[i]["usd_per_gpu_hour"] for i, s in used.items()) / sum(used.values())
     row = U.usage_row(model=spec.name, accelerator=f"{acc.count}× {acc.type}{' spot' if acc.spot else ''}",
                       spans=spans, lo=lo, hi=hi, share=share, replicas=spec.replicas, gpus_per_replica=acc.count,
                       usd_per_gpu_hour=rate, time_scale=time_scale)
@@ -48,31 +53,45 @@ def model_row(spec: DeploymentSpec, spans: list[U.NodeSpan], *, lo: float, hi: f
     wakes = [w / (time_scale or 1.0) for w in schedules.wake_history(spec)]
     row.update({"wakes": len(wakes), "wake_p50_s": round(W.percentile(wakes, 0.5), 1),
                 "wake_p95_s": round(W.percentile(wakes, 0.95), 1)})
-    if spec.capacity:  # what each capacity option costs: the saving or surcharge of a fallback
+    if spec.capacity:  # what each capacity option costs and ran: the saving or surcharge of a fallback
         row["capacity_options"] = "; ".join(
             f"[{o['option']}] {o['what']} ${o['usd_per_gpu_hour']:g}/GPU-h"
-            + (f" ({o['vs_first_pct']:+g}%)" if o["option"] else "") for o in option_rates(prices, spec))
+            + (f" ({o['vs_first_pct']:+g}%)" if o["option"] else "")
+            + f", {used.get(o['option'], 0.0) / share / 3600:.4g} GPU-h" for o in rates)
     return row
 
 
-def pool_spans(spec: DeploymentSpec, *, now: float) -> tuple[dict[str, Any], list[U.NodeSpan]]:
+def option_gpu_seconds(spec: DeploymentSpec, spans: list[U.NodeSpan], *, lo: float, hi: float,
+                       bases: dict[int, set[str]] | None = None) -> dict[int, float]:
+    """GPU-seconds in [lo, hi) per capacity option, told apart by each pool's VM base names."""
+    out: dict[int, float] = {}
+    for n in spans:
+        i = option_of_node(spec, n.name, bases) or 0
+        out[i] = out.get(i, 0.0) + U.gpu_seconds([n], lo, hi)
+    return out
+
+
+def pool_spans(spec: DeploymentSpec, *, now: float
+               ) -> tuple[dict[str, Any], list[U.NodeSpan], dict[int, set[str]]]:
     """(the pool's ledger, every GPU node of the spec's pool): the VMs' operations, then the ledger's sightings."""
     c = spec.cluster
     location, cluster = find_cluster(spec)
-    pool = None
+    pools: list[dict[str, Any] | None] = []
     if cluster is not None:
         kubeconfig = gke.get_credentials(project=c.project, location=location, name=c.name)
         ledger = record_usage(spec, kubeconfig=kubeconfig)
-        if c.mode == "standard":
-            pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name,
-                                     name=spec.accelerator.pool.name)
+        if c.mode == "standard":  # every capacity option's pool (today's spec: its one pool)
+            pools = [gke.get_node_pool(project=c.project, location=location, cluster=c.name,
+                                       name=spec.option_pool(i)) for i in range(len(spec.capacity_options))]
     else:
         ledger = read_ledger(spec)
     standard = c.mode == "standard"
-    vm = vm_operations(project=c.project, bases=vm_bases(ledger, pool)) if standard else []
+    bases = set().union(*(vm_bases(ledger, p) for p in pools)) if pools else vm_bases(ledger, None)
+    vm = vm_operations(project=c.project, bases=bases) if standard else []
     ops = pool_operations(project=c.project, location=location, cluster=c.name,
                           pool=spec.accelerator.pool.name if standard else None)
-    return ledger, U.node_spans(ledger, ops, vm, gpus=spec.accelerator.count, now=now)
+    by_option = {i: vm_bases({}, p) for i, p in enumerate(pools) if p}  # each option's VM base names
+    return ledger, U.node_spans(ledger, ops, vm, gpus=spec.accelerator.count, now=now), by_option
 
 
 @flow(name="gpu_report", log_prints=True)
@@ -113,14 +132,14 @@ def gpu_report(specs: tuple[SpecParam, ...] = (), fleet: OptionalText = None,
     nodes: dict[str, list[dict[str, Any]]] = {}
     for members in by_pool.values():
         spec = members[0]
-        ledger, spans = pool_spans(spec, now=now)
+        ledger, spans, bases = pool_spans(spec, now=now)
         if not spans:
             continue
         nodes[ledger_name(spec)] = [vars(n) for n in spans]
         line = U.sparkline(spans, lo, hi_eff)
         for member in members:
             row = model_row(member, spans, lo=lo, hi=hi_eff, share=len(members), prices=table,
-                            time_scale=settings.time_scale)
+                            time_scale=settings.time_scale, bases=bases)
             rows.append(row)
             charts.append(f"| `{member.name}` | `{line}` | {row['gpu_hours']:.3f} | {row['parked']} | "
                           f"{row['saving_pct']:.0f} % |")

@@ -161,3 +161,18 @@ def release_room(*, live_replicas: int, candidate_replicas: int, options: list[O
     return False, detail, ("raise accelerator.pool.max_nodes or capacity[i].max_nodes (then rerun "
                            "provision_cluster) or the quota named above, add a capacity option, or set "
                            "release.strategy: recreate (the model is down while the new one loads)")
+
+
+def option_of_node(spec: DeploymentSpec, node: str, bases: dict[int, set[str]] | None = None) -> int | None:
+    """The capacity option a GKE node belongs to: by its pool's VM base name (``gke-<cluster>-<pool>-<hash>``,
+    from the pool's instance group URLs: ``bases`` option -> bases), else by the name's pool stem — which
+    GKE truncates to 14 characters, so pools named alike (``g2-standard-8``, ``g2-standard-8-od``) need
+    ``bases`` to be told apart."""
+    for i, stems in (bases or {}).items():
+        if any(node.startswith(b + "-") for b in stems):
+            return i
+    stem = f"gke-{spec.cluster.name[:14].rstrip('-')}-"
+    for i in sorted(range(len(spec.capacity_options)), key=lambda i: -len(spec.option_pool(i))):
+        if re.match(rf"{re.escape(stem + spec.option_pool(i)[:14].rstrip('-'))}-[0-9a-f]{{8}}-", node):
+            return i
+    return None

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import task
 from prefect.variables import Variable
 
+from manifests import names
 from manifests import usage as U
 from manifests.spec import DeploymentSpec
 from tasks.clients import cluster_manager
@@ -27,7 +28,10 @@ MAX_CHARS = 4800  # Prefect Variables hold at most 5,000 characters of JSON
 
 
 def pool_selector(spec: DeploymentSpec) -> str:
-    """The GPU nodes a spec runs on: its node pool (Standard) or GKE's accelerator nodes (Autopilot)."""
+    """The GPU nodes a spec runs on: its node pool (Standard), its ComputeClass's nodes (capacity options:
+    every option's pool carries the class label), or GKE's accelerator nodes (Autopilot)."""
+    if spec.capacity:
+        return f"{names.COMPUTE_CLASS_LABEL}={names.compute_class(spec)}"
     if spec.cluster.mode == "autopilot":
         return f"cloud.google.com/gke-accelerator={spec.accelerator.type}"
     return f"cloud.google.com/gke-nodepool={spec.accelerator.pool.name}"

@@ -199,3 +199,22 @@ def test_a_release_candidate_may_use_any_option_with_room():
     ok, _, fix = release_room(live_replicas=1, candidate_replicas=2, options=[spot, short])
     assert not ok and "add a capacity option" in fix
     assert release_room(live_replicas=1, candidate_replicas=9, options=[spot], strategy="recreate")[0]
+
+
+def test_a_node_is_told_to_its_option_by_its_pool_stem():
+    from manifests.capacity import option_of_node
+
+    spec = _spec()
+    assert option_of_node(spec, "gke-llm-fleet-gpu-pool-0af51b58-1bcc") == 0
+    assert option_of_node(spec, "gke-llm-fleet-gpu-pool-1-0af51b58-1bcc") == 1
+    assert option_of_node(spec, "gke-llm-fleet-gpu-pool-2-9e3b1c2d-77aa") == 2
+    assert option_of_node(spec, "gke-llm-fleet-default-pool-0af51b58-1bcc") is None
+
+
+def test_pools_named_alike_are_told_apart_by_their_vm_base_names():
+    from manifests.capacity import option_of_node
+
+    spec = _spec(capacity=[{**L4_SPOT, "name": "g2-standard-8"}, {**L4_OD, "name": "g2-standard-8-od"}])
+    a, b = "gke-llm-fleet-g2-standard-8-0af51b58", "gke-llm-fleet-g2-standard-8-9e3b1c2d"  # GKE cuts at 14 chars
+    bases = {0: {a}, 1: {b}}
+    assert option_of_node(spec, f"{a}-1bcc", bases) == 0 and option_of_node(spec, f"{b}-77aa", bases) == 1
