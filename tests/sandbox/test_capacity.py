@@ -324,3 +324,16 @@ def test_preemption_under_load_answers_200_or_503_never_a_reset(env):
     k8s.AppsV1Api(api).delete_namespaced_deployment(f"{svc}-blue", "default")
     core.delete_namespaced_service(svc, "default")
     assert _until(lambda: not env.gpu_nodes(), 30)
+
+
+def test_an_hpa_step_while_spot_is_gone_lands_on_the_next_option(env):
+    """The HPA asks for a second replica after spot ran out: the new pod's node comes from the next option,
+    the first replica stays where it is (a scale-up, not a move)."""
+    env.deploy("hpa")
+    assert _until(lambda: list(env.running("hpa").values()) == [POOLS[0]])
+    for z in ZONES:
+        env.client.set_stockout(z, "nvidia-l4", spot=True)
+    k8s.AppsV1Api(env.api).patch_namespaced_deployment_scale("hpa", "default", {"spec": {"replicas": 2}})
+    assert _until(lambda: sorted(env.running("hpa").values()) == [POOLS[0], POOLS[1]])
+    assert len(env.gpu_nodes()) == 2
+    env.undeploy("hpa")
