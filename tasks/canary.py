@@ -43,8 +43,8 @@ def set_weights(api: client.ApiClient, spec: DeploymentSpec, split: dict[Color, 
     for attempt in range(attempts):
         route = read_route(api, spec)
         want = canary.with_weights(route, spec, split)
-        if want == route:
-            return route
+        if canary.route_weights(want) == canary.route_weights(route):
+            return route  # already there (a rerun): no write
         try:
             return custom.replace_namespaced_custom_object(GROUP, VERSION, spec.namespace, "httproutes",
                                                            gateway.route_name(spec), want)

@@ -17,6 +17,11 @@ from tasks.retry import task_retries
 
 # Kinds a spec can own, in the order teardown removes them (workloads before what they mount).
 OWNED_KINDS: list[tuple[str, str]] = [
+    # the Inference Gateway (expose.gateway): the route first, so nothing routes to a pool being removed
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"),
+    ("inference.networking.k8s.io/v1", "InferencePool"),
+    ("gateway.networking.k8s.io/v1", "Gateway"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("networking.k8s.io/v1", "Ingress"),
     ("cloud.google.com/v1", "BackendConfig"),
