@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from manifests import names, startup
+from manifests.checks import Check
 from manifests.spec import DeploymentSpec
 
 QUOTA_URL = "https://console.cloud.google.com/iam-admin/quotas"
@@ -27,14 +28,6 @@ class QuotaReading:
     @property
     def free(self) -> float:
         return self.limit - self.usage
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
 
 
 @dataclass

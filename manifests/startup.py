@@ -270,7 +270,7 @@ def disk_image_ref(spec: DeploymentSpec) -> tuple[str, str] | None:
 
 def disk_image_check(spec: DeploymentSpec, *, exists: bool) -> Any:
     """The preflight line for the secondary boot disk's image (GKE refuses the pool without it)."""
-    from manifests.provision import Check
+    from manifests.checks import Check
 
     project, name = disk_image_ref(spec) or ("", "")
     if exists:
