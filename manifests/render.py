@@ -135,6 +135,9 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         {"apiGroups": ["apiregistration.k8s.io"], "resources": ["apiservices"], "verbs": ["get"],
          "resourceNames": ["v1beta1.custom.metrics.k8s.io", "v1beta2.custom.metrics.k8s.io"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+        # park: who else runs on the GPU pool, in any namespace (read only: pods and Deployments, no Secrets)
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list"]},
         # the Gateway preflight: are the Gateway API / Inference Extension CRDs installed?
         *([{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list"]}]
           if spec.expose.gateway else []),

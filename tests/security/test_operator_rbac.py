@@ -1,5 +1,6 @@
 """The operator's RBAC limits: flows run with the operator ServiceAccount's token (as a worker in the cluster
-does), and with that same token each escalation is refused by the sandbox's RBAC and Pod Security.
+does: deploy, a release plan, park, wake), and with that same token each escalation is refused by the
+sandbox's RBAC and Pod Security.
 
 The RBAC and the namespace are applied once as the project owner (what a cluster admin does); then
 deploy_model runs with the operator token, and the attacks: list Secrets, read a Secret it does not own,
@@ -38,7 +39,8 @@ def _refused(call, *args, **kwargs) -> str:
 
 
 def test_flows_run_as_the_operator_and_every_escalation_is_refused(sbc, as_operator):  # noqa: F811
-    spec = spec_dict("qwen2.5-7b-sglang.yaml", name="qwen-sec-op", namespace=NS,
+    # hold proxy off: its process start is test_park's subject, and the seconds count here
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", name="qwen-sec-op", namespace=NS, hold__enabled=False,
                      accelerator={"type": "nvidia-l4", "pool": {"max_nodes": 2}})
     provision(spec)
     admin_core, _, _ = kube(spec)
@@ -47,8 +49,14 @@ def test_flows_run_as_the_operator_and_every_escalation_is_refused(sbc, as_opera
     role_before = client.RbacAuthorizationV1Api(kube(spec)[2]).read_namespaced_role("llm-fleet-operator", NS).rules
 
     as_operator(token)
-    deploy(spec)  # the flow needs none of what follows
+    deploy(spec)  # the flows need none of what follows
     assert routed_model(spec) == "Qwen/Qwen2.5-7B-Instruct"
+    from flows.park import park_model, wake_model
+    from flows.release_model import release_model
+
+    assert release_model(spec=spec, dry_run=True)["dry_run"]
+    park_model(spec=spec, reason="operator test")
+    assert wake_model(spec=spec, reason="operator test")["woken"]  # answering again (wake checks the engine)
 
     core, apps, api = kube(spec)  # the operator's token from here on
     rbac = client.RbacAuthorizationV1Api(api)
