@@ -546,3 +546,14 @@ def test_endpoint_lag_is_set_per_sandbox_and_through_the_client(client, sb):
             client.set_endpoint_lag(-1)
     finally:
         client.set_endpoint_lag(DEFAULT_DELAYS["endpoint_propagation"])
+
+
+def test_the_env_files_product_image_runs_locally(sb):
+    """`llm-fleet sandbox up` runs the product's own image as the demo does: the env file names it
+    (LLM_FLEET_IMAGE, the README's flows image) and the sandbox starts its pods as local processes,
+    without SANDBOX_LOCAL_IMAGES."""
+    from sandbox.kube import localproc
+
+    image = sb.env()["LLM_FLEET_IMAGE"]
+    assert image == f"us-docker.pkg.dev/{sb.project}/llm-fleet/flows:sandbox"
+    assert localproc.is_local(image)

@@ -10,7 +10,7 @@ import pytest
 
 from manifests import names
 from manifests import park as P
-from manifests.spec import ScheduleSpec, load_spec
+from manifests.spec import ScheduleSpec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMMA = load_spec(ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml")
@@ -399,3 +399,18 @@ def test_a_hold_proxy_on_its_way_out_finishes_the_request_it_forwards():
     finally:
         proxy.kill()
         upstream.shutdown()
+
+
+def test_the_hold_image_is_the_flows_image_and_checked_before_park(monkeypatch):
+    """hold.image defaults to LLM_FLEET_IMAGE (the README's flows image, the sandbox's env file sets it); none
+    set is one error naming the field and the fix, before park changes anything."""
+    from manifests.errors import PreflightError
+
+    monkeypatch.setenv("LLM_FLEET_IMAGE", "us-docker.pkg.dev/p/llm-fleet/flows:abc123")
+    spec = parse_spec({**GEMMA.model_dump(mode="json", by_alias=True), "hold": {}})
+    assert P.require_image(spec, "the hold proxy") == "us-docker.pkg.dev/p/llm-fleet/flows:abc123"
+    monkeypatch.delenv("LLM_FLEET_IMAGE")
+    bare = parse_spec({**GEMMA.model_dump(mode="json", by_alias=True), "hold": {}})
+    with pytest.raises(PreflightError, match="hold.image") as err:
+        P.require_image(bare, "the hold proxy")
+    assert "LLM_FLEET_IMAGE" in err.value.fix and "docker build" in err.value.fix
