@@ -313,11 +313,17 @@ class Campaign:
         self.sbc = SandboxClient(os.environ["LLM_FLEET_SANDBOX_URL"])
         self.prefect = PrefectServer(self.work / "prefect")
         self.prefect.start()
+        os.environ["PREFECT_API_URL"] = self.prefect.api  # this process too (else Prefect starts its own server)
 
         base = yaml.safe_load((ROOT / self.args.spec).read_text())
         base["cluster"]["project"] = f"campaign-{uuid.uuid4().hex[:8]}"
         pool = base["accelerator"].setdefault("pool", {})
-        pool.update({"min_nodes": 0, "max_nodes": 6, "initial_nodes": 1})
+        hpa = base.get("autoscaling")
+        if hpa:  # room for both colors at the HPA's maximum, and the other model
+            hpa["max_replicas"] = min(int(hpa.get("max_replicas", 3)), 3)
+            hpa["min_replicas"] = min(int(hpa.get("min_replicas", 1)), hpa["max_replicas"])
+        per_model = max(int(base.get("replicas", 1)), int((hpa or {}).get("max_replicas", 1)))
+        pool.update({"min_nodes": 0, "max_nodes": max(6, 3 * per_model), "initial_nodes": 1})
         if hasattr(self.sbc, "preempt_node"):
             base["accelerator"]["spot"] = True  # GCE preempts only Spot VMs: a fault kind
         base["release"] = {**base.get("release", {}),
