@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from manifests.errors import PreflightError
-from manifests.spec import DeploymentSpec, check_fit, fit_fix
+from manifests.spec import DeploymentSpec, check_fit, check_fit_all, fit_fix
 from tasks import hf
 
 
@@ -18,4 +18,8 @@ def hub_preflight(spec: DeploymentSpec, token: SecretStr) -> hf.HubModel:
         fit = check_fit(spec, model.params)
         if not fit.fits:
             raise PreflightError(fit.message(spec), fit_fix(spec, fit))
+        for i, opt, fit in check_fit_all(spec, model.params)[1:]:  # each capacity option must hold it too
+            if not fit.fits:
+                raise PreflightError(f"capacity[{i}]: {fit.message(spec, option=opt)}",
+                                     fit_fix(spec, fit, option=opt, where=f"capacity[{i}]"))
     return model

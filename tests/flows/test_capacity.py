@@ -54,6 +54,25 @@ def seed004(prefect_server):
     return spec, out["kubeconfig"]
 
 
+def test_the_hub_preflight_checks_the_fit_on_every_option(sandbox):
+    """The real parameter count (7.24 B) fits the A100 option but not the L4 one at 70 % of its memory,
+    though the id's "7B" did at validate time: the preflight names the option and the fix."""
+    from pydantic import SecretStr
+
+    from manifests.errors import PreflightError
+    from manifests.spec import parse_spec
+    from targets.hub import hub_preflight
+
+    spec = parse_spec(spec_dict("mistral-7b-vllm-spot.yaml", engine__gpu_memory_utilization=0.70, capacity=[
+        {"gpu": "nvidia-tesla-a100", "provisioning": "on-demand", "zones": ["us-central1-b"]},
+        {"gpu": "nvidia-l4", "machine_type": "g2-standard-8", "provisioning": "on-demand", "zones": list(ZONES)}]))
+    with pytest.raises(PreflightError) as err:
+        hub_preflight(spec, SecretStr("hf_sandbox_read"))
+    assert str(err.value).startswith("capacity[1]: mistralai/Mistral-7B-v0.1 needs ~17.2 GiB (7.24B params")
+    assert "1 × nvidia-l4 has 17 GiB at engine.gpu_memory_utilization 0.7" in str(err.value)
+    assert "set capacity[1].count: 2" in err.value.fix
+
+
 def test_spot_gone_at_wake_answers_on_demand_and_the_held_request_too(seed004, sbc, sandbox):
     from flows.park import park_model, wake_model
 
