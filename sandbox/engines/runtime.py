@@ -271,9 +271,9 @@ class ModelRuntime:
         behavior = behavior or self.behaviors.peek(pod, info)
         if info.engine == "generic":
             return StartPlan(init_s=1.0)
+        if behavior.load_seconds is not None:  # a behavior's own load time is the whole start, as given
+            return StartPlan(weights_s=float(behavior.load_seconds))
         slow = SLOW_LOAD_FACTOR if behavior.mode == "slow_load" else 1.0
-        if behavior.load_seconds is not None:
-            return StartPlan(weights_s=float(behavior.load_seconds) * slow)
         nbytes = self.weights_gib(pod, info) * 2**30
         source, streamer = self.weight_source(pod, info)
         load = coldstart.weight_load(nbytes, source, streamer=streamer)

@@ -241,6 +241,9 @@ def test_load_time_by_weight_source(runtime, hub):
     assert runtime.start_plan(vllm("google/gemma-2-2b-it")).weights_s == pytest.approx(hub_plan.weights_s * 10)
     runtime.behaviors.add(mode="ok", model="Qwen/Qwen2.5-7B-Instruct", load_seconds=3)
     assert runtime.load_seconds(sglang()) == 3
+    # a behavior's own load time is the whole start as given, slow_load or not (tests time faults by it)
+    runtime.behaviors.add(mode="slow_load", model="meta-llama/Llama-2-7b-chat-hf", load_seconds=600)
+    assert runtime.load_seconds(tgi()) == 600
 
 
 def test_hf_cache_pvc_serves_the_second_start(runtime):
