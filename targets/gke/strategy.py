@@ -9,6 +9,7 @@ a class like ``bluegreen.BlueGreen`` and one line in ``strategy_for``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Protocol
 
@@ -50,6 +51,22 @@ class RollbackFailed(FleetError):
 
 
 ROLLED_BACK_TO = "llm_fleet_rolled_back_to"  # set on the step's exception once the rollback succeeded
+
+
+class _RolledBackAtDebug(logging.Filter):
+    """Prefect's engine logs the exception of every failed run with its traceback at ERROR ("Engine execution
+    exited with unexpected exception"); after an automatic rollback the run's one ERROR line already said
+    what happened, so that traceback goes to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and getattr(exc, ROLLED_BACK_TO, None):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+if not any(isinstance(f, _RolledBackAtDebug) for f in logging.getLogger("prefect.flow_runs").filters):
+    logging.getLogger("prefect.flow_runs").addFilter(_RolledBackAtDebug())
 
 
 def rolled_back(exc: BaseException, report: Report) -> Any:

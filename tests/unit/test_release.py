@@ -235,3 +235,33 @@ def test_a_failing_live_baseline_does_not_read_as_a_fast_one():
     assert baseline_text({"requests": 20, "errors": 2, "p50_s": 0.25}, color="blue") == \
         "live blue p50 0.250s (2 of 20 failed)"
     assert baseline_text({"requests": 20, "errors": 0, "p50_s": 0.25}) == "live p50 0.250s"
+
+
+def test_prefects_traceback_of_a_rolled_back_run_is_kept_at_debug():
+    """After an automatic rollback the run's ERROR line names the cause; the engine's own ERROR traceback of
+    the failed run ("Engine execution exited with unexpected exception") is demoted to DEBUG."""
+    import logging
+
+    from targets.gke.strategy import ROLLED_BACK_TO
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    log = logging.getLogger("prefect.flow_runs")
+    handler = Keep(level=logging.INFO)
+    log.addHandler(handler)
+    try:
+        for rolled_back in (True, False):
+            exc = RuntimeError("smoke prompt got a bad answer")
+            if rolled_back:
+                setattr(exc, ROLLED_BACK_TO, "green")
+            try:
+                raise exc
+            except RuntimeError:
+                log.error("Engine execution exited with unexpected exception", exc_info=True)
+    finally:
+        log.removeHandler(handler)
+    assert len(seen) == 1 and not getattr(seen[0].exc_info[1], ROLLED_BACK_TO, None)  # only the plain failure
