@@ -118,7 +118,7 @@ class PrefectServer:
         log = open(self.home / "server.log", "a")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                       "--port", str(self.port), "--no-services"], cwd=ROOT, env=env,
-                                     stdout=log, stderr=log)
+                                     stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(httpx.HTTPError):
@@ -129,12 +129,15 @@ class PrefectServer:
             time.sleep(0.3)
 
     def stop(self) -> None:
+        """The whole process group: `prefect server start` runs the server in a child of its own."""
         if self.proc is not None:
-            self.proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc = None
 
     def restart(self) -> None:

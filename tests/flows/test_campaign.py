@@ -15,6 +15,7 @@ SEED = int(os.environ.get("LLM_FLEET_CAMPAIGN_SEED", "7"))
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1500)  # its own sandbox, Prefect server and a process per operation: minutes
 def test_short_seeded_campaign_has_no_violations():
     # Its own sandbox and Prefect server (the campaign restarts the server and kills flow processes).
     done = subprocess.run([sys.executable, str(ROOT / "bench/campaign.py"), "--seed", str(SEED), "--ops", "3"],
