@@ -96,7 +96,7 @@ def test_engine_calls_and_stream_pieces_per_api():
     assert not no_chat_template(500, "template")
 
 
-def test_teardown_hands_the_shared_reader_rbac_to_a_model_whose_playground_still_uses_it():
+def test_teardown_keeps_the_shared_reader_account_for_a_model_whose_playground_still_uses_it():
     from targets.gke.teardown_steps import plan_namespace
 
     spec = _spec("gemma2-2b-it-vllm-l4.yaml")
@@ -105,8 +105,10 @@ def test_teardown_hands_the_shared_reader_rbac_to_a_model_whose_playground_still
     others = [o for o in render(other) if o["kind"] == "Deployment"]
     actions = {(o["kind"], o["metadata"]["name"]): item.action for o, item in plan_namespace(spec, mine=mine,
                                                                                             others=others)}
-    for kind in ("ServiceAccount", "Role", "RoleBinding"):
-        assert actions[(kind, "llm-fleet-playground")] == "hand over"
+    # the account is relabelled to the model still using it; its RBAC (a cluster admin's) stays as it is
+    assert actions[("ServiceAccount", "llm-fleet-playground")] == "hand over"
+    for kind in ("Role", "RoleBinding"):
+        assert actions[(kind, "llm-fleet-playground")] == "keep"
     assert actions[("Deployment", "gemma2-2b-it-playground")] == "delete"
     alone = {(o["kind"], o["metadata"]["name"]): item.action for o, item in plan_namespace(spec, mine=mine, others=[])}
     assert alone[("Role", "llm-fleet-playground")] == "delete"
