@@ -480,7 +480,7 @@ def main(args: argparse.Namespace) -> int:
         server = children.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
                                                    "127.0.0.1", "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=log, stderr=log)
-        _wait_http(f"{api}/health", 120, server)
+        _wait_http(f"{api}/health", 300, server)  # minutes on a loaded 2-core machine
         _say(f"✓ Prefect server + UI: http://127.0.0.1:{port}")
         # Before this process first imports Prefect: its settings are read from the environment then.
         os.environ.update({"PREFECT_API_URL": api})

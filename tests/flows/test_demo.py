@@ -30,3 +30,68 @@ def test_demo_runs_the_lifecycle_through_a_prefect_worker(tmp_path):
     assert '"llm-fleet.dev/color":"green"' in out  # the live Service routes to the released color
     # A request sent while parked was held and answered after the wake the hold proxy asked for.
     assert "answered 200 after" in out and "wake_model run" in out
+
+
+BY_HAND = [  # the README's "Then run the steps by hand", in order
+    ("provision_cluster", {"spec": "{S}"}),
+    ("deploy_model", {"spec": "{S}"}),
+    ("release_model", {"spec": "{S}", "revision": "main"}),
+    ("park_model", {"spec": "{S}"}),
+    ("wake_model", {"spec": "{S}"}),
+    ("gpu_report", {"start": "{START}"}),
+    ("teardown", {"spec": "{S}", "cluster": "true", "dry_run": "false"}),
+]
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1500)
+def test_after_the_demo_the_readmes_steps_by_hand_succeed(tmp_path):
+    """The demo leaves the next user a working setup: with --keep-running, the README's `prefect deployment
+    run` lines (provision, deploy, release of main, park, wake, report, teardown) each finish Completed."""
+    import re
+    import shlex
+    import signal
+    import time
+    from datetime import UTC, datetime
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLM_FLEET_", "HF_", "SLACK_"))}
+    state = tmp_path / "demo"
+    demo = subprocess.Popen([sys.executable, "-m", "llm_fleet.cli", "demo", "--state-dir", str(state),
+                             "--time-scale", "0.005", "--keep-running"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    out: list[str] = []
+    try:
+        for line in demo.stdout:  # type: ignore[union-attr]
+            out.append(line)
+            if "Left running until Ctrl-C" in line:
+                break
+        text = "".join(out)
+        assert "Left running until Ctrl-C" in text, text[-3000:]
+        for line in demo.stdout:  # type: ignore[union-attr]
+            text += line
+            if "park_idle:" in line:
+                break
+        assert "demo-broken-weights" in text and "park_idle: paused" in text, text[-2000:]
+        ui = re.search(r"Prefect server \+ UI\s+(http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+        run_env = {**env, "PREFECT_API_URL": f"{ui}/api"}
+        for line in (state / "env").read_text().splitlines():
+            words = shlex.split(line, comments=True)
+            if words and "=" in words[-1]:
+                key, _, value = words[-1].partition("=")
+                run_env[key] = value
+        spec = "deployments/gemma2-2b-it-vllm-l4.yaml"
+        start = datetime.now(UTC).isoformat()
+        for flow, params in BY_HAND:
+            args = [a for k, v in params.items()
+                    for a in ("--param", f"{k}={v.replace('{S}', spec).replace('{START}', start)}")]
+            res = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", deployment_name(flow), *args,
+                                  "--watch", "--watch-timeout", "600"], cwd=ROOT, env=run_env, capture_output=True,
+                                 text=True, timeout=700)
+            assert res.returncode == 0, f"{flow}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+            time.sleep(0.5)
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        try:
+            demo.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
