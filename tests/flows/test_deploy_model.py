@@ -85,7 +85,8 @@ def managed_objects(spec: dict) -> set[tuple[str, str]]:
         found |= {(kind, o.metadata.name) for o in items}
     custom = client.CustomObjectsApi(api)
     for group, plural, kind in [("monitoring.googleapis.com", "podmonitorings", "PodMonitoring"),
-                                ("monitoring.googleapis.com", "rules", "Rules")]:
+                                ("monitoring.googleapis.com", "rules", "Rules"),
+                                ("cloud.google.com", "backendconfigs", "BackendConfig")]:  # GCE Ingress timeout
         items = custom.list_namespaced_custom_object(group, "v1", ns, plural, label_selector=sel)["items"]
         found |= {(kind, o["metadata"]["name"]) for o in items}
     classes = custom.list_cluster_custom_object("cloud.google.com", "v1", "computeclasses", label_selector=sel)
