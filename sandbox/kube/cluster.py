@@ -22,8 +22,8 @@ from sandbox.kube.api import KubeApi, KubeHandler
 from sandbox.kube.auth import ClusterAuth
 from sandbox.kube.controllers import AUTOPILOT_LABEL, NODES, PODS, SVCS, Controller, is_ready
 from sandbox.kube.endpointslices import EndpointSlices
-from sandbox.kube.gmp import GmpCollector
 from sandbox.kube.gateway import GatewayController
+from sandbox.kube.gmp import GmpCollector
 from sandbox.kube.ingress import IngressController
 from sandbox.kube.kubeproxy import KubeProxy
 from sandbox.kube.prober import Prober
