@@ -36,10 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import park_week as PW  # noqa: E402
-
+from bench import park_week as PW  # noqa: E402
 from manifests.prices import load_prices, option_rates  # noqa: E402
 from manifests.render import migrates_back  # noqa: E402
 from manifests.spec import DeploymentSpec, load_spec  # noqa: E402
