@@ -397,8 +397,9 @@ def park_wake_deployments(prefect_server):
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        for flow, entry in (("park_model", "flows/park.py:park_model"), ("wake_model", "flows/park.py:wake_model")):
-            client.create_deployment(flow_id=client.create_flow_from_name(flow), name="default", entrypoint=entry)
+        for flow, name, entry in (("park_model", "park", "flows/park.py:park_model"),
+                                  ("wake_model", "wake-on-request", "flows/park.py:wake_model")):
+            client.create_deployment(flow_id=client.create_flow_from_name(flow), name=name, entrypoint=entry)
 
 
 def schedules_of(name: str) -> dict[str, tuple[str, str, dict]]:
