@@ -22,12 +22,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from prefect.variables import Variable
 
-from manifests import names
 from manifests.errors import FleetError
 from manifests.spec import DeploymentSpec, SpecError, load_spec
-from targets.gke.provision import find_cluster
-from targets.gke.serving import live_color
-from tasks import gke, hf, k8s
+from targets import target_for
+from tasks import hf
 from tasks.log import logger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,20 +81,6 @@ def record_name(spec: DeploymentSpec) -> str:
     return f"llm-fleet-announced-{spec.cluster.project}-{spec.name}"
 
 
-def served_revision(spec: DeploymentSpec) -> str | None:
-    """The commit the live color runs (its Deployment's revision annotation); None when nothing serves."""
-    location, cluster = find_cluster(spec)
-    if cluster is None:
-        return None
-    kubeconfig = gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
-    color = live_color(spec, kubeconfig)
-    if color is None:
-        return None
-    dep = k8s.get_object(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
-                         name=names.deployment(spec, color), namespace=spec.namespace)
-    return ((dep or {}).get("metadata", {}).get("annotations") or {}).get(names.REVISION_ANNOTATION)
-
-
 def announce_revision(spec: DeploymentSpec, *, spec_path: str, revision: str, source: str) -> str | None:
     """Emit the revision event once per commit; returns its id, or None when already announced."""
     name = record_name(spec)
@@ -143,7 +127,7 @@ def check_spec(path: str) -> Finding:
             found.status, found.detail = "pinned", f"{branch!r} is a tag, not a branch"
             return found
         found.head = head
-        serving = served_revision(spec)
+        serving = target_for(spec).served_revision(spec=spec)
         found.serving = serving or ""
         if serving is None:
             found.status, found.detail = "not deployed", "nothing serves this spec: deploy_model first"
