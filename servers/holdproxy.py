@@ -42,7 +42,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, client_exceptions, web
+from aiohttp import ClientResponse, ClientSession, ClientTimeout, TCPConnector, client_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 log = logging.getLogger("holdproxy")
@@ -348,15 +348,19 @@ class HoldProxy:
                 text = (await upstream.read()).decode(errors="replace")
                 await self._stream_error(out, f"the model answered {upstream.status}: {text[:500]}", reason="upstream")
                 return True
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await out.write(chunk)
-            except (TimeoutError, client_exceptions.ClientError):
-                log.warning("the model dropped a response mid-stream")
-            await out.write_eof()
-            self.state.forwarded += 1
-            self.metrics.forwarded.inc()
+            await self._pump(upstream, out)
             return True
+
+    async def _pump(self, upstream: ClientResponse, out: web.StreamResponse) -> None:
+        """The model's answer to the client as it comes, then counted as forwarded (both answer paths)."""
+        try:
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+        except (TimeoutError, client_exceptions.ClientError):
+            log.warning("the model dropped a response mid-stream")
+        await out.write_eof()
+        self.state.forwarded += 1
+        self.metrics.forwarded.inc()
 
     async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse | None:
         """Send to the model and stream the answer back; None if it is not there (connect error, 503)."""
@@ -380,14 +384,7 @@ class HoldProxy:
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                      headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP})
             await out.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await out.write(chunk)
-            except (TimeoutError, client_exceptions.ClientError):
-                log.warning("the model dropped a response mid-stream")
-            await out.write_eof()
-            self.state.forwarded += 1
-            self.metrics.forwarded.inc()
+            await self._pump(upstream, out)
             return out
 
     async def answer_probe(self, request: web.Request, kind: str) -> web.Response:
