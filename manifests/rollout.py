@@ -87,6 +87,14 @@ def diagnose(pods: list[dict[str, Any]], *, desired: int) -> Progress:
             detail = f": {v.waiting_message}" if v.waiting_message else ""
             return Progress("failed", v.waiting, f"pod {v.name}: {FATAL_WAITING[v.waiting]}{detail}", v.name, ready,
                             previous_logs=v.waiting == "CrashLoopBackOff")
+        if v.restarts and v.last_terminated and not v.ready:
+            # Crashed and restarted, not Ready: the same crash loop, read between its back-offs. The waiting
+            # CrashLoopBackOff state lasts only the back-off (10 s, doubling), and a watcher may see the pod
+            # only once it runs again; the restart count and last state stay (kubectl shows the same pod
+            # as Running, RESTARTS 2). Without this, a crashing model read as "loading" until the timeout.
+            return Progress("failed", "CrashLoopBackOff", f"pod {v.name}: {FATAL_WAITING['CrashLoopBackOff']} "
+                            f"(restarts: {v.restarts}, last exit: {v.last_terminated})", v.name, ready,
+                            previous_logs=True)
     for v in views:
         if v.unschedulable:
             return Progress("waiting", "Unschedulable", f"pod {v.name} is Pending: {v.unschedulable}", v.name, ready)

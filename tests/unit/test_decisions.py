@@ -98,6 +98,9 @@ def pod(name, *, ready=False, phase="Running", waiting=None, last=None, unsched=
     ([pod("a", phase="Pending", waiting="ImagePullBackOff")], "failed", "ImagePullBackOff"),
     ([pod("a", waiting="CrashLoopBackOff", last="Error")], "failed", "CrashLoopBackOff"),
     ([pod("a", waiting="CrashLoopBackOff", last="OOMKilled")], "failed", "OOMKilled"),
+    # between two crashes (restarted, back-off over): still the crash loop, not a model that is loading
+    ([pod("a", last="Error")], "failed", "CrashLoopBackOff"),
+    ([pod("a", ready=True, last="Error")], "ready", ""),
     ([], "waiting", "NoPods"),
 ])
 def test_diagnose(pods, state, reason):
