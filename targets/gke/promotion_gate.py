@@ -74,6 +74,7 @@ def step_promotion_gate(r: Release) -> str:
         answer = pause_flow_run(wait_for_input=Promotion.with_initial_data(description=notice),
                                 timeout=math.ceil(wait), poll_interval=max(0.25, min(GATE_POLL_S, scaled(GATE_POLL_S))))
     except FlowPauseTimeout:
+        reopen_expired_pause(run_id)
         raise PromotionRefused(f"nobody promoted {r.candidate} within release.promotion_timeout "
                                f"({human_duration(timeout_s)})",
                                "no traffic moved; release again when someone can check the preview, or raise "
@@ -88,6 +89,24 @@ def step_promotion_gate(r: Release) -> str:
     r.approval = f"promoted by {who}{why}"
     r.report.note(f"▶️ {r.approval} — switching traffic {r.stable} → {r.candidate}")
     return r.approval
+
+
+def reopen_expired_pause(run_id: str) -> None:
+    """The gate timed out: put this run back to Running before rolling back. Prefect's server replaces any
+    state proposed for a run whose pause expired with "The flow was failed and never resumed." (its
+    HandleResumingPausedFlows rule; the pause_expirations service does the same), so without this the run's
+    final state would hide the cause the rollback names. ``force`` skips that rule, as a worker's does."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(UUID(run_id), Running(message="promotion gate timed out: rolling back"),
+                                      force=True)
+    except Exception as exc:  # noqa: BLE001 - the rollback matters more than the run's final message
+        get_run_logger().warning("could not reopen the timed-out paused run %s: %s", run_id, exc)
 
 
 def cancel_stale_gate(in_flight: dict[str, Any] | None, *, current: str) -> None:

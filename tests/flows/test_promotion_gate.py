@@ -218,18 +218,26 @@ def test_resume_with_promote_false_aborts_and_rolls_back(gated, sandbox, sbc):
     assert flow_state(run_id) == "FAILED"
 
 
-@pytest.mark.xfail(reason="the run now fails with Prefect's generic FailedRun; the cause is only in the ERROR "
-                   "line since the rollback's traceback went to DEBUG (session 5 note: to fix)", strict=False)
-def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc):
+def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc, caplog):
+    """The run ends Failed with the cause in its state message and one ERROR line (Prefect's server would
+    replace any state of a run whose pause expired with "The flow was failed and never resumed.")."""
+    from prefect.client.orchestration import get_client
+
     spec = dict(gated, release=dict(GATED, promotion_timeout="10m"))  # ~1.2 s on the sandbox's clock
     stable, candidate = live(spec), other(live(spec))
     stable_pods = pod_uids(spec, stable)
     sha = sandbox.hub.push_revision(MODEL, title="manual gate: nobody answers")
-    with Background(spec, sha) as run:
-        wait_gate(spec, sbc, sha, run)
+    with caplog.at_level("INFO"), Background(spec, sha) as run:
+        run_id, _ = wait_gate(spec, sbc, sha, run)
         with pytest.raises(Exception) as err:
             run.join()
     assert "nobody promoted" in str(err.value) and "release.promotion_timeout (10m)" in str(err.value)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(run_id)).state
+    assert state.type.value == "FAILED"
+    assert "rolled back automatically" in state.message and "nobody promoted" in state.message, state.message
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("prefect")]
+    assert len(errors) == 1 and "nobody promoted" in errors[0], errors
     assert live(spec) == stable and pod_uids(spec, stable) == stable_pods
     assert deployment(spec, candidate).spec.replicas == 0
     assert history(spec)[-1]["result"] == "rolled_back"
