@@ -71,30 +71,6 @@ def _keepalives_within(url: str, seconds: float) -> list[str]:
     return seen
 
 
-@pytest.mark.xfail(reason="2 s read timeout: flaked once beside a loaded second xdist worker; the issue's case "
-                   "(30 s read timeout, real openai client) is the long test below (session 5 note)", strict=False)
-def test_streaming_client_is_kept_alive_while_the_model_wakes(recorder):  # noqa: F811
-    """Read timeout 2 s, a 9 s wake, a comment every 0.5 s: the client gets its whole stream. Without the
-    keep-alive (fails before: the proxy sent nothing until the model answered) the read times out."""
-    _warm_openai()
-    runtime, server = _waking_model(load_s=9.0)
-    try:
-        url, proxy = _proxy(recorder, upstream=server.url, timeout_s=30.0, keepalive_s=0.5)
-        comments = _keepalives_within(url, 1.2)
-        assert comments and comments[0].startswith(": waking m, 0 s"), comments
-        first, text, took = _stream_through(url, read_timeout=2.0)
-        assert first < 1.0 and took >= 4.0  # headers at once; the stream after the wake, > 2 read timeouts
-        assert text.strip()
-        # the proxy counts a forward after its last write, and the early-closed keep-alive client leaves the
-        # hold at its next poll: both may trail the client's last read by a moment
-        deadline = time.monotonic() + 5
-        while not (proxy.state.forwarded >= 1 and proxy.state.held == 0) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proxy.state.forwarded >= 1 and proxy.state.held == 0, proxy.state
-    finally:
-        runtime.stop()
-
-
 def test_non_streaming_requests_are_held_as_before(recorder):  # noqa: F811
     runtime, server = _waking_model(load_s=1.5)
     try:
@@ -121,11 +97,24 @@ def test_hold_timeout_ends_the_stream_with_an_error_the_client_raises(recorder):
 
 @pytest.mark.long
 def test_thirty_second_read_timeout_survives_a_forty_second_wake(recorder):  # noqa: F811
-    """The issue's figures: keep-alive bytes within 5 s, the full stream after the wake, a 30 s read timeout."""
+    """The issue's figures: keep-alive bytes within 5 s, the full stream after the wake, a 30 s read timeout.
+    Without the keep-alive (the proxy sent nothing until the model answered) the client's read times out.
+
+    The promise's only test: a 2 s-read-timeout copy of it (0.5 s keep-alive) flaked beside a loaded worker,
+    because client, proxy and model share one process here and a 1.5 s stall of it is a missed keep-alive on
+    the wall clock; at the real figures (5 s keep-alive, 30 s read timeout) that margin is 25 s."""
     runtime, server = _waking_model(load_s=40.0)
     try:
-        url, _ = _proxy(recorder, upstream=server.url, timeout_s=120.0)  # the default keep-alive interval
+        url, proxy = _proxy(recorder, upstream=server.url, timeout_s=120.0)  # the default keep-alive interval
+        comments = _keepalives_within(url, 0.0)  # a raw reader: the first line is the comment, sent at once
+        assert comments and comments[0].startswith(": waking m, 0 s"), comments
         first, text, took = _stream_through(url, read_timeout=30.0)
         assert first < 5.0 and took >= 38.0 and text.strip()
+        # the proxy counts a forward after its last write, and the early-closed raw reader leaves the hold at
+        # its next poll: both may trail the client's last read by a moment
+        deadline = time.monotonic() + 10
+        while not (proxy.state.forwarded >= 1 and proxy.state.held == 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.state.forwarded >= 1 and proxy.state.held == 0, proxy.state
     finally:
         runtime.stop()
