@@ -91,6 +91,7 @@ from sandbox.accounting import Accounting
 from sandbox.client import SandboxClient
 from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
+from sandbox.gcs import Gcs
 from sandbox.gke import Gke
 from sandbox.iamcredentials import IamCredentials
 from sandbox.kube import localproc
@@ -205,6 +206,8 @@ class Sandbox:
                        kube_factory=self._new_cluster_kube, kube_release=self._drop_cluster_kube)
         self.slack = Slack(faults=self.faults, clock=self.clock, token=SLACK_TOKEN)
         self.vertex = Vertex(clock=self.clock, faults=self.faults, runtime=self.runtime, project=project)
+        # Cloud Storage (JSON API): mirror_model's bucket; the env file's identity owns the project's buckets
+        self.gcs = Gcs(clock=self.clock, faults=self.faults, tokens=self.tokens, project=project)
         self._given_state_dir = Path(state_dir) if state_dir is not None else None
         self.state_dir: Path | None = self._given_state_dir
         self._tmp_dir: Path | None = None
@@ -221,7 +224,7 @@ class Sandbox:
     def _parts(self) -> list[Any]:
         """Start order: things others depend on first."""
         return [self.oauth, self.iam, self.hub, self.runtime, self.kube, self.compute, self.gke, self.slack,
-                self.vertex]
+                self.vertex, self.gcs]
 
     def start(self) -> Sandbox:
         if self._started:
@@ -323,6 +326,7 @@ class Sandbox:
             "hub": self.hub.url,
             "slack": self.slack.url,
             "vertex": self.vertex.url,
+            "gcs": self.gcs.url,
             "oauth": self.oauth.url,
         }
 
@@ -353,6 +357,8 @@ class Sandbox:
             # Vertex AI and the Cloud Quotas quotaInfos it is checked with: one loopback server
             "LLM_FLEET_VERTEX_ENDPOINT": self.vertex.url,
             "LLM_FLEET_CLOUDQUOTAS_ENDPOINT": self.vertex.url,
+            # Cloud Storage's JSON API (google-cloud-storage's api_endpoint): the weights' mirror
+            "LLM_FLEET_STORAGE_ENDPOINT": self.gcs.url,
             "SLACK_BOT_TOKEN": self.slack.token,
             "HF_ENDPOINT": self.hub.url,
             "HF_TOKEN": HF_TOKEN,
@@ -597,6 +603,7 @@ class Sandbox:
             "hub": snap(self.hub),
             "slack": snap(self.slack),
             "vertex": snap(self.vertex),
+            "gcs": snap(self.gcs),
         }
 
     def banner(self) -> str:
@@ -695,7 +702,7 @@ def _add_fault(h: ControlHandler):
         raise HttpError(400, f"unknown fault field(s): {', '.join(sorted(unknown))}; valid: "
                              f"{', '.join(sorted(_FAULT_FIELDS))}")
     if "service" not in body:
-        raise HttpError(400, "a fault needs a service: gke, compute, kube, hub, slack, model, control or *")
+        raise HttpError(400, "a fault needs a service: gke, compute, kube, hub, slack, model, gcs, control or *")
     try:
         rule = h.sb.faults.add(**body)
     except Exception as exc:  # bad regex, bad types

@@ -80,7 +80,7 @@ DEFAULT_DELAYS: dict[str, float] = {
 class FaultRule:
     """Make matching requests fail (or slow down) ``count`` times; ``count=None`` means forever."""
 
-    service: str  # "gke", "compute", "kube", "hub", "slack", "model", "control" or "*"
+    service: str  # "gke", "compute", "kube", "hub", "slack", "model", "gcs", "control" or "*"
     method: str = "*"  # HTTP method or "*"
     path: str = ".*"  # regex searched in the request path (without query)
     status: int | None = None  # HTTP status to return; None = pass through after latency

@@ -22,7 +22,9 @@ Semantics follow the real Hub: metadata of gated repos is public (``model_info``
 ``auth-check`` need gated access (401 ``GatedRepo`` anonymous, 403 ``GatedRepo`` for a token without
 access); private repos are invisible to others (404 ``RepoNotFound``, 401 anonymous); an invalid token
 is refused everywhere with 401 "Invalid credentials in Authorization header". Weight shards are listed
-(sizes, LFS info) but not downloadable.
+(sizes, LFS info: ``lfs.oid`` is the sha256 of the bytes); those up to ``DOWNLOADABLE_LFS_BYTES`` are served as
+the Hub serves LFS files: ``/resolve`` answers 302 to the storage (``X-Linked-Etag`` = the sha256,
+``X-Linked-Size``), which serves the bytes (``Range`` too). Bigger ones are not downloadable here.
 
 Tokens: ``hf_sandbox_read`` (user ``sandbox-user``, member of ``sandbox-org``, access to every gated
 repo) and ``hf_sandbox_nogate`` (user ``sandbox-nogate``, no gated access); anything else is invalid.
@@ -37,13 +39,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
-from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route
+from sandbox.core import Clock, Emulator, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
 from sandbox.hub_webhooks import Webhooks
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
@@ -57,6 +60,9 @@ EXPAND_FIELDS = (
     "widgetData",
 )
 SHARD_BYTES = 5 * 10**9  # the Hub's usual max shard size
+# Weight files up to this size are served (bytes made from the repo and path, their sha256 the LFS oid); larger
+# ones stay listed only: the sandbox holds what it serves and what Cloud Storage keeps in memory.
+DOWNLOADABLE_LFS_BYTES = 256 * 2**20
 
 
 def _iso(ts: float) -> str:
@@ -91,7 +97,7 @@ class Commit:
     title: str
     date: float
     files: dict[str, bytes]
-    lfs: dict[str, int]  # weight shards: path -> size (listed, not downloadable)
+    lfs: dict[str, int]  # weight shards: path -> size (served up to DOWNLOADABLE_LFS_BYTES, see lfs_bytes)
     author: str = "sandbox-bot"
     parent: str | None = None  # git history: a branch's commits are its head's ancestors, nothing else
 
@@ -113,6 +119,7 @@ class Repo:
     commits: list[Commit] = field(default_factory=list)  # oldest first
     branches: dict[str, str] = field(default_factory=dict)
     tag_refs: dict[str, str] = field(default_factory=dict)
+    shard_bytes: int = SHARD_BYTES
 
     @property
     def author(self) -> str:
@@ -322,26 +329,39 @@ class Hub(Emulator):
         self.clock = clock
         self.users: dict[str, HubUser] = copy.deepcopy(users if users is not None else DEFAULT_USERS)
         self.repos: dict[str, Repo] = {}
+        self._oids: dict[tuple[str, str, int], str] = {}  # (repo, path, size) -> sha256 of a weight file
         self._lock = threading.RLock()
         self._handler = HubHandler
         self._server: SandboxHTTPServer | None = None
+        self._storage: SandboxHTTPServer | None = None
         self.webhooks = Webhooks()  # repo webhooks: a push POSTs the Hub's payload
         if catalogue:
             for i, (repo_id, meta) in enumerate(CATALOGUE.items()):
                 self._add_catalogue(repo_id, i, meta)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        super().start()
+        if self._storage is None:  # LFS files live on another host (a signed-URL CDN), as on the Hub
+            self._storage = serve(LfsStorageHandler, state=self, faults=self.faults)
+
+    def stop(self) -> None:
+        if self._storage is not None:
+            self._storage.stop()
+            self._storage = None
+        super().stop()
+
     # ---- catalogue management ----------------------------------------------------------------------
     def _files(self, repo: Repo, config: dict[str, Any], chat_template: str | None, rev_no: int
                ) -> tuple[dict[str, bytes], dict[str, int]]:
         weight_bytes = sum(n * DTYPE_BYTES.get(dt, 2) for dt, n in repo.params.items())
-        shards = max(1, -(-weight_bytes // SHARD_BYTES))
+        shards = max(1, -(-weight_bytes // repo.shard_bytes))
         lfs = {}
         if shards == 1:
             lfs["model.safetensors"] = weight_bytes
         else:
             for i in range(shards):
-                size = min(SHARD_BYTES, weight_bytes - i * SHARD_BYTES)
+                size = min(repo.shard_bytes, weight_bytes - i * repo.shard_bytes)
                 lfs[f"model-{i + 1:05d}-of-{shards:05d}.safetensors"] = size
         tok_cfg: dict[str, Any] = {"add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
                                    "model_max_length": _max_len(config) or 4096,
@@ -400,14 +420,16 @@ class Hub(Emulator):
                   private: bool = False, pipeline_tag: str | None = "text-generation",
                   config: dict[str, Any] | None = None, chat_template: str | None = None,
                   tags: list[str] | None = None, license: str = "apache-2.0",  # noqa: A002 - the Hub's field
-                  base_model: str | None = None) -> str:
-        """Add (or replace) a repo with one commit on ``main``; returns that commit's sha."""
+                  base_model: str | None = None, shard_bytes: int = SHARD_BYTES) -> str:
+        """Add (or replace) a repo with one commit on ``main``; returns that commit's sha. A small model
+        (``params`` x dtype bytes up to ``DOWNLOADABLE_LFS_BYTES`` a shard) has downloadable weights;
+        ``shard_bytes`` splits them as ``save_pretrained(max_shard_size=...)`` does."""
         if gated not in (False, "auto", "manual", True):
             raise ValueError("gated must be False, 'auto' or 'manual'")
         by_dtype = {"BF16": params} if isinstance(params, int) else dict(params)
         repo = Repo(id=repo_id, params=by_dtype, gated="manual" if gated is True else gated, private=private,
                     pipeline_tag=pipeline_tag, tags=list(tags or ["transformers", "safetensors"]), license=license,
-                    base_model=base_model, created=time.time())
+                    base_model=base_model, created=time.time(), shard_bytes=shard_bytes)
         cfg = config if config is not None else _llama_cfg(torch_dtype="bfloat16")
         files, lfs = self._files(repo, cfg, chat_template, 0)
         sha = _sha(repo_id, "added", time.time_ns())
@@ -494,6 +516,28 @@ class Hub(Emulator):
     def file(self, repo_id: str, path: str, revision: str | None = "main") -> bytes:
         with self._lock:
             return self._repo(repo_id).commit(self.resolve(repo_id, revision)).files[path]
+
+    def lfs_bytes(self, repo_id: str, path: str, size: int) -> bytes | None:
+        """A weight file's bytes (the same for every revision that keeps it), or None when it is too big to
+        serve: a 1 MiB pseudo-random block from the repo and path, repeated."""
+        if size > DOWNLOADABLE_LFS_BYTES:
+            return None
+        import random
+
+        block = random.Random(f"{repo_id}:{path}").randbytes(min(size, 2**20))
+        return (block * (size // max(len(block), 1) + 1))[:size]
+
+    def lfs_oid(self, repo_id: str, path: str, size: int) -> str:
+        """The file's LFS oid: the sha256 of its bytes (a placeholder for a file too big to serve)."""
+        key = (repo_id, path, size)
+        with self._lock:
+            cached = self._oids.get(key)
+        if cached is None:
+            data = self.lfs_bytes(repo_id, path, size)
+            cached = hashlib.sha256(data if data is not None else f"{repo_id}:{path}".encode()).hexdigest()
+            with self._lock:
+                self._oids[key] = cached
+        return cached
 
     def config(self, repo_id: str, revision: str | None = "main") -> dict[str, Any]:
         return json.loads(self.file(repo_id, "config.json", revision))
@@ -707,7 +751,7 @@ def _tree(h: HubHandler, repo: str, rev: str, path: str | None = None):
                 out.append({"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": p})
         for p, size in sorted(commit.lfs.items()):
             if p.startswith(prefix):
-                oid = hashlib.sha256(f"{r.id}:{p}".encode()).hexdigest()
+                oid = h.hub.lfs_oid(r.id, p, size)
                 out.append({"type": "file", "oid": _sha(r.id, p), "size": size, "path": p,
                             "lfs": {"oid": oid, "size": size, "pointerSize": 135}})
         if prefix and not out:
@@ -750,9 +794,19 @@ def _resolve(h: HubHandler, repo: str, rev: str, path: str):
         h.hub.check_gated(r, user)
         commit = h.hub.resolve_http(r, revision)
         data = commit.files.get(filename)
+        size = commit.lfs.get(filename)
+        if data is None and size is not None and size <= DOWNLOADABLE_LFS_BYTES:
+            # an LFS file: the Hub answers 302 to its storage (a signed URL), naming the file's sha256 and size
+            oid = h.hub.lfs_oid(r.id, filename, size)
+            h.body_bytes()
+            h.send_text(302, b"", headers={
+                "Location": f"{h.hub._storage.url}/sandbox-lfs/{quote(r.id, safe='')}/{quote(filename, safe='')}/{size}/{oid}",
+                "X-Repo-Commit": commit.sha, "X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(size),
+                "ETag": f'"{oid}"'})
+            return None
         if data is None:
-            msg = (f"Weight files are not downloadable from the sandbox Hub: {filename}" if filename in commit.lfs
-                   else "Entry not found")
+            msg = (f"Weight files over {DOWNLOADABLE_LFS_BYTES >> 20} MiB are not downloadable from the sandbox "
+                   f"Hub: {filename}" if filename in commit.lfs else "Entry not found")
             raise HttpError(404, msg, headers={"X-Error-Code": "EntryNotFound", "X-Error-Message": msg})
     ctype = "application/json; charset=utf-8" if filename.endswith(".json") else "text/plain; charset=utf-8"
     h.send_text(200, data, content_type=ctype, headers={
@@ -763,4 +817,33 @@ def _resolve(h: HubHandler, repo: str, rev: str, path: str):
                                f'filename="{filename.rsplit("/", 1)[-1]}";',
         "Cache-Control": "public, max-age=0",
     })
+    return None
+
+
+class LfsStorageHandler(JsonHandler):
+    """The host the Hub redirects LFS downloads to (fault service ``"hub"`` too)."""
+
+    service = "hub"
+    routes: list = []
+
+    @property
+    def hub(self) -> Hub:
+        return self.server.state
+
+
+@route(LfsStorageHandler.routes, "GET", r"/sandbox-lfs/(?P<repo>[^/]+)/(?P<path>[^/]+)/(?P<size>\d+)/(?P<oid>[0-9a-f]{64})")
+def _lfs_storage(h: LfsStorageHandler, repo: str, path: str, size: str, oid: str):
+    """Where the Hub's 302 points (its storage behind a signed URL: no token needed); ``Range`` as a CDN does."""
+    repo_id, filename = unquote(repo), unquote(path)
+    data = h.hub.lfs_bytes(repo_id, filename, int(size))
+    if data is None or h.hub.lfs_oid(repo_id, filename, int(size)) != oid:
+        raise HttpError(404, "Not Found")
+    status, headers = 200, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}
+    m = re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range") or "")
+    if m and int(m.group(1)) < len(data):
+        first = int(m.group(1))
+        last = min(int(m.group(2)) if m.group(2) else len(data) - 1, len(data) - 1)
+        headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+        data, status = data[first:last + 1], 206
+    h.send_text(status, data, content_type="application/octet-stream", headers=headers)
     return None
