@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from prefect import get_run_logger
@@ -53,20 +54,39 @@ class RollbackFailed(FleetError):
 ROLLED_BACK_TO = "llm_fleet_rolled_back_to"  # set on the step's exception once the rollback succeeded
 
 
+# True while a release's steps run: whatever fails there is rolled back (the run's one ERROR line names it)
+# or its rollback fails (RollbackFailed, at ERROR with both causes), so no failing task needs its own line.
+_IN_STEPS: ContextVar[bool] = ContextVar("llm_fleet_in_release_steps", default=False)
+
+
 class _RolledBackAtDebug(logging.Filter):
     """Prefect's engine logs the exception of every failed run with its traceback at ERROR ("Engine execution
-    exited with unexpected exception"); after an automatic rollback the run's one ERROR line already said
-    what happened, so that traceback goes to DEBUG."""
+    exited with unexpected exception"), and of every failed task ("Task run failed with exception: …", then
+    "Finished in state Failed(…)"); after an automatic rollback the run's one ERROR line already said what
+    happened. So the flow run's traceback of a rolled-back exception goes to DEBUG, and while a release's
+    steps run a task's traceback goes to DEBUG and its one-line "Finished in state Failed" to INFO."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and getattr(exc, ROLLED_BACK_TO, None):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        elif record.name == "prefect.task_runs" and record.levelno >= logging.ERROR and _IN_STEPS.get():
+            record.levelno, record.levelname = (logging.DEBUG, "DEBUG") if exc is not None else (logging.INFO, "INFO")
         return True
 
 
-if not any(isinstance(f, _RolledBackAtDebug) for f in logging.getLogger("prefect.flow_runs").filters):
-    logging.getLogger("prefect.flow_runs").addFilter(_RolledBackAtDebug())
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    if not any(isinstance(f, _RolledBackAtDebug) for f in logging.getLogger(_name).filters):
+        logging.getLogger(_name).addFilter(_RolledBackAtDebug())
+
+
+@contextlib.contextmanager
+def _release_steps() -> Any:
+    token = _IN_STEPS.set(True)
+    try:
+        yield
+    finally:
+        _IN_STEPS.reset(token)
 
 
 def rolled_back(exc: BaseException, report: Report) -> Any:
@@ -96,12 +116,13 @@ def run_release(t: Prepared, report: Report, observed: Observed, plan: ReleasePl
         get_run_logger().info("plan: %s — %s", row["step"], row["detail"])
     report.table_artifact(artifact_key("release", t.spec.name, "plan"), plan.table(), "Release plan")
     try:
-        for name in plan.steps:
-            if name == "scale_down":
-                continue  # after the lock, see finish_retire
-            title, fn = strategy.steps[name]
-            with report.step(title) as step:
-                step.detail = fn(r)
+        with _release_steps():
+            for name in plan.steps:
+                if name == "scale_down":
+                    continue  # after the lock, see finish_retire
+                title, fn = strategy.steps[name]
+                with report.step(title) as step:
+                    step.detail = fn(r)
     except Exception as exc:
         try:
             strategy.roll_back(r, exc)

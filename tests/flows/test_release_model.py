@@ -278,7 +278,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("case", "behavior", "cause"), BAD, ids=[b[0] for b in BAD])
-def test_bad_candidate_is_rolled_back_and_live_untouched(served, sandbox, sbc, case, behavior, cause):
+def test_bad_candidate_is_rolled_back_and_live_untouched(served, sandbox, sbc, case, behavior, cause, caplog):
     # The release policy's default latency comparison with the live color is on (the "slower" case needs it).
     spec = dict(served, release=dict(FAST_RELEASE, pre_promotion={"requests": 6, "concurrency": 3}))
     stable = live(spec)
@@ -287,9 +287,13 @@ def test_bad_candidate_is_rolled_back_and_live_untouched(served, sandbox, sbc, c
     stable_rev = deployment(spec, stable).metadata.annotations["llm-fleet.dev/model-revision"]
     sbc.add_behavior(labels={COLOR: candidate, "app.kubernetes.io/instance": spec["name"]}, **behavior)
     sha = sandbox.hub.push_revision(MODEL, title=f"bad: {case}")
-    with ServiceWatch(spec) as watch, Load(spec) as load, pytest.raises(Exception) as err:
+    with caplog.at_level("INFO"), ServiceWatch(spec) as watch, Load(spec) as load, \
+            pytest.raises(Exception) as err:
         release(spec, revision=sha)
     assert re.search(cause, str(err.value)), err.value
+    # one ERROR line, the rollback's, naming the cause (the failing task's and the run's tracebacks at DEBUG)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("prefect")]
+    assert len(errors) == 1 and "rolled back automatically" in errors[0] and re.search(cause, errors[0]), errors
     assert live(spec) == stable
     assert pod_uids(spec, stable) == stable_pods  # the live pods were never touched
     assert deployment(spec, stable).metadata.annotations["llm-fleet.dev/model-revision"] == stable_rev

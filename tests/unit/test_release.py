@@ -265,3 +265,41 @@ def test_prefects_traceback_of_a_rolled_back_run_is_kept_at_debug():
     finally:
         log.removeHandler(handler)
     assert len(seen) == 1 and not getattr(seen[0].exc_info[1], ROLLED_BACK_TO, None)  # only the plain failure
+
+
+def test_a_failing_tasks_traceback_inside_a_release_s_steps_is_kept_at_debug():
+    """Prefect's task engine logs a failed task ("Task run failed with exception: …") at ERROR with its
+    traceback; inside a release's steps the failure is rolled back (one ERROR line names it) or the rollback
+    fails (RollbackFailed, ERROR): the task's traceback goes to DEBUG, its "Finished in state Failed" line to
+    INFO. Outside the steps both stay ERROR."""
+    import contextlib
+    import logging
+
+    from targets.gke.strategy import _release_steps
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    log = logging.getLogger("prefect.task_runs")
+    handler = Keep(level=logging.INFO)
+    log.addHandler(handler)
+    try:
+        for inside in (True, False):
+            try:
+                raise RuntimeError(f"candidate crashed ({inside})")
+            except RuntimeError as exc:
+                with _release_steps() if inside else contextlib.nullcontext():
+                    log.error("Task run failed with exception: %r - Retries are exhausted", exc, exc_info=True)
+                    log.error("Finished in state Failed('Task run encountered an exception %r')", exc)
+    finally:
+        log.removeHandler(handler)
+    assert [(r.levelname, r.getMessage()) for r in seen] == [
+        ("INFO", "Finished in state Failed('Task run encountered an exception RuntimeError('candidate crashed "
+                 "(True)')')"),
+        ("ERROR", "Task run failed with exception: RuntimeError('candidate crashed (False)') - Retries are "
+                  "exhausted"),
+        ("ERROR", "Finished in state Failed('Task run encountered an exception RuntimeError('candidate crashed "
+                  "(False)')')")]
