@@ -11,6 +11,7 @@ weights carry the traffic split (blue-green = 0/100, a canary steps through its 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from manifests import names
@@ -65,6 +66,46 @@ def weights(live: Color, candidate_weight: int) -> dict[Color, int]:
     return {names.other(live): candidate_weight, live: 100 - candidate_weight}
 
 
+GENERATION_TIMEOUT_S = 300  # generations stream for minutes; GKE's default backend timeout is 30 s
+
+
+def pool_backends(spec: DeploymentSpec, split: dict[Color, int]) -> list[Obj]:
+    """The route's backends while the model serves: one InferencePool per color, weighted."""
+    return [{"group": IE_GROUP, "kind": "InferencePool", "name": pool_name(spec, c), "weight": split.get(c, 0)}
+            for c in COLORS]
+
+
+def held_backends(spec: DeploymentSpec) -> list[Obj]:
+    """The route's backend while the model is parked: its live Service, which then selects the hold proxy
+    (a core ``Service`` backendRef needs its port). The pools have no pods to pick from while parked: through
+    them a request would get the endpoint picker's 503 instead of being held and waking the model."""
+    return [{"group": "", "kind": "Service", "name": names.service(spec), "port": spec.expose.port, "weight": 1}]
+
+
+def request_timeout(spec: DeploymentSpec, *, held: bool) -> str:
+    """The rule's request timeout: a held request waits up to hold.timeout for the wake, then generates."""
+    wait = spec.hold.timeout.total_seconds() if held else 0
+    return f"{int(wait + GENERATION_TIMEOUT_S)}s"
+
+
+def is_held(route: Obj, spec: DeploymentSpec) -> bool:
+    """Whether the route (as the cluster holds it) sends the model's traffic to the hold proxy."""
+    rules = (route.get("spec") or {}).get("rules") or [{}]
+    return [(r.get("kind"), r.get("name")) for r in rules[0].get("backendRefs") or []] == \
+        [(b["kind"], b["name"]) for b in held_backends(spec)]
+
+
+def with_backends(route: Obj, spec: DeploymentSpec, backends: list[Obj], *, held: bool) -> Obj:
+    """``route`` (as read: its resourceVersion kept for the checked update) with the model rule's backends
+    and request timeout replaced (park: to the hold proxy; wake: back to the pools)."""
+    out = copy.deepcopy(route)
+    rule = out["spec"]["rules"][0]
+    rule["backendRefs"] = copy.deepcopy(backends)
+    rule["timeouts"] = {**(rule.get("timeouts") or {}), "request": request_timeout(spec, held=held)}
+    out.get("metadata", {}).pop("managedFields", None)
+    return out
+
+
 def http_route(spec: DeploymentSpec, split: dict[Color, int]) -> Obj:
     gw = spec.expose.gateway
     assert gw is not None
@@ -72,10 +113,8 @@ def http_route(spec: DeploymentSpec, split: dict[Color, int]) -> Obj:
         "parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway_name(spec)}],
         "rules": [{"matches": [{"headers": [{"type": "Exact", "name": MODEL_HEADER, "value": spec.model.id}],
                                 "path": {"type": "PathPrefix", "value": "/"}}],
-                   "backendRefs": [{"group": IE_GROUP, "kind": "InferencePool", "name": pool_name(spec, c),
-                                    "weight": split.get(c, 0)} for c in COLORS],
-                   # generations stream for minutes; GKE's default backend timeout is 30 s
-                   "timeouts": {"request": "300s"}}]}
+                   "backendRefs": pool_backends(spec, split),
+                   "timeouts": {"request": request_timeout(spec, held=False)}}]}
     if gw.host:
         route["hostnames"] = [gw.host]
     return {"apiVersion": GW_API, "kind": "HTTPRoute", "metadata": _meta(spec, route_name(spec)), "spec": route}

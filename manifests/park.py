@@ -94,6 +94,9 @@ class ParkRecord:
     # What park changed on the pool: "min" (autoscaling minimum → 0), "size" (→ 0). Wake undoes exactly
     # these. None: a record from before pools could be shared, whose park always did both.
     pool_changed: tuple[str, ...] | None = None
+    # expose.gateway: the HTTPRoute's backend weights (pool -> weight) before park moved it to the hold
+    # proxy; wake puts exactly these back. None: no Gateway (or a record from before Gateways were held).
+    route: dict[str, int] | None = None
 
     def to_annotation(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

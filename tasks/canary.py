@@ -54,6 +54,26 @@ def set_weights(api: client.ApiClient, spec: DeploymentSpec, split: dict[Color, 
     raise AssertionError("unreachable")
 
 
+def set_backends(api: client.ApiClient, spec: DeploymentSpec, backends: list[Obj], *, held: bool,
+                 attempts: int = 5) -> tuple[Obj, bool]:
+    """Replace the model rule's backends (park: the hold proxy's Service; wake: the pools as they were) with
+    one update guarded by the resourceVersion just read, as set_weights. Returns (the route as stored,
+    whether it was written): a rerun finds it done and writes nothing."""
+    custom = client.CustomObjectsApi(api)
+    for attempt in range(attempts):
+        route = read_route(api, spec)
+        want = gateway.with_backends(route, spec, backends, held=held)
+        if want["spec"]["rules"] == route["spec"]["rules"]:
+            return route, False
+        try:
+            return custom.replace_namespaced_custom_object(GROUP, VERSION, spec.namespace, "httproutes",
+                                                           gateway.route_name(spec), want), True
+        except ApiException as exc:
+            if exc.status != 409 or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def gmp_query_fn(base_url: str, project: str, *, token: Callable[[], str] | None = None,
                  http: httpx.Client | None = None) -> QueryFn:
     """PromQL at ``base_url``/v1/projects/PROJECT/location/global/prometheus/api/v1/query (GMP's API; on GCP

@@ -3,7 +3,8 @@
 park_model
 1. Take the model's lock (the one releases take: never a park mid-release)
 2. Record what park changes, on the live Service (color, replicas, GPU pool settings)
-3. Put the hold proxy in front: the live Service selects it while parked
+3. Put the hold proxy in front: the live Service selects it while parked (on a Gateway, the HTTPRoute's
+   backend moves from the InferencePools to that Service: the pools have no pods to pick while parked)
 4. Scale the model to 0 and wait until none of its GPU pods remains
 5. GPU node pool to 0 unless another model still needs it (Standard; shared: the autoscaling minimum
    to 0 only, the cluster autoscaler removes what this model left; Autopilot: the nodes go with the pods)
@@ -24,7 +25,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from manifests import names
+from manifests import gateway, names
 from manifests import park as P
 from manifests.errors import FleetError
 from manifests.fleet import bundled_specs
@@ -188,6 +189,30 @@ def under_model_lock(flow_name: str, spec: Any, reason: str, body: Callable[[Run
         report.markdown_artifact(artifact_key(verb, spec.name))
 
 
+def _route_weights(spec: DeploymentSpec, kubeconfig: str) -> dict[str, int] | None:
+    """The HTTPRoute's pool weights as the cluster holds them (expose.gateway), for the park record."""
+    if spec.expose.gateway is None:
+        return None
+    from manifests import canary
+    from tasks import canary as canary_tasks
+
+    route = canary_tasks.read_route(canary_tasks.kube_api(kubeconfig), spec)
+    return None if gateway.is_held(route, spec) else canary.route_weights(route)
+
+
+def hold_route(spec: DeploymentSpec, kubeconfig: str, *, held: bool,
+                weights: dict[str, int] | None = None) -> bool:
+    """The Gateway's route to the hold proxy's Service (``held``) or back to the pools with ``weights`` (pool
+    -> weight as park recorded them); one checked update, nothing when already so. Returns whether it wrote."""
+    from tasks import canary as canary_tasks
+
+    backends = gateway.held_backends(spec) if held else [
+        {"group": gateway.IE_GROUP, "kind": "InferencePool", "name": name, "weight": w}
+        for name, w in (weights or {}).items()]
+    _, wrote = canary_tasks.set_backends(canary_tasks.kube_api(kubeconfig), spec, backends, held=held)
+    return wrote
+
+
 def _annotate_record(run: Run, record: P.ParkRecord) -> None:
     k8s.annotate(kubeconfig=run.kubeconfig, api_version="v1", kind="Service", name=names.service(run.spec),
                  namespace=run.spec.namespace, annotations={P.PARK_RECORD: record.to_annotation(), P.ACTIVITY: None})
@@ -210,7 +235,7 @@ def park(run: Run) -> dict[str, Any]:
             record = P.ParkRecord(color=color, replicas=replicas, selector=dict(svc["spec"]["selector"]),
                                   parked_at=datetime.now(UTC).isoformat(),
                                   pool=read_pool(spec, kubeconfig, run.location), held=spec.hold.enabled,
-                                  pool_changed=())
+                                  pool_changed=(), route=_route_weights(spec, kubeconfig))
             _annotate_record(run, record)
             changed.append("recorded")
             step.detail = (f"{record.color} × {record.replicas}" +
@@ -236,15 +261,24 @@ def park(run: Run) -> dict[str, Any]:
             k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace, name=P.hold_deployment_name(spec),
                              timeout_s=max(60.0, load_timeout_s(spec, None)))
             live = (live_service(spec, kubeconfig)["spec"].get("selector") or {})
+            moved = False
             if live != P.hold_selector(spec):
                 k8s.patch_service_selector(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.service(spec),
                                            selector=P.hold_selector(spec), expect=record.selector)
                 changed.append("held")
+                moved = True
+            # A Gateway routes to the pools, not the Service: its route follows, to the Service (which now
+            # selects the proxy) — outside the branch above, so a rerun after a crash between the two moves it.
+            if spec.expose.gateway is not None and hold_route(spec, kubeconfig, held=True):
+                changed.append("route held")
+                moved = True
+            if moved:
                 # Settle before the model's pods go, as a release does before it retires a color: every
-                # node's kube-proxy still routes new requests to them for a while after the selector
-                # change, and the generations in flight there must finish.
+                # node's kube-proxy (and the Gateway's proxies) still route new requests to them for a
+                # while after the change, and the generations in flight there must finish.
                 time.sleep(scaled(spec.release.scale_down_delay.total_seconds()))
-            step.detail = f"{P.hold_deployment_name(spec)} {applied.action}; {names.service(spec)} → hold proxy"
+            step.detail = (f"{P.hold_deployment_name(spec)} {applied.action}; {names.service(spec)} → hold proxy" +
+                           (f"; HTTPRoute {spec.name} → Service {names.service(spec)}" if spec.expose.gateway else ""))
     else:
         report.skip("Put the hold proxy in front of the model", "hold.enabled is false: requests get 503 while parked")
 

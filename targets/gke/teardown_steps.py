@@ -18,7 +18,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from manifests import names, playground
+from manifests import gateway, names, playground
 from manifests.errors import FleetError
 from manifests.fleet import SpecPath
 from manifests.render import ADMIN_KINDS
@@ -176,6 +176,8 @@ def _admin_rbac(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
     wanted = [("RoleBinding", names.OPERATOR_ACCOUNT, ns), ("Role", names.OPERATOR_ACCOUNT, ns)]
     if spec.expose.playground:
         wanted += [("RoleBinding", playground.ACCOUNT, ns), ("Role", playground.ACCOUNT, ns)]
+    if spec.expose.gateway:  # each endpoint picker's grant: the model's own, never shared
+        wanted += [(kind, gateway.epp_name(spec, c), ns) for c in names.COLORS for kind in ("RoleBinding", "Role")]
     wanted += [(kind, names.operator_cluster_rbac(ns), None) for kind in CLUSTER_RBAC]
     out = []
     for kind, name, namespace in wanted:
@@ -225,6 +227,11 @@ def remove_namespaced(spec: DeploymentSpec, *, kubeconfig: str, dry_run: bool) -
     # relists when the server ends it, so an early end of the stream is not taken for "still there").
     k8s.wait_pods_gone(kubeconfig=kubeconfig, namespace=spec.namespace, selector={INSTANCE: spec.name},
                        timeout_s=120)
+    # The endpoint pickers' pods carry only their chart's label (app=<picker>), not the spec's: waited for
+    # by it, past their 130 s termination grace.
+    for color in names.COLORS if spec.expose.gateway else ():
+        k8s.wait_pods_gone(kubeconfig=kubeconfig, namespace=spec.namespace,
+                           selector={"app": gateway.epp_name(spec, color)}, timeout_s=180)
     return items
 
 

@@ -5,7 +5,8 @@ wake_model
 2. Restore what park changed on the GPU pool, then the replicas
 3. Wait until the model answers (rollout, endpoints, engine) and passes the smoke prompts
    then the wake phase by phase: node, image, weights, engine, smoke (the kubelet's and engine's words)
-4. Point the live Service back at the model; record the wake time (prewarm uses its p95)
+4. Point the live Service (and a Gateway's HTTPRoute, to the pools as park found them) back at the model;
+   record the wake time (prewarm uses its p95)
 5. Scale the hold proxy to 0 once the switch has settled (the next park scales it up again)
 """
 
@@ -16,13 +17,13 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from manifests import names
+from manifests import gateway, names
 from manifests import park as P
 from manifests import wake as W
 from manifests.errors import FleetError
 from manifests.wake import WakePhases
 from targets.gke.capacity import capacity_for
-from targets.gke.park_steps import Run, apply_pool, live_service, read_pool
+from targets.gke.park_steps import Run, apply_pool, hold_route, live_service, read_pool
 from targets.gke.serving import load_timeout_s, scaled, smoke, wait_until_answering
 from tasks import k8s, schedules
 from tasks.report import artifact_key
@@ -66,6 +67,12 @@ def wake(run: Run) -> dict[str, Any]:
                                 smoke_s=time.monotonic() - ready_at)
         step.detail = phases.line() + " (cloud clock)" if get_settings().time_scale != 1.0 else phases.line()
     with report.step("Point the live Service back at the model") as step:
+        routed = ""
+        if spec.expose.gateway is not None:  # the Gateway's route back to the pools, as park found it
+            weights = record.route or {gateway.pool_name(spec, c): w
+                                       for c, w in gateway.weights(record.color, 0).items()}
+            hold_route(spec, kubeconfig, held=False, weights=weights)
+            routed = f"; HTTPRoute {spec.name} → " + ", ".join(f"{n} {w}" for n, w in sorted(weights.items()))
         live = live_service(spec, kubeconfig)["spec"].get("selector") or {}
         if live != record.selector:
             k8s.patch_service_selector(kubeconfig=kubeconfig, namespace=spec.namespace, name=names.service(spec),
@@ -74,7 +81,7 @@ def wake(run: Run) -> dict[str, Any]:
         cloud_s = took / (get_settings().time_scale or 1.0)
         k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
                      namespace=spec.namespace, annotations={P.PARK_RECORD: None, P.ACTIVITY: None})
-        step.detail = f"{names.service(spec)} → {record.color}"
+        step.detail = f"{names.service(spec)} → {record.color}{routed}"
     way.report_placement(spec, kubeconfig=kubeconfig, color=record.color, report=report,
                          key=artifact_key("wake", spec.name))
     _retire_hold_proxy(run, settle_s=scaled(spec.release.scale_down_delay.total_seconds()))

@@ -22,7 +22,8 @@ LONG = " ".join(["Summarise the following log line carefully please."] * 40)
 
 
 def _spec() -> dict:
-    spec = spec_dict("qwen2.5-7b-sglang.yaml", name="qwen-gw")
+    # the hold proxy as the sandbox runs the product's image (a parked model's requests are held)
+    spec = spec_dict("qwen2.5-7b-sglang.yaml", name="qwen-gw", hold__image="local/llm-fleet", hold__timeout=60)
     spec["engine"] = {"kind": "vllm"}
     spec["accelerator"] = {"type": "nvidia-l4", "pool": {"max_nodes": 3, "min_nodes": 0, "initial_nodes": 1}}
     spec["expose"] = {"gateway": {"class": "gke-l7-regional-external-managed"}}
@@ -112,7 +113,72 @@ def gw_served(sandbox):
     while gateway_url(gw) is None and time.monotonic() < deadline:
         time.sleep(0.1)
         gw = _custom(spec).get_namespaced_custom_object(GW, "v1", "default", "gateways", f"{spec['name']}-gateway")
-    return spec, gateway_url(gw)
+    yield spec, gateway_url(gw)
+    _teardown_leaves_nothing(spec, kube)
+
+
+def _teardown_leaves_nothing(spec: dict, kube) -> None:
+    """teardown of the Gateway model: the flow verifies by label, and the sandbox's own store has nothing of
+    the spec left either (a pod without the instance label, e.g. an endpoint picker's, included)."""
+    from flows.teardown import teardown
+    from sandbox.kube import resources as res
+
+    teardown(spec=spec)
+    name, left = spec["name"], []
+    for rtype in res.BY_KEY.values():
+        if not rtype.namespaced or rtype.kind == "Event":  # events stay their hour, as on any cluster
+            continue
+        for obj in kube.store.list(rtype, "default")[0]:
+            meta = obj["metadata"]
+            if (meta["name"].startswith(name) or (meta.get("labels") or {}).get("app.kubernetes.io/instance") == name) \
+                    and not meta.get("deletionTimestamp"):
+                left.append(f"{rtype.kind}/{meta['name']}")
+    assert left == [], left
+
+
+def _route(spec: dict) -> dict:
+    return _custom(spec).get_namespaced_custom_object(GW, "v1", "default", "httproutes", spec["name"])
+
+
+def test_a_request_to_the_parked_model_through_the_gateway_is_held_and_answered_after_the_wake(gw_served, sandbox):
+    """park moves the HTTPRoute's backend to the live Service (which selects the hold proxy while parked), a
+    request through the Gateway's address is held (the proxy asks for a wake) and answered once, after the
+    wake puts the route back on the pools exactly as park found them."""
+    from flows.park import park_model, wake_model
+    from manifests.spec import parse_spec
+    from tests.flows.test_park import wake_events
+
+    spec, url = gw_served
+    before = _route(spec)["spec"]["rules"][0]["backendRefs"]
+    assert [r["kind"] for r in before] == ["InferencePool", "InferencePool"]
+    park_model(spec=spec)
+    rule = _route(spec)["spec"]["rules"][0]
+    port = parse_spec(spec).expose.port  # the live Service's, which selects the hold proxy while parked
+    assert rule["backendRefs"] == [{"group": "", "kind": "Service", "name": spec["name"], "port": port, "weight": 1}]
+    assert rule["timeouts"]["request"] == "360s"  # hold.timeout + the generation's 300 s
+    seen = {e["id"] for e in wake_events(spec)}
+    answer: dict = {}
+
+    def ask() -> None:
+        answer["resp"] = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "Qwen/Qwen2.5-7B-Instruct", "prompt": "Hello", "max_tokens": 4})
+
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not [e for e in wake_events(spec) if e["id"] not in seen]:
+        assert time.monotonic() < deadline, "no wake event: the request through the Gateway was not held"
+        time.sleep(0.2)
+    assert t.is_alive()  # held, not answered with the endpoint picker's 503
+    woke = wake_model(spec=spec, reason="event")
+    t.join(90)
+    assert answer["resp"].status_code == 200, answer["resp"].text
+    assert answer["resp"].json()["choices"][0]["text"].strip()
+    assert woke["woken"]
+    assert _route(spec)["spec"]["rules"][0]["backendRefs"] == before  # the pools, weights as park found them
+    assert _route(spec)["spec"]["rules"][0]["timeouts"]["request"] == "300s"
+    assert httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": "Qwen/Qwen2.5-7B-Instruct", "prompt": "Hi", "max_tokens": 4}).status_code == 200
 
 
 def test_canary_release_promotes_a_good_candidate_under_load(gw_served, sandbox):

@@ -354,6 +354,27 @@ def test_crash_loop_backoff(kube, core, apps, mode, code, reason):
     assert any(r == "BackOff" for r, _ in events_for(core, p.metadata.name))
 
 
+def test_a_pod_created_for_a_replicaset_being_deleted_is_garbage_collected(kube, core, apps):
+    """The ReplicaSet controller can start a pod for a ReplicaSet the API server removes a moment later
+    (a teardown deleting the Deployment while a pod is replaced): the garbage collector deletes a dependent
+    whose owner is gone. Before, the sandbox left that pod running for ever (a Gateway teardown's verify
+    found one model pod left)."""
+    gpu_node(kube, "n1", gpus=2)
+    apps.create_namespaced_deployment("default", gpu_deployment("m", replicas=1))
+    wait_for(lambda: any(ready(p) for p in pods(core, selector="app=m")))
+    rs = apps.list_namespaced_replica_set("default").items[0]
+    template = rs.spec.template
+    apps.delete_namespaced_deployment("m", "default", propagation_policy="Foreground")
+    wait_for(lambda: not apps.list_namespaced_replica_set("default").items)
+    # the racing sync's pod: created after its ReplicaSet was removed, owned by it
+    core.create_namespaced_pod("default", {
+        "metadata": {"name": "late", "labels": template.metadata.labels, "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs.metadata.name, "uid": rs.metadata.uid,
+            "controller": True, "blockOwnerDeletion": True}]},
+        "spec": client.ApiClient().sanitize_for_serialization(template.spec)})
+    wait_for(lambda: not pods(core, selector="app=m"), timeout=10)
+
+
 def test_logs_and_pod_delete(kube, core, apps, runtime):
     gpu_node(kube, "n1")
     core.create_namespaced_pod("default", {"metadata": {"name": "solo", "labels": {"app": "solo"}}, "spec": {

@@ -42,6 +42,26 @@ def test_rendered_gateway_objects_validate_against_the_upstream_crds():
         assert validate_object(schema, apply_defaults(schema, yaml.safe_load(yaml.safe_dump(obj)))) == [], obj["kind"]
 
 
+def test_a_parked_models_route_goes_to_its_live_service_valid_and_back_exactly():
+    """park: the route's one backend is the live Service (the hold proxy's while parked) with its port and a
+    timeout long enough to hold and then generate; wake: the pools and weights exactly as before. Both
+    forms validate against the vendored HTTPRoute schema."""
+    spec = parse_spec(SPEC)
+    schema = _schemas()[("gateway.networking.k8s.io/v1", "HTTPRoute")]
+    route = gateway.http_route(spec, gateway.weights("green", 0))
+    assert not gateway.is_held(route, spec)
+    held = gateway.with_backends(route, spec, gateway.held_backends(spec), held=True)
+    rule = held["spec"]["rules"][0]
+    assert rule["backendRefs"] == [{"group": "", "kind": "Service", "name": "mistral", "port": spec.expose.port,
+                                    "weight": 1}]
+    assert rule["timeouts"]["request"] == f"{int(spec.hold.timeout.total_seconds()) + 300}s"
+    assert rule["matches"] == route["spec"]["rules"][0]["matches"] and gateway.is_held(held, spec)
+    back = gateway.with_backends(held, spec, route["spec"]["rules"][0]["backendRefs"], held=False)
+    assert back == route
+    for obj in (held, back):
+        assert validate_object(schema, apply_defaults(schema, yaml.safe_load(yaml.safe_dump(obj)))) == []
+
+
 def test_the_schema_check_catches_a_broken_object():
     schema = _schemas()[("inference.networking.k8s.io/v1", "InferencePool")]
     pool = gateway.inference_pool(parse_spec(SPEC), "blue")

@@ -60,6 +60,8 @@ class DeploymentController(ControllerBase):
         d = self.store.get(DEPLOYS, ns, name)
         if d is None or d["metadata"].get("deletionTimestamp"):
             self._progress.pop((ns, name), None)
+            if d is None:  # a ReplicaSet created while its Deployment was being deleted goes too (GC)
+                self.collect_dangling(RSS, ns, "Deployment", name)
             return
         spec = d["spec"]
         replicas = int(spec.get("replicas", 1))

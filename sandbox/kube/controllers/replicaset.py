@@ -24,6 +24,7 @@ class ReplicaSetController(ControllerBase):
     def sync_replicaset(self, ns: str, name: str) -> None:
         rs = self.store.get(RSS, ns, name)
         if rs is None:
+            self.collect_dangling(PODS, ns, "ReplicaSet", name)
             return
         uid = rs["metadata"]["uid"]
         pods = self._pods_of(ns, uid)
@@ -74,6 +75,21 @@ class ReplicaSetController(ControllerBase):
             return obj
 
         self.store.mutate(RSS, ns, name, fn)
+
+    def collect_dangling(self, t: Any, ns: str, owner_kind: str, owner_name: str) -> None:
+        """The garbage collector's rule for dangling owner references: a dependent whose controller owner is
+        gone is deleted (kubernetes.io/docs/concepts/architecture/garbage-collection/). Catches what a
+        controller created while its owner was being deleted — a pod the ReplicaSet controller started
+        for a ReplicaSet the API server removed a moment later, left running for ever before."""
+        items, _ = self.store.list(t, ns, lambda o: not o["metadata"].get("deletionTimestamp") and any(
+            r.get("controller") and r.get("kind") == owner_kind and r.get("name") == owner_name
+            for r in o["metadata"].get("ownerReferences") or []))
+        for o in items:
+            with contextlib.suppress(HttpError):
+                if t is PODS:
+                    self.delete_pod(ns, o["metadata"]["name"])
+                else:
+                    self.cluster.api.delete(t, ns, o["metadata"]["name"])
 
     def _pod_from_template(self, rs: Obj) -> Obj:
         tmpl = clone(rs["spec"]["template"])
