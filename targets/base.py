@@ -91,6 +91,10 @@ class ServingTarget:
         """Remove everything the spec created, then verify nothing labelled for it is left."""
         raise self._unsupported("teardown", "not implemented")
 
+    def mirror(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """Copy the revision's weights once to where the target's fast start reads them (resumable, idempotent)."""
+        raise self._unsupported("mirror_model", "the target reads the weights from the Hub itself")
+
     def served_revision(self, *, spec: Any) -> str | None:
         """The model commit the live deployment runs (None when nothing serves): what an event-started
         release must be newer than (targets/trust.py)."""

@@ -104,6 +104,14 @@ def cluster_manager(settings: Settings | None = None):
                                              client_options=_options(s.gke_endpoint))
 
 
+def storage_client(*, project: str, settings: Settings | None = None):
+    """google-cloud-storage's client (JSON API over requests); its uploads retry by their own policy."""
+    from google.cloud import storage
+
+    s = settings or get_settings()
+    return storage.Client(project=project, credentials=gcp_credentials(s), client_options=_options(s.storage_endpoint))
+
+
 def addresses_client(settings: Settings | None = None):
     """Compute GlobalAddressesClient: the static IPs an Ingress names (kubernetes.io/ingress.global-static-ip-name)."""
     from google.cloud import compute_v1

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     compute_endpoint: str | None = None
     # Vertex AI (None = https://REGION-aiplatform.googleapis.com) and Cloud Quotas (Vertex GPU quota).
     vertex_endpoint: str | None = None
+    # Cloud Storage's JSON API (None = https://storage.googleapis.com): mirror_model's bucket.
+    storage_endpoint: str | None = None
     cloudquotas_endpoint: str = "https://cloudquotas.googleapis.com"
     # Managed Prometheus' query API (PromQL; canary analysis): /v1/projects/P/location/global/prometheus/...
     monitoring_endpoint: str = "https://monitoring.googleapis.com"

@@ -67,6 +67,11 @@ class GKE(ServingTarget):
 
         return teardown(spec, cluster=cluster, dry_run=dry_run)
 
+    def mirror(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        from targets.gke.mirror_steps import mirror_model
+
+        return mirror_model(spec, revision=revision, dry_run=dry_run)
+
     def observe(self, *, spec: DeploymentSpec, smoke: bool, seen: dict[str, Any]) -> Check:
         from targets.gke.health_checks import check_one
 

@@ -1,0 +1,93 @@
+"""GKE mirror_model: copy a Hub revision's files once into the bucket the engine loads from
+(``startup.weights: {source: gcs, bucket: ...}``), resumable and idempotent.
+
+1. Check the spec's fields (startup.weights.source gcs, a bucket) and resolve the revision to its commit
+2. List the commit's files on the Hub (size, sha256 of each LFS file, git blob id of the others)
+3. List the mirror ``gs://BUCKET/PREFIX/ORG/NAME/COMMIT/`` and plan: a file whose object has its size and
+   checksum is done (a rerun after a kill skips it); the others are copied
+4. Copy each, streaming from the Hub into a resumable upload, checked against the Hub's checksum before
+   the last chunk and against Cloud Storage's crc32c/md5 after
+5. Verify: list the mirror again; every file there with its size and checksum
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import SecretStr
+
+from manifests import mirror
+from manifests.spec import SpecError, resolve_gke_spec, with_revision
+from tasks import hf
+from tasks.log import logger
+from tasks.report import Report, artifact_key
+from tasks.weights_mirror import CHUNK_BYTES, MirrorError, copy_file, mirrored_objects, revision_files
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def copy_revision(*, model_id: str, commit: str, token: SecretStr | None, project: str, bucket: str, prefix: str,
+                  chunk_bytes: int = CHUNK_BYTES, on_chunk: Callable[[int], None] | None = None,
+                  log: Callable[[str], None] = lambda _: None) -> tuple[mirror.MirrorPlan, list[mirror.SourceFile]]:
+    """Steps 2-4 without Prefect state (what a killed run left is read from the bucket, not remembered):
+    returns the plan it followed and the files it copied."""
+    files = revision_files(model_id=model_id, commit=commit, token=token)
+    objects = mirrored_objects(project=project, bucket=bucket, prefix=prefix)
+    plan = mirror.plan(files, objects, prefix=prefix)
+    copied = []
+    for f in plan.copy:
+        old = objects.get(prefix + f.path)
+        copy_file(model_id=model_id, commit=commit, token=token, file=f, project=project, bucket=bucket,
+                  name=prefix + f.path, replaces=old.generation if old else None, chunk_bytes=chunk_bytes,
+                  on_chunk=on_chunk)
+        copied.append(f)
+        log(f"copied {f.path} ({_mib(f.size)}, {f.checksum[:19]}…)")
+    return plan, copied
+
+
+def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """The mirror_model flow's body on GKE (see the module docstring)."""
+    spec = with_revision(resolve_gke_spec(spec, flow="mirror_model"), revision)
+    mirror.check(spec, SpecError)
+    project = spec.cluster.project
+    report = Report("mirror_model", f"{spec.model.id}@{spec.model.revision} ({spec.name})", spec.slack_channel)
+    key = artifact_key("mirror-model", spec.name)
+    try:
+        with report.step("Resolve the revision") as step:
+            token = hf.read_hf_token(block=spec.secret.prefect_block)
+            commit = hf.get_model(model_id=spec.model.id, revision=spec.model.revision, token=token).sha
+            bucket, prefix = mirror.location(spec, commit)
+            step.detail = f"{spec.model.revision} is {commit[:12]} → gs://{bucket}/{prefix}"
+        with report.step("Compare the Hub's files with the mirror") as step:
+            files = revision_files(model_id=spec.model.id, commit=commit, token=token)
+            plan = mirror.plan(files, mirrored_objects(project=project, bucket=bucket, prefix=prefix), prefix=prefix)
+            step.detail = (f"{len(files)} files; {len(plan.done)} already mirrored, {len(plan.copy)} to copy "
+                           f"({_mib(plan.bytes_to_copy)})")
+        rows = [{"file": f.path, "bytes": f.size, "checksum": f.checksum,
+                 "action": "copy" if f in plan.copy else "already mirrored"} for f in files]
+        if dry_run:
+            report.table_artifact(f"{key}-plan", rows, f"What mirror_model of {spec.model.id}@{commit[:12]} would copy")
+            report.succeed(f"dry run, nothing copied: {len(plan.copy)} of {len(files)} files to copy")
+            return {"dry_run": True, "commit": commit, "uri": f"gs://{bucket}/{prefix}", "plan": rows}
+        with report.step("Copy the missing files (streaming, resumable, checked)") as step:
+            _, copied = copy_revision(model_id=spec.model.id, commit=commit, token=token, project=project,
+                                      bucket=bucket, prefix=prefix, log=logger().info)
+            step.detail = f"{len(copied)} copied ({_mib(sum(f.size for f in copied))})" if copied else "nothing to copy"
+        with report.step("Verify the mirror") as step:
+            after = mirror.plan(files, mirrored_objects(project=project, bucket=bucket, prefix=prefix), prefix=prefix)
+            if after.copy:
+                raise MirrorError(f"not mirrored after the copy: {', '.join(f.path for f in after.copy)}",
+                                  "rerun mirror_model")
+            step.detail = f"{len(after.done)} files, sizes and checksums as the Hub states"
+        report.table_artifact(key, rows, f"Mirror of {spec.model.id}@{commit[:12]} in gs://{bucket}/{prefix}")
+        report.succeed(f"gs://{bucket}/{prefix}: {len(files)} files, {len(copied)} copied now")
+        return {"commit": commit, "uri": f"gs://{bucket}/{prefix}", "files": len(files),
+                "copied": [f.path for f in copied], "skipped": [f.path for f in plan.done]}
+    except Exception as exc:
+        report.fail(exc)
+        raise
+    finally:
+        report.markdown_artifact(f"{key}-run")

@@ -1,0 +1,124 @@
+"""mirror_model against the sandbox's Hub and Cloud Storage: a copy killed mid-file (SIGKILL of the process
+doing it), the flow's rerun completes it, the bucket holds every file of the revision with the Hub's checksum,
+and a third run changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from tests.flows.conftest import ROOT, spec_dict
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.timeout(300)]
+
+KIB = 1024
+KILL_IN = "model-00002-of-00003.safetensors"
+
+
+def mirror_spec(sandbox, model_id: str, bucket: str) -> dict:
+    return spec_dict("gemma2-2b-it-vllm-l4.yaml", model__id=model_id, service_account="vllm",
+                     startup__weights={"source": "gcs", "bucket": bucket})
+
+
+@pytest.fixture
+def tiny(sandbox):
+    """A 6 MiB model in three 2 MiB shards, a bucket of the sandbox project's, and the mirror's prefix."""
+    model_id = f"sandbox-org/tiny-mirror-{uuid.uuid4().hex[:6]}"
+    commit = sandbox.hub.add_model(model_id, params=3_000_000, shard_bytes=2 * 2**20)
+    bucket = f"weights-{uuid.uuid4().hex[:8]}"
+    sandbox.gcs.add_bucket(bucket)
+    return model_id, commit, bucket, f"models/{model_id}/{commit}/"
+
+
+def hub_checksums(sandbox, model_id: str, commit: str) -> dict[str, tuple[int, str]]:
+    """path -> (size, checksum) as the Hub states them (its tree), for comparing with the bucket's bytes."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=sandbox.hub.url, token="hf_sandbox_read")
+    return {f.path: (f.size, f"sha256:{f.lfs.sha256}" if f.lfs else f"git-blob:{f.blob_id}")
+            for f in api.list_repo_tree(model_id, revision=commit, recursive=True)}
+
+
+def bytes_checksum(data: bytes, kind: str) -> str:
+    if kind == "sha256":
+        return f"sha256:{hashlib.sha256(data).hexdigest()}"
+    return f"git-blob:{hashlib.sha1(b'blob %d' % len(data) + bytes(1) + data).hexdigest()}"  # noqa: S324
+
+
+def kill_mid_copy(*, model_id: str, commit: str, bucket: str, prefix: str) -> subprocess.CompletedProcess:
+    """The copy in its own process (the flow's steps, small chunks), SIGKILLed by itself 1 MiB into the second
+    shard: no exception handler, no finally, no last chunk — what an OOM kill or a node loss leaves."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pydantic import SecretStr
+        import targets.gke.mirror_steps as steps
+
+        real = steps.copy_file
+        def copy_file(**kw):
+            if kw["file"].path == {KILL_IN!r}:
+                kw["on_chunk"] = lambda sent: sent >= 2**20 and os.kill(os.getpid(), signal.SIGKILL)
+            return real(**kw)
+        steps.copy_file = copy_file
+        steps.copy_revision(model_id={model_id!r}, commit={commit!r}, token=SecretStr("hf_sandbox_read"),
+                            project="any", bucket={bucket!r}, prefix={prefix!r}, chunk_bytes={256 * KIB})
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_killed_mid_copy_the_rerun_completes_verified_and_a_third_run_changes_nothing(sandbox, tiny):
+    from flows.mirror_model import mirror_model
+
+    model_id, commit, bucket, prefix = tiny
+    want = hub_checksums(sandbox, model_id, commit)
+    assert len(want) == 9 and sum(1 for _, c in want.values() if c.startswith("sha256:")) == 3
+
+    killed = kill_mid_copy(model_id=model_id, commit=commit, bucket=bucket, prefix=prefix)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    there = sandbox.gcs.objects(bucket, prefix)
+    assert f"{prefix}model-00001-of-00003.safetensors" in there and f"{prefix}{KILL_IN}" not in there
+    (cut,) = [s for s in sandbox.gcs.snapshot()["sessions"].values() if s["name"] == prefix + KILL_IN]
+    assert not cut["done"] and 0 < cut["persisted"] < want[KILL_IN][0]  # an unfinished upload, no object
+    before = {n: o.generation for n, o in there.items()}
+
+    got = mirror_model(spec=mirror_spec(sandbox, model_id, bucket))
+    assert got["commit"] == commit and got["uri"] == f"gs://{bucket}/{prefix}"
+    assert set(got["skipped"]) == {n.removeprefix(prefix) for n in before}  # what the killed run finished
+    assert set(got["copied"]) == set(want) - set(got["skipped"]) and KILL_IN in got["copied"]
+    objects = sandbox.gcs.objects(bucket, prefix)
+    assert {n.removeprefix(prefix) for n in objects} == set(want)
+    for path, (size, checksum) in want.items():
+        obj = objects[prefix + path]
+        assert len(obj.data) == size and bytes_checksum(obj.data, checksum.split(":")[0]) == checksum, path
+        assert obj.metadata["hf-checksum"] == checksum and obj.metadata["hf-revision"] == commit
+    assert all(objects[n].generation == g for n, g in before.items())  # skipped means untouched
+
+    sessions = len(sandbox.gcs.snapshot()["sessions"])
+    again = mirror_model(spec=mirror_spec(sandbox, model_id, bucket))
+    assert again["copied"] == [] and set(again["skipped"]) == set(want)
+    assert {n: o.generation for n, o in sandbox.gcs.objects(bucket, prefix).items()} == {
+        n: o.generation for n, o in objects.items()}
+    assert len(sandbox.gcs.snapshot()["sessions"]) == sessions  # no upload was even started
+
+
+def test_a_spec_without_a_bucket_source_and_a_missing_bucket_are_named_with_the_fix(sandbox, tiny):
+    from flows.mirror_model import mirror_model
+    from manifests.errors import PreflightError
+    from manifests.spec import SpecError
+
+    model_id, _, _, _ = tiny
+    hub_spec = spec_dict("gemma2-2b-it-vllm-l4.yaml", model__id=model_id)
+    with pytest.raises(SpecError, match=r"startup\.weights\.source: mirror_model copies the weights into Cloud "
+                                        r"Storage; this spec reads them from hub — set startup\.weights: "):
+        mirror_model(spec=hub_spec)
+    with pytest.raises(PreflightError, match=r"bucket gs://no-such-bucket-x \(startup\.weights\.bucket\) does not "
+                                             r"exist — gcloud storage buckets create gs://no-such-bucket-x"):
+        mirror_model(spec=mirror_spec(sandbox, model_id, "no-such-bucket-x"))
+    assert json.dumps(sandbox.gcs.snapshot()).count("no-such-bucket-x") == 0  # nothing was created
