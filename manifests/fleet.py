@@ -32,10 +32,57 @@ def bundled_specs() -> list[str]:
 # ``SpecPath | str`` so any other file (or a mapping) still works from the CLI and the API.
 SpecPath = Literal[tuple(bundled_specs())]  # type: ignore[valid-type]
 
+DURATION_HELP = "a duration: 90s, 5m, 1.5h, 2d (or ISO 8601: PT5M)"
+
+
+def _shorthands() -> dict[str, str]:
+    """Fields a spec may give as one string (``model: google/gemma-2-2b-it`` is ``model: {id: ...}``): read
+    from the fields' own ``_shorthand`` validators, so the form offers exactly what the spec accepts."""
+    out: dict[str, str] = {}
+    for name, field in DeploymentSpec.model_fields.items():
+        for meta in field.metadata:
+            func = getattr(meta, "func", None)
+            if getattr(func, "__name__", "") == "to_mapping" and func.__closure__:
+                out[name] = func.__closure__[0].cell_contents
+    return out
+
+
+def spec_form_schema() -> dict[str, Any]:
+    """The JSON schema of a spec given as a mapping: the Prefect UI's form for it (fields, enums, defaults,
+    patterns, help) and what the Prefect server checks a deployment run's ``spec`` mapping against.
+
+    DeploymentSpec's own schema, made to accept what the spec accepts: ``$ref``s inlined (the UI and the
+    server see this one property, not the model's ``$defs``), durations as text ("5m", not only ISO 8601),
+    and the one-string shorthands. tests/unit/test_spec_form.py checks every bundled spec against it."""
+    schema = DeploymentSpec.model_json_schema(mode="validation")
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            target = inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {**target, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
+        if node.get("format") == "duration":
+            node = {k: v for k, v in node.items() if k != "format"}
+            node["description"] = node.get("description") or DURATION_HELP
+        return {k: inline(v) for k, v in node.items()}
+
+    schema = inline(schema)
+    for name, key in _shorthands().items():
+        full = schema["properties"][name]
+        keep = {k: full.pop(k) for k in ("default", "title") if k in full}
+        schema["properties"][name] = {**keep, "anyOf": [
+            {"type": "string", "title": key, "description": f"{name}: X is {name}: {{{key}: X}}"}, full]}
+    return {**schema, "title": "spec (mapping)"}
+
+
 # A flow's ``spec`` parameter: the Prefect UI shows one tab per union member, labelled by its title
-# (without titles: "str | str | dict", two identical tabs).
+# (without titles: "str | str | dict", two identical tabs); the mapping's tab is a form of the spec's fields.
 SpecParam = (Annotated[SpecPath, Field(title="bundled spec")] | Annotated[str, Field(title="spec file")]
-             | Annotated[dict[str, Any], Field(title="spec (mapping)")])
+             | Annotated[dict[str, Any], WithJsonSchema(spec_form_schema())])
 
 # A spec file (no mapping): the bundled dropdown or another path.
 SpecFileParam = Annotated[SpecPath, Field(title="bundled spec")] | Annotated[str, Field(title="spec file")]

@@ -61,3 +61,44 @@ def test_names_are_derived_from_prefect_yaml():
     if spec.schedule and spec.schedule.park:
         assert {e.deployment for e in desired_schedules(spec, spec_ref="p.yaml", wake_seconds=[])} == {
             "park_model/park", "wake_model/wake-on-request"}
+
+
+def _variants():
+    """Every bundled spec as a mapping, and with the spec's shorthands and text durations."""
+    for path in sorted((ROOT / "deployments").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        yield path.name, data
+        short = dict(data, model=data["model"]["id"] if isinstance(data["model"], dict) else data["model"],
+                     load_timeout="40m", release=dict(data.get("release") or {}, promotion_timeout="1.5h"))
+        acc = data.get("accelerator") or {}
+        if "capacity" not in data and (isinstance(acc, str) or set(acc) <= {"type"}):
+            short["accelerator"] = acc if isinstance(acc, str) else acc.get("type", "nvidia-l4")
+        yield path.name + " (shorthands)", short
+
+
+def test_the_spec_mapping_tab_is_a_form_of_the_spec_that_accepts_what_the_spec_accepts():
+    """The UI's "spec (mapping)" tab is the spec's own fields (an editor with enums, defaults, help), not a
+    bare JSON object; the Prefect server checks a deployment run's mapping against it (enforce_parameter_schema),
+    so every spec the product accepts must pass it, and a typo or a bad value is refused naming the field."""
+    import json
+
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.deploy_model import deploy_model
+    from manifests.spec import parse_spec
+
+    schema = parameter_schema(deploy_model).model_dump()
+    mapping = schema["properties"]["spec"]["anyOf"][2]
+    assert mapping["type"] == "object" and mapping["additionalProperties"] is False and "$ref" not in json.dumps(mapping)
+    assert {"name", "model", "engine", "accelerator", "release", "hold"} <= set(mapping["properties"])
+    timeout = mapping["properties"]["release"]["properties"]["promotion_timeout"]
+    assert timeout["type"] == "string" and "5m" in timeout["description"]
+    assert mapping["properties"]["engine"]["anyOf"][1]["properties"]["kind"]["enum"]  # a dropdown, not free text
+    for name, spec in _variants():
+        parse_spec(spec)  # the product accepts it ...
+        assert validate({"spec": spec}, schema) == [], name  # ... and so does the form and the server
+    good = yaml.safe_load((ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml").read_text())
+    for bad, where in ((dict(good, replica=2), "replica"), (dict(good, engine={"kind": "vllmx"}), "vllmx")):
+        errors = validate({"spec": bad}, schema)
+        assert errors and any(where in e.message for e in errors), [e.message for e in errors]
