@@ -332,8 +332,10 @@ def migrates_back(spec: DeploymentSpec) -> bool:
 
 
 def model_budget(spec: DeploymentSpec) -> Obj | None:
-    """At most one model replica disrupted at a time (GKE's active migration, node upgrades, drains)."""
-    if not (spec.capacity and migrates_back(spec)):
+    """At most one model replica disrupted at a time (GKE's active migration, node upgrades, drains) — and,
+    on spot capacity, none drained voluntarily while another is down to a preemption (GCE's preemption
+    itself ignores budgets: the second replica on another node is what keeps serving)."""
+    if not ((spec.capacity and migrates_back(spec)) or spec.keeps_serving_through_preemption):
         return None
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": _meta(spec, f"{spec.name}-model", labels={"app.kubernetes.io/component": "model-server"}),
@@ -426,6 +428,13 @@ def _pod_template(spec: DeploymentSpec, color: Color, revision: str) -> Obj:
     }
     if spec.service_account:
         pod_spec["serviceAccountName"] = spec.service_account
+    if spec.keeps_serving_through_preemption:
+        # Replicas are one per node already (a pod asks for all of its node's GPUs); over zones too when it
+        # can, so one zone's spot reclaim does not take every replica (ScheduleAnyway: a stockout in a zone
+        # must not keep a replica Pending).
+        pod_spec["topologySpreadConstraints"] = [
+            {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": names.selector(spec, color)}}]
     return {"metadata": {"labels": names.pod_labels(spec, color), "annotations": pod_annotations}, "spec": pod_spec}
 
 

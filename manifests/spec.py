@@ -468,6 +468,11 @@ class DeploymentSpec(_Model):
     capacity: list[CapacityOption] | None = Field(None, min_length=1, max_length=10)
     namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     replicas: int = Field(1, ge=0, le=100)
+    # What a spot preemption may cost (GCE takes a Spot VM back with ~30 s notice; the replacement loads for
+    # minutes). keep_serving: at least 2 replicas, one per node, spread over zones under a
+    # PodDisruptionBudget, so the Service always keeps a Ready replica. accept_gap: one replica is allowed;
+    # while its replacement loads the Service has no endpoint and clients' connections are refused.
+    on_spot_preemption: Literal["keep_serving", "accept_gap"] = "keep_serving"
     cache: CacheSpec = CacheSpec()
     # Fast-start paths: the image from Artifact Registry / a secondary boot disk, the weights from Cloud
     # Storage or Hyperdisk ML, CUDA graphs (manifests/startup.py). Absent: today's path.
@@ -601,6 +606,7 @@ class DeploymentSpec(_Model):
             raise SpecError("expose.allow_from_namespaces", "only applies with a NetworkPolicy",
                             "set expose.network_policy: true or drop allow_from_namespaces")
         hpa = self.autoscaling
+        self._check_spot_replicas()
         if hpa is not None and hpa.min_replicas > hpa.max_replicas:
             raise SpecError("autoscaling.min_replicas", f"{hpa.min_replicas} is above max_replicas {hpa.max_replicas}",
                             "lower min_replicas or raise max_replicas")
@@ -637,6 +643,28 @@ class DeploymentSpec(_Model):
                             "set service_account (e.g. vllm)")
         check_startup(self, SpecError)
         return self
+
+    def _check_spot_replicas(self) -> None:
+        """A single replica on spot capacity loses the model at every preemption (issue 19, I3: found by the
+        campaign): refused unless the spec says it accepts that gap."""
+        spot = next((i for i, opt in enumerate(self.capacity_options) if opt.spot), None)
+        if spot is None or self.target != "gke" or self.on_spot_preemption == "accept_gap":
+            return
+        least = self.autoscaling.min_replicas if self.autoscaling else self.replicas
+        if least >= 2 or self.replicas == 0:
+            return
+        where = f"capacity[{spot}]" if self.capacity else "accelerator.spot"
+        field = "autoscaling.min_replicas" if self.autoscaling else "replicas"
+        raise SpecError(field, f"1 replica on spot capacity ({where}): when GCE preempts its node (~30 s notice) "
+                        "the Service has no endpoint until a replacement loads, and clients' connections are refused "
+                        "for minutes", f"set {field}: 2 (one per node, spread over zones, under a "
+                        "PodDisruptionBudget), or on_spot_preemption: accept_gap to take that gap knowingly")
+
+    @property
+    def keeps_serving_through_preemption(self) -> bool:
+        """Spot in the options and >= 2 replicas: render the zone spread and the PodDisruptionBudget."""
+        least = self.autoscaling.min_replicas if self.autoscaling else self.replicas
+        return any(opt.spot for opt in self.capacity_options) and least >= 2
 
     def _check_capacity(self) -> None:
         """Each option on its own: a known GPU in the cluster's region, a machine that carries it, room for

@@ -8,8 +8,13 @@
 * :class:`ServicePorts` gives each Service its own loopback port whose handler calls ``resolve(namespace,
   name)`` at every request (``KubeCluster.routed_backends``: kube-proxy's programmed view, the Endpoints of
   ``endpoint_propagation`` cloud seconds ago — ``sandbox.kube.kubeproxy``) and proxies there: patching a
-  Service's selector moves the traffic once that lag has passed. No Ready backend: 503, like the API
-  server's "no endpoints available for service".
+  Service's selector moves the traffic once that lag has passed. No Ready backend: no HTTP answer at all.
+  kube-proxy programs a Service without endpoints as a REJECT (iptables ``KUBE-SERVICES ... has no
+  endpoints -j REJECT``, icmp-port-unreachable; nftables/IPVS the same), so new connections are refused
+  (ECONNREFUSED): the request that finds no backend is reset before any byte (a flow already open when
+  the endpoints went) and the port stops listening until a backend is routed again, then listens on the
+  same port. (The API server's service proxy, ``sandbox.kube.cluster``, is different: it really answers
+  503 "no endpoints available for service".)
 """
 
 from __future__ import annotations
@@ -245,8 +250,12 @@ def _forward(h: ServiceHandler):
     ports_, namespace, name = h.server.state
     try:
         backends = list(ports_.resolve(namespace, name) or [])
-    except Exception as exc:  # noqa: BLE001 - the service vanished meanwhile
-        raise HttpError(503, f'no endpoints available for service "{name}": {exc}') from None
+    except Exception:  # noqa: BLE001 - the service vanished meanwhile: kube-proxy has no rule left either
+        backends = []
+    if not backends:  # kube-proxy's REJECT: a refused connection, never an HTTP answer (module doc)
+        ports_.reject(namespace, name)
+        h._break_connection("reset")
+        return
     proxy(h, backends, h.path, service=name, pool=ports_.pool)
     with ports_._lock:
         ports_.requests[(namespace, name)] = ports_.requests.get((namespace, name), 0) + 1
@@ -273,10 +282,60 @@ class ServicePorts:
         self.pool = pool or ConnectionPool()
         self._servers: dict[tuple[str, str], SandboxHTTPServer] = {}
         self.requests: dict[tuple[str, str], int] = {}
+        self.refused: dict[tuple[str, str], int] = {}  # connections reset for want of a Ready endpoint
+        self._rejecting: dict[tuple[str, str], SandboxHTTPServer] = {}  # not listening: no endpoint routed
+        self._stopped = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Nothing to start: ports open per Service."""
+
+    # -- kube-proxy's REJECT: a Service with no endpoint refuses connections, its port listens again after
+    def reject(self, namespace: str, name: str) -> None:
+        """No backend for ``namespace/name``: count it and stop listening (connections are refused) until
+        one is routed again."""
+        key = (namespace, name)
+        with self._lock:
+            self.refused[key] = self.refused.get(key, 0) + 1
+            srv = self._servers.get(key)
+            if srv is None or key in self._rejecting:
+                return
+            self._rejecting[key] = srv
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=self._relisten, name="service-reject", daemon=True)
+                self._watcher.start()
+        threading.Thread(target=srv.stop, name=f"service-reject-{name}", daemon=True).start()
+
+    def _relisten(self, period: float = 0.05) -> None:
+        """Listen again, on the same port, once a rejecting Service has a routed backend."""
+        while not self._stopped.wait(period):
+            with self._lock:
+                waiting = dict(self._rejecting)
+            if not waiting:
+                with self._lock:
+                    if not self._rejecting:
+                        self._watcher = None
+                        return
+                continue
+            for key, old in waiting.items():
+                try:
+                    routed = bool(self.resolve(*key))
+                except Exception:  # noqa: BLE001 - the Service is gone meanwhile
+                    routed = False
+                if not routed:
+                    continue
+                try:
+                    srv = serve(ServiceHandler, state=(self, *key), faults=self.faults, port=old.port)
+                except OSError:  # the port is busy a moment longer (the old listener closing): next period
+                    continue
+                with self._lock:
+                    if self._rejecting.get(key) is old and self._servers.get(key) is old:
+                        self._servers[key] = srv
+                        del self._rejecting[key]
+                        srv = None
+                if srv is not None:  # closed meanwhile
+                    srv.stop()
 
     def open(self, namespace: str, name: str, port: int = 0) -> int:
         """The Service's loopback port (opened on first call; idempotent)."""
@@ -292,8 +351,10 @@ class ServicePorts:
         with self._lock:
             srv = self._servers.pop((namespace, name), None)
             self.requests.pop((namespace, name), None)
-        if srv is None:
-            return False
+            self.refused.pop((namespace, name), None)
+            rejecting = self._rejecting.pop((namespace, name), None) is not None
+        if srv is None or rejecting:  # not listening already
+            return srv is not None
         srv.stop()
         return True
 
@@ -346,8 +407,10 @@ class ServicePorts:
             self.kube.store.mutate(BY_KEY[("", "services")], namespace, name, fn)
 
     def stop(self) -> None:
+        self._stopped.set()
         with self._lock:
             servers, self._servers = list(self._servers.values()), {}
+            self._rejecting.clear()
         for srv in servers:
             with contextlib.suppress(Exception):
                 srv.stop()
@@ -355,5 +418,6 @@ class ServicePorts:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {f"{ns}/{n}": {"port": srv.port, "requests": self.requests.get((ns, n), 0)}
+            return {f"{ns}/{n}": {"port": srv.port, "requests": self.requests.get((ns, n), 0),
+                                  "refused": self.refused.get((ns, n), 0)}
                     for (ns, n), srv in self._servers.items()}

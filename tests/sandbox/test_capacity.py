@@ -16,7 +16,7 @@ from kubernetes import client as k8s
 
 from manifests import names
 from manifests.provision import option_pool_body
-from manifests.render import compute_class
+from manifests.render import compute_class, model_budget
 from manifests.spec import parse_spec
 from sandbox.app import Sandbox
 from sandbox.client import SandboxClient, SandboxError
@@ -337,3 +337,106 @@ def test_an_hpa_step_while_spot_is_gone_lands_on_the_next_option(env):
     assert _until(lambda: sorted(env.running("hpa").values()) == [POOLS[0], POOLS[1]])
     assert len(env.gpu_nodes()) == 2
     env.undeploy("hpa")
+
+
+def _serve_spec(env, spec) -> str:
+    """The product's own objects for ``spec`` (live Service, blue Deployment, PDB when it renders one):
+    returns the Service's loopback address — what clients reach, through kube-proxy's routing."""
+    import contextlib
+
+    from manifests import render
+
+    core, apps = env.core, k8s.AppsV1Api(env.api)
+    with contextlib.suppress(k8s.ApiException):  # the module's earlier test may have made them
+        core.create_namespaced_secret("default", {"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": "hf-secret"}, "stringData": {"hf_token": "hf_sandbox_read"}})
+    with contextlib.suppress(k8s.ApiException):
+        core.create_namespaced_persistent_volume_claim("default", render.cache_claim(spec))
+    core.create_namespaced_service("default", render.live_service(spec, "blue"))
+    apps.create_namespaced_deployment("default", render.model_deployment(spec, "blue"))
+    budget = render.model_budget(spec)
+    if budget is not None:
+        k8s.PolicyV1Api(env.api).create_namespaced_pod_disruption_budget("default", budget)
+    routes = env.sb.cluster_kubes[(P, REGION, "cap")].routes
+    assert _until(lambda: routes.url("default", spec.name) is not None, 10)
+    return routes.url("default", spec.name)
+
+
+def _preempt_under_load(env, spec) -> tuple[list[int], list[str]]:
+    """Constant client load through the live Service while GCE preempts the spot node of one serving
+    replica; returns once every replica is Ready again (the replacement on a new spot node) and answers."""
+    import threading
+
+    url = _serve_spec(env, spec)
+    selector = f"app.kubernetes.io/instance={spec.name}"
+
+    def ready() -> list:
+        return [p for p in env.core.list_namespaced_pod("default", label_selector=selector).items
+                if not p.metadata.deletion_timestamp and p.spec.node_name
+                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+
+    assert _until(lambda: len(ready()) == spec.replicas, 60), [
+        (p.metadata.name, p.spec.node_name, p.status.phase, [(c.type, c.status, c.message) for c in p.status.conditions or []],
+         [(e.reason, e.message) for e in env.core.list_namespaced_event("default").items
+          if e.involved_object.name == p.metadata.name][-4:])
+        for p in env.core.list_namespaced_pod("default", label_selector=selector).items]
+    assert _until(lambda: httpx.get(url + "/v1/models", timeout=5).status_code == 200, 10)
+    seen: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    seen.append(http.get("/v1/models").status_code)
+                except httpx.HTTPError as exc:  # refused or reset: what I3 forbids
+                    errors.append(type(exc).__name__)
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    victim = ready()[0]
+    try:
+        assert _until(lambda: len(seen) > 20, 10)
+        env.client.preempt_node(victim.spec.node_name)
+        assert _until(lambda: victim.spec.node_name not in env.gpu_nodes(), 30)
+        assert _until(lambda: len(ready()) == spec.replicas and victim.metadata.name not in
+                      {p.metadata.name for p in ready()}, 60)
+        mark = len(seen)
+        assert _until(lambda: len(seen) > mark + 20, 10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        k8s.AppsV1Api(env.api).delete_namespaced_deployment(f"{spec.name}-blue", "default")
+        env.core.delete_namespaced_service(spec.name, "default")
+        budget = model_budget(spec)
+        if budget is not None:
+            k8s.PolicyV1Api(env.api).delete_namespaced_pod_disruption_budget(budget["metadata"]["name"], "default")
+        assert _until(lambda: not env.gpu_nodes(), 60)
+    return seen, errors
+
+
+def test_spot_preemption_under_load_drops_nothing_with_the_spread_replicas(env):
+    """Issue 19's campaign (seed 2) found I3 broken: GCE preempted the spot node of a model's only replica
+    and clients were refused until the replacement loaded. A spot spec now runs >= 2 replicas spread over
+    nodes and zones under a PDB (on_spot_preemption: keep_serving, checked at validate time): the same
+    preemption under constant load through the live Service gets 0 failed requests."""
+    spec = SPEC  # 2 replicas (the class and pools of this module are named for it)
+    assert spec.keeps_serving_through_preemption and spec.replicas == 2
+    seen, errors = _preempt_under_load(env, spec)
+    assert errors == [] and set(seen) == {200}, (errors[:5], sorted(set(seen)))
+    assert len(seen) > 100
+
+
+def test_one_spot_replica_leaves_clients_refused_until_its_replacement_loads(env):
+    """What the spec now refuses unless it says on_spot_preemption: accept_gap (the product before the fix
+    ran the campaign's spot spec so): the Service has no endpoint, kube-proxy refuses the connections."""
+    spec = parse_spec({**SPEC.model_dump(mode="json", exclude={"accelerator", "replicas"}), "replicas": 1,
+                       "on_spot_preemption": "accept_gap", "accelerator": {"pool": {"name": "gpu", "max_nodes": 2}}})
+    assert names.compute_class(spec) == CLASS
+    seen, errors = _preempt_under_load(env, spec)
+    assert errors and set(errors) <= {"ConnectError", "ReadError", "RemoteProtocolError"}, errors[:5]
+    assert 200 in seen and set(seen) == {200}  # never an invented 503: no HTTP answer at all while refused

@@ -215,16 +215,43 @@ def test_service_follows_its_resolver_at_every_request(runtime):
                 assert http.post("/v1/completions", json=body).status_code == 200
             assert green.requests_served == 14
             backends[("prod", "llm")] = []
-            r = http.get("/v1/models")
-            assert r.status_code == 503 and "no endpoints available" in r.json()["message"]
-        assert len(calls) == 25
+            # kube-proxy REJECTs a Service with no endpoints: a transport error, no HTTP status at all —
+            # the open connection is reset, new ones are refused ...
+            with pytest.raises(httpx.TransportError):
+                http.get("/v1/models")
+        assert _wait(lambda: _refused(port))
+        assert routes.snapshot()["prod/llm"]["refused"] == 1 and routes.port("prod", "llm") == port
+        backends[("prod", "llm")] = [green.port]  # ... until a backend is routed again: the same port listens
+        assert _wait(lambda: not _refused(port))
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).status_code == 200
+        assert len(calls) >= 26
         # The route counts a request once its reply is written, which can be just after the client has it.
         deadline = time.monotonic() + 5
         while routes.snapshot()["prod/llm"]["requests"] < 25 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert routes.snapshot()["prod/llm"]["requests"] == 25
+        assert routes.snapshot()["prod/llm"]["requests"] == 25  # answered; the refused one is counted apart
     finally:
         routes.stop()
+
+
+def _wait(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _refused(port: int) -> bool:
+    """A connect to ``port`` is refused (ECONNREFUSED), as to a Service kube-proxy REJECTs."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def test_service_streams_sse_from_the_model(runtime):
@@ -275,7 +302,8 @@ def test_resolver_errors_and_route_faults(runtime):
     routes = ServicePorts(Kube(), faults=faults)
     try:
         gone = f"http://127.0.0.1:{routes.open('prod', 'gone')}"
-        assert httpx.get(gone + "/health").status_code == 503
+        with pytest.raises(httpx.TransportError):  # no Service, no kube-proxy rule: refused, never a 503
+            httpx.get(gone + "/health")
         url = f"http://127.0.0.1:{routes.open('prod', 'llm')}"
         faults.add(service="route", path="^/v1/models$", status=502, count=1)
         assert httpx.get(url + "/v1/models").status_code == 502

@@ -20,7 +20,8 @@ def _base() -> dict:
             "cluster": {"project": "llm-fleet-demo", "location": "us-central1",
                         "zones": ["us-central1-a", "us-central1-b"]},
             "accelerator": {"pool": {"name": "gpu-pool", "max_nodes": 2}},
-            "capacity": [L4_SPOT, L4_OD, A100_OD]}
+            "capacity": [L4_SPOT, L4_OD, A100_OD],
+            "on_spot_preemption": "accept_gap"}  # one spot replica, as seed 004
 
 
 def _spec(**over):
