@@ -26,6 +26,7 @@ from manifests.park import require_image
 from manifests.release import Desired
 from manifests.render import model_deployment, object_key, render
 from manifests.spec import resolve_gke_spec, with_revision
+from targets.gke.mirror_steps import ensure_mirror
 from targets.gke.provision import cluster_preflight
 from targets.gke.serving import (
     Prepared,
@@ -120,6 +121,7 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, revision: str | None = None
     retire = None
     try:
         t = prepare(spec, report)
+        ensure_mirror(spec, commit=t.model.sha, token=t.token, report=report, dry_run=dry_run)  # startup.weights: gcs
         with report.step("Cluster preflight: storage class, IngressClass, static IP, metrics adapter") as step:
             step.detail = "; ".join(cluster_preflight(spec, kubeconfig=t.kubeconfig, location=t.location)) or "-"
         if dry_run:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from manifests import mirror
-from manifests.spec import SpecError, resolve_gke_spec, with_revision
+from manifests.spec import DeploymentSpec, SpecError, resolve_gke_spec, with_revision
 from tasks import hf
 from tasks.log import logger
 from tasks.report import Report, artifact_key
@@ -46,6 +46,28 @@ def copy_revision(*, model_id: str, commit: str, token: SecretStr | None, projec
         copied.append(f)
         log(f"copied {f.path} ({_mib(f.size)}, {f.checksum[:19]}…)")
     return plan, copied
+
+
+def ensure_mirror(spec: DeploymentSpec, *, commit: str, token: SecretStr, report: Report,
+                  dry_run: bool = False) -> None:
+    """deploy_model/release_model with ``startup.weights.source: gcs``: the pods will load
+    ``gs://…/COMMIT/``, so a missing or partial mirror is copied first — after the Hub preflight, before
+    anything is created (a missing bucket fails here, naming startup.weights.bucket)."""
+    if spec.startup.weights.source != "gcs":
+        return
+    bucket, prefix = mirror.location(spec, commit)
+    with report.step(f"Weights mirror gs://{bucket}/{prefix} (copy what is missing)") as step:
+        if dry_run:
+            files = revision_files(model_id=spec.model.id, commit=commit, token=token)
+            plan = mirror.plan(files, mirrored_objects(project=spec.cluster.project, bucket=bucket, prefix=prefix),
+                               prefix=prefix)
+            step.detail = f"dry run: {len(plan.copy)} of {len(files)} files would be copied ({_mib(plan.bytes_to_copy)})"
+            return
+        plan, copied = copy_revision(model_id=spec.model.id, commit=commit, token=token, project=spec.cluster.project,
+                                     bucket=bucket, prefix=prefix, log=logger().info)
+        total = len(plan.copy) + len(plan.done)
+        step.detail = (f"{len(copied)} of {total} files copied now ({_mib(sum(f.size for f in copied))}), verified"
+                       if copied else f"{total} files, already mirrored")
 
 
 def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from manifests.render import autoscaler
 from manifests.spec import DeploymentSpec, resolve_gke_spec, with_revision
 from targets.gke.canary import route_to
 from targets.gke.deploy import first_deploy
+from targets.gke.mirror_steps import ensure_mirror
 from targets.gke.release_steps import point_preview, switch_traffic
 from targets.gke.serving import cluster_location, observe, prepare, scale_down_color, smoke
 from targets.gke.strategy import finish_retire, refuse_if_parked, rolled_back, run_release, strategy_for
@@ -59,6 +60,7 @@ def release(spec: SpecPath | str | dict[str, Any], *, revision: str | None = Non
     retire: Color | None = None
     try:
         t = prepare(spec, report)
+        ensure_mirror(spec, commit=t.model.sha, token=t.token, report=report, dry_run=dry_run)  # startup.weights: gcs
         desired = Desired(t.model.sha, t.desired_hash, spec.replicas)
         if dry_run:
             plan = strategy_for(spec).plan(spec, observe(spec, t.kubeconfig), desired)

@@ -122,3 +122,26 @@ def test_a_spec_without_a_bucket_source_and_a_missing_bucket_are_named_with_the_
                                              r"exist — gcloud storage buckets create gs://no-such-bucket-x"):
         mirror_model(spec=mirror_spec(sandbox, model_id, "no-such-bucket-x"))
     assert json.dumps(sandbox.gcs.snapshot()).count("no-such-bucket-x") == 0  # nothing was created
+
+
+def test_deploy_of_a_gcs_spec_mirrors_first_and_the_engine_streams_from_the_mirror(sandbox, tiny):
+    """deploy_model with startup.weights.source gcs: the missing mirror is copied before anything is created,
+    the pod's engine loads gs://…/COMMIT/ with the Run:ai streamer (the sandbox times it at Cloud Storage's
+    bandwidth), and the model answers."""
+    from flows.deploy_model import deploy_model
+    from flows.provision_cluster import provision_cluster
+    from flows.teardown import teardown
+
+    model_id, commit, bucket, prefix = tiny
+    spec = mirror_spec(sandbox, model_id, bucket)
+    provision_cluster(spec=spec)
+    try:
+        deploy_model(spec=spec)
+        assert {n.removeprefix(prefix) for n in sandbox.gcs.objects(bucket, prefix)} == set(
+            hub_checksums(sandbox, model_id, commit))
+        (server,) = [s for s in sandbox.runtime.servers() if s.start_plan.load and s.start_plan.load.source == "gcs"
+                     and s.name.startswith(spec["name"])]
+        args = " ".join(server.pod["spec"]["containers"][0].get("args") or [])
+        assert f"--model=gs://{bucket}/{prefix.rstrip('/')}" in args and "--load-format=runai_streamer" in args
+    finally:
+        teardown(spec=spec, cluster=True)
