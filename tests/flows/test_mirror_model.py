@@ -145,3 +145,24 @@ def test_deploy_of_a_gcs_spec_mirrors_first_and_the_engine_streams_from_the_mirr
         assert f"--model=gs://{bucket}/{prefix.rstrip('/')}" in args and "--load-format=runai_streamer" in args
     finally:
         teardown(spec=spec, cluster=True)
+
+
+def test_a_chunk_refused_or_cut_mid_file_is_sent_again_on_the_same_session(sandbox, tiny, sbc):
+    """Cloud Storage answers 503, then the connection is reset, on the second shard's chunks: the client sends the
+    chunk again on the same session (no restart, no duplicate bytes) and the object is whole (no Prefect)."""
+    from pydantic import SecretStr
+
+    from targets.gke.mirror_steps import copy_revision
+
+    model_id, commit, bucket, prefix = tiny
+    refused = sbc.add_fault(service="gcs", method="PUT", query=KILL_IN.replace(".", r"\."), status=503, count=1)
+    cut = sbc.add_fault(service="gcs", method="PUT", query=KILL_IN.replace(".", r"\."), action="reset", count=1)
+    copy_revision(model_id=model_id, commit=commit, token=SecretStr("hf_sandbox_read"), project="any", bucket=bucket,
+                  prefix=prefix, chunk_bytes=256 * KIB)
+    hits = {f["id"]: f["hits"] for f in sbc.faults()}
+    assert hits[refused["id"]] == 1 and hits[cut["id"]] == 1
+    (session,) = [s for s in sandbox.gcs.snapshot()["sessions"].values() if s["name"] == prefix + KILL_IN]
+    assert session["done"] and session["chunks"] == 8  # 2 MiB in 256 KiB chunks, each persisted once
+    size, checksum = hub_checksums(sandbox, model_id, commit)[KILL_IN]
+    data = sandbox.gcs.objects(bucket, prefix)[prefix + KILL_IN].data
+    assert len(data) == size and bytes_checksum(data, "sha256") == checksum
