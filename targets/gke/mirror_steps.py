@@ -22,7 +22,14 @@ from manifests.spec import DeploymentSpec, SpecError, resolve_gke_spec, with_rev
 from tasks import hf
 from tasks.log import logger
 from tasks.report import Report, artifact_key
-from tasks.weights_mirror import CHUNK_BYTES, MirrorError, copy_file, mirrored_objects, revision_files
+from tasks.weights_mirror import (
+    CHUNK_BYTES,
+    MirrorError,
+    copy_file,
+    forget_upload,
+    mirrored_objects,
+    revision_files,
+)
 
 
 def _mib(n: int) -> str:
@@ -37,6 +44,8 @@ def copy_revision(*, model_id: str, commit: str, token: SecretStr | None, projec
     files = revision_files(model_id=model_id, commit=commit, token=token)
     objects = mirrored_objects(project=project, bucket=bucket, prefix=prefix)
     plan = mirror.plan(files, objects, prefix=prefix)
+    for f in plan.done:  # an upload killed after its last chunk left its session's file behind
+        forget_upload(bucket=bucket, name=prefix + f.path, checksum=f.checksum)
     copied = []
     for f in plan.copy:
         old = objects.get(prefix + f.path)

@@ -1,6 +1,6 @@
 """mirror_model against the sandbox's Hub and Cloud Storage: a copy killed mid-file (SIGKILL of the process
-doing it), the flow's rerun completes it, the bucket holds every file of the revision with the Hub's checksum,
-and a third run changes nothing."""
+doing it), the flow's rerun resumes the cut file's upload and completes the rest, the bucket holds every file
+of the revision with the Hub's checksum, and a third run changes nothing."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def kill_mid_copy(*, model_id: str, commit: str, bucket: str, prefix: str) -> su
                           text=True, timeout=120)
 
 
-def test_killed_mid_copy_the_rerun_completes_verified_and_a_third_run_changes_nothing(sandbox, tiny):
+def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_changes_nothing(sandbox, tiny):
     from flows.mirror_model import mirror_model
 
     model_id, commit, bucket, prefix = tiny
@@ -85,7 +85,7 @@ def test_killed_mid_copy_the_rerun_completes_verified_and_a_third_run_changes_no
     there = sandbox.gcs.objects(bucket, prefix)
     assert f"{prefix}model-00001-of-00003.safetensors" in there and f"{prefix}{KILL_IN}" not in there
     (cut,) = [s for s in sandbox.gcs.snapshot()["sessions"].values() if s["name"] == prefix + KILL_IN]
-    assert not cut["done"] and 0 < cut["persisted"] < want[KILL_IN][0]  # an unfinished upload, no object
+    assert not cut["done"] and cut["persisted"] == 2**20  # an unfinished upload: 1 MiB held, no object
     before = {n: o.generation for n, o in there.items()}
 
     got = mirror_model(spec=mirror_spec(sandbox, model_id, bucket))
@@ -99,6 +99,10 @@ def test_killed_mid_copy_the_rerun_completes_verified_and_a_third_run_changes_no
         assert len(obj.data) == size and bytes_checksum(obj.data, checksum.split(":")[0]) == checksum, path
         assert obj.metadata["hf-checksum"] == checksum and obj.metadata["hf-revision"] == commit
     assert all(objects[n].generation == g for n, g in before.items())  # skipped means untouched
+    # the cut file was resumed on its session: the bytes it held were not sent again, only the rest (one chunk)
+    (resumed,) = [s for s in sandbox.gcs.snapshot()["sessions"].values() if s["name"] == prefix + KILL_IN]
+    assert resumed["done"] and resumed["chunks"] == cut["chunks"] + 1
+    assert not list((sandbox.state_dir / "uploads").glob("*.json"))  # no session left to resume
 
     sessions = len(sandbox.gcs.snapshot()["sessions"])
     again = mirror_model(spec=mirror_spec(sandbox, model_id, bucket))
