@@ -30,7 +30,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 
 from manifests import park as P
-from manifests.fleet import OptionalText, SpecFileParam, SpecParam, bundled_specs
+from manifests.fleet import OptionalDateTime, OptionalText, SpecFileParam, SpecParam, bundled_specs
 from manifests.spec import DeploymentSpec, load_spec
 from targets import Unsupported, target_for
 from targets.trust import admit_event_spec
@@ -53,7 +53,8 @@ def park_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml",
 
 @flow(name="wake_model", log_prints=True)
 def wake_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml",
-               reason: str = "manual", source: Literal["manual", "event"] = "manual") -> dict[str, Any]:
+               reason: str = "manual", source: Literal["manual", "event"] = "manual",
+               requested_at: OptionalDateTime = None) -> dict[str, Any]:
     """Restore what park changed (pool, replicas), wait until the model answers, route to it.
 
     ``source: event`` (the hold proxy's trigger): only a bundled spec path (docs/security.md).
@@ -62,10 +63,12 @@ def wake_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml",
         spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
         reason: Why it is woken, kept in the wake history and the Slack message.
         source: Who started the run: manual (you) or event (the hold proxy's trigger).
+        requested_at: When a held request asked for this wake (the trigger sets the event's time): the
+            reported wait counts from it, the trigger and the worker's start included. Empty: from this run.
     """
     if source == "event":
         spec = admit_event_spec(spec)
-    return target_for(spec).wake(spec=spec, reason=reason)
+    return target_for(spec).wake(spec=spec, reason=reason, requested_at=requested_at)
 
 
 def _idle(spec: DeploymentSpec, now: datetime) -> P.Decision:

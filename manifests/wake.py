@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 PHASES = ("node", "image", "weights", "engine", "smoke")
@@ -76,3 +77,30 @@ def percentile(values: list[float], q: float) -> float:
         return 0.0
     s = sorted(values)
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def held_wait_s(requested_at: datetime | None, *, now: datetime) -> float | None:
+    """Seconds from the wake event's ``occurred`` (the hold proxy's first held request) to ``now`` (the model
+    answers: the hold proxy forwards what it held): what the held client waited, the trigger and the worker
+    included. None for a wake no held request asked for (manual, scheduled)."""
+    if requested_at is None:
+        return None
+    if requested_at.tzinfo is None:  # an ISO time without an offset: Prefect's events are UTC
+        requested_at = requested_at.replace(tzinfo=UTC)
+    return max(0.0, (now - requested_at).total_seconds())
+
+
+def outcome(name: str, *, took_s: float, cloud_s: float | None, phases: str, waited_s: float | None = None,
+            answering_s: float | None = None) -> str:
+    """wake_model's one line. A wake asked for by a held request counts from that request's event to the model
+    answering (``waited_s``: the client's wait), split into the part before this run's steps (event →
+    automation trigger → worker start → the model's lock) and this run's ``answering_s``; ``took_s`` is the
+    run's whole wake (smoke prompts and the switch back included). ``cloud_s``: ``took_s`` on the sandbox's
+    cloud clock (None on GCP)."""
+    cloud = f" ({cloud_s:.0f} s on the cloud clock)" if cloud_s is not None else ""
+    if waited_s is None:
+        return f"{name} serving again after {took_s:.1f} s{cloud}: {phases}"
+    answering_s = took_s if answering_s is None else answering_s
+    return (f"{name} serving again after {waited_s:.1f} s from the first held request "
+            f"({max(0.0, waited_s - answering_s):.1f} s event → trigger → worker start, {answering_s:.1f} s until "
+            f"the model answered); wake {took_s:.1f} s{cloud}: {phases}")

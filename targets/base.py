@@ -83,8 +83,9 @@ class ServingTarget:
         """No GPU paid for while nobody needs the model; what was changed is recorded for wake."""
         raise self._unsupported("park_model", "not implemented")
 
-    def wake(self, *, spec: SpecRef, reason: str = "manual") -> dict[str, Any]:
-        """Undo park from its record, wait until the model answers."""
+    def wake(self, *, spec: SpecRef, reason: str = "manual", requested_at: datetime | None = None) -> dict[str, Any]:
+        """Undo park from its record, wait until the model answers. ``requested_at``: the wake event's time
+        (the first held request), from which the client's wait is counted."""
         raise self._unsupported("wake_model", "not implemented")
 
     def teardown(self, *, spec: SpecRef, cluster: bool = False, dry_run: bool = False) -> dict[str, Any]:

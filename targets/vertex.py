@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from prefect import get_run_logger
@@ -484,8 +485,8 @@ class VertexAI(ServingTarget):
     def park(self, *, spec: SpecRef, reason: str = "manual") -> dict[str, Any]:
         return park(spec)
 
-    def wake(self, *, spec: SpecRef, reason: str = "manual") -> dict[str, Any]:
-        return wake(spec)
+    def wake(self, *, spec: SpecRef, reason: str = "manual", requested_at: datetime | None = None) -> dict[str, Any]:
+        return wake(spec)  # no hold proxy on Vertex AI: no held request's wait to count
 
     def teardown(self, *, spec: SpecRef, cluster: bool = False, dry_run: bool = False) -> dict[str, Any]:
         return teardown(spec, dry_run=dry_run)  # no cluster: the endpoint and the models are everything

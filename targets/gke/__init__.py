@@ -56,11 +56,11 @@ class GKE(ServingTarget):
 
         return under_model_lock("park_model", spec, reason, park)
 
-    def wake(self, *, spec: SpecRef, reason: str = "manual") -> dict[str, Any]:
+    def wake(self, *, spec: SpecRef, reason: str = "manual", requested_at: datetime | None = None) -> dict[str, Any]:
         from targets.gke.park_steps import under_model_lock
         from targets.gke.wake_steps import wake
 
-        return under_model_lock("wake_model", spec, reason, wake)
+        return under_model_lock("wake_model", spec, reason, lambda run: wake(run, requested_at=requested_at))
 
     def teardown(self, *, spec: SpecRef, cluster: bool = False, dry_run: bool = False) -> dict[str, Any]:
         from targets.gke.teardown_steps import teardown

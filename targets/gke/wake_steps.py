@@ -13,6 +13,7 @@ wake_model
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import get_run_logger
@@ -30,7 +31,10 @@ from tasks.report import artifact_key
 from tasks.settings import get_settings
 
 
-def wake(run: Run) -> dict[str, Any]:
+def wake(run: Run, *, requested_at: datetime | None = None) -> dict[str, Any]:
+    """``requested_at``: the wake event's ``occurred`` (the hold proxy's first held request), when a held
+    request asked for this wake: the figure reported is then the client's wait (until the model answers and
+    the hold proxy forwards it), the event -> trigger -> worker start included."""
     spec, kubeconfig, report, record = run.spec, run.kubeconfig, run.report, run.record
     start = time.monotonic()
     if record is None:
@@ -58,7 +62,7 @@ def wake(run: Run) -> dict[str, Any]:
     with report.step("Wait until the model answers and passes the smoke prompts") as step:
         ready = wait_until_answering(spec, kubeconfig=kubeconfig, color=record.color, replicas=record.replicas,
                                      timeout_s=load_timeout_s(spec, None), service=P.awake_service_name(spec))
-        ready_at = time.monotonic()
+        ready_at, answering = time.monotonic(), datetime.now(UTC)  # the hold proxy forwards from here on
         results = smoke(spec, kubeconfig=kubeconfig, service=P.awake_service_name(spec))
         step.detail = f"{ready['ready_pods']} pod(s) answer, {len(results)} smoke prompt(s) passed"
     with report.step("Measure the wake phase by phase") as step:
@@ -92,10 +96,11 @@ def wake(run: Run) -> dict[str, Any]:
             schedules.sync(specs=[run.ref])  # the next scheduled wake starts earlier by the new p95
         except FleetError as exc:
             get_run_logger().warning("prewarm not updated: %s", exc)
-    outcome = f"{spec.name} serving again after {took:.1f} s" + (
-        f" ({cloud_s:.0f} s on the cloud clock)" if get_settings().time_scale != 1.0 else "") + f": {phases.line()}"
-    return {"name": spec.name, "woken": True, "took_s": took, "cloud_s": cloud_s, "color": record.color,
-            "replicas": record.replicas, "wake_history": history, "phases": phases.to_dict(), "outcome": outcome}
+    waited = W.held_wait_s(requested_at, now=answering)
+    outcome = W.outcome(spec.name, took_s=took, cloud_s=cloud_s if get_settings().time_scale != 1.0 else None,
+                        phases=phases.line(), waited_s=waited, answering_s=ready_at - start)
+    return {"name": spec.name, "woken": True, "took_s": took, "waited_s": waited, "answering_s": ready_at - start,
+            "cloud_s": cloud_s, "color": record.color, "replicas": record.replicas, "wake_history": history, "phases": phases.to_dict(), "outcome": outcome}
 
 
 def measure_phases(spec: Any, *, kubeconfig: str, pods: list[str], node_s: float, ready_s: float,

@@ -189,6 +189,7 @@ def test_a_request_while_parked_is_held_and_answered_after_the_automatic_wake(mo
     spec, path, kubeconfig, before = model
     seen = {e["id"] for e in wake_events(spec)}
     answer: dict = {}
+    sent = time.time()
     t = threading.Thread(target=lambda: answer.update(resp=complete(spec, kubeconfig)))
     t.start()
     # the hold proxy asks for a wake with a real Prefect event; the test plays the deployment trigger
@@ -198,12 +199,19 @@ def test_a_request_while_parked_is_held_and_answered_after_the_automatic_wake(mo
         time.sleep(0.2)
     assert new[0]["payload"]["model"] == spec["name"] and new[0]["payload"]["held"] >= 1
     assert t.is_alive()  # still held, not answered with an error
-    woke = wake_model(spec=spec, reason="event")
+    time.sleep(0.5)  # the automation's trigger and the worker's start: part of what the held client waits
+    # the deployment trigger's parameters (prefect.yaml): the event's own time
+    woke = wake_model(spec=spec, reason="event", requested_at=new[0]["occurred"])
+    returned = time.time()
     t.join(60)
     resp = answer["resp"]
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["text"].strip()
     assert woke["woken"] and "serving again after" in woke["outcome"]
+    # the figure is the held client's wait (from the event, trigger and worker included), not the run's own:
+    # at least this run's part plus the 0.5 s before it, at most from the request's sending to the run's end
+    assert woke["answering_s"] + 0.5 <= woke["waited_s"] <= returned - sent, woke
+    assert f"serving again after {woke['waited_s']:.1f} s from the first held request" in woke["outcome"]
 
     assert pool_settings(spec, kubeconfig) == before  # autoscaling bounds and node count as before park
     svc = live_service(spec, kubeconfig)

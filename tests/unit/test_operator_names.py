@@ -102,3 +102,32 @@ def test_the_spec_mapping_tab_is_a_form_of_the_spec_that_accepts_what_the_spec_a
     for bad, where in ((dict(good, replica=2), "replica"), (dict(good, engine={"kind": "vllmx"}), "vllmx")):
         errors = validate({"spec": bad}, schema)
         assert errors and any(where in e.message for e in errors), [e.message for e in errors]
+
+
+@pytest.mark.parametrize("yaml_file", ["prefect.yaml", "deploy/prefect.gke.yaml"])
+def test_the_wake_trigger_passes_the_event_s_time_in_a_form_the_server_accepts(yaml_file):
+    """The wake trigger's parameters, rendered by Prefect's server as its automation does for the hold proxy's
+    event, pass the wake_model deployment's parameter schema (the server refuses the run otherwise: a bare
+    ``{{ event.occurred }}`` renders '2026-12-06 06:20:00+00:00', not a JSON-schema date-time) and carry the
+    event's own time."""
+    import asyncio
+    import uuid
+    from datetime import UTC, datetime
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.server.utilities.user_templates import render_user_template
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    occurred = datetime(2026, 12, 6, 6, 20, 0, 500000, tzinfo=UTC)
+    event = ReceivedEvent(id=uuid.uuid4(), occurred=occurred, event="llm-fleet.model.wake-requested",
+                          resource={"prefect.resource.id": "llm-fleet.model.gemma", "prefect.resource.name": "gemma"},
+                          payload={"spec": "deployments/gemma2-2b-it-vllm-l4.yaml", "model": "gemma", "held": 1})
+    deployments = yaml.safe_load((ROOT / yaml_file).read_text())["deployments"]
+    wake = [d for d in deployments if d["entrypoint"] == "flows/park.py:wake_model" and d.get("triggers")]
+    assert wake
+    for d in wake:
+        params = {k: asyncio.run(render_user_template(v, {"event": event})) if isinstance(v, str) else v
+                  for k, v in d["triggers"][0]["parameters"].items()}
+        assert validate(params, parameter_schema(_flow(d["entrypoint"])).model_dump()) == [], params
+        assert datetime.fromisoformat(params["requested_at"]) == occurred

@@ -42,3 +42,20 @@ def test_percentile():
     assert W.percentile([], 0.5) == 0.0
     values = [float(v) for v in range(1, 101)]
     assert W.percentile(values, 0.5) == 50.0 and W.percentile(values, 0.95) == 95.0
+
+
+def test_a_wake_asked_for_by_a_held_request_counts_from_its_event():
+    """The issue's case: the held client waited 14 s, the wake's own steps 5.4 s. The figure is the client's,
+    the event -> trigger -> worker part is named beside it (fails before: only the 5.4 s was reported)."""
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 12, 6, 6, 30, tzinfo=UTC)
+    waited = W.held_wait_s(now - timedelta(seconds=14), now=now)
+    assert waited == pytest.approx(14.0)
+    assert W.held_wait_s(datetime(2026, 12, 6, 6, 29, 46), now=now) == pytest.approx(14.0)  # no offset: UTC
+    assert W.held_wait_s(None, now=now) is None
+    line = W.outcome("gemma", took_s=6.0, cloud_s=None, phases="node 0 s", waited_s=waited, answering_s=5.4)
+    assert line == ("gemma serving again after 14.0 s from the first held request (8.6 s event → trigger → "
+                    "worker start, 5.4 s until the model answered); wake 6.0 s: node 0 s")
+    assert W.outcome("gemma", took_s=5.4, cloud_s=2700.0, phases="node 62 s", waited_s=None) == \
+        "gemma serving again after 5.4 s (2700 s on the cloud clock): node 62 s"
