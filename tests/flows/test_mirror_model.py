@@ -110,6 +110,8 @@ def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_ch
     assert {n: o.generation for n, o in sandbox.gcs.objects(bucket, prefix).items()} == {
         n: o.generation for n, o in objects.items()}
     assert len(sandbox.gcs.snapshot()["sessions"]) == sessions  # no upload was even started
+    dry = mirror_model(spec=mirror_spec(sandbox, model_id, bucket), dry_run=True)
+    assert dry["dry_run"] and {r["action"] for r in dry["plan"]} == {"already mirrored"}
 
 
 def test_a_spec_without_a_bucket_source_and_a_missing_bucket_are_named_with_the_fix(sandbox, tiny):
