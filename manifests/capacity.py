@@ -176,3 +176,64 @@ def option_of_node(spec: DeploymentSpec, node: str, bases: dict[int, set[str]] |
         if re.match(rf"{re.escape(stem + spec.option_pool(i)[:14].rstrip('-'))}-[0-9a-f]{{8}}-", node):
             return i
     return None
+
+
+# ---- back to the preferred option (issue 23) ---------------------------------------------------------
+MIGRATE_STEPS = ("capacity", "bring_up", "placement", "preview", "pre_analysis", "switch", "post_analysis",
+                 "record", "scale_down")
+
+
+@dataclass(frozen=True)
+class MigrateBack:
+    """Whether to move a model serving on a fallback option back toward the first one, and why (pure).
+
+    GKE's ``activeMigration`` drains a fallback node once a better option frees up; for a single replica
+    that restarts the only pod (the model is down for a load), so the ComputeClass turns it off
+    (``render.migrates_back``) and this does it the blue-green way: a new color beside the live one, placed
+    by the autoscaler (the first option with capacity), switched to only if it landed on a better option
+    and answers; otherwise it is scaled back to 0 and the live color never noticed."""
+    migrate: bool
+    reason: str
+    serving_option: int | None = None
+
+
+def migrate_back_decision(spec: DeploymentSpec, *, parked: bool, live: str | None, live_replicas: int,
+                          other_replicas: int, live_matches_spec: bool, placement: Placement | None) -> MigrateBack:
+    least = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+    if not spec.capacity or len(spec.capacity) < 2:
+        return MigrateBack(False, "one capacity option: nowhere better to move to")
+    if least >= 2:
+        return MigrateBack(False, "GKE's active migration moves two or more replicas itself, one at a time "
+                                  "under the PodDisruptionBudget")
+    if parked:
+        return MigrateBack(False, "parked: its next wake starts on the first option with capacity")
+    if live is None or live_replicas == 0:
+        return MigrateBack(False, "no color serves")
+    if other_replicas > 0:
+        return MigrateBack(False, "the other color is up (a release, or its scale-down delay): not now")
+    if not live_matches_spec:
+        return MigrateBack(False, "the live color does not run the spec's pod template: that is a release's "
+                                  "change, not a move")
+    served = placement.served_by if placement is not None else []
+    if not served:
+        return MigrateBack(False, "the live pods run on no capacity option's node yet")
+    worst = max(o.index for o in served)
+    if worst == 0:
+        return MigrateBack(False, f"already on the first option ({served[0].label})", 0)
+    return MigrateBack(True, f"serving on option {worst} ({placement.options[worst].label}) while option 0 "
+                             f"({placement.options[0].label}) is preferred: a new color goes up beside it and is "
+                             "switched to only if it lands on a better option", worst)
+
+
+def landed_better(candidate: Placement, *, than: int) -> tuple[bool, str]:
+    """Did the migration's candidate land on an option better than ``than`` (the live color's)?"""
+    served = candidate.served_by
+    if not served:
+        return False, "the candidate runs on no capacity option's node"
+    worst = max(o.index for o in served)
+    where = ", ".join(f"option {o.index} ({o.label})" for o in served)
+    if worst < than:
+        return True, f"on {where}, better than option {than}"
+    why = "; ".join(f"option {o.index}: {', '.join(o.refused)}" for o in candidate.options[:than] if o.refused)
+    return False, (f"the candidate landed on {where}, no better than option {than}: the preferred option has no "
+                   f"capacity yet" + (f" ({why})" if why else ""))

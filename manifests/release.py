@@ -135,6 +135,7 @@ STEP_TEXT = {
     "gateway": "InferencePools, endpoint pickers and the HTTPRoute for both colors ({live} keeps its weight)",
     "canary": "move the HTTPRoute's weight to {candidate} step by step, each judged on real traffic by PromQL vs "
               "{live}, plus smoke prompts; a failed step puts the weight back on {live} at once",
+    "placement": "check {candidate} landed on a better capacity option than {live}; else roll back (retry later)",
     "scale_down": "keep {retire} warm for scale_down_delay, then scale it to 0",
     "record": "append the release to the history on the live Service",
 }

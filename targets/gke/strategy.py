@@ -105,9 +105,13 @@ def rolled_back(exc: BaseException, report: Report) -> Any:
     return Failed(message=message, data=exc)
 
 
-def run_release(t: Prepared, report: Report, observed: Observed, plan: ReleasePlan) -> tuple[dict[str, Any], Color | None]:
-    """Run the plan's steps in order (caller holds the model's lock). Returns (result, color to retire later)."""
+def run_release(t: Prepared, report: Report, observed: Observed, plan: ReleasePlan, *,
+                extra_steps: dict[str, tuple[str, Step]] | None = None) -> tuple[dict[str, Any], Color | None]:
+    """Run the plan's steps in order (caller holds the model's lock). Returns (result, color to retire later).
+    ``extra_steps``: named steps beside the strategy's own (the move back to a preferred capacity option's
+    placement check), undone by the same rollback."""
     strategy = strategy_for(t.spec)
+    steps = {**strategy.steps, **(extra_steps or {})}
     if plan.action == "clean_up":
         r = Release(t, report, plan, observed, stable=plan.retire, candidate=plan.live, switched=True)  # type: ignore[arg-type]
     else:
@@ -120,7 +124,7 @@ def run_release(t: Prepared, report: Report, observed: Observed, plan: ReleasePl
             for name in plan.steps:
                 if name == "scale_down":
                     continue  # after the lock, see finish_retire
-                title, fn = strategy.steps[name]
+                title, fn = steps[name]
                 with report.step(title) as step:
                     step.detail = fn(r)
     except Exception as exc:

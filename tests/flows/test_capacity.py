@@ -158,6 +158,81 @@ def test_a_release_candidate_lands_on_the_first_option_with_capacity(seed004, sb
     assert "room per option: [0]" in head and "[1]" in head
 
 
+def _live_address(sbc, spec: dict) -> str:
+    want = f"{spec['namespace']}/{spec['name']}"
+    for c in (sbc.state().get("clusters_kube") or {}).values():
+        port = (c.get("service_ports") or {}).get(want)
+        if port:
+            return f"http://127.0.0.1:{port['port']}"
+    raise AssertionError(f"no loopback address for {want}")
+
+
+class _Load:
+    """Constant completions through the live Service's own address (kube-proxy's path): every answer kept."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url, self.model, self.codes, self.errors = url, model, [], []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            while not self.stop.is_set():
+                try:
+                    r = http.post("/v1/completions", json={"model": self.model, "prompt": "Hi", "max_tokens": 2})
+                    self.codes.append(r.status_code)
+                except httpx.HTTPError as exc:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.02)
+
+    def __enter__(self) -> _Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(70)
+
+
+def test_preferred_option_back_moves_a_single_replica_back_with_no_dropped_request(seed004, sbc, sandbox):
+    """Issue 23: the single replica landed on on-demand while spot was gone. migrate_back decides from the
+    cluster (live color on option 1, option 0 preferred) and brings a new color up beside the live one:
+    while spot is still gone it lands on on-demand again and is scaled back to 0 (traffic never moved);
+    once spot is back it lands there, is switched to, and the on-demand color is retired — all under
+    constant load through the live Service, 0 failed requests."""
+    from flows.migrate_back import migrate_back
+    from tasks import k8s
+
+    spec, kubeconfig = seed004
+    assert pod_pools(spec, kubeconfig) == ["g2-standard-8-od"]  # the release above, while spot was gone
+    live = live_service(spec, kubeconfig)["spec"]["selector"]["llm-fleet.dev/color"]
+    for zone in ZONES:  # spot still gone
+        sbc.set_stockout(zone, "nvidia-l4", spot=True)
+    with _Load(_live_address(sbc, spec), spec["model"]["id"]) as load:
+        stayed = migrate_back(spec=spec)  # spot still stocked out
+        assert stayed["action"] == "stayed" and "no better than option 1" in stayed["reason"], stayed
+        assert live_service(spec, kubeconfig)["spec"]["selector"]["llm-fleet.dev/color"] == live
+        other = k8s.get_object.fn(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
+                                  name=f"{spec['name']}-{'green' if live == 'blue' else 'blue'}",
+                                  namespace=spec["namespace"])
+        assert other["spec"]["replicas"] == 0
+        sbc.clear_stockouts()
+        moved = migrate_back(spec=spec)
+        assert moved["action"] == "migrated_back" and moved["color"] != live, moved
+        mark = len(load.codes)
+        deadline = time.monotonic() + 30
+        while len(load.codes) < mark + 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert load.errors == [] and set(load.codes) == {200}, (load.errors[:3], sorted(set(load.codes)))
+    assert len(load.codes) > 50
+    assert pod_pools(spec, kubeconfig) == ["g2-standard-8"]  # spot again, the old color retired
+    assert migrate_back(spec=spec)["action"] == "none"  # already on the first option
+
+
 def test_gpu_report_prices_each_option_it_ran_on(seed004):
     """The wakes and the release above ran on spot and on on-demand: each option's GPU-hours at its own
     price, so the fallback's surcharge shows in the cost."""

@@ -219,3 +219,36 @@ def test_pools_named_alike_are_told_apart_by_their_vm_base_names():
     a, b = "gke-llm-fleet-g2-standard-8-0af51b58", "gke-llm-fleet-g2-standard-8-9e3b1c2d"  # GKE cuts at 14 chars
     bases = {0: {a}, 1: {b}}
     assert option_of_node(spec, f"{a}-1bcc", bases) == 0 and option_of_node(spec, f"{b}-77aa", bases) == 1
+
+
+def _placement(spec, served: int | None, refused: dict[int, list[str]] | None = None):
+    from manifests.capacity import OptionOutcome, Placement
+
+    return Placement([OptionOutcome(i, o.label(), spec.option_pool(i), served=int(i == served),
+                                    refused=(refused or {}).get(i, [])) for i, o in enumerate(spec.capacity_options)])
+
+
+def test_migrate_back_is_decided_from_the_cluster_alone():
+    from manifests.capacity import migrate_back_decision
+
+    spec = _spec()
+    go = dict(parked=False, live="blue", live_replicas=1, other_replicas=0, live_matches_spec=True)
+    d = migrate_back_decision(spec, placement=_placement(spec, 1), **go)
+    assert d.migrate and d.serving_option == 1 and "option 1 (1× nvidia-l4 on-demand" in d.reason
+    assert not migrate_back_decision(spec, placement=_placement(spec, 0), **go).migrate  # already first
+    for over, why in [({"parked": True}, "parked"), ({"other_replicas": 1}, "other color is up"),
+                      ({"live_matches_spec": False}, "release's change"), ({"live": None}, "no color serves")]:
+        d = migrate_back_decision(spec, placement=_placement(spec, 2), **{**go, **over})
+        assert not d.migrate and why in d.reason, (over, d.reason)
+    two = _spec(replicas=2, on_spot_preemption="keep_serving")
+    d = migrate_back_decision(two, placement=_placement(two, 1), **go)
+    assert not d.migrate and "active migration" in d.reason  # GKE moves >= 2 replicas itself
+
+
+def test_a_migration_candidate_must_land_on_a_better_option():
+    from manifests.capacity import landed_better
+
+    spec = _spec()
+    assert landed_better(_placement(spec, 0), than=1)[0]
+    ok, why = landed_better(_placement(spec, 1, {0: ["us-central1-a: GCE out of resources"]}), than=1)
+    assert not ok and "no better than option 1" in why and "option 0: us-central1-a: GCE out of resources" in why
