@@ -74,3 +74,35 @@ def check(spec: DeploymentSpec, error: type[Exception]) -> None:
                     "(the engine then loads the mirror)")
     if not w.bucket:  # (the spec's own check already refuses this; kept for a spec built by hand)
         raise error("startup.weights.bucket", "no bucket to mirror into", "set startup.weights.bucket")
+
+
+# Bucket-level roles that include storage.objects.get (what the engine needs to read the mirror).
+READER_ROLES = frozenset({"roles/storage.objectViewer", "roles/storage.objectUser", "roles/storage.objectAdmin",
+                          "roles/storage.admin", "roles/storage.legacyObjectReader", "roles/storage.legacyObjectOwner"})
+
+
+def pod_identity(spec: DeploymentSpec) -> tuple[str, str]:
+    """(IAM member the pods read the bucket as, the gcloud grant that lets them): the Google service account
+    their Kubernetes service account impersonates, else that Kubernetes service account itself through
+    Workload Identity Federation (its principal; the project number is the caller's to fill in)."""
+    w = spec.startup.weights
+    if spec.gcp_service_account:
+        member = f"serviceAccount:{spec.gcp_service_account}"
+    else:
+        member = (f"principal://iam.googleapis.com/projects/PROJECT_NUMBER/locations/global/workloadIdentityPools/"
+                  f"{spec.cluster.project}.svc.id.goog/subject/ns/{spec.namespace}/sa/{spec.service_account}")
+    return member, (f"gcloud storage buckets add-iam-policy-binding gs://{w.bucket} --member={member} "
+                    "--role=roles/storage.objectViewer")
+
+
+def pods_can_read(bindings: list[dict], spec: DeploymentSpec) -> bool:
+    """Whether the bucket's own policy lets the pods read objects (project-level grants are not visible here)."""
+    member, _ = pod_identity(spec)
+    pool_subject = member.split("/workloadIdentityPools/", 1)[-1]
+    for b in bindings:
+        if b.get("role") not in READER_ROLES:
+            continue
+        for m in b.get("members") or []:
+            if m == member or (m.startswith("principal://") and m.split("/workloadIdentityPools/", 1)[-1] == pool_subject):
+                return True
+    return False

@@ -6,6 +6,7 @@ gcs.url})`` (the env file's ``LLM_FLEET_STORAGE_ENDPOINT``); fault service ``"gc
 ==========================================================  ====================================================
 ``POST /storage/v1/b?project=P``                            create a bucket (409 if it exists)
 ``GET  /storage/v1/b/{bucket}``                             bucket metadata
+``GET  /storage/v1/b/{bucket}/iam``                         the bucket's IAM policy (project members only)
 ``GET  /storage/v1/b/{bucket}/o``                           list (``prefix``, ``delimiter``, ``maxResults``,
                                                             ``pageToken``)
 ``GET  /storage/v1/b/{bucket}/o/{object}``                  object metadata (``alt=media``: its bytes)
@@ -105,7 +106,7 @@ class Bucket:
     storage_class: str = "STANDARD"
     created: float = field(default_factory=time.time)
     objects: dict[str, Blob] = field(default_factory=dict)
-    grants: dict[str, str] = field(default_factory=dict)  # email -> role
+    grants: dict[str, str] = field(default_factory=dict)  # IAM member ("serviceAccount:…", "principal://…") -> role
 
 
 @dataclass
@@ -144,11 +145,13 @@ class Gcs(Emulator):
         with self._lock:
             return self.buckets.setdefault(name, Bucket(name, project or self.project, location))
 
-    def grant(self, bucket: str, email: str, role: str = VIEWER) -> None:
+    def grant(self, bucket: str, member: str, role: str = VIEWER) -> None:
+        """A bucket-level IAM binding; ``member`` is an email (a service account's or a user's) or an IAM
+        member string (``principal://…`` for a Kubernetes service account through Workload Identity)."""
         if role not in (VIEWER, ADMIN):
             raise ValueError(f"role must be {VIEWER} or {ADMIN}")
         with self._lock:
-            self.buckets[bucket].grants[email] = role
+            self.buckets[bucket].grants[_member(member)] = role
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, Blob]:
         with self._lock:
@@ -185,7 +188,7 @@ class Gcs(Emulator):
         b = self.buckets.get(bucket)
         if b is None:
             raise _error(404, "The specified bucket does not exist.", "notFound")
-        role = ADMIN if who.endswith(f"@{b.project}.iam.gserviceaccount.com") else b.grants.get(who)
+        role = ADMIN if who.endswith(f"@{b.project}.iam.gserviceaccount.com") else b.grants.get(_member(who))
         if role == ADMIN or (role == VIEWER and permission in _READ):
             return who
         raise _error(403, f"{who} does not have {permission} access to {what}", "forbidden")
@@ -233,6 +236,12 @@ class Gcs(Emulator):
             blob.generation = self._next_generation()
             self.buckets[bucket].objects[name] = blob
         return blob
+
+
+def _member(who: str) -> str:
+    if ":" in who:
+        return who
+    return ("serviceAccount:" if who.endswith(".gserviceaccount.com") else "user:") + who
 
 
 def _error(status: int, message: str, reason: str) -> HttpError:
@@ -305,6 +314,25 @@ def _bucket_json(b: Bucket) -> dict[str, Any]:
 def _get_bucket(h: GcsHandler, bucket: str):
     h.gcs.caller(h, "storage.buckets.get", bucket)
     return _bucket_json(h.gcs.buckets[bucket])
+
+
+@route(_ROUTES, "GET", _B + r"/iam")
+def _get_iam(h: GcsHandler, bucket: str):
+    """The bucket's IAM policy: the project's convenience bindings (as every bucket has) and its grants."""
+    who = h.gcs.caller(h, "storage.buckets.getIamPolicy", bucket)
+    b = h.gcs.buckets[bucket]
+    if not who.endswith(f"@{b.project}.iam.gserviceaccount.com"):  # objectViewer/objectAdmin cannot read it
+        raise _error(403, f"{who} does not have storage.buckets.getIamPolicy access to the Google Cloud Storage "
+                     "bucket. Permission 'storage.buckets.getIamPolicy' denied on resource (or it may not exist).",
+                     "forbidden")
+    roles: dict[str, list[str]] = {"roles/storage.legacyBucketOwner": [f"projectEditor:{b.project}",
+                                                                       f"projectOwner:{b.project}"],
+                                   "roles/storage.legacyBucketReader": [f"projectViewer:{b.project}"]}
+    with h.gcs._lock:
+        for member, role in sorted(b.grants.items()):
+            roles.setdefault(role, []).append(member)
+    return {"kind": "storage#policy", "resourceId": f"projects/_/buckets/{bucket}", "version": 1, "etag": "CAE=",
+            "bindings": [{"role": r, "members": m} for r, m in roles.items()]}
 
 
 # ---- objects ------------------------------------------------------------------------------------------

@@ -66,6 +66,15 @@ def mirrored_objects(*, project: str, bucket: str, prefix: str) -> dict[str, Mir
                                    int(b.generation or 0)) for b in blobs}
 
 
+def bucket_bindings(*, project: str, bucket: str) -> list[dict] | None:
+    """The bucket's IAM bindings; None when this identity may not read them (storage.buckets.getIamPolicy)."""
+    try:
+        policy = storage_client(project=project).bucket(bucket).get_iam_policy(requested_policy_version=3)
+    except gexc.Forbidden:
+        return None
+    return [{"role": b["role"], "members": sorted(b["members"])} for b in policy.bindings]
+
+
 class _Digests:
     """What a copy computes over the bytes it sends: the Hub's checksum kind, and Cloud Storage's two."""
 

@@ -25,6 +25,7 @@ from tasks.report import Report, artifact_key
 from tasks.weights_mirror import (
     CHUNK_BYTES,
     MirrorError,
+    bucket_bindings,
     copy_file,
     forget_upload,
     mirrored_objects,
@@ -71,12 +72,29 @@ def ensure_mirror(spec: DeploymentSpec, *, commit: str, token: SecretStr, report
             plan = mirror.plan(files, mirrored_objects(project=spec.cluster.project, bucket=bucket, prefix=prefix),
                                prefix=prefix)
             step.detail = f"dry run: {len(plan.copy)} of {len(files)} files would be copied ({_mib(plan.bytes_to_copy)})"
-            return
-        plan, copied = copy_revision(model_id=spec.model.id, commit=commit, token=token, project=spec.cluster.project,
-                                     bucket=bucket, prefix=prefix, log=logger().info)
-        total = len(plan.copy) + len(plan.done)
-        step.detail = (f"{len(copied)} of {total} files copied now ({_mib(sum(f.size for f in copied))}), verified"
-                       if copied else f"{total} files, already mirrored")
+        else:
+            plan, copied = copy_revision(model_id=spec.model.id, commit=commit, token=token,
+                                         project=spec.cluster.project, bucket=bucket, prefix=prefix, log=logger().info)
+            total = len(plan.copy) + len(plan.done)
+            step.detail = (f"{len(copied)} of {total} files copied now ({_mib(sum(f.size for f in copied))}), "
+                           "verified" if copied else f"{total} files, already mirrored")
+    warning = pods_read_warning(spec, bucket_bindings(project=spec.cluster.project, bucket=bucket))
+    if warning:
+        report.note(warning)
+
+
+def pods_read_warning(spec: DeploymentSpec, bindings: list[dict] | None) -> str | None:
+    """A warning when the bucket's own policy does not let the pods read the mirror (a project-level grant,
+    invisible here, may still: so it does not fail the run)."""
+    member, fix = mirror.pod_identity(spec)
+    bucket = spec.startup.weights.bucket
+    if bindings is None:
+        return (f"⚠️ startup.weights.bucket: cannot read gs://{bucket}'s IAM policy to check that the pods "
+                f"({member}) may read the weights — if they may not: {fix}")
+    if not mirror.pods_can_read(bindings, spec):
+        return (f"⚠️ startup.weights.bucket: gs://{bucket} grants no object read to the pods ({member}); unless a "
+                f"project-level role does, the engine cannot load the weights — {fix}")
+    return None
 
 
 def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
@@ -113,6 +131,9 @@ def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = Fals
                 raise MirrorError(f"not mirrored after the copy: {', '.join(f.path for f in after.copy)}",
                                   "rerun mirror_model")
             step.detail = f"{len(after.done)} files, sizes and checksums as the Hub states"
+        warning = pods_read_warning(spec, bucket_bindings(project=project, bucket=bucket))
+        if warning:
+            report.note(warning)
         report.table_artifact(key, rows, f"Mirror of {spec.model.id}@{commit[:12]} in gs://{bucket}/{prefix}")
         report.succeed(f"gs://{bucket}/{prefix}: {len(files)} files, {len(copied)} copied now")
         return {"commit": commit, "uri": f"gs://{bucket}/{prefix}", "files": len(files),

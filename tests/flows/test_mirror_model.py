@@ -73,11 +73,12 @@ def kill_mid_copy(*, model_id: str, commit: str, bucket: str, prefix: str) -> su
                           text=True, timeout=120)
 
 
-def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_changes_nothing(sandbox, tiny):
+def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_changes_nothing(sandbox, tiny, sbc):
     from flows.mirror_model import mirror_model
 
     model_id, commit, bucket, prefix = tiny
     want = hub_checksums(sandbox, model_id, commit)
+    spec = mirror_spec(sandbox, model_id, bucket)
     assert len(want) == 9 and sum(1 for _, c in want.values() if c.startswith("sha256:")) == 3
 
     killed = kill_mid_copy(model_id=model_id, commit=commit, bucket=bucket, prefix=prefix)
@@ -88,7 +89,7 @@ def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_ch
     assert not cut["done"] and cut["persisted"] == 2**20  # an unfinished upload: 1 MiB held, no object
     before = {n: o.generation for n, o in there.items()}
 
-    got = mirror_model(spec=mirror_spec(sandbox, model_id, bucket))
+    got = mirror_model(spec=spec)
     assert got["commit"] == commit and got["uri"] == f"gs://{bucket}/{prefix}"
     assert set(got["skipped"]) == {n.removeprefix(prefix) for n in before}  # what the killed run finished
     assert set(got["copied"]) == set(want) - set(got["skipped"]) and KILL_IN in got["copied"]
@@ -104,14 +105,24 @@ def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_ch
     assert resumed["done"] and resumed["chunks"] == cut["chunks"] + 1
     assert not list((sandbox.state_dir / "uploads").glob("*.json"))  # no session left to resume
 
+    # the pods cannot read the bucket yet (no grant to their Kubernetes service account): said, with the fix
+    warned = [m["text"] for m in sbc.slack_messages() if f"gs://{bucket} grants no object read to the pods" in m["text"]]
+    assert len(warned) == 1 and "gcloud storage buckets add-iam-policy-binding" in warned[0]
+    from manifests.mirror import pod_identity
+    from manifests.spec import parse_spec
+
+    member, _ = pod_identity(parse_spec(spec))
+    sandbox.gcs.grant(bucket, member.replace("PROJECT_NUMBER", "123456789"))
+
     sessions = len(sandbox.gcs.snapshot()["sessions"])
-    again = mirror_model(spec=mirror_spec(sandbox, model_id, bucket))
+    again = mirror_model(spec=spec)
     assert again["copied"] == [] and set(again["skipped"]) == set(want)
     assert {n: o.generation for n, o in sandbox.gcs.objects(bucket, prefix).items()} == {
         n: o.generation for n, o in objects.items()}
     assert len(sandbox.gcs.snapshot()["sessions"]) == sessions  # no upload was even started
-    dry = mirror_model(spec=mirror_spec(sandbox, model_id, bucket), dry_run=True)
+    dry = mirror_model(spec=spec, dry_run=True)
     assert dry["dry_run"] and {r["action"] for r in dry["plan"]} == {"already mirrored"}
+    assert len([m for m in sbc.slack_messages() if f"gs://{bucket} grants no" in m["text"]]) == 1  # granted now
 
 
 def test_a_spec_without_a_bucket_source_and_a_missing_bucket_are_named_with_the_fix(sandbox, tiny):

@@ -117,6 +117,11 @@ def test_errors_as_gcs_answers_them(env):
     assert [b.name for b in client(gcs, stranger).list_blobs("errors-bucket")] == ["a.txt"]
     with pytest.raises(gexc.Forbidden, match="storage.objects.create"):
         client(gcs, stranger).bucket("errors-bucket").blob("b.txt").upload_from_string("no")
+    policy = c.bucket("errors-bucket").get_iam_policy(requested_policy_version=3)
+    assert policy["roles/storage.objectViewer"] == {"serviceAccount:someone@other-project.iam.gserviceaccount.com"}
+    assert f"projectViewer:{P}" in policy["roles/storage.legacyBucketReader"]
+    with pytest.raises(gexc.Forbidden, match="storage.buckets.getIamPolicy"):  # an objectViewer cannot read it
+        client(gcs, stranger).bucket("errors-bucket").get_iam_policy()
 
 
 def test_list_prefix_delimiter_and_pages(env):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from manifests.mirror import MirroredObject, SourceFile, check, location, plan
+from manifests.mirror import MirroredObject, SourceFile, check, location, plan, pod_identity, pods_can_read
 from manifests.spec import SpecError, parse_spec
 from tests.flows.conftest import spec_dict
 
@@ -37,3 +37,21 @@ def test_a_spec_that_reads_the_hub_is_refused_naming_the_field_and_the_fix():
         check(spec, SpecError)
     assert err.value.field == "startup.weights.source"
     assert "set startup.weights: {source: gcs, bucket: <bucket>}" in str(err.value)
+
+
+def test_the_pods_read_grant_is_found_for_their_google_or_kubernetes_identity():
+    gsa = parse_spec(spec_dict("gemma2-2b-it-vllm-l4.yaml", service_account="vllm",
+                               gcp_service_account="weights@p.iam.gserviceaccount.com",
+                               startup__weights={"source": "gcs", "bucket": "my-weights"}))
+    ksa = parse_spec(spec_dict("gemma2-2b-it-vllm-l4.yaml", service_account="vllm",
+                               startup__weights={"source": "gcs", "bucket": "my-weights"}))
+    viewer = [{"role": "roles/storage.legacyBucketReader", "members": ["projectViewer:p"]},
+              {"role": "roles/storage.objectViewer", "members": ["serviceAccount:weights@p.iam.gserviceaccount.com"]}]
+    assert pods_can_read(viewer, gsa) and not pods_can_read(viewer, ksa)
+    member, fix = pod_identity(ksa)
+    assert member.endswith(f"workloadIdentityPools/{ksa.cluster.project}.svc.id.goog/subject/ns/{ksa.namespace}/sa/vllm")
+    assert fix == (f"gcloud storage buckets add-iam-policy-binding gs://my-weights --member={member} "
+                   "--role=roles/storage.objectViewer")
+    granted = [{"role": "roles/storage.objectViewer", "members": [member.replace("PROJECT_NUMBER", "12345")]}]
+    assert pods_can_read(granted, ksa)  # the principal as IAM shows it, with the project number
+    assert not pods_can_read([{"role": "roles/storage.legacyBucketReader", "members": granted[0]["members"]}], ksa)
