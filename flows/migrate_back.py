@@ -11,7 +11,7 @@ once it has capacity again — by a new color beside the live one, never by rest
    retired after scale_down_delay
 
 Two or more replicas are moved by GKE's own active migration (the ComputeClass), one at a time under the
-PodDisruptionBudget. The steps are in targets/gke/migrate.py.
+PodDisruptionBudget. The steps are in targets/gke/migrate.py (the target's ``migrate_back``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow
 
 from manifests.fleet import SpecParam
-from targets.gke.migrate import migrate_back as move_back
+from targets import target_for
 
 
 @flow(name="migrate_back", log_prints=True)
@@ -31,4 +31,4 @@ def migrate_back(spec: SpecParam = "deployments/mistral-7b-vllm-spot.yaml") -> d
     Args:
         spec: The deployment spec: a bundled one (deployments/*.yaml), another spec file, or the spec itself.
     """
-    return move_back(spec)
+    return target_for(spec).migrate_back(spec=spec)

@@ -92,6 +92,10 @@ class ServingTarget:
         """Remove everything the spec created, then verify nothing labelled for it is left."""
         raise self._unsupported("teardown", "not implemented")
 
+    def migrate_back(self, *, spec: SpecRef) -> dict[str, Any]:
+        """Move a model serving on a fallback capacity option back to the preferred one when it has room."""
+        raise self._unsupported("migrate_back", "the target places the model itself (no capacity options)")
+
     def mirror(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
         """Copy the revision's weights once to where the target's fast start reads them (resumable, idempotent)."""
         raise self._unsupported("mirror_model", "the target reads the weights from the Hub itself")

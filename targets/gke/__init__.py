@@ -67,6 +67,11 @@ class GKE(ServingTarget):
 
         return teardown(spec, cluster=cluster, dry_run=dry_run)
 
+    def migrate_back(self, *, spec: SpecRef) -> dict[str, Any]:
+        from targets.gke.migrate import migrate_back
+
+        return migrate_back(spec)
+
     def mirror(self, *, spec: SpecRef, revision: str | None = None, dry_run: bool = False) -> dict[str, Any]:
         from targets.gke.mirror_steps import mirror_model
 
