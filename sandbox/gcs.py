@@ -135,6 +135,7 @@ class Gcs(Emulator):
         self.sessions: dict[str, Session] = {}
         self._lock = threading.RLock()
         self._generation = 0
+        self.bytes_received = 0  # resumable-upload chunk bytes that reached the service, resent ones included
         self._handler = GcsHandler
         self._server: SandboxHTTPServer | None = None
 
@@ -171,7 +172,8 @@ class Gcs(Emulator):
                                 for b in self.buckets.values()},
                     "sessions": {s.upload_id: {"bucket": s.bucket, "name": s.name, "persisted": len(s.data),
                                                "total": s.total, "done": s.result is not None, "chunks": s.chunks}
-                                 for s in self.sessions.values()}}
+                                 for s in self.sessions.values()},
+                    "bytes_received": self.bytes_received}
 
     # ---- rules shared by the routes ----------------------------------------------------------------
     def caller(self, h: GcsHandler, permission: str, bucket: str, obj: str | None = None) -> str:
@@ -512,6 +514,7 @@ def _put_chunk(h: GcsHandler, bucket: str):
                              f"{first} byte(s), which exceeds already uploaded size of {have} byte(s).", "invalid")
             session.data += body[have - first:]
             session.chunks += 1
+            h.gcs.bytes_received += len(body)
         done = session.total is not None and len(session.data) >= session.total
         if not done and chunk is not None:  # only whole 256 KiB blocks of a non-final chunk are kept
             del session.data[len(session.data) // CHUNK_GRANULARITY * CHUNK_GRANULARITY:]
