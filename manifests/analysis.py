@@ -18,11 +18,23 @@ from dataclasses import dataclass
 from manifests.spec import AnalysisQuery, DeploymentSpec
 
 # placeholders: {selector} = the color's pods, {window} = the step's hold (a PromQL duration)
+
+
+def _delta(series: str) -> str:
+    """How much a counter grew over the window: its value now minus its value where the window starts
+    (``offset``), a series absent then counting from 0. Not ``increase()``: that takes a series' first sample
+    as its baseline, so a counter born inside the window — the instrumentator creates a pod's
+    ``status="5xx"`` series at its first error — never counts the errors it was born with (a 5 % step with
+    one or two long prompts per candidate pod judged 0 errors and passed). (A pod restarting inside the
+    window would undercount; a canary's candidate pods are not expected to.)"""
+    return f"((sum({series}) or vector(0)) - (sum({series} offset {{window}}) or vector(0)))"
+
+
+_HTTP = 'http_requests_total{{{selector},handler=~"/v1/.*"}}'
+_HTTP_5XX = 'http_requests_total{{{selector},handler=~"/v1/.*",status="5xx"}}'
 _VLLM = [
-    AnalysisQuery(name="requests", query='sum(increase(http_requests_total{{{selector},handler=~"/v1/.*"}}[{window}]))'),
-    AnalysisQuery(name="error_rate", max=0.01, min_requests=20,
-                  query='(sum(rate(http_requests_total{{{selector},handler=~"/v1/.*",status="5xx"}}[{window}])) '
-                        'or vector(0)) / sum(rate(http_requests_total{{{selector},handler=~"/v1/.*"}}[{window}]))'),
+    AnalysisQuery(name="requests", query=_delta(_HTTP)),
+    AnalysisQuery(name="error_rate", max=0.01, min_requests=20, query=f"{_delta(_HTTP_5XX)} / {_delta(_HTTP)}"),
     AnalysisQuery(name="p95_latency_s", max_ratio=1.5, min_requests=20,
                   query="histogram_quantile(0.95, sum by (le) "
                         "(rate(vllm:e2e_request_latency_seconds_bucket{{{selector}}}[{window}])))"),

@@ -20,7 +20,12 @@ from manifests.names import Color
 from manifests.spec import DeploymentSpec
 
 Obj = dict[str, Any]
-MAX_EXTENSIONS = 3  # an inconclusive step (too little traffic) is held this many more windows, then aborted
+# A step's window counts requests, not time: an inconclusive step (fewer requests than a query's
+# min_requests) is held window after window while its candidate keeps getting requests; it is aborted after
+# MAX_EXTENSIONS windows in a row that brought the candidate none (no traffic to judge), or after MAX_WINDOWS
+# in all (a trickle too thin to judge in reasonable time).
+MAX_EXTENSIONS = 3
+MAX_WINDOWS = 12
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,13 @@ def candidate_share(route: Obj, spec: DeploymentSpec, candidate: Color) -> float
 Action = Literal["advance", "hold", "abort"]
 
 
-def decide(verdict: Verdict, *, smoke_ok: bool, extensions: int) -> Action:
-    """After a step's window: go on, hold it one more window (too little traffic to judge), or abort."""
+def decide(verdict: Verdict, *, smoke_ok: bool, extensions: int, windows: int = 1) -> Action:
+    """After a step's window: go on, hold it one more window (too little traffic to judge), or abort.
+    ``extensions``: held windows in a row that brought the candidate no request; ``windows``: judged so far."""
     if not smoke_ok or verdict.failed:
         return "abort"
     if verdict.inconclusive:
-        return "hold" if extensions < MAX_EXTENSIONS else "abort"
+        return "hold" if extensions < MAX_EXTENSIONS and windows < MAX_WINDOWS else "abort"
     return "advance"
 
 

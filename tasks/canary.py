@@ -198,25 +198,31 @@ def run_canary(*, api: client.ApiClient, spec: DeploymentSpec, live: Color, quer
         set_weights(api, spec, gateway.weights(live, step.weight))
         if on_step:
             on_step(step, "weights set")
-        extensions = 0
+        extensions, windows, seen = 0, 0, 0.0
         started = now() if now else None
         while True:
-            # a held step is judged over everything since its weights were set (the window grows)
+            # a held step is judged over everything since its weights were set (the window grows), until
+            # its candidate served enough requests to judge: the window counts requests, not time
             sleep(step.hold_s)
+            windows += 1
             at = now() if now else None
             window = (max(1.0, at - started) if at is not None and started is not None
-                      else step.hold_s * (extensions + 1))
+                      else step.hold_s * windows)
             cand = measure(spec, f"{spec.name}-{candidate}", query, window_s=window, at=at)
             live_fig = measure(spec, f"{spec.name}-{live}", query, window_s=window, at=at)
             verdict = analysis.judge(qs, cand, live_fig)
-            smoke_ok = smoke()
-            action = canary.decide(verdict, smoke_ok=smoke_ok, extensions=extensions)
+            served = cand.get("requests") or 0.0
+            extensions = 0 if served > seen else extensions + (windows > 1)
+            seen = max(seen, served)
+            # The smoke prompts once the step is judged, not in every held window: they land on the candidate's
+            # counters, and held windows of synthetic short prompts filled min_requests in place of real traffic.
+            smoke_ok = True if verdict.inconclusive else smoke()
+            action = canary.decide(verdict, smoke_ok=smoke_ok, extensions=extensions, windows=windows)
             result = canary.StepResult(step, verdict, smoke_ok, action, window)
             outcome.steps.append(result)
             if on_step:
                 on_step(step, result.text(len(steps)))
             if action == "hold":
-                extensions += 1
                 continue
             break
         if action == "abort":

@@ -10,8 +10,9 @@
   (cloud.google.com/kubernetes-engine/docs/how-to/deploying-gateways, gateway-api.sigs.k8s.io/reference/spec).
 * HTTPRoute: attached through ``parentRefs``; ``hostnames``, path (``PathPrefix``/``Exact``), header and
   method matches, precedence as the spec orders it (exact path, longest prefix, method, most headers).
-  ``backendRefs`` weights are honoured: the sandbox splits by smooth weighted round-robin (exact shares;
-  Envoy and Google's load balancers pick at random with the same weights). Weight 0 gets nothing; all
+  ``backendRefs`` weights are honoured: the sandbox deals shuffled decks of the weights (exact shares over
+  each deck, random order within; Envoy and Google's load balancers pick at random with the same weights).
+  Weight 0 gets nothing; all
   zero, or no backend resolvable: 500, as the spec requires. ``status.parents`` carries ``Accepted`` and
   ``ResolvedRefs`` (``BackendNotFound`` / ``InvalidKind``) under ``controllerName networking.gke.io/gateway``.
 * Body-based routing (the Inference Extension's BBR, ``body-based-routing`` chart): the OpenAI ``model``
@@ -30,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
+import random
 import re
 import threading
 import time
@@ -160,24 +163,33 @@ class _Served:
         self.ctl, self.ns, self.name = ctl, ns, name
         self.http: SandboxHTTPServer = serve(GatewayHandler, state=self, faults=ctl.cluster.faults)
         self.lock = threading.Lock()
-        self.current: dict[tuple[str, str, int], dict[int, float]] = {}  # smooth WRR state per route rule
+        # per route rule: (weights, the cards left of the current deck)
+        self.decks: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
+        self.rng = random.Random(f"{ns}/{name}")  # seeded: one client's request sequence splits the same each run
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.http.stop()
 
     def _choose(self, key: tuple[str, str, int], refs: list[Obj]) -> Obj | None:
+        """A backend by weight: each deck of (weights ÷ their gcd) cards is dealt in a random order, so the
+        shares are exact over every deck and no backend's turn has a period a client's own pattern could
+        line up with (smooth round-robin gave a 5 % backend exactly every 20th request: with two clients
+        sending every 5th prompt long, its every request could be short). Envoy and Google's load balancers
+        pick each request at random with the weights; a deck past 1,000 cards does that too."""
         weights = [max(0, int(r.get("weight", 1))) for r in refs]
-        total = sum(weights)
-        if total == 0:
+        if sum(weights) == 0:
             return None
         with self.lock:
-            cur = self.current.setdefault(key, {})
-            for i, w in enumerate(weights):
-                cur[i] = cur.get(i, 0.0) + w
-            best = max(range(len(refs)), key=lambda i: (cur[i] if weights[i] else float("-inf"), -i))
-            cur[best] -= total
-        return refs[best]
+            have, cards = self.decks.get(key, ([], []))
+            if have != weights or not cards:
+                g = math.gcd(*weights)
+                if sum(weights) // g > 1000:
+                    return refs[self.rng.choices(range(len(refs)), weights=weights)[0]]
+                cards = [i for i, w in enumerate(weights) for _ in range(w // g)]
+                self.rng.shuffle(cards)
+                self.decks[key] = (weights, cards)
+            return refs[cards.pop()]
 
     def serve(self, h: GatewayHandler) -> None:
         from sandbox.routing import proxy

@@ -8,6 +8,7 @@ cloud.google.com/stackdriver/docs/managed-prometheus/query-api-ui). The sandbox 
 
 * selectors ``name{l="v", l!="v", l=~"re", l!~"re"}`` (regexes fully anchored), instant (5 min lookback)
   and range ``[30s|5m|1h]``;
+* the ``offset <duration>`` modifier on a selector (a counter's value where a window starts);
 * ``rate`` / ``increase`` (counter resets handled, extrapolated to the window's edges as Prometheus does),
   ``histogram_quantile(φ, …)`` (linear within the bucket, the highest finite bound for the ``+Inf`` one);
 * ``sum|avg|min|max|count [by (…)] (…)``; ``+ - * /`` between scalars and vectors, vectors matched on
@@ -31,7 +32,8 @@ Series = list[tuple[float, float]]
 Source = Callable[[str], list[tuple[dict[str, str], Series]]]
 LOOKBACK_S = 300.0
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_TOKEN = re.compile(r'\s*(?:(?P<num>\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?![a-zA-Z_:])|(?P<dur>\[\d+(?:ms|s|m|h|d|w)\])|'
+_TOKEN = re.compile(r'\s*(?:(?P<bdur>\d+(?:ms|s|m|h|d|w))(?![a-zA-Z0-9_:])|'
+                    r'(?P<num>\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?![a-zA-Z_:])|(?P<dur>\[\d+(?:ms|s|m|h|d|w)\])|'
                     r'(?P<str>"(?:[^"\\]|\\.)*")|(?P<op>=~|!~|!=|[-+*/(){},=])|(?P<id>[a-zA-Z_:][a-zA-Z0-9_:]*))')
 AGGREGATIONS = ("sum", "avg", "min", "max", "count")
 
@@ -53,6 +55,7 @@ class Sel:
     name: str
     matchers: list[tuple[str, str, str]]
     range_s: float | None = None
+    offset_s: float = 0.0  # ``offset <duration>``: evaluated that long before the query's time
 
 
 @dataclass
@@ -191,6 +194,12 @@ class _Parser:
             self.take("}")
         if self.peek()[0] == "dur":
             sel.range_s = parse_duration(self.take()[1][1:-1])
+        if self.peek() == ("id", "offset"):
+            self.take()
+            kind, raw = self.take()
+            if kind != "bdur":
+                raise PromQLError(f'parse error: expected a duration after "offset", got "{raw or "end of input"}"')
+            sel.offset_s = parse_duration(raw)
         return sel
 
 
@@ -264,6 +273,7 @@ def evaluate(node: Any, src: Source, at: float) -> float | Vector:
         if node.range_s is not None:
             raise PromQLError("a range vector must be the argument of rate() or increase()")
         out: Vector = {}
+        at -= node.offset_s
         for labels, samples in _select(src, node):
             recent = [v for t, v in samples if at - LOOKBACK_S < t <= at]
             if recent:
@@ -307,8 +317,9 @@ def _call(node: Call, src: Source, at: float) -> float | Vector:
         if not isinstance(sel, Sel) or sel.range_s is None:
             raise PromQLError(f"expected type range vector in call to function \"{node.fn}\"")
         out: Vector = {}
+        end = at - sel.offset_s
         for labels, samples in _select(src, sel):
-            inc = _increase(samples, at - sel.range_s, at)
+            inc = _increase(samples, end - sel.range_s, end)
             if inc is not None:
                 out[_key(labels)] = inc / sel.range_s if node.fn == "rate" else inc
         return out

@@ -29,8 +29,8 @@ def test_default_queries_render_for_one_color_and_window():
     assert [q.name for q in qs][:3] == ["requests", "error_rate", "p95_latency_s"]
     sel = analysis.pod_selector("default", "mistral-green")
     text = analysis.render(qs[1], selector=sel, window_s=60)
-    assert text.startswith('(sum(rate(http_requests_total{namespace="default",pod=~"mistral-green-[a-z0-9]+-')
-    assert "[60s]" in text
+    assert text.startswith('((sum(http_requests_total{namespace="default",pod=~"mistral-green-[a-z0-9]+-')
+    assert "offset 60s" in text
     for q in qs:
         promql.parse(analysis.render(q, selector=sel, window_s=30))  # every default parses
 
@@ -104,6 +104,36 @@ def test_judge_is_inconclusive_with_too_few_requests():
     assert v.inconclusive and not v.passed and not v.failed
 
 
+def test_the_errors_a_pods_5xx_series_is_born_with_are_counted():
+    """The instrumentator creates a pod's status="5xx" series at its first error, so its first sample is
+    already 1: increase()/rate() take that sample as the baseline and count 0 errors (the old default judged a
+    5 % step whose candidate pod met one long prompt as error-free). The default counts the counter's growth
+    since the window's start, a series absent then counting from 0."""
+    spec = parse_spec(SPEC)
+    sel = analysis.pod_selector("default", "mistral-green")
+    pod = {"namespace": "default", "pod": "mistral-green-5d8f9-abcde", "handler": "/v1/completions"}
+    src = _series([("http_requests_total", pod | {"status": "2xx"}, [(0, 5), (20, 10), (40, 17), (60, 24)]),
+                   ("http_requests_total", pod | {"status": "5xx"}, [(40, 1), (60, 1)])])
+    qs = {q.name: q for q in analysis.queries(spec)}
+    value = {n: promql.scalar_of(promql.query(analysis.render(q, selector=sel, window_s=60), src, 60.5))
+             for n, q in qs.items() if n in ("requests", "error_rate")}
+    assert value == {"requests": 20, "error_rate": 1 / 20}
+    old = ('(sum(rate(http_requests_total{{{selector},handler=~"/v1/.*",status="5xx"}}[{window}])) or vector(0)) '
+           '/ sum(rate(http_requests_total{{{selector},handler=~"/v1/.*"}}[{window}]))')
+    assert promql.scalar_of(promql.query(old.format(selector=sel, window="60s"), src, 60.5)) == 0.0  # the blind spot
+    verdict = analysis.judge(list(qs.values()), {"requests": 20, "error_rate": 1 / 20}, {"requests": 380})
+    assert verdict.failed and "error_rate 0.05" in verdict.summary()
+
+
+def test_offset_reads_a_counter_where_the_window_starts():
+    src = _series([("c_total", {}, [(0, 3), (30, 7), (60, 12)])])
+    assert promql.scalar_of(promql.query("sum(c_total offset 30s)", src, 60)) == 7
+    assert promql.scalar_of(promql.query("sum(c_total) - sum(c_total offset 1m)", src, 60)) == 9
+    assert promql.scalar_of(promql.query("sum(increase(c_total[70s] offset 5s))", src, 65)) is not None
+    with pytest.raises(promql.PromQLError, match="duration after"):
+        promql.parse("c_total offset x")
+
+
 def test_or_vector_zero_makes_a_counter_that_never_moved_zero():
     src = _series([("req_total", {"status": "2xx"}, [(1, 0), (60, 60)])])
     q = '(sum(rate(req_total{status="5xx"}[1m])) or vector(0)) / sum(rate(req_total[1m]))'
@@ -126,7 +156,9 @@ def test_canary_plan_steps_and_decisions():
     assert canary.decide(ok, smoke_ok=True, extensions=0) == "advance"
     assert canary.decide(ok, smoke_ok=False, extensions=0) == "abort"  # smoke prompts still count
     assert canary.decide(few, smoke_ok=True, extensions=0) == "hold"
-    assert canary.decide(few, smoke_ok=True, extensions=canary.MAX_EXTENSIONS) == "abort"
+    assert canary.decide(few, smoke_ok=True, extensions=canary.MAX_EXTENSIONS) == "abort"  # no new requests
+    assert canary.decide(few, smoke_ok=True, extensions=0, windows=canary.MAX_WINDOWS - 1) == "hold"  # a trickle
+    assert canary.decide(few, smoke_ok=True, extensions=0, windows=canary.MAX_WINDOWS) == "abort"
 
 
 def test_with_weights_keeps_the_resource_version_for_the_checked_update():
