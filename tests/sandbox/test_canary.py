@@ -49,7 +49,10 @@ def test_good_candidate_reaches_100_with_each_share_as_weighted_and_nothing_drop
     outcome, shares, load, live_5xx, weights = _run(None)
     assert outcome.promoted, outcome.summary(4)
     assert sorted(set(w for w, _ in shares)) == [5, 25, 50, 100]  # a step may be held a window longer
-    assert all(abs(share - w) <= 3 for w, share in shares), shares
+    # each step's share over its whole time (its last window: held windows grow from the weight change), not a
+    # short first window where the one or two requests still in flight under the old weights weigh points
+    whole = dict(shares)
+    assert all(abs(share - w) <= 3 for w, share in whole.items()), shares
     assert weights == {"mistral-7b-blue": 0, "mistral-7b-green": 100}
     assert load.failed() == 0 and len(load.results) > 500
 
