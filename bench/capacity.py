@@ -13,7 +13,8 @@ A scale-up (a wake, a preempted node's replacement) then takes, as the sandbox's
 - **fallback** (the ComputeClass): the first option with capacity — on a spot stockout one refused probe
   per spot zone (20 s each, ``autoscaler_scale_up_error``) then the on-demand node's boot and load (W);
   back to spot at the next wake (seed 004 keeps one replica: no active migration, which would restart it;
-  with two or more replicas, migration back once spot frees up);
+  with two or more replicas, migration back once spot frees up), or with the ``migrate_back`` flow (every
+  30 min) at its first run after spot frees up, by a new color beside the live one;
 - **single pool** (spot only): nothing until spot capacity is back — the autoscaler retries after its
   backoff (5, 10, 20, 30 min…), then boot and load (W).
 
@@ -43,6 +44,7 @@ from manifests.render import migrates_back  # noqa: E402
 from manifests.spec import DeploymentSpec, load_spec  # noqa: E402
 
 MODEL, SPEC = "mistral-7b-instruct", "mistral-7b-vllm-spot.yaml"
+MIGRATE_EVERY_S = 30 * 60  # the migrate_back deployment's schedule (prefect.yaml)
 DAY = 86400.0
 PROBE = 20.0  # GCE refuses a VM this soon after the MIG asks (sandbox autoscaler_scale_up_error)
 BACKOFF = (300.0, 600.0, 1200.0, 1800.0)  # cluster-autoscaler's node-group backoff, growing, capped at 30 min
@@ -107,7 +109,8 @@ def single_pool_ready(outages: list[tuple[float, float]], t: float, w: float) ->
 
 
 def replay(spec: DeploymentSpec, reqs: list[tuple[float, int]], on: list[tuple[float, float]], *,
-           seed: int, fallback: bool, on_demand_only: bool = False, migrate: bool | None = None) -> Run:
+           seed: int, fallback: bool, on_demand_only: bool = False, migrate: bool | None = None,
+           check_every: float | None = None) -> Run:
     """GPU-on intervals ``on`` (the policy's), with every scale-up meeting GCE's capacity of the moment."""
     rng = random.Random(seed * 31 + (1 if fallback else 0))
     rates = {r["option"]: r for r in option_rates(load_prices(), spec)}
@@ -138,10 +141,15 @@ def replay(spec: DeploymentSpec, reqs: list[tuple[float, int]], on: list[tuple[f
         ready = t + PROBE * zones + w  # each spot zone refused, then the on-demand node boots and loads
         # active migration (two replicas or more): a spot node once it frees up, billed from `end`; a single
         # replica stays on its fallback until the next park (manifests.render.migrates_back)
-        back = min(until, end + w) if migrates else until
+        # the migrate_back flow (a single replica, run every `check_every` s): at its first run after spot is
+        # back, a spot color boots beside the on-demand one, then takes the traffic (no gap: nobody waits)
+        start = end
+        if not migrates and check_every:
+            start = -(-end // check_every) * check_every
+        back = min(until, start + w) if migrates or check_every else until
         segments.append((t + PROBE * zones, back, 1))
         if back < until:
-            segments.append((end, until, 0))
+            segments.append((start, until, 0))
         return ready
 
     for s, e in on:
@@ -210,6 +218,8 @@ def main() -> int:
     print(row("capacity list (ComputeClass)", fb))
     print(row("capacity list, migrating back", replay(spec, reqs, policy.on, seed=args.seed,
                                                              fallback=True, migrate=True)))
+    print(row("capacity list + migrate_back 30m", replay(spec, reqs, policy.on, seed=args.seed, fallback=True,
+                                                             check_every=MIGRATE_EVERY_S)))
     print(row("on-demand pool only (reference)", replay(spec, reqs, policy.on, seed=args.seed, fallback=False,
                                                          on_demand_only=True)))
     for name, r in (("single", one), ("fallback", fb)):
@@ -222,6 +232,8 @@ def main() -> int:
     def mean(f) -> tuple[float, float]:
         return (sum(f(a) for a, _ in many) / len(many), sum(f(b) for _, b in many) / len(many))
 
+    moved = [replay(spec, reqs, policy.on, seed=s, fallback=True, check_every=MIGRATE_EVERY_S)
+             for s in range(1, args.seeds + 1)]
     w1, w2 = mean(lambda r: len(r.waits))
     f1, f2 = mean(lambda r: r.failed)
     p1, p2 = mean(lambda r: pct(r.waits, 0.99))
@@ -230,6 +242,10 @@ def main() -> int:
           f"failed (503 past hold.timeout) {f1:.0f} → {f2:.0f}, wait p99 {p1:.0f} s → {p2:.0f} s "
           f"({p2 / p1 if p1 else 0:.2f}×), GPU cost ${c1:.2f} → ${c2:.2f} ({c2 / c1 if c1 else 0:.2f}×: the "
           "on-demand surcharge while spot is gone)")
+    c3 = sum(r.cost for r in moved) / len(moved)
+    print(f"with migrate_back every {MIGRATE_EVERY_S / 60:.0f} min (prefect.yaml): GPU cost ${c2:.2f} → ${c3:.2f} "
+          f"({c3 / c1 if c1 else 0:.2f}× the single pool), failed {sum(r.failed for r in moved) / len(moved):.0f}, "
+          f"waited {sum(len(r.waits) for r in moved) / len(moved):.0f} (moving back drops nothing)")
     print("(waited: requests that found no node serving, answered late or given 503 + Retry-After past "
           f"hold.timeout {spec.hold.timeout.total_seconds():.0f} s = failed; waits of failed requests count "
           "in the percentiles)")
