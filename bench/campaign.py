@@ -5,8 +5,9 @@ revision, rollback, park, wake (by a held request), teardown of another model in
 faults around them: the flow process killed at a random moment, the Prefect server restarted, API
 429/503/reset bursts, endpoint propagation lag, a probe and scrape storm on a parked model, a second
 concurrent operation on the same model, spot preemption of a GPU node (when the sandbox has it).
-Every operation is its own process (``--run-op``), as a Prefect worker runs each flow run, so a kill is
-a real SIGKILL. Constant client load goes through the live Service's own address all the time, and a
+Every operation is its own process, as a Prefect worker runs each flow run, so a kill is a real SIGKILL
+of its process group: forked from a server that imported the flows once (``OpProcess``), or a new
+interpreter (``--run-op``, with ``--fresh-processes``). Constant client load goes through the live Service's own address all the time, and a
 watch thread checks the invariants while everything runs:
 
 * I1 the live Service never selects a color without Ready endpoints while the model is not parked;
