@@ -58,10 +58,12 @@ class _PodHTTPServer(SandboxHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._conns_lock:
-            if self._killed:
-                self.shutdown_request(request)
-                return
-            self._conns.add(request)
+            killed = self._killed
+            if not killed:
+                self._conns.add(request)
+        if killed:  # outside the lock: shutdown_request takes it (it is not reentrant)
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:

@@ -80,3 +80,27 @@ def test_openai_server_has_no_legacy_generate_and_n_returns_n_choices(runtime):
                                 command=["python3", "-m", "vllm.entrypoints.api_server"]))
     with httpx.Client(base_url=legacy.url) as http:
         assert http.post("/generate", json={"prompt": "Hi", "max_tokens": 4}).json()["text"][0].startswith("Hi")
+
+
+def test_a_connection_accepted_after_the_pod_died_is_closed_not_deadlocked():
+    """The kill races the accept loop: a connection it accepts after the kill is closed at once. It once
+    took the connection lock twice (not reentrant), hanging the pod's accept thread, the kubelet's stop and
+    the sandbox's shutdown with it (seen at the end of a test session)."""
+    import socket
+    import threading
+
+    from sandbox.core import JsonHandler
+    from sandbox.engines.podserver import _PodHTTPServer
+
+    server = _PodHTTPServer(JsonHandler, state=None, faults=None)
+    try:
+        server._killed = True  # the kill happened between the accept and process_request
+        a, b = socket.socketpair()
+        t = threading.Thread(target=server.process_request, args=(a, ("127.0.0.1", 1)), daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "process_request deadlocked on its own lock"
+        assert b.recv(1) == b""  # the connection was closed
+        b.close()
+    finally:
+        server.server_close()
