@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from sandbox.app import Sandbox
 
@@ -17,3 +19,18 @@ def start_sandbox(time_scale: float) -> Sandbox:
     os.environ["LLM_FLEET_TIME_SCALE"] = str(time_scale)
     reload_settings()
     return sb
+
+
+@contextlib.contextmanager
+def prefect_server() -> Iterator[str]:
+    """The benchmarks' Prefect server for this process: the flow tests' (tests/flows/harness.py), PostgreSQL
+    when the machine has it (what the README runs in production), else Prefect's SQLite harness with the
+    server services no benchmark reads turned off. On SQLite every write queues on its single writer: a
+    benchmark's concurrent flows then wait on the server, by seconds that swing with the machine's load, and
+    now and then a request fails with 503 after the client's retries (bench/prefect_server_load.py: 36 flows
+    of 20 tasks, SQLite 42-140 s and one failed flow run in four runs, PostgreSQL 11-12 s, none). Prefect 3.8
+    already keeps its retryable "database is locked" errors out of the server's log. Yields the database."""
+    from tests.flows.harness import prefect_test_server
+
+    with prefect_test_server() as database:
+        yield database

@@ -63,9 +63,7 @@ def main() -> int:
     os.environ.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
                        "LLM_FLEET_POLL_INITIAL_S": "0.05", "LLM_FLEET_POLL_MAX_S": "0.2"})
-    from prefect.testing.utilities import prefect_test_harness
-
-    from bench._support import start_sandbox
+    from bench._support import prefect_server, start_sandbox
     from sandbox.client import SandboxClient
 
     sb = start_sandbox(args.time_scale)
@@ -83,7 +81,7 @@ def main() -> int:
                        "scale_down_delay": "30s"}
     model = spec["model"] if isinstance(spec["model"], str) else spec["model"]["id"]
     try:
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_server():
             provision_cluster(spec=spec)
             deploy_model(spec=spec)
             state = SandboxClient(sb.env()["LLM_FLEET_SANDBOX_URL"]).state()

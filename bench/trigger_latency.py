@@ -40,13 +40,13 @@ def main() -> int:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
+    from bench._support import prefect_server
     from sandbox.app import Sandbox
     from servers.webhook import make_server
 
     tmp = Path(tempfile.mkdtemp(prefix="trigger-bench-"))
-    with Sandbox(time_scale=0.01, state_dir=tmp / "sandbox") as sb, prefect_test_harness(server_startup_timeout=120):
+    with Sandbox(time_scale=0.01, state_dir=tmp / "sandbox") as sb, prefect_server():
         os.environ.update(sb.env())
         from tasks.settings import reload_settings
 

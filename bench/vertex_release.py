@@ -36,9 +36,8 @@ def main() -> int:
         os.environ.setdefault(k, v)
     import yaml
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
 
-    from bench._support import start_sandbox
+    from bench._support import prefect_server, start_sandbox
 
     sb = start_sandbox(args.time_scale)
     from manifests.vertex import smoke_instance
@@ -49,7 +48,7 @@ def main() -> int:
     spec["cluster"]["project"] = f"bench-{uuid.uuid4().hex[:8]}"
     spec["secret"] = {"prefect_block": None}
     try:
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_server():
             deployed = flow(name="deploy_model")(vertex.deploy)(spec)
             endpoint = deployed["endpoint"]
             new_sha = sb.hub.push_revision(spec["model"]["id"])
