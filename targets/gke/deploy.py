@@ -14,6 +14,7 @@ a release (strategy.py, bluegreen.py) beside the live color; only non-disruptive
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect import get_run_logger
@@ -40,7 +41,14 @@ from targets.gke.serving import (
     smoke_rows,
     wait_until_answering,
 )
-from targets.gke.strategy import finish_retire, refuse_if_parked, rolled_back, run_release, strategy_for
+from targets.gke.strategy import (
+    ROLLED_BACK_TO,
+    finish_retire,
+    refuse_if_parked,
+    rolled_back,
+    run_release,
+    strategy_for,
+)
 from tasks import k8s
 from tasks.locks import model_lock
 from tasks.report import Report, artifact_key
@@ -164,7 +172,9 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, revision: str | None = None
                 "kubeconfig": t.kubeconfig, **out}
     except Exception as exc:
         if isinstance(exc, DeployError) and exc.logs:
-            get_run_logger().error("last log lines of the failing pod:\n%s", report.scrub("\n".join(exc.logs)))
+            # after an automatic rollback the run's one ERROR line is the rollback's (it names the cause)
+            level = logging.INFO if getattr(exc, ROLLED_BACK_TO, None) else logging.ERROR
+            get_run_logger().log(level, "last log lines of the failing pod:\n%s", report.scrub("\n".join(exc.logs)))
             exc.fix = (exc.fix + "\nLast log lines:\n" + "\n".join(exc.logs[-5:])) if exc.fix else exc.fix
         report.fail(exc)
         if (state := rolled_back(exc, report)) is not None:

@@ -305,6 +305,27 @@ def test_bad_candidate_is_rolled_back_and_live_untouched(served, sandbox, sbc, c
     assert any("Rolled back" in t and re.search(cause, t) and f"stayed on {stable}" in t for t in thread)
 
 
+def test_deploy_of_a_changed_spec_whose_candidate_crashes_is_one_error_line(served, sbc, caplog):
+    """deploy_model of a changed pod template is a release: its rollback is one ERROR line with the cause, and
+    the failing pod's last log lines are shown beside it (INFO), not as a second error."""
+    from flows.deploy_model import deploy_model
+
+    spec = dict(served, engine={"kind": "sglang", "extra_args": ["--mem-fraction-static", "0.8"]})
+    stable = live(spec)
+    candidate = "green" if stable == "blue" else "blue"
+    stable_pods = pod_uids(spec, stable)
+    sbc.add_behavior(labels={COLOR: candidate, "app.kubernetes.io/instance": spec["name"]}, mode="crash_loop")
+    with caplog.at_level("INFO"), pytest.raises(Exception) as err:
+        deploy_model(spec=spec)
+    assert "crash" in str(err.value), err.value
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("prefect")]
+    assert len(errors) == 1 and "rolled back automatically" in errors[0] and "crash" in errors[0], errors
+    assert any(r.levelname == "INFO" and r.getMessage().startswith("last log lines of the failing pod")
+               for r in caplog.records)
+    assert live(spec) == stable and pod_uids(spec, stable) == stable_pods
+    assert deployment(spec, candidate).spec.replicas == 0
+
+
 def test_post_promotion_failure_switches_back(served, sandbox, sbc):
     """The candidate breaks right after the switch: traffic returns to the still-warm old color."""
     spec = dict(served, release=dict(FAST_RELEASE, post_promotion={"requests": 24, "window": "1h",
