@@ -286,3 +286,44 @@ def test_sandbox_hub_sends_the_payload_huggingface_hub_parses(sbc):
     assert payload.repo.name == MODEL and payload.repo.type == "model" and payload.webhook.version == 3
     assert [(r.ref, r.oldSha, r.newSha) for r in payload.updatedRefs] == [(f"refs/heads/{branch}", None, sha)]
     assert re.fullmatch(r"[0-9a-f]{40}", body["repo"]["headSha"])  # main's head, as documented
+
+
+def test_the_hold_proxy_s_event_starts_a_wake_with_the_event_s_time(prefect_server):
+    """The wake trigger in prefect.yaml turns the hold proxy's llm-fleet.model.wake-requested event into a
+    wake_model run whose requested_at is the event's own time. The server checks the rendered parameters
+    against the deployment's schema (a bare '{{ event.occurred }}' renders with a space and is no date-time):
+    a run exists only if they pass."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+    res = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
+                          "wake_model/wake-on-request", "--pool", POOL], cwd=ROOT, env=_cli_env(),
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("wake_model/wake-on-request")
+    assert dep.enforce_parameter_schema  # what makes the server refuse parameters its schema does not take
+    occurred = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=3)
+    model = f"held-{uuid.uuid4().hex[:8]}"
+    event = {"id": str(uuid.uuid4()), "occurred": occurred.isoformat(), "event": "llm-fleet.model.wake-requested",
+             "resource": {"prefect.resource.id": f"llm-fleet.model.{model}", "prefect.resource.name": model},
+             "related": [], "payload": {"spec": "deployments/gemma2-2b-it-vllm-l4.yaml", "model": model, "held": 1}}
+    resp = httpx.post(f"{_api()}/events", json=[event], timeout=30)  # what servers/holdproxy.py posts
+    assert resp.status_code < 300, resp.text
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+        if runs:
+            break
+        assert time.monotonic() < deadline, "the wake trigger started no wake_model run"
+        time.sleep(0.2)
+    params = runs[0].parameters
+    assert (params["reason"], params["source"]) == ("held request", "event")
+    assert datetime.fromisoformat(params["requested_at"]) == occurred
