@@ -335,6 +335,7 @@ class Campaign:
         self.lease_s = 0.0
         self.bad_revisions: list[str] = []
         self.harness_errors: list[str] = []  # the campaign's own failures (not the product's): listed apart
+        self.took: dict[str, list[float]] = {}  # seconds each finished operation took, by kind
 
     # -- bookkeeping
     def violate(self, inv: str, detail: str) -> None:
@@ -490,7 +491,8 @@ class Campaign:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it ended (and was reaped) just now
+                os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             return {"ok": False, "stuck": True, "error": f"{op} ran over {timeout:.0f} s", "stderr": err[-800:]}
         for line in reversed(out.splitlines()):
@@ -501,6 +503,7 @@ class Campaign:
     def op(self, op: str, path: Path, *, revision: str | None = None, fault: str | None = None) -> dict[str, Any]:
         t0 = time.monotonic()
         res = self.finish(self.start_op(op, path, revision), op, self.args.op_timeout)
+        self.took.setdefault(op, []).append(time.monotonic() - t0)
         self.note(f"{op}{' ' + revision[:8] if revision else ''} ({fault or 'no fault'}): "
                   f"{'ok' if res['ok'] else res.get('error')} in {time.monotonic() - t0:.1f} s")
         if res.get("stuck"):
@@ -596,16 +599,26 @@ class Campaign:
                 time.sleep(0.5)
         threading.Thread(target=run, daemon=True, name="i5").start()
 
+    def _typical(self, op: str) -> float:
+        """How long this kind of operation has taken so far (any kind before the first; 8 s before any)."""
+        past = self.took.get(op) or [t for v in self.took.values() for t in v] or [8.0]
+        return sum(past) / len(past)
+
     def do_kill(self) -> None:
         op, rev = self.flow_op()
         proc = self.start_op(op, self.spec_path, rev)
-        delay = self.rng.uniform(2.0, 12.0)
+        # a random moment inside the operation: a share of how long this kind of op has taken so far (a
+        # fixed 2-12 s fell after the end of most ops once they stopped paying for their imports)
+        delay = self.rng.uniform(0.1, 0.9) * self._typical(op)
+        killed = False
         try:
             proc.wait(delay)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it ended (and was reaped) just now
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
         proc.communicate()
-        self.note(f"{op} killed after {delay:.1f} s")
+        self.note(f"{op} killed after {delay:.1f} s" if killed else f"{op} ended before its kill at {delay:.1f} s")
         self._watch_dead_holder(proc.pid, time.monotonic())
         res = self.op("deploy" if op == "deploy" else "rollback" if op == "release" else op, self.spec_path,
                       fault="after a kill")
@@ -615,7 +628,7 @@ class Campaign:
     def do_prefect_restart(self) -> None:
         op, rev = self.flow_op()
         proc = self.start_op(op, self.spec_path, rev)
-        time.sleep(self.rng.uniform(1.0, 8.0))
+        time.sleep(self.rng.uniform(0.1, 0.9) * self._typical(op))  # while it runs, as for a kill
         self.prefect.restart()
         self.note("prefect server restarted")
         self.finish(proc, op, self.args.op_timeout)
