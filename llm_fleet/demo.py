@@ -488,8 +488,12 @@ def main(args: argparse.Namespace) -> int:
         _prefect("--no-prompt", "deploy", "--all", env=env)
         _say("✓ flows deployed (prefect.yaml) to work pool 'local'")
         # The demo's runs are created on demand: a 1 s poll starts each within a second (default: up to 10 s).
+        # The worker's runner keeps its storage under the temp dir and leaves the folder behind: the demo's
+        # own temp dir keeps the machine's clean (removed with the state dir).
+        (state_dir / "tmp").mkdir()
         children.start("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local",
-                                          "--limit", "4"], cwd=ROOT, env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+                                          "--limit", "4"], cwd=ROOT,
+                       env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "TMPDIR": str(state_dir / "tmp")},
                        stdout=log, stderr=log)
         _say("✓ worker started")
 

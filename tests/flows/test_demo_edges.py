@@ -69,7 +69,8 @@ def test_sigterm_stops_the_prefect_server_and_sandbox(tmp_path):
     process exists (cheap: no waiting for it to answer); the worker is stopped by the same code."""
     state = tmp_path / "demo"
     proc = subprocess.Popen(["scripts/demo", "--state-dir", str(state), "--time-scale", "0.005"], cwd=ROOT,
-                            env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            # uv (scripts/bootstrap) leaves its lock file in the temp dir: the test's own
+                            env={**_clean_env(), "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         pidfile = state / "pids"
         deadline = time.monotonic() + 120
@@ -137,7 +138,8 @@ def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
     """SIGKILL cannot be handled: the kernel stops the children (PR_SET_PDEATHSIG) instead."""
     state = tmp_path / "demo"
     proc = subprocess.Popen([sys.executable, "-m", "llm_fleet.cli", "demo", "--state-dir", str(state)], cwd=ROOT,
-                            env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            # uv (scripts/bootstrap) leaves its lock file in the temp dir: the test's own
+                            env={**_clean_env(), "TMPDIR": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         pidfile = state / "pids"
         deadline = time.monotonic() + 120
