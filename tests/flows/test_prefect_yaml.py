@@ -149,7 +149,7 @@ def test_schedules_triggers_and_concurrency_read_back(deployed):
 
 
 def test_scheduled_flows_have_schedules(deployed):
-    scheduled = {"check_fleet", "gpu_report", "park_idle", "watch_revisions"}
+    scheduled = {"check_fleet", "gpu_report", "park_idle", "watch_revisions", "migrate_back"}
     for key, d in deployed["deployments"].items():
         if key.split("/")[0] in scheduled:
             assert d["schedules"], f"{key} has no schedule"
