@@ -26,6 +26,7 @@ from tests.flows.test_release_model import (
     COLOR,
     FAST_RELEASE,
     MODEL,
+    RUN_LOGGERS,
     deployment,
     history,
     in_shared_cluster,
@@ -236,7 +237,7 @@ def test_no_answer_within_the_timeout_rolls_back(gated, sandbox, sbc, caplog):
         state = client.read_flow_run(UUID(run_id)).state
     assert state.type.value == "FAILED"
     assert "rolled back automatically" in state.message and "nobody promoted" in state.message, state.message
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("prefect")]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name in RUN_LOGGERS]
     assert len(errors) == 1 and "nobody promoted" in errors[0], errors
     assert live(spec) == stable and pod_uids(spec, stable) == stable_pods
     assert deployment(spec, candidate).spec.replicas == 0

@@ -44,7 +44,10 @@ def in_shared_cluster(sandbox, filename: str, *, name: str, **overrides) -> dict
 
     spec = spec_dict(filename, name=name, **overrides)
     spec["accelerator"] = {"type": "nvidia-l4", "pool": dict(POOL)}
-    if id(sandbox) not in _CLUSTER:
+    cached = _CLUSTER.get(id(sandbox))
+    # the clusters a module made end with it (tests/conftest.py): another module provisions its own
+    if cached is None or not any((p, n) == (cached["project"], cached["name"])
+                                 for p, _, n in sandbox.gke.cluster_keys()):
         provision_cluster(spec=spec)
         _CLUSTER[id(sandbox)] = spec["cluster"]
     spec["cluster"] = copy.deepcopy(_CLUSTER[id(sandbox)])
@@ -267,6 +270,10 @@ def test_release_swaps_under_load_with_no_failed_request(served, sandbox):
     assert result["figures"]["pre"]["errors"] == 0
 
 
+# A flow run's own log lines (what `prefect flow-run logs` and the UI show): Prefect's client plumbing logs
+# elsewhere (prefect.client, prefect.events, ...) and is not what these tests count.
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
 BAD = [
     ("crash_loop", {"mode": "crash_loop"}, "crash"),
     ("oom", {"mode": "oom"}, "memory"),
@@ -292,7 +299,7 @@ def test_bad_candidate_is_rolled_back_and_live_untouched(served, sandbox, sbc, c
         release(spec, revision=sha)
     assert re.search(cause, str(err.value)), err.value
     # one ERROR line, the rollback's, naming the cause (the failing task's and the run's tracebacks at DEBUG)
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("prefect")]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name in RUN_LOGGERS]
     assert len(errors) == 1 and "rolled back automatically" in errors[0] and re.search(cause, errors[0]), errors
     assert live(spec) == stable
     assert pod_uids(spec, stable) == stable_pods  # the live pods were never touched
@@ -318,7 +325,7 @@ def test_deploy_of_a_changed_spec_whose_candidate_crashes_is_one_error_line(serv
     with caplog.at_level("INFO"), pytest.raises(Exception) as err:
         deploy_model(spec=spec)
     assert "crash" in str(err.value), err.value
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("prefect")]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name in RUN_LOGGERS]
     assert len(errors) == 1 and "rolled back automatically" in errors[0] and "crash" in errors[0], errors
     assert any(r.levelname == "INFO" and r.getMessage().startswith("last log lines of the failing pod")
                for r in caplog.records)
