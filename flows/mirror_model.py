@@ -15,12 +15,12 @@ from typing import Any
 
 from prefect import flow
 
-from manifests.fleet import SpecParam
+from manifests.fleet import OptionalText, SpecParam
 from targets import target_for
 
 
 @flow(name="mirror_model", log_prints=True)
-def mirror_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: str | None = None,
+def mirror_model(spec: SpecParam = "deployments/gemma2-2b-it-vllm-l4.yaml", revision: OptionalText = None,
                  dry_run: bool = False) -> dict[str, Any]:
     """Copy the spec's model revision (or ``revision``) into its startup.weights bucket, verified.
 
