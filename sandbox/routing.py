@@ -120,14 +120,16 @@ def _status(handler: BaseHTTPRequestHandler, code: int, message: str) -> None:
 
 def proxy(handler: BaseHTTPRequestHandler, ports: list[int], path: str, *, service: str | None = None,
           pool: ConnectionPool | None = None, headers: dict[str, str] | None = None,
-          drop_headers: tuple[str, ...] = ()) -> None:
+          drop_headers: tuple[str, ...] = (), failover: bool = True) -> None:
     """Forward ``handler``'s current request to one of ``ports`` (127.0.0.1) at ``path``, reply streamed.
 
     ``path`` may carry its own query string; otherwise the handler's query is appended. ``headers``
     are added to (or replace) the forwarded ones; ``drop_headers`` are not forwarded (the real API
     server's service proxy drops ``Authorization``). With no port, or none answering: a 503 ``Status``
     (``service`` names the Service in its message); a backend that accepted the request but never
-    answers within the pool's timeout: 504 (never resent elsewhere).
+    answers within the pool's timeout: 504 (never resent elsewhere). ``failover=False`` is kube-proxy:
+    the connection goes to the one endpoint picked, and if that pod refuses it (its server has exited
+    while kube-proxy still routes to it) the client's connection is reset — no other endpoint is tried.
     """
     pool = pool or POOL
     body = _body(handler)
@@ -166,6 +168,13 @@ def proxy(handler: BaseHTTPRequestHandler, ports: list[int], path: str, *, servi
                 conn.close()
                 pool.discard(port)
                 last_error = f"dial tcp 127.0.0.1:{port}: connect: connection refused"
+                if not failover:  # kube-proxy DNAT'd this connection to a dead pod: the client sees it fail
+                    breaker = getattr(handler, "_break_connection", None)
+                    if callable(breaker):
+                        breaker("reset")
+                    else:
+                        _status(handler, 503, f"error trying to reach {what}: {last_error}")
+                    return
                 break  # dead backend: next one
             except TimeoutError:
                 conn.close()  # the request may have been processed: never resend it elsewhere
@@ -256,7 +265,7 @@ def _forward(h: ServiceHandler):
         ports_.reject(namespace, name)
         h._break_connection("reset")
         return
-    proxy(h, backends, h.path, service=name, pool=ports_.pool)
+    proxy(h, backends, h.path, service=name, pool=ports_.pool, failover=False)
     with ports_._lock:
         ports_.requests[(namespace, name)] = ports_.requests.get((namespace, name), 0) + 1
 

@@ -339,9 +339,10 @@ def test_an_hpa_step_while_spot_is_gone_lands_on_the_next_option(env):
     env.undeploy("hpa")
 
 
-def _serve_spec(env, spec) -> str:
+def _serve_spec(env, spec, *, pre_stop: int | None = None) -> str:
     """The product's own objects for ``spec`` (live Service, blue Deployment, PDB when it renders one):
-    returns the Service's loopback address — what clients reach, through kube-proxy's routing."""
+    returns the Service's loopback address — what clients reach, through kube-proxy's routing.
+    ``pre_stop``: the model container's preStop sleep instead of the product's (0: none)."""
     import contextlib
 
     from manifests import render
@@ -353,7 +354,13 @@ def _serve_spec(env, spec) -> str:
     with contextlib.suppress(k8s.ApiException):
         core.create_namespaced_persistent_volume_claim("default", render.cache_claim(spec))
     core.create_namespaced_service("default", render.live_service(spec, "blue"))
-    apps.create_namespaced_deployment("default", render.model_deployment(spec, "blue"))
+    dep = render.model_deployment(spec, "blue")
+    if pre_stop is not None:
+        (engine,) = dep["spec"]["template"]["spec"]["containers"]
+        engine.pop("lifecycle")
+        if pre_stop:
+            engine["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(pre_stop)]}}}
+    apps.create_namespaced_deployment("default", dep)
     budget = render.model_budget(spec)
     if budget is not None:
         k8s.PolicyV1Api(env.api).create_namespaced_pod_disruption_budget("default", budget)
@@ -440,3 +447,64 @@ def test_one_spot_replica_leaves_clients_refused_until_its_replacement_loads(env
     seen, errors = _preempt_under_load(env, spec)
     assert errors and set(errors) <= {"ConnectError", "ReadError", "RemoteProtocolError"}, errors[:5]
     assert 200 in seen and set(seen) == {200}  # never an invented 503: no HTTP answer at all while refused
+
+
+def _delete_one_under_lag(env, *, pre_stop: int, lag_s: float) -> tuple[list[int], list[str]]:
+    """Two replicas behind the live Service; kube-proxy lags ``lag_s`` cloud seconds; one pod is deleted
+    (grace 60 s) and requests go through the Service meanwhile — half of them still routed to that pod."""
+    import threading
+
+    spec = SPEC
+    url = _serve_spec(env, spec, pre_stop=pre_stop)
+    kube = env.sb.cluster_kubes[(P, REGION, "cap")].kube
+    selector = f"app.kubernetes.io/instance={spec.name}"
+
+    def ready() -> list:
+        return [p for p in env.core.list_namespaced_pod("default", label_selector=selector).items
+                if not p.metadata.deletion_timestamp
+                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+
+    codes: list[int] = []
+    errors: list[str] = []
+    try:
+        assert _until(lambda: len(ready()) == 2, 60)
+        assert _until(lambda: httpx.get(url + "/v1/models", timeout=5).status_code == 200, 10)
+        kube.kube_proxy.lag_s = lag_s
+        time.sleep(0.05)  # the lagged view has both pods
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                while not stop.is_set():
+                    try:
+                        codes.append(http.get("/v1/models").status_code)
+                    except httpx.HTTPError as exc:
+                        errors.append(type(exc).__name__)
+
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        env.core.delete_namespaced_pod(ready()[0].metadata.name, "default")
+        time.sleep(2 * lag_s * 0.002 + 0.1)  # past the lag (this module's clock: 1 cloud s = 2 ms)
+        stop.set()
+        t.join()
+    finally:
+        kube.kube_proxy.lag_s = 1.0
+        k8s.AppsV1Api(env.api).delete_namespaced_deployment(f"{spec.name}-blue", "default")
+        env.core.delete_namespaced_service(spec.name, "default")
+        budget = model_budget(spec)
+        if budget is not None:
+            k8s.PolicyV1Api(env.api).delete_namespaced_pod_disruption_budget(budget["metadata"]["name"], "default")
+        assert _until(lambda: not env.gpu_nodes(), 60)
+    return codes, errors
+
+
+def test_a_deleted_pods_engine_keeps_serving_through_its_prestop_while_kube_proxy_catches_up(env):
+    """kube-proxy stops sending a deleted pod new connections only some time after it left the Endpoints,
+    and never retries another pod for a refused one (sandbox.routing): an engine that exits at SIGTERM
+    refuses them. The product's preStop sleep (render.PRE_STOP_S, longer than that delay) keeps it serving
+    meanwhile (the sandbox kubelet runs the hook before stopping the server): 0 failed requests. Without a
+    hook, the same deletion resets the connections kube-proxy still sends there."""
+    codes, errors = _delete_one_under_lag(env, pre_stop=0, lag_s=100)
+    assert errors and set(errors) <= {"ReadError", "RemoteProtocolError", "ConnectError"}, errors[:3]
+    codes, errors = _delete_one_under_lag(env, pre_stop=50, lag_s=40)  # hook (50 s) > lag (40 s) < grace (60 s)
+    assert errors == [] and set(codes) == {200} and len(codes) > 10, (errors[:3], len(codes))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,19 @@ PORT_ANNOTATION = "sandbox.llm-fleet.dev/port"
 CRASH_BACKOFF = (10.0, 300.0)  # kubelet: 10 s doubling, capped at 5 min (cloud seconds)
 IMAGE_PULL_FAIL_AFTER = 5.0  # cloud seconds until a bad image reports ErrImagePull
 SHUTDOWN_SECONDS = 2.0  # cloud seconds from SIGTERM to a model server's exit (at most the grace period)
+
+
+def _pre_stop_seconds(pod: dict) -> float:
+    """How long the main container's preStop hook keeps it up before SIGTERM: the ``sleep`` action
+    (``lifecycle.preStop.sleep.seconds``) or an exec of ``sleep N`` (``["sleep", "N"]``, ``sh -c "sleep N"``);
+    any other hook counts as instant."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    hook = ((containers[0].get("lifecycle") or {}).get("preStop") or {}) if containers else {}
+    if "sleep" in hook:
+        return float((hook["sleep"] or {}).get("seconds") or 0)
+    cmd = " ".join(str(c) for c in ((hook.get("exec") or {}).get("command") or []))
+    m = re.search(r"(?:^|\s)sleep\s+(\d+(?:\.\d+)?)", cmd)
+    return float(m.group(1)) if m else 0.0
 IMAGE_STREAMING_LABEL = "cloud.google.com/gke-image-streaming"  # GKE sets it on nodes with gcfsConfig
 # GKE labels a node with a secondary boot disk "<this prefix><disk image>=<mode>.<project>"
 START_ANNOTATION = "sandbox.llm-fleet.dev/start"  # sandbox/engines/runtime.py reads it
@@ -467,13 +481,19 @@ class Kubelet(ControllerBase):
             self.event(pod, "Normal", "Killing", f"Stopping container {self._main_container(pod)}", host=host)
 
         grace = float((pod or {}).get("metadata", {}).get("deletionGracePeriodSeconds") or 0)
+        hook = min(grace, _pre_stop_seconds(pod or {}))
 
         def finish() -> None:
+            # The preStop hook runs before SIGTERM, inside the grace period: a `sleep` hook keeps the server
+            # answering while the endpoint removal reaches every kube-proxy (the pod is Terminating and
+            # out of the Endpoints already)
+            if hook > 0:
+                self.clock.sleep(hook, self._stop)
             if server is not None:
                 self._stop_server(server)
             # SIGTERM to exit: the engine drains and exits (uvicorn's graceful shutdown) and the kubelet
             # reports it; until then the pod is Terminating (kubectl shows it, watchers see it)
-            self.clock.sleep(min(grace, SHUTDOWN_SECONDS), self._stop)
+            self.clock.sleep(max(0.0, min(grace - hook, SHUTDOWN_SECONDS)), self._stop)
             cur = self.store.get(PODS, ns, name)
             if cur is not None and cur["metadata"]["uid"] == uid:
                 with contextlib.suppress(HttpError):
