@@ -31,13 +31,13 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sandbox.kube import resources as res
+from sandbox.kube.actors import BackgroundActor, Job
 from sandbox.kube.controllers import PODS, SVCS
 from sandbox.kube.gmp import MIN_PERIOD_S, MIN_TIMEOUT_S
 from sandbox.kube.selectors import match_selector_dict
@@ -110,36 +110,20 @@ def _probe_settings(pods: list[Obj], svc: Obj, port: Any) -> dict[str, Any] | No
     return None
 
 
-class LbHealthChecker:
+class LbHealthChecker(BackgroundActor):
     """Google's health checkers for one cluster's GCE Ingress backends (one thread, a small check pool)."""
 
+    thread_name = "gce-health-checks"
+    pool_prefix = "gce-hc"
+    restartable = False  # started by the first request; a stopped cluster's checkers stay stopped
+
     def __init__(self, cluster: KubeCluster, ingress: Any) -> None:
+        super().__init__()
         self.cluster = cluster
         self.ingress = ingress  # the IngressController: which Ingresses GCE serves
         self._backends: dict[tuple[str, str], _Backend] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._poke = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self.checks = 0  # health-check requests sent (all backends)
         self._later: list[float] = []  # when a lagged Endpoints change reaches the NEGs
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is not None or self._stop.is_set():
-                return
-            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gce-hc")
-            self._thread = threading.Thread(target=self._run, name="gce-health-checks", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._poke.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def poke(self, *, endpoints_changed: bool = False) -> None:
         """Look again now; after an Endpoints change also once kube-proxy's lag has passed (the NEG then holds
@@ -227,52 +211,44 @@ class LbHealthChecker:
         return out
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _round(self, now: float) -> tuple[list[Job], float]:
         clock = self.cluster.clock
-        while not self._stop.is_set():
-            self._poke.clear()
-            now = time.monotonic()
-            wanted = self._gce_backends()
-            jobs: list[tuple[_Backend, str, _Endpoint]] = []
-            with self._lock:
-                for key in list(self._backends):
-                    if key not in wanted:
-                        del self._backends[key]
-                for key in wanted:
-                    b = self._backends.get(key) or self._create(*key)
-                    if b is None:
+        self._poke.clear()
+        wanted = self._gce_backends()
+        jobs: list[tuple[_Backend, str, _Endpoint]] = []
+        with self._lock:
+            for key in list(self._backends):
+                if key not in wanted:
+                    del self._backends[key]
+            for key in wanted:
+                b = self._backends.get(key) or self._create(*key)
+                if b is None:
+                    continue
+                b.check = self._with_backend_config(b)
+                uids = self.cluster.kube_proxy.pods(*key) if self.cluster.kube_proxy.lag_s > 0 else \
+                    tuple(self._ready_uids(*key))
+                fresh = False
+                for uid in list(b.endpoints):
+                    if uid not in uids:
+                        del b.endpoints[uid]
+                for uid in uids:
+                    port = self._pod_port(uid)
+                    if port is None:
                         continue
-                    b.check = self._with_backend_config(b)
-                    uids = self.cluster.kube_proxy.pods(*key) if self.cluster.kube_proxy.lag_s > 0 else \
-                        tuple(self._ready_uids(*key))
-                    fresh = False
-                    for uid in list(b.endpoints):
-                        if uid not in uids:
-                            del b.endpoints[uid]
-                    for uid in uids:
-                        port = self._pod_port(uid)
-                        if port is None:
-                            continue
-                        if uid not in b.endpoints:
-                            b.endpoints[uid] = _Endpoint(port)
-                            fresh = True
-                        b.endpoints[uid].port = port
-                    if fresh or b.next_due <= now:
-                        for uid, e in b.endpoints.items():
-                            if not e.in_flight and (b.next_due <= now or e.checks == 0):
-                                e.in_flight = True
-                                jobs.append((b, uid, e))
-                        if b.next_due <= now:
-                            b.next_due = now + max(MIN_PERIOD_S, clock.scaled(b.check.interval_s))
-                self._later = [t for t in self._later if t > now]
-                wake = min([*(b.next_due for b in self._backends.values()), *self._later], default=now + 1.0)
-            for job in jobs:
-                try:
-                    assert self._pool is not None
-                    self._pool.submit(self._check, *job)
-                except RuntimeError:
-                    return
-            self._poke.wait(max(0.0, min(wake, now + 1.0) - time.monotonic()))
+                    if uid not in b.endpoints:
+                        b.endpoints[uid] = _Endpoint(port)
+                        fresh = True
+                    b.endpoints[uid].port = port
+                if fresh or b.next_due <= now:
+                    for uid, e in b.endpoints.items():
+                        if not e.in_flight and (b.next_due <= now or e.checks == 0):
+                            e.in_flight = True
+                            jobs.append((b, uid, e))
+                    if b.next_due <= now:
+                        b.next_due = now + max(MIN_PERIOD_S, clock.scaled(b.check.interval_s))
+            self._later = [t for t in self._later if t > now]
+            wake = min([*(b.next_due for b in self._backends.values()), *self._later], default=now + 1.0)
+        return [partial(self._check, *job) for job in jobs], min(wake, now + 1.0)
 
     def _ready_uids(self, namespace: str, service: str) -> list[str]:
         ep = self.cluster.store.get(res.BY_KEY[("", "endpoints")], namespace, service) or {}

@@ -52,14 +52,14 @@ import gzip
 import hashlib
 import http.client
 import re
-import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sandbox.kube import resources as res
+from sandbox.kube.actors import BackgroundActor, Job
 from sandbox.kube.controllers import PODS
 from sandbox.kube.selectors import match_label_selector
 
@@ -115,10 +115,14 @@ class _Series:
     samples: deque[tuple[float, float]] = field(default_factory=deque)
 
 
-class GmpCollector:
+class GmpCollector(BackgroundActor):
     """Scrapes one cluster's PodMonitoring/ClusterPodMonitoring targets on a background thread."""
 
+    thread_name = "gmp-collector"
+    pool_prefix = "gmp-scrape"
+
     def __init__(self, cluster: KubeCluster, *, max_samples: int = 720, retention_s: float = 6 * 3600.0) -> None:
+        super().__init__()
         self.cluster = cluster
         self.clock = cluster.clock
         self.max_samples = max_samples
@@ -130,31 +134,7 @@ class GmpCollector:
         self._targets: dict[tuple[str, ...], Target] = {}
         self._series: dict[frozenset[tuple[str, str]], _Series] = {}
         self._scrapes: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._poke = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
         cluster.subscribe(self._on_event)
-
-    # ---- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gmp-scrape")
-        self._thread = threading.Thread(target=self._run, name="gmp-collector", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._poke.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
     def now(self) -> float:
         return self.clock.now()
@@ -253,27 +233,16 @@ class GmpCollector:
     def _period(self, t: Target) -> float:
         return max(self.min_period_s, self.clock.scaled(t.interval_s))
 
-    def _run(self) -> None:
-        rediscover = 0.0
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if self._poke.is_set() or now >= rediscover:
-                self._poke.clear()
-                self._sync(self._discover(), now)
-                rediscover = now + 1.0
-            with self._lock:
-                due = [t for t in self._targets.values() if t.next_due <= now and not t.in_flight]
-                for t in due:
-                    t.in_flight = True
-                    t.next_due = max(t.next_due + self._period(t), now)
-                wake = min((t.next_due for t in self._targets.values()), default=now + 1.0)
+    def _round(self, now: float) -> tuple[list[Job], float]:
+        if self._resync_due(now):
+            self._sync(self._discover(), now)
+        with self._lock:
+            due = [t for t in self._targets.values() if t.next_due <= now and not t.in_flight]
             for t in due:
-                try:
-                    assert self._pool is not None
-                    self._pool.submit(self._scrape, t)
-                except RuntimeError:  # stopping
-                    return
-            self._poke.wait(max(0.0, min(wake, rediscover) - time.monotonic()))
+                t.in_flight = True
+                t.next_due = max(t.next_due + self._period(t), now)
+            wake = min((t.next_due for t in self._targets.values()), default=now + 1.0)
+        return [partial(self._scrape, t) for t in due], min(wake, self._resync_at)
 
     def _sync(self, found: dict[tuple[str, ...], Target], now: float) -> None:
         cutoff = self.now() - self.retention_s

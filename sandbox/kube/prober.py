@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sandbox.kube import resources as res
+from sandbox.kube.actors import BackgroundActor, Job
 from sandbox.kube.controllers import PODS
 
 if TYPE_CHECKING:
@@ -67,38 +67,20 @@ def user_agent(cluster: Any) -> str:
     return f"kube-probe/{version.get('major', '1')}.{str(version.get('minor', '30')).rstrip('+')}"
 
 
-class Prober:
+class Prober(BackgroundActor):
     """Every node's probe workers for one cluster (one scheduling thread, a small pool for the requests)."""
 
+    thread_name = "kubelet-prober"
+    pool_prefix = "kubelet-probe"
+    min_wait_s = 0.01
+
     def __init__(self, cluster: KubeCluster) -> None:
+        super().__init__()
         self.cluster = cluster
         self._workers: dict[tuple[str, int, str], _Worker] = {}
         self._started: set[tuple[str, int]] = set()  # containers whose startup probe succeeded
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._poke = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self.probes = 0  # requests sent (all pods)
         cluster.subscribe(self._on_event)
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kubelet-probe")
-        self._thread = threading.Thread(target=self._run, name="kubelet-prober", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._poke.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
     def count(self, uid: str | None = None, kind: str | None = None) -> int:
         """Probes sent so far (to one pod uid, of one kind)."""
@@ -138,31 +120,20 @@ class Prober:
                     delay = self.cluster.clock.scaled(float(probe.get("initialDelaySeconds") or 0))
                     self._workers[key] = _Worker(key[0], key[1], key[2], probe, now + delay)
 
-    def _run(self) -> None:
-        resync = 0.0
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if self._poke.is_set() or now >= resync:
-                self._poke.clear()
-                self._sync(now)
-                resync = now + 1.0
-            with self._lock:
-                due = []
-                for w in self._workers.values():
-                    gated = w.kind != "startupProbe" and (w.uid, w.gen) not in self._started and \
-                        (w.uid, w.gen, "startupProbe") in self._workers
-                    if w.next_due <= now and not w.in_flight and not gated:
-                        w.in_flight = True
-                        w.next_due = now + self._period(w.probe)
-                        due.append(w)
-                wake = min((w.next_due for w in self._workers.values()), default=now + 1.0)
-            for w in due:
-                try:
-                    assert self._pool is not None
-                    self._pool.submit(self._probe, w)
-                except RuntimeError:
-                    return
-            self._poke.wait(max(0.01, min(wake, resync) - time.monotonic()))
+    def _round(self, now: float) -> tuple[list[Job], float]:
+        if self._resync_due(now):
+            self._sync(now)
+        with self._lock:
+            due = []
+            for w in self._workers.values():
+                gated = w.kind != "startupProbe" and (w.uid, w.gen) not in self._started and \
+                    (w.uid, w.gen, "startupProbe") in self._workers
+                if w.next_due <= now and not w.in_flight and not gated:
+                    w.in_flight = True
+                    w.next_due = now + self._period(w.probe)
+                    due.append(w)
+            wake = min((w.next_due for w in self._workers.values()), default=now + 1.0)
+        return [partial(self._probe, w) for w in due], min(wake, self._resync_at)
 
     # ---- one probe --------------------------------------------------------------------------------
     def _probe(self, w: _Worker) -> None:
