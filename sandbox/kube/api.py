@@ -288,14 +288,16 @@ class KubeApi:
                                                 qualified=t.qualified)
                 obj["metadata"]["name"] = name
                 entry = obj["metadata"].pop("managedFields")
-                created = self.create(t, namespace, obj, dry_run=True)
-                created["metadata"]["managedFields"] = entry
-                if dry_run:
-                    return 201, created
+                # Another writer may create it between the read and here (both checks): the apiserver's
+                # GuaranteedUpdate then applies onto what exists, it never answers AlreadyExists to an apply.
                 try:
+                    created = self.create(t, namespace, obj, dry_run=True)
+                    created["metadata"]["managedFields"] = entry
+                    if dry_run:
+                        return 201, created
                     return 201, self.store.create(t, created)
                 except HttpError as err:
-                    if err.status == 409 and attempt < 7:
+                    if err.status == 409 and err.reason == "AlreadyExists" and attempt < 7:
                         continue
                     raise
             try:

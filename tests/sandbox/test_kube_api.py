@@ -536,3 +536,29 @@ def test_a_label_patch_owns_only_the_label(kube, core):
     assert len(theirs) == 1 and json.dumps(next(iter(theirs.values()))) == json.dumps(
         {"f:metadata": {"f:labels": {"f:by": {}}}})
     assert "f:ports" in managers["llm-fleet"]["f:spec"]
+
+
+def test_an_apply_that_finds_the_object_created_since_its_read_applies_onto_it(kube):
+    """Two writers apply the same new object at once (deploy_fleet: each model applies the shared operator
+    ClusterRoleBinding): the one that read "absent" and then meets the other's object applies onto it — the
+    apiserver's GuaranteedUpdate retries; an apply is never answered AlreadyExists. The sandbox once
+    answered 409 from its create check; deploy_fleet failed a model on it."""
+    from sandbox.kube import resources as res
+
+    t = res.BY_KEY[("", "configmaps")]
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "raced", "namespace": "default"},
+            "data": {"k": "v"}}
+    kube.api.apply(t, "default", "raced", body, manager="first", force=True)
+    real_get, calls = kube.store.get, []
+
+    def stale_get(*args, **kwargs):  # the second writer's read happened just before the first's create
+        calls.append(args)
+        return None if len(calls) == 1 else real_get(*args, **kwargs)
+
+    kube.store.get = stale_get
+    try:
+        status, obj = kube.api.apply(t, "default", "raced", dict(body, data={"k": "v", "k2": "w"}),
+                                     manager="second", force=True)
+    finally:
+        kube.store.get = real_get
+    assert status == 200 and obj["data"] == {"k": "v", "k2": "w"}
