@@ -41,7 +41,8 @@ def main() -> int:
 
     sb = start_sandbox(args.time_scale)
     from manifests.vertex import smoke_instance
-    from targets import vertex
+    from targets.vertex.deploy import deploy
+    from targets.vertex.release import release
     from tasks import vertex as tv
 
     spec = yaml.safe_load((ROOT / "deployments/gemma-vertex.yaml").read_text())
@@ -49,7 +50,7 @@ def main() -> int:
     spec["secret"] = {"prefect_block": None}
     try:
         with prefect_server():
-            deployed = flow(name="deploy_model")(vertex.deploy)(spec)
+            deployed = flow(name="deploy_model")(deploy)(spec)
             endpoint = deployed["endpoint"]
             new_sha = sb.hub.push_revision(spec["model"]["id"])
             stop = threading.Event()
@@ -72,7 +73,7 @@ def main() -> int:
                 t.start()
             time.sleep(0.5)
             t0 = time.perf_counter()
-            released = flow(name="release_model")(vertex.release)(spec, revision=new_sha)
+            released = flow(name="release_model")(release)(spec, revision=new_sha)
             took = time.perf_counter() - t0
             time.sleep(0.5)
             stop.set()

@@ -13,7 +13,7 @@ REGION = "us-central1"
 
 
 def _run(name: str, spec: dict, **kw):
-    """The main flows, which hand target: vertex specs to targets/vertex.py (through targets.target_for)."""
+    """The main flows, which hand target: vertex specs to targets/vertex/ (through targets.target_for)."""
     if name == "deploy":
         from flows.deploy_model import deploy_model as fn
     elif name == "release":
