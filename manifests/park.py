@@ -10,7 +10,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -27,6 +27,8 @@ Obj = dict[str, Any]
 PARK_RECORD = "llm-fleet.dev/park-record"
 # Idle tracking for park_idle: the request counter last seen and when it last moved.
 ACTIVITY = "llm-fleet.dev/activity"
+# Requests seen per local hour of the day, learned from the engine's counter (kept across park and wake).
+ARRIVALS = "llm-fleet.dev/arrivals"
 HOLD_COLOR = "hold"  # the color label the hold proxy's pods carry: the live Service selects it while parked
 WAKE_EVENT = "llm-fleet.model.wake-requested"
 HOLD_PORT = 8080
@@ -607,8 +609,87 @@ def human(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def decide_park(observed: Observed, policy: ScheduleSpec | None, now: datetime) -> Decision:
-    """Park a model idle longer than ``idle_after`` — never inside a schedule's awake window unless allowed."""
+# ---- learned arrivals: park at once in hours whose next request is far away ------------------------------
+
+ARRIVAL_MIN_HOURS = 2.0  # an hour of the day is known once this many of it were observed (two days)
+ARRIVAL_MEMORY_HOURS = 14.0  # per hour of the day: older observations fade (two weeks)
+ARRIVAL_MAX_GAP_S = 7 * 86400  # a longer silence (park_idle stopped) is not credited as observed time
+EARLY_IDLE_S = 60.0  # one park_idle tick without a request: the request that woke it is served
+BREAK_EVEN_WAKES = 2.0  # parking costs about two wakes of GPU time (billed W after park, W to wake again)
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Per local hour of the day: requests counted and hours observed (parked hours included)."""
+
+    counts: tuple[float, ...]
+    hours: tuple[float, ...]
+    requests: float  # the engine counter last seen
+    seen_at: str  # ISO time of the last observation
+
+    def rate(self, hour: int) -> float | None:
+        """Requests per hour in this hour of the day, or None until ``ARRIVAL_MIN_HOURS`` were observed."""
+        return self.counts[hour] / self.hours[hour] if self.hours[hour] >= ARRIVAL_MIN_HOURS else None
+
+    def to_annotation(self) -> str:
+        return json.dumps({"c": [round(x, 3) for x in self.counts], "h": [round(x, 4) for x in self.hours],
+                           "r": self.requests, "t": self.seen_at}, separators=(",", ":"))
+
+    @classmethod
+    def from_annotation(cls, text: str | None) -> Arrivals | None:
+        if not text:
+            return None
+        d = json.loads(text)
+        return cls(tuple(d["c"]), tuple(d["h"]), d["r"], d["t"])
+
+
+def observe_arrivals(previous: Arrivals | None, requests: float, now: datetime, tz: ZoneInfo) -> Arrivals:
+    """Credit the time since the last observation to the hours of the day it spans (parked time too: the
+    next observation after a wake covers it), and the counter's increase to the current hour — a fresh
+    engine's counter (lower than last seen) starts from 0, so the requests held during a wake count."""
+    if previous is None:
+        return Arrivals((0.0,) * 24, (0.0,) * 24, requests, now.isoformat())
+    counts, hours = list(previous.counts), list(previous.hours)
+    t, end = datetime.fromisoformat(previous.seen_at).astimezone(tz), now.astimezone(tz)
+    t0 = t
+    if 0 < (end - t).total_seconds() <= ARRIVAL_MAX_GAP_S:
+        while t < end:
+            nxt = min(end, t.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1))
+            hours[t.hour] += (nxt - t).total_seconds() / 3600
+            t = nxt
+    new = requests - previous.requests if requests >= previous.requests else requests
+    counts[(end - timedelta(microseconds=1)).hour if end > t0 else end.hour] += new  # the span's last hour
+    for h in range(24):  # fade: each hour of the day keeps about ARRIVAL_MEMORY_HOURS of observations
+        if hours[h] > ARRIVAL_MEMORY_HOURS:
+            keep = ARRIVAL_MEMORY_HOURS / hours[h]
+            counts[h], hours[h] = counts[h] * keep, ARRIVAL_MEMORY_HOURS
+    return Arrivals(tuple(counts), tuple(hours), requests, now.isoformat())
+
+
+def early_park(arrivals: Arrivals | None, wake_s: float | None, now: datetime, tz: ZoneInfo) -> str | None:
+    """Why parking now beats waiting out ``idle_after``, or None: in this hour of the day the learned
+    arrival rate puts the next request further away than parking costs (``BREAK_EVEN_WAKES`` wakes)."""
+    if arrivals is None or not wake_s:
+        return None
+    hour = now.astimezone(tz).hour
+    rate = arrivals.rate(hour)
+    if rate is None:
+        return None
+    gap = math.inf if rate <= 0 else 3600 / rate
+    if gap < BREAK_EVEN_WAKES * wake_s:
+        return None
+    return (f"{hour:02d}:00-{hour:02d}:59 sees {rate:.1f} req/h (next in ~{human(gap) if gap < math.inf else 'never'})"
+            f" > {BREAK_EVEN_WAKES:g} × wake {human(wake_s)}")
+
+
+def decide_park(observed: Observed, policy: ScheduleSpec | None, now: datetime, *,
+                arrivals: Arrivals | None = None, wake_s: float | None = None) -> Decision:
+    """Park a model idle longer than ``idle_after`` — never inside a schedule's awake window unless allowed.
+
+    With ``schedule.learned_idle`` (default), ``arrivals`` (the learned rate per hour of the day) and
+    ``wake_s`` (the p95 of measured wakes), park after one idle tick instead, in an hour whose next request
+    is expected later than parking and waking again cost.
+    """
     m = observed.model
     idle = None if observed.last_active is None else max(0.0, (now - observed.last_active).total_seconds())
     if observed.parked:
@@ -625,6 +706,9 @@ def decide_park(observed: Observed, policy: ScheduleSpec | None, now: datetime) 
     if in_awake_window(policy, now) and not policy.idle_in_awake_window:
         return Decision(m, idle, "keep", f"inside the scheduled awake window (wake {policy.wake!r}, "
                                          f"park {policy.park!r}, {policy.timezone})")
+    if idle < limit and policy.learned_idle and idle >= EARLY_IDLE_S and \
+            (why := early_park(arrivals, wake_s, now, _tz(policy))) is not None:
+        return Decision(m, idle, "park", f"idle {human(idle)}; {why}: parking before idle_after {human(limit)}")
     if idle < limit:
         return Decision(m, idle, "keep", f"idle {human(idle)} < idle_after {human(limit)}")
     return Decision(m, idle, "park", f"idle {human(idle)} ≥ idle_after {human(limit)}")

@@ -395,6 +395,9 @@ class ScheduleSpec(_Model):
     prewarm: Duration = timedelta(minutes=5)
     # May idle parking act between a scheduled wake and the next scheduled park?
     idle_in_awake_window: bool = False
+    # Park after one idle minute (not idle_after) in hours of the day whose learned arrival rate puts the
+    # next request further away than two wakes (manifests.park.early_park).
+    learned_idle: bool = True
 
     @field_validator("timezone")
     @classmethod
@@ -890,6 +893,8 @@ def _to_spec_error(err: ValidationError, source: str | None) -> SpecError:
                          source=source)
     if kind == "value_error":
         return SpecError(path, msg.removeprefix("Value error, "), source=source)
+    if kind in ("bool_parsing", "bool_type"):
+        return SpecError(path, f"{first.get('input')!r} is not a boolean", "use true or false", source=source)
     return SpecError(path, msg, f"got {first.get('input')!r}", source=source)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from pydantic import SecretStr
 
@@ -357,11 +358,21 @@ def observe_idle(spec: DeploymentSpec, now: datetime) -> P.Decision:
     # Every replica's counter (a Service would answer from one at random: never the same counter twice)
     metrics = P.parse_pod_metrics(health.read_pod_metrics(kubeconfig=kubeconfig, namespace=spec.namespace, pods=ready,
                                                           port=spec.engine.container_port), spec.engine.kind)
-    previous = P.Activity.from_annotation((svc["metadata"].get("annotations") or {}).get(P.ACTIVITY))
+    annotations = svc["metadata"].get("annotations") or {}
+    previous = P.Activity.from_annotation(annotations.get(P.ACTIVITY))
     activity, known = P.observe_activity(previous, metrics, now)
-    if activity != previous:
-        k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
-                     namespace=spec.namespace, annotations={P.ACTIVITY: activity.to_annotation()})
+    # The learned arrivals per hour of the day: kept across park and wake (park/wake clear only ACTIVITY),
+    # so the first look after a wake credits the parked hours too.
+    tz = ZoneInfo(spec.schedule.timezone if spec.schedule else "UTC")
+    arrivals = P.observe_arrivals(P.Arrivals.from_annotation(annotations.get(P.ARRIVALS)), metrics.requests, now, tz)
+    k8s.annotate(kubeconfig=kubeconfig, api_version="v1", kind="Service", name=names.service(spec),
+                 namespace=spec.namespace, annotations={P.ACTIVITY: activity.to_annotation(),
+                                                        P.ARRIVALS: arrivals.to_annotation()})
     observed = P.Observed(spec.name, False, replicas, metrics.running + metrics.waiting,
                           datetime.fromisoformat(activity.last_active) if known else None)
-    return P.decide_park(observed, spec.schedule, now)
+    wake_s = None
+    if spec.schedule is not None and spec.schedule.learned_idle:
+        from tasks.schedules import wake_history
+
+        wake_s = P.prewarm_s(spec.schedule, wake_history(spec))  # p95 of the measured wakes
+    return P.decide_park(observed, spec.schedule, now, arrivals=arrivals, wake_s=wake_s)

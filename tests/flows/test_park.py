@@ -243,6 +243,11 @@ def test_wake_rerun_is_a_no_op_and_park_idle_decides_from_metrics_through_the_se
     third = park_idle(specs=[path], dry_run=True)  # the request moved the counter: idle clock restarted
     assert third[0]["action"] == "keep", third
     assert len(gpu_pods(spec, kubeconfig)) == 1
+    # the learned arrivals per hour of the day live on the live Service (the counter saw the request)
+    from manifests.park import ARRIVALS, Arrivals
+
+    learned = Arrivals.from_annotation(live_service(spec, kubeconfig)["metadata"]["annotations"][ARRIVALS])
+    assert learned.requests >= 1 and sum(learned.counts) >= 1 and sum(learned.hours) > 0
 
 
 def test_a_request_past_the_hold_timeout_gets_503_with_retry_after(model):

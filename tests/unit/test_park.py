@@ -414,3 +414,73 @@ def test_the_hold_image_is_the_flows_image_and_checked_before_park(monkeypatch):
     with pytest.raises(PreflightError, match="hold.image") as err:
         P.require_image(bare, "the hold proxy")
     assert "LLM_FLEET_IMAGE" in err.value.fix and "docker build" in err.value.fix
+
+
+# ---- learned arrivals: park at once in quiet hours ----------------------------------------------------
+
+BRUSSELS = P.ZoneInfo("Europe/Brussels")
+
+
+def learned(rate_per_h: float, *, days: int = 3, at: datetime = NOW) -> P.Arrivals:
+    """Arrivals observed once an hour for ``days`` days, ``rate_per_h`` requests each hour."""
+    t, counter = at - timedelta(days=days), 0.0
+    a = P.observe_arrivals(None, counter, t, BRUSSELS)
+    while t < at:
+        t, counter = t + timedelta(hours=1), counter + rate_per_h
+        a = P.observe_arrivals(a, counter, t, BRUSSELS)
+    return a
+
+
+def test_arrivals_credit_parked_hours_and_count_a_fresh_engines_requests():
+    t0 = datetime(2026, 11, 24, 0, 30, tzinfo=UTC)  # 01:30 in Brussels
+    a = P.observe_arrivals(None, 40.0, t0, BRUSSELS)
+    assert a.hours == (0.0,) * 24 and a.requests == 40.0
+    # parked 01:30 -> 04:15; the woken engine's counter restarted and has served the 3 held requests
+    a = P.observe_arrivals(a, 3.0, t0 + timedelta(hours=2, minutes=45), BRUSSELS)
+    assert a.hours[1] == pytest.approx(0.5) and a.hours[2] == a.hours[3] == pytest.approx(1.0)
+    assert a.hours[4] == pytest.approx(0.25) and a.counts[4] == 3.0 and sum(a.counts) == 3.0
+    assert P.Arrivals.from_annotation(a.to_annotation()) == a
+    assert a.rate(2) is None  # one hour of 02:00 seen: not known yet
+
+
+def test_arrivals_fade_so_a_changed_pattern_is_learned_again():
+    busy = learned(100.0, days=20)
+    assert busy.hours[23] == P.ARRIVAL_MEMORY_HOURS and busy.rate(23) == pytest.approx(100.0)
+    t, quiet = NOW, busy
+    for _ in range(14 * 24):  # two quiet weeks
+        t += timedelta(hours=1)
+        quiet = P.observe_arrivals(quiet, quiet.requests, t, BRUSSELS)
+    assert quiet.rate(23) < 0.5 * busy.rate(23)
+
+
+@pytest.mark.parametrize(("arrivals", "wake_s", "action", "why"), [
+    (learned(0.7), 90.0, "park", "23:00-23:59 sees 0.7 req/h (next in ~1h25m) > 2 × wake 1m30s"),
+    (learned(0.0), 90.0, "park", "next in ~never"),
+    (learned(60.0), 90.0, "keep", "idle 1m00s < idle_after 3m00s"),  # next in 1 min < 2 wakes: wait it out
+    (learned(0.7, days=1), 90.0, "keep", "idle_after"),  # one 23:00 seen: not known yet
+    (learned(0.7), None, "keep", "idle_after"),  # no wake measured nor schedule
+    (None, 90.0, "keep", "idle_after"),
+])
+def test_decide_park_early_in_hours_whose_next_request_is_far(arrivals, wake_s, action, why):
+    d = P.decide_park(obs(1), GEMMA.schedule, NOW, arrivals=arrivals, wake_s=wake_s)
+    assert d.action == action and why in d.reason, d.reason
+
+
+def test_decide_park_early_needs_one_idle_tick_the_window_and_the_spec():
+    quiet = learned(0.0)
+    assert P.decide_park(obs(0.5), GEMMA.schedule, NOW, arrivals=quiet, wake_s=90.0).action == "keep"
+    off = GEMMA.schedule.model_copy(update={"learned_idle": False})
+    assert P.decide_park(obs(1), off, NOW, arrivals=quiet, wake_s=90.0).action == "keep"
+    in_window = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    d = P.decide_park(obs(1, last_active=in_window - timedelta(minutes=1)), GEMMA.schedule, in_window,
+                      arrivals=learned(0.0, at=in_window), wake_s=90.0)
+    assert d.action == "keep" and "awake window" in d.reason
+
+
+def test_learned_idle_must_be_a_boolean():
+    from manifests.spec import SpecError
+
+    data = {**GEMMA.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    data["schedule"] = {**data["schedule"], "learned_idle": "sometimes"}
+    with pytest.raises(SpecError, match=r"schedule\.learned_idle.*'sometimes' is not a boolean.*use true or false"):
+        parse_spec(data)
