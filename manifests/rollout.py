@@ -87,11 +87,12 @@ def diagnose(pods: list[dict[str, Any]], *, desired: int) -> Progress:
             detail = f": {v.waiting_message}" if v.waiting_message else ""
             return Progress("failed", v.waiting, f"pod {v.name}: {FATAL_WAITING[v.waiting]}{detail}", v.name, ready,
                             previous_logs=v.waiting == "CrashLoopBackOff")
-        if v.restarts and v.last_terminated and not v.ready:
-            # Crashed and restarted, not Ready: the same crash loop, read between its back-offs. The waiting
-            # CrashLoopBackOff state lasts only the back-off (10 s, doubling), and a watcher may see the pod
-            # only once it runs again; the restart count and last state stay (kubectl shows the same pod
-            # as Running, RESTARTS 2). Without this, a crashing model read as "loading" until the timeout.
+        if v.restarts >= 2 and v.last_terminated and not v.ready:
+            # Crashed and restarted twice, not Ready: the same crash loop, read between its back-offs. The
+            # waiting CrashLoopBackOff state lasts only the back-off (10 s, doubling), and a watcher may see
+            # the pod only once it runs again; the restart count and last state stay (kubectl shows the same
+            # pod as Running, RESTARTS 2). Without this, a crashing model read as "loading" until the timeout.
+            # One restart is not yet a loop: a liveness kill of a slow start (a loaded node) recovers.
             return Progress("failed", "CrashLoopBackOff", f"pod {v.name}: {FATAL_WAITING['CrashLoopBackOff']} "
                             f"(restarts: {v.restarts}, last exit: {v.last_terminated})", v.name, ready,
                             previous_logs=True)

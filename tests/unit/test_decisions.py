@@ -80,11 +80,11 @@ def test_drift_updatable_and_not():
     assert drift == {"accelerator.pool.max_nodes": True, "accelerator.machine_type": False}
 
 
-def pod(name, *, ready=False, phase="Running", waiting=None, last=None, unsched=None):
+def pod(name, *, ready=False, phase="Running", waiting=None, last=None, unsched=None, restarts=None):
     conds = [{"type": "Ready", "status": "True" if ready else "False"}]
     if unsched:
         conds.append({"type": "PodScheduled", "status": "False", "message": unsched})
-    cs = {"state": {"waiting": {"reason": waiting}} if waiting else {"running": {}}, "restartCount": 2 if last else 0}
+    cs = {"state": {"waiting": {"reason": waiting}} if waiting else {"running": {}}, "restartCount": restarts if restarts is not None else (2 if last else 0)}
     if last:
         cs["lastState"] = {"terminated": {"reason": last}}
     return {"metadata": {"name": name}, "status": {"phase": phase, "conditions": conds, "containerStatuses": [cs]}}
@@ -101,6 +101,8 @@ def pod(name, *, ready=False, phase="Running", waiting=None, last=None, unsched=
     # between two crashes (restarted, back-off over): still the crash loop, not a model that is loading
     ([pod("a", last="Error")], "failed", "CrashLoopBackOff"),
     ([pod("a", ready=True, last="Error")], "ready", ""),
+    # one restart (a liveness kill of a slow start on a loaded node) is not yet a loop: still loading
+    ([pod("a", last="Error", restarts=1)], "waiting", "Loading"),
     ([], "waiting", "NoPods"),
 ])
 def test_diagnose(pods, state, reason):
