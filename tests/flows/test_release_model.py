@@ -41,12 +41,13 @@ _CLUSTER: dict[int, dict] = {}
 def in_shared_cluster(sandbox, filename: str, *, name: str, **overrides) -> dict:
     """A bundled spec renamed ``name``, placed in the cluster provisioned once for this process (and sandbox)."""
     from flows.provision_cluster import provision_cluster
+    from manifests.spec import ClusterSpec
 
     spec = spec_dict(filename, name=name, **overrides)
     spec["accelerator"] = {"type": "nvidia-l4", "pool": dict(POOL)}
     cached = _CLUSTER.get(id(sandbox))
     # the clusters a module made end with it (tests/conftest.py): another module provisions its own
-    if cached is None or not any((p, n) == (cached["project"], cached["name"])
+    if cached is None or not any((p, n) == (cached["project"], ClusterSpec.model_validate(cached).name)
                                  for p, _, n in sandbox.gke.cluster_keys()):
         provision_cluster(spec=spec)
         _CLUSTER[id(sandbox)] = spec["cluster"]
