@@ -167,9 +167,6 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
     ]
 
 
-PRE_STOP_S = 5  # > kube-proxy's programming delay (1 s min sync period), well inside a preemption's 15 s
-
-
 def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
     eng, model = spec.engine, spec.model
     port = eng.container_port
@@ -243,11 +240,6 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
                           "failureThreshold": 3, "timeoutSeconds": 10},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
                          {"name": "cache", "mountPath": spec.cache.mount_path}],
-        # A deleted pod leaves the Endpoints at once, but each node's kube-proxy (and a NEG) stops sending
-        # it new connections only a moment later; the engine exits on SIGTERM and would refuse them. So it
-        # keeps serving PRE_STOP_S first (an exec of sleep: every engine image has it, and the kubelet's
-        # own sleep action needs 1.30+). Inside the 60 s grace, and inside the 15 s a spot preemption gives.
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_S)]}}},
     }
     container["securityContext"] = _container_security(spec)
     if _runs_as_non_root(spec):
