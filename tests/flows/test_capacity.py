@@ -198,6 +198,17 @@ class _Load:
             t.join(70)
 
 
+def _no_idle_gpu_node(spec: dict, kubeconfig: str) -> None:
+    """What the 30 minutes between two migrate_back runs give: the autoscaler has removed every idle GPU node
+    (after its 10 unneeded minutes). A stockout refuses new VMs only, and the scheduler puts a candidate on
+    a node with room before any scale-up, whatever the ComputeClass's order: an idle node left by the tests
+    above (spot or on-demand) would decide where the candidate lands."""
+    deadline = time.monotonic() + 30
+    while len(nodes_by_pool(kubeconfig)) > len(pod_pools(spec, kubeconfig)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(nodes_by_pool(kubeconfig)) == len(pod_pools(spec, kubeconfig)), nodes_by_pool(kubeconfig)
+
+
 def test_preferred_option_back_moves_a_single_replica_back_with_no_dropped_request(seed004, sbc, sandbox):
     """Issue 23: the single replica landed on on-demand while spot was gone. migrate_back decides from the
     cluster (live color on option 1, option 0 preferred) and brings a new color up beside the live one:
@@ -212,6 +223,7 @@ def test_preferred_option_back_moves_a_single_replica_back_with_no_dropped_reque
     live = live_service(spec, kubeconfig)["spec"]["selector"]["llm-fleet.dev/color"]
     for zone in ZONES:  # spot still gone
         sbc.set_stockout(zone, "nvidia-l4", spot=True)
+    _no_idle_gpu_node(spec, kubeconfig)
     with _Load(_live_address(sbc, spec), spec["model"]["id"]) as load:
         stayed = migrate_back(spec=spec)  # spot still stocked out
         assert stayed["action"] == "stayed" and "no better than option 1" in stayed["reason"], stayed
@@ -221,6 +233,7 @@ def test_preferred_option_back_moves_a_single_replica_back_with_no_dropped_reque
                                   namespace=spec["namespace"])
         assert other["spec"]["replicas"] == 0
         sbc.clear_stockouts()
+        _no_idle_gpu_node(spec, kubeconfig)  # the on-demand node the scaled-back candidate used
         moved = migrate_back(spec=spec)
         assert moved["action"] == "migrated_back" and moved["color"] != live, moved
         mark = len(load.codes)
