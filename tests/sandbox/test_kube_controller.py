@@ -521,7 +521,11 @@ def test_real_runtime_serves_through_the_service_proxy(real):
         "selector": {"app": "opt"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
     wait_for(lambda: kube.service_backends("default", "opt"), timeout=20)
     with http_client(kube, timeout=30) as http:
-        models = http.get("/api/v1/namespaces/default/services/opt:http/proxy/v1/models").json()
+        # No readinessProbe: the pod is Ready once its container runs, as on Kubernetes, and the engine may
+        # still be loading (the proxy answers 503 until it listens) — wait for its answer, not for Ready.
+        url = "/api/v1/namespaces/default/services/opt:http/proxy/v1/models"
+        wait_for(lambda: http.get(url).status_code == 200, timeout=20)
+        models = http.get(url).json()
         assert models["data"][0]["id"] == "facebook/opt-125m"
     pod = pods(core, selector="app=opt")[0].metadata.name
     assert "facebook/opt-125m" in core.read_namespaced_pod_log(pod, "default")
