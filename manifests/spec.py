@@ -937,7 +937,7 @@ def resolve_spec(spec: DeploymentSpec | str | Path | dict[str, Any]) -> Deployme
 
 
 def resolve_gke_spec(spec: DeploymentSpec | str | Path | dict[str, Any], *, flow: str) -> DeploymentSpec:
-    """resolve_spec, refusing specs a GKE-only step cannot run (target: vertex has its own, targets/vertex.py)."""
+    """resolve_spec, refusing specs a GKE-only step cannot run (target: vertex has its own, targets/vertex/)."""
     spec = resolve_spec(spec)
     if spec.target != "gke":
         raise SpecError("target", f"{flow} runs on GKE; this spec targets {spec.target}",
