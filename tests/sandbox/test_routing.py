@@ -13,6 +13,7 @@ import pytest
 from sandbox.core import Clock, Faults, JsonHandler, route, serve
 from sandbox.engines import ModelRuntime
 from sandbox.routing import ConnectionPool, ServicePorts, proxy
+from tests.sandbox.kube_support import wait_for
 
 # ---- an echo backend and a front server that calls proxy(), like the API server's service proxy ----
 
@@ -228,10 +229,10 @@ def test_service_follows_its_resolver_at_every_request(runtime):
             # the open connection is reset, new ones are refused ...
             with pytest.raises(httpx.TransportError):
                 http.get("/v1/models")
-        assert _wait(lambda: _refused(port))
+        wait_for(lambda: _refused(port), timeout=5.0, interval=0.02)
         assert routes.snapshot()["prod/llm"]["refused"] == 1 and routes.port("prod", "llm") == port
         backends[("prod", "llm")] = [green.port]  # ... until a backend is routed again: the same port listens
-        assert _wait(lambda: not _refused(port))
+        wait_for(lambda: not _refused(port), timeout=5.0, interval=0.02)
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).status_code == 200
         assert len(calls) >= 26
         # The route counts a request once its reply is written, which can be just after the client has it.
@@ -242,15 +243,6 @@ def test_service_follows_its_resolver_at_every_request(runtime):
         assert routes.snapshot()["prod/llm"]["requests"] == 27
     finally:
         routes.stop()
-
-
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _refused(port: int) -> bool:
