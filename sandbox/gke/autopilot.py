@@ -1,5 +1,7 @@
 """Autopilot clusters (``autopilot.enabled``): GKE manages their nodes, so they have no node pools; the
-kube emulator, told the cluster is Autopilot, provisions a node for pods that need one. GKE pays for
+kube emulator, told the cluster is Autopilot, provisions a node for pods that need one (in a Standard
+cluster, for the pods that select an Autopilot ComputeClass). How long such a GPU node takes to boot,
+fast-starting nodes included, is ``sandbox/gke/fast_nodes.py``. GKE pays for
 them here: each Autopilot node holds Compute quota of its cluster's project (the GPU metric,
 ``PREEMPTIBLE_*`` for Spot, plus ``CPUS``) while it exists; one that cannot start (stockout, quota)
 is taken away again, so its pod stays Pending as on GKE; a deleted cluster's Autopilot nodes give
@@ -52,7 +54,9 @@ class AutopilotMixin:
         with self._lock:
             if key in self._autopilot_nodes:
                 return
-            matches = [c for c in self._clusters.values() if c.kube is kube and c.autopilot and
+            # an Autopilot cluster's node, or one GKE made for an Autopilot-mode pod of a Standard cluster
+            # (a ComputeClass with spec.autopilot.enabled): both are paid for the same way
+            matches = [c for c in self._clusters.values() if c.kube is kube and
                        c.name == cluster_name and not c.deleting]
             cluster = matches[-1] if matches else None
         if cluster is None:

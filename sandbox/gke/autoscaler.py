@@ -276,6 +276,10 @@ class ClusterAutoscaler:
                     self._pod_event(kube, pod, "NotTriggerScaleUp", "pod didn't trigger scale-up: "
                                     f"{len(pools)} {blocked[id(pod)]}")
             confirmed = [p for p in confirmed if id(p) not in blocked]
+            # pods of an Autopilot ComputeClass get GKE-managed nodes (sandbox/kube/controllers/autopilot.py)
+            autopilot = {n for n, c in self._classes(kube).items()
+                         if ((c.get("spec") or {}).get("autopilot") or {}).get("enabled")}
+            confirmed = [p for p in confirmed if cc.class_of(p) not in autopilot]
             self._scale_up(confirmed, pools, now, all_pods=pods, kube=kube)
             self._migrate(kube, pods, pending, pools, now)
             self._scale_down(pods, pending, pools, now)

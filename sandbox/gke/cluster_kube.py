@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 from sandbox.gke.common import _err
+from sandbox.gke.fast_nodes import FastNodes
 from sandbox.gke.state import _Cluster
 
 
@@ -53,6 +54,8 @@ class ClusterKubeMixin:
             with contextlib.suppress(AttributeError):
                 kube.set_version(cluster.data["currentMasterVersion"])
                 kube.project = cluster.project
+            # the nodes GKE makes for its Autopilot-mode pods: their boot time (fast-starting nodes)
+            kube.gke_nodes = FastNodes(self, cluster)
         subscribe = getattr(kube, "subscribe", None)
         if owned and callable(subscribe):
             with contextlib.suppress(Exception):

@@ -249,7 +249,7 @@ class ClustersMixin:
                     self.compute.delete_mig(zone, self._mig_name(pool, zone), project=cluster.project)
             if cluster.autopilot:
                 self._kube_autopilot(cluster, False)
-                self._remove_autopilot_nodes(cluster)
+            self._remove_autopilot_nodes(cluster)  # Autopilot-mode nodes of a Standard cluster too
             # its API server goes with it (model servers stopped, ports closed) before the op is DONE
             self._close_kube(cluster)
             with self._lock:

@@ -21,6 +21,7 @@ from sandbox.gke.autopilot import AutopilotMixin
 from sandbox.gke.autoscaler import ClusterAutoscaler
 from sandbox.gke.cluster_kube import ClusterKubeMixin
 from sandbox.gke.clusters import ClustersMixin
+from sandbox.gke.fast_nodes import PreInitialized
 from sandbox.gke.node_pools import NodePoolsMixin
 from sandbox.gke.nodes import NodesMixin
 from sandbox.gke.operations import OperationsMixin
@@ -71,6 +72,8 @@ class Gke(ClustersMixin, NodePoolsMixin, NodesMixin, AutopilotMixin, ClusterKube
         self._stop = threading.Event()
         self._server: SandboxHTTPServer | None = None
         self.autoscaler = ClusterAutoscaler(self)
+        # GKE's pre-initialized capacity for fast-starting nodes, per zone and machine family (fast_nodes.py)
+        self.fast_nodes = PreInitialized(clock)
         # (id(kube), Autopilot node) -> what it holds: {"kube", "project", "location", "region", "cluster",
         # "quota"} (the record keeps the kube alive, so its id cannot be reused meanwhile)
         self._autopilot_nodes: dict[tuple[int, str], dict[str, Any]] = {}

@@ -14,17 +14,19 @@ from google.cloud import container_v1
 
 from sandbox.gke.common import _bad, to_dict
 
-# The 1.28-1.30 lines only: each cluster's API server reports the version GKE shows here (its /version,
-# every kubelet), and gcloud's kubectl dispatcher runs the kubectl of that minor -- 1.31+ send protobuf
-# bodies this JSON-only API server cannot read (docs/sandbox-contract.md, "Versions").
+# The 1.28-1.30 lines as defaults: each cluster's API server reports the version GKE shows here (its
+# /version, every kubelet), and gcloud's kubectl dispatcher runs the kubectl of that minor -- 1.31+ send
+# protobuf bodies this JSON-only API server cannot read (docs/sandbox-contract.md, "Versions"). One 1.33
+# patch (a Rapid release of January 2026), never a default, for what needs it (fast-starting nodes, Autopilot
+# ComputeClasses in Standard): the product's Python clients reach such a cluster; kubectl does not.
 VERSIONS = [
-    "1.30.14-gke.1009000", "1.30.12-gke.1086000", "1.30.5-gke.1014001", "1.29.15-gke.1325000",
+    "1.33.5-gke.2019000", "1.30.14-gke.1009000", "1.30.12-gke.1086000", "1.30.5-gke.1014001", "1.29.15-gke.1325000",
     "1.29.10-gke.1280000", "1.28.15-gke.1020000",
 ]
 
 
 CHANNELS: dict[str, tuple[str, list[str]]] = {
-    "RAPID": ("1.30.14-gke.1009000", ["1.30.14-gke.1009000", "1.30.12-gke.1086000"]),
+    "RAPID": ("1.30.14-gke.1009000", ["1.33.5-gke.2019000", "1.30.14-gke.1009000", "1.30.12-gke.1086000"]),
     "REGULAR": ("1.30.5-gke.1014001", ["1.30.12-gke.1086000", "1.30.5-gke.1014001", "1.29.15-gke.1325000"]),
     "STABLE": ("1.29.15-gke.1325000", ["1.30.5-gke.1014001", "1.29.15-gke.1325000", "1.29.10-gke.1280000",
                                        "1.28.15-gke.1020000"]),

@@ -33,10 +33,17 @@ class AutopilotProvisioner(ControllerBase):
 
     # ---- Autopilot --------------------------------------------------------------------------
     def _maybe_autopilot(self, pod: Obj, gpu: float) -> None:
-        clusters = sorted(self.cluster.autopilot_clusters)
-        if not clusters:
-            return
         selector = (pod.get("spec") or {}).get("nodeSelector") or {}
+        cls = self._class(selector)
+        clusters = sorted(self.cluster.autopilot_clusters)
+        gke_nodes = getattr(self.cluster, "gke_nodes", None)
+        if not clusters:
+            # a Standard cluster: GKE runs in Autopilot mode the pods that select a ComputeClass with
+            # spec.autopilot.enabled (when its version allows Autopilot ComputeClasses; else no node at all)
+            if not (cls and ((cls.get("spec") or {}).get("autopilot") or {}).get("enabled")) or gke_nodes is None \
+                    or gke_nodes.autopilot_class_problem() is not None:
+                return
+            clusters = [gke_nodes.name]
         accel = selector.get("cloud.google.com/gke-accelerator") or self._class_gpu(selector)[0]
         uid = pod["metadata"]["uid"]
         # GPU pods get a GPU node; CPU-only pods a general-purpose one (Autopilot's default compute class)
@@ -48,23 +55,42 @@ class AutopilotProvisioner(ControllerBase):
         self.event(pod, "Normal", "TriggeredScaleUp", f"pod triggered scale-up: [{{https://www.googleapis.com/"
                    f"compute/v1/projects/sandbox/zones/-/instanceGroups/{node[:-9]}-grp 0->1 (max: 1000)}}]",
                    component="cluster-autoscaler")
-        self.after(DEFAULT_DELAYS["autopilot_node_provision"],
-                   ("autopilot-node", pod["metadata"]["namespace"], pod["metadata"]["name"], uid, node, cluster))
+        boot = DEFAULT_DELAYS["autopilot_node_provision"]
+        if gke_nodes is not None and accel:  # GKE times its GPU nodes: fast-starting nodes or the normal boot
+            from sandbox.gke.fast_nodes import Shape
+
+            class_gpu, class_spot = self._class_gpu(selector)
+            rule = self._class_rule(cls)
+            spot = class_spot or selector.get("cloud.google.com/gke-spot") == "true"
+            boot = gke_nodes.boot(node, Shape(accelerator=accel, gpus=max(1, int(gpu)), spot=spot, rule=rule,
+                                             annotations=(pod.get("metadata") or {}).get("annotations") or {}))
+        self.after(boot, ("autopilot-node", pod["metadata"]["namespace"], pod["metadata"]["name"], uid, node, cluster))
+
+    def _class(self, selector: dict[str, str]) -> Obj | None:
+        """The ComputeClass the pod selects (``cloud.google.com/compute-class``), or None."""
+        name = selector.get("cloud.google.com/compute-class")
+        if not name:
+            return None
+        from sandbox.kube.resources import find
+
+        rtype = find("cloud.google.com", "v1", "computeclasses")
+        return self.store.get(rtype, "", name) if rtype is not None else None
+
+    @staticmethod
+    def _class_rule(cls: Obj | None) -> Obj | None:
+        """The class's first GPU priority: the one an Autopilot node is made from here."""
+        for rule in ((cls or {}).get("spec") or {}).get("priorities") or []:
+            if (rule.get("gpu") or {}).get("type"):
+                return rule
+        return None
 
     def _class_gpu(self, selector: dict[str, str]) -> tuple[str | None, bool]:
         """(GPU type, spot) of the first GPU priority of the ComputeClass the pod selects. Autopilot creates
         the class's nodes itself (no stockouts are emulated here: the first priority always starts)."""
-        name = selector.get("cloud.google.com/compute-class")
-        if not name:
+        rule = self._class_rule(self._class(selector))
+        if rule is None:
             return None, False
-        from sandbox.kube.resources import find
-
-        rtype = find("cloud.google.com", "v1", "computeclasses")
-        cls = self.store.get(rtype, "", name) if rtype is not None else None
-        for rule in ((cls or {}).get("spec") or {}).get("priorities") or []:
-            if (rule.get("gpu") or {}).get("type"):
-                return rule["gpu"]["type"], bool(rule.get("spot"))
-        return None, False
+        return rule["gpu"]["type"], bool(rule.get("spot"))
 
     def provision_autopilot_node(self, ns: str, name: str, uid: str, node: str, cluster: str) -> None:
         pod = self.store.get(PODS, ns, name)
@@ -73,7 +99,8 @@ class AutopilotProvisioner(ControllerBase):
         self._autopilot_pending.pop(uid, None)
         if pod is None or pod["metadata"]["uid"] != uid or (pod.get("spec") or {}).get("nodeName"):
             return
-        if cluster not in self.cluster.autopilot_clusters:
+        gke_nodes = getattr(self.cluster, "gke_nodes", None)
+        if cluster not in self.cluster.autopilot_clusters and (gke_nodes is None or gke_nodes.name != cluster):
             return
         selector = dict((pod.get("spec") or {}).get("nodeSelector") or {})
         if pod_gpus(pod) <= 0 and "cloud.google.com/gke-accelerator" not in selector:
@@ -97,6 +124,8 @@ class AutopilotProvisioner(ControllerBase):
             "cloud.google.com/gke-provisioning": "spot" if selector.get("cloud.google.com/gke-spot") else "standard",
             "cloud.google.com/machine-family": "g2" if "l4" in accel else "a2",
             "kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux", "kubernetes.io/hostname": node,
+            # Autopilot pulls eligible images with image streaming, always (GKE image streaming docs)
+            "cloud.google.com/gke-image-streaming": "true",
             AUTOPILOT_LABEL: cluster,
             **selector,
         }
