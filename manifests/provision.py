@@ -114,6 +114,12 @@ def check_version(spec: DeploymentSpec, server_config: dict[str, Any]) -> Check:
     return Check("GKE version", True, f"{want} on {channel}")
 
 
+def new_cluster_version(spec: DeploymentSpec, server_config: dict[str, Any]) -> str:
+    """The version a cluster created from the spec starts at: the pinned one, else its channel's default."""
+    channels = {c.get("channel"): c for c in server_config.get("channels", [])}
+    return spec.cluster.version or str(channels.get(spec.cluster.release_channel.upper(), {}).get("default_version", ""))
+
+
 # ---- request bodies (proto field names, snake_case) -------------------------------------------------
 
 def needs_filestore(spec: DeploymentSpec) -> bool:
@@ -330,6 +336,9 @@ def plan_provision(spec: DeploymentSpec, *, cluster: dict[str, Any] | None, pool
             actions.append(Action("keep" if exists else "create", what,
                                   f"capacity option {i}, 0 nodes until the ComputeClass "
                                   f"{names.compute_class(spec)} asks for one"))
+    elif c.mode == "standard" and startup.fast_nodes(spec):
+        actions.append(Action("keep", "no GPU node pool", f"startup.nodes: fast-start — GKE makes each node for the "
+                              f"pods of ComputeClass {names.compute_class(spec)} (Autopilot mode)"))
     elif c.mode == "standard":
         acc, p = spec.accelerator, spec.accelerator.pool
         zones = ", ".join(z for _, z in preflight.candidates) or "none"

@@ -145,7 +145,7 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
         *([{"apiGroups": ["cloud.google.com"], "resources": ["computeclasses"], "verbs": ["create"]},
            {"apiGroups": ["cloud.google.com"], "resources": ["computeclasses"],
             "resourceNames": [names.compute_class(spec)], "verbs": ["get", "patch", "delete"]}]
-          if spec.capacity else []),
+          if has_compute_class(spec) else []),
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"],
          "resourceNames": [cluster_name], "verbs": ["get", "delete"]},
     ]
@@ -296,12 +296,18 @@ def compute_class(spec: DeploymentSpec) -> Obj | None:
     pods back to a better priority when it frees up (``activeMigration``), and never creates a node
     outside the list (``whenUnsatisfiable: DoNotScaleUp``). Without auto-creation the priorities match
     the pools provision_cluster creates per option (``manifests.provision.option_pool_bodies``)."""
-    if not spec.capacity:
+    if not has_compute_class(spec):
         return None
+    autopilot = startup.fast_nodes(spec) and spec.cluster.mode == "standard"
     priorities: list[Obj] = []
     for i, opt in enumerate(spec.capacity_options):
         rule: Obj = {"machineType": opt.machine,
                      "gpu": {"type": opt.gpu, "count": opt.count, "driverVersion": "latest"}}
+        if autopilot:
+            # Autopilot sizes the G2 node to the pod; the boot disk is what fast-starting nodes need
+            # (pd-balanced, at most 500 GiB: checked by startup.check)
+            rule = {"gpu": rule["gpu"], "storage": {"bootDiskType": "pd-balanced",
+                                                    "bootDiskSize": spec.accelerator.pool.disk_size_gb}}
         if opt.provisioning == "spot":
             rule["spot"] = True
         elif opt.provisioning == "flex-start":
@@ -313,13 +319,21 @@ def compute_class(spec: DeploymentSpec) -> Obj | None:
         if zones:
             rule["location"] = {"zones": zones}
         priorities.append(rule)
-    auto = spec.cluster.mode == "autopilot" or spec.cluster.node_pool_auto_creation
+    auto = spec.cluster.mode == "autopilot" or spec.cluster.node_pool_auto_creation or autopilot
+    body: Obj = {"priorities": priorities,
+                 "activeMigration": {"optimizeRulePriority": migrates_back(spec)},
+                 "nodePoolAutoCreation": {"enabled": auto},
+                 "whenUnsatisfiable": "DoNotScaleUp"}
+    if autopilot:  # GKE runs the pods that select it in Autopilot mode: fast-starting nodes
+        body["autopilot"] = {"enabled": True}
     return {"apiVersion": "cloud.google.com/v1", "kind": "ComputeClass",
-            "metadata": _meta(spec, names.compute_class(spec), namespaced=False),
-            "spec": {"priorities": priorities,
-                     "activeMigration": {"optimizeRulePriority": migrates_back(spec)},
-                     "nodePoolAutoCreation": {"enabled": auto},
-                     "whenUnsatisfiable": "DoNotScaleUp"}}
+            "metadata": _meta(spec, names.compute_class(spec), namespaced=False), "spec": body}
+
+
+def has_compute_class(spec: DeploymentSpec) -> bool:
+    """Capacity options, or fast-starting nodes on a Standard cluster (an Autopilot-mode ComputeClass; an
+    Autopilot cluster runs every pod in Autopilot mode already)."""
+    return bool(spec.capacity) or (startup.fast_nodes(spec) and spec.cluster.mode == "standard")
 
 
 def migrates_back(spec: DeploymentSpec) -> bool:
@@ -355,6 +369,9 @@ def _pod_resources(spec: DeploymentSpec) -> tuple[str, str]:
 
 def _placement(spec: DeploymentSpec) -> Obj:
     tolerations = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+    if startup.fast_nodes(spec) and spec.cluster.mode == "standard":
+        # Autopilot mode: GKE makes the node for the class (no pool label or class taint to match)
+        return {"nodeSelector": {names.COMPUTE_CLASS_LABEL: names.compute_class(spec)}, "tolerations": tolerations}
     if spec.capacity:
         # the ComputeClass picks the node (any option); its nodes carry the class's label and taint
         cls = names.compute_class(spec)

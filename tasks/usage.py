@@ -13,8 +13,9 @@ from typing import Any
 from prefect import task
 from prefect.variables import Variable
 
-from manifests import names
+from manifests import names, startup
 from manifests import usage as U
+from manifests.render import has_compute_class
 from manifests.spec import DeploymentSpec
 from tasks.clients import cluster_manager
 from tasks.gke import _call_opts, _parent, _to_dict
@@ -30,7 +31,7 @@ MAX_CHARS = 4800  # Prefect Variables hold at most 5,000 characters of JSON
 def pool_selector(spec: DeploymentSpec) -> str:
     """The GPU nodes a spec runs on: its node pool (Standard), its ComputeClass's nodes (capacity options:
     every option's pool carries the class label), or GKE's accelerator nodes (Autopilot)."""
-    if spec.capacity:
+    if has_compute_class(spec):  # Autopilot-mode nodes (fast-starting nodes) carry the class label too
         return f"{names.COMPUTE_CLASS_LABEL}={names.compute_class(spec)}"
     if spec.cluster.mode == "autopilot":
         return f"cloud.google.com/gke-accelerator={spec.accelerator.type}"
@@ -39,7 +40,7 @@ def pool_selector(spec: DeploymentSpec) -> str:
 
 def ledger_name(spec: DeploymentSpec) -> str:
     c = spec.cluster
-    pool = spec.accelerator.type if c.mode == "autopilot" else spec.accelerator.pool.name
+    pool = spec.accelerator.type if startup.autopilot_mode(spec) else spec.accelerator.pool.name
     return re.sub(r"[^a-z0-9_-]", "-", f"llm-fleet-usage-{c.project}-{c.name}-{pool}".lower())[:250]
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from manifests import capacity as cap
-from manifests import names
+from manifests import names, startup
 from manifests import park as P
 from manifests import provision as prov
 from manifests.spec import DeploymentSpec
@@ -212,6 +212,33 @@ class ClassPools(Capacity):
         return line
 
 
+class AutopilotNodes(Capacity):
+    """``startup.nodes: fast-start`` on a Standard cluster: the pods select an Autopilot-mode ComputeClass
+    (rendered with the model's objects), GKE makes each node for its pod — from its pre-initialized G2
+    capacity when it can (fast-starting nodes). No pool to create, size at park or restore at wake."""
+
+    name = "Autopilot-mode ComputeClass"
+
+    def pool_names(self, spec: DeploymentSpec) -> list[str]:
+        return []
+
+    def provision(self, spec: DeploymentSpec, *, location: str, candidates: list[tuple[str, str]],
+                  attempts: list[dict[str, str]], walk: Walk, ensure: Ensure
+                  ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+        c = spec.cluster
+        cluster, created = ensure(spec, location=location, zones=[z for r, z in candidates if r == c.region])
+        attempts.append({"region": c.region, "zone": "-", "result": "created" if created else "exists",
+                         "detail": f"no GPU pool: GKE makes the nodes of ComputeClass {names.compute_class(spec)} "
+                                   "(Autopilot mode, fast-starting nodes)"})
+        return location, cluster, None
+
+    def wake_pool_plan(self, record: P.ParkRecord, now: P.PoolState) -> P.PoolPlan:
+        return P.PoolPlan(note="GKE makes the node for the pod (Autopilot mode, fast-starting nodes)")
+
+
 def capacity_for(spec: DeploymentSpec) -> Capacity:
-    """The spec's way to GPU nodes: its ``capacity:`` options, or the one pool."""
+    """The spec's way to GPU nodes: nodes GKE makes in Autopilot mode (fast-starting nodes), its
+    ``capacity:`` options, or the one pool."""
+    if startup.fast_nodes(spec) and spec.cluster.mode == "standard":
+        return AutopilotNodes()
     return ClassPools() if spec.capacity else SinglePool()

@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import SecretStr
 
-from manifests import gateway, names
+from manifests import gateway, names, startup
 from manifests import park as P
 from manifests.errors import FleetError
 from manifests.fleet import bundled_specs
@@ -86,8 +86,9 @@ def _pool_nodes(spec: DeploymentSpec, kubeconfig: str) -> list[str]:
 
 
 def read_pool(spec: DeploymentSpec, kubeconfig: str, location: str, nodes: list[str] | None = None) -> P.PoolState | None:
-    """The GPU pool's settings and its nodes per zone, as GKE and Kubernetes report them (Standard only)."""
-    if spec.cluster.mode != "standard":
+    """The GPU pool's settings and its nodes per zone, as GKE and Kubernetes report them (Standard only; None
+    in Autopilot mode — an Autopilot cluster, or fast-starting nodes: GKE makes the nodes, there is no pool)."""
+    if startup.autopilot_mode(spec):
         return None
     c, name = spec.cluster, spec.accelerator.pool.name
     pool = gke.get_node_pool(project=c.project, location=location, cluster=c.name, name=name)

@@ -60,7 +60,12 @@ def preflight(spec: DeploymentSpec, *, location: str, cluster: dict[str, Any] | 
     offered = compute.zones_offering(project=c.project, accelerator=acc.type)
     zone_check, report.candidates = prov.check_zones(spec, offered)
     report.checks.append(zone_check)
-    report.checks.append(prov.check_version(spec, gke.get_server_config(project=c.project, location=c.location)))
+    server_config = gke.get_server_config(project=c.project, location=c.location)
+    report.checks.append(prov.check_version(spec, server_config))
+    live = (cluster or {}).get("current_master_version")
+    fast = startup.fast_nodes_check(spec, version=live or prov.new_cluster_version(spec, server_config), live=bool(live))
+    if fast is not None:  # startup.nodes: fast-start — the version GKE needs, before anything is created
+        report.checks.append(fast)
     if (image := startup.disk_image_ref(spec)) is not None:  # startup.image.secondary_boot_disk
         report.checks.append(startup.disk_image_check(
             spec, exists=compute.disk_image_exists(project=image[0], name=image[1])))
@@ -233,7 +238,7 @@ def provision(spec: SpecPath | str | dict[str, Any], *, dry_run: bool = False) -
             report.succeed("dry run: nothing was created")
             return {"dry_run": True, "plan": [a.__dict__ for a in plan]}
 
-        existed = cluster if (pool is not None or c.mode == "autopilot" or spec.capacity) else None
+        existed = cluster if (pool is not None or startup.autopilot_mode(spec) or spec.capacity) else None
         with report.step("Create the GKE cluster and GPU node pool") as step:
             location, cluster, pool = provision_with_failover(spec, location=location,
                                                               candidates=checks.candidates, attempts=attempts)

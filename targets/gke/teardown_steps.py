@@ -21,7 +21,7 @@ from kubernetes.client.rest import ApiException
 from manifests import gateway, names, playground
 from manifests.errors import FleetError
 from manifests.fleet import SpecPath
-from manifests.render import ADMIN_KINDS
+from manifests.render import ADMIN_KINDS, has_compute_class
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from targets.gke.capacity import capacity_for
 from targets.gke.provision import find_cluster, remove_cluster, remove_pool
@@ -125,12 +125,13 @@ def _others(spec: DeploymentSpec, kubeconfig: str, namespace: str | None) -> lis
 def _uses_pool(spec: DeploymentSpec, deployment: dict[str, Any]) -> bool:
     selector = _pod_spec(deployment).get("nodeSelector") or {}
     return (selector.get("cloud.google.com/gke-nodepool") == spec.accelerator.pool.name or
-            (bool(spec.capacity) and selector.get(names.COMPUTE_CLASS_LABEL) == names.compute_class(spec)))
+            (has_compute_class(spec) and selector.get(names.COMPUTE_CLASS_LABEL) == names.compute_class(spec)))
 
 
 def _compute_class(spec: DeploymentSpec, kubeconfig: str) -> list[dict[str, Any]]:
-    """The spec's ComputeClass (capacity options) when labelled for it: read by name (cluster-scoped)."""
-    if not spec.capacity:
+    """The spec's ComputeClass (capacity options, fast-starting nodes) when labelled for it: read by name
+    (cluster-scoped)."""
+    if not has_compute_class(spec):
         return []
     obj = k8s.get_object(kubeconfig=kubeconfig, api_version="cloud.google.com/v1", kind="ComputeClass",
                          name=names.compute_class(spec))

@@ -141,3 +141,67 @@ def test_preflight_names_a_missing_disk_image_and_how_to_build_it():
     assert not missing.ok and "does not exist" in missing.detail
     assert missing.fix.startswith("build it with gke-disk-image-builder --container-image=europe-west1-docker.pkg.dev/")
     assert startup.disk_image_ref(parse_spec(seed1())) is None
+
+
+# ---- GKE fast-starting nodes (startup.nodes: fast-start) ------------------------------------------------------
+
+def test_fast_start_nodes_render_an_autopilot_class_the_pods_select_and_no_pool():
+    """Standard cluster: the pods select a ComputeClass with autopilot enabled (GKE makes their G2 nodes, from its
+    pre-initialized capacity), provision plans no GPU pool, the operator may apply and delete the class."""
+    from manifests.render import compute_class, has_compute_class
+
+    spec = parse_spec(seed1(startup={"nodes": "fast-start"}, cluster={**seed1()["cluster"], "version": "1.33"}))
+    assert startup.autopilot_mode(spec) and has_compute_class(spec)
+    cls = compute_class(spec)
+    assert cls["spec"]["autopilot"] == {"enabled": True}
+    (rule,) = cls["spec"]["priorities"]
+    assert rule["gpu"]["type"] == "nvidia-l4" and "spot" not in rule
+    assert rule["storage"] == {"bootDiskType": "pd-balanced", "bootDiskSize": 200}
+    tpl, _ = pod_of(spec)
+    assert tpl["spec"]["nodeSelector"] == {"cloud.google.com/compute-class": cls["metadata"]["name"]}
+    objs = render(spec)
+    assert [o for o in objs if o["kind"] == "ComputeClass"] == [cls]
+    role = next(o for o in objs if o["kind"] == "ClusterRole")
+    assert any("computeclasses" in r["resources"] for r in role["rules"])
+    plan = provision.plan_provision(spec, cluster=None, pool=None, preflight=provision.Preflight())
+    assert not any(a.target.startswith("node pool") for a in plan)
+    # without it: today's pool, no class
+    plain = parse_spec(seed1())
+    assert not startup.autopilot_mode(plain) and compute_class(plain) is None
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"accelerator": {"type": "nvidia-l4", "machine_type": "g2-standard-8", "spot": True}}, "accelerator.spot"),
+    ({"accelerator": {"type": "nvidia-tesla-t4"}}, "accelerator.type"),
+    ({"accelerator": {"type": "nvidia-l4", "pool": {"local_ssd_count": 1}}}, "accelerator.pool.local_ssd_count"),
+    ({"accelerator": {"type": "nvidia-l4", "pool": {"disk_size_gb": 600}}}, "accelerator.pool.disk_size_gb"),
+    ({"cluster": {"release_channel": "regular"}}, "cluster.release_channel"),
+    ({"cluster": {"version": "1.30"}}, "cluster.version"),
+    ({"cluster": {"version": "1.33.1-gke.1000000"}}, "cluster.version"),
+    ({"startup": {"image": {"mirror": "artifact-registry", "secondary_boot_disk": "vllm-serving-cache"}}},
+     "startup.image.secondary_boot_disk"),
+    ({"capacity": [{"gpu": "nvidia-l4", "provisioning": "on-demand"}, {"gpu": "nvidia-l4", "provisioning": "spot"}],
+      "accelerator": {"pool": {"name": "gpupool"}}}, "capacity[1].provisioning"),
+])
+def test_fast_start_nodes_refuse_what_gke_would_start_at_the_normal_time(change, field):
+    """One error naming the field and the fix, at load time: before anything is created or paid for."""
+    data = seed1(on_spot_preemption="accept_gap")
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if key == "cluster" else value
+    data["startup"] = {**data.get("startup", {}), "nodes": "fast-start"}
+    with pytest.raises(SpecError) as err:
+        parse_spec(data)
+    assert err.value.field == field
+    assert "startup.nodes: pool" in str(err.value)  # the way out is always named
+
+
+def test_fast_start_nodes_preflight_reads_the_version_the_cluster_runs_or_gets():
+    spec = parse_spec(seed1(startup={"nodes": "fast-start"}))  # rapid, no pinned version: valid at load
+    new = startup.fast_nodes_check(spec, version="1.30.14-gke.1009000", live=False)
+    assert not new.ok and "1.33.1-gke.1107000" in new.detail and 'cluster.version: "1.33"' in new.fix
+    live = startup.fast_nodes_check(spec, version="1.30.14-gke.1009000", live=True)
+    assert not live.ok and "--master --cluster-version=1.33" in live.fix
+    assert startup.fast_nodes_check(spec, version="1.33.5-gke.2019000", live=True).ok
+    assert startup.fast_nodes_check(parse_spec(seed1()), version="1.30.14-gke.1009000", live=False) is None
+    server = {"channels": [{"channel": "RAPID", "default_version": "1.30.14-gke.1009000"}]}
+    assert provision.new_cluster_version(spec, server) == "1.30.14-gke.1009000"
