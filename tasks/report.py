@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -23,6 +24,13 @@ class Step:
     status: str = "running"
     detail: str = ""
     seconds: float = 0.0
+
+
+@dataclass
+class Ended:
+    """What a ``Report.run`` block leaves behind when its failure was settled as the run's outcome."""
+
+    state: Any = None  # the run's final state (an automatic rollback's Failed), for the caller to return
 
 
 @dataclass
@@ -104,6 +112,28 @@ class Report:
         if self.ts and self.channel_id:
             post_slack(channel=self.channel_id, thread_ts=self.ts,
                        text=self.scrub(f"❌ {self.flow} failed: {exc}\nNext step: {fix}"))
+
+    @contextmanager
+    def run(self, artifact: str, *, before_fail: Callable[[Exception, Report], None] | None = None,
+            settle: Callable[[Exception, Report], Any] | None = None) -> Iterator[Ended]:
+        """A flow run's body: a failure is told (``fail``: the thread's outcome, a reply with the fix) and
+        raised again, and the run's Markdown artifact ``artifact`` is written either way.
+        ``before_fail(exc, report)`` adds to the exception first; ``settle(exc, report)`` may make the failure
+        an outcome instead (an automatic rollback): it returns the run's final state, which is left in
+        ``Ended.state`` for the caller to return after the block (the exception is not raised again)."""
+        ended = Ended()
+        try:
+            yield ended
+        except Exception as exc:
+            if before_fail is not None:
+                before_fail(exc, self)
+            self.fail(exc)
+            if settle is not None and (state := settle(exc, self)) is not None:
+                ended.state = state
+                return
+            raise
+        finally:
+            self.markdown_artifact(artifact)
 
     def table_artifact(self, key: str, rows: list[dict], description: str) -> None:
         clean = [{k: self.scrub(str(v)) for k, v in r.items()} for r in rows]

@@ -125,9 +125,8 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, revision: str | None = None
     if spec.expose.playground:
         require_image(spec, "expose.playground")  # the product's image, checked before anything is applied
     report = Report("deploy_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
-    key = artifact_key("deploy", spec.name)
     retire = None
-    try:
+    with report.run(artifact_key("deploy", spec.name), before_fail=_pod_logs, settle=rolled_back) as ended:
         t = prepare(spec, report)
         ensure_mirror(spec, commit=t.model.sha, token=t.token, report=report, dry_run=dry_run)  # startup.weights: gcs
         with report.step("Cluster preflight: storage class, IngressClass, static IP, metrics adapter") as step:
@@ -170,15 +169,13 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, revision: str | None = None
             finish_retire(t, report, retire)
         return {"name": spec.name, "namespace": spec.namespace, "revision": t.model.sha, "endpoint": endpoint,
                 "kubeconfig": t.kubeconfig, **out}
-    except Exception as exc:
-        if isinstance(exc, DeployError) and exc.logs:
-            # after an automatic rollback the run's one ERROR line is the rollback's (it names the cause)
-            level = logging.INFO if getattr(exc, ROLLED_BACK_TO, None) else logging.ERROR
-            get_run_logger().log(level, "last log lines of the failing pod:\n%s", report.scrub("\n".join(exc.logs)))
-            exc.fix = (exc.fix + "\nLast log lines:\n" + "\n".join(exc.logs[-5:])) if exc.fix else exc.fix
-        report.fail(exc)
-        if (state := rolled_back(exc, report)) is not None:
-            return state
-        raise
-    finally:
-        report.markdown_artifact(key)
+    return ended.state  # reached only after an automatic rollback (see rolled_back)
+
+
+def _pod_logs(exc: Exception, report: Report) -> None:
+    """A failed pod's last log lines: in the run's log, and the last five in the fix Slack shows."""
+    if isinstance(exc, DeployError) and exc.logs:
+        # after an automatic rollback the run's one ERROR line is the rollback's (it names the cause)
+        level = logging.INFO if getattr(exc, ROLLED_BACK_TO, None) else logging.ERROR
+        get_run_logger().log(level, "last log lines of the failing pod:\n%s", report.scrub("\n".join(exc.logs)))
+        exc.fix = (exc.fix + "\nLast log lines:\n" + "\n".join(exc.logs[-5:])) if exc.fix else exc.fix

@@ -57,7 +57,7 @@ def migrate_back(spec: SpecPath | str | dict[str, Any]) -> dict[str, Any]:
     """Move the model back toward its first capacity option if the decision says so; else say why not."""
     spec = resolve_gke_spec(spec, flow="migrate_back")
     report = Report("migrate_back", f"{spec.name} ({spec.model.id})", spec.slack_channel)
-    try:
+    with report.run(artifact_key("migrate_back", spec.name), settle=rolled_back) as ended:
         kubeconfig = gke.get_credentials(project=spec.cluster.project, location=cluster_location(spec),
                                          name=spec.cluster.name)
         decision, observed = decide(spec, kubeconfig=kubeconfig)
@@ -94,10 +94,4 @@ def migrate_back(spec: SpecPath | str | dict[str, Any]) -> dict[str, Any]:
             finish_retire(t, report, retire)
         report.succeed(f"moved back: {spec.model.id}@{t.model.sha[:12]} serving on {out['color']}")
         return {"name": spec.name, "revision": t.model.sha, **out, "action": "migrated_back"}
-    except Exception as exc:
-        report.fail(exc)
-        if (state := rolled_back(exc, report)) is not None:
-            return state
-        raise
-    finally:
-        report.markdown_artifact(artifact_key("migrate_back", spec.name))
+    return ended.state  # reached only after an automatic rollback (see rolled_back)

@@ -58,7 +58,7 @@ def release(spec: SpecPath | str | dict[str, Any], *, revision: str | None = Non
     spec = with_revision(resolve_gke_spec(spec, flow="release_model"), revision)
     report = Report("release_model", f"{spec.name} ({spec.model.id}@{spec.model.revision})", spec.slack_channel)
     retire: Color | None = None
-    try:
+    with report.run(artifact_key("release", spec.name), settle=rolled_back) as ended:
         t = prepare(spec, report)
         ensure_mirror(spec, commit=t.model.sha, token=t.token, report=report, dry_run=dry_run)  # startup.weights: gcs
         desired = Desired(t.model.sha, t.desired_hash, spec.replicas)
@@ -84,13 +84,7 @@ def release(spec: SpecPath | str | dict[str, Any], *, revision: str | None = Non
             finish_retire(t, report, retire)
         report.succeed(f"{spec.model.id}@{t.model.sha[:12]} serving on {out['color']} ({out['action']})")
         return {"name": spec.name, "revision": t.model.sha, **out}
-    except Exception as exc:
-        report.fail(exc)
-        if (state := rolled_back(exc, report)) is not None:
-            return state
-        raise
-    finally:
-        report.markdown_artifact(artifact_key("release", spec.name))
+    return ended.state  # reached only after an automatic rollback (see rolled_back)
 
 
 def abandon_candidate(spec: DeploymentSpec, report: Report, *, kubeconfig: str, observed: Observed) -> dict[str, Any]:
@@ -120,7 +114,7 @@ def rollback(spec: SpecPath | str | dict[str, Any], *, release_again: Callable[.
     """Back to the previous revision: an instant switch while the old color is warm, else a release of it."""
     spec = resolve_gke_spec(spec, flow="rollback_model")
     report = Report("rollback_model", f"{spec.name} ({spec.model.id})", spec.slack_channel)
-    try:
+    with report.run(artifact_key("rollback", spec.name)):
         location = cluster_location(spec)
         kubeconfig = gke.get_credentials(project=spec.cluster.project, location=location, name=spec.cluster.name)
         with model_lock(spec, purpose="rollback", kubeconfig=kubeconfig):
@@ -165,11 +159,6 @@ def rollback(spec: SpecPath | str | dict[str, Any], *, release_again: Callable[.
             raise FleetError(f"no earlier revision of {spec.name} is recorded on the cluster",
                              "run release_model with revision=<the commit to go back to>")
         report.skip("Switch back", f"{other} is not warm any more: releasing {previous['revision'][:12]} again")
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        report.markdown_artifact(artifact_key("rollback", spec.name))
     again = spec.model_dump(mode="json", by_alias=True, exclude_unset=True)
     # rollback_model is a person's decision already: no second gate (Argo's fast-track rollback to the
     # stable ReplicaSet skips pauses too).
