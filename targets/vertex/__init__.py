@@ -18,8 +18,9 @@ teardown undeploy, delete the endpoint and the spec's models, verify nothing is 
 
 Where each verb's steps are, each module readable top to bottom:
 
-  serving.py         what every verb shares: the spec check, observing the endpoint, the preflights,
-                     getting or creating the model and the endpoint, deploying a model on it
+  serving.py         what every verb shares: how its run opens (spec check, Slack thread, lock),
+                     observing the endpoint, the preflights, getting or creating the model and the
+                     endpoint, deploying a model on it
   analysis.py        smoke prompts (predict and rawPredict) and the post-promotion analysis
   deploy.py          deploy
   release.py         release and rollback (a release of the kept Model)

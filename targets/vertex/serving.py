@@ -1,15 +1,20 @@
-"""What every Vertex AI verb shares: the spec check, observing the endpoint, the preflights, and the
-building blocks that get or create the model and the endpoint and deploy a model on it."""
+"""What every Vertex AI verb shares: how its run opens (the spec check, the Slack thread, the model's lock:
+``verb_run``), observing the endpoint, the preflights, and the building blocks that get or create the model
+and the endpoint and deploy a model on it."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, NamedTuple
 
 from manifests import vertex as vx
-from manifests.spec import DeploymentSpec, SpecError, resolve_spec
+from manifests.spec import DeploymentSpec, SpecError, resolve_spec, with_revision
 from targets.hub import hub_preflight
 from tasks import hf
 from tasks import vertex as tv
+from tasks.locks import model_lock
+from tasks.report import Report, artifact_key
 from tasks.settings import get_settings
 
 
@@ -21,6 +26,29 @@ def resolve_vertex_spec(spec: DeploymentSpec | str | dict[str, Any], *, flow: st
         raise SpecError("engine.kind", f"target vertex serves vLLM's container, not {spec.engine.kind}",
                         "set engine: vllm (or target: gke for TGI/SGLang)")
     return spec
+
+
+class Opened(NamedTuple):
+    spec: DeploymentSpec
+    report: Report
+    key: str  # the run's artifact key: its tables are keyed from it
+
+
+@contextmanager
+def verb_run(spec: DeploymentSpec | str | dict[str, Any], *, flow: str, subject: str = "{name} on Vertex AI {region}",
+             revision: str | None = None, lock: bool = True,
+             before_fail: Callable[[Exception, Report], None] | None = None) -> Iterator[Opened]:
+    """How every verb opens: the spec checked for Vertex AI (``revision`` served instead of its own), the
+    run's Slack thread (``subject`` with the spec's name, model id and region), and the model's lock for the
+    block (``lock=False``: a dry run, which changes nothing). A failure is told and raised again, after
+    ``before_fail(exc, report)``; the run's artifact is written either way (``Report.run``)."""
+    spec = with_revision(resolve_vertex_spec(spec, flow=flow), revision)
+    verb = flow.removesuffix("_model")
+    _, region = _where(spec)
+    report = Report(flow, subject.format(name=spec.name, model=spec.model.id, region=region), spec.slack_channel)
+    key = artifact_key(verb, spec.name)
+    with report.run(key, before_fail=before_fail), model_lock(spec, purpose=verb) if lock else nullcontext():
+        yield Opened(spec, report, key)
 
 
 def _where(spec: DeploymentSpec) -> tuple[str, str]:
