@@ -8,6 +8,7 @@ record (``autopilot_node_boot``), and the times are cloud seconds on the sandbox
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -120,3 +121,27 @@ def test_each_incompatibility_means_the_normal_boot():
     assert fast_nodes.autopilot_class_problem(ok) is None
     assert "1.33.1-gke.1107000" in fast_nodes.autopilot_class_problem({**ok, **old})
     assert fast_nodes.autopilot_class_problem({**ok, "releaseChannel": {"channel": "REGULAR"}})
+
+
+def test_the_products_fast_start_spec_gets_a_fast_node(env):
+    """What startup.nodes: fast-start renders (its Autopilot ComputeClass, the pod's placement) is what GKE
+    starts from pre-initialized capacity."""
+    import yaml
+
+    from manifests.render import compute_class, model_deployment
+    from manifests.spec import parse_spec
+
+    sb, core = env
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments/gemma2-2b-it-vllm-l4.yaml").read_text())
+    data["cluster"] = {**data["cluster"], "project": P, "location": REGION, "zones": [ZONE], "version": "1.33"}
+    spec = parse_spec({**data, "startup": {"nodes": "fast-start"}})
+    cls = compute_class(spec)
+    k8s.CustomObjectsApi(core.api_client).create_cluster_custom_object("cloud.google.com", "v1", "computeclasses", cls)
+    sb.gke.fast_nodes.set(ZONE, "g2", 1)
+    placement = model_deployment(spec, "blue", revision="abc")["spec"]["template"]["spec"]
+    core.create_namespaced_pod("default", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "product"}, "spec": {
+        "nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"],
+        "containers": [{"name": "m", "image": "busybox:1.36", "command": ["sleep", "inf"],
+                        "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}})
+    assert _boot_of(sb, core, "product") == f"fast {NORMAL / 4:g} s in {ZONE}"
+    core.delete_namespaced_pod("product", "default", grace_period_seconds=0)
