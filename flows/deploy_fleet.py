@@ -114,7 +114,7 @@ def deploy_fleet(fleet: FleetParam = "deployments/fleets/demo.yaml",
         report.succeed(f"dry run: {len(loaded)} models on {len(clusters)} cluster(s)")
         return {"dry_run": True, "models": rows}
     started = time.monotonic()
-    try:
+    with report.run("deploy-fleet-run"):
         with report.step(f"Provision {len(clusters)} cluster(s) and deploy {len(loaded)} model(s) concurrently") \
                 as step, ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(loaded) + len(clusters)))) as pool:
             ready = {key: _in_thread(pool, _provision_cluster_group, group) for key, group in clusters.items()}
@@ -135,8 +135,3 @@ def deploy_fleet(fleet: FleetParam = "deployments/fleets/demo.yaml",
                               "deployed models are a no-op")
         report.succeed(f"{ok} models serving, wall time {time.monotonic() - started:.1f} s")
         return {"models": rows, "seconds": round(time.monotonic() - started, 2)}
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        report.markdown_artifact("deploy-fleet-run")

@@ -104,7 +104,7 @@ def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = Fals
     project = spec.cluster.project
     report = Report("mirror_model", f"{spec.model.id}@{spec.model.revision} ({spec.name})", spec.slack_channel)
     key = artifact_key("mirror-model", spec.name)
-    try:
+    with report.run(f"{key}-run"):
         with report.step("Resolve the revision") as step:
             token = hf.read_hf_token(block=spec.secret.prefect_block)
             commit = hf.get_model(model_id=spec.model.id, revision=spec.model.revision, token=token).sha
@@ -138,8 +138,3 @@ def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = Fals
         report.succeed(f"gs://{bucket}/{prefix}: {len(files)} files, {len(copied)} copied now")
         return {"commit": commit, "uri": f"gs://{bucket}/{prefix}", "files": len(files),
                 "copied": [f.path for f in copied], "skipped": [f.path for f in plan.done]}
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        report.markdown_artifact(f"{key}-run")
