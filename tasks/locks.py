@@ -186,18 +186,25 @@ def _body(h: HeldLease, *, transitions: int, acquired: datetime, rv: str | None 
                      "leaseTransitions": transitions}}
 
 
+def _read_lease(api: Any, h: HeldLease) -> Any:
+    """The Lease as the API server has it; None when there is none (404)."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return api.read_namespaced_lease(h.name, h.namespace, _request_timeout=get_settings().call_timeout_s)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return None
+
+
 def _try_acquire(h: HeldLease, spec: DeploymentSpec) -> str | None:
     """One attempt; None when taken, else who holds it. 409s (a race) count as held by someone else."""
     from kubernetes.client.rest import ApiException
 
     api, timeout = _coord(h.kubeconfig), get_settings().call_timeout_s
     started = time.monotonic()
-    try:
-        live = api.read_namespaced_lease(h.name, h.namespace, _request_timeout=timeout)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        live = None
+    live = _read_lease(api, h)
     try:
         if live is None:
             try:
@@ -235,11 +242,8 @@ def _renew_once(h: HeldLease) -> None:
 
     api, timeout = _coord(h.kubeconfig), get_settings().call_timeout_s
     started = time.monotonic()
-    try:
-        live = api.read_namespaced_lease(h.name, h.namespace, _request_timeout=timeout)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
+    live = _read_lease(api, h)
+    if live is None:
         _lease_gone(h, started)
         return
     if live.spec.holder_identity != h.holder:
@@ -298,8 +302,8 @@ def _release(h: HeldLease) -> None:
     # namespace, the cluster or its kubeconfig by now).
     with suppress(Exception):
         api = _coord(h.kubeconfig)
-        live = api.read_namespaced_lease(h.name, h.namespace, _request_timeout=get_settings().call_timeout_s)
-        if live.spec.holder_identity != h.holder:
+        live = _read_lease(api, h)
+        if live is None or live.spec.holder_identity != h.holder:
             return
         live.spec.holder_identity = None
         live.spec.lease_duration_seconds = 1
