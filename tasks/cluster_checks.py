@@ -9,12 +9,11 @@ accepted by the API server and then silently never work).
 from __future__ import annotations
 
 from google.api_core import exceptions as gexc
-from kubernetes.client.rest import ApiException
 from prefect import task
 
 from manifests.errors import PreflightError
-from tasks.clients import addresses_client, google_retry, kube_client
-from tasks.k8s import _call
+from tasks.clients import addresses_client, google_retry
+from tasks.k8s import get_path
 from tasks.retry import task_retries
 from tasks.settings import get_settings
 
@@ -26,20 +25,11 @@ INGRESS_NGINX = ("helm upgrade --install ingress-nginx ingress-nginx --repo http
                  "--namespace ingress-nginx --create-namespace (it creates the nginx IngressClass)")
 
 
-def _get(kubeconfig: str | None, path: str) -> dict | None:
-    try:
-        return _call(kube_client(kubeconfig), "GET", path)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
 @task(**task_retries())
 def check_metrics_adapter(*, kubeconfig: str | None, metric: str) -> str:
     """An HPA on a Prometheus metric needs custom.metrics.k8s.io, served by an adapter someone installed."""
     for version in ("v1beta1", "v1beta2"):
-        svc = _get(kubeconfig, f"/apis/apiregistration.k8s.io/v1/apiservices/{version}.custom.metrics.k8s.io")
+        svc = get_path(kubeconfig, f"/apis/apiregistration.k8s.io/v1/apiservices/{version}.custom.metrics.k8s.io")
         if svc is not None:
             backend = ((svc.get("spec") or {}).get("service") or {})
             return f"custom metrics served by {backend.get('namespace')}/{backend.get('name')}"
@@ -50,7 +40,7 @@ def check_metrics_adapter(*, kubeconfig: str | None, metric: str) -> str:
 
 @task(**task_retries())
 def check_ingress_class(*, kubeconfig: str | None, name: str) -> str:
-    if _get(kubeconfig, f"/apis/networking.k8s.io/v1/ingressclasses/{name}") is None:
+    if get_path(kubeconfig, f"/apis/networking.k8s.io/v1/ingressclasses/{name}") is None:
         raise PreflightError(f"expose.ingress.class: {name}: the cluster has no IngressClass {name!r}, so no "
                              "controller would ever serve this Ingress (GKE ships none for nginx)",
                              f"install ingress-nginx: {INGRESS_NGINX}; or use class: gce")
@@ -59,7 +49,7 @@ def check_ingress_class(*, kubeconfig: str | None, name: str) -> str:
 
 @task(**task_retries())
 def check_storage_class(*, kubeconfig: str | None, name: str, cluster: str, location: str) -> str:
-    if _get(kubeconfig, f"/apis/storage.k8s.io/v1/storageclasses/{name}") is None:
+    if get_path(kubeconfig, f"/apis/storage.k8s.io/v1/storageclasses/{name}") is None:
         fix = (f"enable the Filestore CSI driver: gcloud container clusters update {cluster} --location {location} "
                "--update-addons=GcpFilestoreCsiDriver=ENABLED (provision_cluster enables it for RWX caches on "
                "create)" if name.endswith("-rwx") else "set cache.storage_class to an existing class "

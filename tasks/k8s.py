@@ -171,15 +171,20 @@ def _foreign_edits(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, s
     return out
 
 
-@task(**task_retries())
-def get_object(*, kubeconfig: str | None, api_version: str, kind: str, name: str,
-               namespace: str | None = None) -> dict[str, Any] | None:
+def get_path(kubeconfig: str | None, path: str) -> dict[str, Any] | None:
+    """GET an API path; None when it is not there (404)."""
     try:
-        return _call(kube_client(kubeconfig), "GET", object_path(api_version, kind, name, namespace))
+        return _call(kube_client(kubeconfig), "GET", path)
     except ApiException as exc:
         if exc.status == 404:
             return None
         raise
+
+
+@task(**task_retries())
+def get_object(*, kubeconfig: str | None, api_version: str, kind: str, name: str,
+               namespace: str | None = None) -> dict[str, Any] | None:
+    return get_path(kubeconfig, object_path(api_version, kind, name, namespace))
 
 
 @task(**task_retries())
