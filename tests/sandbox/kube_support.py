@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
-from sandbox.core import Clock, JsonHandler, route, serve
+from sandbox.core import Clock, Faults, JsonHandler, route, serve
+from sandbox.kube import KubeCluster
 
 ROUTES: list = []
 
@@ -99,6 +102,24 @@ class StubRuntime:
                             mode=self.behavior_for(pod).mode)
         self.started.append(server)
         return server
+
+
+@contextmanager
+def model_cluster(scale: float = 0.002) -> Iterator[tuple[KubeCluster, Any]]:
+    """A started KubeCluster whose pods run the real model servers (``sandbox.engines.ModelRuntime``) on one
+    clock at ``scale``, with no nodes yet; the cluster and the runtime stopped after the block."""
+    from sandbox.engines import ModelRuntime
+    from sandbox.hub import Hub
+
+    clock, faults = Clock(scale), Faults()
+    runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))
+    k = KubeCluster(clock=clock, faults=faults, runtime=runtime)
+    k.start()
+    try:
+        yield k, runtime
+    finally:
+        k.stop()
+        runtime.stop()
 
 
 def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:

@@ -17,10 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from sandbox.core import Clock, Faults
-from sandbox.kube import KubeCluster
 from tests.sandbox.access_support import httpx_kwargs, kubeconfig
-from tests.sandbox.kube_support import wait_for
+from tests.sandbox.kube_support import model_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 
@@ -70,18 +68,10 @@ spec:
 
 @pytest.fixture(scope="module")
 def kube():
-    from sandbox.engines import ModelRuntime
-    from sandbox.hub import Hub
-
-    clock, faults = Clock(0.002), Faults()
-    runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))
-    k = KubeCluster(clock=clock, faults=faults, runtime=runtime)
-    k.start()
-    k.add_node("gpu-1", labels={"cloud.google.com/gke-accelerator": "nvidia-l4"}, capacity={"nvidia.com/gpu": "4"},
-               taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
-    yield k
-    k.stop()
-    runtime.stop()
+    with model_cluster() as (k, _):
+        k.add_node("gpu-1", labels={"cloud.google.com/gke-accelerator": "nvidia-l4"}, capacity={"nvidia.com/gpu": "4"},
+                   taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
+        yield k
 
 
 @pytest.fixture(scope="module")

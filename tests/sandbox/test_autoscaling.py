@@ -10,29 +10,20 @@ import httpx
 import pytest
 from kubernetes import client
 
-from sandbox.core import Clock, Faults
-from sandbox.kube import KubeCluster, addons
+from sandbox.kube import addons
 from tests.sandbox.access_support import configuration, httpx_kwargs
-from tests.sandbox.kube_support import wait_for
+from tests.sandbox.kube_support import model_cluster, wait_for
 
 METRIC = "prometheus.googleapis.com|vllm:num_requests_waiting|gauge"
 
 
 @pytest.fixture
 def kube():
-    from sandbox.engines import ModelRuntime
-    from sandbox.hub import Hub
-
-    clock, faults = Clock(0.002), Faults()
-    runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))
-    k = KubeCluster(clock=clock, faults=faults, runtime=runtime)
-    k.start()
-    for i in range(4):
-        k.add_node(f"gpu-{i}", labels={"cloud.google.com/gke-accelerator": "nvidia-l4"},
-                   capacity={"nvidia.com/gpu": "1", "cpu": "8", "memory": "32Gi"})
-    yield k, runtime
-    k.stop()
-    runtime.stop()
+    with model_cluster() as (k, runtime):
+        for i in range(4):
+            k.add_node(f"gpu-{i}", labels={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                       capacity={"nvidia.com/gpu": "1", "cpu": "8", "memory": "32Gi"})
+        yield k, runtime
 
 
 def _deploy(api, *, cpu: str | None = "2") -> None:

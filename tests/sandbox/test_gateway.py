@@ -13,12 +13,11 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from sandbox.core import Clock, Faults
-from sandbox.kube import KubeCluster, addons
+from sandbox.kube import addons
 from sandbox.kube.controllers import PODS as _PODS
 from sandbox.kube.gateway import gateway_url
 from tests.sandbox.access_support import configuration
-from tests.sandbox.kube_support import wait_for
+from tests.sandbox.kube_support import model_cluster, wait_for
 
 GW, IE = "gateway.networking.k8s.io", "inference.networking.k8s.io"
 EPP_IMAGE = "registry.k8s.io/gateway-api-inference-extension/epp:v1.0.1"
@@ -59,19 +58,11 @@ def _route(name: str, model: str, backends: list[tuple[str, int]]) -> dict:
 
 @pytest.fixture(scope="module")
 def kube():
-    from sandbox.engines import ModelRuntime
-    from sandbox.hub import Hub
-
-    clock, faults = Clock(0.002), Faults()
-    runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))
-    k = KubeCluster(clock=clock, faults=faults, runtime=runtime)
-    k.start()
-    for i in range(6):
-        k.add_node(f"gpu-{i}", capacity={"nvidia.com/gpu": "1"})
-    api = client.ApiClient(configuration(k))
-    yield k, api
-    k.stop()
-    runtime.stop()
+    with model_cluster() as (k, _):
+        for i in range(6):
+            k.add_node(f"gpu-{i}", capacity={"nvidia.com/gpu": "1"})
+        api = client.ApiClient(configuration(k))
+        yield k, api
 
 
 def test_gateway_kinds_are_served_only_once_their_crds_are_installed(kube):

@@ -12,39 +12,30 @@ import httpx
 import pytest
 from kubernetes import client
 
-from sandbox.core import Clock, Faults
-from sandbox.kube import KubeCluster, addons
+from sandbox.kube import addons
 from tests.sandbox.access_support import configuration
-from tests.sandbox.kube_support import wait_for
+from tests.sandbox.kube_support import model_cluster, wait_for
 
 A = "nginx.ingress.kubernetes.io/"
 
 
 @pytest.fixture(scope="module")
 def kube():
-    from sandbox.engines import ModelRuntime
-    from sandbox.hub import Hub
-
-    clock, faults = Clock(0.002), Faults()
-    runtime = ModelRuntime(clock=clock, faults=faults, hub=Hub(faults=faults))
-    k = KubeCluster(clock=clock, faults=faults, runtime=runtime)
-    k.start()
-    k.add_node("gpu-1", capacity={"nvidia.com/gpu": "2"})
-    api = client.ApiClient(configuration(k))
-    client.AppsV1Api(api).create_namespaced_deployment("default", {
-        "metadata": {"name": "llm"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "llm"}},
-                 "template": {"metadata": {"labels": {"app": "llm"}}, "spec": {"containers": [{
-                     "name": "tgi", "image": "ghcr.io/huggingface/text-generation-inference:2.0",
-                     "env": [{"name": "MODEL_ID", "value": "facebook/opt-125m"}, {"name": "PORT", "value": "80"}],
-                     "ports": [{"name": "http", "containerPort": 80}],
-                     "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}}})
-    client.CoreV1Api(api).create_namespaced_service("default", {"metadata": {"name": "llm"}, "spec": {
-        "selector": {"app": "llm"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-    wait_for(lambda: k.service_backends("default", "llm"), timeout=20)
-    yield k, api
-    k.stop()
-    runtime.stop()
+    with model_cluster() as (k, _):
+        k.add_node("gpu-1", capacity={"nvidia.com/gpu": "2"})
+        api = client.ApiClient(configuration(k))
+        client.AppsV1Api(api).create_namespaced_deployment("default", {
+            "metadata": {"name": "llm"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "llm"}},
+                     "template": {"metadata": {"labels": {"app": "llm"}}, "spec": {"containers": [{
+                         "name": "tgi", "image": "ghcr.io/huggingface/text-generation-inference:2.0",
+                         "env": [{"name": "MODEL_ID", "value": "facebook/opt-125m"}, {"name": "PORT", "value": "80"}],
+                         "ports": [{"name": "http", "containerPort": 80}],
+                         "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}}})
+        client.CoreV1Api(api).create_namespaced_service("default", {"metadata": {"name": "llm"}, "spec": {
+            "selector": {"app": "llm"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+        wait_for(lambda: k.service_backends("default", "llm"), timeout=20)
+        yield k, api
 
 
 def _ingress(api, name: str, *, cls: str = "nginx", annotations: dict | None = None, tls: str | None = None) -> None:
