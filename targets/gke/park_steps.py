@@ -177,18 +177,13 @@ def under_model_lock(flow_name: str, spec: Any, reason: str, body: Callable[[Run
     spec = resolve_gke_spec(spec, flow=flow_name)
     verb = flow_name.removesuffix("_model")
     report = Report(flow_name, f"{spec.name} ({reason})", spec.slack_channel)
-    try:
+    with report.run(artifact_key(verb, spec.name)):
         location, kubeconfig = _credentials(spec, report)
         with model_lock(spec, purpose=verb, kubeconfig=kubeconfig):
             svc = live_service(spec, kubeconfig)
             result = body(Run(spec, ref, kubeconfig, location, report, svc, P.read_record(svc)))
         report.succeed(result["outcome"])
         return result
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        report.markdown_artifact(artifact_key(verb, spec.name))
 
 
 def _route_weights(spec: DeploymentSpec, kubeconfig: str) -> dict[str, int] | None:

@@ -313,7 +313,7 @@ def teardown(spec: SpecPath | str | dict[str, Any], *, cluster: bool = False, dr
                     spec.slack_channel)
     key = artifact_key("teardown", spec.name)
     items: list[Item] = []
-    try:
+    with report.run(f"{key}-run"):
         with report.step("Find the cluster") as step:
             location, found = find_cluster(spec)
             kubeconfig = gke.get_credentials(project=c.project, location=location, name=c.name) if found else None
@@ -352,11 +352,6 @@ def teardown(spec: SpecPath | str | dict[str, Any], *, cluster: bool = False, dr
         drop_model_lock(spec, kubeconfig=kubeconfig if found and not _cluster_gone(items) else None)
         report.succeed(_summary(items) or "nothing was left to remove")
         return {"removed": [r for r in rows if r["action"] == "delete"], "kept": [r for r in rows if r["action"] != "delete"]}
-    except Exception as exc:
-        report.fail(exc)
-        raise
-    finally:
-        report.markdown_artifact(f"{key}-run")
 
 
 def _cluster_gone(items: list[Item]) -> bool:
