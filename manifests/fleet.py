@@ -67,13 +67,16 @@ def spec_form_schema() -> dict[str, Any]:
             return {**target, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
         if node.get("format") == "duration":
             node = {k: v for k, v in node.items() if k != "format"}
-            node["description"] = node.get("description") or DURATION_HELP
+            node["description"] = f"{node['description'].rstrip('.')}; {DURATION_HELP}" if node.get("description") \
+                else DURATION_HELP
         return {k: inline(v) for k, v in node.items()}
 
     schema = inline(schema)
     for name, key in _shorthands().items():
         full = schema["properties"][name]
         keep = {k: full.pop(k) for k in ("default", "title") if k in full}
+        if full.get("description"):  # the field's help shows above its tabs (the UI reads the property's)
+            keep["description"] = full["description"]
         schema["properties"][name] = {**keep, "anyOf": [
             {"type": "string", "title": key, "description": f"{name}: X is {name}: {{{key}: X}}"}, full]}
     return {**schema, "title": "spec (mapping)"}

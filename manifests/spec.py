@@ -72,13 +72,19 @@ def region_of(location: str) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # Each field's docstring (the string under it) is its description: the help text the Prefect UI's spec
+    # form shows under the field (tests/unit/test_operator_names.py checks every field has one).
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True)
 
 
 class ModelRef(_Model):
+    """The Hugging Face Hub model to serve."""
+
     id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="a Hub repo id such as google/gemma-2-2b-it")
     revision: str = "main"
+    """The branch, tag or commit to serve; release_model follows a branch's new commits."""
     task: Literal["text-generation", "image-text-to-text"] = "text-generation"
+    """text-generation (an LLM) or image-text-to-text (a vision-language model such as PaliGemma)."""
 
     @property
     def is_vision(self) -> bool:
@@ -91,22 +97,37 @@ class ModelRef(_Model):
 
 
 class EngineSpec(_Model):
+    """The model server: vLLM, TGI or SGLang, and its settings."""
+
     kind: Literal["vllm", "tgi", "sglang"] = "vllm"
+    """The model server: vllm, tgi (Text Generation Inference) or sglang."""
     image: str | None = None
+    """The server's container image; empty: the engine's pinned default image."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weight and activation precision; auto: the model's own (float16 on GPUs without bfloat16)."""
     quantization: Literal["awq", "gptq", "fp8", "int8", "bitsandbytes", "eetq"] | None = None
+    """Load the weights quantized (the checkpoint's own AWQ/GPTQ, or quantized at load); empty: none."""
     tensor_parallel: int = Field(1, ge=1, le=8)
+    """GPUs one replica shards the model over (at most accelerator.count)."""
     max_model_len: int | None = Field(None, ge=128)
+    """Longest prompt + answer in tokens; empty: the model's own limit (vLLM --max-model-len, TGI max-total-tokens)."""
     gpu_memory_utilization: float | None = Field(None, gt=0.1, le=1.0)
+    """Share of GPU memory the engine may take for weights and KV cache (vLLM, SGLang); empty: its default."""
     max_concurrent_requests: int | None = Field(None, ge=1)
+    """Requests one replica runs at once (vLLM --max-num-seqs, TGI --max-concurrent-requests); empty: default."""
     port: int | None = Field(None, ge=1, le=65535)
+    """The container's port; empty: the engine's default (vLLM 8000, TGI 80, SGLang 30000)."""
     shm_size: str = Field("2Gi", pattern=K8S_QUANTITY)
+    """Size of /dev/shm (an in-memory volume; tensor parallel needs it), a Kubernetes quantity such as 2Gi."""
     extra_args: list[str] = []
+    """More command-line arguments for the engine, passed as written (e.g. --enable-prefix-caching)."""
     env: dict[str, str] = {}
-    # For engines whose image needs an explicit command (seed 004 runs the OpenAI entrypoint).
+    """More environment variables for the engine container."""
     command: list[str] | None = None
-    # Run Python code shipped in the model repo (custom architectures): only when a spec says so.
+    """The container's command, for images that need one (seed 004 runs vLLM's OpenAI entrypoint); empty: the image's."""
     trust_remote_code: bool = False
+    """Run Python code shipped in the model repo (custom architectures); only when you have read it: pin
+    model.revision to that commit."""
 
     @property
     def defaults(self):
@@ -126,27 +147,34 @@ class EngineSpec(_Model):
 
 
 class ClusterSpec(_Model):
+    """The GKE cluster the model runs in (created by provision_cluster if missing)."""
+
     project: str = Field(pattern=r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$",
                          description="a GCP project id: 6-30 lowercase letters, digits or '-'")
     location: str = Field(pattern=r"^[a-z]+-[a-z]+\d+(-[a-z])?$",
                           description="a region (us-central1) or a zone (us-central1-a)")
     name: str = Field("llm-fleet", pattern=DNS_LABEL)
+    """The cluster's name; several specs may share one cluster."""
     mode: Literal["autopilot", "standard"] = "standard"
+    """standard: node pools this product creates; autopilot: GKE makes nodes for the pods."""
     release_channel: Literal["rapid", "regular", "stable"] = "regular"
+    """The GKE release channel a new cluster enrols in."""
     version: str | None = Field(None, pattern=r"^1\.\d+(\.\d+(-gke\.\d+)?)?$")
+    """GKE version of a new cluster (1.30 or 1.30.5-gke.1014001); empty: the channel's default."""
     workload_identity: bool = True
+    """Enable Workload Identity, so pods act as a Google service account (gcp_service_account)."""
     image_streaming: bool = True
-    # Node locations in failover order (zones of `location`'s region); empty = GKE's choice.
+    """Stream container images from Artifact Registry instead of pulling them whole (GKE image streaming)."""
     zones: list[str] = Field([], description=(
         "Zones of the location's region in failover order: the GPU node pool is created in the first one "
         "that has capacity, one zone at a time (a pool's min/max nodes count per zone, and one zone's "
         "stockout fails a multi-zone create). To spread replicas over zones, use capacity options."))
-    # Other regions to try, in order, when every zone is stocked out.
     failover_regions: list[str] = []
-    # With capacity options: let GKE create each option's node pool itself (ComputeClass
-    # nodePoolAutoCreation; Standard needs GKE 1.33.3+ or node auto-provisioning). Off: one pool per
-    # option is created up front, labelled and tainted for the class. Autopilot always auto-creates.
+    """Other regions to try, in order, when every zone is stocked out."""
     node_pool_auto_creation: bool = False
+    """With capacity options: let GKE create each option's node pool itself (ComputeClass
+    nodePoolAutoCreation; Standard needs GKE 1.33.3+ or node auto-provisioning). Off: one pool per option is
+    created up front, labelled and tainted for the class. Autopilot always auto-creates."""
 
     @property
     def region(self) -> str:
@@ -158,20 +186,35 @@ class ClusterSpec(_Model):
 
 
 class PoolSpec(_Model):
+    """The GPU node pool's settings (Standard clusters)."""
+
     name: str = Field("gpu-pool", pattern=DNS_LABEL)
+    """The node pool's name."""
     min_nodes: int = Field(0, ge=0)
+    """Fewest nodes the cluster autoscaler keeps (0: the pool may empty while parked)."""
     max_nodes: int = Field(2, ge=1, le=100)
+    """Most nodes the cluster autoscaler adds (a release needs room for a second color)."""
     initial_nodes: int = Field(1, ge=0)
+    """Nodes the pool is created with."""
     disk_size_gb: int = Field(200, ge=50)
+    """Boot disk per node, GB (images and the Hub cache without a PVC live there)."""
     local_ssd_count: int = Field(0, ge=0)
+    """Local SSDs per node (ephemeral storage)."""
 
 
 class AcceleratorSpec(_Model):
+    """The GPU each replica gets."""
+
     type: str = "nvidia-l4"
-    count: int = Field(1, ge=1, le=8)  # GPUs per replica (= per node: one replica per GPU node)
+    """The GPU type as GKE names it: nvidia-l4, nvidia-tesla-t4, nvidia-tesla-a100, nvidia-h100-80gb, ..."""
+    count: int = Field(1, ge=1, le=8)  # = per node: one replica per GPU node
+    """GPUs per replica."""
     machine_type: str | None = None
+    """The node's machine type; empty: the smallest that carries `count` GPUs of `type` (g2-standard-8 for one L4)."""
     spot: bool = False
+    """Spot VMs: cheaper, taken back with ~30 s notice (see on_spot_preemption)."""
     pool: PoolSpec = PoolSpec()
+    """The GPU node pool's settings."""
 
     @property
     def info(self):
@@ -190,16 +233,22 @@ class CapacityOption(_Model):
     type and count, the machine, how the VM is bought, and the zones it may start in."""
 
     gpu: str = "nvidia-l4"
-    count: int = Field(1, ge=1, le=8)  # GPUs per replica (= per node)
+    """The GPU type as GKE names it (nvidia-l4, nvidia-tesla-a100, ...)."""
+    count: int = Field(1, ge=1, le=8)  # = per node
+    """GPUs per replica."""
     machine_type: str | None = None
-    # spot: cheapest, preempted with ~30 s notice; flex-start: Dynamic Workload Scheduler queues the VM
-    # (up to 7 days, runs at most 7 days); reservation: consume the named Compute Engine reservation.
+    """The node's machine type; empty: the smallest that carries `count` GPUs."""
     provisioning: Provisioning = "on-demand"
+    """How the VM is bought: spot (cheapest, preempted with ~30 s notice), on-demand, flex-start (Dynamic
+    Workload Scheduler queues the VM, up to 7 days, runs at most 7 days) or reservation (the one named)."""
     reservation: str | None = Field(None, pattern=r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$",
                                     description="a Compute Engine reservation name")
-    zones: list[str] = []  # empty: cluster.zones
-    max_nodes: int | None = Field(None, ge=1, le=100)  # empty: accelerator.pool.max_nodes
-    name: str | None = Field(None, pattern=DNS_LABEL)  # its node pool; empty: derived from the pool name
+    zones: list[str] = []
+    """Zones this option may start nodes in; empty: cluster.zones."""
+    max_nodes: int | None = Field(None, ge=1, le=100)
+    """Most nodes of this option; empty: accelerator.pool.max_nodes."""
+    name: str | None = Field(None, pattern=DNS_LABEL)
+    """Its node pool's name; empty: derived from accelerator.pool.name."""
 
     @property
     def info(self):
@@ -226,37 +275,57 @@ class CapacityOption(_Model):
 
 
 class CacheSpec(_Model):
+    """A PersistentVolumeClaim the pods keep the Hub's downloads in, so a restart does not download again."""
+
     enabled: bool = True
+    """Mount a cache PVC (off: weights go to the node's disk, downloaded again by each new pod)."""
     size: str = Field("100Gi", pattern=K8S_QUANTITY)
+    """The claim's size, a Kubernetes quantity (100Gi)."""
     storage_class: str | None = "standard-rwo"
+    """The StorageClass (GKE: standard-rwo, premium-rwo; standard-rwx for Filestore); empty: the cluster's default."""
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"] = "ReadWriteOnce"
+    """ReadWriteOnce: one node (Persistent Disk); ReadWriteMany: shared by replicas on several nodes (Filestore)."""
     mount_path: str = "/data"
-    # teardown deletes the cache PVC (and its downloaded weights) unless this is true.
+    """Where the pods see it (HF_HOME points there)."""
     keep_on_teardown: bool = False
+    """Keep the PVC, and the weights in it, when teardown removes the model."""
 
 
 class SecretSpec(_Model):
     """Where the HF token comes from and how the pods see it (never its value)."""
 
     name: str = Field("hf-secret", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """The Kubernetes Secret holding the token in the model's namespace."""
     key: str = Field("hf_token", pattern=r"^[-._a-zA-Z0-9]+$")
+    """The Secret's key holding the token."""
     env: str = Field("HF_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
-    # Prefect Secret block holding the token; falls back to the HF_TOKEN environment variable.
+    """The environment variable the engine reads it from."""
     prefect_block: str | None = "hf-token"
+    """The Prefect Secret block deploy_model copies the token from; empty: the HF_TOKEN environment variable."""
 
 
 class IngressSpec(_Model):
+    """An Ingress in front of the live Service."""
+
     class_name: Literal["gce", "nginx"] = Field("gce", alias="class")
+    """gce: a Google Cloud load balancer; nginx: ingress-nginx (installed in the cluster first)."""
     host: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Route only this host name; empty: any host."""
     tls_secret: str | None = None
-    cluster_issuer: str | None = None  # cert-manager issuer that fills tls_secret
-    static_ip_name: str | None = None  # gce: kubernetes.io/ingress.global-static-ip-name
-    rate_limit_rps: int | None = Field(None, ge=1)  # nginx: per client IP
+    """A TLS Secret (tls.crt, tls.key) for HTTPS; empty: HTTP only."""
+    cluster_issuer: str | None = None
+    """A cert-manager ClusterIssuer that fills tls_secret."""
+    static_ip_name: str | None = None
+    """gce: a reserved global static IP's name (gcloud compute addresses create NAME --global)."""
+    rate_limit_rps: int | None = Field(None, ge=1)
+    """nginx: requests per second per client IP (burst 5x); empty: no limit."""
     proxy_body_size: str = "10m"
+    """nginx: the largest request body (10m; images for a VLM need more)."""
     read_timeout_s: int = Field(300, ge=1)
-    # Edge auth (seed 003's API-key proxy): an htpasswd Secret checked by ingress-nginx, so only
-    # the public endpoint needs credentials; in-cluster probes and the flows' checks do not.
+    """Seconds the load balancer waits for an answer (long generations and held requests need minutes)."""
     auth_secret: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """nginx: an htpasswd Secret (key `auth`) for basic auth at the edge (seed 003's API key); in-cluster
+    probes and the flows' checks go around it."""
 
 
 GKE_GATEWAY_CLASSES = ("gke-l7-regional-external-managed", "gke-l7-rilb", "gke-l7-global-external-managed",
@@ -268,12 +337,15 @@ class GatewaySpec(_Model):
     routed by the OpenAI ``model`` field), an HTTPRoute, an InferencePool and an InferenceObjective per color."""
 
     class_name: Literal[GKE_GATEWAY_CLASSES] = Field("gke-l7-regional-external-managed", alias="class")
-    # Attach to this existing Gateway (in the spec's namespace) instead of rendering one.
+    """The GKE GatewayClass (regional or global, external or internal load balancer)."""
     existing: str | None = Field(None, pattern=DNS_LABEL)
-    # Route by this host name too (None: any host).
+    """Attach to this existing Gateway in the spec's namespace instead of rendering one."""
     host: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    priority: int = Field(0, ge=-1000, le=1000)  # the InferenceObjective's priority (sheddable < 0)
+    """Route by this host name too; empty: any host."""
+    priority: int = Field(0, ge=-1000, le=1000)
+    """The InferenceObjective's priority: below 0 is sheddable under load."""
     epp_image: str = "registry.k8s.io/gateway-api-inference-extension/epp:v1.0.1"
+    """The endpoint picker's image (picks the replica by queue and KV-cache use)."""
 
     @property
     def regional(self) -> bool:
@@ -281,56 +353,94 @@ class GatewaySpec(_Model):
 
 
 class ExposeSpec(_Model):
+    """How clients reach the model: the live Service, and an Ingress or Gateway in front of it."""
+
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """The live Service's type (LoadBalancer: an external address without an Ingress)."""
     port: int = Field(8080, ge=1, le=65535)
+    """The Service's port."""
     ingress: IngressSpec | None = None
+    """An Ingress in front of the live Service; empty: none."""
     gateway: GatewaySpec | None = None
-    # A NetworkPolicy admitting only the Ingress/gateway, Prometheus and the API server's proxy
-    # (needs network policy enforcement: Dataplane V2, default on Autopilot).
+    """The GKE Inference Gateway in front of the model (needed for canary releases); empty: none."""
     network_policy: bool = False
+    """A NetworkPolicy admitting only the Ingress/Gateway, Prometheus and the API server's proxy (needs
+    network policy enforcement: Dataplane V2, default on Autopilot)."""
     allow_from_namespaces: list[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]] = []
-    # A chat web page beside the model (seed 004's web client): talks to the live Service, so to the color
-    # that serves, or to the hold proxy while parked; reached at /playground on the Ingress when there is one.
+    """With network_policy: more namespaces whose pods may call the model."""
     playground: bool = False
+    """A chat web page beside the model (seed 004's web client): talks to the live Service, so to the color
+    that serves, or to the hold proxy while parked; at /playground/ on the Ingress when there is one."""
 
 
 class AutoscalingSpec(_Model):
+    """A HorizontalPodAutoscaler on the engine's queue (or CPU)."""
+
     min_replicas: int = Field(1, ge=1)
+    """Fewest replicas the HPA keeps."""
     max_replicas: int = Field(4, ge=1, le=100)
-    metric: str | None = None  # defaults to the engine's queue gauge
-    target_queue: float = Field(10, gt=0)  # average queued requests per pod
+    """Most replicas the HPA adds (each needs a GPU node)."""
+    metric: str | None = None
+    """The per-pod metric to scale on; empty: the engine's queue gauge (e.g. TGI's tgi_queue_size)."""
+    target_queue: float = Field(10, gt=0)
+    """Average queued requests per pod the HPA aims for."""
     cpu_utilization: int | None = Field(None, ge=1, le=100)
+    """Scale on CPU utilization (percent of requests) as well; empty: queue only."""
     scale_down_stabilization: Duration = timedelta(minutes=5)
+    """How long the HPA waits before removing a replica."""
 
 
 class AlertSpec(_Model):
+    """Thresholds check_fleet alerts on (one Slack thread per incident)."""
+
     p95_latency_s: float = Field(5.0, gt=0)
+    """p95 request latency above this, seconds."""
     queue_size: int = Field(50, ge=1)
+    """Queued requests per pod above this."""
     min_success_rps: float | None = Field(None, ge=0)
+    """Successful requests per second below this; empty: not checked."""
 
 
 class MonitoringSpec(_Model):
+    """How Managed Prometheus scrapes the engine's /metrics."""
+
     scrape: Literal["annotations", "podmonitoring", "none"] = "podmonitoring"
+    """podmonitoring: a GMP PodMonitoring (what GKE's Managed Prometheus reads); annotations: prometheus.io
+    annotations for a self-run Prometheus; none."""
     interval: Duration = timedelta(seconds=30)
+    """How often the metrics are scraped."""
     alerts: AlertSpec | None = None
+    """Alert thresholds; empty: no alerts."""
 
 
 class AnalysisSpec(_Model):
+    """A batch of test requests and what they must show."""
+
     requests: int = Field(20, ge=1)
+    """Requests per batch."""
     concurrency: int = Field(4, ge=1, le=64)
+    """Requests in flight at once."""
     max_error_rate: float = Field(0.0, ge=0, le=1)
+    """Share of failed requests allowed (0: none)."""
     max_p95_latency_s: float = Field(10.0, gt=0)
+    """p95 latency allowed, seconds."""
     min_tokens_per_s: float | None = Field(None, gt=0)
-    # Candidate p50 latency ÷ the live color's, measured side by side (pre-promotion only; None: off).
+    """Generated tokens per second required; empty: not checked."""
     max_latency_ratio: float | None = Field(1.5, gt=1)
-    # Post-promotion: keep analysing for this long, one batch per interval (a failure switches back at once).
+    """Candidate p50 latency ÷ the live color's, measured side by side (pre-promotion only); empty: off."""
     window: Duration = timedelta(seconds=60)
+    """Post-promotion: keep analysing this long, one batch per interval (a failure switches back at once)."""
     interval: Duration = timedelta(seconds=10)
+    """Post-promotion: time between batches."""
 
 
 class CanaryStep(_Model):
-    weight: int = Field(ge=1, le=100)  # the candidate's share of the HTTPRoute, percent
-    hold: Duration = timedelta(minutes=5)  # judged on real traffic over this window before the next step
+    """One step of a canary release."""
+
+    weight: int = Field(ge=1, le=100)
+    """The candidate's share of the HTTPRoute's traffic, percent."""
+    hold: Duration = timedelta(minutes=5)
+    """Judged on real traffic over this window before the next step."""
 
 
 class AnalysisQuery(_Model):
@@ -338,14 +448,19 @@ class AnalysisQuery(_Model):
     ``{selector}`` in ``query`` becomes the color's pod selector, ``{window}`` the step's hold."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    """The metric's name in reports."""
     query: str = Field(min_length=1)
-    max: float | None = None  # the candidate's value must not exceed this
-    min: float | None = None  # ... nor fall below this
-    # candidate ÷ live color over the same window must not exceed this (None: no comparison)
+    """PromQL; {selector} is the color's pod selector, {window} the step's hold."""
+    max: float | None = None
+    """The candidate's value must not exceed this; empty: no bound."""
+    min: float | None = None
+    """The candidate's value must not fall below this; empty: no bound."""
     max_ratio: float | None = Field(None, gt=0)
-    min_ratio: float | None = Field(None, gt=0)  # e.g. tokens/s: candidate ÷ live must reach this
-    # too few requests in the window to judge: the step is held, not failed (None: always judged)
+    """Candidate ÷ live color over the same window must not exceed this; empty: no comparison."""
+    min_ratio: float | None = Field(None, gt=0)
+    """Candidate ÷ live color must reach this (e.g. tokens/s); empty: no comparison."""
     min_requests: int | None = Field(None, ge=0)
+    """Too few requests in the window to judge: the step is held, not failed; empty: always judged."""
 
 
 def _default_steps() -> list[CanaryStep]:
@@ -353,27 +468,34 @@ def _default_steps() -> list[CanaryStep]:
 
 
 class ReleaseSpec(_Model):
-    # blue-green: the candidate runs beside the live color (2x GPUs); recreate: the live color stops first
-    # (the model is down while the new one loads — announced in the plan and on Slack); canary (Gateway
-    # exposure only): the HTTPRoute's weight moves to the candidate step by step, each step judged on real
-    # traffic by ``analysis`` (defaults per engine, manifests.analysis) against the live color.
+    """How release_model replaces the serving color with a new revision or spec."""
+
     strategy: Literal["blue-green", "recreate", "canary"] = "blue-green"
+    """blue-green: the candidate runs beside the live color (2x GPUs), checked, then switched; recreate: the
+    live color stops first (the model is down while the new one loads); canary (Gateway only): traffic moves
+    to the candidate step by step, each step judged on real traffic against the live color."""
     steps: list[CanaryStep] = Field(default_factory=_default_steps, min_length=1)
-    analysis: list[AnalysisQuery] | None = None  # None: the engine's defaults
+    """Canary: the candidate's traffic share per step (default 5, 25, 50, 100 %)."""
+    analysis: list[AnalysisQuery] | None = None
+    """Canary: the metrics judged per step; empty: the engine's defaults (errors, latency, tokens/s)."""
     smoke_prompts: list[str] = Field(default_factory=lambda: ["Say hello in one short sentence."], min_length=1)
+    """Prompts the new color must answer before it gets traffic."""
     smoke_max_tokens: int = Field(32, ge=1, le=4096)
-    # Each smoke answer must match this regex (None: any non-empty answer).
+    """Tokens per smoke answer."""
     expect: str | None = None
+    """A regular expression every smoke answer must match; empty: any non-empty answer."""
     pre_promotion: AnalysisSpec = AnalysisSpec()
+    """Checks on the candidate through its preview Service, before the switch."""
     post_promotion: AnalysisSpec = AnalysisSpec()
-    # The old color stays warm this long after the switch (Argo's scaleDownDelaySeconds, for iptables/NEG
-    # propagation) — and rollback_model can switch back instantly meanwhile.
+    """Checks after the switch; a failure switches back to the old color at once."""
     scale_down_delay: Duration = timedelta(seconds=30)
-    # false: a manual gate after the pre-promotion analysis (Argo Rollouts' autoPromotionEnabled: false).
-    # The release announces the preview on Slack and pauses its flow run until someone resumes it with
-    # promote true (switch) or false (roll back); no answer within promotion_timeout rolls back too.
+    """The old color stays warm this long after the switch (load balancers catch up; rollback_model can
+    switch back instantly meanwhile)."""
     auto_promote: bool = True
+    """false: a manual gate after the pre-promotion analysis — the release pauses until someone resumes it
+    with promote true (switch) or false (roll back)."""
     promotion_timeout: Duration = timedelta(hours=1)
+    """With auto_promote false: no answer within this rolls back."""
 
     @field_validator("expect")
     @classmethod
@@ -387,17 +509,23 @@ class ReleaseSpec(_Model):
 
 
 class ScheduleSpec(_Model):
+    """When the model is parked (no GPU, requests held) and woken."""
+
     timezone: str = "UTC"
-    park: str | None = None  # cron: when to scale to zero
-    wake: str | None = None  # cron: when to be serving again (prewarm starts earlier)
-    idle_after: Duration | None = None  # park when no request for this long
-    # Lead time of a scheduled wake until wakes were measured; then the p95 of measured wake times.
+    """The IANA time zone the cron lines are read in (Europe/Paris)."""
+    park: str | None = None
+    """Cron: when to scale to zero (0 20 * * 1-5); empty: no scheduled park."""
+    wake: str | None = None
+    """Cron: when to be serving again (the wake starts early by prewarm); empty: no scheduled wake."""
+    idle_after: Duration | None = None
+    """Park when no request came for this long; empty: no idle parking."""
     prewarm: Duration = timedelta(minutes=5)
-    # May idle parking act between a scheduled wake and the next scheduled park?
+    """Lead time of a scheduled wake until wakes were measured; then the p95 of measured wake times."""
     idle_in_awake_window: bool = False
-    # Park after one idle minute (not idle_after) in hours of the day whose learned arrival rate puts the
-    # next request further away than two wakes (manifests.park.early_park).
+    """May idle parking act between a scheduled wake and the next scheduled park?"""
     learned_idle: bool = True
+    """Park after one idle minute (not idle_after) in hours of the day whose learned arrival rate puts the
+    next request further away than two wakes."""
 
     @field_validator("timezone")
     @classmethod
@@ -420,35 +548,49 @@ class HoldSpec(_Model):
     """Requests that arrive while parked: an always-on CPU proxy holds them and asks for a wake."""
 
     enabled: bool = True
+    """Hold requests while parked (off: the Service has no backend, clients are refused)."""
     max_queue: int = Field(10_000, ge=1)  # Knative's activator holds up to 10,000 per revision
-    timeout: Duration = timedelta(seconds=300)  # Knative's request timeout; past it: 503 + Retry-After
+    """Most requests held at once; more get 503."""
+    timeout: Duration = timedelta(seconds=300)  # Knative's request timeout
+    """How long a request is held; past it: 503 with Retry-After."""
     retry_after: Duration = timedelta(seconds=30)
-    # The product's own image (the Dockerfile's, README "The flows image"): `python -m servers.holdproxy`.
+    """The Retry-After a refused request gets."""
     # Named once, by LLM_FLEET_IMAGE (what the sandbox's env file sets, and the production deployments run);
     # the spec may name another. Checked before park or a playground deploy does anything.
     image: str | None = Field(default_factory=lambda: os.environ.get("LLM_FLEET_IMAGE") or None, description=(
         "The hold proxy's (and playground's) image: the flows image the README builds from the Dockerfile; "
         "default: $LLM_FLEET_IMAGE"))
-    # The Prefect API as the cluster reaches it (default: the one the flow uses).
     prefect_api_url: str | None = None
+    """The Prefect API as the cluster reaches it (the proxy posts its wake event there); empty: the flow's own."""
 
 
 class VertexSpec(_Model):
-    """Seed 002: Gemma on a Vertex AI endpoint (spec only for now)."""
+    """Seed 002: the model on a Vertex AI endpoint (target: vertex)."""
 
     endpoint_display_name: str
+    """The Vertex AI endpoint's display name (found again by it)."""
     machine_type: str = "g2-standard-12"
+    """The serving machine type."""
     accelerator_type: Literal["NVIDIA_L4", "NVIDIA_TESLA_T4", "NVIDIA_TESLA_A100", "NVIDIA_H100_80GB"] = "NVIDIA_L4"
+    """The GPU type as Vertex AI names it."""
     accelerator_count: int = Field(1, ge=1, le=8)
+    """GPUs per replica."""
     min_replica_count: int = Field(1, ge=1)
+    """Replicas always running."""
     max_replica_count: int = Field(1, ge=1)
+    """Most replicas."""
     serving_container_image_uri: str = (
         "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:latest"
     )
+    """The serving container (Model Garden's vLLM image by default)."""
     artifact_uri: str | None = None
+    """A Cloud Storage folder with the weights; empty: the container downloads the Hub model."""
     health_route: str = "/health"
+    """The container's health route."""
     predict_route: str = "/generate"
+    """The container's predict route."""
     port: int = 8080
+    """The container's port."""
 
 
 def _shorthand(key: str):
@@ -459,44 +601,64 @@ def _shorthand(key: str):
 
 
 class DeploymentSpec(_Model):
+    """One model deployment: the model, its engine, GPUs, cluster, exposure, autoscaling, monitoring, release
+    policy and schedule (one YAML file per model under deployments/)."""
+
     name: str = Field(pattern=DNS_LABEL, description="a DNS label: lowercase letters, digits and '-', "
                       "starting with a letter, at most 40 characters (it prefixes every object name)")
     target: Literal["gke", "vertex"] = "gke"
+    """Where the model is served: gke (a GKE cluster) or vertex (a Vertex AI endpoint, see `vertex`)."""
     model: Annotated[ModelRef, _shorthand("id")]
+    """The Hub model: its id (google/gemma-2-2b-it), or the id with a revision and task."""
     engine: Annotated[EngineSpec, _shorthand("kind")] = EngineSpec()
+    """The model server: its kind (vllm, tgi, sglang), or the kind with its settings."""
     cluster: ClusterSpec
+    """The GKE cluster: project, location, zones, mode."""
     accelerator: Annotated[AcceleratorSpec, _shorthand("type")] = AcceleratorSpec()
-    # Where replicas may run, most preferred first (GKE ComputeClass priorities). Without it, the
-    # accelerator is the one option; with it, the accelerator is the first option (keep only its pool).
+    """The GPU per replica: its type (nvidia-l4), or the type with count, machine and node pool."""
     capacity: list[CapacityOption] | None = Field(None, min_length=1, max_length=10)
+    """Where replicas may run, most preferred first (GKE ComputeClass priorities: GPU, machine, spot/on-demand,
+    zones). Without it, the accelerator is the one option; with it, the first option is the accelerator (keep
+    only accelerator.pool)."""
     namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    """The Kubernetes namespace of the model's objects."""
     replicas: int = Field(1, ge=0, le=100)
-    # What a spot preemption may cost (GCE takes a Spot VM back with ~30 s notice; the replacement loads for
-    # minutes). keep_serving: at least 2 replicas, one per node, spread over zones under a
-    # PodDisruptionBudget, so the Service always keeps a Ready replica. accept_gap: one replica is allowed;
-    # while its replacement loads the Service has no endpoint and clients' connections are refused.
+    """Pods serving the model (each on its own GPU node); with autoscaling the HPA decides."""
     on_spot_preemption: Literal["keep_serving", "accept_gap"] = "keep_serving"
+    """What a spot preemption may cost (GCE takes a Spot VM back with ~30 s notice; the replacement loads for
+    minutes). keep_serving: at least 2 replicas, spread over zones under a PodDisruptionBudget, so a Ready one
+    always serves. accept_gap: one replica; while its replacement loads, clients' connections are refused."""
     cache: CacheSpec = CacheSpec()
-    # Fast-start paths: the image from Artifact Registry / a secondary boot disk, the weights from Cloud
-    # Storage or Hyperdisk ML, CUDA graphs (manifests/startup.py). Absent: today's path.
+    """The PVC the Hub's downloads are kept in."""
     startup: StartupSpec = StartupSpec()
+    """Fast-start paths: the image from Artifact Registry / a secondary boot disk, the weights from Cloud
+    Storage or Hyperdisk ML, CUDA graphs. Left out: the image from its registry, the weights from the Hub."""
     secret: SecretSpec = SecretSpec()
+    """The HF token's Secret."""
     expose: ExposeSpec = ExposeSpec()
+    """How clients reach the model: Service, Ingress or Gateway, network policy, playground."""
     autoscaling: AutoscalingSpec | None = None
+    """An HPA on the engine's queue; empty: a fixed number of replicas."""
     monitoring: MonitoringSpec = MonitoringSpec()
+    """Metrics scraping and alerts."""
     release: ReleaseSpec = ReleaseSpec()
+    """How a new revision or spec replaces the serving one: strategy, smoke prompts, analysis, promotion."""
     schedule: ScheduleSpec | None = None
+    """When to park (scale to zero) and wake; empty: always on."""
     hold: HoldSpec = HoldSpec()
+    """What happens to requests while parked."""
     slack_channel: str | None = Field(None, pattern=r"^[#@]?[-_a-z0-9.]{1,80}$")
-    # Kubernetes service account of the pods (workload identity, seed 004).
+    """The Slack channel each run's thread goes to (#ml-serving); empty: no Slack."""
     service_account: str | None = Field(None, pattern=DNS_LABEL)
+    """The pods' Kubernetes service account (Workload Identity, seed 004); empty: the namespace's default."""
     gcp_service_account: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.gserviceaccount\.com$",
                                             description="a Google service account e-mail (...@PROJECT.iam.gserviceaccount.com)")
-    # Upper bound for "pod created -> model answers"; default sized to the model.
     load_timeout: Duration | None = None
-    # On a failed deploy keep the failing pods for debugging (they cost GPU money).
+    """Upper bound for "pod created -> model answers"; empty: sized to the model."""
     keep_for_debug: bool = False
+    """On a failed deploy keep the failing pods for debugging (they cost GPU money)."""
     vertex: VertexSpec | None = None
+    """target: vertex — the Vertex AI endpoint's settings."""
 
     @model_validator(mode="before")
     @classmethod
@@ -887,9 +1049,9 @@ def _to_spec_error(err: ValidationError, source: str | None) -> SpecError:
     if kind == "string_pattern_mismatch":
         parent = _model_at(loc[:-1])
         field = parent.model_fields.get(str(loc[-1])) if parent else None
-        hint = field.description if field is not None and field.description else None
-        return SpecError(path, f"{first.get('input')!r} is not valid",
-                         f"use {hint}" if hint else f"match the pattern {first.get('ctx', {}).get('pattern')}",
+        hint = field.description.rstrip(".") if field is not None and field.description else None
+        pattern = f"match the pattern {first.get('ctx', {}).get('pattern')}"
+        return SpecError(path, f"{first.get('input')!r} is not valid", f"{pattern} ({hint})" if hint else pattern,
                          source=source)
     if kind == "value_error":
         return SpecError(path, msg.removeprefix("Value error, "), source=source)
