@@ -21,7 +21,7 @@ from sandbox.kube import resources as res
 from sandbox.kube.defaults import apply_defaults, validate
 from sandbox.kube.resources import RType
 from sandbox.kube.selectors import object_filter, selector_string
-from sandbox.kube.store import Gone, _rng, clone, conflict, new_uid, not_found, status_error
+from sandbox.kube.store import Gone, _rng, clone, conflict, new_uid, not_found, refuse_protobuf, status_error
 from sandbox.kube.tables import table
 from sandbox.kube.watchfaults import break_watch
 
@@ -640,9 +640,7 @@ def _send_obj(h: KubeHandler, t: RType, status: int, obj: Obj) -> None:
 def _body(h: KubeHandler) -> Any:
     ctype = (h.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
     raw = h.body_bytes()
-    if "protobuf" in ctype:
-        raise status_error(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
-                           "accepted media types include: application/json, application/yaml")
+    refuse_protobuf(ctype)
     if ctype in ("application/yaml", "text/yaml"):
         try:
             return yaml.safe_load(raw.decode() or "{}")

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from sandbox.core import HttpError, now_rfc3339
 from sandbox.kube import resources as res
-from sandbox.kube.store import not_found, status_error
+from sandbox.kube.store import not_found, refuse_protobuf, status_error
 
 if TYPE_CHECKING:
     from sandbox.kube.cluster import KubeCluster
@@ -550,6 +550,7 @@ class ClusterAuth:
         return t is not None and self.cluster.store.get(t, a.namespace if t.namespaced else "", a.name) is None
 
     def _json(self, h: Any) -> Obj:
+        refuse_protobuf(h.headers.get("Content-Type"))  # as every other endpoint (TokenRequest, access reviews)
         raw = h.body_bytes()
         try:
             body = json.loads(raw or b"{}")
