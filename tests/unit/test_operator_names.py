@@ -104,6 +104,18 @@ def test_the_spec_mapping_tab_is_a_form_of_the_spec_that_accepts_what_the_spec_a
         assert errors and any(where in e.message for e in errors), [e.message for e in errors]
 
 
+def test_the_gpu_report_window_is_picked_as_dates_and_times():
+    """gpu_report's window shows as the UI's date and date-time pickers (was a raw epoch: start=1796519265.13)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.gpu_report import gpu_report
+
+    props = parameter_schema(gpu_report).model_dump()["properties"]
+    assert props["day"] == {**props["day"], "type": "string", "format": "date"}
+    for name in ("start", "end"):
+        assert props[name] == {**props[name], "type": "string", "format": "date-time"} and "anyOf" not in props[name]
+
+
 def test_a_dry_run_teardown_says_what_it_would_delete():
     """teardown/remove is a dry run by default (prefect.yaml), and says so where its result is read: its
     description, its steps' titles and its summary ('would delete: …', never a bare 'delete: …')."""
