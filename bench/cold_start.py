@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+FAST_NODES = "fast-start + fast-starting nodes"
 SEEDS = {"001": "deployments/gemma2-2b-it-vllm-l4.yaml", "004": "deployments/mistral-7b-vllm-spot.yaml"}
 BUCKET = "llm-fleet-weights"
 DISK = "vllm-serving-cache"
@@ -50,8 +51,11 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("weights: Hyperdisk ML", {"weights": {"source": "hyperdisk-ml", "volume": HDML_CLAIM}}),
     ("fast-start, CUDA graphs", {"image": DISK_IMAGE, "weights": GCS}),
     ("fast-start", {"image": DISK_IMAGE, "weights": GCS, "cuda_graphs": False}),
+    # GKE fast-starting nodes: the pods in Autopilot mode (an Autopilot ComputeClass on the Standard cluster),
+    # so no node pool, hence no secondary boot disk: Autopilot streams the image from Artifact Registry
+    (FAST_NODES, {"image": IMAGE, "weights": GCS, "cuda_graphs": False, "nodes": "fast-start"}),
 ]
-FAST = "fast-start"
+FAST = FAST_NODES  # the fastest path: its wake is W in bench/park_week.py ("fast_variant" in the JSON)
 PHASES = ("node", "schedule", "image", "engine init", "weights", "cuda graphs", "smoke")
 
 
@@ -65,6 +69,15 @@ def _variant_spec(base: dict[str, Any], i: int, startup: dict[str, Any]) -> Any:
                                    "min_nodes": 0, "initial_nodes": 0, "max_nodes": 1}
     data.pop("schedule", None)
     data["service_account"] = data.get("service_account") or "vllm"  # Workload Identity for the bucket
+    if startup.get("nodes") == "fast-start":
+        # what fast-starting nodes need of the seed (GKE's requirements; startup.check refuses the rest): its
+        # own Rapid cluster at 1.33 (Autopilot ComputeClasses in Standard), on-demand L4 only (seed 004's spot
+        # capacity is incompatible: its on-demand option alone), no local SSD
+        data["cluster"] = {**data["cluster"], "name": f"{data['cluster']['name'][:30]}-fast", "release_channel": "rapid",
+                           "version": "1.33"}
+        if data.pop("capacity", None):
+            data["accelerator"] = {"type": "nvidia-l4", "machine_type": "g2-standard-8",
+                                   "pool": {**data["accelerator"]["pool"], "local_ssd_count": 0}}
     if startup:
         data["startup"] = startup
     return parse_spec(data)
@@ -117,7 +130,7 @@ def _log_seconds(lines: list[str]) -> dict[str, float]:
     return out
 
 
-def measure_seed(sb: Any, seed: str, path: str, scale: float) -> list[dict[str, Any]]:
+def measure_seed(sb: Any, seed: str, path: str, scale: float, only: str = "") -> list[dict[str, Any]]:
     import yaml
     from kubernetes import client as k8s_client
 
@@ -130,10 +143,12 @@ def measure_seed(sb: Any, seed: str, path: str, scale: float) -> list[dict[str, 
     base = yaml.safe_load((ROOT / path).read_text())
     project = f"cold-{seed}-{uuid.uuid4().hex[:6]}"
     base["cluster"]["project"] = project
-    specs = [(label, _variant_spec(base, i, st)) for i, (label, st) in enumerate(VARIANTS)]
+    specs = [(label, _variant_spec(base, i, st)) for i, (label, st) in enumerate(VARIANTS)
+             if not only or label == "today" or only in label]
     c = specs[0][1].cluster
     zone = c.zones[0] if c.zones else f"{c.region}-a"
-    gcsfuse = next(s for label, s in specs if "FUSE" in label)  # its cluster body turns the CSI driver on
+    # the GCS FUSE variant's cluster body turns the CSI driver on
+    gcsfuse = _variant_spec(base, 0, dict(VARIANTS)["weights: GCS FUSE"])
     op = gke.create_cluster.fn(project=project, location=c.location,
                                body=prov.cluster_body(gcsfuse, location=c.location, zones=[zone]))
     gke.wait_operation.fn(project=project, location=c.location, operation=op)
@@ -142,27 +157,59 @@ def measure_seed(sb: Any, seed: str, path: str, scale: float) -> list[dict[str, 
     add_disk_image(sb.compute, project, DISK, sorted({startup.image_ref(s) for _, s in specs}))
     env = {"sb": sb, "seed": seed, "project": project, "location": c.location, "cluster": c.name, "zone": zone,
            "kubeconfig": kubeconfig, "core": core, "scale": scale}
-    return [measure_variant(env, label, spec) for label, spec in specs]
+    out = []
+    for label, spec in specs:
+        if startup.autopilot_mode(spec):  # its own cluster (Rapid, 1.33): no pool, GKE makes the nodes
+            out.append(measure_variant(_cluster_env(env, spec), label, spec))
+        else:
+            out.append(measure_variant(env, label, spec))
+    return out
+
+
+def _cluster_env(env: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """A cluster of its own for ``spec`` (the provisioning flow's body), as ``measure_seed`` makes the seed's."""
+    from kubernetes import client as k8s_client
+
+    from manifests import provision as prov
+    from tasks import gke
+    from tasks.clients import kube_client
+
+    c = spec.cluster
+    op = gke.create_cluster.fn(project=env["project"], location=c.location,
+                               body=prov.cluster_body(spec, location=c.location, zones=[env["zone"]]))
+    gke.wait_operation.fn(project=env["project"], location=c.location, operation=op)
+    kubeconfig = gke.get_credentials.fn(project=env["project"], location=c.location, name=c.name)
+    kube = env["sb"].cluster_kube(c.name, c.location, env["project"])
+    kube.autopilot_idle_seconds = 30.0  # the bench's cold wake starts from 0 GPU nodes: idle ones go soon
+    return {**env, "cluster": c.name, "kubeconfig": kubeconfig, "core": k8s_client.CoreV1Api(kube_client(kubeconfig))}
 
 
 def _wake(env: dict[str, Any], spec: Any, clock: Timer) -> dict[str, Any]:
     """What wake_model does, with its tasks: pool to 1, replicas to 1, Ready, the engine answers, smoke."""
-    from manifests import names
+    from manifests import names, startup
     from tasks import gke, health, k8s
 
     where = {"project": env["project"], "location": env["location"], "cluster": env["cluster"],
              "name": spec.option_pool(0)}
     out: dict[str, Any] = {}
-    op = gke.set_node_pool_size.fn(**where, nodes=1)
-    done = gke.wait_operation.fn(project=env["project"], location=env["location"], operation=op)
-    out["node_ready"] = clock()
-    # GKE's own record of the resize (startTime .. endTime), not this process's polling of it
-    span = datetime.fromisoformat(done["end_time"]) - datetime.fromisoformat(done["start_time"])
-    out["node_op"] = span.total_seconds() / env["scale"]
+    autopilot = startup.autopilot_mode(spec)
+    if not autopilot:
+        op = gke.set_node_pool_size.fn(**where, nodes=1)
+        done = gke.wait_operation.fn(project=env["project"], location=env["location"], operation=op)
+        out["node_ready"] = clock()
+        # GKE's own record of the resize (startTime .. endTime), not this process's polling of it
+        span = datetime.fromisoformat(done["end_time"]) - datetime.fromisoformat(done["start_time"])
+        out["node_op"] = span.total_seconds() / env["scale"]
+    scaled = clock()
     k8s.scale_deployment.fn(kubeconfig=env["kubeconfig"], namespace=spec.namespace,
                             name=names.deployment(spec, "blue"), replicas=1)
     sel = ",".join(f"{k}={v}" for k, v in names.selector(spec, "blue").items())
     out.update(_pod_times(env["core"], spec.namespace, sel, clock, timeout=600 * env["scale"] + 30))
+    if autopilot:
+        # Autopilot mode: GKE makes the node for the pod (TriggeredScaleUp .. node Ready) — GKE shows nothing
+        # else, so the node phase is the replicas' scale-up to the pod's binding, read on the sandbox clock
+        out["node_ready"] = out["scheduled"]
+        out["node_op"] = out["scheduled"] - scaled
     smoke = {"kubeconfig": env["kubeconfig"], "namespace": spec.namespace, "service": names.service(spec),
              "engine": spec.engine.kind, "model_id": spec.model.id}
     health.check_engine_ready.fn(**smoke)
@@ -179,6 +226,15 @@ def _park(env: dict[str, Any], spec: Any) -> None:
                             name=names.deployment(spec, "blue"), replicas=0)
     k8s.wait_pods_gone.fn(kubeconfig=env["kubeconfig"], namespace=spec.namespace,
                           selector=names.selector(spec, "blue"), timeout_s=60)
+    from manifests import startup
+
+    if startup.autopilot_mode(spec):  # GKE removes the idle Autopilot node by itself: wait until it has
+        deadline = time.monotonic() + 60
+        while env["core"].list_node(label_selector=f"{names.COMPUTE_CLASS_LABEL}={names.compute_class(spec)}").items:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Autopilot node of {spec.name} is still there")
+            time.sleep(0.05)
+        return
     op = gke.set_node_pool_size.fn(project=env["project"], location=env["location"], cluster=env["cluster"],
                                    name=spec.option_pool(0), nodes=0)
     gke.wait_operation.fn(project=env["project"], location=env["location"], operation=op)
@@ -192,10 +248,14 @@ def measure_variant(env: dict[str, Any], label: str, spec: Any) -> dict[str, Any
 
     ns, kubeconfig, core = spec.namespace, env["kubeconfig"], env["core"]
     # capacity options (a ComputeClass): the first option's pool, labelled and tainted for the class
-    body = (prov.option_pool_body(spec, 0, zones=[env["zone"]]) if spec.capacity else
-            prov.node_pool_body(spec, zone=env["zone"]))
-    op = gke.create_node_pool.fn(project=env["project"], location=env["location"], cluster=env["cluster"], body=body)
-    gke.wait_operation.fn(project=env["project"], location=env["location"], operation=op)
+    from manifests import startup
+
+    if not startup.autopilot_mode(spec):  # Autopilot mode (fast-starting nodes): GKE makes the node, no pool
+        body = (prov.option_pool_body(spec, 0, zones=[env["zone"]]) if spec.capacity else
+                prov.node_pool_body(spec, zone=env["zone"]))
+        op = gke.create_node_pool.fn(project=env["project"], location=env["location"], cluster=env["cluster"],
+                                     body=body)
+        gke.wait_operation.fn(project=env["project"], location=env["location"], operation=op)
     objs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": spec.secret.name, "namespace": ns},
              "stringData": {spec.secret.key: "hf_sandbox_token"}}]
@@ -229,11 +289,17 @@ def measure_variant(env: dict[str, Any], label: str, spec: Any) -> dict[str, Any
     # itself (the Hub's parameter count × dtype)
     load = next(s for s in env["sb"].runtime.servers() if s.name == pod).start_plan.load
     node_boot = coldstart.node_boot_s(spec.accelerator.machine, accelerator=spec.accelerator.type, driver="LATEST")
+    boots = [e["detail"] for e in env["sb"].gke.autoscaler.events if e["kind"] == "autopilot_node_boot"]
+    if startup.autopilot_mode(spec) and boots and boots[-1].startswith("fast"):
+        from sandbox.gke.fast_nodes import FAST_START_SPEEDUP
+
+        node_boot /= FAST_START_SPEEDUP  # the node GKE started from its pre-initialized capacity
     floor = node_boot + (load.floor_s if load else 0.0)
     _park(env, spec)
     return {"seed": env["seed"], "variant": label, "spec": spec.name, "model": spec.model.id,
             "total_s": sum(phases.values()), "measured_s": t["answered"], "phases": phases, "pulled": m.group(0).strip() if m else "already present",
             "source": load.source if load else "", "weight_bytes": load.bytes if load else 0,
+            "node_boot": boots[-1] if startup.autopilot_mode(spec) and boots else "node pool resize",
             "floor_s": floor, "ratio": sum(phases.values()) / floor}
 
 
@@ -242,6 +308,7 @@ def main() -> int:
     parser.add_argument("--time-scale", type=float, default=0.02)
     parser.add_argument("--seeds", default="001,004")
     parser.add_argument("--json", default=str(ROOT / "docs" / "cold-start.json"))
+    parser.add_argument("--only", default="", help="only the variants whose label contains this (and today's)")
     args = parser.parse_args()
     os.environ.setdefault("LLM_FLEET_POLL_INITIAL_S", "0.01")
     os.environ.setdefault("LLM_FLEET_POLL_MAX_S", "0.02")
@@ -252,7 +319,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     try:
         for seed in args.seeds.split(","):
-            results += measure_seed(sb, seed, SEEDS[seed], args.time_scale)
+            results += measure_seed(sb, seed, SEEDS[seed], args.time_scale, args.only)
     finally:
         sb.stop()
     head = f"{'seed':<5}{'path':<38}" + "".join(f"{p:>12}" for p in PHASES) + f"{'total':>9}{'measured':>10}{'floor':>8}{'÷floor':>8}"
@@ -268,10 +335,16 @@ def main() -> int:
                                   for r in results if r["variant"] in ("today", FAST)))
     by = {(r["seed"], r["variant"]): r for r in results}
     for seed in sorted({r["seed"] for r in results}):
+        if (seed, FAST) not in by:
+            continue
         today, fast = by[(seed, "today")]["total_s"], by[(seed, FAST)]["total_s"]
         print(f"seed {seed}: {fast:.0f} s with fast-start vs {today:.0f} s today ({today / fast:.1f}x faster)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"time_scale": args.time_scale, "results": results}, indent=1) + "\n")
+    for r in results:
+        if r["variant"] == FAST:
+            print(f"node: {r['seed']} {FAST}: {r['node_boot']} (sandbox record: GKE shows nothing)")
+    Path(args.json).write_text(json.dumps({"time_scale": args.time_scale, "fast_variant": FAST, "results": results},
+                                          indent=1) + "\n")
     print(f"written to {args.json}; ran in {time.perf_counter() - started:.0f} s")
     if ("001", FAST) in by:
         print(f"cold wake: {by[('001', FAST)]['total_s']:.0f} s with fast-start, "
