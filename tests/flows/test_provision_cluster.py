@@ -91,6 +91,26 @@ def test_autopilot_cluster(sbc):
     assert not gpu_pools(project, "us-central1", cluster["name"])
 
 
+
+def test_fast_starting_nodes_refused_before_anything_then_a_cluster_without_a_gpu_pool(sbc):
+    """startup.nodes: fast-start on Standard: the preflight refuses the Rapid channel's default version (the
+    sandbox's 1.30, older than Autopilot ComputeClasses in Standard need) naming the fix, before anything is
+    created; pinned to 1.33 the cluster is made and no GPU pool (GKE makes the nodes in Autopilot mode)."""
+    from manifests.errors import PreflightError
+
+    spec = spec_dict("gemma2-2b-it-vllm-l4.yaml", startup={"nodes": "fast-start"})
+    project = spec["cluster"]["project"]
+    with pytest.raises(PreflightError, match="1.33.1-gke.1107000") as err:
+        run(spec)
+    assert 'cluster.version: "1.33"' in str(err.value)
+    assert clusters(project) == []  # nothing was created or paid for
+    spec["cluster"]["version"] = "1.33"
+    out = run(spec)
+    (cluster,) = clusters(project)
+    assert cluster["current_master_version"].startswith("1.33.") and cluster["release_channel"]["channel"] == "RAPID"
+    assert gpu_pools(project, "europe-west1", "vllm-cluster") == [] and out["node_pool"] is None
+    assert "no GPU pool" in out["attempts"][0]["detail"]
+
 def test_rerun_changes_nothing(sbc, qwen):
     spec = qwen[0]()
     project = spec["cluster"]["project"]
