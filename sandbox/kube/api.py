@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sandbox.core import HttpError, JsonHandler, now_rfc3339, route
-from sandbox.kube import autoscaling, podsecurity, portforward
+from sandbox.kube import autoscaling, podsecurity, portforward, protobuf
 from sandbox.kube import patch as patches
 from sandbox.kube import resources as res
 from sandbox.kube.defaults import apply_defaults, validate
 from sandbox.kube.resources import RType
 from sandbox.kube.selectors import object_filter, selector_string
-from sandbox.kube.store import Gone, _rng, clone, conflict, new_uid, not_found, refuse_protobuf, status_error
+from sandbox.kube.store import Gone, _rng, clone, conflict, new_uid, not_found, status_error
 from sandbox.kube.tables import table
 from sandbox.kube.watchfaults import break_watch
 
@@ -640,7 +640,8 @@ def _send_obj(h: KubeHandler, t: RType, status: int, obj: Obj) -> None:
 def _body(h: KubeHandler) -> Any:
     ctype = (h.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
     raw = h.body_bytes()
-    refuse_protobuf(ctype)
+    if "protobuf" in ctype:  # kubectl 1.32+'s typed creates
+        return protobuf.decode(raw)
     if ctype in ("application/yaml", "text/yaml"):
         try:
             return yaml.safe_load(raw.decode() or "{}")

@@ -46,8 +46,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from sandbox.core import HttpError, now_rfc3339
+from sandbox.kube import protobuf
 from sandbox.kube import resources as res
-from sandbox.kube.store import not_found, refuse_protobuf, status_error
+from sandbox.kube.store import not_found, status_error
 
 if TYPE_CHECKING:
     from sandbox.kube.cluster import KubeCluster
@@ -550,8 +551,9 @@ class ClusterAuth:
         return t is not None and self.cluster.store.get(t, a.namespace if t.namespaced else "", a.name) is None
 
     def _json(self, h: Any) -> Obj:
-        refuse_protobuf(h.headers.get("Content-Type"))  # as every other endpoint (TokenRequest, access reviews)
         raw = h.body_bytes()
+        if "protobuf" in (h.headers.get("Content-Type") or "").lower():  # kubectl 1.32+ (TokenRequest, reviews)
+            return protobuf.decode(raw)
         try:
             body = json.loads(raw or b"{}")
         except ValueError:

@@ -334,7 +334,8 @@ def apply_defaults(t: RType, obj: Obj) -> None:
         obj.setdefault("status", {}).setdefault("phase", "Active")
         obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
     elif kind == "Secret":
-        obj.setdefault("type", "Opaque")
+        if not obj.get("type"):  # SetDefaults_Secret: an empty type is Opaque too
+            obj["type"] = "Opaque"
         string_data = obj.pop("stringData", None)
         if string_data:
             data = obj.setdefault("data", {})

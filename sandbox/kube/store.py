@@ -44,18 +44,6 @@ def rand_hex(n: int) -> str:
     return f"{_rng.getrandbits(4 * n):0{n}x}"
 
 
-# This API server has JSON (and YAML) codecs only. A protobuf body (kubectl 1.32+ sends one for `kubectl create
-# <kind>`, `create token`, `auth can-i`) gets what kube-apiserver answers for a type it has no protobuf codec for
-# (custom resources): 415. Why that is safe here: docs/sandbox-contract.md, "What an operator reads".
-NO_PROTOBUF = ("the body of the request was in an unknown format - accepted media types include: "
-               "application/json, application/yaml")
-
-
-def refuse_protobuf(content_type: str | None) -> None:
-    if "protobuf" in (content_type or "").lower():
-        raise status_error(415, "UnsupportedMediaType", NO_PROTOBUF)
-
-
 def status_error(code: int, reason: str, message: str, *, name: str | None = None, group: str | None = None,
                  kind: str | None = None, causes: list[Obj] | None = None, retry_after: int | None = None
                  ) -> HttpError:
