@@ -78,6 +78,7 @@ def test_demo_runs_the_lifecycle_then_the_readmes_steps_by_hand_succeed(tmp_path
                 run_env[key] = value
         spec = "deployments/gemma2-2b-it-vllm-l4.yaml"
         start = datetime.now(UTC).isoformat()
+        run_ids = {}
         for flow, params in BY_HAND:
             args = [a for k, v in params.items()
                     for a in ("--param", f"{k}={v.replace('{S}', spec).replace('{START}', start)}")]
@@ -85,7 +86,13 @@ def test_demo_runs_the_lifecycle_then_the_readmes_steps_by_hand_succeed(tmp_path
                                   "--watch", "--watch-timeout", "600"], cwd=ROOT, env=run_env, capture_output=True,
                                  text=True, timeout=700)
             assert res.returncode == 0, f"{flow}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
+            run_ids[flow] = re.search(r"UUID: ([0-9a-f-]{36})", res.stdout).group(1)  # type: ignore[union-attr]
             time.sleep(0.5)
+        # The demo's worker logs at INFO: `prefect flow-run logs` of a good run tells what each step did
+        # (the demo ran with PREFECT_LOGGING_LEVEL=WARNING, and a good run's logs were empty).
+        logs = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "logs", run_ids["deploy_model"]],
+                              cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
+        assert logs.returncode == 0 and re.search(r"\| INFO +\| Flow run ", logs.stdout), logs.stdout[-2000:]
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         try:
