@@ -18,7 +18,8 @@ from sandbox.gke.common import _bad, to_dict
 # /version, every kubelet), and gcloud's kubectl dispatcher runs the kubectl of that minor -- 1.31+ send
 # protobuf bodies this JSON-only API server cannot read (docs/sandbox-contract.md, "Versions"). One 1.33
 # patch (a Rapid release of January 2026), never a default, for what needs it (fast-starting nodes, Autopilot
-# ComputeClasses in Standard): the product's Python clients reach such a cluster; kubectl does not.
+# ComputeClasses in Standard): the product's Python clients reach such a cluster, its kubectl.1.33 only for
+# the kinds whose protobuf bodies the sandbox reads (sandbox/kube/protobuf.py).
 VERSIONS = [
     "1.33.5-gke.2019000", "1.30.14-gke.1009000", "1.30.12-gke.1086000", "1.30.5-gke.1014001", "1.29.15-gke.1325000",
     "1.29.10-gke.1280000", "1.28.15-gke.1020000",
