@@ -45,8 +45,9 @@ class ImageStartup(_Model):
     """How a new node gets the serving image."""
 
     mirror: Literal["none", "artifact-registry"] = "none"
-    """Where the nodes pull the serving image from: its own registry (none), or a copy in Artifact Registry
-    (mirror_model copies it; image streaming and secondary boot disks need it there)."""
+    """Where the nodes pull the serving image from: its own registry (none), or through an Artifact Registry
+    remote repository caching that registry (mirror_model creates it; the first pull fills the cache; image
+    streaming serves it from there)."""
     repository: str | None = Field(None, pattern=r"^[a-z0-9-]+-docker\.pkg\.dev/[a-z][-a-z0-9]{4,28}[a-z0-9]/[a-z0-9-]+$",
                                    description="an Artifact Registry Docker repository: LOCATION-docker.pkg.dev/PROJECT/REPO")
     streaming: bool | None = None
@@ -124,7 +125,7 @@ def check(spec: DeploymentSpec, error: type[Exception]) -> None:
             eng.image_ref):
         raise error("startup.image.streaming", f"image streaming serves images from Artifact Registry; "
                     f"{eng.image_ref} is not there", "set startup.image.mirror: artifact-registry (mirror_model "
-                    "copies the image) or use an image from LOCATION-docker.pkg.dev")
+                    "creates its remote repository) or use an image from LOCATION-docker.pkg.dev")
     if img.secondary_boot_disk:
         if c.mode == "autopilot":
             raise error("startup.image.secondary_boot_disk", "Autopilot picks secondary boot disks per workload "
@@ -259,16 +260,121 @@ def _in_ar(image: str) -> bool:
 
 # ---- rendering -----------------------------------------------------------------------------------------
 
+# ---- the image's mirror (startup.image.mirror: artifact-registry) --------------------------------------
+# An Artifact Registry *remote* repository, not a copy into a standard one: a remote repository is a
+# pull-through cache of Docker Hub (publicRepository: DOCKER_HUB) or any registry (customRepository.uri,
+# e.g. https://ghcr.io) — the first pull of LOCATION-docker.pkg.dev/PROJECT/REPO/<upstream path>:tag fetches
+# the image from the upstream and caches it, later pulls are served from the repository — so mirror_model
+# copies nothing (no docker/crane, no 9 GB through the flows' worker), and GKE image streaming serves
+# images "stored in a standard or remote repository in Artifact Registry" (its requirements), so once
+# cached the pods stream it. Sources: docs/sandbox-contract.md ("Artifact Registry").
+DOCKER_HUB = "docker.io"
+_DOCKER_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+
+
+def upstream(image: str) -> tuple[str, str]:
+    """(registry host, path:tag) of an image reference; Docker Hub's official images under ``library/``."""
+    first, _, rest = image.partition("/")
+    host, path = (first, rest) if rest and ("." in first or ":" in first or first == "localhost") else (
+        DOCKER_HUB, image)
+    if host in _DOCKER_HUB_HOSTS:
+        return DOCKER_HUB, path if "/" in path else f"library/{path}"
+    return host, path
+
+
+@dataclass(frozen=True)
+class ImageRepository:
+    """The Artifact Registry Docker remote repository the pods pull the serving image through."""
+
+    project: str
+    location: str
+    repo_id: str
+    upstream: str  # the registry it caches: docker.io, ghcr.io, ...
+
+    @property
+    def name(self) -> str:
+        return f"projects/{self.project}/locations/{self.location}/repositories/{self.repo_id}"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.location}-docker.pkg.dev/{self.project}/{self.repo_id}"
+
+    @property
+    def docker_upstream(self) -> Obj:
+        """``remoteRepositoryConfig.dockerRepository``: Docker Hub by name, any other registry by URI."""
+        if self.upstream == DOCKER_HUB:
+            return {"publicRepository": "DOCKER_HUB"}
+        return {"customRepository": {"uri": f"https://{self.upstream}"}}
+
+    def body(self) -> Obj:
+        """The create request's Repository (projects.locations.repositories.create, ?repositoryId=repo_id)."""
+        what = f"pull-through cache of {self.upstream} (llm-fleet mirror_model)"
+        return {"format": "DOCKER", "mode": "REMOTE_REPOSITORY", "description": what,
+                "remoteRepositoryConfig": {"description": self.upstream, "dockerRepository": self.docker_upstream}}
+
+    def problem(self, live: Obj) -> str | None:
+        """Why an existing repository of this name cannot serve the image; None when it can. A standard
+        repository is the user's own copy (they pushed the image there): accepted as it is."""
+        if live.get("format") != "DOCKER":
+            return f"{self.registry} is a {live.get('format')} repository, not DOCKER"
+        if live.get("mode", "STANDARD_REPOSITORY") == "STANDARD_REPOSITORY":
+            return None
+        docker = (live.get("remoteRepositoryConfig") or {}).get("dockerRepository") or {}
+        if live.get("mode") != "REMOTE_REPOSITORY" or docker != self.docker_upstream:
+            return (f"{self.registry} is a {live.get('mode')} with upstream {docker or 'none'}, not a remote "
+                    f"repository of {self.upstream}")
+        return None
+
+
+def image_repository(spec: DeploymentSpec) -> ImageRepository | None:
+    """The remote repository the spec's image is pulled through; None without the mirror (or for an image
+    already in Artifact Registry). Default: the cluster's region (image streaming serves a repository in
+    the nodes' region), ``llm-fleet`` for Docker Hub, ``llm-fleet-<host>`` for another registry."""
+    image = spec.engine.image_ref
+    if spec.startup.image.mirror != "artifact-registry" or _in_ar(image):
+        return None
+    host = upstream(image)[0]
+    if spec.startup.image.repository:
+        loc_host, project, repo_id = spec.startup.image.repository.split("/")
+        return ImageRepository(project, loc_host.removesuffix("-docker.pkg.dev"), repo_id, host)
+    repo_id = "llm-fleet" if host == DOCKER_HUB else "llm-fleet-" + re.sub(r"[^a-z0-9]+", "-", host.lower()).strip("-")
+    return ImageRepository(spec.cluster.project, spec.cluster.region, repo_id[:63].rstrip("-"), host)
+
+
 def repository(spec: DeploymentSpec) -> str:
-    return spec.startup.image.repository or f"{spec.cluster.region}-docker.pkg.dev/{spec.cluster.project}/llm-fleet"
+    repo = image_repository(spec)
+    return repo.registry if repo else ""
 
 
 def image_ref(spec: DeploymentSpec) -> str:
-    """The image the pods run: the spec's, or its copy in Artifact Registry (same name and tag)."""
-    image = spec.engine.image_ref
-    if spec.startup.image.mirror != "artifact-registry" or _in_ar(image):
-        return image
-    return f"{repository(spec)}/{image.rsplit('/', 1)[-1]}"
+    """The image the pods run: the spec's, or the same image through its Artifact Registry remote repository
+    (``LOCATION-docker.pkg.dev/PROJECT/REPO/<upstream path>:tag``)."""
+    repo = image_repository(spec)
+    if repo is None:
+        return spec.engine.image_ref
+    return f"{repo.registry}/{upstream(spec.engine.image_ref)[1]}"
+
+
+def image_repository_check(spec: DeploymentSpec, *, live: Obj | None) -> Any:
+    """The preflight line for the image's repository (``live``: the repository as Artifact Registry
+    returns it, None when it does not exist). None without the mirror."""
+    from manifests.checks import Check
+
+    repo = image_repository(spec)
+    if repo is None:
+        return None
+    (req,) = [r for r in requirements(spec, spec.model.revision) if r.kind == "repository"]
+    if live is None:
+        return Check("image mirror", False, f"Artifact Registry repository {repo.registry} does not exist: the "
+                     f"pods' image {image_ref(spec)} cannot be pulled (ErrImagePull)", req.fix)
+    problem = repo.problem(live)
+    if problem:
+        return Check("image mirror", False, f"{problem}: the pods' image {image_ref(spec)} cannot be pulled "
+                     "through it", "set startup.image.repository to another LOCATION-docker.pkg.dev/PROJECT/REPO "
+                     "(mirror_model creates it), or delete this one")
+    how = ("remote repository: the first pull caches it" if live.get("mode") == "REMOTE_REPOSITORY" else
+           "standard repository: the image must have been pushed there")
+    return Check("image mirror", True, f"{image_ref(spec)} ({how})")
 
 
 def weights_uri(spec: DeploymentSpec, revision: str) -> str:
@@ -393,7 +499,7 @@ def disk_image_check(spec: DeploymentSpec, *, exists: bool) -> Any:
 
 @dataclass(frozen=True)
 class Requirement:
-    kind: Literal["disk-image", "bucket", "weights", "image", "volume"]
+    kind: Literal["disk-image", "bucket", "weights", "repository", "volume"]
     name: str
     fix: str
 
@@ -401,8 +507,10 @@ class Requirement:
 def requirements(spec: DeploymentSpec, revision: str) -> list[Requirement]:
     """What the startup paths read at a node's or a pod's start, each with how to make it exist."""
     st, out = spec.startup, []
-    if st.image.mirror == "artifact-registry" and image_ref(spec) != spec.engine.image_ref:
-        out.append(Requirement("image", image_ref(spec), f"run mirror_model (copies {spec.engine.image_ref} there)"))
+    if (repo := image_repository(spec)) is not None:
+        out.append(Requirement("repository", repo.registry, f"run mirror_model (creates the Artifact Registry "
+                               f"remote repository {repo.registry}, a pull-through cache of {repo.upstream}: the "
+                               f"first pull of {image_ref(spec)} caches {spec.engine.image_ref})"))
     if st.image.secondary_boot_disk:
         out.append(Requirement("disk-image", st.image.secondary_boot_disk,
                                f"build it with gke-disk-image-builder --container-image={image_ref(spec)} "

@@ -88,6 +88,7 @@ from typing import Any
 import yaml
 
 from sandbox.accounting import Accounting
+from sandbox.artifact_registry import ArtifactRegistry
 from sandbox.client import SandboxClient
 from sandbox.compute import Compute
 from sandbox.core import Clock, FaultRule, Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
@@ -208,6 +209,13 @@ class Sandbox:
         self.vertex = Vertex(clock=self.clock, faults=self.faults, runtime=self.runtime, project=project)
         # Cloud Storage (JSON API): mirror_model's bucket; the env file's identity owns the project's buckets
         self.gcs = Gcs(clock=self.clock, faults=self.faults, tokens=self.tokens, project=project)
+        # Artifact Registry (repositories API + what nodes pull from *-docker.pkg.dev): the image's mirror.
+        # The flows image lives in the project's `us` llm-fleet repository, as the README pushes it.
+        self.artifact_registry = ArtifactRegistry(clock=self.clock, faults=self.faults, tokens=self.tokens,
+                                                  project=project)
+        self.artifact_registry.add_repository(project, "us", "llm-fleet")
+        self.artifact_registry.push(self.flows_image)
+        self.kube.controller.registry = self.artifact_registry.pull  # its nodes pull from the sandbox's registry
         self._given_state_dir = Path(state_dir) if state_dir is not None else None
         self.state_dir: Path | None = self._given_state_dir
         self._tmp_dir: Path | None = None
@@ -224,7 +232,7 @@ class Sandbox:
     def _parts(self) -> list[Any]:
         """Start order: things others depend on first."""
         return [self.oauth, self.iam, self.hub, self.runtime, self.kube, self.compute, self.gke, self.slack,
-                self.vertex, self.gcs]
+                self.vertex, self.gcs, self.artifact_registry]
 
     def start(self) -> Sandbox:
         if self._started:
@@ -327,6 +335,7 @@ class Sandbox:
             "slack": self.slack.url,
             "vertex": self.vertex.url,
             "gcs": self.gcs.url,
+            "artifactregistry": self.artifact_registry.url,
             "oauth": self.oauth.url,
         }
 
@@ -359,6 +368,8 @@ class Sandbox:
             "LLM_FLEET_CLOUDQUOTAS_ENDPOINT": self.vertex.url,
             # Cloud Storage's JSON API (google-cloud-storage's api_endpoint): the weights' mirror
             "LLM_FLEET_STORAGE_ENDPOINT": self.gcs.url,
+            # Artifact Registry's REST API (repositories): the image's mirror
+            "LLM_FLEET_ARTIFACTREGISTRY_ENDPOINT": self.artifact_registry.url,
             "SLACK_BOT_TOKEN": self.slack.token,
             "HF_ENDPOINT": self.hub.url,
             "HF_TOKEN": HF_TOKEN,
@@ -386,6 +397,7 @@ class Sandbox:
         kube.start()
         # GCE Ingresses may name only static IPs reserved in this project (gcloud compute addresses create)
         kube.ingress.static_ip = lambda ip, p=project: (p, "global", ip) in self.compute.addresses
+        kube.controller.registry = self.artifact_registry.pull  # *-docker.pkg.dev images: only if they exist
         self.accounting.attach(f"{project}/{location}/{name}", kube)
         routes = ServicePorts(kube, faults=self.faults)
         entry = ClusterKube(project, location, name, kube, routes, kube.subscribe(routes.on_event))
@@ -604,6 +616,7 @@ class Sandbox:
             "slack": snap(self.slack),
             "vertex": snap(self.vertex),
             "gcs": snap(self.gcs),
+            "artifactregistry": snap(self.artifact_registry),
         }
 
     def banner(self) -> str:
@@ -702,7 +715,7 @@ def _add_fault(h: ControlHandler):
         raise HttpError(400, f"unknown fault field(s): {', '.join(sorted(unknown))}; valid: "
                              f"{', '.join(sorted(_FAULT_FIELDS))}")
     if "service" not in body:
-        raise HttpError(400, "a fault needs a service: gke, compute, kube, hub, slack, model, gcs, control or *")
+        raise HttpError(400, "a fault needs a service: gke, compute, kube, hub, slack, model, gcs, artifactregistry, control or *")
     try:
         rule = h.sb.faults.add(**body)
     except Exception as exc:  # bad regex, bad types

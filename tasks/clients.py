@@ -112,6 +112,39 @@ def storage_client(*, project: str, settings: Settings | None = None):
     return storage.Client(project=project, credentials=gcp_credentials(s), client_options=_options(s.storage_endpoint))
 
 
+class GoogleToken:
+    """A Google access token of the configured credentials, for REST APIs without a client library
+    (``get(force=True)`` after a 401); None when the settings say anonymous."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._request: Any = None
+
+    def get(self, *, force: bool = False) -> str | None:
+        if self.settings.gcp_auth == "anonymous":
+            return None
+        creds = gcp_credentials(self.settings)
+        if force or not creds.valid:
+            import google.auth.transport.requests
+
+            self._request = self._request or google.auth.transport.requests.Request()
+            creds.refresh(self._request)
+        return creds.token
+
+
+def artifact_registry_http(settings: Settings | None = None):
+    """httpx client of Artifact Registry's REST API (v1), with the product's Google credentials."""
+    s = settings or get_settings()
+    return _artifact_registry_http(s.artifactregistry_endpoint.rstrip("/"), s.gcp_auth, s.gcp_credentials_block)
+
+
+@lru_cache(maxsize=4)
+def _artifact_registry_http(endpoint: str, auth: str, block: str | None):
+    import httpx
+
+    return httpx.Client(base_url=endpoint + "/v1/", auth=_bearer_auth(GoogleToken()), timeout=30.0)
+
+
 def addresses_client(settings: Settings | None = None):
     """Compute GlobalAddressesClient: the static IPs an Ingress names (kubernetes.io/ingress.global-static-ip-name)."""
     from google.cloud import compute_v1

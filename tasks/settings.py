@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     vertex_endpoint: str | None = None
     # Cloud Storage's JSON API (None = https://storage.googleapis.com): mirror_model's bucket.
     storage_endpoint: str | None = None
+    # Artifact Registry's REST API (repositories): the image's mirror.
+    artifactregistry_endpoint: str = "https://artifactregistry.googleapis.com"
     cloudquotas_endpoint: str = "https://cloudquotas.googleapis.com"
     # Managed Prometheus' query API (PromQL; canary analysis): /v1/projects/P/location/global/prometheus/...
     monitoring_endpoint: str = "https://monitoring.googleapis.com"

@@ -108,7 +108,8 @@ def test_start_is_fast_env_file_and_clean_stop(tmp_path):
         assert kubeconfig["current-context"] == "sandbox"
         assert (state / "gcloud" / "configurations" / "config_default").read_text().count("llm-fleet-demo") == 1
         urls = sandbox.urls()
-        assert set(urls) == {"control", "gke", "compute", "kube", "hub", "slack", "oauth", "vertex", "gcs"}
+        assert set(urls) == {"control", "gke", "compute", "kube", "hub", "slack", "oauth", "vertex", "gcs",
+                             "artifactregistry"}
         assert all(_port_open(u) for u in urls.values())
         assert httpx.get(f"{urls['control']}/healthz").json() == {"ok": True}
     finally:

@@ -46,6 +46,8 @@ def test_clock_figures():
 @pytest.fixture(scope="module")
 def sb(tmp_path_factory):
     with Sandbox.running(time_scale=0.002, state_dir=tmp_path_factory.mktemp("cold")) as sandbox:
+        sandbox.artifact_registry.add_repository(PROJECT, "us", "serving")  # nodes pull AR_IMAGE from it
+        sandbox.artifact_registry.push(AR_IMAGE)
         yield sandbox
 
 

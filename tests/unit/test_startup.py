@@ -48,8 +48,8 @@ def test_default_renders_todays_path():
 def test_gcs_streamer_and_secondary_boot_disk_render():
     spec = fast()
     tpl, c = pod_of(spec, revision="c0ffee")
-    assert c["image"] == "europe-west1-docker.pkg.dev/llm-fleet-demo/llm-fleet/vllm-openai:" + \
-        spec.engine.image_ref.rsplit(":", 1)[1]
+    # through the Artifact Registry remote repository of Docker Hub: the upstream path kept (vllm/vllm-openai)
+    assert c["image"] == "europe-west1-docker.pkg.dev/llm-fleet-demo/llm-fleet/" + spec.engine.image_ref
     assert c["args"][:2] == ["--model=gs://llm-fleet-weights/models/google/gemma-2-2b-it/c0ffee",
                              "--served-model-name=google/gemma-2-2b-it"]
     assert "--load-format=runai_streamer" in c["args"] and not any(a.startswith("--revision") for a in c["args"])
@@ -59,7 +59,7 @@ def test_gcs_streamer_and_secondary_boot_disk_render():
     assert config["secondary_boot_disks"] == [{"disk_image": "global/images/vllm-serving-cache",
                                                "mode": "CONTAINER_IMAGE_CACHE"}]
     kinds = [r.kind for r in startup.requirements(spec, "c0ffee")]
-    assert kinds == ["image", "disk-image", "bucket", "weights"]
+    assert kinds == ["repository", "disk-image", "bucket", "weights"]
     for obj in render(spec, color="blue"):
         if not obj["apiVersion"].startswith(("monitoring.googleapis.com/", "monitoring.coreos.com/")):
             kubernetes_validate.validate(obj, "1.33.0", strict=True)
@@ -141,6 +141,44 @@ def test_preflight_names_a_missing_disk_image_and_how_to_build_it():
     assert not missing.ok and "does not exist" in missing.detail
     assert missing.fix.startswith("build it with gke-disk-image-builder --container-image=europe-west1-docker.pkg.dev/")
     assert startup.disk_image_ref(parse_spec(seed1())) is None
+
+
+def test_image_mirror_is_a_remote_repository_of_the_image_registry():
+    """mirror: artifact-registry renders the image through a remote repository of its registry (Docker Hub by
+    name, ghcr.io by URI), names it as what preflight needs, and the check says what is missing and the fix."""
+    spec = parse_spec({**seed1(), "startup": {"image": {"mirror": "artifact-registry"}}})
+    repo = startup.image_repository(spec)
+    assert repo == startup.ImageRepository("llm-fleet-demo", "europe-west1", "llm-fleet", "docker.io")
+    assert startup.image_ref(spec) == f"europe-west1-docker.pkg.dev/llm-fleet-demo/llm-fleet/{spec.engine.image_ref}"
+    assert repo.body() == {"format": "DOCKER", "mode": "REMOTE_REPOSITORY", "description": repo.body()["description"],
+                           "remoteRepositoryConfig": {"description": "docker.io",
+                                                      "dockerRepository": {"publicRepository": "DOCKER_HUB"}}}
+    (req,) = startup.requirements(spec, "abc")
+    assert req.kind == "repository" and req.name == repo.registry and req.fix.startswith("run mirror_model")
+    missing = startup.image_repository_check(spec, live=None)
+    assert not missing.ok and "does not exist" in missing.detail and missing.fix == req.fix
+    live = {"name": repo.name, "format": "DOCKER", "mode": "REMOTE_REPOSITORY",
+            "remoteRepositoryConfig": {"dockerRepository": {"publicRepository": "DOCKER_HUB"}}}
+    assert startup.image_repository_check(spec, live=live).ok
+    other = {**live, "remoteRepositoryConfig": {"dockerRepository": {"customRepository": {"uri": "https://quay.io"}}}}
+    bad = startup.image_repository_check(spec, live=other)
+    assert not bad.ok and "not a remote repository of docker.io" in bad.detail
+    assert startup.image_repository_check(spec, live={**live, "mode": "STANDARD_REPOSITORY"}).ok  # the user's copy
+    # another registry: its own repository, a custom upstream; Docker Hub's official images under library/
+    assert startup.upstream("ghcr.io/huggingface/text-generation-inference:3.0") == (
+        "ghcr.io", "huggingface/text-generation-inference:3.0")
+    assert startup.upstream("nginx:1.27") == ("docker.io", "library/nginx:1.27")
+    assert startup.upstream("docker.io/vllm/vllm-openai:v1") == ("docker.io", "vllm/vllm-openai:v1")
+    tgi = parse_spec({**seed1(), "engine": {"kind": "tgi"}, "startup": {"image": {"mirror": "artifact-registry"}}})
+    ghcr = startup.image_repository(tgi)
+    assert ghcr.repo_id == "llm-fleet-ghcr-io" and ghcr.docker_upstream == {"customRepository": {"uri": "https://ghcr.io"}}
+    assert startup.image_ref(tgi).startswith("europe-west1-docker.pkg.dev/llm-fleet-demo/llm-fleet-ghcr-io/huggingface/")
+    # the spec's own repository; an image already in Artifact Registry needs none; no mirror: nothing
+    own = parse_spec({**seed1(), "startup": {"image": {"mirror": "artifact-registry",
+                                                       "repository": "us-docker.pkg.dev/other-proj/cache"}}})
+    assert startup.image_ref(own) == f"us-docker.pkg.dev/other-proj/cache/{own.engine.image_ref}"
+    assert startup.image_repository(parse_spec(seed1())) is None
+    assert startup.image_repository_check(parse_spec(seed1()), live=None) is None
 
 
 # ---- GKE fast-starting nodes (startup.nodes: fast-start) ------------------------------------------------------

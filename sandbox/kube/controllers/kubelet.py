@@ -63,6 +63,7 @@ class PodRun:
         self.lock = threading.RLock()
         self.gen = 0
         self.server: Any = None
+        self.draining: Any = None  # the server between the pod's deletion and its exit (kube-proxy may still send)
         self.ready = False
         self.restarts = 0
         self.prev_logs: list[str] | None = None
@@ -95,6 +96,12 @@ class Kubelet(ControllerBase):
         self._pulls: dict[str, coldstart.Pull] = {}  # pod uid -> the pull under way
         self._node_images: dict[str, set[str]] = {}  # node -> images a container of it has used
         self._streamed: set[str] = set()  # images the image-streaming backend holds (pulled once before)
+        # the registry behind an image (sandbox.artifact_registry.pull): (image, cluster_project=) -> why it
+        # cannot be pulled, None when it can; unset: every image resolves
+        self.registry: Any = None
+
+    def _unresolvable(self, image: str) -> str | None:
+        return self.registry(image, cluster_project=self.cluster.project) if self.registry is not None else None
 
     def _remember_image(self, node_name: str, image: str, plan: coldstart.Pull) -> None:
         """The kubelet reports a pulled image in the node's ``status.images``; a later pod on the node finds it."""
@@ -186,11 +193,12 @@ class Kubelet(ControllerBase):
     def begin_pull(self, pod: Obj) -> None:
         image = pod["spec"]["containers"][0].get("image", "")
         key = (pod["metadata"]["namespace"], pod["metadata"]["name"], pod["metadata"]["uid"])
-        if self._behavior(pod) == "image_pull_error":
+        plan = None if self._behavior(pod) == "image_pull_error" else self.pull_plan(pod)
+        # an image already on the node needs no registry; a pull or a stream does (404: ErrImagePull)
+        if plan is None or (plan.path not in ("present", "secondary-boot-disk") and self._unresolvable(image)):
             self.event(pod, "Normal", "Pulling", f'Pulling image "{image}"', host=pod["spec"]["nodeName"])
             self.after(IMAGE_PULL_FAIL_AFTER, ("pull-failed", *key, 0))
             return
-        plan = self.pull_plan(pod)
         self._pulls[key[2]] = plan
         if plan.path in ("present", "secondary-boot-disk"):
             self.after(plan.seconds, ("start", *key, True))
@@ -205,13 +213,14 @@ class Kubelet(ControllerBase):
         image = pod["spec"]["containers"][0].get("image", "")
         if attempt and attempt % 2 == 0:  # the kubelet pulls again after the back-off
             self.event(pod, "Normal", "Pulling", f'Pulling image "{image}"', host=pod["spec"].get("nodeName", ""))
-            if self._behavior(pod) != "image_pull_error":  # a counted fault ran out: this pull works
+            # a counted fault ran out, or the image now exists (its repository was created): this pull works
+            if self._behavior(pod) != "image_pull_error" and not self._unresolvable(image):
                 self._pulls[uid] = plan = coldstart.image_pull(image, "registry")
                 self.after(plan.seconds, ("start", ns, name, uid, True))
                 return
         repo = image.split(":")[0]
-        err = (f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": '
-               f"{repo}: not found")
+        err = self._unresolvable(image) or (f'failed to pull and unpack image "{image}": failed to resolve '
+                                            f'reference "{image}": {repo}: not found')
         reason = "ErrImagePull" if attempt % 2 == 0 else "ImagePullBackOff"
         message = err if reason == "ErrImagePull" else f'Back-off pulling image "{image}"'
 
@@ -473,8 +482,13 @@ class Kubelet(ControllerBase):
         return server
 
     def terminate(self, ns: str, name: str, uid: str) -> None:
-        """A pod marked for deletion: stop its server (off the controller thread), then remove it."""
+        """A pod marked for deletion: run its preStop hook, SIGTERM its server, wait for it to exit (SIGKILL at
+        the end of the grace period), then remove the pod — off the controller thread."""
         server = self._halt(uid)
+        with self.runs_lock:
+            run = self.runs.get(uid)
+        if run is not None:
+            run.draining = server  # out of the Endpoints, but a lagging kube-proxy still sends it connections
         pod = self.store.get(PODS, ns, name)
         if pod is not None and pod["metadata"]["uid"] == uid:
             host = (pod.get("spec") or {}).get("nodeName", "")
@@ -489,11 +503,26 @@ class Kubelet(ControllerBase):
             # out of the Endpoints already)
             if hook > 0:
                 self.clock.sleep(hook, self._stop)
+            left = max(0.0, grace - hook)
+            sigterm = time.monotonic()
+            term = getattr(server, "terminate", None)
+            if callable(term):
+                # SIGTERM: the engine stops accepting, closes idle keep-alive connections, finishes what is in
+                # progress (uvicorn's graceful shutdown) and exits once no connection is left; the process
+                # takes SHUTDOWN_SECONDS to go at least; SIGKILL when the grace period ends first
+                term()
+                deadline = sigterm + self.clock.scaled(left)
+                while not server.drained and time.monotonic() < deadline:
+                    if self._stop.wait(0.005):
+                        break
+            rest = self.clock.scaled(min(left, SHUTDOWN_SECONDS)) - (time.monotonic() - sigterm)
+            if rest > 0:
+                self._stop.wait(rest)
             if server is not None:
                 self._stop_server(server)
-            # SIGTERM to exit: the engine drains and exits (uvicorn's graceful shutdown) and the kubelet
-            # reports it; until then the pod is Terminating (kubectl shows it, watchers see it)
-            self.clock.sleep(max(0.0, min(grace - hook, SHUTDOWN_SECONDS)), self._stop)
+            if run is not None and run.draining is server:
+                run.draining = None
+            # until the exit the pod is Terminating (kubectl shows it, watchers see it)
             cur = self.store.get(PODS, ns, name)
             if cur is not None and cur["metadata"]["uid"] == uid:
                 with contextlib.suppress(HttpError):
