@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import threading
 import time
@@ -110,6 +111,48 @@ class Load:
             self._stop.wait(self.pause)
 
     def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+
+class AddressLoad:
+    """Keep-alive clients on the live Service's own loopback address (kube-proxy's path: a connection stays with
+    the pod it first reached, so after the switch they keep talking to the old color until its pods close their
+    connections at scale-down), paced like Load; every answer kept."""
+
+    def __init__(self, sbc, spec: dict, threads: int = 2, pause: float = 0.05) -> None:
+        want = f"default/{spec['name']}"
+        ports = [c["service_ports"][want]["port"] for c in (sbc.state().get("clusters_kube") or {}).values()
+                 if want in (c.get("service_ports") or {})]
+        assert len(ports) == 1, ports
+        self.url, self.pause = f"http://127.0.0.1:{ports[0]}", pause
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            while not self._stop.is_set():
+                try:
+                    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                    if r.status_code == 200 and r.json()["choices"][0]["text"].strip():
+                        self.ok += 1
+                    else:
+                        self.failed.append(f"HTTP {r.status_code}")
+                except httpx.HTTPError as exc:  # a reset or a refused connection: what I3 forbids
+                    self.failed.append(f"{type(exc).__name__}: {exc}")
+                self._stop.wait(self.pause)
+
+    def __enter__(self) -> AddressLoad:
         for t in self._threads:
             t.start()
         return self
@@ -249,19 +292,26 @@ def release(spec: dict, **kw):
     return release_model(spec=spec, **kw)
 
 
-def test_release_swaps_under_load_with_no_failed_request(served, sandbox):
+def test_release_swaps_under_load_with_no_failed_request(served, sandbox, sbc, caplog):
     spec = served
     before = live(spec)
     sha = sandbox.hub.push_revision(MODEL, title="new weights")
-    with ServiceWatch(spec) as watch, Load(spec) as load:
+    with ServiceWatch(spec) as watch, Load(spec) as load, AddressLoad(sbc, spec) as direct, \
+            caplog.at_level(logging.INFO):
         result = release(spec, revision=sha)
         time.sleep(0.3)
+    # a normal release is no hand edit: its run logs no WARNING (issue 21: "differed from the spec … reapplied")
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING and r.name in (*RUN_LOGGERS, "llm_fleet")]
+    assert warned == [], warned
     after = "green" if before == "blue" else "blue"
     assert result["color"] == after and result["revision"] == sha
     assert live(spec) == after
     assert deployment(spec, after).metadata.annotations["llm-fleet.dev/model-revision"] == sha
     assert deployment(spec, before).spec.replicas == 0  # retired after scale_down_delay
     assert load.failed == [] and load.ok > 20
+    # through kube-proxy too: the clients that stayed on the old color were closed cleanly by its pods' shutdown
+    assert direct.failed == [] and direct.ok > 20, direct.failed[:3]
     assert watch.gaps() == [], "the live Service selected a color with no Ready pod"
     assert set(watch.selectors) <= {"blue", "green"} and after in watch.selectors
     rec = history(spec)[-1]
