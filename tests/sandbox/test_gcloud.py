@@ -196,3 +196,29 @@ def test_cluster_autoscaler_skips_pods_pending_on_a_claim_and_says_why(sb, tmp_p
     gpu_nodes = [n for n in kube.store.list(NODES)[0]
                  if n["metadata"]["labels"].get("cloud.google.com/gke-nodepool") == "gpu"]
     assert len(gpu_nodes) == 1
+
+
+def test_on_a_133_cluster_the_dispatchers_kubectl_runs_the_tutorials_creates(sb, tmp_path):
+    """A cluster on the RAPID 1.33 patch gets kubectl.1.33 from gcloud's dispatcher, which sends protobuf bodies
+    on typed creates: the seeds' `kubectl create namespace` / `create secret generic` / `create serviceaccount`
+    work there as on GKE (they got 415 before the sandbox read protobuf)."""
+    import json
+
+    gke = container_v1.ClusterManagerClient(credentials=AnonymousCredentials(), transport="rest",
+                                            client_options=ClientOptions(api_endpoint=sb.env()["LLM_FLEET_GKE_ENDPOINT"]))
+    parent = f"projects/{PROJECT}/locations/us-east1"
+    op = gke.create_cluster(parent=parent, cluster=container_v1.Cluster(
+        name="newest", initial_node_count=1, initial_cluster_version="1.33",
+        release_channel=container_v1.ReleaseChannel(channel=container_v1.ReleaseChannel.Channel.RAPID)), retry=None)
+    httpx.post(f"{sb.gke.url}/v1/{parent}/operations/{op.name}:wait", timeout=30)
+    kubectl = ["kubectl", f"--cache-dir={tmp_path / 'cache'}", f"--context=gke_{PROJECT}_us-east1_newest"]
+    version = json.loads(_run(sb, tmp_path, *kubectl, "version", "-o", "json").stdout)
+    assert version["serverVersion"]["minor"] == "33" and version["clientVersion"]["minor"] == "33"
+    for args in (("create", "namespace", "llm-inference"),
+                 ("create", "secret", "generic", "hf-secret", "--from-literal=hf_api_token=hf_x", "-n", "llm-inference"),
+                 ("create", "serviceaccount", "llm-inference", "-n", "llm-inference")):
+        done = _run(sb, tmp_path, *kubectl, *args)
+        assert done.returncode == 0, (args, done.stderr)
+    secret = json.loads(_run(sb, tmp_path, *kubectl, "get", "secret", "hf-secret", "-n", "llm-inference",
+                             "-o", "json").stdout)
+    assert secret["type"] == "Opaque" and secret["data"] == {"hf_api_token": "aGZfeA=="}
