@@ -110,11 +110,12 @@ class EngineSpec(_Model):
     tensor_parallel: int = Field(1, ge=1, le=8)
     """GPUs one replica shards the model over (at most accelerator.count)."""
     max_model_len: int | None = Field(None, ge=128)
-    """Longest prompt + answer in tokens; empty: the model's own limit (vLLM --max-model-len, TGI max-total-tokens)."""
+    """Longest prompt + answer in tokens (vLLM --max-model-len, TGI MAX_TOTAL_TOKENS, SGLang --context-length);
+    empty: the model's own limit."""
     gpu_memory_utilization: float | None = Field(None, gt=0.1, le=1.0)
-    """Share of GPU memory the engine may take for weights and KV cache (vLLM, SGLang); empty: its default."""
+    """vLLM: the share of GPU memory it may take for weights and KV cache (--gpu-memory-utilization); empty: 0.9."""
     max_concurrent_requests: int | None = Field(None, ge=1)
-    """Requests one replica runs at once (vLLM --max-num-seqs, TGI --max-concurrent-requests); empty: default."""
+    """Requests one replica runs at once (vLLM --max-num-seqs, TGI MAX_CONCURRENT_REQUESTS); empty: the default."""
     port: int | None = Field(None, ge=1, le=65535)
     """The container's port; empty: the engine's default (vLLM 8000, TGI 80, SGLang 30000)."""
     shm_size: str = Field("2Gi", pattern=K8S_QUANTITY)
@@ -286,7 +287,7 @@ class CacheSpec(_Model):
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"] = "ReadWriteOnce"
     """ReadWriteOnce: one node (Persistent Disk); ReadWriteMany: shared by replicas on several nodes (Filestore)."""
     mount_path: str = "/data"
-    """Where the pods see it (HF_HOME points there)."""
+    """Where the pods see it (the engine's Hub cache, HF_HOME, points there)."""
     keep_on_teardown: bool = False
     """Keep the PVC, and the weights in it, when teardown removes the model."""
 
