@@ -137,7 +137,7 @@ def measure_seed(sb: Any, seed: str, path: str, scale: float, only: str = "") ->
     from manifests import provision as prov
     from manifests import startup
     from sandbox.disk_images import add_disk_image
-    from tasks import gke
+    from tasks import artifact_registry, gke
     from tasks.clients import kube_client
 
     base = yaml.safe_load((ROOT / path).read_text())
@@ -155,6 +155,8 @@ def measure_seed(sb: Any, seed: str, path: str, scale: float, only: str = "") ->
     kubeconfig = gke.get_credentials.fn(project=project, location=c.location, name=c.name)
     core = k8s_client.CoreV1Api(kube_client(kubeconfig))
     add_disk_image(sb.compute, project, DISK, sorted({startup.image_ref(s) for _, s in specs}))
+    for repo in {startup.image_repository(s) for _, s in specs} - {None}:  # the image's mirror (mirror_model's)
+        artifact_registry.ensure_repository.fn(repo=repo)
     env = {"sb": sb, "seed": seed, "project": project, "location": c.location, "cluster": c.name, "zone": zone,
            "kubeconfig": kubeconfig, "core": core, "scale": scale}
     out = []

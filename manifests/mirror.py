@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from manifests.startup import weights_uri
+from manifests.startup import image_repository, weights_uri
 
 if TYPE_CHECKING:
     from manifests.spec import DeploymentSpec
@@ -66,12 +66,16 @@ def plan(files: list[SourceFile], objects: dict[str, MirroredObject], *, prefix:
 
 
 def check(spec: DeploymentSpec, error: type[Exception]) -> None:
-    """The spec fields mirror_model needs; raises ``error(field, problem, fix)`` (SpecError) for the first."""
+    """The spec fields mirror_model needs (a weights mirror, an image mirror, or both); raises
+    ``error(field, problem, fix)`` (SpecError) for the first."""
     w = spec.startup.weights
-    if w.source != "gcs":
+    if w.source != "gcs" and image_repository(spec) is None:
         raise error("startup.weights.source", f"mirror_model copies the weights into Cloud Storage; this spec "
                     f"reads them from {w.source}", "set startup.weights: {source: gcs, bucket: <bucket>} "
-                    "(the engine then loads the mirror)")
+                    "(the engine then loads the mirror), or startup.image.mirror: artifact-registry (the image "
+                    "through an Artifact Registry remote repository)")
+    if w.source != "gcs":
+        return
     if not w.bucket:  # (the spec's own check already refuses this; kept for a spec built by hand)
         raise error("startup.weights.bucket", "no bucket to mirror into", "set startup.weights.bucket")
 

@@ -355,15 +355,19 @@ def image_ref(spec: DeploymentSpec) -> str:
     return f"{repo.registry}/{upstream(spec.engine.image_ref)[1]}"
 
 
-def image_repository_check(spec: DeploymentSpec, *, live: Obj | None) -> Any:
+def image_repository_check(spec: DeploymentSpec, *, live: Obj | None, created_later: bool = False) -> Any:
     """The preflight line for the image's repository (``live``: the repository as Artifact Registry
-    returns it, None when it does not exist). None without the mirror."""
+    returns it, None when it does not exist). None without the mirror. ``created_later``: a missing one is
+    not a failure (provision_cluster: deploy_model creates it before anything pulls), only said."""
     from manifests.checks import Check
 
     repo = image_repository(spec)
     if repo is None:
         return None
     (req,) = [r for r in requirements(spec, spec.model.revision) if r.kind == "repository"]
+    if live is None and created_later:
+        return Check("image mirror", True, f"Artifact Registry repository {repo.registry} does not exist yet: "
+                     f"deploy_model creates it before the pods pull {image_ref(spec)}", req.fix)
     if live is None:
         return Check("image mirror", False, f"Artifact Registry repository {repo.registry} does not exist: the "
                      f"pods' image {image_ref(spec)} cannot be pulled (ErrImagePull)", req.fix)

@@ -212,7 +212,7 @@ class Sandbox:
         # Artifact Registry (repositories API + what nodes pull from *-docker.pkg.dev): the image's mirror.
         # The flows image lives in the project's `us` llm-fleet repository, as the README pushes it.
         self.artifact_registry = ArtifactRegistry(clock=self.clock, faults=self.faults, tokens=self.tokens,
-                                                  project=project)
+                                                  project=project, admins=frozenset({self.google_account}))
         self.artifact_registry.add_repository(project, "us", "llm-fleet")
         self.artifact_registry.push(self.flows_image)
         self.kube.controller.registry = self.artifact_registry.pull  # its nodes pull from the sandbox's registry

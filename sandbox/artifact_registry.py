@@ -12,7 +12,8 @@ service ``"artifactregistry"``.
 =====================================================================  =============================================
 
 As Artifact Registry does (sources in docs/sandbox-contract.md): every call needs a valid Google access token
-(401 UNAUTHENTICATED) and, here, membership of the project (its service accounts own it; anyone else gets
+(401 UNAUTHENTICATED) and, here, membership of the project (its service accounts own it, and the env file's
+identity is an admin of every project the sandbox holds, as it creates clusters in any; anyone else gets
 403 PERMISSION_DENIED "Permission 'artifactregistry.repositories.X' denied on resource ..."); a repository
 id is lower case letters, digits and hyphens, starting with a letter, at most 63 (400 INVALID_ARGUMENT); a
 second create of a name is 409 ALREADY_EXISTS; ``mode`` is STANDARD_REPOSITORY (default) or
@@ -87,8 +88,10 @@ class Repo:
 class ArtifactRegistry(Emulator):
     """Artifact Registry on 127.0.0.1 (service ``"artifactregistry"`` for faults)."""
 
-    def __init__(self, *, clock: Clock, faults: Faults, tokens: Any, project: str) -> None:
+    def __init__(self, *, clock: Clock, faults: Faults, tokens: Any, project: str,
+                 admins: frozenset[str] = frozenset()) -> None:
         self.clock = clock
+        self.admins = admins  # identities with roles/artifactregistry.admin in every project (the env file's)
         self.faults = faults
         self.tokens = tokens  # sandbox.tokens.GoogleTokens: who a bearer token is
         self.project = project
@@ -152,7 +155,7 @@ class ArtifactRegistry(Emulator):
         if who is None or expired:
             raise _error(401, "Request had invalid authentication credentials. Expected OAuth 2 access token, "
                          "login cookie or other valid authentication credential.", "UNAUTHENTICATED")
-        if not who.endswith(f"@{project}.iam.gserviceaccount.com"):
+        if not who.endswith(f"@{project}.iam.gserviceaccount.com") and who not in self.admins:
             resource = f"projects/{project}/locations/{location}" + (f"/repositories/{repo}" if repo else "")
             raise _error(403, f"Permission '{permission}' denied on resource '//artifactregistry.googleapis.com/"
                          f"{resource}' (or it may not exist).", "PERMISSION_DENIED")

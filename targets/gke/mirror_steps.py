@@ -1,6 +1,9 @@
-"""GKE mirror_model: copy a Hub revision's files once into the bucket the engine loads from
+"""GKE mirror_model: the image's Artifact Registry remote repository (``startup.image.mirror:
+artifact-registry``) and a copy of a Hub revision's files once into the bucket the engine loads from
 (``startup.weights: {source: gcs, bucket: ...}``), resumable and idempotent.
 
+0. The image: get-or-create the remote repository the pods pull through (nothing is copied: the first pull
+   fetches the image from its registry and the repository caches it; ``manifests/startup.py`` says why)
 1. Check the spec's fields (startup.weights.source gcs, a bucket) and resolve the revision to its commit
 2. List the commit's files on the Hub (size, sha256 of each LFS file, git blob id of the others)
 3. List the mirror ``gs://BUCKET/PREFIX/ORG/NAME/COMMIT/`` and plan: a file whose object has its size and
@@ -17,9 +20,9 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from manifests import mirror
+from manifests import mirror, startup
 from manifests.spec import DeploymentSpec, SpecError, resolve_gke_spec, with_revision
-from tasks import hf
+from tasks import artifact_registry, hf
 from tasks.log import logger
 from tasks.report import Report, artifact_key
 from tasks.weights_mirror import (
@@ -58,11 +61,30 @@ def copy_revision(*, model_id: str, commit: str, token: SecretStr | None, projec
     return plan, copied
 
 
+def ensure_image_repository(spec: DeploymentSpec, *, report: Report, dry_run: bool = False) -> dict[str, Any] | None:
+    """Step 0: the image's remote repository exists (created once; a rerun finds it). None without the mirror."""
+    repo = startup.image_repository(spec)
+    if repo is None:
+        return None
+    with report.step(f"Image mirror {repo.registry} (Artifact Registry remote repository of {repo.upstream})") as step:
+        if dry_run:
+            live = artifact_registry.get_repository(repo=repo)
+            step.detail = "exists" if live else "dry run: would be created"
+            return {"repository": repo.registry, "image": startup.image_ref(spec), "created": False}
+        live, created = artifact_registry.ensure_repository(repo=repo)
+        step.detail = (f"{'created' if created else 'exists'} ({live.get('mode')}); the pods pull "
+                       f"{startup.image_ref(spec)}, cached on the first pull")
+    return {"repository": repo.registry, "image": startup.image_ref(spec), "created": created}
+
+
 def ensure_mirror(spec: DeploymentSpec, *, commit: str, token: SecretStr, report: Report,
                   dry_run: bool = False) -> None:
-    """deploy_model/release_model with ``startup.weights.source: gcs``: the pods will load
-    ``gs://…/COMMIT/``, so a missing or partial mirror is copied first — after the Hub preflight, before
-    anything is created (a missing bucket fails here, naming startup.weights.bucket)."""
+    """deploy_model/release_model with ``startup.image.mirror: artifact-registry`` and/or
+    ``startup.weights.source: gcs``: the pods will pull the image through its repository and load
+    ``gs://…/COMMIT/``, so a missing repository is created and a missing or partial mirror copied first —
+    after the Hub preflight, before anything is created (a missing bucket fails here, naming
+    startup.weights.bucket)."""
+    ensure_image_repository(spec, report=report, dry_run=dry_run)
     if spec.startup.weights.source != "gcs":
         return
     bucket, prefix = mirror.location(spec, commit)
@@ -105,6 +127,11 @@ def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = Fals
     report = Report("mirror_model", f"{spec.model.id}@{spec.model.revision} ({spec.name})", spec.slack_channel)
     key = artifact_key("mirror-model", spec.name)
     with report.run(f"{key}-run"):
+        if spec.startup.weights.source != "gcs":  # the image's mirror only
+            image = ensure_image_repository(spec, report=report, dry_run=dry_run)
+            what = f"{image['repository']} {'created' if image['created'] else 'exists'}"
+            report.succeed(f"{'dry run: ' if dry_run else ''}{what}; weights from {spec.startup.weights.source}")
+            return {"dry_run": dry_run, "image": image}
         with report.step("Resolve the revision") as step:
             token = hf.read_hf_token(block=spec.secret.prefect_block)
             commit = hf.get_model(model_id=spec.model.id, revision=spec.model.revision, token=token).sha
@@ -115,12 +142,13 @@ def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = Fals
             plan = mirror.plan(files, mirrored_objects(project=project, bucket=bucket, prefix=prefix), prefix=prefix)
             step.detail = (f"{len(files)} files; {len(plan.done)} already mirrored, {len(plan.copy)} to copy "
                            f"({_mib(plan.bytes_to_copy)})")
+        image = ensure_image_repository(spec, report=report, dry_run=dry_run)  # once the bucket is known good
         rows = [{"file": f.path, "bytes": f.size, "checksum": f.checksum,
                  "action": "copy" if f in plan.copy else "already mirrored"} for f in files]
         if dry_run:
             report.table_artifact(f"{key}-plan", rows, f"What mirror_model of {spec.model.id}@{commit[:12]} would copy")
             report.succeed(f"dry run, nothing copied: {len(plan.copy)} of {len(files)} files to copy")
-            return {"dry_run": True, "commit": commit, "uri": f"gs://{bucket}/{prefix}", "plan": rows}
+            return {"dry_run": True, "commit": commit, "uri": f"gs://{bucket}/{prefix}", "plan": rows, "image": image}
         with report.step("Copy the missing files (streaming, resumable, checked)") as step:
             _, copied = copy_revision(model_id=spec.model.id, commit=commit, token=token, project=project,
                                       bucket=bucket, prefix=prefix, log=logger().info)
@@ -137,4 +165,4 @@ def mirror_model(spec: Any, *, revision: str | None = None, dry_run: bool = Fals
         report.table_artifact(key, rows, f"Mirror of {spec.model.id}@{commit[:12]} in gs://{bucket}/{prefix}")
         report.succeed(f"gs://{bucket}/{prefix}: {len(files)} files, {len(copied)} copied now")
         return {"commit": commit, "uri": f"gs://{bucket}/{prefix}", "files": len(files),
-                "copied": [f.path for f in copied], "skipped": [f.path for f in plan.done]}
+                "copied": [f.path for f in copied], "skipped": [f.path for f in plan.done], "image": image}

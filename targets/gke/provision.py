@@ -19,8 +19,8 @@ from manifests.fleet import SpecPath
 from manifests.render import adapter_metric
 from manifests.spec import DeploymentSpec, resolve_gke_spec
 from targets.gke.capacity import capacity_for
+from tasks import artifact_registry, cluster_checks, compute, gke
 from tasks import canary as canary_tasks
-from tasks import cluster_checks, compute, gke
 from tasks.report import Report, artifact_key
 
 
@@ -66,6 +66,9 @@ def preflight(spec: DeploymentSpec, *, location: str, cluster: dict[str, Any] | 
     fast = startup.fast_nodes_check(spec, version=live or prov.new_cluster_version(spec, server_config), live=bool(live))
     if fast is not None:  # startup.nodes: fast-start — the version GKE needs, before anything is created
         report.checks.append(fast)
+    if (repo := startup.image_repository(spec)) is not None:  # startup.image.mirror: artifact-registry
+        report.checks.append(startup.image_repository_check(
+            spec, live=artifact_registry.get_repository(repo=repo), created_later=True))
     if (image := startup.disk_image_ref(spec)) is not None:  # startup.image.secondary_boot_disk
         report.checks.append(startup.disk_image_check(
             spec, exists=compute.disk_image_exists(project=image[0], name=image[1])))

@@ -23,8 +23,20 @@ KILL_IN = "model-00002-of-00003.safetensors"
 
 
 def mirror_spec(sandbox, model_id: str, bucket: str) -> dict:
+    """Weights from the bucket, the image through its Artifact Registry remote repository (of Docker Hub)."""
     return spec_dict("gemma2-2b-it-vllm-l4.yaml", model__id=model_id, service_account="vllm",
-                     startup__weights={"source": "gcs", "bucket": bucket})
+                     startup__weights={"source": "gcs", "bucket": bucket},
+                     startup__image={"mirror": "artifact-registry"})
+
+
+def image_repo(sandbox, spec: dict):
+    """The image's repository in the sandbox's Artifact Registry (None: not there), and the image the pods run."""
+    from manifests import startup
+    from manifests.spec import parse_spec
+
+    parsed = parse_spec(spec)
+    repo = startup.image_repository(parsed)
+    return sandbox.artifact_registry.repos.get((repo.project, repo.location, repo.repo_id)), startup.image_ref(parsed)
 
 
 @pytest.fixture
@@ -89,8 +101,12 @@ def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_ch
     assert not cut["done"] and cut["persisted"] == 2**20  # an unfinished upload: 1 MiB held, no object
     before = {n: o.generation for n, o in there.items()}
 
+    assert image_repo(sandbox, spec)[0] is None
     got = mirror_model(spec=spec)
     assert got["commit"] == commit and got["uri"] == f"gs://{bucket}/{prefix}"
+    repo, _ = image_repo(sandbox, spec)  # the image's mirror: a remote repository of Docker Hub, made once
+    assert got["image"]["created"] and repo.mode == "REMOTE_REPOSITORY"
+    assert repo.remote == {"description": "docker.io", "dockerRepository": {"publicRepository": "DOCKER_HUB"}}
     assert set(got["skipped"]) == {n.removeprefix(prefix) for n in before}  # what the killed run finished
     assert set(got["copied"]) == set(want) - set(got["skipped"]) and KILL_IN in got["copied"]
     objects = sandbox.gcs.objects(bucket, prefix)
@@ -117,6 +133,7 @@ def test_killed_mid_copy_the_rerun_resumes_completes_verified_and_a_third_run_ch
     sessions = len(sandbox.gcs.snapshot()["sessions"])
     again = mirror_model(spec=spec)
     assert again["copied"] == [] and set(again["skipped"]) == set(want)
+    assert not again["image"]["created"] and image_repo(sandbox, spec)[0] is repo  # found, not made again
     assert {n: o.generation for n, o in sandbox.gcs.objects(bucket, prefix).items()} == {
         n: o.generation for n, o in objects.items()}
     assert len(sandbox.gcs.snapshot()["sessions"]) == sessions  # no upload was even started
@@ -139,12 +156,14 @@ def test_a_spec_without_a_bucket_source_and_a_missing_bucket_are_named_with_the_
                                              r"exist — gcloud storage buckets create gs://no-such-bucket-x"):
         mirror_model(spec=mirror_spec(sandbox, model_id, "no-such-bucket-x"))
     assert json.dumps(sandbox.gcs.snapshot()).count("no-such-bucket-x") == 0  # nothing was created
+    assert image_repo(sandbox, mirror_spec(sandbox, model_id, "no-such-bucket-x"))[0] is None  # nor a repository
 
 
 def test_deploy_of_a_gcs_spec_mirrors_first_and_the_engine_streams_from_the_mirror(sandbox, tiny):
-    """deploy_model with startup.weights.source gcs: the missing mirror is copied before anything is created,
-    the pod's engine loads gs://…/COMMIT/ with the Run:ai streamer (the sandbox times it at Cloud Storage's
-    bandwidth), and the model answers."""
+    """deploy_model with startup.weights.source gcs and startup.image.mirror: artifact-registry: the missing
+    mirror is copied and the image's repository made before anything is created, the pod pulls its image through
+    that repository (the first pull: from Docker Hub, then cached there), its engine loads gs://…/COMMIT/ with the
+    Run:ai streamer (the sandbox times it at Cloud Storage's bandwidth), and the model answers."""
     from flows.deploy_model import deploy_model
     from flows.provision_cluster import provision_cluster
     from flows.teardown import teardown
@@ -160,6 +179,9 @@ def test_deploy_of_a_gcs_spec_mirrors_first_and_the_engine_streams_from_the_mirr
                      and s.name.startswith(spec["name"])]
         args = " ".join(server.pod["spec"]["containers"][0].get("args") or [])
         assert f"--model=gs://{bucket}/{prefix.rstrip('/')}" in args and "--load-format=runai_streamer" in args
+        repo, image = image_repo(sandbox, spec)
+        assert server.pod["spec"]["containers"][0]["image"] == image and image.startswith(repo.registry_uri + "/")
+        assert (image, "upstream") in sandbox.artifact_registry.pulls and repo.cached
     finally:
         teardown(spec=spec, cluster=True)
 
