@@ -9,6 +9,7 @@ import pytest
 
 from manifests.errors import PreflightError
 from manifests.startup import ImageRepository
+from sandbox import coldstart
 from sandbox.artifact_registry import ArtifactRegistry
 from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
@@ -136,6 +137,11 @@ def test_a_node_pulls_through_the_repository_only_once_it_exists(env):
         ar.add_repository(P, "asia-east1", "hub", mode="REMOTE_REPOSITORY",
                           remote={"dockerRepository": {"publicRepository": "DOCKER_HUB"}})
         wait_for(lambda: len(k.ready_pod_ports("default", {"app": "m"})) == 1, timeout=30)
+        from sandbox.kube.resources import BY_KEY
+
+        events = [e["message"] for e in k.store.list(BY_KEY[("", "events")], "default")[0] if e["reason"] == "Pulled"]
+        plain = coldstart.image_pull(image, "registry").seconds  # from the upstream: a plain pull by size
+        assert any(f'Successfully pulled image "{image}" in {plain:.3g}s' in m for m in events), events
         # another node: its pull is served from the repository's cache (node a has the image: no pull)
         k.api.create(T[("apps", "deployments")], "default", deployment("m2", image=image, node_selector={"pool": "b"}))
         wait_for(lambda: len(k.ready_pod_ports("default", {"app": "m2"})) == 1, timeout=30)

@@ -157,6 +157,8 @@ def test_image_mirror_is_a_remote_repository_of_the_image_registry():
     assert req.kind == "repository" and req.name == repo.registry and req.fix.startswith("run mirror_model")
     missing = startup.image_repository_check(spec, live=None)
     assert not missing.ok and "does not exist" in missing.detail and missing.fix == req.fix
+    later = startup.image_repository_check(spec, live=None, created_later=True)  # provision: deploy_model makes it
+    assert later.ok and "does not exist yet" in later.detail and later.fix == req.fix
     live = {"name": repo.name, "format": "DOCKER", "mode": "REMOTE_REPOSITORY",
             "remoteRepositoryConfig": {"dockerRepository": {"publicRepository": "DOCKER_HUB"}}}
     assert startup.image_repository_check(spec, live=live).ok
