@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from llm_fleet import forkrun
 from manifests.fleet import deployment_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,13 +154,18 @@ def _create_work_pool() -> None:
     """The `local` process pool (what `prefect work-pool create local --type process` makes, without that
     CLI's seconds of start-up), with the engine command set: Prefect's process worker otherwise starts each
     flow run through a workspace supervisor, a second interpreter per run (~2 s of CPU) for dependency
-    installation the demo does not use."""
+    installation the demo does not use. The command is llm_fleet/forkrun.py's launcher: each run is a
+    process forked from a server that imported Prefect and the flows once (`python -m prefect.engine`
+    itself where no fork server answers)."""
+    import shlex
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
-    template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m prefect.engine"
+    template["variables"]["properties"]["command"]["default"] = shlex.join(
+        [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py")])
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="local", type="process", base_job_template=template),
                                 overwrite=True)
@@ -477,6 +483,17 @@ def main(args: argparse.Namespace) -> int:
         port = _free_port(4200)
         api = f"http://127.0.0.1:{port}/api"
         env["PREFECT_API_URL"] = api
+        # The demo's runs are created on demand: a 1 s poll starts each within a second (default: up to 10 s).
+        # The worker's runner keeps its storage under the temp dir and leaves the folder behind: the demo's
+        # own temp dir keeps the machine's clean (removed with the state dir).
+        (state_dir / "tmp").mkdir()
+        worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "TMPDIR": str(state_dir / "tmp"),
+                      forkrun.ENV: f"llm-fleet-forkrun-{os.getpid()}"}
+        # The flow runs' fork server (llm_fleet/forkrun.py), with the environment the worker gives each run;
+        # its imports overlap the Prefect server's start.
+        children.start("flow-run-forkserver", [sys.executable, "-m", "llm_fleet.forkrun", "serve",
+                                               worker_env[forkrun.ENV]], cwd=ROOT, env=worker_env,
+                       stdout=log, stderr=log)
         server = children.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
                                                    "127.0.0.1", "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -485,16 +502,11 @@ def main(args: argparse.Namespace) -> int:
         # Before this process first imports Prefect: its settings are read from the environment then.
         os.environ.update({"PREFECT_API_URL": api})
         _create_work_pool()
+        # The worker polls the pool: it starts while the flows are deployed.
+        children.start("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local",
+                                          "--limit", "4"], cwd=ROOT, env=worker_env, stdout=log, stderr=log)
         _prefect("--no-prompt", "deploy", "--all", env=env)
         _say("✓ flows deployed (prefect.yaml) to work pool 'local'")
-        # The demo's runs are created on demand: a 1 s poll starts each within a second (default: up to 10 s).
-        # The worker's runner keeps its storage under the temp dir and leaves the folder behind: the demo's
-        # own temp dir keeps the machine's clean (removed with the state dir).
-        (state_dir / "tmp").mkdir()
-        children.start("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local",
-                                          "--limit", "4"], cwd=ROOT,
-                       env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "TMPDIR": str(state_dir / "tmp")},
-                       stdout=log, stderr=log)
         _say("✓ worker started")
 
         _prefect_quiet("sync_schedules", env)

@@ -146,13 +146,13 @@ def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
         while not (pidfile.exists() and "prefect-server" in pidfile.read_text()):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        server = int(pidfile.read_text().split()[1])
+        pids = {name: int(pid) for name, pid in (ln.split() for ln in pidfile.read_text().splitlines())}
         proc.kill()
         proc.wait(30)
         deadline = time.monotonic() + 30
-        while not _gone(server) and time.monotonic() < deadline:
+        while not all(_gone(pid) for pid in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _gone(server)
+        assert [name for name, pid in pids.items() if not _gone(pid)] == []  # the server and the fork server
     finally:
         if proc.poll() is None:
             proc.kill()
