@@ -1,12 +1,12 @@
 """Protobuf request bodies, as kube-apiserver reads them, for the kinds the tutorials create with kubectl.
 
 kubectl 1.32+ sends ``Content-Type: application/vnd.kubernetes.protobuf`` on its typed creates (``kubectl create
-namespace|secret|serviceaccount|configmap|token``, ``kubectl auth can-i``). The body is the ``k8s\\x00`` magic
+namespace|secret|serviceaccount|configmap|token|role|rolebinding|…``, ``kubectl auth can-i``). The body is the ``k8s\\x00`` magic
 then a ``runtime.Unknown`` whose ``raw`` is the object's proto2 encoding (api-concepts "Kubernetes Protobuf
 encoding"). This module turns such a body into the JSON object the rest of the API server handles.
 
 Only the messages below are known — their field numbers and JSON names as k8s.io/api and k8s.io/apimachinery
-declare them (core/v1, authentication/v1, authorization/v1 generated.proto; meta/v1 ObjectMeta, Time;
+declare them (core/v1, authentication/v1, authorization/v1, rbac/v1 generated.proto; meta/v1 ObjectMeta, Time;
 runtime Unknown). Anything else (another kind, or a field the table lacks) is refused with 415, never half-read:
 docs/sandbox-contract.md says which kinds, and why the rest is safe to refuse.
 """
@@ -69,9 +69,18 @@ MESSAGES: dict[str, dict[int, tuple[str, str]]] = {
     "NonResourceAttributes": {1: ("path", "string"), 2: ("verb", "string")},
     "SubjectAccessReviewStatus": {1: ("allowed", "bool"), 4: ("denied", "bool"), 2: ("reason", "string"),
                                   3: ("evaluationError", "string")},
+    "Role": {1: ("metadata", "ObjectMeta"), 2: ("rules", "[]PolicyRule")},
+    "ClusterRole": {1: ("metadata", "ObjectMeta"), 2: ("rules", "[]PolicyRule")},  # aggregationRule (3): refused
+    "PolicyRule": {1: ("verbs", "[]string"), 2: ("apiGroups", "[]string"), 3: ("resources", "[]string"),
+                   4: ("resourceNames", "[]string"), 5: ("nonResourceURLs", "[]string")},
+    "RoleBinding": {1: ("metadata", "ObjectMeta"), 2: ("subjects", "[]Subject"), 3: ("roleRef", "RoleRef")},
+    "ClusterRoleBinding": {1: ("metadata", "ObjectMeta"), 2: ("subjects", "[]Subject"), 3: ("roleRef", "RoleRef")},
+    "Subject": {1: ("kind", "string"), 2: ("apiGroup", "string"), 3: ("name", "string"), 4: ("namespace", "string")},
+    "RoleRef": {1: ("apiGroup", "string"), 2: ("kind", "string"), 3: ("name", "string")},
 }
 KINDS = {("v1", "Namespace"), ("v1", "Secret"), ("v1", "ConfigMap"), ("v1", "ServiceAccount"),
-         ("authentication.k8s.io/v1", "TokenRequest"), ("authorization.k8s.io/v1", "SelfSubjectAccessReview")}
+         ("authentication.k8s.io/v1", "TokenRequest"), ("authorization.k8s.io/v1", "SelfSubjectAccessReview"),
+         *(("rbac.authorization.k8s.io/v1", k) for k in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"))}
 _UNKNOWN = {1: ("typeMeta", "TypeMeta"), 2: ("raw", "raw"), 3: ("contentEncoding", "string"),
             4: ("contentType", "string")}
 _TYPE_META = {1: ("apiVersion", "string"), 2: ("kind", "string")}

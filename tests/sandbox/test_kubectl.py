@@ -260,19 +260,25 @@ def test_kubectl_132_plus_protobuf_creates_are_read_as_kube_apiserver_reads_them
         token = json.loads(run(binary, "create", "token", "reader", "-n", ns, "--audience=a", "-o", "json").stdout)
         assert token["spec"]["expirationSeconds"] == 3600 and token["spec"]["audiences"] == ["a"]
         assert run(binary, "auth", "can-i", "create", "pods", "-n", ns).stdout.strip() == "yes"
-    got = {ns: json.loads(run(new, "get", "secret,configmap,serviceaccount,namespace", "-n", ns, "-o", "json",
-                              "--field-selector=metadata.namespace=" + ns).stdout)["items"]
-           for ns in ("json-ns", "proto-ns")}
+        # the README's operator binding (production step 4) and a Role with the core group ("")
+        run(binary, "create", "role", "pod-reader", "--verb=get,list", "--resource=pods,deployments.apps", "-n", ns)
+        run(binary, "create", "rolebinding", "llm-fleet-operator", "--role=pod-reader", "-n", ns,
+            "--user=llm-fleet-operator@llm-fleet-demo.iam.gserviceaccount.com", f"--serviceaccount={ns}:reader")
+    got = {ns: json.loads(run(new, "get", "secret,configmap,serviceaccount,role,rolebinding", "-n", ns, "-o", "json"
+                              ).stdout)["items"] for ns in ("json-ns", "proto-ns")}
 
     def shape(items: list[dict]) -> list[tuple]:
-        return sorted((i["kind"], i["metadata"]["name"], json.dumps(i.get("data"), sort_keys=True), i.get("type"))
-                      for i in items)
+        def same(i: dict) -> str:
+            body = {k: i.get(k) for k in ("data", "type", "rules", "subjects", "roleRef")}
+            return json.dumps(body, sort_keys=True).replace("json-ns", "NS").replace("proto-ns", "NS")
+        return sorted((i["kind"], i["metadata"]["name"], same(i)) for i in items)
 
-    assert shape(got["proto-ns"]) == shape(got["json-ns"]) and len(got["proto-ns"]) >= 3
+    assert shape(got["proto-ns"]) == shape(got["json-ns"]) and len(got["proto-ns"]) >= 5
     assert json.loads(run(new, "get", "namespace", "proto-ns", "-o", "json").stdout)["status"]["phase"] == "Active"
     refused = run(new, "create", "deployment", "web", "--image=nginx", "-n", "proto-ns", ok=False)
     assert "accepted media types include: application/json, application/yaml" in refused.stderr
-    assert "reads protobuf bodies of ConfigMap, Namespace, Secret" in refused.stderr and "Deployment" in refused.stderr
+    assert "the sandbox reads protobuf bodies of ClusterRole, ClusterRoleBinding, ConfigMap, Namespace" in \
+        refused.stderr and "not: Deployment (apps/v1)" in refused.stderr
 
 
 def _varint(n: int) -> bytes:
