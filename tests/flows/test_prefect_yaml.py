@@ -169,6 +169,13 @@ def test_parameters_show_as_forms(deployed):
             assert all(p in text for p in bundled_specs()), f"{key}: no spec picker: {spec}"
         if key.split("/")[0] == "deploy_fleet":
             assert "deployments/fleets/demo.yaml" in str(props["fleet"]), props["fleet"]
+    # what the server keeps is what the UI's form reads: every spec field's help survives `prefect deploy`
+    from manifests.fleet import deployment_name
+    from tests.unit.test_operator_names import _fields
+
+    form = deployed["deployments"][deployment_name("deploy_model")]["parameter_openapi_schema"]["properties"]["spec"]
+    fields = dict(_fields(form["anyOf"][2], "spec"))
+    assert len(fields) > 150 and not [p for p, f in fields.items() if not f.get("description")]
 
 
 def test_kubernetes_variant_runs_the_same_deployments_in_the_image(deployed):
