@@ -284,3 +284,20 @@ def test_an_image_that_is_no_engine_names_the_cause_and_stops_paying(sbc, shared
     assert "engine.image" in (info.value.fix or "")
     _, apps, _ = kube(spec)
     assert apps.read_namespaced_deployment(f"{spec['name']}-blue", "default").spec.replicas == 0
+
+
+def test_a_first_deploy_that_fails_on_anything_else_stops_paying_too(sbc, shared, monkeypatch):
+    """Issue 19: a first deploy has no traffic to protect, so any failure after its Deployment was applied
+    scales it to 0 — not only a DeployError (an API error, a reset mid smoke test, a lost lock's LockLost).
+    Failed before the fix (first_deploy caught DeployError only): the GPU Deployment kept its replica."""
+    from targets.gke import deploy as gke_deploy
+
+    def reset(*args, **kwargs):
+        raise ConnectionResetError("connection reset during the smoke test (test)")
+
+    monkeypatch.setattr(gke_deploy, "smoke", reset)
+    spec = shared("qwen2.5-7b-sglang.yaml", "first-fails")
+    with pytest.raises(ConnectionResetError, match="during the smoke test"):
+        deploy(spec)
+    _, apps, _ = kube(spec)
+    assert apps.read_namespaced_deployment(f"{spec['name']}-blue", "default").spec.replicas == 0
