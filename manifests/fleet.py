@@ -69,12 +69,17 @@ def spec_form_schema() -> dict[str, Any]:
             node = {k: v for k, v in node.items() if k != "format"}
             node["description"] = f"{node['description'].rstrip('.')}; {DURATION_HELP}" if node.get("description") \
                 else DURATION_HELP
-        return {k: inline(v) for k, v in node.items()}
+        out = {k: inline(v) for k, v in node.items()}
+        if isinstance(out.get("properties"), dict):  # a field's own title, not its model's ("Engine", not "EngineSpec")
+            out["properties"] = {k: {**p, "title": k.replace("_", " ").title()} if p.get("title") in defs else p
+                                 for k, p in out["properties"].items()}
+        return out
 
     schema = inline(schema)
     for name, key in _shorthands().items():
         full = schema["properties"][name]
         keep = {k: full.pop(k) for k in ("default", "title") if k in full}
+        keep["title"] = name.replace("_", " ").title()
         if full.get("description"):  # the field's help shows above its tabs (the UI reads the property's)
             keep["description"] = full["description"]
         schema["properties"][name] = {**keep, "anyOf": [

@@ -160,6 +160,12 @@ def test_every_field_of_the_spec_form_has_help():
     timeout = fields["spec.release.promotion_timeout"]["description"]
     assert "rolls back" in timeout and "5m" in timeout
     assert "vllm" in fields["spec.engine"]["description"]  # a shorthand field's help sits above its tabs
+    # each field is titled by its name, not by its model's class ("Engine", not "EngineSpec")
+    from manifests import spec as spec_module
+
+    classes = {n for n, v in vars(spec_module).items() if isinstance(v, type)}
+    assert not [(p, f["title"]) for p, f in fields.items() if f.get("title") in classes]
+    assert (fields["spec.engine"]["title"], fields["spec.cluster"]["title"]) == ("Engine", "Cluster")
 
 
 @pytest.mark.parametrize("yaml_file", ["prefect.yaml", "deploy/prefect.gke.yaml"])
