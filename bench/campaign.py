@@ -243,27 +243,98 @@ class Load:
             while not self.stop.is_set():
                 self.sent += 1
                 try:
-                    r = http.post("/v1/completions", json={"model": self.model, "prompt": "Hi", "max_tokens": 2})
-                except httpx.TimeoutException:
-                    self.outcomes["client timeout (held)"] += 1
-                    continue
+                    answer: Any = http.post("/v1/completions",
+                                            json={"model": self.model, "prompt": "Hi", "max_tokens": 2})
                 except httpx.HTTPError as exc:
-                    self.outcomes[type(exc).__name__] += 1
-                    self.violate("I3", f"request failed at the transport: {type(exc).__name__}: {exc}")
-                    time.sleep(0.05)
+                    answer = exc
+                kind, problem = judge_answer(answer)
+                self.outcomes[kind] += 1
+                if problem:
+                    self.violate("I3", problem)
+                if isinstance(answer, httpx.TimeoutException):
                     continue
-                self.outcomes[str(r.status_code)] += 1
-                if 200 <= r.status_code < 300:
-                    time.sleep(self.pause)
-                    continue
-                if r.status_code == 503 and r.headers.get("retry-after"):
-                    time.sleep(0.05)
-                    continue
-                self.violate("I3", f"HTTP {r.status_code} without Retry-After: {r.text[:160]}")
-                time.sleep(0.05)
+                time.sleep(self.pause if kind.startswith("2") else 0.05)
+
+
+def judge_answer(answer: Any) -> tuple[str, str | None]:
+    """I3 on one client request: its outcome (for the counts) and the violation, or None when it is allowed.
+    ``answer`` is the httpx.Response, or the httpx error raised instead. A client timeout is a request held
+    past the client's patience, not a violation; any other transport error (a reset, a refused connection),
+    a 502 or any non-2xx other than a 503 with Retry-After is."""
+    import httpx
+
+    if isinstance(answer, httpx.TimeoutException):
+        return "client timeout (held)", None
+    if isinstance(answer, BaseException):
+        return type(answer).__name__, f"request failed at the transport: {type(answer).__name__}: {answer}"
+    code = answer.status_code
+    if 200 <= code < 300 or (code == 503 and answer.headers.get("retry-after")):
+        return str(code), None
+    return str(code), f"HTTP {code} without Retry-After: {answer.text[:160]}"
+
+
+# ---- I4 and I5 on given observations (the campaign reads them from the cluster) ------------------------
+
+def policy_problem(*, parked: bool, selector: dict[str, str], pods: dict[str, str | None],
+                   live_replicas: int | None, other_pods: int, gpu_nodes: int) -> str:
+    """I4 once an operation ended: what differs from the policy ("" when nothing). ``pods``: the model's GPU
+    pods (name -> color), ``live_replicas``: the selected color's Deployment's replicas, ``other_pods``: the
+    other model's GPU pods in the same pool, ``gpu_nodes``: GPU nodes in the cluster."""
+    if parked:
+        if pods:
+            return f"parked, yet {len(pods)} GPU pods run"
+    else:
+        live = selector.get(COLOR_LABEL)
+        if live is None:
+            return f"the live Service selects no color and no park record says parked: {selector}"
+        stray = sorted(name for name, color in pods.items() if color != live)
+        if stray:
+            return f"stray GPU pods of the non-live color: {stray}"
+        if not live_replicas:
+            return f"the live color {live} is at 0 replicas and not parked"
+    need = len(pods) + other_pods
+    if gpu_nodes > max(need, 0) and gpu_nodes > 1:
+        return f"{gpu_nodes} GPU nodes for {need} GPU pods"
+    return ""
+
+
+def dead_holder_problem(*, holder: str, pid: int, dead_for: float, lease_s: float, slack_s: float = 15.0) -> str | None:
+    """I5 on one read of the model's Lease, ``dead_for`` seconds after process ``pid`` was killed: the
+    violation when it still holds it past the lease (+ ``slack_s``: the poll period, a loaded machine), else
+    None. The holder identity is tasks.locks' ``purpose@host:pid:nonce``."""
+    if f":{pid}:" in holder and dead_for > lease_s + slack_s:
+        return f"the killed holder (pid {pid}) still holds the lock {dead_for:.0f} s later (lease {lease_s:.0f} s)"
+    return None
 
 
 # ---- the watch: I1 and I2 while everything runs ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Seen:
+    """One look at the live Service: the color it selects (None: none), whether a park record is on it, the
+    selected color's pod template (canonical JSON) and its Ready endpoint addresses."""
+
+    color: str | None
+    parked: bool
+    template: str = ""
+    ready: int = 0
+
+
+def look(api: Any, namespace: str, name: str) -> Seen:
+    """Read what the watch judges from the cluster (``api``: a kubernetes ApiClient)."""
+    from kubernetes import client as k8s
+
+    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+    svc = core.read_namespaced_service(name, namespace)
+    color = (svc.spec.selector or {}).get(COLOR_LABEL)
+    parked = PARK_RECORD in (svc.metadata.annotations or {})
+    if color is None or parked:
+        return Seen(color, parked)
+    dep = apps.read_namespaced_deployment(f"{name}-{color}", namespace)
+    template = json.dumps(api.sanitize_for_serialization(dep.spec.template), sort_keys=True)
+    ep = core.read_namespaced_endpoints(name, namespace)
+    return Seen(color, parked, template, sum(len(s.addresses or []) for s in ep.subsets or []))
+
 
 @dataclass
 class Watch:
@@ -284,39 +355,36 @@ class Watch:
         return t
 
     def _run(self) -> None:
-        from kubernetes import client as k8s
-
         from tasks.clients import kube_client
 
         while not self.stop.wait(0.2):
             try:
-                api = kube_client(self.kubeconfig)
-                core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
-                svc = core.read_namespaced_service(self.name, self.namespace)
-                color = (svc.spec.selector or {}).get(COLOR_LABEL)
-                parked = PARK_RECORD in (svc.metadata.annotations or {})
-                if color is None or parked:
-                    self.selected, self.empty_since, self.reported_empty = None, None, False
-                    continue
-                dep = apps.read_namespaced_deployment(f"{self.name}-{color}", self.namespace)
-                template = json.dumps(api.sanitize_for_serialization(dep.spec.template), sort_keys=True)
-                ep = core.read_namespaced_endpoints(self.name, self.namespace)
+                seen = look(kube_client(self.kubeconfig), self.namespace, self.name)
             except Exception:  # noqa: BLE001 - an API fault the campaign injected; next poll
                 continue
-            self.polls += 1
-            if self.selected and self.selected[0] == color and self.selected[1] != template:
-                self.violate("I2", f"the pod template of live color {color} changed while selected")
-            self.selected = (color, template)
-            ready = sum(len(s.addresses or []) for s in ep.subsets or [])
-            now = time.monotonic()
-            if ready:
-                self.empty_since, self.reported_empty = None, False
-            elif self.empty_since is None:
-                self.empty_since = now
-            elif now - self.empty_since > self.grace_s and not self.reported_empty:
-                self.reported_empty = True
-                self.violate("I1", f"the live Service selects {color} with no Ready endpoints for "
-                                   f"{now - self.empty_since:.1f} s")
+            for inv, detail in self.judge(seen, time.monotonic()):
+                self.violate(inv, detail)
+
+    def judge(self, seen: Seen, now: float) -> list[tuple[str, str]]:
+        """I1 and I2 on one look at ``now`` (monotonic seconds): the violations it shows, given the looks
+        before it (the selected color's template, since when it has had no Ready endpoints)."""
+        if seen.color is None or seen.parked:
+            self.selected, self.empty_since, self.reported_empty = None, None, False
+            return []
+        self.polls += 1
+        found = []
+        if self.selected and self.selected[0] == seen.color and self.selected[1] != seen.template:
+            found.append(("I2", f"the pod template of live color {seen.color} changed while selected"))
+        self.selected = (seen.color, seen.template)
+        if seen.ready:
+            self.empty_since, self.reported_empty = None, False
+        elif self.empty_since is None:
+            self.empty_since = now
+        elif now - self.empty_since > self.grace_s and not self.reported_empty:
+            self.reported_empty = True
+            found.append(("I1", f"the live Service selects {seen.color} with no Ready endpoints for "
+                                f"{now - self.empty_since:.1f} s"))
+        return found
 
 
 # ---- the campaign ------------------------------------------------------------------------------------
@@ -586,15 +654,13 @@ class Campaign:
     def _watch_dead_holder(self, pid: int, killed_at: float) -> None:
         """I5: a holder that was killed keeps the model's Lease no longer than the lease duration."""
         def run() -> None:
-            limit = self.lease_s + 15.0  # the poll period and a loaded machine
-            while time.monotonic() - killed_at < limit + 60:
+            while (dead_for := time.monotonic() - killed_at) < self.lease_s + 75:
                 holder = self.lease_holder()
                 if f":{pid}:" not in holder:
-                    self.note(f"the killed holder's lock was free after {time.monotonic() - killed_at:.1f} s")
+                    self.note(f"the killed holder's lock was free after {dead_for:.1f} s")
                     return
-                if time.monotonic() - killed_at > limit:
-                    self.violate("I5", f"the killed holder (pid {pid}) still holds the lock "
-                                       f"{time.monotonic() - killed_at:.0f} s later (lease {self.lease_s:.0f} s)")
+                if problem := dead_holder_problem(holder=holder, pid=pid, dead_for=dead_for, lease_s=self.lease_s):
+                    self.violate("I5", problem)
                     return
                 time.sleep(0.5)
         threading.Thread(target=run, daemon=True, name="i5").start()
@@ -764,25 +830,17 @@ class Campaign:
             pods = self.gpu_pods()
             other_pods = self.gpu_pods(f"{self.spec['name']}-b")
             nodes = self._gpu_nodes()
+            parked = PARK_RECORD in (svc.metadata.annotations or {})
+            live = (svc.spec.selector or {}).get(COLOR_LABEL)
+            live_replicas = None
+            if live is not None and not parked:
+                dep = apps.read_namespaced_deployment(f"{self.spec['name']}-{live}", self.namespace)
+                live_replicas = dep.spec.replicas or 0
         except Exception as exc:  # noqa: BLE001
             return f"could not read the cluster: {exc}"
-        if PARK_RECORD in (svc.metadata.annotations or {}):
-            if pods:
-                return f"parked, yet {len(pods)} GPU pods run"
-        else:
-            live = (svc.spec.selector or {}).get(COLOR_LABEL)
-            if live is None:
-                return f"the live Service selects no color and no park record says parked: {svc.spec.selector}"
-            stray = [p.metadata.name for p in pods if p.metadata.labels.get(COLOR_LABEL) != live]
-            if stray:
-                return f"stray GPU pods of the non-live color: {stray}"
-            dep = apps.read_namespaced_deployment(f"{self.spec['name']}-{live}", self.namespace)
-            if not dep.spec.replicas:
-                return f"the live color {live} is at 0 replicas and not parked"
-        need = len(pods) + len(other_pods)
-        if len(nodes) > max(need, 0) and len(nodes) > 1:
-            return f"{len(nodes)} GPU nodes for {need} GPU pods"
-        return ""
+        return policy_problem(parked=parked, selector=svc.spec.selector or {},
+                              pods={p.metadata.name: p.metadata.labels.get(COLOR_LABEL) for p in pods},
+                              live_replicas=live_replicas, other_pods=len(other_pods), gpu_nodes=len(nodes))
 
     # -- run
     def run(self) -> int:
