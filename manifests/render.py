@@ -167,6 +167,13 @@ def operator_rbac(spec: DeploymentSpec) -> list[Obj]:
     ]
 
 
+# A deleted serving pod (HPA scale-down, eviction, preemption) leaves the Endpoints at once, but every node's
+# kube-proxy keeps sending it new connections until it has reprogrammed (1 s min sync period, seconds under
+# load); the engine stops listening at SIGTERM, so those connections would be refused — among them the clients
+# its own shutdown just closed, reconnecting at once. The engine keeps serving this long first.
+PRE_STOP_S = 5  # > kube-proxy's programming delay; well inside the 60 s grace and a preemption's 15 s
+
+
 def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
     eng, model = spec.engine, spec.model
     port = eng.container_port
@@ -240,6 +247,8 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
                           "failureThreshold": 3, "timeoutSeconds": 10},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
                          {"name": "cache", "mountPath": spec.cache.mount_path}],
+        # an exec of sleep (every engine image has it; the kubelet's own sleep action needs 1.30+)
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_S)]}}},
     }
     container["securityContext"] = _container_security(spec)
     if _runs_as_non_root(spec):

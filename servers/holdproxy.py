@@ -348,6 +348,7 @@ class HoldProxy:
                 text = (await upstream.read()).decode(errors="replace")
                 await self._stream_error(out, f"the model answered {upstream.status}: {text[:500]}", reason="upstream")
                 return True
+            out.force_close()  # closed after this stream, as forward() does (already started: no header)
             await self._pump(upstream, out)
             return True
 
@@ -383,6 +384,11 @@ class HoldProxy:
                 return None  # nothing behind the Service (yet): the model has not answered
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                      headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP})
+            # The model answers again: this client's next request should open a new connection, which the
+            # Service routes to the model once the wake has switched it (kube-proxy keeps a connection on the
+            # pod it first reached). So no client is left here when the proxy is scaled to 0 — closing idle
+            # keep-alive connections at SIGTERM races a client sending on one.
+            out.force_close()
             await out.prepare(request)
             await self._pump(upstream, out)
             return out

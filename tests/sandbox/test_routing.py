@@ -488,6 +488,25 @@ def _delete_a_replica_under_load(*, lifecycle: dict | None, grace: int) -> tuple
         return ok[0], failed
 
 
+def test_a_serving_pod_deleted_under_keep_alive_load_drops_nothing_with_the_products_prestop():
+    """A serving pod deleted (HPA scale-down, eviction) leaves the Endpoints at once, but kube-proxy sends it new
+    connections a moment longer — and its own SIGTERM closes its clients' keep-alive connections, so they
+    reconnect right then. With no preStop hook the engine has stopped listening: those are refused, the clients
+    reset. The product's rendered hook (manifests/render.py PRE_STOP_S, an exec of sleep) keeps the engine
+    serving until kube-proxy has caught up: nothing fails, and the survivor takes every reconnected client.
+    (Failed before the fix: the product rendered no preStop.)"""
+    from manifests import render
+    from manifests.spec import parse_spec
+
+    spec = parse_spec({"name": "qwen", "model": "Qwen/Qwen2.5-7B-Instruct", "engine": "sglang",
+                       "cluster": {"project": "llm-fleet-demo", "location": "us-central1",
+                                   "zones": ["us-central1-a"]}, "accelerator": "nvidia-l4"})
+    pod = render.model_deployment(spec, "blue")["spec"]["template"]["spec"]
+    hook = pod["containers"][0].get("lifecycle")
+    answered, failed = _delete_a_replica_under_load(lifecycle=hook, grace=pod["terminationGracePeriodSeconds"])
+    assert failed == [] and answered > 16, (failed[:5], answered)
+
+
 def test_without_a_prestop_a_deleted_pods_reconnecting_clients_are_refused():
     """The same deletion with no hook: SIGTERM and the endpoint removal start together; the clients the engine's
     shutdown closed reconnect while kube-proxy still routes to it, and its share of them are reset."""

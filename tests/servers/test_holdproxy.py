@@ -145,3 +145,48 @@ def test_the_queue_is_bounded_in_bytes(recorder):
                 if s.name == "llm_fleet_hold_requests_rejected_total"}
     assert rejected == {"queue_bytes": 1}
     held.join(10)
+
+
+class _Model(BaseHTTPRequestHandler):
+    """A model that answers every generation (keep-alive)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(b"{}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer(b'{"choices": [{"text": "hello"}]}')
+
+    def _answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_once_the_model_answers_each_client_connection_is_closed_after_its_answer(recorder):
+    """kube-proxy keeps a client's connection on the pod it first reached, so after a wake the clients of the
+    hold proxy keep sending to it until it closes their connections — which it did only at SIGTERM, when
+    closing idle keep-alive connections races a client sending on one (seen in the campaign: 'Server
+    disconnected without sending a response'). Now an answer forwarded from the model says
+    ``Connection: close``: each client's next request opens a new connection, which the Service routes to the
+    model. (Failed before: the answers kept the connection alive.)"""
+    model = ThreadingHTTPServer(("127.0.0.1", 0), _Model)
+    model.daemon_threads = True
+    threading.Thread(target=model.serve_forever, daemon=True).start()
+    try:
+        url, proxy = _proxy(recorder, upstream=f"http://127.0.0.1:{model.server_address[1]}")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            for _ in range(3):
+                r = http.post("/v1/completions", json={"prompt": "hi"})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello"
+                assert r.headers["connection"] == "close"
+        assert proxy.state.forwarded == 3
+    finally:
+        model.shutdown()
