@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from manifests.fleet import deployment_name
-from tests.flows.conftest import ROOT
+from tests.flows.conftest import ROOT, TIME_SCALE
 
 
 def assert_lifecycle(out: str) -> None:
@@ -53,7 +53,7 @@ def test_demo_runs_the_lifecycle_then_the_readmes_steps_by_hand_succeed(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLM_FLEET_", "HF_", "SLACK_"))}
     state = tmp_path / "demo"
     demo = subprocess.Popen([sys.executable, "-m", "llm_fleet.cli", "demo", "--state-dir", str(state),
-                             "--time-scale", "0.005", "--keep-running"], cwd=ROOT, env=env, text=True,
+                             "--time-scale", str(TIME_SCALE), "--keep-running"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     out: list[str] = []
     try:
