@@ -26,7 +26,7 @@ from manifests.names import Color
 from manifests.park import require_image
 from manifests.release import Desired
 from manifests.render import model_deployment, object_key, render
-from manifests.spec import resolve_gke_spec, with_revision
+from manifests.spec import DeploymentSpec, resolve_gke_spec, with_revision
 from targets.gke.mirror_steps import ensure_mirror
 from targets.gke.provision import cluster_preflight
 from targets.gke.serving import (
@@ -90,6 +90,16 @@ def first_deploy(t: Prepared, report: Report, *, color: Color = "blue") -> dict[
             "smoke": smoke_rows(results), "action": "deployed"}
 
 
+def serving_apply(spec: DeploymentSpec, *, action: str, live: Color, revision: str) -> list[dict[str, Any]]:
+    """What deploy_model applies to a model that serves, under a plan's ``action`` (``noop``: the pod template
+    is the live color's; else a release follows, which applies its own candidate): the in-place objects only.
+
+    Never the live Deployment, even on a noop: re-applying it would drop spec.replicas where an HPA owns the
+    count (server-side apply removes a field its manager stops sending; the API server then defaults it to 1),
+    and would change a hand-edited template of the serving color in place (check_fleet reports that drift)."""
+    return in_place_objects(spec, live=live, revision=revision)
+
+
 def wait_playground(t: Prepared, report: Report) -> str | None:
     """With ``expose.playground``: wait until its page answers (a CPU pod; its failure never touches the
     model), and say where to open it."""
@@ -146,13 +156,9 @@ def deploy(spec: SpecPath | str | dict[str, Any], *, revision: str | None = None
                 with report.step("Apply Ingress, HPA bounds, monitoring, labels in place") as step:
                     ensure_namespace_and_secret(t)
                     applied = [k8s.apply_object(kubeconfig=t.kubeconfig, obj=o)
-                               for o in in_place_objects(spec, live=live, revision=t.model.sha)]
+                               for o in serving_apply(spec, action=plan.action, live=live, revision=t.model.sha)]
                     step.detail = f"{sum(a.action != 'unchanged' for a in applied)} changed, live color {live}"
                 if plan.action == "noop":
-                    # Same pod template (spec hash): the live Deployment is left alone. Re-applying it would
-                    # drop spec.replicas where an HPA owns the count (server-side apply removes a field its
-                    # manager stops sending; the API server then defaults it to 1), and would change a hand-
-                    # edited template of the serving color in place (check_fleet reports that drift).
                     out = {"color": live, "replicas": observed.colors[live].replicas,
                            "objects": [a.__dict__ for a in applied], "smoke": [], "action": "unchanged"}
                 else:
