@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, WithJsonSchema
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from manifests.spec import DeploymentSpec, SpecError, load_spec
 
@@ -95,12 +95,23 @@ SpecParam = (Annotated[SpecPath, Field(title="bundled spec")] | Annotated[str, F
 # A spec file (no mapping): the bundled dropdown or another path.
 SpecFileParam = Annotated[SpecPath, Field(title="bundled spec")] | Annotated[str, Field(title="spec file")]
 
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
 # An optional text parameter (a revision, a reason): one text field in the UI form, not a "str | None"
-# pair of tabs opening on "None"; leaving it empty (or omitting it) means None.
-OptionalText = Annotated[str | None, WithJsonSchema({"type": "string"})]
-# Optional dates and times: the UI's date / date-time picker (ISO strings from the CLI and the API)
-OptionalDate = Annotated[date | None, WithJsonSchema({"type": "string", "format": "date"})]
-OptionalDateTime = Annotated[datetime | None, WithJsonSchema({"type": "string", "format": "date-time"})]
+# pair of tabs opening on "None"; leaving it empty (or omitting it) means None. The form fills a field in
+# from its schema's default, so that default is "" (an empty field): a null default left the run form
+# impossible to submit as it opened ("None is not of type 'string'", the UI's check and the server's).
+EMPTY = (BeforeValidator(_empty_is_none), Field(json_schema_extra={"default": ""}))
+OptionalText = Annotated[str | None, EMPTY[0], EMPTY[1], WithJsonSchema({"type": "string"})]
+# Optional dates and times: the UI's date / date-time picker (ISO strings from the CLI and the API). An empty
+# picker is no valid date ("'' is not a 'date'"), so these open on a "not set" tab (null) beside the picker.
+OptionalDate = Annotated[date | None, WithJsonSchema(
+    {"anyOf": [{"type": "string", "format": "date", "title": "date"}, {"type": "null", "title": "not set"}]})]
+OptionalDateTime = Annotated[datetime | None, WithJsonSchema(
+    {"anyOf": [{"type": "string", "format": "date-time", "title": "date and time"},
+               {"type": "null", "title": "not set"}]})]
 
 
 def bundled_fleets() -> list[str]:

@@ -37,6 +37,27 @@ def test_every_parameter_is_described_and_typed_once(deployment):
             assert "null" not in tabs, f"{name}: a tab that opens on None ({tabs})"
 
 
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["entrypoint"].split(":")[1])
+def test_every_run_form_can_be_submitted_as_it_opens(deployment):
+    """The UI's run form opens with each parameter's schema default (the deployment's own parameters over
+    them) and checks it against the schema before it submits, as the server does (enforce_parameter_schema).
+    As it opens it must pass: a text field whose default was null could not be submitted ("None is not of type
+    'string'": deploy_model/deploy's revision, gpu_report/daily's fleet/day/start/end/prices — seen in the
+    browser), and an empty field reaches the flow as None."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    flow = _flow(deployment["entrypoint"])
+    schema = parameter_schema(flow).model_dump()
+    opened = {name: prop["default"] for name, prop in schema["properties"].items() if "default" in prop}
+    opened.update(deployment.get("parameters") or {})
+    errors = validate(opened, schema)
+    assert errors == [], [e.message for e in errors]
+    empty = {name for name, value in opened.items() if value == ""}
+    coerced = flow.validate_parameters(opened)
+    assert all(coerced[name] is None for name in empty), coerced
+
+
 def test_revision_is_a_plain_optional_string_on_deploy_and_release():
     from prefect.utilities.callables import parameter_schema
 
@@ -45,7 +66,8 @@ def test_revision_is_a_plain_optional_string_on_deploy_and_release():
 
     for flow in (deploy_model, release_model):
         rev = parameter_schema(flow).model_dump()["properties"]["revision"]
-        assert rev["type"] == "string" and "anyOf" not in rev and rev["default"] is None
+        assert rev["type"] == "string" and "anyOf" not in rev and rev["default"] == ""  # an empty field ...
+        assert flow.validate_parameters({"spec": "x.yaml", "revision": ""})["revision"] is None  # ... means None
     spec = parameter_schema(deploy_model).model_dump()["properties"]["spec"]
     assert _tabs(spec) == ["bundled spec", "spec file", "spec (mapping)"]
 
@@ -111,9 +133,11 @@ def test_the_gpu_report_window_is_picked_as_dates_and_times():
     from flows.gpu_report import gpu_report
 
     props = parameter_schema(gpu_report).model_dump()["properties"]
-    assert props["day"] == {**props["day"], "type": "string", "format": "date"}
+    # a picker, or "not set" (an empty picker is no valid date, so it cannot be the form's default)
+    assert _tabs(props["day"]) == ["date", "not set"] and props["day"]["anyOf"][0]["format"] == "date"
     for name in ("start", "end"):
-        assert props[name] == {**props[name], "type": "string", "format": "date-time"} and "anyOf" not in props[name]
+        assert _tabs(props[name]) == ["date and time", "not set"]
+        assert props[name]["anyOf"][0] == {"type": "string", "format": "date-time", "title": "date and time"}
 
 
 def test_a_dry_run_teardown_says_what_it_would_delete():
