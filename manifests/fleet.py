@@ -73,6 +73,8 @@ def spec_form_schema() -> dict[str, Any]:
         if isinstance(out.get("properties"), dict):  # a field's own title, not its model's ("Engine", not "EngineSpec")
             out["properties"] = {k: {**p, "title": k.replace("_", " ").title()} if p.get("title") in defs else p
                                  for k, p in out["properties"].items()}
+        if "anyOf" in out:  # an optional field's empty tab says what it is ("not set", as the date pickers'), not "None"
+            out["anyOf"] = [{**o, "title": "not set"} if o == {"type": "null"} else o for o in out["anyOf"]]
         return out
 
     schema = inline(schema)

@@ -190,6 +190,9 @@ def test_every_field_of_the_spec_form_has_help():
     classes = {n for n, v in vars(spec_module).items() if isinstance(v, type)}
     assert not [(p, f["title"]) for p, f in fields.items() if f.get("title") in classes]
     assert (fields["spec.engine"]["title"], fields["spec.cluster"]["title"]) == ("Engine", "Cluster")
+    # an optional field's empty tab reads "not set", not "None"
+    assert [p for p, f in fields.items() if "null" in _tabs(f)] == []
+    assert _tabs(fields["spec.engine.image"]) == ["string", "not set"]
 
 
 @pytest.mark.parametrize("yaml_file", ["prefect.yaml", "deploy/prefect.gke.yaml"])
