@@ -515,11 +515,13 @@ class Kubelet(ControllerBase):
                 while not server.drained and time.monotonic() < deadline:
                     if self._stop.wait(0.005):
                         break
+            elif server is not None:  # a local process: SIGTERM now, SIGKILL after its grace (LocalProcess.stop)
+                self._stop_server(server)
             rest = self.clock.scaled(min(left, SHUTDOWN_SECONDS)) - (time.monotonic() - sigterm)
             if rest > 0:
                 self._stop.wait(rest)
             if server is not None:
-                self._stop_server(server)
+                self._stop_server(server)  # the exit (a stopped local process: a no-op)
             if run is not None and run.draining is server:
                 run.draining = None
             # until the exit the pod is Terminating (kubectl shows it, watchers see it)
