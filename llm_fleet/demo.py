@@ -97,12 +97,12 @@ class Children:
 
 
 def _stop_leftovers(pidfile: Path) -> None:
-    """Stop what a previous run recorded in ``pidfile`` if it is still a Prefect process."""
+    """Stop what a previous run recorded in ``pidfile`` if it is still a Prefect process or the fork server."""
     with contextlib.suppress(OSError, ValueError):
         for line in pidfile.read_text().splitlines():
             pid = int(line.split()[-1])
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
-            if b"prefect" in cmdline:
+            if b"prefect" in cmdline or b"llm_fleet.forkrun" in cmdline:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGTERM)
 

@@ -156,3 +156,35 @@ def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- the demo worker's flow-run fork server (llm_fleet/forkrun.py) ----------------------------------
+
+def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_engine_without_the_server():
+    """The launcher hands its environment and stderr to the fork server and exits as the forked
+    ``prefect.engine`` did (a bad flow run id: its error line, exit 1); with no server it execs a new
+    interpreter. PYTHONPROFILEIMPORTTIME tells them apart: only a new interpreter reads it and prints its
+    imports — a forked run imports nothing more."""
+    launcher = [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py")]
+    name = f"llm-fleet-forkrun-test-{uuid.uuid4().hex[:8]}"
+    env = {**_clean_env(), "LLM_FLEET_FORKRUN": name}
+    run_env = {**env, "PREFECT__FLOW_RUN_ID": "not-a-uuid", "PYTHONPROFILEIMPORTTIME": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "llm_fleet.forkrun", "serve", name], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # its imports: seconds on a loaded machine
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.communicate()[1][-2000:]
+            with socket.socket(socket.AF_UNIX) as s:
+                if s.connect_ex("\0" + name) == 0:
+                    break
+            time.sleep(0.1)
+        forked = subprocess.run(launcher, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert forked.returncode == 1 and "Invalid flow run id" in forked.stderr, forked.stderr[-2000:]
+    assert "import time:" not in forked.stderr
+    fresh = subprocess.run(launcher, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 1 and "Invalid flow run id" in fresh.stderr, fresh.stderr[-2000:]
+    assert "import time:" in fresh.stderr
