@@ -246,6 +246,9 @@ class Load:
                     answer: Any = http.post("/v1/completions",
                                             json={"model": self.model, "prompt": "Hi", "max_tokens": 2})
                 except httpx.HTTPError as exc:
+                    if self.stop.is_set():  # the campaign's teardown stopped the sandbox under a held request
+                        self.outcomes["cut by the campaign's own teardown"] += 1
+                        return
                     answer = exc
                 kind, problem = judge_answer(answer)
                 self.outcomes[kind] += 1
