@@ -243,8 +243,7 @@ class Load:
             while not self.stop.is_set():
                 self.sent += 1
                 try:
-                    answer: Any = http.post("/v1/completions",
-                                            json={"model": self.model, "prompt": "Hi", "max_tokens": 2})
+                    answer: Any = self._post(http)
                 except httpx.HTTPError as exc:
                     if self.stop.is_set():  # the campaign's teardown stopped the sandbox under a held request
                         self.outcomes["cut by the campaign's own teardown"] += 1
@@ -257,6 +256,37 @@ class Load:
                 if isinstance(answer, httpx.TimeoutException):
                     continue
                 time.sleep(self.pause if kind.startswith("2") else 0.05)
+
+    def _post(self, http: Any) -> Any:
+        """One request as the OpenAI SDK's client sends it, with the one retry HTTP/1.1 allows every client
+        (RFC 9112 9.3.1): the server closed a *reused* keep-alive connection before any byte of an answer
+        (uvicorn closes idle connections at SIGTERM; a request sent at that moment meets the close). Sent
+        again once on a new connection and counted apart; any other error, or a second failure, is judged."""
+        import httpx
+
+        opened: list[str] = []
+        body = {"model": self.model, "prompt": "Hi", "max_tokens": 2}
+        try:
+            return http.post("/v1/completions", json=body, extensions={"trace": lambda name, info: (
+                opened.append(name) if name.startswith("connection.connect_tcp") else None)})
+        except httpx.HTTPError as exc:
+            if not keep_alive_close_race(exc, reused=not opened):
+                raise
+        self.outcomes["sent again: keep-alive connection closed by the server before an answer"] += 1
+        return http.post("/v1/completions", json=body)
+
+
+def keep_alive_close_race(exc: BaseException, *, reused: bool) -> bool:
+    """The one failure a client may retry without knowing the request's semantics: a reused connection the
+    server closed before sending any byte of an answer. A refused or new connection, a timeout, a reset
+    while reading (the answer may have been cut midway) is never this."""
+    import httpx
+
+    if not reused:
+        return False
+    if isinstance(exc, httpx.RemoteProtocolError):  # h11: EOF before any byte of the answer
+        return "without sending a response" in str(exc)
+    return isinstance(exc, httpx.WriteError)  # reset while the request was still being sent
 
 
 def judge_answer(answer: Any) -> tuple[str, str | None]:

@@ -4,6 +4,9 @@ observations; tests/sandbox/test_campaign_checks.py drives I1/I2/I3 against a re
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import httpx
 import pytest
 
@@ -123,3 +126,86 @@ def test_i5_fires_when_a_dead_holder_keeps_the_lease_past_it():
     assert dead_holder_problem(holder="release@host-1:42421:ffff0000", pid=4242, dead_for=500.0, lease_s=30.0) is None
     assert dead_holder_problem(holder="", pid=4242, dead_for=500.0, lease_s=30.0) is None
 
+
+
+# ---- I3's client: the one retry HTTP/1.1 allows, and nothing else ------------------------------------------
+
+@pytest.mark.parametrize(("exc", "reused", "retry"), [
+    (httpx.RemoteProtocolError("Server disconnected without sending a response.", request=REQ), True, True),
+    (httpx.WriteError("[Errno 104] Connection reset by peer", request=REQ), True, True),
+    (httpx.RemoteProtocolError("Server disconnected without sending a response.", request=REQ), False, False),
+    (httpx.RemoteProtocolError("peer closed connection without sending complete message body", request=REQ),
+     True, False),
+    (httpx.ReadError("[Errno 104] Connection reset by peer", request=REQ), True, False),
+    (httpx.ConnectError("[Errno 111] Connection refused", request=REQ), True, False),
+    (httpx.ReadTimeout("timed out", request=REQ), True, False),
+], ids=["closed-idle", "reset-while-sending", "new-connection", "cut-midway", "reset-reading", "refused",
+        "timeout"])
+def test_only_a_reused_connection_closed_before_an_answer_is_sent_again(exc, reused, retry):
+    from bench.campaign import keep_alive_close_race
+
+    assert keep_alive_close_race(exc, reused=reused) is retry
+
+
+def _closing_server(close_on: set[int], total: int) -> tuple[str, list[int], threading.Thread]:
+    """A local HTTP/1.1 server that answers each request with keep-alive, except the requests whose
+    (1-based) number is in ``close_on``: those it reads, then closes the connection without an answer.
+    It stops after ``total`` requests."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def serve() -> None:
+        while len(seen) < total:
+            conn, _ = srv.accept()
+            with conn:
+                buf = b""
+                while len(seen) < total:
+                    while b"\r\n\r\n" not in buf:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                    if b"\r\n\r\n" not in buf:
+                        break
+                    head, _, rest = buf.partition(b"\r\n\r\n")
+                    length = int(next((h.split(b":")[1] for h in head.split(b"\r\n")
+                                       if h.lower().startswith(b"content-length")), b"0"))
+                    while len(rest) < length:
+                        rest += conn.recv(65536)
+                    buf = rest[length:]
+                    seen.append(len(seen) + 1)
+                    if seen[-1] in close_on:
+                        break  # closed with no answer
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", seen, t
+
+
+def test_the_load_sends_again_once_when_a_reused_connection_is_closed_before_its_answer():
+    """Request 2 goes on request 1's connection and the server closes it unanswered (what uvicorn does to an
+    idle connection at SIGTERM): sent again on a new connection, answered, counted apart — not an I3."""
+    from bench.campaign import Load
+
+    url, seen, t = _closing_server({2}, total=3)
+    load = Load(url, "m", threads=0, violate=lambda *a: None)
+    with httpx.Client(base_url=url, timeout=5) as http:
+        assert load._post(http).status_code == 200
+        assert load._post(http).status_code == 200
+    t.join(5)
+    assert seen == [1, 2, 3]
+    assert sum(n for k, n in load.outcomes.items() if k.startswith("sent again")) == 1
+
+
+def test_a_new_connection_closed_before_its_answer_is_not_sent_again():
+    """The first request of a connection closed unanswered may have been applied: the error is judged (I3)."""
+    from bench.campaign import Load
+
+    url, seen, t = _closing_server({1}, total=1)
+    load = Load(url, "m", threads=0, violate=lambda *a: None)
+    with httpx.Client(base_url=url, timeout=5) as http, pytest.raises(httpx.RemoteProtocolError):
+        load._post(http)
+    t.join(5)
+    assert seen == [1] and not load.outcomes
