@@ -99,6 +99,9 @@ class ParkRecord:
     # expose.gateway: the HTTPRoute's backend weights (pool -> weight) before park moved it to the hold
     # proxy; wake puts exactly these back. None: no Gateway (or a record from before Gateways were held).
     route: dict[str, int] | None = None
+    # expose.gateway: the endpoint pickers' Deployments (name -> replicas) park scaled to 0 once the route
+    # had left their pools; wake brings them back, Ready, before the route returns. None: not yet recorded.
+    pickers: dict[str, int] | None = None
 
     def to_annotation(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -112,6 +115,14 @@ class ParkRecord:
         changed = data.pop("pool_changed", None)
         return cls(**data, pool=PoolState(**pool) if pool else None,
                    pool_changed=None if changed is None else tuple(changed))
+
+
+def picker_replicas(deployments: dict[str, Obj | None]) -> dict[str, int]:
+    """What the park record keeps of the endpoint pickers' Deployments (name -> object as read, None when
+    missing): each one's replicas, 0 read as the chart's 1 (a picker at 0 would fail every request to its
+    pool once the route returns: ``failureMode: FailClose``); a missing one is not recorded."""
+    return {name: int((dep.get("spec") or {}).get("replicas") or 0) or 1
+            for name, dep in sorted(deployments.items()) if dep is not None}
 
 
 def read_record(service: Obj | None) -> ParkRecord | None:

@@ -5,6 +5,7 @@ park_model
 2. Record what park changes, on the live Service (color, replicas, GPU pool settings)
 3. Put the hold proxy in front: the live Service selects it while parked (on a Gateway, the HTTPRoute's
    backend moves from the InferencePools to that Service: the pools have no pods to pick while parked)
+   and the pools' endpoint pickers go to 0 (recorded: wake brings them back before the route returns)
 4. Scale the model to 0 and wait until none of its GPU pods remains
 5. GPU node pool to 0 unless another model still needs it (Standard; shared: the autoscaling minimum
    to 0 only, the cluster autoscaler removes what this model left; Autopilot: the nodes go with the pods)
@@ -197,6 +198,13 @@ def _route_weights(spec: DeploymentSpec, kubeconfig: str) -> dict[str, int] | No
     return None if gateway.is_held(route, spec) else canary.route_weights(route)
 
 
+def picker_deployments(spec: DeploymentSpec, kubeconfig: str) -> dict[str, dict[str, Any] | None]:
+    """Each pool's endpoint picker Deployment as the cluster holds it (None when missing), by name."""
+    return {gateway.epp_name(spec, c): k8s.get_object(kubeconfig=kubeconfig, api_version="apps/v1", kind="Deployment",
+                                                      name=gateway.epp_name(spec, c), namespace=spec.namespace)
+            for c in names.COLORS}
+
+
 def hold_route(spec: DeploymentSpec, kubeconfig: str, *, held: bool,
                 weights: dict[str, int] | None = None) -> bool:
     """The Gateway's route to the hold proxy's Service (``held``) or back to the pools with ``weights`` (pool
@@ -232,7 +240,9 @@ def park(run: Run) -> dict[str, Any]:
             record = P.ParkRecord(color=color, replicas=replicas, selector=dict(svc["spec"]["selector"]),
                                   parked_at=datetime.now(UTC).isoformat(),
                                   pool=read_pool(spec, kubeconfig, run.location), held=spec.hold.enabled,
-                                  pool_changed=(), route=_route_weights(spec, kubeconfig))
+                                  pool_changed=(), route=_route_weights(spec, kubeconfig),
+                                  pickers=None if spec.expose.gateway is None else
+                                  P.picker_replicas(picker_deployments(spec, kubeconfig)))
             _annotate_record(run, record)
             changed.append("recorded")
             step.detail = (f"{record.color} × {record.replicas}" +
@@ -278,6 +288,24 @@ def park(run: Run) -> dict[str, Any]:
                            (f"; HTTPRoute {spec.name} → Service {names.service(spec)}" if spec.expose.gateway else ""))
     else:
         report.skip("Put the hold proxy in front of the model", "hold.enabled is false: requests get 503 while parked")
+
+    if spec.expose.gateway is not None:
+        # ~1 CPU / 1 GiB per pool all night for nothing: the route reaches the hold proxy's Service now (without
+        # a hold proxy the pools have no pod to pick either way). Wake brings them back, Ready, before the route.
+        with report.step("Scale the endpoint pickers to 0") as step:
+            deps = picker_deployments(spec, kubeconfig)
+            if record.pickers is None:  # a park recorded before pickers were parked: recorded before the change
+                record = replace(record, pickers=P.picker_replicas(deps))
+                _annotate_record(run, record)
+            scaled_down = []
+            for name, dep in deps.items():
+                if dep is not None and int((dep.get("spec") or {}).get("replicas") or 0) != 0:
+                    k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace, name=name, replicas=0)
+                    scaled_down.append(name)
+            if scaled_down:
+                changed.append("pickers to 0")
+            step.detail = (", ".join(f"{n} {record.pickers.get(n, '?')}→0" for n in scaled_down)
+                           or "already at 0")
 
     with report.step("Scale the model to 0 and wait until no GPU pod remains") as step:
         # Both colors: a stray candidate (an interrupted release's) holds GPUs too, and serves no one.

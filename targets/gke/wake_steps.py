@@ -2,10 +2,11 @@
 
 wake_model
 1. Take the lock; read the park record from the live Service
-2. Restore what park changed on the GPU pool, then the replicas
+2. Restore what park changed on the GPU pool, then the replicas (and a Gateway's endpoint pickers)
 3. Wait until the model answers (rollout, endpoints, engine) and passes the smoke prompts
    then the wake phase by phase: node, image, weights, engine, smoke (the kubelet's and engine's words)
-4. Point the live Service (and a Gateway's HTTPRoute, to the pools as park found them) back at the model;
+4. Point the live Service (and a Gateway's HTTPRoute, to the pools as park found them, once their endpoint
+   pickers are Ready: a pool whose picker is down fails every request, FailClose) back at the model;
    record the wake time (prewarm uses its p95)
 5. Scale the hold proxy to 0 once the switch has settled (the next park scales it up again)
 """
@@ -55,7 +56,11 @@ def wake(run: Run, *, requested_at: datetime | None = None) -> dict[str, Any]:
         k8s.apply_object(kubeconfig=kubeconfig, obj=P.awake_service(spec, record.color))
         k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace,
                              name=names.deployment(spec, record.color), replicas=record.replicas)
-        step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}"
+        # the pickers start while the model loads (seconds against minutes); the route waits for them below
+        for name, replicas in (record.pickers or {}).items():
+            k8s.scale_deployment(kubeconfig=kubeconfig, namespace=spec.namespace, name=name, replicas=replicas)
+        step.detail = f"{names.deployment(spec, record.color)} × {record.replicas}" + "".join(
+            f"; {n} × {r}" for n, r in sorted((record.pickers or {}).items()))
     way.wait_for_nodes(spec, kubeconfig=kubeconfig, color=record.color, timeout_s=load_timeout_s(spec, None),
                        report=report)
     nodes_at = time.monotonic()
@@ -70,6 +75,12 @@ def wake(run: Run, *, requested_at: datetime | None = None) -> dict[str, Any]:
                                 node_s=nodes_at - start, ready_s=ready_at - nodes_at,
                                 smoke_s=time.monotonic() - ready_at)
         step.detail = phases.line() + " (cloud clock)" if get_settings().time_scale != 1.0 else phases.line()
+    if spec.expose.gateway is not None and record.pickers:
+        with report.step("Wait until the endpoint pickers are Ready") as step:
+            for name in sorted(record.pickers):
+                k8s.wait_rollout(kubeconfig=kubeconfig, namespace=spec.namespace, name=name,
+                                 timeout_s=max(60.0, load_timeout_s(spec, None)))
+            step.detail = ", ".join(f"{n} × {r}" for n, r in sorted(record.pickers.items()))
     with report.step("Point the live Service back at the model") as step:
         routed = ""
         if spec.expose.gateway is not None:  # the Gateway's route back to the pools, as park found it

@@ -141,14 +141,26 @@ def _route(spec: dict) -> dict:
 
 
 def test_a_request_to_the_parked_model_through_the_gateway_is_held_and_answered_after_the_wake(gw_served, sandbox):
-    """park moves the HTTPRoute's backend to the live Service (which selects the hold proxy while parked), a
-    request through the Gateway's address is held (the proxy asks for a wake) and answered once, after the
-    wake puts the route back on the pools exactly as park found them."""
+    """park moves the HTTPRoute's backend to the live Service (which selects the hold proxy while parked) and
+    scales the pools' endpoint pickers to 0, a request through the Gateway's address is held (the proxy asks
+    for a wake) and answered once, after the wake brought the pickers back Ready and then put the route back
+    on the pools exactly as park found them."""
     from flows.park import park_model, wake_model
+    from manifests import park as P
     from manifests.spec import parse_spec
+    from sandbox.kube import resources as res
+    from sandbox.kube.controllers.common import is_ready
     from tests.flows.test_park import wake_events
+    from tests.sandbox.kube_support import wait_for
 
     spec, url = gw_served
+    kube = sandbox.cluster_kube(spec["cluster"].get("name", "llm-fleet"), project=spec["cluster"]["project"])
+    deps, pods = res.BY_KEY[("apps", "deployments")], res.BY_KEY[("", "pods")]
+    pickers = {f"{spec['name']}-{c}-epp" for c in ("blue", "green")}
+
+    def picker_pods() -> list[dict]:
+        return kube.store.list(pods, "default", lambda p: (p["metadata"].get("labels") or {}).get("app") in pickers)[0]
+
     before = _route(spec)["spec"]["rules"][0]["backendRefs"]
     assert [r["kind"] for r in before] == ["InferencePool", "InferencePool"]
     park_model(spec=spec)
@@ -156,6 +168,28 @@ def test_a_request_to_the_parked_model_through_the_gateway_is_held_and_answered_
     port = parse_spec(spec).expose.port  # the live Service's, which selects the hold proxy while parked
     assert rule["backendRefs"] == [{"group": "", "kind": "Service", "name": spec["name"], "port": port, "weight": 1}]
     assert rule["timeouts"]["request"] == "360s"  # hold.timeout + the generation's 300 s
+    # the endpoint pickers are at 0 while parked, their replicas in the park record for the wake
+    assert {n: kube.store.get(deps, "default", n)["spec"]["replicas"] for n in pickers} == dict.fromkeys(pickers, 0)
+    wait_for(lambda: not picker_pods(), timeout=60)
+    record = P.read_record(kube.store.get(res.BY_KEY[("", "services")], "default", spec["name"]))
+    assert record.pickers == dict.fromkeys(pickers, 1)
+    # what the cluster saw, in order: which pickers had a Ready pod when the route went back to the pools
+    ready: dict[str, str] = {}
+    at_route_back: list[set[str]] = []
+
+    def on_event(etype: str, obj: dict) -> None:
+        meta = obj["metadata"]
+        app = (meta.get("labels") or {}).get("app")
+        if obj.get("kind") == "Pod" and app in pickers:
+            if etype != "DELETED" and is_ready(obj) and not meta.get("deletionTimestamp"):
+                ready[meta["name"]] = app
+            else:
+                ready.pop(meta["name"], None)
+        elif obj.get("kind") == "HTTPRoute" and meta["name"] == spec["name"] and not at_route_back and any(
+                r.get("kind") == "InferencePool" for r in obj["spec"]["rules"][0]["backendRefs"]):
+            at_route_back.append(set(ready.values()))
+
+    unsubscribe = kube.subscribe(on_event)
     seen = {e["id"] for e in wake_events(spec)}
     answer: dict = {}
 
@@ -170,8 +204,13 @@ def test_a_request_to_the_parked_model_through_the_gateway_is_held_and_answered_
         assert time.monotonic() < deadline, "no wake event: the request through the Gateway was not held"
         time.sleep(0.2)
     assert t.is_alive()  # held, not answered with the endpoint picker's 503
-    woke = wake_model(spec=spec, reason="event")
+    try:
+        woke = wake_model(spec=spec, reason="event")
+    finally:
+        unsubscribe()
     t.join(90)
+    assert at_route_back == [pickers]  # every picker Ready before the route returned to its pool
+    assert {n: kube.store.get(deps, "default", n)["spec"]["replicas"] for n in pickers} == dict.fromkeys(pickers, 1)
     assert answer["resp"].status_code == 200, answer["resp"].text
     assert answer["resp"].json()["choices"][0]["text"].strip()
     assert woke["woken"]

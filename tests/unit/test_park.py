@@ -41,6 +41,17 @@ def test_park_record_keeps_what_park_changed_on_the_pool_and_reads_older_records
     assert P.ParkRecord.from_annotation(older).pool_changed is None  # parked before pools were shared
 
 
+
+def test_park_record_keeps_the_endpoint_pickers_replicas_and_reads_older_records():
+    read = {"m-blue-epp": {"spec": {"replicas": 2}}, "m-green-epp": {"spec": {"replicas": 0}}, "gone-epp": None}
+    # a picker found at 0 comes back as the chart's 1: its pool gets traffic again once the route returns
+    assert P.picker_replicas(read) == {"m-blue-epp": 2, "m-green-epp": 1}
+    rec = P.ParkRecord("blue", 1, {}, "t", route={"m-blue": 100, "m-green": 0}, pickers=P.picker_replicas(read))
+    assert P.ParkRecord.from_annotation(rec.to_annotation()) == rec
+    older = '{"color":"blue","held":true,"parked_at":"t","pool":null,"replicas":1,"route":{"m-blue":100},"selector":{}}'
+    assert P.ParkRecord.from_annotation(older).pickers is None  # park records them before scaling them down
+
+
 NODES = ["gke-gpupool-1", "gke-gpupool-2"]
 
 
