@@ -282,8 +282,9 @@ class Sandbox:
         self._control = None
         for t in stoppers:
             t.start()
+        deadline = time.monotonic() + 10  # one bound for all: joined one by one, ten 10 s waits could add up
         for t in stoppers:
-            t.join(timeout=10)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._kc_lock:
             leftovers = list(self.cluster_kubes.values())  # (only if Gke.stop timed out)
             self.cluster_kubes.clear()

@@ -98,8 +98,11 @@ def test_demo_runs_the_lifecycle_then_the_readmes_steps_by_hand_succeed(tmp_path
         try:
             rest = demo.communicate(timeout=60)[0]
         except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGUSR1)  # the demo's faulthandler prints where each thread is stuck
+            time.sleep(2)
             os.killpg(demo.pid, signal.SIGKILL)
-            raise
+            stuck = demo.communicate()[0]
+            raise AssertionError(f"Ctrl-C did not stop the demo within 60 s; its threads:\n{stuck[-6000:]}") from None
     # Ctrl-C on a demo whose lifecycle succeeded: everything it started is stopped, and it exits 0.
     assert demo.returncode == 0, rest[-2000:]
     assert "✓ stopped: Prefect server, worker and sandbox" in rest and not (state / "pids").exists()
