@@ -258,22 +258,32 @@ class Load:
                 time.sleep(self.pause if kind.startswith("2") else 0.05)
 
     def _post(self, http: Any) -> Any:
-        """One request as the OpenAI SDK's client sends it, with the one retry HTTP/1.1 allows every client
-        (RFC 9112 9.3.1): the server closed a *reused* keep-alive connection before any byte of an answer
-        (uvicorn closes idle connections at SIGTERM; a request sent at that moment meets the close). Sent
-        again once on a new connection and counted apart; any other error, or a second failure, is judged."""
-        import httpx
+        answer, resent = post_as_a_client(http, "/v1/completions",
+                                          {"model": self.model, "prompt": "Hi", "max_tokens": 2})
+        if resent:
+            self.outcomes["sent again: keep-alive connection closed by the server before an answer"] += 1
+        return answer
 
-        opened: list[str] = []
-        body = {"model": self.model, "prompt": "Hi", "max_tokens": 2}
-        try:
-            return http.post("/v1/completions", json=body, extensions={"trace": lambda name, info: (
-                opened.append(name) if name.startswith("connection.connect_tcp") else None)})
-        except httpx.HTTPError as exc:
-            if not keep_alive_close_race(exc, reused=not opened):
-                raise
-        self.outcomes["sent again: keep-alive connection closed by the server before an answer"] += 1
-        return http.post("/v1/completions", json=body)
+
+def post_as_a_client(http: Any, path: str, body: dict[str, Any]) -> tuple[Any, bool]:
+    """(the answer, whether it was sent twice): one request as the OpenAI SDK's client sends it, with the one
+    retry HTTP/1.1 allows every client (RFC 9112 9.3.1): the server closed a *reused* keep-alive connection
+    before any byte of an answer (uvicorn closes idle connections at SIGTERM; a request sent at that moment
+    meets the close). Sent again once, on a new connection; any other error, or a second failure, raises."""
+    import httpx
+
+    opened: list[str] = []
+
+    def trace(name: str, info: dict[str, Any]) -> None:
+        if name.startswith("connection.connect_tcp"):
+            opened.append(name)
+
+    try:
+        return http.post(path, json=body, extensions={"trace": trace}), False
+    except httpx.HTTPError as exc:
+        if not keep_alive_close_race(exc, reused=not opened):
+            raise
+    return http.post(path, json=body), True
 
 
 def keep_alive_close_race(exc: BaseException, *, reused: bool) -> bool:

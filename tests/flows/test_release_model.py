@@ -124,7 +124,8 @@ class Load:
 class AddressLoad:
     """Keep-alive clients on the live Service's own loopback address (kube-proxy's path: a connection stays with
     the pod it first reached, so after the switch they keep talking to the old color until its pods close their
-    connections at scale-down), paced like Load; every answer kept."""
+    connections at scale-down), paced like Load; every answer kept. A client sends a request again only when
+    the server closed its reused connection before any answer (README, Releases), as the OpenAI SDK does."""
 
     def __init__(self, sbc, spec: dict, threads: int = 2, pause: float = 0.05) -> None:
         want = f"default/{spec['name']}"
@@ -132,7 +133,7 @@ class AddressLoad:
                  if want in (c.get("service_ports") or {})]
         assert len(ports) == 1, ports
         self.url, self.pause = f"http://127.0.0.1:{ports[0]}", pause
-        self.ok = 0
+        self.ok = self.resent = 0
         self.failed: list[str] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -140,10 +141,14 @@ class AddressLoad:
     def _run(self) -> None:
         import httpx
 
+        from bench.campaign import post_as_a_client  # the one resend HTTP/1.1 allows, as the campaign's load
+
         with httpx.Client(base_url=self.url, timeout=30) as http:
             while not self._stop.is_set():
                 try:
-                    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                    r, resent = post_as_a_client(http, "/v1/completions",
+                                                 {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                    self.resent += resent
                     if r.status_code == 200 and r.json()["choices"][0]["text"].strip():
                         self.ok += 1
                     else:
