@@ -144,6 +144,15 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def wait_for_ctrl_c() -> None:
+    """Return on Ctrl-C (SIGINT). Not ``signal.pause()``: the kernel hands a process's signal to any of its
+    threads (the sandbox runs dozens here), and pause() in the main thread then never returns; Python runs the
+    handler in the main thread at its next check, which this short sleep gives it."""
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(0.2)
+
+
 def _prefect(*args: str, env: dict[str, str]) -> None:
     cmd = [sys.executable, "-m", "prefect", *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -521,8 +530,7 @@ def main(args: argparse.Namespace) -> int:
         _say(f"\nkubectl: `source {state_dir}/env && kubectl get pods -A` (while the sandbox runs)")
         if args.keep_running:
             _say(_left_running(ui, sandbox, state_dir, spec, park_idle=args.park_idle))
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.pause()
+            wait_for_ctrl_c()
         else:
             _say("(rerun with --keep-running to keep the Prefect UI up and browse these runs)")
         return 0 if ok else 1

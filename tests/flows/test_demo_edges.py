@@ -188,3 +188,22 @@ def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_en
     fresh = subprocess.run(launcher, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 1 and "Invalid flow run id" in fresh.stderr, fresh.stderr[-2000:]
     assert "import time:" in fresh.stderr
+
+
+def test_ctrl_c_handed_to_another_thread_still_stops_the_wait():
+    """The kernel may deliver a process's SIGINT to any thread (the demo runs the sandbox's dozens): the demo's
+    --keep-running wait must still end. signal.pause() in the main thread never returned then (a CI run's demo
+    stayed up 60 s after Ctrl-C, its main thread in pause(); here it would time out)."""
+    code = (
+        "import signal, threading, time\n"
+        "from llm_fleet.demo import wait_for_ctrl_c\n"
+        "def other():\n"
+        "    time.sleep(0.3)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this thread, not the main one\n"
+        "    time.sleep(30)\n"
+        "threading.Thread(target=other, daemon=True).start()\n"
+        "wait_for_ctrl_c()\n"
+        "print('stopped')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert res.returncode == 0 and "stopped" in res.stdout, res.stderr[-2000:]
