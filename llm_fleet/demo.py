@@ -144,10 +144,18 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def take_ctrl_c() -> None:
+    """Ctrl-C stops the demo whatever its parent left it: an inherited ignored or blocked SIGINT (a Python
+    started with SIGINT ignored installs no KeyboardInterrupt) would leave it running after Ctrl-C."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def wait_for_ctrl_c() -> None:
     """Return on Ctrl-C (SIGINT). Not ``signal.pause()``: the kernel hands a process's signal to any of its
     threads (the sandbox runs dozens here), and pause() in the main thread then never returns; Python runs the
     handler in the main thread at its next check, which this short sleep gives it."""
+    take_ctrl_c()
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(0.2)
@@ -464,6 +472,7 @@ def main(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir).resolve()
     _check_tools()
 
+    take_ctrl_c()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where each thread is

@@ -192,12 +192,14 @@ def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_en
 
 def test_ctrl_c_handed_to_another_thread_still_stops_the_wait():
     """The kernel may deliver a process's SIGINT to any thread (the demo runs the sandbox's dozens): the demo's
-    --keep-running wait must still end. signal.pause() in the main thread never returned then (a CI run's demo
-    stayed up 60 s after Ctrl-C, its main thread in pause(); here it would time out)."""
+    --keep-running wait must still end, even when the demo was started with SIGINT ignored and blocked.
+    signal.pause() in the main thread never returned then (a CI run's demo stayed up 60 s after Ctrl-C, its
+    main thread in pause(); here it would time out)."""
     code = (
         "import signal, threading, time\n"
         "from llm_fleet.demo import wait_for_ctrl_c\n"
         "def other():\n"
+        "    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a thread that takes it\n"
         "    time.sleep(0.3)\n"
         "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this thread, not the main one\n"
         "    time.sleep(30)\n"
@@ -205,5 +207,12 @@ def test_ctrl_c_handed_to_another_thread_still_stops_the_wait():
         "wait_for_ctrl_c()\n"
         "print('stopped')\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    # started as the suite's earlier tests may leave a worker: SIGINT ignored and blocked (the demo inherits
+    # both from whoever starts it; a CI run's child got one of them and its Ctrl-C did nothing)
+    def inherit_a_deaf_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=20,
+                         preexec_fn=inherit_a_deaf_sigint)
     assert res.returncode == 0 and "stopped" in res.stdout, res.stderr[-2000:]
