@@ -78,20 +78,12 @@ def _make_kube(spec: dict):
     return client.CoreV1Api(api), client.AppsV1Api(api), api
 
 
-class Load:
-    """Constant load through the live Service (API server proxy), counting every failed request.
+class _PacedClients:
+    """Client threads that each pace themselves (``pause`` between requests) until the block ends, counting
+    answers: tens of requests a second probe a switch all the way through without the load itself eating the
+    CPU the release needs."""
 
-    Each thread paces itself (``pause`` between requests): tens of requests a second probe the switch all
-    the way through without the load itself eating the CPU the release needs; the ServiceWatch is the
-    exact check that no moment went without a Ready pod.
-    """
-
-    def __init__(self, spec: dict, threads: int = 2, pause: float = 0.05) -> None:
-        from tasks.clients import kube_http
-
-        _, _, api = kube(spec)
-        self.http = kube_http(api, timeout=10)
-        self.url = f"/api/v1/namespaces/default/services/{spec['name']}:http/proxy/v1/completions"
+    def __init__(self, threads: int, pause: float) -> None:
         self.pause = pause
         self.ok = 0
         self.failed: list[str] = []
@@ -99,18 +91,15 @@ class Load:
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                r = self.http.post(self.url, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
-                if r.status_code == 200 and r.json()["choices"][0]["text"].strip():
-                    self.ok += 1
-                else:
-                    self.failed.append(f"HTTP {r.status_code}")
-            except Exception as exc:  # noqa: BLE001 - every failure counts
-                self.failed.append(type(exc).__name__)
-            self._stop.wait(self.pause)
+        raise NotImplementedError
 
-    def __enter__(self) -> Load:
+    def _count(self, r: Any) -> None:
+        if r.status_code == 200 and r.json()["choices"][0]["text"].strip():
+            self.ok += 1
+        else:
+            self.failed.append(f"HTTP {r.status_code}")
+
+    def __enter__(self) -> _PacedClients:
         for t in self._threads:
             t.start()
         return self
@@ -121,7 +110,28 @@ class Load:
             t.join(timeout=15)
 
 
-class AddressLoad:
+class Load(_PacedClients):
+    """Constant load through the live Service (API server proxy), counting every failed request; the
+    ServiceWatch is the exact check that no moment went without a Ready pod."""
+
+    def __init__(self, spec: dict, threads: int = 2, pause: float = 0.05) -> None:
+        from tasks.clients import kube_http
+
+        _, _, api = kube(spec)
+        self.http = kube_http(api, timeout=10)
+        self.url = f"/api/v1/namespaces/default/services/{spec['name']}:http/proxy/v1/completions"
+        super().__init__(threads, pause)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._count(self.http.post(self.url, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}))
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                self.failed.append(type(exc).__name__)
+            self._stop.wait(self.pause)
+
+
+class AddressLoad(_PacedClients):
     """Keep-alive clients on the live Service's own loopback address (kube-proxy's path: a connection stays with
     the pod it first reached, so after the switch they keep talking to the old color until its pods close their
     connections at scale-down), paced like Load; every answer kept. A client sends a request again only when
@@ -132,11 +142,9 @@ class AddressLoad:
         ports = [c["service_ports"][want]["port"] for c in (sbc.state().get("clusters_kube") or {}).values()
                  if want in (c.get("service_ports") or {})]
         assert len(ports) == 1, ports
-        self.url, self.pause = f"http://127.0.0.1:{ports[0]}", pause
-        self.ok = self.resent = 0
-        self.failed: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self.url = f"http://127.0.0.1:{ports[0]}"
+        self.resent = 0
+        super().__init__(threads, pause)
 
     def _run(self) -> None:
         import httpx
@@ -149,23 +157,10 @@ class AddressLoad:
                     r, resent = post_as_a_client(http, "/v1/completions",
                                                  {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
                     self.resent += resent
-                    if r.status_code == 200 and r.json()["choices"][0]["text"].strip():
-                        self.ok += 1
-                    else:
-                        self.failed.append(f"HTTP {r.status_code}")
+                    self._count(r)
                 except httpx.HTTPError as exc:  # a reset or a refused connection: what I3 forbids
                     self.failed.append(f"{type(exc).__name__}: {exc}")
                 self._stop.wait(self.pause)
-
-    def __enter__(self) -> AddressLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=15)
 
 
 class ServiceWatch:
