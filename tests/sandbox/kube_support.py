@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -199,3 +200,11 @@ def kubeconfig_entry(kube: Any, name: str = "sandbox", *, token: str | None = No
                                                      "certificate-authority-data": kube.tls.ca_b64}}],
             "users": [{"name": name, "user": {"token": token or google_token(kube)}}],
             "contexts": [{"name": name, "context": {"cluster": name, "user": name}}]}
+
+
+def write_kubeconfig(kube: Any, path: Any, *, token: str | None = None) -> str:
+    """:func:`kubeconfig_entry` written to ``path`` as YAML; returns the path as a string (what tasks take)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(kubeconfig_entry(kube, token=token)))
+    return str(path)

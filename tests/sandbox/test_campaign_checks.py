@@ -12,13 +12,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import yaml
 from kubernetes import client
 
 from bench.campaign import COLOR_LABEL, MODEL_LABEL, Load, Watch, dead_holder_problem, look
 from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
-from tests.sandbox.kube_support import StubRuntime, api_client, deployment, kubeconfig_entry, wait_for
+from tests.sandbox.kube_support import StubRuntime, api_client, deployment, wait_for, write_kubeconfig
 
 NS, NAME = "default", "m"
 
@@ -173,9 +172,8 @@ def test_i5_reads_the_pid_in_the_holder_tasks_locks_writes(kube, tmp_path, monke
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the Lease lock needs no Prefect
     spec = load_spec(Path(__file__).resolve().parents[2] / "deployments/gemma2-2b-it-vllm-l4.yaml")
-    config = tmp_path / "config"
-    config.write_text(yaml.safe_dump(kubeconfig_entry(kube)))
-    with lease_lock(spec, purpose="release", kubeconfig=str(config), lease_s=4):
+    config = write_kubeconfig(kube, tmp_path / "config")
+    with lease_lock(spec, purpose="release", kubeconfig=config, lease_s=4):
         holder = client.CoordinationV1Api(api_client(kube)).read_namespaced_lease(
             lease_name(spec), spec.namespace).spec.holder_identity
     assert dead_holder_problem(holder=holder, pid=os.getpid(), dead_for=20.0, lease_s=4)  # held 16 s past it

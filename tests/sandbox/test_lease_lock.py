@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -20,7 +19,7 @@ from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
 from tasks import k8s
 from tasks.locks import LockLost, LockTimeout, fence, lease_lock, lease_name, model_lock
-from tests.sandbox.kube_support import StubRuntime, api_client, kubeconfig_entry
+from tests.sandbox.kube_support import StubRuntime, api_client, write_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = load_spec(ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml")
@@ -38,9 +37,7 @@ def kube():
 
 @pytest.fixture(scope="module")
 def kubeconfig(kube, tmp_path_factory):
-    path = tmp_path_factory.mktemp("kube") / "config"
-    path.write_text(yaml.safe_dump(kubeconfig_entry(kube)))
-    return str(path)
+    return write_kubeconfig(kube, tmp_path_factory.mktemp("kube") / "config")
 
 
 @pytest.fixture(autouse=True)
@@ -122,8 +119,7 @@ def test_the_operator_role_may_take_the_lock(kube, tmp_path):
     rbac.create_namespaced_role(NS, role)
     rbac.create_namespaced_role_binding(NS, binding)
     token = core.create_namespaced_service_account_token(names.OPERATOR_ACCOUNT, NS, {"spec": {}}).status.token
-    path = tmp_path / "operator"
-    path.write_text(yaml.safe_dump(kubeconfig_entry(kube, token=token)))
-    with model_lock(SPEC, purpose="deploy", kubeconfig=str(path), timeout_s=5, lease_s=4):
+    path = write_kubeconfig(kube, tmp_path / "operator", token=token)
+    with model_lock(SPEC, purpose="deploy", kubeconfig=path, timeout_s=5, lease_s=4):
         assert _lease(kube).spec.holder_identity.startswith("deploy@")
     assert not _lease(kube).spec.holder_identity

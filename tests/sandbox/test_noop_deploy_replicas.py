@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 
 from manifests import names
@@ -21,7 +20,7 @@ from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster
 from targets.gke.deploy import serving_apply
 from tasks import k8s
-from tests.sandbox.kube_support import StubRuntime, api_client, kubeconfig_entry
+from tests.sandbox.kube_support import StubRuntime, api_client, write_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = load_spec(ROOT / "deployments/llama2-7b-tgi-nginx.yaml")  # autoscaling: min 2, max 10
@@ -43,9 +42,7 @@ def kube():
 
 @pytest.fixture(scope="module")
 def kubeconfig(kube, tmp_path_factory):
-    path = tmp_path_factory.mktemp("kube") / "config"
-    path.write_text(yaml.safe_dump(kubeconfig_entry(kube)))
-    return str(path)
+    return write_kubeconfig(kube, tmp_path_factory.mktemp("kube") / "config")
 
 
 def _released_at(kube, kubeconfig, name_suffix: str, replicas: int) -> str:
