@@ -199,8 +199,9 @@ def test_endpoint_picker_favours_the_less_loaded_pod(served):
                 f"http://127.0.0.1:{busy_port}/metrics").text, re.M), timeout=20)
             with httpx.Client(base_url=url, timeout=120) as c:
                 for _ in range(20):
-                    assert c.post("/v1/completions", json={"model": "Qwen/Qwen2.5-0.5B-Instruct", "prompt": "hi",
-                                                           "max_tokens": 1}).status_code == 200
+                    r = c.post("/v1/completions", json={"model": "Qwen/Qwen2.5-0.5B-Instruct", "prompt": "hi",
+                                                        "max_tokens": 1})
+                    assert r.status_code == 200, r.text  # which 503 (picker down, no pod) when it fails
             got_idle = sum(_counts(k, idle)) - before[idle]
         finally:
             stop.set()
