@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import itertools
+import select
 import selectors
 import socket
 import socketserver
@@ -54,6 +55,18 @@ class _Conn(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _open(conn: _Conn) -> bool:
+    """Whether an idle connection is still open: nothing to read on it (a close, or bytes nobody asked for,
+    would be readable)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
 class ConnectionPool:
     """Idle keep-alive connections to loopback backends, per port (LIFO, bounded)."""
 
@@ -63,12 +76,20 @@ class ConnectionPool:
         self._idle: dict[int, list[_Conn]] = {}
         self._lock = threading.Lock()
 
-    def get(self, port: int) -> tuple[_Conn, bool]:
-        """A connection to ``port`` and whether it was reused (reused ones may have been closed meanwhile)."""
-        with self._lock:
-            idle = self._idle.get(port)
-            if idle:
-                return idle.pop(), True
+    def get(self, port: int, *, fresh: bool = False) -> tuple[_Conn, bool]:
+        """A connection to ``port`` and whether it was reused (one may still close in the instant between).
+
+        Idle connections the backend has closed are dropped here, as Envoy drops them when its event loop
+        sees the close: the backend's keep-alive timeout never turns into a 503."""
+        while not fresh:
+            with self._lock:
+                idle = self._idle.get(port)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if _open(conn):
+                return conn, True
+            conn.close()
         return _Conn("127.0.0.1", port, timeout=self.timeout), False
 
     def put(self, port: int, conn: _Conn) -> None:
@@ -166,7 +187,7 @@ def proxy(handler: BaseHTTPRequestHandler, ports: list[int], path: str, *, servi
     last_error = ""
     for port in order:
         for attempt in (0, 1):
-            conn, reused = pool.get(port)
+            conn, reused = pool.get(port, fresh=attempt > 0)
             try:
                 conn.putrequest(handler.command, path, skip_host=True, skip_accept_encoding=True)
                 conn.putheader("Host", f"127.0.0.1:{port}")

@@ -144,6 +144,53 @@ def test_proxy_skips_dead_backends_and_503_without_any(front, echo):
         assert r.status_code == 503 and r.json()["message"] == 'no endpoints available for service "svc"'
 
 
+def test_idle_connections_the_backend_closed_are_not_used_again(front):
+    """A backend closes idle keep-alive connections after its own timeout (uvicorn: 5 s). Envoy sees each
+    close on its event loop and drops that connection from its pool, so the next request opens a new one;
+    it never answers 503 because the pool held several closed ones (the Gateway test's BrokenPipe)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class ShortKeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 0.05  # idle this long: the server closes the connection (handle_one_request's timeout)
+
+        def do_GET(self):
+            body = b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), ShortKeepAlive)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    srv, state = front
+    state["ports"] = [backend.server_address[1]]
+    try:
+        with httpx.Client(base_url=srv.url) as a, httpx.Client(base_url=srv.url) as b, \
+                httpx.Client(base_url=srv.url) as c:
+            # three at once: the front pools three connections to the backend
+            go = threading.Barrier(3)
+
+            def one(http):
+                go.wait()
+                return http.get(f"{BASE}/x").status_code
+            threads = [threading.Thread(target=one, args=(h,)) for h in (a, b, c)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            time.sleep(0.5)  # the backend has closed all three
+            for _ in range(3):
+                r = a.get(f"{BASE}/x")
+                assert r.status_code == 200, r.text
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
 def test_a_backend_back_on_the_same_port_serves_new_connections(echo):
     a = serve(EchoHandler, state=[], faults=None)
     port = a.port
