@@ -511,5 +511,7 @@ def test_a_deleted_pods_engine_keeps_serving_through_its_prestop_while_kube_prox
     bench/release_swap.py counted 60 requests at old-revision pods after the switch — not understood.)"""
     codes, errors = _delete_one_under_lag(env, pre_stop=0, lag_s=2000)
     assert errors and set(errors) <= {"ReadError", "RemoteProtocolError", "ConnectError"}, errors[:3]
-    codes, errors = _delete_one_under_lag(env, pre_stop=50, lag_s=40)  # hook (50 s) > lag (40 s) < grace (60 s)
+    # hook (50 s) well past the lag (15 s), inside the grace (60 s): on this clock the margin is 70 ms, not the
+    # 20 ms that a loaded machine's late endpoints controller once ate (one reset in a profiled suite run)
+    codes, errors = _delete_one_under_lag(env, pre_stop=50, lag_s=15)
     assert errors == [] and set(codes) == {200} and len(codes) > 10, (errors[:3], len(codes))
