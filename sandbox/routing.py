@@ -61,8 +61,10 @@ def _open(conn: _Conn) -> bool:
     sock = conn.sock
     if sock is None:
         return False
+    poller = select.poll()  # not select(): a busy sandbox has descriptors past FD_SETSIZE (1024)
     try:
-        return not select.select([sock], [], [], 0)[0]
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
 
