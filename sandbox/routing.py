@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import itertools
-import select
 import selectors
 import socket
 import socketserver
@@ -39,6 +38,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
+
+from urllib3.util import wait_for_read
 
 from sandbox.core import LISTENING, Faults
 
@@ -61,10 +62,8 @@ def _open(conn: _Conn) -> bool:
     sock = conn.sock
     if sock is None:
         return False
-    poller = select.poll()  # not select(): a busy sandbox has descriptors past FD_SETSIZE (1024)
-    try:
-        poller.register(sock, select.POLLIN)
-        return not poller.poll(0)
+    try:  # urllib3's wait polls (select() fails past FD_SETSIZE, 1024 descriptors: a busy sandbox has more)
+        return not wait_for_read(sock, timeout=0)
     except (OSError, ValueError):
         return False
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import select
 import socket
 import ssl
 import sys
@@ -13,6 +12,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from urllib3.util import wait_for_read
 
 from sandbox.core import HttpError, JsonHandler, now_rfc3339, route
 from sandbox.kube import autoscaling, podsecurity, portforward, protobuf
@@ -619,7 +619,7 @@ def _watch_stream(h: KubeHandler, t: RType, namespace: str | None, pred: Any) ->
 
 def _client_gone(h: KubeHandler) -> bool:
     try:
-        readable, _, _ = select.select([h.connection], [], [], 0)
+        readable = wait_for_read(h.connection, timeout=0)  # polls: select() fails past FD_SETSIZE
         if readable and isinstance(h.connection, ssl.SSLSocket):
             return True  # a streaming client sends nothing more: readable = TLS close_notify or EOF
         if readable:

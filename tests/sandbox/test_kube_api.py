@@ -562,3 +562,23 @@ def test_an_apply_that_finds_the_object_created_since_its_read_applies_onto_it(k
     finally:
         kube.store.get = real_get
     assert status == 200 and obj["data"] == {"k": "v", "k2": "w"}
+
+
+def test_a_watching_client_on_a_descriptor_past_fd_setsize_is_not_taken_for_gone():
+    """The watch loop asks whether its client left; select() raises past 1024 descriptors (a busy sandbox
+    has more), which read as "gone" and ended a live watch. The check polls instead."""
+    import os
+    import socket
+    import types
+
+    from sandbox.kube.api import _client_gone
+
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1501))
+    try:
+        assert not _client_gone(types.SimpleNamespace(connection=high))  # still there, nothing sent
+        b.close()
+        assert _client_gone(types.SimpleNamespace(connection=high))  # gone: EOF
+    finally:
+        for s in (a, b, high):
+            s.close()

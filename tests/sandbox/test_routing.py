@@ -560,3 +560,26 @@ def test_without_a_prestop_a_deleted_pods_reconnecting_clients_are_refused():
     answered, failed = _delete_a_replica_under_load(lifecycle=None, grace=60)
     assert failed and set(failed) <= {"ConnectError", "ReadError", "RemoteProtocolError", "WriteError"}, failed
     assert answered > 16
+
+
+def test_an_open_pooled_connection_past_fd_setsize_is_reused(echo):
+    """A busy sandbox holds more than 1024 descriptors; select() refuses those, and the pool would then take
+    every open idle connection for closed. The check polls instead."""
+    import os
+    import socket
+
+    from sandbox.routing import ConnectionPool
+
+    pool = ConnectionPool()
+    port = echo[0].port
+    conn, reused = pool.get(port)
+    conn.connect()
+    high = os.dup2(conn.sock.fileno(), 1500)  # the same connection, on a descriptor past FD_SETSIZE
+    conn.sock.close()
+    conn.sock = socket.socket(fileno=high)
+    pool.put(port, conn)
+    again, reused = pool.get(port)
+    try:
+        assert reused and again is conn
+    finally:
+        again.close()
