@@ -15,7 +15,7 @@ The lookup needs the caller's access token (401 otherwise, as the API does) and 
 from __future__ import annotations
 
 import contextlib
-import select
+import selectors
 import socket
 import socketserver
 import threading
@@ -72,18 +72,22 @@ class _Tunnel(socketserver.BaseRequestHandler):
             sock.settimeout(None)
             upstream.settimeout(None)
             peers = {sock: upstream, upstream: sock}
-            while True:
-                ready, _, _ = select.select(list(peers), [], [], 30)
-                if not ready:
-                    return
-                for s in ready:
-                    try:
-                        data = s.recv(65536)
-                    except OSError:
+            # a selector, not select(): that refuses descriptors past FD_SETSIZE (1024), a busy sandbox has more
+            with selectors.DefaultSelector() as sel:
+                for s in peers:
+                    sel.register(s, selectors.EVENT_READ)
+                while True:
+                    ready = sel.select(30)
+                    if not ready:
                         return
-                    if not data:
-                        return
-                    peers[s].sendall(data)
+                    for key, _ in ready:
+                        try:
+                            data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                        except OSError:
+                            return
+                        if not data:
+                            return
+                        peers[key.fileobj].sendall(data)  # type: ignore[index]
 
 
 class _Proxy(socketserver.ThreadingTCPServer):

@@ -200,3 +200,20 @@ def test_google_auths_regional_access_boundary_lookup_is_answered(sb, monkeypatc
     # only that host is tunnelled: the proxy refuses every other (nothing leaves the machine)
     with pytest.raises(requests.exceptions.ProxyError):
         requests.get("https://storage.googleapis.com/", timeout=10)
+
+
+def test_the_lookup_tunnel_serves_connections_on_descriptors_past_fd_setsize(sb, monkeypatch):
+    """The tunnel relays both ways of a CONNECT; a busy sandbox holds more than 1024 descriptors, where
+    select() refuses a socket and the lookup's connection would be dropped. The API's 401 still arrives."""
+    import requests
+
+    for key, value in sb.env().items():
+        monkeypatch.setenv(key, value)
+    padding = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next sockets land past 1024
+    try:
+        r = requests.get("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/"
+                         "x@y.iam.gserviceaccount.com/allowedLocations", timeout=10)
+        assert r.status_code == 401
+    finally:
+        for fd in padding:
+            os.close(fd)
