@@ -24,10 +24,15 @@ def provision(spec: dict) -> None:
 @pytest.fixture(scope="module")
 def shared(prefect_server):
     """Clusters provisioned once for the tests here that are not about a bundled spec end to end: each
-    test deploys a model of its own name into one (pool max 4, so they fit side by side)."""
+    test deploys a model of its own name into one (pool max 4, so they fit side by side).
+
+    None of these tests is about the load timeout unless it sets one: the default is 8h (~58 s scaled), not
+    the bundled spec's (50 min for gemma: 6 s of wall time, which a loaded CI machine once spent between the
+    pod turning Ready and the Deployment counting it available, failing test_token_never_leaks)."""
     made: dict[str, dict] = {}
 
     def spec_for(filename: str, name: str, **overrides) -> dict:
+        overrides.setdefault("load_timeout", "8h")
         spec = spec_dict(filename, name=name, **overrides)
         acc = spec["accelerator"]
         spec["accelerator"] = acc = {"type": acc} if isinstance(acc, str) else acc
@@ -187,7 +192,7 @@ def test_rollout_failures_name_the_cause_and_stop_paying(mode, reason, sbc, shar
     # Only hang_load waits for its load timeout (40m: ~5 s on the sandbox's clock). The others fail at their
     # cause, so their timeout is long enough (8h: ~58 s) that a loaded machine cannot reach it first.
     spec = shared("qwen2.5-7b-sglang.yaml", f"fail-{mode.replace('_', '-')}",
-                  load_timeout="40m" if mode == "hang_load" else "8h")
+                  **({"load_timeout": "40m"} if mode == "hang_load" else {}))
     if mode == "hang_load":
         sbc.add_behavior(match={"labels": {"app.kubernetes.io/instance": spec["name"]}}, mode="slow_load",
                          load_seconds=10_000)
