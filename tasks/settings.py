@@ -6,6 +6,7 @@ the loopback sandbox. Nothing else differs between the two.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -71,6 +72,10 @@ class Settings(BaseSettings):
     # scheduling jitter on a busy machine is not mistaken for a slow model.
     time_scale: float = 1.0
     min_load_timeout_s: float = 0.0
+
+    def load_timeout_s(self, cloud: timedelta) -> float:
+        """A spec's load timeout as seconds to wait here: on the sandbox's clock, never under the floor."""
+        return max(cloud.total_seconds() * self.time_scale, self.min_load_timeout_s)
 
     @field_validator("trusted_spec_dirs", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ os.environ.setdefault("LLM_FLEET_RETRY_DEADLINE_S", "10")
 os.environ.setdefault("LLM_FLEET_POLL_INITIAL_S", "0.01")
 os.environ.setdefault("LLM_FLEET_POLL_MAX_S", "0.05")
 os.environ.setdefault("LLM_FLEET_OPERATION_TIMEOUT_S", "60")
-os.environ.setdefault("LLM_FLEET_MIN_LOAD_TIMEOUT_S", "3")
+os.environ.setdefault("LLM_FLEET_MIN_LOAD_TIMEOUT_S", "10")
 
 # One temp dir per test session, for this process and every one it starts (TMPDIR: xdist workers, the
 # sandbox, Prefect, kubectl): pytest_sessionfinish asserts the suite left nothing in it, and sessions run

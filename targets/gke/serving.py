@@ -111,8 +111,7 @@ def served_revision(spec: DeploymentSpec) -> str | None:
 
 
 def load_timeout_s(spec: DeploymentSpec, params: int | None) -> float:
-    s = get_settings()
-    return max(spec.default_load_timeout(params).total_seconds() * s.time_scale, s.min_load_timeout_s)
+    return get_settings().load_timeout_s(spec.default_load_timeout(params))
 
 
 def scaled(seconds: float) -> float:

@@ -56,8 +56,7 @@ def _where(spec: DeploymentSpec) -> tuple[str, str]:
 
 
 def _timeout_s(spec: DeploymentSpec, params: int | None) -> float:
-    s = get_settings()
-    return max(spec.default_load_timeout(params).total_seconds() * s.time_scale, s.min_load_timeout_s)
+    return get_settings().load_timeout_s(spec.default_load_timeout(params))
 
 
 # ---- observe -------------------------------------------------------------------------------------------

@@ -182,3 +182,18 @@ def test_gke_flows_refuse_vertex_specs_clearly():
     with pytest.raises(SpecError, match="target: .*target: vertex runs through deploy_model"):
         resolve_gke_spec(ROOT / "deployments/gemma-vertex.yaml", flow="deploy_model")
     assert resolve_gke_spec(ROOT / "deployments/gemma2-2b-it-vllm-l4.yaml", flow="x").target == "gke"
+
+
+def test_the_load_timeout_waited_for_is_the_specs_on_the_sandbox_clock_and_never_under_the_floor():
+    """One rule for both targets' waits (tasks.settings.Settings.load_timeout_s): the spec's timeout (its own, or
+    the one derived from the model's size) times the sandbox's time scale, at least the floor."""
+    from datetime import timedelta
+
+    from tasks.settings import Settings
+
+    gke = load_spec(ROOT / "deployments" / "gemma2-2b-it-vllm-l4.yaml")
+    derived = gke.default_load_timeout(2_610_000_000)  # 600 s + 60 s per billion parameters
+    assert derived == timedelta(seconds=600 + 60 * 2.61)
+    assert Settings(time_scale=1.0).load_timeout_s(derived) == derived.total_seconds()  # GCP: as the spec says
+    assert Settings(time_scale=0.002, min_load_timeout_s=10).load_timeout_s(derived) == 10  # scaled 1.5 s: floor
+    assert Settings(time_scale=0.002, min_load_timeout_s=10).load_timeout_s(timedelta(hours=8)) == 57.6
