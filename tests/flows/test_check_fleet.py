@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 
@@ -113,7 +114,11 @@ def test_one_alert_per_incident_updated_then_resolved(sandbox, sbc, cluster):
     assert len(alerts) == 1 and "resolved" in alerts[0]["text"]
     replies = _replies(sbc, alerts[0]["ts"])
     assert len(replies) == 1 and "all clear" in replies[0]["text"]
-    assert _events(spec["name"]) == ["llm-fleet.model.unhealthy", "llm-fleet.model.recovered"]
+    # Prefect persists events in batches (every 5 s, or 20 events): read until both are in, then exactly them.
+    deadline = time.monotonic() + 30
+    while len(events := _events(spec["name"])) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert events == ["llm-fleet.model.unhealthy", "llm-fleet.model.recovered"]
 
 
 def test_drift_and_metrics_are_reported_without_an_alert(sandbox, sbc, cluster):
