@@ -7,8 +7,10 @@ or ``tasks/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import selectors
 import socket
 import struct
 import threading
@@ -369,7 +371,58 @@ LISTENING: weakref.WeakValueDictionary[int, SandboxHTTPServer] = weakref.WeakVal
 _LISTENING_LOCK = threading.Lock()
 
 
-class SandboxHTTPServer(ThreadingHTTPServer):
+class PromptStop:
+    """A socketserver loop that ``shutdown()`` ends at once, and that never wakes up for nothing. The stdlib's
+    ``serve_forever`` polls (0.2 s here) to notice a shutdown: dozens of idle servers woke five times a
+    second, and as a sandbox stops its servers one after another each stop waited ~0.15 s for the next poll.
+    Here the loop selects, without a timeout, on the listening socket and a socket pair ``shutdown()`` writes
+    to. Mix in before the socketserver class; start it with ``start_serving``."""
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        wake, self._waker = socket.socketpair()
+        self._stopping, self._stopped = False, threading.Event()
+        if (started := getattr(self, "_started", None)) is not None:
+            started.set()
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self, selectors.EVENT_READ)  # type: ignore[arg-type]
+                sel.register(wake, selectors.EVENT_READ)
+                while not self._stopping:
+                    ready = sel.select(poll_interval)
+                    if self._stopping:
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()  # type: ignore[attr-defined]
+                    self.service_actions()  # type: ignore[attr-defined]
+        finally:
+            wake.close()
+            self._waker.close()
+            self._stopped.set()
+
+    def start_serving(self, name: str) -> threading.Thread:
+        """The serving thread, returned once its loop can be stopped."""
+        self._started = threading.Event()
+        thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
+        thread.start()
+        self._started.wait()
+        return thread
+
+    def shutdown(self) -> None:
+        if getattr(self, "_stopped", None) is None:
+            return  # never served
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._waker.send(b"x")
+        self._stopped.wait()
+
+
+class PromptHTTPServer(PromptStop, ThreadingHTTPServer):
+    """A plain threading HTTP server that stops at once: the tests' stand-ins (Prefect's API, a model, a pod)."""
+
+    daemon_threads = True
+
+
+class SandboxHTTPServer(PromptStop, ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -413,10 +466,7 @@ class SandboxHTTPServer(ThreadingHTTPServer):
             self.request_count += 1
 
     def start(self) -> SandboxHTTPServer:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"sandbox-{self.RequestHandlerClass.service}-{self.port}",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = self.start_serving(f"sandbox-{self.RequestHandlerClass.service}-{self.port}")
         return self
 
     def stop(self) -> None:

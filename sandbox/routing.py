@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 from urllib3.util import wait_for_read
 
-from sandbox.core import LISTENING, Faults
+from sandbox.core import LISTENING, Faults, PromptStop
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones we set ourselves.
 _HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
@@ -332,7 +332,7 @@ def hand_off(sock: socket.socket, client_address: Any, port: int) -> None:
     threading.Thread(target=_splice, args=(sock, port), name=f"service-splice-{port}", daemon=True).start()
 
 
-class _ServicePort(socketserver.TCPServer):
+class _ServicePort(PromptStop, socketserver.TCPServer):
     """A Service's loopback port. Each accepted connection is routed once, when it opens (kube-proxy's
     DNAT on the SYN; conntrack keeps it), and stays with that endpoint until either side closes it."""
 
@@ -342,9 +342,7 @@ class _ServicePort(socketserver.TCPServer):
     def __init__(self, routes: ServicePorts, namespace: str, name: str, port: int = 0) -> None:
         super().__init__(("127.0.0.1", port), socketserver.BaseRequestHandler)
         self.routes, self.namespace, self.name = routes, namespace, name
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"service-{name}-{self.port}", daemon=True)
-        self._thread.start()
+        self._thread = self.start_serving(f"service-{name}-{self.port}")
 
     @property
     def port(self) -> int:

@@ -149,9 +149,7 @@ class _PodHTTPServer(SandboxHTTPServer):
             return self.draining
 
     def run(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"sandbox-model-{self.port}", daemon=True)
-        self._thread.start()
+        self._thread = self.start_serving(f"sandbox-model-{self.port}")
 
     def drain(self) -> None:
         """uvicorn's ``Server.shutdown`` (vLLM, SGLang; TGI's axum graceful shutdown alike): stop accepting

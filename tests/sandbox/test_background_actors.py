@@ -4,15 +4,14 @@ kube-proxy's programming delay — each as real HTTP to the pods' servers, on th
 from __future__ import annotations
 
 import copy
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
 import pytest
 
-from sandbox.core import Clock, Faults
+from sandbox.core import Clock, Faults, PromptHTTPServer
 from sandbox.kube import KubeCluster
 from sandbox.kube import resources as res
 from sandbox.kube.controllers import PODS, SVCS
@@ -52,11 +51,10 @@ class _Server:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self._srv.daemon_threads = True
+        self._srv = PromptHTTPServer(("127.0.0.1", 0), H)
         self.port = self._srv.server_address[1]
         self.ready = True
-        threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+        self._srv.start_serving("fake-pod")
         on_ready()
 
     def agents(self, path: str) -> set[str]:

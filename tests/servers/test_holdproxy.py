@@ -8,13 +8,14 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from sandbox.core import PromptHTTPServer
 from servers.holdproxy import Config, HoldProxy
 
 
@@ -52,10 +53,9 @@ class _Recorder(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def recorder():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    srv.daemon_threads = True
+    srv = PromptHTTPServer(("127.0.0.1", 0), _Recorder)
     srv.seen = []  # type: ignore[attr-defined]
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv.start_serving("prefect-api")
     yield srv
     srv.shutdown()
 
@@ -177,9 +177,8 @@ def test_once_the_model_answers_each_client_connection_is_closed_after_its_answe
     disconnected without sending a response'). Now an answer forwarded from the model says
     ``Connection: close``: each client's next request opens a new connection, which the Service routes to the
     model. (Failed before: the answers kept the connection alive.)"""
-    model = ThreadingHTTPServer(("127.0.0.1", 0), _Model)
-    model.daemon_threads = True
-    threading.Thread(target=model.serve_forever, daemon=True).start()
+    model = PromptHTTPServer(("127.0.0.1", 0), _Model)
+    model.start_serving("model")
     try:
         url, proxy = _proxy(recorder, upstream=f"http://127.0.0.1:{model.server_address[1]}")
         with httpx.Client(base_url=url, timeout=10) as http:
