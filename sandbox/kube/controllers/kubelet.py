@@ -36,6 +36,11 @@ PORT_ANNOTATION = "sandbox.llm-fleet.dev/port"
 CRASH_BACKOFF = (10.0, 300.0)  # kubelet: 10 s doubling, capped at 5 min (cloud seconds)
 IMAGE_PULL_FAIL_AFTER = 5.0  # cloud seconds until a bad image reports ErrImagePull
 SHUTDOWN_SECONDS = 2.0  # cloud seconds from SIGTERM to a model server's exit (at most the grace period)
+# Real seconds from SIGTERM to SIGKILL at least. A request in progress at SIGTERM finishes in real time (its
+# handling is not scaled), and on the suite's clock a spot pod's 15 s grace minus its preStop is ~10 ms: a
+# loaded machine then cut GETs that take a millisecond on a node (as with prober.MIN_PROBE_TIMEOUT_S, machine
+# load must not read as cloud time). A server that drains sooner exits sooner.
+MIN_DRAIN_S = 0.5
 
 
 def _pre_stop_seconds(pod: dict) -> float:
@@ -511,7 +516,7 @@ class Kubelet(ControllerBase):
                 # progress (uvicorn's graceful shutdown) and exits once no connection is left; the process
                 # takes SHUTDOWN_SECONDS to go at least; SIGKILL when the grace period ends first
                 term()
-                deadline = sigterm + self.clock.scaled(left)
+                deadline = sigterm + max(self.clock.scaled(left), MIN_DRAIN_S)
                 while not server.drained and time.monotonic() < deadline:
                     if self._stop.wait(0.005):
                         break
