@@ -15,14 +15,14 @@ The lookup needs the caller's access token (401 otherwise, as the API does) and 
 from __future__ import annotations
 
 import contextlib
-import selectors
 import socket
 import socketserver
 import threading
 from pathlib import Path
 from typing import Any
 
-from sandbox.core import HttpError, JsonHandler, route
+from sandbox.core import HttpError, JsonHandler, PromptStop, route
+from sandbox.routing import relay
 from sandbox.tls import ClusterCA, serve_tls
 
 HOST = "iamcredentials.googleapis.com"
@@ -71,26 +71,10 @@ class _Tunnel(socketserver.BaseRequestHandler):
             sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             sock.settimeout(None)
             upstream.settimeout(None)
-            peers = {sock: upstream, upstream: sock}
-            # a selector, not select(): that refuses descriptors past FD_SETSIZE (1024), a busy sandbox has more
-            with selectors.DefaultSelector() as sel:
-                for s in peers:
-                    sel.register(s, selectors.EVENT_READ)
-                while True:
-                    ready = sel.select(30)
-                    if not ready:
-                        return
-                    for key, _ in ready:
-                        try:
-                            data = key.fileobj.recv(65536)  # type: ignore[union-attr]
-                        except OSError:
-                            return
-                        if not data:
-                            return
-                        peers[key.fileobj].sendall(data)  # type: ignore[index]
+            relay(sock, upstream, idle_s=30)
 
 
-class _Proxy(socketserver.ThreadingTCPServer):
+class _Proxy(PromptStop, socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
@@ -109,8 +93,7 @@ class IamCredentials:
         self._server = serve_tls(IamHandler, state=self, faults=self.faults, context=self.tls.server_context())
         self._proxy = _Proxy(("127.0.0.1", 0), _Tunnel)
         self._proxy.tls_port = self._server.port  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._proxy.serve_forever, name="iam-proxy", daemon=True)
-        self._thread.start()
+        self._thread = self._proxy.start_serving("iam-proxy")
 
     def stop(self) -> None:
         if self._proxy is not None:

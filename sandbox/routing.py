@@ -276,8 +276,7 @@ def _reset(sock: socket.socket) -> None:
 
 
 def _splice(client: socket.socket, port: int) -> None:
-    """An L4 relay to a backend outside this process (a local subprocess pod): bytes both ways, a FIN passed
-    on as a half-close, a reset as a reset, until both directions are done."""
+    """An L4 relay to a backend outside this process (a local subprocess pod)."""
     try:
         backend = socket.create_connection(("127.0.0.1", port), timeout=5)
     except OSError:  # refused: the pod's server is gone while kube-proxy still sends there
@@ -287,14 +286,24 @@ def _splice(client: socket.socket, port: int) -> None:
     for s_ in (client, backend):
         with contextlib.suppress(OSError):
             s_.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    peer = {client: backend, backend: client}
+    relay(client, backend)
+
+
+def relay(a: socket.socket, b: socket.socket, *, idle_s: float | None = None) -> None:
+    """Bytes both ways between two connected sockets, a FIN passed on as a half-close, a reset as a reset,
+    until both directions are done (or nothing came for ``idle_s``); both are closed then. A selector, not
+    select(): that refuses descriptors past FD_SETSIZE (1024), and a busy sandbox has more."""
+    peer = {a: b, b: a}
     sel = selectors.DefaultSelector()
     for s_ in peer:
         sel.register(s_, selectors.EVENT_READ)
     open_ = 2
     try:
         while open_:
-            for key, _ in sel.select():
+            ready = sel.select(idle_s)
+            if not ready:
+                return
+            for key, _ in ready:
                 src: socket.socket = key.fileobj  # type: ignore[assignment]
                 dst = peer[src]
                 try:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 
 from tests.flows.conftest import spec_dict
+from tests.sandbox.kube_support import wait_for
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.timeout(300)]
 
@@ -115,9 +115,7 @@ def test_one_alert_per_incident_updated_then_resolved(sandbox, sbc, cluster):
     replies = _replies(sbc, alerts[0]["ts"])
     assert len(replies) == 1 and "all clear" in replies[0]["text"]
     # Prefect persists events in batches (every 5 s, or 20 events): read until both are in, then exactly them.
-    deadline = time.monotonic() + 30
-    while len(events := _events(spec["name"])) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    events = wait_for(lambda: len(got := _events(spec["name"])) >= 2 and got, timeout=30, interval=0.2)
     assert events == ["llm-fleet.model.unhealthy", "llm-fleet.model.recovered"]
 
 
