@@ -24,6 +24,57 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+_HANDED_OUT: dict[int, float] = {}  # port -> when free_port() gave it (monotonic)
+_HANDED_OUT_LOCK = threading.Lock()
+_HOLD_S = 120.0  # a program binds the port it was given within this (else it has failed anyway)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port() -> int:
+    """A free loopback port for a program that binds it itself, later (a local container, ``prefect server
+    start --port``, ``kubectl port-forward``).
+
+    Not ``bind(0)``: that port is from the kernel's ephemeral range, and between the pick and the program's
+    bind (a second or more of a Python server's imports on a loaded machine) any ``bind(0)`` or outgoing
+    connection on the machine may take it, and the program exits "address already in use" (a crash no pod
+    sees on GKE, where each has its own network namespace). The kernel never hands out a port outside the
+    ephemeral range, so this picks one there at random, free now and not given out by this process in the
+    last two minutes; two processes picking the same one at the same moment is the remaining (1 in ~20,000)
+    chance."""
+    import random
+
+    lo, hi = _ephemeral_range()
+    spans = [(max(10000, lo - 20000), lo - 1), (hi + 1, 65535)]
+    spans = [(a, b) for a, b in spans if b - a >= 1000]
+    now = time.monotonic()
+    with _HANDED_OUT_LOCK:
+        for port, at in list(_HANDED_OUT.items()):
+            if now - at > _HOLD_S:
+                del _HANDED_OUT[port]
+        for _ in range(200 if spans else 0):
+            a, b = random.choice(spans)
+            port = random.randint(a, b)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT[port] = now
+            return port
+    with socket.socket() as s:  # no room outside the ephemeral range: the kernel's pick
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 class Clock:
     """Cloud delays expressed in real-world seconds, scaled for the sandbox.

@@ -734,24 +734,32 @@ def _handle(h: KubeHandler, path: str) -> Any:
             if live is None:
                 raise not_found(t, name)
             return api.scale_of(t, live)
-        if method in ("PUT", "PATCH"):
-            live = cluster.store.get(t, ns, name)
-            if live is None:
-                raise not_found(t, name)
-            current = api.scale_of(t, live)
-            if method == "PUT":
-                new_scale = _body(h)
-            else:
-                ctype = (h.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-                raw = h.body_bytes()
-                body = json.loads(raw or b"{}") if ctype != APPLY else yaml.safe_load(raw.decode() or "{}")
+        if method == "PUT":
+            return api.set_scale(t, ns, name, _body(h), manager=manager, dry_run=dry_run)
+        if method == "PATCH":
+            ctype = (h.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            raw = h.body_bytes()
+            body = json.loads(raw or b"{}") if ctype != APPLY else yaml.safe_load(raw.decode() or "{}")
+            pinned = isinstance(body, dict) and (body.get("metadata") or {}).get("resourceVersion")
+            for attempt in range(8):
+                live = cluster.store.get(t, ns, name)
+                if live is None:
+                    raise not_found(t, name)
+                current = api.scale_of(t, live)
                 if ctype == JSONPATCH:
                     new_scale = patches.json_patch(current, body)
                 elif ctype == STRATEGIC:
                     new_scale = patches.strategic_merge(current, body)
                 else:
                     new_scale = patches.merge_patch(current, body)
-            return api.set_scale(t, ns, name, new_scale, manager=manager, dry_run=dry_run)
+                try:
+                    return api.set_scale(t, ns, name, new_scale, manager=manager, dry_run=dry_run)
+                except HttpError as err:
+                    # the apiserver's GuaranteedUpdate: a patch that names no resourceVersion is re-applied
+                    # to the object a concurrent writer (a controller's status update) left
+                    if err.status == 409 and err.reason == "Conflict" and not pinned and attempt < 7:
+                        continue
+                    raise
         raise status_error(405, "MethodNotAllowed", "the server does not allow this method on the requested "
                            "resource")
     if sub == "finalize":

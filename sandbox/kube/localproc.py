@@ -42,6 +42,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from sandbox.core import free_port
+
 LOCAL_PREFIX = "local/"
 ENV_PATTERNS = "SANDBOX_LOCAL_IMAGES"
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -72,12 +74,6 @@ def starter(cluster: Any, pod: dict[str, Any]) -> Callable[..., LocalProcess] | 
         return LocalProcess(cluster, pod, on_ready=on_ready, on_exit=on_exit)
 
     return start
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_name(service: str) -> str:
@@ -178,7 +174,7 @@ class LocalProcess:
         c = (spec.get("containers") or [{}])[0]
         self.namespace, self.name = meta.get("namespace", "default"), meta.get("name", "")
         self.cluster = cluster
-        self.port = _free_port()
+        self.port = free_port()
         self.grace = min(5.0, float(spec.get("terminationGracePeriodSeconds", 30)))
         self._on_ready, self._on_exit = on_ready, on_exit
         self._logs: deque[str] = deque(maxlen=2000)

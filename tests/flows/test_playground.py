@@ -14,7 +14,6 @@ import base64
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.core import free_port
 from tests.flows.conftest import spec_dict
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -66,9 +66,7 @@ def deploy(data: dict) -> str:
 @contextlib.contextmanager
 def port_forward(kubeconfig: str, namespace: str, service: str, port: int) -> Iterator[str]:
     """``kubectl port-forward service/<service> <local>:<port>``, as a user opens a ClusterIP Service."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        local = s.getsockname()[1]
+    local = free_port()
     home = tempfile.mkdtemp(prefix="tests-kubectl-")
     proc = subprocess.Popen(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={home}/cache", "-n", namespace,
                              "port-forward", f"service/{service}", f"{local}:{port}"],

@@ -120,21 +120,19 @@ def _tutorial_access(spec: dict, api) -> None:
     import hashlib
     import os
     import shutil
-    import socket
     import subprocess
     import tempfile
 
     import httpx
 
+    from sandbox.core import free_port
     from tasks.gke import get_credentials
 
     ns, svc = spec["namespace"], spec["name"]
     c = spec["cluster"]
     kubeconfig = get_credentials.fn(project=c["project"], location=c["location"], name=c["name"])
     if shutil.which("kubectl"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            local = s.getsockname()[1]
+        local = free_port()
         home = tempfile.mkdtemp(prefix="tests-kubectl-")
         proc = subprocess.Popen(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={home}/cache", "-n", ns,
                                  "port-forward", f"service/{svc}", f"{local}:{spec['expose']['port']}"],

@@ -87,20 +87,26 @@ class StubServer:
 
 
 class StubRuntime:
-    """Modes per pod (by the ``mode`` label, else ``default_mode``): ok, crash_loop, oom, image_pull_error."""
+    """Modes per pod (by the ``mode`` label, else ``default_mode``): ok, crash_loop, crash_once (the pod's first
+    container exits, later ones run), oom, image_pull_error."""
 
     def __init__(self, clock: Clock, load_s: float = 20.0, default_mode: str = "ok") -> None:
         self.clock = clock
         self.load_s = load_s
         self.default_mode = default_mode
         self.started: list[StubServer] = []
+        self._crashed: set[str] = set()  # pods whose crash_once container has exited
 
     def behavior_for(self, pod: dict) -> Any:
         return SimpleNamespace(mode=(pod["metadata"].get("labels") or {}).get("mode", self.default_mode))
 
     def start(self, pod: dict, *, on_ready: Any, on_exit: Any) -> StubServer:
-        server = StubServer(pod, on_ready, on_exit, load_s=self.clock.scaled(self.load_s),
-                            mode=self.behavior_for(pod).mode)
+        mode = self.behavior_for(pod).mode
+        if mode == "crash_once":
+            uid = pod["metadata"]["uid"]
+            mode = "ok" if uid in self._crashed else "crash_loop"
+            self._crashed.add(uid)
+        server = StubServer(pod, on_ready, on_exit, load_s=self.clock.scaled(self.load_s), mode=mode)
         self.started.append(server)
         return server
 

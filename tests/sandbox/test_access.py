@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from sandbox.core import free_port
 from tests.sandbox.access_support import httpx_kwargs, kubeconfig
 from tests.sandbox.kube_support import model_cluster, wait_for
 
@@ -95,15 +95,9 @@ def kubectl(kube, tmp_path_factory):
     return run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Forward:
     def __init__(self, kubectl, target: str, remote: int) -> None:
-        self.local = _free_port()
+        self.local = free_port()
         self.proc = kubectl.popen("port-forward", target, f"{self.local}:{remote}")
         line = self.proc.stdout.readline()  # "Forwarding from 127.0.0.1:L -> R"
         assert line.startswith(f"Forwarding from 127.0.0.1:{self.local} -> "), (line, self.proc.stderr.read())

@@ -147,6 +147,40 @@ def test_scale_up_and_down_stops_servers(kube, core, apps, runtime):
     assert {c.type: c.status for c in d.status.conditions} == {"Available": "True", "Progressing": "True"}
 
 
+def test_a_scale_patch_is_reapplied_over_a_concurrent_write_not_refused(kube, apps):
+    """``kubectl scale`` / ``patch .../scale`` name no resourceVersion: the API server re-applies the patch to
+    whatever a controller wrote meanwhile (its status updates) and never answers 409 Conflict for it; one
+    that names a stale resourceVersion is refused."""
+    from sandbox.kube.controllers.common import DEPLOYS
+
+    apps.create_namespaced_deployment("default", gpu_deployment("busy", replicas=0))
+    stop = threading.Event()
+
+    def write_status() -> None:  # what the deployment controller does, a write every millisecond
+        n = 0
+        while not stop.wait(0.001):
+            n += 1
+            kube.store.mutate(DEPLOYS, "default", "busy",
+                              lambda d, n=n: {**d, "status": {**(d.get("status") or {}), "observedGeneration": n}})
+
+    writer = threading.Thread(target=write_status, daemon=True)
+    writer.start()
+    try:
+        for i in range(60):
+            apps.patch_namespaced_deployment_scale("busy", "default", {"spec": {"replicas": i % 2}},
+                                                   _content_type="application/merge-patch+json")
+    finally:
+        stop.set()
+        writer.join()
+    assert apps.read_namespaced_deployment("busy", "default").spec.replicas == 1
+    stale = apps.read_namespaced_deployment_scale("busy", "default").metadata.resource_version
+    kube.store.mutate(DEPLOYS, "default", "busy", lambda d: {**d, "status": {"observedGeneration": 0}})
+    with pytest.raises(ApiException) as info:
+        apps.patch_namespaced_deployment_scale("busy", "default", {"metadata": {"resourceVersion": stale},
+                                                                   "spec": {"replicas": 0}})
+    assert info.value.status == 409
+
+
 def test_scaled_down_pods_pass_through_terminating():
     """A scaled-down pod is marked for deletion first (kubectl shows Terminating, a watch sees MODIFIED with
     deletionTimestamp), its server gets SIGTERM, and it is gone only once the engine has exited (2 cloud s)."""
@@ -358,6 +392,38 @@ def test_crash_loop_backoff(kube, core, apps, mode, code, reason):
     assert ("CUDA out of memory" if mode == "oom" else "bad engine args") in previous
     assert core.read_namespaced_pod_log(p.metadata.name, "default", previous=True, tail_lines=1).count("\n") == 1
     assert any(r == "BackOff" for r, _ in events_for(core, p.metadata.name))
+
+
+def test_one_crash_is_a_restart_and_the_second_a_crash_loop(kube, core, apps):
+    """kuberuntime's doBackOff: a container's first exit restarts it at once (RESTARTS 1, no CrashLoopBackOff,
+    no BackOff event); only an exit within the back-off entry waits (``back-off 10s``, then 20s). A single
+    crash, or a liveness kill of a slow start, is not a crash loop, and a reader that takes it for one (a
+    rollout that fails on it) fails where GKE would recover."""
+    gpu_node(kube, "n1")
+    gpu_node(kube, "n2")
+    seen: list[tuple[str, str, int, str]] = []  # (pod, waiting reason, restartCount, message) of each pod write
+    unsubscribe = kube.subscribe(lambda _t, o: seen.extend(
+        (o["metadata"]["name"], (w := (cs.get("state") or {}).get("waiting") or {}).get("reason", ""),
+         cs.get("restartCount", 0), w.get("message", ""))
+        for cs in (o.get("status") or {}).get("containerStatuses") or []))
+    try:
+        apps.create_namespaced_deployment("default", gpu_deployment("once", labels={"app": "once",
+                                                                                   "mode": "crash_once"}))
+        apps.create_namespaced_deployment("default", gpu_deployment("loop", labels={"app": "loop",
+                                                                                   "mode": "crash_loop"}))
+        p = wait_for(lambda: next((p for p in pods(core, selector="app=once") if ready(p)), None))
+        cs = p.status.container_statuses[0]
+        assert cs.restart_count == 1 and cs.last_state.terminated.exit_code == 1 and cs.state.running
+        loop = wait_for(lambda: next((p for p in pods(core, selector="app=loop")
+                                      if p.status.container_statuses[0].restart_count >= 3), None))
+    finally:
+        unsubscribe()
+    once = {r for name, r, _, _ in seen if name == p.metadata.name}
+    assert "CrashLoopBackOff" not in once, once
+    assert not any(r == "BackOff" for r, _ in events_for(core, p.metadata.name))
+    backoffs = {n: m.split(" restarting")[0] for name, r, n, m in seen
+                if name == loop.metadata.name and r == "CrashLoopBackOff"}
+    assert backoffs == {2: "back-off 10s", 3: "back-off 20s"}, backoffs  # the second exit is the first back-off
 
 
 def test_a_pod_created_for_a_replicaset_being_deleted_is_garbage_collected(kube, core, apps):

@@ -107,3 +107,22 @@ def test_secret_key_refs_are_resolved_like_the_kubelet(kube):
     with http_client(kube) as http:
         assert 'CreateContainerConfigError: secret "absent" not found' in \
             http.get("/api/v1/namespaces/default/pods/nosecret/log").text
+
+
+def test_a_local_container_listens_on_a_port_the_kernel_never_hands_out(kube):
+    """The program binds its ``PORT`` a second or more after the pick (a Python server's imports): a port from
+    the kernel's ephemeral range could meanwhile go to any ``bind(0)`` or outgoing connection on the machine,
+    and the container would exit "address already in use", a crash no GKE pod has (its own network
+    namespace). The port is outside that range, and free_port never gives one out twice while it may be bound."""
+    from sandbox.core import _ephemeral_range, free_port
+    from sandbox.kube.controllers.kubelet import PORT_ANNOTATION
+
+    lo, hi = _ephemeral_range()
+    core = client.CoreV1Api(api_client(kube))
+    core.create_namespaced_pod("default", pod("echo"))
+    wait_for(lambda: any(c.type == "Ready" and c.status == "True"
+                         for c in core.read_namespaced_pod("echo", "default").status.conditions or []), timeout=30)
+    port = int(core.read_namespaced_pod("echo", "default").metadata.annotations[PORT_ANNOTATION])
+    assert not lo <= port <= hi, (port, lo, hi)
+    given = [free_port() for _ in range(200)]
+    assert len(set(given + [port])) == 201 and not any(lo <= p <= hi for p in given)

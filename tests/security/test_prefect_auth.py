@@ -14,7 +14,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,17 +27,12 @@ import pytest
 
 from manifests import park as P
 from manifests.spec import load_spec
+from sandbox.core import free_port
 
 pytestmark = pytest.mark.long
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = "fleet-admin:" + uuid.uuid4().hex
 BASIC = {"Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, timeout: float, proc: subprocess.Popen) -> None:
@@ -57,7 +51,7 @@ def _wait(url: str, timeout: float, proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def prefect_with_auth(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-auth")
-    port = _port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_API_AUTH_STRING": AUTH,
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
@@ -149,7 +143,7 @@ def _proxy_env(spec, *, api: str, secret: dict[str, str], upstream: str, port: i
 def test_held_request_is_answered_after_the_wake_on_an_auth_enabled_server(prefect_with_auth, tmp_path):
     api = prefect_with_auth
     spec = load_spec(ROOT / "deployments" / "qwen2.5-7b-sglang.yaml")
-    model_port, proxy_port = _port(), _port()
+    model_port, proxy_port = free_port(), free_port()
     env = _proxy_env(spec, api=api, secret={"auth-string": AUTH}, upstream=f"http://127.0.0.1:{model_port}",
                      port=proxy_port)
     log = (tmp_path / "proxy.log").open("w")
@@ -192,8 +186,8 @@ def test_held_request_is_answered_after_the_wake_on_an_auth_enabled_server(prefe
 def test_without_the_secret_the_hold_proxy_is_refused_and_says_why(prefect_with_auth, tmp_path):
     api = prefect_with_auth
     spec = load_spec(ROOT / "deployments" / "qwen2.5-7b-sglang.yaml")
-    proxy_port = _port()
-    env = _proxy_env(spec, api=api, secret={}, upstream=f"http://127.0.0.1:{_port()}", port=proxy_port)
+    proxy_port = free_port()
+    env = _proxy_env(spec, api=api, secret={}, upstream=f"http://127.0.0.1:{free_port()}", port=proxy_port)
     env["HOLD_MODEL"] = env["HOLD_RESOURCE_ID"] = "llm-fleet.model.no-secret"
     log_path = tmp_path / "proxy.log"
     with log_path.open("w") as log:
@@ -249,7 +243,7 @@ def test_the_webhook_receiver_announces_on_an_auth_enabled_server(prefect_with_a
     data["model"] = {"id": "Qwen/Qwen2.5-7B-Instruct", "revision": branch}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(data))
-    port, secret = _port(), uuid.uuid4().hex
+    port, secret = free_port(), uuid.uuid4().hex
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": AUTH, "HF_ENDPOINT": hub.url,
            "HF_TOKEN": "hf_sandbox_read", "LLM_FLEET_WEBHOOK_SECRET": secret}

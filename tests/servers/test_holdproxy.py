@@ -15,14 +15,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sandbox.core import PromptHTTPServer
+from sandbox.core import PromptHTTPServer, free_port
 from servers.holdproxy import Config, HoldProxy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -65,7 +59,7 @@ def _proxy(recorder, *, upstream: str, timeout_s: float = 5.0, **extra) -> tuple
     cfg = Config(model="m", engine="vllm", upstream=upstream, max_queue=100, timeout_s=timeout_s, retry_after_s=7,
                  event="llm-fleet.model.wake-requested", resource_id="llm-fleet.model.m", spec="m",
                  prefect_api_url=base, prefect_api_key=None, poll_s=0.05, **extra)
-    proxy, port = HoldProxy(cfg), _free_port()
+    proxy, port = HoldProxy(cfg), free_port()
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -88,7 +82,7 @@ def _events(recorder) -> list:
 
 def test_probes_and_scrapes_are_answered_at_once_and_never_ask_for_a_wake(recorder):
     """Before: a GoogleHC check or a Prometheus scrape was held like a request and asked for a wake."""
-    url, _ = _proxy(recorder, upstream=f"http://127.0.0.1:{_free_port()}")  # parked: nothing listens
+    url, _ = _proxy(recorder, upstream=f"http://127.0.0.1:{free_port()}")  # parked: nothing listens
     asks = [("/health", "GoogleHC/1.0"), ("/", "kube-probe/1.30"), ("/v1/models", "kube-probe/1.30"),
             ("/metrics", "Prometheus/2.45.3"), ("/anything", "Prometheus/2.45.3"), ("/metrics", "curl/8"),
             ("/healthz", "curl/8")]
@@ -130,7 +124,7 @@ def test_a_request_the_model_may_have_received_is_never_sent_twice(recorder):
 
 def test_the_queue_is_bounded_in_bytes(recorder):
     """Before: only a count bound (10,000 requests of up to 64 MiB each against a 256 Mi container)."""
-    url, proxy = _proxy(recorder, upstream=f"http://127.0.0.1:{_free_port()}", timeout_s=3, max_queue_bytes=1000)
+    url, proxy = _proxy(recorder, upstream=f"http://127.0.0.1:{free_port()}", timeout_s=3, max_queue_bytes=1000)
     held = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", content=b"x" * 800, timeout=10),
                             daemon=True)
     held.start()

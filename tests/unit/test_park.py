@@ -350,12 +350,13 @@ def test_a_hold_proxy_on_its_way_out_finishes_the_request_it_forwards():
     import http.server
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import threading
 
     import httpx
+
+    from sandbox.core import free_port
 
     arrived = threading.Event()
 
@@ -381,9 +382,7 @@ def test_a_hold_proxy_on_its_way_out_finishes_the_request_it_forwards():
 
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "HOLD_MODEL": "m", "HOLD_TIMEOUT_S": "10",
            "HOLD_UPSTREAM_URL": f"http://127.0.0.1:{upstream.server_address[1]}", "HOLD_POLL_S": "0.05"}
     proxy = subprocess.Popen([sys.executable, "-m", "servers.holdproxy"], env=env, cwd=ROOT,

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 PORT_ANNOTATION = "sandbox.llm-fleet.dev/port"
 CRASH_BACKOFF = (10.0, 300.0)  # kubelet: 10 s doubling, capped at 5 min (cloud seconds)
 IMAGE_PULL_FAIL_AFTER = 5.0  # cloud seconds until a bad image reports ErrImagePull
+PLEG_RELIST_S = 1.0  # cloud seconds: the kubelet sees a container's exit at its next relist, then restarts it
 SHUTDOWN_SECONDS = 2.0  # cloud seconds from SIGTERM to a model server's exit (at most the grace period)
 # Real seconds from SIGTERM to SIGKILL at least. A request in progress at SIGTERM finishes in real time (its
 # handling is not scaled), and on the suite's clock a spot pod's 15 s grace minus its preStop is ~10 ms: a
@@ -78,6 +79,10 @@ class PodRun:
         self.container_id = ""
         self.plain = False  # no model server (image the runtime does not serve)
         self.last_terminated: Obj = {}
+        # kuberuntime's restart back-off entry (flowcontrol.Backoff): its duration (cloud seconds, 0: none
+        # yet) and when it was last advanced (cloud time)
+        self.backoff = 0.0
+        self.backoff_at = 0.0
 
     def logs(self) -> list[str]:
         if self.server is not None:
@@ -410,12 +415,13 @@ class Kubelet(ControllerBase):
             run.prev_logs = list(run.last_logs)
             run.ready = False
             finished = now_rfc3339()
+            previous = run.last_terminated  # the lastState shown until this exit counts as a restart
             run.last_terminated = {"terminated": {
                 "exitCode": int(code), "reason": reason or "Error", "startedAt": run.started_at,
                 "finishedAt": finished, "containerID": run.container_id}}
             run.restarts += 1
             restarts = run.restarts
-            backoff = min(CRASH_BACKOFF[1], CRASH_BACKOFF[0] * 2 ** (restarts - 1))
+            delay = self._restart_delay(run)
             last = run.last_terminated
             pod_name = run.name
 
@@ -423,11 +429,15 @@ class Kubelet(ControllerBase):
                 if p["metadata"]["uid"] != uid:
                     return None
                 cname = self._main_container(p)
-                waiting = {"waiting": {"reason": "CrashLoopBackOff", "message":
-                                       f"back-off {human_backoff(backoff)} restarting failed container={cname} "
-                                       f"pod={pod_name}_{p['metadata']['namespace']}({uid})"}}
+                if delay:
+                    state = {"waiting": {"reason": "CrashLoopBackOff", "message":
+                                         f"back-off {human_backoff(delay)} restarting failed container={cname} "
+                                         f"pod={pod_name}_{p['metadata']['namespace']}({uid})"}}
+                    shown, prior = restarts, last
+                else:  # exited, not yet restarted: the exit is the current state, counted once restarted
+                    state, shown, prior = last, restarts - 1, previous
                 p["status"]["containerStatuses"] = [
-                    self._cstatus(c, waiting, restarts=restarts, last=last, started=False,
+                    self._cstatus(c, state, restarts=shown, last=prior, started=False,
                                   container_id=run.container_id) for c in p["spec"]["containers"]]
                 self._ready_conditions(p, False)
                 return p
@@ -435,11 +445,28 @@ class Kubelet(ControllerBase):
             out = self.store.mutate(PODS, run.namespace, run.name, fn)
         if out is None:
             return
+        if not delay:
+            self.after(PLEG_RELIST_S, ("start", run.namespace, run.name, uid, False))
+            return
         host = out["spec"].get("nodeName", "")
         cname = self._main_container(out)
         self.event(out, "Warning", "BackOff", f"Back-off restarting failed container {cname} in pod "
                    f"{run.name}_{run.namespace}({uid})", host=host)
-        self.after(backoff, ("start", run.namespace, run.name, uid, False))
+        self.after(delay, ("start", run.namespace, run.name, uid, False))
+
+    def _restart_delay(self, run: PodRun) -> float:
+        """How long the kubelet waits to restart ``run``'s container that just exited (cloud seconds), advancing
+        its back-off entry as ``kuberuntime``'s ``doBackOff`` does: with no entry, or one idle for over twice
+        the cap, the container restarts at once (``restartCount`` 1, no ``CrashLoopBackOff``) and the entry
+        starts at 10 s; within an entry it waits the entry's duration (``back-off 10s``), and the restart
+        doubles it up to 5 min. So one crash (or a liveness kill) is a restart; the second is a crash loop."""
+        now = self.clock.now()
+        if run.backoff == 0 or now - run.backoff_at > 2 * CRASH_BACKOFF[1]:
+            run.backoff, run.backoff_at = CRASH_BACKOFF[0], now
+            return 0.0
+        delay = run.backoff
+        run.backoff, run.backoff_at = min(CRASH_BACKOFF[1], 2 * delay), now + delay
+        return delay
 
     @staticmethod
     def _stop_server(server: Any) -> None:
