@@ -39,12 +39,14 @@ TOOLS = {"kubectl": "the GPU nodes, pods, Service and model seen through kubectl
 
 
 def _free_port(preferred: int) -> int:
+    """``preferred`` when nothing listens there, else a port no other socket takes before the Prefect server,
+    seconds of imports later, binds it (``sandbox.core.free_port``: outside the kernel's ephemeral range)."""
+    from sandbox.core import free_port
+
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", preferred)) != 0:
             return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _say(text: str) -> None:
