@@ -49,8 +49,8 @@ SESSION_OWNED = ("pytest-of-", "tests-", "kube")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest tests (marked ``long``) go first, so with ``-n 2`` one worker starts on them while the
-    other takes the many short ones, instead of a four-minute test starting last."""
+    """The longest tests (marked ``long``) go first, so some workers start on them while the others take
+    the many short ones, instead of a four-minute test starting last."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
