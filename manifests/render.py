@@ -14,6 +14,7 @@ from manifests.spec import DeploymentSpec, SpecError
 
 Obj = dict[str, Any]
 GPU = "nvidia.com/gpu"
+HEALTH_PATH = "/health"  # every engine's (vLLM, SGLang, TGI): the probes' and the load balancer's health check
 
 
 def _meta(spec: DeploymentSpec, name: str, *, labels: dict[str, str] | None = None,
@@ -239,11 +240,11 @@ def _engine_container(spec: DeploymentSpec, revision: str) -> Obj:
                       "limits": {GPU: gpus, "cpu": cpu, "memory": memory}},
         # A startup probe absorbs the slow weight load; liveness only begins once it passes,
         # so a hung server is still restarted without a 10-minute initialDelaySeconds.
-        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
+        "startupProbe": {"httpGet": {"path": HEALTH_PATH, "port": "http"}, "periodSeconds": period,
                          "failureThreshold": max(3, math.ceil(load_s / period))},
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5,
+        "readinessProbe": {"httpGet": {"path": HEALTH_PATH, "port": "http"}, "periodSeconds": 5,
                            "failureThreshold": 3, "timeoutSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 30,
+        "livenessProbe": {"httpGet": {"path": HEALTH_PATH, "port": "http"}, "periodSeconds": 30,
                           "failureThreshold": 3, "timeoutSeconds": 10},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
                          {"name": "cache", "mountPath": spec.cache.mount_path}],
@@ -533,9 +534,13 @@ def backend_config(spec: DeploymentSpec) -> Obj | None:
     if ing is None or ing.class_name != "gce":
         return None
     timeout = int(spec.hold.timeout.total_seconds()) + ing.read_timeout_s if spec.hold.enabled else ing.read_timeout_s
+    # The load balancer's health check, named here: GKE infers one from the readiness probe only of pods that
+    # exist when it creates the backend (once), else it checks `GET /`, which no engine answers with 200 — a
+    # race with the Deployment's first pod that every backend would lose. The port is each endpoint's own.
     return {"apiVersion": "cloud.google.com/v1", "kind": "BackendConfig",
             "metadata": _meta(spec, names.backend_config(spec)),
-            "spec": {"timeoutSec": timeout, "connectionDraining": {"drainingTimeoutSec": 60}}}
+            "spec": {"timeoutSec": timeout, "connectionDraining": {"drainingTimeoutSec": 60},
+                     "healthCheck": {"type": "HTTP", "requestPath": HEALTH_PATH}}}
 
 
 def ingress(spec: DeploymentSpec) -> Obj | None:

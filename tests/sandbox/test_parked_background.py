@@ -100,13 +100,13 @@ def test_a_parked_model_stays_parked_under_scrapes_and_health_checks_for_two_hou
     spec = _spec()
     ns = spec.namespace
     objs = {(o["kind"], o["metadata"]["name"]): o for o in render(spec, rbac=False)}
-    # deploy_model: Deployment, Services, Ingress, PodMonitoring; the model's pod exists (Pending: no GPU node
-    # yet) when the Ingress appears, so GKE's health check takes the model's readiness probe.
+    # deploy_model: Deployment, Services, BackendConfig, Ingress, PodMonitoring; the load balancer checks the
+    # path the BackendConfig names (with or without the model's pod at the Ingress's creation)
     for o in objs.values():
         if o["kind"] not in ("Namespace", "ServiceAccount"):
             _apply(kube, o)
     hc = wait_for(lambda: kube.ingress.health.health(ns, names.service(spec)), timeout=30)
-    assert hc["check"]["source"] == "readinessProbe" and hc["check"]["path"] == "/health"
+    assert hc["check"]["source"] == "BackendConfig" and hc["check"]["path"] == "/health"
 
     # park_model: the hold proxy in front (Ready first), the live Service on it, the model to 0
     url = f"http://127.0.0.1:{prefect_events.server_address[1]}"
@@ -157,3 +157,19 @@ def test_a_parked_model_stays_parked_under_scrapes_and_health_checks_for_two_hou
     assert samples[("llm_fleet_hold_probe_requests_total", (("agent", "kube-probe"),))] > 0  # the kubelet's
     # and the load balancer still routes to the proxy: a client is held, not answered 502
     assert kube.ingress.health.healthy_ports(ns, names.service(spec))
+
+
+def test_the_load_balancer_checks_the_engines_health_path_when_the_ingress_comes_before_the_pods(kube):
+    """GKE infers a backend's health check from the readiness probe of the pods that exist when it creates the
+    backend, once; an Ingress whose backend appeared before the Deployment's first pod got ``GET /``, which no
+    engine answers with 200 (no healthy backend: 502 for every client). The rendered BackendConfig names the
+    engines' health path, so the order deploy_model's apply happens to land in does not matter. (Failed before:
+    source "default", path "/".)"""
+    spec = _spec()
+    for o in render(spec, rbac=False):
+        if o["kind"] not in ("Namespace", "ServiceAccount", "Deployment"):
+            _apply(kube, o)
+    hc = wait_for(lambda: kube.ingress.health.health(spec.namespace, names.service(spec)), timeout=30)
+    assert not [p for p in kube.store.list(PODS, spec.namespace)[0]]  # no pod when the backend was made
+    assert hc["check"]["source"] == "BackendConfig" and hc["check"]["path"] == "/health", hc["check"]
+
