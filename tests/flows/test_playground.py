@@ -97,9 +97,11 @@ def open_page(browser, url: str):
     return page
 
 
-def ask(page, prompt: str, *, image: bytes | None = None, timeout_s: float = 90, shot_wait: str | None = None) -> dict:
+def ask(page, prompt: str, *, image: bytes | None = None, timeout_s: float = 90, shot_wait: str | None = None,
+        on_wait=None) -> dict:
     """Type a prompt, send it, wait for the answer: its state, text, figures, how many token events the page
-    received (streamed pieces) and the last wait message it showed before them."""
+    received (streamed pieces) and the last wait message it showed before them. With ``shot_wait``: once the
+    page shows the wait, a screenshot, then ``on_wait()``."""
     page.evaluate("""() => { window.__waited = ''; const log = document.getElementById('log');
         new MutationObserver(() => { const w = [...log.querySelectorAll('.assistant .wait')].pop();
           if (w && w.textContent.includes('waking')) window.__waited = w.textContent; })
@@ -114,6 +116,8 @@ def ask(page, prompt: str, *, image: bytes | None = None, timeout_s: float = 90,
     if shot_wait is not None:  # the page while the prompt is held
         page.wait_for_function("window.__waited !== ''", timeout=timeout_s * 1000)
         shot(page, shot_wait)
+        if on_wait is not None:
+            on_wait()
     page.wait_for_function(f"['done', 'error'].includes(document.querySelectorAll('.turn.assistant')[{n}]"
                            f".dataset.state)", timeout=timeout_s * 1000)
     return {"state": turn.get_attribute("data-state"), "answer": turn.locator(".answer").inner_text(),
@@ -192,12 +196,16 @@ def test_seed001_vllm_answers_a_typed_prompt_streamed_and_after_a_park_the_page_
         wait_for(lambda: page.inner_text("#state").startswith("parked"), "the page to show the model parked")
         seen = {e["id"] for e in wake_events(spec)}
         woke: dict = {}
-        # Playwright's sync API belongs to this thread: the deployment trigger is played from another one.
+        shown = threading.Event()
+        # Playwright's sync API belongs to this thread: the deployment trigger is played from another one, once
+        # the page shows the wait (a wake that answers before a loaded machine's browser drew it leaves nothing
+        # to see; the promise is the wait shown while the model is parked, then the answer)
         trigger = threading.Thread(target=lambda: (
             wait_for(lambda: [e for e in wake_events(spec) if e["id"] not in seen], "a wake event", 60),
-            woke.update(wake_model(spec=spec, reason="event"))))
+            shown.wait(100), woke.update(wake_model(spec=spec, reason="event"))))
         trigger.start()
-        answer = ask(page, "What is a GPU?", timeout_s=120, shot_wait="playground-gemma-parked.png")
+        answer = ask(page, "What is a GPU?", timeout_s=100, shot_wait="playground-gemma-parked.png",
+                     on_wait=shown.set)
         trigger.join(120)
         assert woke.get("woken"), woke
         assert answer["state"] == "done" and answer["answer"].strip(), answer
