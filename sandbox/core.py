@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import re
 import selectors
 import socket
@@ -49,8 +50,6 @@ def free_port() -> int:
     ephemeral range, so this picks one there at random, free now and not given out by this process in the
     last two minutes; two processes picking the same one at the same moment is the remaining (1 in ~20,000)
     chance."""
-    import random
-
     lo, hi = _ephemeral_range()
     spans = [(max(10000, lo - 20000), lo - 1), (hi + 1, 65535)]
     spans = [(a, b) for a, b in spans if b - a >= 1000]

@@ -44,6 +44,21 @@ def _rand(n: int = 5) -> str:
     return "".join(_rng.choice(alphabet) for _ in range(n))
 
 
+def _patched(ctype: str, obj: Obj, body: Any) -> Obj:
+    """``obj`` with a JSON patch, a merge patch or a strategic merge patch (any other type) applied."""
+    if ctype == JSONPATCH:
+        patched = patches.json_patch(obj, body)
+    elif not isinstance(body, dict):
+        raise _bad_request("patch body must be a JSON object")
+    elif ctype == MERGE:
+        patched = patches.merge_patch(obj, body)
+    else:
+        patched = patches.strategic_merge(obj, body)
+    if not isinstance(patched, dict):
+        raise _bad_request("patch produced an invalid object")
+    return patched
+
+
 def _bad_request(message: str) -> HttpError:
     return status_error(400, "BadRequest", message)
 
@@ -244,16 +259,7 @@ class KubeApi:
             live = self.store.get(t, namespace, name)
             if live is None:
                 raise not_found(t, name)
-            if ctype == JSONPATCH:
-                patched = patches.json_patch(live, body)
-            elif not isinstance(body, dict):
-                raise _bad_request("patch body must be a JSON object")
-            elif ctype == MERGE:
-                patched = patches.merge_patch(live, body)
-            else:
-                patched = patches.strategic_merge(live, body)
-            if not isinstance(patched, dict):
-                raise _bad_request("patch produced an invalid object")
+            patched = _patched(ctype, live, body)
             want_rv = (patched.get("metadata") or {}).get("resourceVersion")
             if want_rv and want_rv != live["metadata"]["resourceVersion"]:
                 raise conflict(t, name)
@@ -745,13 +751,7 @@ def _handle(h: KubeHandler, path: str) -> Any:
                 live = cluster.store.get(t, ns, name)
                 if live is None:
                     raise not_found(t, name)
-                current = api.scale_of(t, live)
-                if ctype == JSONPATCH:
-                    new_scale = patches.json_patch(current, body)
-                elif ctype == STRATEGIC:
-                    new_scale = patches.strategic_merge(current, body)
-                else:
-                    new_scale = patches.merge_patch(current, body)
+                new_scale = _patched(MERGE if ctype == APPLY else ctype, api.scale_of(t, live), body)
                 try:
                     return api.set_scale(t, ns, name, new_scale, manager=manager, dry_run=dry_run)
                 except HttpError as err:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.core import PromptHTTPServer, free_port
 from servers.holdproxy import Config, HoldProxy
+from tests.sandbox.kube_support import wait_for
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -181,9 +182,7 @@ def test_once_the_model_answers_each_client_connection_is_closed_after_its_answe
                 assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello"
                 assert r.headers["connection"] == "close"
         # the proxy counts a forward after its last write, which the client may read first
-        deadline = time.monotonic() + 10
-        while proxy.state.forwarded < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: proxy.state.forwarded >= 3, timeout=10)
         assert proxy.state.forwarded == 3
     finally:
         model.shutdown()
