@@ -74,12 +74,10 @@ def pool_operations(*, project: str, location: str, cluster: str, pool: str | No
 def _operations_client():
     from google.cloud import compute_v1
 
-    from tasks.clients import gcp_credentials
+    from tasks.clients import google_client
 
     s = get_settings()
-    return compute_v1.GlobalOperationsClient(credentials=gcp_credentials(s), transport="rest",
-                                             client_options={"api_endpoint": s.compute_endpoint}
-                                             if s.compute_endpoint else None)
+    return google_client(compute_v1.GlobalOperationsClient, s.compute_endpoint, s, transport="rest")
 
 
 def vm_bases(ledger: dict[str, Any], pool: dict[str, Any] | None) -> set[str]:

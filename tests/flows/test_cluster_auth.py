@@ -164,3 +164,27 @@ def test_operator_role_lacking_a_verb_fails_with_the_permission_named(sbc, as_op
     assert f"system:serviceaccount:{ns}:llm-fleet-operator" in message
 
 
+
+
+def test_a_process_keeps_one_google_client_per_api(sbc):
+    """Tasks share one Google client per API in a process: each new client copies the credentials, and each
+    copy looks up its regional access boundary (an HTTPS call to iamcredentials) and opens connections of its
+    own. Twenty GKE reads and twenty Compute reads: at most one lookup per API, not one per read."""
+    import time
+
+    from google.cloud import compute_v1, container_v1
+
+    from tasks import clients, compute, gke
+
+    cfg = spec_dict(SPEC)["cluster"]
+    rule = sbc.add_fault(service="iamcredentials", path="/allowedLocations$", count=None)  # passes, counts
+    for _ in range(20):
+        assert gke.get_cluster.fn(project=cfg["project"], location=cfg["location"], name="none-such") is None
+        assert compute.get_project_gpu_quota.fn(project=cfg["project"]).scope == "global"
+    time.sleep(1.0)  # the lookups run in background threads
+    hits = next(r["hits"] for r in sbc.faults() if r["id"] == rule["id"])
+    assert hits <= 2, f"{hits} boundary lookups for 40 reads: a client per call"
+    assert clients.cluster_manager() is clients.cluster_manager()
+    assert isinstance(clients.cluster_manager(), container_v1.ClusterManagerClient)
+    regions, _, _ = clients.compute_clients()
+    assert isinstance(regions, compute_v1.RegionsClient) and regions is clients.compute_clients()[0]
