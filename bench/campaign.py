@@ -188,13 +188,15 @@ class PrefectServer:
                                       "--port", str(self.port), "--no-services"], cwd=ROOT, env=env,
                                      stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
-                    return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not start: {(self.home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+        with httpx.Client(timeout=2) as http:  # one client for the polls: each new one costs ~30 ms of CPU
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(f"{self.api}/health").status_code == 200:
+                        return
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"prefect server did not start: {(self.home / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.3)
 
     def stop(self) -> None:
         """The whole process group: `prefect server start` runs the server in a child of its own."""

@@ -43,9 +43,40 @@ if "LLM_FLEET_TEST_TMPDIR" not in os.environ:
     os.environ["TMPDIR"] = os.environ["LLM_FLEET_TEST_TMPDIR"]
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
     os.environ.setdefault("LLM_FLEET_KUBE_DIR", os.path.join(os.environ["TMPDIR"], "kube"))
+
+
 # What may stay in it until the session removes it: pytest's own base temp (tmp_path), files a test helper
 # keeps for the whole session (named tests-*), and the credentials directory given to the product.
 SESSION_OWNED = ("pytest-of-", "tests-", "kube")
+
+
+def _share_httpx_ssl_contexts() -> None:
+    """httpx parses certifi's roots into a new SSL context for every Client it makes, and one more per proxy
+    mount (the sandbox sets HTTPS_PROXY): 25-40 ms of CPU here. The tests' one-off ``httpx.get`` calls,
+    their polling loops and Prefect's client per flow run made thousands, 7 % of the workers' CPU. In the
+    test processes, Clients with the default verification share one context per CA source; a context is
+    safe to share across threads, and nothing here asks for HTTP/2 (the one setting httpcore writes into it).
+    """
+    import functools
+
+    import httpx._transports.default as transports
+
+    make = transports.create_ssl_context
+
+    @functools.lru_cache(maxsize=8)
+    def shared(trust_env: bool, cafile: str | None, capath: str | None):
+        return make(verify=True, cert=None, trust_env=trust_env)
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):
+        if verify is True and cert is None:
+            return shared(trust_env, os.environ.get("SSL_CERT_FILE") if trust_env else None,
+                          os.environ.get("SSL_CERT_DIR") if trust_env else None)
+        return make(verify=verify, cert=cert, trust_env=trust_env)
+
+    transports.create_ssl_context = create_ssl_context
+
+
+_share_httpx_ssl_contexts()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,15 +39,17 @@ def prefect_server(home: Path, *, timeout: float = 150, **extra_env: str) -> Ite
                              "--port", str(port), "--no-services"], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited {proc.returncode}:\n{(home / 'server.log').read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prefect server did not start:\n{(home / 'server.log').read_text()}")
-            time.sleep(0.3)
+        with httpx.Client(timeout=2) as http:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"prefect server exited {proc.returncode}:\n{(home / 'server.log').read_text()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(f"{api}/health").status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"prefect server did not start:\n{(home / 'server.log').read_text()}")
+                time.sleep(0.3)
         yield api, {**env, "PREFECT_API_URL": api}
     finally:
         proc.terminate()

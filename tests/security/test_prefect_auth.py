@@ -37,15 +37,16 @@ BASIC = {"Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()}
 
 def _wait(url: str, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, f"{proc.args} exited {proc.returncode}"
-        assert time.monotonic() < deadline, f"{url} did not answer in {timeout:.0f} s"
-        time.sleep(0.2)
+    with httpx.Client(timeout=2) as http:
+        while True:
+            try:
+                if http.get(url).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, f"{proc.args} exited {proc.returncode}"
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout:.0f} s"
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
