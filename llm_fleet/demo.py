@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from llm_fleet import forkrun
+from llm_fleet import forkrun, localpg
 from manifests.fleet import deployment_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,36 @@ def _prefect(*args: str, env: dict[str, str]) -> None:
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{res.stdout}\n{res.stderr}")
+
+
+def _prefect_database(children: Children, cleanup: contextlib.ExitStack, state_dir: Path, log: Any) -> dict[str, str]:
+    """The Prefect server's database: a PostgreSQL of the demo's own where one is installed (on SQLite, runs
+    that overlap, as the scheduled checks at :00 do, can stall the server for a minute), else SQLite."""
+    binaries = localpg.bin_dir()
+    if binaries is None or not localpg.usable_under(Path(tempfile.gettempdir())):
+        _say("· Prefect server on SQLite (no PostgreSQL here): overlapping runs may stall it for up to a minute; "
+             "with PostgreSQL installed the demo runs one")
+        return {}
+    data = localpg.init(binaries)
+    cleanup.callback(data.remove)
+    (state_dir / "postgres").write_text(f"{data.base}\n")  # a SIGKILLed demo's: removed by the next one
+    cmd = data.server_command()
+    if os.geteuid() == 0:  # PostgreSQL refuses root; setpriv keeps the die-with-the-demo signal across the switch
+        cmd = [shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres",
+               "--init-groups", "--pdeathsig=SIGKILL", "--", *cmd]
+    server = children.start("postgres", cmd, stdout=log, stderr=log)
+    data.wait_ready(server=server)
+    _say(f"✓ PostgreSQL for the Prefect server: 127.0.0.1:{data.port}")
+    return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": data.url}
+
+
+def _stop_postgres_left(record: Path) -> None:
+    """The data dir a killed demo left (its server died with it, or is stopped here)."""
+    with contextlib.suppress(OSError, ValueError):
+        base = Path(record.read_text().split()[0])
+        binaries = localpg.bin_dir()
+        if base.name.startswith("llm-fleet-pg-") and binaries is not None:
+            localpg.DataDir(binaries, base, 0).remove()
 
 
 def _create_work_pool() -> None:
@@ -483,12 +514,14 @@ def main(args: argparse.Namespace) -> int:
 
     if state_dir.exists():
         _stop_leftovers(state_dir / "pids")  # a previous demo that was killed with SIGKILL
+        _stop_postgres_left(state_dir / "postgres")
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True)
     _say(f"llm-fleet demo — sandbox time scale {args.time_scale} (cloud delays × {args.time_scale})")
     sandbox = Sandbox(time_scale=args.time_scale, state_dir=state_dir)
     children = Children(state_dir / "pids")
     log = open(state_dir / "prefect.log", "w")  # noqa: SIM115 - closed in finally
+    database = contextlib.ExitStack()
     try:
         sandbox.start()
         env = {**os.environ, **sandbox.env()}
@@ -503,6 +536,7 @@ def main(args: argparse.Namespace) -> int:
         _say(f"✓ sandbox up: {sandbox.env().get('LLM_FLEET_SANDBOX_URL')}  "
              f"(source {state_dir}/env to use kubectl, gcloud)")
 
+        env.update(_prefect_database(children, database, state_dir, log))
         port = _free_port(4200)
         api = f"http://127.0.0.1:{port}/api"
         env["PREFECT_API_URL"] = api
@@ -550,6 +584,7 @@ def main(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         children.stop()
+        database.close()  # after the Prefect server: it holds connections to it
         log.close()
         sandbox.stop()
         _say("✓ stopped: Prefect server, worker and sandbox")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from llm_fleet import localpg
 from sandbox.core import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,14 +76,7 @@ class PostgresUnavailable(RuntimeError):
 
 
 def pg_bin() -> Path | None:
-    import glob
-    import shutil
-
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
+    return localpg.bin_dir()
 
 
 def ensure_postgres() -> Path:
@@ -102,40 +96,8 @@ def ensure_postgres() -> Path:
     return bin_dir
 
 
-def _as_user(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run it as the package's `postgres` user then."""
-    return cmd if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--", *cmd]
-
-
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL on 127.0.0.1; yields its SQLAlchemy asyncpg URL."""
-    import shutil
-    import tempfile
-
-    bin_dir = ensure_postgres()
-    # Not under pytest's tmp dir: that is private to root, and the server runs as `postgres`.
-    base = Path(tempfile.mkdtemp(prefix="llm-fleet-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-        os.chmod(base, 0o755)
-    try:
-        res = subprocess.run(_as_user([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "prefect",
-                                       "-E", "UTF8", "--no-sync"]), capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise RuntimeError(f"initdb failed: {res.stdout}{res.stderr}")
-        port = free_port()
-        res = subprocess.run(_as_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"), "-w",
-                                       "-t", "60", "-o", f"-p {port} -h 127.0.0.1 -k {sock} -c fsync=off "
-                                       "-c max_connections=200", "start"]),
-                             capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise RuntimeError(f"pg_ctl start failed: {res.stdout}{res.stderr}")
-        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(_as_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+    """A throwaway PostgreSQL on 127.0.0.1 (installed first when missing); yields its SQLAlchemy asyncpg URL."""
+    with localpg.local_postgres(ensure_postgres()) as url:
+        yield url

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from llm_fleet import localpg
 from manifests.fleet import deployment_name
 from tests.flows.conftest import ROOT, TIME_SCALE
 
@@ -64,6 +65,8 @@ def test_demo_runs_the_lifecycle_then_the_readmes_steps_by_hand_succeed(tmp_path
         text = "".join(out)
         assert "Left running until Ctrl-C" in text, text[-3000:]
         assert_lifecycle(text)
+        # the server's database: PostgreSQL where it is installed (no SQLite stall)
+        assert ("✓ PostgreSQL for the Prefect server" in text) == (localpg.bin_dir() is not None), text[:1000]
         for line in demo.stdout:  # type: ignore[union-attr]
             text += line
             if "park_idle:" in line:

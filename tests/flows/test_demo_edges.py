@@ -135,11 +135,19 @@ def test_first_apply_into_an_existing_namespace_is_not_a_hand_edit(sandbox, kube
 
 
 def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
-    """SIGKILL cannot be handled: the kernel stops the children (PR_SET_PDEATHSIG) instead."""
+    """SIGKILL cannot be handled: the kernel stops the children (PR_SET_PDEATHSIG) instead, the PostgreSQL
+    under the Prefect server among them (where PostgreSQL is installed); the next demo removes its data dir."""
+    import shutil
+    import tempfile
+
+    from llm_fleet import localpg
+
     state = tmp_path / "demo"
+    # a temp dir PostgreSQL's user can reach when we are root (tmp_path is private to root)
+    tmp = Path(tempfile.mkdtemp(prefix="tests-demo-kill-", dir=os.environ["LLM_FLEET_TEST_TMPDIR"]))
+    tmp.chmod(0o711)
     proc = subprocess.Popen([sys.executable, "-m", "llm_fleet.cli", "demo", "--state-dir", str(state)], cwd=ROOT,
-                            # uv (scripts/bootstrap) leaves its lock file in the temp dir: the test's own
-                            env={**_clean_env(), "TMPDIR": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**_clean_env(), "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         pidfile = state / "pids"
         deadline = time.monotonic() + 120
@@ -153,9 +161,17 @@ def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
         while not all(_gone(pid) for pid in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert [name for name, pid in pids.items() if not _gone(pid)] == []  # the server and the fork server
+        assert ("postgres" in pids) == (localpg.bin_dir() is not None)
+        if "postgres" in pids:
+            assert [p.name for p in tmp.iterdir() if p.name.startswith("llm-fleet-pg-")]  # left by the SIGKILL
+            from llm_fleet.demo import _stop_postgres_left
+
+            _stop_postgres_left(state / "postgres")  # what the next demo does first
+            assert not [p.name for p in tmp.iterdir() if p.name.startswith("llm-fleet-pg-")]
     finally:
         if proc.poll() is None:
             proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- the demo worker's flow-run fork server (llm_fleet/forkrun.py) ----------------------------------
