@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox.core import HttpError, JsonHandler, SandboxHTTPServer, serve
 from sandbox.kube import resources as res
 from sandbox.kube.gcehc import GFE_502, LbHealthChecker
+from sandbox.tls import serve_tls
 
 if TYPE_CHECKING:
     from sandbox.kube.cluster import KubeCluster
@@ -131,9 +132,10 @@ class _Served:
             f.write(pems[0][0] + b"\n" + pems[0][1])
             f.flush()
             ctx.load_cert_chain(f.name)
-        srv = serve(IngressHandler, state=self, faults=self.ctl.cluster.faults)
-        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-        self.https = srv
+        # Each connection's handshake in its own thread, with a timeout (TLSHTTPServer), as nginx does: a
+        # listening socket wrapped whole shook hands inside accept(), and one connection that never sent its
+        # hello (a TCP health check, a stalled client) held every other client of the address.
+        self.https = serve_tls(IngressHandler, state=self, faults=self.ctl.cluster.faults, context=ctx)
 
     def stop(self) -> None:
         for s in (self.http, self.https):

@@ -116,6 +116,31 @@ def test_tls_secret_must_exist_for_an_https_address(kube):
     assert r.status_code == 200
 
 
+def test_a_silent_client_on_the_https_port_does_not_hold_up_the_others(kube):
+    """A connection that never sends its TLS hello (a TCP health check, a client that stalls) is handshaken
+    in its own thread, as nginx does: the next client is answered at once. (The accept loop did the
+    handshake itself, so one silent connection held every other client until its timeout: a CI run's
+    test_tls_secret_must_exist_for_an_https_address timed out so.)"""
+    import socket
+
+    k, api = kube
+    addons.install_ingress_nginx(k)
+    crt, key = _self_signed()
+    client.CoreV1Api(api).create_namespaced_secret("default", {
+        "metadata": {"name": "quiet-tls"}, "type": "kubernetes.io/tls",
+        "data": {"tls.crt": base64.b64encode(crt).decode(), "tls.key": base64.b64encode(key).decode()}})
+    _ingress(api, "quiet", tls="quiet-tls")
+    wait_for(lambda: (a := _address(api, "quiet")) is not None and len(a.ports) == 2)
+    url = _url(api, "quiet", 1)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        time.sleep(0.2)  # accepted, and says nothing
+        r = httpx.get(f"{url}/health", headers={"Host": "llm.example.com"}, verify=False, timeout=5)
+        assert r.status_code == 200
+        silent.settimeout(15)
+        assert silent.recv(1) == b""  # and it is let go after the handshake timeout, not kept forever
+
+
 def test_basic_auth_secret_present_and_checked(kube):
     k, api = kube
     addons.install_ingress_nginx(k)
