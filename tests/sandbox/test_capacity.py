@@ -479,7 +479,10 @@ def _delete_one_under_lag(env, *, pre_stop: int, lag_s: float) -> tuple[list[int
         stop = threading.Event()
 
         def load() -> None:
-            with httpx.Client(base_url=url, timeout=30) as http:
+            # a new connection per request: what is measured is where kube-proxy sends *new* connections. One
+            # keep-alive connection stays on the pod it first reached (conntrack) until the engine's drain
+            # closes it; a request racing that close is the keep-alive race no hook removes (uvicorn's too).
+            with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as http:
                 while not stop.is_set():
                     try:
                         codes.append(http.get("/v1/models").status_code)
