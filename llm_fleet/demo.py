@@ -179,15 +179,20 @@ def _prefect_database(children: Children, cleanup: contextlib.ExitStack, state_d
         _say("· Prefect server on SQLite (no PostgreSQL here): overlapping runs may stall it for up to a minute; "
              "with PostgreSQL installed the demo runs one")
         return {}
-    data = localpg.init(binaries)
-    cleanup.callback(data.remove)
-    (state_dir / "postgres").write_text(f"{data.base}\n")  # a SIGKILLed demo's: removed by the next one
-    cmd = data.server_command()
-    if os.geteuid() == 0:  # PostgreSQL refuses root; setpriv keeps the die-with-the-demo signal across the switch
-        cmd = [shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres",
-               "--init-groups", "--pdeathsig=SIGKILL", "--", *cmd]
-    server = children.start("postgres", cmd, stdout=log, stderr=log)
-    data.wait_ready(server=server)
+    try:
+        data = localpg.init(binaries)
+        cleanup.callback(data.remove)
+        (state_dir / "postgres").write_text(f"{data.base}\n")  # a SIGKILLed demo's: removed by the next one
+        cmd = data.server_command()
+        if os.geteuid() == 0:  # PostgreSQL refuses root; setpriv keeps the die-with-the-demo signal across the switch
+            cmd = [shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres",
+                   "--init-groups", "--pdeathsig=SIGKILL", "--", *cmd]
+        server = children.start("postgres", cmd, stdout=log, stderr=log)
+        data.wait_ready(server=server, timeout=60)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a broken install: the demo still runs
+        _say(f"· PostgreSQL did not start ({str(exc).splitlines()[0][:200]}; its log: {state_dir}/prefect.log): "
+             "the Prefect server uses SQLite")
+        return {}
     _say(f"✓ PostgreSQL for the Prefect server: 127.0.0.1:{data.port}")
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": data.url}
 

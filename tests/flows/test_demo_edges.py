@@ -232,3 +232,21 @@ def test_ctrl_c_handed_to_another_thread_still_stops_the_wait():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=20,
                          preexec_fn=inherit_a_deaf_sigint)
     assert res.returncode == 0 and "stopped" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_postgresql_that_does_not_start_leaves_the_demo_on_sqlite(tmp_path, monkeypatch, capsys):
+    """An installed PostgreSQL that fails (here: binaries that are not there) is said in one line and the demo
+    goes on with SQLite; nothing of it is left in the temp dir."""
+    import contextlib
+    import tempfile
+
+    from llm_fleet import demo, localpg
+
+    monkeypatch.setattr(localpg, "bin_dir", lambda: tmp_path / "no-such-postgresql")
+    before = set(os.listdir(tempfile.gettempdir()))
+    with contextlib.ExitStack() as cleanup:
+        env = demo._prefect_database(demo.Children(tmp_path / "pids"), cleanup, tmp_path, subprocess.DEVNULL)
+    assert env == {}
+    out = capsys.readouterr().out
+    assert "PostgreSQL did not start" in out and "the Prefect server uses SQLite" in out, out
+    assert set(os.listdir(tempfile.gettempdir())) == before
