@@ -182,12 +182,8 @@ def _prefect_database(children: Children, cleanup: contextlib.ExitStack, state_d
     try:
         data = localpg.init(binaries)
         cleanup.callback(data.remove)
-        (state_dir / "postgres").write_text(f"{data.base}\n")  # a SIGKILLed demo's: removed by the next one
-        cmd = data.server_command()
-        if os.geteuid() == 0:  # PostgreSQL refuses root; setpriv keeps the die-with-the-demo signal across the switch
-            cmd = [shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres",
-                   "--init-groups", "--pdeathsig=SIGKILL", "--", *cmd]
-        server = children.start("postgres", cmd, stdout=log, stderr=log)
+        data.record(state_dir / "postgres")  # a SIGKILLed demo's: removed by the next one
+        server = children.start("postgres", data.server_command(), stdout=log, stderr=log)
         data.wait_ready(server=server, timeout=60)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # a broken install: the demo still runs
         _say(f"· PostgreSQL did not start ({str(exc).splitlines()[0][:200]}; its log: {state_dir}/prefect.log): "
@@ -195,15 +191,6 @@ def _prefect_database(children: Children, cleanup: contextlib.ExitStack, state_d
         return {}
     _say(f"✓ PostgreSQL for the Prefect server: 127.0.0.1:{data.port}")
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": data.url}
-
-
-def _stop_postgres_left(record: Path) -> None:
-    """The data dir a killed demo left (its server died with it, or is stopped here)."""
-    with contextlib.suppress(OSError, ValueError):
-        base = Path(record.read_text().split()[0])
-        binaries = localpg.bin_dir()
-        if base.name.startswith("llm-fleet-pg-") and binaries is not None:
-            localpg.DataDir(binaries, base, 0).remove()
 
 
 def _create_work_pool() -> None:
@@ -519,7 +506,7 @@ def main(args: argparse.Namespace) -> int:
 
     if state_dir.exists():
         _stop_leftovers(state_dir / "pids")  # a previous demo that was killed with SIGKILL
-        _stop_postgres_left(state_dir / "postgres")
+        localpg.remove_recorded(state_dir / "postgres")
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True)
     _say(f"llm-fleet demo — sandbox time scale {args.time_scale} (cloud delays × {args.time_scale})")

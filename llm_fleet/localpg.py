@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+PREFIX = "llm-fleet-pg-"  # every data dir's temp dir: only such a dir is ever removed by a record
+
 
 def bin_dir() -> Path | None:
     """The installed PostgreSQL's bin dir (the newest of Debian's versions first), or None."""
@@ -57,10 +59,24 @@ class DataDir:
     def url(self) -> str:
         return f"postgresql+asyncpg://prefect@127.0.0.1:{self.port}/postgres"
 
+    def server_options(self) -> list[str]:
+        """Loopback only, on its own socket dir, durability off (a throwaway)."""
+        return ["-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.base / "sock"), "-c", "fsync=off",
+                "-c", "max_connections=200"]
+
     def server_command(self) -> list[str]:
-        """The server in the foreground (its owner can stop it, or take it along when it dies)."""
-        return [str(self.binaries / "postgres"), "-D", str(self.base / "data"), "-p", str(self.port),
-                "-h", "127.0.0.1", "-k", str(self.base / "sock"), "-c", "fsync=off", "-c", "max_connections=200"]
+        """The server in the foreground, for an owner that stops it (or takes it along when it dies). As root,
+        as `postgres` through setpriv, which execs it in place (runuser would fork) and sets the parent-death
+        signal after the switch of user, which clears it."""
+        cmd = [str(self.binaries / "postgres"), "-D", str(self.base / "data"), *self.server_options()]
+        if os.geteuid() != 0:
+            return cmd
+        return [shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres",
+                "--init-groups", "--pdeathsig=SIGKILL", "--", *cmd]
+
+    def record(self, path: Path) -> None:
+        """Name this data dir in ``path``, for :func:`remove_recorded` after an owner killed before its cleanup."""
+        path.write_text(f"{self.base}\n")
 
     def wait_ready(self, *, server: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
         """Until the server accepts connections (``server``: its process, which must not have exited)."""
@@ -81,11 +97,20 @@ class DataDir:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def init(binaries: Path, *, parent: Path | None = None) -> DataDir:
-    """initdb into a new temp dir (under ``parent``, else the temp dir), owned by `postgres` when root."""
+def remove_recorded(path: Path) -> None:
+    """Stop and remove the data dir :meth:`DataDir.record` named in ``path`` (nothing when there is none)."""
+    with contextlib.suppress(OSError, ValueError):
+        base = Path(path.read_text().split()[0])
+        binaries = bin_dir()
+        if base.name.startswith(PREFIX) and binaries is not None:
+            DataDir(binaries, base, 0).remove()
+
+
+def init(binaries: Path) -> DataDir:
+    """initdb into a new temp dir, owned by `postgres` when root (see :func:`usable_under`)."""
     from sandbox.core import free_port  # outside the kernel's ephemeral range: nothing takes it meanwhile
 
-    base = Path(tempfile.mkdtemp(prefix="llm-fleet-pg-", dir=parent))
+    base = Path(tempfile.mkdtemp(prefix=PREFIX))
     (base / "sock").mkdir()
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
@@ -106,7 +131,7 @@ def local_postgres(binaries: Path) -> Iterator[str]:
     try:
         res = subprocess.run(as_user([str(binaries / "pg_ctl"), "-D", str(data.base / "data"), "-l",
                                       str(data.base / "pg.log"), "-w", "-t", "60", "-o",
-                                      " ".join(data.server_command()[3:]), "start"]),
+                                      " ".join(data.server_options()), "start"]),
                              capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {res.stdout}{res.stderr}")

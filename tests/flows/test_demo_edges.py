@@ -163,11 +163,9 @@ def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
         assert [name for name, pid in pids.items() if not _gone(pid)] == []  # the server and the fork server
         assert ("postgres" in pids) == (localpg.bin_dir() is not None)
         if "postgres" in pids:
-            assert [p.name for p in tmp.iterdir() if p.name.startswith("llm-fleet-pg-")]  # left by the SIGKILL
-            from llm_fleet.demo import _stop_postgres_left
-
-            _stop_postgres_left(state / "postgres")  # what the next demo does first
-            assert not [p.name for p in tmp.iterdir() if p.name.startswith("llm-fleet-pg-")]
+            assert [p.name for p in tmp.iterdir() if p.name.startswith(localpg.PREFIX)]  # left by the SIGKILL
+            localpg.remove_recorded(state / "postgres")  # what the next demo does first
+            assert not [p.name for p in tmp.iterdir() if p.name.startswith(localpg.PREFIX)]
     finally:
         if proc.poll() is None:
             proc.kill()
