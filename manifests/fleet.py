@@ -10,13 +10,14 @@ A fleet file is a YAML list of spec paths (or a mapping with ``specs:``), relati
 
 from __future__ import annotations
 
+import functools
 from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
+from manifests import yamlio
 from manifests.spec import DeploymentSpec, SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def load_fleet(path: str | Path) -> list[Path]:
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yamlio.load(path.read_text())
     except OSError as exc:
         raise SpecError("(file)", f"cannot read {path}: {exc.strerror}", "check the path", source=str(path)) from None
     return fleet_paths(data, base=path.parent, source=str(path))
@@ -187,10 +188,16 @@ def load_specs(paths: list[str | Path]) -> list[DeploymentSpec]:
     return [load_spec(p) for p in paths]
 
 
+@functools.lru_cache(maxsize=4)
+def _project(project_file: Path, mtime_ns: int) -> tuple[dict[str, Any], ...]:
+    """prefect.yaml's deployments, read again when the file changes (the mtime is part of the key)."""
+    return tuple((yamlio.load(project_file.read_text()) or {}).get("deployments") or [])
+
+
 def deployment_name(flow: str, *, project_file: Path = ROOT / "prefect.yaml") -> str:
     """``<flow>/<deployment>`` of the deployment prefect.yaml declares for the flow function ``flow`` (its
     entrypoint ``flows/<file>.py:<flow>``): each name is written once, in prefect.yaml."""
-    deployments = (yaml.safe_load(project_file.read_text()) or {}).get("deployments") or []
+    deployments = _project(project_file, project_file.stat().st_mtime_ns)
     found = [d["name"] for d in deployments if str(d.get("entrypoint", "")).endswith(f":{flow}")]
     if len(found) != 1:
         raise SpecError(f"{project_file.name} deployments", f"{len(found)} deployments run the flow {flow}",

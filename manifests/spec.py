@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from manifests import yamlio
 from manifests.catalog import ACCELERATORS, BYTES_PER_PARAM, ENGINES, VLM_SUPPORT, required_gib
 from manifests.errors import FleetError
 from manifests.startup import StartupSpec
@@ -1081,7 +1082,7 @@ def load_spec(path: str | Path) -> DeploymentSpec:
     except OSError as exc:
         raise SpecError("(file)", f"cannot read {path}: {exc.strerror}", "check the path", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yamlio.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

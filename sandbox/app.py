@@ -87,6 +87,7 @@ from typing import Any
 
 import yaml
 
+from manifests import yamlio
 from sandbox.accounting import Accounting
 from sandbox.artifact_registry import ArtifactRegistry
 from sandbox.client import SandboxClient
@@ -514,7 +515,7 @@ class Sandbox:
     def _write_kubeconfig(self, path: Path, config: dict[str, Any]) -> None:
         """Caller holds ``_kc_lock``. Atomic (a reader never sees half a file), mode 0600."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        tmp.write_text(yamlio.dump(config, sort_keys=False))
         tmp.chmod(0o600)
         os.replace(tmp, path)
         self._kubeconfigs[path] = path.stat().st_mtime_ns
@@ -526,7 +527,7 @@ class Sandbox:
         self._managed_contexts |= set(contexts)
         for path in [only] if only is not None else list(self._kubeconfigs):
             try:
-                loaded = yaml.safe_load(path.read_text()) if path.exists() else None
+                loaded = yamlio.load(path.read_text()) if path.exists() else None
             except (OSError, yaml.YAMLError):
                 loaded = None
             config = loaded if isinstance(loaded, dict) else {"apiVersion": "v1", "kind": "Config"}
@@ -597,7 +598,7 @@ class Sandbox:
         current = None
         if self.state_dir is not None:
             with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
-                current = yaml.safe_load((self.state_dir / "kubeconfig").read_text()).get("current-context")
+                current = yamlio.load((self.state_dir / "kubeconfig").read_text()).get("current-context")
         return {
             "project": self.project,
             "time_scale": self.clock.time_scale,

@@ -11,10 +11,10 @@ from typing import Any
 
 import google.auth.exceptions
 import requests
-import yaml
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 
+from manifests import yamlio
 from manifests.errors import FleetError
 from tasks.credfiles import ca_file, kubeconfig_path, write_private
 from tasks.settings import Settings, get_settings
@@ -274,7 +274,7 @@ def write_kubeconfig(*, project: str, location: str, cluster: str, endpoint: str
         "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
     }
     path = kubeconfig_path(project=project, location=location, cluster=cluster, settings=s)
-    text = yaml.safe_dump(config, sort_keys=False)
+    text = yamlio.dump(config, sort_keys=False)
     try:  # unchanged (the usual case): keep the file, and with its mtime the cached client and its connections
         if path.read_text() == text and path.stat().st_mode & 0o777 == 0o600:
             return path
@@ -313,7 +313,7 @@ def _kube_client(path: str, mtime: int, gcp_auth: str, token_file: str):
     from kubernetes import config as kconfig
 
     try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        config = yamlio.load(Path(path).read_text()) or {}
     except OSError as exc:
         raise FleetError(f"kubeconfig {path} cannot be read: {exc.strerror}",
                          "run provision_cluster (it writes the cluster's kubeconfig) or set KUBECONFIG") from None

@@ -74,8 +74,10 @@ def _ca_names(kubeconfig: Path) -> set[str]:
 
     import yaml
 
+    from manifests import yamlio
+
     try:
-        config = yaml.safe_load(kubeconfig.read_text())
+        config = yamlio.load(kubeconfig.read_text())
     except (OSError, yaml.YAMLError):
         return set()
     if not isinstance(config, dict):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from urllib3.util import wait_for_read
 
+from manifests import yamlio
 from sandbox.core import HttpError, JsonHandler, now_rfc3339, route
 from sandbox.kube import autoscaling, podsecurity, portforward, protobuf
 from sandbox.kube import patch as patches
@@ -240,7 +241,7 @@ class KubeApi:
                 raise status_error(415, "UnsupportedMediaType", "the body of the request was in an unknown "
                                    f"format - accepted media types include: {APPLY}")
             try:
-                body = yaml.safe_load(raw.decode() or "{}")
+                body = yamlio.load_body(raw.decode() or "{}")
             except yaml.YAMLError as exc:
                 raise _bad_request(f"error decoding YAML: {exc}") from None
             if not isinstance(body, dict):
@@ -650,7 +651,7 @@ def _body(h: KubeHandler) -> Any:
         return protobuf.decode(raw)
     if ctype in ("application/yaml", "text/yaml"):
         try:
-            return yaml.safe_load(raw.decode() or "{}")
+            return yamlio.load(raw.decode() or "{}")
         except yaml.YAMLError as exc:
             raise _bad_request(f"error decoding YAML: {exc}") from None
     if not raw:
@@ -745,7 +746,7 @@ def _handle(h: KubeHandler, path: str) -> Any:
         if method == "PATCH":
             ctype = (h.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             raw = h.body_bytes()
-            body = json.loads(raw or b"{}") if ctype != APPLY else yaml.safe_load(raw.decode() or "{}")
+            body = json.loads(raw or b"{}") if ctype != APPLY else yamlio.load_body(raw.decode() or "{}")
             pinned = isinstance(body, dict) and (body.get("metadata") or {}).get("resourceVersion")
             for attempt in range(8):
                 live = cluster.store.get(t, ns, name)

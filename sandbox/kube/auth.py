@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from manifests import yamlio
 from sandbox.core import HttpError, now_rfc3339
 from sandbox.kube import protobuf
 from sandbox.kube import resources as res
@@ -278,7 +279,7 @@ def _peek_body(h: Any) -> Obj:
         h.rfile = _Replay(raw, h.rfile)
     text = raw.decode(errors="replace")
     try:
-        body = json.loads(text) if text.strip().startswith("{") else yaml.safe_load(text)
+        body = yamlio.load_body(text)
     except (ValueError, yaml.YAMLError):
         return {}
     return body if isinstance(body, dict) else {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from manifests import gateway
+from manifests import gateway, yamlio
 from manifests.spec import SpecError, parse_spec
 from sandbox.kube.crds import apply_defaults, validate_object
 
@@ -22,7 +22,7 @@ SPEC = {"name": "mistral", "model": "mistralai/Mistral-7B-Instruct-v0.3", "engin
 def _schemas() -> dict[tuple[str, str], dict]:
     out = {}
     for f in ("gateway-api-crds.yaml", "inference-extension-crds.yaml"):
-        for doc in yaml.safe_load_all((ADDONS / f).read_text()):
+        for doc in yamlio.load_all((ADDONS / f).read_text()):
             if doc:
                 for v in doc["spec"]["versions"]:
                     if v.get("served"):
