@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from unittest import mock
 
-from tests.flows.server_support import pg_bin, postgres_server
+from sandbox.core import free_port
+from tests.flows.server_support import pg_bin, postgres_server, wait_healthy
 
 # Server services whose output no test reads, off: together they cost more CPU than the flows (the
 # task-run recorder alone was a quarter of the server's; the scheduler would make 100 runs per park/wake
@@ -78,35 +81,39 @@ def _quiet_services() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _harness_on(database_url: str) -> Iterator[None]:
-    """`prefect_test_harness` with the database URL as the only change (Prefect hard-codes SQLite there)."""
+    """`prefect_test_harness` with the database URL as the only change (Prefect hard-codes SQLite there).
+
+    The server subprocess is started as Prefect's ``SubprocessASGIServer`` starts it (same command, same
+    environment), without importing that class: its module imports the whole server API and builds every
+    route (FastAPI's dependency analysis), ~5 CPU-s in each pytest worker that never serves a request."""
+    import prefect
     import prefect.context
     import prefect.settings
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.server.database.dependencies import temporary_database_interface
-    from prefect.testing.utilities import _find_available_port
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(temporary_database_interface())
-        stack.enter_context(prefect.settings.temporary_settings(
-            updates={prefect.settings.PREFECT_SERVER_DATABASE_CONNECTION_URL: database_url}))
-        server = SubprocessASGIServer(port=_find_available_port())
-        prior = SubprocessASGIServer._instances.get(None)
-        SubprocessASGIServer._instances[None] = server
-        try:
-            with _quiet_services():
-                server.start(timeout=120)
-            stack.enter_context(prefect.settings.temporary_settings(
-                updates={prefect.settings.PREFECT_API_URL: server.api_url}))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    with _quiet_services():
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               **prefect.settings.get_current_settings().to_environment_variables(exclude_unset=True),
+               "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+    try:
+        wait_healthy(api, proc, timeout=120)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: api}))
             stack.enter_context(prefect.context._temporary_global_settings_context(
                 prefect.context.get_settings_context()))
             yield
             _drain()
-        finally:
-            server.stop()
-            if prior is not None:
-                SubprocessASGIServer._instances[None] = prior
-            else:
-                SubprocessASGIServer._instances.pop(None, None)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _drain() -> None:

@@ -28,6 +28,25 @@ def prefect_env(home: Path, api: str | None = None, **extra: str) -> dict[str, s
     return env
 
 
+def wait_healthy(api: str, proc: subprocess.Popen, *, timeout: float, log: Path | None = None) -> None:
+    """Until the Prefect server at ``api`` answers its health check; its exit or the timeout raises, with its
+    log when there is one."""
+    def tail() -> str:
+        return log.read_text() if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2) as http:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited {proc.returncode}:\n{tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(f"{api}/health").status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prefect server did not start within {timeout:g} s:\n{tail()}")
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def prefect_server(home: Path, *, timeout: float = 150, **extra_env: str) -> Iterator[tuple[str, dict[str, str]]]:
     """Yields (api url, env for CLI subprocesses talking to it)."""
@@ -39,18 +58,7 @@ def prefect_server(home: Path, *, timeout: float = 150, **extra_env: str) -> Ite
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port), "--no-services"], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2) as http:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"prefect server exited {proc.returncode}:\n{(home / 'server.log').read_text()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if http.get(f"{api}/health").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"prefect server did not start:\n{(home / 'server.log').read_text()}")
-                time.sleep(0.3)
+        wait_healthy(api, proc, timeout=timeout, log=home / "server.log")
         yield api, {**env, "PREFECT_API_URL": api}
     finally:
         proc.terminate()
