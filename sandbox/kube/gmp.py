@@ -107,6 +107,10 @@ class Target:
     last_scrape: float | None = None
     last_error: str = ""
     scrapes: int = 0
+    # the last page and its samples: an idle engine serves the same page scrape after scrape, and parsing it
+    # (prometheus_client's text parser, ~2 ms for vLLM's page) was most of the collector's CPU
+    last_page: tuple[bytes, str] = (b"", "")
+    last_samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
 
 
 @dataclass
@@ -290,7 +294,11 @@ class GmpCollector(BackgroundActor):
                 else:
                     if (resp.getheader("Content-Encoding") or "").lower() == "gzip":
                         body = gzip.decompress(body)
-                    samples = _parse(body.decode("utf-8", "replace"), resp.getheader("Content-Type") or "")
+                    page = (body, resp.getheader("Content-Type") or "")
+                    if page != t.last_page:
+                        t.last_samples = _parse(body.decode("utf-8", "replace"), page[1])
+                        t.last_page = page
+                    samples = list(t.last_samples)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 error = f"{exc.__class__.__name__}: {exc}"
             finally:

@@ -28,6 +28,7 @@ class _Server:
         self.seen: list[tuple[str, str]] = []
         self.healthy = True
         self.alive = True
+        self.requests_total = 3
         outer = self
 
         class H(BaseHTTPRequestHandler):
@@ -36,7 +37,8 @@ class _Server:
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
                 outer.seen.append((self.path, self.headers.get("User-Agent", "")))
                 if self.path == "/metrics":
-                    body, code = f'demo_requests_total{{pod="{outer.pod}"}} 3\ndemo_up 1\n'.encode(), 200
+                    body, code = (f'demo_requests_total{{pod="{outer.pod}"}} {outer.requests_total}\n'
+                                  'demo_up 1\n').encode(), 200
                 elif self.path == "/health":
                     body, code = b"ok", 200 if outer.healthy else 500
                 elif self.path == "/alive":
@@ -144,6 +146,34 @@ def test_managed_prometheus_scrapes_what_podmonitorings_select(kube):
     assert steps and min(steps) >= 30 * 0.8  # cloud seconds: the interval, whatever the time scale
     (up,) = gmp.series({"__name__": "up", "job": "m"})
     assert {v for _, v in up["samples"]} == {1.0}
+
+
+def test_an_unchanged_metrics_page_is_parsed_once_and_still_sampled_at_every_scrape(kube, monkeypatch):
+    """An idle engine serves the same /metrics page scrape after scrape: the collector parses a page once, and
+    every scrape still adds its samples (rate(), staleness and `up` read them); a changed page is parsed again.
+    (Before: every scrape of every pod ran prometheus_client's parser, ~2 ms for vLLM's page, 4 times a
+    second per pod in the suite: most of the sandbox's idle CPU.)"""
+    from sandbox.kube import gmp as gmp_module
+
+    parsed: list[str] = []
+    parse = gmp_module._parse
+    monkeypatch.setattr(gmp_module, "_parse", lambda text, ctype: parsed.append(text) or parse(text, ctype))
+    _create(kube, _pod("a", {"app": "m"}))
+    _ready(kube, "default", "a")
+    _create(kube, {"apiVersion": "monitoring.googleapis.com/v1", "kind": "PodMonitoring", "metadata": {"name": "m"},
+                   "spec": {"selector": {"matchLabels": {"app": "m"}},
+                            "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}]}})
+    gmp = kube.gmp
+    wait_for(lambda: gmp.scrapes(namespace="default", pod="a") >= 5, timeout=30)
+    assert len(parsed) == 1
+
+    def values() -> list[float]:
+        (s,) = gmp.series({"__name__": "demo_requests_total", "job": "m"})
+        return [v for _, v in s["samples"]]
+
+    kube.runtime_servers["a"].requests_total = 4
+    wait_for(lambda: values()[-3:] == [4.0] * 3, timeout=30)
+    assert len(parsed) == 2 and values().count(3.0) >= 4  # one sample per scrape, parsed or not
 
 
 def test_gce_health_checks_take_out_a_failing_backend_and_the_lb_answers_502(kube):
