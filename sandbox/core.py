@@ -86,6 +86,10 @@ class Clock:
             raise ValueError("time_scale must be > 0")
         self.time_scale = time_scale
         self._epoch = (time.time(), time.monotonic())
+        # Real seconds a cloud-side deadline (a Deployment's progressDeadlineSeconds) is never shorter than: on
+        # a tiny time scale a loaded test machine's stall of a few real seconds is thousands of cloud seconds,
+        # and the product's own waits have the same floor there (LLM_FLEET_MIN_LOAD_TIMEOUT_S). 0: none.
+        self.min_deadline_s = 0.0
 
     def now(self) -> float:
         """Cloud time (unix seconds): the wall clock when this clock was made, plus real time elapsed since,
@@ -95,6 +99,10 @@ class Clock:
 
     def scaled(self, cloud_seconds: float) -> float:
         return max(0.0, cloud_seconds * self.time_scale)
+
+    def deadline(self, cloud_seconds: float) -> float:
+        """A cloud-side deadline in real seconds: scaled, never below ``min_deadline_s``."""
+        return max(self.scaled(cloud_seconds), self.min_deadline_s)
 
     def sleep(self, cloud_seconds: float, stop: threading.Event | None = None) -> bool:
         """Sleep a scaled cloud duration; returns False if ``stop`` was set meanwhile."""

@@ -140,7 +140,10 @@ def sandbox(tmp_path_factory):
     from tests.flows.conftest import TIME_SCALE
 
     state_dir = tmp_path_factory.mktemp("sandbox")
-    sb = Sandbox(time_scale=TIME_SCALE, state_dir=state_dir)
+    # A Deployment's progress deadline is never under the product's own 10 s load-wait floor (below): the
+    # bundled specs' 17 min (2 s here) was missed by a pod on a starved machine (test_teardown, -n 4).
+    sb = Sandbox(time_scale=TIME_SCALE, state_dir=state_dir,
+                 min_deadline_s=float(os.environ["LLM_FLEET_MIN_LOAD_TIMEOUT_S"]))
     sb.start()
     _RUNNING.append(sb)
     saved = dict(os.environ)

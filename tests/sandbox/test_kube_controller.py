@@ -284,6 +284,21 @@ def test_progress_deadline_exceeded(kube, core, apps):
              .get("Progressing") == "NewReplicaSetAvailable")
 
 
+def test_a_progress_deadline_is_never_shorter_than_the_clocks_real_floor(kube, core, apps):
+    """The flow tests' sandbox floors cloud-side deadlines in real seconds (Clock.min_deadline_s, the product's
+    own load-wait floor): 30 cloud s is 0.06 s here, and a pod a starved machine held up a couple of real
+    seconds missed a bundled spec's 17 minutes. The deadline still fires, at the floor."""
+    kube.clock.min_deadline_s = 0.8
+    try:
+        start = time.monotonic()
+        apps.create_namespaced_deployment("default", gpu_deployment("late", progress_deadline=30))
+        wait_for(lambda: any(c.reason == "ProgressDeadlineExceeded" for c in
+                             apps.read_namespaced_deployment("late", "default").status.conditions or []), timeout=10)
+        assert time.monotonic() - start >= 0.8
+    finally:
+        kube.clock.min_deadline_s = 0.0
+
+
 # ---- scheduler -------------------------------------------------------------------------------------
 def _pending_message(core, selector):
     def get():

@@ -263,9 +263,9 @@ class DeploymentController(ControllerBase):
         last_progress = self._progress[key][1]
         deadline = d["spec"].get("progressDeadlineSeconds")
         timed_out = (not complete and deadline is not None
-                     and now_m - last_progress >= self.clock.scaled(float(deadline)))
+                     and now_m - last_progress >= self.clock.deadline(float(deadline)))
         if progressed and not complete and deadline is not None:
-            self.after(float(deadline) + 0.001, ("deploy", ns, name))
+            self.after_real(self.clock.deadline(float(deadline)) + 0.001, ("deploy", ns, name))
         min_available = replicas - unavailable
         available_ok = ready >= min_available
 
