@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from unittest import mock
 
 from sandbox.core import free_port
-from tests.flows.server_support import pg_bin, postgres_server, wait_healthy
+from tests.flows.server_support import pg_bin, postgres_server, stop_process, wait_healthy
 
 # Server services whose output no test reads, off: together they cost more CPU than the flows (the
 # task-run recorder alone was a quarter of the server's; the scheduler would make 100 runs per park/wake
@@ -108,12 +108,7 @@ def _harness_on(database_url: str) -> Iterator[None]:
             yield
             _drain()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)
 
 
 def _drain() -> None:

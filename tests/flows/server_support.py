@@ -28,6 +28,16 @@ def prefect_env(home: Path, api: str | None = None, **extra: str) -> dict[str, s
     return env
 
 
+def stop_process(proc: subprocess.Popen, *, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` s; reaped either way (no zombie, no ResourceWarning)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_healthy(api: str, proc: subprocess.Popen, *, timeout: float, log: Path | None = None) -> None:
     """Until the Prefect server at ``api`` answers its health check; its exit or the timeout raises, with its
     log when there is one."""
@@ -61,11 +71,7 @@ def prefect_server(home: Path, *, timeout: float = 150, **extra_env: str) -> Ite
         wait_healthy(api, proc, timeout=timeout, log=home / "server.log")
         yield api, {**env, "PREFECT_API_URL": api}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=15)
         log.close()
 
 

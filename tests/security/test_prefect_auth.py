@@ -28,6 +28,7 @@ import pytest
 from manifests import park as P
 from manifests.spec import load_spec
 from sandbox.core import free_port
+from tests.flows.server_support import stop_process
 
 pytestmark = pytest.mark.long
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,11 +71,7 @@ def prefect_with_auth(tmp_path_factory):
         _wait(f"{api}/health", 180, proc)  # health answers without auth (Kubernetes probes)
         yield api
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=20)
         log.close()
 
 
