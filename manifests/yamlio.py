@@ -39,7 +39,3 @@ def dump(data: Any, stream: Any = None, **options: Any) -> Any:
     """``yaml.safe_dump``."""
     return yaml.dump(data, stream, Dumper=Dumper, **options)
 
-
-def dump_all(documents: Any, stream: Any = None, **options: Any) -> Any:
-    """``yaml.safe_dump_all``."""
-    return yaml.dump_all(documents, stream, Dumper=Dumper, **options)

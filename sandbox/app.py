@@ -171,8 +171,9 @@ class Sandbox:
         """``token_lifetime_s``: cloud seconds a Google access token from the sandbox's token endpoint
         lives (GCP: 3,600); after it the cluster APIs answer 401 to it. ``endpoint_lag_s``: cloud seconds
         between an Endpoints change and Services routing by it (kube-proxy; default
-        ``DEFAULT_DELAYS["endpoint_propagation"]``; ``set_endpoint_lag`` changes it while running). ``min_deadline_s``: real seconds a cloud-side
-        deadline (a Deployment's progress deadline) is never shorter than (``Clock.min_deadline_s``)."""
+        ``DEFAULT_DELAYS["endpoint_propagation"]``; ``set_endpoint_lag`` changes it while running).
+        ``min_deadline_s``: real seconds a cloud-side deadline (a Deployment's progress deadline) is never
+        shorter than (``Clock.min_deadline_s``)."""
         # The kube/engines/hub/slack emulators are built by their own modules; imported here so a
         # missing one fails with a clear ImportError when the sandbox is built, not at import time.
         from sandbox.engines import ModelRuntime
@@ -185,8 +186,7 @@ class Sandbox:
         self.flows_image = FLOWS_IMAGE.format(project=project)
         # the identity of the env file's credentials (ADC key and gcloud token); project owner
         self.google_account = f"llm-fleet@{project}.iam.gserviceaccount.com"
-        self.clock = Clock(time_scale)
-        self.clock.min_deadline_s = min_deadline_s
+        self.clock = Clock(time_scale, min_deadline_s=min_deadline_s)
         self.faults = Faults()
         self.hub = Hub(faults=self.faults, clock=self.clock)
         self.runtime = ModelRuntime(clock=self.clock, faults=self.faults, hub=self.hub)

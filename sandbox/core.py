@@ -81,7 +81,7 @@ class Clock:
     ``time_scale=1.0`` waits as long as GCP would; ``0.01`` makes a 5-minute cluster create take 3 s.
     """
 
-    def __init__(self, time_scale: float = 1.0) -> None:
+    def __init__(self, time_scale: float = 1.0, *, min_deadline_s: float = 0.0) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.time_scale = time_scale
@@ -89,7 +89,7 @@ class Clock:
         # Real seconds a cloud-side deadline (a Deployment's progressDeadlineSeconds) is never shorter than: on
         # a tiny time scale a loaded test machine's stall of a few real seconds is thousands of cloud seconds,
         # and the product's own waits have the same floor there (LLM_FLEET_MIN_LOAD_TIMEOUT_S). 0: none.
-        self.min_deadline_s = 0.0
+        self.min_deadline_s = min_deadline_s
 
     def now(self) -> float:
         """Cloud time (unix seconds): the wall clock when this clock was made, plus real time elapsed since,

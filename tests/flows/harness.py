@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from unittest import mock
 
 from sandbox.core import free_port
-from tests.flows.server_support import pg_bin, postgres_server, stop_process, wait_healthy
+from tests.flows.server_support import pg_bin, postgres_server, stop_process, wait_answering
 
 # Server services whose output no test reads, off: together they cost more CPU than the flows (the
 # task-run recorder alone was a quarter of the server's; the scheduler would make 100 runs per park/wake
@@ -100,7 +100,7 @@ def _harness_on(database_url: str) -> Iterator[None]:
                              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
     try:
-        wait_healthy(api, proc, timeout=120)
+        wait_answering(f"{api}/health", proc, timeout=120)
         with contextlib.ExitStack() as stack:
             stack.enter_context(prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: api}))
             stack.enter_context(prefect.context._temporary_global_settings_context(

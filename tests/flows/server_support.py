@@ -38,9 +38,9 @@ def stop_process(proc: subprocess.Popen, *, timeout: float) -> None:
         proc.wait()
 
 
-def wait_healthy(api: str, proc: subprocess.Popen, *, timeout: float, log: Path | None = None) -> None:
-    """Until the Prefect server at ``api`` answers its health check; its exit or the timeout raises, with its
-    log when there is one."""
+def wait_answering(url: str, proc: subprocess.Popen, *, timeout: float, log: Path | None = None) -> None:
+    """Until ``url`` (a server's health check) answers 200; the server process's exit or the timeout raises,
+    with its log when there is one."""
     def tail() -> str:
         return log.read_text() if log is not None and log.exists() else ""
 
@@ -48,12 +48,12 @@ def wait_healthy(api: str, proc: subprocess.Popen, *, timeout: float, log: Path 
     with httpx.Client(timeout=2) as http:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited {proc.returncode}:\n{tail()}")
+                raise RuntimeError(f"{proc.args} exited {proc.returncode} before {url} answered:\n{tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if http.get(f"{api}/health").status_code == 200:
+                if http.get(url).status_code == 200:
                     return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"prefect server did not start within {timeout:g} s:\n{tail()}")
+                raise TimeoutError(f"{url} did not answer within {timeout:g} s:\n{tail()}")
             time.sleep(0.1)
 
 
@@ -68,7 +68,7 @@ def prefect_server(home: Path, *, timeout: float = 150, **extra_env: str) -> Ite
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port), "--no-services"], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
-        wait_healthy(api, proc, timeout=timeout, log=home / "server.log")
+        wait_answering(f"{api}/health", proc, timeout=timeout, log=home / "server.log")
         yield api, {**env, "PREFECT_API_URL": api}
     finally:
         stop_process(proc, timeout=15)

@@ -28,26 +28,12 @@ import pytest
 from manifests import park as P
 from manifests.spec import load_spec
 from sandbox.core import free_port
-from tests.flows.server_support import stop_process
+from tests.flows.server_support import stop_process, wait_answering
 
 pytestmark = pytest.mark.long
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = "fleet-admin:" + uuid.uuid4().hex
 BASIC = {"Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()}
-
-
-def _wait(url: str, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2) as http:
-        while True:
-            try:
-                if http.get(url).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, f"{proc.args} exited {proc.returncode}"
-            assert time.monotonic() < deadline, f"{url} did not answer in {timeout:.0f} s"
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +54,8 @@ def prefect_with_auth(tmp_path_factory):
                             start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
-        _wait(f"{api}/health", 180, proc)  # health answers without auth (Kubernetes probes)
+        # health answers without auth (Kubernetes probes)
+        wait_answering(f"{api}/health", proc, timeout=180, log=home / "server.log")
         yield api
     finally:
         stop_process(proc, timeout=20)
@@ -149,7 +136,7 @@ def test_held_request_is_answered_after_the_wake_on_an_auth_enabled_server(prefe
                              stderr=subprocess.STDOUT)
     model = None
     try:
-        _wait(f"http://127.0.0.1:{proxy_port}/healthz", 60, proxy)
+        wait_answering(f"http://127.0.0.1:{proxy_port}/healthz", proxy, timeout=60)
         answer: dict = {}
 
         def send() -> None:
@@ -192,7 +179,7 @@ def test_without_the_secret_the_hold_proxy_is_refused_and_says_why(prefect_with_
         proxy = subprocess.Popen([sys.executable, "-m", "servers.holdproxy"], cwd=ROOT, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
         try:
-            _wait(f"http://127.0.0.1:{proxy_port}/healthz", 60, proxy)
+            wait_answering(f"http://127.0.0.1:{proxy_port}/healthz", proxy, timeout=60)
             def held() -> None:
                 with contextlib.suppress(httpx.HTTPError):  # cut off when the proxy is killed below
                     httpx.post(f"http://127.0.0.1:{proxy_port}/v1/completions", json={}, timeout=30)
@@ -250,7 +237,7 @@ def test_the_webhook_receiver_announces_on_an_auth_enabled_server(prefect_with_a
         proc = subprocess.Popen([sys.executable, "-m", "llm_fleet.cli", "webhook", "--port", str(port),
                                  "--spec", str(spec)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait(f"http://127.0.0.1:{port}/healthz", 60, proc)
+            wait_answering(f"http://127.0.0.1:{port}/healthz", proc, timeout=60)
             body = {"event": {"action": "update", "scope": "repo.content"},
                     "repo": {"type": "model", "name": "Qwen/Qwen2.5-7B-Instruct", "headSha": "e" * 40},
                     "updatedRefs": [{"ref": f"refs/heads/{branch}", "oldSha": None, "newSha": sha}]}
