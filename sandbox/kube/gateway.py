@@ -115,16 +115,21 @@ class _Picker:
         at, queue, kv = self.scraped.get(port, (0.0, 0.0, 0.0))
         if time.monotonic() - at < SCRAPE_EVERY_S:
             return queue, kv
-        queue, kv = 0.0, 0.0
+        # A failed or slow scrape keeps the pod's last signals, as upstream's refreshMetrics stores nothing when
+        # FetchMetrics fails: a busy engine that misses one scrape is still busy, not suddenly idle.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
             conn.request("GET", "/metrics", headers={"User-Agent": "epp-metrics-scraper"})
-            text = conn.getresponse().read().decode(errors="replace")
+            resp = conn.getresponse()
+            text = resp.read().decode(errors="replace")
+            if resp.status != 200:
+                raise OSError(f"/metrics answered {resp.status}")
             values: dict[str, float] = {}
             for line in text.splitlines():
                 if (m := _SAMPLE.match(line)) and m.group(1) not in values:
                     with contextlib.suppress(ValueError):
                         values[m.group(1)] = float(m.group(3))
+            queue, kv = 0.0, 0.0
             for q, k in _SIGNALS:
                 if q in values:
                     queue, kv = values[q], values.get(k, 0.0) if k else 0.0

@@ -5,8 +5,10 @@ favouring the less loaded pod."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.server
 import re
 import threading
+import time
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ from kubernetes.client.rest import ApiException
 
 from sandbox.kube import addons
 from sandbox.kube.controllers import PODS as _PODS
-from sandbox.kube.gateway import gateway_url
+from sandbox.kube.gateway import SCRAPE_EVERY_S, _Picker, gateway_url
 from tests.sandbox.access_support import configuration
 from tests.sandbox.kube_support import model_cluster, wait_for
 
@@ -212,3 +214,52 @@ def test_endpoint_picker_favours_the_less_loaded_pod(served):
 def _counts(k, pod):
     text = httpx.get(f"http://127.0.0.1:{k.pod_port('default', pod)}/metrics").text
     return [float(v) for v in re.findall(r'^vllm:request_success_total\{[^}]*\} (\S+)$', text, re.M)]
+
+
+def test_a_failed_scrape_keeps_a_busy_pods_last_signals():
+    """Upstream's refreshMetrics stores nothing when a pod's /metrics fails: a busy engine that misses a scrape
+    (slow under load, a 500, a closed port) is still busy to the picker, not suddenly idle."""
+    pages = {"busy": "vllm:num_requests_waiting{model_name=\"m\"} 5\n", "idle": "vllm:num_requests_waiting{model_name=\"m\"} 0\n"}
+    failing = threading.Event()
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            which = self.server.which
+            status = 500 if which == "busy" and failing.is_set() else 200
+            body = pages[which].encode() if status == 200 else b"scrape failed"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    servers = []
+    for which in ("busy", "idle"):
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+        srv.which = which
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    busy, idle = (s.server_address[1] for s in servers)
+    picker = _Picker()
+    try:
+        assert picker.pick([busy, idle]) == idle
+        picker.done(idle)
+        failing.set()
+        picks = []
+        for _ in range(10):
+            time.sleep(SCRAPE_EVERY_S)  # every pick scrapes again
+            picks.append(picker.pick([busy, idle]))
+            picker.done(picks[-1])
+        servers[0].shutdown()
+        servers[0].server_close()  # and then a closed port: refused
+        for _ in range(5):
+            time.sleep(SCRAPE_EVERY_S)
+            picks.append(picker.pick([busy, idle]))
+            picker.done(picks[-1])
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert picks.count(busy) == 0, picks
