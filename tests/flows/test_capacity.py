@@ -178,10 +178,15 @@ class _Load:
     def _run(self) -> None:
         import httpx
 
+        # The one resend HTTP/1.1 allows every client (the keep-alive race at the retired color's SIGTERM), as
+        # the campaign's load and test_release_model's; a refused or reset connection still counts.
+        from bench.campaign import post_as_a_client
+
         with httpx.Client(base_url=self.url, timeout=60) as http:
             while not self.stop.is_set():
                 try:
-                    r = http.post("/v1/completions", json={"model": self.model, "prompt": "Hi", "max_tokens": 2})
+                    r, _ = post_as_a_client(http, "/v1/completions",
+                                            {"model": self.model, "prompt": "Hi", "max_tokens": 2})
                     self.codes.append(r.status_code)
                 except httpx.HTTPError as exc:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
