@@ -41,7 +41,7 @@ def run(specs: list[dict], label: str) -> float:
     from flows.deploy_fleet import deploy_fleet
 
     start = time.perf_counter()
-    state = deploy_fleet(fleet=None, specs=specs, max_parallel=len(specs) + 8, return_state=True)
+    state = deploy_fleet(specs=specs, max_parallel=len(specs) + 8, return_state=True)
     took = time.perf_counter() - start
     rows = yaml.safe_load(Artifact.get("deploy-fleet").data)
     deployed = sum(r["status"] == "deployed" for r in rows)

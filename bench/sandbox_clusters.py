@@ -36,6 +36,9 @@ def deployment(name: str, replicas: int) -> dict:
 
     data = load_spec(ROOT / "deployments/qwen2.5-7b-sglang.yaml").model_dump(mode="json", by_alias=True)
     data["accelerator"]["pool"] = {"max_nodes": 100}
+    # No cache claim: the spec's is one ReadWriteOnce disk, which pods on other nodes cannot attach (as on GKE)
+    # and which nothing here provisions; this measures the sandbox's scale, not storage.
+    data["cache"] = {"enabled": False}
     return model_deployment(parse_spec({**data, "name": name, "replicas": replicas}), "blue")
 
 

@@ -53,6 +53,9 @@ def main() -> int:
         apps = client.AppsV1Api(api_client(sb.kube))  # https + the cluster's CA + a Google token
         data = load_spec(ROOT / "deployments/qwen2.5-7b-sglang.yaml").model_dump(mode="json", by_alias=True)
         data["accelerator"]["pool"] = {"max_nodes": 100}
+        # No cache claim: the spec's is one ReadWriteOnce disk, which pods on other nodes cannot attach (as on
+        # GKE) and which nothing here provisions; this measures the sandbox's scale, not storage.
+        data["cache"] = {"enabled": False}
         t1 = time.perf_counter()
         for i in range(args.deployments):
             spec = parse_spec({**data, "name": f"scale-{i}", "replicas": args.replicas})
