@@ -139,12 +139,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_STOPPING: list[int] = []  # the signal that asked the demo to stop, once one has
+
+
 def _exit_on_signal(signum: int, _frame: Any) -> None:
     # SIGTERM/SIGHUP become SystemExit, so every `finally` (and the cleanup in it) runs.
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the cleanup
+    _STOPPING.append(signum)
     _say(f"\n… stopping ({signal.Signals(signum).name}): Prefect server, worker and sandbox")
     raise SystemExit(128 + signum)
+
+
+def _pause(seconds: float) -> None:
+    """A poll's sleep that ends the demo if a stop signal came. Python runs a signal handler wherever the main
+    thread is, a finalizer too (``__del__``, a weakref callback, a generator closed by the GC), and there the
+    handler's SystemExit is printed as "Exception ignored" and dropped: the demo ran on after SIGTERM."""
+    time.sleep(seconds)
+    if _STOPPING:
+        raise SystemExit(128 + _STOPPING[0])
 
 
 def take_ctrl_c() -> None:
@@ -161,7 +174,7 @@ def wait_for_ctrl_c() -> None:
     take_ctrl_c()
     with contextlib.suppress(KeyboardInterrupt):
         while True:
-            time.sleep(0.2)
+            _pause(0.2)
 
 
 def _prefect(*args: str, env: dict[str, str]) -> None:
@@ -223,7 +236,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
             with contextlib.suppress(httpx.HTTPError):
                 if http.get(url).status_code == 200:
                     return
-            time.sleep(0.3)
+            _pause(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
@@ -243,7 +256,7 @@ def _run(name: str, params: dict[str, Any], ui: str, *, expect_failure: bool = F
             if run.state is not None and run.state.is_final():
                 break
             line.show(_progress_artifacts(client, run.id))
-            time.sleep(0.5)
+            _pause(0.5)
     line.close()
     state = run.state
     completed = bool(state and state.is_completed())

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -92,6 +93,34 @@ def test_sigterm_stops_the_prefect_server_and_sandbox(tmp_path):
     assert not _port_open(sandbox_port)
     assert not pidfile.exists()
     assert "Prefect UI: http" not in out  # never an address of a server that is gone
+
+
+
+def test_a_stop_signal_dropped_inside_a_finalizer_still_stops_the_demo():
+    """Python runs a signal handler wherever the main thread is. Inside a finalizer (``__del__``, a weakref
+    callback), the handler's SystemExit is printed ("Exception ignored") and dropped, and the demo ran on: a
+    clean-clone run saw SIGTERM, right after the Prefect server started, leave it running past 60 s. The
+    demo's next poll ends it."""
+    script = textwrap.dedent("""
+        import os, signal, socket, time
+        from llm_fleet import demo
+        signal.signal(signal.SIGTERM, demo._exit_on_signal)
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler runs here, in the finalizer
+        Finalized()
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: every poll is refused
+        demo._wait_http(f"http://127.0.0.1:{closed.getsockname()[1]}/health", 20)
+        print("ran on")
+    """)
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_clean_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert "Exception ignored" in res.stderr, res.stderr  # the case itself: the handler's exit was dropped
+    assert res.returncode == 128 + signal.SIGTERM, res.stdout + res.stderr
+    assert "ran on" not in res.stdout and time.monotonic() - started < 15
 
 
 # ---- apply: adopting what a fresh cluster already has is not drift -----------------------------------
