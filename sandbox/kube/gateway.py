@@ -121,9 +121,12 @@ class _Picker:
         try:
             conn.request("GET", "/metrics", headers={"User-Agent": "epp-metrics-scraper"})
             resp = conn.getresponse()
-            text = resp.read().decode(errors="replace")
-            if resp.status != 200:
-                raise OSError(f"/metrics answered {resp.status}")
+            text = resp.read().decode(errors="replace") if resp.status == 200 else None
+        except (OSError, http.client.HTTPException):
+            text = None
+        finally:
+            conn.close()
+        if text is not None:
             values: dict[str, float] = {}
             for line in text.splitlines():
                 if (m := _SAMPLE.match(line)) and m.group(1) not in values:
@@ -134,10 +137,6 @@ class _Picker:
                 if q in values:
                     queue, kv = values[q], values.get(k, 0.0) if k else 0.0
                     break
-        except OSError:
-            pass
-        finally:
-            conn.close()
         self.scraped[port] = (time.monotonic(), queue, kv)
         return queue, kv
 

@@ -218,15 +218,18 @@ def _counts(k, pod):
 
 def test_a_failed_scrape_keeps_a_busy_pods_last_signals():
     """Upstream's refreshMetrics stores nothing when a pod's /metrics fails: a busy engine that misses a scrape
-    (slow under load, a 500, a closed port) is still busy to the picker, not suddenly idle."""
-    pages = {"busy": "vllm:num_requests_waiting{model_name=\"m\"} 5\n", "idle": "vllm:num_requests_waiting{model_name=\"m\"} 0\n"}
-    failing = threading.Event()
+    (a 500, an answer that is not HTTP, a closed port) is still busy to the picker, not suddenly idle."""
+    pages = {"busy": "vllm:num_requests_waiting{model_name=\"m\"} 5\n",
+             "idle": "vllm:num_requests_waiting{model_name=\"m\"} 0\n"}
+    failure: list[str] = []  # how the busy pod's /metrics fails now, once it does
 
     class Metrics(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
-            which = self.server.which
-            status = 500 if which == "busy" and failing.is_set() else 200
-            body = pages[which].encode() if status == 200 else b"scrape failed"
+            if self.server.which == "busy" and failure == ["garbage"]:
+                self.wfile.write(b"not an HTTP status line\r\n\r\n")  # http.client: BadStatusLine
+                return
+            status = 500 if self.server.which == "busy" and failure else 200
+            body = pages[self.server.which].encode() if status == 200 else b"scrape failed"
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -243,23 +246,25 @@ def test_a_failed_scrape_keeps_a_busy_pods_last_signals():
         servers.append(srv)
     busy, idle = (s.server_address[1] for s in servers)
     picker = _Picker()
-    try:
-        assert picker.pick([busy, idle]) == idle
-        picker.done(idle)
-        failing.set()
-        picks = []
-        for _ in range(10):
+    picks = []
+
+    def pick_five() -> None:
+        for _ in range(5):
             time.sleep(SCRAPE_EVERY_S)  # every pick scrapes again
             picks.append(picker.pick([busy, idle]))
             picker.done(picks[-1])
+
+    try:
+        assert picker.pick([busy, idle]) == idle
+        picker.done(idle)
+        for mode in ("500", "garbage"):
+            failure[:] = [mode]
+            pick_five()
         servers[0].shutdown()
         servers[0].server_close()  # and then a closed port: refused
-        for _ in range(5):
-            time.sleep(SCRAPE_EVERY_S)
-            picks.append(picker.pick([busy, idle]))
-            picker.done(picks[-1])
+        pick_five()
     finally:
         for s in servers:
             s.shutdown()
             s.server_close()
-    assert picks.count(busy) == 0, picks
+    assert len(picks) == 15 and picks.count(busy) == 0, picks
