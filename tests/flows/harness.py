@@ -53,7 +53,7 @@ def prefect_test_server() -> Iterator[str]:
         # product's own events are sent as before. test_release_model: 71 -> 58 machine CPU-s (two runs each).
         stack.enter_context(mock.patch.object(prefect.task_engine, "emit_task_run_state_change_event",
                                               lambda *args, **kwargs: None))
-        # Only a PostgreSQL that is installed: test_postgres.py is the one test that installs it.
+        # Only a PostgreSQL that is installed: test_prefect_yaml.py is the one module that installs it.
         if os.environ.get("LLM_FLEET_TEST_DB", "postgres") == "postgres" and pg_bin() is not None:
             stack.enter_context(_harness_on(stack.enter_context(postgres_server())))
             yield "postgres"

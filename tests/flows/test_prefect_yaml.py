@@ -1,19 +1,29 @@
-"""`prefect --no-prompt deploy --all` on a fresh local server creates every flow's deployment with its
-schedules, triggers, concurrency and parameter forms, read back over the Prefect API."""
+"""A fresh `prefect server start` of this module's own, in the production shape (PostgreSQL): a product flow
+runs through it into PostgreSQL, and `prefect --no-prompt deploy --all` creates every flow's deployment
+with its schedules, triggers, concurrency and parameter forms, read back over the Prefect API.
+
+PostgreSQL is Debian's `postgresql` package, started as a non-root user under a temp dir (installed with
+apt first when it is missing and apt is there). Only without apt does the server use SQLite, and the
+PostgreSQL test is skipped, saying why. (One server for both: each start costs ~9 CPU-s on this machine.)"""
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import yaml
 
 from deploy.gke_variant import IMAGE_DIR, gke_variant
-from tests.flows.server_support import ROOT, pg_bin, postgres_server, prefect_cli, prefect_server
+from tests.flows.server_support import ROOT, PostgresUnavailable, postgres_server, prefect_cli, prefect_server
 
 # A fresh server and `prefect deploy` of every flow: minutes on a loaded 2-core machine.
 pytestmark = pytest.mark.timeout(600)
@@ -70,36 +80,83 @@ def _create_pool(api: str, name: str, type_: str, *, template: Path | None = Non
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
+def own_server(tmp_path_factory):
+    """The module's server: (api, env for CLIs, its PREFECT_HOME, the PostgreSQL URL or None)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            postgres = stack.enter_context(postgres_server())
+        except PostgresUnavailable as exc:
+            postgres, why = None, str(exc)
+        # on PostgreSQL: `deploy --all` writes 15 deployments, 10 s there, 20 s on SQLite
+        home = tmp_path_factory.mktemp("prefect-home")
+        db = {"PREFECT_API_DATABASE_CONNECTION_URL": postgres} if postgres else {}
+        api, env = stack.enter_context(prefect_server(home, **db))
+        yield SimpleNamespace(api=api, env=env, home=home, postgres=postgres, why=None if postgres else why)
+
+
+def test_the_server_on_postgres_runs_a_product_flow_into_postgres(own_server):
+    if own_server.postgres is None:
+        pytest.skip(own_server.why)
+    api, postgres = own_server.api, own_server.postgres
+    # The server migrated its schema into PostgreSQL (not a SQLite file in PREFECT_HOME).
+    assert not list(own_server.home.glob("*.db"))
+    code = ("from flows.deploy_fleet import deploy_fleet\n"
+            "r = deploy_fleet(fleet='deployments/fleets/demo.yaml', dry_run=True)\n"
+            "assert len(r['models']) == 3, r\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=own_server.env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    only_fleet = {"flows": {"name": {"any_": ["deploy_fleet"]}}, "limit": 10}
+    with httpx.Client(base_url=api, timeout=30) as http:
+        runs = http.post("/flow_runs/filter", json=only_fleet).json()
+        assert [r["state_type"] for r in runs] == ["COMPLETED"]
+        arts = http.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["deploy-fleet-plan"]}}}).json()
+        assert arts and arts[0]["flow_run_id"] == runs[0]["id"]
+
+    # ...and the run is in PostgreSQL itself.
+    import asyncpg
+
+    async def completed() -> list[str]:
+        conn = await asyncpg.connect(postgres.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            return [str(r["id"]) for r in await conn.fetch("select id from flow_run where state_type = 'COMPLETED'")]
+        finally:
+            await conn.close()
+
+    deadline = time.monotonic() + 10
+    while asyncio.run(completed()) != [runs[0]["id"]] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert asyncio.run(completed()) == [runs[0]["id"]]
+
+
+@pytest.fixture(scope="module")
+def deployed(own_server, tmp_path_factory):
     # A copy of the project in a fresh directory: the pull step must point at *that* clone.
     clone = tmp_path_factory.mktemp("clone") / "llm-fleet"
     shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.pyc", ".ruff_cache",
                                                                ".pytest_cache", "node_modules"))
-    with contextlib.ExitStack() as stack:
-        # on PostgreSQL where it is installed: `deploy --all` writes 15 deployments, 10 s there, 20 s on SQLite
-        db = {"PREFECT_API_DATABASE_CONNECTION_URL": stack.enter_context(postgres_server())} if pg_bin() else {}
-        api, env = stack.enter_context(prefect_server(tmp_path_factory.mktemp("prefect-home"), **db))
-        _create_pool(api, "local", "process")
-        prefect_cli("--no-prompt", "deploy", "--all", env=env, cwd=clone)
-        # The production variant: same deployments on a kubernetes pool with the repo's job template.
-        # Two of its deployments are enough to prove the template and the variant (each deploy costs seconds).
-        some = {**PREFECT_YAML, "deployments": [d for d in PREFECT_YAML["deployments"]
-                                                if d["entrypoint"].endswith((":check_fleet", ":deploy_model"))]}
-        (clone / "deploy" / "prefect.gke.yaml").write_text(yaml.safe_dump(gke_variant(some, pool="gke",
-                                                                                      image="flows:test")))
-        _create_pool(api, "gke", "kubernetes", template=ROOT / "deploy" / "gke-job-template.json")
-        prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.gke.yaml", env=env, cwd=clone)
-        with httpx.Client(base_url=api, timeout=30) as http:
-            deployments = http.post("/deployments/filter", json={"limit": 200}).json()
-            flows = {f["id"]: f["name"] for f in http.post("/flows/filter", json={"limit": 200}).json()}
-            automations = http.post("/automations/filter", json={"limit": 200}).json()
-            pool = http.get("/work_pools/gke").json()
-        local = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "local"}
-        gke = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "gke"}
-        local_ids = {d["id"] for d in local.values()}
-        yield {"deployments": local, "gke": gke, "gke_pool": pool, "clone": clone,
-               "automations": [a for a in automations if any(x.get("deployment_id") in local_ids
-                                                             for x in a["actions"])]}
+    api, env = own_server.api, own_server.env
+    _create_pool(api, "local", "process")
+    prefect_cli("--no-prompt", "deploy", "--all", env=env, cwd=clone)
+    # The production variant: same deployments on a kubernetes pool with the repo's job template.
+    # Two of its deployments are enough to prove the template and the variant (each deploy costs seconds).
+    some = {**PREFECT_YAML, "deployments": [d for d in PREFECT_YAML["deployments"]
+                                            if d["entrypoint"].endswith((":check_fleet", ":deploy_model"))]}
+    (clone / "deploy" / "prefect.gke.yaml").write_text(yaml.safe_dump(gke_variant(some, pool="gke",
+                                                                                  image="flows:test")))
+    _create_pool(api, "gke", "kubernetes", template=ROOT / "deploy" / "gke-job-template.json")
+    prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.gke.yaml", env=env, cwd=clone)
+    with httpx.Client(base_url=api, timeout=30) as http:
+        deployments = http.post("/deployments/filter", json={"limit": 200}).json()
+        flows = {f["id"]: f["name"] for f in http.post("/flows/filter", json={"limit": 200}).json()}
+        automations = http.post("/automations/filter", json={"limit": 200}).json()
+        pool = http.get("/work_pools/gke").json()
+    local = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "local"}
+    gke = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "gke"}
+    local_ids = {d["id"] for d in local.values()}
+    yield {"deployments": local, "gke": gke, "gke_pool": pool, "clone": clone,
+           "automations": [a for a in automations if any(x.get("deployment_id") in local_ids
+                                                         for x in a["actions"])]}
 
 
 def _declared():
