@@ -1,12 +1,16 @@
-"""What the benchmarks share: a sandbox started in this process, with the product's settings pointed at it."""
+"""What the benchmarks share: a sandbox started in this process, with the product's settings pointed at it; the
+model Deployment the scale benchmarks apply; this process's resident memory."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from sandbox.app import Sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_sandbox(time_scale: float) -> Sandbox:
@@ -34,3 +38,24 @@ def prefect_server() -> Iterator[str]:
 
     with prefect_test_server() as database:
         yield database
+
+
+def rss_mib() -> float:
+    """This process's resident memory in MiB (NaN where /proc does not say: never a pass by default)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale_deployment(name: str, replicas: int) -> dict:
+    """What deploy_model applies for the bundled SGLang spec, renamed: the product's own rendering."""
+    from manifests.render import model_deployment
+    from manifests.spec import load_spec, parse_spec
+
+    data = load_spec(ROOT / "deployments/qwen2.5-7b-sglang.yaml").model_dump(mode="json", by_alias=True)
+    data["accelerator"]["pool"] = {"max_nodes": 100}
+    # No cache claim: the spec's is one ReadWriteOnce disk, which pods on other nodes cannot attach (as on GKE)
+    # and which nothing here provisions; the scale benchmarks measure the sandbox, not storage.
+    data["cache"] = {"enabled": False}
+    return model_deployment(parse_spec({**data, "name": name, "replicas": replicas}), "blue")

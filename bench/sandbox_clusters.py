@@ -21,27 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def deployment(name: str, replicas: int) -> dict:
-    """What deploy_model applies for the bundled SGLang spec, renamed: the product's own rendering."""
-    from manifests.render import model_deployment
-    from manifests.spec import load_spec, parse_spec
-
-    data = load_spec(ROOT / "deployments/qwen2.5-7b-sglang.yaml").model_dump(mode="json", by_alias=True)
-    data["accelerator"]["pool"] = {"max_nodes": 100}
-    # No cache claim: the spec's is one ReadWriteOnce disk, which pods on other nodes cannot attach (as on GKE)
-    # and which nothing here provisions; this measures the sandbox's scale, not storage.
-    data["cache"] = {"enabled": False}
-    return model_deployment(parse_spec({**data, "name": name, "replicas": replicas}), "blue")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clusters", type=int, default=10)
@@ -55,6 +34,7 @@ def main() -> int:
     from google.cloud import container_v1
     from kubernetes import client as k8s
 
+    from bench._support import rss_mib, scale_deployment
     from sandbox.app import Sandbox
     from tests.sandbox.kube_support import api_client
 
@@ -109,7 +89,7 @@ def main() -> int:
             apis.append(k8s.AppsV1Api(api_client(kube)))
         t0 = time.perf_counter()
         for d in range(args.deployments):
-            apis[d % len(apis)].create_namespaced_deployment("default", deployment(f"m{d}", args.replicas))
+            apis[d % len(apis)].create_namespaced_deployment("default", scale_deployment(f"m{d}", args.replicas))
         want = args.deployments * args.replicas
         ready = 0
         deadline = time.monotonic() + 300

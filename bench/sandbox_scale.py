@@ -17,13 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deployments", type=int, default=50)
@@ -33,8 +26,7 @@ def main() -> int:
 
     from kubernetes import client
 
-    from manifests.render import model_deployment
-    from manifests.spec import load_spec, parse_spec
+    from bench._support import rss_mib, scale_deployment
     from sandbox.app import Sandbox
     from tests.sandbox.kube_support import api_client
 
@@ -51,15 +43,9 @@ def main() -> int:
                              capacity={"nvidia.com/gpu": "1", "cpu": "8", "memory": "32Gi"},
                              taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
         apps = client.AppsV1Api(api_client(sb.kube))  # https + the cluster's CA + a Google token
-        data = load_spec(ROOT / "deployments/qwen2.5-7b-sglang.yaml").model_dump(mode="json", by_alias=True)
-        data["accelerator"]["pool"] = {"max_nodes": 100}
-        # No cache claim: the spec's is one ReadWriteOnce disk, which pods on other nodes cannot attach (as on
-        # GKE) and which nothing here provisions; this measures the sandbox's scale, not storage.
-        data["cache"] = {"enabled": False}
         t1 = time.perf_counter()
         for i in range(args.deployments):
-            spec = parse_spec({**data, "name": f"scale-{i}", "replicas": args.replicas})
-            apps.create_namespaced_deployment("default", model_deployment(spec, "blue"))
+            apps.create_namespaced_deployment("default", scale_deployment(f"scale-{i}", args.replicas))
         deadline = time.monotonic() + 120
         ready = 0
         while time.monotonic() < deadline:
