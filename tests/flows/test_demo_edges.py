@@ -95,7 +95,6 @@ def test_sigterm_stops_the_prefect_server_and_sandbox(tmp_path):
     assert "Prefect UI: http" not in out  # never an address of a server that is gone
 
 
-
 def test_a_stop_signal_dropped_inside_a_finalizer_still_stops_the_demo():
     """Python runs a signal handler wherever the main thread is. Inside a finalizer (``__del__``, a weakref
     callback), the handler's SystemExit is printed ("Exception ignored") and dropped, and the demo ran on: a

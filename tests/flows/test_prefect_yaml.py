@@ -83,15 +83,16 @@ def _create_pool(api: str, name: str, type_: str, *, template: Path | None = Non
 def own_server(tmp_path_factory):
     """The module's server: (api, env for CLIs, its PREFECT_HOME, the PostgreSQL URL or None)."""
     with contextlib.ExitStack() as stack:
+        postgres, why = None, None
         try:
             postgres = stack.enter_context(postgres_server())
         except PostgresUnavailable as exc:
-            postgres, why = None, str(exc)
+            why = str(exc)
         # on PostgreSQL: `deploy --all` writes 15 deployments, 10 s there, 20 s on SQLite
         home = tmp_path_factory.mktemp("prefect-home")
         db = {"PREFECT_API_DATABASE_CONNECTION_URL": postgres} if postgres else {}
         api, env = stack.enter_context(prefect_server(home, **db))
-        yield SimpleNamespace(api=api, env=env, home=home, postgres=postgres, why=None if postgres else why)
+        yield SimpleNamespace(api=api, env=env, home=home, postgres=postgres, why=why)
 
 
 def test_the_server_on_postgres_runs_a_product_flow_into_postgres(own_server):
@@ -124,9 +125,9 @@ def test_the_server_on_postgres_runs_a_product_flow_into_postgres(own_server):
             await conn.close()
 
     deadline = time.monotonic() + 10
-    while asyncio.run(completed()) != [runs[0]["id"]] and time.monotonic() < deadline:
+    while (ids := asyncio.run(completed())) != [runs[0]["id"]] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert asyncio.run(completed()) == [runs[0]["id"]]
+    assert ids == [runs[0]["id"]]
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +155,9 @@ def deployed(own_server, tmp_path_factory):
     local = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "local"}
     gke = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments if d["work_pool_name"] == "gke"}
     local_ids = {d["id"] for d in local.values()}
-    yield {"deployments": local, "gke": gke, "gke_pool": pool, "clone": clone,
-           "automations": [a for a in automations if any(x.get("deployment_id") in local_ids
-                                                         for x in a["actions"])]}
+    return {"deployments": local, "gke": gke, "gke_pool": pool, "clone": clone,
+            "automations": [a for a in automations if any(x.get("deployment_id") in local_ids
+                                                          for x in a["actions"])]}
 
 
 def _declared():

@@ -475,8 +475,8 @@ def test_concurrent_clients_through_one_route(runtime):
 # ---- a serving pod deleted under keep-alive load, through a real cluster's kubelet and kube-proxy ---------
 
 def _delete_a_replica_under_load(*, lifecycle: dict | None, grace: int, lag_s: float = 3.0) -> tuple[int, list[str]]:
-    """Two vLLM replicas behind a Service, kube-proxy 3 s behind (its 1 s minimum sync period plus a busy
-    node's delay), four keep-alive clients through the Service's port, one replica deleted as an HPA
+    """Two vLLM replicas behind a Service, kube-proxy ``lag_s`` behind (3 s: its 1 s minimum sync period plus a
+    busy node's delay), four keep-alive clients through the Service's port, one replica deleted as an HPA
     scale-down or an eviction does. Returns (answered, failures).
 
     The clients send 100-token generations (50 ms here) back to back, so a connection is seldom idle when the
@@ -566,8 +566,8 @@ def test_without_a_prestop_a_deleted_pods_reconnecting_clients_are_refused():
     shutdown closed reconnect while kube-proxy still routes to it, and its share of them are reset.
 
     kube-proxy is 15 s behind here, not 3: at 3 s (60 ms of real time) a client thread starved for that long
-    on a loaded machine reconnected only after the route was gone, and the control saw no failure (once in a
-    clean-clone run). The hazard is the same; the window is 300 ms, which no load here outlasts."""
+    on a loaded machine reconnected only after the route was gone, and the control saw no failure (twice in
+    clean-clone runs). The hazard is the same; the window is 300 ms, five times the starvation that hid it."""
     answered, failed = _delete_a_replica_under_load(lifecycle=None, grace=60, lag_s=15.0)
     assert failed and set(failed) <= {"ConnectError", "ReadError", "RemoteProtocolError", "WriteError"}, failed
     assert answered > 16
