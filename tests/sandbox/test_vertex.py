@@ -10,12 +10,14 @@ import requests
 from google.api_core import exceptions as gexc
 from google.api_core.future.polling import DEFAULT_POLLING
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import aiplatform_v1 as v1
 
 from sandbox.core import Clock, Faults
 from sandbox.engines import ModelRuntime
 from sandbox.hub import Hub
 from sandbox.vertex import Vertex
+from tests.lazy import lazy
+
+v1 = lazy("google.cloud.aiplatform_v1")  # in the worker that runs these tests only (tests/lazy.py)
 
 P, L = "p-vertex", "us-central1"
 PARENT = f"projects/{P}/locations/{L}"
@@ -60,7 +62,8 @@ def _endpoint(clients, name="ep"):
     return op.result(timeout=30, polling=FAST).name
 
 
-def _dm(model, machine="g2-standard-12", acc=v1.AcceleratorType.NVIDIA_L4, count=1):
+def _dm(model, machine="g2-standard-12", acc=None, count=1):
+    acc = v1.AcceleratorType.NVIDIA_L4 if acc is None else acc
     return v1.DeployedModel(model=model, display_name="d", dedicated_resources=v1.DedicatedResources(
         machine_spec=v1.MachineSpec(machine_type=machine, accelerator_type=acc, accelerator_count=count),
         min_replica_count=1, max_replica_count=1))

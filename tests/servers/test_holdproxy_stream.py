@@ -8,13 +8,15 @@ from __future__ import annotations
 import time
 
 import httpx
-import openai
 import pytest
 
 from sandbox.core import Clock, Faults
 from sandbox.engines import ModelRuntime
 from sandbox.hub import Hub
+from tests.lazy import lazy
 from tests.servers.test_holdproxy import _proxy, recorder  # noqa: F401 - the Prefect stand-in fixture
+
+openai = lazy("openai")  # in the worker that runs these tests only (tests/lazy.py)
 
 MODEL = "google/gemma-2-2b-it"
 
