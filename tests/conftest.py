@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -152,10 +153,49 @@ def pytest_configure(config):
     threading.Thread(target=warm, name="warm-assert-rewrites", daemon=True).start()
 
 
+# ---- the order modules start in: longest first ----------------------------------------------------------
+
+DURATIONS = Path(__file__).with_name("durations.json")  # module -> seconds, written by --store-durations
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"write each module's time (s, its tests' setup + call + teardown) to {DURATIONS.name}")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The longest tests (marked ``long``) go first, so some workers start on them while the others take
-    the many short ones, instead of a four-minute test starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    """Modules start longest first, by their measured times (tests/durations.json): each worker takes the
+    next module when it is free, so the run ends on the shortest ones, all workers finishing together (the
+    longest-processing-time rule). Ordered by kind before (``long`` first, then flows, emulators, unit), the
+    last minute was the emulators' modules that wait on the sandbox's clock, two cores ~1 busy, while the
+    CPU-heavy flow modules had run side by side. A module not measured yet counts as the median, or as the
+    longest when it has a test marked ``long``; a module's own ``long`` tests run first in it."""
+    import json
+    import statistics
+
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    median = statistics.median(known.values()) if known else 0.0
+    longest = max(known.values(), default=0.0)
+    modules: dict[str, float] = {}
+    for item in items:
+        module = item.nodeid.partition("::")[0]
+        if module not in modules or item.get_closest_marker("long"):
+            modules[module] = known.get(module, longest if item.get_closest_marker("long") else median)
+
+    def order(item) -> tuple[float, str, bool]:
+        module = item.nodeid.partition("::")[0]
+        return -modules[module], module, item.get_closest_marker("long") is None
+
+    items.sort(key=order)
+
+
+_TIMES: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid:  # in the controller too: xdist hands it each worker's reports
+        module = report.nodeid.partition("::")[0]
+        _TIMES[module] = _TIMES.get(module, 0.0) + report.duration
 
 
 # ---- the flow and security tests' session fixtures: one sandbox and one Prefect server per session ----
@@ -229,6 +269,10 @@ def pytest_sessionfinish(session, exitstatus):
 
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once all are done
         return
+    if session.config.getoption("store_durations") and _TIMES:
+        import json
+
+        DURATIONS.write_text(json.dumps({m: round(t, 1) for m, t in sorted(_TIMES.items())}, indent=0) + "\n")
     tmp = os.environ.get("LLM_FLEET_TEST_TMPDIR")
     if not tmp or not os.path.isdir(tmp) or os.environ.get("LLM_FLEET_TEST_TMPDIR_OWNER") != str(os.getpid()):
         return
