@@ -189,6 +189,32 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=order)
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, except for the module queued behind a long one. An xdist worker holds its last
+    test until the next one is queued (it needs to know what comes next to tear fixtures down), so a
+    module of one or two tests takes the next module in the queue with it when it starts: behind the demo
+    (one test, three to four minutes), that was the second-longest module, which waited there for
+    the whole demo and started near the end of the run. A worker that is still busy for longer than the
+    next module would take is given the shortest module left instead."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    import json
+
+    from xdist.scheduler import LoadFileScheduling
+
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+    class LongestFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node) -> None:
+            busy = sum(known.get(scope, 0.0) * list(tests.values()).count(False) / len(tests)
+                       for scope, tests in self.assigned_work.get(node, {}).items() if tests)
+            if len(self.workqueue) > 1 and busy > known.get(next(iter(self.workqueue)), 0.0):
+                self.workqueue.move_to_end(next(reversed(self.workqueue)), last=False)  # the shortest first
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)
+
+
 _TIMES: dict[str, float] = {}
 
 
@@ -272,7 +298,9 @@ def pytest_sessionfinish(session, exitstatus):
     if session.config.getoption("store_durations") and _TIMES:
         import json
 
-        DURATIONS.write_text(json.dumps({m: round(t, 1) for m, t in sorted(_TIMES.items())}, indent=0) + "\n")
+        times = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}  # a partial run updates its own
+        times.update({m: round(t, 1) for m, t in _TIMES.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(times.items())), indent=0) + "\n")
     tmp = os.environ.get("LLM_FLEET_TEST_TMPDIR")
     if not tmp or not os.path.isdir(tmp) or os.environ.get("LLM_FLEET_TEST_TMPDIR_OWNER") != str(os.getpid()):
         return
