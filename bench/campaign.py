@@ -179,10 +179,11 @@ class PrefectServer:
     def start(self, timeout: float = 180) -> None:
         import httpx
 
+        from tests.flows.harness import NO_BLOCK_REGISTRATION
         from tests.flows.server_support import prefect_env
 
         self.home.mkdir(parents=True, exist_ok=True)
-        env = prefect_env(self.home)
+        env = {**prefect_env(self.home), **NO_BLOCK_REGISTRATION}  # as the flow tests' servers (harness.py)
         log = open(self.home / "server.log", "a")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                       "--port", str(self.port), "--no-services"], cwd=ROOT, env=env,

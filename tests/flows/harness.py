@@ -31,8 +31,9 @@ QUIET_SERVICES = ("TASK_RUN_RECORDER", "SCHEDULER", "LATE_RUNS", "FOREMAN", "DB_
 # same 404 either way. Both settings: the memoizing wrapper imports the collections before it reads the first.
 # Events are persisted every 0.5 s, not 5 (or per 20): the tests that read events back (check_fleet, park,
 # playground) poll until the persister has flushed; automations react to the stream, not the table.
-QUIET_SETTINGS = {"PREFECT_API_BLOCKS_REGISTER_ON_START": "false", "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
-                  "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5"}
+NO_BLOCK_REGISTRATION = {"PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+                         "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"}
+QUIET_SETTINGS = {**NO_BLOCK_REGISTRATION, "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5"}
 
 
 @contextlib.contextmanager

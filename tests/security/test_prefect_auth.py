@@ -28,6 +28,7 @@ import pytest
 from manifests import park as P
 from manifests.spec import load_spec
 from sandbox.core import free_port
+from tests.flows.harness import NO_BLOCK_REGISTRATION
 from tests.flows.server_support import stop_process, wait_answering
 
 pytestmark = pytest.mark.long
@@ -44,7 +45,7 @@ def prefect_with_auth(tmp_path_factory):
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_API_AUTH_STRING": AUTH,
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.2",
+                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.2", **NO_BLOCK_REGISTRATION,
                 **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in (
                     "TASK_RUN_RECORDER", "SCHEDULER", "LATE_RUNS", "FOREMAN", "DB_VACUUM", "CLEANUP_RECONCILER",
                     "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "TRIGGERS", "ACTIONS")}})
