@@ -106,7 +106,6 @@ def _share_prefect_ssl_contexts() -> None:
 
 
 _share_httpx_ssl_contexts()
-_share_prefect_ssl_contexts()
 
 
 def pytest_configure(config):
@@ -114,8 +113,12 @@ def pytest_configure(config):
     the workers start. Every worker imports every test module to collect it; with no rewritten pyc on disk
     yet, the four of them rewrote all ~150 modules side by side (6 CPU-s each, 24 in all, in the first 30 s
     of a clean clone's run). Each file is written atomically by pytest's own functions; a worker that gets to
-    a file first rewrites it itself, as before."""
+    a file first rewrites it itself, as before.
+
+    Prefect's shared SSL contexts only where tests run (a worker, or a run without xdist): importing Prefect
+    in the controller (1.2 s of CPU) came before it started any worker."""
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        _share_prefect_ssl_contexts()
         return
     import sys
     import threading
