@@ -553,10 +553,14 @@ def test_deploy_of_changed_spec_releases_instead_of_updating_in_place(served):
 
     t = threading.Thread(target=watch_stable, daemon=True)
     t.start()
-    with ServiceWatch(spec) as svc_watch:
-        result = deploy_model(spec=spec)
-    stop.set()
-    t.join(timeout=10)
+    try:
+        with ServiceWatch(spec) as svc_watch:
+            result = deploy_model(spec=spec)
+    finally:
+        # also when the deploy raised: a watcher left running retried 20 times a second once the module's
+        # cluster was deleted, a new TLS connection each time (0.5 of a core for the rest of a CI run)
+        stop.set()
+        t.join(timeout=10)
     assert result["action"] == "released" and live(spec) == candidate
     switched = svc_watch.first_seen(candidate)
     before = [e for e in events if e[0] < switched]
