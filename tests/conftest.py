@@ -161,6 +161,12 @@ def pytest_configure(config):
 DURATIONS = Path(__file__).with_name("durations.json")  # module -> seconds, written by --store-durations
 
 
+def _durations() -> dict[str, float]:
+    import json
+
+    return json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+
 def pytest_addoption(parser):
     parser.addoption("--store-durations", action="store_true",
                      help=f"write each module's time (s, its tests' setup + call + teardown) to {DURATIONS.name}")
@@ -173,10 +179,9 @@ def pytest_collection_modifyitems(config, items):
     last minute was the emulators' modules that wait on the sandbox's clock, two cores ~1 busy, while the
     CPU-heavy flow modules had run side by side. A module not measured yet counts as the median, or as the
     longest when it has a test marked ``long``; a module's own ``long`` tests run first in it."""
-    import json
     import statistics
 
-    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    known = _durations()
     median = statistics.median(known.values()) if known else 0.0
     longest = max(known.values(), default=0.0)
     modules: dict[str, float] = {}
@@ -201,11 +206,9 @@ def pytest_xdist_make_scheduler(config, log):
     next module would take is given the shortest module left instead."""
     if config.getvalue("dist") != "loadfile":
         return None
-    import json
-
     from xdist.scheduler import LoadFileScheduling
 
-    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    known = _durations()
 
     class LongestFirst(LoadFileScheduling):
         def _assign_work_unit(self, node) -> None:
@@ -301,7 +304,7 @@ def pytest_sessionfinish(session, exitstatus):
     if session.config.getoption("store_durations") and _TIMES:
         import json
 
-        times = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}  # a partial run updates its own
+        times = _durations()  # a partial run updates its own modules only
         times.update({m: round(t, 1) for m, t in _TIMES.items()})
         DURATIONS.write_text(json.dumps(dict(sorted(times.items())), indent=0) + "\n")
     tmp = os.environ.get("LLM_FLEET_TEST_TMPDIR")
