@@ -11,6 +11,7 @@ import contextlib
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -138,13 +139,17 @@ class ClusterAutoscaler:
         self._wake = threading.Event()
         self._seen_pending: set[tuple[int, str, str]] = set()  # (id(kube), namespace, name)
         self._unneeded_since: dict[str, float] = {}
-        self._backoff_until: dict[int, float] = {}
+        # Per pool, keyed by the pool object and gone with it: keyed by id(pool), a deleted cluster's entries
+        # outlived it, and a new pool that CPython gave the same address inherited them (a class pool's
+        # allowed zones from test_capacity made test_park's pool, in another region, never scale up).
+        self._backoff_until: weakref.WeakKeyDictionary[_Pool, float] = weakref.WeakKeyDictionary()
         # ComputeClasses: a failed scale-up backs off that zone of that pool (GCE's errors are per zone and
         # machine); a class pod then tries the next zone, then the next priority
-        self._zone_backoff: dict[tuple[int, str], float] = {}
-        self._allowed: dict[int, tuple[str, ...]] = {}  # id(pool) -> zones its class priority may use
+        self._zone_backoff: weakref.WeakKeyDictionary[_Pool, dict[str, float]] = weakref.WeakKeyDictionary()
+        # the zones a class pod's priority may use in that pool
+        self._allowed: weakref.WeakKeyDictionary[_Pool, tuple[str, ...]] = weakref.WeakKeyDictionary()
         self._migrating: dict[str, str] = {}  # node being emptied by active migration -> the better node
-        self._busy: dict[int, int] = {}  # id(pool) -> scale-ups in flight
+        self._busy: weakref.WeakKeyDictionary[_Pool, int] = weakref.WeakKeyDictionary()  # scale-ups in flight
         self._unsubscribe: Any = None
         self.events: list[dict[str, Any]] = []  # what it did, for snapshot() and tests
 
@@ -299,9 +304,10 @@ class ClusterAutoscaler:
 
     def _back_off(self, pool: _Pool, zone: str) -> None:
         until = time.monotonic() + self.gke.clock.scaled(self.gke.delays["autoscaler_backoff"])
-        self._zone_backoff[(id(pool), zone)] = until
-        if all(self._zone_backoff.get((id(pool), z), 0) >= until - 1e-6 for z in pool.data.get("locations", [])):
-            self._backoff_until[id(pool)] = until  # every zone failed: the whole node group backs off
+        zones = self._zone_backoff.setdefault(pool, {})
+        zones[zone] = until
+        if all(zones.get(z, 0) >= until - 1e-6 for z in pool.data.get("locations", [])):
+            self._backoff_until[pool] = until  # every zone failed: the whole node group backs off
 
     # ---- ComputeClasses ----------------------------------------------------------------------------
     @staticmethod
@@ -333,7 +339,7 @@ class ClusterAutoscaler:
             open_zones = tuple(z for z in choice.zones if len(choice.pool.nodes.get(z, [])) < hi)
         if not open_zones:
             return (), "max node group size reached"
-        free = tuple(z for z in open_zones if self._zone_backoff.get((id(choice.pool), z), 0) <= now)
+        free = tuple(z for z in open_zones if self._zone_backoff.get(choice.pool, {}).get(z, 0) <= now)
         return free, None if free else "in backoff after failed scale-up"
 
     def _migrate(self, kube: Any, pods: list[dict[str, Any]], pending: list[dict[str, Any]],
@@ -370,8 +376,8 @@ class ClusterAutoscaler:
                     if self._evict(kube, pod, node, spare[0]):
                         used.add(spare[0])
                     break
-                if why is None and not self._busy.get(id(better.pool)):
-                    self._allowed[id(better.pool)] = zones
+                if why is None and not self._busy.get(better.pool):
+                    self._allowed[better.pool] = zones
                     if self._grow(better.cluster, better.pool, 1, pods=[], kube=kube):
                         self._record("migration_scale_up", better.pool.name, "", f"for {meta.get('name')} on {node}")
                     break
@@ -427,7 +433,7 @@ class ClusterAutoscaler:
             if why:
                 misfits[why] = misfits.get(why, 0) + 1
                 continue
-            self._allowed[id(choice.pool)] = zones
+            self._allowed[choice.pool] = zones
             out.append((choice.cluster, choice.pool))
         return out, misfits
 
@@ -441,7 +447,7 @@ class ClusterAutoscaler:
         for pod in pending:
             candidates, misfits = self._candidates(pod, pools, kube, now)
             for cluster, pool in candidates:
-                if self._backoff_until.get(id(pool), 0) > now and id(pool) not in self._allowed:
+                if self._backoff_until.get(pool, 0) > now and pool not in self._allowed:
                     misfits["in backoff after failed scale-up"] = misfits.get("in backoff after failed scale-up",
                                                                              0) + 1
                     continue
@@ -465,7 +471,7 @@ class ClusterAutoscaler:
                                                             req[resource])))
             with self.gke._lock:
                 empty = sum(1 for names in pool.nodes.values() for n in names if n not in used)
-            needed = -(-len(pods) // per_node) - self._busy.get(id(pool), 0) - empty
+            needed = -(-len(pods) // per_node) - self._busy.get(pool, 0) - empty
             if needed <= 0:
                 continue
             grown = self._grow(cluster, pool, needed, pods=pods, kube=kube)
@@ -480,10 +486,10 @@ class ClusterAutoscaler:
         gke = self.gke
         hi = int((pool.data.get("autoscaling") or {}).get("maxNodeCount", 0) or 0)
         now = time.monotonic()
-        allowed = self._allowed.get(id(pool)) or tuple(pool.data.get("locations", []))
+        allowed = self._allowed.get(pool) or tuple(pool.data.get("locations", []))
         with gke._lock:
             sizes = {z: len(pool.nodes.get(z, [])) for z in pool.data.get("locations", [])
-                     if z in allowed and self._zone_backoff.get((id(pool), z), 0) <= now}
+                     if z in allowed and self._zone_backoff.get(pool, {}).get(z, 0) <= now}
         plan: list[str] = []
         for _ in range(needed):
             zone = min((z for z in sizes if sizes[z] < hi), key=lambda z: sizes[z], default=None)
@@ -494,7 +500,7 @@ class ClusterAutoscaler:
         if not plan:
             self._record("max_reached", pool.name, "", f"pool {pool.name} is at maxNodeCount {hi} per zone")
             return ""
-        self._busy[id(pool)] = self._busy.get(id(pool), 0) + len(plan)
+        self._busy[pool] = self._busy.get(pool, 0) + len(plan)
         planned = len(plan)  # plan shrinks when GCE refuses a zone
         with gke._lock:
             before = {z: len(pool.nodes.get(z, [])) for z in set(plan)}
@@ -536,7 +542,7 @@ class ClusterAutoscaler:
                     else:
                         self._record("scale_up", pool.name, pool.nodes[zone][-1], zone)
             finally:
-                self._busy[id(pool)] = max(0, self._busy.get(id(pool), 0) - planned)
+                self._busy[pool] = max(0, self._busy.get(pool, 0) - planned)
                 self._wake.set()
 
         threading.Thread(target=boot, name=f"gke-ca-{pool.name}", daemon=True).start()
@@ -548,7 +554,7 @@ class ClusterAutoscaler:
                 if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and not _is_daemon(p)}
         gke = self.gke
         for cluster, pool in pools:
-            if self._busy.get(id(pool)):
+            if self._busy.get(pool):
                 continue
             template = self._template(cluster, pool)
             if any(pod_fits_template(p, *template) for p in pending):

@@ -719,3 +719,28 @@ def test_stopping_gke_releases_every_cluster_api(fenv):
     fenv.gke.stop()
     assert sorted(fenv.released) == [("p-one", "us-central1-a", "a"), ("p-two", "us-central1-a", "b")]
     assert all(k.stopped for k in fenv.kubes.values())
+
+
+def test_the_autoscalers_state_of_a_pool_goes_with_the_pool():
+    """The autoscaler's per-pool state (zone backoff, a class's allowed zones, scale-ups in flight) is gone
+    with its pool. Keyed by id(pool) it outlived a deleted cluster, and a new pool that CPython placed at the
+    freed address inherited it: in a CI run, test_park's pool (europe-west1) got test_capacity's class zones
+    and never scaled up ("0/2 nodes are available ... Insufficient nvidia.com/gpu" until the progress
+    deadline). Failed before the fix: the backoff entries were still there after the pool was gone."""
+    import gc
+    import types
+
+    from sandbox.core import DEFAULT_DELAYS, Clock
+    from sandbox.gke.autoscaler import ClusterAutoscaler
+    from sandbox.gke.service import GKE_DELAYS
+    from sandbox.gke.state import _Pool
+
+    gke = types.SimpleNamespace(clock=Clock(1.0), delays={**DEFAULT_DELAYS, **GKE_DELAYS}, _lock=threading.Lock())
+    autoscaler = ClusterAutoscaler(gke)  # type: ignore[arg-type]
+    pool = _Pool({"name": "gpu", "locations": ["z-a"], "autoscaling": {"maxNodeCount": 2}})
+    autoscaler._back_off(pool, "z-a")  # a stockout in the pool's only zone: the pool backs off for 300 s
+    choice = types.SimpleNamespace(pool=pool, zones=("z-a",))
+    assert autoscaler._room(choice, time.monotonic()) == ((), "in backoff after failed scale-up")
+    del pool, choice
+    gc.collect()
+    assert not autoscaler._zone_backoff and not autoscaler._backoff_until
