@@ -11,7 +11,6 @@ supervisor) or SIGHUP. Their pids are in ``<state-dir>/pids`` while they run.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import faulthandler
 import os
@@ -207,15 +206,21 @@ def _prefect_database(children: Children, cleanup: contextlib.ExitStack, state_d
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": data.url}
 
 
-def _api_ca_file(sandbox: Any, state_dir: Path) -> str:
-    """A one-certificate CA file for the demo's own Prefect clients (server, worker, flow runs, CLIs).
+def one_certificate_ca(path: Path) -> str:
+    """A CA file of one certificate (certifi's first), for Prefect clients of an API on plain HTTP (the
+    demo's own server, worker, flow runs and CLIs; the test suite's servers).
 
-    Their API is plain HTTP on loopback, so no certificate is ever checked; yet each Prefect client first
-    builds an SSL context from its CA file, by default certifi's ~140 roots: 20 ms of CPU per client, and
-    `prefect deploy --all` alone makes ~150 clients (42 % of its CPU). The sandbox's CA parses in 0.4 ms.
-    Only the demo's processes get it, not the env file: that may be sourced to reach a real API over TLS."""
-    path = state_dir / "prefect-api-ca.pem"
-    path.write_text(base64.b64decode(sandbox.ca_b64("sandbox")).decode())
+    No certificate is ever checked there; yet each Prefect client first builds an SSL context from its CA
+    file, by default certifi's ~140 roots: 20 ms of CPU per client, and `prefect deploy --all` alone makes
+    ~150 clients (42 % of its CPU). One certificate parses in 0.4 ms. Only those processes get it, not the
+    demo's env file: that may be sourced to reach a real API over TLS."""
+    import certifi
+
+    if not path.exists():
+        pem = Path(certifi.where()).read_text()
+        end = "-----END CERTIFICATE-----"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(pem[pem.index("-----BEGIN CERTIFICATE-----"):pem.index(end) + len(end)] + "\n")
     return str(path)
 
 
@@ -558,7 +563,7 @@ def main(args: argparse.Namespace) -> int:
         port = _free_port(4200)
         api = f"http://127.0.0.1:{port}/api"
         env["PREFECT_API_URL"] = api
-        env["PREFECT_API_SSL_CERT_FILE"] = _api_ca_file(sandbox, state_dir)
+        env["PREFECT_API_SSL_CERT_FILE"] = one_certificate_ca(state_dir / "prefect-api-ca.pem")
         # The demo's runs are created on demand: a 1 s poll starts each within a second (default: up to 10 s).
         # The worker's runner keeps its storage under the temp dir and leaves the folder behind: the demo's
         # own temp dir keeps the machine's clean (removed with the state dir).

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from llm_fleet import localpg
+from llm_fleet.demo import one_certificate_ca
 from sandbox.core import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,25 +23,11 @@ def prefect_env(home: Path, api: str | None = None, **extra: str) -> dict[str, s
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-                "PREFECT_API_SSL_CERT_FILE": _one_certificate(home / "api-ca.pem")})
+                "PREFECT_API_SSL_CERT_FILE": one_certificate_ca(home / "api-ca.pem")})  # llm_fleet/demo.py
     if api:
         env["PREFECT_API_URL"] = api
     env.update(extra)
     return env
-
-
-def _one_certificate(path: Path) -> str:
-    """A CA file of one certificate (certifi's first) for the Prefect clients of these http:// servers: no
-    certificate is ever checked, yet each client first parses its CA file, certifi's ~140 roots by default
-    (20 ms of CPU; `prefect deploy --all` makes ~150 clients). The demo does the same (llm_fleet/demo.py)."""
-    import certifi
-
-    if not path.exists():
-        pem = Path(certifi.where()).read_text()
-        end = "-----END CERTIFICATE-----"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(pem[pem.index("-----BEGIN CERTIFICATE-----"):pem.index(end) + len(end)] + "\n")
-    return str(path)
 
 
 def stop_process(proc: subprocess.Popen, *, timeout: float) -> None:
