@@ -158,18 +158,53 @@ def pytest_configure(config):
 
 # ---- the order modules start in: longest first ----------------------------------------------------------
 
-DURATIONS = Path(__file__).with_name("durations.json")  # module -> seconds, written by --store-durations
+DURATIONS = Path(__file__).with_name("durations.json")  # module -> seconds and CPU-s, by --store-durations
+
+
+def _measured() -> dict[str, tuple[float, float | None]]:
+    """Each module's (seconds, CPU-seconds of its worker and every process under it) in the last stored run."""
+    import json
+
+    raw = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    return {m: (v["seconds"], v.get("cpu")) if isinstance(v, dict) else (float(v), None) for m, v in raw.items()}
 
 
 def _durations() -> dict[str, float]:
-    import json
+    return {m: seconds for m, (seconds, _) in _measured().items()}
 
-    return json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+def _tree_cpu() -> float:
+    """CPU-seconds used so far by this process and the processes under it, those it has reaped included: a
+    module's Prefect server, demo or campaign runs in processes of its own (Linux's /proc; elsewhere this
+    process's own time)."""
+    import time
+
+    if not os.path.isdir("/proc/self/task"):
+        return time.process_time()
+    parent, used = {}, {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:  # gone meanwhile
+                continue
+            parent[int(pid)] = int(fields[1])
+            used[int(pid)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    mine, grown = {os.getpid()}, True
+    while grown:
+        grown = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                grown = True
+    return sum(used.get(pid, 0) for pid in mine) / os.sysconf("SC_CLK_TCK")
 
 
 def pytest_addoption(parser):
     parser.addoption("--store-durations", action="store_true",
-                     help=f"write each module's time (s, its tests' setup + call + teardown) to {DURATIONS.name}")
+                     help=f"write each module's time (s, its tests' setup + call + teardown) and CPU-s (its worker's "
+                          f"and every process under it) to {DURATIONS.name}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -198,36 +233,87 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile``, except for the module queued behind a long one. An xdist worker holds its last
-    test until the next one is queued (it needs to know what comes next to tear fixtures down), so a
-    module of one or two tests takes the next module in the queue with it when it starts: behind the demo
-    (one test, three to four minutes), that was the second-longest module, which waited there for
-    the whole demo and started near the end of the run. A worker that is still busy for longer than the
-    next module would take is given the shortest module left instead."""
+    """``--dist loadfile`` with two changes.
+
+    *Lanes.* ``cores + 1`` workers run the modules that keep a core busy; the others (one of four on two
+    cores) run the modules that mostly wait (the sandbox's clock, a real 40 s wake), the least CPU per second
+    first measured (tests/durations.json), about one worker's share of the run's time. Longest-first alone
+    ran the CPU-heavy modules four at a time in the first minutes (two cores saturated) and left the waiting
+    ones for the end: the last ~100 s of every run had 1.1-1.5 of the two cores busy. A lane that has run out
+    of its own modules takes the other lane's.
+
+    *The module queued behind a long one.* An xdist worker holds its last test until the next one is queued
+    (it needs to know what comes next to tear fixtures down), so a module of one or two tests takes the next
+    module in the queue with it when it starts: behind the demo (one test, three to four minutes), that was
+    the second-longest module, which waited there for the whole demo and started near the end of the run. A
+    worker that is still busy for longer than its lane's next module would take is given its lane's shortest."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    known = _durations()
+    measured = _measured()
+    known = {m: seconds for m, (seconds, _) in measured.items()}
 
     class LongestFirst(LoadFileScheduling):
+        light: set[str] | None = None
+        lanes = 0
+
+        def _waiting_lane(self) -> set[str]:
+            """The least CPU-hungry modules, one lane's share per waiting lane (none: one lane for all)."""
+            nodes = len(self.nodes)
+            lanes = self.lanes = max(0, nodes - (os.cpu_count() or 1) - 1)
+            rates = sorted((cpu / seconds, m) for m in self.workqueue if m in measured
+                           for seconds, cpu in [measured[m]] if cpu is not None and seconds > 0)
+            share = lanes * sum(known.get(m, 0.0) for m in self.workqueue) / max(nodes, 1)
+            light: set[str] = set()
+            for _, module in rates:
+                if sum(known[m] for m in light) + known[module] > share:
+                    break
+                light.add(module)
+            return light
+
         def _assign_work_unit(self, node) -> None:
-            busy = sum(known.get(scope, 0.0) * list(tests.values()).count(False) / len(tests)
-                       for scope, tests in self.assigned_work.get(node, {}).items() if tests)
-            if len(self.workqueue) > 1 and busy > known.get(next(iter(self.workqueue)), 0.0):
-                self.workqueue.move_to_end(next(reversed(self.workqueue)), last=False)  # the shortest first
+            if self.light is None:
+                self.light = self._waiting_lane()
+            if len(self.workqueue) > 1:
+                waiting = bool(self.light) and self.nodes.index(node) >= len(self.nodes) - self.lanes
+                queue = list(self.workqueue)
+                lane = [m for m in queue if (m in self.light) == waiting] or queue
+                busy = sum(known.get(scope, 0.0) * list(tests.values()).count(False) / len(tests)
+                           for scope, tests in self.assigned_work.get(node, {}).items() if tests)
+                pick = lane[-1] if busy > known.get(lane[0], 0.0) else lane[0]  # busy: the shortest
+                self.workqueue.move_to_end(pick, last=False)
             super()._assign_work_unit(node)
 
     return LongestFirst(config, log)
 
 
 _TIMES: dict[str, float] = {}
+_CPU: dict[str, float] = {}
+_CPU_BEFORE: list[float] = []  # in a worker: the tree's CPU-s at its previous report
+
+
+def pytest_collection_finish(session):
+    if session.config.getoption("store_durations"):
+        _CPU_BEFORE[:] = [_tree_cpu()]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With --store-durations: each report carries the CPU-s used since the previous one (a module's fixtures'
+    set-up and tear-down go with its first and last test), to the controller too (user_properties)."""
+    outcome = yield
+    if _CPU_BEFORE:
+        now = _tree_cpu()
+        outcome.get_result().user_properties.append(("cpu", now - _CPU_BEFORE[0]))
+        _CPU_BEFORE[0] = now
 
 
 def pytest_runtest_logreport(report):
     if report.nodeid:  # in the controller too: xdist hands it each worker's reports
         module = report.nodeid.partition("::")[0]
         _TIMES[module] = _TIMES.get(module, 0.0) + report.duration
+        _CPU[module] = _CPU.get(module, 0.0) + sum(v for k, v in report.user_properties if k == "cpu")
 
 
 # ---- the flow and security tests' session fixtures: one sandbox and one Prefect server per session ----
@@ -304,9 +390,9 @@ def pytest_sessionfinish(session, exitstatus):
     if session.config.getoption("store_durations") and _TIMES:
         import json
 
-        times = _durations()  # a partial run updates its own modules only
-        times.update({m: round(t, 1) for m, t in _TIMES.items()})
-        DURATIONS.write_text(json.dumps(dict(sorted(times.items())), indent=0) + "\n")
+        times = {m: {"seconds": s, "cpu": c} for m, (s, c) in _measured().items()}  # a partial run: its own only
+        times.update({m: {"seconds": round(t, 1), "cpu": round(_CPU.get(m, 0.0), 1)} for m, t in _TIMES.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(times.items()))) .replace("}, ", "},\n") + "\n")
     tmp = os.environ.get("LLM_FLEET_TEST_TMPDIR")
     if not tmp or not os.path.isdir(tmp) or os.environ.get("LLM_FLEET_TEST_TMPDIR_OWNER") != str(os.getpid()):
         return
