@@ -47,6 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llm_fleet import forkrun  # noqa: E402 - after the checkout is on the path (standard library only)
+
 SPEC = "deployments/gemma2-2b-it-vllm-l4.yaml"
 MODEL_LABEL, COLOR_LABEL = "app.kubernetes.io/instance", "llm-fleet.dev/color"
 PARK_RECORD = "llm-fleet.dev/park-record"
@@ -72,7 +74,8 @@ def run_op(op: str, spec: str, revision: str | None) -> int:
 # of one release op (py-spy, 40 Hz) had 65 % of its CPU samples in imports, a quarter of them
 # google-cloud-compute's generated types (the capacity step's quota read).
 PRELOAD = ["flows.provision_cluster", "flows.deploy_model", "flows.release_model", "flows.park", "flows.teardown",
-           "google.cloud.compute_v1", "google.cloud.container_v1", "kubernetes.client", "tasks.settings"]
+           "google.cloud.compute_v1", "google.cloud.container_v1", "kubernetes.client", "tasks.settings",
+           *forkrun.FIRST_USE]  # what the steps import on first use (llm_fleet/forkrun.py)
 
 
 def _op_child(conn: Any, op: str, spec: str, revision: str | None, log: str) -> None:

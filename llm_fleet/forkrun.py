@@ -28,10 +28,18 @@ import sys
 
 ENV = "LLM_FLEET_FORKRUN"  # the abstract socket's name, in the worker's (so every run's) environment
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What the flows' steps import the first time a run uses them, though their modules are loaded: the
+# Kubernetes client's API classes (its package exports them lazily, and CoreV1Api's first use imports ~200
+# model modules), the Hub's and Slack's clients (tasks/clients.py imports them where it makes them). Unloaded,
+# they were a quarter of the demo's flow runs' CPU (py-spy, the README's by-hand steps).
+# tests/unit/test_forkrun.py checks that a run makes its clients without importing anything more.
+FIRST_USE = ("kubernetes.client.api.core_v1_api", "kubernetes.client.api.apps_v1_api",
+             "kubernetes.client.api.custom_objects_api", "kubernetes.client.api.coordination_v1_api",
+             "huggingface_hub.hf_api", "slack_sdk", "slack_sdk.http_retry.builtin_handlers")
 # Imported once by the server besides every entrypoint in prefect.yaml: what the flows import lazily,
 # inside their steps (a profile of one release op had 65 % of its CPU in imports, bench/campaign.py).
 PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect.deployments.steps", "google.cloud.compute_v1",
-           "google.cloud.container_v1", "kubernetes.client", "tasks.settings")
+           "google.cloud.container_v1", "kubernetes.client", "tasks.settings", *FIRST_USE)
 
 
 # ---- the launcher: the worker's command for one flow run (standard library only) ------------------------
