@@ -379,7 +379,7 @@ def _unserve_spec(env, spec) -> None:
     assert _until(lambda: not env.gpu_nodes(), 60)
 
 
-def _preempt_under_load(env, spec) -> tuple[list[int], list[str]]:
+def _preempt_under_load(env, spec) -> tuple[list[int], list[str], int]:
     """Constant client load through the live Service while GCE preempts the spot node of one serving
     replica; returns once every replica is Ready again (the replacement on a new spot node) and answers."""
     import threading
@@ -421,6 +421,7 @@ def _preempt_under_load(env, spec) -> tuple[list[int], list[str]]:
     victim = ready()[0]
     try:
         assert _until(lambda: len(seen) > 20, 10)
+        before = len(seen)
         env.client.preempt_node(victim.spec.node_name)
         assert _until(lambda: victim.spec.node_name not in env.gpu_nodes(), 30)
         assert _until(lambda: len(ready()) == spec.replicas and victim.metadata.name not in
@@ -432,7 +433,7 @@ def _preempt_under_load(env, spec) -> tuple[list[int], list[str]]:
         for t in threads:
             t.join()
         _unserve_spec(env, spec)
-    return seen, errors
+    return seen, errors, mark - before  # the requests answered from the preemption to the replacement
 
 
 def test_spot_preemption_under_load_drops_nothing_with_the_spread_replicas(env):
@@ -442,9 +443,10 @@ def test_spot_preemption_under_load_drops_nothing_with_the_spread_replicas(env):
     preemption under constant load through the live Service gets 0 failed requests."""
     spec = SPEC  # 2 replicas (the class and pools of this module are named for it)
     assert spec.keeps_serving_through_preemption and spec.replicas == 2
-    seen, errors = _preempt_under_load(env, spec)
+    seen, errors, outage = _preempt_under_load(env, spec)
     assert errors == [] and set(seen) == {200}, (errors[:5], sorted(set(seen)))
-    assert len(seen) > 100
+    # The load went on through the outage (not a count of the whole run: a slow host sent 80, not 100+).
+    assert outage > 0
 
 
 def test_one_spot_replica_leaves_clients_refused_until_its_replacement_loads(env):
@@ -453,7 +455,7 @@ def test_one_spot_replica_leaves_clients_refused_until_its_replacement_loads(env
     spec = parse_spec({**SPEC.model_dump(mode="json", exclude={"accelerator", "replicas"}), "replicas": 1,
                        "on_spot_preemption": "accept_gap", "accelerator": {"pool": {"name": "gpu", "max_nodes": 2}}})
     assert names.compute_class(spec) == CLASS
-    seen, errors = _preempt_under_load(env, spec)
+    seen, errors, _ = _preempt_under_load(env, spec)
     assert errors and set(errors) <= {"ConnectError", "ReadError", "RemoteProtocolError"}, errors[:5]
     assert 200 in seen and set(seen) == {200}  # never an invented 503: no HTTP answer at all while refused
 
