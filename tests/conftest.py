@@ -294,6 +294,14 @@ _CPU_BEFORE: list[float] = []  # in a worker: the tree's CPU-s at its previous r
 
 
 def pytest_collection_finish(session):
+    """Fewer garbage collections in the processes that run tests: the imports and the collected items are
+    moved out of the collector's reach (gc.freeze) and a young generation holds 20,000 objects, not 700. The
+    flow modules allocate heavily (pydantic, the Kubernetes client's models): test_deploy_model's worker spent
+    2.0 of its 33 CPU-s in 1,463 collections, 0.7 in 281 with this."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
     if session.config.getoption("store_durations"):
         _CPU_BEFORE[:] = [_tree_cpu()]
 
