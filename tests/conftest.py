@@ -230,6 +230,21 @@ def pytest_collection_modifyitems(config, items):
         return -modules[module], module, item.get_closest_marker("long") is None
 
     items.sort(key=order)
+    if hasattr(config, "workerinput"):  # for the controller's scheduler: it sees node ids, not fixtures
+        import json
+
+        serving = sorted({i.nodeid.partition("::")[0] for i in items if "prefect_server" in getattr(i, "fixturenames", ())})
+        path = _server_modules_file()
+        part = path.with_name(f"{path.name}.{os.getpid()}")
+        part.write_text(json.dumps(serving))
+        os.replace(part, path)  # every worker collects the same modules: the last one's file is as good
+
+
+def _server_modules_file() -> Path:
+    """Where the workers name the modules that use the flow tests' Prefect server (the session's temp dir)."""
+    import tempfile
+
+    return Path(os.environ.get("LLM_FLEET_TEST_TMPDIR") or tempfile.gettempdir()) / "tests-prefect-modules.json"
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -246,9 +261,16 @@ def pytest_xdist_make_scheduler(config, log):
     (it needs to know what comes next to tear fixtures down), so a module of one or two tests takes the next
     module in the queue with it when it starts: behind the demo (one test, three to four minutes), that was
     the second-longest module, which waited there for the whole demo and started near the end of the run. A
-    worker that is still busy for longer than its lane's next module would take is given its lane's shortest."""
+    worker that is still busy for longer than its lane's next module would take is given its lane's shortest.
+
+    *No server more than the lanes need.* A worker starts the flow tests' Prefect server for its first module
+    that uses it. Once ``cores + 1`` other workers have one, a worker without one is given the modules that need
+    none while there are some."""
     if config.getvalue("dist") != "loadfile":
         return None
+    import contextlib
+    import json
+
     from xdist.scheduler import LoadFileScheduling
 
     measured = _measured()
@@ -256,6 +278,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class LongestFirst(LoadFileScheduling):
         light: set[str] | None = None
+        serving: set[str] = set()  # the modules that use a worker's Prefect server (the workers' file)
         lanes = 0
 
         def _waiting_lane(self) -> set[str]:
@@ -275,15 +298,29 @@ def pytest_xdist_make_scheduler(config, log):
         def _assign_work_unit(self, node) -> None:
             if self.light is None:
                 self.light = self._waiting_lane()
+                with contextlib.suppress(OSError, ValueError):
+                    self.serving = set(json.loads(_server_modules_file().read_text()))
             if len(self.workqueue) > 1:
                 waiting = bool(self.light) and self.nodes.index(node) >= len(self.nodes) - self.lanes
                 queue = list(self.workqueue)
                 lane = [m for m in queue if (m in self.light) == waiting] or queue
+                if self._enough_servers(node):  # no new server while the lanes have modules that need none
+                    lane = ([m for m in lane if m not in self.serving] or [m for m in queue if m not in self.serving]
+                            or lane)
                 busy = sum(known.get(scope, 0.0) * list(tests.values()).count(False) / len(tests)
                            for scope, tests in self.assigned_work.get(node, {}).items() if tests)
                 pick = lane[-1] if busy > known.get(lane[0], 0.0) else lane[0]  # busy: the shortest
                 self.workqueue.move_to_end(pick, last=False)
             super()._assign_work_unit(node)
+
+        def _enough_servers(self, node) -> bool:
+            """Whether ``node`` has no Prefect server yet while the CPU-heavy lanes' number of other workers
+            have one. Each server costs ~6 CPU-s to start and its PostgreSQL; the demo's worker started a fourth
+            after the demo (at 265-305 s in clean-clone runs h1, h2, g1) for its first flow module."""
+            if not self.serving or self.serving & set(self.assigned_work.get(node, {})):
+                return False
+            others = sum(bool(self.serving & set(scopes)) for n, scopes in self.assigned_work.items() if n is not node)
+            return others >= len(self.nodes) - self.lanes if self.lanes else False
 
     return LongestFirst(config, log)
 

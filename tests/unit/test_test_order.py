@@ -113,3 +113,29 @@ def test_with_more_workers_than_cores_one_lane_runs_the_modules_that_mostly_wait
                                                        "m/test_park.py", "m/test_release.py", "m/test_unit.py"]
     monkeypatch.setattr(suite.os, "cpu_count", lambda: 3)  # as many heavy lanes as workers: longest first
     assert _schedule(4, until_done=True, seconds=seconds, tests=tests)[3] == ["m/test_stream.py", "m/test_gateway.py"]
+
+
+def test_no_worker_starts_a_prefect_server_the_heavy_lanes_do_not_need(tmp_path, monkeypatch):
+    """Each worker that runs a module using the flow tests' Prefect server starts one (~6 CPU-s and a
+    PostgreSQL). Once the CPU-heavy lanes' number of workers have one, a worker without one is given the
+    modules that need none while there are some (which modules need one: the workers' collection, a file)."""
+    measured = {"m/test_demo.py": (30.0, 27.0), "m/test_release.py": (60.0, 50.0), "m/test_park.py": (50.0, 40.0),
+                "m/test_stream.py": (45.0, 4.0), "m/test_gateway.py": (40.0, 35.0), "m/test_unit.py": (20.0, 18.0),
+                "m/test_kube.py": (15.0, 3.0), "m/test_flow.py": (12.0, 10.0), "m/test_lightflow.py": (10.0, 1.5)}
+    tests = {"m/test_demo.py": 1, "m/test_release.py": 19, "m/test_park.py": 11, "m/test_stream.py": 3,
+             "m/test_gateway.py": 4, "m/test_unit.py": 30, "m/test_kube.py": 27, "m/test_flow.py": 5,
+             "m/test_lightflow.py": 3}
+    seconds = {m: s for m, (s, _) in measured.items()}
+    serving = {"m/test_release.py", "m/test_park.py", "m/test_gateway.py", "m/test_flow.py", "m/test_lightflow.py"}
+    path = tmp_path / "durations.json"
+    path.write_text(json.dumps({m: {"seconds": s, "cpu": c} for m, (s, c) in measured.items()}))
+    monkeypatch.setattr(suite, "DURATIONS", path)
+    monkeypatch.setattr(suite.os, "cpu_count", lambda: 2)
+    listed = tmp_path / "tests-prefect-modules.json"
+    monkeypatch.setattr(suite, "_server_modules_file", lambda: listed)
+    listed.write_text(json.dumps(sorted(serving)))
+    given = _schedule(4, until_done=True, seconds=seconds, tests=tests)
+    assert sum(bool(serving & set(g)) for g in given) == 3, given
+    assert sorted(m for g in given for m in g) == sorted(tests)  # every module still ran
+    listed.unlink()  # not known: as before, the waiting lane's worker starts a fourth
+    assert sum(bool(serving & set(g)) for g in _schedule(4, until_done=True, seconds=seconds, tests=tests)) == 4
