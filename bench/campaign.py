@@ -74,8 +74,7 @@ def run_op(op: str, spec: str, revision: str | None) -> int:
 # of one release op (py-spy, 40 Hz) had 65 % of its CPU samples in imports, a quarter of them
 # google-cloud-compute's generated types (the capacity step's quota read).
 PRELOAD = ["flows.provision_cluster", "flows.deploy_model", "flows.release_model", "flows.park", "flows.teardown",
-           "google.cloud.compute_v1", "google.cloud.container_v1", "kubernetes.client", "tasks.settings",
-           *forkrun.FIRST_USE]  # what the steps import on first use (llm_fleet/forkrun.py)
+           *forkrun.PRELOAD]  # the demo worker's fork server's: the clients and what steps import on first use
 
 
 def _op_child(conn: Any, op: str, spec: str, revision: str | None, log: str) -> None:

@@ -191,13 +191,13 @@ def _tree_cpu() -> float:
                 continue
             parent[int(pid)] = int(fields[1])
             used[int(pid)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    mine, grown = {os.getpid()}, True
-    while grown:
-        grown = False
-        for pid, ppid in parent.items():
-            if ppid in mine and pid not in mine:
-                mine.add(pid)
-                grown = True
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    mine, todo = [], [os.getpid()]
+    while todo:
+        mine.append(todo.pop())
+        todo.extend(children.get(mine[-1], ()))
     return sum(used.get(pid, 0) for pid in mine) / os.sysconf("SC_CLK_TCK")
 
 
@@ -290,7 +290,8 @@ def pytest_xdist_make_scheduler(config, log):
             share = lanes * sum(known.get(m, 0.0) for m in self.workqueue) / max(nodes, 1)
             light: set[str] = set()
             for _, module in rates:
-                if sum(known[m] for m in light) + known[module] > share:
+                share -= known[module]
+                if share < 0:
                     break
                 light.add(module)
             return light
