@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from deploy.gke_variant import IMAGE_DIR, gke_variant
+from tests.flows.harness import NO_BLOCK_REGISTRATION
 from tests.flows.server_support import ROOT, PostgresUnavailable, postgres_server, prefect_cli, prefect_server
 
 # A fresh server and `prefect deploy` of every flow: minutes on a loaded 2-core machine.
@@ -91,7 +92,10 @@ def own_server(tmp_path_factory):
         # on PostgreSQL: `deploy --all` writes 15 deployments, 10 s there, 20 s on SQLite
         home = tmp_path_factory.mktemp("prefect-home")
         db = {"PREFECT_API_DATABASE_CONNECTION_URL": postgres} if postgres else {}
-        api, env = stack.enter_context(prefect_server(home, **db))
+        # No block types registered at its start, as the flow tests' servers (harness.py): that imports every
+        # installed collection first, prefect_gcp and google.cloud.aiplatform (5 of its CPU-s), and no test
+        # here reads a block type.
+        api, env = stack.enter_context(prefect_server(home, **db, **NO_BLOCK_REGISTRATION))
         yield SimpleNamespace(api=api, env=env, home=home, postgres=postgres, why=why)
 
 
