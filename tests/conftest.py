@@ -279,12 +279,15 @@ def pytest_xdist_make_scheduler(config, log):
     class LongestFirst(LoadFileScheduling):
         light: set[str] | None = None
         serving: set[str] = set()  # the modules that use a worker's Prefect server (the workers' file)
-        lanes = 0
+
+        @property
+        def lanes(self) -> int:
+            """How many workers run the modules that mostly wait: those past the cores + 1 CPU-heavy ones."""
+            return max(0, len(self.nodes) - (os.cpu_count() or 1) - 1)
 
         def _waiting_lane(self) -> set[str]:
             """The least CPU-hungry modules, one lane's share per waiting lane (none: one lane for all)."""
-            nodes = len(self.nodes)
-            lanes = self.lanes = max(0, nodes - (os.cpu_count() or 1) - 1)
+            nodes, lanes = len(self.nodes), self.lanes
             rates = sorted((cpu / seconds, m) for m in self.workqueue if m in measured
                            for seconds, cpu in [measured[m]] if cpu is not None and seconds > 0)
             share = lanes * sum(known.get(m, 0.0) for m in self.workqueue) / max(nodes, 1)
