@@ -79,25 +79,36 @@ class Children:
         return proc
 
     def stop(self, timeout: float = 10.0) -> None:
-        procs = [p for _, p in reversed(self.procs)]
-        tree = _descendants([p.pid for p in procs])  # flow runs may sit in sessions of their own
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in procs:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, sig)
-            for pid in tree:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + timeout
-            for proc in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(max(0.1, deadline - time.monotonic()))
+        """The newest first, each asked (SIGTERM) and waited for before the next: a process stops before what
+        it talks to (the worker before the Prefect server, the server before its PostgreSQL). Asked all at
+        once, the worker outlived its server and spent 8 s of its exit retrying its last events. Whatever is
+        still there ``timeout`` seconds after the first ask is killed (SIGKILL), with all it spawned."""
+        deadline = time.monotonic() + timeout
+        asked: list[tuple[subprocess.Popen, list[int]]] = []
+        for _, proc in reversed(self.procs):
+            tree = _descendants([proc.pid])  # flow runs may sit in sessions of their own
+            _signal(proc, tree, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            asked.append((proc, tree))
+        for proc, tree in asked:
             tree = [pid for pid in tree if _alive(pid)]
-            if all(p.poll() is not None for p in procs) and not tree:
-                break
+            if proc.poll() is None or tree:
+                _signal(proc, tree, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout)
         with contextlib.suppress(FileNotFoundError):
             self.pidfile.unlink()
+
+
+def _signal(proc: subprocess.Popen, tree: list[int], sig: int) -> None:
+    """``sig`` to the process's group (it was started in a session of its own) and to every pid in ``tree``."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 def _stop_leftovers(pidfile: Path) -> None:

@@ -232,6 +232,47 @@ def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_en
     assert "import time:" in fresh.stderr
 
 
+def test_ctrl_c_stops_the_worker_while_its_server_still_answers(tmp_path):
+    """The demo's children stop newest first, each waited for: the worker (started after the server) makes its
+    last calls on the way out while the server still answers them. Asked to stop at once, Prefect's worker
+    outlived its server and spent 8 s of the demo's Ctrl-C retrying its last events."""
+    from llm_fleet import demo
+    from sandbox.core import free_port
+
+    port = free_port()
+    children = demo.Children(tmp_path / "pids")
+    server = children.start("server", [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker_code = textwrap.dedent(f"""
+        import signal, sys, time, urllib.request
+        def last_calls(*_):
+            time.sleep(0.3)  # what an exit flushes first
+            try:
+                urllib.request.urlopen("http://127.0.0.1:{port}/", timeout=5)
+                print("answered", flush=True)
+            except OSError as exc:
+                print("gone", exc, flush=True)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, last_calls)
+        print("up", flush=True)
+        while True:
+            time.sleep(1)
+    """)
+    out = tmp_path / "worker.out"
+    try:
+        demo._wait_http(f"http://127.0.0.1:{port}/", 30, server)
+        with out.open("w") as f:
+            worker = children.start("worker", [sys.executable, "-c", worker_code], stdout=f)
+        deadline = time.monotonic() + 30
+        while "up" not in out.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+    finally:
+        children.stop(timeout=10)
+    assert out.read_text().splitlines()[-1] == "answered", out.read_text()
+    assert server.poll() is not None and worker.poll() is not None and not (tmp_path / "pids").exists()
+
+
 def test_ctrl_c_handed_to_another_thread_still_stops_the_wait():
     """The kernel may deliver a process's SIGINT to any thread (the demo runs the sandbox's dozens): the demo's
     --keep-running wait must still end, even when the demo was started with SIGINT ignored and blocked.
