@@ -353,15 +353,24 @@ class HoldProxy:
             return True
 
     async def _pump(self, upstream: ClientResponse, out: web.StreamResponse) -> None:
-        """The model's answer to the client as it comes, then counted as forwarded (both answer paths)."""
+        """The model's answer to the client as it comes, then counted as forwarded (both answer paths): the
+        model had the request whether or not its client stayed to the end. A client that stops reading at
+        ``data: [DONE]`` (the openai client does) may close before the proxy ends the response; ending it
+        then raised, and the forward went uncounted."""
         try:
-            async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
-        except (TimeoutError, client_exceptions.ClientError):
-            log.warning("the model dropped a response mid-stream")
-        await out.write_eof()
-        self.state.forwarded += 1
-        self.metrics.forwarded.inc()
+            try:
+                async for chunk in upstream.content.iter_any():
+                    try:
+                        await out.write(chunk)
+                    except ConnectionResetError:  # the client left mid-answer: nothing more to send it
+                        return
+            except (TimeoutError, client_exceptions.ClientError):
+                log.warning("the model dropped a response mid-stream")
+            with contextlib.suppress(ConnectionResetError):  # the client has closed: nothing left to end
+                await out.write_eof()
+        finally:
+            self.state.forwarded += 1
+            self.metrics.forwarded.inc()
 
     async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse | None:
         """Send to the model and stream the answer back; None if it is not there (connect error, 503)."""

@@ -5,7 +5,9 @@ answers 503 until its weights are in: the wake)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -121,3 +123,55 @@ def test_thirty_second_read_timeout_survives_a_forty_second_wake(recorder):  # n
         assert proxy.state.forwarded >= 1 and proxy.state.held == 0, proxy.state
     finally:
         runtime.stop()
+
+
+class _ModelThatEndsLate(BaseHTTPRequestHandler):
+    """A model whose stream sends ``data: [DONE]`` and ends its body half a second later: a client that stops
+    reading at ``[DONE]`` (the openai client does) has closed its connection before the proxy's last write."""
+
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"object": "list", "data": [{"id": "m"}]}')
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: [DONE]\n\n')
+        self.wfile.flush()
+        time.sleep(0.5)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_client_that_leaves_at_done_is_counted_as_forwarded(recorder):  # noqa: F811
+    """Held (the first request, a stream to a parked proxy) or not (the second), an answered stream is a
+    forward, though its client closed at ``[DONE]`` before the proxy ended the response. Before, the proxy's
+    end of the response raised on the closed connection and the forward went uncounted (a CI run's held
+    stream: the client had its whole answer, the proxy said forwarded=0)."""
+    model = ThreadingHTTPServer(("127.0.0.1", 0), _ModelThatEndsLate)
+    threading.Thread(target=model.serve_forever, daemon=True).start()
+    try:
+        url, proxy = _proxy(recorder, upstream=f"http://127.0.0.1:{model.server_address[1]}")
+        for _ in range(2):
+            lines = []
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=10,
+                              json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                              ) as resp:
+                for line in resp.iter_lines():
+                    lines.append(line)
+                    if line == "data: [DONE]":
+                        break  # and close, as the openai client does
+            assert resp.status_code == 200 and any("hi" in line for line in lines), lines
+        deadline = time.monotonic() + 5
+        while proxy.state.forwarded < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.state.forwarded == 2 and proxy.state.held == 0, proxy.state
+    finally:
+        model.shutdown()
