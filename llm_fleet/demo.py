@@ -81,15 +81,17 @@ class Children:
     def stop(self, timeout: float = 10.0) -> None:
         """The newest first, each asked (SIGTERM) and waited for before the next: a process stops before what
         it talks to (the worker before the Prefect server, the server before its PostgreSQL). Asked all at
-        once, the worker outlived its server and spent 8 s of its exit retrying its last events. Whatever is
-        still there ``timeout`` seconds after the first ask is killed (SIGKILL), with all it spawned."""
+        once, the worker outlived its server and spent 8 s of its exit retrying its last events. The waits
+        share ``timeout``, each 2 s at least (one that hangs leaves the next its time to shut down); what is
+        still there after them is killed (SIGKILL), with all it spawned."""
+        grace = min(2.0, timeout)
         deadline = time.monotonic() + timeout
         asked: list[tuple[subprocess.Popen, list[int]]] = []
         for _, proc in reversed(self.procs):
             tree = _descendants([proc.pid])  # flow runs may sit in sessions of their own
             _signal(proc, tree, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(max(grace, deadline - time.monotonic()))
             asked.append((proc, tree))
         for proc, tree in asked:
             tree = [pid for pid in tree if _alive(pid)]

@@ -273,6 +273,41 @@ def test_ctrl_c_stops_the_worker_while_its_server_still_answers(tmp_path):
     assert server.poll() is not None and worker.poll() is not None and not (tmp_path / "pids").exists()
 
 
+def test_a_child_that_ignores_sigterm_is_killed_and_the_one_before_it_still_shuts_down(tmp_path):
+    """A child that hangs on SIGTERM (newest, so asked first) is killed once the wait runs out; the one started
+    before it is still asked and given its time (PostgreSQL's clean shutdown); nothing is left running."""
+    from llm_fleet import demo
+
+    children = demo.Children(tmp_path / "pids")
+    out = tmp_path / "first.out"
+    first_code = textwrap.dedent("""
+        import signal, sys, time
+        def bye(*_):
+            time.sleep(0.5)  # a shutdown that takes a moment
+            print("shut down", flush=True)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, bye)
+        print("up", flush=True)
+        while True:
+            time.sleep(1)
+    """)
+    hung_code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(600)\n"
+    with out.open("w") as f:
+        first = children.start("first", [sys.executable, "-c", first_code], stdout=f)
+    hung = children.start("hung", [sys.executable, "-c", hung_code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hung.stdout.readline().strip() == "up"  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while "up" not in out.read_text():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        children.stop(timeout=1.0)
+    assert hung.returncode == -signal.SIGKILL
+    assert first.returncode == 0 and out.read_text().splitlines()[-1] == "shut down"
+    assert not (tmp_path / "pids").exists()
+
+
 def test_ctrl_c_handed_to_another_thread_still_stops_the_wait():
     """The kernel may deliver a process's SIGINT to any thread (the demo runs the sandbox's dozens): the demo's
     --keep-running wait must still end, even when the demo was started with SIGINT ignored and blocked.
