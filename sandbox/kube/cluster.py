@@ -71,7 +71,7 @@ class KubeCluster:
         self.stopping = threading.Event()
         self._server: SandboxHTTPServer | None = None
         self._subscribers: list[Callable[[str, Obj], Any]] = []
-        self._sub_queue: queue.SimpleQueue[tuple[str, Obj] | None] = queue.SimpleQueue()
+        self._sub_queue: queue.SimpleQueue[tuple[str, Obj] | threading.Event | None] = queue.SimpleQueue()
         self._sub_thread: threading.Thread | None = None
         self._ips = itertools.count(10)
         self._node_ips = itertools.count(2)
@@ -306,10 +306,18 @@ class KubeCluster:
 
     # ---- subscribers ------------------------------------------------------------------------
     def subscribe(self, fn: Callable[[str, Obj], Any]) -> Callable[[], None]:
-        """``fn(event_type, obj)`` for every ADDED/MODIFIED/DELETED, in order, on a dispatcher thread."""
+        """``fn(event_type, obj)`` for every ADDED/MODIFIED/DELETED, in order, on a dispatcher thread, until
+        the returned ``unsubscribe()``, which returns once ``fn`` has had every change made before it: a
+        caller that reads a change through the API and then unsubscribes has it in ``fn`` too (the dispatcher
+        can be behind on a loaded machine; a test lost a crash loop's last write that way)."""
         self._subscribers.append(fn)
 
         def unsubscribe() -> None:
+            thread = self._sub_thread
+            if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
+                delivered = threading.Event()  # queued behind every change made so far
+                self._sub_queue.put(delivered)
+                delivered.wait(10)
             with contextlib.suppress(ValueError):
                 self._subscribers.remove(fn)
 
@@ -324,6 +332,9 @@ class KubeCluster:
             item = self._sub_queue.get()
             if item is None:
                 return
+            if isinstance(item, threading.Event):  # an unsubscribe() waiting for what came before it
+                item.set()
+                continue
             for fn in list(self._subscribers):
                 try:
                     fn(item[0], item[1])

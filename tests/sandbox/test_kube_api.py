@@ -513,6 +513,27 @@ def test_subscribe_sees_every_change(kube, core, ns):
         unsubscribe()
 
 
+def test_unsubscribe_returns_once_every_earlier_change_is_delivered(kube, core, ns):
+    """The dispatcher can be behind (a slow subscriber, a loaded machine): unsubscribe() still hands the
+    subscriber every change made before it, and none after. Before, a test that read a change through the API
+    and then unsubscribed could miss it (a crash loop's last write, in a clean-clone run)."""
+    got: list[tuple[str, str]] = []
+
+    def slow(et: str, obj: dict) -> None:
+        if obj["metadata"].get("namespace") == ns and obj["kind"] == "ConfigMap":
+            time.sleep(0.05)
+            got.append((et, obj["metadata"]["name"]))
+
+    unsubscribe = kube.subscribe(slow)
+    for i in range(5):
+        core.create_namespaced_config_map(ns, {"metadata": {"name": f"u{i}"}})
+    unsubscribe()
+    assert got == [("ADDED", f"u{i}") for i in range(5)]
+    core.create_namespaced_config_map(ns, {"metadata": {"name": "after"}})
+    time.sleep(0.3)
+    assert ("ADDED", "after") not in got
+
+
 def test_snapshot_is_json(kube, ns):
     snap = kube.snapshot()
     json.dumps(snap)
