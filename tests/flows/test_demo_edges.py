@@ -232,6 +232,14 @@ def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_en
     assert "import time:" in fresh.stderr
 
 
+def _until_up(out: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Until the child writing to ``out`` has printed "up" (its signal handlers are set)."""
+    deadline = time.monotonic() + timeout
+    while "up" not in out.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+
+
 def test_ctrl_c_stops_the_worker_while_its_server_still_answers(tmp_path):
     """The demo's children stop newest first, each waited for: the worker (started after the server) makes its
     last calls on the way out while the server still answers them. Asked to stop at once, Prefect's worker
@@ -263,10 +271,7 @@ def test_ctrl_c_stops_the_worker_while_its_server_still_answers(tmp_path):
         demo._wait_http(f"http://127.0.0.1:{port}/", 30, server)
         with out.open("w") as f:
             worker = children.start("worker", [sys.executable, "-c", worker_code], stdout=f)
-        deadline = time.monotonic() + 30
-        while "up" not in out.read_text():
-            assert worker.poll() is None and time.monotonic() < deadline, out.read_text()
-            time.sleep(0.05)
+        _until_up(out, worker)
     finally:
         children.stop(timeout=10)
     assert out.read_text().splitlines()[-1] == "answered", out.read_text()
@@ -292,15 +297,13 @@ def test_a_child_that_ignores_sigterm_is_killed_and_the_one_before_it_still_shut
             time.sleep(1)
     """)
     hung_code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(600)\n"
-    with out.open("w") as f:
+    hung_out = tmp_path / "hung.out"
+    with out.open("w") as f, hung_out.open("w") as h:
         first = children.start("first", [sys.executable, "-c", first_code], stdout=f)
-    hung = children.start("hung", [sys.executable, "-c", hung_code], stdout=subprocess.PIPE, text=True)
+        hung = children.start("hung", [sys.executable, "-c", hung_code], stdout=h)
     try:
-        assert hung.stdout.readline().strip() == "up"  # type: ignore[union-attr]
-        deadline = time.monotonic() + 30
-        while "up" not in out.read_text():
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        _until_up(out, first)
+        _until_up(hung_out, hung)
     finally:
         children.stop(timeout=1.0)
     assert hung.returncode == -signal.SIGKILL

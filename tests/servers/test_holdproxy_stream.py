@@ -5,17 +5,18 @@ answers 503 until its weights are in: the wake)."""
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
-from sandbox.core import Clock, Faults
+from sandbox.core import Clock, Faults, PromptHTTPServer
 from sandbox.engines import ModelRuntime
 from sandbox.hub import Hub
 from tests.lazy import lazy
+from tests.sandbox.kube_support import wait_for
 from tests.servers.test_holdproxy import _proxy, recorder  # noqa: F401 - the Prefect stand-in fixture
 
 openai = lazy("openai")  # in the worker that runs these tests only (tests/lazy.py)
@@ -155,8 +156,8 @@ def test_a_client_that_leaves_at_done_is_counted_as_forwarded(recorder):  # noqa
     forward, though its client closed at ``[DONE]`` before the proxy ended the response. Before, the proxy's
     end of the response raised on the closed connection and the forward went uncounted (a CI run's held
     stream: the client had its whole answer, the proxy said forwarded=0)."""
-    model = ThreadingHTTPServer(("127.0.0.1", 0), _ModelThatEndsLate)
-    threading.Thread(target=model.serve_forever, daemon=True).start()
+    model = PromptHTTPServer(("127.0.0.1", 0), _ModelThatEndsLate)
+    model.start_serving("model-that-ends-late")
     try:
         url, proxy = _proxy(recorder, upstream=f"http://127.0.0.1:{model.server_address[1]}")
         for _ in range(2):
@@ -169,9 +170,8 @@ def test_a_client_that_leaves_at_done_is_counted_as_forwarded(recorder):  # noqa
                     if line == "data: [DONE]":
                         break  # and close, as the openai client does
             assert resp.status_code == 200 and any("hi" in line for line in lines), lines
-        deadline = time.monotonic() + 5
-        while proxy.state.forwarded < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # the count follows the proxy's last write: a moment later
+            wait_for(lambda: proxy.state.forwarded >= 2, timeout=5)
         assert proxy.state.forwarded == 2 and proxy.state.held == 0, proxy.state
     finally:
         model.shutdown()
