@@ -80,7 +80,11 @@ def imports_of(module: str, modules: dict[str, Path] | None = None) -> set[str]:
     return found
 
 
-GRAPH = {m: imports_of(m) for m in MODULES}
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    """Each product module's imports. Built when a test here runs, not when the module is collected: every
+    worker collects this file, one runs it."""
+    return {m: imports_of(m) for m in MODULES}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -141,14 +145,14 @@ def test_the_import_reader_sees_lazy_imports_but_not_type_checking_ones(tmp_path
     assert imports_of("flows.m") == {"tasks.gke"}
 
 
-def test_no_import_cycle_among_the_product_packages():
-    found = cycles(GRAPH)
+def test_no_import_cycle_among_the_product_packages(graph):
+    found = cycles(graph)
     assert not found, "import cycles (break each by moving the shared part to the module it belongs to): " + \
         "; ".join(" <-> ".join(c) for c in found)
 
 
-def test_no_flow_imports_another_flow():
-    bad = sorted(f"{m} imports {d}" for m, deps in GRAPH.items() if m.startswith("flows.")
+def test_no_flow_imports_another_flow(graph):
+    bad = sorted(f"{m} imports {d}" for m, deps in graph.items() if m.startswith("flows.")
                  for d in deps if d.startswith("flows."))
     assert not bad, "flows never import each other (a subflow is named by its entrypoint): " + "; ".join(bad)
 
@@ -164,14 +168,14 @@ def test_flow_files_are_short(path):
     ("tasks", ("targets", "flows", "servers", "llm_fleet")),
     ("targets", ("flows", "servers", "llm_fleet")),
 ])
-def test_layers(layer, forbidden):
-    bad = sorted(f"{m} imports {d}" for m, deps in GRAPH.items() if m.split(".")[0] == layer
+def test_layers(layer, forbidden, graph):
+    bad = sorted(f"{m} imports {d}" for m, deps in graph.items() if m.split(".")[0] == layer
                  for d in deps if d.split(".")[0] in forbidden)
     assert not bad, "; ".join(bad)
 
 
-def test_one_target_never_imports_another():
-    bad = sorted(f"{m} imports {d}" for m, deps in GRAPH.items() if m.startswith(("targets.gke", "targets.vertex"))
+def test_one_target_never_imports_another(graph):
+    bad = sorted(f"{m} imports {d}" for m, deps in graph.items() if m.startswith(("targets.gke", "targets.vertex"))
                  for d in deps if d.startswith(("targets.gke", "targets.vertex"))
                  and d.split(".")[1] != m.split(".")[1])
     assert not bad, "; ".join(bad)
