@@ -14,6 +14,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -65,14 +66,15 @@ class DataDir:
                 "-c", "max_connections=200"]
 
     def server_command(self) -> list[str]:
-        """The server in the foreground, for an owner that stops it (or takes it along when it dies). As root,
-        as `postgres` through setpriv, which execs it in place (runuser would fork) and sets the parent-death
-        signal after the switch of user, which clears it."""
+        """The server in the foreground, for an owner that stops it, and that takes it along when it dies: the
+        kernel sends it SIGKILL then (the parent-death signal), a SIGKILLed owner's included. Through setpriv,
+        which sets that signal and execs the server in place (as root after switching to `postgres`, as the
+        switch clears it; runuser would fork)."""
         cmd = [str(self.binaries / "postgres"), "-D", str(self.base / "data"), *self.server_options()]
+        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
         if os.geteuid() != 0:
-            return cmd
-        return [shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres",
-                "--init-groups", "--pdeathsig=SIGKILL", "--", *cmd]
+            return [setpriv, "--pdeathsig=SIGKILL", "--", *cmd] if os.path.exists(setpriv) else cmd
+        return [setpriv, "--reuid=postgres", "--regid=postgres", "--init-groups", "--pdeathsig=SIGKILL", "--", *cmd]
 
     def record(self, path: Path) -> None:
         """Name this data dir in ``path``, for :func:`remove_recorded` after an owner killed before its cleanup."""
@@ -126,15 +128,22 @@ def init(binaries: Path) -> DataDir:
 
 @contextlib.contextmanager
 def local_postgres(binaries: Path) -> Iterator[str]:
-    """A server (pg_ctl, in the background) for as long as the block runs; yields its SQLAlchemy URL."""
+    """A server for as long as the block runs; yields its SQLAlchemy URL. It runs in the foreground under
+    this process (:meth:`DataDir.server_command`), so a process killed inside the block takes it along: a
+    server that pg_ctl had put in the background outlived a SIGKILLed test session and kept running."""
     data = init(binaries)
     try:
-        res = subprocess.run(as_user([str(binaries / "pg_ctl"), "-D", str(data.base / "data"), "-l",
-                                      str(data.base / "pg.log"), "-w", "-t", "60", "-o",
-                                      " ".join(data.server_options()), "start"]),
-                             capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise RuntimeError(f"pg_ctl start failed: {res.stdout}{res.stderr}")
-        yield data.url
+        with open(data.base / "pg.log", "w") as log:
+            server = subprocess.Popen(data.server_command(), stdout=log, stderr=subprocess.STDOUT)
+            try:
+                data.wait_ready(server=server, timeout=60)
+                yield data.url
+            finally:
+                server.send_signal(signal.SIGINT)  # fast shutdown: nothing in a throwaway is worth a checkpoint
+                try:
+                    server.wait(15)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
     finally:
         data.remove()

@@ -200,6 +200,43 @@ def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_a_killed_owner_of_a_local_postgres_takes_it_along():
+    """The flow tests' PostgreSQL (``localpg.local_postgres``, under each worker's Prefect server) runs in the
+    foreground under its owner: a worker or session killed with SIGKILL leaves no PostgreSQL running. (pg_ctl
+    had started it in the background, and it outlived its owner.)"""
+    import shutil
+    import tempfile
+
+    from llm_fleet import localpg
+
+    if localpg.bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    tmp = Path(tempfile.mkdtemp(prefix="tests-pg-kill-", dir=os.environ["LLM_FLEET_TEST_TMPDIR"]))
+    tmp.chmod(0o711)  # PostgreSQL's user passes through it when we are root
+    code = ("import time\nfrom llm_fleet import localpg\n"
+            "with localpg.local_postgres(localpg.bin_dir()) as url:\n    print(url, flush=True)\n    time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**_clean_env(), "TMPDIR": str(tmp)},
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert "postgresql+asyncpg://" in owner.stdout.readline()  # type: ignore[union-attr]
+        [pidfile] = tmp.glob(f"{localpg.PREFIX}*/data/postmaster.pid")
+        postmaster = int(pidfile.read_text().split()[0])
+        assert not _gone(postmaster)
+        owner.kill()
+        owner.wait(30)
+        deadline = time.monotonic() + 30
+        while not _gone(postmaster) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(postmaster), f"PostgreSQL {postmaster} outlived its SIGKILLed owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for pidfile in tmp.glob(f"{localpg.PREFIX}*/data/postmaster.pid"):  # the old code's daemon, if any
+            localpg.DataDir(localpg.bin_dir(), pidfile.parents[1], 0).remove()  # type: ignore[arg-type]
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---- the demo worker's flow-run fork server (llm_fleet/forkrun.py) ----------------------------------
 
 def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_engine_without_the_server():
