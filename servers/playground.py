@@ -10,7 +10,8 @@ under ``$PLAYGROUND_BASE`` (``/`` by default; ``/playground`` behind the model's
   ``/holdz`` answers through the live Service only while parked).
 * ``POST {base}api/chat`` — one answer as Server-Sent Events to the page: ``status`` while the request is
   held (the model is parked and waking: elapsed seconds, whether a wake was asked), ``token`` per streamed piece, then
-  ``done`` with time to first token and tokens/s, or ``error``. The prompt goes through the model's **live
+  ``done`` with time to first token and tokens/s, or ``error`` (the hold proxy's or the engine's own error event
+  included). The prompt goes through the model's **live
   Service** (``LLM_URL``), so it reaches the color that serves — or the hold proxy, which holds it until the
   wake. A ``503`` with ``Retry-After`` (held past the proxy's limit) is retried after that delay: nothing
   reached the model, so the prompt is not lost and never runs twice.
@@ -117,6 +118,23 @@ def piece_of(api: str, data: str) -> str | None:
         return None if token.get("special") else token.get("text")
     choice = (event.get("choices") or [{}])[0]
     return choice.get("text") if api == "completions" else (choice.get("delta") or {}).get("content")
+
+
+def error_of(event: str | None, data: str) -> dict[str, Any] | None:
+    """The error one upstream SSE event carries, as the page's ``error`` data, or None. The hold proxy ends a
+    held stream it cannot answer with ``event: error`` (hold timeout, a model that dropped the request); vLLM
+    and TGI send an error mid-stream as a ``data:`` chunk with an ``error`` field. Read as text, neither is a
+    piece: the page showed an empty answer as done."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return {"status": 502, "message": data[:500]} if event == "error" else None
+    if not isinstance(payload, dict) or ("error" not in payload and event != "error"):
+        return None
+    error = payload.get("error", payload)
+    if isinstance(error, dict):
+        return {"status": error.get("code") or 502, "message": str(error.get("message") or error)[:500]}
+    return {"status": 502, "message": str(error)[:500]}
 
 
 def no_chat_template(status: int, text: str) -> bool:
@@ -237,11 +255,23 @@ class Playground:
                     reporter.cancel()
                     await out.write(_sse("error", {"status": resp.status, "message": text}))
                     return
+                event = None
                 async for raw in resp.content:
                     line = raw.decode("utf-8", "replace").strip()
+                    if not line:
+                        event = None  # a blank line ends an SSE event
+                        continue
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                        continue
                     if not line.startswith("data:"):
-                        continue  # SSE comments (a hold proxy's keep-alive), event names, blank lines
-                    piece = piece_of(api, line[5:].strip())
+                        continue  # an SSE comment (a hold proxy's keep-alive)
+                    data = line[5:].strip()
+                    if data != "[DONE]" and (error := error_of(event, data)) is not None:
+                        reporter.cancel()
+                        await out.write(_sse("error", error))
+                        return
+                    piece = piece_of(api, data)
                     if not piece:
                         continue
                     if first is None:

@@ -55,18 +55,15 @@ def recorder():
     srv.shutdown()
 
 
-def _proxy(recorder, *, upstream: str, timeout_s: float = 5.0, **extra) -> tuple[str, HoldProxy]:
-    base = f"http://127.0.0.1:{recorder.server_address[1]}"
-    cfg = Config(model="m", engine="vllm", upstream=upstream, max_queue=100, timeout_s=timeout_s, retry_after_s=7,
-                 event="llm-fleet.model.wake-requested", resource_id="llm-fleet.model.m", spec="m",
-                 prefect_api_url=base, prefect_api_key=None, poll_s=0.05, **extra)
-    proxy, port = HoldProxy(cfg), free_port()
+def _serve(app: web.Application) -> str:
+    """An aiohttp app on a loop of its own in a daemon thread; its base URL."""
+    port = free_port()
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(proxy.app())
+        runner = web.AppRunner(app)
         loop.run_until_complete(runner.setup())
         loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
         started.set()
@@ -74,7 +71,16 @@ def _proxy(recorder, *, upstream: str, timeout_s: float = 5.0, **extra) -> tuple
 
     threading.Thread(target=run, daemon=True).start()
     assert started.wait(10)
-    return f"http://127.0.0.1:{port}", proxy
+    return f"http://127.0.0.1:{port}"
+
+
+def _proxy(recorder, *, upstream: str, timeout_s: float = 5.0, **extra) -> tuple[str, HoldProxy]:
+    base = f"http://127.0.0.1:{recorder.server_address[1]}"
+    cfg = Config(model="m", engine="vllm", upstream=upstream, max_queue=100, timeout_s=timeout_s, retry_after_s=7,
+                 event="llm-fleet.model.wake-requested", resource_id="llm-fleet.model.m", spec="m",
+                 prefect_api_url=base, prefect_api_key=None, poll_s=0.05, **extra)
+    proxy = HoldProxy(cfg)
+    return _serve(proxy.app()), proxy
 
 
 def _events(recorder) -> list:
@@ -121,6 +127,30 @@ def test_a_request_the_model_may_have_received_is_never_sent_twice(recorder):
     assert resp.status_code == 503 and resp.headers["Retry-After"] == "7"
     assert "not re-sent" in resp.json()["error"]["message"]
     assert [p for p, _ in recorder.seen if p == "/v1/completions"] == ["/v1/completions"]
+
+
+def test_a_held_prompt_the_model_dropped_is_an_error_on_the_playground_not_an_empty_answer(recorder):
+    """The playground's prompt to a parked model is held in an SSE stream; when the model then drops it, the
+    hold proxy ends that stream with ``event: error``. The playground read only the pieces of ``data:`` lines,
+    so the page showed an empty answer as done (a clean-clone run: 'done', 0 tokens, after a wake). Now the
+    error reaches the page as an error, with the proxy's reason."""
+    from servers.playground import Config as PageConfig
+    from servers.playground import Playground
+
+    url, _ = _proxy(recorder, upstream=f"http://127.0.0.1:{recorder.server_address[1]}", timeout_s=3)
+    page = _serve(Playground(PageConfig(upstream=url, model="m", engine="vllm", api="chat", vision=False, base="/",
+                                        namespace="default", live_service="m", deployment_prefix="m-",
+                                        sa_dir="/nonexistent")).app())
+    events = []
+    with httpx.stream("POST", page + "/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 8, "temperature": 0}, timeout=30) as resp:
+        for block in resp.read().decode().split("\n\n"):
+            lines = dict(ln.split(": ", 1) for ln in block.splitlines() if ": " in ln)
+            if "event" in lines:
+                events.append((lines["event"], json.loads(lines["data"])))
+    assert [e for e, _ in events if e != "status"] == ["error"], events
+    assert "dropped after the request was sent" in events[-1][1]["message"]
+    assert [p for p, _ in recorder.seen if p == "/v1/chat/completions"] == ["/v1/chat/completions"]  # sent once
 
 
 def test_the_queue_is_bounded_in_bytes(recorder):

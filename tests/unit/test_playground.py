@@ -7,7 +7,7 @@ import json
 from manifests import playground
 from manifests.render import render
 from manifests.spec import load_spec
-from servers.playground import Config, no_chat_template, piece_of, upstream_request
+from servers.playground import Config, error_of, no_chat_template, piece_of, upstream_request
 from tests.flows.conftest import ROOT
 
 
@@ -94,6 +94,18 @@ def test_engine_calls_and_stream_pieces_per_api():
     assert no_chat_template(400, "As of transformers v4.44, default chat template is no longer allowed")
     assert no_chat_template(422, "Template error: template not found")
     assert not no_chat_template(500, "template")
+
+
+def test_an_error_in_the_stream_is_an_error_not_a_piece():
+    """The hold proxy's ``event: error``, vLLM's error chunk and TGI's are the page's ``error``; a piece is not."""
+    held = json.dumps({"error": {"message": "m is waking up: not answering after 120 s", "code": 503}})
+    assert error_of("error", held) == {"status": 503, "message": "m is waking up: not answering after 120 s"}
+    assert error_of(None, json.dumps({"error": {"message": "bad", "code": 400}})) == {"status": 400, "message": "bad"}
+    assert error_of(None, json.dumps({"error": "Input validation error", "error_type": "validation"})) == \
+        {"status": 502, "message": "Input validation error"}
+    assert error_of("error", "not json") == {"status": 502, "message": "not json"}
+    assert error_of(None, json.dumps({"choices": [{"delta": {"content": "Hel"}}]})) is None
+    assert error_of(None, "[DONE]") is None
 
 
 def test_teardown_keeps_the_shared_reader_account_for_a_model_whose_playground_still_uses_it():
