@@ -349,14 +349,16 @@ class HoldProxy:
                 await self._stream_error(out, f"the model answered {upstream.status}: {text[:500]}", reason="upstream")
                 return True
             out.force_close()  # closed after this stream, as forward() does (already started: no header)
-            await self._pump(upstream, out)
+            await self._pump(upstream, out, held=True)
             return True
 
-    async def _pump(self, upstream: ClientResponse, out: web.StreamResponse) -> None:
+    async def _pump(self, upstream: ClientResponse, out: web.StreamResponse, *, held: bool = False) -> None:
         """The model's answer to the client as it comes, then counted as forwarded (both answer paths): the
         model had the request whether or not its client stayed to the end. A client that stops reading at
         ``data: [DONE]`` (the openai client does) may close before the proxy ends the response; ending it
-        then raised, and the forward went uncounted."""
+        then raised, and the forward went uncounted. A held stream the model drops mid-answer ends with an
+        ``error`` event, as a hold timeout does: ended plainly, a cut answer read as a whole one (an empty one
+        as done)."""
         try:
             try:
                 async for chunk in upstream.content.iter_any():
@@ -366,6 +368,11 @@ class HoldProxy:
                         return
             except (TimeoutError, client_exceptions.ClientError):
                 log.warning("the model dropped a response mid-stream")
+                if held:
+                    with contextlib.suppress(ConnectionResetError):
+                        await self._stream_error(out, "the model dropped its answer mid-stream; it was not re-sent "
+                                                 "(it ran)", reason="upstream_dropped")
+                    return
             with contextlib.suppress(ConnectionResetError):  # the client has closed: nothing left to end
                 await out.write_eof()
         finally:

@@ -153,6 +153,52 @@ def test_a_held_prompt_the_model_dropped_is_an_error_on_the_playground_not_an_em
     assert [p for p, _ in recorder.seen if p == "/v1/chat/completions"] == ["/v1/chat/completions"]  # sent once
 
 
+class _CutModel(BaseHTTPRequestHandler):
+    """A model that answers its health check, then starts a streamed answer and dies after one piece."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.flush()
+        time.sleep(0.2)
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)  # killed mid-answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_held_stream_the_model_cuts_mid_answer_ends_with_an_error_event(recorder):
+    """A held streaming client gets the model's answer inside the proxy's own SSE response. When the model
+    died mid-answer the proxy ended that response plainly, and the client read the cut answer as a whole
+    one. Now it ends with an ``error`` event after what the model had sent (failed before: no error event)."""
+    model = PromptHTTPServer(("127.0.0.1", 0), _CutModel)
+    model.start_serving("model")
+    try:
+        url, _ = _proxy(recorder, upstream=f"http://127.0.0.1:{model.server_address[1]}")
+        with httpx.stream("POST", url + "/v1/chat/completions", json={"stream": True, "messages": []},
+                          timeout=30) as resp:
+            assert resp.status_code == 200
+            text = resp.read().decode()
+        assert '"Hel"' in text and "event: error" in text, text
+        assert text.index('"Hel"') < text.index("event: error") and "mid-stream" in text
+    finally:
+        model.shutdown()
+
+
 def test_the_queue_is_bounded_in_bytes(recorder):
     """Before: only a count bound (10,000 requests of up to 64 MiB each against a 256 Mi container)."""
     url, proxy = _proxy(recorder, upstream=f"http://127.0.0.1:{free_port()}", timeout_s=3, max_queue_bytes=1000)
