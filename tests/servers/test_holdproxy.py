@@ -153,16 +153,8 @@ def test_a_held_prompt_the_model_dropped_is_an_error_on_the_playground_not_an_em
     assert [p for p, _ in recorder.seen if p == "/v1/chat/completions"] == ["/v1/chat/completions"]  # sent once
 
 
-class _CutModel(BaseHTTPRequestHandler):
+class _CutModel(_Recorder):
     """A model that answers its health check, then starts a streamed answer and dies after one piece."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -176,9 +168,6 @@ class _CutModel(BaseHTTPRequestHandler):
         time.sleep(0.2)
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)  # killed mid-answer
-
-    def log_message(self, *args) -> None:
-        pass
 
 
 def test_a_held_stream_the_model_cuts_mid_answer_ends_with_an_error_event(recorder):
