@@ -222,6 +222,13 @@ class LocalProcess:
         elif not os.path.isabs(exe) and shutil.which(exe, path=env.get("PATH")) is None:
             self._fail(f'exec: "{exe}": executable file not found in $PATH')
             return
+        # The parent-death signal (setpriv, which execs the command in place): a test or demo process killed
+        # with SIGKILL takes its pods' processes along instead of leaving them running. The signal follows the
+        # thread that forks; pods start on the controller's own thread, which outlives them (stop() stops the
+        # pods first).
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            argv = [setpriv, "--pdeathsig=SIGKILL", "--", *argv]
         try:
             self._proc = subprocess.Popen(argv, env=env, cwd=c.get("workingDir") or os.getcwd(),
                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

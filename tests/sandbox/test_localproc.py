@@ -126,3 +126,61 @@ def test_a_local_container_listens_on_a_port_the_kernel_never_hands_out(kube):
     assert not lo <= port <= hi, (port, lo, hi)
     given = [free_port() for _ in range(200)]
     assert len(set(given + [port])) == 201 and not any(lo <= p <= hi for p in given)
+
+
+def test_a_killed_owner_takes_its_local_pods_processes_along(tmp_path):
+    """A local pod's process runs under the sandbox's process: killed with SIGKILL (a test session, a demo), the
+    sandbox could not stop its pods, and they kept running (a playground seen 17 min after its test was killed).
+    Now the kernel stops them with it (the parent-death signal). Fails before: the pod's process is still there."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pidfile = tmp_path / "pod.pid"
+    owner_code = f"""
+import time
+from kubernetes import client
+from sandbox.core import Clock, Faults
+from sandbox.kube import KubeCluster
+from tests.sandbox.kube_support import StubRuntime, api_client
+k = KubeCluster(clock=Clock(0.002), faults=Faults(), runtime=StubRuntime(Clock(0.002)))
+k.start()
+k.add_node("cpu-1", labels={{}}, capacity={{"cpu": "4", "memory": "16Gi"}})
+program = "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+client.CoreV1Api(api_client(k)).create_namespaced_pod("default", {{
+    "metadata": {{"name": "sleeper"}},
+    "spec": {{"containers": [{{"name": "c", "image": "local/sleeper", "command": ["python", "-c", program]}}]}}}})
+time.sleep(600)
+"""
+    root = Path(__file__).resolve().parents[2]
+    owner = subprocess.Popen([sys.executable, "-c", owner_code], cwd=root, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=60)
+        pod_pid = int(pidfile.read_text())
+        os.kill(pod_pid, 0)  # running
+        owner.kill()
+        owner.wait(30)
+
+        def gone() -> bool:
+            try:
+                os.kill(pod_pid, 0)
+            except ProcessLookupError:
+                return True
+            stat = Path(f"/proc/{pod_pid}/stat")
+            return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+        deadline = time.monotonic() + 10
+        while not gone() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(), f"the pod's process {pod_pid} outlived its SIGKILLed owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
