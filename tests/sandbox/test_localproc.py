@@ -157,7 +157,9 @@ client.CoreV1Api(api_client(k)).create_namespaced_pod("default", {{
 time.sleep(600)
 """
     root = Path(__file__).resolve().parents[2]
-    owner = subprocess.Popen([sys.executable, "-c", owner_code], cwd=root, stdout=subprocess.DEVNULL)
+    # its own temp dir: the pod's ServiceAccount dir stays behind with a SIGKILLed owner (the test's tmp_path)
+    owner = subprocess.Popen([sys.executable, "-c", owner_code], cwd=root, stdout=subprocess.DEVNULL,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=60)
         pod_pid = int(pidfile.read_text())
