@@ -267,7 +267,7 @@ class Playground:
                     if not line.startswith("data:"):
                         continue  # an SSE comment (a hold proxy's keep-alive)
                     data = line[5:].strip()
-                    if data != "[DONE]" and (error := error_of(event, data)) is not None:
+                    if (error := error_of(event, data)) is not None:
                         reporter.cancel()
                         await out.write(_sse("error", error))
                         return

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.flows.conftest import ROOT
+from tests.sandbox.kube_support import process_gone
 
 
 def _clean_env() -> dict[str, str]:
@@ -56,13 +57,6 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
 
 
 def test_sigterm_stops_the_prefect_server_and_sandbox(tmp_path):
@@ -80,7 +74,7 @@ def test_sigterm_stops_the_prefect_server_and_sandbox(tmp_path):
             time.sleep(0.05)
         pids = {name: int(pid) for name, pid in (ln.split() for ln in pidfile.read_text().splitlines())}
         server = pids["prefect-server"]
-        assert not _gone(server)
+        assert not process_gone(server)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -88,7 +82,7 @@ def test_sigterm_stops_the_prefect_server_and_sandbox(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "✓ stopped: Prefect server, worker and sandbox" in out and "Traceback" not in out
-    assert _gone(server)
+    assert process_gone(server)
     sandbox_port = int(out.split("sandbox up: http://127.0.0.1:")[1].split()[0])
     assert not _port_open(sandbox_port)
     assert not pidfile.exists()
@@ -186,9 +180,9 @@ def test_a_killed_demo_takes_its_prefect_server_along(tmp_path):
         proc.kill()
         proc.wait(30)
         deadline = time.monotonic() + 30
-        while not all(_gone(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        while not all(process_gone(pid) for pid in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert [name for name, pid in pids.items() if not _gone(pid)] == []  # the server and the fork server
+        assert [name for name, pid in pids.items() if not process_gone(pid)] == []  # the server and the fork server
         assert ("postgres" in pids) == (localpg.bin_dir() is not None)
         if "postgres" in pids:
             assert [p.name for p in tmp.iterdir() if p.name.startswith(localpg.PREFIX)]  # left by the SIGKILL
@@ -221,13 +215,13 @@ def test_a_killed_owner_of_a_local_postgres_takes_it_along():
         assert "postgresql+asyncpg://" in owner.stdout.readline()  # type: ignore[union-attr]
         [pidfile] = tmp.glob(f"{localpg.PREFIX}*/data/postmaster.pid")
         postmaster = int(pidfile.read_text().split()[0])
-        assert not _gone(postmaster)
+        assert not process_gone(postmaster)
         owner.kill()
         owner.wait(30)
         deadline = time.monotonic() + 30
-        while not _gone(postmaster) and time.monotonic() < deadline:
+        while not process_gone(postmaster) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _gone(postmaster), f"PostgreSQL {postmaster} outlived its SIGKILLed owner"
+        assert process_gone(postmaster), f"PostgreSQL {postmaster} outlived its SIGKILLed owner"
     finally:
         if owner.poll() is None:
             owner.kill()

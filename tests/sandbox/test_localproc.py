@@ -7,7 +7,7 @@ from kubernetes import client
 
 from sandbox.core import Clock, Faults
 from sandbox.kube import KubeCluster, localproc
-from tests.sandbox.kube_support import StubRuntime, api_client, http_client, wait_for
+from tests.sandbox.kube_support import StubRuntime, api_client, http_client, process_gone, wait_for
 
 # A tiny program: answers its env as JSON on $PORT (stdlib only), exits 3 on /exit.
 PROGRAM = r"""
@@ -166,19 +166,10 @@ time.sleep(600)
         os.kill(pod_pid, 0)  # running
         owner.kill()
         owner.wait(30)
-
-        def gone() -> bool:
-            try:
-                os.kill(pod_pid, 0)
-            except ProcessLookupError:
-                return True
-            stat = Path(f"/proc/{pod_pid}/stat")
-            return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
         deadline = time.monotonic() + 10
-        while not gone() and time.monotonic() < deadline:
+        while not process_gone(pod_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert gone(), f"the pod's process {pod_pid} outlived its SIGKILLed owner"
+        assert process_gone(pod_pid), f"the pod's process {pod_pid} outlived its SIGKILLed owner"
     finally:
         if owner.poll() is None:
             owner.kill()
