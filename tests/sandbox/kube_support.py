@@ -139,16 +139,25 @@ def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
     raise AssertionError(f"condition not met within {timeout}s")
 
 
-def process_gone(pid: int) -> bool:
-    """Whether process ``pid`` has exited (a zombie not yet reaped by its parent counts as gone)."""
+def process_gone(pid: int, *, within: float = 0.0) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped by its parent counts as gone), waiting up to
+    ``within`` seconds for it."""
     import os
 
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    deadline = time.monotonic() + within
+    while not gone():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def deployment(name: str, *, replicas: int = 1, image: str = "vllm/vllm-openai:v0.6.3", gpus: int = 0,
