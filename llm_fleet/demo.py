@@ -588,9 +588,14 @@ def main(args: argparse.Namespace) -> int:
         children.start("flow-run-forkserver", [sys.executable, "-m", "llm_fleet.forkrun", "serve",
                                                worker_env[forkrun.ENV]], cwd=ROOT, env=worker_env,
                        stdout=log, stderr=log)
+        # The block catalog without importing every installed collection first: Prefect's memoizing wrapper
+        # imports them (prefect_gcp pulls in google.cloud.aiplatform and grpc) only to hash the registry for a
+        # memo that a fresh state dir never has. Registration itself still runs, the collections' block types
+        # from Prefect's bundled data: the same 54 types. Server start: 10.9 -> 6.5 CPU-s, 13 -> 8.5 s.
+        server_env = {**env, "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"}
         server = children.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
                                                    "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=log)
+                                cwd=ROOT, env=server_env, stdout=log, stderr=log)
         _wait_http(f"{api}/health", 300, server)  # minutes on a loaded 2-core machine
         _say(f"✓ Prefect server + UI: http://127.0.0.1:{port}")
         # Before this process first imports Prefect: its settings are read from the environment then.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,20 @@ def assert_lifecycle(out: str) -> None:
     assert '"llm-fleet.dev/color":"green"' in out  # the live Service routes to the released color
     # A request sent while parked was held and answered after the wake the hold proxy asked for.
     assert "answered 200 after" in out and "wake_model run" in out
+
+
+def assert_block_catalog_without_the_collections(ui: str, state) -> None:
+    """The UI offers the GCP blocks (LLM_FLEET_GCP_CREDENTIALS_BLOCK names a GcpCredentials block), from Prefect's
+    bundled catalog: the server never imported the installed collections to register them (prefect_gcp brings
+    google.cloud.aiplatform and grpc, ~4 CPU-s of the server's start; llm_fleet/demo.py)."""
+    import httpx
+
+    slugs = {b["slug"] for b in httpx.post(f"{ui}/api/block_types/filter", json={}, timeout=30).json()}
+    assert {"gcp-credentials", "gcs-bucket", "secret", "slack-webhook"} <= slugs, sorted(slugs)
+    server = next(int(line.split()[1]) for line in (state / "pids").read_text().splitlines()
+                  if line.startswith("prefect-server "))
+    loaded = [line for line in Path(f"/proc/{server}/maps").read_text().splitlines() if "grpc" in line]
+    assert not loaded, f"the demo's Prefect server imported the collections (grpc loaded): {loaded[:1]}"
 
 
 BY_HAND = [  # the README's "Then run the steps by hand", in order
@@ -73,6 +88,7 @@ def test_demo_runs_the_lifecycle_then_the_readmes_steps_by_hand_succeed(tmp_path
                 break
         assert "demo-broken-weights" in text and "park_idle: paused" in text, text[-2000:]
         ui = re.search(r"Prefect server \+ UI\s+(http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+        assert_block_catalog_without_the_collections(ui, state)
         run_env = {**env, "PREFECT_API_URL": f"{ui}/api"}
         for line in (state / "env").read_text().splitlines():
             words = shlex.split(line, comments=True)
