@@ -71,8 +71,8 @@ def run_op(op: str, spec: str, revision: str | None) -> int:
 
 
 # What every operation imports: loaded once in the fork server (below), not again per operation. A profile
-# of one release op (py-spy, 40 Hz) had 65 % of its CPU samples in imports, a quarter of them
-# google-cloud-compute's generated types (the capacity step's quota read).
+# of one release op (py-spy, 40 Hz) had 65 % of its CPU samples in imports (then a quarter of them
+# google-cloud-compute's generated types, for the capacity step's quota read: now plain REST).
 PRELOAD = ["flows.provision_cluster", "flows.deploy_model", "flows.release_model", "flows.park", "flows.teardown",
            *forkrun.PRELOAD]  # the demo worker's fork server's: the clients and what steps import on first use
 

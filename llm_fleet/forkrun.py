@@ -38,7 +38,7 @@ FIRST_USE = ("kubernetes.client.api.core_v1_api", "kubernetes.client.api.apps_v1
              "huggingface_hub.hf_api", "slack_sdk", "slack_sdk.http_retry.builtin_handlers")
 # Imported once by the server besides every entrypoint in prefect.yaml: what the flows import lazily,
 # inside their steps (a profile of one release op had 65 % of its CPU in imports, bench/campaign.py).
-PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect.deployments.steps", "google.cloud.compute_v1",
+PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect.deployments.steps",
            "google.cloud.container_v1", "kubernetes.client", "tasks.settings", *FIRST_USE)
 
 

@@ -1,7 +1,7 @@
 """Compute Engine emulator: regions, zones, quotas, accelerator types, managed instance groups.
 
-Speaks the Compute v1 REST dialect that ``google.cloud.compute_v1`` clients (``transport="rest"``) and
-``gcloud compute`` send: ``/compute/v1/projects/{project}/regions/{region}``, ``.../regions``,
+Speaks the Compute v1 REST dialect that the product (plain JSON, tasks/clients.py), ``google.cloud.compute_v1``
+clients (``transport="rest"``) and ``gcloud compute`` send: ``/compute/v1/projects/{project}/regions/{region}``, ``.../regions``,
 ``.../zones[/{zone}]``, ``.../zones/{zone}/acceleratorTypes[/{type}]``,
 ``.../aggregated/acceleratorTypes``, ``/compute/v1/projects/{project}`` (project info with the
 ``GPUS_ALL_REGIONS`` quota), and read-only ``instanceGroupManagers`` / ``instances`` for the node
@@ -634,6 +634,27 @@ def _name_filter(expr: str | None) -> str | None:
     return m.group(1) if m else None
 
 
+def _paged(h: ComputeHandler, reply: dict[str, Any], key: str) -> dict[str, Any]:
+    """An aggregated list reply cut into pages as the API does: ``maxResults`` results a page (0-500, default
+    500), the rest behind ``nextPageToken`` (opaque to clients; here the offset). A scope whose results are all
+    on other pages is left out of this one."""
+    size = int(h.q("maxResults") or 500)
+    if not 0 <= size <= 500:
+        raise HttpError(400, f"Invalid value for field 'maxResults': '{size}'. Must be less than or equal to 500",
+                        reason="invalid")
+    flat = [(scope, item) for scope, scoped in reply["items"].items() for item in scoped.get(key, [])]
+    start = int(h.q("pageToken") or 0)
+    if size == 0 or len(flat) <= size and start == 0:
+        return reply
+    items: dict[str, Any] = {}
+    for scope, item in flat[start:start + size]:
+        items.setdefault(scope, {key: []})[key].append(item)
+    page = {**reply, "items": items}
+    if start + size < len(flat):
+        page["nextPageToken"] = str(start + size)
+    return page
+
+
 @route(_ROUTES, "GET", _P + r"/aggregated/acceleratorTypes")
 def _aggregated_accelerators(h: ComputeHandler, project: str):
     wanted = _name_filter(h.q("filter"))
@@ -647,8 +668,9 @@ def _aggregated_accelerators(h: ComputeHandler, project: str):
             items[f"zones/{zone}"] = {"warning": {
                 "code": "NO_RESULTS_ON_PAGE", "message": f"There are no results for scope 'zones/{zone}' on this page.",
                 "data": [{"key": "scope", "value": f"zones/{zone}"}]}}
-    return {"kind": "compute#acceleratorTypeAggregatedList", "id": f"projects/{project}/aggregated/acceleratorTypes",
-            "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/acceleratorTypes"}
+    return _paged(h, {"kind": "compute#acceleratorTypeAggregatedList",
+                      "id": f"projects/{project}/aggregated/acceleratorTypes", "items": items,
+                      "selfLink": f"{API_BASE}/projects/{project}/aggregated/acceleratorTypes"}, "acceleratorTypes")
 
 
 @route(_ROUTES, "GET", _P + r"/zones/(?P<zone>[^/]+)/instanceGroupManagers/(?P<name>[^/]+)")
@@ -780,8 +802,8 @@ def _aggregated_operations(h: ComputeHandler, project: str):
         items[f"zones/{zone}"] = {"operations": found} if found else {"warning": {
             "code": "NO_RESULTS_ON_PAGE", "message": f"There are no results for scope 'zones/{zone}' on this page.",
             "data": [{"key": "scope", "value": f"zones/{zone}"}]}}
-    return {"kind": "compute#operationAggregatedList", "id": f"projects/{project}/aggregated/operations",
-            "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/operations"}
+    return _paged(h, {"kind": "compute#operationAggregatedList", "id": f"projects/{project}/aggregated/operations",
+                      "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/operations"}, "operations")
 
 
 @route(_ROUTES, "GET", _P + r"/aggregated/addresses")
@@ -882,5 +904,5 @@ def _aggregated_subnets(h: ComputeHandler, project: str):
         table = _subnets(h.compute, project)
         items = {f"regions/{r}": {"subnetworks": [s for (rr, _), s in sorted(table.items()) if rr == r]}
                  for r in REGIONS}
-    return {"kind": "compute#subnetworkAggregatedList", "id": f"projects/{project}/aggregated/subnetworks",
-            "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/subnetworks"}
+    return _paged(h, {"kind": "compute#subnetworkAggregatedList", "id": f"projects/{project}/aggregated/subnetworks",
+                      "items": items, "selfLink": f"{API_BASE}/projects/{project}/aggregated/subnetworks"}, "subnetworks")

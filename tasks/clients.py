@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import google.auth.exceptions
+import httpx
 import requests
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
@@ -21,11 +22,12 @@ from tasks.settings import Settings, get_settings
 
 # Transient for Google APIs: retried with backoff. 400/403/404/409 and quota errors are not.
 # The REST transport raises requests' own exceptions for resets, timeouts and cut-off bodies: those
-# are OSErrors, not builtin ConnectionErrors, so they are listed by name.
+# are OSErrors, not builtin ConnectionErrors, so they are listed by name; httpx's for Compute's.
 GOOGLE_TRANSIENT = (gexc.TooManyRequests, gexc.ServiceUnavailable, gexc.InternalServerError,
                     gexc.BadGateway, gexc.GatewayTimeout, gexc.DeadlineExceeded, ConnectionError, TimeoutError,
                     requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                    requests.exceptions.ChunkedEncodingError, google.auth.exceptions.TransportError)
+                    requests.exceptions.ChunkedEncodingError, google.auth.exceptions.TransportError,
+                    httpx.TransportError)
 # GKE runs one mutating operation per cluster: others get 400 FAILED_PRECONDITION until it is done
 # ("Cluster is running incompatible operation operation-…", reason CLUSTER_ALREADY_HAS_OPERATION, or
 # "Operation operation-… is currently upgrading cluster C. Please wait and try again once it is done.").
@@ -156,42 +158,71 @@ def artifact_registry_http(settings: Settings | None = None):
 
 @lru_cache(maxsize=4)
 def _artifact_registry_http(endpoint: str, auth: str, block: str | None):
-    import httpx
-
     return httpx.Client(base_url=endpoint + "/v1/", auth=_bearer_auth(GoogleToken()), timeout=30.0)
 
 
-def addresses_client(settings: Settings | None = None):
-    """Compute GlobalAddressesClient: the static IPs an Ingress names (kubernetes.io/ingress.global-static-ip-name)."""
-    from google.cloud import compute_v1
+COMPUTE_ENDPOINT = "https://compute.googleapis.com"
 
+
+def compute_http(settings: Settings | None = None):
+    """httpx client of Compute Engine's REST API (v1), with the product's Google credentials.
+
+    The product only reads Compute (quotas, accelerator types, a static IP, subnets, images, VM operations):
+    plain JSON, as for Artifact Registry. google-cloud-compute's clients import ~1,000 message classes first,
+    ~2 CPU-s in every process that made one (each flow run that provisions, the worker's fork server)."""
     s = settings or get_settings()
-    return google_client(compute_v1.GlobalAddressesClient, s.compute_endpoint, s, transport="rest")
+    endpoint = (s.compute_endpoint or COMPUTE_ENDPOINT).rstrip("/")
+    return _compute_http(endpoint if "://" in endpoint else f"https://{endpoint}", s.gcp_auth,
+                         s.gcp_credentials_block)
 
 
-def compute_clients(settings: Settings | None = None):
-    """(regions, projects, accelerator types) Compute clients."""
-    from google.cloud import compute_v1
-
-    s = settings or get_settings()
-    return tuple(google_client(cls, s.compute_endpoint, s, transport="rest") for cls in (
-        compute_v1.RegionsClient, compute_v1.ProjectsClient, compute_v1.AcceleratorTypesClient))
+@lru_cache(maxsize=4)
+def _compute_http(endpoint: str, auth: str, block: str | None):
+    return httpx.Client(base_url=endpoint + "/compute/v1/", auth=_bearer_auth(GoogleToken()), timeout=30.0)
 
 
-def subnetworks_client(settings: Settings | None = None):
-    """Compute Engine subnetworks (a regional Gateway needs a proxy-only one)."""
-    from google.cloud import compute_v1
+def compute_get(path: str, **params: str) -> dict[str, Any]:
+    """GET ``projects/…`` from Compute, retried as every Google call is (:func:`google_retry`). An error is
+    google.api_core's exception for its status (NotFound, Forbidden, ServiceUnavailable…), as the client
+    library raised it, with Compute's message."""
+    s = get_settings()
 
-    s = settings or get_settings()
-    return google_client(compute_v1.SubnetworksClient, s.compute_endpoint, s, transport="rest")
+    def call() -> dict[str, Any]:
+        resp = compute_http(s).get(path, params=params or None, timeout=s.call_timeout_s)
+        if resp.is_error:
+            raise _google_error(resp)
+        return resp.json()
+
+    return google_retry(s)(call)()
 
 
-def images_client(settings: Settings | None = None):
-    """Compute Engine disk images (a secondary boot disk is made from one)."""
-    from google.cloud import compute_v1
+def compute_pages(path: str, **params: str):
+    """Each page of a Compute list (``nextPageToken`` → ``pageToken``)."""
+    while True:
+        page = compute_get(path, **params)
+        yield page
+        if not page.get("nextPageToken"):
+            return
+        params = {**params, "pageToken": page["nextPageToken"]}
 
-    s = settings or get_settings()
-    return google_client(compute_v1.ImagesClient, s.compute_endpoint, s, transport="rest")
+
+def compute_aggregated(path: str, key: str, **params: str):
+    """(scope, items) of an aggregated list (``projects/P/aggregated/…``): ``("zones/us-central1-a", [...])``;
+    scopes with none of ``key`` (Compute sends a warning there) are skipped."""
+    for page in compute_pages(path, **params):
+        for scope, scoped in (page.get("items") or {}).items():
+            if scoped.get(key):
+                yield scope, scoped[key]
+
+
+def _google_error(resp) -> gexc.GoogleAPICallError:
+    try:
+        error = resp.json()["error"]
+        message, errors = str(error.get("message", "")), list(error.get("errors") or [])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, errors = resp.text[:300], []
+    return gexc.from_http_status(resp.status_code, f"{resp.request.method} {resp.request.url}: {message}",
+                                 errors=errors, response=resp)
 
 
 class KubeToken:
@@ -419,8 +450,6 @@ def kube_http(api_client, *, timeout: float = 30.0):
 
 
 def _bearer_auth(source: Any):
-    import httpx
-
     class BearerAuth(httpx.Auth):
         """The current token on every request; one retry with a fresh token after a 401."""
 
@@ -439,8 +468,6 @@ def _bearer_auth(source: Any):
 @lru_cache(maxsize=32)
 def _kube_http(api_client, timeout: float):
     import ssl
-
-    import httpx
 
     cfg = api_client.configuration
     source = getattr(api_client, "fleet_token", None)

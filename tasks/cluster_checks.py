@@ -12,10 +12,9 @@ from google.api_core import exceptions as gexc
 from prefect import task
 
 from manifests.errors import PreflightError
-from tasks.clients import addresses_client, google_retry
+from tasks.clients import compute_get
 from tasks.k8s import get_path
 from tasks.retry import task_retries
-from tasks.settings import get_settings
 
 STACKDRIVER_ADAPTER = ("kubectl apply -f https://raw.githubusercontent.com/GoogleCloudPlatform/k8s-stackdriver/"
                        "master/custom-metrics-stackdriver-adapter/deploy/production/adapter_new_resource_model.yaml"
@@ -62,10 +61,9 @@ def check_storage_class(*, kubeconfig: str | None, name: str, cluster: str, loca
 @task(**task_retries())
 def check_static_ip(*, project: str, name: str) -> str:
     try:
-        addr = addresses_client().get(project=project, address=name, retry=google_retry(),
-                                      timeout=get_settings().call_timeout_s)
+        addr = compute_get(f"projects/{project}/global/addresses/{name}")
     except gexc.NotFound:
         raise PreflightError(f"expose.ingress.static_ip_name: global address {name!r} is not reserved in project "
                              f"{project}; the GCE Ingress would never get it",
                              f"gcloud compute addresses create {name} --global --project {project}") from None
-    return f"static IP {name} = {addr.address}"
+    return f"static IP {name} = {addr.get('address')}"

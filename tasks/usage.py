@@ -17,12 +17,11 @@ from manifests import names, startup
 from manifests import usage as U
 from manifests.render import has_compute_class
 from manifests.spec import DeploymentSpec
-from tasks.clients import cluster_manager
+from tasks.clients import cluster_manager, compute_aggregated
 from tasks.gke import _call_opts, _parent, _to_dict
 from tasks.inventory import list_kind
 from tasks.log import logger
 from tasks.retry import task_retries
-from tasks.settings import get_settings
 
 GPU = "nvidia.com/gpu"
 MAX_CHARS = 4800  # Prefect Variables hold at most 5,000 characters of JSON
@@ -71,15 +70,6 @@ def pool_operations(*, project: str, location: str, cluster: str, pool: str | No
     return out
 
 
-def _operations_client():
-    from google.cloud import compute_v1
-
-    from tasks.clients import google_client
-
-    s = get_settings()
-    return google_client(compute_v1.GlobalOperationsClient, s.compute_endpoint, s, transport="rest")
-
-
 def vm_bases(ledger: dict[str, Any], pool: dict[str, Any] | None) -> set[str]:
     """The pool's VM name stems (``gke-<cluster>-<pool>-<hash>``): its managed instance groups' names without
     ``-grp`` (while the pool exists), and the stems of every node the ledger ever saw (after it is gone)."""
@@ -97,13 +87,14 @@ def vm_operations(*, project: str, bases: set[str] | list[str]) -> list[U.VmOp]:
     if not stems:
         return []
     out = []
-    for _scope, scoped in _operations_client().aggregated_list(project=project, **_call_opts()):
-        for op in scoped.operations:
-            name = op.target_link.rsplit("/", 1)[-1]
-            kind = op.operation_type.rsplit(".", 1)[-1]  # compute.instances.insert (a MIG's) or insert
-            if "/instances/" in op.target_link and name.startswith(stems) and kind in ("insert", "delete") \
-                    and op.end_time:
-                out.append(U.VmOp(name, kind, U.ts(op.end_time)))
+    for _scope, ops in compute_aggregated(f"projects/{project}/aggregated/operations", "operations"):
+        for op in ops:
+            target = str(op.get("targetLink", ""))
+            name = target.rsplit("/", 1)[-1]
+            kind = str(op.get("operationType", "")).rsplit(".", 1)[-1]  # compute.instances.insert (a MIG's)
+            if "/instances/" in target and name.startswith(stems) and kind in ("insert", "delete") \
+                    and op.get("endTime"):
+                out.append(U.VmOp(name, kind, U.ts(op["endTime"])))
     return out
 
 

@@ -84,13 +84,12 @@ class GatewayLoad:
 
 def _proxy_only_subnet(project: str, region: str) -> None:
     """gcloud compute networks subnets create proxy-only-REGION --purpose=REGIONAL_MANAGED_PROXY ..."""
-    from google.cloud import compute_v1
+    from tasks.clients import compute_http
 
-    from tasks.clients import subnetworks_client
-
-    subnetworks_client().insert(project=project, region=region, subnetwork_resource=compute_v1.Subnetwork(
-        name=f"proxy-only-{region}", purpose="REGIONAL_MANAGED_PROXY", role="ACTIVE", network="default",
-        ip_cidr_range="10.129.0.0/23")).result()
+    resp = compute_http().post(f"projects/{project}/regions/{region}/subnetworks", json={
+        "name": f"proxy-only-{region}", "purpose": "REGIONAL_MANAGED_PROXY", "role": "ACTIVE", "network": "default",
+        "ipCidrRange": "10.129.0.0/23"})
+    assert resp.status_code == 200 and resp.json()["status"] == "DONE", resp.text
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,10 @@ def gpu_pools(project: str, location: str, cluster: str) -> list[dict]:
 
 
 def quota_usage(project: str, region: str, metric: str) -> float:
-    from tasks.clients import compute_clients
+    from tasks.clients import compute_http
 
-    regions, _, _ = compute_clients()
-    info = regions.get(project=project, region=region, retry=None, timeout=10)
-    return next((q.usage for q in info.quotas if q.metric == metric), 0.0)
+    info = compute_http().get(f"projects/{project}/regions/{region}", timeout=10).raise_for_status().json()
+    return next((q["usage"] for q in info["quotas"] if q["metric"] == metric), 0.0)
 
 
 def run(spec, **kw):

@@ -6,6 +6,7 @@ permanent error that was wrongly retried would show up as a success (and as more
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
@@ -82,6 +83,62 @@ def test_google_permanent_errors_are_not_retried(sbc, status):
         gke.list_clusters(project=project, location="us-central1")
     assert err.value.code == status
     assert _hits(sbc, rule) == 1
+
+
+# ---- Compute (REST via httpx, tasks/clients.py) ----------------------------------------------------
+
+COMPUTE_TRANSIENT = {
+    "connection reset (httpx)": lambda p: fp.connection_reset(service="compute", method="GET", path=p),
+    "cut-off body (httpx)": lambda p: fp.truncated_body(service="compute", method="GET", path=p),
+    "read timeout (httpx)": lambda p: fp.read_timeout(service="compute", method="GET", path=p, seconds=2),
+    "503": lambda p: {"service": "compute", "method": "GET", "path": p, "status": 503},
+    "429": lambda p: {"service": "compute", "method": "GET", "path": p, "status": 429},
+}
+
+
+@pytest.mark.parametrize("case", list(COMPUTE_TRANSIENT))
+def test_compute_transient_errors_are_retried(sbc, short_call_timeout, case):
+    from tasks import compute
+
+    project = f"t-{uuid.uuid4().hex[:12]}"
+    rule = sbc.add_fault(**COMPUTE_TRANSIENT[case](f"/projects/{project}$"))
+    assert compute.get_project_gpu_quota.fn(project=project).limit > 0
+    assert _hits(sbc, rule) == 1
+
+
+@pytest.mark.parametrize("status", [400, 403, 409])
+def test_compute_permanent_errors_are_not_retried(sbc, status):
+    from tasks import compute
+
+    project = f"t-{uuid.uuid4().hex[:12]}"
+    rule = sbc.add_fault(service="compute", method="GET", path=f"/projects/{project}$", status=status)
+    with pytest.raises(gexc.GoogleAPICallError) as err:
+        compute.get_project_gpu_quota.fn(project=project)
+    assert err.value.code == status
+    assert f"GET {os.environ['LLM_FLEET_COMPUTE_ENDPOINT']}/compute/v1/projects/{project}: " in str(err.value)
+    assert _hits(sbc, rule) == 1
+
+
+def test_an_unknown_region_is_a_preflight_error_naming_the_field():
+    from manifests.errors import PreflightError
+    from tasks import compute
+
+    with pytest.raises(PreflightError) as err:
+        compute.get_region_quota.fn(project="p-region", region="mars-north1", metric="NVIDIA_L4_GPUS")
+    assert "region mars-north1 not found" in str(err.value) and "cluster.location" in str(err.value)
+
+
+def test_an_aggregated_list_is_read_to_its_last_page(sbc):
+    """Compute pages an aggregated list (maxResults a page, nextPageToken for the rest): every page is read."""
+    from tasks.clients import compute_aggregated
+
+    whole = list(compute_aggregated("projects/p-pages/aggregated/acceleratorTypes", "acceleratorTypes"))
+    paged = list(compute_aggregated("projects/p-pages/aggregated/acceleratorTypes", "acceleratorTypes",
+                                    maxResults="2"))
+    zones = {scope for scope, _ in whole}
+    assert len(zones) > 4 and sum(len(t) for _, t in whole) > 2
+    assert sorted((s, t["name"]) for s, types in paged for t in types) == \
+        sorted((s, t["name"]) for s, types in whole for t in types)
 
 
 def test_gke_busy_cluster_waits_and_retries_the_mutation(sbc):
