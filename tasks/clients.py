@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import google.auth.exceptions
 import httpx
@@ -181,11 +182,12 @@ def _compute_http(endpoint: str, auth: str, block: str | None):
     return httpx.Client(base_url=endpoint + "/compute/v1/", auth=_bearer_auth(GoogleToken()), timeout=30.0)
 
 
-def compute_get(path: str, **params: str) -> dict[str, Any]:
-    """GET ``projects/…`` from Compute, retried as every Google call is (:func:`google_retry`). An error is
-    google.api_core's exception for its status (NotFound, Forbidden, ServiceUnavailable…), as the client
-    library raised it, with Compute's message."""
+def compute_get(*segments: str, **params: str) -> dict[str, Any]:
+    """GET ``projects/…`` from Compute (path segments, each URL-quoted as the client library quoted them),
+    retried as every Google call is (:func:`google_retry`). An error is google.api_core's exception for its
+    status (NotFound, Forbidden, ServiceUnavailable…), as the client library raised it, with Compute's message."""
     s = get_settings()
+    path = "/".join(quote(segment, safe="") for segment in segments)
 
     def call() -> dict[str, Any]:
         resp = compute_http(s).get(path, params=params or None, timeout=s.call_timeout_s)
@@ -196,23 +198,17 @@ def compute_get(path: str, **params: str) -> dict[str, Any]:
     return google_retry(s)(call)()
 
 
-def compute_pages(path: str, **params: str):
-    """Each page of a Compute list (``nextPageToken`` → ``pageToken``)."""
+def compute_aggregated(project: str, kind: str, **params: str):
+    """(scope, items) of ``projects/P/aggregated/KIND``, every page (``nextPageToken`` → ``pageToken``):
+    ``("zones/us-central1-a", [...])``; scopes with no KIND (Compute sends a warning there) are skipped."""
     while True:
-        page = compute_get(path, **params)
-        yield page
+        page = compute_get("projects", project, "aggregated", kind, **params)
+        for scope, scoped in (page.get("items") or {}).items():
+            if scoped.get(kind):
+                yield scope, scoped[kind]
         if not page.get("nextPageToken"):
             return
         params = {**params, "pageToken": page["nextPageToken"]}
-
-
-def compute_aggregated(path: str, key: str, **params: str):
-    """(scope, items) of an aggregated list (``projects/P/aggregated/…``): ``("zones/us-central1-a", [...])``;
-    scopes with none of ``key`` (Compute sends a warning there) are skipped."""
-    for page in compute_pages(path, **params):
-        for scope, scoped in (page.get("items") or {}).items():
-            if scoped.get(key):
-                yield scope, scoped[key]
 
 
 def _google_error(resp) -> gexc.GoogleAPICallError:

@@ -61,7 +61,7 @@ def check_storage_class(*, kubeconfig: str | None, name: str, cluster: str, loca
 @task(**task_retries())
 def check_static_ip(*, project: str, name: str) -> str:
     try:
-        addr = compute_get(f"projects/{project}/global/addresses/{name}")
+        addr = compute_get("projects", project, "global", "addresses", name)
     except gexc.NotFound:
         raise PreflightError(f"expose.ingress.static_ip_name: global address {name!r} is not reserved in project "
                              f"{project}; the GCE Ingress would never get it",

@@ -21,7 +21,7 @@ def _quota(resource: dict, metric: str, scope: str) -> QuotaReading:
 @task(**task_retries())
 def get_region_quota(*, project: str, region: str, metric: str) -> QuotaReading:
     try:
-        info = compute_get(f"projects/{project}/regions/{region}")
+        info = compute_get("projects", project, "regions", region)
     except gexc.NotFound as exc:
         raise PreflightError(f"region {region} not found in project {project}",
                              "check cluster.location (e.g. us-central1)") from exc
@@ -30,15 +30,14 @@ def get_region_quota(*, project: str, region: str, metric: str) -> QuotaReading:
 
 @task(**task_retries())
 def get_project_gpu_quota(*, project: str) -> QuotaReading:
-    return _quota(compute_get(f"projects/{project}"), GLOBAL_GPU_METRIC, "global")
+    return _quota(compute_get("projects", project), GLOBAL_GPU_METRIC, "global")
 
 
 @task(**task_retries())
 def zones_offering(*, project: str, accelerator: str) -> dict[str, list[str]]:
     """region -> zones that offer ``accelerator`` (one aggregated call for the whole project)."""
     out: dict[str, list[str]] = {}
-    for scope, types in compute_aggregated(f"projects/{project}/aggregated/acceleratorTypes", "acceleratorTypes",
-                                           filter=f"name = {accelerator}"):
+    for scope, types in compute_aggregated(project, "acceleratorTypes", filter=f"name = {accelerator}"):
         for acc in types:
             if acc.get("name") != accelerator:
                 continue
@@ -51,7 +50,7 @@ def zones_offering(*, project: str, accelerator: str) -> dict[str, list[str]]:
 def disk_image_exists(*, project: str, name: str) -> bool:
     """Whether Compute has the disk image (``images.get``; 404 -> False)."""
     try:
-        compute_get(f"projects/{project}/global/images/{name}")
+        compute_get("projects", project, "global", "images", name)
     except gexc.NotFound:
         return False
     return True
@@ -62,7 +61,7 @@ def proxy_only_regions(*, project: str, network: str = "default") -> set[str]:
     """Regions where ``network`` has an ACTIVE proxy-only subnet (purpose REGIONAL_MANAGED_PROXY), which a
     regional Gateway's Envoy proxies need (one aggregated call)."""
     out: set[str] = set()
-    for scope, subnets in compute_aggregated(f"projects/{project}/aggregated/subnetworks", "subnetworks"):
+    for scope, subnets in compute_aggregated(project, "subnetworks"):
         for sub in subnets:
             if (sub.get("purpose") == "REGIONAL_MANAGED_PROXY" and sub.get("role", "") in ("", "ACTIVE")
                     and str(sub.get("network", "")).rsplit("/", 1)[-1] == network):

@@ -87,7 +87,7 @@ def vm_operations(*, project: str, bases: set[str] | list[str]) -> list[U.VmOp]:
     if not stems:
         return []
     out = []
-    for _scope, ops in compute_aggregated(f"projects/{project}/aggregated/operations", "operations"):
+    for _scope, ops in compute_aggregated(project, "operations"):
         for op in ops:
             target = str(op.get("targetLink", ""))
             name = target.rsplit("/", 1)[-1]

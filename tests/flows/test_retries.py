@@ -128,13 +128,25 @@ def test_an_unknown_region_is_a_preflight_error_naming_the_field():
     assert "region mars-north1 not found" in str(err.value) and "cluster.location" in str(err.value)
 
 
+def test_a_name_is_one_path_segment_of_the_compute_request():
+    """A name is quoted into its own segment, as the client library did: ``ip?x`` never reads address ``ip``."""
+    from manifests.errors import PreflightError
+    from tasks.clients import compute_http
+    from tasks.cluster_checks import check_static_ip
+
+    project = f"t-{uuid.uuid4().hex[:12]}"
+    assert compute_http().post(f"projects/{project}/global/addresses", json={"name": "ip"}).status_code == 200
+    assert check_static_ip.fn(project=project, name="ip").startswith("static IP ip = ")
+    with pytest.raises(PreflightError, match="expose.ingress.static_ip_name"):
+        check_static_ip.fn(project=project, name="ip?x")
+
+
 def test_an_aggregated_list_is_read_to_its_last_page(sbc):
     """Compute pages an aggregated list (maxResults a page, nextPageToken for the rest): every page is read."""
     from tasks.clients import compute_aggregated
 
-    whole = list(compute_aggregated("projects/p-pages/aggregated/acceleratorTypes", "acceleratorTypes"))
-    paged = list(compute_aggregated("projects/p-pages/aggregated/acceleratorTypes", "acceleratorTypes",
-                                    maxResults="2"))
+    whole = list(compute_aggregated("p-pages", "acceleratorTypes"))
+    paged = list(compute_aggregated("p-pages", "acceleratorTypes", maxResults="2"))
     zones = {scope for scope, _ in whole}
     assert len(zones) > 4 and sum(len(t) for _, t in whole) > 2
     assert sorted((s, t["name"]) for s, types in paged for t in types) == \
