@@ -317,8 +317,9 @@ class IngressSpec(_Model):
     """A TLS Secret (tls.crt, tls.key) for HTTPS; empty: HTTP only."""
     cluster_issuer: str | None = None
     """A cert-manager ClusterIssuer that fills tls_secret."""
-    static_ip_name: str | None = None
-    """gce: a reserved global static IP's name (gcloud compute addresses create NAME --global)."""
+    static_ip_name: str | None = Field(None, pattern=r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$",
+                                       description="gce: a reserved global static IP's name (gcloud compute "
+                                       "addresses create NAME --global): lowercase letters, digits or '-'")
     rate_limit_rps: int | None = Field(None, ge=1)
     """nginx: requests per second per client IP (burst 5x); empty: no limit."""
     proxy_body_size: str = "10m"

@@ -83,6 +83,8 @@ BAD = [
     (with_("expose.ingress", {"class": "nginx", "tls_secret": "tls"}), "expose.ingress.host", "host"),
     (with_("expose.ingress", {"class": "gce", "rate_limit_rps": 5}), "expose.ingress.rate_limit_rps", "nginx"),
     (with_("expose.ingress", {"class": "nginx", "static_ip_name": "ip"}), "expose.ingress.static_ip_name", "gce"),
+    (with_("expose.ingress", {"class": "gce", "static_ip_name": "My IP"}), "expose.ingress.static_ip_name",
+     "addresses create"),
     (with_("expose.ingress", {"class": "nginx", "host": "a.b", "cluster_issuer": "le"}),
      "expose.ingress.tls_secret", "tls_secret"),
     (with_("expose.ingress", {"class": "traefik"}), "expose.ingress.class", "gce"),
