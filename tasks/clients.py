@@ -154,12 +154,7 @@ class GoogleToken:
 def artifact_registry_http(settings: Settings | None = None):
     """httpx client of Artifact Registry's REST API (v1), with the product's Google credentials."""
     s = settings or get_settings()
-    return _artifact_registry_http(s.artifactregistry_endpoint.rstrip("/"), s.gcp_auth, s.gcp_credentials_block)
-
-
-@lru_cache(maxsize=4)
-def _artifact_registry_http(endpoint: str, auth: str, block: str | None):
-    return httpx.Client(base_url=endpoint + "/v1/", auth=_bearer_auth(GoogleToken()), timeout=30.0)
+    return _google_rest(s.artifactregistry_endpoint.rstrip("/") + "/v1/", s.gcp_auth, s.gcp_credentials_block)
 
 
 COMPUTE_ENDPOINT = "https://compute.googleapis.com"
@@ -173,13 +168,15 @@ def compute_http(settings: Settings | None = None):
     ~2 CPU-s in every process that made one (each flow run that provisions, the worker's fork server)."""
     s = settings or get_settings()
     endpoint = (s.compute_endpoint or COMPUTE_ENDPOINT).rstrip("/")
-    return _compute_http(endpoint if "://" in endpoint else f"https://{endpoint}", s.gcp_auth,
-                         s.gcp_credentials_block)
+    base = endpoint if "://" in endpoint else f"https://{endpoint}"
+    return _google_rest(base + "/compute/v1/", s.gcp_auth, s.gcp_credentials_block)
 
 
-@lru_cache(maxsize=4)
-def _compute_http(endpoint: str, auth: str, block: str | None):
-    return httpx.Client(base_url=endpoint + "/compute/v1/", auth=_bearer_auth(GoogleToken()), timeout=30.0)
+@lru_cache(maxsize=8)
+def _google_rest(base_url: str, auth: str, block: str | None):
+    """One httpx client per Google REST API and credentials source (``auth``, ``block``: the cache key; a
+    changed source gives a new client), sending the current token (:class:`GoogleToken`)."""
+    return httpx.Client(base_url=base_url, auth=_bearer_auth(GoogleToken()), timeout=30.0)
 
 
 def compute_get(*segments: str, **params: str) -> dict[str, Any]:
