@@ -638,12 +638,14 @@ def _paged(h: ComputeHandler, reply: dict[str, Any], key: str) -> dict[str, Any]
     """An aggregated list reply cut into pages as the API does: ``maxResults`` results a page (0-500, default
     500), the rest behind ``nextPageToken`` (opaque to clients; here the offset). A scope whose results are all
     on other pages is left out of this one."""
-    size = int(h.q("maxResults") or 500)
-    if not 0 <= size <= 500:
-        raise HttpError(400, f"Invalid value for field 'maxResults': '{size}'. Must be less than or equal to 500",
-                        reason="invalid")
+    raw_size, token = h.q("maxResults") or "500", h.q("pageToken") or "0"
+    if not raw_size.isdigit() or int(raw_size) > 500:
+        raise HttpError(400, f"Invalid value for field 'maxResults': '{raw_size}'. Must be less than or equal to "
+                        "500", reason="invalid")
+    if not token.isdigit():
+        raise HttpError(400, f"Invalid value for field 'pageToken': '{token}'.", reason="invalid")
+    size, start = int(raw_size), int(token)
     flat = [(scope, item) for scope, scoped in reply["items"].items() for item in scoped.get(key, [])]
-    start = int(h.q("pageToken") or 0)
     if size == 0 or len(flat) <= size and start == 0:
         return reply
     items: dict[str, Any] = {}

@@ -141,9 +141,10 @@ def test_a_name_is_one_path_segment_of_the_compute_request():
         check_static_ip.fn(project=project, name="ip?x")
 
 
-def test_an_aggregated_list_is_read_to_its_last_page(sbc):
-    """Compute pages an aggregated list (maxResults a page, nextPageToken for the rest): every page is read."""
-    from tasks.clients import compute_aggregated
+def test_an_aggregated_list_is_read_to_its_last_page():
+    """Compute pages an aggregated list (maxResults a page, nextPageToken for the rest): every page is read, and a
+    token Compute never gave is refused as Compute refuses it."""
+    from tasks.clients import compute_aggregated, compute_http
 
     whole = list(compute_aggregated("p-pages", "acceleratorTypes"))
     paged = list(compute_aggregated("p-pages", "acceleratorTypes", maxResults="2"))
@@ -151,6 +152,8 @@ def test_an_aggregated_list_is_read_to_its_last_page(sbc):
     assert len(zones) > 4 and sum(len(t) for _, t in whole) > 2
     assert sorted((s, t["name"]) for s, types in paged for t in types) == \
         sorted((s, t["name"]) for s, types in whole for t in types)
+    bad = compute_http().get("projects/p-pages/aggregated/acceleratorTypes", params={"pageToken": "nope"})
+    assert bad.status_code == 400 and "pageToken" in bad.json()["error"]["message"]
 
 
 def test_gke_busy_cluster_waits_and_retries_the_mutation(sbc):
