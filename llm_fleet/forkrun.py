@@ -14,11 +14,17 @@ The launcher runs as ``python -I -S forkrun.py`` and imports nothing but the sta
 server side (``python -m llm_fleet.forkrun serve NAME``) imports Prefect in :func:`serve` only. The
 socket is in Linux's abstract namespace (no file to leave behind) and the server accepts connections
 from its own user only (SO_PEERCRED).
+
+The same pair serves any interpreter command whose imports are known up front: ``forkrun.py -u -c CODE``
+or ``forkrun.py -m MODULE ARGS`` runs as ``python`` with those arguments would, in a process forked from
+``serve NAME --packages PKG...`` (every module of those packages imported besides the flows' preload). The
+test suite's pytest-xdist workers are started that way (tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -44,21 +50,26 @@ PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect.deployments.steps",
 
 # ---- the launcher: the worker's command for one flow run (standard library only) ------------------------
 
-def _engine() -> None:
-    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
+ENGINE = ["-m", "prefect.engine"]  # a flow run's command: the launcher's when it is given none
 
 
-def launch() -> None:
+def _interpreter(argv: list[str]) -> None:
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def launch(argv: list[str]) -> None:
+    """Run ``python ARGV`` (a flow run's engine when empty) in a process forked from the server, or exec it."""
+    argv = argv or ENGINE
     name = os.environ.get(ENV)
-    if not name or sys.platform != "linux":
-        _engine()
+    if not name or sys.platform != "linux" or _command(argv) is None:
+        _interpreter(argv)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect("\0" + name)
     except OSError:
         sock.close()
-        _engine()
-    request = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "argv": sys.argv[1:]}).encode()
+        _interpreter(argv)
+    request = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "argv": argv}).encode()
     socket.send_fds(sock, [struct.pack("!I", len(request))], [0, 1, 2])
     sock.sendall(request)
     pending: list[int] = []
@@ -87,14 +98,33 @@ def launch() -> None:
                 signal.signal(sig, signal.SIG_DFL)
                 os.kill(os.getpid(), sig)
             sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+    if not child and not pending:  # the server ended before it forked (its imports failed): run it here
+        sock.close()
+        _interpreter(argv)
     print("llm_fleet.forkrun: the fork server went away before the flow run ended", file=sys.stderr)
     sys.exit(1)
 
 
+def _command(argv: list[str]) -> tuple[bool, str, str, list[str]] | None:
+    """``python ARGV`` as (unbuffered, "-m" or "-c", the module or the code, sys.argv[1:]); None for what
+    only a new interpreter does (other options, a script)."""
+    unbuffered = False
+    for i, arg in enumerate(argv):
+        if arg == "-u":
+            unbuffered = True
+        elif arg in ("-m", "-c") and i + 1 < len(argv):
+            return unbuffered, arg, argv[i + 1], argv[i + 2:]
+        else:
+            return None
+    return None
+
+
 # ---- the server: imports once, forks a process per run ------------------------------------------------
 
-def _preload() -> None:
+def _preload(packages: list[str] | None = None) -> None:
+    """The flows' imports (every entrypoint in prefect.yaml and PRELOAD), and every module of ``packages``."""
     import importlib
+    import pkgutil
     from pathlib import Path
 
     import yaml
@@ -104,6 +134,37 @@ def _preload() -> None:
                    yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]}
     for module in [*PRELOAD, *sorted(e.removesuffix(".py").replace("/", ".") for e in entrypoints)]:
         importlib.import_module(module)
+    for package in packages or ():
+        path = importlib.import_module(package).__path__
+        for module in pkgutil.walk_packages(path, f"{package}."):
+            if module.name.rpartition(".")[2] != "__main__":  # a package's command line runs when imported
+                _import_with_its_deferred_imports(module.name)
+
+
+def _import_with_its_deferred_imports(name: str) -> None:
+    """``name``, and what its functions import when they first run (the cloud clients, the Vertex AI SDK):
+    read from its source, so the children fork with those loaded too. One that cannot be imported here is
+    left to the child that needs it (it fails there as it would have)."""
+    import ast
+    import importlib
+    import importlib.util
+
+    module = importlib.import_module(name)
+    if not getattr(module, "__file__", None) or not module.__file__.endswith(".py"):
+        return
+    with open(module.__file__, "rb") as f:
+        tree = ast.parse(f.read())
+    wanted: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            wanted.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            wanted.add(node.module)
+            wanted.update(f"{node.module}.{alias.name}" for alias in node.names)  # the submodules among them
+    for dotted in sorted(wanted - set(sys.modules)):
+        with contextlib.suppress(Exception):  # a name that is not a module, or not importable here
+            if importlib.util.find_spec(dotted) is not None:
+                importlib.import_module(dotted)
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -132,23 +193,33 @@ def _die_with_launcher(conn: socket.socket) -> None:
 
 
 def _run(conn: socket.socket, request: dict, fds: list[int]) -> None:
-    """In the forked process: become what ``python -m prefect.engine`` would be, with the launcher's
-    environment, working directory and standard streams, then run the engine's main; never returns."""
+    """In the forked process: become what ``python ARGV`` would be (``-m prefect.engine`` for a flow run), with
+    the launcher's environment, working directory and standard streams, then run it; never returns."""
     import atexit
+    import io
     import runpy
+    import tempfile
     import threading
     import traceback
+    import types
 
     code: int | str | None = 1
     try:
+        command = _command(request["argv"])
+        if command is None:
+            raise ValueError(f"not a command the fork server runs: {request['argv']!r}")
+        unbuffered, kind, target, args = command
         for fd, std in zip(fds, (0, 1, 2), strict=True):
             os.dup2(fd, std)
             os.close(fd)
+        if unbuffered:  # -u: what is written reaches the stream at once
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
+        tempfile.tempdir = None  # the run's TMPDIR, not the server's
         import prefect.context
-        import prefect.engine
         import prefect.logging.configuration
 
         import tasks.settings
@@ -158,9 +229,14 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> None:
         prefect.logging.configuration.setup_logging(incremental=False)
         tasks.settings.get_settings.cache_clear()
         threading.Thread(target=_die_with_launcher, args=(conn,), daemon=True).start()
-        sys.argv = [prefect.engine.__file__, *request["argv"]]
         try:
-            runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+            if kind == "-m":
+                sys.argv = [target, *args]  # runpy puts the module's file first
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = ["-c", *args]
+                main = sys.modules["__main__"] = types.ModuleType("__main__")
+                exec(compile(target, "<string>", "exec"), main.__dict__)  # noqa: S102 - what `python -c` does
             code = 0
         except SystemExit as exc:
             code = exc.code
@@ -181,13 +257,17 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os._exit(code or 0)
 
 
-def serve(name: str) -> None:
+def serve(name: str, packages: list[str] | None = None) -> None:
     import selectors
 
-    _preload()
+    # Listening before the imports: a launcher that comes meanwhile waits for them, not for an interpreter's.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0" + name)
     listener.listen(16)
+    _preload(packages)
+    # What the imports made is never garbage: out of the collector's sight, a forked process's collections
+    # neither walk it nor write to its pages (which would copy them, page by page, into every process).
+    gc.freeze()
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     runs: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
@@ -232,7 +312,7 @@ def serve(name: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"]:
-        serve(sys.argv[2])
+    if sys.argv[1:2] == ["serve"]:  # serve NAME [--packages PKG...]
+        serve(sys.argv[2], sys.argv[4:] if sys.argv[3:4] == ["--packages"] else None)
     else:
-        launch()
+        launch(sys.argv[1:])

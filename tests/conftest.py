@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' fork server's name was for their launchers only
+    os.environ.pop("LLM_FLEET_FORKRUN", None)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 # Prefect's console handler without its highlighter: the tests' console is pytest's capture, never a terminal, and
@@ -123,6 +125,7 @@ def pytest_configure(config):
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         _share_prefect_ssl_contexts()
         return
+    _fork_workers(config)
     import sys
     import threading
     from pathlib import Path
@@ -157,6 +160,49 @@ def pytest_configure(config):
                 continue  # the worker that imports it says what is wrong
 
     threading.Thread(target=warm, name="warm-assert-rewrites", daemon=True).start()
+
+
+def _fork_workers(config) -> None:
+    """In the xdist controller: each worker a process forked from a server that imported the project's
+    packages (pyproject.toml's wheel: the flows, tasks, targets, sandbox, servers...) and what they import,
+    Prefect, the Kubernetes and Google clients among them, once (llm_fleet/forkrun.py), not an interpreter that
+    imports all of it again. Clean clones, 2026-12-07: the whole run took 526 machine CPU-s on a slow spell (a
+    fixed CPU loop 4.6-5.2 s), where the commit before took 615-670 on one as slow. The server listens at once
+    and imports while xdist starts; a worker's launcher waits for it. Test modules are imported by each worker
+    itself, as pytest rewrites their asserts. Without a fork server (not Linux, ``LLM_FLEET_TEST_FORK=0``), or
+    when it fails, a launcher runs ``python`` as xdist would have."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+
+    if sys.platform != "linux" or os.environ.get("LLM_FLEET_TEST_FORK") == "0":
+        return
+    from llm_fleet import forkrun
+
+    root = Path(__file__).resolve().parents[1]
+    wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    os.environ[forkrun.ENV] = f"llm-fleet-test-workers-{os.getpid()}"
+    serve = [sys.executable, "-m", "llm_fleet.forkrun", "serve", os.environ[forkrun.ENV],
+             "--packages", *wheel["packages"]]
+    setpriv = shutil.which("setpriv")  # the kernel ends it with this process, a SIGKILLed one included
+    server = subprocess.Popen([setpriv, "--pdeathsig=SIGKILL", "--", *serve] if setpriv else serve, cwd=root,
+                              stdin=subprocess.DEVNULL)
+    config.add_cleanup(lambda: _stop(server))
+    launcher = shlex.join([sys.executable, "-I", "-S", str(root / "llm_fleet" / "forkrun.py")])
+    config.option.tx = [f"popen//python={launcher}"] * len(config.option.tx)
+
+
+def _stop(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # ---- the order modules start in: longest first ----------------------------------------------------------

@@ -6,6 +6,7 @@ streams, the controller, ``snapshot()``) may hold references without copying.
 
 from __future__ import annotations
 
+import os
 import queue
 import random
 import threading
@@ -20,6 +21,9 @@ from sandbox.kube.resources import RType
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (namespace or "", name)
 _rng = random.Random()
+# A process forked from one that imported this module (a fork server's child) draws its own names and uids,
+# as the standard library reseeds its own generator after a fork: otherwise every child gives the same ones.
+os.register_at_fork(after_in_child=_rng.seed)
 
 
 def clone(o: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -227,16 +229,16 @@ def test_a_killed_owner_of_a_local_postgres_takes_it_along():
 
 # ---- the demo worker's flow-run fork server (llm_fleet/forkrun.py) ----------------------------------
 
-def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_engine_without_the_server():
-    """The launcher hands its environment and stderr to the fork server and exits as the forked
-    ``prefect.engine`` did (a bad flow run id: its error line, exit 1); with no server it execs a new
-    interpreter. PYTHONPROFILEIMPORTTIME tells them apart: only a new interpreter reads it and prints its
-    imports — a forked run imports nothing more."""
-    launcher = [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py")]
+LAUNCHER = [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py")]
+
+
+@contextlib.contextmanager
+def _fork_server(*packages: str) -> Iterator[dict[str, str]]:
+    """A fork server (``serve NAME [--packages ...]``), listening; yields the environment naming it."""
     name = f"llm-fleet-forkrun-test-{uuid.uuid4().hex[:8]}"
     env = {**_clean_env(), "LLM_FLEET_FORKRUN": name}
-    run_env = {**env, "PREFECT__FLOW_RUN_ID": "not-a-uuid", "PYTHONPROFILEIMPORTTIME": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "llm_fleet.forkrun", "serve", name], cwd=ROOT, env=env,
+    server = subprocess.Popen([sys.executable, "-m", "llm_fleet.forkrun", "serve", name,
+                               *(["--packages", *packages] if packages else [])], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120  # its imports: seconds on a loaded machine
@@ -246,15 +248,53 @@ def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_en
                 if s.connect_ex("\0" + name) == 0:
                     break
             time.sleep(0.1)
-        forked = subprocess.run(launcher, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
+        yield env
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_engine_without_the_server():
+    """The launcher hands its environment and stderr to the fork server and exits as the forked
+    ``prefect.engine`` did (a bad flow run id: its error line, exit 1); with no server it execs a new
+    interpreter. PYTHONPROFILEIMPORTTIME tells them apart: only a new interpreter reads it and prints its
+    imports — a forked run imports nothing more."""
+    with _fork_server() as env:
+        run_env = {**env, "PREFECT__FLOW_RUN_ID": "not-a-uuid", "PYTHONPROFILEIMPORTTIME": "1"}
+        forked = subprocess.run(LAUNCHER, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
     assert forked.returncode == 1 and "Invalid flow run id" in forked.stderr, forked.stderr[-2000:]
     assert "import time:" not in forked.stderr
-    fresh = subprocess.run(launcher, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
+    fresh = subprocess.run(LAUNCHER, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 1 and "Invalid flow run id" in fresh.stderr, fresh.stderr[-2000:]
     assert "import time:" in fresh.stderr
+
+
+PROBE = """
+import os, sys
+line = sys.stdin.readline().strip()
+sys.stdout.write(repr((sys.argv, line, os.environ["PROBE"], os.getcwd(), "manifests.render" in sys.modules)))
+sys.stderr.write("unbuffered")  # -u: no flush needed before the exit below
+os._exit(3)
+"""
+
+
+def test_any_python_command_runs_forked_from_a_server_of_the_packages_it_imports(tmp_path):
+    """``forkrun.py -u -c CODE ARGS`` (what pytest-xdist runs for each test worker, tests/conftest.py) and
+    ``forkrun.py -m MODULE ARGS`` run as ``python`` with those arguments would: its argv, stdin, stdout and
+    unbuffered stderr, environment, working directory and exit code, in a process forked from a server that
+    imported ``--packages`` (already loaded when the code starts); with no server, in a new interpreter."""
+    with _fork_server("manifests") as env:
+        forked = subprocess.run([*LAUNCHER, "-u", "-c", PROBE, "a", "b"], cwd=tmp_path, env={**env, "PROBE": "x"},
+                                input="hello\n", capture_output=True, text=True, timeout=120)
+        module = subprocess.run([*LAUNCHER, "-m", "json.tool", "--compact"], cwd=tmp_path, env=env,
+                                input='{"a": [1, 2]}', capture_output=True, text=True, timeout=120)
+    assert forked.returncode == 3, forked.stderr[-2000:]
+    assert forked.stdout == repr((["-c", "a", "b"], "hello", "x", str(tmp_path), True)), forked.stdout
+    assert forked.stderr == "unbuffered"
+    assert module.returncode == 0 and module.stdout.strip() == '{"a":[1,2]}', module.stderr[-2000:]
+    fresh = subprocess.run([*LAUNCHER, "-u", "-c", PROBE], cwd=tmp_path, env={**_clean_env(), "PROBE": "y"},
+                           input="hi\n", capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 3 and fresh.stdout == repr((["-c"], "hi", "y", str(tmp_path), False)), fresh.stdout
 
 
 def _until_up(out: Path, proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -39,3 +39,38 @@ print(json.dumps(sorted(set(sys.modules) - before)))
     assert done.returncode == 0, done.stderr[-3000:]
     imported = json.loads(done.stdout.strip().splitlines()[-1])
     assert imported == [], f"imported on first use, not by the fork server: {imported[:20]}"
+
+
+def test_this_test_worker_was_forked_from_the_suites_fork_server():
+    """tests/conftest.py starts each pytest-xdist worker as a process forked from a server that imported the
+    project's packages once: this worker's parent is that server, and what the server imported is frozen out
+    of the garbage collector's sight (its collections would walk it, and copy its pages, in every worker)."""
+    import gc
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    if not os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("LLM_FLEET_TEST_FORK") == "0":
+        pytest.skip("not an xdist worker of a fork server (LLM_FLEET_TEST_FORK=0, or no -n)")
+    parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    assert parent[1:4] == [b"-m", b"llm_fleet.forkrun", b"serve"] and b"--packages" in parent, parent
+    assert gc.get_freeze_count() > 100_000
+
+
+def test_a_process_forked_after_the_store_was_imported_draws_its_own_uids():
+    """Object uids and generated names come from the store's own generator: a process forked from one that
+    imported it (a test worker, the campaign's operations) draws its own, not its parent's next ones."""
+    import os
+
+    from sandbox.kube import store
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first uid, then gone
+        os.write(write, store.new_uid().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        assert f.read() != store.new_uid()
