@@ -31,6 +31,7 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 
 ENV = "LLM_FLEET_FORKRUN"  # the abstract socket's name, in the worker's (so every run's) environment
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -84,8 +85,7 @@ def launch(argv: list[str]) -> None:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    reader = sock.makefile("r")
-    for line in reader:
+    for line in _lines(sock):
         word, _, value = line.partition(" ")
         if word == "pid":
             child = int(value)
@@ -105,6 +105,12 @@ def launch(argv: list[str]) -> None:
     sys.exit(1)
 
 
+def _lines(sock: socket.socket) -> Iterator[str]:
+    """The server's lines, until it closes (or resets: it ended with this connection not yet accepted)."""
+    with contextlib.suppress(ConnectionResetError):
+        yield from sock.makefile("r")
+
+
 def _command(argv: list[str]) -> tuple[bool, str, str, list[str]] | None:
     """``python ARGV`` as (unbuffered, "-m" or "-c", the module or the code, sys.argv[1:]); None for what
     only a new interpreter does (other options, a script)."""
@@ -121,8 +127,9 @@ def _command(argv: list[str]) -> tuple[bool, str, str, list[str]] | None:
 
 # ---- the server: imports once, forks a process per run ------------------------------------------------
 
-def _preload(packages: list[str] | None = None) -> None:
-    """The flows' imports (every entrypoint in prefect.yaml and PRELOAD), and every module of ``packages``."""
+def _preload(packages: list[str] | None = None, modules: list[str] | None = None) -> None:
+    """The flows' imports (every entrypoint in prefect.yaml and PRELOAD), every module of ``packages`` and
+    what their functions import, and ``modules``."""
     import importlib
     import pkgutil
     from pathlib import Path
@@ -139,6 +146,8 @@ def _preload(packages: list[str] | None = None) -> None:
         for module in pkgutil.walk_packages(path, f"{package}."):
             if module.name.rpartition(".")[2] != "__main__":  # a package's command line runs when imported
                 _import_with_its_deferred_imports(module.name)
+    for module in modules or ():
+        importlib.import_module(module)
 
 
 def _import_with_its_deferred_imports(name: str) -> None:
@@ -257,14 +266,14 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os._exit(code or 0)
 
 
-def serve(name: str, packages: list[str] | None = None) -> None:
+def serve(name: str, packages: list[str] | None = None, modules: list[str] | None = None) -> None:
     import selectors
 
     # Listening before the imports: a launcher that comes meanwhile waits for them, not for an interpreter's.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0" + name)
     listener.listen(16)
-    _preload(packages)
+    _preload(packages, modules)
     # What the imports made is never garbage: out of the collector's sight, a forked process's collections
     # neither walk it nor write to its pages (which would copy them, page by page, into every process).
     gc.freeze()
@@ -312,7 +321,15 @@ def serve(name: str, packages: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"]:  # serve NAME [--packages PKG...]
-        serve(sys.argv[2], sys.argv[4:] if sys.argv[3:4] == ["--packages"] else None)
+    if sys.argv[1:2] == ["serve"]:
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="python -m llm_fleet.forkrun serve")
+        parser.add_argument("name", help="the abstract socket's name (the launchers' LLM_FLEET_FORKRUN)")
+        parser.add_argument("--packages", nargs="*", default=[], help="import every module of these, and what "
+                            "their functions import")
+        parser.add_argument("--modules", nargs="*", default=[], help="import these")
+        args = parser.parse_args(sys.argv[2:])
+        serve(args.name, args.packages, args.modules)
     else:
         launch(sys.argv[1:])

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' fork server's name was for their launchers only
-    os.environ.pop("LLM_FLEET_FORKRUN", None)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 # Prefect's console handler without its highlighter: the tests' console is pytest's capture, never a terminal, and
@@ -170,7 +168,11 @@ def _fork_workers(config) -> None:
     fixed CPU loop 4.6-5.2 s), where the commit before took 615-670 on one as slow. The server listens at once
     and imports while xdist starts; a worker's launcher waits for it. Test modules are imported by each worker
     itself, as pytest rewrites their asserts. Without a fork server (not Linux, ``LLM_FLEET_TEST_FORK=0``), or
-    when it fails, a launcher runs ``python`` as xdist would have."""
+    when it fails, a launcher runs ``python`` as xdist would have.
+
+    The Prefect servers and CLIs the tests start (``tests/flows/server_support.py``'s ``python()``: the flow tests'
+    server, ``prefect server start``, ``prefect deploy``) are forked from it too: it imports Prefect's server and CLI
+    as well (2.3 CPU-s once; 3.5 in each server process and 1.3 in each CLI that imports them itself)."""
     import shlex
     import shutil
     import subprocess
@@ -185,7 +187,7 @@ def _fork_workers(config) -> None:
     wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
     os.environ[forkrun.ENV] = f"llm-fleet-test-workers-{os.getpid()}"
     serve = [sys.executable, "-m", "llm_fleet.forkrun", "serve", os.environ[forkrun.ENV],
-             "--packages", *wheel["packages"]]
+             "--packages", *wheel["packages"], "--modules", "uvicorn", "prefect.cli", "prefect.server.api.server"]
     setpriv = shutil.which("setpriv")  # the kernel ends it with this process, a SIGKILLed one included
     server = subprocess.Popen([setpriv, "--pdeathsig=SIGKILL", "--", *serve] if setpriv else serve, cwd=root,
                               stdin=subprocess.DEVNULL)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from unittest import mock
 
 from sandbox.core import free_port
-from tests.flows.server_support import pg_bin, postgres_server, stop_process, wait_answering
+from tests.flows.server_support import pg_bin, postgres_server, python, stop_process, wait_answering
 
 # Server services whose output no test reads, off: together they cost more CPU than the flows (the
 # task-run recorder alone was a quarter of the server's; the scheduler would make 100 runs per park/wake
@@ -97,7 +96,7 @@ def _harness_on(database_url: str) -> Iterator[None]:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
                **prefect.settings.get_current_settings().to_environment_variables(exclude_unset=True),
                "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+    proc = subprocess.Popen([*python("-m", "uvicorn"), "--app-dir", str(prefect.__module_path__.parent),
                              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
     try:

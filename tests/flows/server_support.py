@@ -19,6 +19,14 @@ from sandbox.core import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def python(*args: str) -> list[str]:
+    """``python ARGS`` for a subprocess: forked from the test workers' fork server when it runs (its name in the
+    environment, tests/conftest.py), which imported Prefect's server and CLI once; a new interpreter otherwise."""
+    if os.environ.get("LLM_FLEET_FORKRUN"):
+        return [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py"), *args]
+    return [sys.executable, *args]
+
+
 def prefect_env(home: Path, api: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -67,7 +75,7 @@ def prefect_server(home: Path, *, timeout: float = 150, **extra_env: str) -> Ite
     api = f"http://127.0.0.1:{port}/api"
     env = prefect_env(home, **extra_env)
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+    proc = subprocess.Popen([*python("-m", "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port), "--no-services"], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         wait_answering(f"{api}/health", proc, timeout=timeout, log=home / "server.log")
@@ -78,7 +86,7 @@ def prefect_server(home: Path, *, timeout: float = 150, **extra_env: str) -> Ite
 
 
 def prefect_cli(*args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 300) -> str:
-    res = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, capture_output=True,
+    res = subprocess.run([*python("-m", "prefect"), *args], cwd=cwd, env=env, capture_output=True,
                          text=True, timeout=timeout)
     if res.returncode != 0:
         raise AssertionError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")

@@ -420,3 +420,22 @@ def test_a_postgresql_that_does_not_start_leaves_the_demo_on_sqlite(tmp_path, mo
     out = capsys.readouterr().out
     assert "PostgreSQL did not start" in out and "the Prefect server uses SQLite" in out, out
     assert set(os.listdir(tempfile.gettempdir())) == before
+
+
+def test_a_fork_server_whose_imports_fail_leaves_the_command_to_a_new_interpreter(tmp_path):
+    """A server that cannot import what it was asked to (here a module that does not exist) ends; a launcher
+    that connected while it imported, or comes after, runs the command itself, as ``python`` would."""
+    name = f"llm-fleet-forkrun-test-{uuid.uuid4().hex[:8]}"
+    env = {**_clean_env(), "LLM_FLEET_FORKRUN": name}
+    server = subprocess.Popen([sys.executable, "-m", "llm_fleet.forkrun", "serve", name, "--modules",
+                               "llm_fleet.no_such_module"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        done = subprocess.run([*LAUNCHER, "-c", "import sys; print('ran', sys.argv)", "x"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert server.wait(120) != 0 and "no_such_module" in server.stderr.read()  # type: ignore[union-attr]
+    finally:
+        server.kill()
+        server.wait()
+        server.stderr.close()  # type: ignore[union-attr]
+    assert done.returncode == 0 and done.stdout == "ran ['-c', 'x']\n", done.stderr[-2000:]

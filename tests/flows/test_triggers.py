@@ -12,7 +12,6 @@ import contextlib
 import inspect
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from tests.flows.conftest import ROOT, spec_dict
+from tests.flows.server_support import python
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -59,7 +59,7 @@ def release_deployment(prefect_server):
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-    res = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
+    res = subprocess.run([*python("-m", "prefect"), "--no-prompt", "deploy", "--name",
                           "release_model/blue-green", "--pool", POOL], cwd=ROOT, env=_cli_env(),
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -108,7 +108,7 @@ def test_rest_api_creates_a_release_run(release_deployment, tmp_path):
 
 def test_prefect_deployment_run_cli_creates_a_release_run(release_deployment, tmp_path):
     spec, sha = write_spec(tmp_path, branch="main"), uuid.uuid4().hex + "12345678"
-    res = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "release_model/blue-green",
+    res = subprocess.run([*python("-m", "prefect"), "deployment", "run", "release_model/blue-green",
                           "--param", f"spec={spec}", "--param", f"revision={sha}"],
                          cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -302,7 +302,7 @@ def test_the_hold_proxy_s_event_starts_a_wake_with_the_event_s_time(prefect_serv
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-    res = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
+    res = subprocess.run([*python("-m", "prefect"), "--no-prompt", "deploy", "--name",
                           "wake_model/wake-on-request", "--pool", POOL], cwd=ROOT, env=_cli_env(),
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -29,7 +29,7 @@ from manifests import park as P
 from manifests.spec import load_spec
 from sandbox.core import free_port
 from tests.flows.harness import NO_BLOCK_REGISTRATION
-from tests.flows.server_support import stop_process, wait_answering
+from tests.flows.server_support import python, stop_process, wait_answering
 
 pytestmark = pytest.mark.long
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def prefect_with_auth(tmp_path_factory):
                     "TASK_RUN_RECORDER", "SCHEDULER", "LATE_RUNS", "FOREMAN", "DB_VACUUM", "CLEANUP_RECONCILER",
                     "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "TRIGGERS", "ACTIONS")}})
     log = (home / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+    proc = subprocess.Popen([*python("-m", "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"

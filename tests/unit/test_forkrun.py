@@ -74,3 +74,22 @@ def test_a_process_forked_after_the_store_was_imported_draws_its_own_uids():
     os.waitpid(pid, 0)
     with os.fdopen(read) as f:
         assert f.read() != store.new_uid()
+
+
+def test_the_prefect_servers_and_clis_the_tests_start_are_forked_from_it_too():
+    """``python()`` (tests/flows/server_support.py: the flow tests' Prefect server, ``prefect server start``,
+    ``prefect deploy``) runs its command forked from the same server, with Prefect's server and CLI loaded."""
+    import os
+    import subprocess
+
+    import pytest
+
+    from tests.flows.server_support import python
+
+    if not os.environ.get("LLM_FLEET_FORKRUN"):
+        pytest.skip("no fork server for this run (LLM_FLEET_TEST_FORK=0, or no -n)")
+    code = ("import os, sys; print(open(f'/proc/{os.getppid()}/cmdline').read().split(chr(0))[1:4],"
+            " 'prefect.server.api.server' in sys.modules)")
+    done = subprocess.run(python("-c", code), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['-m', 'llm_fleet.forkrun', 'serve'] True", done.stdout
