@@ -17,8 +17,9 @@ from its own user only (SO_PEERCRED).
 
 The same pair serves any interpreter command whose imports are known up front: ``forkrun.py -u -c CODE``
 or ``forkrun.py -m MODULE ARGS`` runs as ``python`` with those arguments would, in a process forked from
-``serve NAME --packages PKG...`` (every module of those packages imported besides the flows' preload). The
-test suite's pytest-xdist workers are started that way (tests/conftest.py).
+``serve NAME --packages PKG... --modules MODULE...`` (every module of those packages, what their functions
+import, and those modules, imported instead of the flows'). The test suite's pytest-xdist workers are started
+that way (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -128,19 +129,20 @@ def _command(argv: list[str]) -> tuple[bool, str, str, list[str]] | None:
 # ---- the server: imports once, forks a process per run ------------------------------------------------
 
 def _preload(packages: list[str] | None = None, modules: list[str] | None = None) -> None:
-    """The flows' imports (every entrypoint in prefect.yaml and PRELOAD), every module of ``packages`` and
-    what their functions import, and ``modules``."""
+    """Every module of ``packages`` and what their functions import, and ``modules``; with neither, the flows'
+    imports (every entrypoint in prefect.yaml and PRELOAD): a flow run's."""
     import importlib
     import pkgutil
-    from pathlib import Path
 
-    import yaml
+    if not packages and not modules:
+        from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    entrypoints = {d["entrypoint"].partition(":")[0] for d in
-                   yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]}
-    for module in [*PRELOAD, *sorted(e.removesuffix(".py").replace("/", ".") for e in entrypoints)]:
-        importlib.import_module(module)
+        import yaml
+
+        root = Path(__file__).resolve().parents[1]
+        entrypoints = {d["entrypoint"].partition(":")[0] for d in
+                       yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]}
+        modules = [*PRELOAD, *sorted(e.removesuffix(".py").replace("/", ".") for e in entrypoints)]
     for package in packages or ():
         path = importlib.import_module(package).__path__
         for module in pkgutil.walk_packages(path, f"{package}."):

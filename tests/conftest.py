@@ -187,7 +187,8 @@ def _fork_workers(config) -> None:
     wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
     os.environ[forkrun.ENV] = f"llm-fleet-test-workers-{os.getpid()}"
     serve = [sys.executable, "-m", "llm_fleet.forkrun", "serve", os.environ[forkrun.ENV],
-             "--packages", *wheel["packages"], "--modules", "uvicorn", "prefect.cli", "prefect.server.api.server"]
+             "--packages", *wheel["packages"],
+             "--modules", *forkrun.PRELOAD, "uvicorn", "prefect.cli", "prefect.server.api.server"]
     setpriv = shutil.which("setpriv")  # the kernel ends it with this process, a SIGKILLed one included
     server = subprocess.Popen([setpriv, "--pdeathsig=SIGKILL", "--", *serve] if setpriv else serve, cwd=root,
                               stdin=subprocess.DEVNULL)
