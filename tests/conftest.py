@@ -228,7 +228,9 @@ def _durations() -> dict[str, float]:
 def _tree_cpu() -> float:
     """CPU-seconds used so far by this process and the processes under it, those it has reaped included: a
     module's Prefect server, demo or campaign runs in processes of its own (Linux's /proc; elsewhere this
-    process's own time)."""
+    process's own time). A command forked through ``python()`` (tests/flows/server_support.py) is the fork
+    server's child, not under this process, and is not counted: tests/durations.json's CPU-s were stored before
+    those were forked (2026-12-07), and storing them again would count a flow module's Prefect server out."""
     import time
 
     if not os.path.isdir("/proc/self/task"):
