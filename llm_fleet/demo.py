@@ -251,8 +251,7 @@ def _create_work_pool() -> None:
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
-    template["variables"]["properties"]["command"]["default"] = shlex.join(
-        [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py")])
+    template["variables"]["properties"]["command"]["default"] = shlex.join(forkrun.launcher())
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="local", type="process", base_job_template=template),
                                 overwrite=True)

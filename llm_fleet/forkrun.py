@@ -55,6 +55,11 @@ PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect.deployments.steps",
 ENGINE = ["-m", "prefect.engine"]  # a flow run's command: the launcher's when it is given none
 
 
+def launcher() -> list[str]:
+    """The launcher's command (``python ARGS`` through the server: append ARGS; a flow run's: nothing)."""
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__)]
+
+
 def _interpreter(argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, *argv])
 

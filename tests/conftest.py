@@ -192,20 +192,13 @@ def _fork_workers(config) -> None:
     setpriv = shutil.which("setpriv")  # the kernel ends it with this process, a SIGKILLed one included
     server = subprocess.Popen([setpriv, "--pdeathsig=SIGKILL", "--", *serve] if setpriv else serve, cwd=root,
                               stdin=subprocess.DEVNULL)
-    config.add_cleanup(lambda: _stop(server))
-    launcher = shlex.join([sys.executable, "-I", "-S", str(root / "llm_fleet" / "forkrun.py")])
-    config.option.tx = [f"popen//python={launcher}"] * len(config.option.tx)
 
+    def stop() -> None:
+        server.terminate()  # it has no handler: it ends at once (its forked workers end with their launchers)
+        server.wait()
 
-def _stop(proc) -> None:
-    import subprocess
-
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    config.add_cleanup(stop)
+    config.option.tx = [f"popen//python={shlex.join(forkrun.launcher())}"] * len(config.option.tx)
 
 
 # ---- the order modules start in: longest first ----------------------------------------------------------

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def python(*args: str) -> list[str]:
     """``python ARGS`` for a subprocess: forked from the test workers' fork server when it runs (its name in the
     environment, tests/conftest.py), which imported Prefect's server and CLI once; a new interpreter otherwise."""
-    if os.environ.get("LLM_FLEET_FORKRUN"):
-        return [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py"), *args]
-    return [sys.executable, *args]
+    from llm_fleet import forkrun
+
+    return [*(forkrun.launcher() if os.environ.get(forkrun.ENV) else [sys.executable]), *args]
 
 
 def prefect_env(home: Path, api: str | None = None, **extra: str) -> dict[str, str]:

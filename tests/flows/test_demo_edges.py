@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llm_fleet import forkrun
 from tests.flows.conftest import ROOT
 from tests.sandbox.kube_support import process_gone
 
@@ -229,7 +230,7 @@ def test_a_killed_owner_of_a_local_postgres_takes_it_along():
 
 # ---- the demo worker's flow-run fork server (llm_fleet/forkrun.py) ----------------------------------
 
-LAUNCHER = [sys.executable, "-I", "-S", str(ROOT / "llm_fleet" / "forkrun.py")]
+LAUNCHER = forkrun.launcher()
 
 
 @contextlib.contextmanager
