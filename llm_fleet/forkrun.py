@@ -235,15 +235,16 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         tempfile.tempdir = None  # the run's TMPDIR, not the server's
-        import prefect.context
-        import prefect.logging.configuration
+        # What the server's imports read from the environment is read again from the run's (Prefect's settings and
+        # logging, the product's settings), where they were imported: a server of other packages imports neither.
+        if "prefect.context" in sys.modules:
+            import prefect.context
+            import prefect.logging.configuration
 
-        import tasks.settings
-
-        # What was read from the environment at import is read again from the run's (settings, logging).
-        prefect.context.refresh_global_settings_context()
-        prefect.logging.configuration.setup_logging(incremental=False)
-        tasks.settings.get_settings.cache_clear()
+            prefect.context.refresh_global_settings_context()
+            prefect.logging.configuration.setup_logging(incremental=False)
+        if "tasks.settings" in sys.modules:
+            sys.modules["tasks.settings"].get_settings.cache_clear()
         threading.Thread(target=_die_with_launcher, args=(conn,), daemon=True).start()
         try:
             if kind == "-m":

@@ -273,7 +273,8 @@ def test_a_flow_run_launcher_is_forked_with_its_env_and_streams_and_execs_the_en
 PROBE = """
 import os, sys
 line = sys.stdin.readline().strip()
-sys.stdout.write(repr((sys.argv, line, os.environ["PROBE"], os.getcwd(), "manifests.render" in sys.modules)))
+sys.stdout.write(repr((sys.argv, line, os.environ["PROBE"], os.getcwd(), "manifests.render" in sys.modules,
+                       "prefect" in sys.modules)))
 sys.stderr.write("unbuffered")  # -u: no flush needed before the exit below
 os._exit(3)
 """
@@ -283,19 +284,20 @@ def test_any_python_command_runs_forked_from_a_server_of_the_packages_it_imports
     """``forkrun.py -u -c CODE ARGS`` (what pytest-xdist runs for each test worker, tests/conftest.py) and
     ``forkrun.py -m MODULE ARGS`` run as ``python`` with those arguments would: its argv, stdin, stdout and
     unbuffered stderr, environment, working directory and exit code, in a process forked from a server that
-    imported ``--packages`` (already loaded when the code starts); with no server, in a new interpreter."""
+    imported ``--packages`` (already loaded when the code starts, and nothing a flow run needs besides: Prefect
+    is not imported for a command whose server did not); with no server, in a new interpreter."""
     with _fork_server("manifests") as env:
         forked = subprocess.run([*LAUNCHER, "-u", "-c", PROBE, "a", "b"], cwd=tmp_path, env={**env, "PROBE": "x"},
                                 input="hello\n", capture_output=True, text=True, timeout=120)
         module = subprocess.run([*LAUNCHER, "-m", "json.tool", "--compact"], cwd=tmp_path, env=env,
                                 input='{"a": [1, 2]}', capture_output=True, text=True, timeout=120)
     assert forked.returncode == 3, forked.stderr[-2000:]
-    assert forked.stdout == repr((["-c", "a", "b"], "hello", "x", str(tmp_path), True)), forked.stdout
+    assert forked.stdout == repr((["-c", "a", "b"], "hello", "x", str(tmp_path), True, False)), forked.stdout
     assert forked.stderr == "unbuffered"
     assert module.returncode == 0 and module.stdout.strip() == '{"a":[1,2]}', module.stderr[-2000:]
     fresh = subprocess.run([*LAUNCHER, "-u", "-c", PROBE], cwd=tmp_path, env={**_clean_env(), "PROBE": "y"},
                            input="hi\n", capture_output=True, text=True, timeout=120)
-    assert fresh.returncode == 3 and fresh.stdout == repr((["-c"], "hi", "y", str(tmp_path), False)), fresh.stdout
+    assert fresh.returncode == 3 and fresh.stdout == repr((["-c"], "hi", "y", str(tmp_path), False, False)), fresh.stdout
 
 
 def _until_up(out: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
