@@ -19,7 +19,9 @@ Services' own loopback ports (kube-proxy: L4, one endpoint per connection).
   No backend at all: no HTTP answer. kube-proxy programs a Service without endpoints as a REJECT (iptables
   ``KUBE-SERVICES ... has no endpoints -j REJECT``, icmp-port-unreachable; nftables/IPVS the same), so new
   connections are refused (ECONNREFUSED): the connection that finds no backend is reset before any byte
-  and the port stops listening until a backend is routed again, then listens on the same port. (The API
+  and the port stops listening until a backend is routed again, then listens on the same port. Meanwhile
+  the port stays bound, never listening (a ClusterIP stays its Service's): no other program on the machine
+  may take it, another sandbox's Service included. (The API
   server's service proxy, ``sandbox.kube.cluster``, is different: it really answers 503 "no endpoints
   available for service".)
 """
@@ -346,6 +348,7 @@ class _ServicePort(PromptStop, socketserver.TCPServer):
     DNAT on the SYN; conntrack keeps it), and stays with that endpoint until either side closes it."""
 
     allow_reuse_address = True
+    allow_reuse_port = True  # its port is held beside it while it does not listen (ServicePorts.reject)
     request_queue_size = 128
 
     def __init__(self, routes: ServicePorts, namespace: str, name: str, port: int = 0) -> None:
@@ -365,6 +368,21 @@ class _ServicePort(PromptStop, socketserver.TCPServer):
         self.server_close()
 
 
+def _hold(port: int) -> socket.socket | None:
+    """A Service's ``port`` bound and never listening, beside its listener (SO_REUSEPORT, which both set: Linux
+    lets sockets of one user share a port so): once the listener closes, connections are refused, no ``bind(0)``
+    on the machine is given the port and no other program can bind it (a server's SO_REUSEADDR shares a port
+    only with sockets that set it too). None if the port cannot be shared (nothing held: as before)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 class ServicePorts:
     """A loopback port per Service, routing every new connection to one of the Service's backends.
 
@@ -381,6 +399,7 @@ class ServicePorts:
         self.connections: dict[tuple[str, str], int] = {}
         self.refused: dict[tuple[str, str], int] = {}  # connections reset for want of a Ready endpoint
         self._rejecting: dict[tuple[str, str], _ServicePort] = {}  # not listening: no endpoint routed
+        self._held: dict[tuple[str, str], socket.socket] = {}  # a rejecting Service's port, bound, not listening
         self._rr = itertools.count()
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -419,7 +438,24 @@ class ServicePorts:
             if self._watcher is None or not self._watcher.is_alive():
                 self._watcher = threading.Thread(target=self._relisten, name="service-reject", daemon=True)
                 self._watcher.start()
-        threading.Thread(target=srv.stop, name=f"service-reject-{name}", daemon=True).start()
+        threading.Thread(target=self._stop_listening, args=(key, srv), name=f"service-reject-{name}",
+                         daemon=True).start()
+
+    def _stop_listening(self, key: tuple[str, str], srv: _ServicePort) -> None:
+        """Close the listener (connections are refused), its port held first: never free in between."""
+        held = _hold(srv.port)
+        with self._lock:
+            if held is not None and self._rejecting.get(key) is srv and key not in self._held:
+                self._held[key], held = held, None
+        srv.stop()
+        if held is not None:  # closed meanwhile
+            held.close()
+
+    def _release(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            held = self._held.pop(key, None)
+        if held is not None:
+            held.close()
 
     def _relisten(self, period: float = 0.05) -> None:
         """Listen again, on the same port, once a rejecting Service has a routed backend."""
@@ -443,6 +479,7 @@ class ServicePorts:
                     srv: _ServicePort | None = _ServicePort(self, *key, port=old.port)
                 except OSError:  # the port is busy a moment longer (the old listener closing): next period
                     continue
+                self._release(key)  # listening: the port is the listener's again
                 with self._lock:
                     if self._rejecting.get(key) is old and self._servers.get(key) is old:
                         self._servers[key] = srv  # type: ignore[assignment]
@@ -466,6 +503,7 @@ class ServicePorts:
             self.connections.pop((namespace, name), None)
             self.refused.pop((namespace, name), None)
             rejecting = self._rejecting.pop((namespace, name), None) is not None
+        self._release((namespace, name))
         if srv is None or rejecting:  # not listening already
             return srv is not None
         srv.stop()
@@ -524,6 +562,9 @@ class ServicePorts:
         with self._lock:
             servers, self._servers = list(self._servers.values()), {}
             self._rejecting.clear()
+            held, self._held = list(self._held.values()), {}
+        for sock in held:
+            sock.close()
         for srv in servers:
             with contextlib.suppress(Exception):
                 srv.stop()

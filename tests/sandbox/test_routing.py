@@ -365,6 +365,46 @@ def _refused(port: int) -> bool:
     return False
 
 
+def test_a_rejecting_services_port_is_still_its_own(runtime):
+    """kube-proxy REJECTs a Service with no endpoints, but its ClusterIP stays the Service's: nothing else takes
+    it meanwhile. The sandbox's port for it stopped listening by closing it, so another program on the machine
+    could bind that port: in a clean-clone run (2026-12-07) another worker's sandbox opened a Service of its own
+    on the port of a parked model's ``-awake`` Service, and the model's hold proxy, polling that port, found a
+    different model's engine answering and forwarded its held request there (404, "The model ... does not
+    exist"). Now the port stays bound while connections to it are refused, and listens again when routed."""
+    import errno
+    import socket
+
+    (green,) = _servers(runtime, "green-0")
+    backends: dict[tuple[str, str], list[int]] = {("prod", "llm"): []}
+    routes = ServicePorts(lambda ns, name: backends[(ns, name)])
+    try:
+        port = routes.open("prod", "llm")
+        with pytest.raises(httpx.TransportError):  # no endpoint: reset, then the port stops listening
+            httpx.get(f"http://127.0.0.1:{port}/v1/models")
+        wait_for(lambda: _refused(port), timeout=5.0, interval=0.02)
+        for reuse in (False, True):  # a plain bind, and a server's (SO_REUSEADDR, as socketserver and uvicorn)
+            other = socket.socket()
+            try:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse))
+                with pytest.raises(OSError) as taken:
+                    other.bind(("127.0.0.1", port))
+                assert taken.value.errno == errno.EADDRINUSE
+            finally:
+                other.close()
+        assert _refused(port)
+        backends[("prod", "llm")] = [green.port]  # routed again: the same port listens
+        wait_for(lambda: not _refused(port), timeout=5.0, interval=0.02)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
+        assert routes.port("prod", "llm") == port
+        routes.close("prod", "llm")  # the Service deleted: its port is free
+        free = socket.socket()
+        free.bind(("127.0.0.1", port))
+        free.close()
+    finally:
+        routes.stop()
+
+
 def test_service_streams_sse_from_the_model(runtime):
     (server,) = _servers(runtime, "s-0")
     routes = ServicePorts(lambda ns, n: [server.port])
