@@ -250,7 +250,12 @@ def _run(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os._exit(code or 0)
 
 
-def serve(name: str, packages: list[str] | None = None, modules: list[str] | None = None) -> None:
+def serve(name: str, packages: list[str] | None = None, modules: list[str] | None = None,
+          later: list[str] | None = None) -> None:
+    """Fork a process per launcher's request, each with ``packages`` and ``modules`` imported; ``later`` are
+    imported one by one while no request waits, after the first forks: a process forked before one of them is
+    imported imports it itself if it needs it."""
+    import importlib
     import selectors
 
     # Listening before the imports: a launcher that comes meanwhile waits for them, not for an interpreter's.
@@ -264,8 +269,18 @@ def serve(name: str, packages: list[str] | None = None, modules: list[str] | Non
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     runs: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+    later = list(later or ())
     while True:
-        for key, _ in sel.select():
+        ready = sel.select(timeout=0 if later else None)
+        if not ready and later:
+            module = later.pop(0)
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - a child that needs it imports it, and fails there
+                print(f"llm_fleet.forkrun: could not import {module}: {exc!r}", file=sys.stderr, flush=True)
+            gc.freeze()
+            continue
+        for key, _ in ready:
             if key.fileobj is listener:
                 conn, _ = listener.accept()
                 uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
@@ -312,7 +327,9 @@ if __name__ == "__main__":
         parser.add_argument("name", help="the abstract socket's name (the launchers' LLM_FLEET_FORKRUN)")
         parser.add_argument("--packages", nargs="*", default=[], help="import every module of these")
         parser.add_argument("--modules", nargs="*", default=[], help="import these")
+        parser.add_argument("--later", nargs="*", default=[], help="import these once serving, while no "
+                            "request waits (what only the commands forked later need)")
         args = parser.parse_args(sys.argv[2:])
-        serve(args.name, args.packages, args.modules)
+        serve(args.name, args.packages, args.modules, args.later)
     else:
         launch(sys.argv[1:])

@@ -172,7 +172,8 @@ def _fork_workers(config) -> None:
 
     The Prefect servers and CLIs the tests start (``tests/flows/server_support.py``'s ``python()``: the flow tests'
     server, ``prefect server start``, ``prefect deploy``) are forked from it too: it imports Prefect's server and CLI
-    as well (2.3 CPU-s once; 3.5 in each server process and 1.3 in each CLI that imports them itself)."""
+    as well (2.3 CPU-s once; 3.5 in each server process and 1.3 in each CLI that imports them itself), once it has
+    forked the workers (``--later``: 4 of a clean clone's 12 s of imports before the first worker could start)."""
     import shlex
     import shutil
     import subprocess
@@ -188,7 +189,7 @@ def _fork_workers(config) -> None:
     os.environ[forkrun.ENV] = f"llm-fleet-test-workers-{os.getpid()}"
     serve = [sys.executable, "-m", "llm_fleet.forkrun", "serve", os.environ[forkrun.ENV],
              "--packages", *wheel["packages"],
-             "--modules", *forkrun.PRELOAD, "uvicorn", "prefect.cli", "prefect.server.api.server"]
+             "--modules", *forkrun.PRELOAD, "--later", "uvicorn", "prefect.cli", "prefect.server.api.server"]
     setpriv = shutil.which("setpriv")  # the kernel ends it with this process, a SIGKILLed one included
     server = subprocess.Popen([setpriv, "--pdeathsig=SIGKILL", "--", *serve] if setpriv else serve, cwd=root,
                               stdin=subprocess.DEVNULL)

@@ -234,12 +234,12 @@ LAUNCHER = forkrun.launcher()
 
 
 @contextlib.contextmanager
-def _fork_server(*packages: str) -> Iterator[dict[str, str]]:
-    """A fork server (``serve NAME [--packages ...]``), listening; yields the environment naming it."""
+def _fork_server(*packages: str, options: tuple[str, ...] = ()) -> Iterator[dict[str, str]]:
+    """A fork server (``serve NAME [--packages ...] [OPTIONS]``), listening; yields the environment naming it."""
     name = f"llm-fleet-forkrun-test-{uuid.uuid4().hex[:8]}"
     env = {**_clean_env(), "LLM_FLEET_FORKRUN": name}
     server = subprocess.Popen([sys.executable, "-m", "llm_fleet.forkrun", "serve", name,
-                               *(["--packages", *packages] if packages else [])], cwd=ROOT, env=env,
+                               *(["--packages", *packages] if packages else []), *options], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120  # its imports: seconds on a loaded machine
@@ -298,6 +298,23 @@ def test_any_python_command_runs_forked_from_a_server_of_the_packages_it_imports
     fresh = subprocess.run([*LAUNCHER, "-u", "-c", PROBE], cwd=tmp_path, env={**_clean_env(), "PROBE": "y"},
                            input="hi\n", capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 3 and fresh.stdout == repr((["-c"], "hi", "y", str(tmp_path), False, False)), fresh.stdout
+
+
+def test_what_only_later_commands_need_is_imported_after_the_waiting_ones_are_forked():
+    """``serve --later MODULE...``: the commands waiting for the server's imports (the test workers, at the start
+    of a run) are forked once ``--modules`` are imported, not after ``--later`` too (Prefect's server and CLI, which
+    only the Prefect servers and CLIs the tests start later need: 4 of a clean clone's 12 s of imports before the
+    first worker could start); those are imported while no request waits, and the commands forked after have them."""
+    probe = "import sys; print('prefect' in sys.modules, 'email.mime.text' in sys.modules)"
+    with _fork_server(options=("--modules", "prefect", "--later", "email.mime.text")) as env:
+        first = subprocess.run([*LAUNCHER, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=120)  # asked while the server imports Prefect (a second or more)
+        assert first.returncode == 0 and first.stdout.split() == ["True", "False"], first.stdout + first.stderr
+        deadline, later = time.monotonic() + 60, first
+        while later.stdout.split() != ["True", "True"] and time.monotonic() < deadline:
+            later = subprocess.run([*LAUNCHER, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                                   timeout=120)
+        assert later.stdout.split() == ["True", "True"], later.stdout + later.stderr
 
 
 def _until_up(out: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
