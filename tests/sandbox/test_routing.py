@@ -610,13 +610,15 @@ def test_without_a_prestop_a_deleted_pods_reconnecting_clients_are_refused():
     """The same deletion with no hook: SIGTERM and the endpoint removal start together; the clients the engine's
     shutdown closed reconnect while kube-proxy still routes to it, and its share of them are reset.
 
-    kube-proxy is 120 s behind here, not 3: at 3 s (60 ms of real time) a client thread starved for that long
-    on a loaded machine reconnected only after the route was gone, and the control saw no failure (twice in
-    clean-clone runs); at 15 s (300 ms) once more, and at 60 s (1.2 s) twice (clean-clone runs on slow hosts,
-    2026-12-06 and 07). It also stopped the load once 8 more requests were answered, maybe before a client the
-    shutdown closed had sent again: now it waits until every client has sent twice since the deletion. The
-    hazard is the same; the window is 2.4 s (the test takes about that much longer: 300 s took 5 s more)."""
-    answered, failed = _delete_a_replica_under_load(lifecycle=None, grace=60, lag_s=120.0)
+    The window is the engine's drain, not kube-proxy's lag: once its server has exited the sandbox routes no
+    more connections to it (sandbox/kube/kubeproxy.py). A client thread starved for that long on a loaded
+    machine reconnects after it, and a deletion then shows no failure: seen in clean-clone runs at every lag
+    tried (3 s, 15 s, 60 s, and 120 s with the load kept on until every client had sent twice, 2026-12-07).
+    So up to three deletions, each on a fresh cluster: the hazard needs one."""
+    for _ in range(3):
+        answered, failed = _delete_a_replica_under_load(lifecycle=None, grace=60, lag_s=60.0)
+        if failed:
+            break
     assert failed and set(failed) <= {"ConnectError", "ReadError", "RemoteProtocolError", "WriteError"}, failed
     assert answered > 16
 
