@@ -397,8 +397,9 @@ def test_a_rejecting_services_port_is_still_its_own(runtime):
         wait_for(lambda: not _refused(port), timeout=5.0, interval=0.02)
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
         assert routes.port("prod", "llm") == port
-        routes.close("prod", "llm")  # the Service deleted: its port is free
-        free = socket.socket()
+        routes.close("prod", "llm")  # the Service deleted: its port is free (for a server: its closed connections
+        free = socket.socket()  # may be in TIME_WAIT, which SO_REUSEADDR allows)
+        free.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         free.bind(("127.0.0.1", port))
         free.close()
     finally:
