@@ -234,10 +234,12 @@ LAUNCHER = forkrun.launcher()
 
 
 @contextlib.contextmanager
-def _fork_server(*packages: str, options: tuple[str, ...] = ()) -> Iterator[dict[str, str]]:
-    """A fork server (``serve NAME [--packages ...] [OPTIONS]``), listening; yields the environment naming it."""
+def _fork_server(*packages: str, options: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 ) -> Iterator[dict[str, str]]:
+    """A fork server (``serve NAME [--packages ...] [OPTIONS]``) in ``env`` (default: the tests' without the
+    product's settings), listening; yields the environment naming it."""
     name = f"llm-fleet-forkrun-test-{uuid.uuid4().hex[:8]}"
-    env = {**_clean_env(), "LLM_FLEET_FORKRUN": name}
+    env = {**(_clean_env() if env is None else env), "LLM_FLEET_FORKRUN": name}
     server = subprocess.Popen([sys.executable, "-m", "llm_fleet.forkrun", "serve", name,
                                *(["--packages", *packages] if packages else []), *options], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -315,6 +317,40 @@ def test_what_only_later_commands_need_is_imported_after_the_waiting_ones_are_fo
             later = subprocess.run([*LAUNCHER, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                                    timeout=120)
         assert later.stdout.split() == ["True", "True"], later.stdout + later.stderr
+
+
+def test_on_a_clean_checkout_a_twin_compiles_the_servers_imports_from_the_other_end(tmp_path):
+    """A server of ``--packages`` whose bytecode is not cached yet (a clean clone: 10.5 s of imports on one core,
+    the other idle) starts a twin that imports the same modules last first, so both cores compile; the twin stops
+    once the server has its imports and is reaped (no zombie). With the bytecode cached, no twin."""
+    package = tmp_path / "twinpkg"
+    package.mkdir()
+    log = tmp_path / "imports.log"
+    record = f"import os\nwith open({str(log)!r}, 'a') as f:\n    f.write(f'{{__name__}} {{os.getpid()}}\\n')\n"
+    (package / "__init__.py").write_text(record)
+    for i in range(40):
+        (package / f"m{i:02d}.py").write_text(record + "import time\ntime.sleep(0.05)\n")  # 2 s: the twin starts in them
+    env = {**{k: v for k, v in _clean_env().items() if k != "PYTHONDONTWRITEBYTECODE"}, "PYTHONPATH": str(tmp_path)}
+    probe = "import os; print(os.getppid())"
+    for cold in (True, False):
+        log.write_text("")
+        with _fork_server("twinpkg", env=env) as server_env:
+            forked = subprocess.run([*LAUNCHER, "-c", probe], cwd=ROOT, env=server_env, capture_output=True,
+                                    text=True, timeout=120)
+            assert forked.returncode == 0, forked.stderr[-2000:]
+            server = int(forked.stdout)
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{server}/task/{server}/children").read_text().split() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the twin reaped (the probe's process is gone)
+            assert Path(f"/proc/{server}/task/{server}/children").read_text().split() == []
+        lines = [line.split() for line in log.read_text().splitlines()]
+        by = {pid for _, pid in lines}
+        twin = {pid for name, pid in lines if name == "twinpkg.m39"} - {str(server)}
+        if cold:
+            assert len(by) == 2 and twin, lines  # the server and its twin, which began at the other end
+            assert [name for name, pid in lines if pid in twin][:2] == ["twinpkg", "twinpkg.m39"], lines
+        else:
+            assert by == {str(server)}, lines
 
 
 def _until_up(out: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
