@@ -179,11 +179,12 @@ def _compile(packages: list[str], modules: list[str]) -> None:
             yield from reversed([m.name for m in pkgutil.walk_packages(path, f"{package}.")
                                  if m.name.rpartition(".")[2] != "__main__"])
 
-    for name in names():
-        if done.is_set():
-            return
-        with contextlib.suppress(Exception):  # the server imports it too, and says what fails
-            importlib.import_module(name)
+    with contextlib.suppress(Exception):  # the server imports the same, and says what fails
+        for name in names():
+            if done.is_set():
+                return
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
 
 
 def _cold(packages: list[str], modules: list[str]) -> bool:
