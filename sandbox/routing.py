@@ -399,7 +399,8 @@ class ServicePorts:
         self.connections: dict[tuple[str, str], int] = {}
         self.refused: dict[tuple[str, str], int] = {}  # connections reset for want of a Ready endpoint
         self._rejecting: dict[tuple[str, str], _ServicePort] = {}  # not listening: no endpoint routed
-        self._held: dict[tuple[str, str], socket.socket] = {}  # a rejecting Service's port, bound, not listening
+        # a rejecting Service whose listener has closed: its port, bound and not listening (None: could not)
+        self._held: dict[tuple[str, str], socket.socket | None] = {}
         self._rr = itertools.count()
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -442,12 +443,13 @@ class ServicePorts:
                          daemon=True).start()
 
     def _stop_listening(self, key: tuple[str, str], srv: _ServicePort) -> None:
-        """Close the listener (connections are refused), its port held first: never free in between."""
+        """Close the listener (connections are refused), its port held first: never free in between. The
+        Service may listen again once this is done (both listening would share the port's connections)."""
         held = _hold(srv.port)
-        with self._lock:
-            if held is not None and self._rejecting.get(key) is srv and key not in self._held:
-                self._held[key], held = held, None
         srv.stop()
+        with self._lock:
+            if self._rejecting.get(key) is srv and key not in self._held:
+                self._held[key], held = held, None
         if held is not None:  # closed meanwhile
             held.close()
 
@@ -473,7 +475,9 @@ class ServicePorts:
                     routed = bool(self.resolve(*key))
                 except Exception:  # noqa: BLE001 - the Service is gone meanwhile
                     routed = False
-                if not routed:
+                with self._lock:
+                    stopped = key in self._held
+                if not routed or not stopped:
                     continue
                 try:
                     srv: _ServicePort | None = _ServicePort(self, *key, port=old.port)
@@ -564,7 +568,8 @@ class ServicePorts:
             self._rejecting.clear()
             held, self._held = list(self._held.values()), {}
         for sock in held:
-            sock.close()
+            if sock is not None:
+                sock.close()
         for srv in servers:
             with contextlib.suppress(Exception):
                 srv.stop()
