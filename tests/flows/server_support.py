@@ -27,6 +27,11 @@ def python(*args: str) -> list[str]:
     return [*(forkrun.launcher() if os.environ.get(forkrun.ENV) else [sys.executable]), *args]
 
 
+def clean_env() -> dict[str, str]:
+    """The tests' environment without the product's settings: what a new user's shell has."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLM_FLEET_", "HF_", "SLACK_"))}
+
+
 def prefect_env(home: Path, api: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
