@@ -141,7 +141,6 @@ def _preload(packages: list[str] | None = None, modules: list[str] | None = None
     the optional clients (prefect-gcp's block, Vertex AI's SDK: 1,643 modules, 11 of a clean clone's 23 s of
     imports here, before any worker could start); a process that needs one imports it itself."""
     import importlib
-    import pkgutil
 
     if not packages and not modules:
         from pathlib import Path
@@ -153,12 +152,19 @@ def _preload(packages: list[str] | None = None, modules: list[str] | None = None
                        yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]}
         modules = [*PRELOAD, *sorted(e.removesuffix(".py").replace("/", ".") for e in entrypoints)]
     for package in packages or ():
-        path = importlib.import_module(package).__path__
-        for module in pkgutil.walk_packages(path, f"{package}."):
-            if module.name.rpartition(".")[2] != "__main__":  # a package's command line runs when imported
-                importlib.import_module(module.name)
+        for module in _modules_of(package):
+            importlib.import_module(module)
     for module in modules or ():
         importlib.import_module(module)
+
+
+def _modules_of(package: str) -> list[str]:
+    """Every module of ``package``, first to last; not a ``__main__`` (a package's command line runs when imported)."""
+    import importlib
+    import pkgutil
+
+    path = importlib.import_module(package).__path__
+    return [m.name for m in pkgutil.walk_packages(path, f"{package}.") if m.name.rpartition(".")[2] != "__main__"]
 
 
 def _compile(packages: list[str], modules: list[str]) -> None:
@@ -166,7 +172,6 @@ def _compile(packages: list[str], modules: list[str]) -> None:
     compile their bytecode, not one (3-4 of 10.5 s on this machine kind). It stops at the next module once its
     standard input closes (the server is done) and never ends mid-import (a half-written bytecode file)."""
     import importlib
-    import pkgutil
     import threading
 
     done = threading.Event()
@@ -175,9 +180,7 @@ def _compile(packages: list[str], modules: list[str]) -> None:
     def names():
         yield from reversed(modules)
         for package in reversed(packages):
-            path = importlib.import_module(package).__path__
-            yield from reversed([m.name for m in pkgutil.walk_packages(path, f"{package}.")
-                                 if m.name.rpartition(".")[2] != "__main__"])
+            yield from reversed(_modules_of(package))
 
     with contextlib.suppress(Exception):  # the server imports the same, and says what fails
         for name in names():
@@ -374,24 +377,23 @@ def serve(name: str, packages: list[str] | None = None, modules: list[str] | Non
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["compile"]:
+    if sys.argv[1:2] in (["serve"], ["compile"]):
         import argparse
 
-        parser = argparse.ArgumentParser(prog="python -m llm_fleet.forkrun compile")
-        parser.add_argument("--packages", nargs="*", default=[])
-        parser.add_argument("--modules", nargs="*", default=[])
-        args = parser.parse_args(sys.argv[2:])
-        _compile(args.packages, args.modules)
-    elif sys.argv[1:2] == ["serve"]:
-        import argparse
-
-        parser = argparse.ArgumentParser(prog="python -m llm_fleet.forkrun serve")
-        parser.add_argument("name", help="the abstract socket's name (the launchers' LLM_FLEET_FORKRUN)")
-        parser.add_argument("--packages", nargs="*", default=[], help="import every module of these")
-        parser.add_argument("--modules", nargs="*", default=[], help="import these")
-        parser.add_argument("--later", nargs="*", default=[], help="import these once serving, while no "
-                            "request waits (what only the commands forked later need)")
-        args = parser.parse_args(sys.argv[2:])
-        serve(args.name, args.packages, args.modules, args.later)
+        imports = argparse.ArgumentParser(add_help=False)
+        imports.add_argument("--packages", nargs="*", default=[], help="import every module of these")
+        imports.add_argument("--modules", nargs="*", default=[], help="import these")
+        parser = argparse.ArgumentParser(prog="python -m llm_fleet.forkrun")
+        commands = parser.add_subparsers(dest="command", required=True)
+        serving = commands.add_parser("serve", parents=[imports], help="fork a process per launcher's request")
+        serving.add_argument("name", help="the abstract socket's name (the launchers' LLM_FLEET_FORKRUN)")
+        serving.add_argument("--later", nargs="*", default=[], help="import these once serving, while no "
+                             "request waits (what only the commands forked later need)")
+        commands.add_parser("compile", parents=[imports], help="a server's twin on a clean checkout")
+        args = parser.parse_args()
+        if args.command == "serve":
+            serve(args.name, args.packages, args.modules, args.later)
+        else:
+            _compile(args.packages, args.modules)
     else:
         launch(sys.argv[1:])
